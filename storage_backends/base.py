@@ -1,0 +1,108 @@
+"""The one small interface every storage backend implements.
+
+A backend stores named objects (keys like ``web01/3f2a.../vda.qcow2``) and knows
+nothing of domains or jobs. Every write is all-or-nothing: a reader never sees a
+half-written object under its final key. Large objects are streamed in bounded memory
+and their SHA-256 is computed while they are written or read, in the same pass.
+"""
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+from virtwarden.errors import InvalidName
+
+# Called with the number of bytes moved so far.
+Progress = Callable[[int], None]
+
+CHUNK = 4 * 1024 * 1024  # streaming buffer size
+_KEY = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+
+
+def check_key(key: str) -> str:
+    """Refuse absolute paths, ``..``, empty parts and characters outside a safe set."""
+    if not _KEY.match(key) or any(part in (".", "..") for part in key.split("/")):
+        raise InvalidName(f"invalid object name {key!r}: use letters, digits, '._-' and '/' between parts")
+    return key
+
+
+class Backend(ABC):
+    """Lifecycle: construct (cheap, no I/O), ``check()`` to prove it works, use, ``close()``."""
+
+    kind: str = "?"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @abstractmethod
+    def describe(self) -> str:
+        """Where the objects go, fit for a log line (no secrets)."""
+
+    @abstractmethod
+    def check(self) -> None:
+        """Prove the target is reachable and writable; raise StorageUnavailable otherwise."""
+
+    @abstractmethod
+    def put_file(self, key: str, source: Path, *, progress: Progress | None = None) -> StoredObject:
+        """Stream ``source`` to ``key``; the object appears whole or not at all."""
+
+    @abstractmethod
+    def put_bytes(self, key: str, data: bytes) -> StoredObject:
+        """Store a small object (a manifest) atomically."""
+
+    @abstractmethod
+    def get_file(
+        self,
+        key: str,
+        dest: Path,
+        *,
+        expected_sha256: str | None = None,
+        progress: Progress | None = None,
+    ) -> StoredObject:
+        """Stream ``key`` into ``dest``; raise ChecksumMismatch (and remove ``dest``)
+        when ``expected_sha256`` is given and differs."""
+
+    @abstractmethod
+    def get_bytes(self, key: str) -> bytes:
+        """Read a small object; ObjectNotFound when absent."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Objects whose key starts with ``prefix`` (a folder when it ends in '/'), sorted."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove ``key``; absent keys are not an error."""
+
+    @abstractmethod
+    def cleanup_incomplete(self, prefix: str = "") -> int:
+        """Remove leftovers of interrupted writes under ``prefix`` (temporary files,
+        unfinished multipart uploads); returns how many were removed."""
+
+    @abstractmethod
+    def lock(self, name: str, *, ttl: float = 300.0) -> AbstractContextManager[None]:
+        """An exclusive lock across processes and machines, broken when older than ``ttl``;
+        raises LockHeld when someone else holds it."""
+
+    def close(self) -> None:
+        """Release connections; the default holds none."""

@@ -1,0 +1,240 @@
+"""The configuration file, loaded once into a typed, frozen object.
+
+One YAML file (``--config FILE`` or ``VIRTWARDEN_CONFIG``); ``VIRTWARDEN_DATABASE_URL``
+and ``VIRTWARDEN_BROKER_URL`` override the file. Without a file the embedded defaults
+describe one machine: the local libvirtd, an SQLite catalog and a local-directory
+repository under ``data_dir``. Unknown keys and bad values are errors that name the key
+and its line.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import socket
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from virtwarden.errors import ConfigError
+from virtwarden.yamldoc import YamlSyntaxError, format_path, load_documents
+
+DEFAULT_DATA_DIR = "/var/lib/virtwarden"
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_HOST_URI = "qemu:///system"
+ENV_CONFIG = "VIRTWARDEN_CONFIG"
+ENV_DATABASE_URL = "VIRTWARDEN_DATABASE_URL"
+ENV_BROKER_URL = "VIRTWARDEN_BROKER_URL"
+ENV_DATA_DIR = "VIRTWARDEN_DATA_DIR"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HostConfig(_Strict):
+    uri: str = DEFAULT_HOST_URI
+    group: str = "default"
+    # The hosts of this group see the same disk paths: live migration may proceed
+    # where libvirt cannot detect shared storage itself (VIR_MIGRATE_UNSAFE).
+    shared_storage: bool = False
+    # Scratch space for backups and restores made on this host (default: data_dir/scratch).
+    scratch_dir: str | None = None
+
+
+class NfsStorage(_Strict):
+    """A mounted path (NFS, or any local filesystem)."""
+
+    type: Literal["nfs"]
+    path: str
+    fsync: bool = True
+
+
+class S3Storage(_Strict):
+    type: Literal["s3"]
+    bucket: str
+    prefix: str = ""
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    # Server-side encryption: "AES256" or "aws:kms" (with kms_key_id).
+    sse: Literal["AES256", "aws:kms"] | None = None
+    kms_key_id: str | None = None
+    part_size_mib: int = Field(default=64, ge=5, le=5120)
+    max_concurrency: int = Field(default=4, ge=1, le=64)
+    max_attempts: int = Field(default=5, ge=1, le=20)
+    connect_timeout: float = Field(default=10.0, gt=0)
+    read_timeout: float = Field(default=60.0, gt=0)
+
+    @field_validator("prefix")
+    @classmethod
+    def _strip_prefix(cls, v: str) -> str:
+        return v.strip("/")
+
+
+StorageConfig = Annotated[Union[NfsStorage, S3Storage], Field(discriminator="type")]
+
+
+class ApiConfig(_Strict):
+    listen: str = "127.0.0.1:8080"
+    token_file: str | None = None
+    hmac_key_file: str | None = None
+
+
+class WorkerConfig(_Strict):
+    concurrency: int = Field(default=2, ge=1, le=64)
+    # A running job's lease; a job whose lease ran out belongs to a dead worker.
+    lease_seconds: float = Field(default=60.0, gt=0)
+    heartbeat_seconds: float = Field(default=10.0, gt=0)
+    # How often each worker looks for jobs whose lease ran out.
+    reap_seconds: float = Field(default=15.0, gt=0)
+    # How many times a job is started before it is marked failed for good.
+    max_attempts: int = Field(default=3, ge=1, le=20)
+    # Above the longest job: a task not acknowledged in time is delivered again.
+    visibility_timeout_seconds: int = Field(default=43200, ge=3600)
+
+
+class Config(_Strict):
+    data_dir: str = DEFAULT_DATA_DIR
+    database_url: str | None = None
+    broker_url: str = DEFAULT_BROKER_URL
+    policy_dir: str | None = None
+    hosts: dict[str, HostConfig] = Field(default_factory=dict)
+    storage: dict[str, StorageConfig] = Field(default_factory=dict)
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    source: str = Field(default="<embedded defaults>", exclude=True)
+
+    # Derived values, all from data_dir unless given.
+    @property
+    def catalog_url(self) -> str:
+        return self.database_url or f"sqlite:///{Path(self.data_dir) / 'catalog.db'}"
+
+    @property
+    def policies_path(self) -> Path:
+        return Path(self.policy_dir or Path(self.data_dir) / "policies")
+
+    def scratch_dir(self, host: str) -> Path:
+        configured = self.hosts[host].scratch_dir if host in self.hosts else None
+        return Path(configured or Path(self.data_dir) / "scratch")
+
+    def host(self, name: str) -> HostConfig:
+        from virtwarden.errors import UnknownHost
+
+        try:
+            return self.hosts[name]
+        except KeyError:
+            raise UnknownHost(
+                f"host {name!r} is not configured{_did_you_mean(name, self.hosts)}"
+                f" (configured: {', '.join(sorted(self.hosts)) or 'none'})"
+            ) from None
+
+    def storage_target(self, name: str) -> NfsStorage | S3Storage:
+        from virtwarden.errors import UnknownStorage
+
+        try:
+            return self.storage[name]
+        except KeyError:
+            raise UnknownStorage(
+                f"storage {name!r} is not configured{_did_you_mean(name, self.storage)}"
+                f" (configured: {', '.join(sorted(self.storage)) or 'none'})"
+            ) from None
+
+
+def local_host_name() -> str:
+    return socket.gethostname().split(".")[0] or "local"
+
+
+def embedded_defaults(data_dir: str | None = None) -> dict:
+    data_dir = data_dir or os.environ.get(ENV_DATA_DIR) or DEFAULT_DATA_DIR
+    return {
+        "data_dir": data_dir,
+        "hosts": {local_host_name(): {"uri": DEFAULT_HOST_URI}},
+        "storage": {"local": {"type": "nfs", "path": str(Path(data_dir) / "repository")}},
+    }
+
+
+def load(path: str | None = None, env: dict[str, str] | None = None) -> Config:
+    """Load the configuration from ``path`` (or $VIRTWARDEN_CONFIG, or the embedded defaults)."""
+    env = dict(os.environ) if env is None else env
+    path = path or env.get(ENV_CONFIG)
+    if path:
+        raw, doc = _read(path)
+    else:
+        raw, doc = embedded_defaults(env.get(ENV_DATA_DIR)), None
+    raw = dict(raw)
+    if env.get(ENV_DATABASE_URL):
+        raw["database_url"] = env[ENV_DATABASE_URL]
+    if env.get(ENV_BROKER_URL):
+        raw["broker_url"] = env[ENV_BROKER_URL]
+    if not raw.get("hosts"):
+        raw["hosts"] = embedded_defaults(raw.get("data_dir"))["hosts"]
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_explain(e, path or "<embedded defaults>", doc)) from None
+    return cfg.model_copy(update={"source": path or "<embedded defaults>"})
+
+
+def _read(path: str):
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read configuration file: {e.strerror}") from None
+    try:
+        docs = load_documents(text, path)
+    except YamlSyntaxError as e:
+        raise ConfigError(str(e)) from None
+    if len(docs) != 1 or not isinstance(docs[0].data, dict):
+        raise ConfigError(f"{path}:1: the configuration file must hold one YAML mapping")
+    return docs[0].data, docs[0]
+
+
+def _explain(error: ValidationError, file: str, doc) -> str:
+    lines = []
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        if loc[:1] == ("storage",) and len(loc) > 2 and loc[2] in ("nfs", "s3"):
+            loc = loc[:2] + loc[3:]  # drop pydantic's union tag
+        line = doc.line_of(loc) if doc else 1
+        msg = item["msg"]
+        if item["type"] == "extra_forbidden":
+            msg = "unknown key" + _suggest_key(loc, error)
+        elif item["type"] == "union_tag_invalid" or item["type"] == "union_tag_not_found":
+            msg = "type must be 'nfs' or 's3'"
+        lines.append(f"{file}:{line}: {format_path(loc)}: {msg}")
+    return "\n".join(lines)
+
+
+def _suggest_key(loc: tuple, error: ValidationError) -> str:
+    model = _model_at(loc[:-1])
+    if model is None:
+        return ""
+    return _did_you_mean(str(loc[-1]), model.model_fields)
+
+
+def _model_at(loc: tuple):
+    model: type[BaseModel] | None = Config
+    i = 0
+    while i < len(loc) and model is not None:
+        name = loc[i]
+        if model is Config and name in ("hosts", "storage") and i + 1 < len(loc):
+            if name == "hosts":
+                model = HostConfig
+            else:
+                model = None  # storage kinds differ; keys reported without suggestion
+            i += 2
+            continue
+        field = model.model_fields.get(str(name))
+        annotation = getattr(field, "annotation", None)
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        i += 1
+    return model
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -1,0 +1,139 @@
+"""One exception tree for the whole product.
+
+Every error a user can cause or meet carries its message and a stable exit code, so the
+CLI has exactly one place that turns an exception into text and a status. Errors from
+libvirt, boto3, SQLAlchemy and Celery are converted once, where those libraries are
+called, with ``raise ... from e``. ``Transient`` errors may succeed when retried
+(a broker or endpoint that is down); the others will fail the same way again.
+"""
+from __future__ import annotations
+
+# Exit codes (stable; scripts and runbooks may rely on them).
+EXIT_OK = 0
+EXIT_FAILED = 1  # the job ran and failed, or validation found errors
+EXIT_USAGE = 2  # bad command line (argparse uses 2 as well)
+EXIT_CONFIG = 3  # configuration file or policy unusable
+EXIT_NOT_FOUND = 4  # unknown domain, restore point, storage name, job
+EXIT_UNAVAILABLE = 5  # broker, database, libvirt or storage endpoint unreachable
+EXIT_STORAGE = 6  # storage refused or lost data (checksum mismatch, disk full)
+EXIT_HYPERVISOR = 7  # libvirt refused an operation
+EXIT_BUG = 70  # an unexpected exception: a bug, please report it
+
+
+class VirtwardenError(Exception):
+    """Base of every error the product raises on purpose."""
+
+    exit_code = EXIT_FAILED
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class Transient(VirtwardenError):
+    """The same call may succeed later (network, broker, a busy resource)."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
+# --- configuration and input -------------------------------------------------------
+class ConfigError(VirtwardenError):
+    exit_code = EXIT_CONFIG
+
+
+class PolicyError(ConfigError):
+    pass
+
+
+class NotFound(VirtwardenError):
+    exit_code = EXIT_NOT_FOUND
+
+
+class DomainNotFound(NotFound):
+    pass
+
+
+class RestorePointNotFound(NotFound):
+    pass
+
+
+class JobNotFound(NotFound):
+    pass
+
+
+class UnknownStorage(NotFound):
+    pass
+
+
+class UnknownHost(NotFound):
+    pass
+
+
+# --- services ------------------------------------------------------------------------
+class Unavailable(Transient):
+    """A service we depend on cannot be reached."""
+
+
+class BrokerUnavailable(Unavailable):
+    pass
+
+
+class DatabaseUnavailable(Unavailable):
+    pass
+
+
+class HypervisorUnavailable(Unavailable):
+    pass
+
+
+class StorageUnavailable(Unavailable):
+    pass
+
+
+# --- storage -------------------------------------------------------------------------
+class StorageError(VirtwardenError):
+    exit_code = EXIT_STORAGE
+
+
+class ChecksumMismatch(StorageError):
+    pass
+
+
+class ObjectNotFound(StorageError):
+    exit_code = EXIT_NOT_FOUND
+
+
+class InvalidName(StorageError):
+    pass
+
+
+class NoSpace(StorageError):
+    pass
+
+
+class LockHeld(Transient):
+    """Someone else holds the lock (a storage lock file, a domain lock)."""
+
+
+# --- hypervisor and jobs -------------------------------------------------------------
+class HypervisorError(VirtwardenError):
+    exit_code = EXIT_HYPERVISOR
+
+
+class BackupUnsupported(HypervisorError):
+    pass
+
+
+class CheckpointMissing(HypervisorError):
+    """The checkpoint an incremental needs is gone; the chain must restart with a full."""
+
+
+class JobFailed(VirtwardenError):
+    """A job ran and failed; the message is the job's recorded error."""
+
+
+class ToolFailed(VirtwardenError):
+    """An external tool (qemu-img) exited non-zero."""

@@ -1,0 +1,230 @@
+"""Jobs and their leases: the database, not the broker, decides who runs a job.
+
+A worker runs a job only after ``claim`` succeeded, and keeps it only while it renews
+its lease (``heartbeat``). A message delivered twice (Redis redelivers unacknowledged
+tasks after its visibility timeout) finds the job claimed or finished and does nothing.
+A worker that dies stops renewing; ``reap`` finds its expired lease and puts the job
+back in the queue (or marks it failed after ``max_attempts``). Every transition is a
+guarded UPDATE, so two processes can never both win.
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, or_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from catalog.models import DomainLock, Job, utcnow
+from catalog.store import Catalog
+from virtwarden.errors import JobNotFound
+
+QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
+FINISHED = (SUCCEEDED, FAILED)
+
+
+@dataclass(frozen=True)
+class JobView:
+    id: str
+    kind: str
+    state: str
+    domain: str | None
+    host: str | None
+    params: dict[str, Any]
+    result: dict[str, Any] | None
+    error: str | None
+    progress: float
+    progress_text: str | None
+    attempts: int
+    max_attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    requested_by: str | None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED
+
+    def to_json(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        for k in ("created_at", "started_at", "finished_at"):
+            out[k] = out[k].isoformat() if out[k] else None
+        return out
+
+
+def _view(row: Job) -> JobView:
+    return JobView(**{k: getattr(row, k) for k in JobView.__dataclass_fields__})
+
+
+def create(
+    cat: Catalog,
+    *,
+    kind: str,
+    domain: str | None,
+    host: str | None,
+    params: dict[str, Any],
+    max_attempts: int = 3,
+    dedup_key: str | None = None,
+    requested_by: str | None = None,
+) -> JobView:
+    """A new queued job. With ``dedup_key``, an existing job with that key is returned."""
+    row = Job(
+        id=str(uuid.uuid4()), kind=kind, state=QUEUED, domain=domain, host=host,
+        params=params, max_attempts=max_attempts, dedup_key=dedup_key,
+        requested_by=requested_by, created_at=utcnow(), attempts=0, progress=0.0,
+    )
+    try:
+        with cat.session() as s:
+            s.add(row)
+    except IntegrityError:
+        with cat.session() as s:
+            existing = s.scalars(select(Job).where(Job.dedup_key == dedup_key)).one()
+            return _view(existing)
+    return _view(row)
+
+
+def get(cat: Catalog, job_id: str) -> JobView:
+    with cat.session() as s:
+        row = s.get(Job, job_id)
+        if row is None:
+            raise JobNotFound(f"no job {job_id!r}")
+        return _view(row)
+
+
+def recent(cat: Catalog, *, limit: int = 50, domain: str | None = None) -> list[JobView]:
+    with cat.session() as s:
+        q = select(Job).order_by(Job.created_at.desc()).limit(limit)
+        if domain:
+            q = q.where(Job.domain == domain)
+        return [_view(r) for r in s.scalars(q)]
+
+
+@dataclass(frozen=True)
+class Claim:
+    ok: bool
+    why: str = ""  # when not ok: "finished", "owned", "domain-busy"
+    attempt: int = 0
+
+
+def claim(cat: Catalog, job_id: str, owner: str, lease: float, *, lock_domain: bool) -> Claim:
+    """Take the job if it is queued or its owner's lease ran out; with ``lock_domain``
+    also take the domain's lock in the same transaction."""
+    now = utcnow()
+    expires = now + timedelta(seconds=lease)
+    try:
+        with cat.session() as s:
+            return _claim(s, job_id, owner, now, expires, lock_domain)
+    except _DomainBusy:
+        return Claim(False, "domain-busy")
+
+
+class _DomainBusy(Exception):
+    """Raised inside the claim's transaction so that it rolls back as a whole."""
+
+
+def _claim(s, job_id: str, owner: str, now: datetime, expires: datetime, lock_domain: bool) -> Claim:
+    row = s.get(Job, job_id)
+    if row is None:
+        raise JobNotFound(f"no job {job_id!r}")
+    if row.state in FINISHED:
+        return Claim(False, "finished")
+    taken = s.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .where(or_(Job.state == QUEUED, (Job.state == RUNNING) & (Job.lease_expires_at < now)))
+        .values(state=RUNNING, lease_owner=owner, lease_expires_at=expires,
+                attempts=Job.attempts + 1, started_at=now, error=None)
+    ).rowcount
+    if taken != 1:
+        return Claim(False, "owned")
+    if lock_domain and row.domain and not _lock(s, row.domain, job_id, expires, now):
+        raise _DomainBusy()
+    s.refresh(row)
+    return Claim(True, attempt=row.attempts)
+
+
+def _lock(s, domain: str, job_id: str, expires: datetime, now: datetime) -> bool:
+    s.execute(delete(DomainLock).where(DomainLock.domain == domain)
+              .where((DomainLock.expires_at < now) | (DomainLock.job_id == job_id)))
+    existing = s.get(DomainLock, domain)
+    if existing is not None:
+        return False
+    s.add(DomainLock(domain=domain, job_id=job_id, expires_at=expires))
+    s.flush()
+    return True
+
+
+def heartbeat(
+    cat: Catalog, job_id: str, owner: str, lease: float,
+    *, progress: float | None = None, text: str | None = None,
+) -> bool:
+    """Renew the lease (and the domain lock); False when the job is no longer ours."""
+    now = utcnow()
+    expires = now + timedelta(seconds=lease)
+    values: dict[str, Any] = {"lease_expires_at": expires}
+    if progress is not None:
+        values["progress"] = max(0.0, min(1.0, progress))
+    if text is not None:
+        values["progress_text"] = text[:255]
+    with cat.session() as s:
+        n = s.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner,
+                                        Job.state == RUNNING).values(**values)).rowcount
+        if n:
+            s.execute(update(DomainLock).where(DomainLock.job_id == job_id).values(expires_at=expires))
+        return n == 1
+
+
+def finish(
+    cat: Catalog, job_id: str, owner: str, *, ok: bool,
+    error: str | None = None, result: dict[str, Any] | None = None,
+) -> bool:
+    with cat.session() as s:
+        n = s.execute(
+            update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.state == RUNNING)
+            .values(state=SUCCEEDED if ok else FAILED, error=error, result=result,
+                    finished_at=utcnow(), lease_owner=None, lease_expires_at=None,
+                    progress=1.0 if ok else Job.progress)
+        ).rowcount
+        s.execute(delete(DomainLock).where(DomainLock.job_id == job_id))
+        return n == 1
+
+
+def release(cat: Catalog, job_id: str, owner: str) -> None:
+    """Give a claimed job back to the queue without counting the attempt (shutdown)."""
+    with cat.session() as s:
+        s.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.state == RUNNING)
+                  .values(state=QUEUED, lease_owner=None, lease_expires_at=None,
+                          attempts=Job.attempts - 1))
+        s.execute(delete(DomainLock).where(DomainLock.job_id == job_id))
+
+
+def fail_queued(cat: Catalog, job_id: str, error: str) -> None:
+    """Mark a job that never ran as failed (it could not be sent to a worker)."""
+    with cat.session() as s:
+        s.execute(update(Job).where(Job.id == job_id, Job.state == QUEUED)
+                  .values(state=FAILED, error=error, finished_at=utcnow()))
+
+
+def reap(cat: Catalog) -> list[JobView]:
+    """Jobs whose worker died (lease expired): requeue them, or fail them after their
+    last attempt. Returns the requeued ones, to be sent to a worker again."""
+    now = utcnow()
+    requeued = []
+    with cat.session() as s:
+        stale = s.scalars(select(Job).where(Job.state == RUNNING, Job.lease_expires_at < now)).all()
+        for row in stale:
+            last = row.attempts >= row.max_attempts
+            values: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None}
+            if last:
+                values.update(state=FAILED, finished_at=now,
+                              error=f"worker lost the job {row.attempts} times (last owner {row.lease_owner}); giving up")
+            else:
+                values.update(state=QUEUED, progress_text=f"requeued: worker {row.lease_owner} stopped renewing its lease")
+            n = s.execute(update(Job).where(Job.id == row.id, Job.state == RUNNING,
+                                            Job.lease_expires_at < now).values(**values)).rowcount
+            if n and not last:
+                requeued.append(row.id)
+    return [get(cat, j) for j in requeued]

@@ -1,0 +1,151 @@
+"""The catalog's tables (SQLAlchemy 2 typed ORM).
+
+The catalog records what happened and what can be restored. The storage target stays
+the source of truth for restorability (a restore point exists there only once its
+manifest is written); a catalog row is ``complete`` only after that manifest is stored.
+Schema changes go through Alembic (catalog/migrations); never edit a released migration.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, TypeDecorator
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class UtcDateTime(TypeDecorator):
+    """Timezone-aware UTC datetimes on every database (SQLite stores them naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the catalog")
+        return value.astimezone(timezone.utc).replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Host(Base):
+    __tablename__ = "hosts"
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    uri: Mapped[str] = mapped_column(String(512))
+    group: Mapped[str] = mapped_column(String(128), default="default")
+    last_seen_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class Domain(Base):
+    """A libvirt domain as last seen; identity is its UUID (names can be reused)."""
+
+    __tablename__ = "domains"
+    uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), index=True)
+    host: Mapped[str | None] = mapped_column(String(128))
+    state: Mapped[str | None] = mapped_column(String(32))
+    first_seen_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class Job(Base):
+    """One unit of work. The row, not the broker message, is the truth about a job:
+    a worker owns a running job only while its lease is fresh."""
+
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16), index=True)  # queued|running|succeeded|failed
+    domain: Mapped[str | None] = mapped_column(String(255), index=True)
+    host: Mapped[str | None] = mapped_column(String(128))
+    params: Mapped[dict] = mapped_column(JSON, default=dict)
+    result: Mapped[dict | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    progress_text: Mapped[str | None] = mapped_column(String(255))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    lease_owner: Mapped[str | None] = mapped_column(String(255))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime, index=True)
+    # A unique key for jobs that must not be created twice (a schedule slot, a webhook).
+    dedup_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    requested_by: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class DomainLock(Base):
+    """At most one disk-changing job per domain, across every worker and host."""
+
+    __tablename__ = "domain_locks"
+    domain: Mapped[str] = mapped_column(String(255), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(36))
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class RestorePoint(Base):
+    __tablename__ = "restore_points"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    domain: Mapped[str] = mapped_column(String(255), index=True)
+    domain_uuid: Mapped[str] = mapped_column(String(36), index=True)
+    host: Mapped[str] = mapped_column(String(128))
+    storage: Mapped[str] = mapped_column(String(128))
+    strategy: Mapped[str] = mapped_column(String(32))
+    chain_id: Mapped[str] = mapped_column(String(36), index=True)
+    parent_id: Mapped[str | None] = mapped_column(String(36))
+    seq: Mapped[int] = mapped_column(Integer)  # 0 for the full, then 1, 2, ...
+    level: Mapped[str] = mapped_column(String(16))  # full|incremental
+    # writing -> complete (manifest stored) | failed; complete -> deleted (pruned)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    reason: Mapped[str | None] = mapped_column(Text)  # why a full, or why it failed
+    consistency: Mapped[str] = mapped_column(String(16), default="crash")  # crash|quiesced
+    checkpoint: Mapped[str | None] = mapped_column(String(255))
+    manifest_key: Mapped[str] = mapped_column(String(1024))
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    job_id: Mapped[str | None] = mapped_column(String(36), index=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    completed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    artifacts: Mapped[list[Artifact]] = relationship(
+        back_populates="point", cascade="all, delete-orphan", order_by="Artifact.target"
+    )
+
+
+class Artifact(Base):
+    """One stored disk image of a restore point."""
+
+    __tablename__ = "artifacts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    point_id: Mapped[str] = mapped_column(ForeignKey("restore_points.id", ondelete="CASCADE"), index=True)
+    target: Mapped[str] = mapped_column(String(32))  # vda, vdb, ...
+    key: Mapped[str] = mapped_column(String(1024))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    virtual_size: Mapped[int] = mapped_column(BigInteger)
+    point: Mapped[RestorePoint] = relationship(back_populates="artifacts")
+
+
+class Event(Base):
+    """What a hypervisor said (lifecycle, block job, job completed)."""
+
+    __tablename__ = "events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    host: Mapped[str] = mapped_column(String(128))
+    domain: Mapped[str | None] = mapped_column(String(255), index=True)
+    domain_uuid: Mapped[str | None] = mapped_column(String(36))
+    kind: Mapped[str] = mapped_column(String(64))
+    detail: Mapped[str | None] = mapped_column(String(255))
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, index=True)

@@ -1,0 +1,168 @@
+"""Restore points and their artifacts in the catalog.
+
+A point is created ``writing`` when its backup starts and becomes ``complete`` only
+after every artifact is stored and verified and its manifest is written (last).
+Anything else (``writing`` left by a dead worker, ``failed``) is never offered for a
+restore and never used as the parent of an incremental.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, update
+
+from catalog.models import Artifact, RestorePoint, utcnow
+from catalog.store import Catalog
+from virtwarden.errors import RestorePointNotFound
+
+WRITING, COMPLETE, FAILED, DELETED = "writing", "complete", "failed", "deleted"
+
+
+@dataclass(frozen=True)
+class ArtifactView:
+    target: str
+    key: str
+    size_bytes: int
+    sha256: str
+    virtual_size: int
+
+
+@dataclass(frozen=True)
+class PointView:
+    id: str
+    domain: str
+    domain_uuid: str
+    host: str
+    storage: str
+    strategy: str
+    chain_id: str
+    parent_id: str | None
+    seq: int
+    level: str
+    status: str
+    reason: str | None
+    consistency: str
+    checkpoint: str | None
+    manifest_key: str
+    size_bytes: int
+    job_id: str | None
+    created_at: datetime
+    completed_at: datetime | None
+    artifacts: tuple[ArtifactView, ...] = field(default=())
+
+    @property
+    def usable(self) -> bool:
+        return self.status == COMPLETE
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "created_at": self.created_at.isoformat(),
+            "completed_at": self.completed_at.isoformat() if self.completed_at else None,
+            "level": self.level,
+            "chain_id": self.chain_id,
+            "parent_id": self.parent_id,
+            "size_bytes": self.size_bytes,
+            "status": self.status,
+            "storage": self.storage,
+            "strategy": self.strategy,
+            "consistency": self.consistency,
+            "reason": self.reason,
+            "disks": [
+                {"target": a.target, "size_bytes": a.size_bytes, "sha256": a.sha256,
+                 "virtual_size": a.virtual_size}
+                for a in self.artifacts
+            ],
+        }
+
+
+def _view(row: RestorePoint) -> PointView:
+    names = [f for f in PointView.__dataclass_fields__ if f != "artifacts"]
+    arts = tuple(ArtifactView(a.target, a.key, a.size_bytes, a.sha256, a.virtual_size) for a in row.artifacts)
+    return PointView(**{f: getattr(row, f) for f in names}, artifacts=arts)
+
+
+def begin(cat: Catalog, **fields: Any) -> PointView:
+    row = RestorePoint(status=WRITING, created_at=utcnow(), size_bytes=0, **fields)
+    with cat.session() as s:
+        s.add(row)
+        s.flush()
+        return _view(row)
+
+
+def complete(cat: Catalog, point_id: str, artifacts: list[ArtifactView], *, consistency: str) -> PointView:
+    with cat.session() as s:
+        row = s.get(RestorePoint, point_id)
+        if row is None:
+            raise RestorePointNotFound(f"no restore point {point_id!r}")
+        row.artifacts = [Artifact(target=a.target, key=a.key, size_bytes=a.size_bytes,
+                                  sha256=a.sha256, virtual_size=a.virtual_size) for a in artifacts]
+        row.size_bytes = sum(a.size_bytes for a in artifacts)
+        row.status, row.completed_at, row.consistency = COMPLETE, utcnow(), consistency
+        s.flush()
+        return _view(row)
+
+
+def fail(cat: Catalog, point_id: str, reason: str) -> None:
+    with cat.session() as s:
+        s.execute(update(RestorePoint).where(RestorePoint.id == point_id, RestorePoint.status == WRITING)
+                  .values(status=FAILED, reason=reason[:2000]))
+
+
+def get(cat: Catalog, point_id: str) -> PointView:
+    with cat.session() as s:
+        row = s.get(RestorePoint, point_id)
+        if row is None:
+            raise RestorePointNotFound(f"no restore point {point_id!r}")
+        return _view(row)
+
+
+def for_domain(cat: Catalog, domain: str, *, storage: str | None = None,
+               statuses: tuple[str, ...] | None = None) -> list[PointView]:
+    """Points of a domain (by name), oldest first."""
+    with cat.session() as s:
+        q = select(RestorePoint).where(RestorePoint.domain == domain)
+        if storage:
+            q = q.where(RestorePoint.storage == storage)
+        if statuses:
+            q = q.where(RestorePoint.status.in_(statuses))
+        return [_view(r) for r in s.scalars(q.order_by(RestorePoint.created_at, RestorePoint.seq))]
+
+
+def chain_head(cat: Catalog, domain_uuid: str, storage: str, strategy: str) -> PointView | None:
+    """The newest complete point an incremental can follow, for this domain and target."""
+    with cat.session() as s:
+        row = s.scalars(
+            select(RestorePoint)
+            .where(RestorePoint.domain_uuid == domain_uuid, RestorePoint.storage == storage,
+                   RestorePoint.strategy == strategy, RestorePoint.status == COMPLETE)
+            .order_by(RestorePoint.created_at.desc()).limit(1)
+        ).first()
+        return _view(row) if row else None
+
+
+def chain_to(cat: Catalog, point_id: str) -> list[PointView]:
+    """The full and every incremental up to ``point_id``, in order; all must be complete."""
+    chain: list[PointView] = []
+    current: str | None = point_id
+    while current:
+        p = get(cat, current)
+        if not p.usable:
+            raise RestorePointNotFound(
+                f"restore point {p.id} is {p.status}, not complete: it cannot be restored"
+                + (f" (needed by {point_id})" if p.id != point_id else ""))
+        chain.append(p)
+        current = p.parent_id
+    chain.reverse()
+    if chain[0].level != "full":
+        raise RestorePointNotFound(f"chain of {point_id} does not start with a full backup")
+    return chain
+
+
+def writing_for_job(cat: Catalog, job_id: str) -> list[PointView]:
+    with cat.session() as s:
+        rows = s.scalars(select(RestorePoint).where(RestorePoint.job_id == job_id,
+                                                    RestorePoint.status == WRITING))
+        return [_view(r) for r in rows]

@@ -1,0 +1,100 @@
+"""Opening the catalog: engine, schema upgrade through Alembic, sessions.
+
+SQLite (the default, one machine) runs in WAL mode with a busy timeout so the CLI, the
+workers and the listener can share one file; PostgreSQL is used by URL for a fleet.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import create_engine, event, inspect
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from virtwarden.errors import DatabaseUnavailable
+
+log = logging.getLogger(__name__)
+MIGRATIONS = Path(__file__).with_name("migrations")
+_upgrade_lock = threading.Lock()
+
+
+class Catalog:
+    """Holds the engine and hands out sessions; the operations live in catalog.jobs and
+    catalog.points as functions over a session."""
+
+    def __init__(self, url: str, *, upgrade: bool = True) -> None:
+        self.url = url
+        self.engine = _engine(url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        if upgrade:
+            self.upgrade()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session in one transaction: committed on success, rolled back on error."""
+        try:
+            with self._sessions.begin() as s:
+                yield s
+        except OperationalError as e:
+            raise DatabaseUnavailable(f"catalog {mask(self.url)}: {e.orig}") from e
+
+    def upgrade(self) -> None:
+        """Bring the schema to the newest revision (no-op when it is there)."""
+        from alembic import command
+        from alembic.config import Config as AlembicConfig
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+
+        cfg = AlembicConfig()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        head = ScriptDirectory.from_config(cfg).get_current_head()
+        try:
+            with _upgrade_lock, self.engine.begin() as conn:
+                if MigrationContext.configure(conn).get_current_revision() == head:
+                    return
+                cfg.attributes["connection"] = conn
+                log.info("upgrading catalog %s to schema %s", mask(self.url), head)
+                command.upgrade(cfg, "head")
+        except OperationalError as e:
+            raise DatabaseUnavailable(f"catalog {mask(self.url)} unreachable: {e.orig}") from e
+        except SQLAlchemyError as e:
+            # Another process may have created the tables a moment before us.
+            if not inspect(self.engine).has_table("jobs"):
+                raise DatabaseUnavailable(f"catalog {mask(self.url)}: schema upgrade failed: {e}") from e
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def mask(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"

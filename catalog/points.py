@@ -143,6 +143,18 @@ def chain_head(cat: Catalog, domain_uuid: str, storage: str, strategy: str) -> P
         return _view(row) if row else None
 
 
+def heads(cat: Catalog, domain_uuid: str) -> list[PointView]:
+    """The newest complete point of every chain of a domain (one per target and strategy)."""
+    newest: dict[tuple[str, str], PointView] = {}
+    with cat.session() as s:
+        rows = s.scalars(select(RestorePoint).where(RestorePoint.domain_uuid == domain_uuid,
+                                                    RestorePoint.status == COMPLETE)
+                         .order_by(RestorePoint.created_at))
+        for r in rows:
+            newest[(r.storage, r.strategy)] = _view(r)
+    return list(newest.values())
+
+
 def chain_to(cat: Catalog, point_id: str) -> list[PointView]:
     """The full and every incremental up to ``point_id``, in order; all must be complete."""
     chain: list[PointView] = []

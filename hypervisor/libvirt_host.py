@@ -1,0 +1,271 @@
+"""The one module that imports libvirt.
+
+``LibvirtHost`` wraps one connection to one host and speaks in the plain values of
+``hypervisor.types``. Every libvirt error is converted here, where it happens, into a
+product error whose message says what failed and on which domain and host.
+"""
+from __future__ import annotations
+
+import logging
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from contextlib import contextmanager
+from xml.sax.saxutils import escape
+
+import libvirt
+
+from hypervisor.types import Checkpoint, Disk, DomainInfo, HostVersion, JobState
+from virtwarden.errors import (
+    BackupUnsupported,
+    CheckpointMissing,
+    DomainNotFound,
+    HypervisorError,
+    HypervisorUnavailable,
+)
+
+log = logging.getLogger(__name__)
+
+# libvirt prints every error to stderr by default; we report them ourselves.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+_STATES = {
+    libvirt.VIR_DOMAIN_NOSTATE: "nostate",
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "running",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "shutdown",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
+}
+_CHECKPOINT_GONE = (
+    libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT,
+    getattr(libvirt, "VIR_ERR_CHECKPOINT_INCONSISTENT", -1),
+)
+
+
+class LibvirtHost:
+    """One libvirt connection. Open per job (connections must not cross a fork)."""
+
+    def __init__(self, name: str, uri: str) -> None:
+        self.name, self.uri = name, uri
+        self._conn: libvirt.virConnect | None = None
+
+    # --- connection ---------------------------------------------------------------
+    def open(self) -> LibvirtHost:
+        try:
+            self._conn = libvirt.open(self.uri)
+        except libvirt.libvirtError as e:
+            raise HypervisorUnavailable(
+                f"host {self.name}: cannot connect to libvirt at {self.uri}: {e.get_error_message()}"
+            ) from e
+        return self
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except libvirt.libvirtError:
+                pass
+            self._conn = None
+
+    def __enter__(self) -> LibvirtHost:
+        return self.open() if self._conn is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def conn(self) -> libvirt.virConnect:
+        if self._conn is None:
+            self.open()
+        assert self._conn is not None
+        return self._conn
+
+    @contextmanager
+    def _errors(self, what: str, domain: str | None = None) -> Iterator[None]:
+        """Convert libvirt errors raised inside the block into product errors."""
+        try:
+            yield
+        except libvirt.libvirtError as e:
+            code, msg = e.get_error_code(), e.get_error_message()
+            where = f"domain {domain!r} on host {self.name}" if domain else f"host {self.name}"
+            if code == libvirt.VIR_ERR_NO_DOMAIN:
+                raise DomainNotFound(f"no domain {domain!r} on host {self.name} ({self.uri})") from e
+            if code in _CHECKPOINT_GONE:
+                raise CheckpointMissing(f"{what} on {where}: {msg}") from e
+            if code in (libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INTERNAL_ERROR) and not self._alive():
+                raise HypervisorUnavailable(f"{what} on {where}: connection to {self.uri} lost: {msg}") from e
+            raise HypervisorError(f"{what} on {where}: {msg}") from e
+
+    def _alive(self) -> bool:
+        try:
+            return bool(self._conn and self._conn.isAlive())
+        except libvirt.libvirtError:
+            return False
+
+    def version(self) -> HostVersion:
+        with self._errors("reading versions"):
+            lib = self.conn.getLibVersion()
+            hv = self.conn.getVersion()
+            caps = ET.fromstring(self.conn.getCapabilities())
+            types = sorted({d.get("type", "") for d in caps.iter("domain")})
+            backup = False
+            for virt in types:
+                try:
+                    dc = ET.fromstring(self.conn.getDomainCapabilities(None, None, None, virt, 0))
+                except libvirt.libvirtError:
+                    continue
+                node = dc.find("./features/backup")
+                backup = backup or (node is not None and node.get("supported") == "yes")
+        return HostVersion(_ver(lib), _ver(hv), backup, tuple(t for t in types if t))
+
+    # --- domains ----------------------------------------------------------------------
+    def _dom(self, name: str) -> libvirt.virDomain:
+        with self._errors("looking up domain", name):
+            return self.conn.lookupByName(name)
+
+    def domain(self, name: str) -> DomainInfo:
+        dom = self._dom(name)
+        with self._errors("reading domain", name):
+            return self._info(dom)
+
+    def domains(self) -> list[DomainInfo]:
+        with self._errors("listing domains"):
+            return [self._info(d) for d in self.conn.listAllDomains()]
+
+    def _info(self, dom: libvirt.virDomain) -> DomainInfo:
+        state = _STATES.get(dom.state()[0], "unknown")
+        xml = dom.XMLDesc(0)
+        disks = []
+        for d in _disks(xml):
+            size = 0
+            try:
+                size = dom.blockInfo(d.target)[0]
+            except libvirt.libvirtError:
+                pass
+            disks.append(Disk(d.target, d.path, d.format, d.source_type, size))
+        return DomainInfo(dom.name(), dom.UUIDString(), state, bool(dom.isPersistent()), tuple(disks), xml)
+
+    def inactive_xml(self, name: str) -> str:
+        """The persistent definition with secure details, for the manifest."""
+        dom = self._dom(name)
+        with self._errors("reading domain XML", name):
+            flags = libvirt.VIR_DOMAIN_XML_INACTIVE if dom.isPersistent() else 0
+            return dom.XMLDesc(flags | libvirt.VIR_DOMAIN_XML_SECURE)
+
+    # --- checkpoints ------------------------------------------------------------------
+    def checkpoints(self, name: str) -> list[Checkpoint]:
+        dom = self._dom(name)
+        with self._errors("listing checkpoints", name):
+            return [_checkpoint(c.getXMLDesc(0)) for c in dom.listAllCheckpoints(0)]
+
+    def checkpoint_xml(self, name: str, checkpoint: str) -> str:
+        """The checkpoint's XML with its <domain>, as REDEFINE needs it later."""
+        dom = self._dom(name)
+        with self._errors(f"reading checkpoint {checkpoint}", name):
+            return dom.checkpointLookupByName(checkpoint).getXMLDesc(0)
+
+    def delete_checkpoint(self, name: str, checkpoint: str, *, metadata_only: bool = False) -> None:
+        dom = self._dom(name)
+        flags = libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY if metadata_only else 0
+        with self._errors(f"deleting checkpoint {checkpoint}", name):
+            try:
+                dom.checkpointLookupByName(checkpoint).delete(flags)
+            except libvirt.libvirtError as e:
+                if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
+                    raise
+
+    def redefine_checkpoint(self, name: str, xml: str) -> None:
+        dom = self._dom(name)
+        flags = libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE | libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE
+        with self._errors("redefining checkpoint", name):
+            dom.checkpointCreateXML(xml, flags)
+
+    # --- backup jobs ------------------------------------------------------------------
+    def begin_backup(self, name: str, targets: dict[str, str], *, checkpoint: str,
+                     incremental_from: str | None, bitmap_disks: set[str], skip: set[str]) -> None:
+        """Start a push-mode backup of ``targets`` (disk -> new qcow2 file) that creates
+        ``checkpoint`` atomically with it; disks without bitmaps are copied in full."""
+        dom = self._dom(name)
+        inc = f"<incremental>{escape(incremental_from)}</incremental>" if incremental_from else ""
+        disks = []
+        for target, dest in targets.items():
+            mode = "" if target in bitmap_disks or not incremental_from else " backupmode='full'"
+            disks.append(f"<disk name='{target}' backup='yes' type='file'{mode}>"
+                         f"<driver type='qcow2'/><target file='{escape(dest)}'/></disk>")
+        disks += [f"<disk name='{t}' backup='no'/>" for t in sorted(skip)]
+        backup_xml = f"<domainbackup mode='push'>{inc}<disks>{''.join(disks)}</disks></domainbackup>"
+        cp_disks = "".join(
+            f"<disk name='{t}' checkpoint='{'bitmap' if t in bitmap_disks else 'no'}'/>"
+            for t in sorted(set(targets) | skip))
+        cp_xml = (f"<domaincheckpoint><name>{escape(checkpoint)}</name>"
+                  f"<description>created by virtwarden</description><disks>{cp_disks}</disks></domaincheckpoint>")
+        with self._errors("starting backup", name):
+            try:
+                dom.backupBegin(backup_xml, cp_xml, 0)
+            except libvirt.libvirtError as e:
+                if e.get_error_code() in (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_OPERATION_UNSUPPORTED):
+                    raise BackupUnsupported(
+                        f"host {self.name} cannot run libvirt backups of {name!r}: {e.get_error_message()}"
+                    ) from e
+                raise
+
+    def backup_state(self, name: str) -> JobState:
+        """The running backup's progress, or how the last one ended."""
+        dom = self._dom(name)
+        with self._errors("reading job state", name):
+            stats = dom.jobStats(0)
+            if stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) != libvirt.VIR_DOMAIN_JOB_NONE:
+                return JobState(True, None, stats.get("disk_processed", 0), stats.get("disk_total", 0))
+            flags = libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED | libvirt.VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED
+            done = dom.jobStats(flags)
+        ok = done.get("type") == libvirt.VIR_DOMAIN_JOB_COMPLETED and done.get("success", True)
+        if done.get("operation") not in (None, libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP):
+            return JobState(False, False, 0, 0, "the last domain job was not a backup")
+        return JobState(False, bool(ok), done.get("disk_processed", 0), done.get("disk_total", 0),
+                        None if ok else (done.get("errmsg") or "libvirt reports the backup job failed"))
+
+    def has_active_job(self, name: str) -> bool:
+        dom = self._dom(name)
+        with self._errors("reading job state", name):
+            return dom.jobStats(0).get("type", libvirt.VIR_DOMAIN_JOB_NONE) != libvirt.VIR_DOMAIN_JOB_NONE
+
+    def abort_job(self, name: str) -> None:
+        dom = self._dom(name)
+        with self._errors("aborting job", name):
+            try:
+                dom.abortJob()
+            except libvirt.libvirtError as e:
+                if e.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:  # no job running
+                    raise
+
+
+# --- XML parsing (pure) -------------------------------------------------------------
+def _disks(xml: str) -> list[Disk]:
+    """The domain's disk devices that hold data we can copy (file or block sources)."""
+    out = []
+    for disk in ET.fromstring(xml).findall("./devices/disk"):
+        if disk.get("device", "disk") != "disk":
+            continue
+        target = disk.find("target")
+        source = disk.find("source")
+        driver = disk.find("driver")
+        kind = disk.get("type", "file")
+        if target is None or source is None or kind not in ("file", "block"):
+            continue
+        path = source.get("file") if kind == "file" else source.get("dev")
+        fmt = driver.get("type", "raw") if driver is not None else "raw"
+        out.append(Disk(target.get("dev", ""), path or "", fmt, kind))
+    return out
+
+
+def _checkpoint(xml: str) -> Checkpoint:
+    root = ET.fromstring(xml)
+    parent = root.findtext("./parent/name")
+    disks = tuple(d.get("name", "") for d in root.findall("./disks/disk") if d.get("checkpoint") == "bitmap")
+    return Checkpoint(root.findtext("name") or "", parent, int(root.findtext("creationTime") or 0), disks, xml)
+
+
+def _ver(n: int) -> str:
+    return f"{n // 1000000}.{n // 1000 % 1000}.{n % 1000}"

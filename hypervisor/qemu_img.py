@@ -1,0 +1,59 @@
+"""qemu-img, the tool that reads and writes disk images, run as a subprocess."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+from virtwarden.errors import NoSpace, ToolFailed
+
+QEMU_IMG = "qemu-img"
+
+
+def _run(*args: str) -> str:
+    if shutil.which(QEMU_IMG) is None:
+        raise ToolFailed("qemu-img is not installed (Debian: apt-get install qemu-utils)")
+    proc = subprocess.run([QEMU_IMG, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        err = proc.stderr.strip() or proc.stdout.strip()
+        if "No space left" in err:
+            raise NoSpace(f"qemu-img {args[0]}: no space left on device ({err})")
+        raise ToolFailed(f"qemu-img {args[0]} failed: {err}")
+    return proc.stdout
+
+
+def info(path: Path) -> dict:
+    """Image facts (format, virtual-size, backing) without following the backing chain.
+    ``-U`` lets us read an image that a running guest holds open."""
+    return json.loads(_run("info", "-U", "--output=json", str(path)))
+
+
+def detach_backing(path: Path) -> None:
+    """Drop the backing-file reference libvirt writes into incremental backup targets
+    (it names the live disk, which must never be read through on restore)."""
+    _run("rebase", "-u", "-b", "", str(path))
+
+
+def set_backing(path: Path, backing: Path) -> None:
+    """Point ``path`` at ``backing`` without copying: the incremental holds only the
+    clusters that changed, everything else is read from the previous point."""
+    _run("rebase", "-u", "-F", "qcow2", "-b", str(backing), str(path))
+
+
+def flatten(top: Path, dest: Path, *, fmt: str = "qcow2") -> None:
+    """Write the whole chain under ``top`` as one standalone image (sparse)."""
+    _run("convert", "-O", fmt, str(top), str(dest))
+
+
+def compare(a: Path, b: Path) -> bool:
+    """True when both images hold the same guest-visible bytes."""
+    proc = subprocess.run([QEMU_IMG, "compare", "-q", str(a), str(b)], capture_output=True, text=True)
+    if proc.returncode in (0, 1):
+        return proc.returncode == 0
+    raise ToolFailed(f"qemu-img compare failed: {proc.stderr.strip()}")
+
+
+def check(path: Path) -> None:
+    """Raise when the qcow2 metadata is damaged."""
+    _run("check", "-q", str(path))

@@ -1,0 +1,1 @@
+"""Jobs as plain functions over small typed objects; no Celery, no libvirt here."""

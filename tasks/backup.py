@@ -1,0 +1,231 @@
+"""The ``bitmap`` backup job: libvirt's backup API with checkpoints (dirty bitmaps).
+
+One run makes one restore point of every disk of a running domain:
+
+1. clean up what an earlier, interrupted attempt of the same job left (recovery);
+2. choose full or incremental (``plan_level``, a pure function) and say why;
+3. push-mode backup of all disks into this job's scratch directory, creating the new
+   checkpoint in the same libvirt call, so the bitmap starts exactly at the copy;
+4. store each image (sha256 computed while it streams), then the manifest, last;
+5. mark the point complete, then drop our checkpoints that no chain needs any more.
+
+A failure at any step fails the point (never listed as usable), removes the new
+checkpoint, the stored pieces and the scratch files, and leaves the previous chain
+head and its checkpoint as they were, so the next run continues the chain.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from catalog import points
+from catalog.points import ArtifactView, PointView
+from hypervisor import qemu_img
+from hypervisor.types import NAME_PREFIX, DomainInfo
+from storage_backends.repository import Repository
+from tasks import recovery
+from tasks.context import JobContext
+from virtwarden.errors import CheckpointMissing, HypervisorError, JobFailed, NoSpace
+
+log = logging.getLogger(__name__)
+STRATEGY = "bitmap"
+
+
+@dataclass(frozen=True)
+class BackupRequest:
+    domain: str
+    storage: str
+    strategy: str = STRATEGY
+    full_every: int = 7  # incrementals after a full before the next full
+    force_full: bool = False
+    policy: str | None = None
+
+
+@dataclass(frozen=True)
+class LevelPlan:
+    level: str  # full | incremental
+    reason: str
+    parent: PointView | None = None
+
+
+def plan_level(req: BackupRequest, dom: DomainInfo, head: PointView | None, checkpoints: set[str]) -> LevelPlan:
+    """Full or incremental, and why. Pure: decided from the catalog's chain head and
+    the checkpoints libvirt still has."""
+    if req.force_full:
+        return LevelPlan("full", "full backup requested")
+    if head is None:
+        return LevelPlan("full", "no earlier backup of this domain on this target")
+    if head.seq >= req.full_every:
+        return LevelPlan("full", f"chain reached full_every={req.full_every} incrementals")
+    if not head.checkpoint or head.checkpoint not in checkpoints:
+        return LevelPlan("full", f"checkpoint {head.checkpoint} of the last backup is gone "
+                                 "(domain redefined or migrated, or its bitmaps were lost); starting a new chain")
+    before = {a.target: a.virtual_size for a in head.artifacts}
+    now = {d.target: d.virtual_size for d in dom.disks}
+    if set(before) != set(now):
+        return LevelPlan("full", f"disks changed since the last backup ({sorted(before)} -> {sorted(now)})")
+    resized = [t for t in now if before[t] != now[t]]
+    if resized:
+        return LevelPlan("full", f"disk {', '.join(resized)} was resized since the last backup")
+    return LevelPlan("incremental", f"changes since {head.checkpoint}", head)
+
+
+def run_backup(ctx: JobContext, req: BackupRequest) -> dict:
+    hv = ctx.require_hypervisor()
+    recovery.recover_backup(ctx, req.domain)
+    dom = hv.domain(req.domain)
+    if not dom.active:
+        raise HypervisorError(
+            f"domain {req.domain!r} is {dom.state}: the bitmap strategy backs up running domains only")
+    if not dom.disks:
+        raise HypervisorError(f"domain {req.domain!r} has no file or block disks to back up")
+    head = points.chain_head(ctx.catalog, dom.uuid, req.storage, req.strategy)
+    ours = {c.name for c in hv.checkpoints(req.domain)}
+    plan = plan_level(req, dom, head, ours)
+    try:
+        return _make_point(ctx, req, dom, plan)
+    except CheckpointMissing as e:
+        if plan.level != "incremental":
+            raise
+        # QEMU dropped the bitmaps (unclean stop): forget the checkpoint, start over.
+        log.warning("domain %s: %s; falling back to a full backup", req.domain, e)
+        hv.delete_checkpoint(req.domain, plan.parent.checkpoint or "", metadata_only=True)
+        return _make_point(ctx, req, dom, LevelPlan("full", f"checkpoint unusable: {e}"))
+
+
+def _make_point(ctx: JobContext, req: BackupRequest, dom: DomainInfo, plan: LevelPlan) -> dict:
+    hv = ctx.require_hypervisor()
+    repo = Repository(ctx.storage(req.storage))
+    point_id = str(uuid.uuid4())
+    parent = plan.parent
+    chain_id = parent.chain_id if parent else str(uuid.uuid4())
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    checkpoint = f"{NAME_PREFIX}{stamp}-{point_id[:8]}"
+    prefix = repo.point_prefix(dom.name, chain_id, point_id)
+    point = points.begin(
+        ctx.catalog, id=point_id, domain=dom.name, domain_uuid=dom.uuid, host=hv.name,
+        storage=req.storage, strategy=req.strategy, chain_id=chain_id,
+        parent_id=parent.id if parent else None, seq=parent.seq + 1 if parent else 0,
+        level=plan.level, reason=plan.reason, checkpoint=checkpoint,
+        manifest_key=repo.manifest_key(prefix), job_id=ctx.job_id)
+    log.info("domain %s job %s: %s backup to %s (%s)", dom.name, ctx.job_id, plan.level,
+             req.storage, plan.reason)
+    started = False
+    try:
+        ctx.clear_scratch()
+        ctx.scratch.mkdir(parents=True)
+        _check_scratch_space(ctx, dom, plan)
+        files = {d.target: str(ctx.scratch / f"{d.target}.qcow2") for d in dom.disks}
+        bitmap_disks = {d.target for d in dom.disks if d.has_bitmaps}
+        ctx.report(0.0, f"{plan.level} backup: copying {len(files)} disk(s)")
+        hv.begin_backup(dom.name, files, checkpoint=checkpoint,
+                        incremental_from=parent.checkpoint if parent else None,
+                        bitmap_disks=bitmap_disks, skip=set())
+        started = True
+        _wait(ctx, dom.name)
+        artifacts = _store(ctx, repo, prefix, dom, files, bitmap_disks, plan)
+        manifest = _manifest(ctx, dom, point, plan, checkpoint, artifacts, hv.checkpoint_xml(dom.name, checkpoint))
+        repo.write_manifest(prefix, manifest)
+        done = points.complete(ctx.catalog, point_id, artifacts, consistency="crash")
+    except BaseException as e:
+        _undo(ctx, repo, dom.name, point_id, prefix, checkpoint if started else None, e)
+        raise
+    finally:
+        ctx.clear_scratch()
+    recovery.drop_unneeded_checkpoints(ctx, dom)
+    ctx.report(1.0, "done")
+    return {"point_id": done.id, "level": done.level, "chain_id": done.chain_id,
+            "size_bytes": done.size_bytes, "reason": plan.reason,
+            "disks": [a.target for a in artifacts]}
+
+
+def _check_scratch_space(ctx: JobContext, dom: DomainInfo, plan: LevelPlan) -> None:
+    """A full copy needs room for every disk's data: refuse early rather than fill
+    the scratch filesystem halfway."""
+    if plan.level != "full":
+        return
+    need = 0
+    for d in dom.disks:
+        try:
+            need += int(qemu_img.info(Path(d.path)).get("actual-size", 0))
+        except Exception:  # noqa: BLE001 - an estimate only; the copy itself will tell
+            pass
+    st = os.statvfs(ctx.scratch)
+    free = st.f_bavail * st.f_frsize
+    if need > free:
+        raise NoSpace(f"scratch directory {ctx.scratch_root} has {free} bytes free; "
+                      f"a full backup of {dom.name!r} needs about {need}")
+
+
+def _wait(ctx: JobContext, domain: str) -> None:
+    hv = ctx.require_hypervisor()
+    while True:
+        state = hv.backup_state(domain)
+        if not state.active:
+            break
+        ctx.report(0.6 * state.fraction, f"copying disks: {state.processed >> 20} of {state.total >> 20} MiB")
+        time.sleep(ctx.poll_seconds)
+    if not state.ok:
+        st = os.statvfs(ctx.scratch)
+        if st.f_bavail * st.f_frsize < 16 << 20:
+            raise NoSpace(f"backup of {domain!r} failed: scratch directory {ctx.scratch_root} is full")
+        raise JobFailed(f"libvirt backup job of {domain!r} failed: {state.error}")
+
+
+def _store(ctx: JobContext, repo: Repository, prefix: str, dom: DomainInfo, files: dict[str, str],
+           bitmap_disks: set[str], plan: LevelPlan) -> list[ArtifactView]:
+    out = []
+    total = sum(os.path.getsize(f) for f in files.values()) or 1
+    sent = 0
+    for target, path in files.items():
+        p = Path(path)
+        qemu_img.detach_backing(p)  # libvirt names the live disk as backing: never keep that
+        virtual = int(qemu_img.info(p)["virtual-size"])
+        key = repo.artifact_key(prefix, target)
+        base = sent
+
+        def moved(n: int, base: int = base, target: str = target) -> None:
+            ctx.report(0.6 + 0.39 * (base + n) / total, f"storing {target}: {(base + n) >> 20} MiB")
+
+        stored = repo.backend.put_file(key, p, progress=moved)
+        sent += stored.size
+        out.append(ArtifactView(target, key, stored.size, stored.sha256, virtual))
+    return out
+
+
+def _manifest(ctx: JobContext, dom: DomainInfo, point: PointView, plan: LevelPlan, checkpoint: str,
+              artifacts: list[ArtifactView], checkpoint_xml: str) -> dict:
+    modes = {d.target: ("incremental" if plan.level == "incremental" and d.has_bitmaps else "full")
+             for d in dom.disks}
+    return {
+        "point_id": point.id, "chain_id": point.chain_id, "parent_id": point.parent_id,
+        "seq": point.seq, "level": point.level, "strategy": point.strategy, "reason": plan.reason,
+        "consistency": "crash", "host": point.host,
+        "created_at": point.created_at.isoformat(),
+        "completed_at": datetime.now(timezone.utc).isoformat(),
+        "domain": {"name": dom.name, "uuid": dom.uuid, "xml": ctx.require_hypervisor().inactive_xml(dom.name)},
+        "checkpoint": {"name": checkpoint, "xml": checkpoint_xml},
+        "disks": [{"target": a.target, "mode": modes[a.target], "format": "qcow2", "key": a.key,
+                   "size_bytes": a.size_bytes, "sha256": a.sha256, "virtual_size": a.virtual_size,
+                   "source": dom.disk(a.target).path} for a in artifacts],
+    }
+
+
+def _undo(ctx: JobContext, repo: Repository, domain: str, point_id: str, prefix: str,
+          checkpoint: str | None, error: BaseException) -> None:
+    """Leave nothing half-done: the point failed, its pieces and checkpoint removed."""
+    hv = ctx.require_hypervisor()
+    reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    points.fail(ctx.catalog, point_id, reason)
+    for step in (lambda: hv.abort_job(domain) if checkpoint and hv.has_active_job(domain) else None,
+                 lambda: hv.delete_checkpoint(domain, checkpoint) if checkpoint else None,
+                 lambda: recovery.remove_point_data(repo, prefix)):
+        try:
+            step()
+        except Exception as cleanup_error:  # noqa: BLE001 - report, keep cleaning
+            log.warning("domain %s job %s: cleanup after failure: %s", domain, ctx.job_id, cleanup_error)

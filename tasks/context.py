@@ -1,0 +1,69 @@
+"""What a job function is given: narrow handles to the hypervisor, storage and catalog.
+
+Jobs never build these themselves; ``worker/`` does (or a test does), so a job can run
+under Celery, from the CLI or in a test alike.
+"""
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from catalog.store import Catalog
+from hypervisor.types import Checkpoint, DomainInfo, JobState
+from storage_backends.base import Backend
+
+
+class Hypervisor(Protocol):
+    """The part of hypervisor.libvirt_host.LibvirtHost that jobs use."""
+
+    name: str
+
+    def domain(self, name: str) -> DomainInfo: ...
+    def inactive_xml(self, name: str) -> str: ...
+    def checkpoints(self, name: str) -> list[Checkpoint]: ...
+    def checkpoint_xml(self, name: str, checkpoint: str) -> str: ...
+    def delete_checkpoint(self, name: str, checkpoint: str, *, metadata_only: bool = False) -> None: ...
+    def begin_backup(self, name: str, targets: dict[str, str], *, checkpoint: str,
+                     incremental_from: str | None, bitmap_disks: set[str], skip: set[str]) -> None: ...
+    def backup_state(self, name: str) -> JobState: ...
+    def has_active_job(self, name: str) -> bool: ...
+    def abort_job(self, name: str) -> None: ...
+
+
+class Reporter(Protocol):
+    def __call__(self, fraction: float, text: str) -> None:
+        """Record progress; raises when the job must stop (its lease was lost)."""
+
+
+def _quiet(_fraction: float, _text: str) -> None:
+    return None
+
+
+@dataclass
+class JobContext:
+    job_id: str
+    catalog: Catalog
+    hypervisor: Hypervisor | None
+    storage: Callable[[str], Backend]  # storage name -> backend (raises UnknownStorage)
+    scratch_root: Path
+    report: Reporter = _quiet
+    attempt: int = 1
+    poll_seconds: float = 0.5
+    _scratch: Path | None = field(default=None, repr=False)
+
+    @property
+    def scratch(self) -> Path:
+        """This job's own scratch directory (the same path on every attempt)."""
+        if self._scratch is None:
+            self._scratch = self.scratch_root / f"job-{self.job_id}"
+        return self._scratch
+
+    def clear_scratch(self) -> None:
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def require_hypervisor(self) -> Hypervisor:
+        assert self.hypervisor is not None, "this job needs a hypervisor connection"
+        return self.hypervisor

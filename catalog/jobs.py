@@ -192,12 +192,11 @@ def finish(
         return n == 1
 
 
-def release(cat: Catalog, job_id: str, owner: str) -> None:
-    """Give a claimed job back to the queue without counting the attempt (shutdown)."""
+def requeue(cat: Catalog, job_id: str, owner: str, why: str) -> None:
+    """Put a claimed job back in the queue after a transient failure (the attempt counts)."""
     with cat.session() as s:
         s.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.state == RUNNING)
-                  .values(state=QUEUED, lease_owner=None, lease_expires_at=None,
-                          attempts=Job.attempts - 1))
+                  .values(state=QUEUED, lease_owner=None, lease_expires_at=None, progress_text=why[:255]))
         s.execute(delete(DomainLock).where(DomainLock.job_id == job_id))
 
 

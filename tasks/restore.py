@@ -16,6 +16,7 @@ from pathlib import Path
 
 from catalog import points
 from catalog.points import PointView
+from catalog.store import Catalog
 from hypervisor import qemu_img
 from storage_backends.repository import Repository
 from tasks.context import JobContext
@@ -33,13 +34,13 @@ class RestoreRequest:
     overwrite: bool = False
 
 
-def resolve_point(ctx: JobContext, domain: str, point: str, storage: str | None = None) -> PointView:
+def resolve_point(cat: Catalog, domain: str, point: str, storage: str | None = None) -> PointView:
     if point != "latest":
-        found = points.get(ctx.catalog, point)
+        found = points.get(cat, point)
         if found.domain != domain:
             raise RestorePointNotFound(f"restore point {point} belongs to {found.domain!r}, not {domain!r}")
         return found
-    usable = points.for_domain(ctx.catalog, domain, storage=storage, statuses=(points.COMPLETE,))
+    usable = points.for_domain(cat, domain, storage=storage, statuses=(points.COMPLETE,))
     if not usable:
         raise RestorePointNotFound(f"domain {domain!r} has no complete restore point"
                                    + (f" on storage {storage!r}" if storage else ""))
@@ -61,7 +62,7 @@ def layers_for(chain: list[dict], target: str) -> list[dict]:
 
 
 def run_restore(ctx: JobContext, req: RestoreRequest) -> dict:
-    point = resolve_point(ctx, req.domain, req.point, req.storage)
+    point = resolve_point(ctx.catalog, req.domain, req.point, req.storage)
     chain = points.chain_to(ctx.catalog, point.id)
     repo = Repository(ctx.storage(point.storage))
     manifests = [repo.read_manifest(p.manifest_key) for p in chain]

@@ -8,7 +8,6 @@ and its line.
 """
 from __future__ import annotations
 
-import difflib
 import os
 import socket
 from pathlib import Path
@@ -17,7 +16,8 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from virtwarden.errors import ConfigError
-from virtwarden.yamldoc import YamlSyntaxError, format_path, load_documents
+from virtwarden.validation import explain, suggest
+from virtwarden.yamldoc import YamlSyntaxError, load_documents
 
 DEFAULT_DATA_DIR = "/var/lib/virtwarden"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
@@ -173,7 +173,7 @@ def load(path: str | None = None, env: dict[str, str] | None = None) -> Config:
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_explain(e, path or "<embedded defaults>", doc)) from None
+        raise ConfigError("\n".join(explain(e, Config, path or "<embedded defaults>", doc))) from None
     return cfg.model_copy(update={"source": path or "<embedded defaults>"})
 
 
@@ -193,48 +193,5 @@ def _read(path: str):
     return docs[0].data, docs[0]
 
 
-def _explain(error: ValidationError, file: str, doc) -> str:
-    lines = []
-    for item in error.errors():
-        loc = tuple(item["loc"])
-        if loc[:1] == ("storage",) and len(loc) > 2 and loc[2] in ("nfs", "s3"):
-            loc = loc[:2] + loc[3:]  # drop pydantic's union tag
-        line = doc.line_of(loc) if doc else 1
-        msg = item["msg"]
-        if item["type"] == "extra_forbidden":
-            msg = "unknown key" + _suggest_key(loc, error)
-        elif item["type"] == "union_tag_invalid" or item["type"] == "union_tag_not_found":
-            msg = "type must be 'nfs' or 's3'"
-        lines.append(f"{file}:{line}: {format_path(loc)}: {msg}")
-    return "\n".join(lines)
-
-
-def _suggest_key(loc: tuple, error: ValidationError) -> str:
-    model = _model_at(loc[:-1])
-    if model is None:
-        return ""
-    return _did_you_mean(str(loc[-1]), model.model_fields)
-
-
-def _model_at(loc: tuple):
-    model: type[BaseModel] | None = Config
-    i = 0
-    while i < len(loc) and model is not None:
-        name = loc[i]
-        if model is Config and name in ("hosts", "storage") and i + 1 < len(loc):
-            if name == "hosts":
-                model = HostConfig
-            else:
-                model = None  # storage kinds differ; keys reported without suggestion
-            i += 2
-            continue
-        field = model.model_fields.get(str(name))
-        annotation = getattr(field, "annotation", None)
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-        i += 1
-    return model
-
-
 def _did_you_mean(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    return suggest(word, choices)

@@ -1,0 +1,135 @@
+"""The Celery app: Redis broker, a queue per hypervisor host, one task that runs a job row.
+
+Why these settings (see docs/architecture.md, "Jobs survive workers"):
+- ``task_acks_late`` + ``task_reject_on_worker_lost``: a message is acknowledged only
+  after its job finished, so a worker killed mid-job does not lose it.
+- ``visibility_timeout`` far above the longest backup: Redis would otherwise hand an
+  unacknowledged message to another worker after an hour. A redelivered or duplicate
+  message is harmless anyway: the job row's lease lets only one worker run it.
+- ``worker_prefetch_multiplier = 1``: a worker busy with a long backup does not hoard
+  messages other workers could take.
+- Results live in the catalog, not in a result backend.
+- The reaper thread in each worker requeues jobs whose worker died (lease expired)
+  without waiting for the broker to redeliver their message.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery import Celery, signals
+from kombu.exceptions import OperationalError as KombuOperationalError
+
+from catalog import jobs
+from catalog.store import Catalog
+from virtwarden.config import Config
+from virtwarden.errors import BrokerUnavailable, VirtwardenError
+
+log = logging.getLogger(__name__)
+TASK = "virtwarden.run_job"
+BUSY_RETRY_SECONDS = 15
+
+app = Celery("virtwarden")
+_config: Config | None = None
+
+
+def queue_for(host: str) -> str:
+    return f"host.{host}"
+
+
+def configure(cfg: Config) -> Celery:
+    """Point the app at the configured broker (called once per process)."""
+    global _config
+    _config = cfg
+    app.conf.update(
+        broker_url=cfg.broker_url,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": cfg.worker.visibility_timeout_seconds},
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_ignore_result=True,
+        task_default_queue="virtwarden",
+        worker_prefetch_multiplier=1,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        worker_hijack_root_logger=False,
+        task_serializer="json",
+        accept_content=["json"],
+    )
+    return app
+
+
+def config() -> Config:
+    if _config is None:
+        from virtwarden import config as config_module
+
+        configure(config_module.load())
+    assert _config is not None
+    return _config
+
+
+@app.task(name=TASK, bind=True, max_retries=None)
+def run_job(self, job_id: str) -> str:  # noqa: ANN001
+    from worker.runner import execute
+
+    outcome = execute(config(), job_id)
+    if outcome == "busy":
+        raise self.retry(countdown=BUSY_RETRY_SECONDS)
+    if outcome == "retry":
+        attempt = jobs.get(Catalog(config().catalog_url, upgrade=False), job_id).attempts
+        raise self.retry(countdown=min(30 * attempt, 600))
+    return outcome
+
+
+def send(job: jobs.JobView) -> None:
+    """Hand a job to the workers of its host; BrokerUnavailable when the broker is down."""
+    cfg = config()
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0.2, timeout=5)
+            app.send_task(TASK, args=[job.id], queue=queue_for(job.host or ""), connection=conn,
+                          retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2})
+    except (KombuOperationalError, OSError) as e:
+        raise BrokerUnavailable(f"broker {mask(cfg.broker_url)} unreachable: {e}") from e
+
+
+def check_broker(cfg: Config) -> None:
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0.2, timeout=5)
+    except (KombuOperationalError, OSError) as e:
+        raise BrokerUnavailable(f"broker {mask(cfg.broker_url)} unreachable: {e}") from e
+
+
+def mask(url: str) -> str:
+    from catalog.store import mask as _mask
+
+    return _mask(url)
+
+
+# --- the reaper: requeue jobs of dead workers --------------------------------------
+def _reap_forever(stop: threading.Event) -> None:
+    cfg = config()
+    cat = Catalog(cfg.catalog_url)
+    while True:
+        try:
+            for job in jobs.reap(cat):
+                log.warning("job %s: its worker stopped renewing the lease; requeued (attempt %d of %d)",
+                            job.id, job.attempts + 1, job.max_attempts)
+                send(job)
+        except VirtwardenError as e:
+            log.warning("reaper: %s", e)
+        if stop.wait(cfg.worker.reap_seconds):
+            return
+
+
+_reaper_stop = threading.Event()
+
+
+@signals.worker_ready.connect
+def _start_reaper(**_kwargs: object) -> None:
+    threading.Thread(target=_reap_forever, args=(_reaper_stop,), name="reaper", daemon=True).start()
+
+
+@signals.worker_shutdown.connect
+def _stop_reaper(**_kwargs: object) -> None:
+    _reaper_stop.set()

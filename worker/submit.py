@@ -1,0 +1,92 @@
+"""Turning a request (CLI, API, scheduler) into a job row and a message to a worker.
+
+The request is resolved completely here (which host, which storage, which settings),
+so the job row holds everything the job needs and the worker makes no new decisions.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from catalog import jobs
+from catalog.store import Catalog
+from policies import resolve_backup
+from virtwarden.config import Config
+from virtwarden.errors import DomainNotFound, HypervisorUnavailable, JobFailed, VirtwardenError
+
+
+def find_host(cfg: Config, domain: str, host: str | None = None) -> str:
+    """The configured host that has ``domain`` (asking libvirt), or ``host`` when given."""
+    from hypervisor.libvirt_host import LibvirtHost
+
+    candidates = [host] if host else list(cfg.hosts)
+    unreachable = []
+    for name in candidates:
+        try:
+            with LibvirtHost(name, cfg.host(name).uri) as hv:
+                hv.domain(domain)
+                return name
+        except DomainNotFound:
+            continue
+        except HypervisorUnavailable as e:
+            unreachable.append(str(e))
+    where = f"host {host}" if host else f"any configured host ({', '.join(candidates)})"
+    detail = f"; unreachable: {'; '.join(unreachable)}" if unreachable else ""
+    raise DomainNotFound(f"no domain {domain!r} on {where}{detail}")
+
+
+def backup(cfg: Config, cat: Catalog, domain: str, *, policy: str | None = None, target: str | None = None,
+           full: bool = False, host: str | None = None, requested_by: str | None = None) -> jobs.JobView:
+    from worker import celery_app
+
+    settings = resolve_backup(cfg, domain, policy=policy, target=target)
+    cfg.storage_target(settings.target)  # unknown storage: fail before anything is written
+    celery_app.check_broker(cfg)
+    host = find_host(cfg, domain, host)
+    params = {"domain": domain, "storage": settings.target, "strategy": settings.strategy,
+              "full_every": settings.full_every, "force_full": full, "policy": settings.policy}
+    return _enqueue(cfg, cat, "backup", domain, host, params, requested_by)
+
+
+def restore(cfg: Config, cat: Catalog, domain: str, *, point: str, to_dir: str, host: str | None = None,
+            requested_by: str | None = None) -> jobs.JobView:
+    from tasks.restore import resolve_point
+    from worker import celery_app
+
+    # Resolve now so a wrong domain or point is an error here, not in a worker.
+    resolved = resolve_point(cat, domain, point)
+    host = host or (resolved.host if resolved.host in cfg.hosts else next(iter(cfg.hosts)))
+    celery_app.check_broker(cfg)
+    params = {"domain": domain, "point": resolved.id, "to_dir": to_dir}
+    return _enqueue(cfg, cat, "restore", domain, host, params, requested_by)
+
+
+def _enqueue(cfg: Config, cat: Catalog, kind: str, domain: str, host: str, params: dict,
+             requested_by: str | None) -> jobs.JobView:
+    from worker import celery_app
+
+    job = jobs.create(cat, kind=kind, domain=domain, host=host, params=params,
+                      max_attempts=cfg.worker.max_attempts, requested_by=requested_by)
+    try:
+        celery_app.send(job)
+    except VirtwardenError as e:
+        jobs.fail_queued(cat, job.id, f"could not be sent to a worker: {e}")
+        raise
+    return job
+
+
+def wait(cat: Catalog, job_id: str, *, on_progress: Callable[[jobs.JobView], None] | None = None,
+         poll: float = 1.0, timeout: float | None = None) -> jobs.JobView:
+    """Block until the job finished; JobFailed when it failed."""
+    start = time.monotonic()
+    while True:
+        job = jobs.get(cat, job_id)
+        if on_progress:
+            on_progress(job)
+        if job.finished:
+            if job.state == jobs.FAILED:
+                raise JobFailed(f"job {job.id} ({job.kind} of {job.domain}) failed: {job.error}")
+            return job
+        if timeout is not None and time.monotonic() - start > timeout:
+            raise JobFailed(f"job {job.id} still {job.state} after {timeout:.0f}s")
+        time.sleep(poll)

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from virtwarden.errors import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
+logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO lines drown ours
 MIGRATIONS = Path(__file__).with_name("migrations")
 _upgrade_lock = threading.Lock()
 

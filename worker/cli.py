@@ -1,0 +1,132 @@
+"""The ``virtwarden`` command line.
+
+Built for an on-call engineer: plain tables, ``--json`` for scripts, a progress line on
+long waits, and exit codes that mean something (virtwarden.errors: 0 ok, 1 failed,
+2 usage, 3 configuration, 4 not found, 5 a service unreachable, 6 storage,
+7 hypervisor, 70 a bug). Every error is one clear line on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from virtwarden import config as config_module
+from virtwarden.errors import EXIT_BUG, EXIT_FAILED, EXIT_OK, EXIT_USAGE, VirtwardenError
+
+log = logging.getLogger("virtwarden")
+Handler = Callable[[argparse.Namespace], int]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args.handler(args)
+    except VirtwardenError as e:
+        print(f"virtwarden: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("virtwarden: interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # noqa: BLE001 - the one place a bug becomes an exit code
+        log.exception("unexpected error (a bug: please report it with this traceback)")
+        return EXIT_BUG
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from worker import commands as c
+
+    p = argparse.ArgumentParser(
+        prog="virtwarden",
+        description="Keeps KVM/libvirt guests safe: policy-driven backups, restores and the workers that run them.")
+    p.add_argument("--config", help="configuration file (default: $VIRTWARDEN_CONFIG, else embedded defaults)")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(metavar="COMMAND")
+
+    def cmd(name: str, handler: Handler, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(handler=handler)
+        return sp
+
+    pol = sub.add_parser("policy", help="validate and list policies").add_subparsers(metavar="ACTION")
+    v = pol.add_parser("validate", help="check policy files; errors as file:line: field: message")
+    v.add_argument("paths", nargs="+")
+    v.set_defaults(handler=c.policy_validate)
+    pl = pol.add_parser("list", help="list the policies in policy_dir")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(handler=c.policy_list)
+
+    b = cmd("backup", c.backup, "back up a domain now (a worker runs it)")
+    b.add_argument("domain")
+    b.add_argument("--policy", help="take settings from this policy")
+    b.add_argument("--target", help="storage target (overrides the policy's)")
+    b.add_argument("--full", action="store_true", help="start a new chain with a full backup")
+    b.add_argument("--host", help="the domain's host (default: look on every configured host)")
+    _wait_opts(b)
+
+    bs = cmd("backups", c.backups, "list a domain's restore points")
+    bs.add_argument("domain")
+    bs.add_argument("--json", action="store_true")
+
+    r = cmd("restore", c.restore, "restore a point into a directory of flat images")
+    r.add_argument("domain")
+    r.add_argument("--point", default="latest", help="restore point id, or 'latest' (default)")
+    r.add_argument("--to-dir", required=True, help="directory for vda.qcow2, vdb.qcow2, ... and domain.xml")
+    r.add_argument("--host", help="host whose worker does the work (default: where the backup was made)")
+    _wait_opts(r)
+
+    j = cmd("jobs", c.jobs_list, "recent jobs")
+    j.add_argument("--json", action="store_true")
+    j.add_argument("--domain")
+    j.add_argument("--limit", type=int, default=30)
+    js = cmd("job", c.job_show, "one job in full")
+    js.add_argument("job_id")
+    js.add_argument("--json", action="store_true")
+
+    d = cmd("doctor", c.doctor, "check what this host needs and say plainly what is missing")
+    d.add_argument("--json", action="store_true")
+
+    w = cmd("worker", c.worker, "run a worker for the given hosts' queues (default: every configured host)")
+    w.add_argument("--host", action="append", default=[], help="serve this host's queue (repeatable)")
+    w.add_argument("--concurrency", type=int, help="jobs at once (default: worker.concurrency)")
+
+    for name, issue_text in (("listen", "the libvirt event listener"), ("scheduler", "the schedule runner"),
+                             ("api", "the HTTP API"), ("drill", "restore drills"), ("evacuate", "host evacuation")):
+        sp = cmd(name, c.not_yet(name, issue_text), f"{issue_text} (not in this release)")
+        sp.add_argument("rest", nargs=argparse.REMAINDER)
+    return p
+
+
+def _wait_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait", action="store_true", help="wait for the job; exit non-zero if it fails")
+    p.add_argument("--timeout", type=float, help="with --wait: give up waiting after this many seconds")
+    p.add_argument("--json", action="store_true")
+
+
+def load_config(args: argparse.Namespace) -> config_module.Config:
+    return config_module.load(args.config)
+
+
+def emit_json(data: object) -> None:
+    json.dump(data, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+__all__ = ["main", "EXIT_OK", "EXIT_FAILED"]
+
+if __name__ == "__main__":
+    sys.exit(main())

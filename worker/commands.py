@@ -1,0 +1,197 @@
+"""What each CLI command does: parse nothing, print results, return an exit code."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from catalog import jobs, points
+from catalog.store import Catalog
+from worker.cli import emit_json, load_config, table
+from virtwarden.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+
+
+def policy_validate(args: argparse.Namespace) -> int:
+    from policies import check_against_config, validate_paths
+
+    found, errors = validate_paths(args.paths)
+    if not errors and args.config:
+        errors = check_against_config(found, load_config(args))
+    for line in errors:
+        print(line, file=sys.stderr)
+    if errors:
+        print(f"{len(errors)} error(s) in {len(args.paths)} path(s)", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"ok: {len(found)} polic{'y' if len(found) == 1 else 'ies'} valid")
+    return EXIT_OK
+
+
+def policy_list(args: argparse.Namespace) -> int:
+    from policies import load_dir
+
+    cfg = load_config(args)
+    found = load_dir(cfg.policies_path) if cfg.policies_path.is_dir() else []
+    if args.json:
+        emit_json([p.summary() for p in found])
+        return EXIT_OK
+    rows = [[p.name, ",".join(p.spec.selector.domains), p.spec.backup.target if p.spec.backup else "-",
+             p.spec.backup.schedule or "-" if p.spec.backup else "-", p.source_text] for p in found]
+    print(table(rows, ["NAME", "DOMAINS", "TARGET", "SCHEDULE", "FILE"]) if rows else f"no policies in {cfg.policies_path}")
+    return EXIT_OK
+
+
+def backup(args: argparse.Namespace) -> int:
+    from worker import submit
+
+    cfg = load_config(args)
+    cat = Catalog(cfg.catalog_url)
+    _configure_celery(cfg)
+    job = submit.backup(cfg, cat, args.domain, policy=args.policy, target=args.target, full=args.full,
+                        host=args.host, requested_by="cli")
+    return _after_submit(args, cat, job)
+
+
+def restore(args: argparse.Namespace) -> int:
+    from worker import submit
+
+    cfg = load_config(args)
+    cat = Catalog(cfg.catalog_url)
+    _configure_celery(cfg)
+    job = submit.restore(cfg, cat, args.domain, point=args.point, to_dir=args.to_dir, host=args.host,
+                         requested_by="cli")
+    return _after_submit(args, cat, job)
+
+
+def _configure_celery(cfg) -> None:  # noqa: ANN001
+    from worker import celery_app
+
+    celery_app.configure(cfg)
+
+
+def _after_submit(args: argparse.Namespace, cat: Catalog, job: jobs.JobView) -> int:
+    from worker import submit
+
+    if not args.wait:
+        if args.json:
+            emit_json(job.to_json())
+        else:
+            print(f"job {job.id} queued: {job.kind} of {job.domain} on host {job.host}")
+        return EXIT_OK
+    progress = _Progress() if sys.stderr.isatty() and not args.json else None
+    try:
+        done = submit.wait(cat, job.id, on_progress=progress, timeout=args.timeout)
+    finally:
+        if progress:
+            progress.close()
+    if args.json:
+        emit_json(done.to_json())
+    else:
+        print(f"job {done.id} {done.state}: {_summary(done)}")
+    return EXIT_OK
+
+
+def _summary(job: jobs.JobView) -> str:
+    r = job.result or {}
+    if job.kind == "backup":
+        return f"{r.get('level')} backup, point {r.get('point_id')}, {r.get('size_bytes', 0)} bytes ({r.get('reason')})"
+    if job.kind == "restore":
+        return f"point {r.get('point_id')} restored into {r.get('to_dir')}: {', '.join(r.get('disks', []))}"
+    return str(r)
+
+
+class _Progress:
+    """One line on a terminal, rewritten in place."""
+
+    def __call__(self, job: jobs.JobView) -> None:
+        text = job.progress_text or job.state
+        sys.stderr.write(f"\r\x1b[K[{job.progress * 100:5.1f}%] {job.state}: {text}"[:200])
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        sys.stderr.write("\n")
+
+
+def backups(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    found = points.for_domain(Catalog(cfg.catalog_url), args.domain)
+    if args.json:
+        emit_json([p.to_json() for p in found])
+        return EXIT_OK
+    if not found:
+        print(f"no restore points for {args.domain}")
+        return EXIT_OK
+    rows = [[p.id, p.created_at.strftime("%Y-%m-%d %H:%M:%S"), p.level, p.chain_id[:8], _size(p.size_bytes),
+             p.storage, p.status] for p in found]
+    print(table(rows, ["ID", "CREATED (UTC)", "LEVEL", "CHAIN", "SIZE", "STORAGE", "STATUS"]))
+    return EXIT_OK
+
+
+def jobs_list(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    found = jobs.recent(Catalog(cfg.catalog_url), limit=args.limit, domain=args.domain)
+    if args.json:
+        emit_json([j.to_json() for j in found])
+        return EXIT_OK
+    rows = [[j.id, j.kind, j.domain or "-", j.host or "-", j.state, f"{j.progress * 100:.0f}%",
+             j.created_at.strftime("%Y-%m-%d %H:%M:%S"), (j.error or j.progress_text or "")[:60]] for j in found]
+    print(table(rows, ["ID", "KIND", "DOMAIN", "HOST", "STATE", "DONE", "CREATED (UTC)", "NOTE"]) if rows else "no jobs")
+    return EXIT_OK
+
+
+def job_show(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    job = jobs.get(Catalog(cfg.catalog_url), args.job_id)
+    if args.json:
+        emit_json(job.to_json())
+    else:
+        for k, v in job.to_json().items():
+            print(f"{k:14} {v}")
+    return EXIT_OK if job.state != jobs.FAILED else EXIT_FAILED
+
+
+def doctor(args: argparse.Namespace) -> int:
+    from worker.doctor import run_checks
+
+    cfg = load_config(args)
+    results = run_checks(cfg)
+    if args.json:
+        emit_json([r.__dict__ for r in results])
+    else:
+        for r in results:
+            print(f"[{'ok' if r.ok else 'MISSING' if r.required else 'warn':>7}] {r.name}: {r.detail}")
+    bad = [r for r in results if r.required and not r.ok]
+    if bad and not args.json:
+        print(f"\n{len(bad)} required check(s) failed.", file=sys.stderr)
+    return EXIT_FAILED if bad else EXIT_OK
+
+
+def worker(args: argparse.Namespace) -> int:
+    from worker import celery_app
+
+    cfg = load_config(args)
+    hosts = args.host or list(cfg.hosts)
+    for h in hosts:
+        cfg.host(h)  # unknown host names are an error before anything starts
+    Catalog(cfg.catalog_url)  # create or upgrade the schema once, before the pool forks
+    app = celery_app.configure(cfg)
+    queues = ",".join(celery_app.queue_for(h) for h in hosts)
+    argv = ["worker", "-Q", queues, "--concurrency", str(args.concurrency or cfg.worker.concurrency),
+            "-n", f"virtwarden-{'+'.join(hosts)}@%h", "--loglevel", args.log_level.upper(),
+            "--without-gossip", "--without-mingle"]
+    app.worker_main(argv)
+    return EXIT_OK
+
+
+def not_yet(name: str, what: str):  # noqa: ANN201
+    def handler(_args: argparse.Namespace) -> int:
+        print(f"virtwarden {name}: {what} is not part of this release yet", file=sys.stderr)
+        return EXIT_USAGE
+
+    return handler
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)

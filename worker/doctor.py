@@ -1,0 +1,128 @@
+"""``virtwarden doctor``: what this host needs, checked one by one, said plainly."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from virtwarden.config import Config
+from virtwarden.errors import VirtwardenError
+
+MIN_LIBVIRT = (7, 2, 0)  # push-mode backups with checkpoints are dependable from here
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    required: bool = True
+
+
+def run_checks(cfg: Config) -> list[Check]:
+    checks: list[Callable[[Config], list[Check]]] = [
+        _cpu, _kvm, _qemu_img, _libvirt, _database, _broker, _storage, _scratch]
+    out: list[Check] = []
+    for check in checks:
+        try:
+            out += check(cfg)
+        except Exception as e:  # noqa: BLE001 - a check that crashes is a failed check
+            out.append(Check(check.__name__.strip("_"), False, f"check crashed: {e}"))
+    return out
+
+
+def _cpu(_cfg: Config) -> list[Check]:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    hw = " vmx" in flags or " svm" in flags
+    return [Check("hardware virtualization", hw,
+                  "CPU has vmx/svm" if hw else "CPU shows no vmx/svm flag: guests run under TCG (slow)", False)]
+
+
+def _kvm(_cfg: Config) -> list[Check]:
+    ok = os.path.exists("/dev/kvm") and os.access("/dev/kvm", os.R_OK | os.W_OK)
+    return [Check("/dev/kvm", ok, "present and usable" if ok else
+                  "missing or not accessible: load kvm_intel/kvm_amd, or run TCG domains (type='qemu')", False)]
+
+
+def _qemu_img(_cfg: Config) -> list[Check]:
+    if not shutil.which("qemu-img"):
+        return [Check("qemu-img", False, "not installed (Debian: apt-get install qemu-utils)")]
+    out = subprocess.run(["qemu-img", "--version"], capture_output=True, text=True).stdout.splitlines()
+    return [Check("qemu-img", True, out[0] if out else "installed")]
+
+
+def _libvirt(cfg: Config) -> list[Check]:
+    try:
+        from hypervisor.libvirt_host import LibvirtHost
+    except ImportError as e:
+        return [Check("libvirt-python", False, f"cannot import libvirt: {e} (pip install libvirt-python)")]
+    out = []
+    for name, host in cfg.hosts.items():
+        try:
+            with LibvirtHost(name, host.uri) as hv:
+                v = hv.version()
+        except VirtwardenError as e:
+            out.append(Check(f"libvirt on {name}", False, str(e)))
+            continue
+        new_enough = tuple(int(x) for x in v.libvirt.split(".")) >= MIN_LIBVIRT
+        out.append(Check(f"libvirt on {name}", new_enough,
+                         f"libvirt {v.libvirt}, QEMU {v.hypervisor}, domain types {', '.join(v.virt_types)}"
+                         + ("" if new_enough else f"; need libvirt >= {'.'.join(map(str, MIN_LIBVIRT))}")))
+        out.append(Check(f"backup API on {name}", v.backup_api,
+                         "libvirt reports <backup supported='yes'/>" if v.backup_api else
+                         "not supported: the bitmap strategy needs libvirt's backup API (use blockcommit)"))
+    return out
+
+
+def _database(cfg: Config) -> list[Check]:
+    from catalog.store import Catalog, mask
+
+    try:
+        Catalog(cfg.catalog_url).close()
+        return [Check("catalog database", True, mask(cfg.catalog_url))]
+    except VirtwardenError as e:
+        return [Check("catalog database", False, str(e))]
+
+
+def _broker(cfg: Config) -> list[Check]:
+    from worker import celery_app
+
+    celery_app.configure(cfg)
+    try:
+        celery_app.check_broker(cfg)
+        return [Check("broker", True, celery_app.mask(cfg.broker_url))]
+    except VirtwardenError as e:
+        return [Check("broker", False, str(e))]
+
+
+def _storage(cfg: Config) -> list[Check]:
+    from storage_backends import open_backend
+
+    out = []
+    for name, settings in cfg.storage.items():
+        backend = open_backend(name, settings)
+        try:
+            backend.check()
+            out.append(Check(f"storage {name}", True, backend.describe()))
+        except VirtwardenError as e:
+            out.append(Check(f"storage {name}", False, str(e)))
+        finally:
+            backend.close()
+    return out
+
+
+def _scratch(cfg: Config) -> list[Check]:
+    out = []
+    for name in cfg.hosts:
+        path = cfg.scratch_dir(name)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            st = os.statvfs(path)
+            free = st.f_bavail * st.f_frsize
+            out.append(Check(f"scratch on {name}", True, f"{path}: {free / 2**30:.1f} GiB free"))
+        except OSError as e:
+            out.append(Check(f"scratch on {name}", False, f"{path}: {e.strerror}"))
+    return out

@@ -1,0 +1,25 @@
+# Every entry point prepares this machine first: scripts/testhost.sh installs what is missing,
+# starts libvirtd (two hosts), Redis and the S3 endpoint, and writes their addresses to
+# .testhost/env. It is idempotent and takes a second or two when all is already running.
+#   make test PYTEST_ARGS="-k backup -x"
+
+SHELL := /bin/bash
+PYTEST_ARGS ?=
+# testhost.sh creates .venv only where python3 refuses `pip install` (PEP 668). Decide at
+# run time, after it ran, so the first run on a fresh machine already uses the venv.
+PY = "$$(if [ -x .venv/bin/python ]; then echo .venv/bin/python; else echo python3; fi)"
+WITH_ENV = set -a && . .testhost/env && set +a &&
+
+.PHONY: testhost test demo bench
+
+testhost:
+	bash scripts/testhost.sh
+
+test: testhost
+	$(WITH_ENV) $(PY) -m pytest $(PYTEST_ARGS)
+
+demo: testhost
+	$(WITH_ENV) $(PY) -m worker.demo
+
+bench: testhost
+	$(WITH_ENV) $(PY) -m bench.run

@@ -1,0 +1,321 @@
+#!/usr/bin/env bash
+# Prepares this machine (Debian 12, as root, no systemd as PID 1) for virtwarden's tests and
+# demo: Debian packages, the Python deps, the main libvirtd, a second libvirtd ("host2", for
+# migration and multi-host tests), Redis and a moto S3 server. The facts behind each step are
+# in shared/libvirt-test-host.md.
+#
+# Usage: scripts/testhost.sh [install | start | status | stop [--all]]   (default: install, start)
+#
+# Idempotent and fast on a ready machine: every step checks first and does nothing when its
+# work is already done. `stop` stops what this script starts for tests (host2, moto); `stop
+# --all` also stops the main libvirtd/virtlogd, and Redis if this script started it.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+STATE=/var/lib/virtwarden-testhost
+LOGS=/var/log/virtwarden-testhost
+H2=$STATE/host2
+MAIN_URI=qemu:///system
+H2_PORT=16510
+H2_URI=qemu+tcp://127.0.0.1:$H2_PORT/system
+REDIS_PORT=6379
+S3_PORT=9900
+export DEBIAN_FRONTEND=noninteractive
+
+# gcc: libvirt-python builds from source against libvirt-dev.
+APT_PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86
+              qemu-utils libvirt-dev pkg-config gcc)
+
+say() { echo "testhost: $*"; }
+die() { echo "testhost: error: $*" >&2; exit 1; }
+
+# wait_until SECONDS WHAT COMMAND... : poll COMMAND until it succeeds.
+wait_until() {
+    local limit=$1 what=$2 deadline=$((SECONDS + $1))
+    shift 2
+    until "$@"; do
+        ((SECONDS < deadline)) || die "$what did not answer within ${limit}s"
+        sleep 0.2
+    done
+}
+
+# Service probes talk the protocol over bash's /dev/tcp, so they need no client installed.
+libvirt_ok() { timeout 10 virsh -c "$1" version >/dev/null 2>&1; }
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+redis_ok() {
+    (exec 3<>"/dev/tcp/127.0.0.1/$REDIS_PORT" && printf 'PING\r\n' >&3 &&
+        read -r -t 3 reply <&3 && [[ $reply == +PONG* ]]) 2>/dev/null
+}
+s3_ok() {
+    (exec 3<>"/dev/tcp/127.0.0.1/$S3_PORT" &&
+        printf 'GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' >&3 &&
+        read -r -t 3 status <&3 && [[ $status == HTTP/1.?\ 200* ]]) 2>/dev/null
+}
+
+# pid_alive FILE PATTERN: the pid in FILE runs and its command line matches PATTERN (so a
+# stale pid file whose number was reused by another program does not count).
+pid_alive() {
+    local pid cmd
+    [[ -s $1 ]] || return 1
+    pid=$(<"$1")
+    cmd=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 1
+    [[ $cmd == *"$2"* ]]
+}
+
+# stop_pid NAME FILE PATTERN: TERM, wait up to 10 s, then KILL.
+stop_pid() {
+    local pid
+    if pid_alive "$2" "$3"; then
+        pid=$(<"$2")
+        say "stopping $1 (pid $pid)"
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+        if kill -0 "$pid" 2>/dev/null; then kill -9 "$pid" 2>/dev/null || true; fi
+    fi
+    rm -f "$2"
+}
+
+# --- Python ---------------------------------------------------------------------------------
+# Debian's own python3 refuses `pip install` outside a venv (PEP 668, EXTERNALLY-MANAGED), and
+# may lack pip altogether: then the project lives in .venv, which the Makefile prefers too.
+pick_python() {
+    NEED_VENV=0
+    if [[ -x $REPO/.venv/bin/python ]]; then
+        PY=$REPO/.venv/bin/python
+        return
+    fi
+    PY=python3
+    if ! python3 -m pip --version >/dev/null 2>&1 || python3 -c '
+import os, sys, sysconfig
+marker = os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")
+sys.exit(0 if sys.prefix == sys.base_prefix and os.path.exists(marker) else 1)'; then
+        NEED_VENV=1
+    fi
+}
+
+# True when virtwarden is installed editable from THIS checkout (CI installs from its own
+# clone) and every requirement in pyproject.toml, [test] extra included, is satisfied.
+python_deps_ok() {
+    # From /, so that the checkout's own *.egg-info (cwd on sys.path) is not what is found.
+    (cd / && "$PY" - "$REPO") <<'EOF' 2>/dev/null
+import json, sys, tomllib
+from importlib import metadata
+from pathlib import Path
+try:
+    from packaging.requirements import Requirement
+except ImportError:
+    from pip._vendor.packaging.requirements import Requirement
+
+repo = Path(sys.argv[1])
+project = tomllib.loads((repo / "pyproject.toml").read_text())["project"]
+
+def satisfied(text, extra=""):
+    req = Requirement(text)
+    if req.marker and not req.marker.evaluate({"extra": extra}):
+        return True
+    try:
+        dist = metadata.distribution(req.name)
+    except metadata.PackageNotFoundError:
+        return False
+    return req.specifier.contains(dist.version, prereleases=True) and all(
+        satisfied(r, e) for e in req.extras for r in dist.requires or [])
+
+own = json.loads(metadata.distribution(project["name"]).read_text("direct_url.json") or "{}")
+reqs = project["dependencies"] + project["optional-dependencies"]["test"]
+sys.exit(0 if own.get("url") == repo.as_uri() and all(map(satisfied, reqs)) else 1)
+EOF
+}
+
+# --- install --------------------------------------------------------------------------------
+do_install() {
+    pick_python
+    local wanted=("${APT_PACKAGES[@]}") missing=() p
+    ((NEED_VENV)) && wanted+=(python3-venv python3-dev)
+    if ! redis_ok && ! command -v redis-server >/dev/null; then wanted+=(redis-server); fi
+    for p in "${wanted[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    done
+    if ((${#missing[@]})); then
+        say "apt: installing ${missing[*]}"
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    else
+        say "apt: packages present"
+    fi
+
+    if ((NEED_VENV)); then
+        say "python: $(command -v python3) is externally managed (PEP 668): creating .venv"
+        python3 -m venv "$REPO/.venv"
+        PY=$REPO/.venv/bin/python
+        "$PY" -m pip install -q --root-user-action=ignore --upgrade pip
+    fi
+    if python_deps_ok; then
+        say "python: virtwarden[test] installed ($PY)"
+    else
+        say "python: pip install -e '.[test]' ($PY)"
+        (cd "$REPO" && "$PY" -m pip install -q --root-user-action=ignore -e '.[test]')
+    fi
+}
+
+# --- start ----------------------------------------------------------------------------------
+prepare_libvirt() {
+    id -u libvirt-qemu >/dev/null 2>&1 || { say "adding user libvirt-qemu"; useradd -r -s /usr/sbin/nologin libvirt-qemu; }
+    getent group kvm >/dev/null || { say "adding group kvm"; groupadd -r kvm; }
+    # QEMU runs as root without a security driver, so guests can open disk images anywhere
+    # (pytest's tmp dirs) with no relabelling; Debian ships no qemu.conf here.
+    local want=$'user = "root"\ngroup = "root"\nsecurity_driver = "none"'
+    if [[ "$(cat /etc/libvirt/qemu.conf 2>/dev/null)" != "$want" ]]; then
+        say "writing /etc/libvirt/qemu.conf"
+        mkdir -p /etc/libvirt
+        printf '%s\n' "$want" >/etc/libvirt/qemu.conf
+        libvirt_ok "$MAIN_URI" && say "note: restart libvirtd (stop --all, start) to apply qemu.conf"
+    fi
+    mkdir -p /var/log/libvirt /var/run/libvirt /var/lib/libvirt /var/cache/libvirt "$STATE" "$LOGS"
+}
+
+start_main_libvirtd() {
+    if libvirt_ok "$MAIN_URI"; then
+        say "libvirtd $MAIN_URI: running"
+        return
+    fi
+    pid_alive /run/virtlogd.pid virtlogd || { say "starting virtlogd"; virtlogd -d; }
+    if pid_alive /run/libvirtd.pid libvirtd; then
+        say "libvirtd is running but does not answer yet: waiting"
+    else
+        say "starting libvirtd"
+        libvirtd -d
+    fi
+    wait_until 30 "libvirtd $MAIN_URI" libvirt_ok "$MAIN_URI"
+    say "libvirtd $MAIN_URI: answering"
+}
+
+# The second host: its own mount namespace where private dirs cover libvirt's state, config,
+# log and cache dirs, a different host UUID (libvirt refuses to migrate to a host with the
+# same one) and TCP on loopback. Disk paths stay shared with the main host, as shared storage.
+start_host2() {
+    if libvirt_ok "$H2_URI"; then
+        say "host2 $H2_URI: running"
+        return
+    fi
+    stop_host2_daemons  # a half-started or hung one holds the pid files and the port
+    port_open "$H2_PORT" && die "port $H2_PORT is taken by something else"
+    say "preparing host2 state in $H2"
+    mkdir -p "$H2"/{run,lib,etc/qemu,log,cache}
+    rm -rf "${H2:?}"/run/*
+    # The main host's configuration, but not its domain definitions (etc/qemu is host2's own).
+    find /etc/libvirt -mindepth 1 -maxdepth 1 ! -name qemu ! -name libvirtd.conf \
+        -exec cp -a {} "$H2/etc/" \;
+    [[ -s $H2/host_uuid ]] || cat /proc/sys/kernel/random/uuid >"$H2/host_uuid"
+    {
+        grep -vE '^\s*(listen_tcp|listen_tls|tcp_port|listen_addr|auth_tcp|host_uuid)\s*=' \
+            /etc/libvirt/libvirtd.conf 2>/dev/null || true
+        printf 'listen_tcp = 1\nlisten_tls = 0\ntcp_port = "%s"\nlisten_addr = "127.0.0.1"\n' "$H2_PORT"
+        printf 'auth_tcp = "none"\nhost_uuid = "%s"\n' "$(<"$H2/host_uuid")"
+    } >"$H2/etc/libvirtd.conf"
+    say "starting host2 libvirtd (private mount namespace)"
+    # Own pid files: the default ones (/run/*.pid) lie outside the private dirs and would clash.
+    unshare -m --propagation private sh -euc '
+        mount --bind "$1/run" /var/run/libvirt
+        mount --bind "$1/lib" /var/lib/libvirt
+        mount --bind "$1/etc" /etc/libvirt
+        mount --bind "$1/log" /var/log/libvirt
+        mount --bind "$1/cache" /var/cache/libvirt
+        virtlogd -d -p "$1/virtlogd.pid"
+        libvirtd -d --listen -p "$1/libvirtd.pid"' sh "$H2"
+    wait_until 60 "host2 $H2_URI" libvirt_ok "$H2_URI"
+    say "host2 $H2_URI: answering"
+}
+
+start_redis() {
+    if redis_ok; then
+        say "redis 127.0.0.1:$REDIS_PORT: running"
+        return
+    fi
+    port_open "$REDIS_PORT" && die "port $REDIS_PORT is taken by something that is not Redis"
+    say "starting redis-server on 127.0.0.1:$REDIS_PORT"
+    redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no \
+        --pidfile "$STATE/redis.pid" --logfile "$LOGS/redis.log"
+    wait_until 10 "redis" redis_ok
+}
+
+start_s3() {
+    if s3_ok; then
+        say "s3 (moto) http://127.0.0.1:$S3_PORT: running"
+        return
+    fi
+    port_open "$S3_PORT" && die "port $S3_PORT is taken by something that is not an S3 endpoint"
+    say "starting moto_server on 127.0.0.1:$S3_PORT (log $LOGS/moto.log)"
+    # `python -m moto.server` is moto_server from the same environment as the tests.
+    setsid nohup "$PY" -m moto.server -H 127.0.0.1 -p "$S3_PORT" >"$LOGS/moto.log" 2>&1 </dev/null &
+    echo $! >"$STATE/moto.pid"
+    wait_until 30 "moto_server" s3_ok
+}
+
+write_env() {
+    local env=$REPO/.testhost/env
+    mkdir -p "$REPO/.testhost"
+    cat >"$env.tmp" <<EOF
+# Written by scripts/testhost.sh start: the services the tests use.
+export VIRTWARDEN_TEST_S3_ENDPOINT=http://127.0.0.1:$S3_PORT
+export VIRTWARDEN_TEST_HOST2_URI=$H2_URI
+export VIRTWARDEN_TEST_REDIS_URL=redis://127.0.0.1:$REDIS_PORT/15
+EOF
+    mv "$env.tmp" "$env"
+    say "wrote $env"
+}
+
+do_start() {
+    pick_python
+    prepare_libvirt
+    start_main_libvirtd
+    start_host2
+    start_redis
+    start_s3
+    write_env
+}
+
+# --- status / stop ----------------------------------------------------------------------------
+do_status() {
+    pick_python
+    local bad=0
+    line() { if "${@:3}"; then printf '%-8s %-36s ok\n' "$1" "$2"; else printf '%-8s %-36s missing\n' "$1" "$2"; bad=1; fi; }
+    line libvirtd "$MAIN_URI" libvirt_ok "$MAIN_URI"
+    line host2 "$H2_URI" libvirt_ok "$H2_URI"
+    line redis "127.0.0.1:$REDIS_PORT" redis_ok
+    line s3 "http://127.0.0.1:$S3_PORT (moto)" s3_ok
+    line python "virtwarden[test] ($PY)" python_deps_ok
+    return $bad
+}
+
+stop_host2_daemons() {
+    stop_pid "host2 libvirtd" "$H2/libvirtd.pid" libvirtd
+    stop_pid "host2 virtlogd" "$H2/virtlogd.pid" virtlogd
+}
+
+do_stop() {
+    local dom
+    if libvirt_ok "$H2_URI"; then
+        # Guests left on host2 would outlive its libvirtd as orphaned QEMU processes.
+        for dom in $(virsh -c "$H2_URI" list --name); do
+            say "destroying host2 guest $dom"
+            virsh -c "$H2_URI" destroy "$dom" >/dev/null
+        done
+    fi
+    stop_host2_daemons
+    stop_pid "moto_server" "$STATE/moto.pid" moto
+    if [[ ${1:-} == --all ]]; then
+        # Guests on the main host keep running; libvirtd reattaches to them when it starts.
+        stop_pid "libvirtd" /run/libvirtd.pid libvirtd
+        stop_pid "virtlogd" /run/virtlogd.pid virtlogd
+        stop_pid "redis-server (started by this script)" "$STATE/redis.pid" redis-server
+    fi
+}
+
+case "${1:-}" in
+    "") do_install; do_start ;;
+    install) do_install ;;
+    start) do_start ;;
+    status) do_status ;;
+    stop) do_stop "${2:-}" ;;
+    *) die "usage: $0 [install|start|status|stop [--all]]" ;;
+esac

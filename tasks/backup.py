@@ -84,6 +84,7 @@ def run_backup(ctx: JobContext, req: BackupRequest) -> dict:
             f"domain {req.domain!r} is {dom.state}: the bitmap strategy backs up running domains only")
     if not dom.disks:
         raise HypervisorError(f"domain {req.domain!r} has no file or block disks to back up")
+    ctx.storage(req.storage).check()  # an unreachable target fails before anything changes
     head = points.chain_head(ctx.catalog, dom.uuid, req.storage, req.strategy)
     ours = {c.name for c in hv.checkpoints(req.domain)}
     plan = plan_level(req, dom, head, ours)

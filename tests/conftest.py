@@ -21,3 +21,6 @@ def need(condition: bool, why: str) -> None:
     if REQUIRED:
         pytest.fail(f"required service missing: {why} (VIRTWARDEN_REQUIRE_LIBVIRT is set)")
     pytest.skip(why)
+
+
+pytest_plugins = ["tests.guests", "tests.s3server", "tests.harness"]

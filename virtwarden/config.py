@@ -48,6 +48,10 @@ class NfsStorage(_Strict):
     type: Literal["nfs"]
     path: str
     fsync: bool = True
+    # Create ``path`` when missing. Right for a local directory; leave it off for a
+    # mount point, so that an unmounted share is an error instead of a silent write
+    # to the local disk underneath it.
+    create: bool = False
 
 
 class S3Storage(_Strict):
@@ -91,6 +95,9 @@ class WorkerConfig(_Strict):
     reap_seconds: float = Field(default=15.0, gt=0)
     # How many times a job is started before it is marked failed for good.
     max_attempts: int = Field(default=3, ge=1, le=20)
+    # After a transient failure (storage or libvirt unreachable) the next attempt waits
+    # this long, times the attempt number.
+    retry_delay_seconds: float = Field(default=30.0, ge=0)
     # Above the longest job: a task not acknowledged in time is delivered again.
     visibility_timeout_seconds: int = Field(default=43200, ge=3600)
 
@@ -151,7 +158,7 @@ def embedded_defaults(data_dir: str | None = None) -> dict:
     return {
         "data_dir": data_dir,
         "hosts": {local_host_name(): {"uri": DEFAULT_HOST_URI}},
-        "storage": {"local": {"type": "nfs", "path": str(Path(data_dir) / "repository")}},
+        "storage": {"local": {"type": "nfs", "path": str(Path(data_dir) / "repository"), "create": True}},
     }
 
 

@@ -76,7 +76,7 @@ def run_job(self, job_id: str) -> str:  # noqa: ANN001
         raise self.retry(countdown=BUSY_RETRY_SECONDS)
     if outcome == "retry":
         attempt = jobs.get(Catalog(config().catalog_url, upgrade=False), job_id).attempts
-        raise self.retry(countdown=min(30 * attempt, 600))
+        raise self.retry(countdown=min(config().worker.retry_delay_seconds * attempt, 600))
     return outcome
 
 

@@ -1,0 +1,158 @@
+"""A real virtwarden installation for a test: configuration file, Redis broker, Celery
+worker processes and the ``virtwarden`` command, all as an operator would run them.
+
+A pytest plugin (listed in tests/conftest.py). ``vw`` gives a fresh data directory, an
+SQLite catalog, a local-directory target ``nfs`` and, when asked, an ``s3`` target on
+the moto endpoint; the Redis database used by tests is flushed before each test.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import need
+
+REDIS_URL = os.environ.get("VIRTWARDEN_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+REPO = Path(__file__).resolve().parent.parent
+
+# Short leases so that a killed worker's job is taken over within seconds.
+TEST_WORKER = {"lease_seconds": 4, "heartbeat_seconds": 1, "reap_seconds": 1, "max_attempts": 3,
+               "retry_delay_seconds": 1, "concurrency": 1}
+
+
+@dataclass
+class Cli:
+    code: int
+    out: str
+    err: str
+
+    def json(self):  # noqa: ANN201
+        return json.loads(self.out)
+
+
+class WorkerProcess:
+    """``virtwarden worker`` in its own process group, its output in a log file."""
+
+    def __init__(self, config: Path, log: Path, hosts: list[str]) -> None:
+        self.log = log
+        args = [sys.executable, "-m", "worker.cli", "--config", str(config), "--log-level", "info", "worker"]
+        for h in hosts:
+            args += ["--host", h]
+        self._out = open(log, "ab")
+        self.proc = subprocess.Popen(args, cwd=REPO, stdout=self._out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if b" ready." in self.log.read_bytes():
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        raise AssertionError(f"worker did not start:\n{self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker (main process and pool children)."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._out.close()
+
+
+@dataclass
+class Installation:
+    root: Path
+    storage: dict = field(default_factory=dict)
+    hosts: dict = field(default_factory=lambda: {"local": {"uri": "qemu:///system"}})
+    extra: dict = field(default_factory=dict)
+    workers: list[WorkerProcess] = field(default_factory=list)
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "virtwarden.yaml"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def scratch(self) -> Path:
+        return self.data_dir / "scratch"
+
+    def write_config(self) -> Path:
+        doc = {"data_dir": str(self.data_dir), "broker_url": REDIS_URL, "hosts": self.hosts,
+               "storage": self.storage, "worker": TEST_WORKER, **self.extra}
+        self.config_path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        return self.config_path
+
+    def cli(self, *args: str, timeout: float = 300) -> Cli:
+        self.write_config()
+        env = {**os.environ, "VIRTWARDEN_CONFIG": str(self.config_path)}
+        env.pop("VIRTWARDEN_DATABASE_URL", None)
+        env.pop("VIRTWARDEN_BROKER_URL", None)
+        p = subprocess.run([sys.executable, "-m", "worker.cli", *args], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=timeout)
+        return Cli(p.returncode, p.stdout, p.stderr)
+
+    def start_worker(self, hosts: list[str] | None = None) -> WorkerProcess:
+        self.write_config()
+        w = WorkerProcess(self.config_path, self.root / f"worker-{len(self.workers)}.log", hosts or [])
+        self.workers.append(w)
+        w.wait_ready()
+        return w
+
+    def catalog(self):  # noqa: ANN201
+        from catalog.store import Catalog
+
+        return Catalog(f"sqlite:///{self.data_dir / 'catalog.db'}")
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    try:
+        import redis
+
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except Exception as e:  # noqa: BLE001
+        need(False, f"Redis at {REDIS_URL} not reachable: {e}")
+    return REDIS_URL
+
+
+@pytest.fixture
+def vw(tmp_path: Path, redis_url: str):  # noqa: ANN201
+    import redis
+
+    redis.Redis.from_url(redis_url).flushdb()
+    inst = Installation(tmp_path)
+    (tmp_path / "repository").mkdir()
+    inst.storage["nfs"] = {"type": "nfs", "path": str(tmp_path / "repository"), "create": True}
+    yield inst
+    inst.close()
+    redis.Redis.from_url(redis_url).flushdb()
+
+
+def s3_storage_entry(settings) -> dict:  # noqa: ANN001
+    """The configuration-file form of a tests.s3server S3Storage."""
+    return {k: v for k, v in settings.model_dump().items() if v is not None}

@@ -1,0 +1,135 @@
+"""Backups of a running guest with two disks, through a real Celery worker, restored bit
+for bit: known bytes go into the live disks, each point is compared with a copy of what
+the disks held when it was made."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.guests import images_equal
+from tests.harness import s3_storage_entry
+
+pytestmark = pytest.mark.libvirt
+KiB, MiB = 1024, 1024 * 1024
+CLUSTER = 64 * KiB
+
+
+def _writes(g, step: int) -> list[tuple[str, int, int]]:
+    """The guest writes before point ``step``; returns the extents written."""
+    if step == 0:
+        g.write_random("vda", 0, 6 * MiB)
+        g.write("vdb", 8 * MiB, 2 * MiB, pattern=0x5A)
+        g.write_random("vdb", 40 * MiB, 1 * MiB)
+        return []
+    if step == 1:
+        extents = [("vda", 64 * KiB + 512, 4096), ("vda", 20 * MiB, 3 * MiB), ("vdb", 8 * MiB, 64 * KiB)]
+        g.write("vda", 64 * KiB + 512, 4096, pattern=0x11)  # a partial cluster
+        g.write_random("vda", 20 * MiB, 3 * MiB)
+        g.zero("vdb", 8 * MiB, 64 * KiB)  # zeroes over old data must restore as zeroes
+        return extents
+    extents = [("vda", 1 * MiB, 2 * MiB), ("vdb", 63 * MiB, 1 * MiB)]
+    g.write_random("vda", 1 * MiB, 2 * MiB)
+    g.write("vdb", 63 * MiB, 1 * MiB, pattern=0xC3)  # the disk's last MiB
+    return extents
+
+
+def _backup(vw, domain: str, target: str) -> dict:
+    r = vw.cli("backup", domain, "--target", target, "--wait", "--json")
+    assert r.code == 0, r.err
+    job = r.json()
+    assert job["state"] == "succeeded"
+    return job["result"]
+
+
+def _allocated_data(path: Path) -> int:
+    """Bytes of guest data an image stores itself (not zero clusters, not backing)."""
+    out = subprocess.run(["qemu-img", "map", "--output=json", str(path)], check=True,
+                         capture_output=True, text=True).stdout
+    return sum(e["length"] for e in json.loads(out) if e.get("data") and e.get("depth", 0) == 0)
+
+
+@pytest.mark.parametrize("target", ["nfs", "s3"])
+def test_full_then_two_incrementals_restore_bit_for_bit(vw, guest_factory, tmp_path, target, request):
+    if target == "s3":
+        vw.storage["s3"] = s3_storage_entry(request.getfixturevalue("s3_settings"))
+    g = guest_factory(disks=2, size_mib=64)
+    vw.start_worker()
+    expected, results, dirtied = [], [], []
+    for step in range(3):
+        dirtied.append(_writes(g, step))
+        results.append(_backup(vw, g.name, target))
+        copy = tmp_path / f"expected-{step}"
+        copy.mkdir()
+        expected.append({t: g.shadow_copy(t, copy / f"{t}.raw") for t in ("vda", "vdb")})
+
+    assert [r["level"] for r in results] == ["full", "incremental", "incremental"]
+    listed = vw.cli("backups", g.name, "--json").json()
+    assert [p["id"] for p in listed] == [r["point_id"] for r in results]
+    assert {p["chain_id"] for p in listed} == {results[0]["chain_id"]}
+    assert all(p["status"] == "complete" and p["size_bytes"] > 0 for p in listed)
+
+    for step, point in enumerate(listed):
+        out = tmp_path / f"restored-{step}"
+        r = vw.cli("restore", g.name, "--point", point["id"], "--to-dir", str(out), "--wait")
+        assert r.code == 0, r.err
+        for t in ("vda", "vdb"):
+            assert images_equal(out / f"{t}.qcow2", expected[step][t]), f"point {step} disk {t} differs"
+        assert (out / "domain.xml").read_text().count(g.name) >= 1
+
+    # An incremental stores what was dirtied, rounded to clusters, not the disk.
+    repo = Path(vw.storage["nfs"]["path"]) if target == "nfs" else None
+    if repo:
+        for step in (1, 2):
+            for t in ("vda", "vdb"):
+                ext = [e for e in dirtied[step] if e[0] == t]
+                art = next(repo.rglob(f"{results[step]['point_id']}/{t}.qcow2"))
+                bound = sum(((o + n + CLUSTER - 1) // CLUSTER - o // CLUSTER) * CLUSTER for _, o, n in ext)
+                assert _allocated_data(art) <= bound
+    # Scratch space is empty after every job.
+    assert not any(vw.scratch.rglob("*.qcow2"))
+
+
+def test_latest_restore_and_checkpoint_housekeeping(vw, guest_factory, tmp_path):
+    """Only the checkpoint the next incremental needs is kept, and only ours are touched."""
+    import libvirt
+
+    g = guest_factory(disks=1, size_mib=32)
+    conn = libvirt.open("qemu:///system")
+    dom = conn.lookupByName(g.name)
+    # Someone else's checkpoint: must survive our housekeeping.
+    dom.checkpointCreateXML("<domaincheckpoint><name>admin-keep</name></domaincheckpoint>", 0)
+    vw.start_worker()
+    g.write("vda", 0, MiB, pattern=0x21)
+    first = _backup(vw, g.name, "nfs")
+    g.write("vda", 4 * MiB, MiB, pattern=0x22)
+    second = _backup(vw, g.name, "nfs")
+    names = sorted(c.getName() for c in dom.listAllCheckpoints())
+    assert "admin-keep" in names
+    ours = [n for n in names if n.startswith("virtwarden-")]
+    assert len(ours) == 1 and second["point_id"][:8] in ours[0], names
+    out = tmp_path / "latest"
+    assert vw.cli("restore", g.name, "--point", "latest", "--to-dir", str(out), "--wait").code == 0
+    assert images_equal(out / "vda.qcow2", g.shadow_copy("vda", tmp_path / "now.raw"))
+    assert first["chain_id"] == second["chain_id"]
+
+
+def test_lost_checkpoint_starts_a_new_chain_and_says_why(vw, guest_factory, tmp_path):
+    import libvirt
+
+    g = guest_factory(disks=1, size_mib=32)
+    vw.start_worker()
+    g.write("vda", 0, MiB, pattern=0x31)
+    first = _backup(vw, g.name, "nfs")
+    dom = libvirt.open("qemu:///system").lookupByName(g.name)
+    for cp in dom.listAllCheckpoints():  # as after a redefinition or a migration
+        cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+    g.write("vda", 2 * MiB, MiB, pattern=0x32)
+    second = _backup(vw, g.name, "nfs")
+    assert second["level"] == "full" and second["chain_id"] != first["chain_id"]
+    assert "gone" in second["reason"]
+    out = tmp_path / "r"
+    assert vw.cli("restore", g.name, "--point", second["point_id"], "--to-dir", str(out), "--wait").code == 0
+    assert images_equal(out / "vda.qcow2", g.shadow_copy("vda", tmp_path / "now.raw"))

@@ -1,0 +1,119 @@
+"""Bad input: each gets a clear, specific message and a non-zero exit, and changes nothing
+(no job row where none should be, no restore point listed, no checkpoint left behind)."""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from tests.harness import TEST_WORKER
+
+MiB = 1024 * 1024
+
+
+def _our_checkpoints(domain: str) -> list[str]:
+    import libvirt
+
+    dom = libvirt.open("qemu:///system").lookupByName(domain)
+    return [c.getName() for c in dom.listAllCheckpoints() if c.getName().startswith("virtwarden-")]
+
+
+def test_malformed_config_names_file_line_and_key(vw):
+    vw.write_config()
+    text = vw.config_path.read_text().replace("hosts:", "hosts:\n  other: {uri: 'qemu:///system', gruop: x}", 1)
+    vw.config_path.write_text(text)
+    from subprocess import run
+
+    r = run(["virtwarden", "--config", str(vw.config_path), "jobs"], capture_output=True, text=True)
+    assert r.returncode == 3
+    assert f"{vw.config_path}:" in r.stderr and "hosts.other.gruop: unknown key (did you mean 'group'?)" in r.stderr
+    assert not (vw.data_dir / "catalog.db").exists()
+
+
+def test_yaml_syntax_error_in_config(vw, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("hosts:\n  a: {uri: x\n")
+    r = subprocess.run(["virtwarden", "--config", str(bad), "jobs"], capture_output=True, text=True)
+    assert r.returncode == 3 and f"{bad}:" in r.stderr and "YAML syntax" in r.stderr
+
+
+@pytest.mark.libvirt
+def test_unknown_domain(vw, libvirt_uri):
+    r = vw.cli("backup", "no-such-domain", "--wait")
+    assert r.code == 4
+    assert "no domain 'no-such-domain'" in r.err
+    assert vw.cli("jobs", "--json").json() == []
+
+
+@pytest.mark.libvirt
+def test_unknown_storage_name(vw, guest_factory):
+    g = guest_factory(disks=1, size_mib=16)
+    r = vw.cli("backup", g.name, "--target", "nsf", "--wait")
+    assert r.code == 4
+    assert "storage 'nsf' is not configured (did you mean 'nfs'?)" in r.err
+    assert vw.cli("jobs", "--json").json() == []
+
+
+@pytest.mark.libvirt
+def test_dead_broker(vw, guest_factory):
+    g = guest_factory(disks=1, size_mib=16)
+    vw.extra["broker_url"] = "redis://127.0.0.1:1/0"
+    r = vw.cli("backup", g.name, "--wait")
+    assert r.code == 5
+    assert "broker redis://127.0.0.1:1/0 unreachable" in r.err
+    assert vw.cli("jobs", "--json").json() == []
+
+
+@pytest.mark.libvirt
+def test_unreachable_s3_endpoint(vw, guest_factory):
+    vw.storage["s3"] = {"type": "s3", "bucket": "b", "endpoint_url": "http://127.0.0.1:1",
+                        "access_key_id": "k", "secret_access_key": "s", "max_attempts": 1,
+                        "connect_timeout": 1}
+    vw.extra["worker"] = {**TEST_WORKER, "max_attempts": 1}
+    g = guest_factory(disks=1, size_mib=16)
+    g.write("vda", 0, MiB, pattern=0x42)
+    vw.start_worker()
+    r = vw.cli("backup", g.name, "--target", "s3", "--wait")
+    assert r.code == 1
+    assert "http://127.0.0.1:1" in r.err and "unreachable" in r.err
+    assert vw.cli("backups", g.name, "--json").json() == []
+    assert _our_checkpoints(g.name) == []
+
+
+@pytest.mark.libvirt
+def test_full_scratch_directory(vw, guest_factory, tmp_path):
+    scratch = tmp_path / "tiny-scratch"
+    scratch.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(scratch)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    try:
+        vw.hosts["local"]["scratch_dir"] = str(scratch)
+        g = guest_factory(disks=1, size_mib=32)
+        g.write_random("vda", 0, 8 * MiB)
+        vw.start_worker()
+        r = vw.cli("backup", g.name, "--wait")
+        assert r.code == 1
+        assert "scratch directory" in r.err and ("free" in r.err or "full" in r.err)
+        assert [p for p in vw.cli("backups", g.name, "--json").json() if p["status"] == "complete"] == []
+        assert _our_checkpoints(g.name) == []
+        assert list(scratch.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(scratch)])
+
+
+@pytest.mark.libvirt
+def test_restore_refuses_unknown_point_and_occupied_directory(vw, guest_factory, tmp_path):
+    g = guest_factory(disks=1, size_mib=16)
+    g.write("vda", 0, MiB, pattern=0x42)
+    vw.start_worker()
+    assert vw.cli("backup", g.name, "--wait").code == 0
+    r = vw.cli("restore", g.name, "--point", "0000-nope", "--to-dir", str(tmp_path / "x"), "--wait")
+    assert r.code == 4 and "no restore point '0000-nope'" in r.err
+    r = vw.cli("restore", "other-domain", "--point", "latest", "--to-dir", str(tmp_path / "x"), "--wait")
+    assert r.code == 4 and "no complete restore point" in r.err
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "vda.qcow2").write_bytes(b"precious")
+    r = vw.cli("restore", g.name, "--to-dir", str(occupied), "--wait")
+    assert r.code == 1 and "already holds vda.qcow2" in r.err
+    assert (occupied / "vda.qcow2").read_bytes() == b"precious"

@@ -1,0 +1,75 @@
+"""A worker SIGKILLed in the middle of a backup: the job is taken over, nothing half
+written is ever listed as usable, no scratch files stay behind, and the chain is right."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from catalog import jobs as job_rows
+from tests.guests import images_equal
+from tests.harness import s3_storage_entry
+
+pytestmark = pytest.mark.libvirt
+MiB = 1024 * 1024
+
+
+def _wait_for(predicate, timeout: float, what: str):  # noqa: ANN001, ANN202
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_sigkill_during_backup_is_recovered(vw, guest_factory, s3_settings, tmp_path):
+    # S3 on the local moto endpoint is slow enough (~100 MB/s) to catch the job mid-upload.
+    vw.storage["s3"] = s3_storage_entry(s3_settings)
+    g = guest_factory(disks=2, size_mib=320)
+    g.write_random("vda", 0, 300 * MiB)
+    g.write_random("vdb", 0, 8 * MiB)
+    cat = vw.catalog()
+    first = vw.start_worker()
+
+    r = vw.cli("backup", g.name, "--target", "s3", "--json")
+    assert r.code == 0, r.err
+    job_id = r.json()["id"]
+    _wait_for(lambda: "storing" in (job_rows.get(cat, job_id).progress_text or ""), 120, "the upload to start")
+    first.kill()
+
+    # Nothing of the interrupted attempt is usable.
+    listed = vw.cli("backups", g.name, "--json").json()
+    assert listed and all(p["status"] == "writing" for p in listed)
+
+    vw.start_worker()  # a new worker: its reaper finds the expired lease and requeues
+    done = _wait_for(lambda: (j := job_rows.get(cat, job_id)).finished and j, 240, "the job to finish")
+    assert done.state == "succeeded", done.error
+    assert done.attempts == 2
+
+    listed = vw.cli("backups", g.name, "--json").json()
+    assert [p["status"] for p in listed] == ["failed", "complete"]
+    assert listed[1]["level"] == "full"
+    assert not any(vw.scratch.iterdir()), list(vw.scratch.iterdir())
+    # The dead attempt's uploads are gone, finished or not.
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_settings.endpoint_url, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_settings.bucket).get("Contents", [])]
+    assert not [k for k in keys if listed[0]["id"] in k]
+    assert not s3.list_multipart_uploads(Bucket=s3_settings.bucket).get("Uploads")
+
+    # The chain goes on correctly after the takeover.
+    expected_full = g.shadow_copy("vda", tmp_path / "full-vda.raw")
+    g.write("vda", 10 * MiB, MiB, pattern=0x77)
+    r = vw.cli("backup", g.name, "--target", "s3", "--wait", "--json")
+    assert r.code == 0, r.err
+    assert r.json()["result"]["level"] == "incremental"
+    out = tmp_path / "restored"
+    assert vw.cli("restore", g.name, "--point", "latest", "--to-dir", str(out), "--wait").code == 0
+    assert images_equal(out / "vda.qcow2", g.shadow_copy("vda", tmp_path / "now-vda.raw"))
+    out_full = tmp_path / "restored-full"
+    assert vw.cli("restore", g.name, "--point", listed[1]["id"], "--to-dir", str(out_full), "--wait").code == 0
+    assert images_equal(out_full / "vda.qcow2", expected_full)

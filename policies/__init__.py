@@ -1,0 +1,22 @@
+"""Policies: YAML documents that say which domains get which jobs, and how.
+
+Pure by design: parsing, validation and selection over plain data, with no libvirt,
+Celery, storage or database code, so the CLI, the scheduler and the tests can use it
+anywhere. See ``policies/examples/nightly.yaml`` for a commented example.
+"""
+from __future__ import annotations
+
+from policies.fields import format_duration, parse_duration
+from policies.loader import load_dir, load_file, validate_paths
+from policies.model import (API_VERSION, EVENTS, JOBS, KIND, Alert, Backup, Drill, Migration, Policy, Retention,
+                            Selector, Snapshots, Source, Spec, Trigger)
+from policies.resolve import BackupSettings, check_against_config, load_policies, resolve_backup
+from policies.select import METADATA_NAMESPACE, DomainFacts, governing, matching, parse_metadata, selects
+
+__all__ = [
+    "API_VERSION", "EVENTS", "JOBS", "KIND", "METADATA_NAMESPACE",
+    "Alert", "Backup", "BackupSettings", "DomainFacts", "Drill", "Migration", "Policy", "Retention",
+    "Selector", "Snapshots", "Source", "Spec", "Trigger",
+    "check_against_config", "format_duration", "governing", "load_dir", "load_file", "load_policies",
+    "matching", "parse_duration", "parse_metadata", "resolve_backup", "selects", "validate_paths",
+]

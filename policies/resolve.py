@@ -1,0 +1,102 @@
+"""Turning policies and the configuration into the settings of one backup.
+
+The configuration is used as plain data (``policies_path``, ``storage`` and its
+``storage_target`` lookup); nothing here talks to libvirt or a storage backend, so a
+request is settled (or refused with a clear message) before any job is created.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from policies.loader import load_dir
+from policies.model import Backup, Policy
+from policies.select import DomainFacts, governing
+from virtwarden.config import Config
+from virtwarden.errors import NotFound, PolicyError
+from virtwarden.validation import suggest
+
+# Used when no policy selects the domain (a one-off backup of an unmanaged domain).
+DEFAULT_STRATEGY = "bitmap"
+DEFAULT_FULL_EVERY = 7
+DEFAULT_QUIESCE = "auto"
+
+
+@dataclass(frozen=True)
+class BackupSettings:
+    """Everything a backup job needs from policy: ``policy`` None means built-in defaults."""
+
+    policy: str | None
+    target: str
+    strategy: str
+    full_every: int
+    quiesce: str
+
+
+def load_policies(cfg: Config) -> list[Policy]:
+    """The policies of the configured policy directory; none when it does not exist."""
+    path = cfg.policies_path
+    return load_dir(path) if path.is_dir() else []
+
+
+def resolve_backup(cfg: Config, domain: str, *, policy: str | None = None, target: str | None = None,
+                   host: str | None = None, metadata: dict[str, str] | None = None) -> BackupSettings:
+    """The settings for backing up ``domain`` now.
+
+    A named ``policy`` is used even when its selector does not match the domain (the
+    operator asked for it); otherwise the governing policy (see policies.select). With
+    no policy, defaults apply when the target is clear: given, or the only storage.
+    ``target`` overrides the policy's. Raises NotFound, PolicyError, UnknownStorage.
+    """
+    found = load_policies(cfg)
+    chosen = _named(found, policy) if policy else governing(found, DomainFacts(domain, host, metadata or {}))
+    if chosen is None:
+        settings = BackupSettings(None, target or _only_storage(cfg, domain), DEFAULT_STRATEGY,
+                                  DEFAULT_FULL_EVERY, DEFAULT_QUIESCE)
+    else:
+        backup = _backup_section(chosen)
+        settings = BackupSettings(chosen.name, target or backup.target, backup.strategy, backup.full_every,
+                                  backup.quiesce)
+    cfg.storage_target(settings.target)  # UnknownStorage with a did-you-mean and the configured names
+    return settings
+
+
+def _named(found: list[Policy], name: str) -> Policy:
+    for candidate in found:
+        if candidate.name == name:
+            return candidate
+    names = sorted(p.name for p in found)
+    raise NotFound(f"no policy named {name!r}{suggest(name, names)}"
+                   f" (known: {', '.join(names) or 'none'})")
+
+
+def _backup_section(chosen: Policy) -> Backup:
+    if chosen.spec.backup is None:
+        raise PolicyError(f"{chosen.source_text}: policy {chosen.name!r} has no spec.backup section:"
+                          " it cannot say where or how to back up")
+    return chosen.spec.backup
+
+
+def _only_storage(cfg: Config, domain: str) -> str:
+    names = sorted(cfg.storage)
+    if len(names) == 1:
+        return names[0]
+    if not names:
+        raise PolicyError(f"no policy selects domain {domain!r} and no storage is configured:"
+                          " add one under 'storage:' in the configuration file")
+    raise PolicyError(f"no policy selects domain {domain!r} and {len(names)} storage targets are configured"
+                      f" ({', '.join(names)}): name one with --target or write a policy")
+
+
+def check_against_config(policies: list[Policy], cfg: Config) -> list[str]:
+    """Error lines for policies that name storage the configuration does not have."""
+    configured = sorted(cfg.storage)
+    lines = []
+    for found in policies:
+        spec = found.spec
+        named = [(("spec", "backup", "target"), spec.backup.target if spec.backup else None),
+                 (("spec", "drill", "target"), spec.drill.target if spec.drill else None)]
+        for path, name in named:
+            if name is not None and name not in cfg.storage:
+                lines.append(f"{found.source.at(path)}: {'.'.join(path)}: storage {name!r} is not configured"
+                             f"{suggest(name, configured)} (configured: {', '.join(configured) or 'none'})")
+    return lines

@@ -10,12 +10,13 @@ from collections.abc import Callable
 
 from catalog import jobs
 from catalog.store import Catalog
-from policies import resolve_backup
+from hypervisor.types import DomainInfo
+from policies import parse_metadata, resolve_backup
 from virtwarden.config import Config
 from virtwarden.errors import DomainNotFound, HypervisorUnavailable, JobFailed, VirtwardenError
 
 
-def find_host(cfg: Config, domain: str, host: str | None = None) -> str:
+def find_host(cfg: Config, domain: str, host: str | None = None) -> tuple[str, DomainInfo]:
     """The configured host that has ``domain`` (asking libvirt), or ``host`` when given."""
     from hypervisor.libvirt_host import LibvirtHost
 
@@ -24,8 +25,7 @@ def find_host(cfg: Config, domain: str, host: str | None = None) -> str:
     for name in candidates:
         try:
             with LibvirtHost(name, cfg.host(name).uri) as hv:
-                hv.domain(domain)
-                return name
+                return name, hv.domain(domain)
         except DomainNotFound:
             continue
         except HypervisorUnavailable as e:
@@ -39,10 +39,11 @@ def backup(cfg: Config, cat: Catalog, domain: str, *, policy: str | None = None,
            full: bool = False, host: str | None = None, requested_by: str | None = None) -> jobs.JobView:
     from worker import celery_app
 
-    settings = resolve_backup(cfg, domain, policy=policy, target=target)
+    host, info = find_host(cfg, domain, host)
+    settings = resolve_backup(cfg, domain, policy=policy, target=target, host=host,
+                              metadata=parse_metadata(info.xml))
     cfg.storage_target(settings.target)  # unknown storage: fail before anything is written
     celery_app.check_broker(cfg)
-    host = find_host(cfg, domain, host)
     params = {"domain": domain, "storage": settings.target, "strategy": settings.strategy,
               "full_every": settings.full_every, "force_full": full, "policy": settings.policy}
     return _enqueue(cfg, cat, "backup", domain, host, params, requested_by)

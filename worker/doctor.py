@@ -24,7 +24,7 @@ class Check:
 
 def run_checks(cfg: Config) -> list[Check]:
     checks: list[Callable[[Config], list[Check]]] = [
-        _cpu, _kvm, _qemu_img, _libvirt, _database, _broker, _storage, _scratch]
+        _kvm, _qemu_img, _libvirt, _database, _broker, _storage, _scratch]
     out: list[Check] = []
     for check in checks:
         try:
@@ -34,17 +34,18 @@ def run_checks(cfg: Config) -> list[Check]:
     return out
 
 
-def _cpu(_cfg: Config) -> list[Check]:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    hw = " vmx" in flags or " svm" in flags
-    return [Check("hardware virtualization", hw,
-                  "CPU has vmx/svm" if hw else "CPU shows no vmx/svm flag: guests run under TCG (slow)", False)]
-
-
 def _kvm(_cfg: Config) -> list[Check]:
-    ok = os.path.exists("/dev/kvm") and os.access("/dev/kvm", os.R_OK | os.W_OK)
-    return [Check("/dev/kvm", ok, "present and usable" if ok else
-                  "missing or not accessible: load kvm_intel/kvm_amd, or run TCG domains (type='qemu')", False)]
+    """KVM is what makes guests fast; without it libvirt still runs them under TCG."""
+    usable = os.path.exists("/dev/kvm") and os.access("/dev/kvm", os.R_OK | os.W_OK)
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flag = "vmx" if " vmx" in cpuinfo else "svm" if " svm" in cpuinfo else None
+    if usable:
+        detail = "/dev/kvm usable" + (f" (CPU flag {flag})" if flag else " (nested: the CPU flag is hidden)")
+    elif flag:
+        detail = f"CPU has {flag} but /dev/kvm is missing or not accessible: load kvm_intel/kvm_amd"
+    else:
+        detail = "no hardware virtualization: guests run under TCG (type='qemu'), slowly"
+    return [Check("hardware virtualization (KVM)", usable, detail, required=False)]
 
 
 def _qemu_img(_cfg: Config) -> list[Check]:

@@ -1,0 +1,189 @@
+"""What the backends share: moving bytes and hashing them in the same pass, the local
+atomic write (temp file beside the target, fsync, rename), and the names they reserve.
+
+Both backends hide the same two namespaces from ``list()``: files whose last part starts
+with ``.tmp-`` (writes in progress or interrupted) and ``locks/<name>.lock``. Writing a
+key in either namespace is refused, so a user object can never be mistaken for one.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import socket
+import uuid
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import BinaryIO
+
+from storage_backends.base import Progress, check_key
+from virtwarden.errors import ChecksumMismatch, InvalidName, LockHeld, NoSpace, StorageError
+
+TMP_PREFIX = ".tmp-"
+LOCK_DIR = "locks"
+LOCK_SUFFIX = ".lock"
+
+
+def lock_key(name: str) -> str:
+    """Lock names are one key part: ``locks/<name>.lock`` never needs subfolders."""
+    if "/" in name or name.startswith(TMP_PREFIX):
+        raise InvalidName(f"invalid lock name {name!r}: one part, not starting with {TMP_PREFIX!r}")
+    return f"{LOCK_DIR}/{check_key(name)}{LOCK_SUFFIX}"
+
+
+def holder_info() -> dict[str, str | int]:
+    """What a lock records about its holder; the token tells our lock from a successor's."""
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return {"host": socket.gethostname(), "pid": os.getpid(), "created": created, "token": uuid.uuid4().hex}
+
+
+def lock_held(who: str, name: str, holder: dict, ttl: float) -> LockHeld:
+    by = f"{holder.get('host', '?')} (pid {holder.get('pid', '?')}) since {holder.get('created', '?')}"
+    return LockHeld(f"{who}: lock {name!r} is held by {by}; it is broken after {ttl:g}s without refresh")
+
+
+def is_hidden(key: str) -> bool:
+    """True for temporary and lock objects, which ``list()`` never shows."""
+    if key.rpartition("/")[2].startswith(TMP_PREFIX):
+        return True
+    return key.startswith(LOCK_DIR + "/") and key.endswith(LOCK_SUFFIX) and key.count("/") == 1
+
+
+def check_data_key(key: str) -> str:
+    """``check_key`` plus a refusal of the names the backends keep for themselves."""
+    if is_hidden(check_key(key)):
+        raise InvalidName(f"invalid object name {key!r}: '.tmp-*' and 'locks/*.lock' are reserved")
+    return key
+
+
+def check_prefix(prefix: str) -> str:
+    """A listing prefix is a key, or a key followed by '/', or empty."""
+    if prefix:
+        check_key(prefix[:-1] if prefix.endswith("/") else prefix)
+    return prefix
+
+
+def temp_name(name: str) -> str:
+    return f"{TMP_PREFIX}{uuid.uuid4().hex}-{name[:100]}"
+
+
+def checksum_error(who: str, key: str, expected: str, actual: str) -> ChecksumMismatch:
+    return ChecksumMismatch(
+        f"{who}: object {key!r} is corrupt: expected sha256 {expected}, got {actual}"
+    )
+
+
+def os_error(who: str, e: OSError, path: Path | str) -> StorageError:
+    """One wording for local I/O failures; a full disk says how much room is left."""
+    where = e.filename or path
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace(f"{who}: no space left writing {where} ({free_bytes(Path(path))} bytes free)")
+    return StorageError(f"{who}: {e.strerror or e} ({where})")
+
+
+def free_bytes(path: Path) -> int | str:
+    for candidate in (path, *path.parents):
+        try:
+            st = os.statvfs(candidate)
+        except OSError:
+            continue
+        return st.f_bavail * st.f_frsize
+    return "unknown"
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry durable; some filesystems cannot fsync directories."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def make_dirs(path: Path, *, fsync: bool) -> None:
+    """``mkdir -p`` that also fsyncs each parent that gained an entry, so a crash cannot
+    lose a directory holding an already-synced file."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir()
+        except FileExistsError:
+            continue
+        if fsync:
+            fsync_dir(directory.parent)
+
+
+def file_chunks(f: BinaryIO, size: int) -> Iterable[bytes]:
+    return iter(lambda: f.read(size), b"")
+
+
+def write_atomic(
+    dest: Path,
+    chunks: Iterable[bytes],
+    *,
+    fsync: bool = True,
+    verify: Callable[[int, str], None] | None = None,
+    progress: Progress | None = None,
+) -> tuple[int, str]:
+    """Write ``chunks`` beside ``dest`` under a temporary name, hashing as they pass,
+    then rename: ``dest`` appears whole or not at all. ``verify(size, sha256)`` may raise
+    to abandon the write; the temporary file is removed on every failure."""
+    tmp = dest.with_name(temp_name(dest.name))
+    digest, size = hashlib.sha256(), 0
+    try:
+        with open(tmp, "xb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+                digest.update(chunk)
+                size += len(chunk)
+                if progress:
+                    progress(size)
+            if verify:
+                verify(size, digest.hexdigest())
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if fsync:
+        fsync_dir(dest.parent)
+    return size, digest.hexdigest()
+
+
+class HashingReader:
+    """A read-only, deliberately non-seekable view of a file that hashes what is read.
+
+    Being non-seekable makes s3transfer read each part exactly once, in order, into a
+    buffer of its own (bounded by its in-memory chunk limit), so the hash covers exactly
+    the bytes uploaded and nothing is read twice.
+    """
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self._digest = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self._digest.update(data)
+        self.size += len(data)
+        return data
+
+    @property
+    def sha256(self) -> str:
+        return self._digest.hexdigest()

@@ -1,0 +1,322 @@
+"""Objects as files under a mounted path (NFS, or any local filesystem).
+
+A key ``web01/3f2a/vda.qcow2`` is the file ``<path>/web01/3f2a/vda.qcow2``. Every write
+goes to ``.tmp-<uuid>-<name>`` in the target's directory, is fsynced, renamed over the
+final name (atomic on POSIX and NFS), and the directory is fsynced: a crash leaves either
+the old object, the new one, or a stray ``.tmp-`` file that ``list()`` ignores and
+``cleanup_incomplete()`` removes.
+
+Locks are ``locks/<name>.lock`` files created with O_CREAT|O_EXCL, which is atomic on
+NFSv3 and later. The holder refreshes the file's mtime every ttl/3 seconds; a lock whose
+mtime is older than ttl belongs to a dead holder and is broken. Ages compare the NFS
+server's mtime with the local clock, so hosts must keep time (NTP) and ttl should be
+minutes, not seconds, in production.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import BinaryIO, TypeVar
+
+from storage_backends import _stream as s
+from storage_backends.base import CHUNK, Backend, ObjectInfo, Progress, StoredObject
+from virtwarden.config import NfsStorage
+from virtwarden.errors import LockHeld, ObjectNotFound, StorageUnavailable, VirtwardenError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+STALE_RETRIES = 3  # NFS file handles go stale when the server side changes under us
+_UNREACHABLE = {errno.ESTALE, errno.ENOTCONN, errno.ETIMEDOUT, errno.EHOSTDOWN, errno.EHOSTUNREACH}
+
+
+class NfsBackend(Backend):
+    kind = "nfs"
+
+    def __init__(self, name: str, settings: NfsStorage) -> None:
+        super().__init__(name)
+        self.root = Path(settings.path)
+        self.fsync = settings.fsync
+        self.create = settings.create
+        self.who = f"storage '{name}'"
+
+    def describe(self) -> str:
+        return f"nfs:{self.root}"
+
+    # --- lifecycle ---------------------------------------------------------------
+    def check(self) -> None:
+        probe = self.root / s.temp_name("probe")
+        try:
+            self._require_root()
+            s.write_atomic(probe, [b"probe"], fsync=self.fsync)
+            probe.unlink()
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise s.os_error(self.who, e, probe) from e
+            raise StorageUnavailable(f"{self.who}: path {self.root} is not usable: {e.strerror}") from e
+
+    # --- objects -----------------------------------------------------------------
+    def put_file(self, key: str, source: Path, *, progress: Progress | None = None) -> StoredObject:
+        path = self._path(s.check_data_key(key))
+        with self._errors(path):
+            with open(source, "rb") as f:
+                return self._write(key, path, s.file_chunks(f, CHUNK), progress)
+
+    def put_bytes(self, key: str, data: bytes) -> StoredObject:
+        path = self._path(s.check_data_key(key))
+        with self._errors(path):
+            return self._write(key, path, [data], None)
+
+    def _write(self, key: str, path: Path, chunks, progress: Progress | None) -> StoredObject:
+        self._require_root()
+        s.make_dirs(path.parent, fsync=self.fsync)
+        size, sha = s.write_atomic(path, chunks, fsync=self.fsync, progress=progress)
+        return StoredObject(key, size, sha)
+
+    def get_file(
+        self,
+        key: str,
+        dest: Path,
+        *,
+        expected_sha256: str | None = None,
+        progress: Progress | None = None,
+    ) -> StoredObject:
+        path = self._path(s.check_key(key))
+
+        def verify(size: int, sha: str) -> None:
+            if expected_sha256 and sha != expected_sha256:
+                raise s.checksum_error(self.who, key, expected_sha256, sha)
+
+        def once() -> StoredObject:
+            with self._open_object(key, path) as f:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                size, sha = s.write_atomic(
+                    dest, s.file_chunks(f, CHUNK), fsync=self.fsync, verify=verify, progress=progress
+                )
+            return StoredObject(key, size, sha)
+
+        with self._errors(dest):  # read errors are rare; a full restore disk is not
+            return _retry_stale(once)
+
+    def get_bytes(self, key: str) -> bytes:
+        path = self._path(s.check_key(key))
+
+        def once() -> bytes:
+            with self._open_object(key, path) as f:
+                return f.read()
+
+        with self._errors(path):
+            return _retry_stale(once)
+
+    def exists(self, key: str) -> bool:
+        path = self._path(s.check_key(key))
+        with self._errors(path):
+            if _retry_stale(path.is_file):
+                return True
+            self._require_root()  # a missing share is not a missing object
+            return False
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        found = self._scan(s.check_prefix(prefix))
+        return iter([ObjectInfo(k, size) for k, size in found if not s.is_hidden(k)])
+
+    def delete(self, key: str) -> None:
+        path = self._path(s.check_key(key))
+        with self._errors(path):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                return
+            if self.fsync:
+                s.fsync_dir(path.parent)
+
+    def cleanup_incomplete(self, prefix: str = "") -> int:
+        """Remove ``.tmp-*`` files under ``prefix``. A write in progress also has one:
+        call this only while no writer is active there (hold the matching lock)."""
+        removed = 0
+        for key, _ in self._scan(s.check_prefix(prefix)):
+            if key.rpartition("/")[2].startswith(s.TMP_PREFIX):
+                with self._errors(self.root / key):
+                    (self.root / key).unlink(missing_ok=True)
+                log.info("%s: removed interrupted write %s", self.who, key)
+                removed += 1
+        return removed
+
+    # --- locks -------------------------------------------------------------------
+    @contextmanager
+    def lock(self, name: str, *, ttl: float = 300.0) -> Iterator[None]:
+        path = self.root / s.lock_key(name)
+        holder = s.holder_info()
+        token = holder["token"]
+        with self._errors(path):
+            self._acquire(name, path, holder, ttl)
+        stop = threading.Event()
+        beat = threading.Thread(
+            target=self._heartbeat, args=(path, token, ttl, stop), name=f"lock-{name}", daemon=True
+        )
+        beat.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            beat.join()
+            with self._errors(path):
+                if self._holder(path)[0].get("token") == token:
+                    path.unlink(missing_ok=True)
+                else:
+                    log.warning("%s: lock %s was broken by someone else while held", self.who, name)
+
+    def _acquire(self, name: str, path: Path, holder: dict, ttl: float) -> None:
+        self._require_root()
+        s.make_dirs(path.parent, fsync=self.fsync)
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                current, age = self._holder(path)
+                if age is not None and age <= ttl:
+                    raise s.lock_held(self.who, name, current, ttl) from None
+                self._break(path, ttl)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(holder, f)
+                f.flush()
+                os.fsync(f.fileno())
+            if self.fsync:
+                s.fsync_dir(path.parent)
+            return
+        raise LockHeld(f"{self.who}: lock {name!r} is contended; try again")
+
+    def _holder(self, path: Path) -> tuple[dict, float | None]:
+        """The lock's contents and age; (``{}``, None) when it is gone. Opening the file
+        revalidates NFS's attribute cache, so the mtime is the server's current one."""
+
+        def once() -> tuple[dict, float | None]:
+            try:
+                with open(path) as f:
+                    mtime = os.fstat(f.fileno()).st_mtime
+                    text = f.read()
+            except FileNotFoundError:
+                return {}, None
+            try:
+                info = json.loads(text)
+            except ValueError:
+                info = {}  # a holder that died between create and write
+            return (info if isinstance(info, dict) else {}), time.time() - mtime
+
+        return _retry_stale(once)
+
+    def _break(self, path: Path, ttl: float) -> None:
+        """Rename the stale lock aside first: of two breakers only one rename succeeds.
+        If what we moved turns out fresh (another breaker re-created it meanwhile), it is
+        linked back (link never overwrites) and we report the lock as held."""
+        aside = path.with_name(s.temp_name(path.name))
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return
+        try:
+            if time.time() - aside.stat().st_mtime > ttl:
+                log.warning("%s: broke stale lock %s (%s)", self.who, path.name, _read_quietly(aside))
+            else:
+                with suppress(FileExistsError):
+                    os.link(aside, path)
+        finally:
+            aside.unlink(missing_ok=True)
+
+    def _heartbeat(self, path: Path, token: str, ttl: float, stop: threading.Event) -> None:
+        while not stop.wait(ttl / 3):
+            try:
+                if self._holder(path)[0].get("token") != token:
+                    log.error("%s: lock %s was lost (broken by another holder)", self.who, path.name)
+                    return
+                os.utime(path)
+            except OSError as e:
+                log.warning("%s: cannot refresh lock %s: %s", self.who, path.name, e.strerror)
+
+    # --- helpers -----------------------------------------------------------------
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def _require_root(self) -> None:
+        """The base directory is created only when the settings say so: an unmounted
+        share must be an error, not a silent write to the local disk beneath it."""
+        if not self.root.is_dir():
+            if not self.create:
+                raise StorageUnavailable(
+                    f"{self.who}: path {self.root} does not exist or is not a mounted directory"
+                )
+            s.make_dirs(self.root, fsync=self.fsync)
+
+    @contextmanager
+    def _open_object(self, key: str, path: Path) -> Iterator[BinaryIO]:
+        try:
+            f = open(path, "rb")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            self._require_root()  # a missing share is not a missing object
+            raise ObjectNotFound(f"{self.who}: no object {key!r} ({path})") from None
+        with f:
+            yield f
+
+    def _scan(self, prefix: str) -> Sequence[tuple[str, int]]:
+        """All (key, size) under ``prefix``, sorted; a full sort because a walk's order
+        ('a' before 'a.b', but 'a.b' < 'a/x') is not key order."""
+        folder = prefix.rpartition("/")[0]
+        top = self.root / folder
+        with self._errors(top):
+            self._require_root()
+            return sorted(_retry_stale(lambda: _walk(top, folder + "/" if folder else "", prefix, [])))
+
+    @contextmanager
+    def _errors(self, path: Path) -> Iterator[None]:
+        """Turn OSError into the product's errors, once, here at the edge."""
+        try:
+            yield
+        except VirtwardenError:
+            raise
+        except OSError as e:
+            if e.errno in _UNREACHABLE:
+                raise StorageUnavailable(f"{self.who}: {self.root} unreachable: {e.strerror} ({path})") from e
+            raise s.os_error(self.who, e, path) from e
+
+
+def _walk(directory: Path, rel: str, prefix: str, found: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    try:
+        entries = list(os.scandir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return found
+    for entry in entries:
+        key = rel + entry.name
+        if entry.is_dir(follow_symlinks=False):
+            below = key + "/"
+            if below.startswith(prefix) or prefix.startswith(below):  # skip folders that cannot match
+                _walk(Path(entry.path), below, prefix, found)
+        elif key.startswith(prefix) and entry.is_file():
+            found.append((key, entry.stat().st_size))
+    return found
+
+
+def _retry_stale(fn: Callable[[], T]) -> T:
+    for attempt in range(STALE_RETRIES):
+        try:
+            return fn()
+        except OSError as e:
+            if e.errno != errno.ESTALE or attempt == STALE_RETRIES - 1:
+                raise
+            time.sleep(0.05 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def _read_quietly(path: Path) -> str:
+    try:
+        return path.read_text()[:200]
+    except OSError:
+        return "unreadable"
+

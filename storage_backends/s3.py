@@ -5,12 +5,12 @@ imported here and nowhere else; its errors become product errors once, in ``_err
 
 Uploads go through s3transfer in parts of ``part_size_mib``, ``max_concurrency`` at a
 time, reading the file once through a hashing view: memory stays near part size times
-concurrency. Every object carries its SHA-256 in the metadata key ``sha256``, and
-``get_file``/``get_bytes`` check it. S3 fixes metadata when an upload *starts*, before
-a single byte is hashed, so an object larger than one part is uploaded first and then
-copied onto itself with its hash (CopyObject / UploadPartCopy: nothing crosses the
-network again, but the endpoint rewrites the object). Smaller ones are hashed in memory
-and sent with their metadata in one PUT. S3 completes a multipart upload atomically, so
+concurrency. ``put_file`` returns the SHA-256, which the caller records (the manifest);
+``get_file`` checks it when given ``expected_sha256``. Objects below one part (manifests)
+are hashed in memory and also carry it in the metadata key ``sha256``, checked on every
+read. Larger ones do not: S3 fixes metadata when an upload starts, before a byte is
+hashed, and adding it afterwards means the endpoint rewrites the whole object (a
+self-copy), which doubles the cost of every disk image. S3 completes a multipart upload atomically, so
 no reader sees half an object; s3transfer aborts a failed one, and
 ``cleanup_incomplete()`` aborts what a killed process left behind.
 
@@ -134,10 +134,6 @@ class S3Backend(Backend):
                     f"{self.who}: uploaded {reader.size} bytes to {self._where(key)}"
                     f" but the endpoint stores {head['ContentLength']}"
                 )
-            extra = {"Metadata": {"sha256": reader.sha256}, "MetadataDirective": "REPLACE",
-                     "CopySourceIfMatch": head["ETag"], **self._sse()}
-            source_ref = {"Bucket": self.bucket, "Key": full}
-            client.copy(source_ref, self.bucket, full, ExtraArgs=extra, Config=self._transfer)
         return StoredObject(key, reader.size, reader.sha256)
 
     def _upload(self, f: Any, full: str, progress: Progress | None) -> s.HashingReader:

@@ -146,7 +146,6 @@ def vw(tmp_path: Path, redis_url: str):  # noqa: ANN201
 
     redis.Redis.from_url(redis_url).flushdb()
     inst = Installation(tmp_path)
-    (tmp_path / "repository").mkdir()
     inst.storage["nfs"] = {"type": "nfs", "path": str(tmp_path / "repository"), "create": True}
     yield inst
     inst.close()

@@ -376,15 +376,23 @@ def test_s3_missing_bucket_is_unavailable(s3_settings: S3Storage) -> None:
             call()
 
 
-def test_s3_object_carries_sha256_and_went_multipart(s3_settings: S3Storage, big_file: Path, tmp_path) -> None:
+def test_s3_large_object_goes_multipart_and_is_verified_by_its_recorded_hash(
+        s3_settings: S3Storage, big_file: Path, tmp_path) -> None:
     backend = S3Backend("offsite", s3_settings)
     stored = backend.put_file("web01/vda.qcow2", big_file)
     head = S3Raw(s3_settings).client.head_object(Bucket=s3_settings.bucket, Key="backups/web01/vda.qcow2")
-    assert head["Metadata"]["sha256"] == stored.sha256
     assert "-" in head["ETag"]  # a multipart ETag: md5-of-parts '-' part count
+    assert "sha256" not in head["Metadata"]  # no server-side rewrite just to add it
     S3Raw(s3_settings).corrupt("web01/vda.qcow2")
-    with pytest.raises(ChecksumMismatch):  # the stored hash alone catches it
-        backend.get_file("web01/vda.qcow2", tmp_path / "vda.qcow2")
+    with pytest.raises(ChecksumMismatch):  # the manifest's hash catches it
+        backend.get_file("web01/vda.qcow2", tmp_path / "vda.qcow2", expected_sha256=stored.sha256)
+
+
+def test_s3_small_object_carries_sha256(s3_settings: S3Storage, tmp_path) -> None:
+    backend = S3Backend("offsite", s3_settings)
+    stored = backend.put_bytes("web01/manifest.json", b"{}")
+    head = S3Raw(s3_settings).client.head_object(Bucket=s3_settings.bucket, Key="backups/web01/manifest.json")
+    assert head["Metadata"]["sha256"] == stored.sha256
 
 
 def test_s3_describe_hides_credentials() -> None:

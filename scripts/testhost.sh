@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepares this machine (Debian 12, as root, no systemd as PID 1) for virtwarden's tests and
 # demo: Debian packages, the Python deps, the main libvirtd, a second libvirtd ("host2", for
-# migration and multi-host tests), Redis and a moto S3 server. The facts behind each step are
+# migration and multi-host tests), Redis, PostgreSQL and a moto S3 server. The facts behind each step are
 # in shared/libvirt-test-host.md.
 #
 # Usage: scripts/testhost.sh [install | start | status | stop [--all]]   (default: install, start)
@@ -20,6 +20,8 @@ H2_PORT=16510
 H2_URI=qemu+tcp://127.0.0.1:$H2_PORT/system
 REDIS_PORT=6379
 S3_PORT=9900
+PG_PORT=5432
+PG_URL=postgresql+psycopg2://virtwarden:virtwarden@127.0.0.1:$PG_PORT/virtwarden_test
 export DEBIAN_FRONTEND=noninteractive
 
 # gcc: libvirt-python builds from source against libvirt-dev.
@@ -132,6 +134,10 @@ do_install() {
     local wanted=("${APT_PACKAGES[@]}") missing=() p
     ((NEED_VENV)) && wanted+=(python3-venv python3-dev)
     if ! redis_ok && ! command -v redis-server >/dev/null; then wanted+=(redis-server); fi
+    # PostgreSQL: the fleet catalog's tests; installed only where none listens already.
+    if ! port_open "$PG_PORT" && ! compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null; then
+        wanted+=(postgresql)
+    fi
     for p in "${wanted[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
     done
@@ -251,6 +257,27 @@ start_s3() {
     wait_until 30 "moto_server" s3_ok
 }
 
+start_postgres() {
+    if ! port_open "$PG_PORT"; then
+        local version
+        version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1)
+        [[ -n $version ]] || die "PostgreSQL is not installed (run: $0 install)"
+        say "starting PostgreSQL $version cluster 'main'"
+        pg_ctlcluster --skip-systemctl-redirect "$version" main start
+        wait_until 30 "postgresql" port_open "$PG_PORT"
+    fi
+    # A role and database of our own, reached with a password over TCP, so the same URL
+    # works under the distribution's default authentication and under trust alike.
+    local psql=(runuser -u postgres -- psql -qAtX -v ON_ERROR_STOP=1)
+    if [[ $("${psql[@]}" -c "SELECT 1 FROM pg_roles WHERE rolname='virtwarden'") != 1 ]]; then
+        "${psql[@]}" -c "CREATE ROLE virtwarden LOGIN PASSWORD 'virtwarden'"
+    fi
+    if [[ $("${psql[@]}" -c "SELECT 1 FROM pg_database WHERE datname='virtwarden_test'") != 1 ]]; then
+        "${psql[@]}" -c "CREATE DATABASE virtwarden_test OWNER virtwarden"
+    fi
+    say "postgresql 127.0.0.1:$PG_PORT: running (database virtwarden_test)"
+}
+
 write_env() {
     local env=$REPO/.testhost/env
     mkdir -p "$REPO/.testhost"
@@ -259,6 +286,7 @@ write_env() {
 export VIRTWARDEN_TEST_S3_ENDPOINT=http://127.0.0.1:$S3_PORT
 export VIRTWARDEN_TEST_HOST2_URI=$H2_URI
 export VIRTWARDEN_TEST_REDIS_URL=redis://127.0.0.1:$REDIS_PORT/15
+export VIRTWARDEN_TEST_POSTGRES_URL=$PG_URL
 EOF
     mv "$env.tmp" "$env"
     say "wrote $env"
@@ -270,6 +298,7 @@ do_start() {
     start_main_libvirtd
     start_host2
     start_redis
+    start_postgres
     start_s3
     write_env
 }
@@ -282,6 +311,7 @@ do_status() {
     line libvirtd "$MAIN_URI" libvirt_ok "$MAIN_URI"
     line host2 "$H2_URI" libvirt_ok "$H2_URI"
     line redis "127.0.0.1:$REDIS_PORT" redis_ok
+    line postgres "127.0.0.1:$PG_PORT" port_open "$PG_PORT"
     line s3 "http://127.0.0.1:$S3_PORT (moto)" s3_ok
     line python "virtwarden[test] ($PY)" python_deps_ok
     return $bad

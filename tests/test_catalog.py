@@ -1,0 +1,152 @@
+"""The catalog on SQLite and PostgreSQL: schema through Alembic, job leases that only one
+process can win, and restore points that are usable only once complete."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+
+import pytest
+
+from catalog import jobs, points
+from catalog.store import Catalog
+from tests.conftest import need
+from virtwarden.errors import DatabaseUnavailable, JobNotFound, RestorePointNotFound
+
+PG_URL = os.environ.get("VIRTWARDEN_TEST_POSTGRES_URL",
+                        "postgresql+psycopg2://virtwarden:virtwarden@127.0.0.1:5432/virtwarden_test")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def cat(request, tmp_path):  # noqa: ANN001, ANN201
+    if request.param == "sqlite":
+        c = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+        yield c
+        c.close()
+        return
+    try:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(PG_URL)
+        schema = f"vw_{uuid.uuid4().hex[:10]}"
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    except Exception as e:  # noqa: BLE001
+        need(False, f"PostgreSQL at {PG_URL} not reachable: {e}")
+    sep = "&" if "?" in PG_URL else "?"
+    c = Catalog(f"{PG_URL}{sep}options=-csearch_path%3D{schema}")
+    yield c
+    c.close()
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+    engine.dispose()
+
+
+def _job(cat, domain="web01", kind="backup"):  # noqa: ANN001, ANN202
+    return jobs.create(cat, kind=kind, domain=domain, host="kvm01", params={"domain": domain})
+
+
+def test_schema_is_created_once_and_reopening_is_a_no_op(cat):
+    again = Catalog(cat.url)
+    assert jobs.recent(again) == []
+    again.close()
+
+
+def test_only_one_of_many_concurrent_claims_wins(cat):
+    job = _job(cat)
+    results = []
+    barrier = threading.Barrier(8)
+
+    def claim(i: int) -> None:
+        barrier.wait()
+        results.append(jobs.claim(cat, job.id, f"w{i}", 30, lock_domain=True).ok)
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count(True) == 1
+    assert jobs.get(cat, job.id).attempts == 1
+
+
+def test_domain_lock_serialises_disk_changing_jobs(cat):
+    a, b, other = _job(cat), _job(cat), _job(cat, domain="db01")
+    assert jobs.claim(cat, a.id, "w1", 30, lock_domain=True).ok
+    busy = jobs.claim(cat, b.id, "w2", 30, lock_domain=True)
+    assert (busy.ok, busy.why) == (False, "domain-busy")
+    assert jobs.get(cat, b.id).state == jobs.QUEUED  # the failed claim changed nothing
+    assert jobs.claim(cat, other.id, "w3", 30, lock_domain=True).ok
+    assert jobs.finish(cat, a.id, "w1", ok=True, result={"x": 1})
+    assert jobs.claim(cat, b.id, "w2", 30, lock_domain=True).ok
+
+
+def test_expired_lease_is_reaped_then_taken_over_and_the_old_owner_is_told(cat):
+    job = _job(cat)
+    assert jobs.claim(cat, job.id, "dead", 0.2, lock_domain=True).ok
+    assert jobs.reap(cat) == []  # lease still fresh
+    time.sleep(0.3)
+    requeued = jobs.reap(cat)
+    assert [j.id for j in requeued] == [job.id] and requeued[0].state == jobs.QUEUED
+    assert jobs.claim(cat, job.id, "new", 30, lock_domain=True).attempt == 2
+    assert not jobs.heartbeat(cat, job.id, "dead", 30)  # the old owner lost it
+    assert not jobs.finish(cat, job.id, "dead", ok=True)
+    assert jobs.heartbeat(cat, job.id, "new", 30, progress=0.5, text="copying")
+    assert jobs.get(cat, job.id).progress_text == "copying"
+
+
+def test_reaper_gives_up_after_max_attempts(cat):
+    job = jobs.create(cat, kind="backup", domain="d", host="h", params={}, max_attempts=1)
+    assert jobs.claim(cat, job.id, "dead", 0.1, lock_domain=True).ok
+    time.sleep(0.2)
+    assert jobs.reap(cat) == []
+    failed = jobs.get(cat, job.id)
+    assert failed.state == jobs.FAILED and "giving up" in (failed.error or "")
+    assert not jobs.claim(cat, job.id, "late", 30, lock_domain=True).ok
+
+
+def test_finished_job_is_never_run_again(cat):
+    job = _job(cat)
+    jobs.claim(cat, job.id, "w", 30, lock_domain=False)
+    jobs.finish(cat, job.id, "w", ok=False, error="boom")
+    assert jobs.claim(cat, job.id, "w2", 30, lock_domain=False).why == "finished"
+    with pytest.raises(JobNotFound):
+        jobs.get(cat, "nope")
+
+
+def test_dedup_key_returns_the_existing_job(cat):
+    a = jobs.create(cat, kind="backup", domain="d", host="h", params={}, dedup_key="slot-1")
+    b = jobs.create(cat, kind="backup", domain="d", host="h", params={}, dedup_key="slot-1")
+    assert a.id == b.id
+
+
+def _point(cat, **over):  # noqa: ANN001, ANN202
+    fields = dict(id=str(uuid.uuid4()), domain="web01", domain_uuid="u1", host="h", storage="nfs",
+                  strategy="bitmap", chain_id="c1", parent_id=None, seq=0, level="full", reason="first",
+                  checkpoint="virtwarden-1", manifest_key="k/manifest.json", job_id="j")
+    fields.update(over)
+    return points.begin(cat, **fields)
+
+
+def test_points_are_usable_only_when_complete_and_chains_need_every_link(cat):
+    full = _point(cat)
+    assert points.chain_head(cat, "u1", "nfs", "bitmap") is None
+    art = [points.ArtifactView("vda", "k/vda.qcow2", 10, "ab" * 32, 100)]
+    points.complete(cat, full.id, art, consistency="crash")
+    inc = _point(cat, parent_id=full.id, seq=1, level="incremental", checkpoint="virtwarden-2")
+    assert points.chain_head(cat, "u1", "nfs", "bitmap").id == full.id
+    with pytest.raises(RestorePointNotFound, match="writing, not complete"):
+        points.chain_to(cat, inc.id)
+    points.complete(cat, inc.id, art, consistency="crash")
+    assert [p.id for p in points.chain_to(cat, inc.id)] == [full.id, inc.id]
+    broken = _point(cat, parent_id=inc.id, seq=2, level="incremental")
+    points.fail(cat, broken.id, "worker lost")
+    assert points.get(cat, broken.id).status == points.FAILED
+    assert [p.checkpoint for p in points.heads(cat, "u1")] == ["virtwarden-2"]
+    assert points.get(cat, inc.id).size_bytes == 10
+
+
+def test_unreachable_database_is_a_clear_error():
+    with pytest.raises(DatabaseUnavailable, match="unreachable"):
+        Catalog("postgresql+psycopg2://nobody:secret@127.0.0.1:1/x")

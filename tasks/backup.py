@@ -95,8 +95,17 @@ def run_backup(ctx: JobContext, req: BackupRequest) -> dict:
             raise
         # QEMU dropped the bitmaps (unclean stop): forget the checkpoint, start over.
         log.warning("domain %s: %s; falling back to a full backup", req.domain, e)
-        hv.delete_checkpoint(req.domain, plan.parent.checkpoint or "", metadata_only=True)
+        _forget_checkpoint(hv, req.domain, plan.parent.checkpoint or "")
         return _make_point(ctx, req, dom, LevelPlan("full", f"checkpoint unusable: {e}"))
+
+
+def _forget_checkpoint(hv, domain: str, name: str) -> None:  # noqa: ANN001
+    """Remove a broken checkpoint with its bitmaps if libvirt can, else its metadata only
+    (the stale bitmap then stays in the image, unused, under a name we never reuse)."""
+    try:
+        hv.delete_checkpoint(domain, name)
+    except HypervisorError:
+        hv.delete_checkpoint(domain, name, metadata_only=True)
 
 
 def _make_point(ctx: JobContext, req: BackupRequest, dom: DomainInfo, plan: LevelPlan) -> dict:

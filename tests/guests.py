@@ -279,7 +279,8 @@ class GuestFactory:
         self.guests: list[Guest] = []
 
     def __call__(self, disks: int = 2, size_mib: int = 64, start: bool = True,
-                 name: str | None = None, boot_marker: bytes | None = None) -> Guest:
+                 name: str | None = None, boot_marker: bytes | None = None,
+                 raw: tuple[str, ...] = ()) -> Guest:
         name = name or f"vwtest-{secrets.token_hex(4)}"
         workdir = self.root / name
         workdir.mkdir(parents=True)
@@ -287,11 +288,16 @@ class GuestFactory:
         serial = workdir / "serial.log" if boot_marker else None
         guest = Guest(self.conn, name, workdir, targets, size_mib, serial)
         self.guests.append(guest)  # from here on, cleanup() owns it
+        for target in raw:  # raw images are their own shadow's copy; no bitmaps possible
+            guest.disks[target] = workdir / f"{target}.img"
         for target in targets:
             # The shadow is the disk's initial content; the qcow2 is made from it.
             head = marker_mbr(boot_marker) if boot_marker and target == "vda" else b""
             _raw_image(guest.shadows[target], size_mib, head)
-            _convert_to_qcow2(guest.shadows[target], guest.disks[target])
+            if target in raw:
+                shutil.copyfile(guest.shadows[target], guest.disks[target])
+            else:
+                _convert_to_qcow2(guest.shadows[target], guest.disks[target])
         guest.dom = self.conn.defineXML(self._domain_xml(guest))
         if start:
             guest.dom.create()
@@ -299,7 +305,7 @@ class GuestFactory:
 
     def _domain_xml(self, guest: Guest) -> str:
         disks = "".join(
-            f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+            f"<disk type='file' device='disk'><driver name='qemu' type='{image_format(path)}'/>"
             f"<source file={_attr(path)}/><target dev='{target}' bus='virtio'/></disk>"
             for target, path in guest.disks.items())
         serial = (f"<serial type='file'><source path={_attr(guest.serial_path)}/>"

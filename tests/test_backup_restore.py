@@ -133,3 +133,65 @@ def test_lost_checkpoint_starts_a_new_chain_and_says_why(vw, guest_factory, tmp_
     out = tmp_path / "r"
     assert vw.cli("restore", g.name, "--point", second["point_id"], "--to-dir", str(out), "--wait").code == 0
     assert images_equal(out / "vda.qcow2", g.shadow_copy("vda", tmp_path / "now.raw"))
+
+
+def test_bitmaps_lost_in_a_crash_fall_back_to_a_full(vw, guest_factory, tmp_path):
+    """QEMU killed outright cannot store its dirty bitmaps; libvirt then calls the
+    checkpoint inconsistent and the next backup must be a full, with the reason."""
+    import os
+    import signal
+    import time
+
+    import libvirt
+    import libvirt_qemu
+
+    g = guest_factory(disks=1, size_mib=32)
+    dom = libvirt.open("qemu:///system").lookupByName(g.name)
+
+    def flush() -> None:  # a crash loses qcow2 metadata QEMU had not written yet
+        libvirt_qemu.qemuMonitorCommand(dom, 'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "flush"',
+                                        libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+
+    vw.start_worker()
+    g.write("vda", 0, MiB, pattern=0x41)
+    flush()
+    first = _backup(vw, g.name, "nfs")
+    os.kill(int(open(f"/run/libvirt/qemu/{g.name}.pid").read()), signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while dom.isActive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    dom.create()
+    g.write("vda", 5 * MiB, MiB, pattern=0x42)
+    flush()
+    second = _backup(vw, g.name, "nfs")
+    assert second["level"] == "full" and second["chain_id"] != first["chain_id"]
+    assert "inconsistent" in second["reason"] or "gone" in second["reason"], second["reason"]
+    out = tmp_path / "r"
+    assert vw.cli("restore", g.name, "--to-dir", str(out), "--wait").code == 0
+    assert images_equal(out / "vda.qcow2", g.shadow_copy("vda", tmp_path / "now.raw"))
+    names = [c.getName() for c in dom.listAllCheckpoints()]
+    assert len(names) == 1 and second["point_id"][:8] in names[0]
+
+
+def test_raw_disk_is_copied_in_full_in_every_point(vw, guest_factory, tmp_path):
+    """Raw images cannot carry dirty bitmaps: the qcow2 disk goes incremental, the raw
+    one is stored whole in each point, and every point still restores exactly."""
+    g = guest_factory(disks=2, size_mib=32, raw=("vdb",))
+    vw.start_worker()
+    expected = []
+    for step, pattern in enumerate((0x51, 0x52)):
+        g.write("vda", step * MiB, MiB, pattern=pattern)
+        g.write("vdb", step * 2 * MiB, MiB, pattern=pattern)
+        _backup(vw, g.name, "nfs")
+        d = tmp_path / f"e{step}"
+        d.mkdir()
+        expected.append({t: g.shadow_copy(t, d / f"{t}.raw") for t in ("vda", "vdb")})
+    listed = vw.cli("backups", g.name, "--json").json()
+    assert [p["level"] for p in listed] == ["full", "incremental"]
+    manifest = json.loads(next(Path(vw.storage["nfs"]["path"]).rglob(f"{listed[1]['id']}/manifest.json")).read_text())
+    assert {d["target"]: d["mode"] for d in manifest["disks"]} == {"vda": "incremental", "vdb": "full"}
+    for step, point in enumerate(listed):
+        out = tmp_path / f"r{step}"
+        assert vw.cli("restore", g.name, "--point", point["id"], "--to-dir", str(out), "--wait").code == 0
+        for t in ("vda", "vdb"):
+            assert images_equal(out / f"{t}.qcow2", expected[step][t]), (step, t)

@@ -55,6 +55,11 @@ class JobView:
         return out
 
 
+def _count(result: Any) -> int:
+    """Rows an UPDATE matched (a CursorResult's rowcount; untyped on Result)."""
+    return int(result.rowcount)
+
+
 def _view(row: Job) -> JobView:
     return JobView(**{k: getattr(row, k) for k in JobView.__dataclass_fields__})
 
@@ -131,13 +136,13 @@ def _claim(s, job_id: str, owner: str, now: datetime, expires: datetime, lock_do
         raise JobNotFound(f"no job {job_id!r}")
     if row.state in FINISHED:
         return Claim(False, "finished")
-    taken = s.execute(
+    taken = _count(s.execute(
         update(Job)
         .where(Job.id == job_id)
         .where(or_(Job.state == QUEUED, (Job.state == RUNNING) & (Job.lease_expires_at < now)))
         .values(state=RUNNING, lease_owner=owner, lease_expires_at=expires,
                 attempts=Job.attempts + 1, started_at=now, error=None)
-    ).rowcount
+    ))
     if taken != 1:
         return Claim(False, "owned")
     if lock_domain and row.domain and not _lock(s, row.domain, job_id, expires, now):
@@ -170,8 +175,8 @@ def heartbeat(
     if text is not None:
         values["progress_text"] = text[:255]
     with cat.session() as s:
-        n = s.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner,
-                                        Job.state == RUNNING).values(**values)).rowcount
+        n = _count(s.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner,
+                                               Job.state == RUNNING).values(**values)))
         if n:
             s.execute(update(DomainLock).where(DomainLock.job_id == job_id).values(expires_at=expires))
         return n == 1
@@ -182,12 +187,12 @@ def finish(
     error: str | None = None, result: dict[str, Any] | None = None,
 ) -> bool:
     with cat.session() as s:
-        n = s.execute(
+        n = _count(s.execute(
             update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.state == RUNNING)
             .values(state=SUCCEEDED if ok else FAILED, error=error, result=result,
                     finished_at=utcnow(), lease_owner=None, lease_expires_at=None,
                     progress=1.0 if ok else Job.progress)
-        ).rowcount
+        ))
         s.execute(delete(DomainLock).where(DomainLock.job_id == job_id))
         return n == 1
 
@@ -222,8 +227,8 @@ def reap(cat: Catalog) -> list[JobView]:
                               error=f"worker lost the job {row.attempts} times (last owner {row.lease_owner}); giving up")
             else:
                 values.update(state=QUEUED, progress_text=f"requeued: worker {row.lease_owner} stopped renewing its lease")
-            n = s.execute(update(Job).where(Job.id == row.id, Job.state == RUNNING,
-                                            Job.lease_expires_at < now).values(**values)).rowcount
+            n = _count(s.execute(update(Job).where(Job.id == row.id, Job.state == RUNNING,
+                                                   Job.lease_expires_at < now).values(**values)))
             if n and not last:
                 requeued.append(row.id)
     return [get(cat, j) for j in requeued]

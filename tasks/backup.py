@@ -91,7 +91,7 @@ def run_backup(ctx: JobContext, req: BackupRequest) -> dict:
     try:
         return _make_point(ctx, req, dom, plan)
     except CheckpointMissing as e:
-        if plan.level != "incremental":
+        if plan.level != "incremental" or plan.parent is None:
             raise
         # QEMU dropped the bitmaps (unclean stop): forget the checkpoint, start over.
         log.warning("domain %s: %s; falling back to a full backup", req.domain, e)

@@ -33,9 +33,9 @@ class Hypervisor(Protocol):
     def abort_job(self, name: str) -> None: ...
 
 
-class Reporter(Protocol):
-    def __call__(self, fraction: float, text: str) -> None:
-        """Record progress; raises when the job must stop (its lease was lost)."""
+# Records progress (fraction done, a line of text); raises when the job must stop
+# because its lease was lost.
+Reporter = Callable[[float, str], None]
 
 
 def _quiet(_fraction: float, _text: str) -> None:

@@ -31,6 +31,16 @@ BUSY_RETRY_SECONDS = 15
 
 app = Celery("virtwarden")
 _config: Config | None = None
+_catalogs: dict[str, Catalog] = {}
+
+
+def catalog() -> Catalog:
+    """This process's catalog (one engine per process: pool children open their own
+    after the fork, and reuse it for every job)."""
+    url = config().catalog_url
+    if url not in _catalogs:
+        _catalogs[url] = Catalog(url)
+    return _catalogs[url]
 
 
 def queue_for(host: str) -> str:
@@ -71,11 +81,11 @@ def config() -> Config:
 def run_job(self, job_id: str) -> str:  # noqa: ANN001
     from worker.runner import execute
 
-    outcome = execute(config(), job_id)
+    outcome = execute(config(), job_id, cat=catalog())
     if outcome == "busy":
         raise self.retry(countdown=BUSY_RETRY_SECONDS)
     if outcome == "retry":
-        attempt = jobs.get(Catalog(config().catalog_url, upgrade=False), job_id).attempts
+        attempt = jobs.get(catalog(), job_id).attempts
         raise self.retry(countdown=min(config().worker.retry_delay_seconds * attempt, 600))
     return outcome
 
@@ -109,7 +119,7 @@ def mask(url: str) -> str:
 # --- the reaper: requeue jobs of dead workers --------------------------------------
 def _reap_forever(stop: threading.Event) -> None:
     cfg = config()
-    cat = Catalog(cfg.catalog_url)
+    cat = catalog()
     while True:
         try:
             for job in jobs.reap(cat):
@@ -123,6 +133,15 @@ def _reap_forever(stop: threading.Event) -> None:
 
 
 _reaper_stop = threading.Event()
+
+
+@signals.worker_process_init.connect
+def _forget_parent_catalogs(**_kwargs: object) -> None:
+    """A pool child forked from a parent with open database connections must not use
+    them (they belong to the parent); it opens its own."""
+    for cat in _catalogs.values():
+        cat.engine.dispose(close=False)
+    _catalogs.clear()
 
 
 @signals.worker_ready.connect

@@ -171,7 +171,7 @@ def worker(args: argparse.Namespace) -> int:
     hosts = args.host or list(cfg.hosts)
     for h in hosts:
         cfg.host(h)  # unknown host names are an error before anything starts
-    Catalog(cfg.catalog_url)  # create or upgrade the schema once, before the pool forks
+    Catalog(cfg.catalog_url).close()  # create or upgrade the schema once, before the pool forks
     app = celery_app.configure(cfg)
     queues = ",".join(celery_app.queue_for(h) for h in hosts)
     argv = ["worker", "-Q", queues, "--concurrency", str(args.concurrency or cfg.worker.concurrency),

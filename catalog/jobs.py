@@ -76,6 +76,23 @@ def create(
     requested_by: str | None = None,
 ) -> JobView:
     """A new queued job. With ``dedup_key``, an existing job with that key is returned."""
+    return create_once(cat, kind=kind, domain=domain, host=host, params=params, max_attempts=max_attempts,
+                       dedup_key=dedup_key, requested_by=requested_by)[0]
+
+
+def create_once(
+    cat: Catalog,
+    *,
+    kind: str,
+    domain: str | None,
+    host: str | None,
+    params: dict[str, Any],
+    max_attempts: int = 3,
+    dedup_key: str | None = None,
+    requested_by: str | None = None,
+) -> tuple[JobView, bool]:
+    """Like ``create``; the flag says whether this call created the job (False: a job
+    with ``dedup_key`` existed already)."""
     row = Job(
         id=str(uuid.uuid4()), kind=kind, state=QUEUED, domain=domain, host=host,
         params=params, max_attempts=max_attempts, dedup_key=dedup_key,
@@ -87,8 +104,8 @@ def create(
     except IntegrityError:
         with cat.session() as s:
             existing = s.scalars(select(Job).where(Job.dedup_key == dedup_key)).one()
-            return _view(existing)
-    return _view(row)
+            return _view(existing), False
+    return _view(row), True
 
 
 def get(cat: Catalog, job_id: str) -> JobView:

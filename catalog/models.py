@@ -10,7 +10,18 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, TypeDecorator
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -149,3 +160,53 @@ class Event(Base):
     kind: Mapped[str] = mapped_column(String(64))
     detail: Mapped[str | None] = mapped_column(String(255))
     received_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, index=True)
+
+
+class ScheduleSlot(Base):
+    """One scheduled slot of one policy's job for one domain. The unique constraint is
+    what lets two schedulers run at once: only one can insert a slot."""
+
+    __tablename__ = "schedule_slots"
+    __table_args__ = (UniqueConstraint("policy", "job", "domain", "slot_at", name="uq_schedule_slot"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    policy: Mapped[str] = mapped_column(String(128))
+    job: Mapped[str] = mapped_column(String(32))  # backup | snapshot | drill
+    domain: Mapped[str] = mapped_column(String(255))
+    slot_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+    window_end: Mapped[datetime] = mapped_column(UtcDateTime)
+    state: Mapped[str] = mapped_column(String(16))  # started | skipped | deferred
+    reason: Mapped[str | None] = mapped_column(Text)
+    job_id: Mapped[str | None] = mapped_column(String(36))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class Snapshot(Base):
+    """A libvirt snapshot we created; rotation deletes only snapshots recorded here."""
+
+    __tablename__ = "snapshots"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    domain: Mapped[str] = mapped_column(String(255), index=True)
+    domain_uuid: Mapped[str] = mapped_column(String(36))
+    host: Mapped[str] = mapped_column(String(128))
+    name: Mapped[str] = mapped_column(String(255))
+    policy: Mapped[str | None] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(16))  # internal | external
+    consistency: Mapped[str] = mapped_column(String(16), default="crash")
+    job_id: Mapped[str | None] = mapped_column(String(36))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    deleted_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class Overlay(Base):
+    """Journal of external overlays a blockcommit backup created, so a crash between
+    snapshot and commit can be finished or undone later."""
+
+    __tablename__ = "overlays"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(36), index=True)
+    domain: Mapped[str] = mapped_column(String(255), index=True)
+    target: Mapped[str] = mapped_column(String(32))
+    overlay_path: Mapped[str] = mapped_column(String(1024))
+    base_path: Mapped[str] = mapped_column(String(1024))
+    state: Mapped[str] = mapped_column(String(16))  # created | committed | abandoned
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)

@@ -76,6 +76,10 @@ def plan_level(req: BackupRequest, dom: DomainInfo, head: PointView | None, chec
 
 
 def run_backup(ctx: JobContext, req: BackupRequest) -> dict:
+    if req.strategy == "blockcommit":
+        from tasks.blockcommit import run_blockcommit_backup
+
+        return run_blockcommit_backup(ctx, req)
     hv = ctx.require_hypervisor()
     recovery.recover_backup(ctx, req.domain)
     dom = hv.domain(req.domain)

@@ -98,11 +98,51 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--host", action="append", default=[], help="serve this host's queue (repeatable)")
     w.add_argument("--concurrency", type=int, help="jobs at once (default: worker.concurrency)")
 
-    for name, issue_text in (("listen", "the libvirt event listener"), ("scheduler", "the schedule runner"),
-                             ("api", "the HTTP API"), ("drill", "restore drills"), ("evacuate", "host evacuation")):
+    ls = cmd("listen", lazy("worker.listener:cli"),
+             "follow libvirt events of the configured hosts and start the jobs policies ask for")
+    ls.add_argument("--host", action="append", default=[], help="listen to this host only (repeatable)")
+
+    sc = cmd("scheduler", lazy("worker.scheduler:cli"), "start scheduled backups, snapshots and drills")
+    sc.add_argument("--once", action="store_true", help="one pass over due slots, then exit")
+    sched = sub.add_parser("schedule", help="what the scheduler would do").add_subparsers(metavar="ACTION")
+    pv = sched.add_parser("preview", help="list the slots that would run between two times")
+    pv.add_argument("--from", dest="start", help="ISO time (default: now)")
+    pv.add_argument("--to", dest="end", help="ISO time (default: 24 hours after --from)")
+    pv.add_argument("--json", action="store_true")
+    pv.set_defaults(handler=lazy("worker.scheduler:preview_cli"))
+
+    pr = cmd("prune", lazy("worker.prune:cli"), "apply retention: delete restore points the policies no longer keep")
+    pr.add_argument("domain", nargs="?", help="only this domain (default: every domain with points)")
+    pr.add_argument("--policy", help="use this policy's retention")
+    pr.add_argument("--dry-run", action="store_true", help="show what would be deleted, change nothing")
+    _wait_opts(pr)
+
+    sn = cmd("snapshot", lazy("worker.snapshots:cli"), "take a snapshot of a domain now (policy naming and retention)")
+    sn.add_argument("domain")
+    sn.add_argument("--policy", help="take settings from this policy")
+    sn.add_argument("--host", help="the domain's host (default: look on every configured host)")
+    _wait_opts(sn)
+    sl = cmd("snapshots", lazy("worker.snapshots:list_cli"), "list the snapshots virtwarden made of a domain")
+    sl.add_argument("domain")
+    sl.add_argument("--json", action="store_true")
+
+    for name, issue_text in (("api", "the HTTP API"), ("drill", "restore drills"), ("evacuate", "host evacuation")):
         sp = cmd(name, c.not_yet(name, issue_text), f"{issue_text} (not in this release)")
         sp.add_argument("rest", nargs=argparse.REMAINDER)
     return p
+
+
+def lazy(target: str) -> Handler:
+    """A handler imported when its command runs, so one module's import cost or error
+    never touches another command."""
+
+    def handler(args: argparse.Namespace) -> int:
+        import importlib
+
+        module, name = target.split(":")
+        return int(getattr(importlib.import_module(module), name)(args))
+
+    return handler
 
 
 def _wait_opts(p: argparse.ArgumentParser) -> None:

@@ -14,9 +14,7 @@ from typing import Any
 from catalog import jobs
 from catalog.store import Catalog
 from storage_backends import open_backend
-from tasks.backup import BackupRequest, run_backup
 from tasks.context import JobContext
-from tasks.restore import RestoreRequest, run_restore
 from virtwarden.config import Config
 from virtwarden.errors import Transient, VirtwardenError
 
@@ -28,14 +26,28 @@ DISK_CHANGING = {"backup", "snapshot", "restore-in-place", "migrate"}
 
 @dataclass(frozen=True)
 class JobKind:
-    run: Callable[[JobContext, Any], dict]
-    request: type
+    """A job function and its request type, as "module:name" strings imported when a
+    job of this kind runs."""
+
+    run: str
+    request: str
     needs_hypervisor: bool
+
+    def load(self) -> tuple[Callable[[JobContext, Any], dict], type]:
+        import importlib
+
+        def get(ref: str) -> Any:
+            module, name = ref.split(":")
+            return getattr(importlib.import_module(module), name)
+
+        return get(self.run), get(self.request)
 
 
 KINDS: dict[str, JobKind] = {
-    "backup": JobKind(run_backup, BackupRequest, True),
-    "restore": JobKind(run_restore, RestoreRequest, False),
+    "backup": JobKind("tasks.backup:run_backup", "tasks.backup:BackupRequest", True),
+    "restore": JobKind("tasks.restore:run_restore", "tasks.restore:RestoreRequest", False),
+    "snapshot": JobKind("tasks.snapshots:run_snapshot", "tasks.snapshots:SnapshotRequest", True),
+    "prune": JobKind("tasks.prune:run_prune", "tasks.prune:PruneRequest", False),
 }
 
 
@@ -116,7 +128,8 @@ def execute(cfg: Config, job_id: str, *, cat: Catalog | None = None) -> str:
             scratch_root=cfg.scratch_dir(host), report=beat.report, attempt=claim.attempt,
         )
         log.info("job %s: %s of %s, attempt %d", job_id, job.kind, job.domain, claim.attempt)
-        result = kind.run(ctx, kind.request(**job.params))
+        run, request = kind.load()
+        result = run(ctx, request(**job.params))
     except LeaseLost as e:
         log.warning("%s", e)
         return "skipped"

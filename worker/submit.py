@@ -46,7 +46,7 @@ def backup(cfg: Config, cat: Catalog, domain: str, *, policy: str | None = None,
     celery_app.check_broker(cfg)
     params = {"domain": domain, "storage": settings.target, "strategy": settings.strategy,
               "full_every": settings.full_every, "force_full": full, "policy": settings.policy}
-    return _enqueue(cfg, cat, "backup", domain, host, params, requested_by)
+    return enqueue(cfg, cat, "backup", domain, host, params, requested_by)
 
 
 def restore(cfg: Config, cat: Catalog, domain: str, *, point: str, to_dir: str, host: str | None = None,
@@ -59,15 +59,20 @@ def restore(cfg: Config, cat: Catalog, domain: str, *, point: str, to_dir: str, 
     host = host or (resolved.host if resolved.host in cfg.hosts else next(iter(cfg.hosts)))
     celery_app.check_broker(cfg)
     params = {"domain": domain, "point": resolved.id, "to_dir": to_dir}
-    return _enqueue(cfg, cat, "restore", domain, host, params, requested_by)
+    return enqueue(cfg, cat, "restore", domain, host, params, requested_by)
 
 
-def _enqueue(cfg: Config, cat: Catalog, kind: str, domain: str, host: str, params: dict,
-             requested_by: str | None) -> jobs.JobView:
+def enqueue(cfg: Config, cat: Catalog, kind: str, domain: str | None, host: str, params: dict,
+            requested_by: str | None, *, dedup_key: str | None = None) -> jobs.JobView:
+    """Create the job row and send it to the host's queue. With ``dedup_key``, a job that
+    already has the key is returned as it is and nothing is sent again."""
     from worker import celery_app
 
-    job = jobs.create(cat, kind=kind, domain=domain, host=host, params=params,
-                      max_attempts=cfg.worker.max_attempts, requested_by=requested_by)
+    job, created = jobs.create_once(cat, kind=kind, domain=domain, host=host, params=params,
+                                    max_attempts=cfg.worker.max_attempts, requested_by=requested_by,
+                                    dedup_key=dedup_key)
+    if not created:
+        return job
     try:
         celery_app.send(job)
     except VirtwardenError as e:

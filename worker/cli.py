@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def cmd(name: str, handler: Handler, help_: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=help_)
-        sp.set_defaults(handler=handler)
+        sp.set_defaults(handler=handler, command_name=name)
         return sp
 
     pol = sub.add_parser("policy", help="validate and list policies").add_subparsers(metavar="ACTION")
@@ -140,7 +140,15 @@ def lazy(target: str) -> Handler:
         import importlib
 
         module, name = target.split(":")
-        return int(getattr(importlib.import_module(module), name)(args))
+        try:
+            found = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            what = getattr(args, "command_name", module)
+            print(f"virtwarden: {what} is not part of this release yet", file=sys.stderr)
+            return EXIT_USAGE
+        return int(getattr(found, name)(args))
 
     return handler
 

@@ -35,15 +35,15 @@ def detach_backing(path: Path) -> None:
     _run("rebase", "-u", "-b", "", str(path))
 
 
-def set_backing(path: Path, backing: Path) -> None:
-    """Point ``path`` at ``backing`` without copying: the incremental holds only the
-    clusters that changed, everything else is read from the previous point."""
-    _run("rebase", "-u", "-F", "qcow2", "-b", str(backing), str(path))
-
-
-def flatten(top: Path, dest: Path, *, fmt: str = "qcow2") -> None:
-    """Write the whole chain under ``top`` as one standalone image (sparse)."""
-    _run("convert", "-O", fmt, str(top), str(dest))
+def flatten(layers: list[Path], dest: Path, *, fmt: str = "qcow2") -> None:
+    """Write a chain of qcow2 layers (bottom first: a full, then incrementals holding
+    only changed clusters) as one standalone image. The chain is described to QEMU on
+    the command line, so the layers are read in place and never modified (they may be
+    the repository's own files)."""
+    node: dict = {"driver": "qcow2", "file": {"driver": "file", "filename": str(layers[0])}}
+    for layer in layers[1:]:
+        node = {"driver": "qcow2", "file": {"driver": "file", "filename": str(layer)}, "backing": node}
+    _run("convert", "-O", fmt, "json:" + json.dumps(node), str(dest))
 
 
 def compare(a: Path, b: Path) -> bool:

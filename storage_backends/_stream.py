@@ -159,31 +159,13 @@ def write_atomic(
     return size, digest.hexdigest()
 
 
-class HashingReader:
-    """A read-only, deliberately non-seekable view of a file that hashes what is read.
-
-    Being non-seekable makes s3transfer read each part exactly once, in order, into a
-    buffer of its own (bounded by its in-memory chunk limit), so the hash covers exactly
-    the bytes uploaded and nothing is read twice.
-    """
-
-    def __init__(self, f: BinaryIO) -> None:
-        self._f = f
-        self._digest = hashlib.sha256()
-        self.size = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return False
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._f.read(n)
-        self._digest.update(data)
-        self.size += len(data)
-        return data
-
-    @property
-    def sha256(self) -> str:
-        return self._digest.hexdigest()
+def hash_file(path: Path, progress: Progress | None = None) -> tuple[int, str]:
+    """Size and SHA-256 of a file, read once in large chunks."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for chunk in file_chunks(f, 8 * 1024 * 1024):
+            digest.update(chunk)
+            size += len(chunk)
+            if progress:
+                progress(size)
+    return size, digest.hexdigest()

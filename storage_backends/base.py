@@ -104,5 +104,27 @@ class Backend(ABC):
         """An exclusive lock across processes and machines, broken when older than ``ttl``;
         raises LockHeld when someone else holds it."""
 
+    def verify(self, key: str, expected_sha256: str, *, progress: Progress | None = None) -> int:
+        """Read ``key`` through and check its SHA-256 without keeping the bytes; returns
+        its size. ChecksumMismatch when it differs, ObjectNotFound when absent."""
+        raise NotImplementedError
+
+    # --- optional: backends on a local or mounted filesystem ------------------------
+    def stage(self, key: str) -> Path | None:
+        """A local path, on the target's own filesystem, where a producer (libvirt
+        writing a backup image) may create ``key``'s content directly; publish it with
+        ``publish_staged``. None when the backend has no filesystem (S3): then write to
+        scratch space and ``put_file``. Saves a whole copy of every image on NFS."""
+        return None
+
+    def publish_staged(self, key: str, staged: Path, *, progress: Progress | None = None) -> StoredObject:
+        """Hash, sync and atomically publish a file made at ``stage(key)``."""
+        raise NotImplementedError(f"{self.kind} backends do not stage")
+
+    def local_path(self, key: str) -> Path | None:
+        """The object's own file, for reading in place (never for writing); None when
+        the backend has no filesystem. ObjectNotFound when absent."""
+        return None
+
     def close(self) -> None:
         """Release connections; the default holds none."""

@@ -28,7 +28,7 @@ from typing import BinaryIO, TypeVar
 from storage_backends import _stream as s
 from storage_backends.base import CHUNK, Backend, ObjectInfo, Progress, StoredObject
 from virtwarden.config import NfsStorage
-from virtwarden.errors import LockHeld, ObjectNotFound, StorageUnavailable, VirtwardenError
+from virtwarden.errors import LockHeld, ObjectNotFound, StorageError, StorageUnavailable, VirtwardenError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -79,6 +79,48 @@ class NfsBackend(Backend):
         s.make_dirs(path.parent, fsync=self.fsync)
         size, sha = s.write_atomic(path, chunks, fsync=self.fsync, progress=progress)
         return StoredObject(key, size, sha)
+
+    def stage(self, key: str) -> Path:
+        path = self._path(s.check_data_key(key))
+        with self._errors(path):
+            self._require_root()
+            s.make_dirs(path.parent, fsync=self.fsync)
+        # A temporary name in the final directory: hidden from list(), removed by
+        # cleanup_incomplete() if the producer dies, renamed into place on publish.
+        return path.with_name(s.temp_name(path.name))
+
+    def publish_staged(self, key: str, staged: Path, *, progress: Progress | None = None) -> StoredObject:
+        path = self._path(s.check_data_key(key))
+        if staged.parent != path.parent or not staged.name.startswith(s.TMP_PREFIX):
+            raise StorageError(f"{self.who}: {staged} was not staged for {key!r}")
+        with self._errors(path):
+            size, sha = s.hash_file(staged, progress)  # mostly from the page cache: just written
+            if self.fsync:
+                fd = os.open(staged, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            os.replace(staged, path)
+            if self.fsync:
+                s.fsync_dir(path.parent)
+        return StoredObject(key, size, sha)
+
+    def verify(self, key: str, expected_sha256: str, *, progress: Progress | None = None) -> int:
+        path = self.local_path(key)
+        with self._errors(path):
+            size, sha = _retry_stale(lambda: s.hash_file(path, progress))
+        if sha != expected_sha256:
+            raise s.checksum_error(self.who, key, expected_sha256, sha)
+        return size
+
+    def local_path(self, key: str) -> Path:
+        path = self._path(s.check_key(key))
+        with self._errors(path):
+            if not _retry_stale(path.is_file):
+                self._require_root()
+                raise ObjectNotFound(f"{self.who}: no object {key!r} ({path})")
+        return path
 
     def get_file(
         self,

@@ -4,14 +4,15 @@ A key ``web01/3f2a/vda.qcow2`` is the object ``<prefix>/web01/3f2a/vda.qcow2``. 
 imported here and nowhere else; its errors become product errors once, in ``_errors``.
 
 Uploads go through s3transfer in parts of ``part_size_mib``, ``max_concurrency`` at a
-time, reading the file once through a hashing view: memory stays near part size times
-concurrency. ``put_file`` returns the SHA-256, which the caller records (the manifest);
+time, the parts read in parallel as ``upload_file`` reads them, while one thread hashes
+the file: memory stays near part size times concurrency. ``put_file`` returns the
+SHA-256, which the caller records (the manifest);
 ``get_file`` checks it when given ``expected_sha256``. Objects below one part (manifests)
 are hashed in memory and also carry it in the metadata key ``sha256``, checked on every
 read. Larger ones do not: S3 fixes metadata when an upload starts, before a byte is
 hashed, and adding it afterwards means the endpoint rewrites the whole object (a
-self-copy), which doubles the cost of every disk image. S3 completes a multipart upload atomically, so
-no reader sees half an object; s3transfer aborts a failed one, and
+self-copy), which doubles the cost of every disk image. S3 completes a multipart
+upload atomically, so no reader sees half an object; s3transfer aborts a failed one, and
 ``cleanup_incomplete()`` aborts what a killed process left behind.
 
 Locks are objects ``locks/<name>.lock`` created with a conditional PUT
@@ -40,6 +41,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import boto3
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
+from s3transfer.subscribers import BaseSubscriber
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, FlexibleChecksumError, HTTPClientError
 from botocore.exceptions import ConnectionError as EndpointDown
@@ -126,32 +128,47 @@ class S3Backend(Backend):
                 if progress:
                     progress(stored.size)
                 return stored
-            reader = self._upload(f, full, progress)
-            client = self._client()
-            head = client.head_object(Bucket=self.bucket, Key=full)
-            if head["ContentLength"] != reader.size:
+        with self._errors("upload", key, local=source):
+            size, digest = self._upload(source, full, progress)
+            head = self._client().head_object(Bucket=self.bucket, Key=full)
+            if head["ContentLength"] != size:
                 raise StorageError(
-                    f"{self.who}: uploaded {reader.size} bytes to {self._where(key)}"
+                    f"{self.who}: uploaded {size} bytes to {self._where(key)}"
                     f" but the endpoint stores {head['ContentLength']}"
                 )
-        return StoredObject(key, reader.size, reader.sha256)
+        return StoredObject(key, size, digest)
 
-    def _upload(self, f: Any, full: str, progress: Progress | None) -> s.HashingReader:
-        """Multipart upload reading ``f`` once; progress is reported from this thread,
-        never from s3transfer's workers, so callers need not be thread-safe."""
-        reader = s.HashingReader(f)
+    def _upload(self, source: Path, full: str, progress: Progress | None) -> tuple[int, str]:
+        """Multipart upload of a file that does not change meanwhile (ours, in scratch
+        space): s3transfer reads its parts in parallel, as a plain upload_file does, while
+        one thread hashes the file; memory stays at part size x concurrency. Progress is
+        reported from this thread, never from s3transfer's workers."""
+        hashed: dict[str, Any] = {}
+
+        def hash_it() -> None:
+            try:
+                hashed["result"] = s.hash_file(source)
+            except BaseException as e:  # noqa: BLE001 - re-raised below, in the caller's thread
+                hashed["error"] = e
+
+        sent = _Sent()
+        hasher = threading.Thread(target=hash_it, name="sha256", daemon=True)
+        hasher.start()
         with create_transfer_manager(self._client(), self._transfer) as manager:
-            future = manager.upload(reader, self.bucket, full, extra_args=self._sse())
+            future = manager.upload(str(source), self.bucket, full, extra_args=self._sse(), subscribers=[sent])
             reported = -1
             while progress and not future.done():
                 time.sleep(PROGRESS_POLL)
-                if reader.size != reported:
-                    reported = reader.size
+                if sent.total != reported:
+                    reported = sent.total
                     progress(reported)
             future.result()
+        hasher.join()
+        if "error" in hashed:
+            raise hashed["error"]
         if progress:
-            progress(reader.size)
-        return reader
+            progress(hashed["result"][0])
+        return hashed["result"]
 
     def get_file(
         self,
@@ -199,6 +216,20 @@ class S3Backend(Backend):
                     )["Body"]
         finally:
             body.close()
+
+    def verify(self, key: str, expected_sha256: str, *, progress: Progress | None = None) -> int:
+        full = self._full(s.check_key(key))
+        digest, size = sha256(), 0
+        with self._errors("verify", key):
+            reply = self._client().get_object(Bucket=self.bucket, Key=full)
+            for chunk in self._body(full, reply):
+                digest.update(chunk)
+                size += len(chunk)
+                if progress:
+                    progress(size)
+        if digest.hexdigest() != expected_sha256:
+            raise s.checksum_error(self.who, key, expected_sha256, digest.hexdigest())
+        return size
 
     def get_bytes(self, key: str) -> bytes:
         full = self._full(s.check_key(key))
@@ -471,6 +502,18 @@ class S3Backend(Backend):
                 f" after {self.settings.max_attempts} attempts: {code}: {detail}"
             )
         return StorageError(f"{self.who}: S3 could not {op} {where}: {code}: {detail}")
+
+
+class _Sent(BaseSubscriber):
+    """Counts the bytes s3transfer's worker threads have sent."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._lock = threading.Lock()
+
+    def on_progress(self, future: Any, bytes_transferred: int, **kwargs: Any) -> None:
+        with self._lock:
+            self.total += bytes_transferred
 
 
 def _code(e: ClientError) -> str:

@@ -4,9 +4,12 @@ One run makes one restore point of every disk of a running domain:
 
 1. clean up what an earlier, interrupted attempt of the same job left (recovery);
 2. choose full or incremental (``plan_level``, a pure function) and say why;
-3. push-mode backup of all disks into this job's scratch directory, creating the new
-   checkpoint in the same libvirt call, so the bitmap starts exactly at the copy;
-4. store each image (sha256 computed while it streams), then the manifest, last;
+3. push-mode backup of all disks, creating the new checkpoint in the same libvirt call,
+   so the bitmap starts exactly at the copy; libvirt writes each image straight onto a
+   mounted target (NFS) under a temporary name, or into this job's scratch directory
+   when the target is S3;
+4. store each image (publish the staged file, or upload it; sha256 computed on the
+   way), then the manifest, last;
 5. mark the point complete, then drop our checkpoints that no chain needs any more.
 
 A failure at any step fails the point (never listed as usable), removes the new
@@ -133,16 +136,16 @@ def _make_point(ctx: JobContext, req: BackupRequest, dom: DomainInfo, plan: Leve
     try:
         ctx.clear_scratch()
         ctx.scratch.mkdir(parents=True)
-        _check_scratch_space(ctx, dom, plan)
-        files = {d.target: str(ctx.scratch / f"{d.target}.qcow2") for d in dom.disks}
+        outputs = _outputs(ctx, repo, prefix, dom, req.storage)
+        _check_space(dom, plan, outputs)
         bitmap_disks = {d.target for d in dom.disks if d.has_bitmaps}
-        ctx.report(0.0, f"{plan.level} backup: copying {len(files)} disk(s)")
-        hv.begin_backup(dom.name, files, checkpoint=checkpoint,
+        ctx.report(0.0, f"{plan.level} backup: copying {len(outputs)} disk(s)")
+        hv.begin_backup(dom.name, {t: str(o.path) for t, o in outputs.items()}, checkpoint=checkpoint,
                         incremental_from=parent.checkpoint if parent else None,
                         bitmap_disks=bitmap_disks, skip=set())
         started = True
-        _wait(ctx, dom.name)
-        artifacts = _store(ctx, repo, prefix, dom, files, bitmap_disks, plan)
+        _wait(ctx, dom.name, outputs)
+        artifacts = _store(ctx, repo, outputs)
         manifest = _manifest(ctx, dom, point, plan, checkpoint, artifacts, hv.checkpoint_xml(dom.name, checkpoint))
         repo.write_manifest(prefix, manifest)
         done = points.complete(ctx.catalog, point_id, artifacts, consistency="crash")
@@ -158,25 +161,56 @@ def _make_point(ctx: JobContext, req: BackupRequest, dom: DomainInfo, plan: Leve
             "disks": [a.target for a in artifacts]}
 
 
-def _check_scratch_space(ctx: JobContext, dom: DomainInfo, plan: LevelPlan) -> None:
-    """A full copy needs room for every disk's data: refuse early rather than fill
-    the scratch filesystem halfway."""
+@dataclass(frozen=True)
+class _Output:
+    """Where libvirt writes one disk's image, and where that place is, for messages."""
+
+    key: str
+    path: Path
+    staged: bool  # made in place on the target's own filesystem (NFS), not in scratch
+    place: str
+
+
+def _outputs(ctx: JobContext, repo: Repository, prefix: str, dom: DomainInfo, storage: str) -> dict[str, _Output]:
+    """Images go straight onto a mounted target when it can take them (no second copy);
+    otherwise into this job's scratch directory, to be uploaded."""
+    out = {}
+    for d in dom.disks:
+        key = repo.artifact_key(prefix, d.target)
+        staged = repo.backend.stage(key)
+        if staged is not None:
+            out[d.target] = _Output(key, staged, True, f"storage {storage!r} ({staged.parent})")
+        else:
+            out[d.target] = _Output(key, ctx.scratch / f"{d.target}.qcow2", False,
+                                    f"scratch directory {ctx.scratch_root}")
+    return out
+
+
+def _check_space(dom: DomainInfo, plan: LevelPlan, outputs: dict[str, _Output]) -> None:
+    """A full copy needs room for every disk's data: refuse early rather than fill a
+    filesystem halfway."""
     if plan.level != "full":
         return
-    need = 0
+    need: dict[Path, int] = {}
     for d in dom.disks:
+        where = outputs[d.target].path.parent
         try:
-            need += int(qemu_img.info(Path(d.path)).get("actual-size", 0))
+            need[where] = need.get(where, 0) + int(qemu_img.info(Path(d.path)).get("actual-size", 0))
         except Exception:  # noqa: BLE001 - an estimate only; the copy itself will tell
             pass
-    st = os.statvfs(ctx.scratch)
-    free = st.f_bavail * st.f_frsize
-    if need > free:
-        raise NoSpace(f"scratch directory {ctx.scratch_root} has {free} bytes free; "
-                      f"a full backup of {dom.name!r} needs about {need}")
+    for where, size in need.items():
+        free = _free(where)
+        if size > free:
+            place = next(o.place for o in outputs.values() if o.path.parent == where)
+            raise NoSpace(f"{place} has {free} bytes free; a full backup of {dom.name!r} needs about {size}")
 
 
-def _wait(ctx: JobContext, domain: str) -> None:
+def _free(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def _wait(ctx: JobContext, domain: str, outputs: dict[str, _Output]) -> None:
     hv = ctx.require_hypervisor()
     while True:
         state = hv.backup_state(domain)
@@ -185,30 +219,30 @@ def _wait(ctx: JobContext, domain: str) -> None:
         ctx.report(0.6 * state.fraction, f"copying disks: {state.processed >> 20} of {state.total >> 20} MiB")
         time.sleep(ctx.poll_seconds)
     if not state.ok:
-        st = os.statvfs(ctx.scratch)
-        if st.f_bavail * st.f_frsize < 16 << 20:
-            raise NoSpace(f"backup of {domain!r} failed: scratch directory {ctx.scratch_root} is full")
+        for o in outputs.values():
+            if _free(o.path.parent) < 16 << 20:
+                raise NoSpace(f"backup of {domain!r} failed: {o.place} is full")
         raise JobFailed(f"libvirt backup job of {domain!r} failed: {state.error}")
 
 
-def _store(ctx: JobContext, repo: Repository, prefix: str, dom: DomainInfo, files: dict[str, str],
-           bitmap_disks: set[str], plan: LevelPlan) -> list[ArtifactView]:
+def _store(ctx: JobContext, repo: Repository, outputs: dict[str, _Output]) -> list[ArtifactView]:
     out = []
-    total = sum(os.path.getsize(f) for f in files.values()) or 1
+    total = sum(os.path.getsize(o.path) for o in outputs.values()) or 1
     sent = 0
-    for target, path in files.items():
-        p = Path(path)
-        qemu_img.detach_backing(p)  # libvirt names the live disk as backing: never keep that
-        virtual = int(qemu_img.info(p)["virtual-size"])
-        key = repo.artifact_key(prefix, target)
+    for target, o in outputs.items():
+        qemu_img.detach_backing(o.path)  # libvirt names the live disk as backing: never keep that
+        virtual = int(qemu_img.info(o.path)["virtual-size"])
         base = sent
 
         def moved(n: int, base: int = base, target: str = target) -> None:
             ctx.report(0.6 + 0.39 * (base + n) / total, f"storing {target}: {(base + n) >> 20} MiB")
 
-        stored = repo.backend.put_file(key, p, progress=moved)
+        if o.staged:
+            stored = repo.backend.publish_staged(o.key, o.path, progress=moved)
+        else:
+            stored = repo.backend.put_file(o.key, o.path, progress=moved)
         sent += stored.size
-        out.append(ArtifactView(target, key, stored.size, stored.sha256, virtual))
+        out.append(ArtifactView(target, o.key, stored.size, stored.sha256, virtual))
     return out
 
 

@@ -1,11 +1,12 @@
 """Restore a point into a directory: one flat image per disk, named after its target.
 
 The chain (the full and every incremental up to the point) is read from the catalog and
-checked against the manifests in storage; every artifact is downloaded into scratch
-space with its SHA-256 verified while it streams, and nothing is written to the
-destination until all of them are verified. Each disk is then rebuilt by pointing every
-incremental at the layer below it and letting ``qemu-img convert`` write one standalone
-image, which appears under its final name only when complete.
+checked against the manifests in storage; every artifact's SHA-256 is verified (read
+in place on a mounted filesystem, or while it downloads into scratch space from S3),
+and nothing is written to the destination until all of them are. ``qemu-img convert``
+then reads each disk's layers as one chain (described on its command line, so stored
+files are never modified) and writes one standalone image, which appears under its
+final name only when complete.
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def run_restore(ctx: JobContext, req: RestoreRequest) -> dict:
     ctx.clear_scratch()
     ctx.scratch.mkdir(parents=True)
     try:
-        local = _download(ctx, repo, manifests)
+        local = _fetch(ctx, repo, manifests)
         written = []
         for i, target in enumerate(targets):
             ctx.report(0.7 + 0.3 * i / len(targets), f"rebuilding {target}")
@@ -105,33 +106,37 @@ def _prepare_dest(dest: Path, targets: list[str], overwrite: bool) -> None:
                               "choose an empty directory (nothing was changed)")
 
 
-def _download(ctx: JobContext, repo: Repository, manifests: list[dict]) -> dict[str, Path]:
-    """Every artifact of the chain into scratch, verified; key -> local path."""
+def _fetch(ctx: JobContext, repo: Repository, manifests: list[dict]) -> dict[str, Path]:
+    """Every artifact of the chain as a local file, verified; key -> path. A backend on
+    a mounted filesystem is read in place (checked by reading it through once); others
+    are downloaded into scratch, checked while they stream."""
     disks = [d for m in manifests for d in m["disks"]]
     total = sum(d["size_bytes"] for d in disks) or 1
     done = 0
     local = {}
     for i, d in enumerate(disks):
-        path = ctx.scratch / f"{i:04d}-{d['target']}.qcow2"
         base = done
 
         def moved(n: int, base: int = base) -> None:
             ctx.report(0.7 * (base + n) / total, f"reading and verifying: {(base + n) >> 20} MiB")
 
-        repo.backend.get_file(d["key"], path, expected_sha256=d["sha256"], progress=moved)
+        in_place = repo.backend.local_path(d["key"])
+        if in_place is not None:
+            repo.backend.verify(d["key"], d["sha256"], progress=moved)
+            local[d["key"]] = in_place
+        else:
+            path = ctx.scratch / f"{i:04d}-{d['target']}.qcow2"
+            repo.backend.get_file(d["key"], path, expected_sha256=d["sha256"], progress=moved)
+            local[d["key"]] = path
         done += d["size_bytes"]
-        local[d["key"]] = path
     return local
 
 
 def _rebuild(local: dict[str, Path], layers: list[dict], out: Path) -> Path:
-    paths = [local[d["key"]] for d in layers]
-    for lower, upper in zip(paths, paths[1:]):
-        qemu_img.set_backing(upper, lower)
     partial = out.with_name(f".{out.name}.partial")
     partial.unlink(missing_ok=True)
     try:
-        qemu_img.flatten(paths[-1], partial)
+        qemu_img.flatten([local[d["key"]] for d in layers], partial)
         with open(partial, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(partial, out)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 
-from tests.harness import TEST_WORKER
+from tests.harness import TEST_WORKER, s3_storage_entry
 
 MiB = 1024 * 1024
 
@@ -81,25 +82,49 @@ def test_unreachable_s3_endpoint(vw, guest_factory):
     assert _our_checkpoints(g.name) == []
 
 
-@pytest.mark.libvirt
-def test_full_scratch_directory(vw, guest_factory, tmp_path):
-    scratch = tmp_path / "tiny-scratch"
-    scratch.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(scratch)]).returncode != 0:
+@contextmanager
+def _tiny_filesystem(path, size: str = "2m"):  # noqa: ANN001, ANN202
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (not root?)")
     try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)])
+
+
+@pytest.mark.libvirt
+def test_full_scratch_directory(vw, guest_factory, s3_settings, tmp_path):
+    """Images for S3 are made in scratch space first; a scratch too small is refused."""
+    vw.storage["s3"] = s3_storage_entry(s3_settings)
+    with _tiny_filesystem(tmp_path / "tiny-scratch") as scratch:
         vw.hosts["local"]["scratch_dir"] = str(scratch)
+        g = guest_factory(disks=1, size_mib=32)
+        g.write_random("vda", 0, 8 * MiB)
+        vw.start_worker()
+        r = vw.cli("backup", g.name, "--target", "s3", "--wait")
+        assert r.code == 1
+        assert f"scratch directory {scratch} has" in r.err and "bytes free" in r.err
+        assert [p for p in vw.cli("backups", g.name, "--json").json() if p["status"] == "complete"] == []
+        assert _our_checkpoints(g.name) == []
+        assert list(scratch.iterdir()) == []
+
+
+@pytest.mark.libvirt
+def test_full_nfs_target(vw, guest_factory, tmp_path):
+    """libvirt writes straight onto a mounted target; a target too small is refused and
+    left as it was."""
+    with _tiny_filesystem(tmp_path / "tiny-share") as share:
+        vw.storage["nfs"] = {"type": "nfs", "path": str(share)}
         g = guest_factory(disks=1, size_mib=32)
         g.write_random("vda", 0, 8 * MiB)
         vw.start_worker()
         r = vw.cli("backup", g.name, "--wait")
         assert r.code == 1
-        assert "scratch directory" in r.err and ("free" in r.err or "full" in r.err)
+        assert "storage 'nfs'" in r.err and "bytes free" in r.err
         assert [p for p in vw.cli("backups", g.name, "--json").json() if p["status"] == "complete"] == []
         assert _our_checkpoints(g.name) == []
-        assert list(scratch.iterdir()) == []
-    finally:
-        subprocess.run(["umount", str(scratch)])
+        assert [p.name for p in share.rglob("*") if p.is_file()] == []
 
 
 @pytest.mark.libvirt

@@ -103,14 +103,16 @@ class S3Raw:
         return len(reply.get("Uploads", []))
 
     def break_reads(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        real = _stream.HashingReader.read
+        from s3transfer.utils import ReadFileChunk
 
-        def failing(self: _stream.HashingReader, n: int = -1) -> bytes:
-            if self.size >= 5 * MIB:  # after the first part went out
+        real = ReadFileChunk.read
+
+        def failing(self: ReadFileChunk, amount: int | None = None) -> bytes:
+            if self._start_byte >= 5 * MIB:  # any part after the first
                 raise OSError(errno.EIO, "Input/output error")
-            return real(self, n)
+            return real(self, amount)
 
-        monkeypatch.setattr(_stream.HashingReader, "read", failing)
+        monkeypatch.setattr(ReadFileChunk, "read", failing)
 
 
 @pytest.fixture(params=["nfs", "s3"])

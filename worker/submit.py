@@ -36,7 +36,8 @@ def find_host(cfg: Config, domain: str, host: str | None = None) -> tuple[str, D
 
 
 def backup(cfg: Config, cat: Catalog, domain: str, *, policy: str | None = None, target: str | None = None,
-           full: bool = False, host: str | None = None, requested_by: str | None = None) -> jobs.JobView:
+           full: bool = False, host: str | None = None, requested_by: str | None = None,
+           dedup_key: str | None = None) -> jobs.JobView:
     from worker import celery_app
 
     host, info = find_host(cfg, domain, host)
@@ -46,7 +47,7 @@ def backup(cfg: Config, cat: Catalog, domain: str, *, policy: str | None = None,
     celery_app.check_broker(cfg)
     params = {"domain": domain, "storage": settings.target, "strategy": settings.strategy,
               "full_every": settings.full_every, "force_full": full, "policy": settings.policy}
-    return enqueue(cfg, cat, "backup", domain, host, params, requested_by)
+    return enqueue(cfg, cat, "backup", domain, host, params, requested_by, dedup_key=dedup_key)
 
 
 def restore(cfg: Config, cat: Catalog, domain: str, *, point: str, to_dir: str, host: str | None = None,

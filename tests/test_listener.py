@@ -1,0 +1,413 @@
+"""The event listener: libvirt events become catalog events and the jobs that policies'
+``on:`` triggers ask for, and a libvirtd restart is survived with nothing missed.
+
+The pure parts (event mapping, triggers, reconciliation) are tested with tables; the
+integration tests run ``virtwarden listen`` and ``virtwarden worker`` as processes
+against real libvirtd hosts, and nothing but libvirt itself starts the backups.
+"""
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from catalog.events import KnownDomain
+from policies import Policy
+from policies.select import DomainFacts
+from policies.triggers import TriggerAction, triggers_for
+from tests.conftest import need
+from tests.harness import REDIS_URL, REPO
+from virtwarden.errors import PolicyError
+from worker.reconcile import SeenDomain, foreign, missed_events, part_of_start, state_after
+
+HOST2_PID = Path("/var/lib/virtwarden-testhost/host2/libvirtd.pid")
+# Our own Redis database: other test runs on this machine flush theirs (and their workers
+# would take messages for host.local from a shared one).
+LISTENER_REDIS_URL = os.environ.get("VIRTWARDEN_TEST_LISTENER_REDIS_URL", re.sub(r"/\d+$", "/13", REDIS_URL))
+
+
+# --- libvirt's lifecycle codes -> product events --------------------------------------------
+@pytest.mark.parametrize("event, detail, kind", [
+    ("DEFINED", "DEFINED_ADDED", "domain.defined"),
+    ("DEFINED", "DEFINED_UPDATED", "domain.updated"),
+    ("UNDEFINED", "UNDEFINED_REMOVED", "domain.undefined"),
+    ("STARTED", "STARTED_BOOTED", "domain.started"),
+    ("STARTED", "STARTED_RESTORED", "domain.started"),
+    ("STARTED", "STARTED_MIGRATED", "domain.incoming"),
+    ("SUSPENDED", "SUSPENDED_PAUSED", "domain.suspended"),
+    ("SUSPENDED", "SUSPENDED_MIGRATED", "domain.suspended"),  # also fires when a migration fails
+    ("RESUMED", "RESUMED_UNPAUSED", "domain.resumed"),
+    ("RESUMED", "RESUMED_MIGRATED", "domain.migrated"),
+    ("STOPPED", "STOPPED_SHUTDOWN", "domain.stopped"),
+    ("STOPPED", "STOPPED_DESTROYED", "domain.stopped"),
+    ("STOPPED", "STOPPED_CRASHED", "domain.crashed"),
+    ("STOPPED", "STOPPED_FAILED", "domain.crashed"),
+    ("STOPPED", "STOPPED_MIGRATED", "domain.departed"),
+    ("PMSUSPENDED", "PMSUSPENDED_MEMORY", "domain.suspended"),
+    ("CRASHED", "CRASHED_PANICKED", "domain.crashed"),
+])
+def test_lifecycle_events_map_to_product_events(event: str, detail: str, kind: str) -> None:
+    libvirt = pytest.importorskip("libvirt")
+    from hypervisor.events import lifecycle_kind
+
+    code = getattr(libvirt, f"VIR_DOMAIN_EVENT_{event}")
+    assert lifecycle_kind(code, getattr(libvirt, f"VIR_DOMAIN_EVENT_{detail}"))[0] == kind
+
+
+# --- triggers ---------------------------------------------------------------------------------
+def _policy(name: str, domains: list[str], on: list[dict], priority: int = 0, **spec: object) -> Policy:
+    return Policy.model_validate({
+        "apiVersion": "virtwarden/v1", "kind": "Policy", "metadata": {"name": name},
+        "spec": {"selector": {"domains": domains}, "backup": {"target": "nfs", "priority": priority},
+                 "on": on, **spec}})
+
+
+STARTED_BACKUP = [{"event": "domain.started", "run": "backup"}]
+
+
+def test_a_trigger_of_the_governing_policy_starts_its_job() -> None:
+    p = _policy("web", ["web-*"], STARTED_BACKUP + [{"event": "domain.defined", "run": "backup", "full": True}])
+    facts = DomainFacts("web-1", "h1")
+    assert triggers_for("domain.started", facts, [p]) == [TriggerAction("web", "backup", False)]
+    assert triggers_for("domain.defined", facts, [p]) == [TriggerAction("web", "backup", True)]
+    assert triggers_for("domain.stopped", facts, [p]) == []
+    assert triggers_for("block-job", facts, [p]) == []
+    assert triggers_for("domain.started", DomainFacts("db-1", "h1"), [p]) == []
+
+
+def test_two_matching_policies_start_one_job_with_the_governing_one() -> None:
+    low = _policy("all", ["*"], STARTED_BACKUP)
+    high = _policy("web", ["web-*"], STARTED_BACKUP, priority=5)
+    assert triggers_for("domain.started", DomainFacts("web-1"), [low, high]) == [TriggerAction("web", "backup")]
+    # The governing policy speaks alone: without a trigger of its own, nothing runs.
+    silent = _policy("web", ["web-*"], [], priority=5)
+    assert triggers_for("domain.started", DomainFacts("web-1"), [low, silent]) == []
+
+
+def test_equal_priorities_are_an_error_not_two_jobs() -> None:
+    a, b = _policy("a", ["web-*"], STARTED_BACKUP), _policy("b", ["*"], STARTED_BACKUP)
+    with pytest.raises(PolicyError, match="both select domain 'web-1' for backup"):
+        triggers_for("domain.started", DomainFacts("web-1"), [a, b])
+
+
+def test_snapshot_and_drill_triggers_by_metadata() -> None:
+    p = _policy("gold", ["*"], [{"event": "domain.crashed", "run": "snapshot"},
+                                {"event": "domain.migrated", "run": "drill"}],
+                selector={"metadata": {"tier": "gold"}}, snapshots={"type": "internal"})
+    gold = DomainFacts("db-1", "h1", {"tier": "gold"})
+    assert triggers_for("domain.crashed", gold, [p]) == [TriggerAction("gold", "snapshot")]
+    assert triggers_for("domain.migrated", gold, [p]) == [TriggerAction("gold", "drill")]
+    assert triggers_for("domain.crashed", DomainFacts("db-1", "h1", {"tier": "iron"}), [p]) == []
+
+
+# --- reconciliation -------------------------------------------------------------------------
+def _known(uuid: str, state: str | None, host: str = "h1") -> KnownDomain:
+    return KnownDomain(uuid, f"vm-{uuid}", host, state)
+
+
+def _seen(uuid: str, state: str, persistent: bool = True) -> SeenDomain:
+    return SeenDomain(uuid, f"vm-{uuid}", state, persistent)
+
+
+@pytest.mark.parametrize("before, now, kinds", [
+    (None, _seen("a", "running"), ["domain.defined", "domain.started"]),
+    (None, _seen("a", "shutoff"), ["domain.defined"]),
+    (None, _seen("a", "running", persistent=False), ["domain.started"]),
+    (_known("a", "undefined"), _seen("a", "paused"), ["domain.defined", "domain.started", "domain.suspended"]),
+    (_known("a", "shutoff"), _seen("a", "running"), ["domain.started"]),
+    (_known("a", "running"), _seen("a", "shutoff"), ["domain.stopped"]),
+    (_known("a", "paused"), _seen("a", "crashed"), ["domain.crashed"]),
+    (_known("a", "running"), _seen("a", "paused"), ["domain.suspended"]),
+    (_known("a", "pmsuspended"), _seen("a", "running"), ["domain.resumed"]),
+    (_known("a", "running"), _seen("a", "running"), []),
+    (_known("a", "running", host="h2"), _seen("a", "running"), ["domain.migrated"]),
+    (_known("a", "running", host="h2"), _seen("a", "shutoff"), []),  # a leftover definition here
+    (_known("a", "running"), None, ["domain.undefined"]),
+    (_known("a", "undefined"), None, []),
+    (_known("a", "departed"), None, []),
+    (_known("a", "running", host="h2"), None, []),
+])
+def test_reconciliation_makes_up_the_missed_events(before, now, kinds) -> None:  # noqa: ANN001
+    known = {before.uuid: before} if before else {}
+    missed = missed_events("h1", known, [now] if now else [])
+    assert [m.kind for m in missed] == kinds
+    assert all(m.detail.startswith("reconciled: ") for m in missed)
+
+
+def test_live_events_move_the_recorded_state() -> None:
+    assert state_after("domain.defined", "added", None) == "shutoff"
+    assert state_after("domain.defined", "renamed", "running") is None
+    assert state_after("domain.started", "booted", "shutoff") == "running"
+    assert state_after("domain.suspended", "memory", "running") == "pmsuspended"
+    assert state_after("domain.undefined", "removed", "running") is None  # runs on as a transient domain
+    assert state_after("domain.undefined", "removed", "shutoff") == "undefined"
+    assert state_after("block-job", "vda commit ready", "running") is None
+    # libvirt says RESUMED just before STARTED when QEMU boots: part of the start only.
+    assert part_of_start("domain.resumed", "shutoff") and part_of_start("domain.resumed", None)
+    assert not part_of_start("domain.resumed", "paused")
+
+
+def test_events_from_a_host_the_domain_does_not_run_on_move_nothing() -> None:
+    on_h1 = KnownDomain("a", "vm-a", "h1", "running")
+    assert foreign("domain.crashed", "h2", on_h1)  # an incoming migration failed on h2
+    assert foreign("domain.departed", "h2", on_h1)  # h2 says it left; h1 said it arrived first
+    assert not foreign("domain.migrated", "h2", on_h1)  # the arrival moves it
+    assert not foreign("domain.started", "h2", KnownDomain("a", "vm-a", "h1", "shutoff"))
+    assert not foreign("domain.stopped", "h1", on_h1)
+
+
+@pytest.mark.celery
+def test_an_event_handled_twice_makes_one_job(tmp_path: Path, redis_url: str) -> None:
+    """The dispatcher retries after errors; the job's dedup key (event id, policy, job)
+    makes the second attempt find the first job instead of sending another."""
+    pytest.importorskip("libvirt")
+    import redis
+
+    from catalog import events, jobs
+    from catalog.store import Catalog
+    from virtwarden import config
+    from worker import celery_app
+    from worker.listener import Dispatcher
+
+    policy_dir = tmp_path / "policies"
+    policy_dir.mkdir()
+    (policy_dir / "gold.yaml").write_text(yaml.safe_dump(_policy(
+        "gold", ["db-*"], [{"event": "domain.crashed", "run": "snapshot"}], snapshots={"type": "internal"},
+    ).model_dump(mode="json", exclude_none=True)))
+    cfg_file = tmp_path / "virtwarden.yaml"
+    cfg_file.write_text(yaml.safe_dump({
+        "data_dir": str(tmp_path / "data"), "broker_url": LISTENER_REDIS_URL, "policy_dir": str(policy_dir),
+        "hosts": {"t": {"uri": "test:///default"}},  # libvirt's in-process test driver: no db-1 there
+        "storage": {"nfs": {"type": "nfs", "path": str(tmp_path / "repo"), "create": True}}}))
+    cfg = config.load(str(cfg_file), env={})
+    celery_app.configure(cfg)
+    cat = Catalog(cfg.catalog_url)
+    try:
+        rec = events.record(cat, host="t", domain="db-1", uuid="5b0c1a52-8d1e-4a1e-9a43-3c0b1f0e7d11",
+                            kind="domain.crashed", detail="panicked", state="crashed")
+        dispatcher = Dispatcher(cfg, cat, threading.Event())
+        dispatcher.start_jobs(rec)
+        dispatcher.start_jobs(rec)
+        found = [(j.kind, j.domain, j.requested_by, j.params) for j in jobs.recent(cat)]
+        assert found == [("snapshot", "db-1", "event", {"domain": "db-1", "policy": "gold"})]
+    finally:
+        cat.close()
+        redis.Redis.from_url(LISTENER_REDIS_URL).flushdb()
+
+
+# --- integration: real libvirtd, listener, worker -------------------------------------------
+POLICY = """\
+apiVersion: virtwarden/v1
+kind: Policy
+metadata:
+  name: on-start
+spec:
+  selector:
+    domains: ["{glob}"]
+  backup:
+    target: nfs
+  on:
+    - event: domain.started
+      run: backup
+"""
+
+
+class ListenerProcess:
+    """``virtwarden listen`` in its own process group, its output in a log file."""
+
+    def __init__(self, vw, hosts: list[str] | None = None, env: dict[str, str] | None = None) -> None:  # noqa: ANN001
+        config = vw.write_config()
+        self.log = vw.root / "listener.log"
+        args = [sys.executable, "-m", "worker.cli", "--config", str(config), "--log-level", "info", "listen"]
+        for h in hosts or []:
+            args += ["--host", h]
+        full_env = {**os.environ, **(env or {})}
+        full_env.pop("VIRTWARDEN_DATABASE_URL", None)
+        full_env.pop("VIRTWARDEN_BROKER_URL", None)
+        self._out = open(self.log, "ab")
+        self.proc = subprocess.Popen(args, cwd=REPO, env=full_env, stdout=self._out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def text(self, after: int = 0) -> str:
+        return self.log.read_bytes()[after:].decode(errors="replace")
+
+    def wait_for(self, needle: str, *, after: int = 0, timeout: float = 60) -> int:
+        """Wait until ``needle`` is logged after offset ``after``; the offset just past it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            data = self.log.read_bytes()
+            found = data.find(needle.encode(), after)
+            if found >= 0:
+                return found + len(needle)
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        raise AssertionError(f"listener did not log {needle!r} within {timeout:.0f}s:\n{self.text()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._out.close()
+
+
+@pytest.fixture
+def installation(vw, tmp_path):  # noqa: ANN001, ANN201
+    """``vw`` on a Redis database of its own, with the on-start policy for one name."""
+    import redis
+
+    redis.Redis.from_url(LISTENER_REDIS_URL).flushdb()
+    vw.extra["broker_url"] = LISTENER_REDIS_URL
+    name = f"vwtest-lsn{secrets.token_hex(3)}"
+    policy_dir = tmp_path / "policies"
+    policy_dir.mkdir()
+    # Only this test's domain: other tests' guests on the same hosts are none of ours.
+    (policy_dir / "on-start.yaml").write_text(POLICY.format(glob=name))
+    vw.extra["policy_dir"] = str(policy_dir)
+    yield vw, name
+    redis.Redis.from_url(LISTENER_REDIS_URL).flushdb()
+
+
+def _wait_for_point(vw, domain: str, timeout: float) -> dict:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = vw.cli("backups", domain, "--json")
+        assert r.code == 0, r.err
+        complete = [p for p in r.json() if p["status"] == "complete"]
+        if complete:
+            return complete[0]
+        time.sleep(1)
+    jobs = vw.cli("jobs", "--json", "--domain", domain).out
+    logs = "\n".join(w.log.read_text()[-3000:] for w in vw.workers)
+    raise AssertionError(f"no complete restore point of {domain} after {timeout:.0f}s; jobs: {jobs}\n{logs}")
+
+
+def _events(vw, domain: str) -> list:  # noqa: ANN001
+    from catalog import events
+
+    cat = vw.catalog()
+    try:
+        return events.recent(cat, domain=domain)
+    finally:
+        cat.close()
+
+
+def _event_jobs(vw, domain: str) -> list[dict]:  # noqa: ANN001
+    r = vw.cli("jobs", "--json", "--domain", domain)
+    assert r.code == 0, r.err
+    return r.json()
+
+
+@pytest.mark.libvirt
+@pytest.mark.celery
+def test_a_started_domain_is_backed_up_without_any_command(installation, guest_factory) -> None:  # noqa: ANN001
+    vw, name = installation
+    vw.start_worker()
+    listener = ListenerProcess(vw)
+    try:
+        listener.wait_for("host local: reconciled (first contact)")
+        guest_factory(disks=1, size_mib=16, name=name)  # defined, then started: libvirt says so
+        point = _wait_for_point(vw, name, timeout=240)
+        assert point["level"] == "full"
+        jobs = _event_jobs(vw, name)
+        assert [(j["kind"], j["requested_by"], j["params"]["policy"]) for j in jobs] == \
+            [("backup", "event", "on-start")]
+        kinds = [(e.kind, e.reconciled) for e in _events(vw, name)]
+        assert ("domain.defined", False) in kinds and ("domain.started", False) in kinds
+        listener.wait_for(f"job.completed of {name} on host local (backup ok)")  # JOB_COMPLETED is heard too
+    finally:
+        listener.stop()
+
+
+def _stop_host2_libvirtd() -> None:
+    """Stop host2's libvirtd only (never the main host's, never moto)."""
+    pid = int(HOST2_PID.read_text().strip())
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if Path(f"/proc/{pid}").exists():
+        os.kill(pid, signal.SIGKILL)
+
+
+def _restart_host2(libvirt, uri: str):  # noqa: ANN001, ANN201
+    """``testhost.sh start`` starts what is missing (host2 here); it checks the other
+    services too, and one of them answering slowly on a busy machine fails a run, so
+    try again until host2 answers."""
+    out = ""
+    for _ in range(3):
+        started = subprocess.run(["bash", "scripts/testhost.sh", "start"], cwd=REPO, capture_output=True,
+                                 text=True, timeout=180)
+        out += started.stdout + started.stderr
+        try:
+            return libvirt.open(uri)
+        except libvirt.libvirtError:
+            continue
+    raise AssertionError(f"host2 did not come back after testhost.sh start:\n{out}")
+
+
+def _define_tiny_domain(conn, workdir: Path, name: str):  # noqa: ANN001, ANN201
+    from tests.guests import domain_type
+
+    workdir.mkdir(parents=True)
+    disk = workdir / "vda.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
+    xml = (f"<domain type='{domain_type(conn)}'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>"
+           f"<os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os><devices>"
+           f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{disk}'/>"
+           f"<target dev='vda' bus='virtio'/></disk><controller type='usb' model='none'/>"
+           f"<memballoon model='none'/></devices></domain>")
+    return conn.defineXML(xml)
+
+
+@pytest.mark.libvirt
+@pytest.mark.celery
+def test_a_libvirtd_restart_is_survived_and_what_it_hid_is_handled(installation, tmp_path) -> None:  # noqa: ANN001
+    libvirt = pytest.importorskip("libvirt")
+    from tests.guests import _remove_domain
+
+    uri2 = os.environ.get("VIRTWARDEN_TEST_HOST2_URI")
+    need(bool(uri2) and HOST2_PID.exists(), "the second test host (VIRTWARDEN_TEST_HOST2_URI) is not set up")
+    vw, name = installation
+    vw.hosts = {"h2": {"uri": uri2}}
+    vw.start_worker(["h2"])
+    listener = ListenerProcess(vw, env={"VIRTWARDEN_LISTENER_BACKOFF_MIN": "1"})
+    conn = None
+    try:
+        pos = listener.wait_for("host h2: reconciled (first contact)")
+        _stop_host2_libvirtd()
+        pos = listener.wait_for("host h2: connection to", after=pos)  # ... lost (end of file / I/O error)
+        pos = listener.wait_for("next attempt in", after=pos)  # a reconnect failed: libvirtd is down
+        # Freeze the listener while libvirtd comes back and a domain is defined and
+        # started, so that it cannot reconnect in time to hear those events: only
+        # reconciliation can find them. Its backoff timer runs on and fires on SIGCONT.
+        os.killpg(listener.proc.pid, signal.SIGSTOP)
+        try:
+            conn = _restart_host2(libvirt, uri2)
+            _define_tiny_domain(conn, tmp_path / name, name).create()
+        finally:
+            os.killpg(listener.proc.pid, signal.SIGCONT)
+        listener.wait_for("host h2: reconciled: ", after=pos, timeout=120)
+        point = _wait_for_point(vw, name, timeout=240)
+        assert point["level"] == "full"
+        recorded = [(e.kind, e.reconciled) for e in _events(vw, name)]
+        assert recorded[:2] == [("domain.defined", True), ("domain.started", True)], recorded
+        assert [(j["kind"], j["requested_by"]) for j in _event_jobs(vw, name)] == [("backup", "event")]
+    finally:
+        listener.stop()
+        if conn is not None:
+            _remove_domain(conn, name)
+            conn.close()

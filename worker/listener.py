@@ -1,0 +1,366 @@
+"""``virtwarden listen``: follow the hosts' libvirt events and start what policies ask for.
+
+Threads, and why:
+- libvirt's event loop (hypervisor.events.start_loop, registered before any connection
+  is opened) runs the callbacks, which only put plain values on one queue;
+- one watcher per host holds that host's event connection (keepalive 5 s x 3, a close
+  callback) and reconnects with exponential backoff (``VIRTWARDEN_LISTENER_BACKOFF_MIN``
+  seconds, 1 by default, doubling up to 60) when libvirt closes it or keepalive fails;
+  after every (re)connect it queues a reconciliation pass for its host;
+- the dispatcher (the main thread) takes items off the queue in order: it records each
+  event in the catalog (catalog.events), which keeps the domains table current, maps it
+  to the policies' ``on:`` triggers (policies.triggers) and creates the jobs
+  (worker.submit, deduplicated by ``event:<event id>:<policy>:<run>`` so that handling
+  one event twice never makes two jobs). A reconciliation pass lists the host's domains
+  and records the events that were missed (worker.reconcile), marked ``reconciled``.
+
+The first pass for a host the catalog has never seen records its domains as a baseline
+and starts nothing: turning the listener on must not back up a whole fleet at once
+(schedules cover existing domains). A live event that happened before a pass that
+already made it up (it was still queued) is recorded but starts nothing again.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from catalog import events as catalog_events
+from catalog.events import EventView
+from catalog.store import Catalog
+from policies import Policy, load_policies, parse_metadata
+from policies.loader import policy_files
+from policies.select import DomainFacts
+from policies.triggers import RUNS, TriggerAction, listened_events, triggers_for
+from virtwarden.config import Config
+from virtwarden.errors import (DatabaseUnavailable, DomainNotFound, EXIT_OK, HypervisorUnavailable, PolicyError,
+                               Transient, VirtwardenError)
+from worker.reconcile import SeenDomain, foreign, missed_events, part_of_start, state_after, still_here
+
+if TYPE_CHECKING:
+    from hypervisor.events import EventConnection, HostEvent
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+ENV_BACKOFF_MIN = "VIRTWARDEN_LISTENER_BACKOFF_MIN"
+BACKOFF_MIN = 1.0  # seconds before the first reconnect attempt ...
+BACKOFF_MAX = 60.0  # ... doubling up to this
+CHECK_EVERY = 5.0  # how often a watcher looks at its connection besides the close callback
+TRANSIENT_TRIES = 5  # broker or libvirt errors while starting a job; the database is waited for
+
+
+@dataclass(frozen=True)
+class Connected:
+    """A watcher (re)connected to ``host`` and subscribed at ``at``: reconcile it."""
+
+    host: str
+    at: float
+
+
+def cli(args: argparse.Namespace) -> int:
+    from hypervisor import events
+
+    events.start_loop()  # before anything below opens a libvirt connection
+    from worker import celery_app
+    from worker.cli import load_config
+
+    cfg = load_config(args)
+    hosts = args.host or list(cfg.hosts)
+    for h in hosts:
+        cfg.host(h)  # unknown names are an error before anything starts
+    celery_app.configure(cfg)
+    listener = Listener(cfg, Catalog(cfg.catalog_url), hosts, backoff_min=backoff_min())
+    # The handler only notes the signal: stopping takes locks, which a handler running in
+    # the middle of this thread's own locked code must not.
+    signalled: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: signalled.append(signum))
+    log.info("listening to %s (catalog %s)", ", ".join(hosts), cfg.catalog_url.split("@")[-1])
+    listener.start()
+    while not signalled and listener.running():
+        time.sleep(0.5)
+    log.info("stopping (%s)", signal.Signals(signalled[0]).name if signalled else "dispatcher ended")
+    listener.stop()
+    return EXIT_OK
+
+
+def backoff_min() -> float:
+    raw = os.environ.get(ENV_BACKOFF_MIN)
+    try:
+        return max(0.1, float(raw)) if raw else BACKOFF_MIN
+    except ValueError:
+        log.warning("%s=%r is not a number of seconds; using %.0f", ENV_BACKOFF_MIN, raw, BACKOFF_MIN)
+        return BACKOFF_MIN
+
+
+class Listener:
+    def __init__(self, cfg: Config, cat: Catalog, hosts: list[str], *, backoff_min: float = BACKOFF_MIN,
+                 backoff_max: float = BACKOFF_MAX) -> None:
+        self.cfg, self.cat, self.hosts = cfg, cat, hosts
+        self.backoff_min, self.backoff_max = backoff_min, max(backoff_min, backoff_max)
+        self.queue: queue.Queue[Any] = queue.Queue()
+        self.stopping = threading.Event()
+        self.dispatcher = Dispatcher(cfg, cat, self.stopping)
+
+    def start(self) -> None:
+        for host in self.hosts:
+            threading.Thread(target=self._watch, args=(host,), name=f"watch-{host}", daemon=True).start()
+        self._dispatcher = threading.Thread(target=self._dispatch, name="dispatcher", daemon=True)
+        self._dispatcher.start()
+
+    def running(self) -> bool:
+        return self._dispatcher.is_alive()
+
+    def stop(self, timeout: float = 15) -> None:
+        """Finish the item in hand (a retry gives up), then end."""
+        self.stopping.set()
+        self.queue.put_nowait(None)
+        self._dispatcher.join(timeout)
+
+    def _dispatch(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None or self.stopping.is_set():
+                return
+            self.dispatcher.handle(item)
+
+    def _watch(self, host: str) -> None:
+        while not self.stopping.is_set():
+            try:
+                self._follow(host)
+            except Exception:  # noqa: BLE001 - a watcher that dies would leave its host unheard
+                log.exception("host %s: watcher failed (a bug: please report it); starting it again", host)
+                self.stopping.wait(self.backoff_max)
+
+    def _follow(self, host: str) -> None:
+        from hypervisor.events import EventConnection
+
+        uri = self.cfg.host(host).uri
+        conn = EventConnection(host, uri, self.queue)
+        try:
+            self._reconnecting(conn)
+        finally:
+            conn.close()
+
+    def _reconnecting(self, conn: EventConnection) -> None:
+        host, uri = conn.host, conn.uri
+        delay = self.backoff_min
+        while not self.stopping.is_set():
+            try:
+                conn.open()
+            except HypervisorUnavailable as e:
+                log.warning("%s; next attempt in %.0fs", e, delay)  # the message names the host
+                self.stopping.wait(delay)
+                delay = min(delay * 2, self.backoff_max)
+                continue
+            log.info("host %s: connected to %s, events subscribed", host, uri)
+            connected_at = time.monotonic()
+            self.queue.put(Connected(host, time.time()))
+            while conn.alive() and not self.stopping.is_set():
+                conn.lost.wait(CHECK_EVERY)
+            reason = conn.close_reason or "the connection stopped answering"
+            conn.close()
+            if self.stopping.is_set():
+                return
+            if time.monotonic() - connected_at > self.backoff_max:
+                delay = self.backoff_min  # it was up a while: start over; a flapping host keeps backing off
+            log.warning("host %s: connection to %s lost (%s); reconnecting in %.0fs", host, uri, reason, delay)
+            self.stopping.wait(delay)
+            delay = min(delay * 2, self.backoff_max)
+
+
+class Dispatcher:
+    """Records events, reconciles hosts and starts jobs, one queue item at a time."""
+
+    def __init__(self, cfg: Config, cat: Catalog, stopping: threading.Event) -> None:
+        self.cfg, self.cat, self.stopping = cfg, cat, stopping
+        self.policies = PolicyCache(cfg)
+        self._metadata: dict[str, dict[str, str]] = {}  # domain UUID -> virtwarden metadata
+        self._reconciled_at: dict[str, float] = {}  # domain UUID -> listing time of a pass that made up events
+
+    def handle(self, item: Any) -> None:
+        try:
+            if isinstance(item, Connected):
+                self.reconcile(item.host)
+            else:
+                self.on_event(item)
+        except VirtwardenError as e:
+            log.error("%s: %s", _describe(item), e)
+        except Exception:  # noqa: BLE001 - one bad item must not stop the listener
+            log.exception("%s: unexpected error (a bug: please report it with this traceback)", _describe(item))
+
+    # --- live events --------------------------------------------------------------------
+    def on_event(self, ev: HostEvent) -> None:
+        """Record a live event and start the jobs its triggers name."""
+        stale = self._reconciled_at.get(ev.uuid, 0.0) >= ev.at
+        at = datetime.fromtimestamp(ev.at, timezone.utc)
+        quiet = stale
+
+        def record() -> EventView:
+            nonlocal quiet
+            before = catalog_events.domain(self.cat, ev.uuid)
+            previous = before.state if before else None
+            detail, touch = ev.detail, True
+            if stale:
+                detail += "; made up by reconciliation already"
+            elif before is not None and foreign(ev.kind, ev.host, before):
+                quiet, touch, detail = True, False, f"{detail}; the domain runs on host {before.host}"
+            elif part_of_start(ev.kind, previous):
+                quiet, detail = True, detail + "; part of a start"
+            state = None if stale else state_after(ev.kind, ev.detail, previous)
+            return catalog_events.record(self.cat, host=ev.host, domain=ev.domain, uuid=ev.uuid, kind=ev.kind,
+                                         detail=detail, at=at, state=state, touch_domain=touch)
+
+        rec = self._retry(f"recording {ev.kind} of {ev.domain} on host {ev.host}", record)
+        log.info("event %d: %s of %s on host %s (%s)", rec.id, rec.kind, rec.domain, rec.host, rec.detail)
+        if not quiet:
+            self.start_jobs(rec)
+
+    # --- triggers -----------------------------------------------------------------------
+    def start_jobs(self, rec: EventView) -> None:
+        found = self.policies.get()
+        if rec.kind not in listened_events(found) or rec.domain is None:
+            return
+        facts = DomainFacts(rec.domain, rec.host, self._metadata_of(rec))
+        for run in RUNS:  # one job's ambiguous policies must not hold back the others
+            try:
+                actions = triggers_for(rec.kind, facts, found, runs=(run,))
+            except PolicyError as e:
+                log.error("event %d (%s of %s): no %s started: %s", rec.id, rec.kind, rec.domain, run, e)
+                continue
+            for action in actions:
+                try:
+                    self._retry(f"event {rec.id}: starting {run} of {rec.domain}", lambda: self._enqueue(rec, action))
+                except VirtwardenError as e:
+                    log.error("event %d (%s of %s on host %s): %s for policy %s not started: %s",
+                              rec.id, rec.kind, rec.domain, rec.host, run, action.policy, e)
+
+    def _enqueue(self, rec: EventView, action: TriggerAction) -> None:
+        from worker import submit
+
+        assert rec.domain is not None
+        key = f"event:{rec.id}:{action.policy}:{action.run}"
+        if action.run == "backup":
+            job = submit.backup(self.cfg, self.cat, rec.domain, policy=action.policy, full=action.full,
+                                host=rec.host, requested_by="event", dedup_key=key)
+        else:
+            job = submit.enqueue(self.cfg, self.cat, action.run, rec.domain, rec.host,
+                                 {"domain": rec.domain, "policy": action.policy}, "event", dedup_key=key)
+        log.info("event %d: %s of %s on host %s -> %s job %s (policy %s%s)", rec.id, rec.kind, rec.domain,
+                 rec.host, action.run, job.id, action.policy, ", full" if action.full else "")
+
+    def _metadata_of(self, rec: EventView) -> dict[str, str]:
+        """The domain's virtwarden metadata, from libvirt; the last known when it is gone."""
+        from hypervisor.libvirt_host import LibvirtHost
+
+        assert rec.domain is not None and rec.domain_uuid is not None
+        try:
+            with LibvirtHost(rec.host, self.cfg.host(rec.host).uri) as hv:
+                info = hv.domain(rec.domain)
+            if info.uuid == rec.domain_uuid:
+                self._metadata[info.uuid] = parse_metadata(info.xml)
+        except (DomainNotFound, HypervisorUnavailable) as e:
+            log.debug("event %d: metadata of %s not read (%s); using the last known", rec.id, rec.domain, e)
+        return self._metadata.get(rec.domain_uuid, {})
+
+    # --- reconciliation -----------------------------------------------------------------
+    def reconcile(self, host: str) -> None:
+        """Compare the host's domains with the catalog and record what was missed."""
+        from hypervisor.libvirt_host import LibvirtHost
+
+        listed_at = time.time()
+        try:
+            with LibvirtHost(host, self.cfg.host(host).uri) as hv:
+                infos = self._retry(f"listing domains of host {host}", hv.domains, tries=3,
+                                    retry_on=(DomainNotFound,))
+        except HypervisorUnavailable as e:
+            log.warning("host %s: reconciliation skipped (%s); the next reconnect tries again", host, e)
+            return
+        seen = [SeenDomain(i.uuid, i.name, i.state, i.persistent) for i in infos]
+        for info in infos:
+            self._metadata[info.uuid] = parse_metadata(info.xml)
+        known = self._retry("reading the domains table", lambda: catalog_events.domains(self.cat))
+        first = not self._retry("reading the hosts table", lambda: catalog_events.host_known(self.cat, host))
+        missed = [] if first else missed_events(host, known, seen)
+        for m in missed:
+            def record(m: Any = m) -> EventView:
+                return catalog_events.record(self.cat, host=host, domain=m.name, uuid=m.uuid, kind=m.kind,
+                                             detail=m.detail, state=m.state)
+
+            rec = self._retry(f"recording {m.kind} of {m.name} on host {host}", record)
+            self._reconciled_at[m.uuid] = listed_at
+            log.info("event %d: %s of %s on host %s (%s)", rec.id, rec.kind, rec.domain, host, rec.detail)
+            self.start_jobs(rec)
+        hc = self.cfg.host(host)
+        self._retry("updating the domains table", lambda: catalog_events.note_domains(
+            self.cat, still_here(host, known, seen)))
+        self._retry("updating the hosts table", lambda: catalog_events.host_reconciled(self.cat, host, hc.uri, hc.group))
+        if first:
+            log.info("host %s: reconciled (first contact): %d domain(s) recorded as the baseline, no jobs started",
+                     host, len(seen))
+        else:
+            log.info("host %s: reconciled: %d domain(s), %d missed event(s)", host, len(seen), len(missed))
+
+    # --- retries ------------------------------------------------------------------------
+    def _retry(self, what: str, fn: Callable[[], T], *, tries: int = TRANSIENT_TRIES,
+               retry_on: tuple[type[Exception], ...] = ()) -> T:
+        """``fn()``, again after transient errors with a doubling delay: the database
+        until it answers (events must not be lost), anything else ``tries`` times."""
+        delay, attempt = 1.0, 0
+        retryable: tuple[type[Exception], ...] = (Transient, *retry_on)
+        while True:
+            try:
+                return fn()
+            except retryable as e:
+                attempt += 1
+                if (attempt >= tries and not isinstance(e, DatabaseUnavailable)) or self.stopping.is_set():
+                    raise
+                log.warning("%s: %s; trying again in %.0fs", what, e, delay)
+            self.stopping.wait(delay)
+            delay = min(delay * 2, BACKOFF_MAX)
+
+
+class PolicyCache:
+    """The policy directory, read again when a file in it changes. While a changed
+    directory does not load, the last policies that did stay in force (logged)."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self._signature: object = None
+        self._policies: list[Policy] = []
+
+    def get(self) -> list[Policy]:
+        signature = _signature(self.cfg.policies_path)
+        if signature != self._signature:
+            self._signature = signature
+            try:
+                self._policies = load_policies(self.cfg)
+                log.info("policies loaded from %s: %s", self.cfg.policies_path,
+                         ", ".join(p.name for p in self._policies) or "none")
+            except PolicyError as e:
+                log.error("policies in %s not reloaded, the previous ones stay in force: %s",
+                          self.cfg.policies_path, e)
+        return self._policies
+
+
+def _signature(directory: Path) -> object:
+    try:
+        return tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in policy_files(directory))
+    except OSError:
+        return None
+
+
+def _describe(item: Any) -> str:
+    if isinstance(item, Connected):
+        return f"reconciling host {item.host}"
+    return f"event {getattr(item, 'kind', '?')} of {getattr(item, 'domain', '?')} on host {getattr(item, 'host', '?')}"

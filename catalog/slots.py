@@ -1,0 +1,164 @@
+"""Schedule slots in the catalog: the database, not a scheduler's memory, decides who
+starts a slot.
+
+A scheduler claims a slot by inserting its row; the unique constraint on (policy, job,
+domain, slot_at) lets exactly one insert win, however many schedulers run. A row is
+then moved between states only by guarded UPDATEs (``move``), so two schedulers
+deciding about the same deferred row cannot both start it:
+
+    claimed (deferred, "new") -> started (job_id set once the job exists)
+                              -> skipped (window closed, or a permanent error)
+                              -> deferred (waits for a limit; tried again each tick)
+
+``started`` and ``skipped`` are final. A ``started`` row without a job belongs to a
+scheduler that stopped between the two steps; the next tick finishes it (the job's
+dedup key makes that safe).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from catalog.jobs import QUEUED, RUNNING, JobView
+from catalog.models import Job, ScheduleSlot
+from catalog.store import Catalog
+
+STARTED, SKIPPED, DEFERRED = "started", "skipped", "deferred"
+NEW = "new: claimed, not decided yet"
+
+
+@dataclass(frozen=True)
+class SlotRow:
+    id: int
+    policy: str
+    job: str
+    domain: str
+    slot_at: datetime
+    window_end: datetime
+    state: str
+    reason: str | None
+    job_id: str | None
+    created_at: datetime
+
+    def to_json(self) -> dict:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        for k in ("slot_at", "window_end", "created_at"):
+            out[k] = out[k].isoformat()
+        return out
+
+
+def _count(result: Any) -> int:
+    """Rows an UPDATE matched (a CursorResult's rowcount; untyped on Result)."""
+    return int(result.rowcount)
+
+
+def _row(r: ScheduleSlot) -> SlotRow:
+    return SlotRow(**{k: getattr(r, k) for k in SlotRow.__dataclass_fields__})
+
+
+def claim(cat: Catalog, *, policy: str, job: str, domain: str, slot_at: datetime, window_end: datetime,
+          now: datetime) -> SlotRow | None:
+    """Insert the slot's row (state deferred, reason NEW); None when it exists already
+    (another scheduler, or an earlier tick, has it)."""
+    row = ScheduleSlot(policy=policy, job=job, domain=domain, slot_at=slot_at, window_end=window_end,
+                       state=DEFERRED, reason=NEW, created_at=now)
+    try:
+        with cat.session() as s:
+            s.add(row)
+    except IntegrityError:
+        return None
+    return _row(row)
+
+
+def recorded(cat: Catalog, since: datetime) -> set[tuple[str, str, str, datetime]]:
+    """(policy, job, domain, slot_at) of the rows with slot_at >= since: slots that need
+    no insert attempt."""
+    with cat.session() as s:
+        rows = s.execute(select(ScheduleSlot.policy, ScheduleSlot.job, ScheduleSlot.domain, ScheduleSlot.slot_at)
+                         .where(ScheduleSlot.slot_at >= since))
+        return {(p, j, d, at) for p, j, d, at in rows}
+
+
+def last_recorded(cat: Catalog) -> datetime | None:
+    """When the newest row was written: a scheduler ran at least until then, so slots
+    after it that have no row were missed."""
+    with cat.session() as s:
+        newest: datetime | None = s.scalar(select(func.max(ScheduleSlot.created_at)))
+        return newest
+
+
+def deferred(cat: Catalog) -> list[SlotRow]:
+    """Rows still waiting for a decision, oldest slot first."""
+    return _where(cat, ScheduleSlot.state == DEFERRED)
+
+
+def unsent(cat: Catalog) -> list[SlotRow]:
+    """Started rows without a job: their scheduler stopped before it created the job."""
+    return _where(cat, ScheduleSlot.state == STARTED, ScheduleSlot.job_id.is_(None))
+
+
+def _where(cat: Catalog, *conditions: ColumnElement[bool]) -> list[SlotRow]:
+    with cat.session() as s:
+        q = select(ScheduleSlot).where(*conditions).order_by(ScheduleSlot.slot_at, ScheduleSlot.id)
+        return [_row(r) for r in s.scalars(q)]
+
+
+def move(cat: Catalog, slot_id: int, *, from_state: str, to_state: str, reason: str | None) -> bool:
+    """Change the row's state if it is still ``from_state``; False when another
+    scheduler changed it first."""
+    with cat.session() as s:
+        result = s.execute(update(ScheduleSlot).where(ScheduleSlot.id == slot_id, ScheduleSlot.state == from_state)
+                           .values(state=to_state, reason=reason[:4000] if reason else None))
+        return _count(result) == 1
+
+
+def attach_job(cat: Catalog, slot_id: int, job_id: str, reason: str | None = None) -> bool:
+    """Record the job a started slot made (once)."""
+    with cat.session() as s:
+        result = s.execute(update(ScheduleSlot)
+                           .where(ScheduleSlot.id == slot_id, ScheduleSlot.state == STARTED,
+                                  ScheduleSlot.job_id.is_(None))
+                           .values(job_id=job_id, reason=reason))
+        return _count(result) == 1
+
+
+def release(cat: Catalog, slot_id: int, reason: str) -> bool:
+    """A started slot whose job could not be created goes back to deferred (tried again
+    while its window is open)."""
+    with cat.session() as s:
+        result = s.execute(update(ScheduleSlot)
+                           .where(ScheduleSlot.id == slot_id, ScheduleSlot.state == STARTED,
+                                  ScheduleSlot.job_id.is_(None))
+                           .values(state=DEFERRED, reason=reason[:4000]))
+        return _count(result) == 1
+
+
+def listing(cat: Catalog, *, since: datetime | None = None, domain: str | None = None,
+            limit: int = 1000) -> list[SlotRow]:
+    with cat.session() as s:
+        q = select(ScheduleSlot).order_by(ScheduleSlot.slot_at, ScheduleSlot.policy, ScheduleSlot.job,
+                                          ScheduleSlot.domain).limit(limit)
+        if since is not None:
+            q = q.where(ScheduleSlot.slot_at >= since)
+        if domain is not None:
+            q = q.where(ScheduleSlot.domain == domain)
+        return [_row(r) for r in s.scalars(q)]
+
+
+def busy_jobs(cat: Catalog, kinds: Iterable[str]) -> list[JobView]:
+    """Queued and running jobs of ``kinds``: what the concurrency limits count."""
+    with cat.session() as s:
+        rows = s.scalars(select(Job).where(Job.state.in_((QUEUED, RUNNING)), Job.kind.in_(list(kinds))))
+        return [JobView(**{k: getattr(r, k) for k in JobView.__dataclass_fields__}) for r in rows]
+
+
+def job_with_key(cat: Catalog, dedup_key: str) -> str | None:
+    """The id of the job created under ``dedup_key``, if any."""
+    with cat.session() as s:
+        found: str | None = s.scalar(select(Job.id).where(Job.dedup_key == dedup_key))
+        return found

@@ -1,0 +1,386 @@
+"""The scheduler on a real catalog (SQLite and PostgreSQL), real libvirt domains, a real
+Redis broker and a clock the test controls. No worker runs: the tests look at the job
+rows and slot rows the scheduler leaves in the catalog."""
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from catalog import jobs, slots
+from catalog.store import Catalog
+from tests.conftest import need
+from tests.harness import REPO
+from virtwarden import config as config_module
+
+pytestmark = pytest.mark.libvirt
+
+UTC = timezone.utc
+PG_URL = os.environ.get("VIRTWARDEN_TEST_POSTGRES_URL",
+                        "postgresql+psycopg2://virtwarden:virtwarden@127.0.0.1:5432/virtwarden_test")
+
+
+def T(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
+class FakeClock:
+    def __init__(self, start: str) -> None:
+        self.now = T(start)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def set(self, text: str) -> FakeClock:
+        self.now = T(text)
+        return self
+
+
+class Setup:
+    """An installation (vw), its guests (defined, not started) and one policy file."""
+
+    def __init__(self, vw, guest_factory, policy: str, guests: int = 2) -> None:  # noqa: ANN001
+        self.vw = vw
+        self.prefix = f"vwsched-{secrets.token_hex(3)}"
+        self.domains = [guest_factory(disks=1, size_mib=16, start=False, name=f"{self.prefix}-{chr(97 + i)}").name
+                        for i in range(guests)]
+        policies = vw.data_dir / "policies"
+        policies.mkdir(parents=True, exist_ok=True)
+        text = textwrap.dedent(policy).replace("PREFIX", self.prefix)
+        (policies / "test.yaml").write_text(text)
+
+    def config(self, database_url: str | None = None) -> config_module.Config:
+        if database_url:
+            self.vw.extra["database_url"] = database_url
+        cfg = config_module.load(str(self.vw.write_config()), env={})
+        from worker import celery_app
+
+        celery_app.configure(cfg)
+        return cfg
+
+    def scheduler(self, cfg: config_module.Config, clock: FakeClock):  # noqa: ANN201
+        from worker.scheduler import Scheduler
+
+        return Scheduler(cfg, Catalog(cfg.catalog_url), clock=clock)
+
+    def cli(self, *args: str, now: str) -> subprocess.CompletedProcess:
+        self.vw.write_config()
+        env = {**os.environ, "VIRTWARDEN_CONFIG": str(self.vw.config_path), "VIRTWARDEN_SCHEDULER_NOW": now}
+        env.pop("VIRTWARDEN_DATABASE_URL", None)
+        env.pop("VIRTWARDEN_BROKER_URL", None)
+        return subprocess.run([sys.executable, "-m", "worker.cli", *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+
+def slot_jobs(cat: Catalog) -> dict[tuple[str, str, str], jobs.JobView]:
+    """The scheduler's jobs by (kind, domain, slot time) from their dedup keys, checking
+    that no slot has two."""
+    found: dict[tuple[str, str, str], jobs.JobView] = {}
+    for job in jobs.recent(cat, limit=1000):
+        assert job.requested_by == "scheduler"
+        with cat.session() as s:
+            from catalog.models import Job
+
+            key = s.get(Job, job.id).dedup_key
+        _, policy, kind, domain, at = key.split(":", 4)
+        slot_at = datetime.fromisoformat(at).strftime("%H:%M")
+        assert (kind, domain, slot_at) not in found, f"two jobs for one slot: {key}"
+        found[(kind, domain, slot_at)] = job
+    return found
+
+
+def rows(cat: Catalog) -> dict[tuple[str, str, str], slots.SlotRow]:
+    return {(r.job, r.domain, r.slot_at.strftime("%H:%M")): r for r in slots.listing(cat)}
+
+
+def finish(cat: Catalog, job: jobs.JobView) -> None:
+    """What a worker would do with the job (none runs in these tests)."""
+    assert jobs.claim(cat, job.id, "test-worker", 60, lock_domain=False).ok
+    assert jobs.finish(cat, job.id, "test-worker", ok=True, result={})
+
+
+HOURLY = """\
+    apiVersion: virtwarden/v1
+    kind: Policy
+    metadata: {name: hourly}
+    spec:
+      selector: {domains: ["PREFIX-*"]}
+      backup: {target: nfs, schedule: "0 * * * *", window: 20m}
+    """
+
+
+def test_a_window_makes_one_job_per_slot_and_domain(vw, guest_factory):
+    setup = Setup(vw, guest_factory, HOURLY)
+    vw.hosts["gone"] = {"uri": "qemu+tcp://127.0.0.1:1/system"}  # unreachable: left out, the rest goes on
+    cfg = setup.config()
+    clock = FakeClock("2025-01-10 10:00:05")
+    sched = setup.scheduler(cfg, clock)
+    a, b = setup.domains
+    first = sched.tick()
+    assert "gone" in first.unreachable and len(first.started) == 2
+    for minutes in range(5, 60, 5):  # every tick inside and after the window: nothing new
+        clock.now = T("2025-01-10 10:00:05") + timedelta(minutes=minutes)
+        assert sched.tick().started == []
+    cat = sched.cat
+    for job in slot_jobs(cat).values():
+        finish(cat, job)
+    for t in ("11:00:00", "11:00:30", "11:10:00", "11:30:00"):
+        clock.set(f"2025-01-10 {t}")
+        sched.tick()
+    found = slot_jobs(cat)
+    assert sorted(found) == [("backup", a, "10:00"), ("backup", a, "11:00"), ("backup", b, "10:00"),
+                             ("backup", b, "11:00")]
+    job = found[("backup", a, "11:00")]
+    assert (job.kind, job.domain, job.host, job.state) == ("backup", a, "local", "queued")
+    assert job.params == {"domain": a, "storage": "nfs", "strategy": "bitmap", "full_every": 7, "force_full": False,
+                          "policy": "hourly"}
+    recorded = rows(cat)
+    assert len(recorded) == 4 and {r.state for r in recorded.values()} == {"started"}
+    assert {(k, r.job_id) for k, r in recorded.items()} == {(k, j.id) for k, j in found.items()}
+    assert recorded[("backup", a, "11:00")].window_end == T("2025-01-10 11:20")
+    # A policy file broken while the scheduler runs: it says so and finds slots with the
+    # policies it had; a backup's settings need the files, so its slot waits for the fix.
+    for d in (a, b):
+        finish(cat, found[("backup", d, "11:00")])
+    (vw.data_dir / "policies" / "broken.yaml").write_text("apiVersion: virtwarden/v1\nkind: Policy\n")
+    clock.set("2025-01-10 12:00:10")
+    report = sched.tick()
+    assert not report.ok and "broken.yaml" in report.problems[0]
+    assert report.started == [] and rows(cat)[("backup", a, "12:00")].state == "deferred"
+    assert "broken.yaml:1: metadata: Field required" in rows(cat)[("backup", a, "12:00")].reason
+    (vw.data_dir / "policies" / "broken.yaml").unlink()
+    clock.set("2025-01-10 12:00:40")
+    report = sched.tick()
+    assert report.problems == [] and len(report.started) == 2
+
+
+def test_limits_defer_and_a_closed_window_skips(vw, guest_factory):
+    setup = Setup(vw, guest_factory, HOURLY.replace("window: 20m", "window: 20m, max_parallel_per_host: 1"))
+    cfg = setup.config()
+    clock = FakeClock("2025-01-10 10:00:05")
+    sched = setup.scheduler(cfg, clock)
+    cat = sched.cat
+    a, b = setup.domains
+    report = sched.tick()
+    assert [k.split(":")[3] for k, _ in report.started] == [a]
+    assert rows(cat)[("backup", b, "10:00")].reason == ("host local already has 1 backup job(s) queued or running"
+                                                        " (max_parallel_per_host 1 in policy hourly)")
+    finish(cat, slot_jobs(cat)[("backup", a, "10:00")])
+    clock.set("2025-01-10 10:05:00")
+    assert [k.split(":")[3] for k, _ in sched.tick().started] == [b]  # the deferred slot, window still open
+    clock.set("2025-01-10 11:00:10")  # b's 10:00 job still queued: a's 11:00 waits for the host
+    assert sched.tick().started == []
+    for t in ("11:10:00", "11:20:00"):
+        clock.set(f"2025-01-10 {t}")
+        sched.tick()
+    recorded = rows(cat)
+    assert [recorded[("backup", d, "11:00")].state for d in (a, b)] == ["skipped", "skipped"]
+    assert recorded[("backup", a, "11:00")].reason == (
+        "window closed at 2025-01-10 11:20:00Z before the backup could start (it waited: host local already has"
+        " 1 backup job(s) queued or running (max_parallel_per_host 1 in policy hourly))")
+    assert sorted(slot_jobs(cat)) == [("backup", a, "10:00"), ("backup", b, "10:00")]
+
+
+def test_a_broker_outage_or_a_scheduler_crash_loses_no_slot(vw, guest_factory):
+    setup = Setup(vw, guest_factory, HOURLY)
+    a, b = setup.domains
+    good = setup.config()
+    down = good.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
+    clock = FakeClock("2025-01-10 10:00:05")
+    from worker import celery_app
+
+    celery_app.configure(down)
+    report = setup.scheduler(down, clock).tick()
+    assert report.started == [] and len(report.deferred) == 2
+    cat = Catalog(good.catalog_url)
+    assert rows(cat)[("backup", a, "10:00")].reason.startswith("broker unreachable: ")
+    assert jobs.recent(cat) == []  # no job burned its slot's dedup key
+    # A scheduler that died after marking a slot started but before creating its job:
+    row = rows(cat)[("backup", b, "10:00")]
+    assert slots.move(cat, row.id, from_state=slots.DEFERRED, to_state=slots.STARTED, reason=None)
+    celery_app.configure(good)
+    clock.set("2025-01-10 10:01:00")
+    report = setup.scheduler(good, clock).tick()  # the broker is back; a restarted scheduler
+    assert len(report.started) == 1  # a's deferred slot; b's job was made by the recovery
+    assert sorted(slot_jobs(cat)) == [("backup", a, "10:00"), ("backup", b, "10:00")]
+    assert {r.state for r in rows(cat).values()} == {"started"}
+    assert all(r.job_id for r in rows(cat).values())
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def catalog_url(request, vw):  # noqa: ANN001, ANN201
+    if request.param == "sqlite":
+        yield None  # the installation's own SQLite file
+        return
+    try:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(PG_URL)
+        schema = f"vw_{uuid.uuid4().hex[:10]}"
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    except Exception as e:  # noqa: BLE001
+        need(False, f"PostgreSQL at {PG_URL} not reachable: {e}")
+    sep = "&" if "?" in PG_URL else "?"
+    yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+    engine.dispose()
+
+
+def test_concurrent_schedulers_start_each_slot_once(vw, guest_factory, catalog_url):
+    setup = Setup(vw, guest_factory, HOURLY, guests=3)
+    cfg = setup.config(catalog_url)
+    clock = FakeClock("2025-01-10 10:00:05")
+    schedulers = [setup.scheduler(cfg, clock) for _ in range(4)]  # each with its own engine
+    barrier = threading.Barrier(len(schedulers))
+    reports, errors = [], []
+
+    def tick(sched) -> None:  # noqa: ANN001
+        try:
+            barrier.wait(timeout=120)
+            reports.append(sched.tick())
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=tick, args=(s,)) for s in schedulers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert errors == []
+    cat = schedulers[0].cat
+    found = slot_jobs(cat)
+    assert sorted(found) == sorted(("backup", d, "10:00") for d in setup.domains)
+    assert sorted(j for r in reports for _, j in r.started) == sorted(j.id for j in found.values())
+    assert {r.state for r in rows(cat).values()} == {"started"} and len(rows(cat)) == 3
+
+
+def test_two_scheduler_processes_start_each_slot_once(vw, guest_factory):
+    setup = Setup(vw, guest_factory, HOURLY, guests=3)
+    setup.config()
+    # The catalog exists, as in any installation that ran before (two processes creating
+    # a fresh SQLite schema at the same instant is the catalog's own concern).
+    vw.catalog().close()
+    env = {**os.environ, "VIRTWARDEN_CONFIG": str(vw.config_path), "VIRTWARDEN_SCHEDULER_NOW": "2025-01-10T10:01:00Z"}
+    env.pop("VIRTWARDEN_DATABASE_URL", None)
+    procs = [subprocess.Popen([sys.executable, "-m", "worker.cli", "scheduler", "--once"], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    started = sum(int(out.split(": ")[1].split(" started")[0]) for out, _ in outs)
+    cat = vw.catalog()
+    assert sorted(slot_jobs(cat)) == sorted(("backup", d, "10:00") for d in setup.domains)
+    assert started == 3
+
+
+def test_missed_slots_run_while_their_window_is_open_and_are_skipped_after(vw, guest_factory):
+    setup = Setup(vw, guest_factory, HOURLY.rstrip(" ") + '      snapshots: {schedule: "0 2 * * *"}\n', guests=1)
+    (domain,) = setup.domains
+    first = setup.cli("scheduler", "--once", now="2025-01-10T09:05:00Z")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("scheduler tick at 2025-01-10T09:05:00"), first.stdout
+    cat = vw.catalog()
+    # First run on an empty catalog: each schedule's latest slot. The 02:00 snapshot's
+    # window (until the next slot, a day later) is open, so it starts now.
+    assert sorted(slot_jobs(cat)) == [("backup", domain, "09:00"), ("snapshot", domain, "02:00")]
+    for job in slot_jobs(cat).values():
+        finish(cat, job)
+    # Down until 11:30: the 10:00 and 11:00 windows (20 minutes) have closed.
+    assert setup.cli("scheduler", "--once", now="2025-01-10T11:30:00Z").returncode == 0
+    recorded = rows(cat)
+    for slot_at in ("10:00", "11:00"):
+        row = recorded[("backup", domain, slot_at)]
+        assert (row.state, row.job_id) == ("skipped", None)
+        assert row.reason == (f"missed while no scheduler saw it: window closed at 2025-01-10 {slot_at[:2]}:20:00Z"
+                              " before the backup could start")
+    # Down again until 12:10: the 12:00 window is still open.
+    assert setup.cli("scheduler", "--once", now="2025-01-10T12:10:00Z").returncode == 0
+    assert rows(cat)[("backup", domain, "12:00")].state == "started"
+    assert sorted(slot_jobs(cat)) == [("backup", domain, "09:00"), ("backup", domain, "12:00"),
+                                      ("snapshot", domain, "02:00")]
+
+
+def test_the_daemon_ticks_until_stopped(vw, guest_factory):
+    setup = Setup(vw, guest_factory, HOURLY, guests=1)
+    (domain,) = setup.domains
+    setup.config()
+    vw.catalog().close()
+    env = {**os.environ, "VIRTWARDEN_CONFIG": str(vw.config_path), "VIRTWARDEN_SCHEDULER_TICK": "0.5",
+           "VIRTWARDEN_SCHEDULER_NOW": "2025-01-10T10:59:58Z"}  # its clock runs on from there
+    env.pop("VIRTWARDEN_DATABASE_URL", None)
+    log = vw.root / "scheduler.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "--log-level", "info", "scheduler"], cwd=REPO,
+                                env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        cat = vw.catalog()
+        deadline = time.monotonic() + 120
+        while ("backup", domain, "11:00") not in rows(cat) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    recorded = rows(cat)
+    assert recorded[("backup", domain, "10:00")].state == "skipped"  # its window closed at 10:20
+    assert recorded[("backup", domain, "11:00")].state == "started", log.read_text()
+    assert sorted(slot_jobs(cat)) == [("backup", domain, "11:00")]
+
+
+PARIS = """\
+    apiVersion: virtwarden/v1
+    kind: Policy
+    metadata: {name: paris}
+    spec:
+      selector: {domains: ["PREFIX-*"]}
+      backup: {target: nfs, schedule: "30 2 * * *", timezone: Europe/Paris, window: 1h}
+      snapshots: {schedule: "0 * * * *", timezone: Europe/Paris}
+    """
+
+
+def test_preview_lists_slots_across_dst_changes(vw, guest_factory):
+    setup = Setup(vw, guest_factory, PARIS, guests=1)
+    (domain,) = setup.domains
+    spring = setup.cli("schedule", "preview", "--from", "2025-03-29T12:00:00Z", "--to", "2025-03-31T12:00:00Z",
+                       "--json", now="2025-01-01T00:00:00Z")
+    assert spring.returncode == 0, spring.stderr
+    backups = [r for r in load_json(spring) if r["job"] == "backup"]
+    assert [(r["at"], r["local"], r["window_end"]) for r in backups] == [
+        ("2025-03-30T01:00:00Z", "2025-03-30T03:00:00+02:00", "2025-03-30T02:00:00Z"),  # 02:30 does not exist
+        ("2025-03-31T00:30:00Z", "2025-03-31T02:30:00+02:00", "2025-03-31T01:30:00Z"),
+    ]
+    assert {(r["policy"], r["domain"], r["host"], r["timezone"]) for r in backups} == {
+        ("paris", domain, "local", "Europe/Paris")}
+    autumn = setup.cli("schedule", "preview", "--from", "2025-10-25T23:00:00Z", "--to", "2025-10-26T03:00:00Z",
+                       "--json", now="2025-01-01T00:00:00Z")
+    assert [(r["job"], r["at"], r["local"]) for r in load_json(autumn)] == [
+        ("snapshot", "2025-10-25T23:00:00Z", "2025-10-26T01:00:00+02:00"),
+        ("snapshot", "2025-10-26T00:00:00Z", "2025-10-26T02:00:00+02:00"),
+        ("backup", "2025-10-26T00:30:00Z", "2025-10-26T02:30:00+02:00"),  # once, not again at 02:30+01:00
+        ("snapshot", "2025-10-26T01:00:00Z", "2025-10-26T02:00:00+01:00"),  # the repeated hour, hourly job
+        ("snapshot", "2025-10-26T02:00:00Z", "2025-10-26T03:00:00+01:00"),
+    ]
+    text = setup.cli("schedule", "preview", "--from", "2025-10-26T00:00:00Z", "--to", "2025-10-26T01:00:00Z",
+                     now="2025-01-01T00:00:00Z")
+    assert text.returncode == 0 and text.stdout.splitlines()[0].split() == [
+        "TIME", "(UTC)", "LOCAL", "TIME", "POLICY", "JOB", "DOMAIN", "HOST", "WINDOW", "END", "(UTC)"]
+    bad = setup.cli("schedule", "preview", "--from", "yesterday", now="2025-01-01T00:00:00Z")
+    assert (bad.returncode, bad.stderr.strip()) == (
+        2, "virtwarden: error: --from: 'yesterday' is not an ISO time (e.g. 2025-03-30T00:00Z)")
+
+
+def load_json(p: subprocess.CompletedProcess) -> list[dict]:
+    import json
+
+    return json.loads(p.stdout)

@@ -1,0 +1,399 @@
+"""The scheduler daemon (``virtwarden scheduler``) and ``virtwarden schedule preview``.
+
+Every tick (``TICK_SECONDS``, or ``$VIRTWARDEN_SCHEDULER_TICK``) it reads the policies,
+lists the domains of every configured host, finds the slots that came due since the
+last tick (policies.schedule.due), claims each one by inserting its row
+(catalog.slots), and decides for every undecided row: start (a job row and a message,
+through worker.submit.enqueue with the slot as dedup key), skip (its window closed) or
+defer (a concurrency limit; tried again next tick while the window is open).
+
+Any number of schedulers may run at once: the unique slot row and the guarded state
+changes in the catalog, not memory, decide who starts a slot, and the dedup key makes
+a second job for one slot impossible. On start, slots since the newest recorded slot
+row (at most ``MAX_CATCH_UP`` back) are looked at, so a slot missed while no scheduler
+ran still starts if its window is open and is recorded as skipped otherwise; on a
+catalog that has no slot rows yet, each schedule's latest slot is looked at.
+
+Time comes from a ``clock`` callable so tests control it; ``$VIRTWARDEN_SCHEDULER_NOW``
+(an ISO time) starts the clock of a real process at that time, for tests and rehearsals.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+from catalog import slots
+from catalog.store import Catalog
+from policies import DomainFacts, Policy, load_policies, parse_metadata, resolve_backup
+from policies.schedule import SCHEDULED_JOBS, Busy, Slot, between, due, limits_of, schedule_of, split
+from virtwarden.config import Config
+from virtwarden.errors import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, DomainNotFound, PolicyError, Transient,
+                               VirtwardenError)
+
+log = logging.getLogger(__name__)
+
+TICK_SECONDS = 30.0
+ENV_TICK = "VIRTWARDEN_SCHEDULER_TICK"
+ENV_NOW = "VIRTWARDEN_SCHEDULER_NOW"
+# How far back a starting scheduler looks for slots it missed.
+MAX_CATCH_UP = timedelta(days=7)
+# A domain undefined while a host is listed makes the listing fail; list again.
+LIST_ATTEMPTS = 3
+PREVIEW_SPAN = timedelta(hours=24)
+
+Clock = Callable[[], datetime]
+Domains = dict[str, list[DomainFacts]]
+
+
+def system_clock() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def clock_from_env(env: dict[str, str] | None = None) -> Clock:
+    """The system clock, or one that starts at ``$VIRTWARDEN_SCHEDULER_NOW`` and runs."""
+    text = (os.environ if env is None else env).get(ENV_NOW)
+    if not text:
+        return system_clock
+    start, began = parse_time(text, ENV_NOW), system_clock()
+    return lambda: start + (system_clock() - began)
+
+
+def tick_seconds(env: dict[str, str] | None = None) -> float:
+    text = (os.environ if env is None else env).get(ENV_TICK)
+    return float(text) if text else TICK_SECONDS
+
+
+def parse_time(text: str, what: str) -> datetime:
+    """An ISO 8601 time; without an offset it is UTC."""
+    try:
+        t = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"{what}: {text!r} is not an ISO time (e.g. 2025-03-30T00:00Z)") from None
+    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+
+
+def list_domains(cfg: Config) -> tuple[Domains, dict[str, str]]:
+    """The domains of every configured host, and why each unreachable host was left out."""
+    found: Domains = {}
+    failed: dict[str, str] = {}
+    for name, host in cfg.hosts.items():
+        try:
+            found[name] = _domains_of(name, host.uri)
+        except VirtwardenError as e:
+            failed[name] = str(e)
+    return found, failed
+
+
+def _domains_of(name: str, uri: str) -> list[DomainFacts]:
+    from hypervisor.libvirt_host import LibvirtHost
+
+    with LibvirtHost(name, uri) as hv:
+        for attempt in range(1, LIST_ATTEMPTS + 1):
+            try:
+                return [DomainFacts(d.name, name, parse_metadata(d.xml)) for d in hv.domains()]
+            except DomainNotFound:
+                if attempt == LIST_ATTEMPTS:
+                    raise
+    return []
+
+
+@dataclass
+class TickReport:
+    at: datetime
+    started: list[tuple[str, str]] = field(default_factory=list)  # (slot key, job id)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (slot key, reason)
+    deferred: list[tuple[str, str]] = field(default_factory=list)
+    unreachable: dict[str, str] = field(default_factory=dict)
+    # Configuration problems: policy files that do not load, policies that tie.
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.unreachable and not self.problems
+
+    def summary(self) -> str:
+        text = (f"scheduler tick at {self.at.isoformat()}: {len(self.started)} started, {len(self.skipped)} skipped,"
+                f" {len(self.deferred)} deferred")
+        text += "".join(f"; host {h} unreachable: {why}" for h, why in self.unreachable.items())
+        return text + "".join(f"; {p}" for p in self.problems)
+
+
+class Scheduler:
+    """One scheduler: ``tick`` does one pass; ``run`` ticks until stopped."""
+
+    def __init__(self, cfg: Config, cat: Catalog, *, clock: Clock = system_clock) -> None:
+        self.cfg, self.cat, self.clock = cfg, cat, clock
+        self._since: dict[str, datetime] = {}  # per host: the last tick that listed it
+        self._first_since: datetime | None = None
+        self._started_up = False
+        self._policies: list[Policy] = []
+        self._policies_current = False  # False while the policy files do not load
+        self._problems: set[str] = set()
+
+    def run(self, stop: threading.Event, every: float) -> None:
+        while True:
+            try:
+                log.info("%s", self.tick().summary())
+            except VirtwardenError as e:
+                log.error("scheduler tick failed (the next tick covers this one's slots): %s", e)
+            except Exception:  # noqa: BLE001 - the daemon outlives a bug in one tick
+                log.exception("scheduler tick failed with an unexpected error (a bug)")
+            if stop.wait(every):
+                return
+
+    def tick(self) -> TickReport:
+        now = self.clock()
+        report = TickReport(now)
+        policies = self._load_policies(report)
+        domains, report.unreachable = list_domains(self.cfg)
+        for host, why in report.unreachable.items():
+            log.warning("host %s left out of this tick: %s", host, why)
+        self._finish_unsent(domains)
+        self._claim(self._due(policies, domains, now, report), now)
+        self._decide(policies, domains, now, report)
+        self._since.update({host: now for host in domains})
+        return report
+
+    # --- finding and claiming slots ----------------------------------------------------
+    def _load_policies(self, report: TickReport) -> list[Policy]:
+        """The policies now; on a policy error, the last good ones, with the error logged:
+        slots are still found and recorded, and those whose job needs the policy files
+        (a backup's settings) wait, deferred, until the files are fixed."""
+        try:
+            self._policies = load_policies(self.cfg)
+            self._policies_current = True
+        except PolicyError as e:
+            self._policies_current = False
+            report.problems.append(str(e))
+            log.error("policy directory %s has errors; scheduling with the %d policies read before: %s",
+                      self.cfg.policies_path, len(self._policies), e)
+        return self._policies
+
+    def _due(self, policies: list[Policy], domains: Domains, now: datetime, report: TickReport) -> list[Slot]:
+        if not self._started_up:
+            last = slots.last_recorded(self.cat)
+            self._first_since = None if last is None else max(min(last, now), now - MAX_CATCH_UP)
+            self._started_up = True
+        problems: list[str] = []
+        found = []
+        for host, facts in domains.items():
+            since = self._since.get(host, self._first_since)
+            since = None if since is None else max(min(since, now), now - MAX_CATCH_UP)
+            found += due(policies, {host: facts}, now, since, problems=problems)
+        self._log_problems(problems)
+        report.problems += sorted(set(problems))
+        return found
+
+    def _log_problems(self, problems: list[str]) -> None:
+        for text in sorted(set(problems) - self._problems):
+            log.error("not scheduled: %s", text)
+        self._problems = set(problems)
+
+    def _claim(self, due_slots: list[Slot], now: datetime) -> None:
+        if not due_slots:
+            return
+        known = slots.recorded(self.cat, min(s.at for s in due_slots))
+        for s in due_slots:
+            if (s.policy, s.job, s.domain, s.at) in known:
+                continue
+            row = slots.claim(self.cat, policy=s.policy, job=s.job, domain=s.domain, slot_at=s.at,
+                              window_end=s.window_end, now=now)
+            if row is not None:
+                log.info("slot %s claimed (window until %s)", s.key, s.window_end.isoformat())
+
+    # --- deciding ------------------------------------------------------------------------
+    def _decide(self, policies: list[Policy], domains: Domains, now: datetime, report: TickReport) -> None:
+        rows = slots.deferred(self.cat)
+        if not rows:
+            return
+        hosts = {f.name: host for host, facts in domains.items() for f in facts}
+        # While the policy files do not load, a policy missing from the last good set
+        # may be the one being edited: its slots wait instead of being skipped.
+        names = {p.name for p in policies} if self._policies_current else {r.policy for r in rows}
+        candidates: dict[str, tuple[slots.SlotRow, Slot]] = {}
+        for row in rows:
+            slot = Slot(row.policy, row.job, row.domain, row.slot_at, row.window_end, hosts.get(row.domain))
+            why = None if row.policy in names else f"policy {row.policy} no longer exists"
+            if why is None and slot.host is None and now < slot.window_end:
+                why = f"domain {row.domain} is not on any reachable host"
+            if why is not None:
+                self._record(row, slot, "skip" if row.policy not in names else "defer", why, report)
+            else:
+                candidates[slot.key] = (row, slot)
+        busy = [Busy(j.kind, j.host, j.params.get("policy"), j.domain)
+                for j in slots.busy_jobs(self.cat, SCHEDULED_JOBS)]
+        plan = split([s for _, s in candidates.values()], now, busy, limits_of(policies))
+        broken = self._broker_problem() if plan.start else None
+        for s in plan.start:
+            if broken:
+                self._record(candidates[s.key][0], s, "defer", broken, report)
+            else:
+                self._start(candidates[s.key][0], s, report)
+        for d in plan.skip:
+            row = candidates[d.slot.key][0]
+            # A new row whose window closed already was missed (no scheduler ran, or its
+            # host was unreachable); a deferred one waited in vain.
+            why = (f"missed while no scheduler saw it: {d.reason}" if row.reason == slots.NEW
+                   else f"{d.reason} (it waited: {row.reason})")
+            self._record(row, d.slot, "skip", why, report)
+        for d in plan.defer:
+            self._record(candidates[d.slot.key][0], d.slot, "defer", d.reason or "", report)
+
+    def _record(self, row: slots.SlotRow, slot: Slot, action: str, why: str, report: TickReport) -> None:
+        if action == "skip":
+            if slots.move(self.cat, row.id, from_state=slots.DEFERRED, to_state=slots.SKIPPED, reason=why):
+                log.warning("slot %s skipped: %s", slot.key, why)
+                report.skipped.append((slot.key, why))
+        elif slots.move(self.cat, row.id, from_state=slots.DEFERRED, to_state=slots.DEFERRED, reason=why):
+            if why != row.reason:
+                log.info("slot %s deferred: %s", slot.key, why)
+            report.deferred.append((slot.key, why))
+
+    def _broker_problem(self) -> str | None:
+        from worker import celery_app
+
+        try:
+            celery_app.check_broker(self.cfg)
+        except VirtwardenError as e:
+            log.warning("not starting slots this tick: %s", e)
+            return f"broker unreachable: {e}"
+        return None
+
+    # --- starting --------------------------------------------------------------------------
+    def _start(self, row: slots.SlotRow, slot: Slot, report: TickReport) -> None:
+        if not slots.move(self.cat, row.id, from_state=slots.DEFERRED, to_state=slots.STARTED, reason=None):
+            return  # another scheduler decided this slot first
+        job_id = self._create_job(row.id, slot)
+        if job_id is not None:
+            report.started.append((slot.key, job_id))
+
+    def _finish_unsent(self, domains: Domains) -> None:
+        """Create the jobs of started rows whose scheduler stopped before doing so."""
+        hosts = {f.name: host for host, facts in domains.items() for f in facts}
+        for row in slots.unsent(self.cat):
+            if row.domain in hosts:
+                self._create_job(row.id, Slot(row.policy, row.job, row.domain, row.slot_at, row.window_end,
+                                              hosts[row.domain]))
+
+    def _create_job(self, row_id: int, slot: Slot) -> str | None:
+        from worker import submit
+
+        assert slot.host is not None
+        try:
+            params = self._params(slot)
+            job = submit.enqueue(self.cfg, self.cat, slot.job, slot.domain, slot.host, params, "scheduler",
+                                 dedup_key=slot.key)
+        except (Transient, PolicyError) as e:  # a policy file being edited is fixed soon, too
+            self._not_created(row_id, slot, e)
+            return None
+        except VirtwardenError as e:
+            if slots.move(self.cat, row_id, from_state=slots.STARTED, to_state=slots.SKIPPED,
+                          reason=f"the job could not be created: {e}"):
+                log.error("slot %s skipped: the job could not be created: %s", slot.key, e)
+            return None
+        slots.attach_job(self.cat, row_id, job.id)
+        log.info("slot %s: job %s queued (%s of %s on host %s)", slot.key, job.id, slot.job, slot.domain, slot.host)
+        return job.id
+
+    def _not_created(self, row_id: int, slot: Slot, error: Exception) -> None:
+        """A transient failure: when the job row exists (it could not be sent, so it is
+        failed), record it; otherwise the slot waits for the next tick."""
+        job_id = slots.job_with_key(self.cat, slot.key)
+        if job_id is not None:
+            slots.attach_job(self.cat, row_id, job_id, reason=f"the job could not be sent to a worker: {error}")
+        else:
+            slots.release(self.cat, row_id, f"the job could not be created: {error}")
+        log.error("slot %s: the job could not be created or sent: %s", slot.key, error)
+
+    def _params(self, slot: Slot) -> dict:
+        """The job's parameters; a backup's are settled from its policy now, like
+        ``virtwarden backup`` settles them (worker.submit.backup)."""
+        if slot.job != "backup":
+            return {"domain": slot.domain, "policy": slot.policy}
+        settings = resolve_backup(self.cfg, slot.domain, policy=slot.policy, host=slot.host)
+        return {"domain": slot.domain, "storage": settings.target, "strategy": settings.strategy,
+                "full_every": settings.full_every, "force_full": False, "policy": settings.policy}
+
+
+# --- commands -----------------------------------------------------------------------------
+
+def cli(args: argparse.Namespace) -> int:
+    """``virtwarden scheduler [--once]``."""
+    from worker import celery_app
+    from worker.cli import load_config
+
+    cfg = load_config(args)
+    cat = Catalog(cfg.catalog_url)
+    celery_app.configure(cfg)
+    scheduler = Scheduler(cfg, cat, clock=clock_from_env())
+    if args.once:
+        report = scheduler.tick()
+        print(report.summary())
+        return EXIT_OK if report.ok else EXIT_FAILED
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    every = tick_seconds()
+    log.warning("scheduler running: a tick every %.0fs over %d host(s), policies in %s", every, len(cfg.hosts),
+                cfg.policies_path)
+    scheduler.run(stop, every)
+    return EXIT_OK
+
+
+def preview_cli(args: argparse.Namespace) -> int:
+    """``virtwarden schedule preview [--from T] [--to T] [--json]``."""
+    from worker.cli import emit_json, load_config, table
+
+    try:
+        start = parse_time(args.start, "--from") if args.start else clock_from_env()()
+        end = parse_time(args.end, "--to") if args.end else start + PREVIEW_SPAN
+    except ValueError as e:
+        print(f"virtwarden: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if end <= start:
+        print(f"virtwarden: error: --to ({end.isoformat()}) must be after --from ({start.isoformat()})",
+              file=sys.stderr)
+        return EXIT_USAGE
+    cfg = load_config(args)
+    rows, warnings = preview(cfg, start, end)
+    for text in warnings:
+        print(f"virtwarden: warning: {text}", file=sys.stderr)
+    if args.json:
+        emit_json(rows)
+    elif rows:
+        header = ["TIME (UTC)", "LOCAL TIME", "POLICY", "JOB", "DOMAIN", "HOST", "WINDOW END (UTC)"]
+        fields = ["at", "local", "policy", "job", "domain", "host", "window_end"]
+        print(table([[r[f] for f in fields] for r in rows], header))
+    else:
+        print(f"nothing scheduled between {start.isoformat()} and {end.isoformat()}")
+    return EXIT_FAILED if warnings else EXIT_OK
+
+
+def preview(cfg: Config, start: datetime, end: datetime) -> tuple[list[dict], list[str]]:
+    """The slots between ``start`` and ``end`` as rows, and what was left out and why."""
+    policies = load_policies(cfg)
+    domains, unreachable = list_domains(cfg)
+    problems: list[str] = []
+    found = between(policies, domains, start, end, problems=problems)
+    zones: dict[tuple[str, str], str] = {(p.name, job): s[1] for p in policies for job in SCHEDULED_JOBS
+                                         if (s := schedule_of(p, job))}
+    warnings = [f"host {host} left out: {why}" for host, why in unreachable.items()]
+    warnings += [f"not scheduled: {text}" for text in sorted(set(problems))]
+    return [_preview_row(s, zones[(s.policy, s.job)]) for s in found], warnings
+
+
+def _preview_row(s: Slot, tz: str) -> dict:
+    from zoneinfo import ZoneInfo
+
+    return {"at": _utc(s.at), "local": s.at.astimezone(ZoneInfo(tz)).isoformat(), "timezone": tz,
+            "policy": s.policy, "job": s.job, "domain": s.domain, "host": s.host, "window_end": _utc(s.window_end)}
+
+
+def _utc(t: datetime) -> str:
+    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

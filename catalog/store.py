@@ -5,13 +5,14 @@ workers and the listener can share one file; PostgreSQL is used by URL for a fle
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import create_engine, event, inspect
+from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -54,19 +55,36 @@ class Catalog:
         cfg = AlembicConfig()
         cfg.set_main_option("script_location", str(MIGRATIONS))
         head = ScriptDirectory.from_config(cfg).get_current_head()
+
         try:
-            with _upgrade_lock, self.engine.begin() as conn:
+            # Several processes may open a new catalog at once (a fleet's first start):
+            # one upgrades, the others wait for it and then find the schema current.
+            with _upgrade_lock, self._exclusive(), self.engine.begin() as conn:
+                if self.engine.dialect.name == "postgresql":
+                    conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7423001)")
                 if MigrationContext.configure(conn).get_current_revision() == head:
                     return
                 cfg.attributes["connection"] = conn
                 log.info("upgrading catalog %s to schema %s", mask(self.url), head)
                 command.upgrade(cfg, "head")
-        except OperationalError as e:
-            raise DatabaseUnavailable(f"catalog {mask(self.url)} unreachable: {e.orig}") from e
         except SQLAlchemyError as e:
-            # Another process may have created the tables a moment before us.
-            if not inspect(self.engine).has_table("jobs"):
-                raise DatabaseUnavailable(f"catalog {mask(self.url)}: schema upgrade failed: {e}") from e
+            reason = e.orig if isinstance(e, OperationalError) else e
+            raise DatabaseUnavailable(f"catalog {mask(self.url)} unreachable or not upgradable: {reason}") from e
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """For SQLite, a lock file beside the database (its DDL is not transactional
+        under Alembic); PostgreSQL uses an advisory lock inside the transaction."""
+        path = self.url.split("///", 1)[-1] if self.url.startswith("sqlite") else ""
+        if not path or path == ":memory:":
+            yield
+            return
+        with open(f"{path}.upgrade-lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def close(self) -> None:
         self.engine.dispose()

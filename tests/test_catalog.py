@@ -150,3 +150,16 @@ def test_points_are_usable_only_when_complete_and_chains_need_every_link(cat):
 def test_unreachable_database_is_a_clear_error():
     with pytest.raises(DatabaseUnavailable, match="unreachable"):
         Catalog("postgresql+psycopg2://nobody:secret@127.0.0.1:1/x")
+
+
+def test_processes_opening_a_new_catalog_at_once_all_succeed(tmp_path):
+    """The first start of a fleet opens one new catalog from several processes at once."""
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'new.db'}"
+    code = f"from catalog.store import Catalog; Catalog({url!r})"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    errors = [p.communicate()[1] for p in procs if p.wait() != 0]
+    assert errors == []
+    assert jobs.recent(Catalog(url)) == []

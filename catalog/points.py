@@ -178,3 +178,24 @@ def writing_for_job(cat: Catalog, job_id: str) -> list[PointView]:
         rows = s.scalars(select(RestorePoint).where(RestorePoint.job_id == job_id,
                                                     RestorePoint.status == WRITING))
         return [_view(r) for r in rows]
+
+
+# A prune is removing the point: set before its manifest goes, so that a point whose
+# storage may be half gone is never listed as complete; the next prune finishes it.
+DELETING = "deleting"
+
+
+def transition(cat: Catalog, point_id: str, frm: tuple[str, ...], to: str) -> bool:
+    """Set the status to ``to`` if it is one of ``frm`` (a guarded update, so two prunes
+    or a prune and a backup never both win); True when this call changed it."""
+    with cat.session() as s:
+        done = s.execute(update(RestorePoint).where(RestorePoint.id == point_id, RestorePoint.status.in_(frm))
+                         .values(status=to))
+        return bool(getattr(done, "rowcount", 0))
+
+
+def domains_with_points(cat: Catalog, statuses: tuple[str, ...] = (COMPLETE, DELETING, FAILED)) -> list[str]:
+    """Names of the domains that have points in one of ``statuses``, sorted."""
+    with cat.session() as s:
+        q = select(RestorePoint.domain).where(RestorePoint.status.in_(statuses)).distinct()
+        return sorted(s.scalars(q))

@@ -30,6 +30,14 @@ class BackupSettings:
     strategy: str
     full_every: int
     quiesce: str
+    retention: dict | None = None  # the policy's backup.retention, as plain data
+
+    def job_params(self, domain: str, *, full: bool = False) -> dict:
+        """The backup job's parameters (tasks.backup.BackupRequest), as JSON data: the
+        one place the CLI, the scheduler and the listener get them from."""
+        return {"domain": domain, "storage": self.target, "strategy": self.strategy,
+                "full_every": self.full_every, "force_full": full, "policy": self.policy,
+                "retention": self.retention}
 
 
 def load_policies(cfg: Config) -> list[Policy]:
@@ -54,8 +62,9 @@ def resolve_backup(cfg: Config, domain: str, *, policy: str | None = None, targe
                                   DEFAULT_FULL_EVERY, DEFAULT_QUIESCE)
     else:
         backup = _backup_section(chosen)
+        retention = backup.retention.model_dump() if backup.retention else None
         settings = BackupSettings(chosen.name, target or backup.target, backup.strategy, backup.full_every,
-                                  backup.quiesce)
+                                  backup.quiesce, retention)
     cfg.storage_target(settings.target)  # UnknownStorage with a did-you-mean and the configured names
     return settings
 

@@ -33,7 +33,7 @@ from hypervisor.types import NAME_PREFIX, DomainInfo
 from storage_backends.repository import Repository
 from tasks import recovery
 from tasks.context import JobContext
-from virtwarden.errors import CheckpointMissing, HypervisorError, JobFailed, NoSpace
+from virtwarden.errors import CheckpointMissing, HypervisorError, JobFailed, NoSpace, VirtwardenError
 
 log = logging.getLogger(__name__)
 STRATEGY = "bitmap"
@@ -47,6 +47,9 @@ class BackupRequest:
     full_every: int = 7  # incrementals after a full before the next full
     force_full: bool = False
     policy: str | None = None
+    # The policy's backup.retention (policies.model.Retention as data): applied to this
+    # domain's chain group after each successful backup.
+    retention: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,29 @@ def run_backup(ctx: JobContext, req: BackupRequest) -> dict:
     if req.strategy == "blockcommit":
         from tasks.blockcommit import run_blockcommit_backup
 
-        return run_blockcommit_backup(ctx, req)
+        result = run_blockcommit_backup(ctx, req)
+    else:
+        result = _run_bitmap(ctx, req)
+    if req.retention:
+        result["retention"] = _apply_retention(ctx, req)
+    return result
+
+
+def _apply_retention(ctx: JobContext, req: BackupRequest) -> dict:
+    """Prune the chain group the new point belongs to. The backup succeeded whatever
+    happens here: a failed prune is reported in the result and retried next time."""
+    from policies.model import Retention
+    from tasks.prune import prune_domain
+
+    try:
+        done = prune_domain(ctx, req.domain, req.storage, req.strategy, Retention(**req.retention or {}))
+        return {"deleted": done["deleted"], "kept": len(done["kept"])}
+    except VirtwardenError as e:
+        log.warning("domain %s job %s: retention after backup failed: %s", req.domain, ctx.job_id, e)
+        return {"error": str(e)}
+
+
+def _run_bitmap(ctx: JobContext, req: BackupRequest) -> dict:
     hv = ctx.require_hypervisor()
     recovery.recover_backup(ctx, req.domain)
     dom = hv.domain(req.domain)

@@ -235,9 +235,8 @@ spec:
     domains: ["{domain}"]
   backup:
     target: nfs
-    retention:
-      keep_last: 2
-"""
+{retention}"""
+RETENTION = "    retention:\n      keep_last: 2\n"
 
 
 @pytest.mark.libvirt
@@ -245,7 +244,8 @@ def test_prune_keeps_what_the_policy_says_and_every_listed_point_restores(vw, gu
     g = guest_factory(disks=1, size_mib=16)
     policy_dir = tmp_path / "policies"
     policy_dir.mkdir()
-    (policy_dir / "keep.yaml").write_text(POLICY.format(domain=g.name))
+    # No retention yet: backups prune their chain group themselves once it is set.
+    (policy_dir / "keep.yaml").write_text(POLICY.format(domain=g.name, retention=""))
     vw.extra["policy_dir"] = str(policy_dir)
     vw.start_worker()
     ids, expected = [], {}
@@ -260,6 +260,7 @@ def test_prune_keeps_what_the_policy_says_and_every_listed_point_restores(vw, gu
     assert [p["level"] for p in listed] == ["full", "incremental", "full", "incremental", "incremental"]
     repo_root = Path(vw.storage["nfs"]["path"])
     files = sorted(repo_root.rglob("*"))
+    (policy_dir / "keep.yaml").write_text(POLICY.format(domain=g.name, retention=RETENTION))
 
     # The plan: keep_last 2 keeps i3 and i2, which need f2; the first chain goes.
     r = vw.cli("prune", g.name, "--dry-run", "--json")
@@ -309,3 +310,29 @@ def _restore_all(vw, domain: str, expected: dict, where: Path) -> None:  # noqa:
         r = vw.cli("restore", domain, "--point", p["id"], "--to-dir", str(out), "--wait")
         assert r.code == 0, r.err
         assert images_equal(out / "vda.qcow2", expected[p["id"]]), p["id"]
+
+
+@pytest.mark.libvirt
+def test_each_backup_applies_its_policys_retention(vw, guest_factory, tmp_path):
+    """After a successful backup its chain group is pruned: keep_last 2 with a full each
+    time leaves the two newest points, and the older ones are deleted from storage."""
+    g = guest_factory(disks=1, size_mib=16)
+    policy_dir = tmp_path / "policies"
+    policy_dir.mkdir()
+    (policy_dir / "keep.yaml").write_text(POLICY.format(domain=g.name, retention=RETENTION))
+    vw.extra["policy_dir"] = str(policy_dir)
+    vw.start_worker()
+    ids = []
+    for step in range(3):
+        g.write("vda", step * MiB, MiB, pattern=0x70 + step)
+        r = vw.cli("backup", g.name, "--full", "--wait", "--json")
+        assert r.code == 0, r.err
+        ids.append(r.json()["result"]["point_id"])
+    assert r.json()["result"]["retention"] == {"deleted": [ids[0]], "kept": 2}
+    status = {p["id"]: p["status"] for p in vw.cli("backups", g.name, "--json").json()}
+    assert status == {ids[0]: "deleted", ids[1]: "complete", ids[2]: "complete"}
+    repo_root = Path(vw.storage["nfs"]["path"])
+    assert not [p for p in repo_root.rglob("*") if p.is_file() and ids[0] in str(p)]
+    out = tmp_path / "latest"
+    assert vw.cli("restore", g.name, "--to-dir", str(out), "--wait").code == 0
+    assert images_equal(out / "vda.qcow2", g.shadow_copy("vda", tmp_path / "now.raw"))

@@ -317,9 +317,7 @@ class Scheduler:
         ``virtwarden backup`` settles them (worker.submit.backup)."""
         if slot.job != "backup":
             return {"domain": slot.domain, "policy": slot.policy}
-        settings = resolve_backup(self.cfg, slot.domain, policy=slot.policy, host=slot.host)
-        return {"domain": slot.domain, "storage": settings.target, "strategy": settings.strategy,
-                "full_every": settings.full_every, "force_full": False, "policy": settings.policy}
+        return resolve_backup(self.cfg, slot.domain, policy=slot.policy, host=slot.host).job_params(slot.domain)
 
 
 # --- commands -----------------------------------------------------------------------------

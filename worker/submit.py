@@ -45,9 +45,8 @@ def backup(cfg: Config, cat: Catalog, domain: str, *, policy: str | None = None,
                               metadata=parse_metadata(info.xml))
     cfg.storage_target(settings.target)  # unknown storage: fail before anything is written
     celery_app.check_broker(cfg)
-    params = {"domain": domain, "storage": settings.target, "strategy": settings.strategy,
-              "full_every": settings.full_every, "force_full": full, "policy": settings.policy}
-    return enqueue(cfg, cat, "backup", domain, host, params, requested_by, dedup_key=dedup_key)
+    return enqueue(cfg, cat, "backup", domain, host, settings.job_params(domain, full=full), requested_by,
+                   dedup_key=dedup_key)
 
 
 def restore(cfg: Config, cat: Catalog, domain: str, *, point: str, to_dir: str, host: str | None = None,

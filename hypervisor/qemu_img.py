@@ -57,3 +57,24 @@ def compare(a: Path, b: Path) -> bool:
 def check(path: Path) -> None:
     """Raise when the qcow2 metadata is damaged."""
     _run("check", "-q", str(path))
+
+
+def export(layers: list[tuple[Path, str]], dest: Path) -> None:
+    """Write the frozen lower layers of a running guest's disk (bottom first, each with
+    its format as libvirt reports it) as one standalone qcow2. The chain is given to
+    QEMU explicitly (no format probing, no backing names read from image headers), and
+    read with ``-U``: the guest's QEMU holds these files, but after an external
+    snapshot it never writes them again."""
+    node: dict | None = None
+    for path, fmt in layers:
+        if not fmt:
+            raise ToolFailed(f"qemu-img convert: the format of {path} is unknown; refusing to guess it")
+        layer: dict = {"driver": fmt, "file": {"driver": "file", "filename": str(path)}}
+        if fmt == "qcow2":
+            layer["backing"] = node  # None (JSON null) at the bottom: nothing below it
+        elif node is not None:
+            raise ToolFailed(f"qemu-img convert: {path} ({fmt}) cannot have a backing file")
+        node = layer
+    if node is None:
+        raise ToolFailed("qemu-img convert: no image to export")
+    _run("convert", "-U", "-O", "qcow2", "json:" + json.dumps(node), str(dest))

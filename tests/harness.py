@@ -22,6 +22,8 @@ import yaml
 from tests.conftest import need
 
 REDIS_URL = os.environ.get("VIRTWARDEN_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+PG_URL = os.environ.get("VIRTWARDEN_TEST_POSTGRES_URL",
+                        "postgresql+psycopg2://virtwarden:virtwarden@127.0.0.1:5432/virtwarden_test")
 REPO = Path(__file__).resolve().parent.parent
 
 # Short leases so that a killed worker's job is taken over within seconds.
@@ -155,3 +157,24 @@ def vw(tmp_path: Path, redis_url: str):  # noqa: ANN201
 def s3_storage_entry(settings) -> dict:  # noqa: ANN001
     """The configuration-file form of a tests.s3server S3Storage."""
     return {k: v for k, v in settings.model_dump().items() if v is not None}
+
+
+@pytest.fixture
+def pg_schema_url():  # noqa: ANN201
+    """The URL of a fresh PostgreSQL schema for one test (dropped afterwards)."""
+    import uuid
+
+    try:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(PG_URL)
+        schema = f"vw_{uuid.uuid4().hex[:10]}"
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    except Exception as e:  # noqa: BLE001
+        need(False, f"PostgreSQL at {PG_URL} not reachable: {e}")
+    sep = "&" if "?" in PG_URL else "?"
+    yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+    engine.dispose()

@@ -2,7 +2,6 @@
 process can win, and restore points that are usable only once complete."""
 from __future__ import annotations
 
-import os
 import threading
 import time
 import uuid
@@ -11,11 +10,8 @@ import pytest
 
 from catalog import jobs, points
 from catalog.store import Catalog
-from tests.conftest import need
 from virtwarden.errors import DatabaseUnavailable, JobNotFound, RestorePointNotFound
 
-PG_URL = os.environ.get("VIRTWARDEN_TEST_POSTGRES_URL",
-                        "postgresql+psycopg2://virtwarden:virtwarden@127.0.0.1:5432/virtwarden_test")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -25,22 +21,9 @@ def cat(request, tmp_path):  # noqa: ANN001, ANN201
         yield c
         c.close()
         return
-    try:
-        import sqlalchemy
-
-        engine = sqlalchemy.create_engine(PG_URL)
-        schema = f"vw_{uuid.uuid4().hex[:10]}"
-        with engine.begin() as conn:
-            conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    except Exception as e:  # noqa: BLE001
-        need(False, f"PostgreSQL at {PG_URL} not reachable: {e}")
-    sep = "&" if "?" in PG_URL else "?"
-    c = Catalog(f"{PG_URL}{sep}options=-csearch_path%3D{schema}")
+    c = Catalog(request.getfixturevalue("pg_schema_url"))
     yield c
     c.close()
-    with engine.begin() as conn:
-        conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-    engine.dispose()
 
 
 def _job(cat, domain="web01", kind="backup"):  # noqa: ANN001, ANN202

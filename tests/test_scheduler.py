@@ -11,22 +11,18 @@ import sys
 import textwrap
 import threading
 import time
-import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from catalog import jobs, slots
 from catalog.store import Catalog
-from tests.conftest import need
 from tests.harness import REPO
 from virtwarden import config as config_module
 
 pytestmark = pytest.mark.libvirt
 
 UTC = timezone.utc
-PG_URL = os.environ.get("VIRTWARDEN_TEST_POSTGRES_URL",
-                        "postgresql+psycopg2://virtwarden:virtwarden@127.0.0.1:5432/virtwarden_test")
 
 
 def T(text: str) -> datetime:
@@ -219,22 +215,8 @@ def test_a_broker_outage_or_a_scheduler_crash_loses_no_slot(vw, guest_factory):
 @pytest.fixture(params=["sqlite", "postgresql"])
 def catalog_url(request, vw):  # noqa: ANN001, ANN201
     if request.param == "sqlite":
-        yield None  # the installation's own SQLite file
-        return
-    try:
-        import sqlalchemy
-
-        engine = sqlalchemy.create_engine(PG_URL)
-        schema = f"vw_{uuid.uuid4().hex[:10]}"
-        with engine.begin() as conn:
-            conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    except Exception as e:  # noqa: BLE001
-        need(False, f"PostgreSQL at {PG_URL} not reachable: {e}")
-    sep = "&" if "?" in PG_URL else "?"
-    yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
-    with engine.begin() as conn:
-        conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-    engine.dispose()
+        return None  # the installation's own SQLite file
+    return request.getfixturevalue("pg_schema_url")
 
 
 def test_concurrent_schedulers_start_each_slot_once(vw, guest_factory, catalog_url):

@@ -1,0 +1,175 @@
+"""The measurements, in the order one run makes them.
+
+Each repeat starts a new chain on every target, so repeats are alike:
+
+    bare cp+fsync | bare push-mode backup | full -> nfs | bare upload | full -> s3 |
+    dirty the guest | incremental -> nfs | restore latest (nfs) | bare restore (nfs) |
+    incremental -> s3 | restore latest (s3) | bare restores (s3: ranged, single GET)
+
+``restore --point latest`` takes the newest point of any target, so each target's
+restore follows its own incremental. The page cache is dropped before every timed step
+when the kernel allows it, so no step reads what the previous one left in memory.
+"""
+from __future__ import annotations
+
+import random
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from bench import bare, host
+from bench.bare import BareS3
+from bench.guest import BenchGuest, Dirtied
+from bench.product import Installation, JobRun
+from bench.stats import Series, timed
+from storage_backends.nfs import NfsBackend
+from storage_backends.repository import Repository
+from virtwarden.config import NfsStorage
+
+DISK = "vda"
+Point = dict[str, Any]  # a restore point as ``virtwarden backups --json`` lists it
+
+
+@dataclass
+class Results:
+    series: dict[str, Series] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def get(self, name: str, unit: str = "s") -> Series:
+        return self.series.setdefault(name, Series(unit))
+
+    def job(self, name: str, run: JobRun) -> None:
+        """Record a job's timings (``name``, ``name.cli``) and its worker memory."""
+        self.get(name).add(run.job_seconds)
+        self.get(f"{name}.cli").add(run.cli_seconds)
+        self.get(f"{name}.rss", "B").add(run.peak_rss)
+        self.get("worker.idle_rss", "B").add(run.idle_rss)
+
+
+@dataclass
+class Bench:
+    inst: Installation
+    guest: BenchGuest
+    s3: BareS3 | None
+    targets: list[str]
+    scratch: Path  # for the bare operations' files, on the same filesystem as the product's
+    drop_caches: bool
+    rng: random.Random
+    data_bytes: int  # --data-gib in bytes: the guest's filled region
+    dirty_bytes: int  # --dirty-mib in bytes
+    results: Results = field(default_factory=Results)
+
+    def cold(self) -> None:
+        if self.drop_caches:
+            host.drop_caches()
+
+    def timed_bare(self, name: str, step: Callable[[], object]) -> None:
+        self.cold()
+        with timed(self.results.get(name)):
+            step()
+
+    def job(self, name: str, *args: str) -> JobRun:
+        self.cold()
+        run = self.inst.run_job(*args)
+        self.results.job(name, run)
+        return run
+
+    # --- one repeat --------------------------------------------------------------
+    def repeat(self) -> None:
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        self.results.get("load.1min", "").add(host.load1())
+        self.results.get("image.actual_size", "B").add(host.actual_size(self.guest.image))
+        fulls = self._fulls()
+        self._record_dirtied(self.guest.dirty(self.dirty_bytes, self.data_bytes, self.rng))
+        for target in self.targets:
+            inc = self._backup(target, "incremental")
+            self._restore(target, fulls[target], inc)
+        self._forget_stored()
+
+    def _fulls(self) -> dict[str, Point]:
+        """The bare copies, then a full backup to each target; target -> its point."""
+        image_copy = self.scratch / "image-copy.qcow2"
+        self.timed_bare("full.nfs.bare", partial(bare.copy_fsync, self.guest.image, image_copy))
+        self._push_then_publish()
+        fulls: dict[str, Point] = {}
+        for target in self.targets:
+            if target == "s3":
+                assert self.s3 is not None
+                self.timed_bare("full.s3.bare", partial(self.s3.upload, image_copy, "bare/image-copy.qcow2"))
+                self.s3.delete_prefix("bare/")
+            fulls[target] = self._backup(target, "full")
+        image_copy.unlink()
+        return fulls
+
+    def _push_then_publish(self) -> None:
+        """The two halves of a full backup to NFS, timed apart: a bare libvirt push-mode
+        backup (+ fsync) into the place the NFS backend stages an image, then the
+        product's own publish step on it (SHA-256 read, fsync, rename), right after, as
+        the job does, with the image still in the page cache."""
+        assert self.guest.dom is not None
+        repo = self.scratch / "push-probe"
+        repo.mkdir()
+        backend = NfsBackend("push-probe", NfsStorage(type="nfs", path=str(repo)))
+        key = f"x/{DISK}.qcow2"
+        staged = backend.stage(key)
+        self.timed_bare("full.push.bare", partial(bare.push_backup, self.guest.dom, DISK, staged))
+        with timed(self.results.get("full.nfs.publish_only")):
+            backend.publish_staged(key, staged)
+        shutil.rmtree(repo)
+
+    def _record_dirtied(self, d: Dirtied) -> None:
+        self.results.get("dirtied", "B").add(d.bytes)
+        self.results.get("dirtied.clusters", "B").add(d.cluster_bytes)
+
+    def _backup(self, target: str, level: str) -> Point:
+        args = ["backup", self.guest.name, "--target", target] + (["--full"] if level == "full" else [])
+        run = self.job(f"{level}.{target}", *args)
+        if run.job["result"]["level"] != level:
+            raise RuntimeError(f"expected a {level} backup, got {run.job['result']}")
+        point = next(p for p in self.inst.points(self.guest.name) if p["id"] == run.job["result"]["point_id"])
+        self.results.get(f"{level}.{target}.stored", "B").add(point["size_bytes"])
+        return point
+
+    def _restore(self, target: str, full: Point, inc: Point) -> None:
+        out = self.scratch / f"restored-{target}"
+        self.job(f"restore.{target}", "restore", self.guest.name, "--point", "latest", "--to-dir", str(out))
+        shutil.rmtree(out)
+        keys = [Repository.point_prefix(self.guest.name, p["chain_id"], p["id"]) + f"{DISK}.qcow2"
+                for p in (full, inc)]
+        bare_out, work = self.scratch / "bare-restored.qcow2", self.scratch / "bare-restore"
+        steps: dict[str, Callable[[], object]] = {}
+        if target == "nfs":
+            full_path, inc_path = (self.inst.repository / k for k in keys)
+            steps["restore.nfs.bare"] = partial(bare.restore_from_dir, full_path, inc_path, work, bare_out)
+        else:
+            assert self.s3 is not None
+            full_key, inc_key = (f"{self.inst.s3['prefix']}/{k}" for k in keys)
+            restore = partial(self.s3.restore, full_key, inc_key, work, bare_out)
+            steps["restore.s3.bare"] = partial(restore, ranged=True)
+            steps["restore.s3.bare_get"] = partial(restore, ranged=False)
+        for name, step in steps.items():
+            self.timed_bare(name, step)
+            bare_out.unlink()
+            shutil.rmtree(work)
+
+    def _forget_stored(self) -> None:
+        """Drop this repeat's chains from storage (the next repeat starts new ones), so the
+        repository and the S3 endpoint do not grow with --repeat."""
+        shutil.rmtree(self.inst.repository / self.guest.name, ignore_errors=True)
+        if self.s3 is not None:
+            self.s3.delete_prefix(f"{self.inst.s3['prefix']}/")
+
+    # --- memory in the disk size --------------------------------------------------
+    def full_peak_rss(self, guest: BenchGuest, label: str) -> None:
+        """One full backup of ``guest`` to each target, for its worker memory only."""
+        for target in self.targets:
+            self.cold()
+            run = self.inst.run_job("backup", guest.name, "--target", target, "--full")
+            self.results.get(f"memcheck.{label}.{target}.rss", "B").add(run.peak_rss)
+            self.results.get(f"memcheck.{label}.{target}", "s").add(run.job_seconds)
+        shutil.rmtree(self.inst.repository / guest.name, ignore_errors=True)
+        if self.s3 is not None:
+            self.s3.delete_prefix(f"{self.inst.s3['prefix']}/")

@@ -51,7 +51,7 @@ class JobContext:
     scratch_root: Path
     report: Reporter = _quiet
     attempt: int = 1
-    poll_seconds: float = 0.5
+    poll_seconds: float = 0.2  # libvirt job polls: cheap, and they bound the added latency
     _scratch: Path | None = field(default=None, repr=False)
 
     @property

@@ -82,7 +82,7 @@ def enqueue(cfg: Config, cat: Catalog, kind: str, domain: str | None, host: str,
 
 
 def wait(cat: Catalog, job_id: str, *, on_progress: Callable[[jobs.JobView], None] | None = None,
-         poll: float = 1.0, timeout: float | None = None) -> jobs.JobView:
+         poll: float = 0.25, timeout: float | None = None) -> jobs.JobView:
     """Block until the job finished; JobFailed when it failed."""
     start = time.monotonic()
     while True:

@@ -29,6 +29,13 @@ def info(path: Path) -> dict:
     return json.loads(_run("info", "-U", "--output=json", str(path)))
 
 
+def copy_locked(source: Path, fmt: str, dest: Path) -> None:
+    """A whole, standalone qcow2 copy of a disk that no QEMU runs. Read without ``-U``,
+    so qemu-img holds the image's lock: a QEMU starting meanwhile cannot get its write
+    lock and fails to start, instead of changing the disk under the copy."""
+    _run("convert", "-f", fmt, "-O", "qcow2", str(source), str(dest))
+
+
 def detach_backing(path: Path) -> None:
     """Drop the backing-file reference libvirt writes into incremental backup targets
     (it names the live disk, which must never be read through on restore)."""

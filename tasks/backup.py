@@ -33,7 +33,7 @@ from hypervisor.types import NAME_PREFIX, DomainInfo
 from storage_backends.repository import Repository
 from tasks import recovery
 from tasks.context import JobContext
-from virtwarden.errors import CheckpointMissing, HypervisorError, JobFailed, NoSpace, VirtwardenError
+from virtwarden.errors import CheckpointMissing, HypervisorError, JobFailed, NoSpace, ToolFailed, VirtwardenError
 
 log = logging.getLogger(__name__)
 STRATEGY = "bitmap"
@@ -68,7 +68,10 @@ def plan_level(req: BackupRequest, dom: DomainInfo, head: PointView | None, chec
         return LevelPlan("full", "no earlier backup of this domain on this target")
     if head.seq >= req.full_every:
         return LevelPlan("full", f"chain reached full_every={req.full_every} incrementals")
-    if not head.checkpoint or head.checkpoint not in checkpoints:
+    if not head.checkpoint:
+        return LevelPlan("full", "the last backup was made while the domain was shut off (no checkpoint to "
+                                 "continue from); starting a new chain")
+    if head.checkpoint not in checkpoints:
         return LevelPlan("full", f"checkpoint {head.checkpoint} of the last backup is gone "
                                  "(domain redefined or migrated, or its bitmaps were lost); starting a new chain")
     before = {a.target: a.virtual_size for a in head.artifacts}
@@ -82,7 +85,8 @@ def plan_level(req: BackupRequest, dom: DomainInfo, head: PointView | None, chec
 
 
 def run_backup(ctx: JobContext, req: BackupRequest) -> dict:
-    if req.strategy == "blockcommit":
+    # A shut-off domain is copied whole whatever the strategy (see _run_bitmap).
+    if req.strategy == "blockcommit" and ctx.require_hypervisor().domain(req.domain).active:
         from tasks.blockcommit import run_blockcommit_backup
 
         result = run_blockcommit_backup(ctx, req)
@@ -111,12 +115,20 @@ def _run_bitmap(ctx: JobContext, req: BackupRequest) -> dict:
     hv = ctx.require_hypervisor()
     recovery.recover_backup(ctx, req.domain)
     dom = hv.domain(req.domain)
-    if not dom.active:
-        raise HypervisorError(
-            f"domain {req.domain!r} is {dom.state}: the bitmap strategy backs up running domains only")
     if not dom.disks:
         raise HypervisorError(f"domain {req.domain!r} has no file or block disks to back up")
     ctx.storage(req.storage).check()  # an unreachable target fails before anything changes
+    if not dom.active:
+        # libvirt takes checkpoints of running domains only, and dirty bitmaps cannot be
+        # read without QEMU: a shut-off domain gets a full copy of its disks, made with
+        # qemu-img while it holds the images' locks, so the domain cannot start meanwhile
+        # (its start fails; a later run backs it up online). Starting it paused instead
+        # would allow incrementals, but a paused guest someone resumes would then be
+        # destroyed with our connection.
+        return _make_point(ctx, req, dom, LevelPlan(
+            "full", f"domain is not running ({dom.state}): disks copied whole with qemu-img "
+                    "(checkpoints need a running domain)"),
+            online=False)
     head = points.chain_head(ctx.catalog, dom.uuid, req.storage, req.strategy)
     ours = {c.name for c in hv.checkpoints(req.domain)}
     plan = plan_level(req, dom, head, ours)
@@ -140,14 +152,16 @@ def _forget_checkpoint(hv, domain: str, name: str) -> None:  # noqa: ANN001
         hv.delete_checkpoint(domain, name, metadata_only=True)
 
 
-def _make_point(ctx: JobContext, req: BackupRequest, dom: DomainInfo, plan: LevelPlan) -> dict:
+def _make_point(ctx: JobContext, req: BackupRequest, dom: DomainInfo, plan: LevelPlan, *,
+                online: bool = True) -> dict:
     hv = ctx.require_hypervisor()
     repo = Repository(ctx.storage(req.storage))
     point_id = str(uuid.uuid4())
     parent = plan.parent
     chain_id = parent.chain_id if parent else str(uuid.uuid4())
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    checkpoint = f"{NAME_PREFIX}{stamp}-{point_id[:8]}"
+    checkpoint = f"{NAME_PREFIX}{stamp}-{point_id[:8]}" if online else None
+    consistency = "crash" if online else "offline"
     prefix = repo.point_prefix(dom.name, chain_id, point_id)
     point = points.begin(
         ctx.catalog, id=point_id, domain=dom.name, domain_uuid=dom.uuid, host=hv.name,
@@ -163,17 +177,20 @@ def _make_point(ctx: JobContext, req: BackupRequest, dom: DomainInfo, plan: Leve
         ctx.scratch.mkdir(parents=True)
         outputs = _outputs(ctx, repo, prefix, dom, req.storage)
         _check_space(dom, plan, outputs)
-        bitmap_disks = {d.target for d in dom.disks if d.has_bitmaps}
         ctx.report(0.0, f"{plan.level} backup: copying {len(outputs)} disk(s)")
-        hv.begin_backup(dom.name, {t: str(o.path) for t, o in outputs.items()}, checkpoint=checkpoint,
-                        incremental_from=parent.checkpoint if parent else None,
-                        bitmap_disks=bitmap_disks, skip=set())
-        started = True
-        _wait(ctx, dom.name, outputs)
+        if checkpoint:
+            hv.begin_backup(dom.name, {t: str(o.path) for t, o in outputs.items()}, checkpoint=checkpoint,
+                            incremental_from=parent.checkpoint if parent else None,
+                            bitmap_disks={d.target for d in dom.disks if d.has_bitmaps}, skip=set())
+            started = True
+            _wait(ctx, dom.name, outputs)
+        else:
+            _copy_offline(ctx, dom, outputs)
         artifacts = _store(ctx, repo, outputs)
-        manifest = _manifest(ctx, dom, point, plan, checkpoint, artifacts, hv.checkpoint_xml(dom.name, checkpoint))
+        cp_xml = hv.checkpoint_xml(dom.name, checkpoint) if checkpoint else ""
+        manifest = _manifest(ctx, dom, point, plan, checkpoint, artifacts, cp_xml, consistency=consistency)
         repo.write_manifest(prefix, manifest)
-        done = points.complete(ctx.catalog, point_id, artifacts, consistency="crash")
+        done = points.complete(ctx.catalog, point_id, artifacts, consistency=consistency)
     except BaseException as e:
         _undo(ctx, repo, dom.name, point_id, prefix, checkpoint if started else None, e)
         raise
@@ -209,6 +226,18 @@ def _outputs(ctx: JobContext, repo: Repository, prefix: str, dom: DomainInfo, st
             out[d.target] = _Output(key, ctx.scratch / f"{d.target}.qcow2", False,
                                     f"scratch directory {ctx.scratch_root}")
     return out
+
+
+def _copy_offline(ctx: JobContext, dom: DomainInfo, outputs: dict[str, _Output]) -> None:
+    for i, d in enumerate(dom.disks):
+        ctx.report(0.6 * i / len(dom.disks), f"copying {d.target} of shut-off {dom.name} with qemu-img")
+        try:
+            qemu_img.copy_locked(Path(d.path), d.format, outputs[d.target].path)
+        except ToolFailed as e:
+            if "lock" in str(e):
+                raise HypervisorError(f"disk {d.target} of {dom.name!r} is in use (was the domain started?): "
+                                      f"{e}; the next run backs it up online") from e
+            raise
 
 
 def _check_space(dom: DomainInfo, plan: LevelPlan, outputs: dict[str, _Output]) -> None:
@@ -271,18 +300,18 @@ def _store(ctx: JobContext, repo: Repository, outputs: dict[str, _Output]) -> li
     return out
 
 
-def _manifest(ctx: JobContext, dom: DomainInfo, point: PointView, plan: LevelPlan, checkpoint: str,
-              artifacts: list[ArtifactView], checkpoint_xml: str) -> dict:
+def _manifest(ctx: JobContext, dom: DomainInfo, point: PointView, plan: LevelPlan, checkpoint: str | None,
+              artifacts: list[ArtifactView], checkpoint_xml: str, *, consistency: str = "crash") -> dict:
     modes = {d.target: ("incremental" if plan.level == "incremental" and d.has_bitmaps else "full")
              for d in dom.disks}
     return {
         "point_id": point.id, "chain_id": point.chain_id, "parent_id": point.parent_id,
         "seq": point.seq, "level": point.level, "strategy": point.strategy, "reason": plan.reason,
-        "consistency": "crash", "host": point.host,
+        "consistency": consistency, "host": point.host,
         "created_at": point.created_at.isoformat(),
         "completed_at": datetime.now(timezone.utc).isoformat(),
         "domain": {"name": dom.name, "uuid": dom.uuid, "xml": ctx.require_hypervisor().inactive_xml(dom.name)},
-        "checkpoint": {"name": checkpoint, "xml": checkpoint_xml},
+        "checkpoint": {"name": checkpoint, "xml": checkpoint_xml} if checkpoint else None,
         "disks": [{"target": a.target, "mode": modes[a.target], "format": "qcow2", "key": a.key,
                    "size_bytes": a.size_bytes, "sha256": a.sha256, "virtual_size": a.virtual_size,
                    "source": dom.disk(a.target).path} for a in artifacts],

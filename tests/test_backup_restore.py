@@ -195,3 +195,41 @@ def test_raw_disk_is_copied_in_full_in_every_point(vw, guest_factory, tmp_path):
         assert vw.cli("restore", g.name, "--point", point["id"], "--to-dir", str(out), "--wait").code == 0
         for t in ("vda", "vdb"):
             assert images_equal(out / f"{t}.qcow2", expected[step][t]), (step, t)
+
+
+@pytest.mark.parametrize("strategy", ["bitmap", "blockcommit"])
+def test_shut_off_domain_is_copied_whole_then_online_backups_continue(vw, guest_factory, tmp_path, strategy):
+    """A shut-off domain has no checkpoints to use: its disks are copied whole (the point
+    says so), and once it runs again its backups start a new chain and go incremental."""
+    g = guest_factory(disks=2, size_mib=32)
+    g.write("vda", 0, 2 * MiB, pattern=0x61)
+    g.write_random("vdb", 4 * MiB, MiB)
+    g.dom.destroy()  # QEMU stops and writes everything out
+    policy_dir = tmp_path / "policies"
+    policy_dir.mkdir()
+    (policy_dir / "p.yaml").write_text(
+        "apiVersion: virtwarden/v1\nkind: Policy\nmetadata: {name: p}\n"
+        f"spec:\n  selector: {{domains: ['{g.name}']}}\n  backup: {{target: nfs, strategy: {strategy}}}\n")
+    vw.extra["policy_dir"] = str(policy_dir)
+    vw.start_worker()
+    offline = _backup(vw, g.name, "nfs")
+    assert offline["level"] == "full" and "shutoff" in offline["reason"], offline
+    expected = {t: g.shadow_copy(t, tmp_path / f"off-{t}.raw") for t in ("vda", "vdb")}
+    listed = vw.cli("backups", g.name, "--json").json()
+    assert listed[0]["consistency"] == "offline"
+
+    g.dom.create()
+    g.write("vda", 8 * MiB, MiB, pattern=0x62)
+    first_online = _backup(vw, g.name, "nfs")
+    assert first_online["level"] == "full" and "shut off" in first_online["reason"]
+    g.write("vdb", 9 * MiB, MiB, pattern=0x63)
+    assert _backup(vw, g.name, "nfs")["level"] == "incremental"
+
+    out = tmp_path / "offline"
+    assert vw.cli("restore", g.name, "--point", offline["point_id"], "--to-dir", str(out), "--wait").code == 0
+    for t in ("vda", "vdb"):
+        assert images_equal(out / f"{t}.qcow2", expected[t]), t
+    out = tmp_path / "latest"
+    assert vw.cli("restore", g.name, "--to-dir", str(out), "--wait").code == 0
+    for t in ("vda", "vdb"):
+        assert images_equal(out / f"{t}.qcow2", g.shadow_copy(t, tmp_path / f"now-{t}.raw")), t

@@ -73,3 +73,21 @@ def test_sigkill_during_backup_is_recovered(vw, guest_factory, s3_settings, tmp_
     out_full = tmp_path / "restored-full"
     assert vw.cli("restore", g.name, "--point", listed[1]["id"], "--to-dir", str(out_full), "--wait").code == 0
     assert images_equal(out_full / "vda.qcow2", expected_full)
+
+
+def test_a_job_kind_this_release_lacks_fails_clearly(vw, tmp_path):
+    """A policy may already schedule a job (a snapshot) whose module a later release
+    brings: the job fails with that said, it does not look like a crash."""
+    from catalog import jobs as rows
+    from virtwarden import config
+    from worker.runner import execute
+
+    vw.write_config()
+    cfg = config.load(str(vw.config_path))
+    cat = vw.catalog()
+    later = rows.create(cat, kind="snapshot", domain="d", host="local", params={"domain": "d"})
+    unknown = rows.create(cat, kind="teleport", domain="d", host="local", params={})
+    assert execute(cfg, later.id, cat=cat) == "failed"
+    assert rows.get(cat, later.id).error == "job kind 'snapshot' is not part of this release yet"
+    assert execute(cfg, unknown.id, cat=cat) == "failed"
+    assert rows.get(cat, unknown.id).error == "job kind 'teleport' is unknown"

@@ -94,6 +94,19 @@ class Heartbeat:
             self.lost.set()
 
 
+def _job_function(kind: JobKind | None) -> tuple[Callable[[JobContext, Any], dict], type] | None:
+    """The kind's job function and request type; None when this release lacks its module
+    (a policy may already name a job, e.g. snapshot, that a later release brings)."""
+    if kind is None:
+        return None
+    try:
+        return kind.load()
+    except ModuleNotFoundError as e:
+        if e.name and kind.run.startswith(e.name + ":"):
+            return None
+        raise
+
+
 def owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
 
@@ -110,9 +123,12 @@ def execute(cfg: Config, job_id: str, *, cat: Catalog | None = None) -> str:
     if not claim.ok:
         log.info("job %s: not started (%s)", job_id, claim.why)
         return "busy" if claim.why == "domain-busy" else "skipped"
-    if kind is None:
-        jobs.finish(cat, job_id, owner, ok=False, error=f"unknown job kind {job.kind!r}")
+    loaded = _job_function(kind)
+    if kind is None or loaded is None:
+        why = "is not part of this release yet" if kind else "is unknown"
+        jobs.finish(cat, job_id, owner, ok=False, error=f"job kind {job.kind!r} {why}")
         return "failed"
+    run, request = loaded
     beat = Heartbeat(cat, job_id, owner, cfg.worker.lease_seconds, cfg.worker.heartbeat_seconds)
     beat.start()
     hv = None
@@ -128,7 +144,6 @@ def execute(cfg: Config, job_id: str, *, cat: Catalog | None = None) -> str:
             scratch_root=cfg.scratch_dir(host), report=beat.report, attempt=claim.attempt,
         )
         log.info("job %s: %s of %s, attempt %d", job_id, job.kind, job.domain, claim.attempt)
-        run, request = kind.load()
         result = run(ctx, request(**job.params))
     except LeaseLost as e:
         log.warning("%s", e)

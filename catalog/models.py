@@ -58,6 +58,10 @@ class Host(Base):
     uri: Mapped[str] = mapped_column(String(512))
     group: Mapped[str] = mapped_column(String(128), default="default")
     last_seen_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # up | down (could not be reached when last asked); capacity as libvirt last said it
+    state: Mapped[str] = mapped_column(String(16), default="unknown")
+    last_error: Mapped[str | None] = mapped_column(Text)
+    capacity: Mapped[dict | None] = mapped_column(JSON)
 
 
 class Domain(Base):
@@ -210,3 +214,75 @@ class Overlay(Base):
     base_path: Mapped[str] = mapped_column(String(1024))
     state: Mapped[str] = mapped_column(String(16))  # created | committed | abandoned
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class Drill(Base):
+    """One restore drill: a point restored into scratch space and booted as a throwaway
+    domain. ``checks`` holds each check's name, outcome and detail."""
+
+    __tablename__ = "drills"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)  # the drill job's id
+    domain: Mapped[str] = mapped_column(String(255), index=True)
+    point_id: Mapped[str | None] = mapped_column(String(36))
+    host: Mapped[str] = mapped_column(String(128))
+    state: Mapped[str] = mapped_column(String(16))  # running | passed | failed
+    throwaway: Mapped[str | None] = mapped_column(String(255))  # the drill domain's name
+    checks: Mapped[list] = mapped_column(JSON, default=list)
+    restore_seconds: Mapped[float | None] = mapped_column(Float)
+    boot_seconds: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+    cleaned_up: Mapped[bool] = mapped_column(default=False)
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class AuditRecord(Base):
+    """Who asked for what, when, with which parameters, and how it ended (runbooks,
+    API calls, on-call actions)."""
+
+    __tablename__ = "audit_log"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(255))
+    action: Mapped[str] = mapped_column(String(128))
+    target: Mapped[str | None] = mapped_column(String(255))
+    params: Mapped[dict] = mapped_column(JSON, default=dict)
+    job_id: Mapped[str | None] = mapped_column(String(36), index=True)
+    outcome: Mapped[str] = mapped_column(String(16))  # started | succeeded | failed | dry-run | refused
+    detail: Mapped[str | None] = mapped_column(Text)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class Alert(Base):
+    """An Alertmanager alert as received; one row per (fingerprint, startsAt)."""
+
+    __tablename__ = "alerts"
+    __table_args__ = (UniqueConstraint("fingerprint", "starts_at", name="uq_alert_occurrence"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    fingerprint: Mapped[str] = mapped_column(String(128), index=True)
+    name: Mapped[str] = mapped_column(String(255))
+    status: Mapped[str] = mapped_column(String(16))  # firing | resolved
+    labels: Mapped[dict] = mapped_column(JSON, default=dict)
+    host: Mapped[str | None] = mapped_column(String(128))
+    action: Mapped[str | None] = mapped_column(String(32))  # evacuate | backup | none
+    job_id: Mapped[str | None] = mapped_column(String(36))
+    starts_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    resolved_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class Migration(Base):
+    """One live migration of a domain between hosts."""
+
+    __tablename__ = "migrations"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str | None] = mapped_column(String(36), index=True)
+    domain: Mapped[str] = mapped_column(String(255), index=True)
+    domain_uuid: Mapped[str | None] = mapped_column(String(36))
+    from_host: Mapped[str] = mapped_column(String(128))
+    to_host: Mapped[str | None] = mapped_column(String(128))
+    outcome: Mapped[str] = mapped_column(String(16))  # planned | running | succeeded | failed | skipped
+    reason: Mapped[str | None] = mapped_column(Text)
+    downtime_ms: Mapped[int | None] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)

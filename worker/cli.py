@@ -76,10 +76,22 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("domain")
     bs.add_argument("--json", action="store_true")
 
-    r = cmd("restore", c.restore, "restore a point into a directory of flat images")
+    r = cmd("restore", c.restore,
+            "restore a point: into a directory of flat images, as a new domain, or in place")
     r.add_argument("domain")
-    r.add_argument("--point", default="latest", help="restore point id, or 'latest' (default)")
-    r.add_argument("--to-dir", required=True, help="directory for vda.qcow2, vdb.qcow2, ... and domain.xml")
+    point = r.add_mutually_exclusive_group()
+    point.add_argument("--point", default="latest", help="restore point id, or 'latest' (default)")
+    point.add_argument("--at", metavar="TIME", help="the last complete point at or before TIME (ISO 8601)")
+    mode = r.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--to-dir", help="directory for vda.qcow2, vdb.qcow2, ... and domain.xml")
+    mode.add_argument("--as-domain", metavar="NAME",
+                      help="define a new domain NAME (new UUID and MACs) on the restored disks")
+    mode.add_argument("--in-place", action="store_true",
+                      help="shut the domain off and replace its disks (the current ones are kept aside until it worked)")
+    r.add_argument("--discard-old", action="store_true",
+                   help="with --in-place: delete the replaced disks once the restore succeeded (default: keep them)")
+    r.add_argument("--start", action="store_true", help="with --as-domain or --in-place: start the domain afterwards")
+    r.add_argument("--dry-run", action="store_true", help="print the plan (chain, bytes to read, where each disk goes)")
     r.add_argument("--host", help="host whose worker does the work (default: where the backup was made)")
     _wait_opts(r)
 
@@ -126,9 +138,42 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("domain")
     sl.add_argument("--json", action="store_true")
 
-    for name, issue_text in (("api", "the HTTP API"), ("drill", "restore drills"), ("evacuate", "host evacuation")):
-        sp = cmd(name, c.not_yet(name, issue_text), f"{issue_text} (not in this release)")
-        sp.add_argument("rest", nargs=argparse.REMAINDER)
+    dr = cmd("drill", lazy("worker.drills:cli"),
+             "restore a point into scratch space and boot it as an isolated throwaway domain")
+    dr.add_argument("domain")
+    dr.add_argument("--point", default="latest", help="restore point id, or 'latest' (default)")
+    dr.add_argument("--policy", help="take drill settings from this policy")
+    dr.add_argument("--host", help="host to run the drill on (default: where the backup was made)")
+    _wait_opts(dr)
+    dl = cmd("drills", lazy("worker.drills:list_cli"), "recent restore drills of a domain and their checks")
+    dl.add_argument("domain", nargs="?")
+    dl.add_argument("--json", action="store_true")
+
+    api = cmd("api", lazy("worker.api:cli"), "serve the HTTP API (restores, jobs, alerts, metrics)")
+    api.add_argument("--listen", help="HOST:PORT (default: api.listen from the configuration)")
+
+    rb = sub.add_parser("runbook", help="named, audited on-call procedures").add_subparsers(metavar="ACTION")
+    rbl = rb.add_parser("list", help="built-in and user-defined runbooks")
+    rbl.add_argument("--json", action="store_true")
+    rbl.set_defaults(handler=lazy("worker.runbooks:list_cli"), command_name="runbook")
+    rbs = rb.add_parser("show", help="a runbook's parameters and steps")
+    rbs.add_argument("name")
+    rbs.add_argument("--json", action="store_true")
+    rbs.set_defaults(handler=lazy("worker.runbooks:show_cli"), command_name="runbook")
+    rbr = rb.add_parser("run", help="run a runbook (audited)")
+    rbr.add_argument("name")
+    rbr.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE")
+    rbr.add_argument("--dry-run", action="store_true", help="print every step's plan, change nothing")
+    _wait_opts(rbr)
+    rbr.set_defaults(handler=lazy("worker.runbooks:run_cli"), command_name="runbook")
+
+    ev = cmd("evacuate", lazy("worker.evacuate:cli"), "live-migrate a host's running domains to other hosts")
+    ev.add_argument("host")
+    ev.add_argument("--to", action="append", default=[], metavar="HOST", help="only to these hosts (repeatable)")
+    ev.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    _wait_opts(ev)
+    hs = cmd("hosts", lazy("worker.hosts:cli"), "the configured hosts: reachable or not, free memory and CPUs")
+    hs.add_argument("--json", action="store_true")
     return p
 
 

@@ -183,14 +183,6 @@ def worker(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def not_yet(name: str, what: str):  # noqa: ANN201
-    def handler(_args: argparse.Namespace) -> int:
-        print(f"virtwarden {name}: {what} is not part of this release yet", file=sys.stderr)
-        return EXIT_USAGE
-
-    return handler
-
-
 def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":

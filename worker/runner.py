@@ -48,6 +48,13 @@ KINDS: dict[str, JobKind] = {
     "restore": JobKind("tasks.restore:run_restore", "tasks.restore:RestoreRequest", False),
     "snapshot": JobKind("tasks.snapshots:run_snapshot", "tasks.snapshots:SnapshotRequest", True),
     "prune": JobKind("tasks.prune:run_prune", "tasks.prune:PruneRequest", False),
+    "restore-as-domain": JobKind("tasks.restore_domain:run_restore_as_domain",
+                                 "tasks.restore_domain:AsDomainRequest", True),
+    "restore-in-place": JobKind("tasks.restore_domain:run_restore_in_place",
+                                "tasks.restore_domain:InPlaceRequest", True),
+    "drill": JobKind("tasks.drill:run_drill", "tasks.drill:DrillRequest", True),
+    "verify": JobKind("tasks.verify:run_verify", "tasks.verify:VerifyRequest", False),
+    "evacuate": JobKind("tasks.evacuate:run_evacuate", "tasks.evacuate:EvacuateRequest", True),
 }
 
 

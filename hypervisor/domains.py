@@ -1,0 +1,111 @@
+"""Defining, starting, stopping and removing domains: what restores as a new domain,
+restores in place and drills need. Each function takes a ``LibvirtHost`` and uses its
+conversion of libvirt errors into product errors.
+
+Stopping is bounded: ``shutdown`` asks the guest (ACPI, then the agent if it has one)
+and waits up to its timeout before it pulls the plug, and ``remove`` never leaves a
+half-removed domain silently: it says what it could not remove.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import libvirt
+
+from hypervisor.libvirt_host import LibvirtHost
+from virtwarden.errors import DomainNotFound, HypervisorError
+
+log = logging.getLogger(__name__)
+
+_UNDEFINE_FLAGS = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                   | getattr(libvirt, "VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA", 0)
+                   | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+
+
+def exists(hv: LibvirtHost, name: str) -> bool:
+    try:
+        hv._dom(name)
+    except DomainNotFound:
+        return False
+    return True
+
+
+def define(hv: LibvirtHost, xml: str, name: str) -> None:
+    """Define a persistent domain; refuses to replace an existing one of that name."""
+    if exists(hv, name):
+        raise HypervisorError(f"host {hv.name} already has a domain named {name!r}; choose another name")
+    with hv._errors("defining domain", name):
+        hv.conn.defineXML(xml)
+
+
+def start(hv: LibvirtHost, name: str, *, paused: bool = False) -> None:
+    dom = hv._dom(name)
+    with hv._errors("starting domain", name):
+        dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED if paused else 0)
+
+
+def is_running(hv: LibvirtHost, name: str) -> bool:
+    dom = hv._dom(name)
+    with hv._errors("reading state", name):
+        return bool(dom.isActive())
+
+
+def shutdown(hv: LibvirtHost, name: str, *, timeout: float, poll: float = 0.5) -> str:
+    """Stop a running domain: a clean shutdown request, then, after ``timeout`` seconds,
+    a forced power-off. Returns 'was-off', 'shutdown' or 'destroyed'."""
+    dom = hv._dom(name)
+    with hv._errors("shutting down domain", name):
+        if not dom.isActive():
+            return "was-off"
+        try:
+            dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN | libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT)
+        except libvirt.libvirtError as e:  # no ACPI, no agent: only a power-off is left
+            log.info("domain %s: clean shutdown refused (%s); powering off", name, e.get_error_message())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not dom.isActive():
+                return "shutdown"
+            time.sleep(poll)
+    destroy(hv, name)
+    return "destroyed"
+
+
+def destroy(hv: LibvirtHost, name: str) -> None:
+    """Power a domain off now; nothing happens when it is not running."""
+    dom = hv._dom(name)
+    with hv._errors("powering off domain", name):
+        try:
+            dom.destroy()
+        except libvirt.libvirtError as e:
+            if e.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:  # not running
+                raise
+
+
+def remove(hv: LibvirtHost, name: str) -> bool:
+    """Power off and undefine a domain (its metadata only: disks stay where they are).
+    Returns False when there was no such domain."""
+    try:
+        dom = hv._dom(name)
+    except DomainNotFound:
+        return False
+    destroy(hv, name)
+    with hv._errors("undefining domain", name):
+        try:
+            if dom.isPersistent():
+                dom.undefineFlags(_UNDEFINE_FLAGS)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                raise
+    return True
+
+
+def names(hv: LibvirtHost, prefix: str = "") -> list[str]:
+    with hv._errors("listing domains"):
+        return sorted(d.name() for d in hv.conn.listAllDomains() if d.name().startswith(prefix))
+
+
+def update_definition(hv: LibvirtHost, name: str, xml: str) -> None:
+    """Replace a shut-off domain's persistent definition (same name and UUID)."""
+    with hv._errors("updating domain definition", name):
+        hv.conn.defineXML(xml)

@@ -39,10 +39,14 @@ def define(hv: LibvirtHost, xml: str, name: str) -> None:
         hv.conn.defineXML(xml)
 
 
-def start(hv: LibvirtHost, name: str, *, paused: bool = False) -> None:
+def start(hv: LibvirtHost, name: str, *, paused: bool = False, autodestroy: bool = False) -> None:
+    """Start a defined domain. With ``autodestroy`` libvirt powers it off as soon as
+    this connection closes, so it cannot outlive the process that started it."""
     dom = hv._dom(name)
+    flags = (libvirt.VIR_DOMAIN_START_PAUSED if paused else 0) | (
+        libvirt.VIR_DOMAIN_START_AUTODESTROY if autodestroy else 0)
     with hv._errors("starting domain", name):
-        dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED if paused else 0)
+        dom.createWithFlags(flags)
 
 
 def is_running(hv: LibvirtHost, name: str) -> bool:

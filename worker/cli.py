@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     dr = cmd("drill", lazy("worker.drills:cli"),
              "restore a point into scratch space and boot it as an isolated throwaway domain")
     dr.add_argument("domain")
-    dr.add_argument("--point", default="latest", help="restore point id, or 'latest' (default)")
+    dr.add_argument("--point", help="restore point id, 'latest' or 'oldest' (default: the policy's drill.point,"
+                                    " else latest)")
     dr.add_argument("--policy", help="take drill settings from this policy")
     dr.add_argument("--host", help="host to run the drill on (default: where the backup was made)")
     _wait_opts(dr)

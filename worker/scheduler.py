@@ -315,6 +315,10 @@ class Scheduler:
     def _params(self, slot: Slot) -> dict:
         """The job's parameters; a backup's are settled from its policy now, like
         ``virtwarden backup`` settles them (worker.submit.backup)."""
+        if slot.job == "drill":
+            from worker.drills import drill_params
+
+            return drill_params(self.cfg, self.cat, slot.domain, policy=slot.policy, host=slot.host)
         if slot.job != "backup":
             return {"domain": slot.domain, "policy": slot.policy}
         return resolve_backup(self.cfg, slot.domain, policy=slot.policy, host=slot.host).job_params(slot.domain)

@@ -26,7 +26,8 @@ export DEBIAN_FRONTEND=noninteractive
 
 # gcc: libvirt-python builds from source against libvirt-dev.
 APT_PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86
-              qemu-utils libvirt-dev pkg-config gcc)
+              qemu-utils libvirt-dev pkg-config gcc
+              iptables)  # libvirt starts its networks (the isolated drill network) through iptables
 
 say() { echo "testhost: $*"; }
 die() { echo "testhost: error: $*" >&2; exit 1; }

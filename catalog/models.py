@@ -196,6 +196,8 @@ class Snapshot(Base):
     policy: Mapped[str | None] = mapped_column(String(128))
     kind: Mapped[str] = mapped_column(String(16))  # internal | external
     consistency: Mapped[str] = mapped_column(String(16), default="crash")
+    # creating | present | deleted | missing (see catalog.snapshots)
+    state: Mapped[str] = mapped_column(String(16), default="present")
     job_id: Mapped[str | None] = mapped_column(String(36))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     deleted_at: Mapped[datetime | None] = mapped_column(UtcDateTime)

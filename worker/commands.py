@@ -95,6 +95,9 @@ def _summary(job: jobs.JobView) -> str:
         return f"{r.get('level')} backup, point {r.get('point_id')}, {r.get('size_bytes', 0)} bytes ({r.get('reason')})"
     if job.kind == "restore":
         return f"point {r.get('point_id')} restored into {r.get('to_dir')}: {', '.join(r.get('disks', []))}"
+    if job.kind == "snapshot":
+        gone = f"; rotated out: {', '.join(r['deleted'])}" if r.get("deleted") else ""
+        return f"{r.get('type')} snapshot {r.get('snapshot')} ({r.get('consistency')}){gone}"
     if "summary" in r:  # a job that words its own result (prune)
         return str(r["summary"])
     return str(r)

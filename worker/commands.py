@@ -13,7 +13,8 @@ from virtwarden.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 def policy_validate(args: argparse.Namespace) -> int:
     from policies import check_against_config, validate_paths
 
-    found, errors = validate_paths(args.paths)
+    books: list = []
+    found, errors = validate_paths(args.paths, books)
     if not errors and args.config:
         errors = check_against_config(found, load_config(args))
     for line in errors:
@@ -21,7 +22,8 @@ def policy_validate(args: argparse.Namespace) -> int:
     if errors:
         print(f"{len(errors)} error(s) in {len(args.paths)} path(s)", file=sys.stderr)
         return EXIT_FAILED
-    print(f"ok: {len(found)} polic{'y' if len(found) == 1 else 'ies'} valid")
+    runbooks = f" and {len(books)} runbook{'' if len(books) == 1 else 's'}" if books else ""
+    print(f"ok: {len(found)} polic{'y' if len(found) == 1 else 'ies'}{runbooks} valid")
     return EXIT_OK
 
 

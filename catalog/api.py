@@ -41,16 +41,16 @@ def key_use(cat: Catalog, key: str) -> KeyUse | None:
         return KeyUse(row.job_id, row.request_sha256) if row else None
 
 
-def remember_key(cat: Catalog, key: str, request_sha256: str, job_id: str, actor: str) -> KeyUse:
-    """Store the key's request and job; when another request stored it first (a
-    concurrent retry), that one is returned and this one is not stored."""
+def remember_key(cat: Catalog, key: str, request_sha256: str, job_id: str, actor: str) -> tuple[KeyUse, bool]:
+    """Store the key's request and job; True when this call stored it. When a concurrent
+    request with the same key stored it first, that one's use is returned with False."""
     try:
         with cat.session() as s:
             s.add(ApiIdempotencyKey(key=key, request_sha256=request_sha256, job_id=job_id, actor=actor,
                                     created_at=utcnow()))
     except IntegrityError:
         found = key_use(cat, key)
-        if found is None:  # removed meanwhile: nothing removes keys, so this is a bug
+        if found is None:  # nothing removes keys, so this is a bug
             raise
-        return found
-    return KeyUse(job_id, request_sha256)
+        return found, False
+    return KeyUse(job_id, request_sha256), True

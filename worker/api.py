@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from fastapi import Depends, FastAPI, Header, Request, Response
@@ -31,13 +32,24 @@ from catalog.models import AuditRecord, utcnow
 from catalog.store import Catalog
 from virtwarden.config import Config
 from virtwarden.errors import ConfigError, NotFound, Transient, VirtwardenError
-from worker.api_auth import AuthMiddleware, Signatures, Tokens, env_token, read_key
+from worker.api_auth import ANONYMOUS, AuthMiddleware, Signatures, Tokens, env_token, read_key
 from worker.api_metrics import ApiMetrics, RequestCounter
 from worker.api_schemas import AlertmanagerPayload, Error, JobAccepted, JobOut, PointOut, RestoreIn
 
 log = logging.getLogger(__name__)
 KEY_PATTERN = r"^[\x21-\x7e]{1,200}$"  # printable ASCII, no spaces: a UUID is a good key
 ACTIONS = {"/v1/restores": "api.restore", "/v1/alerts": "api.alerts"}
+MAX_AUDITED_BODY = 16 * 1024  # a refused body larger than this is recorded by its size only
+DESCRIPTION = """\
+Restores by webhook, job status, restore points and Alertmanager alerts for virtwarden.
+
+Every `/v1` request needs `Authorization: Bearer <token>`. When the server has an HMAC
+key, POSTs to signed endpoints also need `X-Virtwarden-Signature: t=<unix seconds>,
+v1=<hex HMAC-SHA256 of "<t>.<raw body>">`, made when sending (a timestamp more than
+the tolerance away from the server's clock, or a signature used before, is refused).
+`Idempotency-Key` on `POST /v1/restores` makes retries reach the job the first request
+started. Errors are `{"error": message}`; 422 also lists `fields`.
+"""
 
 
 @dataclass(frozen=True)
@@ -52,7 +64,7 @@ class Conflict(VirtwardenError):
 
 # --- the application ---------------------------------------------------------------------
 def create_app(cfg: Config, cat: Catalog, tokens: Tokens, signatures: Signatures | None) -> FastAPI:
-    app = FastAPI(title="virtwarden", version="1", description=__doc__,
+    app = FastAPI(title="virtwarden", version="1", description=DESCRIPTION,
                   responses={401: {"model": Error}, 422: {"model": Error}, 503: {"model": Error}})
     app.state.api = Api(cfg, cat)
     metrics = ApiMetrics(cat)
@@ -61,7 +73,7 @@ def create_app(cfg: Config, cat: Catalog, tokens: Tokens, signatures: Signatures
     _error_handlers(app)
     app.add_middleware(AuthMiddleware, cat=cat, tokens=tokens, signatures=signatures,
                        protect_metrics=cfg.api.metrics_require_token,
-                       on_refused=lambda scope, actor, why, status: _audit_refused(cat, scope, actor, why, status))
+                       on_refused=partial(_audit_refused, cat))
     app.add_middleware(RequestCounter, metrics=metrics, route_of=lambda scope: _route_of(app, scope))
     return app
 
@@ -89,8 +101,10 @@ def _routes(app: FastAPI) -> None:
                 return _replayed(api, response, used, req, idempotency_key, actor)
         job = _submit_restore(api, req, actor, idempotency_key)
         if idempotency_key:
-            used = api_catalog.remember_key(api.cat, idempotency_key, req.fingerprint(), job.id, actor)
-            if used.job_id != job.id or used.request_sha256 != req.fingerprint():
+            # Concurrent retries all reach the one job (its dedup key); the one that
+            # stores the key answers 202, the others answer as repeats.
+            used, stored = api_catalog.remember_key(api.cat, idempotency_key, req.fingerprint(), job.id, actor)
+            if not stored:
                 return _replayed(api, response, used, req, idempotency_key, actor)
         audit(api.cat, actor=actor, action="api.restore", target=target, params=req.model_dump(mode="json"),
               outcome="started", job_id=job.id)
@@ -247,29 +261,26 @@ def _message(error: dict[str, Any]) -> str:
 
 
 async def _refused(request: Request, why: str, status: int) -> None:
-    if request.method != "POST":
-        return
     from starlette.concurrency import run_in_threadpool
 
-    api: Api = request.app.state.api
-    actor = f"api:{request.state.caller}" if hasattr(request.state, "caller") else "anonymous"
-    await run_in_threadpool(_audit_refused, api.cat, request.scope, actor, why, status)
+    caller_name = getattr(request.state, "caller", ANONYMOUS)
+    await run_in_threadpool(_audit_refused, request.app.state.api.cat, request.scope, caller_name, why, status)
 
 
-def _audit_refused(cat: Catalog, scope: dict[str, Any], actor: str, why: str, status: int) -> None:
+def _audit_refused(cat: Catalog, scope: dict[str, Any], caller_name: str, why: str, status: int) -> None:
     """An audit row for a refused POST. Only an authenticated caller's body is kept."""
     if scope["method"] != "POST":
         return
     params: dict[str, Any] = {"method": scope["method"], "path": scope["path"], "status": status}
-    client = scope.get("client")
-    if client:
-        params["client"] = client[0]
+    if scope.get("client"):
+        params["client"] = scope["client"][0]
     raw = scope.get("state", {}).get("raw_body")
-    if actor != "anonymous" and raw:
-        params["body"] = _json_or_text(raw)
-    target = params["body"].get("domain") if isinstance(params.get("body"), dict) else None
+    if caller_name != ANONYMOUS and raw:
+        params["body"] = _json_or_text(raw) if len(raw) <= MAX_AUDITED_BODY else f"<{len(raw)} bytes>"
+    body = params.get("body")
+    target = (body.get("domain") or body.get("receiver")) if isinstance(body, dict) else None
     try:
-        audit(cat, actor=actor if actor == "anonymous" or actor.startswith("api:") else f"api:{actor}",
+        audit(cat, actor=ANONYMOUS if caller_name == ANONYMOUS else f"api:{caller_name}",
               action=ACTIONS.get(scope["path"].rstrip("/"), f"api.{scope['method'].lower()}"),
               target=target if isinstance(target, str) else None, params=params, outcome="refused",
               detail=why[:2000])

@@ -66,6 +66,7 @@ def parse_tokens(text: str, source: str) -> list[tuple[str, str]]:
         if not line or line.startswith("#"):
             continue
         name, sep, token = line.partition(":")
+        name = name.strip()
         if not sep or not _NAME.match(name):
             name, token = f"token-{n}", line
         token = token.strip()
@@ -112,6 +113,7 @@ class Tokens:
 
     def _load(self, *, strict: bool) -> None:
         assert self.path is not None
+        stamp = None
         try:
             st = self.path.stat()
             stamp = (st.st_mtime_ns, st.st_size)
@@ -127,7 +129,8 @@ class Tokens:
             if strict:
                 raise ConfigError(f"api.token_file: {e}") from None
             log.error("api.token_file unusable, refusing its tokens until it is fixed: %s", e)
-            self._digests, self._stamp = [], None
+            # Said once per version of the file; a missing file is looked for again each time.
+            self._digests, self._stamp = [], stamp if isinstance(e, ConfigError) else None
 
 
 def bearer(headers: dict[str, str]) -> str:

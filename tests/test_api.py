@@ -225,7 +225,8 @@ def test_a_changed_token_file_takes_effect_without_a_restart(vw, api):
     assert "token shorter than 16 characters" in (server.log.read_text())
 
 
-def test_the_api_refuses_to_start_without_a_token(vw, tmp_path):
+def test_the_api_refuses_to_start_without_a_token(vw, tmp_path, monkeypatch):
+    monkeypatch.delenv("VIRTWARDEN_API_TOKEN", raising=False)
     vw.extra["api"] = {}
     vw.write_config()
     r = vw.cli("api", "--listen", f"127.0.0.1:{_free_port()}", timeout=60)

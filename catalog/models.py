@@ -288,3 +288,24 @@ class Migration(Base):
     downtime_ms: Mapped[int | None] = mapped_column(Integer)
     started_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class ApiNonce(Base):
+    """A request signature the API accepted. Kept until its timestamp leaves the
+    tolerance window, so a replay within the window is refused by every API process."""
+
+    __tablename__ = "api_nonces"
+    signature: Mapped[str] = mapped_column(String(128), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+
+
+class ApiIdempotencyKey(Base):
+    """An ``Idempotency-Key`` the API honoured: the request it came with (as a hash of
+    its validated body) and the job it started. The same key with another body is refused."""
+
+    __tablename__ = "api_idempotency_keys"
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_sha256: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str] = mapped_column(String(36))
+    actor: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)

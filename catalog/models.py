@@ -196,6 +196,8 @@ class Snapshot(Base):
     policy: Mapped[str | None] = mapped_column(String(128))
     kind: Mapped[str] = mapped_column(String(16))  # internal | external
     consistency: Mapped[str] = mapped_column(String(16), default="crash")
+    # creating | present | deleted | missing (see catalog.snapshots)
+    state: Mapped[str] = mapped_column(String(16), default="present")
     job_id: Mapped[str | None] = mapped_column(String(36))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     deleted_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
@@ -286,3 +288,24 @@ class Migration(Base):
     downtime_ms: Mapped[int | None] = mapped_column(Integer)
     started_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class ApiNonce(Base):
+    """A request signature the API accepted. Kept until its timestamp leaves the
+    tolerance window, so a replay within the window is refused by every API process."""
+
+    __tablename__ = "api_nonces"
+    signature: Mapped[str] = mapped_column(String(128), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+
+
+class ApiIdempotencyKey(Base):
+    """An ``Idempotency-Key`` the API honoured: the request it came with (as a hash of
+    its validated body) and the job it started. The same key with another body is refused."""
+
+    __tablename__ = "api_idempotency_keys"
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_sha256: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str] = mapped_column(String(36))
+    actor: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)

@@ -10,7 +10,8 @@ from policies.fields import format_duration, parse_duration
 from policies.loader import load_dir, load_file, validate_paths
 from policies.model import (API_VERSION, EVENTS, JOBS, KIND, Alert, Backup, Drill, Migration, Policy, Retention,
                             Selector, Snapshots, Source, Spec, Trigger)
-from policies.resolve import BackupSettings, check_against_config, load_policies, resolve_backup
+from policies.resolve import (BackupSettings, SnapshotSettings, check_against_config, load_policies,
+                              resolve_backup, resolve_snapshots)
 from policies.select import METADATA_NAMESPACE, DomainFacts, governing, matching, parse_metadata, selects
 
 __all__ = [
@@ -18,5 +19,6 @@ __all__ = [
     "Alert", "Backup", "BackupSettings", "DomainFacts", "Drill", "Migration", "Policy", "Retention",
     "Selector", "Snapshots", "Source", "Spec", "Trigger",
     "check_against_config", "format_duration", "governing", "load_dir", "load_file", "load_policies",
-    "matching", "parse_duration", "parse_metadata", "resolve_backup", "selects", "validate_paths",
+    "matching", "parse_duration", "parse_metadata", "resolve_backup", "resolve_snapshots", "selects",
+    "validate_paths", "SnapshotSettings",
 ]

@@ -13,6 +13,9 @@ import yaml
 from pydantic import ValidationError
 
 from policies.model import API_VERSION, KIND, Policy, Source, problems
+from policies.runbooks import BUILTINS
+from policies.runbooks import KIND as RUNBOOK_KIND
+from policies.runbooks import Runbook
 from virtwarden.errors import PolicyError
 from virtwarden.validation import explain, suggest
 from virtwarden.yamldoc import Document, YamlSyntaxError, format_path, load_documents
@@ -38,8 +41,20 @@ def load_dir(directory: str | Path) -> list[Policy]:
     return reader.result()
 
 
-def validate_paths(paths: list[str]) -> tuple[list[Policy], list[str]]:
-    """For ``virtwarden policy validate``: the valid policies and the error lines.
+def load_runbooks(directory: str | Path) -> list[Runbook]:
+    """The ``kind: Runbook`` documents of the policy directory's files (after the
+    built-in ones); PolicyError listing every error of every document when any is wrong."""
+    reader = _Reader()
+    if Path(directory).is_dir():
+        reader.path(Path(directory))
+    if reader.errors:
+        raise PolicyError("\n".join(reader.errors))
+    return [*BUILTINS, *reader.runbooks]
+
+
+def validate_paths(paths: list[str], runbooks: list[Runbook] | None = None) -> tuple[list[Policy], list[str]]:
+    """For ``virtwarden policy validate``: the valid policies and the error lines (the
+    valid runbooks are appended to ``runbooks`` when given).
 
     Each path is a file or a directory; policy names must be unique across all of them,
     as they would be in one policy_dir.
@@ -47,6 +62,8 @@ def validate_paths(paths: list[str]) -> tuple[list[Policy], list[str]]:
     reader = _Reader()
     for path in paths:
         reader.path(Path(path))
+    if runbooks is not None:
+        runbooks.extend(reader.runbooks)
     return reader.policies, reader.errors
 
 
@@ -61,8 +78,10 @@ class _Reader:
 
     def __init__(self) -> None:
         self.policies: list[Policy] = []
+        self.runbooks: list[Runbook] = []
         self.errors: list[str] = []
         self._names: dict[str, Policy] = {}
+        self._runbook_names: dict[str, Runbook] = {b.name: b for b in BUILTINS}
 
     def result(self) -> list[Policy]:
         if self.errors:
@@ -108,6 +127,9 @@ class _Reader:
         if header:  # another version or kind: its other fields would only add noise
             self._report(doc, header)
             return
+        if data.get("kind") == RUNBOOK_KIND:
+            self._runbook(doc, data)
+            return
         try:
             policy = Policy.model_validate(data)
         except ValidationError as e:
@@ -126,6 +148,22 @@ class _Reader:
         self._names[policy.name] = policy
         self.policies.append(policy)
 
+    def _runbook(self, doc: Document, data: dict[str, Any]) -> None:
+        try:
+            book = Runbook.model_validate(data)
+        except ValidationError as e:
+            self.errors.extend(explain(e, Runbook, doc.file, doc))
+            return
+        book = book.placed(Source(doc.file, doc.line, doc))
+        first = self._runbook_names.get(book.name)
+        if first is not None:
+            where = "a built-in runbook" if first.builtin else f"first defined at {first.source_text}"
+            self.errors.append(f"{doc.file}:{doc.line_of(('metadata', 'name'))}: metadata.name: duplicate runbook"
+                               f" name {book.name!r} ({where})")
+            return
+        self._runbook_names[book.name] = book
+        self.runbooks.append(book)
+
     def _report(self, doc: Document, found: list[tuple[KeyPath, str]]) -> None:
         self.errors.extend(f"{doc.file}:{doc.line_of(path)}: {format_path(path)}: {message}"
                            for path, message in found)
@@ -138,9 +176,10 @@ def _header_problems(data: dict[str, Any]) -> list[tuple[KeyPath, str]]:
     if "apiVersion" in data and version != API_VERSION:
         out.append((("apiVersion",), f"unsupported apiVersion {version!r}: this virtwarden reads"
                     f" {API_VERSION!r}"))
-    if "kind" in data and kind != KIND:
-        hint = suggest(kind, [KIND]) if isinstance(kind, str) else ""
-        out.append((("kind",), f"unknown kind {kind!r}{hint}: policy files hold kind {KIND!r}"))
+    if "kind" in data and kind not in (KIND, RUNBOOK_KIND):
+        hint = suggest(kind, [KIND, RUNBOOK_KIND]) if isinstance(kind, str) else ""
+        out.append((("kind",), f"unknown kind {kind!r}{hint}: policy files hold kind {KIND!r}"
+                    f" or {RUNBOOK_KIND!r}"))
     return out
 
 

@@ -98,6 +98,11 @@ class _Scheduled(_Strict):
     timezone: TimeZone = "UTC"
     # When two policies select one domain for the same job, the higher priority governs.
     priority: StrictInt = 0
+    # Scheduled jobs of this section queued or running at once: on one host (whatever
+    # policy made them: a host's disks and network are what this protects), and of this
+    # policy on all hosts. A slot over a limit waits (deferred) while its window is open.
+    max_parallel_per_host: Positive | None = None
+    max_parallel: Positive | None = None
 
 
 class Backup(_Scheduled):
@@ -109,7 +114,6 @@ class Backup(_Scheduled):
     full_every: Count = 7
     quiesce: Annotated[Quiesce, choice(Quiesce)] = "auto"
     retention: Retention | None = None
-    max_parallel_per_host: Positive | None = None
 
 
 class Snapshots(_Scheduled):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from policies.loader import load_dir
-from policies.model import Backup, Policy
+from policies.model import Backup, Policy, Snapshots
 from policies.select import DomainFacts, governing
 from virtwarden.config import Config
 from virtwarden.errors import NotFound, PolicyError
@@ -67,6 +67,40 @@ def resolve_backup(cfg: Config, domain: str, *, policy: str | None = None, targe
                                   backup.quiesce, retention)
     cfg.storage_target(settings.target)  # UnknownStorage with a did-you-mean and the configured names
     return settings
+
+
+@dataclass(frozen=True)
+class SnapshotSettings:
+    """Everything a snapshot job needs from policy: ``policy`` None means a one-off
+    snapshot with the defaults, which no rotation ever deletes."""
+
+    policy: str | None
+    type: str  # internal | external
+    quiesce: str
+    retention: dict | None = None
+
+    def job_params(self, domain: str) -> dict:
+        """The snapshot job's parameters (tasks.snapshots.SnapshotRequest)."""
+        return {"domain": domain, "policy": self.policy, "type": self.type, "quiesce": self.quiesce,
+                "retention": self.retention}
+
+
+def resolve_snapshots(cfg: Config, domain: str, *, policy: str | None = None, host: str | None = None,
+                      metadata: dict[str, str] | None = None) -> SnapshotSettings:
+    """The settings for a snapshot of ``domain`` now: the named policy's, else the
+    governing one's (for the snapshot job), else the defaults (internal, no rotation)."""
+    found = load_policies(cfg)
+    chosen = (_named(found, policy) if policy
+              else governing(found, DomainFacts(domain, host, metadata or {}), "snapshot"))
+    if chosen is None:
+        defaults = Snapshots()
+        return SnapshotSettings(None, defaults.type, defaults.quiesce)
+    section = chosen.spec.snapshots
+    if section is None:
+        raise PolicyError(f"{chosen.source_text}: policy {chosen.name!r} has no spec.snapshots section:"
+                          " it does not say how to snapshot")
+    retention = section.retention.model_dump() if section.retention else None
+    return SnapshotSettings(chosen.name, section.type, section.quiesce, retention)
 
 
 def _named(found: list[Policy], name: str) -> Policy:

@@ -33,7 +33,7 @@ from zoneinfo import ZoneInfo
 
 from croniter import croniter
 
-from policies.model import Backup, Drill, Job, Policy, Snapshots
+from policies.model import JOB_SECTIONS, Backup, Drill, Job, Policy, Snapshots
 from policies.select import DomainFacts, governing, matching
 from virtwarden.errors import PolicyError
 
@@ -264,9 +264,9 @@ class Limits:
     """How many jobs may be queued or running at once when a slot of a policy starts.
 
     ``per_host``: jobs of the slot's kind on the slot's host, whatever policy made them
-    (the host's disks and network are what the limit protects); from the backup
-    section's ``max_parallel_per_host``. ``per_policy``: jobs of the slot's kind made
-    for the slot's policy, on all hosts. None: no limit.
+    (the host's disks and network are what the limit protects); from the section's
+    ``max_parallel_per_host``. ``per_policy``: jobs of the slot's kind made for the
+    slot's policy, on all hosts; from the section's ``max_parallel``. None: no limit.
     """
 
     per_host: int | None = None
@@ -298,12 +298,15 @@ class Plan:
 
 
 def limits_of(policies: Iterable[Policy]) -> dict[tuple[str, str], Limits]:
-    """The limits of each (policy, job) that has any; the schema has a per-host limit
-    for backups (``spec.backup.max_parallel_per_host``) and no per-policy one yet."""
+    """The limits of each (policy, scheduled job) that has any (``max_parallel_per_host``
+    and ``max_parallel`` of spec.backup, spec.snapshots and spec.drill)."""
     out = {}
     for p in policies:
-        if p.spec.backup is not None and p.spec.backup.max_parallel_per_host is not None:
-            out[(p.name, "backup")] = Limits(per_host=p.spec.backup.max_parallel_per_host)
+        for job in SCHEDULED_JOBS:
+            section = getattr(p.spec, JOB_SECTIONS[job])
+            if section is None or (section.max_parallel_per_host is None and section.max_parallel is None):
+                continue
+            out[(p.name, job)] = Limits(per_host=section.max_parallel_per_host, per_policy=section.max_parallel)
     return out
 
 

@@ -178,6 +178,21 @@ class NfsBackend(Backend):
                 return
             if self.fsync:
                 s.fsync_dir(path.parent)
+            self._remove_empty_parents(path.parent)
+
+    def _remove_empty_parents(self, directory: Path) -> None:
+        """Remove directories left empty by a delete (a pruned point's, then its chain's),
+        never the top-level one under the root (a domain's, where new chains appear).
+        rmdir is atomic and refuses a directory that is not empty, so a file written
+        meanwhile is never lost."""
+        while directory != self.root and directory.parent != self.root and self.root in directory.parents:
+            try:
+                directory.rmdir()
+            except OSError:  # not empty (or already gone): stop here
+                return
+            if self.fsync:
+                s.fsync_dir(directory.parent)
+            directory = directory.parent
 
     def cleanup_incomplete(self, prefix: str = "") -> int:
         """Remove ``.tmp-*`` files under ``prefix``. A write in progress also has one:

@@ -240,9 +240,23 @@ def test_reasons_say_what_and_why():
     assert plan.skip[0].reason == "window closed at 2025-01-10 02:30:00Z before the backup could start"
 
 
-def test_limits_come_from_the_backup_section():
-    limited = policy("limited", backup={"target": "nfs", "schedule": "@daily", "max_parallel_per_host": 2})
-    assert limits_of([limited, NIGHTLY]) == {("limited", "backup"): Limits(per_host=2)}
+def test_limits_come_from_each_scheduled_section():
+    limited = policy("limited", backup={"target": "nfs", "schedule": "@daily", "max_parallel_per_host": 2},
+                     snapshots={"schedule": "@hourly", "max_parallel": 3},
+                     drill={"schedule": "@weekly", "max_parallel": 1, "max_parallel_per_host": 1})
+    assert limits_of([limited, NIGHTLY]) == {("limited", "backup"): Limits(per_host=2),
+                                             ("limited", "snapshot"): Limits(per_policy=3),
+                                             ("limited", "drill"): Limits(per_host=1, per_policy=1)}
+
+
+def test_a_per_policy_limit_counts_the_policys_jobs_on_every_host():
+    limits = limits_of([policy("limited", backup={"target": "nfs", "schedule": "@daily", "max_parallel": 2})])
+    running = [busy("w", host="kvm2", policy_name="limited"), busy("v", host="kvm3")]
+    plan = split([slot("a", policy_name="limited"), slot("b", policy_name="limited")], T("2025-01-10 02:05"),
+                 running, limits)
+    assert [s.domain for s in plan.start] == ["a"]
+    assert [d.slot.domain for d in plan.defer] == ["b"]
+    assert "limited" in plan.defer[0].reason
 
 
 def test_slot_key_is_the_dedup_key():

@@ -315,6 +315,20 @@ def test_cleanup_removes_interrupted_writes(backend: Backend, raw) -> None:
 
 
 # --- backend-specific edges -------------------------------------------------------
+def test_nfs_delete_removes_the_directories_it_empties_below_the_top(tmp_path: Path) -> None:
+    """A pruned point leaves no empty directories behind (its point's, then its chain's),
+    but a domain's top-level directory stays for the chains to come."""
+    backend = NfsBackend("nas", NfsStorage(type="nfs", path=str(tmp_path)))
+    for key in ("dom/chain/p1/vda.qcow2", "dom/chain/p1/manifest.json", "dom/chain/p2/vda.qcow2"):
+        backend.put_bytes(key, b"x")
+    backend.delete("dom/chain/p1/vda.qcow2")
+    assert (tmp_path / "dom/chain/p1").is_dir()
+    backend.delete("dom/chain/p1/manifest.json")
+    assert not (tmp_path / "dom/chain/p1").exists() and (tmp_path / "dom/chain/p2").is_dir()
+    backend.delete("dom/chain/p2/vda.qcow2")
+    assert not (tmp_path / "dom/chain").exists() and (tmp_path / "dom").is_dir()
+
+
 def test_nfs_missing_path_is_unavailable(tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("")
     for path in (tmp_path / "not-mounted", tmp_path / "a-file"):

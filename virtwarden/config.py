@@ -26,6 +26,7 @@ ENV_CONFIG = "VIRTWARDEN_CONFIG"
 ENV_DATABASE_URL = "VIRTWARDEN_DATABASE_URL"
 ENV_BROKER_URL = "VIRTWARDEN_BROKER_URL"
 ENV_DATA_DIR = "VIRTWARDEN_DATA_DIR"
+ENV_API_TOKEN = "VIRTWARDEN_API_TOKEN"
 
 
 class _Strict(BaseModel):
@@ -81,9 +82,22 @@ StorageConfig = Annotated[Union[NfsStorage, S3Storage], Field(discriminator="typ
 
 
 class ApiConfig(_Strict):
+    """``virtwarden api``. Every /v1 request needs a bearer token from ``token_file``
+    (one per line, ``NAME:TOKEN`` to name the caller in the audit log) or from
+    $VIRTWARDEN_API_TOKEN; the API refuses to start without one."""
+
     listen: str = "127.0.0.1:8080"
     token_file: str | None = None
+    # With a key, POSTs to ``signed_endpoints`` must carry
+    # ``X-Virtwarden-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">``.
     hmac_key_file: str | None = None
+    # Alertmanager cannot sign its webhooks: leave "alerts" out for it.
+    signed_endpoints: tuple[Literal["restores", "alerts"], ...] = ("restores", "alerts")
+    # A signature older or newer than this is refused (clock skew, or a replay after
+    # the window in which seen signatures are remembered).
+    signature_tolerance_seconds: int = Field(default=300, ge=5, le=3600)
+    # /metrics answers without a token unless this is set.
+    metrics_require_token: bool = False
 
 
 class WorkerConfig(_Strict):

@@ -13,7 +13,8 @@ from virtwarden.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 def policy_validate(args: argparse.Namespace) -> int:
     from policies import check_against_config, validate_paths
 
-    found, errors = validate_paths(args.paths)
+    books: list = []
+    found, errors = validate_paths(args.paths, books)
     if not errors and args.config:
         errors = check_against_config(found, load_config(args))
     for line in errors:
@@ -21,7 +22,8 @@ def policy_validate(args: argparse.Namespace) -> int:
     if errors:
         print(f"{len(errors)} error(s) in {len(args.paths)} path(s)", file=sys.stderr)
         return EXIT_FAILED
-    print(f"ok: {len(found)} polic{'y' if len(found) == 1 else 'ies'} valid")
+    runbooks = f" and {len(books)} runbook{'' if len(books) == 1 else 's'}" if books else ""
+    print(f"ok: {len(found)} polic{'y' if len(found) == 1 else 'ies'}{runbooks} valid")
     return EXIT_OK
 
 
@@ -95,6 +97,9 @@ def _summary(job: jobs.JobView) -> str:
         return f"{r.get('level')} backup, point {r.get('point_id')}, {r.get('size_bytes', 0)} bytes ({r.get('reason')})"
     if job.kind == "restore":
         return f"point {r.get('point_id')} restored into {r.get('to_dir')}: {', '.join(r.get('disks', []))}"
+    if job.kind == "snapshot":
+        gone = f"; rotated out: {', '.join(r['deleted'])}" if r.get("deleted") else ""
+        return f"{r.get('type')} snapshot {r.get('snapshot')} ({r.get('consistency')}){gone}"
     if "summary" in r:  # a job that words its own result (prune)
         return str(r["summary"])
     return str(r)

@@ -253,6 +253,11 @@ class Dispatcher:
         if action.run == "backup":
             job = submit.backup(self.cfg, self.cat, rec.domain, policy=action.policy, full=action.full,
                                 host=rec.host, requested_by="event", dedup_key=key)
+        elif action.run == "snapshot":
+            from worker.snapshots import submit_snapshot
+
+            job = submit_snapshot(self.cfg, self.cat, rec.domain, policy=action.policy, host=rec.host,
+                                  requested_by="event", dedup_key=key)
         elif action.run == "drill":
             from worker.drills import submit_drill
 

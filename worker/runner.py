@@ -54,6 +54,9 @@ KINDS: dict[str, JobKind] = {
                                 "tasks.restore_domain:InPlaceRequest", True),
     "drill": JobKind("tasks.drill:run_drill", "tasks.drill:DrillRequest", True),
     "verify": JobKind("tasks.verify:run_verify", "tasks.verify:VerifyRequest", False),
+    # A runbook run is driven by the process that started it; a worker only ever sees
+    # one whose process died (the reaper requeued it), and fails it saying so.
+    "runbook": JobKind("worker.runbooks:orphaned", "worker.runbooks:RunbookRequest", False),
     "evacuate": JobKind("tasks.evacuate:run_evacuate", "tasks.evacuate:EvacuateRequest", True),
 }
 

@@ -31,7 +31,7 @@ from datetime import datetime, timedelta, timezone
 
 from catalog import slots
 from catalog.store import Catalog
-from policies import DomainFacts, Policy, load_policies, parse_metadata, resolve_backup
+from policies import DomainFacts, Policy, load_policies, parse_metadata, resolve_backup, resolve_snapshots
 from policies.schedule import SCHEDULED_JOBS, Busy, Slot, between, due, limits_of, schedule_of, split
 from virtwarden.config import Config
 from virtwarden.errors import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, DomainNotFound, PolicyError, Transient,
@@ -313,15 +313,18 @@ class Scheduler:
         log.error("slot %s: the job could not be created or sent: %s", slot.key, error)
 
     def _params(self, slot: Slot) -> dict:
-        """The job's parameters; a backup's are settled from its policy now, like
-        ``virtwarden backup`` settles them (worker.submit.backup)."""
+        """The job's parameters; a backup's, a snapshot's and a drill's are settled from the
+        slot's policy now, as ``virtwarden backup``, ``snapshot`` and ``drill`` settle them."""
+        if slot.job == "backup":
+            return resolve_backup(self.cfg, slot.domain, policy=slot.policy, host=slot.host).job_params(slot.domain)
+        if slot.job == "snapshot":
+            return resolve_snapshots(self.cfg, slot.domain, policy=slot.policy,
+                                     host=slot.host).job_params(slot.domain)
         if slot.job == "drill":
             from worker.drills import drill_params
 
             return drill_params(self.cfg, self.cat, slot.domain, policy=slot.policy, host=slot.host)
-        if slot.job != "backup":
-            return {"domain": slot.domain, "policy": slot.policy}
-        return resolve_backup(self.cfg, slot.domain, policy=slot.policy, host=slot.host).job_params(slot.domain)
+        return {"domain": slot.domain, "policy": slot.policy}
 
 
 # --- commands -----------------------------------------------------------------------------

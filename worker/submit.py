@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from datetime import datetime
 
 from catalog import jobs
 from catalog.store import Catalog
@@ -49,17 +50,25 @@ def backup(cfg: Config, cat: Catalog, domain: str, *, policy: str | None = None,
                    dedup_key=dedup_key)
 
 
-def restore(cfg: Config, cat: Catalog, domain: str, *, point: str, to_dir: str, host: str | None = None,
-            requested_by: str | None = None) -> jobs.JobView:
+def restore(cfg: Config, cat: Catalog, domain: str, *, point: str = "latest", at: datetime | None = None,
+            to_dir: str | None = None, as_domain: str | None = None, in_place: bool = False,
+            discard_old: bool = False, start: bool = False, host: str | None = None,
+            requested_by: str | None = None, dedup_key: str | None = None) -> jobs.JobView:
     from tasks.restore import resolve_point
     from worker import celery_app
 
+    if as_domain is not None or in_place or at is not None:
+        what = ("restoring as a new domain" if as_domain is not None else "restoring in place" if in_place
+                else "choosing a point by time")
+        raise VirtwardenError(f"{what} is not supported yet: restore a point id or 'latest' into a directory")
+    if not to_dir:
+        raise VirtwardenError("a restore needs a destination: to_dir, as_domain or in_place")
     # Resolve now so a wrong domain or point is an error here, not in a worker.
     resolved = resolve_point(cat, domain, point)
     host = host or (resolved.host if resolved.host in cfg.hosts else next(iter(cfg.hosts)))
     celery_app.check_broker(cfg)
     params = {"domain": domain, "point": resolved.id, "to_dir": to_dir}
-    return enqueue(cfg, cat, "restore", domain, host, params, requested_by)
+    return enqueue(cfg, cat, "restore", domain, host, params, requested_by, dedup_key=dedup_key)
 
 
 def enqueue(cfg: Config, cat: Catalog, kind: str, domain: str | None, host: str, params: dict,

@@ -94,9 +94,15 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column('last_error', sa.Text(), nullable=True))
         batch_op.add_column(sa.Column('capacity', sa.JSON(), nullable=True))
 
+    with op.batch_alter_table('snapshots', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('state', sa.String(length=16), nullable=False, server_default='present'))
+
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('snapshots', schema=None) as batch_op:
+        batch_op.drop_column('state')
+
     with op.batch_alter_table('hosts', schema=None) as batch_op:
         batch_op.drop_column('capacity')
         batch_op.drop_column('last_error')

@@ -1,0 +1,559 @@
+"""The HTTP API through a real server: ``virtwarden api`` started as an operator would,
+spoken to over HTTP, with a real Celery worker and real guests where a restore runs."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.guests import images_equal
+from tests.harness import REPO
+from worker.api_auth import sign
+
+MiB = 1024 * 1024
+TOKEN = "hook-" + secrets.token_hex(16)
+OTHER = "ops-" + secrets.token_hex(16)
+KEY = secrets.token_hex(32).encode()
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict
+    body: bytes
+
+    def json(self):  # noqa: ANN201
+        return json.loads(self.body)
+
+
+@dataclass
+class ApiServer:
+    """``python -m worker.cli api`` in its own process group, its output in a log file."""
+
+    config: Path
+    log: Path
+    env: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._out = open(self.log, "ab")
+        env = {**os.environ, **self.env}
+        for name in ("VIRTWARDEN_CONFIG", "VIRTWARDEN_DATABASE_URL", "VIRTWARDEN_BROKER_URL", "VIRTWARDEN_API_TOKEN"):
+            if name not in self.env:
+                env.pop(name, None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "--config", str(self.config), "--log-level", "info",
+             "api", "--listen", f"127.0.0.1:{self.port}"],
+            cwd=REPO, env=env, stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError(f"API did not start:\n{self.log.read_text()[-3000:]}")
+
+    def call(self, method: str, path: str, body: object = None, *, token: str | None = TOKEN,
+             raw: bytes | None = None, headers: dict | None = None, signed: int | None = None) -> Reply:
+        """``signed``: sign the body with a timestamp this many seconds old."""
+        data = raw if raw is not None else json.dumps(body).encode() if body is not None else None
+        h = {"Content-Type": "application/json"} if data is not None else {}
+        if token:
+            h["Authorization"] = f"Bearer {token}"
+        if signed is not None:
+            h["X-Virtwarden-Signature"] = sign(KEY, data or b"", int(time.time()) - signed)
+        h.update(headers or {})
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=h)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return Reply(r.status, {k.lower(): v for k, v in r.headers.items()}, r.read())
+        except urllib.error.HTTPError as e:
+            return Reply(e.code, {k.lower(): v for k, v in e.headers.items()}, e.read())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._out.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def api(vw, tmp_path):  # noqa: ANN201
+    """Starts API servers on ``vw``'s installation: ``api(hmac=..., **api_settings)``."""
+    servers: list[ApiServer] = []
+    tokens = tmp_path / "api-tokens"
+    tokens.write_text(f"# callers of the API\nalertmanager:{TOKEN}\n\n{OTHER}\n")
+    tokens.chmod(0o600)
+    key = tmp_path / "api-hmac-key"
+    key.write_bytes(KEY + b"\n")
+
+    def start(*, hmac: bool = False, env: dict | None = None, **settings) -> ApiServer:  # noqa: ANN003
+        vw.extra["api"] = {"token_file": str(tokens), **settings}
+        if hmac:
+            vw.extra["api"]["hmac_key_file"] = str(key)
+        server = ApiServer(vw.write_config(), tmp_path / f"api-{len(servers)}.log", env or {})
+        servers.append(server)
+        server.wait_ready()
+        return server
+
+    start.tokens = tokens  # type: ignore[attr-defined]
+    yield start
+    for s in servers:
+        s.stop()
+
+
+def _catalog(vw):  # noqa: ANN001, ANN202
+    """The catalog the API server uses (SQLite under the data dir, or the configured URL)."""
+    from catalog.store import Catalog
+
+    return Catalog(vw.extra["database_url"]) if "database_url" in vw.extra else vw.catalog()
+
+
+def _rows(vw, model) -> list:  # noqa: ANN001
+    from sqlalchemy import select
+
+    cat = _catalog(vw)
+    try:
+        with cat.session() as s:
+            return list(s.scalars(select(model)))
+    finally:
+        cat.close()
+
+
+def _jobs(vw) -> list:  # noqa: ANN001
+    from catalog.models import Job
+
+    return _rows(vw, Job)
+
+
+def _audit(vw) -> list:  # noqa: ANN001
+    from catalog.models import AuditRecord
+
+    return _rows(vw, AuditRecord)
+
+
+def _alerts(vw) -> list:  # noqa: ANN001
+    from catalog.models import Alert
+
+    return _rows(vw, Alert)
+
+
+def _alertmanager(status: str, *, fingerprint: str = "3f2a9c0d1e4b5a67", ends: str = "0001-01-01T00:00:00Z") -> dict:
+    alert = {"status": status, "labels": {"alertname": "HostDiskFailing", "host": "local", "severity": "critical"},
+             "annotations": {"summary": "SMART errors on /dev/sda"},
+             "startsAt": "2026-11-27T02:14:05.123456789Z", "endsAt": ends,
+             "generatorURL": "http://prometheus.example/graph", "fingerprint": fingerprint}
+    return {"version": "4", "groupKey": '{}:{alertname="HostDiskFailing"}', "truncatedAlerts": 0,
+            "status": status, "receiver": "virtwarden", "groupLabels": {"alertname": "HostDiskFailing"},
+            "commonLabels": alert["labels"], "commonAnnotations": alert["annotations"],
+            "externalURL": "http://alertmanager.example", "alerts": [alert]}
+
+
+def _follow(server: ApiServer, job_id: str, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = server.call("GET", f"/v1/jobs/{job_id}").json()
+        if job["state"] in ("succeeded", "failed"):
+            return job
+        time.sleep(0.25)
+    raise AssertionError(f"job {job_id} still {job['state']} after {timeout:.0f}s")
+
+
+# --- authentication ------------------------------------------------------------------------
+def test_requests_without_a_valid_token_get_401_and_change_nothing(vw, api):
+    server = api()
+    payload = _alertmanager("firing")
+    restore = {"domain": "web01", "to_dir": "/srv/restore/web01"}
+    for token, headers in [(None, {}), ("not-a-known-token-at-all", {}), (None, {"Authorization": f"Basic {TOKEN}"}),
+                           (TOKEN[:-1], {}), (TOKEN + "x", {})]:
+        r = server.call("POST", "/v1/alerts", payload, token=token, headers=headers)
+        assert r.status == 401, r.body
+        assert "error" in r.json() and r.headers["www-authenticate"].startswith("Bearer")
+        assert server.call("POST", "/v1/restores", restore, token=token, headers=headers).status == 401
+        assert server.call("GET", "/v1/jobs/anything", token=token, headers=headers).status == 401
+        assert server.call("GET", "/v1/domains/web01/restore-points", token=token, headers=headers).status == 401
+    assert _alerts(vw) == [] and _jobs(vw) == []
+    refused = _audit(vw)
+    assert len(refused) == 10 and {a.outcome for a in refused} == {"refused"}
+    assert {a.actor for a in refused} == {"anonymous"}
+    assert {a.action for a in refused} == {"api.alerts", "api.restore"}
+    assert all("body" not in a.params for a in refused)  # nothing an unknown caller sent is kept
+
+    # Both tokens of the file work; the named one is named in the audit log.
+    assert server.call("POST", "/v1/alerts", payload).status == 200
+    assert server.call("GET", "/v1/domains/web01/restore-points", token=OTHER).json() == []
+    accepted = [a for a in _audit(vw) if a.outcome != "refused"]
+    assert [(a.actor, a.action, a.target) for a in accepted] == [("api:alertmanager", "api.alerts", "virtwarden")]
+
+
+def test_a_changed_token_file_takes_effect_without_a_restart(vw, api):
+    server = api()
+    assert server.call("GET", "/v1/jobs/x").status == 404
+    new = "rotated-" + secrets.token_hex(16)
+    api.tokens.write_text(f"alertmanager:{new}\n")
+    assert server.call("GET", "/v1/jobs/x").status == 401
+    assert server.call("GET", "/v1/jobs/x", token=new).status == 404
+    api.tokens.write_text("alertmanager:short\n")  # invalid: nobody is let in until it is fixed
+    assert server.call("GET", "/v1/jobs/x", token=new).status == 401
+    assert "token shorter than 16 characters" in (server.log.read_text())
+
+
+def test_the_api_refuses_to_start_without_a_token(vw, tmp_path, monkeypatch):
+    monkeypatch.delenv("VIRTWARDEN_API_TOKEN", raising=False)
+    vw.extra["api"] = {}
+    vw.write_config()
+    r = vw.cli("api", "--listen", f"127.0.0.1:{_free_port()}", timeout=60)
+    assert r.code == 3, r.err
+    assert "needs at least one bearer token" in r.err and "api.token_file" in r.err
+    vw.extra["api"] = {"token_file": str(tmp_path / "missing")}
+    r = vw.cli("api", "--listen", f"127.0.0.1:{_free_port()}", timeout=60)
+    assert r.code == 3 and "api.token_file" in r.err and "missing" in r.err
+
+
+def test_a_token_from_the_environment_is_enough(vw, tmp_path):
+    vw.extra["api"] = {}
+    env_token = "env-" + secrets.token_hex(16)
+    server = ApiServer(vw.write_config(), tmp_path / "api.log", {"VIRTWARDEN_API_TOKEN": env_token})
+    try:
+        server.wait_ready()
+        assert server.call("GET", "/v1/jobs/x", token=env_token).status == 404
+        assert server.call("GET", "/v1/jobs/x", token=TOKEN).status == 401
+    finally:
+        server.stop()
+
+
+# --- signatures ----------------------------------------------------------------------------
+def test_signature_checks_without_a_server():
+    from worker.api_auth import Refused, Signatures
+
+    sigs = Signatures(KEY, 300, ("restores",))
+    body = b'{"domain": "web01"}'
+    header = sign(KEY, body, 1_800_000_000)
+    assert sigs.check(header, body, 1_800_000_000 + 299)[1] == 1_800_000_000
+    assert sigs.check(header.upper().replace("T=", "t=").replace("V1=", "v1="), body, 1_800_000_000)
+    for bad, now, why in [(header, 1_800_000_000 + 301, "tolerance"), (header + "0", 1_800_000_000, "malformed"),
+                          ("t=soon," + header.split(",")[1], 1_800_000_000, "malformed"),
+                          (sign(KEY, body + b" ", 1_800_000_000), 1_800_000_000, "does not match")]:
+        with pytest.raises(Refused, match=why):
+            sigs.check(bad, body, now)
+    assert sigs.required("POST", "/v1/restores") and sigs.required("POST", "/v1/restores/")
+    assert not sigs.required("POST", "/v1/alerts") and not sigs.required("GET", "/v1/restores")
+
+
+def test_token_file_and_listen_parsing(tmp_path):
+    from virtwarden.errors import ConfigError
+    from worker.api import parse_listen
+    from worker.api_auth import Tokens, parse_tokens
+
+    text = f"# comment\n\nam:{TOKEN}\n{OTHER}\n  ops.team@site-1 : {TOKEN}x \n"
+    assert parse_tokens(text, "f") == [("am", TOKEN), ("token-4", OTHER), ("ops.team@site-1", f"{TOKEN}x")]
+    with pytest.raises(ConfigError, match="f:2: token shorter than 16"):
+        parse_tokens("# c\nam:short\n", "f")
+    with pytest.raises(ConfigError, match="f:2: caller name 'am' used twice"):
+        parse_tokens(f"am:{TOKEN}\nam:{OTHER}\n", "f")
+    path = tmp_path / "tokens"
+    path.write_text(f"am:{TOKEN}\n")
+    tokens = Tokens(str(path), env_token=OTHER)
+    assert (tokens.caller(TOKEN), tokens.caller(OTHER), tokens.caller(TOKEN[:-1]), tokens.caller("")) == (
+        "am", "env", None, None)
+    assert parse_listen("127.0.0.1:8080") == ("127.0.0.1", 8080)
+    assert parse_listen("[::1]:9000") == ("::1", 9000)
+    for bad in ("8080", "host:", "host:0", "host:http", ":80"):
+        with pytest.raises(ConfigError, match="is not HOST:PORT"):
+            parse_listen(bad)
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_signed_bodies_good_forged_stale_and_replayed(vw, api, database, request):
+    if database == "postgresql":  # a fleet's API processes share a PostgreSQL catalog
+        vw.extra["database_url"] = request.getfixturevalue("pg_schema_url")
+    server = api(hmac=True)
+    second = api(hmac=True)  # another API process on the same catalog
+    body = json.dumps(_alertmanager("firing")).encode()
+    now = int(time.time())
+
+    def post(target: ApiServer, signature: str | None, data: bytes = body) -> Reply:
+        headers = {"X-Virtwarden-Signature": signature} if signature else {}
+        return target.call("POST", "/v1/alerts", raw=data, headers=headers)
+
+    good = sign(KEY, body, now)
+    refusals = {
+        "missing": post(server, None),
+        "forged": post(server, sign(b"not-the-key-" * 4, body, now)),
+        "other body": post(server, good, body.replace(b"firing", b"resolved")),
+        "stale": post(server, sign(KEY, body, now - 301)),
+        "future": post(server, sign(KEY, body, now + 301)),
+        "malformed": post(server, f"v1={good.split('v1=')[1]}"),
+    }
+    for what, r in refusals.items():
+        assert r.status == 401, (what, r.body)
+    assert "missing X-Virtwarden-Signature" in refusals["missing"].json()["error"]
+    assert "does not match" in refusals["forged"].json()["error"]
+    assert "tolerance 300 s" in refusals["stale"].json()["error"]
+    assert _alerts(vw) == []
+
+    assert post(server, good).status == 200
+    replay_same, replay_other = post(server, good), post(second, good)
+    assert replay_same.status == replay_other.status == 401
+    assert "used before" in replay_other.json()["error"]
+    assert len(_alerts(vw)) == 1
+    # A request signed afresh (a later timestamp) is a new request, not a replay.
+    assert post(second, sign(KEY, body, now - 1)).status == 200
+    outcomes = [a.outcome for a in _audit(vw)]
+    assert outcomes.count("refused") == 8 and outcomes.count("succeeded") == 2
+    # Reads are not signed; a restore POST is refused before anything is looked up.
+    assert server.call("GET", "/v1/domains/x/restore-points").status == 200
+    r = server.call("POST", "/v1/restores", {"domain": "x", "to_dir": "/tmp/x"})
+    assert r.status == 401 and _jobs(vw) == []
+
+
+def test_unsigned_endpoints_accept_unsigned_webhooks(vw, api):
+    """Alertmanager cannot sign: with ``signed_endpoints: [restores]`` its posts pass
+    on the token alone, while a signature that is present is still checked."""
+    server = api(hmac=True, signed_endpoints=["restores"])
+    assert server.call("POST", "/v1/alerts", _alertmanager("firing")).status == 200
+    forged = server.call("POST", "/v1/alerts", _alertmanager("firing", fingerprint="ff"),
+                         headers={"X-Virtwarden-Signature": f"t={int(time.time())},v1={'0' * 64}"})
+    assert forged.status == 401
+    assert server.call("POST", "/v1/restores", {"domain": "x", "to_dir": "/tmp/x"}).status == 401
+
+
+# --- input ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path,body,field,message", [
+    ("/v1/restores", b'{"domain": "web01", "to_dir": ', "body", "not valid JSON"),
+    ("/v1/restores", b'["web01"]', "body", "valid dictionary"),
+    ("/v1/restores", b'{"to_dir": "/srv/r"}', "domain", "Field required"),
+    ("/v1/restores", b'{"domain": "web01"}', "body", "exactly one of to_dir, as_domain, in_place"),
+    ("/v1/restores", b'{"domain": "web01", "to_dir": "srv/r"}', "to_dir", "absolute"),
+    ("/v1/restores", b'{"domain": "web01", "to_dir": "/srv/../etc"}', "to_dir", "absolute"),
+    ("/v1/restores", b'{"domain": "web01", "to_dir": "/r", "pont": "latest"}', "pont", "Extra inputs"),
+    ("/v1/restores", b'{"domain": "web01", "to_dir": "/r", "at": "2026-11-27T02:00:00"}', "at", "timezone"),
+    ("/v1/restores", b'{"domain": "web01", "to_dir": "/r", "point": "p", "at": "2026-11-27T02:00:00Z"}',
+     "body", "point or at, not both"),
+    ("/v1/alerts", b'{"version": "3"}', "version", "'4'"),
+    ("/v1/alerts", None, "alerts.0.fingerprint", "Field required"),
+    ("/v1/alerts", None, "alerts", "at least 1 item"),
+])
+def test_malformed_bodies_get_422_naming_the_field(vw, api, path, body, field, message):
+    server = api()
+    if body is None:  # variations of a valid Alertmanager payload
+        payload = _alertmanager("firing")
+        if field == "alerts":
+            payload["alerts"] = []
+        else:
+            del payload["alerts"][0]["fingerprint"]
+        body = json.dumps(payload).encode()
+    r = server.call("POST", path, raw=body)
+    assert r.status == 422, r.body
+    reply = r.json()
+    assert any(f["field"] == field and message in f["message"] for f in reply["fields"]), reply
+    assert field in reply["error"]
+    assert _jobs(vw) == [] and _alerts(vw) == []
+    [record] = _audit(vw)
+    assert (record.outcome, record.actor) == ("refused", "api:alertmanager") and field in record.detail
+
+
+def test_other_input_errors(vw, api):
+    server = api()
+    r = server.call("POST", "/v1/restores", raw=b'{"domain": "web01", "to_dir": "/r"}',
+                    headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status == 415 and "Content-Type: application/json" in r.json()["error"]
+    r = server.call("POST", "/v1/restores", {"domain": "web01", "to_dir": "/r"}, headers={"Idempotency-Key": "a b"})
+    assert r.status == 422 and r.json()["fields"][0]["field"] == "Idempotency-Key header"
+    r = server.call("POST", "/v1/restores", {"domain": "no-such-domain", "to_dir": "/r"})
+    assert r.status == 404 and "no complete restore point" in r.json()["error"]
+    r = server.call("GET", "/v1/jobs/no-such-job")
+    assert r.status == 404 and r.json() == {"error": "no job 'no-such-job'"}
+    r = server.call("POST", "/v1/alerts", raw=b"x" * (1024 * 1024 + 1))
+    assert r.status == 413
+    assert _jobs(vw) == []
+    assert [a.outcome for a in _audit(vw)] == ["refused"] * 4
+
+
+# --- alerts, health, metrics, schema --------------------------------------------------------
+def test_alerts_are_recorded_firing_then_resolved(vw, api):
+    server = api()
+    firing = server.call("POST", "/v1/alerts", _alertmanager("firing"))
+    assert firing.status == 200 and firing.json()["new"] == 1
+    again = server.call("POST", "/v1/alerts", _alertmanager("firing"))  # Alertmanager's repeat_interval
+    assert again.status == 200 and again.json()["repeated"] == 1
+    [row] = _alerts(vw)
+    assert (row.fingerprint, row.name, row.status, row.host, row.action) == (
+        "3f2a9c0d1e4b5a67", "HostDiskFailing", "firing", "local", None)
+    assert row.resolved_at is None and row.labels["severity"] == "critical"
+
+    resolved = server.call("POST", "/v1/alerts", _alertmanager("resolved", ends="2026-11-27T03:00:00Z"))
+    assert resolved.status == 200 and resolved.json()["resolved"] == 1
+    [row] = _alerts(vw)
+    assert row.status == "resolved" and row.resolved_at.isoformat() == "2026-11-27T03:00:00+00:00"
+    assert [(a.action, a.outcome) for a in _audit(vw)] == [("api.alerts", "succeeded")] * 3
+
+
+def test_healthz_says_which_dependency_is_down(vw, api):
+    up = api()
+    r = up.call("GET", "/healthz", token=None)
+    assert r.status == 200 and r.json() == {"status": "ok", "catalog": "ok", "broker": "ok"}
+    vw.extra["broker_url"] = "redis://127.0.0.1:1/0"  # nothing listens there
+    down = api()
+    r = down.call("GET", "/healthz", token=None)
+    assert r.status == 503, r.body
+    reply = r.json()
+    assert reply["catalog"] == "ok" and "unreachable" in reply["broker"]
+    assert reply["error"] == "broker unavailable"
+
+
+def test_openapi_schema_lists_the_routes(vw, api):
+    server = api()
+    schema = server.call("GET", "/openapi.json", token=None).json()
+    assert {"/v1/restores", "/v1/jobs/{job_id}", "/v1/domains/{name}/restore-points", "/v1/alerts",
+            "/healthz", "/metrics"} <= set(schema["paths"])
+    assert "202" in schema["paths"]["/v1/restores"]["post"]["responses"]
+    assert "RestoreIn" in schema["components"]["schemas"]
+    assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    assert b"swagger" in server.call("GET", "/docs", token=None).body.lower()
+
+
+def test_metrics_parse_and_count_drills_and_requests(vw, api):
+    from datetime import datetime, timedelta, timezone
+
+    from catalog.models import Drill
+
+    server = api()
+    server.call("GET", "/v1/jobs/nope")
+    server.call("GET", "/v1/jobs/nope", token=None)
+    cat = vw.catalog()
+    start = datetime(2026, 11, 27, 1, 0, tzinfo=timezone.utc)
+    with cat.session() as s:  # two drills of web01 (the later one failed), one of db01
+        s.add(Drill(id="d1", domain="web01", host="local", state="passed", checks=[], restore_seconds=20.0,
+                    boot_seconds=3.5, started_at=start, finished_at=start + timedelta(minutes=1)))
+        s.add(Drill(id="d2", domain="web01", host="local", state="failed", checks=[], restore_seconds=21.0,
+                    boot_seconds=None, started_at=start + timedelta(days=1)))
+        s.add(Drill(id="d3", domain="db01", host="local", state="passed", checks=[], restore_seconds=40.0,
+                    boot_seconds=2.0, started_at=start))
+        s.add(Drill(id="d4", domain="db01", host="local", state="running", checks=[], started_at=start + timedelta(days=2)))
+    cat.close()
+    r = server.call("GET", "/metrics", token=None)
+    assert r.status == 200 and r.headers["content-type"].startswith("text/plain")
+    samples = _samples(r.body.decode())
+    assert samples[("virtwarden_catalog_up", ())] == 1
+    assert samples[("virtwarden_drill_last_success", (("domain", "web01"),))] == 0
+    assert samples[("virtwarden_drill_last_success", (("domain", "db01"),))] == 1
+    assert samples[("virtwarden_drill_last_recovery_seconds", (("domain", "db01"),))] == 42.0
+    assert samples[("virtwarden_drill_last_timestamp_seconds", (("domain", "web01"),))] == (
+        start + timedelta(days=1)).timestamp()
+    requests = {labels: v for (name, labels), v in samples.items() if name == "virtwarden_api_requests_total"}
+    assert requests[(("method", "GET"), ("route", "/v1/jobs/{job_id}"), ("status", "404"))] == 1
+    assert requests[(("method", "GET"), ("route", "/v1/jobs/{job_id}"), ("status", "401"))] == 1
+
+    guarded = api(metrics_require_token=True)
+    assert guarded.call("GET", "/metrics", token=None).status == 401
+    assert guarded.call("GET", "/metrics").status == 200
+
+
+def _samples(text: str) -> dict:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+# --- a restore started by a webhook, end to end ------------------------------------------------
+@pytest.mark.libvirt
+def test_restore_by_webhook_followed_to_completion_bit_for_bit(vw, api, guest_factory, tmp_path):
+    g = guest_factory(disks=1, size_mib=32)
+    vw.start_worker()
+    g.write_random("vda", 0, 3 * MiB)
+    backup = vw.cli("backup", g.name, "--target", "nfs", "--wait", "--json")
+    assert backup.code == 0, backup.err
+    expected = g.shadow_copy("vda", tmp_path / "expected.raw")
+    g.write("vda", 0, MiB, pattern=0x77)  # after the point: must not be in the restore
+    server = api(hmac=True)
+    out = tmp_path / "restored"
+    body = {"domain": g.name, "point": "latest", "to_dir": str(out)}
+    key = {"Idempotency-Key": secrets.token_hex(16)}
+
+    # Bad credentials start nothing, even for a request that would succeed.
+    assert server.call("POST", "/v1/restores", body, token=OTHER[:-2], headers=key, signed=0).status == 401
+    forged = {**key, "X-Virtwarden-Signature": sign(b"x" * 32, json.dumps(body).encode(), int(time.time()))}
+    assert server.call("POST", "/v1/restores", body, headers=forged).status == 401
+    assert [j.kind for j in _jobs(vw)] == ["backup"]
+
+    # The webhook and its retries, some at once: one job.
+    data = json.dumps(body).encode()
+    replies: list[Reply] = []
+
+    def send(age: int) -> None:
+        signature = {"X-Virtwarden-Signature": sign(KEY, data, int(time.time()) - age)}
+        replies.append(server.call("POST", "/v1/restores", raw=data, headers={**key, **signature}))
+
+    threads = [threading.Thread(target=send, args=(age,)) for age in (0, 10, 20)]  # distinct signatures
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.status for r in replies) == [200, 200, 202], [r.body for r in replies]
+    job_id = replies[0].json()["job_id"]
+    assert {r.json()["job_id"] for r in replies} == {job_id}
+    assert all(r.headers["location"] == f"/v1/jobs/{job_id}" for r in replies)
+    later = server.call("POST", "/v1/restores", body, headers=key, signed=30)
+    assert (later.status, later.json()["job_id"], later.json()["replayed"]) == (200, job_id, True)
+    conflict = server.call("POST", "/v1/restores", {**body, "to_dir": str(tmp_path / "elsewhere")},
+                           headers=key, signed=40)
+    assert conflict.status == 409 and "different request" in conflict.json()["error"]
+    assert sorted(j.kind for j in _jobs(vw)) == ["backup", "restore"]
+
+    job = _follow(server, job_id)
+    assert job["state"] == "succeeded", job["error"]
+    assert (job["kind"], job["domain"], job["requested_by"]) == ("restore", g.name, "api:alertmanager")
+    assert job["result"]["point_id"] == backup.json()["result"]["point_id"]
+    assert images_equal(out / "vda.qcow2", expected)
+
+    points = server.call("GET", f"/v1/domains/{g.name}/restore-points").json()
+    assert points == vw.cli("backups", g.name, "--json").json()
+    started = [a for a in _audit(vw) if a.outcome == "started"]
+    assert [(a.actor, a.action, a.target, a.job_id) for a in started] == [
+        ("api:alertmanager", "api.restore", g.name, job_id)]
+    assert started[0].params["to_dir"] == str(out)
+
+    samples = _samples(server.call("GET", "/metrics", token=None).body.decode())
+    assert samples[("virtwarden_jobs", (("kind", "restore"), ("state", "succeeded")))] == 1
+    assert samples[("virtwarden_jobs", (("kind", "backup"), ("state", "succeeded")))] == 1
+    assert samples[("virtwarden_latest_restore_point_age_seconds", (("domain", g.name),))] >= 0
+
+
+@pytest.mark.libvirt
+def test_restore_with_the_broker_down_is_503_and_starts_nothing(vw, api, guest_factory):
+    g = guest_factory(disks=1, size_mib=16)
+    vw.start_worker()
+    assert vw.cli("backup", g.name, "--target", "nfs", "--wait").code == 0
+    vw.extra["broker_url"] = "redis://127.0.0.1:1/0"
+    server = api()
+    r = server.call("POST", "/v1/restores", {"domain": g.name, "to_dir": "/tmp/never"})
+    assert r.status == 503 and "unreachable" in r.json()["error"]
+    assert [j.kind for j in _jobs(vw)] == ["backup"]
+    assert [a.outcome for a in _audit(vw)] == ["refused"]

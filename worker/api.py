@@ -1,0 +1,343 @@
+"""``virtwarden api``: the HTTP API for webhooks and scripts (FastAPI under uvicorn).
+
+Routes: ``POST /v1/restores``, ``GET /v1/jobs/{job_id}``,
+``GET /v1/domains/{name}/restore-points``, ``POST /v1/alerts`` (Alertmanager),
+``GET /healthz``, ``GET /metrics``; the OpenAPI schema is at ``/openapi.json`` and
+browsable at ``/docs``. Every /v1 request needs a bearer token (worker/api_auth.py);
+requests go through the same ``worker.submit`` functions as the CLI, so the API adds
+no second way of starting a job. Every POST, accepted or refused, leaves an
+``audit_log`` row. Errors are ``{"error": message}``: 401 no valid credentials,
+404 unknown domain, point or job, 409 an Idempotency-Key reused for another request,
+413 body too large, 422 bad input (naming the field), 503 catalog or broker down.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from fastapi import Depends, FastAPI, Header, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPBearer
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
+
+from catalog import api as api_catalog
+from catalog import jobs, points
+from catalog.models import AuditRecord, utcnow
+from catalog.store import Catalog
+from virtwarden.config import Config
+from virtwarden.errors import ConfigError, NotFound, Transient, VirtwardenError
+from worker.api_auth import ANONYMOUS, AuthMiddleware, Signatures, Tokens, env_token, read_key
+from worker.api_metrics import ApiMetrics, RequestCounter
+from worker.api_schemas import AlertmanagerPayload, Error, JobAccepted, JobOut, PointOut, RestoreIn
+
+log = logging.getLogger(__name__)
+KEY_PATTERN = r"^[\x21-\x7e]{1,200}$"  # printable ASCII, no spaces: a UUID is a good key
+ACTIONS = {"/v1/restores": "api.restore", "/v1/alerts": "api.alerts"}
+MAX_AUDITED_BODY = 16 * 1024  # a refused body larger than this is recorded by its size only
+DESCRIPTION = """\
+Restores by webhook, job status, restore points and Alertmanager alerts for virtwarden.
+
+Every `/v1` request needs `Authorization: Bearer <token>`. When the server has an HMAC
+key, POSTs to signed endpoints also need `X-Virtwarden-Signature: t=<unix seconds>,
+v1=<hex HMAC-SHA256 of "<t>.<raw body>">`, made when sending (a timestamp more than
+the tolerance away from the server's clock, or a signature used before, is refused).
+`Idempotency-Key` on `POST /v1/restores` makes retries reach the job the first request
+started. Errors are `{"error": message}`; 422 also lists `fields`.
+"""
+
+
+@dataclass(frozen=True)
+class Api:
+    cfg: Config
+    cat: Catalog
+
+
+class Conflict(VirtwardenError):
+    """An Idempotency-Key sent again with a different request."""
+
+
+# --- the application ---------------------------------------------------------------------
+def create_app(cfg: Config, cat: Catalog, tokens: Tokens, signatures: Signatures | None) -> FastAPI:
+    app = FastAPI(title="virtwarden", version="1", description=DESCRIPTION,
+                  responses={401: {"model": Error}, 422: {"model": Error}, 503: {"model": Error}})
+    app.state.api = Api(cfg, cat)
+    metrics = ApiMetrics(cat)
+    app.state.metrics = metrics
+    _routes(app)
+    _error_handlers(app)
+    app.add_middleware(AuthMiddleware, cat=cat, tokens=tokens, signatures=signatures,
+                       protect_metrics=cfg.api.metrics_require_token,
+                       on_refused=partial(_audit_refused, cat))
+    app.add_middleware(RequestCounter, metrics=metrics, route_of=lambda scope: _route_of(app, scope))
+    return app
+
+
+bearer_scheme = HTTPBearer(auto_error=False, description="a token from api.token_file")
+
+
+def caller(request: Request, _: Any = Depends(bearer_scheme)) -> str:
+    """The authenticated caller (the middleware checked the token); named in audit rows."""
+    return f"api:{request.state.caller}"
+
+
+def _routes(app: FastAPI) -> None:
+    @app.post("/v1/restores", status_code=202, response_model=JobAccepted, tags=["restores"],
+              responses={404: {"model": Error}, 409: {"model": Error}})
+    def start_restore(req: RestoreIn, request: Request, response: Response, actor: str = Depends(caller),
+                      idempotency_key: str | None = Header(default=None, pattern=KEY_PATTERN)) -> JobAccepted:
+        """Start a restore; follow it with GET /v1/jobs/{job_id}. With an Idempotency-Key
+        header, a repeated request answers 200 with the job the first one started."""
+        api: Api = request.app.state.api
+        target = req.domain
+        if idempotency_key:
+            used = api_catalog.key_use(api.cat, idempotency_key)
+            if used is not None:
+                return _replayed(api, response, used, req, idempotency_key, actor)
+        job = _submit_restore(api, req, actor, idempotency_key)
+        if idempotency_key:
+            # Concurrent retries all reach the one job (its dedup key); the one that
+            # stores the key answers 202, the others answer as repeats.
+            used, stored = api_catalog.remember_key(api.cat, idempotency_key, req.fingerprint(), job.id, actor)
+            if not stored:
+                return _replayed(api, response, used, req, idempotency_key, actor)
+        audit(api.cat, actor=actor, action="api.restore", target=target, params=req.model_dump(mode="json"),
+              outcome="started", job_id=job.id)
+        response.headers["Location"] = f"/v1/jobs/{job.id}"
+        return JobAccepted(job_id=job.id, state=job.state, replayed=False)
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobOut, tags=["jobs"], responses={404: {"model": Error}})
+    def get_job(job_id: str, request: Request, _: str = Depends(caller)) -> dict[str, Any]:
+        """A job's state (queued, running, then succeeded or failed), progress, error and result."""
+        return jobs.get(request.app.state.api.cat, job_id).to_json()
+
+    @app.get("/v1/domains/{name}/restore-points", response_model=list[PointOut], tags=["restores"])
+    def restore_points(name: str, request: Request, _: str = Depends(caller)) -> list[dict[str, Any]]:
+        """A domain's restore points, oldest first (as ``virtwarden backups NAME --json``)."""
+        return [p.to_json() for p in points.for_domain(request.app.state.api.cat, name)]
+
+    @app.post("/v1/alerts", tags=["alerts"])
+    def alerts(payload: AlertmanagerPayload, request: Request, actor: str = Depends(caller)) -> dict[str, Any]:
+        """Alertmanager's webhook (``webhook_configs`` with this URL and the bearer token).
+        Repeats of an alert (same fingerprint and startsAt) change nothing."""
+        from worker import alerts as alert_handling
+
+        api: Api = request.app.state.api
+        body = payload.model_dump(mode="json")
+        result = alert_handling.receive(api.cfg, api.cat, body, actor)
+        job_ids = [a.get("job_id") for a in result.get("actions", []) if isinstance(a, dict) and a.get("job_id")]
+        audit(api.cat, actor=actor, action="api.alerts", target=payload.receiver,
+              params={"groupKey": payload.groupKey, "status": payload.status,
+                      "alerts": [{"fingerprint": a.fingerprint, "status": a.status,
+                                  "alertname": a.labels.get("alertname")} for a in payload.alerts]},
+              outcome="started" if job_ids else "succeeded", job_id=job_ids[0] if job_ids else None,
+              detail=json.dumps(result, default=str)[:2000])
+        return result
+
+    @app.get("/healthz", tags=["service"], responses={503: {"description": "a dependency is down"}})
+    def healthz(request: Request) -> JSONResponse:
+        """Whether the catalog and the broker answer (no token needed)."""
+        return _health(request.app.state.api)
+
+    @app.get("/metrics", tags=["service"], response_class=PlainTextResponse)
+    def metrics(request: Request) -> Response:
+        """Prometheus text format (see worker/api_metrics.py for the metrics)."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _submit_restore(api: Api, req: RestoreIn, actor: str, key: str | None) -> jobs.JobView:
+    from worker import submit
+
+    return submit.restore(api.cfg, api.cat, req.domain, point=req.point or "latest", at=req.at,
+                          to_dir=req.to_dir, as_domain=req.as_domain, in_place=req.in_place,
+                          discard_old=req.discard_old, start=req.start, host=req.host,
+                          requested_by=actor, dedup_key=f"api:{key}" if key else None)
+
+
+def _replayed(api: Api, response: Response, used: api_catalog.KeyUse, req: RestoreIn, key: str,
+              actor: str) -> JobAccepted:
+    if used.request_sha256 != req.fingerprint():
+        raise Conflict(f"Idempotency-Key {key!r} was used for a different request (job {used.job_id}); "
+                       "use a new key for a new request")
+    job = jobs.get(api.cat, used.job_id)
+    audit(api.cat, actor=actor, action="api.restore", target=req.domain, params=req.model_dump(mode="json"),
+          outcome="succeeded", job_id=job.id, detail=f"repeat of an earlier request (Idempotency-Key {key}); "
+                                                    "no new job")
+    response.status_code = 200
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return JobAccepted(job_id=job.id, state=job.state, replayed=True)
+
+
+def _health(api: Api) -> JSONResponse:
+    from sqlalchemy import text
+
+    from worker import celery_app
+
+    checks: dict[str, str] = {}
+    try:
+        with api.cat.session() as s:
+            s.execute(text("SELECT 1"))
+        checks["catalog"] = "ok"
+    except VirtwardenError as e:
+        checks["catalog"] = str(e)
+    try:
+        celery_app.check_broker(api.cfg)
+        checks["broker"] = "ok"
+    except VirtwardenError as e:
+        checks["broker"] = str(e)
+    down = [name for name, state in checks.items() if state != "ok"]
+    body: dict[str, Any] = {"status": "ok" if not down else "unavailable", **checks}
+    if down:
+        body["error"] = f"{' and '.join(down)} unavailable"
+    return JSONResponse(body, status_code=503 if down else 200)
+
+
+# --- errors and the audit log ------------------------------------------------------------
+def status_for(e: VirtwardenError) -> int:
+    if isinstance(e, NotFound):
+        return 404
+    if isinstance(e, Conflict):
+        return 409
+    if isinstance(e, Transient):
+        return 503
+    if isinstance(e, ConfigError):
+        return 500  # the server's configuration or policies, not the request
+    return 422
+
+
+def _error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        kind = request.headers.get("content-type", "")
+        if request.method == "POST" and "json" not in kind:
+            message = f"send the body as JSON with Content-Type: application/json (got {kind or 'none'!r})"
+            await _refused(request, message, 415)
+            return JSONResponse({"error": message}, status_code=415)
+        fields = [{"field": _field(e), "message": _message(e)} for e in exc.errors()]
+        message = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
+        await _refused(request, message, 422)
+        return JSONResponse({"error": message, "fields": fields}, status_code=422)
+
+    @app.exception_handler(VirtwardenError)
+    async def product_error(request: Request, exc: VirtwardenError) -> JSONResponse:
+        status = status_for(exc)
+        await _refused(request, str(exc), status)
+        return JSONResponse({"error": str(exc)}, status_code=status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, exc: Exception) -> JSONResponse:
+        log.error("%s %s failed (a bug)", request.method, request.url.path, exc_info=exc)
+        await _refused(request, f"internal error: {type(exc).__name__}", 500)
+        return JSONResponse({"error": "internal error (a bug): the API's log has the details"}, status_code=500)
+
+
+def _field(error: dict[str, Any]) -> str:
+    """``body.alerts.0.fingerprint`` -> ``alerts.0.fingerprint``; a header by its name."""
+    parts = [str(p) for p in error["loc"]]
+    if error["type"] == "json_invalid" or parts == ["body"]:
+        return "body"
+    if parts[0] == "header":
+        return "-".join(w.capitalize() for w in parts[1].split("-")) + " header"
+    return ".".join(parts[1:] if parts[0] == "body" else parts)
+
+
+def _message(error: dict[str, Any]) -> str:
+    if error["type"] == "json_invalid":
+        return f"not valid JSON ({error.get('ctx', {}).get('error', 'parse error')} at character {error['loc'][-1]})"
+    if error["loc"][:2] == ("header", "idempotency-key"):
+        return "must be 1 to 200 printable ASCII characters without spaces (a UUID is a good key)"
+    return str(error["msg"]).removeprefix("Value error, ")
+
+
+async def _refused(request: Request, why: str, status: int) -> None:
+    from starlette.concurrency import run_in_threadpool
+
+    caller_name = getattr(request.state, "caller", ANONYMOUS)
+    await run_in_threadpool(_audit_refused, request.app.state.api.cat, request.scope, caller_name, why, status)
+
+
+def _audit_refused(cat: Catalog, scope: dict[str, Any], caller_name: str, why: str, status: int) -> None:
+    """An audit row for a refused POST. Only an authenticated caller's body is kept."""
+    if scope["method"] != "POST":
+        return
+    params: dict[str, Any] = {"method": scope["method"], "path": scope["path"], "status": status}
+    if scope.get("client"):
+        params["client"] = scope["client"][0]
+    raw = scope.get("state", {}).get("raw_body")
+    if caller_name != ANONYMOUS and raw:
+        params["body"] = _json_or_text(raw) if len(raw) <= MAX_AUDITED_BODY else f"<{len(raw)} bytes>"
+    body = params.get("body")
+    target = (body.get("domain") or body.get("receiver")) if isinstance(body, dict) else None
+    try:
+        audit(cat, actor=ANONYMOUS if caller_name == ANONYMOUS else f"api:{caller_name}",
+              action=ACTIONS.get(scope["path"].rstrip("/"), f"api.{scope['method'].lower()}"),
+              target=target if isinstance(target, str) else None, params=params, outcome="refused",
+              detail=why[:2000])
+    except VirtwardenError as e:
+        log.error("could not write the audit record of a refused request (%s): %s", why, e)
+
+
+def _json_or_text(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw[:1000].decode("utf-8", "replace")
+
+
+def audit(cat: Catalog, *, actor: str, action: str, target: str | None, params: dict[str, Any], outcome: str,
+          job_id: str | None = None, detail: str | None = None) -> None:
+    with cat.session() as s:
+        s.add(AuditRecord(at=utcnow(), actor=actor, action=action, target=target, params=params, job_id=job_id,
+                          outcome=outcome, detail=detail, finished_at=utcnow()))
+
+
+def _route_of(app: FastAPI, scope: dict[str, Any]) -> str:
+    for route in app.router.routes:
+        match, _ = route.matches(scope)
+        if match == Match.FULL:
+            return str(getattr(route, "path", "other"))
+    return "other"
+
+
+# --- the command ---------------------------------------------------------------------------
+def cli(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from worker import celery_app
+    from worker.cli import load_config
+
+    cfg = load_config(args)
+    host, port = parse_listen(args.listen or cfg.api.listen)
+    tokens = Tokens(cfg.api.token_file, env_token())
+    signatures = None
+    if cfg.api.hmac_key_file:
+        signatures = Signatures(read_key(cfg.api.hmac_key_file), cfg.api.signature_tolerance_seconds,
+                                cfg.api.signed_endpoints)
+    cat = Catalog(cfg.catalog_url)
+    celery_app.configure(cfg)
+    app = create_app(cfg, cat, tokens, signatures)
+    log.warning("virtwarden api listening on http://%s:%d (signatures %s)", host, port,
+                "required for " + ", ".join(cfg.api.signed_endpoints) if signatures else "off")
+    uvicorn.run(app, host=host, port=port, log_level=args.log_level, access_log=args.log_level in ("debug", "info"),
+                server_header=False)
+    return 0
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPv6]:PORT``."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"api.listen: {value!r} is not HOST:PORT (e.g. 127.0.0.1:8080)")
+    return host, int(port)

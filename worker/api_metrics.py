@@ -1,0 +1,134 @@
+"""Prometheus metrics of the API process: read from the catalog at each scrape (so every
+API process reports the same fleet-wide numbers) plus this process's request counts.
+
+- ``virtwarden_jobs{kind,state}``: jobs in the catalog.
+- ``virtwarden_latest_restore_point_timestamp_seconds{domain}`` and
+  ``virtwarden_latest_restore_point_age_seconds{domain}``: the newest complete point
+  (when its backup started). Alert on the age, e.g. ``> 26 * 3600``.
+- ``virtwarden_drill_last_success{domain}`` (1 passed, 0 failed),
+  ``virtwarden_drill_last_timestamp_seconds{domain}`` and
+  ``virtwarden_drill_last_recovery_seconds{domain}`` (restore + boot time), for
+  domains that have finished drills.
+- ``virtwarden_catalog_up``: 0 when the catalog could not be read for this scrape.
+- ``virtwarden_api_requests_total{route,method,status}``: requests this process served,
+  by route template (``/v1/jobs/{job_id}``), never by raw path.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily, Metric
+from sqlalchemy import func, select
+
+from catalog import points
+from catalog.models import Drill, Job, RestorePoint, utcnow
+from catalog.store import Catalog
+from virtwarden.errors import VirtwardenError
+
+log = logging.getLogger(__name__)
+DRILL_DONE = ("passed", "failed")
+
+
+class CatalogCollector:
+    """Gauges computed from the catalog when Prometheus scrapes."""
+
+    def __init__(self, cat: Catalog) -> None:
+        self.cat = cat
+
+    def describe(self) -> list[Metric]:
+        return []  # collected on demand only: no catalog query at registration
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("virtwarden_catalog_up", "1 when the catalog could be read for this scrape")
+        try:
+            families = list(self._families())
+        except VirtwardenError as e:
+            log.warning("metrics: %s", e)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield from families
+
+    def _families(self) -> Iterator[Metric]:
+        now = utcnow()
+        with self.cat.session() as s:
+            job_rows = s.execute(select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state)).all()
+            point_rows = s.execute(
+                select(RestorePoint.domain, func.max(RestorePoint.created_at))
+                .where(RestorePoint.status == points.COMPLETE).group_by(RestorePoint.domain)).all()
+            newest = (select(Drill.domain, func.max(Drill.started_at).label("at"))
+                      .where(Drill.state.in_(DRILL_DONE)).group_by(Drill.domain).subquery())
+            drills = s.scalars(select(Drill).join(newest, (Drill.domain == newest.c.domain)
+                                                  & (Drill.started_at == newest.c.at))).all()
+        jobs = GaugeMetricFamily("virtwarden_jobs", "jobs in the catalog by kind and state", labels=["kind", "state"])
+        for kind, state, n in job_rows:
+            jobs.add_metric([kind, state], n)
+        yield jobs
+        ts = GaugeMetricFamily("virtwarden_latest_restore_point_timestamp_seconds",
+                               "when the newest complete restore point of the domain was taken", labels=["domain"])
+        age = GaugeMetricFamily("virtwarden_latest_restore_point_age_seconds",
+                                "age of the newest complete restore point of the domain", labels=["domain"])
+        for domain, at in point_rows:
+            ts.add_metric([domain], at.timestamp())
+            age.add_metric([domain], max(0.0, (now - at).total_seconds()))
+        yield ts
+        yield age
+        yield from _drill_families(drills)
+
+
+def _drill_families(drills: list[Drill]) -> Iterator[Metric]:
+    ok = GaugeMetricFamily("virtwarden_drill_last_success", "1 when the last restore drill passed, else 0",
+                           labels=["domain"])
+    when = GaugeMetricFamily("virtwarden_drill_last_timestamp_seconds", "when the last restore drill started",
+                             labels=["domain"])
+    rto = GaugeMetricFamily("virtwarden_drill_last_recovery_seconds",
+                            "restore plus boot time of the last restore drill (measured recovery time)",
+                            labels=["domain"])
+    for d in drills:
+        ok.add_metric([d.domain], 1 if d.state == "passed" else 0)
+        when.add_metric([d.domain], d.started_at.timestamp())
+        if d.restore_seconds is not None:
+            rto.add_metric([d.domain], d.restore_seconds + (d.boot_seconds or 0.0))
+    yield ok
+    yield when
+    yield rto
+
+
+class ApiMetrics:
+    """The registry /metrics serves, and the request counter the middleware feeds."""
+
+    def __init__(self, cat: Catalog) -> None:
+        disable_created_metrics()  # *_created series only double the output
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(CatalogCollector(cat))  # type: ignore[arg-type]
+        self.requests = Counter("virtwarden_api_requests", "HTTP requests served by this API process",
+                                ["route", "method", "status"], registry=self.registry)
+
+
+class RequestCounter:
+    """ASGI middleware: counts every request by route template, method and status."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], *, metrics: ApiMetrics,
+                 route_of: Callable[[dict[str, Any]], str]) -> None:
+        self.app, self.metrics, self.route_of = app, metrics, route_of
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = [500]
+
+        async def sending(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            self.metrics.requests.labels(self.route_of(scope), scope["method"], str(status[0])).inc()

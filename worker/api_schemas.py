@@ -1,0 +1,145 @@
+"""The HTTP API's request and response bodies (they are also its OpenAPI schema).
+
+Restore requests are strict: an unknown or misspelt field is an error, never ignored.
+Alertmanager payloads are checked for what virtwarden uses and may carry more, since
+Alertmanager adds fields over time and does not retry a 4xx.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from typing import Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+class RestoreIn(BaseModel):
+    """Exactly one destination: ``to_dir`` (flat images), ``as_domain`` (a new domain)
+    or ``in_place``. The point is ``point`` (an id or "latest") or ``at`` (the last
+    complete point at or before that time), not both."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"domain": "web01", "point": "latest", "to_dir": "/srv/restore/web01"},
+                     {"domain": "web01", "at": "2025-03-30T02:00:00Z", "as_domain": "web01-restored"}]})
+
+    domain: str = Field(min_length=1, max_length=255, pattern=r"^[^\s/][^/]*$")
+    point: str | None = Field(default=None, min_length=1, max_length=64,
+                              description='a restore point id, or "latest" (the default)')
+    at: AwareDatetime | None = Field(default=None, description="the last complete point at or before this time")
+    to_dir: str | None = Field(default=None, min_length=1, max_length=4096,
+                               description="absolute directory on the worker's host for vda.qcow2, ...")
+    as_domain: str | None = Field(default=None, min_length=1, max_length=255, pattern=r"^[^\s/][^/]*$")
+    in_place: bool = False
+    discard_old: bool = Field(default=False, description="with in_place: delete the replaced disks afterwards")
+    start: bool = Field(default=False, description="with as_domain or in_place: start the domain afterwards")
+    host: str | None = Field(default=None, min_length=1, max_length=128)
+
+    @field_validator("to_dir")
+    @classmethod
+    def _absolute(cls, v: str | None) -> str | None:
+        if v is not None and (not v.startswith("/") or posixpath.normpath(v) != v.rstrip("/") or "\0" in v):
+            raise ValueError("must be an absolute, normalised path (no '..', no '//')")
+        return v
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> RestoreIn:
+        modes = [m for m, on in (("to_dir", self.to_dir is not None), ("as_domain", self.as_domain is not None),
+                                 ("in_place", self.in_place)) if on]
+        if len(modes) != 1:
+            raise ValueError(f"give exactly one of to_dir, as_domain, in_place (got {', '.join(modes) or 'none'})")
+        if self.point is not None and self.at is not None:
+            raise ValueError("give point or at, not both")
+        if self.discard_old and not self.in_place:
+            raise ValueError("discard_old only goes with in_place")
+        if self.start and self.to_dir is not None:
+            raise ValueError("start only goes with as_domain or in_place")
+        return self
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the request as validated: the same request however it is spelt."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    state: str
+    replayed: bool = Field(description="true when an earlier request with the same Idempotency-Key started the job")
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: str
+    state: Literal["queued", "running", "succeeded", "failed"]
+    domain: str | None
+    host: str | None
+    params: dict[str, Any]
+    result: dict[str, Any] | None
+    error: str | None
+    progress: float
+    progress_text: str | None
+    attempts: int
+    max_attempts: int
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    requested_by: str | None
+
+
+class DiskOut(BaseModel):
+    target: str
+    size_bytes: int
+    sha256: str
+    virtual_size: int
+
+
+class PointOut(BaseModel):
+    """One restore point, as ``virtwarden backups --json`` prints it."""
+
+    id: str
+    created_at: str
+    completed_at: str | None
+    level: Literal["full", "incremental"]
+    chain_id: str
+    parent_id: str | None
+    size_bytes: int
+    status: str
+    storage: str
+    strategy: str
+    consistency: str
+    reason: str | None
+    disks: list[DiskOut]
+
+
+class AlertIn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    status: Literal["firing", "resolved"]
+    labels: dict[str, str]
+    annotations: dict[str, str] = Field(default_factory=dict)
+    startsAt: AwareDatetime  # noqa: N815 - Alertmanager's own spelling
+    endsAt: AwareDatetime | None = None  # noqa: N815
+    generatorURL: str = ""  # noqa: N815
+    fingerprint: str = Field(min_length=1, max_length=128)
+
+
+class AlertmanagerPayload(BaseModel):
+    """Alertmanager's webhook body (``version`` "4")."""
+
+    model_config = ConfigDict(extra="allow")
+
+    version: Literal["4"]
+    groupKey: str  # noqa: N815
+    truncatedAlerts: int = Field(default=0, ge=0)  # noqa: N815
+    status: Literal["firing", "resolved"]
+    receiver: str
+    groupLabels: dict[str, str] = Field(default_factory=dict)  # noqa: N815
+    commonLabels: dict[str, str] = Field(default_factory=dict)  # noqa: N815
+    commonAnnotations: dict[str, str] = Field(default_factory=dict)  # noqa: N815
+    externalURL: str = ""  # noqa: N815
+    alerts: list[AlertIn] = Field(min_length=1)
+
+
+class Error(BaseModel):
+    error: str
+    fields: list[dict[str, str]] | None = None

@@ -148,7 +148,7 @@ def test_agent_calls_on_a_real_guest_and_on_one_without_agent(agent_guest_factor
         assert agent.freeze_status(hv, g.name, 5) == "frozen"  # the late freeze happened
         assert agent.thaw(hv, g.name, 5) == 1
 
-        g.stop_agent(20)
+        g.stop_agent(12)
         assert agent.connected(hv, g.name)  # the port stays open: only a ping tells
         assert not agent.ping(hv, g.name, 1)
     g.wait_answering(60)
@@ -253,7 +253,7 @@ def test_an_agent_that_stops_answering_gives_a_crash_point_and_no_freeze(vw, age
     g = agent_guest_factory()
     vw.start_worker()
     mark = len(g.serial_log())
-    g.stop_agent(45)
+    g.stop_agent(30)
 
     result = _backup(vw, g.name)
 

@@ -227,21 +227,28 @@ exit 0
 EOF
 }
 
+# The kernel package linux-image-cloud-amd64 currently depends on (empty without package lists).
+agent_guest_kernel() {
+    { apt-cache depends linux-image-cloud-amd64 2>/dev/null || true; } |
+        awk '/Depends: linux-image-/ && !found {print $2; found = 1}'
+}
+
 build_agent_guest() {
     if [[ -s $AGENT_GUEST/vmlinuz && -s $AGENT_GUEST/initrd.gz &&
           $(head -n 1 "$AGENT_GUEST/recipe" 2>/dev/null) == "recipe $AGENT_GUEST_RECIPE" ]]; then
         say "agent guest: built ($AGENT_GUEST: $(sed -n 2p "$AGENT_GUEST/recipe"))"
         return
     fi
-    local kpkg work x root kver m found lib
-    kpkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-/ {print $2; exit}')
+    local kpkg work x root kver m found lib libs
+    kpkg=$(agent_guest_kernel)
     if [[ -z $kpkg ]]; then
-        apt-get update -qq
-        kpkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-/ {print $2; exit}')
+        apt-get update -qq  # no package lists yet
+        kpkg=$(agent_guest_kernel)
     fi
     [[ -n $kpkg ]] || die "agent guest: apt knows no linux-image-cloud-amd64 kernel"
     say "agent guest: building from $kpkg, busybox-static and qemu-guest-agent"
     work=$(mktemp -d /tmp/virtwarden-agent-guest.XXXXXX)
+    trap 'rm -rf "$work"' EXIT
     x=$work/x root=$work/root kver=${kpkg#linux-image-}
     local get=(apt-get -qq -o APT::Sandbox::User=root download "$kpkg" busybox-static qemu-guest-agent)
     if ! (cd "$work" && "${get[@]}" >/dev/null); then
@@ -254,14 +261,15 @@ build_agent_guest() {
     cp "$x/bin/busybox" "$root/bin/busybox"
     cp "$x/usr/sbin/qemu-ga" "$root/usr/sbin/qemu-ga"
     # The libraries qemu-ga links, as this host (the same Debian release) resolves them.
-    if ldd "$x/usr/sbin/qemu-ga" | grep -q 'not found'; then
-        die "agent guest: qemu-ga needs libraries this host lacks: $(ldd "$x/usr/sbin/qemu-ga" | grep 'not found' | tr -s ' \n\t' ' ')"
+    libs=$(ldd "$x/usr/sbin/qemu-ga")
+    if [[ $libs == *"not found"* ]]; then
+        die "agent guest: qemu-ga needs libraries this host lacks: $(grep 'not found' <<<"$libs" | tr -s ' \n\t' ' ')"
     fi
-    for lib in $(ldd "$x/usr/sbin/qemu-ga" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}'); do
+    for lib in $(awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' <<<"$libs"); do
         cp -L --parents "$lib" "$root"
     done
     for m in "${AGENT_GUEST_MODULES[@]}"; do
-        found=$(find "$x/lib/modules/$kver" -name "$m.ko" | head -n 1)
+        found=$(find "$x/lib/modules/$kver" -name "$m.ko" -print -quit)
         [[ -n $found ]] || die "agent guest: $kpkg has no module $m.ko"
         cp "$found" "$root/lib/modules/"
     done
@@ -279,6 +287,7 @@ build_agent_guest() {
     printf 'recipe %s\n%s, qemu-guest-agent %s\n' "$AGENT_GUEST_RECIPE" "$kpkg" \
         "$(dpkg-deb -f "$work"/qemu-guest-agent_*.deb Version)" >"$AGENT_GUEST/recipe"
     rm -rf "$work"
+    trap - EXIT
     say "agent guest: built in $AGENT_GUEST"
 }
 

@@ -5,7 +5,8 @@ One run makes one restore point of every disk of a running domain:
 1. clean up what an earlier, interrupted attempt of the same job left (recovery);
 2. choose full or incremental (``plan_level``, a pure function) and say why;
 3. push-mode backup of all disks, creating the new checkpoint in the same libvirt call,
-   so the bitmap starts exactly at the copy; libvirt writes each image straight onto a
+   so the bitmap starts exactly at the copy (the guest's filesystems frozen through its
+   agent for that call only: ``tasks.quiesce``); libvirt writes each image straight onto a
    mounted target (NFS) under a temporary name, or into this job's scratch directory
    when the target is S3;
 4. store each image (publish the staged file, or upload it; sha256 computed on the

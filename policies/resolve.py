@@ -37,7 +37,7 @@ class BackupSettings:
         one place the CLI, the scheduler and the listener get them from."""
         return {"domain": domain, "storage": self.target, "strategy": self.strategy,
                 "full_every": self.full_every, "force_full": full, "policy": self.policy,
-                "retention": self.retention}
+                "retention": self.retention, "quiesce": self.quiesce}
 
 
 def load_policies(cfg: Config) -> list[Policy]:

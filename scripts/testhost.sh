@@ -25,8 +25,9 @@ PG_URL=postgresql+psycopg2://virtwarden:virtwarden@127.0.0.1:$PG_PORT/virtwarden
 export DEBIAN_FRONTEND=noninteractive
 
 # gcc: libvirt-python builds from source against libvirt-dev.
+# e2fsprogs: the agent guest's ext4 disk is made (mkfs.ext4) and checked (e2fsck) by the tests.
 APT_PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86
-              qemu-utils libvirt-dev pkg-config gcc
+              qemu-utils libvirt-dev pkg-config gcc e2fsprogs
               iptables)  # libvirt starts its networks (the isolated drill network) through iptables
 
 say() { echo "testhost: $*"; }
@@ -162,6 +163,133 @@ do_install() {
         say "python: pip install -e '.[test]' ($PY)"
         (cd "$REPO" && "$PY" -m pip install -q --root-user-action=ignore -e '.[test]')
     fi
+    build_agent_guest
+}
+
+# --- the agent guest ------------------------------------------------------------------------
+# A real Linux guest for the quiesce tests (tests/agentguest.py): a Debian cloud kernel and a
+# small initramfs (busybox, qemu-ga and its libraries, the virtio modules), built from Debian
+# packages only and cached in $AGENT_GUEST. It boots under TCG in a few seconds, mounts the ext4
+# filesystem the test put on /dev/vda and runs qemu-ga on the virtio port, logging verbosely to
+# the serial console. Bump AGENT_GUEST_RECIPE whenever the recipe changes: every machine rebuilds.
+AGENT_GUEST=$STATE/agent-guest
+AGENT_GUEST_RECIPE=1
+AGENT_GUEST_MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk
+                     virtio_console)
+
+# /init of the guest. Writeback happens only when something asks for it (sync, a filesystem
+# freeze): data a test writes stays in the guest's page cache until then, so a backup holds
+# it only if the freeze really happened. qemu-ga runs as a child (PID 1 ignores SIGSTOP, and
+# the tests stop the agent to make it unresponsive).
+agent_guest_init() {
+    cat <<'EOF'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+say() { echo "vw-guest: $*" >/dev/ttyS0; }
+for m in MODULES; do insmod "/lib/modules/$m.ko" || say "insmod $m failed"; done
+echo 0 >/proc/sys/vm/dirty_writeback_centisecs
+echo 8640000 >/proc/sys/vm/dirty_expire_centisecs
+i=0
+while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+mount -t ext4 -o commit=3600,noauto_da_alloc /dev/vda /mnt || say "cannot mount /dev/vda"
+port=
+i=0
+while [ -z "$port" ] && [ $i -lt 100 ]; do
+    for d in /sys/class/virtio-ports/*; do
+        [ "$(cat "$d/name" 2>/dev/null)" = org.qemu.guest_agent.0 ] && port=/dev/${d##*/}
+    done
+    [ -n "$port" ] && [ -c "$port" ] || { port=; sleep 0.1; i=$((i + 1)); }
+done
+[ -n "$port" ] || say "no org.qemu.guest_agent.0 port"
+say "ready (agent on $port)"
+qemu-ga -m virtio-serial -p "$port" -l /dev/ttyS0 -v -F/etc/fsfreeze-hook &
+echo $! >/run/qemu-ga.child
+while :; do sleep 3600; done
+EOF
+}
+
+# Called by qemu-ga before a freeze and after a thaw. A test makes the agent hang inside a
+# freeze request by writing a number of seconds to /run/freeze-stall (used once).
+agent_guest_hook() {
+    cat <<'EOF'
+#!/bin/sh
+echo "vw-hook: $1" >/dev/ttyS0
+if [ "$1" = freeze ] && [ -s /run/freeze-stall ]; then
+    stall=$(cat /run/freeze-stall)
+    rm -f /run/freeze-stall
+    echo "vw-hook: stalling ${stall}s" >/dev/ttyS0
+    sleep "$stall"
+fi
+exit 0
+EOF
+}
+
+# The kernel package linux-image-cloud-amd64 currently depends on (empty without package lists).
+agent_guest_kernel() {
+    { apt-cache depends linux-image-cloud-amd64 2>/dev/null || true; } |
+        awk '/Depends: linux-image-/ && !found {print $2; found = 1}'
+}
+
+build_agent_guest() {
+    if [[ -s $AGENT_GUEST/vmlinuz && -s $AGENT_GUEST/initrd.gz &&
+          $(head -n 1 "$AGENT_GUEST/recipe" 2>/dev/null) == "recipe $AGENT_GUEST_RECIPE" ]]; then
+        say "agent guest: built ($AGENT_GUEST: $(sed -n 2p "$AGENT_GUEST/recipe"))"
+        return
+    fi
+    local kpkg work x root kver m found lib libs
+    kpkg=$(agent_guest_kernel)
+    if [[ -z $kpkg ]]; then
+        apt-get update -qq  # no package lists yet
+        kpkg=$(agent_guest_kernel)
+    fi
+    [[ -n $kpkg ]] || die "agent guest: apt knows no linux-image-cloud-amd64 kernel"
+    say "agent guest: building from $kpkg, busybox-static and qemu-guest-agent"
+    work=$(mktemp -d /tmp/virtwarden-agent-guest.XXXXXX)
+    trap 'rm -rf "$work"' EXIT
+    x=$work/x root=$work/root kver=${kpkg#linux-image-}
+    local get=(apt-get -qq -o APT::Sandbox::User=root download "$kpkg" busybox-static qemu-guest-agent)
+    if ! (cd "$work" && "${get[@]}" >/dev/null); then
+        apt-get update -qq  # package lists older than the archive: the versions they name are gone
+        (cd "$work" && "${get[@]}" >/dev/null) || die "agent guest: apt-get download failed"
+    fi
+    for m in "$work"/*.deb; do dpkg-deb -x "$m" "$x"; done
+    mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,run,mnt,tmp,etc,var,lib/modules}
+    ln -s ../run "$root/var/run"
+    cp "$x/bin/busybox" "$root/bin/busybox"
+    cp "$x/usr/sbin/qemu-ga" "$root/usr/sbin/qemu-ga"
+    # The libraries qemu-ga links, as this host (the same Debian release) resolves them.
+    libs=$(ldd "$x/usr/sbin/qemu-ga")
+    if [[ $libs == *"not found"* ]]; then
+        die "agent guest: qemu-ga needs libraries this host lacks: $(grep 'not found' <<<"$libs" | tr -s ' \n\t' ' ')"
+    fi
+    for lib in $(awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' <<<"$libs"); do
+        cp -L --parents "$lib" "$root"
+    done
+    for m in "${AGENT_GUEST_MODULES[@]}"; do
+        found=$(find "$x/lib/modules/$kver" -name "$m.ko" -print -quit)
+        [[ -n $found ]] || die "agent guest: $kpkg has no module $m.ko"
+        cp "$found" "$root/lib/modules/"
+    done
+    agent_guest_init | sed "s/MODULES/${AGENT_GUEST_MODULES[*]}/" >"$root/init"
+    agent_guest_hook >"$root/etc/fsfreeze-hook"
+    chmod 755 "$root/init" "$root/etc/fsfreeze-hook"
+    # busybox (from the package above) packs the initramfs: no cpio needed on the host.
+    (cd "$root" && find . | "$x/bin/busybox" cpio -o -H newc 2>/dev/null) | gzip -9 >"$work/initrd.gz"
+    mkdir -p "$AGENT_GUEST"
+    rm -f "$AGENT_GUEST/recipe"
+    cp "$x/boot/vmlinuz-$kver" "$AGENT_GUEST/vmlinuz.tmp"
+    cp "$work/initrd.gz" "$AGENT_GUEST/initrd.gz.tmp"
+    mv "$AGENT_GUEST/vmlinuz.tmp" "$AGENT_GUEST/vmlinuz"
+    mv "$AGENT_GUEST/initrd.gz.tmp" "$AGENT_GUEST/initrd.gz"
+    printf 'recipe %s\n%s, qemu-guest-agent %s\n' "$AGENT_GUEST_RECIPE" "$kpkg" \
+        "$(dpkg-deb -f "$work"/qemu-guest-agent_*.deb Version)" >"$AGENT_GUEST/recipe"
+    rm -rf "$work"
+    trap - EXIT
+    say "agent guest: built in $AGENT_GUEST"
 }
 
 # --- start ----------------------------------------------------------------------------------

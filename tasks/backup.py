@@ -5,7 +5,8 @@ One run makes one restore point of every disk of a running domain:
 1. clean up what an earlier, interrupted attempt of the same job left (recovery);
 2. choose full or incremental (``plan_level``, a pure function) and say why;
 3. push-mode backup of all disks, creating the new checkpoint in the same libvirt call,
-   so the bitmap starts exactly at the copy; libvirt writes each image straight onto a
+   so the bitmap starts exactly at the copy (the guest's filesystems frozen through its
+   agent for that call only: ``tasks.quiesce``); libvirt writes each image straight onto a
    mounted target (NFS) under a temporary name, or into this job's scratch directory
    when the target is S3;
 4. store each image (publish the staged file, or upload it; sha256 computed on the
@@ -31,7 +32,7 @@ from catalog.points import ArtifactView, PointView
 from hypervisor import qemu_img
 from hypervisor.types import NAME_PREFIX, DomainInfo
 from storage_backends.repository import Repository
-from tasks import recovery
+from tasks import quiesce, recovery
 from tasks.context import JobContext
 from virtwarden.errors import CheckpointMissing, HypervisorError, JobFailed, NoSpace, ToolFailed, VirtwardenError
 
@@ -50,6 +51,9 @@ class BackupRequest:
     # The policy's backup.retention (policies.model.Retention as data): applied to this
     # domain's chain group after each successful backup.
     retention: dict | None = None
+    # Freeze the guest's filesystems for the copy's instant: auto | always | never
+    # (tasks.quiesce).
+    quiesce: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,7 @@ def _run_bitmap(ctx: JobContext, req: BackupRequest) -> dict:
             "full", f"domain is not running ({dom.state}): disks copied whole with qemu-img "
                     "(checkpoints need a running domain)"),
             online=False)
+    quiesce.check(hv, req.domain, req.quiesce)  # quiesce: always without an agent changes nothing
     head = points.chain_head(ctx.catalog, dom.uuid, req.storage, req.strategy)
     ours = {c.name for c in hv.checkpoints(req.domain)}
     plan = plan_level(req, dom, head, ours)
@@ -179,10 +184,14 @@ def _make_point(ctx: JobContext, req: BackupRequest, dom: DomainInfo, plan: Leve
         _check_space(dom, plan, outputs)
         ctx.report(0.0, f"{plan.level} backup: copying {len(outputs)} disk(s)")
         if checkpoint:
-            hv.begin_backup(dom.name, {t: str(o.path) for t, o in outputs.items()}, checkpoint=checkpoint,
-                            incremental_from=parent.checkpoint if parent else None,
-                            bitmap_disks={d.target for d in dom.disks if d.has_bitmaps}, skip=set())
-            started = True
+            # Push mode copies the disks as they are when backupBegin returns: the guest
+            # is frozen for that call only, and thawed while QEMU copies.
+            qlog = quiesce.job_log(dom.name, ctx.job_id)
+            with quiesce.quiesced(hv, dom.name, req.quiesce, log=qlog) as consistency:
+                hv.begin_backup(dom.name, {t: str(o.path) for t, o in outputs.items()}, checkpoint=checkpoint,
+                                incremental_from=parent.checkpoint if parent else None,
+                                bitmap_disks={d.target for d in dom.disks if d.has_bitmaps}, skip=set())
+                started = True
             _wait(ctx, dom.name, outputs)
         else:
             _copy_offline(ctx, dom, outputs)
@@ -199,7 +208,7 @@ def _make_point(ctx: JobContext, req: BackupRequest, dom: DomainInfo, plan: Leve
     recovery.drop_unneeded_checkpoints(ctx, dom)
     ctx.report(1.0, "done")
     return {"point_id": done.id, "level": done.level, "chain_id": done.chain_id,
-            "size_bytes": done.size_bytes, "reason": plan.reason,
+            "size_bytes": done.size_bytes, "reason": plan.reason, "consistency": done.consistency,
             "disks": [a.target for a in artifacts]}
 
 

@@ -48,9 +48,10 @@ before libvirt creates the file, so a worker killed at any moment leaves nothing
 recovery cannot find. Only one change tracker exists per domain: backing one domain up
 with this strategy to two targets in turn makes every run a full.
 
-Consistency: the snapshot is crash-consistent today; ``_consistency`` is where a guest
-freeze (qemu-guest-agent) goes, around the snapshot, the only moment that needs it.
-Shut-off domains are refused for now.
+Consistency: the guest's filesystems are frozen through qemu-guest-agent around the
+snapshot only, the one moment that needs it (``tasks.quiesce``, as the request's
+``quiesce`` mode says); the point records ``quiesced``, or ``crash`` when they could not
+be. Shut-off domains are refused for now.
 """
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ from catalog.points import PointView
 from hypervisor import qemu_img
 from hypervisor.types import NAME_PREFIX, DomainInfo
 from storage_backends.repository import Repository
-from tasks import recovery
+from tasks import quiesce, recovery
 from tasks.backup import (
     BackupRequest,
     LevelPlan,
@@ -120,6 +121,7 @@ def run_blockcommit_backup(ctx: JobContext, req: BackupRequest) -> dict:
     reconcile(ctx, bj, dom.name, dom.uuid)
     dom = hv.domain(req.domain)  # recovery may have changed the active images
     ctx.storage(req.storage).check()  # an unreachable target fails before anything changes
+    quiesce.check(hv, dom.name, req.quiesce)  # quiesce: always without an agent changes nothing
     head = points.chain_head(ctx.catalog, dom.uuid, req.storage, STRATEGY)
     rows = journal.for_run(ctx.catalog, dom.name, head.checkpoint) if head and head.checkpoint else []
     plan = plan_blockcommit(req, dom, head, bj.chains(dom.name), rows)
@@ -192,7 +194,7 @@ def _make_point(ctx: JobContext, bj: BlockJobs, req: BackupRequest, dom: DomainI
         outputs = _outputs(ctx, repo, prefix, dom, req.storage)
         _check_space(dom, plan, outputs)
         ctx.report(0.0, f"{plan.level} backup: snapshot of {len(outputs)} disk(s)")
-        with _consistency(ctx, dom) as consistency:
+        with _consistency(ctx, dom, req.quiesce) as consistency:
             disks = _snapshot(ctx, bj, dom, token)
         _ship(ctx, plan, disks, outputs)
         artifacts = _store(ctx, repo, outputs)
@@ -216,11 +218,12 @@ def _make_point(ctx: JobContext, bj: BlockJobs, req: BackupRequest, dom: DomainI
 
 
 @contextmanager
-def _consistency(ctx: JobContext, dom: DomainInfo) -> Iterator[str]:
-    """Hook for quiescing: freeze the guest's filesystems (qemu-guest-agent) around the
-    snapshot, thaw in a ``finally``, and yield ``"quiesced"``; until then every point
-    says ``"crash"`` (crash-consistent: all disks snapshotted at the same instant)."""
-    yield "crash"
+def _consistency(ctx: JobContext, dom: DomainInfo, mode: str) -> Iterator[str]:
+    """The guest's filesystems frozen around the snapshot and thawed right after it;
+    yields ``"quiesced"``, or ``"crash"`` (all disks still snapshotted at one instant)."""
+    with quiesce.quiesced(ctx.require_hypervisor(), dom.name, mode,
+                          log=quiesce.job_log(dom.name, ctx.job_id)) as consistency:
+        yield consistency
 
 
 def _snapshot(ctx: JobContext, bj: BlockJobs, dom: DomainInfo, token: str) -> list[_Disk]:

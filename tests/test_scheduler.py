@@ -138,7 +138,7 @@ def test_a_window_makes_one_job_per_slot_and_domain(vw, guest_factory):
     job = found[("backup", a, "11:00")]
     assert (job.kind, job.domain, job.host, job.state) == ("backup", a, "local", "queued")
     assert job.params == {"domain": a, "storage": "nfs", "strategy": "bitmap", "full_every": 7, "force_full": False,
-                          "policy": "hourly", "retention": None}
+                          "policy": "hourly", "retention": None, "quiesce": "auto"}
     recorded = rows(cat)
     assert len(recorded) == 4 and {r.state for r in recorded.values()} == {"started"}
     assert {(k, r.job_id) for k, r in recorded.items()} == {(k, j.id) for k, j in found.items()}

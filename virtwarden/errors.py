@@ -131,6 +131,14 @@ class CheckpointMissing(HypervisorError):
     """The checkpoint an incremental needs is gone; the chain must restart with a full."""
 
 
+class QuiesceFailed(HypervisorError):
+    """quiesce: always, and the guest's filesystems could not be frozen."""
+
+
+class AgentUnresponsive(HypervisorError):
+    """The guest agent did not answer in time: a request may still reach it later."""
+
+
 class JobFailed(VirtwardenError):
     """A job ran and failed; the message is the job's recorded error."""
 

@@ -1,0 +1,187 @@
+"""Quiesce: the guest's filesystems frozen through qemu-guest-agent for the instant a
+backup or snapshot is taken, so the point holds what a clean unmount would have
+written (dirty page cache flushed, journal committed), not just what had reached the
+disk: ``quiesced`` instead of ``crash``-consistent.
+
+    with quiesced(hv, "web01", "auto", log=log) as consistency:
+        ...take the point in time (backupBegin, the external snapshot)...
+    # consistency is "quiesced" or "crash": record it with the point
+
+Modes (a policy's ``backup.quiesce`` / ``snapshots.quiesce``):
+
+- ``auto``: freeze when the agent is connected and answers a ping; otherwise, or when
+  the freeze fails, the point is crash-consistent and the log says why;
+- ``always``: as auto, but a point that cannot be quiesced is not taken: QuiesceFailed
+  (``check`` says so before anything is created);
+- ``never``: no agent call, crash-consistent.
+
+The guest is never left frozen by us. The thaw runs in a ``finally``, whatever the
+block did. A freeze that was not answered in time may still run later (the agent got it
+and was stuck, or is slow to flush): then, and when a thaw itself went unanswered, the
+agent's freeze status is read, and the thaw sent again, until it says ``thawed``, for
+up to ``THAW_GRACE`` seconds. The agent handles requests in order, so an answer always
+comes after that late freeze. Only an agent that stays silent longer than that is beyond
+reach; the log then says what to run by hand. A freeze the agent refused (an error
+answer) froze nothing (qemu-ga undoes a partial freeze itself), so nothing is thawed
+then: a freeze someone else holds is left to them.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Protocol
+
+from virtwarden.errors import AgentUnresponsive, ConfigError, DomainNotFound, HypervisorError, QuiesceFailed, VirtwardenError
+
+MODES = ("auto", "always", "never")
+TIMEOUT = 10.0  # seconds for each agent call (ping, freeze, thaw); a freeze flushes dirty data
+THAW_GRACE = 120.0  # how long a thaw is retried after an agent call went unanswered
+RETRY_PAUSE = 1.0
+
+QUIESCED, CRASH = "quiesced", "crash"
+_log = logging.getLogger(__name__)
+
+
+class Log(Protocol):
+    """A logging.Logger or LoggerAdapter (``job_log`` gives one that names the job)."""
+
+    def info(self, msg: str, *args: object) -> None: ...
+    def warning(self, msg: str, *args: object) -> None: ...
+    def error(self, msg: str, *args: object) -> None: ...
+
+
+class _JobLog(logging.LoggerAdapter):
+    def process(self, msg, kwargs):  # noqa: ANN001, ANN201
+        return f"{self.extra['prefix']}{msg}", kwargs
+
+
+def job_log(domain: str, job_id: str) -> logging.LoggerAdapter:
+    """This module's logger, every line starting ``domain D job J: ``."""
+    return _JobLog(_log, {"prefix": f"domain {domain} job {job_id}: "})
+
+
+def check(hv, domain: str, mode: str, timeout: float = TIMEOUT) -> None:  # noqa: ANN001
+    """Refuse early (QuiesceFailed) when ``always`` cannot be honoured because the agent
+    is not there, so that a job fails before it creates or changes anything."""
+    _check_mode(mode)
+    if mode == "always":
+        why = _unavailable(hv, domain, timeout)
+        if why:
+            raise QuiesceFailed(_always_message(domain, why))
+
+
+@contextmanager
+def quiesced(hv, domain: str, mode: str, timeout: float = TIMEOUT,  # noqa: ANN001
+             log: Log = _log) -> Iterator[str]:
+    """Freeze ``domain``'s filesystems for the block (see the module docstring) and yield
+    the consistency of what is taken inside it: ``"quiesced"`` or ``"crash"``.
+    ``hv`` is a hypervisor.libvirt_host.LibvirtHost."""
+    _check_mode(mode)
+    if mode == "never":
+        yield CRASH
+        return
+    why = _unavailable(hv, domain, timeout)
+    sent = unsure = False
+    if why is None:
+        why, sent, unsure = _freeze(hv, domain, timeout, log)
+    if why and mode == "always":
+        if sent:
+            _thaw(hv, domain, timeout, log, unsure=unsure)
+        raise QuiesceFailed(_always_message(domain, why))
+    if why:
+        log.warning("not quiesced (%s): the point is crash-consistent", why)
+    try:
+        yield CRASH if why else QUIESCED
+    finally:
+        if sent:
+            _thaw(hv, domain, timeout, log, unsure=unsure)
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ConfigError(f"quiesce must be one of {', '.join(MODES)}, not {mode!r}")
+
+
+def _unavailable(hv, domain: str, timeout: float) -> str | None:  # noqa: ANN001
+    """Why the agent cannot be asked to freeze, or None when it answers."""
+    from hypervisor import agent
+
+    if not agent.connected(hv, domain):
+        return ("the guest agent is not connected (no org.qemu.guest_agent.0 channel, "
+                "or qemu-guest-agent is not running in the guest)")
+    if not agent.ping(hv, domain, timeout):
+        return f"the guest agent did not answer a ping within {timeout:g}s"
+    return None
+
+
+def _freeze(hv, domain: str, timeout: float, log: Log) -> tuple[str | None, bool, bool]:  # noqa: ANN001
+    """Freeze. Returns why it failed (None: it did not), whether a thaw is owed, and
+    whether the agent's answer is unknown (the freeze may still happen later)."""
+    from hypervisor import agent
+
+    started = time.monotonic()
+    try:
+        count = agent.freeze(hv, domain, timeout)
+    except AgentUnresponsive as e:
+        return f"the freeze was not answered in time: {e}", True, True
+    except HypervisorError as e:  # answered: nothing of ours is frozen (or someone else's freeze is)
+        return f"the freeze failed: {e}", False, False
+    if count < 1:  # the agent is in its frozen state all the same, until thawed
+        return "the guest agent found no filesystem to freeze", True, False
+    log.info("froze %d filesystem(s) in %.2fs", count, time.monotonic() - started)
+    return None, True, False
+
+
+def _thaw(hv, domain: str, timeout: float, log: Log, *, unsure: bool) -> None:  # noqa: ANN001
+    """Thaw. An answered thaw is final unless an earlier call went unanswered; then read
+    the agent's status (and thaw again) until it says thawed, for up to THAW_GRACE."""
+    from hypervisor import agent
+
+    try:
+        count = agent.thaw(hv, domain, timeout)
+        if not unsure:
+            log.info("thawed %d filesystem(s)", count)
+            return
+    except HypervisorError as e:
+        log.warning("thaw not answered, retrying for up to %gs: %s", THAW_GRACE, e)
+    deadline = time.monotonic() + THAW_GRACE
+    while True:
+        pause = RETRY_PAUSE
+        try:
+            state = agent.freeze_status(hv, domain, timeout)
+            if state == "thawed":
+                log.info("the guest agent reports its filesystems thawed")
+                return
+            last = f"the agent reports {state!r}"
+            log.warning("the guest's filesystems are %s (a freeze that had timed out ran late): thawing", state)
+            agent.thaw(hv, domain, timeout)
+            pause = 0.0  # answered: read the status again at once
+        except HypervisorError as e:
+            last = str(e)
+            if not _running(hv, domain):
+                log.info("the domain stopped: no filesystem of it is frozen any more")
+                return
+        if time.monotonic() >= deadline:
+            log.error("could not confirm that the guest's filesystems are thawed within %gs (%s): if the agent "
+                      "runs the freeze it was sent, they stay frozen; check with `virsh qemu-agent-command %s "
+                      "'{\"execute\":\"guest-fsfreeze-status\"}'` and thaw with `virsh domfsthaw %s`",
+                      THAW_GRACE, last, domain, domain)
+            return
+        time.sleep(pause)
+
+
+def _running(hv, domain: str) -> bool:  # noqa: ANN001
+    try:
+        return hv.domain(domain).active
+    except DomainNotFound:
+        return False
+    except VirtwardenError:
+        return True  # cannot tell: keep trying
+
+
+def _always_message(domain: str, why: str) -> str:
+    return (f"domain {domain!r}: quiesce is 'always' but the filesystems cannot be frozen: {why}. "
+            "Install and start qemu-guest-agent in the guest (with an org.qemu.guest_agent.0 virtio channel), "
+            "or set quiesce: auto to accept crash-consistent points")

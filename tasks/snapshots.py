@@ -12,7 +12,8 @@ Snapshots taken without a policy are never rotated.
 
 Consistency, recorded with each snapshot:
 - ``system``: an internal snapshot of a running domain holds disks and memory together;
-- ``quiesced``: an external snapshot taken with the filesystems frozen by the agent;
+- ``quiesced``: an external snapshot taken with the filesystems frozen by the agent
+  for that instant (tasks.quiesce, as for backups: bounded, and never left frozen);
 - ``crash``: an external snapshot of a running guest without a freeze;
 - ``offline``: the domain was shut off.
 
@@ -33,6 +34,7 @@ from catalog.snapshots import SnapshotView
 from hypervisor.types import NAME_PREFIX, DomainInfo
 from policies.model import Retention
 from policies.retention import select_kept
+from tasks import quiesce
 from tasks.context import JobContext
 from virtwarden.errors import HypervisorError, VirtwardenError
 
@@ -58,6 +60,8 @@ def run_snapshot(ctx: JobContext, req: SnapshotRequest) -> dict:
     hv = ctx.require_hypervisor()
     dom = hv.domain(req.domain)
     _refuse_blockcommit_domain(ctx, req)
+    if req.type == "external" and dom.active:
+        quiesce.check(hv, req.domain, req.quiesce)  # quiesce: always without an agent takes nothing
     existing = set(hv_snapshots.names(hv, req.domain))
     _settle(ctx, dom, existing)
     earlier = [s for s in snapshots.live(ctx.catalog, dom.uuid, any_policy=True) if s.job_id == ctx.job_id]
@@ -80,7 +84,7 @@ def _take_recorded(ctx: JobContext, hv, dom: DomainInfo, req: SnapshotRequest,  
                           policy=req.policy, kind=req.type, job_id=ctx.job_id)
     description = f"taken by virtwarden job {ctx.job_id}" + (f" for policy {req.policy}" if req.policy else "")
     try:
-        consistency = _take(hv, dom, req, name, description)
+        consistency = _take(hv, dom, req, name, description, ctx.job_id)
     except VirtwardenError:
         snapshots.forget(ctx.catalog, row.id)
         raise
@@ -139,7 +143,8 @@ class _AsPoint:
         return "full"
 
 
-def _take(hv, dom: DomainInfo, req: SnapshotRequest, name: str, description: str) -> str:  # noqa: ANN001
+def _take(hv, dom: DomainInfo, req: SnapshotRequest, name: str, description: str,  # noqa: ANN001
+          job_id: str) -> str:
     from hypervisor import snapshots as hv_snapshots
 
     if req.type == "internal":
@@ -160,16 +165,12 @@ def _take(hv, dom: DomainInfo, req: SnapshotRequest, name: str, description: str
     clash = [p for p in overlay_paths.values() if Path(p).exists()]
     if clash:
         raise HypervisorError(f"domain {req.domain!r}: {', '.join(clash)} already exist(s); nothing was changed")
-    running = dom.active
-    if req.quiesce == "never" or not running:
-        return hv_snapshots.take_external(hv, req.domain, name, description, overlay_paths, quiesce=False)
-    try:
-        return hv_snapshots.take_external(hv, req.domain, name, description, overlay_paths, quiesce=True)
-    except hv_snapshots.QuiesceUnavailable as e:
-        if req.quiesce == "always":
-            raise HypervisorError(f"{e}; the policy says quiesce: always, so no snapshot was taken") from e
-        log.warning("%s; taking a crash-consistent snapshot instead", e)
-        return hv_snapshots.take_external(hv, req.domain, name, description, overlay_paths, quiesce=False)
+    if not dom.active:
+        hv_snapshots.take_external(hv, req.domain, name, description, overlay_paths)
+        return "offline"
+    with quiesce.quiesced(hv, req.domain, req.quiesce, log=quiesce.job_log(req.domain, job_id)) as consistency:
+        hv_snapshots.take_external(hv, req.domain, name, description, overlay_paths)
+    return consistency
 
 
 def _settle(ctx: JobContext, dom: DomainInfo, present: set[str]) -> None:

@@ -159,6 +159,24 @@ def test_an_agent_channel_in_the_saved_xml_makes_the_agent_answer_a_check(vw, gu
     _assert_nothing_left(vw, conn, r.json()["id"])
 
 
+def test_the_agent_of_a_restored_linux_guest_answers(vw, agent_guest_factory, tmp_path, conn):
+    """A real Linux guest running qemu-guest-agent: its restored copy boots from the
+    backed-up disk and its agent answers inside the throwaway domain."""
+    g = agent_guest_factory()
+    g.check_sh("echo drilled > /mnt/proof && sync")
+    _policy(vw, tmp_path, g.name, expect_agent=True)
+    vw.start_worker()
+    _backup(vw, g.name)
+
+    r = vw.cli("drill", g.name, "--wait", "--json", timeout=600)
+    assert r.code == 0, r.err + r.out
+    checks = {c["name"]: c for c in r.json()["drill"]["checks"]}
+    assert checks["guest-agent"]["ok"] and checks["stays-running"]["ok"], checks
+    assert r.json()["drill"]["state"] == "passed"
+    _assert_nothing_left(vw, conn, r.json()["id"])
+    assert g.answers()  # the original still runs its own agent
+
+
 def test_a_worker_killed_mid_drill_leaves_nothing_after_the_retry(vw, guest_factory, tmp_path, conn):
     g = guest_factory(disks=1, size_mib=64, boot_marker=MARKER.encode())
     _policy(vw, tmp_path, g.name, serial_marker=MARKER, run_for="15s")

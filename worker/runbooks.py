@@ -87,11 +87,9 @@ def _restore(cfg: Config, cat: Catalog, a: dict, actor: str, key: str) -> jobs.J
 
 
 def _drill_plan(cfg: Config, cat: Catalog, a: dict) -> dict:
-    from tasks.restore import resolve_point
+    from worker.drills import drill_params
 
-    point = resolve_point(cat, a["domain"], a.get("point", "latest"))
-    return {"domain": a["domain"], "point": point.id, "created_at": point.created_at.isoformat(),
-            "level": point.level, "host": point.host, "policy": a.get("policy")}
+    return drill_params(cfg, cat, a["domain"], point=a.get("point"), policy=a.get("policy"))
 
 
 def _drill(cfg: Config, cat: Catalog, a: dict, actor: str, key: str) -> jobs.JobView:

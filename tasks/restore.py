@@ -90,8 +90,9 @@ def resolve_point(cat: Catalog, domain: str, point: str = "latest", storage: str
                   at: str | datetime | None = None) -> PointView:
     """The point to restore: ``point`` (an id or "latest"), or the last complete point
     at or before ``at``."""
+    point = point or "latest"
     if at is not None:
-        if point not in ("latest", "", None):
+        if point != "latest":
             raise InvalidRestoreRequest("give a restore point or a time (--at), not both")
         return _point_at(cat, domain, parse_time(at), storage)
     if point != "latest":

@@ -86,7 +86,7 @@ def _libvirt(ctx: JobContext) -> LibvirtHost:
     return hv
 
 
-def inspect_live(cat: Catalog, info: DomainInfo) -> LiveDomain:
+def inspect_live(cat: Catalog, info: DomainInfo, *, managed_save: bool = False) -> LiveDomain:
     """The domain as a restore in place sees it: for each disk, its own image (below the
     blockcommit change-tracking overlays of ours that the journal knows) and that
     image's format."""
@@ -99,7 +99,13 @@ def inspect_live(cat: Catalog, info: DomainInfo) -> LiveDomain:
             below, fmt = _below(replaces[-1], chains.get(d.target, ()), ours[replaces[-1]].base_path)
             replaces.append(below)
         disks.append(LiveDisk(d.target, replaces[-1], fmt, d.source_type, tuple(replaces)))
-    return LiveDomain(info.name, info.uuid, info.state, info.persistent, tuple(disks))
+    return LiveDomain(info.name, info.uuid, info.state, info.persistent, tuple(disks), managed_save)
+
+
+def inspect_host(cat: Catalog, hv: LibvirtHost, name: str) -> LiveDomain:
+    info = hv.domain(name)
+    saved = not info.active and info.persistent and domains.has_managed_save(hv, name)
+    return inspect_live(cat, info, managed_save=saved)
 
 
 def _below(overlay: str, chain: tuple, journaled: str) -> tuple[str, str]:
@@ -230,7 +236,7 @@ def run_restore_in_place(ctx: JobContext, req: InPlaceRequest) -> dict:
     point = resolve_point(ctx.catalog, req.domain, req.point, req.storage)
     backend = ctx.storage(point.storage)
     chain = load_chain(ctx.catalog, backend, point)
-    live = inspect_live(ctx.catalog, hv.domain(req.domain))
+    live = inspect_host(ctx.catalog, hv, req.domain)
     dest = Destination(IN_PLACE, start=req.start, discard_old=req.discard_old)
     plan = plan_restore(chain.points, chain.manifests, dest, host=hv.name, selected="by id", live=live)
     check_paths(plan)
@@ -258,6 +264,8 @@ def run_restore_in_place(ctx: JobContext, req: InPlaceRequest) -> dict:
                 old_xml, {d.target: (d.path, d.format) for d in plan.disks}))
             redefined = True
         swap.done()
+        if domains.discard_managed_save(hv, req.domain):
+            log.warning("domain %s: its managed save state belonged to the replaced disks; discarded", req.domain)
         if req.start:
             ctx.report(0.97, f"starting {req.domain}")
             domains.start(hv, req.domain)
@@ -275,7 +283,7 @@ def run_restore_in_place(ctx: JobContext, req: InPlaceRequest) -> dict:
 def _check_unchanged(cat: Catalog, hv: LibvirtHost, before: LiveDomain) -> None:
     """The shut-off definition must name the images the plan replaces, and nobody may
     have started the domain again."""
-    now = inspect_live(cat, hv.domain(before.name))
+    now = inspect_host(cat, hv, before.name)
     if now.state not in ("shutoff", "crashed"):
         raise RestoreRefused(f"domain {before.name!r} was started again while the restore ran; nothing was changed")
     if {d.target: d.replaces for d in now.disks} != {d.target: d.replaces for d in before.disks}:

@@ -94,6 +94,7 @@ class LiveDomain:
     state: str
     persistent: bool
     disks: tuple[LiveDisk, ...]
+    managed_save: bool = False  # saved memory state (virsh managedsave) its next start would resume
 
     def disk(self, target: str) -> LiveDisk | None:
         return next((d for d in self.disks if d.target == target), None)
@@ -190,8 +191,9 @@ class RestorePlan:
             lines.append(f"  disk     {d.target} -> {d.path} ({d.format}, {human_size(d.virtual_size)} virtual, "
                          f"{len(d.layers)} layer(s))")
             if d.replaces:
-                lines.append(f"           replaces {', '.join(d.replaces)} (kept aside until the restore succeeded"
-                             f"{', then deleted' if self.discard_old else ''})")
+                fate = ("deleted once the restore succeeded" if self.discard_old
+                        else "kept as <image>.before-restore-<time>")
+                lines.append(f"           replaces {', '.join(d.replaces)} (moved aside; {fate})")
         if self.to_dir:
             lines.append(f"  xml      {Path(self.to_dir) / 'domain.xml'} (the domain XML at backup time)")
         if self.serial_log:
@@ -202,8 +204,9 @@ class RestorePlan:
                 lines.append(f"  domain   define {d.name!r}, {'UUID ' + d.uuid if d.uuid else 'a new random UUID'}, "
                              "new MAC addresses, from the saved XML")
             else:
-                lines.append(f"  domain   {d.name!r} (UUID {d.uuid}, now {d.state}): shut off (clean shutdown, "
-                             "then power-off), disks replaced"
+                stop = ("already shut off" if d.state in ("shutoff", "crashed")
+                        else f"now {d.state}: shut off first (clean shutdown, then power-off)")
+                lines.append(f"  domain   {d.name!r} (UUID {d.uuid}, {stop}), disks replaced"
                              + (", definition updated" if d.update_definition else ""))
             lines.append(f"  start    {'yes' if self.start else 'no'}")
         lines += [f"  note     {n}" for n in self.notes]
@@ -288,6 +291,9 @@ def _in_place(point: PointView, saved: dict[str, dict], live: LiveDomain | None,
     extra = [d.target for d in live.disks if d.target not in saved]
     if extra:
         notes.append(f"disk {', '.join(extra)} is not in the restore point and is left as it is")
+    if live.managed_save:
+        notes.append(f"{live.name!r} has saved memory state (managed save) that belongs to its current disks; "
+                     "it is discarded, so the domain boots afresh on the restored ones")
     if live.uuid != point.domain_uuid:
         notes.append(f"the domain's UUID is now {live.uuid}; the point was made of UUID {point.domain_uuid}")
     moved = any(live.disk(t).replaces != (placed[t][0],) for t in saved)  # type: ignore[union-attr]

@@ -572,3 +572,28 @@ def test_a_failed_restore_in_place_leaves_the_domain_as_it_was(vw, guest_factory
     g.dom.destroy()  # QEMU writes out what it cached, so the file can be compared
     assert images_equal(g.disk_path("vda"), now)
     assert sorted(p.name for p in g.workdir.iterdir() if "restor" in p.name) == []
+
+
+@pytest_libvirt
+def test_restore_in_place_of_a_managed_saved_domain_boots_afresh(vw, guest_factory, tmp_path):
+    """Memory saved with ``virsh managedsave`` belongs to the old disks: resuming it over
+    restored ones would corrupt them, so it is discarded and the domain boots afresh."""
+    g = guest_factory(disks=1, size_mib=16, boot_marker=MARKER)
+    vw.start_worker()
+    g.write("vda", MiB, MiB, pattern=0x91)
+    point = _backup(vw, g.name)
+    expected = g.shadow_copy("vda", tmp_path / "p.raw")
+    g.write("vda", MiB, MiB, pattern=0x92)
+    g.dom.managedSave(0)
+    plan = vw.cli("restore", g.name, "--in-place", "--dry-run", "--json")
+    assert plan.code == 0, plan.err
+    assert any("managed save" in n for n in plan.json()["notes"])
+
+    r = vw.cli("restore", g.name, "--in-place", "--wait", "--json")
+    assert r.code == 0, r.err
+    assert r.json()["result"]["stopped"] == "was-off" and r.json()["result"]["point_id"] == point["point_id"]
+    assert not g.dom.hasManagedSaveImage(0)
+    assert images_equal(g.disk_path("vda"), expected)
+    g.serial_path.unlink(missing_ok=True)
+    g.dom.create()
+    assert g.wait_for_serial(MARKER, 30), "the domain resumed old memory instead of booting the restored disk"

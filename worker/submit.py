@@ -110,10 +110,12 @@ def plan_restore(cfg: Config, cat: Catalog, domain: str, *, point: str = "latest
     resolved = resolve_point(cat, domain, point, at=at)
     live = None
     if dest.mode == "in-place":
-        from tasks.restore_domain import inspect_live
+        from hypervisor.libvirt_host import LibvirtHost
+        from tasks.restore_domain import inspect_host
 
-        host, info = find_host(cfg, domain, host)
-        live = inspect_live(cat, info)
+        host, _ = find_host(cfg, domain, host)
+        with LibvirtHost(host, cfg.host(host).uri) as hv:
+            live = inspect_host(cat, hv, domain)
     else:
         host = host or (resolved.host if resolved.host in cfg.hosts else next(iter(cfg.hosts)))
         cfg.host(host)  # an unknown host is an error now

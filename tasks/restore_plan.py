@@ -321,9 +321,11 @@ def check_paths(plan: RestorePlan) -> None:
             raise RestoreRefused(f"cannot restore {plan.domain!r} in place: {', '.join(missing)} does not exist")
         return
     taken = [d.path for d in plan.disks if Path(d.path).exists()]
+    if plan.mode == TO_DIR and taken:
+        raise RestoreRefused(f"{plan.to_dir} already holds {', '.join(Path(p).name for p in taken)}; "
+                             "choose an empty directory (nothing was changed)")
     if plan.serial_log and Path(plan.serial_log).exists():
         taken.append(plan.serial_log)
     if taken:
-        how = "choose an empty directory" if plan.mode == TO_DIR else "choose another name or --disk-dir"
-        raise RestoreRefused(f"{', '.join(taken)} already exist{'s' if len(taken) == 1 else ''}; {how} "
-                             "(nothing was changed)")
+        raise RestoreRefused(f"{', '.join(taken)} already exist{'s' if len(taken) == 1 else ''}; choose another "
+                             "name or --disk-dir (nothing was changed)")

@@ -513,6 +513,15 @@ def test_refusals_say_why_and_change_nothing(vw, guest_factory, tmp_path, made_d
     assert not other.dom.isActive() and g.dom.isActive()
     assert listed[-1]["id"] == point["point_id"]
 
+    g.dom.destroy()
+    import libvirt
+
+    # Gone: in place is impossible, and the message says what to do instead.
+    g.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+    r = vw.cli("restore", g.name, "--in-place", "--wait")
+    assert r.code == 4 and f"--as-domain {g.name}" in r.err, r.err
+    assert vw.cli("jobs", "--json").json() == jobs_before
+
 
 @pytest_libvirt
 def test_a_failed_restore_as_a_new_domain_leaves_nothing(vw, guest_factory, tmp_path, made_domains):

@@ -113,7 +113,11 @@ def plan_restore(cfg: Config, cat: Catalog, domain: str, *, point: str = "latest
         from hypervisor.libvirt_host import LibvirtHost
         from tasks.restore_domain import inspect_host
 
-        host, _ = find_host(cfg, domain, host)
+        try:
+            host, _ = find_host(cfg, domain, host)
+        except DomainNotFound as e:
+            raise DomainNotFound(f"{e}: there is nothing to restore in place; to bring it back, restore it "
+                                 f"--as-domain {domain}") from e
         with LibvirtHost(host, cfg.host(host).uri) as hv:
             live = inspect_host(cat, hv, domain)
     else:

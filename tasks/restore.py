@@ -91,10 +91,10 @@ def resolve_point(cat: Catalog, domain: str, point: str = "latest", storage: str
     """The point to restore: ``point`` (an id or "latest"), or the last complete point
     at or before ``at``."""
     point = point or "latest"
-    if at is not None:
+    if at not in (None, ""):
         if point != "latest":
             raise InvalidRestoreRequest("give a restore point or a time (--at), not both")
-        return _point_at(cat, domain, parse_time(at), storage)
+        return _point_at(cat, domain, parse_time(at), storage)  # type: ignore[arg-type]
     if point != "latest":
         found = points.get(cat, point)
         if found.domain != domain:
@@ -121,9 +121,9 @@ def _point_at(cat: Catalog, domain: str, when: datetime, storage: str | None) ->
 
 
 def describe_selection(point: str, at: str | datetime | None) -> str:
-    if at is not None:
+    if at not in (None, ""):
         return f"the last complete point at or before {utc_text(parse_time(at))}"
-    return "the latest complete point" if point == "latest" else "by id"
+    return "the latest complete point" if point in ("latest", "", None) else "chosen by id"
 
 
 # --- the chain ------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from catalog import overlays as journal
 from catalog.store import Catalog
-from hypervisor import domains, qemu_img
+from hypervisor import domains, qemu_img, snapshots
 from hypervisor.blockjobs import live_chains
 from hypervisor.domxml import CopySpec, copy_xml, repoint_disks
 from hypervisor.libvirt_host import LibvirtHost
@@ -86,7 +86,8 @@ def _libvirt(ctx: JobContext) -> LibvirtHost:
     return hv
 
 
-def inspect_live(cat: Catalog, info: DomainInfo, *, managed_save: bool = False) -> LiveDomain:
+def inspect_live(cat: Catalog, info: DomainInfo, *, managed_save: bool = False,
+                 snapshots: tuple[str, ...] = ()) -> LiveDomain:
     """The domain as a restore in place sees it: for each disk, its own image (below the
     blockcommit change-tracking overlays of ours that the journal knows) and that
     image's format."""
@@ -99,13 +100,13 @@ def inspect_live(cat: Catalog, info: DomainInfo, *, managed_save: bool = False) 
             below, fmt = _below(replaces[-1], chains.get(d.target, ()), ours[replaces[-1]].base_path)
             replaces.append(below)
         disks.append(LiveDisk(d.target, replaces[-1], fmt, d.source_type, tuple(replaces)))
-    return LiveDomain(info.name, info.uuid, info.state, info.persistent, tuple(disks), managed_save)
+    return LiveDomain(info.name, info.uuid, info.state, info.persistent, tuple(disks), managed_save, snapshots)
 
 
 def inspect_host(cat: Catalog, hv: LibvirtHost, name: str) -> LiveDomain:
     info = hv.domain(name)
     saved = not info.active and info.persistent and domains.has_managed_save(hv, name)
-    return inspect_live(cat, info, managed_save=saved)
+    return inspect_live(cat, info, managed_save=saved, snapshots=tuple(snapshots.names(hv, name)))
 
 
 def _below(overlay: str, chain: tuple, journaled: str) -> tuple[str, str]:

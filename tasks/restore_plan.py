@@ -95,6 +95,7 @@ class LiveDomain:
     persistent: bool
     disks: tuple[LiveDisk, ...]
     managed_save: bool = False  # saved memory state (virsh managedsave) its next start would resume
+    snapshots: tuple[str, ...] = ()  # libvirt snapshots: they describe the current disks
 
     def disk(self, target: str) -> LiveDisk | None:
         return next((d for d in self.disks if d.target == target), None)
@@ -278,6 +279,10 @@ def _in_place(point: PointView, saved: dict[str, dict], live: LiveDomain | None,
     if not live.persistent:
         raise RestoreRefused(f"domain {live.name!r} is transient: shutting it off would remove it; "
                              "restore it --as-domain instead")
+    if live.snapshots:
+        raise RestoreRefused(f"domain {live.name!r} has snapshots ({', '.join(live.snapshots)}) that belong to its "
+                             "current disks and would be left broken by a restore in place; delete them first "
+                             f"(virsh snapshot-delete {live.name} NAME), or restore --as-domain instead")
     placed = {}
     for t in saved:
         disk = live.disk(t)

@@ -467,6 +467,11 @@ def test_dry_run_shows_the_plan_and_changes_nothing(vw, guest_factory, tmp_path)
         human = vw.cli("restore", g.name, *extra, "--dry-run")
         assert human.code == 0 and "nothing was changed" in human.out and second["point_id"] in human.out
 
+    book = vw.cli("runbook", "run", "restore-latest", "-p", f"domain={g.name}", "-p", f"as_domain={copy}",
+                  "--dry-run", "--json")
+    assert book.code == 0, book.err
+    assert book.json()["steps"][0]["plan"]["point"]["id"] == second["point_id"]
+
     assert vw.cli("jobs", "--json").json() == jobs_before, "a dry run created a job"
     assert not out.exists() and not list(g.workdir.glob(f"{copy}*")) and not _domain_exists(copy)
     assert g.dom.isActive(), "the dry run of an in-place restore stopped the domain"
@@ -513,11 +518,18 @@ def test_refusals_say_why_and_change_nothing(vw, guest_factory, tmp_path, made_d
     assert not other.dom.isActive() and g.dom.isActive()
     assert listed[-1]["id"] == point["point_id"]
 
-    g.dom.destroy()
     import libvirt
 
+    g.dom.snapshotCreateXML("<domainsnapshot><name>before-upgrade</name></domainsnapshot>", 0)
+    for dry in ([], ["--dry-run"]):
+        r = vw.cli("restore", g.name, "--in-place", *dry, "--wait")
+        assert r.code == 1 and "has snapshots (before-upgrade)" in r.err, r.err
+    assert g.dom.isActive() and [s.getName() for s in g.dom.listAllSnapshots()] == ["before-upgrade"]
+
+    g.dom.destroy()
     # Gone: in place is impossible, and the message says what to do instead.
-    g.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+    g.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+                        | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
     r = vw.cli("restore", g.name, "--in-place", "--wait")
     assert r.code == 4 and f"--as-domain {g.name}" in r.err, r.err
     assert vw.cli("jobs", "--json").json() == jobs_before

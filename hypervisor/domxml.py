@@ -5,7 +5,7 @@ stored with a restore point. That copy must never be mistaken for the original o
 with it: a new name, a new UUID, new MAC addresses, disks pointing at the restored
 images, and (for a drill) no network and its serial console written to a file. Things
 that tie a domain to one running instance (the live ``id``, device aliases, run-time
-paths, the UEFI variable store's path) are dropped so libvirt assigns its own.
+paths) are dropped so libvirt assigns its own.
 
 A restore in place keeps the domain and only moves disks onto new images
 (``repoint_disks``).
@@ -70,7 +70,6 @@ def copy_xml(xml: str, spec: CopySpec) -> str:
         if el.get("type") == "dynamic":
             for sub in list(el):
                 el.remove(sub)  # the old instance's labels
-    _fresh_nvram(root)
     return ET.tostring(root, encoding="unicode")
 
 
@@ -138,15 +137,6 @@ def _point_disk(disk: ET.Element, path: str, fmt: str) -> None:
         driver = ET.SubElement(disk, "driver", {"name": "qemu"})
     driver.set("type", fmt)
     disk.insert(list(disk).index(driver) + 1, source)
-
-
-def _fresh_nvram(root: ET.Element) -> None:
-    """A UEFI domain's variable store is a file of its own: two domains sharing one
-    would overwrite each other's. Without ``<nvram>`` libvirt makes a new store for the
-    copy (named after it) from the firmware's template."""
-    os_el = root.find("os")
-    for el in os_el.findall("nvram") if os_el is not None else []:
-        os_el.remove(el)  # type: ignore[union-attr]
 
 
 def _rewrite_interfaces(devices: ET.Element, spec: CopySpec) -> None:

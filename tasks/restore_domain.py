@@ -5,7 +5,10 @@ As a new domain (``run_restore_as_domain``): the point's disks are rebuilt as
 is defined from the XML saved with the point through ``domxml.copy_xml``: the new name,
 a new UUID, new MAC addresses, each disk on its restored image (a blockcommit point's
 XML names the change-tracking overlay as the disk's source; it is replaced like any
-other source), a file-backed serial console moved to a log of its own. It is refused
+other source), a file-backed serial console moved to a log of its own, and
+(``throwaway.unshare``) its own UEFI variable store, automatic display ports and new
+socket paths, so it can run next to the original. Host devices and shared directories
+are kept: the copy may be the original's replacement. It is refused
 when a file or a domain of that name exists. On any failure nothing is left: images
 written are removed and the domain, if defined, is removed again.
 
@@ -37,6 +40,7 @@ from hypervisor import domains, qemu_img, snapshots
 from hypervisor.blockjobs import live_chains
 from hypervisor.domxml import CopySpec, copy_xml, repoint_disks
 from hypervisor.libvirt_host import LibvirtHost
+from hypervisor.throwaway import unshare
 from hypervisor.types import DomainInfo
 from tasks import disk_swap
 from tasks.context import JobContext
@@ -188,7 +192,7 @@ def run_restore_as_domain(ctx: JobContext, req: AsDomainRequest) -> dict:
         spec = CopySpec(name=req.as_domain, disks={d.target: d.path for d in plan.disks}, uuid=new_uuid,
                         serial_log=plan.serial_log)
         ctx.report(0.92, f"defining {req.as_domain}")
-        domains.define(hv, copy_xml(chain.saved_xml, spec), req.as_domain)
+        domains.define(hv, unshare(copy_xml(chain.saved_xml, spec)), req.as_domain)
         defined = True
         if req.start:
             ctx.report(0.95, f"starting {req.as_domain}")

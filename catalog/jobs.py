@@ -124,6 +124,23 @@ def recent(cat: Catalog, *, limit: int = 50, domain: str | None = None) -> list[
         return [_view(r) for r in s.scalars(q)]
 
 
+def by_dedup_key(cat: Catalog, key: str) -> JobView | None:
+    """The job created with ``key``, if any (a repeated webhook finds its first job)."""
+    with cat.session() as s:
+        row = s.scalars(select(Job).where(Job.dedup_key == key)).first()
+        return _view(row) if row else None
+
+
+def last_finished(cat: Catalog, *, kind: str, domain: str, since: datetime,
+                  state: str = SUCCEEDED) -> JobView | None:
+    """The newest job of ``kind`` for ``domain`` that ended in ``state`` after ``since``."""
+    with cat.session() as s:
+        row = s.scalars(select(Job).where(Job.kind == kind, Job.domain == domain, Job.state == state,
+                                          Job.finished_at > since)
+                        .order_by(Job.finished_at.desc()).limit(1)).first()
+        return _view(row) if row else None
+
+
 @dataclass(frozen=True)
 class Claim:
     ok: bool

@@ -109,6 +109,24 @@ def names(hv: LibvirtHost, prefix: str = "") -> list[str]:
         return sorted(d.name() for d in hv.conn.listAllDomains() if d.name().startswith(prefix))
 
 
+def has_managed_save(hv: LibvirtHost, name: str) -> bool:
+    """Whether a shut-off domain has saved memory state (``virsh managedsave``) that its
+    next start would resume from."""
+    dom = hv._dom(name)
+    with hv._errors("reading managed save state", name):
+        return bool(dom.hasManagedSaveImage(0))
+
+
+def discard_managed_save(hv: LibvirtHost, name: str) -> bool:
+    """Remove that saved state, so the next start boots afresh; True when there was one."""
+    dom = hv._dom(name)
+    with hv._errors("removing managed save state", name):
+        if not dom.hasManagedSaveImage(0):
+            return False
+        dom.managedSaveRemove(0)
+        return True
+
+
 def update_definition(hv: LibvirtHost, name: str, xml: str) -> None:
     """Replace a shut-off domain's persistent definition (same name and UUID)."""
     with hv._errors("updating domain definition", name):

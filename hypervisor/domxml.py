@@ -6,6 +6,9 @@ with it: a new name, a new UUID, new MAC addresses, disks pointing at the restor
 images, and (for a drill) no network and its serial console written to a file. Things
 that tie a domain to one running instance (the live ``id``, device aliases, run-time
 paths) are dropped so libvirt assigns its own.
+
+A restore in place keeps the domain and only moves disks onto new images
+(``repoint_disks``).
 """
 from __future__ import annotations
 
@@ -70,6 +73,26 @@ def copy_xml(xml: str, spec: CopySpec) -> str:
     return ET.tostring(root, encoding="unicode")
 
 
+def repoint_disks(xml: str, disks: dict[str, tuple[str, str]]) -> str:
+    """The same domain with each disk in ``disks`` (target -> (image path, format)) on
+    that image alone: its source and driver type replaced, any backing chain or mirror
+    dropped; everything else as it was."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as e:
+        raise VirtwardenError(f"the domain XML cannot be parsed: {e}") from e
+    missing = set(disks)
+    for disk in root.findall("devices/disk"):
+        target = disk.find("target")
+        dev = target.get("dev") if target is not None else None
+        if dev in disks and disk.get("device", "disk") == "disk":
+            missing.discard(dev)
+            _point_disk(disk, *disks[dev])
+    if missing:
+        raise VirtwardenError(f"the domain XML has no disk {', '.join(sorted(missing))}")
+    return ET.tostring(root, encoding="unicode")
+
+
 def disk_sources(xml: str) -> dict[str, str]:
     """Target -> source file of each file-backed disk of a domain XML."""
     root = ET.fromstring(xml)
@@ -98,18 +121,22 @@ def _rewrite_disks(devices: ET.Element, spec: CopySpec) -> None:
                 devices.remove(disk)
             continue
         missing.discard(dev)
-        disk.set("type", "file")
-        for tag in ("source", "backingStore", "mirror"):
-            for el in disk.findall(tag):
-                disk.remove(el)
-        source = ET.Element("source", {"file": spec.disks[dev]})
-        driver = disk.find("driver")
-        if driver is None:
-            driver = ET.SubElement(disk, "driver", {"name": "qemu"})
-        driver.set("type", "qcow2")
-        disk.insert(list(disk).index(driver) + 1, source)
+        _point_disk(disk, spec.disks[dev], "qcow2")
     if missing:
         raise VirtwardenError(f"the saved domain XML has no disk {', '.join(sorted(missing))}")
+
+
+def _point_disk(disk: ET.Element, path: str, fmt: str) -> None:
+    disk.set("type", "file")
+    for tag in ("source", "backingStore", "mirror"):
+        for el in disk.findall(tag):
+            disk.remove(el)
+    source = ET.Element("source", {"file": path})
+    driver = disk.find("driver")
+    if driver is None:
+        driver = ET.SubElement(disk, "driver", {"name": "qemu"})
+    driver.set("type", fmt)
+    disk.insert(list(disk).index(driver) + 1, source)
 
 
 def _rewrite_interfaces(devices: ET.Element, spec: CopySpec) -> None:

@@ -37,6 +37,21 @@ def isolate(xml: str) -> str:
         for tag in _DROPPED:
             for el in devices.findall(tag):
                 devices.remove(el)
+    _unshare(root)
+    return ET.tostring(root, encoding="unicode")
+
+
+def unshare(xml: str) -> str:
+    """Only what would clash with the original while both run (variable store, fixed
+    ports, socket paths): for a restored domain that keeps its devices."""
+    root = _parse(xml)
+    _unshare(root)
+    return ET.tostring(root, encoding="unicode")
+
+
+def _unshare(root: ET.Element) -> None:
+    devices = root.find("devices")
+    if devices is not None:
         for graphics in devices.findall("graphics"):
             if any(graphics.get(a) for a in _PORT_ATTRS) or graphics.get("autoport") == "no":
                 for attr in _PORT_ATTRS:
@@ -51,7 +66,6 @@ def isolate(xml: str) -> str:
         nvram.text = None
         if not nvram.attrib:
             root.find("os").remove(nvram)  # type: ignore[union-attr]
-    return ET.tostring(root, encoding="unicode")
 
 
 def fixed_boot_order(xml: str) -> str:

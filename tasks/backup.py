@@ -63,13 +63,17 @@ class LevelPlan:
     parent: PointView | None = None
 
 
-def plan_level(req: BackupRequest, dom: DomainInfo, head: PointView | None, checkpoints: set[str]) -> LevelPlan:
-    """Full or incremental, and why. Pure: decided from the catalog's chain head and
-    the checkpoints libvirt still has."""
+def plan_level(req: BackupRequest, dom: DomainInfo, head: PointView | None, checkpoints: set[str],
+               restored: str | None = None) -> LevelPlan:
+    """Full or incremental, and why. Pure: decided from the catalog's chain head, the
+    checkpoints libvirt still has, and ``restored``: why the disks were replaced by a
+    restore in place since the head, if they were."""
     if req.force_full:
         return LevelPlan("full", "full backup requested")
     if head is None:
         return LevelPlan("full", "no earlier backup of this domain on this target")
+    if restored:
+        return LevelPlan("full", restored)
     if head.seq >= req.full_every:
         return LevelPlan("full", f"chain reached full_every={req.full_every} incrementals")
     if not head.checkpoint:
@@ -136,7 +140,7 @@ def _run_bitmap(ctx: JobContext, req: BackupRequest) -> dict:
     quiesce.check(hv, req.domain, req.quiesce)  # quiesce: always without an agent changes nothing
     head = points.chain_head(ctx.catalog, dom.uuid, req.storage, req.strategy)
     ours = {c.name for c in hv.checkpoints(req.domain)}
-    plan = plan_level(req, dom, head, ours)
+    plan = plan_level(req, dom, head, ours, restored_since(ctx, dom, head))
     try:
         return _make_point(ctx, req, dom, plan)
     except CheckpointMissing as e:
@@ -146,6 +150,13 @@ def _run_bitmap(ctx: JobContext, req: BackupRequest) -> dict:
         log.warning("domain %s: %s; falling back to a full backup", req.domain, e)
         _forget_checkpoint(hv, req.domain, plan.parent.checkpoint or "")
         return _make_point(ctx, req, dom, LevelPlan("full", f"checkpoint unusable: {e}"))
+
+
+def restored_since(ctx: JobContext, dom: DomainInfo, head: PointView | None) -> str | None:
+    """Why the chain ``head`` ends, when the domain was restored in place after it."""
+    from tasks.restore import restored_in_place_reason
+
+    return restored_in_place_reason(ctx.catalog, dom.name, dom.uuid, head.created_at) if head else None
 
 
 def _forget_checkpoint(hv, domain: str, name: str) -> None:  # noqa: ANN001

@@ -83,6 +83,7 @@ from tasks.backup import (
     _store,
     _undo,
     plan_level,
+    restored_since,
 )
 from tasks.context import JobContext
 from tasks.overlays import (
@@ -124,7 +125,7 @@ def run_blockcommit_backup(ctx: JobContext, req: BackupRequest) -> dict:
     quiesce.check(hv, dom.name, req.quiesce)  # quiesce: always without an agent changes nothing
     head = points.chain_head(ctx.catalog, dom.uuid, req.storage, STRATEGY)
     rows = journal.for_run(ctx.catalog, dom.name, head.checkpoint) if head and head.checkpoint else []
-    plan = plan_blockcommit(req, dom, head, bj.chains(dom.name), rows)
+    plan = plan_blockcommit(req, dom, head, bj.chains(dom.name), rows, restored_since(ctx, dom, head))
     return _make_point(ctx, bj, req, dom, plan)
 
 
@@ -142,9 +143,10 @@ def _check_domain(dom: DomainInfo) -> None:
 
 
 def plan_blockcommit(req: BackupRequest, dom: DomainInfo, head: PointView | None,
-                     chains: dict[str, tuple[Layer, ...]], rows: list[OverlayView]) -> LevelPlan:
+                     chains: dict[str, tuple[Layer, ...]], rows: list[OverlayView],
+                     restored: str | None = None) -> LevelPlan:
     """``plan_level``, plus: an incremental needs each disk's live tracker. Pure."""
-    plan = plan_level(req, dom, head, {head.checkpoint} if head and head.checkpoint else set())
+    plan = plan_level(req, dom, head, {head.checkpoint} if head and head.checkpoint else set(), restored)
     if plan.level != "incremental" or head is None:
         return plan
     broken = chain_break(head.checkpoint or "", dom, chains, rows)

@@ -1,29 +1,59 @@
-"""Restore a point into a directory: one flat image per disk, named after its target.
+"""Restore a point: choosing it, reading and verifying its chain, rebuilding its disks;
+and the restore into a directory (one flat image per disk, named after its target).
+
+Choosing a point (``resolve_point``): ``latest``, a point id, or ``at`` a time: the last
+complete point whose backup started at or before that time (a point holds the disks as
+they were when its backup started). A time without a zone is the local time of the
+machine that reads it (the one running the command or the API).
 
 The chain (the full and every incremental up to the point) is read from the catalog and
-checked against the manifests in storage; every artifact's SHA-256 is verified (read
-in place on a mounted filesystem, or while it downloads into scratch space from S3),
-and nothing is written to the destination until all of them are. ``qemu-img convert``
-then reads each disk's layers as one chain (described on its command line, so stored
-files are never modified) and writes one standalone image, which appears under its
-final name only when complete.
+checked against the manifests in storage (``load_chain``); every artifact a disk needs
+has its SHA-256 verified (read in place on a mounted filesystem, or while it downloads
+into scratch space from S3) before anything is written (``fetch``). ``qemu-img
+convert`` then reads each disk's layers as one chain (described on its command line, so
+stored files are never modified) and writes one standalone image, which appears under
+its final name only when complete (``rebuild``). The restores as a new domain and in
+place (tasks/restore_domain.py) use the same steps.
 """
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
-from catalog import points
+from catalog import jobs, points
 from catalog.points import PointView
 from catalog.store import Catalog
 from hypervisor import qemu_img
+from storage_backends.base import Backend
 from storage_backends.repository import Repository
 from tasks.context import JobContext
-from virtwarden.errors import ChecksumMismatch, RestorePointNotFound, StorageError, VirtwardenError
+from virtwarden.errors import (
+    EXIT_USAGE,
+    ChecksumMismatch,
+    RestorePointNotFound,
+    StorageError,
+    VirtwardenError,
+)
 
 log = logging.getLogger(__name__)
+
+# The job kind of a restore in place; a backup after one starts a new chain and says so.
+IN_PLACE_KIND = "restore-in-place"
+
+
+class RestoreRefused(VirtwardenError):
+    """The restore cannot be done as asked (a name or file already exists, the point does
+    not fit the domain); nothing was changed."""
+
+
+class InvalidRestoreRequest(RestoreRefused):
+    """Options that do not go together, or a time that cannot be read."""
+
+    exit_code = EXIT_USAGE
 
 
 @dataclass(frozen=True)
@@ -35,7 +65,36 @@ class RestoreRequest:
     overwrite: bool = False
 
 
-def resolve_point(cat: Catalog, domain: str, point: str, storage: str | None = None) -> PointView:
+# --- choosing the point -------------------------------------------------------------
+def parse_time(value: str | datetime) -> datetime:
+    """An ISO 8601 time as an aware UTC datetime. Without a zone it is local time."""
+    if isinstance(value, datetime):
+        when = value
+    else:
+        try:
+            when = datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise InvalidRestoreRequest(
+                f"{value!r} is not an ISO 8601 time; write e.g. 2025-03-30T14:00 (local time), "
+                "2025-03-30T14:00+02:00 or 2025-03-30T12:00Z") from None
+    if when.tzinfo is None:
+        when = when.astimezone()  # the machine's local time zone
+    return when.astimezone(timezone.utc)
+
+
+def utc_text(when: datetime) -> str:
+    return when.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def resolve_point(cat: Catalog, domain: str, point: str = "latest", storage: str | None = None, *,
+                  at: str | datetime | None = None) -> PointView:
+    """The point to restore: ``point`` (an id or "latest"), or the last complete point
+    at or before ``at``."""
+    point = point or "latest"
+    if at not in (None, ""):
+        if point != "latest":
+            raise InvalidRestoreRequest("give a restore point or a time (--at), not both")
+        return _point_at(cat, domain, parse_time(at), storage)  # type: ignore[arg-type]
     if point != "latest":
         found = points.get(cat, point)
         if found.domain != domain:
@@ -46,6 +105,50 @@ def resolve_point(cat: Catalog, domain: str, point: str, storage: str | None = N
         raise RestorePointNotFound(f"domain {domain!r} has no complete restore point"
                                    + (f" on storage {storage!r}" if storage else ""))
     return usable[-1]
+
+
+def _point_at(cat: Catalog, domain: str, when: datetime, storage: str | None) -> PointView:
+    usable = points.for_domain(cat, domain, storage=storage, statuses=(points.COMPLETE,))
+    before = [p for p in usable if p.created_at <= when]
+    if before:
+        return before[-1]
+    if not usable:
+        raise RestorePointNotFound(f"domain {domain!r} has no complete restore point"
+                                   + (f" on storage {storage!r}" if storage else ""))
+    first = usable[0]
+    raise RestorePointNotFound(f"domain {domain!r} has no complete restore point at or before {utc_text(when)}; "
+                               f"the first one is {first.id}, made {utc_text(first.created_at)}")
+
+
+def describe_selection(point: str, at: str | datetime | None) -> str:
+    if at not in (None, ""):
+        return f"the last complete point at or before {utc_text(parse_time(at))}"
+    return "the latest complete point" if point in ("latest", "", None) else "chosen by id"
+
+
+# --- the chain ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Chain:
+    """The chosen point, the points it is built on (full first) and their manifests."""
+
+    points: list[PointView]
+    manifests: list[dict]
+
+    @property
+    def point(self) -> PointView:
+        return self.points[-1]
+
+    @property
+    def saved_xml(self) -> str:
+        return str(self.manifests[-1]["domain"]["xml"])
+
+
+def load_chain(cat: Catalog, backend: Backend, point: PointView) -> Chain:
+    chain = points.chain_to(cat, point.id)
+    repo = Repository(backend)
+    manifests = [repo.read_manifest(p.manifest_key) for p in chain]
+    _check_matches_catalog(chain, manifests)
+    return Chain(chain, manifests)
 
 
 def layers_for(chain: list[dict], target: str) -> list[dict]:
@@ -62,29 +165,8 @@ def layers_for(chain: list[dict], target: str) -> list[dict]:
     raise StorageError(f"no full image of {target} in the chain of {chain[-1]['point_id']}")
 
 
-def run_restore(ctx: JobContext, req: RestoreRequest) -> dict:
-    point = resolve_point(ctx.catalog, req.domain, req.point, req.storage)
-    chain = points.chain_to(ctx.catalog, point.id)
-    repo = Repository(ctx.storage(point.storage))
-    manifests = [repo.read_manifest(p.manifest_key) for p in chain]
-    _check_matches_catalog(chain, manifests)
-    dest = Path(req.to_dir)
-    targets = [d["target"] for d in manifests[-1]["disks"]]
-    _prepare_dest(dest, targets, req.overwrite)
-    ctx.clear_scratch()
-    ctx.scratch.mkdir(parents=True)
-    try:
-        local = _fetch(ctx, repo, manifests)
-        written = []
-        for i, target in enumerate(targets):
-            ctx.report(0.7 + 0.3 * i / len(targets), f"rebuilding {target}")
-            written.append(_rebuild(local, layers_for(manifests, target), dest / f"{target}.qcow2"))
-        (dest / "domain.xml").write_text(manifests[-1]["domain"]["xml"])
-    finally:
-        ctx.clear_scratch()
-    ctx.report(1.0, "done")
-    return {"point_id": point.id, "level": point.level, "chain": [p.id for p in chain],
-            "to_dir": str(dest), "disks": [str(w) for w in written]}
+def targets_of(chain: Chain) -> list[str]:
+    return [d["target"] for d in chain.manifests[-1]["disks"]]
 
 
 def _check_matches_catalog(chain: list[PointView], manifests: list[dict]) -> None:
@@ -95,6 +177,83 @@ def _check_matches_catalog(chain: list[PointView], manifests: list[dict]) -> Non
             raise ChecksumMismatch(f"manifest of restore point {p.id} does not match the catalog")
 
 
+# --- reading and rebuilding -----------------------------------------------------------
+def fetch(ctx: JobContext, backend: Backend, chain: Chain, *, share: float = 0.7) -> dict[str, Path]:
+    """Every artifact the point's disks need as a local file, verified; key -> path. A
+    backend on a mounted filesystem is read in place (checked by reading it through
+    once); others are downloaded into scratch, checked while they stream. Progress runs
+    from 0 to ``share``."""
+    needed = {d["key"]: d for t in targets_of(chain) for d in layers_for(chain.manifests, t)}
+    total = sum(d["size_bytes"] for d in needed.values()) or 1
+    done = 0
+    local = {}
+    for i, d in enumerate(needed.values()):
+        base = done
+
+        def moved(n: int, base: int = base) -> None:
+            ctx.report(share * (base + n) / total, f"reading and verifying: {(base + n) >> 20} MiB")
+
+        in_place = backend.local_path(d["key"])
+        if in_place is not None:
+            backend.verify(d["key"], d["sha256"], progress=moved)
+            local[d["key"]] = in_place
+        else:
+            path = ctx.scratch / f"{i:04d}-{d['target']}.qcow2"
+            backend.get_file(d["key"], path, expected_sha256=d["sha256"], progress=moved)
+            local[d["key"]] = path
+        done += d["size_bytes"]
+    return local
+
+
+def rebuild(local: dict[str, Path], layers: list[dict], out: Path, *, fmt: str = "qcow2",
+            partial: Path | None = None, publish: Callable[[Path, Path], None] | None = None) -> Path:
+    """Flatten ``layers`` into ``out`` (format ``fmt``): written under ``partial`` (by
+    default a hidden name beside ``out``), fsynced, then published by ``publish``
+    (default: renamed over ``out``). The partial file never outlives the call."""
+    partial = partial or out.with_name(f".{out.name}.partial")
+    partial.unlink(missing_ok=True)
+    try:
+        qemu_img.flatten([local[d["key"]] for d in layers], partial, fmt=fmt)
+        with open(partial, "rb+") as f:
+            os.fsync(f.fileno())
+        (publish or os.replace)(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
+    return out
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- restore into a directory -----------------------------------------------------------
+def run_restore(ctx: JobContext, req: RestoreRequest) -> dict:
+    point = resolve_point(ctx.catalog, req.domain, req.point, req.storage)
+    backend = ctx.storage(point.storage)
+    chain = load_chain(ctx.catalog, backend, point)
+    dest = Path(req.to_dir)
+    targets = targets_of(chain)
+    _prepare_dest(dest, targets, req.overwrite)
+    ctx.clear_scratch()
+    ctx.scratch.mkdir(parents=True)
+    try:
+        local = fetch(ctx, backend, chain)
+        written = []
+        for i, target in enumerate(targets):
+            ctx.report(0.7 + 0.3 * i / len(targets), f"rebuilding {target}")
+            written.append(rebuild(local, layers_for(chain.manifests, target), dest / f"{target}.qcow2"))
+        (dest / "domain.xml").write_text(chain.saved_xml)
+    finally:
+        ctx.clear_scratch()
+    ctx.report(1.0, "done")
+    return {"point_id": point.id, "level": point.level, "chain": [p.id for p in chain.points],
+            "to_dir": str(dest), "disks": [str(w) for w in written]}
+
+
 def _prepare_dest(dest: Path, targets: list[str], overwrite: bool) -> None:
     try:
         dest.mkdir(parents=True, exist_ok=True)
@@ -102,44 +261,18 @@ def _prepare_dest(dest: Path, targets: list[str], overwrite: bool) -> None:
         raise VirtwardenError(f"cannot create restore directory {dest}: {e.strerror}") from e
     clash = [t for t in targets if (dest / f"{t}.qcow2").exists()]
     if clash and not overwrite:
-        raise VirtwardenError(f"{dest} already holds {', '.join(t + '.qcow2' for t in clash)}; "
-                              "choose an empty directory (nothing was changed)")
+        raise RestoreRefused(f"{dest} already holds {', '.join(t + '.qcow2' for t in clash)}; "
+                             "choose an empty directory (nothing was changed)")
 
 
-def _fetch(ctx: JobContext, repo: Repository, manifests: list[dict]) -> dict[str, Path]:
-    """Every artifact of the chain as a local file, verified; key -> path. A backend on
-    a mounted filesystem is read in place (checked by reading it through once); others
-    are downloaded into scratch, checked while they stream."""
-    disks = [d for m in manifests for d in m["disks"]]
-    total = sum(d["size_bytes"] for d in disks) or 1
-    done = 0
-    local = {}
-    for i, d in enumerate(disks):
-        base = done
-
-        def moved(n: int, base: int = base) -> None:
-            ctx.report(0.7 * (base + n) / total, f"reading and verifying: {(base + n) >> 20} MiB")
-
-        in_place = repo.backend.local_path(d["key"])
-        if in_place is not None:
-            repo.backend.verify(d["key"], d["sha256"], progress=moved)
-            local[d["key"]] = in_place
-        else:
-            path = ctx.scratch / f"{i:04d}-{d['target']}.qcow2"
-            repo.backend.get_file(d["key"], path, expected_sha256=d["sha256"], progress=moved)
-            local[d["key"]] = path
-        done += d["size_bytes"]
-    return local
-
-
-def _rebuild(local: dict[str, Path], layers: list[dict], out: Path) -> Path:
-    partial = out.with_name(f".{out.name}.partial")
-    partial.unlink(missing_ok=True)
-    try:
-        qemu_img.flatten([local[d["key"]] for d in layers], partial)
-        with open(partial, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
-    return out
+# --- what a restore in place leaves for the next backup -------------------------------
+def restored_in_place_reason(cat: Catalog, domain: str, domain_uuid: str, since: datetime) -> str | None:
+    """Why the next backup must start a new chain, when ``domain`` was restored in place
+    after ``since`` (the chain head's time): its disks are no longer the ones that chain
+    describes. None when it was not."""
+    job = jobs.last_finished(cat, kind=IN_PLACE_KIND, domain=domain, since=since)
+    result = (job.result or {}) if job else {}
+    if job is None or result.get("uuid") not in (None, domain_uuid):
+        return None
+    return (f"domain was restored in place from point {result.get('point_id')} (job {job.id}); "
+            "its disks no longer continue the last chain, starting a new one")

@@ -81,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("domain")
     point = r.add_mutually_exclusive_group()
     point.add_argument("--point", default="latest", help="restore point id, or 'latest' (default)")
-    point.add_argument("--at", metavar="TIME", help="the last complete point at or before TIME (ISO 8601)")
+    point.add_argument("--at", metavar="TIME",
+                       help="the last complete point at or before TIME (ISO 8601, e.g. 2025-03-30T14:00Z; "
+                            "without a zone it is this machine's local time)")
     mode = r.add_mutually_exclusive_group(required=True)
     mode.add_argument("--to-dir", help="directory for vda.qcow2, vdb.qcow2, ... and domain.xml")
     mode.add_argument("--as-domain", metavar="NAME",
@@ -91,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--discard-old", action="store_true",
                    help="with --in-place: delete the replaced disks once the restore succeeded (default: keep them)")
     r.add_argument("--start", action="store_true", help="with --as-domain or --in-place: start the domain afterwards")
+    r.add_argument("--disk-dir", metavar="DIR",
+                   help="with --as-domain: put the new images here (default: beside the original domain's images)")
+    r.add_argument("--shutdown-timeout", type=float, metavar="SECONDS",
+                   help="with --in-place: how long a clean shutdown may take before the domain is powered off "
+                        "(default 120)")
     r.add_argument("--dry-run", action="store_true", help="print the plan (chain, bytes to read, where each disk goes)")
     r.add_argument("--host", help="host whose worker does the work (default: where the backup was made)")
     _wait_opts(r)

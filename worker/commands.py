@@ -53,13 +53,28 @@ def backup(args: argparse.Namespace) -> int:
 
 
 def restore(args: argparse.Namespace) -> int:
+    """``restore DOMAIN``: into a directory, as a new domain or in place; ``--dry-run``
+    prints the plan and creates nothing."""
+    import os
+
     from worker import submit
 
     cfg = load_config(args)
     cat = Catalog(cfg.catalog_url)
+    where = {"to_dir": os.path.abspath(args.to_dir) if args.to_dir else None,  # the worker has another cwd
+             "as_domain": args.as_domain, "in_place": args.in_place, "discard_old": args.discard_old,
+             "start": args.start, "host": args.host,
+             "disk_dir": os.path.abspath(args.disk_dir) if getattr(args, "disk_dir", None) else None}
+    if args.dry_run:
+        plan = submit.plan_restore(cfg, cat, args.domain, point=args.point, at=args.at, **where)
+        if args.json:
+            emit_json({"dry_run": True, **plan.to_json()})
+        else:
+            print("\n".join(["dry run: nothing was changed and no job was created", *plan.describe()]))
+        return EXIT_OK
     _configure_celery(cfg)
-    job = submit.restore(cfg, cat, args.domain, point=args.point, to_dir=args.to_dir, host=args.host,
-                         requested_by="cli")
+    job = submit.restore(cfg, cat, args.domain, point=args.point, at=args.at, requested_by="cli",
+                         shutdown_timeout=getattr(args, "shutdown_timeout", None), **where)
     return _after_submit(args, cat, job)
 
 
@@ -100,9 +115,26 @@ def _summary(job: jobs.JobView) -> str:
     if job.kind == "snapshot":
         gone = f"; rotated out: {', '.join(r['deleted'])}" if r.get("deleted") else ""
         return f"{r.get('type')} snapshot {r.get('snapshot')} ({r.get('consistency')}){gone}"
+    if job.kind in ("restore-as-domain", "restore-in-place"):
+        return _restore_summary(job.kind, r)
     if "summary" in r:  # a job that words its own result (prune)
         return str(r["summary"])
     return str(r)
+
+
+def _restore_summary(kind: str, r: dict) -> str:
+    disks = ", ".join(f"{t} -> {p}" for t, p in (r.get("disks") or {}).items())
+    started = "started" if r.get("started") else "not started"
+    if kind == "restore-as-domain":
+        return (f"point {r.get('point_id')} restored as domain {r.get('domain')} "
+                f"(UUID {r.get('uuid')}, {started}): {disks}")
+    lines = [f"point {r.get('point_id')} restored in place into {r.get('domain')} ({started}): {disks}"]
+    if r.get("set_aside"):
+        lines.append(f"the replaced images are kept: {', '.join(r['set_aside'])} (delete them once satisfied)")
+    if r.get("discarded"):
+        lines.append(f"the replaced images were deleted: {', '.join(r['discarded'])}")
+    lines += [f"warning: {w}" for w in r.get("warnings", [])]
+    return "\n".join(lines)
 
 
 class _Progress:

@@ -77,7 +77,7 @@ def _restore_args(a: dict) -> dict:
 def _restore_plan(cfg: Config, cat: Catalog, a: dict) -> dict:
     from worker import submit
 
-    return submit.plan_restore(cfg, cat, a["domain"], **_restore_args(a))
+    return submit.plan_restore(cfg, cat, a["domain"], **_restore_args(a)).to_json()
 
 
 def _restore(cfg: Config, cat: Catalog, a: dict, actor: str, key: str) -> jobs.JobView:

@@ -6,8 +6,10 @@ so the job row holds everything the job needs and the worker makes no new decisi
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from catalog import jobs
 from catalog.store import Catalog
@@ -15,6 +17,9 @@ from hypervisor.types import DomainInfo
 from policies import parse_metadata, resolve_backup
 from virtwarden.config import Config
 from virtwarden.errors import DomainNotFound, HypervisorUnavailable, JobFailed, VirtwardenError
+
+if TYPE_CHECKING:
+    from tasks.restore_plan import RestorePlan
 
 
 def find_host(cfg: Config, domain: str, host: str | None = None) -> tuple[str, DomainInfo]:
@@ -50,25 +55,96 @@ def backup(cfg: Config, cat: Catalog, domain: str, *, policy: str | None = None,
                    dedup_key=dedup_key)
 
 
-def restore(cfg: Config, cat: Catalog, domain: str, *, point: str = "latest", at: datetime | None = None,
+RESTORE_KINDS = {"to-dir": "restore", "as-domain": "restore-as-domain", "in-place": "restore-in-place"}
+
+
+def restore(cfg: Config, cat: Catalog, domain: str, *, point: str = "latest", at: str | datetime | None = None,
             to_dir: str | None = None, as_domain: str | None = None, in_place: bool = False,
             discard_old: bool = False, start: bool = False, host: str | None = None,
-            requested_by: str | None = None, dedup_key: str | None = None) -> jobs.JobView:
-    from tasks.restore import resolve_point
+            requested_by: str | None = None, dedup_key: str | None = None, disk_dir: str | None = None,
+            shutdown_timeout: float | None = None) -> jobs.JobView:
+    """Check and plan a restore (see ``plan_restore``), then create its job. Every
+    refusal (unknown point, a name or file in the way, a disk that does not fit) is
+    raised here, before any job exists. With ``dedup_key``, a job already created with
+    that key is returned as it is (a repeated webhook starts one restore, not two)."""
     from worker import celery_app
 
-    if as_domain is not None or in_place or at is not None:
-        what = ("restoring as a new domain" if as_domain is not None else "restoring in place" if in_place
-                else "choosing a point by time")
-        raise VirtwardenError(f"{what} is not supported yet: restore a point id or 'latest' into a directory")
-    if not to_dir:
-        raise VirtwardenError("a restore needs a destination: to_dir, as_domain or in_place")
-    # Resolve now so a wrong domain or point is an error here, not in a worker.
-    resolved = resolve_point(cat, domain, point)
-    host = host or (resolved.host if resolved.host in cfg.hosts else next(iter(cfg.hosts)))
+    if shutdown_timeout is not None and not in_place:
+        from tasks.restore import InvalidRestoreRequest
+
+        raise InvalidRestoreRequest("--shutdown-timeout goes with --in-place only")
+    if dedup_key:
+        existing = jobs.by_dedup_key(cat, dedup_key)
+        if existing is not None:
+            return existing
+    plan = plan_restore(cfg, cat, domain, point=point, at=at, to_dir=to_dir, as_domain=as_domain,
+                        in_place=in_place, discard_old=discard_old, start=start, host=host, disk_dir=disk_dir)
     celery_app.check_broker(cfg)
-    params = {"domain": domain, "point": resolved.id, "to_dir": to_dir}
-    return enqueue(cfg, cat, "restore", domain, host, params, requested_by, dedup_key=dedup_key)
+    params: dict = {"domain": domain, "point": plan.point.id}
+    if plan.mode == "to-dir":
+        params["to_dir"] = plan.to_dir
+    elif plan.mode == "as-domain":
+        params.update(as_domain=as_domain, uuid=str(uuid.uuid4()), disk_dir=disk_dir, start=start)
+    else:
+        params.update(discard_old=discard_old, start=start)
+        if shutdown_timeout is not None:
+            params["shutdown_timeout"] = float(shutdown_timeout)
+    return enqueue(cfg, cat, RESTORE_KINDS[plan.mode], domain, plan.host, params, requested_by,
+                   dedup_key=dedup_key)
+
+
+def plan_restore(cfg: Config, cat: Catalog, domain: str, *, point: str = "latest",
+                 at: str | datetime | None = None, to_dir: str | None = None, as_domain: str | None = None,
+                 in_place: bool = False, discard_old: bool = False, start: bool = False,
+                 host: str | None = None, disk_dir: str | None = None) -> RestorePlan:
+    """What the restore would do (``tasks.restore_plan``), changing nothing: the dry run.
+    Reads the catalog, the chain's manifests and, for a new domain or in place, asks
+    the host's libvirt; creates no job."""
+    from storage_backends import open_backend
+    from tasks.restore import describe_selection, load_chain, resolve_point
+    from tasks.restore_plan import Destination, check_paths
+    from tasks.restore_plan import plan_restore as make_plan
+
+    dest = Destination.from_options(to_dir=to_dir, as_domain=as_domain, in_place=in_place, disk_dir=disk_dir,
+                                    start=start, discard_old=discard_old)
+    resolved = resolve_point(cat, domain, point, at=at)
+    live = None
+    if dest.mode == "in-place":
+        from hypervisor.libvirt_host import LibvirtHost
+        from tasks.restore_domain import inspect_host
+
+        try:
+            host, _ = find_host(cfg, domain, host)
+        except DomainNotFound as e:
+            raise DomainNotFound(f"{e}: there is nothing to restore in place; to bring it back, restore it "
+                                 f"--as-domain {domain}") from e
+        with LibvirtHost(host, cfg.host(host).uri) as hv:
+            live = inspect_host(cat, hv, domain)
+    else:
+        host = host or (resolved.host if resolved.host in cfg.hosts else next(iter(cfg.hosts)))
+        cfg.host(host)  # an unknown host is an error now
+    backend = open_backend(resolved.storage, cfg.storage_target(resolved.storage))
+    try:
+        chain = load_chain(cat, backend, resolved)
+    finally:
+        backend.close()
+    plan = make_plan(chain.points, chain.manifests, dest, host=host, selected=describe_selection(point, at),
+                     live=live)
+    check_paths(plan)
+    if dest.mode == "as-domain":
+        _refuse_existing_domain(cfg, host, as_domain or "")
+    return plan
+
+
+def _refuse_existing_domain(cfg: Config, host: str, name: str) -> None:
+    from hypervisor import domains
+    from hypervisor.libvirt_host import LibvirtHost
+    from tasks.restore import RestoreRefused
+
+    with LibvirtHost(host, cfg.host(host).uri) as hv:
+        if domains.exists(hv, name):
+            raise RestoreRefused(f"host {host} already has a domain named {name!r}; choose another name "
+                                 "(nothing was changed)")
 
 
 def enqueue(cfg: Config, cat: Catalog, kind: str, domain: str | None, host: str, params: dict,

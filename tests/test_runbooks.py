@@ -142,3 +142,28 @@ def test_a_bad_parameter_starts_nothing(vw, guest_factory):
     r = vw.cli("runbook", "run", "drill-noww")
     assert r.code == 4 and "no runbook named 'drill-noww' (did you mean 'drill-now'?)" in r.err
     assert vw.cli("jobs", "--json").json() == [] and _audit(vw) == []
+
+
+@pytest.mark.libvirt
+def test_restore_at_runbook_restores_the_point_of_that_time(vw, guest_factory, tmp_path):
+    from datetime import datetime, timezone
+
+    from tests.guests import images_equal
+
+    g = guest_factory(disks=1, size_mib=16)
+    vw.start_worker()
+    g.write("vda", 0, MiB, pattern=0x11)
+    assert vw.cli("backup", g.name, "--wait").code == 0
+    first = g.shadow_copy("vda", tmp_path / "first.raw")
+    between = datetime.now(timezone.utc).isoformat()
+    g.write("vda", 0, MiB, pattern=0x22)
+    assert vw.cli("backup", g.name, "--wait").code == 0
+
+    out = tmp_path / "restored"
+    r = vw.cli("runbook", "run", "restore-at", "-p", f"domain={g.name}", "-p", f"at={between}",
+               "-p", f"to_dir={out}", "--json")
+    assert r.code == 0, r.err
+    step = r.json()["steps"][0]
+    assert step["state"] == "succeeded"
+    assert images_equal(out / "vda.qcow2", first)
+    assert _audit(vw)[0].outcome == "succeeded"

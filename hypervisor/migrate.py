@@ -144,22 +144,25 @@ def _is_loopback(host: str) -> bool:
 
 def migrate(src: LibvirtHost, dst: LibvirtHost, name: str, *, timeout: float, unsafe: bool,
             on_progress: Callable[[Progress], None] | None = None, poll: float = 0.5,
-            stop: threading.Event | None = None) -> Outcome:
+            stop: threading.Event | None = None, bandwidth_mib: int | None = None) -> Outcome:
     """Live-migrate ``name`` from ``src`` to ``dst`` within ``timeout`` seconds.
 
     ``unsafe``: the hosts share storage libvirt cannot recognise as shared (a local
     filesystem path both see, declared ``shared_storage`` in the configuration), so
     libvirt's refusal to move "unshared" disks is overridden (VIR_MIGRATE_UNSAFE).
-    ``stop`` set from elsewhere aborts the migration like a timeout. Raises
+    ``stop`` set from elsewhere aborts the migration like a timeout; ``bandwidth_mib``
+    caps the transfer (MiB/s) so a migration leaves room on a shared link. Raises
     MigrationTimeout, or HypervisorError with libvirt's reason; in both cases the domain
     still runs on ``src``.
     """
     dom = src._dom(name)
     flags = _FLAGS | (libvirt.VIR_MIGRATE_UNSAFE if unsafe else 0)
-    params = {}
+    params: dict[str, object] = {}
     uri = migration_uri(src.uri, dst.uri)
     if uri:
         params[libvirt.VIR_MIGRATE_PARAM_URI] = uri
+    if bandwidth_mib:
+        params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = int(bandwidth_mib)
     failure: list[BaseException] = []
 
     def run() -> None:

@@ -47,7 +47,8 @@ REPORT_SECONDS = 0.5
 @dataclass(frozen=True)
 class EvacuateRequest:
     host: str
-    # Every configured host: name -> {"uri", "group", "shared_storage", "memory_reserve_mib"}.
+    # Every configured host: name -> {"uri", "group", "shared_storage", "memory_reserve_mib",
+    # "migration_bandwidth_mib"}.
     hosts: dict[str, dict]
     to: list[str] = field(default_factory=list)  # only these targets (--to); empty: any
     max_parallel: int = 2
@@ -181,7 +182,7 @@ def _move_one(ctx: JobContext, req: EvacuateRequest, m: Move, row: int, status: 
                     status[m.domain] = f"-> {m.to} {p.fraction * 100:.0f}% ({p.remaining // MiB} MiB left)"
 
                 out = migrate(src, dst, m.domain, timeout=timeout, unsafe=bool(src_cfg["shared_storage"]),
-                              on_progress=seen, stop=stop)
+                              on_progress=seen, stop=stop, bandwidth_mib=src_cfg.get("migration_bandwidth_mib"))
         finally:
             jobs.unlock_domain(ctx.catalog, m.domain, ctx.job_id)
     except VirtwardenError as e:

@@ -69,7 +69,8 @@ def build_request(cfg: Config, host: str, to: tuple[str, ...] = ()) -> EvacuateR
                                "timeout": m.timeout}
         limits.append(m.max_parallel)
     hosts = {name: {"uri": h.uri, "group": h.group, "shared_storage": h.shared_storage,
-                    "memory_reserve_mib": h.memory_reserve_mib} for name, h in cfg.hosts.items()}
+                    "memory_reserve_mib": h.memory_reserve_mib,
+                    "migration_bandwidth_mib": h.migration_bandwidth_mib} for name, h in cfg.hosts.items()}
     return EvacuateRequest(host=host, hosts=hosts, to=list(to), max_parallel=max_parallel(limits),
                            domains=settings, timeout=DEFAULT_TIMEOUT)
 
@@ -84,12 +85,18 @@ def cli(args: argparse.Namespace) -> int:
     if args.dry_run:
         found = submit_evacuate(cfg, cat, args.host, to=args.to, dry_run=True)
         assert isinstance(found, dict)
-        emit_json(found) if args.json else print(_plan_text(found))
+        if args.json:
+            emit_json(found)
+        else:
+            print(_plan_text(found))
         return EXIT_OK
     job = submit_evacuate(cfg, cat, args.host, to=args.to, requested_by="cli")
     assert isinstance(job, jobs.JobView)
     if not args.wait:
-        emit_json(job.to_json()) if args.json else print(f"job {job.id} queued: evacuate host {args.host}")
+        if args.json:
+            emit_json(job.to_json())
+        else:
+            print(f"job {job.id} queued: evacuate host {args.host}")
         return EXIT_OK
     progress = _Progress() if sys.stderr.isatty() and not args.json else None
     error = None

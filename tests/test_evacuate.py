@@ -331,3 +331,24 @@ def test_alerts_that_map_to_no_host_or_policy_are_recorded_and_start_nothing(vw,
         with pytest.raises(UsageError):
             receive(cfg, cat, bad, "am")
     assert datetime.now(timezone.utc) - alert_rows.recent(cat)[0].received_at < timedelta(minutes=5)
+
+
+def test_an_alert_whose_policy_says_backup_backs_the_hosts_domains_up_once(fleet: Fleet, guest_factory) -> None:  # noqa: ANN001
+    from worker.alerts import receive
+
+    f = fleet
+    [g] = _on_host2(f, guest_factory, 1)
+    _policy(f, POLICY.replace("action: evacuate", "action: backup")
+            + "  backup: {target: nfs}\n  selector: {domains: ['vwtest-*']}\n")
+    cfg = f.config()
+    f.vw.start_worker(hosts=["host2"])
+    payload = _alert("firing", "2031-03-01T00:00:00Z", instance="host2")
+    got = receive(cfg, f.cat, payload, "alertmanager")["alerts"][0]
+    assert (got["outcome"], got["action"], got["host"]) == ("started", "backup", "host2"), got
+    [mine] = [j for j in got["jobs"] if j["domain"] == g.name]
+    done = wait_for(lambda: (j := jobs.get(f.cat, mine["job_id"])).finished and j, 120, "the backup")
+    assert done.state == "succeeded" and done.host == "host2", done.error
+    assert done.result["level"] == "full"
+    assert receive(cfg, f.cat, payload, "alertmanager")["alerts"][0]["outcome"] == "duplicate"
+    assert [j.kind for j in jobs.recent(f.cat, domain=g.name)] == ["backup"]
+    assert f.running_on(g.name) == ["host2"]

@@ -71,17 +71,18 @@ def set_job(cat: Catalog, alert_id: int, job_id: str | None) -> None:
 
 
 def resolve(cat: Catalog, *, fingerprint: str, name: str, labels: dict, host: str | None, starts_at: datetime,
-            resolved_at: datetime) -> tuple[AlertView, bool]:
-    """Mark the occurrence resolved (recorded as resolved if it never arrived firing);
-    the flag is False when it was resolved already."""
+            resolved_at: datetime) -> tuple[AlertView, str]:
+    """Mark the occurrence resolved. Returns the row and what happened: ``resolved``,
+    ``repeated`` (it was resolved already) or ``new`` (it never arrived firing: recorded
+    resolved)."""
     with cat.session() as s:
         row = _find(s, fingerprint, starts_at)
         if row is not None:
             if row.status == "resolved":
-                return _view(row), False
+                return _view(row), "repeated"
             row.status, row.resolved_at = "resolved", resolved_at
             s.flush()
-            return _view(row), True
+            return _view(row), "resolved"
     view, created = record(cat, fingerprint=fingerprint, name=name, status="resolved", labels=labels, host=host,
                            action=None, starts_at=starts_at)
     if not created:  # it arrived firing meanwhile
@@ -89,7 +90,7 @@ def resolve(cat: Catalog, *, fingerprint: str, name: str, labels: dict, host: st
                        resolved_at=resolved_at)
     with cat.session() as s:
         s.execute(update(Alert).where(Alert.id == view.id).values(resolved_at=resolved_at))
-    return AlertView(**{**view.__dict__, "resolved_at": resolved_at}), True
+    return AlertView(**{**view.__dict__, "resolved_at": resolved_at}), "new"
 
 
 def recent(cat: Catalog, *, limit: int = 100) -> list[AlertView]:

@@ -18,6 +18,14 @@ JSON. For each alert:
   host's group would then be draining at once (many hosts alerting together is more
   likely a monitoring fault than a dying rack).
 - resolved: the occurrence is marked resolved. Domains are never moved back.
+- An alert no policy maps is recorded (with the host its ``instance`` or ``host``
+  label names, if any) and starts nothing.
+
+The answer counts occurrences (``new``, ``repeated``, ``resolved``), lists what each
+alert did (``alerts``: outcome ``started``, ``already-running``, ``duplicate``,
+``refused``, ``unmatched``, ``resolved`` or ``error``; ``actions``: those a policy
+mapped to an action, with their job ids) and says whether to ``retry`` (a service was
+unreachable).
 
 Delivery is at least once: the alert row is written first and the job carries the
 dedup key ``alert:<fingerprint>:<startsAt>``, so a retry after a crash between the two
@@ -58,9 +66,12 @@ def receive(cfg: Config, cat: Catalog, payload: dict, actor: str) -> dict:
         raise UsageError(f"not an Alertmanager webhook payload: alerts[{bad[0]}] has no 'labels' object")
     policies = load_policies(cfg)
     out = [_one(cfg, cat, policies, alert, actor) for alert in payload["alerts"]]
-    # A service that was unreachable (libvirt, broker, database): the sender should try
-    # again (an HTTP endpoint answers 5xx); the retry finishes what this one could not.
-    return {"received": len(out), "alerts": out, "retry": any(a.get("transient") for a in out)}
+    seen = [a["occurrence"] for a in out]
+    # "retry": a service was unreachable (libvirt, broker): the sender should try again
+    # (an HTTP endpoint answers 5xx); the retry finishes what this one could not.
+    return {"received": len(out), "new": seen.count("new"), "repeated": seen.count("repeated"),
+            "resolved": [a["outcome"] for a in out].count("resolved"), "actions": [a for a in out if a.get("action")],
+            "alerts": out, "retry": any(a.get("transient") for a in out)}
 
 
 def _one(cfg: Config, cat: Catalog, policies: list[Policy], alert: dict, actor: str) -> dict:
@@ -70,22 +81,24 @@ def _one(cfg: Config, cat: Catalog, policies: list[Policy], alert: dict, actor: 
     starts = _time(alert.get("startsAt")) or datetime.now(timezone.utc)
     status = alert.get("status") or "firing"
     mapping = _map(cfg, policies, name, labels)
-    host = mapping.host if mapping else None
+    host = mapping.host if mapping else _named_host(cfg, labels)
     base = {"fingerprint": fingerprint, "alertname": name, "status": status, "starts_at": starts.isoformat(),
             "host": host}
     if status == "resolved":
         ends = _time(alert.get("endsAt")) or datetime.now(timezone.utc)
-        _, changed = alert_rows.resolve(cat, fingerprint=fingerprint, name=name, labels=labels, host=host,
-                                        starts_at=starts, resolved_at=ends)
-        return {**base, "outcome": "resolved" if changed else "duplicate", "action": None}
-    action = mapping.action if mapping and mapping.host else "none"
+        _, what = alert_rows.resolve(cat, fingerprint=fingerprint, name=name, labels=labels, host=host,
+                                     starts_at=starts, resolved_at=ends)
+        return {**base, "occurrence": what if what != "resolved" else "known",
+                "outcome": "duplicate" if what == "repeated" else "resolved", "action": None}
+    action = mapping.action if mapping and mapping.host else None
     row, created = alert_rows.record(cat, fingerprint=fingerprint, name=name, status="firing", labels=labels,
                                      host=host, action=action, starts_at=starts)
+    base["occurrence"] = "new" if created else "repeated"
     if mapping is None:
-        return {**base, "outcome": "unmatched", "action": "none",
+        return {**base, "outcome": "unmatched", "action": None,
                 "detail": f"no policy's spec.migration.on_alerts matches alert {name!r}"}
     if mapping.host is None:
-        return {**base, "outcome": "unmatched", "action": "none", "detail": mapping.why}
+        return {**base, "outcome": "unmatched", "action": None, "detail": mapping.why}
     if not created and row.job_id:
         return {**base, "outcome": "duplicate", "action": row.action, "job_id": row.job_id}
     key = f"alert:{fingerprint}:{starts.isoformat()}"
@@ -167,6 +180,17 @@ def _map(cfg: Config, policies: list[Policy], name: str, labels: dict[str, str])
                                              f" (policy {best.name!r} spec.migration.host_label)")
     host, why = host_for(cfg, value)
     return Mapping(best, m.action, host, why or "")
+
+
+def _named_host(cfg: Config, labels: dict[str, str]) -> str | None:
+    """For the record only: the host an alert no policy maps names in its ``instance``
+    or ``host`` label, if one does."""
+    for label in ("instance", "host"):
+        if labels.get(label):
+            found, _ = host_for(cfg, labels[label])
+            if found:
+                return found
+    return None
 
 
 def host_for(cfg: Config, value: str) -> tuple[str | None, str | None]:

@@ -266,3 +266,47 @@ def reap(cat: Catalog) -> list[JobView]:
             if n and not last:
                 requeued.append(row.id)
     return [get(cat, j) for j in requeued]
+
+
+def active(cat: Catalog, kind: str, host: str) -> list[JobView]:
+    """Jobs of ``kind`` for ``host`` that are queued or running, oldest first."""
+    with cat.session() as s:
+        rows = s.scalars(select(Job).where(Job.kind == kind, Job.host == host, Job.state.in_((QUEUED, RUNNING)))
+                         .order_by(Job.created_at))
+        return [_view(r) for r in rows]
+
+
+def lock_domain(cat: Catalog, domain: str, job_id: str) -> str | None:
+    """Take ``domain``'s lock for a running job that works on several domains in turn
+    (an evacuation). The lock lives as long as the job's lease, and the heartbeat
+    renews both. Returns None when taken, else the id of the job that holds it."""
+    now = utcnow()
+    try:
+        with cat.session() as s:
+            row = s.get(Job, job_id)
+            expires = row.lease_expires_at if row is not None and row.lease_expires_at else now + timedelta(minutes=1)
+            if _lock(s, domain, job_id, expires, now):
+                return None
+            holder = s.get(DomainLock, domain)
+            return holder.job_id if holder is not None else "another job"
+    except IntegrityError:  # taken by someone else between our look and our insert
+        with cat.session() as s:
+            holder = s.get(DomainLock, domain)
+            return holder.job_id if holder is not None else "another job"
+
+
+def unlock_domain(cat: Catalog, domain: str, job_id: str) -> None:
+    with cat.session() as s:
+        s.execute(delete(DomainLock).where(DomainLock.domain == domain, DomainLock.job_id == job_id))
+
+
+def move(cat: Catalog, job_id: str, owner: str, host: str, why: str) -> JobView | None:
+    """Send a claimed job back to the queue for another host (its domain moved there);
+    the attempt does not count. None when the job is no longer ours."""
+    with cat.session() as s:
+        n = _count(s.execute(
+            update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.state == RUNNING)
+            .values(state=QUEUED, host=host, lease_owner=None, lease_expires_at=None,
+                    attempts=Job.attempts - 1, progress_text=why[:255])))
+        s.execute(delete(DomainLock).where(DomainLock.job_id == job_id))
+    return get(cat, job_id) if n == 1 else None

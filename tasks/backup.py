@@ -23,7 +23,7 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,6 +34,7 @@ from hypervisor.types import NAME_PREFIX, DomainInfo
 from storage_backends.repository import Repository
 from tasks import quiesce, recovery
 from tasks.context import JobContext
+from tasks.moved import adopt_checkpoint
 from virtwarden.errors import CheckpointMissing, HypervisorError, JobFailed, NoSpace, ToolFailed, VirtwardenError
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,12 @@ def _run_bitmap(ctx: JobContext, req: BackupRequest) -> dict:
     quiesce.check(hv, req.domain, req.quiesce)  # quiesce: always without an agent changes nothing
     head = points.chain_head(ctx.catalog, dom.uuid, req.storage, req.strategy)
     ours = {c.name for c in hv.checkpoints(req.domain)}
+    adopted = adopt_checkpoint(ctx, dom, head, ours)  # the domain moved here: its bitmaps came along
+    if adopted and adopted.ok and head and head.checkpoint:
+        ours.add(head.checkpoint)
     plan = plan_level(req, dom, head, ours, restored_since(ctx, dom, head))
+    if adopted:
+        plan = replace(plan, reason=f"{plan.reason} ({adopted.note})")
     try:
         return _make_point(ctx, req, dom, plan)
     except CheckpointMissing as e:

@@ -41,6 +41,10 @@ class HostConfig(_Strict):
     shared_storage: bool = False
     # Scratch space for backups and restores made on this host (default: data_dir/scratch).
     scratch_dir: str | None = None
+    # Memory an evacuation leaves free for the host itself when it places guests here.
+    memory_reserve_mib: int = Field(default=512, ge=0)
+    # Cap on each live migration's transfer off this host (MiB/s); None: no cap.
+    migration_bandwidth_mib: int | None = Field(default=None, ge=1)
 
 
 class NfsStorage(_Strict):

@@ -40,6 +40,12 @@ class Transient(VirtwardenError):
 
 
 # --- configuration and input -------------------------------------------------------
+class UsageError(VirtwardenError):
+    """A request that contradicts itself (e.g. evacuating a host onto itself)."""
+
+    exit_code = EXIT_USAGE
+
+
 class ConfigError(VirtwardenError):
     exit_code = EXIT_CONFIG
 

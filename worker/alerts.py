@@ -1,45 +1,252 @@
-"""Alertmanager notifications received by the API, recorded in the catalog.
+"""Alertmanager webhooks: a host alert starts what the policies say (evacuate the host,
+or back its domains up now), once.
 
-Alertmanager delivers at least once and repeats a group every ``repeat_interval``, so
-an alert occurrence is identified by (fingerprint, startsAt): one ``alerts`` row each.
-A repeat changes nothing; a resolution marks the row resolved. No action is taken on
-an alert yet (``action`` stays empty).
+``receive(cfg, cat, payload, actor)`` takes the webhook body (version 4) as parsed
+JSON. For each alert:
+
+- firing: the policies whose ``spec.migration.on_alerts`` name its ``alertname`` (and
+  whose listed labels it carries, with those values) map it; of several, the one with
+  the highest ``migration.priority`` decides (``evacuate`` over ``backup`` on a tie).
+  The policy's ``host_label`` (default ``instance``) names the host; its value is
+  matched against the configured host names, then the host part of ``host:port``,
+  then the short name of a fully qualified name, then the hostname in each host's
+  libvirt URI (which must point at exactly one host).
+- Each occurrence is recorded once in ``alerts``, keyed by (fingerprint, startsAt):
+  Alertmanager's repeats of a firing alert are recognised and start nothing. A new
+  startsAt (the alert flapped) starts nothing either while an evacuation of that host
+  is queued or running, and an evacuation is refused when more than half of the
+  host's group would then be draining at once (many hosts alerting together is more
+  likely a monitoring fault than a dying rack).
+- resolved: the occurrence is marked resolved. Domains are never moved back.
+- An alert no policy maps is recorded (with the host its ``instance`` or ``host``
+  label names, if any) and starts nothing.
+
+The answer counts occurrences (``new``, ``repeated``, ``resolved``), lists what each
+alert did (``alerts``: outcome ``started``, ``already-running``, ``duplicate``,
+``refused``, ``unmatched``, ``resolved`` or ``error``; ``actions``: those a policy
+mapped to an action, with their job ids) and says whether to ``retry`` (a service was
+unreachable).
+
+Delivery is at least once: the alert row is written first and the job carries the
+dedup key ``alert:<fingerprint>:<startsAt>``, so a retry after a crash between the two
+finishes the work without doubling it.
 """
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
+import ipaddress
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from urllib.parse import urlsplit
 
-from sqlalchemy import select
-
-from catalog.models import Alert, utcnow
+from catalog import alerts as alert_rows
+from catalog import jobs
 from catalog.store import Catalog
+from policies import Policy, load_policies
 from virtwarden.config import Config
+from virtwarden.errors import Transient, UsageError, VirtwardenError
+
+log = logging.getLogger(__name__)
 
 
-def receive(cfg: Config, cat: Catalog, payload: dict[str, Any], actor: str) -> dict[str, Any]:
-    """Record every alert of a validated webhook payload; counts of what changed."""
-    counts = {"received": len(payload["alerts"]), "new": 0, "resolved": 0, "repeated": 0}
-    with cat.session() as s:
-        for a in payload["alerts"]:
-            starts = datetime.fromisoformat(a["startsAt"])
-            row = s.scalars(select(Alert).where(Alert.fingerprint == a["fingerprint"],
-                                                Alert.starts_at == starts)).first()
-            if row is None:
-                row = Alert(fingerprint=a["fingerprint"], name=a["labels"].get("alertname", a["fingerprint"]),
-                            status="firing", labels=a["labels"], host=a["labels"].get("host"), action=None,
-                            starts_at=starts, received_at=utcnow())
-                s.add(row)
-                counts["new"] += 1
-            elif a["status"] == row.status:
-                counts["repeated"] += 1
-            if a["status"] == "resolved" and row.status != "resolved":
-                row.status, row.resolved_at = "resolved", _resolved_at(a)
-                counts["resolved"] += 1
-            s.flush()
-    return {**counts, "actions": []}
+@dataclass(frozen=True)
+class Mapping:
+    policy: Policy
+    action: str  # evacuate | backup
+    host: str | None
+    why: str  # when host is None: why no host matched
 
 
-def _resolved_at(alert: dict[str, Any]) -> datetime:
-    ends = datetime.fromisoformat(alert["endsAt"]) if alert.get("endsAt") else None
-    return ends if ends and ends.year > 1 else utcnow()
+def receive(cfg: Config, cat: Catalog, payload: dict, actor: str) -> dict:
+    """Handle one webhook delivery; returns what was done for each alert."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("alerts"), list):
+        raise UsageError("not an Alertmanager webhook payload: 'alerts' must be a list")
+    bad = [i for i, a in enumerate(payload["alerts"]) if not isinstance(a, dict) or not isinstance(a.get("labels"), dict)]
+    if bad:
+        raise UsageError(f"not an Alertmanager webhook payload: alerts[{bad[0]}] has no 'labels' object")
+    policies = load_policies(cfg)
+    out = [_one(cfg, cat, policies, alert, actor) for alert in payload["alerts"]]
+    seen = [a["occurrence"] for a in out]
+    # "retry": a service was unreachable (libvirt, broker): the sender should try again
+    # (an HTTP endpoint answers 5xx); the retry finishes what this one could not.
+    return {"received": len(out), "new": seen.count("new"), "repeated": seen.count("repeated"),
+            "resolved": [a["outcome"] for a in out].count("resolved"), "actions": [a for a in out if a.get("action")],
+            "alerts": out, "retry": any(a.get("transient") for a in out)}
+
+
+def _one(cfg: Config, cat: Catalog, policies: list[Policy], alert: dict, actor: str) -> dict:
+    labels = {str(k): str(v) for k, v in (alert.get("labels") or {}).items()}
+    name = labels.get("alertname", "")
+    fingerprint = str(alert.get("fingerprint") or "") or _fingerprint(labels)
+    starts = _time(alert.get("startsAt")) or datetime.now(timezone.utc)
+    status = alert.get("status") or "firing"
+    mapping = _map(cfg, policies, name, labels)
+    host = mapping.host if mapping else _named_host(cfg, labels)
+    base = {"fingerprint": fingerprint, "alertname": name, "status": status, "starts_at": starts.isoformat(),
+            "host": host}
+    if status == "resolved":
+        ends = _time(alert.get("endsAt")) or datetime.now(timezone.utc)
+        _, what = alert_rows.resolve(cat, fingerprint=fingerprint, name=name, labels=labels, host=host,
+                                     starts_at=starts, resolved_at=ends)
+        return {**base, "occurrence": what if what != "resolved" else "known",
+                "outcome": "duplicate" if what == "repeated" else "resolved", "action": None}
+    action = mapping.action if mapping and mapping.host else None
+    row, created = alert_rows.record(cat, fingerprint=fingerprint, name=name, status="firing", labels=labels,
+                                     host=host, action=action, starts_at=starts)
+    base["occurrence"] = "new" if created else "repeated"
+    if mapping is None:
+        return {**base, "outcome": "unmatched", "action": None,
+                "detail": f"no policy's spec.migration.on_alerts matches alert {name!r}"}
+    if mapping.host is None:
+        return {**base, "outcome": "unmatched", "action": None, "detail": mapping.why}
+    if not created and row.job_id:
+        return {**base, "outcome": "duplicate", "action": row.action, "job_id": row.job_id}
+    key = f"alert:{fingerprint}:{starts.isoformat()}"
+    try:
+        if action == "evacuate":
+            result = _evacuate(cfg, cat, mapping, key, actor)
+        else:
+            result = _backup(cfg, cat, mapping, key, actor)
+    except VirtwardenError as e:
+        log.error("alert %s (%s) on host %s: %s failed: %s", name, fingerprint, host, action, e)
+        return {**base, "outcome": "error", "action": action, "detail": str(e), "transient": isinstance(e, Transient)}
+    if result.get("job_id"):
+        alert_rows.set_job(cat, row.id, result["job_id"])
+    return {**base, "action": action, "policy": mapping.policy.name, **result}
+
+
+# --- actions ------------------------------------------------------------------------------------
+def _evacuate(cfg: Config, cat: Catalog, mapping: Mapping, key: str, actor: str) -> dict:
+    from worker.evacuate import submit_evacuate
+
+    host = mapping.host or ""
+    running = jobs.active(cat, "evacuate", host)
+    if running:
+        return {"outcome": "already-running", "job_id": running[0].id,
+                "detail": f"evacuation job {running[0].id} of {host} is {running[0].state}"}
+    group = cfg.host(host).group
+    members = [n for n, h in cfg.hosts.items() if h.group == group]
+    draining = [n for n in members if n != host and jobs.active(cat, "evacuate", n)]
+    if 2 * (len(draining) + 1) > len(members):
+        return {"outcome": "refused",
+                "detail": f"hosts {', '.join(sorted(draining))} of group {group!r} are being evacuated already:"
+                          f" draining {host} too would empty more than half of the group"}
+    job = submit_evacuate(cfg, cat, host, requested_by=f"alert:{actor}", dedup_key=key)
+    assert isinstance(job, jobs.JobView)
+    return {"outcome": "started", "job_id": job.id}
+
+
+def _backup(cfg: Config, cat: Catalog, mapping: Mapping, key: str, actor: str) -> dict:
+    """Back up every domain of the host now, each with the backup policy that governs
+    it, or with the alert's policy where none does."""
+    from hypervisor.libvirt_host import LibvirtHost
+    from policies import DomainFacts, governing, parse_metadata
+    from worker import celery_app, submit
+
+    host = mapping.host or ""
+    celery_app.configure(cfg)
+    with LibvirtHost(host, cfg.host(host).uri) as hv:
+        found = hv.domains()
+    started, failed = [], []
+    policies = load_policies(cfg)
+    for info in found:
+        try:
+            own = governing(policies, DomainFacts(info.name, host, parse_metadata(info.xml)), "backup")
+            job = submit.backup(cfg, cat, info.name, host=host, policy=None if own else mapping.policy.name,
+                                requested_by=f"alert:{actor}", dedup_key=f"{key}:backup:{info.uuid}")
+            started.append({"domain": info.name, "job_id": job.id})
+        except VirtwardenError as e:
+            failed.append({"domain": info.name, "error": str(e)})
+    return {"outcome": "started" if started or not failed else "error", "jobs": started, "errors": failed,
+            "job_id": started[0]["job_id"] if started else None}
+
+
+# --- mapping an alert to a policy and a host --------------------------------------------------------
+def _map(cfg: Config, policies: list[Policy], name: str, labels: dict[str, str]) -> Mapping | None:
+    matches = []
+    for p in policies:
+        m = p.spec.migration
+        if m is None:
+            continue
+        if any(a.alertname == name and all(labels.get(k) == v for k, v in a.labels.items()) for a in m.on_alerts):
+            matches.append(p)
+    if not matches:
+        return None
+    best = min(matches, key=lambda p: (-p.spec.migration.priority, p.spec.migration.action != "evacuate", p.name))
+    m = best.spec.migration
+    value = labels.get(m.host_label)
+    if not value:
+        return Mapping(best, m.action, None, f"alert {name!r} has no label {m.host_label!r}"
+                                             f" (policy {best.name!r} spec.migration.host_label)")
+    host, why = host_for(cfg, value)
+    return Mapping(best, m.action, host, why or "")
+
+
+def _named_host(cfg: Config, labels: dict[str, str]) -> str | None:
+    """For the record only: the host an alert no policy maps names in its ``instance``
+    or ``host`` label, if one does."""
+    for label in ("instance", "host"):
+        if labels.get(label):
+            found, _ = host_for(cfg, labels[label])
+            if found:
+                return found
+    return None
+
+
+def host_for(cfg: Config, value: str) -> tuple[str | None, str | None]:
+    """The configured host a label value names, or (None, why not)."""
+    hosts = cfg.hosts
+    if value in hosts:
+        return value, None
+    bare = _strip_port(value)
+    if bare in hosts:
+        return bare, None
+    short = bare.split(".", 1)[0]
+    if not _is_ip(bare) and short in hosts:
+        return short, None
+    by_uri = sorted(n for n, h in hosts.items() if (urlsplit(h.uri).hostname or "").lower() == bare.lower())
+    if len(by_uri) == 1:
+        return by_uri[0], None
+    if len(by_uri) > 1:
+        return None, f"{value!r} matches the URIs of several hosts ({', '.join(by_uri)}): label them by host name"
+    return None, f"{value!r} names no configured host (configured: {', '.join(sorted(hosts))})"
+
+
+def _strip_port(value: str) -> str:
+    if value.startswith("["):  # [IPv6]:port
+        return value[1:].split("]", 1)[0]
+    if value.count(":") == 1:
+        return value.split(":", 1)[0]
+    return value
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        return False
+
+
+def _time(value: object) -> datetime | None:
+    """Alertmanager's RFC 3339 times (nanoseconds and 'Z' included); its zero time
+    ("0001-01-01T00:00:00Z") means unset."""
+    if not isinstance(value, str) or not value or value.startswith("0001-01-01"):
+        return None
+    text = value.strip().replace("Z", "+00:00").replace("z", "+00:00")
+    if "." in text:  # Python takes at most microseconds
+        head, rest = text.split(".", 1)
+        digits = "".join(c for c in rest if c.isdigit())
+        text = f"{head}.{digits[:6]}{rest[len(digits):]}"
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+
+
+def _fingerprint(labels: dict[str, str]) -> str:
+    """Alertmanager always sends a fingerprint; without one, the labels identify the alert."""
+    import hashlib
+
+    return hashlib.sha256(repr(sorted(labels.items())).encode()).hexdigest()[:16]

@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 
 # Jobs that change a domain's disks or checkpoints: one at a time per domain.
 DISK_CHANGING = {"backup", "snapshot", "restore-in-place", "migrate"}
+# Jobs that work on a running domain where it runs: when it moved to another host
+# after the job was queued, the job follows it (worker.submit.follow_domain).
+FOLLOW_DOMAIN = {"backup", "snapshot"}
 
 
 @dataclass(frozen=True)
@@ -123,8 +126,9 @@ def owner_id() -> str:
 
 def execute(cfg: Config, job_id: str, *, cat: Catalog | None = None) -> str:
     """Run the job if we can claim it. Returns 'done', 'failed', 'skipped' (someone else
-    has it or it finished), 'busy' (its domain is locked: try again later) or 'retry'
-    (a transient error: the job is queued again)."""
+    has it or it finished), 'busy' (its domain is locked: try again later), 'retry'
+    (a transient error: the job is queued again) or 'moved' (its domain runs on another
+    host now: the job was sent to that host's queue)."""
     cat = cat or Catalog(cfg.catalog_url)
     job = jobs.get(cat, job_id)
     kind = KINDS.get(job.kind)
@@ -153,6 +157,11 @@ def execute(cfg: Config, job_id: str, *, cat: Catalog | None = None) -> str:
             storage=lambda name: open_backend(name, cfg.storage_target(name)),
             scratch_root=cfg.scratch_dir(host), report=beat.report, attempt=claim.attempt,
         )
+        if hv is not None and job.kind in FOLLOW_DOMAIN and job.domain:
+            from worker.submit import follow_domain
+
+            if follow_domain(cfg, cat, job, owner, hv):
+                return "moved"
         log.info("job %s: %s of %s, attempt %d", job_id, job.kind, job.domain, claim.attempt)
         result = run(ctx, request(**job.params))
     except LeaseLost as e:

@@ -5,6 +5,7 @@ so the job row holds everything the job needs and the worker makes no new decisi
 """
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -20,6 +21,8 @@ from virtwarden.errors import DomainNotFound, HypervisorUnavailable, JobFailed, 
 
 if TYPE_CHECKING:
     from tasks.restore_plan import RestorePlan
+
+log = logging.getLogger(__name__)
 
 
 def find_host(cfg: Config, domain: str, host: str | None = None) -> tuple[str, DomainInfo]:
@@ -39,6 +42,25 @@ def find_host(cfg: Config, domain: str, host: str | None = None) -> tuple[str, D
     where = f"host {host}" if host else f"any configured host ({', '.join(candidates)})"
     detail = f"; unreachable: {'; '.join(unreachable)}" if unreachable else ""
     raise DomainNotFound(f"no domain {domain!r} on {where}{detail}")
+
+
+def follow_domain(cfg: Config, cat: Catalog, job: jobs.JobView, owner: str, hv) -> str | None:  # noqa: ANN001
+    """A claimed job whose domain is not on the job's host (``hv``) any more: send it to
+    the host where the domain runs now and return that host's name; None when the
+    domain is here. DomainNotFound (the job then fails saying so) when no configured
+    host has it."""
+    from hypervisor import domains
+    from worker import celery_app
+
+    if job.domain is None or domains.exists(hv, job.domain):
+        return None
+    host, _ = find_host(cfg, job.domain)
+    why = f"domain {job.domain} left host {hv.name}: re-routed to {host}"
+    moved = jobs.move(cat, job.id, owner, host, why)
+    if moved is not None:
+        log.info("job %s: %s", job.id, why)
+        celery_app.send(moved)
+    return host
 
 
 def backup(cfg: Config, cat: Catalog, domain: str, *, policy: str | None = None, target: str | None = None,

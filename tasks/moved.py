@@ -1,0 +1,71 @@
+"""Continuing a backup chain after its domain moved to another host.
+
+libvirt keeps checkpoint metadata per host and never migrates it, while the dirty
+bitmaps live inside the qcow2 images and travel with them (QEMU stores them when the
+source lets go of the disks and loads them on the destination). So after a move the
+chain head's checkpoint is missing from the new host's libvirt, but its bitmap is
+there and has tracked every write since the last backup.
+
+``adopt_checkpoint`` redefines that checkpoint on the new host from the XML the last
+point's manifest keeps, with REDEFINE_VALIDATE: libvirt accepts it only if the bitmap
+is present and consistent in every disk. The ``<parent>`` element is dropped: it names
+a checkpoint that housekeeping deleted long ago. If libvirt refuses, the backup
+becomes a full and says why.
+
+Only when the domain did move (the last point was made on another host, or virtwarden
+migrated it since): a checkpoint that vanished on the same host was removed on
+purpose, and the chain starts again as before.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+from catalog import moves
+from catalog.points import PointView
+from hypervisor.types import NAME_PREFIX, DomainInfo
+from storage_backends.repository import Repository
+from tasks.context import JobContext
+from virtwarden.errors import VirtwardenError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Adoption:
+    ok: bool
+    note: str  # for the point's reason
+
+
+def adopt_checkpoint(ctx: JobContext, dom: DomainInfo, head: PointView | None, present: set[str]) -> Adoption | None:
+    """Redefine the chain head's checkpoint on this host after a move; None when there
+    is nothing to do (no chain, checkpoint present, or the domain did not move)."""
+    hv = ctx.require_hypervisor()
+    if head is None or not head.checkpoint or head.checkpoint in present or not head.checkpoint.startswith(NAME_PREFIX):
+        return None
+    moved_from = head.host if head.host != hv.name else None
+    if moved_from is None and not moves.moved_since(ctx.catalog, dom.uuid, head.created_at):
+        return None
+    where = f"the domain moved from host {moved_from} to {hv.name}" if moved_from else \
+        f"the domain was migrated (it runs on {hv.name})"
+    try:
+        manifest = Repository(ctx.storage(head.storage)).read_manifest(head.manifest_key)
+        saved = manifest.get("checkpoint") or {}
+        if saved.get("name") != head.checkpoint or not saved.get("xml"):
+            return Adoption(False, f"{where}; the last point's manifest holds no XML for checkpoint"
+                                   f" {head.checkpoint} to redefine it")
+        hv.redefine_checkpoint(dom.name, without_parent(saved["xml"]))
+    except VirtwardenError as e:
+        log.warning("domain %s job %s: checkpoint %s not redefined after the move: %s", dom.name, ctx.job_id,
+                    head.checkpoint, e)
+        return Adoption(False, f"{where}; redefining checkpoint {head.checkpoint} there failed: {e}")
+    log.info("domain %s job %s: checkpoint %s redefined on %s (%s)", dom.name, ctx.job_id, head.checkpoint,
+             hv.name, where)
+    return Adoption(True, f"checkpoint {head.checkpoint} redefined on {hv.name}: {where}")
+
+
+def without_parent(xml: str) -> str:
+    """The checkpoint XML without its top-level ``<parent>`` (the ``<domain>`` inside
+    it has no such element)."""
+    return re.sub(r"<parent>\s*<name>[^<]*</name>\s*</parent>\s*", "", xml, count=1)

@@ -198,7 +198,8 @@ def test_an_event_handled_twice_makes_one_job(tmp_path: Path, redis_url: str) ->
         dispatcher.start_jobs(rec)
         dispatcher.start_jobs(rec)
         found = [(j.kind, j.domain, j.requested_by, j.params) for j in jobs.recent(cat)]
-        assert found == [("snapshot", "db-1", "event", {"domain": "db-1", "policy": "gold"})]
+        assert found == [("snapshot", "db-1", "event", {"domain": "db-1", "policy": "gold", "type": "internal",
+                                                        "quiesce": "auto", "retention": None})]
     finally:
         cat.close()
         redis.Redis.from_url(LISTENER_REDIS_URL).flushdb()

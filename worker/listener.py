@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from catalog import events as catalog_events
 from catalog.events import EventView
 from catalog.store import Catalog
-from policies import Policy, load_policies, parse_metadata
+from policies import Policy, load_policies, parse_metadata, resolve_snapshots
 from policies.loader import policy_files
 from policies.select import DomainFacts
 from policies.triggers import RUNS, TriggerAction, listened_events, triggers_for
@@ -253,11 +253,11 @@ class Dispatcher:
         if action.run == "backup":
             job = submit.backup(self.cfg, self.cat, rec.domain, policy=action.policy, full=action.full,
                                 host=rec.host, requested_by="event", dedup_key=key)
-        elif action.run == "snapshot":
-            from worker.snapshots import submit_snapshot
-
-            job = submit_snapshot(self.cfg, self.cat, rec.domain, policy=action.policy, host=rec.host,
-                                  requested_by="event", dedup_key=key)
+        elif action.run == "snapshot":  # settled from its policy now, like a backup
+            params = resolve_snapshots(self.cfg, rec.domain, policy=action.policy,
+                                       host=rec.host).job_params(rec.domain)
+            job = submit.enqueue(self.cfg, self.cat, "snapshot", rec.domain, rec.host, params, "event",
+                                 dedup_key=key)
         elif action.run == "drill":
             from worker.drills import submit_drill
 

@@ -1,7 +1,7 @@
 # Every entry point prepares this machine first: scripts/testhost.sh installs what is missing,
 # starts libvirtd (two hosts), Redis and the S3 endpoint, and writes their addresses to
 # .testhost/env. It is idempotent and takes a second or two when all is already running.
-#   make test PYTEST_ARGS="-k backup -x"
+#   make test PYTEST_ARGS="-k backup -x"      (add -n 0 to run in one process)
 
 SHELL := /bin/bash
 PYTEST_ARGS ?=
@@ -15,8 +15,10 @@ WITH_ENV = set -a && . .testhost/env && set +a &&
 testhost:
 	bash scripts/testhost.sh
 
+# Two pytest workers (the machines have two cores and most tests wait on guests and
+# workers); tests that use the second host run on one of them (xdist_group "host2").
 test: testhost
-	$(WITH_ENV) $(PY) -m pytest $(PYTEST_ARGS)
+	$(WITH_ENV) $(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 demo: testhost
 	$(WITH_ENV) $(PY) -m worker.demo

@@ -8,6 +8,7 @@ the moto endpoint; the Redis database used by tests is flushed before each test.
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -21,7 +22,18 @@ import yaml
 
 from tests.conftest import need
 
-REDIS_URL = os.environ.get("VIRTWARDEN_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+def _own_database(url: str) -> str:
+    """Each xdist worker (``-n 2``) gets its own Redis database, so its Celery workers
+    consume only its own jobs (the queues are per database). db 13 is the listener tests'."""
+    n = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
+    match = re.match(r"(.*/)(\d+)$", url)
+    if n == 0 or not match:
+        return url
+    free = [db for db in range(int(match[2]), -1, -1) if db != 13]
+    return f"{match[1]}{free[n]}"
+
+
+REDIS_URL = _own_database(os.environ.get("VIRTWARDEN_TEST_REDIS_URL", "redis://127.0.0.1:6379/15"))
 PG_URL = os.environ.get("VIRTWARDEN_TEST_POSTGRES_URL",
                         "postgresql+psycopg2://virtwarden:virtwarden@127.0.0.1:5432/virtwarden_test")
 REPO = Path(__file__).resolve().parent.parent

@@ -19,7 +19,9 @@ from catalog.models import Domain, Host
 from tests.fleet import Fleet, fill_memory, fleet, resize_memory, wait_for  # noqa: F401 - fleet is a fixture
 from tests.guests import images_equal
 
-pytestmark = pytest.mark.libvirt
+# One xdist worker runs every test that uses host2 (evacuations move whatever runs there;
+# the listener tests restart its libvirtd).
+pytestmark = [pytest.mark.libvirt, pytest.mark.xdist_group("host2")]
 MiB = 1024 * 1024
 
 POLICY = """\

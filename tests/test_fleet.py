@@ -10,7 +10,7 @@ from tests.fleet import Fleet, fill_memory, fleet, wait_for  # noqa: F401 - flee
 from tests.guests import images_equal
 from tests.harness import s3_storage_entry
 
-pytestmark = pytest.mark.libvirt
+pytestmark = [pytest.mark.libvirt, pytest.mark.xdist_group("host2")]  # host2 users share one xdist worker
 MiB = 1024 * 1024
 
 

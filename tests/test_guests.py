@@ -66,6 +66,7 @@ def test_cleanup_removes_guest_checkpoints_and_files(guest_factory):
         assert not g.workdir.exists()
 
 
+@pytest.mark.xdist_group("host2")  # host2 users share one xdist worker
 def test_cleanup_follows_a_guest_migrated_to_host2(guest_factory):
     host2 = os.environ.get("VIRTWARDEN_TEST_HOST2_URI")
     need(bool(host2), "VIRTWARDEN_TEST_HOST2_URI is not set (scripts/testhost.sh writes it)")

@@ -32,6 +32,7 @@ from worker.reconcile import SeenDomain, foreign, missed_events, part_of_start, 
 HOST2_PID = Path("/var/lib/virtwarden-testhost/host2/libvirtd.pid")
 # Our own Redis database: other test runs on this machine flush theirs (and their workers
 # would take messages for host.local from a shared one).
+pytestmark = pytest.mark.xdist_group("host2")  # restarts host2's libvirtd: every host2 user shares one xdist worker
 LISTENER_REDIS_URL = os.environ.get("VIRTWARDEN_TEST_LISTENER_REDIS_URL", re.sub(r"/\d+$", "/13", REDIS_URL))
 
 

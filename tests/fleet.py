@@ -9,7 +9,6 @@ migration; the guest factory's cleanup finds them on either host.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -118,12 +117,3 @@ def fill_memory(guest, size_mib: int = 32) -> None:  # noqa: ANN001
                                    "</qemu:commandline></domain>")
     guest.dom = guest.conn.defineXML(xml)
 
-
-def wait_for(predicate, timeout: float, what: str):  # noqa: ANN001, ANN201
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")

@@ -43,6 +43,17 @@ TEST_WORKER = {"lease_seconds": 4, "heartbeat_seconds": 1, "reap_seconds": 1, "m
                "retry_delay_seconds": 1, "concurrency": 1}
 
 
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.05):  # noqa: ANN001, ANN201
+    """Poll ``predicate`` until it returns something true (returned) or ``timeout`` ends."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 @dataclass
 class Cli:
     code: int

@@ -4,7 +4,6 @@ them, a worker killed mid-drill is cleaned up after by the retry, and every dril
 leaves nothing behind (no throwaway domain, no scratch files)."""
 from __future__ import annotations
 
-import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import yaml
 from catalog import drills as drill_rows
 from catalog import jobs as job_rows
 from tests.guests import URI
+from tests.harness import wait_for
 
 pytestmark = pytest.mark.libvirt
 MARKER = "VW-DRILL-BOOTED"
@@ -34,15 +34,6 @@ def _backup(vw, domain: str) -> dict:  # noqa: ANN001
     assert r.code == 0, r.err
     return r.json()["result"]
 
-
-def _wait_for(predicate, timeout: float, what: str):  # noqa: ANN001, ANN202
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _drill_domains(conn) -> list[str]:  # noqa: ANN001
@@ -192,17 +183,17 @@ def test_a_worker_killed_mid_drill_leaves_nothing_after_the_retry(vw, guest_fact
         row = drill_rows.find(cat, job_id)
         return bool(row and any(c["name"] == "starts" and c["ok"] for c in row.checks))
 
-    _wait_for(started, 120, "the throwaway domain to start")
+    wait_for(started, 120, "the throwaway domain to start")
     from tasks.drill import drill_dir, throwaway_name
 
     name = throwaway_name(job_id)
     first.kill()
     # Auto-destroy: libvirt powers the throwaway off when the dead worker's connection closes.
-    _wait_for(lambda: not conn.lookupByName(name).isActive(), 60, "the orphaned throwaway to be powered off")
+    wait_for(lambda: not conn.lookupByName(name).isActive(), 60, "the orphaned throwaway to be powered off")
     assert name in _drill_domains(conn) and drill_dir(vw.scratch, job_id).exists()  # leftovers, for now
 
     vw.start_worker()  # its reaper requeues the job; the new attempt removes the leftovers first
-    done = _wait_for(lambda: (j := job_rows.get(cat, job_id)).finished and j, 240, "the retried drill to finish")
+    done = wait_for(lambda: (j := job_rows.get(cat, job_id)).finished and j, 240, "the retried drill to finish")
     assert done.state == "succeeded", done.error
     assert done.attempts == 2
     drill = drill_rows.get(cat, job_id)

@@ -16,7 +16,8 @@ import pytest
 from catalog import alerts as alert_rows
 from catalog import jobs, moves
 from catalog.models import Domain, Host
-from tests.fleet import Fleet, fill_memory, fleet, resize_memory, wait_for  # noqa: F401 - fleet is a fixture
+from tests.fleet import Fleet, fill_memory, fleet, resize_memory  # noqa: F401 - fleet is a fixture
+from tests.harness import wait_for
 from tests.guests import images_equal
 
 # One xdist worker runs every test that uses host2 (evacuations move whatever runs there;

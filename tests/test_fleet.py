@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from catalog import jobs, moves, points
-from tests.fleet import Fleet, fill_memory, fleet, wait_for  # noqa: F401 - fleet is a fixture
+from tests.fleet import Fleet, fill_memory, fleet  # noqa: F401 - fleet is a fixture
+from tests.harness import wait_for
 from tests.guests import images_equal
 from tests.harness import s3_storage_entry
 

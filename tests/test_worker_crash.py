@@ -2,26 +2,16 @@
 written is ever listed as usable, no scratch files stay behind, and the chain is right."""
 from __future__ import annotations
 
-import time
 
 import pytest
 
 from catalog import jobs as job_rows
 from tests.guests import images_equal
-from tests.harness import s3_storage_entry
+from tests.harness import s3_storage_entry, wait_for
 
 pytestmark = pytest.mark.libvirt
 MiB = 1024 * 1024
 
-
-def _wait_for(predicate, timeout: float, what: str):  # noqa: ANN001, ANN202
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_sigkill_during_backup_is_recovered(vw, guest_factory, s3_settings, tmp_path):
@@ -36,7 +26,7 @@ def test_sigkill_during_backup_is_recovered(vw, guest_factory, s3_settings, tmp_
     r = vw.cli("backup", g.name, "--target", "s3", "--json")
     assert r.code == 0, r.err
     job_id = r.json()["id"]
-    _wait_for(lambda: "storing" in (job_rows.get(cat, job_id).progress_text or ""), 120, "the upload to start")
+    wait_for(lambda: "storing" in (job_rows.get(cat, job_id).progress_text or ""), 120, "the upload to start")
     first.kill()
 
     # Nothing of the interrupted attempt is usable.
@@ -44,7 +34,7 @@ def test_sigkill_during_backup_is_recovered(vw, guest_factory, s3_settings, tmp_
     assert listed and all(p["status"] == "writing" for p in listed)
 
     vw.start_worker()  # a new worker: its reaper finds the expired lease and requeues
-    done = _wait_for(lambda: (j := job_rows.get(cat, job_id)).finished and j, 240, "the job to finish")
+    done = wait_for(lambda: (j := job_rows.get(cat, job_id)).finished and j, 240, "the job to finish")
     assert done.state == "succeeded", done.error
     assert done.attempts == 2
 

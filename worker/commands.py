@@ -7,7 +7,7 @@ import sys
 from catalog import jobs, points
 from catalog.store import Catalog
 from worker.cli import emit_json, load_config, table
-from virtwarden.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from virtwarden.errors import EXIT_FAILED, EXIT_OK, JobFailed
 
 
 def policy_validate(args: argparse.Namespace) -> int:
@@ -84,21 +84,39 @@ def _configure_celery(cfg) -> None:  # noqa: ANN001
     celery_app.configure(cfg)
 
 
-def _after_submit(args: argparse.Namespace, cat: Catalog, job: jobs.JobView) -> int:
+def queued(args: argparse.Namespace, job: jobs.JobView, what: str | None = None) -> int:
+    """Without --wait: say what was queued (or print the job as JSON)."""
+    if args.json:
+        emit_json(job.to_json())
+    else:
+        print(f"job {job.id} queued: {what or f'{job.kind} of {job.domain}'} on host {job.host}")
+    return EXIT_OK
+
+
+def follow(args: argparse.Namespace, cat: Catalog, job: jobs.JobView) -> tuple[jobs.JobView, JobFailed | None]:
+    """With --wait: follow the job (a progress line on a terminal) until it finished or
+    --timeout ran out. Returns the job as it is then, and the failure if it failed or
+    the wait gave up (the job is then not finished)."""
     from worker import submit
 
-    if not args.wait:
-        if args.json:
-            emit_json(job.to_json())
-        else:
-            print(f"job {job.id} queued: {job.kind} of {job.domain} on host {job.host}")
-        return EXIT_OK
     progress = _Progress() if sys.stderr.isatty() and not args.json else None
+    failure = None
     try:
-        done = submit.wait(cat, job.id, on_progress=progress, timeout=args.timeout)
+        submit.wait(cat, job.id, on_progress=progress, timeout=args.timeout)
+    except JobFailed as e:
+        failure = e
     finally:
         if progress:
             progress.close()
+    return jobs.get(cat, job.id), failure
+
+
+def _after_submit(args: argparse.Namespace, cat: Catalog, job: jobs.JobView) -> int:
+    if not args.wait:
+        return queued(args, job)
+    done, failure = follow(args, cat, job)
+    if failure is not None:
+        raise failure
     if args.json:
         emit_json(done.to_json())
     else:

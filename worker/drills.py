@@ -26,7 +26,7 @@ from policies.model import Drill, Policy
 from policies.select import DomainFacts, governing
 from tasks.drill import DrillRequest, check_request, pick_point
 from virtwarden.config import Config
-from virtwarden.errors import EXIT_FAILED, EXIT_OK, JobFailed, NotFound, PolicyError
+from virtwarden.errors import EXIT_FAILED, EXIT_OK, NotFound, PolicyError
 from virtwarden.validation import suggest
 from worker.cli import emit_json, load_config, table
 
@@ -105,8 +105,7 @@ def _facts(cfg: Config, cat: Catalog, domain: str, host: str | None, found: list
 # --- commands -------------------------------------------------------------------------------
 
 def cli(args: argparse.Namespace) -> int:
-    from worker import submit
-    from worker.commands import _configure_celery, _Progress
+    from worker.commands import _configure_celery, follow, queued
 
     cfg = load_config(args)
     cat = Catalog(cfg.catalog_url)
@@ -114,21 +113,8 @@ def cli(args: argparse.Namespace) -> int:
     job = submit_drill(cfg, cat, args.domain, point=args.point, policy=args.policy, host=args.host,
                        requested_by="cli")
     if not args.wait:
-        if args.json:
-            emit_json(job.to_json())
-        else:
-            print(f"job {job.id} queued: drill of {job.domain} (point {job.params['point']}) on host {job.host}")
-        return EXIT_OK
-    progress = _Progress() if sys.stderr.isatty() and not args.json else None
-    failure = None
-    try:
-        submit.wait(cat, job.id, on_progress=progress, timeout=args.timeout)
-    except JobFailed as e:
-        failure = e
-    finally:
-        if progress:
-            progress.close()
-    done = jobs.get(cat, job.id)
+        return queued(args, job, f"drill of {job.domain} (point {job.params['point']})")
+    done, failure = follow(args, cat, job)
     if not done.finished:  # --timeout ran out
         assert failure is not None
         raise failure

@@ -10,7 +10,6 @@ capacity of that moment.
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import asdict
 
 from catalog import jobs, moves
@@ -19,7 +18,7 @@ from policies import DomainFacts, governing, load_policies, parse_metadata
 from policies.placement import max_parallel
 from tasks.evacuate import DEFAULT_TIMEOUT, EvacuateRequest
 from virtwarden.config import Config
-from virtwarden.errors import EXIT_FAILED, EXIT_OK, JobFailed, PolicyError, UsageError
+from virtwarden.errors import EXIT_FAILED, EXIT_OK, PolicyError, UsageError
 from worker.cli import emit_json, load_config, table
 
 MiB = 1024 * 1024
@@ -77,8 +76,7 @@ def build_request(cfg: Config, host: str, to: tuple[str, ...] = ()) -> EvacuateR
 
 # --- the command --------------------------------------------------------------------------------
 def cli(args: argparse.Namespace) -> int:
-    from worker import submit
-    from worker.commands import _Progress
+    from worker.commands import follow, queued
 
     cfg = load_config(args)
     cat = Catalog(cfg.catalog_url)
@@ -93,21 +91,9 @@ def cli(args: argparse.Namespace) -> int:
     job = submit_evacuate(cfg, cat, args.host, to=args.to, requested_by="cli")
     assert isinstance(job, jobs.JobView)
     if not args.wait:
-        if args.json:
-            emit_json(job.to_json())
-        else:
-            print(f"job {job.id} queued: evacuate host {args.host}")
-        return EXIT_OK
-    progress = _Progress() if sys.stderr.isatty() and not args.json else None
-    error = None
-    try:
-        submit.wait(cat, job.id, on_progress=progress, timeout=args.timeout)
-    except JobFailed as e:
-        error = e
-    finally:
-        if progress:
-            progress.close()
-    done, rows = jobs.get(cat, job.id), moves.for_job(cat, job.id)
+        return queued(args, job, f"evacuate host {args.host}")
+    done, error = follow(args, cat, job)
+    rows = moves.for_job(cat, job.id)
     if args.json:
         emit_json({**done.to_json(), "migrations": [r.to_json() for r in rows]})
     else:

@@ -201,7 +201,7 @@ def run(cfg: Config, cat: Catalog, book: Runbook, given: dict[str, str], actor: 
         timeout: float | None = None, on_step: Callable[[dict], None] | None = None) -> dict:
     """Run every step in order, each as a job; returns the report. JobFailed when a
     step failed (the report is in its ``report`` attribute)."""
-    from worker import celery_app, submit
+    from worker import celery_app
     from worker.runner import Heartbeat, owner_id
 
     steps = render(book, given)  # a bad parameter is an error before anything starts

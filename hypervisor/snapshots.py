@@ -26,6 +26,19 @@ def names(hv: LibvirtHost, domain: str) -> list[str]:
         return sorted(dom.snapshotListNames(0))
 
 
+def kinds(hv: LibvirtHost, domain: str) -> dict[str, str]:
+    """Every snapshot of the domain (anyone's) -> 'internal' or 'external'."""
+    dom = hv._dom(domain)
+    out = {}
+    with hv._errors("listing snapshots", domain):
+        for snap in dom.listAllSnapshots(0):
+            root = ET.fromstring(snap.getXMLDesc(0))
+            external = root.findtext("state") == "disk-snapshot" or any(
+                d.get("snapshot") == "external" for d in root.findall("disks/disk"))
+            out[snap.getName()] = "external" if external else "internal"
+    return out
+
+
 def take_internal(hv: LibvirtHost, domain: str, name: str, description: str) -> str:
     """Returns the consistency: 'system' (running: disks and memory) or 'offline'."""
     dom = hv._dom(domain)

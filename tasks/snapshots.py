@@ -147,6 +147,13 @@ def _take(hv, dom: DomainInfo, req: SnapshotRequest, name: str, description: str
           job_id: str) -> str:
     from hypervisor import snapshots as hv_snapshots
 
+    other = "external" if req.type == "internal" else "internal"
+    mixed = sorted(n for n, kind in hv_snapshots.kinds(hv, req.domain).items() if kind == other)
+    if mixed:  # libvirt (9.x) deletes neither kind once the other is stacked on it
+        raise HypervisorError(f"domain {req.domain!r} has {other} snapshots ({', '.join(mixed)}): libvirt cannot"
+                              f" delete an {req.type} snapshot taken beside them, so rotation could never remove"
+                              f" it; delete those first or use type: {other}")
+
     if req.type == "internal":
         not_qcow2 = [d.target for d in dom.disks if d.format != "qcow2"]
         if not_qcow2:

@@ -199,3 +199,19 @@ def test_an_external_snapshot_of_an_agent_guest_is_quiesced(vw, agent_guest_fact
     assert _blocks_on_disk(frozen, data) == 128
     assert _fs_state(frozen) == (False, 0)
     assert [s["consistency"] for s in vw.cli("snapshots", g.name, "--json").json()] == ["quiesced"]
+
+
+@pytest.mark.libvirt
+def test_internal_and_external_snapshots_are_not_mixed(vw, guest_factory, tmp_path):
+    """libvirt cannot delete either kind once the other is stacked on it, so a snapshot
+    rotation could never remove: it is refused before anything is taken."""
+    g = guest_factory(disks=1, size_mib=16)
+    g.dom.snapshotCreateXML("<domainsnapshot><name>by-hand</name></domainsnapshot>", 0)  # internal
+    _policy(vw, tmp_path, "{type: external}")
+    vw.start_worker()
+    before = _active_image(g, "vda")
+    r = vw.cli("snapshot", g.name, "--wait")
+    assert r.code == 1, r.err  # the job failed
+    assert "has internal snapshots (by-hand): libvirt cannot delete an external snapshot" in r.err
+    assert _libvirt_snapshots(g) == ["by-hand"] and _active_image(g, "vda") == before
+    assert vw.cli("snapshots", g.name, "--json").json() == []

@@ -128,6 +128,17 @@ def recent(cat: Catalog, *, domain: str | None = None, limit: int = 50) -> list[
         return [_view(r) for r in s.scalars(q)]
 
 
+def points_in_use(cat: Catalog, domain: str) -> set[str]:
+    """The restore points that drills of ``domain`` are restoring right now (their job
+    is running with a live lease): a prune must not delete them meanwhile."""
+    now = utcnow()
+    with cat.session() as s:
+        q = (select(Drill.point_id).join(Job, Job.id == Drill.id)
+             .where(Drill.domain == domain, Drill.state == RUNNING, Drill.point_id.is_not(None),
+                    Job.state == "running", Job.lease_expires_at >= now))
+        return set(s.scalars(q))
+
+
 def live_ids(cat: Catalog) -> set[str]:
     """Drills whose job is being run right now: running, with a lease not yet expired.
     Anything a drill left on a host that is not in this set is a leftover."""

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from catalog import points
+from catalog import drills, points
 from catalog.points import COMPLETE, DELETED, DELETING, FAILED, WRITING, PointView
 from catalog.store import Catalog
 from policies.model import Retention
@@ -105,10 +105,12 @@ def plan_domain(cat: Catalog, domain: str, retention: Retention | None, now: dat
     and the newest point of a group is always kept, so a backup never builds on a
     doomed point. A name reused by a new domain therefore starts a group of its own,
     and the old domain's newest point stays until it is deleted by hand. Parents of
-    points still being written are pinned as well.
+    points still being written are pinned as well, and so are points a running drill
+    is restoring (with what they need of their chain).
     """
     found = points.for_domain(cat, domain)
     pinned = {p.parent_id for p in found if p.status == WRITING and p.parent_id}
+    pinned |= drills.points_in_use(cat, domain)  # a drill is restoring them (and, so, their chain)
     groups: dict[tuple[str, str, str], list[PointView]] = {}
     for p in found:
         if p.status == COMPLETE and (only is None or (p.storage, p.strategy) == only):

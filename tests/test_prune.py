@@ -184,6 +184,33 @@ def test_leftovers_of_a_failed_backup_go_after_a_day(catalog, tmp_path):
     assert_listed_points_restore(catalog, repo, domain)
 
 
+def test_a_point_a_drill_is_restoring_is_kept_with_its_chain(catalog, tmp_path):
+    """A drill takes no domain lock; a prune meanwhile keeps the point it restores (and
+    what that point needs), and forgets the pin once the drill's job is not running."""
+    from catalog import drills
+    from catalog import jobs as job_rows
+    from tasks.prune import plan_domain
+
+    backend = NfsBackend("nfs", NfsStorage(type="nfs", path=str(tmp_path / "repository"), create=True))
+    repo = Repository(backend)
+    domain = f"dom-{uuid.uuid4().hex[:8]}"
+    full = add_point(catalog, repo, domain, START, None)
+    inc = add_point(catalog, repo, domain, START + timedelta(hours=1), full)
+    newest = add_point(catalog, repo, domain, START + timedelta(hours=2), None)
+    job = job_rows.create(catalog, kind="drill", domain=domain, host="local", params={})
+    assert job_rows.claim(catalog, job.id, "drill-worker", 60, lock_domain=False).ok
+    drills.begin(catalog, drill_id=job.id, domain=domain, host="local", point_id=inc.id,
+                 throwaway="virtwarden-drill-test")
+    now = START + timedelta(days=1)
+
+    [plan] = plan_domain(catalog, domain, Retention(keep_last=1), now)
+    assert plan.kept.kept == {full.id, inc.id, newest.id}
+    assert "a running drill restores it" in plan.kept.decision(inc.id).why
+    assert job_rows.finish(catalog, job.id, "drill-worker", ok=True, result={})
+    [plan] = plan_domain(catalog, domain, Retention(keep_last=1), now)
+    assert plan.kept.kept == {newest.id}
+
+
 retentions = (st.fixed_dictionaries({f"keep_{r}": st.integers(0, 3) for r in RULES})
               .filter(lambda d: any(d.values())).map(lambda d: Retention(**d)))
 steps = st.lists(st.one_of(st.tuples(st.just("backup"), st.booleans(), st.integers(60, 20 * 86400)),

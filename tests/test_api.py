@@ -416,6 +416,26 @@ def test_alerts_are_recorded_firing_then_resolved(vw, api):
     assert [(a.action, a.outcome) for a in _audit(vw)] == [("api.alerts", "succeeded")] * 3
 
 
+def test_an_alert_that_cannot_act_now_answers_503_so_alertmanager_resends(vw, api, tmp_path):
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "drain.yaml").write_text(
+        "apiVersion: virtwarden/v1\nkind: Policy\nmetadata: {name: drain}\n"
+        "spec:\n  migration:\n    host_label: host\n    on_alerts: [{alertname: HostDiskFailing}]\n")
+    vw.extra["policy_dir"] = str(policies)
+    vw.hosts["spare"] = {"uri": "qemu+tcp://127.0.0.1:1/system"}  # a group of two: draining one is allowed
+    vw.extra["broker_url"] = "redis://127.0.0.1:1/0"  # nothing listens there
+    server = api()
+    r = server.call("POST", "/v1/alerts", _alertmanager("firing"))
+    assert r.status == 503, r.body
+    reply = r.json()
+    assert reply["retry"] is True and reply["alerts"][0]["outcome"] == "error"
+    assert "broker" in reply["alerts"][0]["detail"].lower()
+    assert _jobs(vw) == []
+    [row] = _alerts(vw)  # recorded once: the resend finishes what this one could not
+    assert (row.name, row.host, row.action) == ("HostDiskFailing", "local", "evacuate")
+
+
 def test_healthz_says_which_dependency_is_down(vw, api):
     up = api()
     r = up.call("GET", "/healthz", token=None)

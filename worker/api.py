@@ -121,7 +121,8 @@ def _routes(app: FastAPI) -> None:
         """A domain's restore points, oldest first (as ``virtwarden backups NAME --json``)."""
         return [p.to_json() for p in points.for_domain(request.app.state.api.cat, name)]
 
-    @app.post("/v1/alerts", tags=["alerts"])
+    @app.post("/v1/alerts", tags=["alerts"],
+              responses={503: {"description": "a service was unreachable: send the alerts again"}})
     def alerts(payload: AlertmanagerPayload, request: Request, actor: str = Depends(caller)) -> dict[str, Any]:
         """Alertmanager's webhook (``webhook_configs`` with this URL and the bearer token).
         Repeats of an alert (same fingerprint and startsAt) change nothing."""
@@ -137,6 +138,8 @@ def _routes(app: FastAPI) -> None:
                                   "alertname": a.labels.get("alertname")} for a in payload.alerts]},
               outcome="started" if job_ids else "succeeded", job_id=job_ids[0] if job_ids else None,
               detail=json.dumps(result, default=str)[:2000])
+        if result.get("retry"):  # a service was unreachable: a 5xx makes Alertmanager send it again
+            return JSONResponse(status_code=503, content=json.loads(json.dumps(result, default=str)))
         return result
 
     @app.get("/healthz", tags=["service"], responses={503: {"description": "a dependency is down"}})

@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="virtwarden",
-        description="Keeps KVM/libvirt guests safe: policy-driven backups, restores and the workers that run them.")
+        description="Keeps KVM/libvirt guests safe: policy-driven backups, snapshots, restores, restore drills"
+                    " and evacuations, the workers and daemons that run them, and on-call runbooks.")
     p.add_argument("--config", help="configuration file (default: $VIRTWARDEN_CONFIG, else embedded defaults)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     sub = p.add_subparsers(metavar="COMMAND")

@@ -4,25 +4,41 @@ A worker runs a job only after ``claim`` succeeded, and keeps it only while it r
 its lease (``heartbeat``). A message delivered twice (Redis redelivers unacknowledged
 tasks after its visibility timeout) finds the job claimed or finished and does nothing.
 A worker that dies stops renewing; ``reap`` finds its expired lease and puts the job
-back in the queue (or marks it failed after ``max_attempts``). Every transition is a
-guarded UPDATE, so two processes can never both win.
+back in the queue (or, after ``max_attempts``, gives it up: its recovery runs, then it
+fails). Every transition is a guarded UPDATE, so two processes can never both win.
+
+Three rules make this hold on a bad day:
+- Each claim raises the job's fencing token (``catalog.fencing``); an attempt's later
+  writes are conditional on its token, so a paused worker that wakes after a takeover
+  changes nothing.
+- Leases are set and judged by the database's clock (``catalog.clock``), never by a
+  worker's: a host whose clock runs ahead does not take over a live job.
+- The job row is its own outbox entry: ``dispatch_at`` says by when a message for a
+  queued job should have reached a worker. A message can be lost (a send failed while
+  the broker was down, a Redis without persistence restarted); ``due_for_send`` lists
+  such jobs and a sweeper in every worker and scheduler sends them again. A duplicate
+  message is harmless: it finds the job claimed or finished.
 """
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from catalog.models import DomainLock, Job, utcnow
+from catalog.clock import db_later, db_now
+from catalog.fencing import Fence
+from catalog.models import DomainLock, Job
 from catalog.store import Catalog
 from virtwarden.errors import JobNotFound
 
 QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
 FINISHED = (SUCCEEDED, FAILED)
+DEFAULT_RESEND_AFTER = 60.0  # seconds a queued job's message may take to reach a worker
 
 
 @dataclass(frozen=True)
@@ -43,6 +59,9 @@ class JobView:
     started_at: datetime | None
     finished_at: datetime | None
     requested_by: str | None
+    fence: int = 0
+    sends: int = 0
+    give_up: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -74,10 +93,11 @@ def create(
     max_attempts: int = 3,
     dedup_key: str | None = None,
     requested_by: str | None = None,
+    resend_after: float = DEFAULT_RESEND_AFTER,
 ) -> JobView:
     """A new queued job. With ``dedup_key``, an existing job with that key is returned."""
     return create_once(cat, kind=kind, domain=domain, host=host, params=params, max_attempts=max_attempts,
-                       dedup_key=dedup_key, requested_by=requested_by)[0]
+                       dedup_key=dedup_key, requested_by=requested_by, resend_after=resend_after)[0]
 
 
 def create_once(
@@ -90,17 +110,23 @@ def create_once(
     max_attempts: int = 3,
     dedup_key: str | None = None,
     requested_by: str | None = None,
+    resend_after: float = DEFAULT_RESEND_AFTER,
 ) -> tuple[JobView, bool]:
     """Like ``create``; the flag says whether this call created the job (False: a job
-    with ``dedup_key`` existed already)."""
+    with ``dedup_key`` existed already). The row is the outbox entry: if its message
+    is not consumed within ``resend_after`` seconds (the send failed, the broker lost
+    it), ``due_for_send`` lists it again."""
     row = Job(
         id=str(uuid.uuid4()), kind=kind, state=QUEUED, domain=domain, host=host,
         params=params, max_attempts=max_attempts, dedup_key=dedup_key,
-        requested_by=requested_by, created_at=utcnow(), attempts=0, progress=0.0,
+        requested_by=requested_by, created_at=db_now(), attempts=0, progress=0.0,
+        dispatch_at=db_later(resend_after), sends=0, fence=0,
     )
     try:
         with cat.session() as s:
             s.add(row)
+            s.flush()
+            s.refresh(row)
     except IntegrityError:
         with cat.session() as s:
             existing = s.scalars(select(Job).where(Job.dedup_key == dedup_key)).one()
@@ -146,16 +172,17 @@ class Claim:
     ok: bool
     why: str = ""  # when not ok: "finished", "owned", "domain-busy"
     attempt: int = 0
+    fence: Fence | None = None  # when ok: this attempt's hold on the job
+    give_up: str | None = None  # when ok: the job only runs its recovery, then fails with this
 
 
 def claim(cat: Catalog, job_id: str, owner: str, lease: float, *, lock_domain: bool) -> Claim:
-    """Take the job if it is queued or its owner's lease ran out; with ``lock_domain``
-    also take the domain's lock in the same transaction."""
-    now = utcnow()
-    expires = now + timedelta(seconds=lease)
+    """Take the job if it is queued or its owner's lease ran out (by the database's
+    clock); with ``lock_domain`` also take the domain's lock in the same transaction.
+    Every successful claim raises the job's fencing token."""
     try:
         with cat.session() as s:
-            return _claim(s, job_id, owner, now, expires, lock_domain)
+            return _claim(s, job_id, owner, lease, lock_domain)
     except _DomainBusy:
         return Claim(False, "domain-busy")
 
@@ -164,7 +191,7 @@ class _DomainBusy(Exception):
     """Raised inside the claim's transaction so that it rolls back as a whole."""
 
 
-def _claim(s, job_id: str, owner: str, now: datetime, expires: datetime, lock_domain: bool) -> Claim:
+def _claim(s, job_id: str, owner: str, lease: float, lock_domain: bool) -> Claim:  # noqa: ANN001
     row = s.get(Job, job_id)
     if row is None:
         raise JobNotFound(f"no job {job_id!r}")
@@ -173,21 +200,21 @@ def _claim(s, job_id: str, owner: str, now: datetime, expires: datetime, lock_do
     taken = _count(s.execute(
         update(Job)
         .where(Job.id == job_id)
-        .where(or_(Job.state == QUEUED, (Job.state == RUNNING) & (Job.lease_expires_at < now)))
-        .values(state=RUNNING, lease_owner=owner, lease_expires_at=expires,
-                attempts=Job.attempts + 1, started_at=now, error=None)
+        .where(or_(Job.state == QUEUED, (Job.state == RUNNING) & (Job.lease_expires_at < db_now())))
+        .values(state=RUNNING, lease_owner=owner, lease_expires_at=db_later(lease), fence=Job.fence + 1,
+                attempts=Job.attempts + 1, started_at=db_now(), error=None, dispatch_at=None)
     ))
     if taken != 1:
         return Claim(False, "owned")
-    if lock_domain and row.domain and not _lock(s, row.domain, job_id, expires, now):
-        raise _DomainBusy()
     s.refresh(row)
-    return Claim(True, attempt=row.attempts)
+    if lock_domain and row.domain and not _lock(s, row.domain, job_id, row.lease_expires_at):
+        raise _DomainBusy()
+    return Claim(True, attempt=row.attempts, fence=Fence(job_id, row.fence, lease), give_up=row.give_up)
 
 
-def _lock(s, domain: str, job_id: str, expires: datetime, now: datetime) -> bool:
+def _lock(s, domain: str, job_id: str, expires: datetime | Any) -> bool:  # noqa: ANN001
     s.execute(delete(DomainLock).where(DomainLock.domain == domain)
-              .where((DomainLock.expires_at < now) | (DomainLock.job_id == job_id)))
+              .where((DomainLock.expires_at < db_now()) | (DomainLock.job_id == job_id)))
     existing = s.get(DomainLock, domain)
     if existing is not None:
         return False
@@ -197,75 +224,129 @@ def _lock(s, domain: str, job_id: str, expires: datetime, now: datetime) -> bool
 
 
 def heartbeat(
-    cat: Catalog, job_id: str, owner: str, lease: float,
-    *, progress: float | None = None, text: str | None = None,
+    cat: Catalog, fence: Fence, *, progress: float | None = None, text: str | None = None,
 ) -> bool:
-    """Renew the lease (and the domain lock); False when the job is no longer ours."""
-    now = utcnow()
-    expires = now + timedelta(seconds=lease)
-    values: dict[str, Any] = {"lease_expires_at": expires}
+    """Renew the lease (and the domain lock) by the database's clock; False when the
+    attempt no longer holds the job."""
+    values: dict[str, Any] = {"lease_expires_at": db_later(fence.lease_seconds)}
     if progress is not None:
         values["progress"] = max(0.0, min(1.0, progress))
     if text is not None:
         values["progress_text"] = text[:255]
     with cat.session() as s:
-        n = _count(s.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner,
-                                               Job.state == RUNNING).values(**values)))
+        n = _count(s.execute(update(Job).where(*_held(fence)).values(**values)))
         if n:
-            s.execute(update(DomainLock).where(DomainLock.job_id == job_id).values(expires_at=expires))
+            s.execute(update(DomainLock).where(DomainLock.job_id == fence.job_id)
+                      .values(expires_at=db_later(fence.lease_seconds)))
         return n == 1
+
+
+def _held(fence: Fence) -> tuple[Any, ...]:
+    """The condition under which ``fence`` still holds its job."""
+    return Job.id == fence.job_id, Job.fence == fence.token, Job.state == RUNNING
 
 
 def finish(
-    cat: Catalog, job_id: str, owner: str, *, ok: bool,
+    cat: Catalog, fence: Fence, *, ok: bool,
     error: str | None = None, result: dict[str, Any] | None = None,
 ) -> bool:
+    """Record the outcome; False (nothing recorded) when the attempt lost the job."""
     with cat.session() as s:
         n = _count(s.execute(
-            update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.state == RUNNING)
+            update(Job).where(*_held(fence))
             .values(state=SUCCEEDED if ok else FAILED, error=error, result=result,
-                    finished_at=utcnow(), lease_owner=None, lease_expires_at=None,
+                    finished_at=db_now(), lease_owner=None, lease_expires_at=None, give_up=None,
                     progress=1.0 if ok else Job.progress)
         ))
-        s.execute(delete(DomainLock).where(DomainLock.job_id == job_id))
+        if n:
+            s.execute(delete(DomainLock).where(DomainLock.job_id == fence.job_id))
         return n == 1
 
 
-def requeue(cat: Catalog, job_id: str, owner: str, why: str) -> None:
-    """Put a claimed job back in the queue after a transient failure (the attempt counts)."""
+def requeue(cat: Catalog, fence: Fence, why: str, *, delay: float, resend_after: float) -> bool:
+    """Put a claimed job back in the queue after a transient failure (the attempt counts);
+    its next message is due in ``delay`` seconds. False when the attempt lost the job."""
     with cat.session() as s:
-        s.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.state == RUNNING)
-                  .values(state=QUEUED, lease_owner=None, lease_expires_at=None, progress_text=why[:255]))
-        s.execute(delete(DomainLock).where(DomainLock.job_id == job_id))
+        n = _count(s.execute(
+            update(Job).where(*_held(fence))
+            .values(state=QUEUED, lease_owner=None, lease_expires_at=None, progress_text=why[:255],
+                    dispatch_at=db_later(delay + resend_after))))
+        if n:
+            s.execute(delete(DomainLock).where(DomainLock.job_id == fence.job_id))
+        return n == 1
 
 
 def fail_queued(cat: Catalog, job_id: str, error: str) -> None:
     """Mark a job that never ran as failed (it could not be sent to a worker)."""
     with cat.session() as s:
         s.execute(update(Job).where(Job.id == job_id, Job.state == QUEUED)
-                  .values(state=FAILED, error=error, finished_at=utcnow()))
+                  .values(state=FAILED, error=error, finished_at=db_now(), dispatch_at=None))
 
 
-def reap(cat: Catalog) -> list[JobView]:
-    """Jobs whose worker died (lease expired): requeue them, or fail them after their
-    last attempt. Returns the requeued ones, to be sent to a worker again."""
-    now = utcnow()
-    requeued = []
+def reap(cat: Catalog, *, resend_after: float = DEFAULT_RESEND_AFTER, recoverable: Callable[[str], bool] = lambda _kind: False
+         ) -> list[JobView]:
+    """Jobs whose worker stopped renewing its lease (expired by the database's clock): put
+    them back in the queue, or, after their last attempt, give them up. A job whose kind
+    has a recovery (``recoverable``) is queued once more to run only that recovery and
+    then fail; any other fails at once. Returns the queued ones: send them a message.
+
+    Every change is a guarded UPDATE on the expired lease, so a worker that renews at the
+    same moment keeps its job, and two reapers never both act."""
+    queued = []
     with cat.session() as s:
-        stale = s.scalars(select(Job).where(Job.state == RUNNING, Job.lease_expires_at < now)).all()
+        stale = s.scalars(select(Job).where(Job.state == RUNNING, Job.lease_expires_at < db_now())).all()
         for row in stale:
-            last = row.attempts >= row.max_attempts
-            values: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None}
-            if last:
-                values.update(state=FAILED, finished_at=now,
-                              error=f"worker lost the job {row.attempts} times (last owner {row.lease_owner}); giving up")
-            else:
-                values.update(state=QUEUED, progress_text=f"requeued: worker {row.lease_owner} stopped renewing its lease")
-            n = _count(s.execute(update(Job).where(Job.id == row.id, Job.state == RUNNING,
-                                                   Job.lease_expires_at < now).values(**values)))
-            if n and not last:
-                requeued.append(row.id)
-    return [get(cat, j) for j in requeued]
+            values = _reaped(row, recoverable(row.kind))
+            n = _count(s.execute(update(Job).where(Job.id == row.id, Job.state == RUNNING, Job.fence == row.fence,
+                                                   Job.lease_expires_at < db_now())
+                                 .values(lease_owner=None, lease_expires_at=None, **values)))
+            if n and values["state"] == QUEUED:
+                s.execute(update(Job).where(Job.id == row.id).values(dispatch_at=db_later(resend_after)))
+                queued.append(row.id)
+            if n:
+                s.execute(delete(DomainLock).where(DomainLock.job_id == row.id))
+    return [get(cat, j) for j in queued]
+
+
+def _reaped(row: Job, recoverable: bool) -> dict[str, Any]:
+    lost = f"worker {row.lease_owner} stopped renewing its lease"
+    if row.give_up is not None:  # its recovery attempt was lost too
+        return {"state": FAILED, "finished_at": db_now(), "give_up": None,
+                "error": f"{row.give_up}; its recovery did not finish either ({lost}): leftovers are cleaned up "
+                         "by the next job of the domain and the sweep of unfinished points"}
+    if row.attempts < row.max_attempts:
+        return {"state": QUEUED, "progress_text": f"requeued: {lost}"}
+    error = f"worker lost the job {row.attempts} times (last owner {row.lease_owner}); giving up"
+    if recoverable:
+        return {"state": QUEUED, "give_up": error, "progress_text": f"giving up: {lost}; running its recovery"}
+    return {"state": FAILED, "finished_at": db_now(), "error": error}
+
+
+def due_for_send(cat: Catalog, *, limit: int = 200) -> list[JobView]:
+    """Queued jobs whose message should have reached a worker by now and did not
+    (``dispatch_at`` passed): the outbox's backlog, oldest first."""
+    with cat.session() as s:
+        rows = s.scalars(select(Job).where(Job.state == QUEUED, Job.dispatch_at < db_now())
+                         .order_by(Job.dispatch_at).limit(limit))
+        return [_view(r) for r in rows]
+
+
+def mark_sent(cat: Catalog, job: JobView, *, resend_after: float) -> bool:
+    """Record a send of a queued job: the next one is due after ``resend_after`` seconds,
+    doubled for every earlier send (at most 64 times), so a job that waits long in a
+    busy queue gets few duplicate messages. False when another sweeper sent it first
+    or the job left the queue."""
+    wait = resend_after * 2 ** min(job.sends, 6)
+    with cat.session() as s:
+        return _count(s.execute(update(Job).where(Job.id == job.id, Job.state == QUEUED, Job.sends == job.sends)
+                                .values(sends=Job.sends + 1, dispatch_at=db_later(wait)))) == 1
+
+
+def postpone(cat: Catalog, job_id: str, seconds: float) -> None:
+    """A message for a queued job was seen and will come back in ``seconds`` (its domain
+    is busy): it is not lost, so the sweeper leaves it alone until then."""
+    with cat.session() as s:
+        s.execute(update(Job).where(Job.id == job_id, Job.state == QUEUED).values(dispatch_at=db_later(seconds)))
 
 
 def active(cat: Catalog, kind: str, host: str) -> list[JobView]:
@@ -280,12 +361,11 @@ def lock_domain(cat: Catalog, domain: str, job_id: str) -> str | None:
     """Take ``domain``'s lock for a running job that works on several domains in turn
     (an evacuation). The lock lives as long as the job's lease, and the heartbeat
     renews both. Returns None when taken, else the id of the job that holds it."""
-    now = utcnow()
     try:
         with cat.session() as s:
             row = s.get(Job, job_id)
-            expires = row.lease_expires_at if row is not None and row.lease_expires_at else now + timedelta(minutes=1)
-            if _lock(s, domain, job_id, expires, now):
+            expires = row.lease_expires_at if row is not None and row.lease_expires_at else db_later(60)
+            if _lock(s, domain, job_id, expires):
                 return None
             holder = s.get(DomainLock, domain)
             return holder.job_id if holder is not None else "another job"
@@ -300,13 +380,14 @@ def unlock_domain(cat: Catalog, domain: str, job_id: str) -> None:
         s.execute(delete(DomainLock).where(DomainLock.domain == domain, DomainLock.job_id == job_id))
 
 
-def move(cat: Catalog, job_id: str, owner: str, host: str, why: str) -> JobView | None:
+def move(cat: Catalog, fence: Fence, host: str, why: str, *, resend_after: float) -> JobView | None:
     """Send a claimed job back to the queue for another host (its domain moved there);
-    the attempt does not count. None when the job is no longer ours."""
+    the attempt does not count. None when the attempt no longer holds the job."""
     with cat.session() as s:
         n = _count(s.execute(
-            update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.state == RUNNING)
+            update(Job).where(*_held(fence))
             .values(state=QUEUED, host=host, lease_owner=None, lease_expires_at=None,
-                    attempts=Job.attempts - 1, progress_text=why[:255])))
-        s.execute(delete(DomainLock).where(DomainLock.job_id == job_id))
-    return get(cat, job_id) if n == 1 else None
+                    attempts=Job.attempts - 1, progress_text=why[:255], dispatch_at=db_later(resend_after))))
+        if n:
+            s.execute(delete(DomainLock).where(DomainLock.job_id == fence.job_id))
+    return get(cat, fence.job_id) if n == 1 else None

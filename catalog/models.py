@@ -95,6 +95,17 @@ class Job(Base):
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     lease_owner: Mapped[str | None] = mapped_column(String(255))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime, index=True)
+    # The fencing token: raised by every claim, never lowered. Each attempt holds the
+    # value its claim set, and every catalog change it makes is conditional on it, so a
+    # worker that lost the job (paused, cut off) can change nothing once another took it.
+    fence: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The outbox: while the job is queued, the database time by which a message for it
+    # should have reached a worker. Past it, the message may be lost (a broker restarted,
+    # a send that failed) and a sweeper sends it again (``sends`` counts the sends).
+    dispatch_at: Mapped[datetime | None] = mapped_column(UtcDateTime, index=True)
+    sends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Set when the job gave up: the error it ends with once its recovery has run.
+    give_up: Mapped[str | None] = mapped_column(Text)
     # A unique key for jobs that must not be created twice (a schedule slot, a webhook).
     dedup_key: Mapped[str | None] = mapped_column(String(255), unique=True)
     requested_by: Mapped[str | None] = mapped_column(String(255))
@@ -124,12 +135,17 @@ class RestorePoint(Base):
     parent_id: Mapped[str | None] = mapped_column(String(36))
     seq: Mapped[int] = mapped_column(Integer)  # 0 for the full, then 1, 2, ...
     level: Mapped[str] = mapped_column(String(16))  # full|incremental
-    # writing -> complete (manifest stored) | failed; complete -> deleted (pruned)
+    # writing -> complete (manifest stored) | failed; complete -> deleting -> deleted
+    # (pruned); complete -> damaged (a verification found its data changed or missing)
     status: Mapped[str] = mapped_column(String(16), index=True)
     reason: Mapped[str | None] = mapped_column(Text)  # why a full, or why it failed
     consistency: Mapped[str] = mapped_column(String(16), default="crash")  # crash|quiesced
     checkpoint: Mapped[str | None] = mapped_column(String(255))
     manifest_key: Mapped[str] = mapped_column(String(1024))
+    # SHA-256 of the manifest as stored: checked before a manifest is trusted.
+    manifest_sha256: Mapped[str | None] = mapped_column(String(64))
+    # When a verification last re-read the point's data, and what it found.
+    verified_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     job_id: Mapped[str | None] = mapped_column(String(36), index=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)

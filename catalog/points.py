@@ -13,9 +13,10 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from catalog.models import Artifact, RestorePoint, utcnow
+from catalog.clock import db_now
+from catalog.models import Artifact, Job, RestorePoint
 from catalog.store import Catalog
-from virtwarden.errors import RestorePointNotFound
+from virtwarden.errors import JobFailed, RestorePointNotFound
 
 WRITING, COMPLETE, FAILED, DELETED = "writing", "complete", "failed", "deleted"
 
@@ -51,6 +52,8 @@ class PointView:
     created_at: datetime
     completed_at: datetime | None
     artifacts: tuple[ArtifactView, ...] = field(default=())
+    manifest_sha256: str | None = None
+    verified_at: datetime | None = None
 
     @property
     def usable(self) -> bool:
@@ -85,30 +88,45 @@ def _view(row: RestorePoint) -> PointView:
 
 
 def begin(cat: Catalog, **fields: Any) -> PointView:
-    row = RestorePoint(status=WRITING, created_at=utcnow(), size_bytes=0, **fields)
+    """A new point, ``writing``. Its ``created_at`` is the database's time: chain order
+    never depends on the clock of the host that made the point."""
+    row = RestorePoint(status=WRITING, created_at=db_now(), size_bytes=0, **fields)
     with cat.session() as s:
         s.add(row)
         s.flush()
+        s.refresh(row)
         return _view(row)
 
 
-def complete(cat: Catalog, point_id: str, artifacts: list[ArtifactView], *, consistency: str) -> PointView:
+def complete(cat: Catalog, point_id: str, artifacts: list[ArtifactView], *, consistency: str,
+             manifest_sha256: str | None = None) -> PointView:
+    """``writing -> complete``, with its artifacts; a compare-and-set, so a point that
+    failed meanwhile (its attempt was taken over and recovered) is never completed."""
     with cat.session() as s:
+        done = s.execute(update(RestorePoint).where(RestorePoint.id == point_id, RestorePoint.status == WRITING)
+                         .values(status=COMPLETE, completed_at=db_now(), consistency=consistency,
+                                 size_bytes=sum(a.size_bytes for a in artifacts), manifest_sha256=manifest_sha256))
+        if not getattr(done, "rowcount", 0):
+            row = s.get(RestorePoint, point_id)
+            if row is None:
+                raise RestorePointNotFound(f"no restore point {point_id!r}")
+            raise JobFailed(f"restore point {point_id} is {row.status}, not writing: it cannot be completed")
         row = s.get(RestorePoint, point_id)
-        if row is None:
-            raise RestorePointNotFound(f"no restore point {point_id!r}")
+        assert row is not None
         row.artifacts = [Artifact(target=a.target, key=a.key, size_bytes=a.size_bytes,
                                   sha256=a.sha256, virtual_size=a.virtual_size) for a in artifacts]
-        row.size_bytes = sum(a.size_bytes for a in artifacts)
-        row.status, row.completed_at, row.consistency = COMPLETE, utcnow(), consistency
         s.flush()
+        s.refresh(row)
         return _view(row)
 
 
-def fail(cat: Catalog, point_id: str, reason: str) -> None:
+def fail(cat: Catalog, point_id: str, reason: str) -> bool:
+    """``writing -> failed``; True when this call changed it. A point that is complete
+    (or anything but writing) is left as it is: only then may its data be removed."""
     with cat.session() as s:
-        s.execute(update(RestorePoint).where(RestorePoint.id == point_id, RestorePoint.status == WRITING)
-                  .values(status=FAILED, reason=reason[:2000]))
+        done = s.execute(update(RestorePoint).where(RestorePoint.id == point_id, RestorePoint.status == WRITING)
+                         .values(status=FAILED, reason=reason[:2000]))
+        return bool(getattr(done, "rowcount", 0))
 
 
 def get(cat: Catalog, point_id: str) -> PointView:
@@ -138,9 +156,17 @@ def chain_head(cat: Catalog, domain_uuid: str, storage: str, strategy: str) -> P
             select(RestorePoint)
             .where(RestorePoint.domain_uuid == domain_uuid, RestorePoint.storage == storage,
                    RestorePoint.strategy == strategy, RestorePoint.status == COMPLETE)
-            .order_by(RestorePoint.created_at.desc()).limit(1)
+            .order_by(RestorePoint.created_at.desc(), RestorePoint.seq.desc()).limit(1)
         ).first()
         return _view(row) if row else None
+
+
+def checkpoints_of(cat: Catalog, domain_uuid: str, statuses: tuple[str, ...]) -> set[str]:
+    """The checkpoint (or blockcommit run token) names of a domain's points in ``statuses``."""
+    with cat.session() as s:
+        names = s.scalars(select(RestorePoint.checkpoint).where(RestorePoint.domain_uuid == domain_uuid,
+                                                                RestorePoint.status.in_(statuses)).distinct())
+        return {n for n in names if n}
 
 
 def heads(cat: Catalog, domain_uuid: str) -> list[PointView]:
@@ -149,7 +175,7 @@ def heads(cat: Catalog, domain_uuid: str) -> list[PointView]:
     with cat.session() as s:
         rows = s.scalars(select(RestorePoint).where(RestorePoint.domain_uuid == domain_uuid,
                                                     RestorePoint.status == COMPLETE)
-                         .order_by(RestorePoint.created_at))
+                         .order_by(RestorePoint.created_at, RestorePoint.seq))
         for r in rows:
             newest[(r.storage, r.strategy)] = _view(r)
     return list(newest.values())
@@ -171,6 +197,29 @@ def chain_to(cat: Catalog, point_id: str) -> list[PointView]:
     if chain[0].level != "full":
         raise RestorePointNotFound(f"chain of {point_id} does not start with a full backup")
     return chain
+
+
+def unfinished_of_ended_jobs(cat: Catalog, *, limit: int = 100) -> list[PointView]:
+    """Points still ``writing`` whose job ended (or is gone): nothing will complete them
+    (completing needs the job running), and nothing else cleans them up."""
+    live = select(Job.id).where(Job.state.in_(("queued", "running")))
+    with cat.session() as s:
+        rows = s.scalars(select(RestorePoint).where(RestorePoint.status == WRITING)
+                         .where((RestorePoint.job_id.is_(None)) | RestorePoint.job_id.not_in(live))
+                         .order_by(RestorePoint.created_at).limit(limit))
+        return [_view(r) for r in rows]
+
+
+def fail_unfinished(cat: Catalog, point_id: str, reason: str) -> bool:
+    """``writing -> failed`` for a point whose job ended, checked in the same statement;
+    True when this call changed it (then, and only then, its data may go)."""
+    live = select(Job.id).where(Job.state.in_(("queued", "running")))
+    with cat.session() as s:
+        done = s.execute(update(RestorePoint)
+                         .where(RestorePoint.id == point_id, RestorePoint.status == WRITING)
+                         .where((RestorePoint.job_id.is_(None)) | RestorePoint.job_id.not_in(live))
+                         .values(status=FAILED, reason=reason[:2000]))
+        return bool(getattr(done, "rowcount", 0))
 
 
 def writing_for_job(cat: Catalog, job_id: str) -> list[PointView]:

@@ -5,12 +5,14 @@ workers and the listener can share one file; PostgreSQL is used by URL for a fle
 """
 from __future__ import annotations
 
+import copy
 import fcntl
 import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
@@ -18,6 +20,9 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from virtwarden.errors import DatabaseUnavailable
+
+if TYPE_CHECKING:
+    from catalog.fencing import Fence
 
 log = logging.getLogger(__name__)
 logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO lines drown ours
@@ -29,12 +34,53 @@ class Catalog:
     """Holds the engine and hands out sessions; the operations live in catalog.jobs and
     catalog.points as functions over a session."""
 
+    fence: Fence | None = None
+
     def __init__(self, url: str, *, upgrade: bool = True) -> None:
         self.url = url
         self.engine = _engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         if upgrade:
             self.upgrade()
+
+    def fenced(self, fence: Fence) -> Catalog:
+        """This catalog (same engine) as one job attempt sees it: every transaction that
+        writes anything first checks, in that transaction, that the attempt still holds
+        the job (``catalog.fencing.guard``) and is rolled back with LeaseLost when it
+        does not. Reads stay plain reads."""
+        other = copy.copy(self)
+        other.fence = fence
+        other._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        event.listen(other._sessions, "do_orm_execute", other._guard_statement)
+        event.listen(other._sessions, "before_flush", other._guard_flush)
+        return other
+
+    def check_owner(self, action: str) -> None:
+        """Right before a step that changes something outside the catalog: LeaseLost
+        unless this attempt still holds its job (a no-op for an unfenced catalog)."""
+        if self.fence is None:
+            return
+        from catalog.fencing import guard
+
+        with self.session() as s:
+            guard(s.connection(), self.fence, action)
+            s.info["guarded"] = True
+
+    def _guard_statement(self, state: Any) -> None:
+        if state.is_update or state.is_delete or state.is_insert:
+            self._guard(state.session)
+
+    def _guard_flush(self, session: Session, _context: Any, _instances: Any) -> None:
+        if session.new or session.dirty or session.deleted:
+            self._guard(session)
+
+    def _guard(self, session: Session) -> None:
+        if session.info.get("guarded") or self.fence is None:
+            return
+        from catalog.fencing import guard
+
+        session.info["guarded"] = True
+        guard(session.connection(), self.fence)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

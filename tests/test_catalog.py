@@ -56,26 +56,28 @@ def test_only_one_of_many_concurrent_claims_wins(cat):
 
 def test_domain_lock_serialises_disk_changing_jobs(cat):
     a, b, other = _job(cat), _job(cat), _job(cat, domain="db01")
-    assert jobs.claim(cat, a.id, "w1", 30, lock_domain=True).ok
+    first = jobs.claim(cat, a.id, "w1", 30, lock_domain=True)
+    assert first.ok
     busy = jobs.claim(cat, b.id, "w2", 30, lock_domain=True)
     assert (busy.ok, busy.why) == (False, "domain-busy")
     assert jobs.get(cat, b.id).state == jobs.QUEUED  # the failed claim changed nothing
     assert jobs.claim(cat, other.id, "w3", 30, lock_domain=True).ok
-    assert jobs.finish(cat, a.id, "w1", ok=True, result={"x": 1})
+    assert jobs.finish(cat, first.fence, ok=True, result={"x": 1})
     assert jobs.claim(cat, b.id, "w2", 30, lock_domain=True).ok
 
 
 def test_expired_lease_is_reaped_then_taken_over_and_the_old_owner_is_told(cat):
     job = _job(cat)
-    assert jobs.claim(cat, job.id, "dead", 0.2, lock_domain=True).ok
+    dead = jobs.claim(cat, job.id, "dead", 0.2, lock_domain=True).fence
     assert jobs.reap(cat) == []  # lease still fresh
     time.sleep(0.3)
     requeued = jobs.reap(cat)
     assert [j.id for j in requeued] == [job.id] and requeued[0].state == jobs.QUEUED
-    assert jobs.claim(cat, job.id, "new", 30, lock_domain=True).attempt == 2
-    assert not jobs.heartbeat(cat, job.id, "dead", 30)  # the old owner lost it
-    assert not jobs.finish(cat, job.id, "dead", ok=True)
-    assert jobs.heartbeat(cat, job.id, "new", 30, progress=0.5, text="copying")
+    new = jobs.claim(cat, job.id, "new", 30, lock_domain=True)
+    assert new.attempt == 2 and new.fence.token == dead.token + 1
+    assert not jobs.heartbeat(cat, dead)  # the old attempt lost it
+    assert not jobs.finish(cat, dead, ok=True)
+    assert jobs.heartbeat(cat, new.fence, progress=0.5, text="copying")
     assert jobs.get(cat, job.id).progress_text == "copying"
 
 
@@ -91,8 +93,8 @@ def test_reaper_gives_up_after_max_attempts(cat):
 
 def test_finished_job_is_never_run_again(cat):
     job = _job(cat)
-    jobs.claim(cat, job.id, "w", 30, lock_domain=False)
-    jobs.finish(cat, job.id, "w", ok=False, error="boom")
+    taken = jobs.claim(cat, job.id, "w", 30, lock_domain=False)
+    jobs.finish(cat, taken.fence, ok=False, error="boom")
     assert jobs.claim(cat, job.id, "w2", 30, lock_domain=False).why == "finished"
     with pytest.raises(JobNotFound):
         jobs.get(cat, "nope")

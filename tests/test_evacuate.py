@@ -290,11 +290,12 @@ def test_a_domain_locked_by_an_evacuation_blocks_backups_until_released(tmp_path
     assert jobs.claim(cat, other.id, "w3", 60, lock_domain=False).ok
     assert jobs.lock_domain(cat, "vm1", other.id) == evac.id
     jobs.unlock_domain(cat, "vm1", evac.id)
-    assert jobs.claim(cat, backup.id, "w2", 60, lock_domain=True).ok
+    taken = jobs.claim(cat, backup.id, "w2", 60, lock_domain=True)
+    assert taken.ok
     assert [j.id for j in jobs.active(cat, "evacuate", "a")] == [evac.id, other.id]
-    moved = jobs.move(cat, backup.id, "w2", "b", "domain left a")
+    moved = jobs.move(cat, taken.fence, "b", "domain left a", resend_after=60)
     assert moved is not None and (moved.state, moved.host, moved.attempts) == ("queued", "b", 0)
-    assert jobs.move(cat, backup.id, "w2", "b", "again") is None  # not ours any more
+    assert jobs.move(cat, taken.fence, "b", "again", resend_after=60) is None  # not ours any more
 
 
 def test_alerts_that_map_to_no_host_or_policy_are_recorded_and_start_nothing(vw, tmp_path) -> None:  # noqa: ANN001

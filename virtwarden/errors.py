@@ -20,6 +20,17 @@ EXIT_HYPERVISOR = 7  # libvirt refused an operation
 EXIT_BUG = 70  # an unexpected exception: a bug, please report it
 
 
+class LeaseLost(BaseException):
+    """This worker no longer owns the job: its lease ran out and another worker took the
+    job over (its fencing token is newer), or the job ended meanwhile.
+
+    Not an error to report but an order to stop: the job must change nothing more, not
+    even to clean up, because what it would undo now belongs to its successor. Like
+    ``asyncio.CancelledError`` it derives from BaseException, so that no
+    ``except Exception`` on the way up can swallow it; the runner catches it.
+    """
+
+
 class VirtwardenError(Exception):
     """Base of every error the product raises on purpose."""
 

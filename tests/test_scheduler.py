@@ -15,7 +15,11 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from sqlalchemy import delete as sa_delete
+from sqlalchemy import update as sa_update
+
 from catalog import jobs, slots
+from catalog.models import Job, ScheduleSlot
 from catalog.store import Catalog
 from tests.harness import REPO
 from virtwarden import config as config_module
@@ -100,8 +104,9 @@ def rows(cat: Catalog) -> dict[tuple[str, str, str], slots.SlotRow]:
 
 def finish(cat: Catalog, job: jobs.JobView) -> None:
     """What a worker would do with the job (none runs in these tests)."""
-    assert jobs.claim(cat, job.id, "test-worker", 60, lock_domain=False).ok
-    assert jobs.finish(cat, job.id, "test-worker", ok=True, result={})
+    taken = jobs.claim(cat, job.id, "test-worker", 60, lock_domain=False)
+    assert taken.ok
+    assert jobs.finish(cat, taken.fence, ok=True, result={})
 
 
 HOURLY = """\
@@ -187,6 +192,9 @@ def test_limits_defer_and_a_closed_window_skips(vw, guest_factory):
 
 
 def test_a_broker_outage_or_a_scheduler_crash_loses_no_slot(vw, guest_factory):
+    """Slots that come due while the broker is down start all the same: their jobs are
+    queued and sent by the sweeper once the broker is back (a broker outage delays
+    jobs, it never drops them)."""
     setup = Setup(vw, guest_factory, HOURLY)
     a, b = setup.domains
     good = setup.config()
@@ -196,17 +204,21 @@ def test_a_broker_outage_or_a_scheduler_crash_loses_no_slot(vw, guest_factory):
 
     celery_app.configure(down)
     report = setup.scheduler(down, clock).tick()
-    assert report.started == [] and len(report.deferred) == 2
+    assert len(report.started) == 2 and report.resent == []
     cat = Catalog(good.catalog_url)
-    assert rows(cat)[("backup", a, "10:00")].reason.startswith("broker unreachable: ")
-    assert jobs.recent(cat) == []  # no job burned its slot's dedup key
-    # A scheduler that died after marking a slot started but before creating its job:
-    row = rows(cat)[("backup", b, "10:00")]
-    assert slots.move(cat, row.id, from_state=slots.DEFERRED, to_state=slots.STARTED, reason=None)
+    queued = jobs.recent(cat)
+    assert [(j.state, j.sends) for j in queued] == [("queued", 0), ("queued", 0)]  # created, never sent
+    # A scheduler that died after marking b's slot started but before creating its job:
+    b_row = rows(cat)[("backup", b, "10:00")]
+    with cat.session() as s:
+        s.execute(sa_delete(Job).where(Job.id == b_row.job_id))
+        s.execute(sa_update(ScheduleSlot).where(ScheduleSlot.id == b_row.id).values(job_id=None))
     celery_app.configure(good)
     clock.set("2025-01-10 10:01:00")
     report = setup.scheduler(good, clock).tick()  # the broker is back; a restarted scheduler
-    assert len(report.started) == 1  # a's deferred slot; b's job was made by the recovery
+    a_job = rows(cat)[("backup", a, "10:00")].job_id
+    assert report.resent == [a_job]  # the sweeper sent the job made during the outage
+    assert [j.sends for j in jobs.recent(cat)] == [1, 1]  # and b's new job was sent when made
     assert sorted(slot_jobs(cat)) == [("backup", a, "10:00"), ("backup", b, "10:00")]
     assert {r.state for r in rows(cat).values()} == {"started"}
     assert all(r.job_id for r in rows(cat).values())

@@ -118,6 +118,12 @@ class WorkerConfig(_Strict):
     retry_delay_seconds: float = Field(default=30.0, ge=0)
     # Above the longest job: a task not acknowledged in time is delivered again.
     visibility_timeout_seconds: int = Field(default=43200, ge=3600)
+    # A queued job whose message has not reached a worker this long after it was sent
+    # is sent again (the broker may have lost it); the wait doubles with each resend.
+    resend_seconds: float = Field(default=60.0, gt=0)
+    # Points left "writing" by a job that ended (their worker died on its last attempt)
+    # are unlisted and their stored pieces removed this often, by every worker.
+    sweep_seconds: float = Field(default=300.0, gt=0)
 
 
 class Config(_Strict):

@@ -9,8 +9,10 @@ Why these settings (see docs/architecture.md, "Jobs survive workers"):
 - ``worker_prefetch_multiplier = 1``: a worker busy with a long backup does not hoard
   messages other workers could take.
 - Results live in the catalog, not in a result backend.
-- The reaper thread in each worker requeues jobs whose worker died (lease expired)
-  without waiting for the broker to redeliver their message.
+- The sweeper thread in each worker (worker/outbox.py) requeues jobs whose worker
+  died (lease expired) without waiting for the broker to redeliver their message, and
+  sends again any queued job whose message is overdue (a broker outage delays jobs,
+  it never drops them).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from catalog import jobs
 from catalog.store import Catalog
 from virtwarden.config import Config
-from virtwarden.errors import BrokerUnavailable, VirtwardenError
+from virtwarden.errors import BrokerUnavailable
 
 log = logging.getLogger(__name__)
 TASK = "virtwarden.run_job"
@@ -79,14 +81,16 @@ def config() -> Config:
 
 @app.task(name=TASK, bind=True, max_retries=None)
 def run_job(self, job_id: str) -> str:  # noqa: ANN001
-    from worker.runner import execute
+    from worker.runner import execute, retry_delay
 
-    outcome = execute(config(), job_id, cat=catalog())
+    cfg = config()
+    outcome = execute(cfg, job_id, cat=catalog())
     if outcome == "busy":
+        # This message comes back: the outbox need not send another meanwhile.
+        jobs.postpone(catalog(), job_id, BUSY_RETRY_SECONDS + cfg.worker.resend_seconds)
         raise self.retry(countdown=BUSY_RETRY_SECONDS)
     if outcome == "retry":
-        attempt = jobs.get(catalog(), job_id).attempts
-        raise self.retry(countdown=min(config().worker.retry_delay_seconds * attempt, 600))
+        raise self.retry(countdown=retry_delay(cfg, jobs.get(catalog(), job_id).attempts))
     return outcome
 
 
@@ -116,23 +120,18 @@ def mask(url: str) -> str:
     return _mask(url)
 
 
-# --- the reaper: requeue jobs of dead workers --------------------------------------
-def _reap_forever(stop: threading.Event) -> None:
-    cfg = config()
-    cat = catalog()
+# --- the sweeper: requeue jobs of dead workers, resend lost messages ---------------
+def _sweep_forever(stop: threading.Event) -> None:
+    from worker.outbox import Sweeper
+
+    sweeper = Sweeper(config(), catalog())
     while True:
-        try:
-            for job in jobs.reap(cat):
-                log.warning("job %s: its worker stopped renewing the lease; requeued (attempt %d of %d)",
-                            job.id, job.attempts + 1, job.max_attempts)
-                send(job)
-        except VirtwardenError as e:
-            log.warning("reaper: %s", e)
-        if stop.wait(cfg.worker.reap_seconds):
+        sweeper.sweep()
+        if stop.wait(config().worker.reap_seconds):
             return
 
 
-_reaper_stop = threading.Event()
+_sweeper_stop = threading.Event()
 
 
 @signals.worker_process_init.connect
@@ -145,10 +144,10 @@ def _forget_parent_catalogs(**_kwargs: object) -> None:
 
 
 @signals.worker_ready.connect
-def _start_reaper(**_kwargs: object) -> None:
-    threading.Thread(target=_reap_forever, args=(_reaper_stop,), name="reaper", daemon=True).start()
+def _start_sweeper(**_kwargs: object) -> None:
+    threading.Thread(target=_sweep_forever, args=(_sweeper_stop,), name="sweeper", daemon=True).start()
 
 
 @signals.worker_shutdown.connect
-def _stop_reaper(**_kwargs: object) -> None:
-    _reaper_stop.set()
+def _stop_sweeper(**_kwargs: object) -> None:
+    _sweeper_stop.set()

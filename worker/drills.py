@@ -51,9 +51,9 @@ def drill_params(cfg: Config, cat: Catalog, domain: str, *, point: str | None = 
 
 def submit_drill(cfg: Config, cat: Catalog, domain: str, *, point: str | None = "latest", policy: str | None = None,
                  host: str | None = None, requested_by: str | None = None,
-                 dedup_key: str | None = None) -> jobs.JobView:
+                 dedup_key: str | None = None, interactive: bool = True) -> jobs.JobView:
     """Queue a drill of ``domain``; ``point`` is an id, ``latest``, ``oldest`` or None
-    (the policy's choice)."""
+    (the policy's choice). ``interactive``: see ``worker.submit.backup``."""
     from worker import celery_app
     from worker.submit import enqueue
 
@@ -62,8 +62,10 @@ def submit_drill(cfg: Config, cat: Catalog, domain: str, *, point: str | None = 
         made_on = points.get(cat, params["point"]).host
         host = made_on if made_on in cfg.hosts else next(iter(cfg.hosts))
     cfg.host(host)  # UnknownHost
-    celery_app.check_broker(cfg)
-    return enqueue(cfg, cat, "drill", domain, host, params, requested_by, dedup_key=dedup_key)
+    if interactive:
+        celery_app.check_broker(cfg)
+    return enqueue(cfg, cat, "drill", domain, host, params, requested_by, dedup_key=dedup_key,
+                   interactive=interactive)
 
 
 def _named(found: list[Policy], name: str) -> Policy:

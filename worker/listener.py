@@ -252,20 +252,21 @@ class Dispatcher:
         key = f"event:{rec.id}:{action.policy}:{action.run}"
         if action.run == "backup":
             job = submit.backup(self.cfg, self.cat, rec.domain, policy=action.policy, full=action.full,
-                                host=rec.host, requested_by="event", dedup_key=key)
+                                host=rec.host, requested_by="event", dedup_key=key, interactive=False)
         elif action.run == "snapshot":  # settled from its policy now, like a backup
             params = resolve_snapshots(self.cfg, rec.domain, policy=action.policy,
                                        host=rec.host).job_params(rec.domain)
             job = submit.enqueue(self.cfg, self.cat, "snapshot", rec.domain, rec.host, params, "event",
-                                 dedup_key=key)
+                                 dedup_key=key, interactive=False)
         elif action.run == "drill":
             from worker.drills import submit_drill
 
             job = submit_drill(self.cfg, self.cat, rec.domain, point=None, policy=action.policy, host=rec.host,
-                               requested_by="event", dedup_key=key)
+                               requested_by="event", dedup_key=key, interactive=False)
         else:
             job = submit.enqueue(self.cfg, self.cat, action.run, rec.domain, rec.host,
-                                 {"domain": rec.domain, "policy": action.policy}, "event", dedup_key=key)
+                                 {"domain": rec.domain, "policy": action.policy}, "event", dedup_key=key,
+                                 interactive=False)
         log.info("event %d: %s of %s on host %s -> %s job %s (policy %s%s)", rec.id, rec.kind, rec.domain,
                  rec.host, action.run, job.id, action.policy, ", full" if action.full else "")
 

@@ -214,8 +214,8 @@ def run(cfg: Config, cat: Catalog, book: Runbook, given: dict[str, str], actor: 
     record = audit.record(cat, actor=actor, action=f"runbook:{book.name}", target=_target(steps), params=given,
                           job_id=parent.id)
     claim = jobs.claim(cat, parent.id, owner, cfg.worker.lease_seconds, lock_domain=False)
-    assert claim.ok, claim.why
-    beat = Heartbeat(cat, parent.id, owner, cfg.worker.lease_seconds, cfg.worker.heartbeat_seconds)
+    assert claim.ok and claim.fence is not None, claim.why
+    beat = Heartbeat(cat, claim.fence, cfg.worker.heartbeat_seconds)
     beat.start()
     report: dict[str, Any] = {"runbook": book.name, "job_id": parent.id, "params": given, "steps": []}
     failed: str | None = None
@@ -235,7 +235,7 @@ def run(cfg: Config, cat: Catalog, book: Runbook, given: dict[str, str], actor: 
         beat.stop()
     report["state"] = jobs.FAILED if failed else jobs.SUCCEEDED
     report["summary"] = failed or f"{len(steps)} step(s) succeeded"
-    jobs.finish(cat, parent.id, owner, ok=not failed, result=report, error=failed)
+    jobs.finish(cat, claim.fence, ok=not failed, result=report, error=failed)
     audit.finish(cat, record.id, audit.FAILED if failed else audit.SUCCEEDED, report["summary"])
     if failed:
         err = JobFailed(f"runbook {book.name} (job {parent.id}): {failed}")

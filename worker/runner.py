@@ -1,5 +1,12 @@
 """Running one job row: claim it, keep its lease fresh, call the job function, record
 the outcome. Celery calls ``execute``; nothing here depends on Celery.
+
+An attempt holds the job only through its ``Fence`` (the token its claim set). The job
+function gets a catalog whose every write is conditional on that token, a report
+callback that stops the job once the lease is lost or could not be renewed in time,
+and ``confirm_owner`` to call right before any step that changes something outside
+the catalog (see catalog/fencing.py). A job that loses its lease stops where it is and
+records nothing; its successor's recovery takes over what it left.
 """
 from __future__ import annotations
 
@@ -7,16 +14,18 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from catalog import jobs
+from catalog.fencing import Fence
 from catalog.store import Catalog
 from storage_backends import open_backend
 from tasks.context import JobContext
 from virtwarden.config import Config
-from virtwarden.errors import Transient, VirtwardenError
+from virtwarden.errors import LeaseLost, Transient, VirtwardenError
 
 log = logging.getLogger(__name__)
 
@@ -30,31 +39,39 @@ FOLLOW_DOMAIN = {"backup", "snapshot"}
 @dataclass(frozen=True)
 class JobKind:
     """A job function and its request type, as "module:name" strings imported when a
-    job of this kind runs."""
+    job of this kind runs; ``recover`` (optional) undoes what an unfinished attempt left
+    and runs once more when the job gives up, before it is marked failed."""
 
     run: str
     request: str
     needs_hypervisor: bool
+    recover: str | None = None
 
     def load(self) -> tuple[Callable[[JobContext, Any], dict], type]:
-        import importlib
+        return _import(self.run), _import(self.request)
 
-        def get(ref: str) -> Any:
-            module, name = ref.split(":")
-            return getattr(importlib.import_module(module), name)
+    def load_recovery(self) -> Callable[[JobContext, Any], None] | None:
+        return _import(self.recover) if self.recover else None
 
-        return get(self.run), get(self.request)
+
+def _import(ref: str) -> Any:
+    import importlib
+
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 KINDS: dict[str, JobKind] = {
-    "backup": JobKind("tasks.backup:run_backup", "tasks.backup:BackupRequest", True),
+    "backup": JobKind("tasks.backup:run_backup", "tasks.backup:BackupRequest", True,
+                      recover="tasks.recovery:recover_backup_job"),
     "restore": JobKind("tasks.restore:run_restore", "tasks.restore:RestoreRequest", False),
     "snapshot": JobKind("tasks.snapshots:run_snapshot", "tasks.snapshots:SnapshotRequest", True),
     "prune": JobKind("tasks.prune:run_prune", "tasks.prune:PruneRequest", False),
     "restore-as-domain": JobKind("tasks.restore_domain:run_restore_as_domain",
                                  "tasks.restore_domain:AsDomainRequest", True),
     "restore-in-place": JobKind("tasks.restore_domain:run_restore_in_place",
-                                "tasks.restore_domain:InPlaceRequest", True),
+                                "tasks.restore_domain:InPlaceRequest", True,
+                                recover="tasks.restore_domain:recover_in_place"),
     "drill": JobKind("tasks.drill:run_drill", "tasks.drill:DrillRequest", True),
     "verify": JobKind("tasks.verify:run_verify", "tasks.verify:VerifyRequest", False),
     # A runbook run is driven by the process that started it; a worker only ever sees
@@ -64,19 +81,31 @@ KINDS: dict[str, JobKind] = {
 }
 
 
-class LeaseLost(Exception):
-    """Another worker took the job over; stop without recording anything."""
+def recoverable(kind: str) -> bool:
+    """Whether a job of ``kind`` that gives up runs its recovery first (for ``jobs.reap``)."""
+    known = KINDS.get(kind)
+    return bool(known and known.recover)
 
 
 class Heartbeat:
-    """Renews the job's lease in the background and carries its progress."""
+    """Renews the attempt's lease in the background, carries its progress, and stops the
+    job (LeaseLost at its next report) once the lease is not ours any more: taken over,
+    or not renewed for so long that it may have been (a worker paused or cut off from
+    the database acts on nothing it can no longer prove it owns)."""
 
-    def __init__(self, cat: Catalog, job_id: str, owner: str, lease: float, every: float) -> None:
-        self.cat, self.job_id, self.owner, self.lease, self.every = cat, job_id, owner, lease, every
+    def __init__(self, cat: Catalog, fence: Fence, every: float) -> None:
+        self.cat, self.fence, self.every = cat, fence, every
+        self.fenced = cat.fenced(fence)  # what the job writes through
         self.lost = threading.Event()
+        self._renewed = time.monotonic()  # the claim has just set the lease
         self._stop = threading.Event()
         self._progress: tuple[float, str] | None = None
-        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{job_id[:8]}", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{fence.job_id[:8]}", daemon=True)
+
+    @property
+    def margin(self) -> float:
+        """How long before the lease's end (by our clock) the job stops acting."""
+        return max(self.fence.lease_seconds * 0.2, min(self.every, self.fence.lease_seconds / 2))
 
     def start(self) -> None:
         self._thread.start()
@@ -85,10 +114,30 @@ class Heartbeat:
         self._stop.set()
         self._thread.join(timeout=self.every + 5)
 
-    def report(self, fraction: float, text: str) -> None:
+    def check(self) -> None:
+        """LeaseLost when the lease is not (provably) ours any more."""
+        if not self.lost.is_set() and time.monotonic() - self._renewed > self.fence.lease_seconds - self.margin:
+            log.warning("job %s: lease not renewed for %.0fs; stopping before another worker may take over",
+                        self.fence.job_id, time.monotonic() - self._renewed)
+            self.lost.set()
         if self.lost.is_set():
-            raise LeaseLost(f"job {self.job_id}: lease lost; another worker owns it now")
+            raise LeaseLost(f"job {self.fence.job_id}: lease lost; another worker owns it now or may take it")
+
+    def report(self, fraction: float, text: str) -> None:
+        self.check()
         self._progress = (fraction, text)
+
+    def confirm(self, action: str) -> None:
+        """Right before a step that changes something outside the catalog: prove with the
+        database that the attempt still holds the job (which renews the lease)."""
+        self.check()
+        started = time.monotonic()
+        try:
+            self.fenced.check_owner(action)
+        except LeaseLost:
+            self.lost.set()
+            raise
+        self._renewed = max(self._renewed, started)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every):
@@ -96,14 +145,16 @@ class Heartbeat:
 
     def beat(self) -> None:
         progress = self._progress
+        started = time.monotonic()
         try:
-            ok = jobs.heartbeat(self.cat, self.job_id, self.owner, self.lease,
-                                progress=progress[0] if progress else None,
+            ok = jobs.heartbeat(self.cat, self.fence, progress=progress[0] if progress else None,
                                 text=progress[1] if progress else None)
         except VirtwardenError as e:  # database briefly unreachable: try again next beat
-            log.warning("job %s: heartbeat failed: %s", self.job_id, e)
+            log.warning("job %s: heartbeat failed: %s", self.fence.job_id, e)
             return
-        if not ok:
+        if ok:
+            self._renewed = max(self._renewed, started)
+        else:
             self.lost.set()
 
 
@@ -124,26 +175,31 @@ def owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
 
 
+def retry_delay(cfg: Config, attempt: int) -> float:
+    """How long a job waits before its next attempt after a transient failure."""
+    return min(cfg.worker.retry_delay_seconds * attempt, 600.0)
+
+
 def execute(cfg: Config, job_id: str, *, cat: Catalog | None = None) -> str:
     """Run the job if we can claim it. Returns 'done', 'failed', 'skipped' (someone else
-    has it or it finished), 'busy' (its domain is locked: try again later), 'retry'
-    (a transient error: the job is queued again) or 'moved' (its domain runs on another
-    host now: the job was sent to that host's queue)."""
+    has it, it finished, or this attempt lost it), 'busy' (its domain is locked: try
+    again later), 'retry' (a transient error: the job is queued again) or 'moved' (its
+    domain runs on another host now: the job was sent to that host's queue)."""
     cat = cat or Catalog(cfg.catalog_url)
     job = jobs.get(cat, job_id)
     kind = KINDS.get(job.kind)
     owner = owner_id()
     claim = jobs.claim(cat, job_id, owner, cfg.worker.lease_seconds, lock_domain=job.kind in DISK_CHANGING)
-    if not claim.ok:
+    if not claim.ok or claim.fence is None:
         log.info("job %s: not started (%s)", job_id, claim.why)
         return "busy" if claim.why == "domain-busy" else "skipped"
+    fence = claim.fence
     loaded = _job_function(kind)
     if kind is None or loaded is None:
         why = "is not part of this release yet" if kind else "is unknown"
-        jobs.finish(cat, job_id, owner, ok=False, error=f"job kind {job.kind!r} {why}")
+        jobs.finish(cat, fence, ok=False, error=f"job kind {job.kind!r} {why}")
         return "failed"
-    run, request = loaded
-    beat = Heartbeat(cat, job_id, owner, cfg.worker.lease_seconds, cfg.worker.heartbeat_seconds)
+    beat = Heartbeat(cat, fence, cfg.worker.heartbeat_seconds)
     beat.start()
     hv = None
     try:
@@ -153,39 +209,62 @@ def execute(cfg: Config, job_id: str, *, cat: Catalog | None = None) -> str:
 
             hv = LibvirtHost(host, cfg.host(host).uri).open()
         ctx = JobContext(
-            job_id=job_id, catalog=cat, hypervisor=hv,
+            job_id=job_id, catalog=beat.fenced, hypervisor=hv,
             storage=lambda name: open_backend(name, cfg.storage_target(name)),
             scratch_root=cfg.scratch_dir(host), report=beat.report, attempt=claim.attempt,
+            token=fence.token, confirm_owner=beat.confirm,
         )
+        if claim.give_up is not None:
+            return _give_up(cat, ctx, kind, loaded[1], job, claim.give_up)
         if hv is not None and job.kind in FOLLOW_DOMAIN and job.domain:
             from worker.submit import follow_domain
 
-            if follow_domain(cfg, cat, job, owner, hv):
+            if follow_domain(cfg, cat, job, fence, hv):
                 return "moved"
-        log.info("job %s: %s of %s, attempt %d", job_id, job.kind, job.domain, claim.attempt)
-        result = run(ctx, request(**job.params))
+        log.info("job %s: %s of %s, attempt %d (token %d)", job_id, job.kind, job.domain, claim.attempt, fence.token)
+        result = loaded[0](ctx, loaded[1](**job.params))
+        beat.check()
     except LeaseLost as e:
         log.warning("%s", e)
         return "skipped"
     except Transient as e:
         if claim.attempt < job.max_attempts:
             log.warning("job %s: attempt %d failed, will retry: %s", job_id, claim.attempt, e)
-            jobs.requeue(cat, job_id, owner, f"attempt {claim.attempt} failed: {e}")
-            return "retry"
-        jobs.finish(cat, job_id, owner, ok=False, error=str(e))
-        return "failed"
+            if jobs.requeue(cat, fence, f"attempt {claim.attempt} failed: {e}", delay=retry_delay(cfg, claim.attempt),
+                            resend_after=cfg.worker.resend_seconds):
+                return "retry"
+            return "skipped"
+        return _failed(cat, fence, str(e))
     except VirtwardenError as e:
         log.error("job %s: failed: %s", job_id, e)
-        jobs.finish(cat, job_id, owner, ok=False, error=str(e))
-        return "failed"
+        return _failed(cat, fence, str(e))
     except Exception as e:  # noqa: BLE001 - a bug: record it, keep the worker alive
         log.exception("job %s: internal error", job_id)
-        jobs.finish(cat, job_id, owner, ok=False, error=f"internal error (a bug, please report): {e!r}")
-        return "failed"
+        return _failed(cat, fence, f"internal error (a bug, please report): {e!r}")
     finally:
         beat.stop()
         if hv is not None:
             hv.close()
-    jobs.finish(cat, job_id, owner, ok=True, result=result)
+    if not jobs.finish(cat, fence, ok=True, result=result):
+        log.warning("job %s: finished, but another worker owns the job now; its outcome is not recorded", job_id)
+        return "skipped"
     log.info("job %s: succeeded", job_id)
     return "done"
+
+
+def _failed(cat: Catalog, fence: Fence, error: str) -> str:
+    return "failed" if jobs.finish(cat, fence, ok=False, error=error) else "skipped"
+
+
+def _give_up(cat: Catalog, ctx: JobContext, kind: JobKind, request: type, job: jobs.JobView, error: str) -> str:
+    """The job's last attempt was lost: run its recovery (undo or finish what it left on
+    the domain and in storage), then record the failure."""
+    recover = kind.load_recovery()
+    if recover is not None:
+        log.warning("job %s: giving up (%s); running the recovery of %s of %s", job.id, error, job.kind, job.domain)
+        try:
+            recover(ctx, request(**job.params))
+        except VirtwardenError as e:
+            error = f"{error}; its recovery failed too: {e}"
+    assert ctx.catalog.fence is not None
+    return _failed(cat, ctx.catalog.fence, error)

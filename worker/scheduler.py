@@ -111,6 +111,7 @@ class TickReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (slot key, reason)
     deferred: list[tuple[str, str]] = field(default_factory=list)
     unreachable: dict[str, str] = field(default_factory=dict)
+    resent: list[str] = field(default_factory=list)  # queued jobs whose message the sweeper sent
     # Configuration problems: policy files that do not load, policies that tie.
     problems: list[str] = field(default_factory=list)
 
@@ -121,6 +122,8 @@ class TickReport:
     def summary(self) -> str:
         text = (f"scheduler tick at {self.at.isoformat()}: {len(self.started)} started, {len(self.skipped)} skipped,"
                 f" {len(self.deferred)} deferred")
+        if self.resent:
+            text += f", {len(self.resent)} queued job(s) sent again"
         text += "".join(f"; host {h} unreachable: {why}" for h, why in self.unreachable.items())
         return text + "".join(f"; {p}" for p in self.problems)
 
@@ -129,7 +132,10 @@ class Scheduler:
     """One scheduler: ``tick`` does one pass; ``run`` ticks until stopped."""
 
     def __init__(self, cfg: Config, cat: Catalog, *, clock: Clock = system_clock) -> None:
+        from worker.outbox import Sweeper
+
         self.cfg, self.cat, self.clock = cfg, cat, clock
+        self.sweeper = Sweeper(cfg, cat)
         self._since: dict[str, datetime] = {}  # per host: the last tick that listed it
         self._first_since: datetime | None = None
         self._started_up = False
@@ -158,6 +164,8 @@ class Scheduler:
         self._finish_unsent(domains)
         self._claim(self._due(policies, domains, now, report), now)
         self._decide(policies, domains, now, report)
+        sweep = self.sweeper.sweep()  # jobs of dead workers, and messages a broker lost
+        report.resent = sweep.resent
         self._since.update({host: now for host in domains})
         return report
 
@@ -230,12 +238,11 @@ class Scheduler:
         busy = [Busy(j.kind, j.host, j.params.get("policy"), j.domain)
                 for j in slots.busy_jobs(self.cat, SCHEDULED_JOBS)]
         plan = split([s for _, s in candidates.values()], now, busy, limits_of(policies))
-        broken = self._broker_problem() if plan.start else None
+        # A broker outage delays jobs, it never drops them: the slots start and their
+        # jobs stay queued until the sweeper can send them (worker/outbox.py).
+        send = self._broker_problem() is None if plan.start else True
         for s in plan.start:
-            if broken:
-                self._record(candidates[s.key][0], s, "defer", broken, report)
-            else:
-                self._start(candidates[s.key][0], s, report)
+            self._start(candidates[s.key][0], s, report, send=send)
         for d in plan.skip:
             row = candidates[d.slot.key][0]
             # A new row whose window closed already was missed (no scheduler ran, or its
@@ -267,10 +274,10 @@ class Scheduler:
         return None
 
     # --- starting --------------------------------------------------------------------------
-    def _start(self, row: slots.SlotRow, slot: Slot, report: TickReport) -> None:
+    def _start(self, row: slots.SlotRow, slot: Slot, report: TickReport, *, send: bool = True) -> None:
         if not slots.move(self.cat, row.id, from_state=slots.DEFERRED, to_state=slots.STARTED, reason=None):
             return  # another scheduler decided this slot first
-        job_id = self._create_job(row.id, slot)
+        job_id = self._create_job(row.id, slot, send=send)
         if job_id is not None:
             report.started.append((slot.key, job_id))
 
@@ -282,14 +289,14 @@ class Scheduler:
                 self._create_job(row.id, Slot(row.policy, row.job, row.domain, row.slot_at, row.window_end,
                                               hosts[row.domain]))
 
-    def _create_job(self, row_id: int, slot: Slot) -> str | None:
+    def _create_job(self, row_id: int, slot: Slot, *, send: bool = True) -> str | None:
         from worker import submit
 
         assert slot.host is not None
         try:
             params = self._params(slot)
             job = submit.enqueue(self.cfg, self.cat, slot.job, slot.domain, slot.host, params, "scheduler",
-                                 dedup_key=slot.key)
+                                 dedup_key=slot.key, interactive=False, send=send)
         except (Transient, PolicyError) as e:  # a policy file being edited is fixed soon, too
             self._not_created(row_id, slot, e)
             return None

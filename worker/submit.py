@@ -13,11 +13,12 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from catalog import jobs
+from catalog.fencing import Fence
 from catalog.store import Catalog
 from hypervisor.types import DomainInfo
 from policies import parse_metadata, resolve_backup
 from virtwarden.config import Config
-from virtwarden.errors import DomainNotFound, HypervisorUnavailable, JobFailed, VirtwardenError
+from virtwarden.errors import BrokerUnavailable, DomainNotFound, HypervisorUnavailable, JobFailed, VirtwardenError
 
 if TYPE_CHECKING:
     from tasks.restore_plan import RestorePlan
@@ -44,7 +45,7 @@ def find_host(cfg: Config, domain: str, host: str | None = None) -> tuple[str, D
     raise DomainNotFound(f"no domain {domain!r} on {where}{detail}")
 
 
-def follow_domain(cfg: Config, cat: Catalog, job: jobs.JobView, owner: str, hv) -> str | None:  # noqa: ANN001
+def follow_domain(cfg: Config, cat: Catalog, job: jobs.JobView, fence: Fence, hv) -> str | None:  # noqa: ANN001
     """A claimed job whose domain is not on the job's host (``hv``) any more: send it to
     the host where the domain runs now and return that host's name; None when the
     domain is here. DomainNotFound (the job then fails saying so) when no configured
@@ -56,25 +57,32 @@ def follow_domain(cfg: Config, cat: Catalog, job: jobs.JobView, owner: str, hv) 
         return None
     host, _ = find_host(cfg, job.domain)
     why = f"domain {job.domain} left host {hv.name}: re-routed to {host}"
-    moved = jobs.move(cat, job.id, owner, host, why)
+    moved = jobs.move(cat, fence, host, why, resend_after=cfg.worker.resend_seconds)
     if moved is not None:
         log.info("job %s: %s", job.id, why)
-        celery_app.send(moved)
+        try:
+            celery_app.send(moved)
+        except BrokerUnavailable as e:  # the outbox sends it once the broker is back
+            log.warning("job %s: %s; it stays queued", job.id, e)
     return host
 
 
 def backup(cfg: Config, cat: Catalog, domain: str, *, policy: str | None = None, target: str | None = None,
            full: bool = False, host: str | None = None, requested_by: str | None = None,
-           dedup_key: str | None = None) -> jobs.JobView:
+           dedup_key: str | None = None, interactive: bool = True) -> jobs.JobView:
+    """Queue a backup. ``interactive`` (CLI, API): a dead broker is an error now and
+    nothing is created; otherwise (an event, an alert) the job is created anyway and
+    the outbox sends it when the broker is back."""
     from worker import celery_app
 
     host, info = find_host(cfg, domain, host)
     settings = resolve_backup(cfg, domain, policy=policy, target=target, host=host,
                               metadata=parse_metadata(info.xml))
     cfg.storage_target(settings.target)  # unknown storage: fail before anything is written
-    celery_app.check_broker(cfg)
+    if interactive:
+        celery_app.check_broker(cfg)
     return enqueue(cfg, cat, "backup", domain, host, settings.job_params(domain, full=full), requested_by,
-                   dedup_key=dedup_key)
+                   dedup_key=dedup_key, interactive=interactive)
 
 
 RESTORE_KINDS = {"to-dir": "restore", "as-domain": "restore-as-domain", "in-place": "restore-in-place"}
@@ -170,21 +178,36 @@ def _refuse_existing_domain(cfg: Config, host: str, name: str) -> None:
 
 
 def enqueue(cfg: Config, cat: Catalog, kind: str, domain: str | None, host: str, params: dict,
-            requested_by: str | None, *, dedup_key: str | None = None) -> jobs.JobView:
-    """Create the job row and send it to the host's queue. With ``dedup_key``, a job that
-    already has the key is returned as it is and nothing is sent again."""
+            requested_by: str | None, *, dedup_key: str | None = None, interactive: bool = True,
+            send: bool = True) -> jobs.JobView:
+    """Create the job row, then send it to the host's queue. With ``dedup_key``, a job that
+    already has the key is returned as it is and nothing is sent again.
+
+    The row is written first and is its own outbox entry (``catalog.jobs``): when the
+    send fails, a request nobody waits for (``interactive=False``: the scheduler, the
+    listener, an alert) stays queued and the sweeper sends it once the broker is back. An
+    interactive request (CLI, API) checked the broker before and is told instead: its
+    job is failed, so nothing runs later that its requester was told had failed. With
+    ``send=False`` (the caller knows the broker is down) the job is only created, due
+    for the sweeper's next round."""
     from worker import celery_app
 
     job, created = jobs.create_once(cat, kind=kind, domain=domain, host=host, params=params,
                                     max_attempts=cfg.worker.max_attempts, requested_by=requested_by,
-                                    dedup_key=dedup_key)
-    if not created:
+                                    dedup_key=dedup_key, resend_after=cfg.worker.resend_seconds if send else 0)
+    if not created or not send:
         return job
     try:
         celery_app.send(job)
     except VirtwardenError as e:
-        jobs.fail_queued(cat, job.id, f"could not be sent to a worker: {e}")
-        raise
+        if interactive:
+            jobs.fail_queued(cat, job.id, f"could not be sent to a worker: {e}")
+            raise
+        log.warning("job %s (%s of %s): %s; it stays queued and is sent when the broker is back", job.id, kind,
+                    domain, e)
+        jobs.postpone(cat, job.id, 0)  # due for the sweeper's next round
+        return job
+    jobs.mark_sent(cat, job, resend_after=cfg.worker.resend_seconds)
     return job
 
 

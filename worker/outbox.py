@@ -1,0 +1,92 @@
+"""Nothing queued is forgotten: the sweep every worker and the scheduler run.
+
+The job row is written before its message is sent, and it is the outbox entry: a
+queued job whose ``dispatch_at`` passed has no message on its way that anyone has
+seen (the send failed while the broker was down, Redis restarted without its data, a
+worker died holding a delayed retry). ``sweep`` then
+
+1. reaps jobs whose worker stopped renewing its lease (``catalog.jobs.reap``), sending
+   the ones it queues again, or giving them up (a job whose kind has a recovery runs it
+   once more first);
+2. sends every queued job whose message is overdue, oldest first, stopping at the first
+   broker error (the next sweep tries again; nothing is marked sent that was not);
+3. now and then, unlists points left ``writing`` by jobs that ended (``tasks.sweep``).
+
+Sending twice is harmless: a worker's claim is a guarded update, so a duplicate finds
+the job claimed or finished and does nothing.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from catalog import jobs
+from catalog.store import Catalog
+from virtwarden.config import Config
+from virtwarden.errors import BrokerUnavailable, VirtwardenError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepReport:
+    requeued: list[str] = field(default_factory=list)
+    resent: list[str] = field(default_factory=list)
+    unsent: int = 0  # overdue jobs left for the next sweep (the broker is down)
+    points: list[str] = field(default_factory=list)  # unfinished points unlisted
+    problems: list[str] = field(default_factory=list)
+
+
+class Sweeper:
+    """Keeps the time of its last points sweep; one per process."""
+
+    def __init__(self, cfg: Config, cat: Catalog) -> None:
+        self.cfg, self.cat = cfg, cat
+        self._points_swept = 0.0
+
+    def sweep(self) -> SweepReport:
+        report = SweepReport()
+        try:
+            self._reap(report)
+            self._resend(report)
+            if time.monotonic() - self._points_swept >= self.cfg.worker.sweep_seconds:
+                self._sweep_points(report)
+        except VirtwardenError as e:  # the catalog is unreachable: the next sweep tries again
+            log.warning("sweep: %s", e)
+            report.problems.append(str(e))
+        return report
+
+    def _reap(self, report: SweepReport) -> None:
+        from worker.runner import recoverable
+
+        for job in jobs.reap(self.cat, resend_after=self.cfg.worker.resend_seconds, recoverable=recoverable):
+            report.requeued.append(job.id)
+            if job.give_up:
+                log.warning("job %s: its last attempt was lost; queued once more to run its recovery", job.id)
+            else:
+                log.warning("job %s: its worker stopped renewing the lease; requeued (attempt %d of %d)",
+                            job.id, job.attempts + 1, job.max_attempts)
+
+    def _resend(self, report: SweepReport) -> None:
+        from worker import celery_app
+
+        due = jobs.due_for_send(self.cat)
+        for i, job in enumerate(due):
+            try:
+                celery_app.send(job)
+            except BrokerUnavailable as e:
+                report.unsent = len(due) - i
+                log.warning("sweep: %d queued job(s) wait for the broker: %s", report.unsent, e)
+                return
+            if jobs.mark_sent(self.cat, job, resend_after=self.cfg.worker.resend_seconds):
+                report.resent.append(job.id)
+                log.info("job %s: (re)sent to host %s's queue (send %d)", job.id, job.host, job.sends + 1)
+
+    def _sweep_points(self, report: SweepReport) -> None:
+        from storage_backends import open_backend
+        from tasks.sweep import sweep_unfinished_points
+
+        report.points = sweep_unfinished_points(
+            self.cat, lambda name: open_backend(name, self.cfg.storage_target(name)))
+        self._points_swept = time.monotonic()

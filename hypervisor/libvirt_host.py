@@ -231,6 +231,15 @@ class LibvirtHost:
         with self._errors("reading job state", name):
             return dom.jobStats(0).get("type", libvirt.VIR_DOMAIN_JOB_NONE) != libvirt.VIR_DOMAIN_JOB_NONE
 
+    def backup_job_running(self, name: str) -> bool:
+        """Whether the domain's active job is a backup (libvirt keeps one that was
+        running when libvirtd restarted: it recovers it from QEMU)."""
+        dom = self._dom(name)
+        with self._errors("reading job state", name):
+            stats = dom.jobStats(0)
+        return (stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) != libvirt.VIR_DOMAIN_JOB_NONE
+                and stats.get("operation") == libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP)
+
     def abort_job(self, name: str) -> None:
         dom = self._dom(name)
         with self._errors("aborting job", name):

@@ -45,11 +45,10 @@ class Repository:
         return prefix + MANIFEST
 
     def write_manifest(self, prefix: str, manifest: dict[str, Any]) -> str:
-        """Publish the point: call only after every artifact is stored and verified."""
+        """Publish the point: call only after every artifact is stored and verified.
+        Returns the SHA-256 of the manifest as stored, for the catalog to keep."""
         body = json.dumps({"format": FORMAT, **manifest}, indent=2, sort_keys=True).encode()
-        key = self.manifest_key(prefix)
-        self.backend.put_bytes(key, body)
-        return key
+        return self.backend.put_bytes(self.manifest_key(prefix), body).sha256
 
     def read_manifest(self, key: str) -> dict[str, Any]:
         try:

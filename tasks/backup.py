@@ -15,7 +15,11 @@ One run makes one restore point of every disk of a running domain:
 
 A failure at any step fails the point (never listed as usable), removes the new
 checkpoint, the stored pieces and the scratch files, and leaves the previous chain
-head and its checkpoint as they were, so the next run continues the chain.
+head and its checkpoint as they were, so the next run continues the chain. That clean-up
+is done only by the attempt that still owns the job (catalog/fencing.py), and only for
+a point it moved from writing to failed: a worker that lost the job, or that cannot
+tell whether its last commit went through, touches nothing (``_undo``,
+``complete_point``).
 """
 from __future__ import annotations
 
@@ -35,10 +39,21 @@ from storage_backends.repository import Repository
 from tasks import quiesce, recovery
 from tasks.context import JobContext
 from tasks.moved import adopt_checkpoint
-from virtwarden.errors import CheckpointMissing, HypervisorError, JobFailed, NoSpace, ToolFailed, VirtwardenError
+from virtwarden import faults
+from virtwarden.errors import (
+    CheckpointMissing,
+    DatabaseUnavailable,
+    HypervisorError,
+    JobFailed,
+    LeaseLost,
+    NoSpace,
+    ToolFailed,
+    VirtwardenError,
+)
 
 log = logging.getLogger(__name__)
 STRATEGY = "bitmap"
+COMMIT_RECHECK_SECONDS = 120.0  # how long a lost commit answer is chased before giving up
 
 
 @dataclass(frozen=True)
@@ -215,8 +230,9 @@ def _make_point(ctx: JobContext, req: BackupRequest, dom: DomainInfo, plan: Leve
         artifacts = _store(ctx, repo, outputs)
         cp_xml = hv.checkpoint_xml(dom.name, checkpoint) if checkpoint else ""
         manifest = _manifest(ctx, dom, point, plan, checkpoint, artifacts, cp_xml, consistency=consistency)
-        repo.write_manifest(prefix, manifest)
-        done = points.complete(ctx.catalog, point_id, artifacts, consistency=consistency)
+        digest = repo.write_manifest(prefix, manifest)
+        faults.pause_point("after-manifest")
+        done = complete_point(ctx, point_id, artifacts, consistency=consistency, manifest_sha256=digest)
     except BaseException as e:
         _undo(ctx, repo, dom.name, point_id, prefix, checkpoint if started else None, e)
         raise
@@ -344,16 +360,63 @@ def _manifest(ctx: JobContext, dom: DomainInfo, point: PointView, plan: LevelPla
     }
 
 
+def complete_point(ctx: JobContext, point_id: str, artifacts: list[ArtifactView], *, consistency: str,
+                   manifest_sha256: str | None) -> PointView:
+    """Mark the point complete. When the database fails around the commit, the outcome is
+    unknown (the UPDATE may have committed and only its answer been lost), so the point
+    is read again, for up to ``COMMIT_RECHECK_SECONDS``, before anything is undone: a
+    point the catalog lists as complete keeps its data whatever the error said."""
+    try:
+        return points.complete(ctx.catalog, point_id, artifacts, consistency=consistency,
+                               manifest_sha256=manifest_sha256)
+    except DatabaseUnavailable as e:
+        log.warning("job %s: completing point %s: %s; reading it again before deciding", ctx.job_id, point_id, e)
+        first = e
+    deadline = time.monotonic() + COMMIT_RECHECK_SECONDS
+    while True:
+        try:
+            now = points.get(ctx.catalog, point_id)
+            if now.status == points.COMPLETE:
+                log.info("job %s: point %s was completed (the commit's answer was lost)", ctx.job_id, point_id)
+                return now
+            return points.complete(ctx.catalog, point_id, artifacts, consistency=consistency,
+                                   manifest_sha256=manifest_sha256)
+        except DatabaseUnavailable as e:
+            if time.monotonic() > deadline:
+                raise DatabaseUnavailable(f"point {point_id}: the catalog could not be reached to complete it "
+                                          f"({first}; {e}); it stays unlisted") from e
+            time.sleep(1.0)
+
+
 def _undo(ctx: JobContext, repo: Repository, domain: str, point_id: str, prefix: str,
           checkpoint: str | None, error: BaseException) -> None:
-    """Leave nothing half-done: the point failed, its pieces and checkpoint removed."""
+    """Leave nothing half-done: the point failed, its pieces and checkpoint removed, but
+    only by the attempt that still owns the job, and the data only of a point this call
+    moved from writing to failed (never of one the catalog lists as complete). When
+    that cannot be known (lease lost, catalog unreachable) nothing is touched: the
+    next attempt's recovery, or the sweep of unfinished points, does it."""
+    if isinstance(error, LeaseLost):
+        return
     hv = ctx.require_hypervisor()
     reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-    points.fail(ctx.catalog, point_id, reason)
+    try:
+        ctx.ensure_owner(f"clean up after the failed backup of {domain}")
+        failed_now = points.fail(ctx.catalog, point_id, reason)
+    except (LeaseLost, VirtwardenError) as e:
+        log.warning("domain %s job %s: not cleaning up point %s now (%s); recovery will", domain, ctx.job_id,
+                    point_id, e)
+        return
+    if not failed_now:
+        log.warning("domain %s job %s: point %s is not being written any more; its data stays", domain,
+                    ctx.job_id, point_id)
+        return
     for step in (lambda: hv.abort_job(domain) if checkpoint and hv.has_active_job(domain) else None,
                  lambda: hv.delete_checkpoint(domain, checkpoint) if checkpoint else None,
                  lambda: recovery.remove_point_data(repo, prefix)):
         try:
+            ctx.ensure_owner(f"clean up after the failed backup of {domain}")
             step()
+        except LeaseLost:
+            return
         except Exception as cleanup_error:  # noqa: BLE001 - report, keep cleaning
             log.warning("domain %s job %s: cleanup after failure: %s", domain, ctx.job_id, cleanup_error)

@@ -82,6 +82,7 @@ from tasks.backup import (
     _outputs,
     _store,
     _undo,
+    complete_point,
     plan_level,
     restored_since,
 )
@@ -95,7 +96,8 @@ from tasks.overlays import (
     reconcile,
     remove_overlay_file,
 )
-from virtwarden.errors import HypervisorError, ToolFailed, VirtwardenError
+from virtwarden import faults
+from virtwarden.errors import HypervisorError, LeaseLost, ToolFailed, VirtwardenError
 
 if TYPE_CHECKING:
     from hypervisor.blockjobs import BlockJobs, Layer
@@ -202,11 +204,12 @@ def _make_point(ctx: JobContext, bj: BlockJobs, req: BackupRequest, dom: DomainI
         artifacts = _store(ctx, repo, outputs)
         manifest = _manifest(ctx, dom, point, plan, token, artifacts, "")
         _describe(manifest, plan, disks, consistency)
-        repo.write_manifest(prefix, manifest)
-        done = points.complete(ctx.catalog, point_id, artifacts, consistency=consistency)
+        digest = repo.write_manifest(prefix, manifest)
+        faults.pause_point("after-manifest")
+        done = complete_point(ctx, point_id, artifacts, consistency=consistency, manifest_sha256=digest)
     except BaseException as e:
         _undo(ctx, repo, dom.name, point_id, prefix, None, e)
-        _roll_back(ctx, bj, dom)
+        _roll_back(ctx, bj, dom, e)
         raise
     finally:
         ctx.clear_scratch()
@@ -246,6 +249,7 @@ def _snapshot(ctx: JobContext, bj: BlockJobs, dom: DomainInfo, token: str) -> li
         row = journal.record(ctx.catalog, job_id=ctx.job_id, domain=dom.name, target=target,
                              overlay_path=overlay, base_path=chain[0].path)
         disks.append(_Disk(target, chain, overlay, row.id))
+    ctx.ensure_owner(f"take the snapshot of {dom.name}")
     bj.snapshot(dom.name, token, {d.target: d.overlay for d in disks})
     after = bj.chains(dom.name)
     for d in disks:
@@ -301,11 +305,19 @@ def _describe(manifest: dict, plan: LevelPlan, disks: list[_Disk], consistency: 
     }
 
 
-def _roll_back(ctx: JobContext, bj: BlockJobs, dom: DomainInfo) -> None:
+def _roll_back(ctx: JobContext, bj: BlockJobs, dom: DomainInfo, error: BaseException) -> None:
     """After a failure: merge this run's overlays back, so the domain is on the chain it
-    had before (reported, never raised over the original error)."""
+    had before (reported, never raised over the original error). Not by an attempt that
+    lost the job: the chain belongs to its successor now, which may be copying the very
+    layer a roll-back would merge into."""
+    if isinstance(error, LeaseLost):
+        return
     try:
+        ctx.ensure_owner(f"merge this run's overlays of {dom.name} back")
         reconcile(ctx, bj, dom.name, dom.uuid)
+    except LeaseLost:
+        log.warning("domain %s job %s: another worker owns the job now; not touching the chains", dom.name,
+                    ctx.job_id)
     except Exception as e:  # noqa: BLE001 - the next run's recovery tries again
         log.error("domain %s job %s: could not merge this run's overlays back: %s; the next run will retry",
                   dom.name, ctx.job_id, e)
@@ -330,6 +342,7 @@ def _merge_frozen(ctx: JobContext, bj: BlockJobs, dom: DomainInfo, disks: list[_
         ids = [rows[p].id for p in run]
         journal.set_state(ctx.catalog, ids, journal.MERGING)
         try:
+            ctx.ensure_owner(f"merge {run[0]} of {dom.name}")
             bj.commit(dom.name, d.target, top=run[0], base=base, timeout=COMMIT_TIMEOUT,
                       poll=ctx.poll_seconds, progress=merge_progress(ctx, d.target))
         except VirtwardenError as e:
@@ -338,6 +351,7 @@ def _merge_frozen(ctx: JobContext, bj: BlockJobs, dom: DomainInfo, disks: list[_
             continue
         journal.set_state(ctx.catalog, ids, journal.COMMITTED)
         chains = bj.chains(dom.name)
+        ctx.ensure_owner(f"delete the merged overlays of {dom.name}")
         for p in run:
             remove_overlay_file(p, chains)
     _release_stale(ctx, bj, dom, new)

@@ -31,15 +31,23 @@ class Hypervisor(Protocol):
                      incremental_from: str | None, bitmap_disks: set[str], skip: set[str]) -> None: ...
     def backup_state(self, name: str) -> JobState: ...
     def has_active_job(self, name: str) -> bool: ...
+    def backup_job_running(self, name: str) -> bool: ...
     def abort_job(self, name: str) -> None: ...
 
 
-# Records progress (fraction done, a line of text); raises when the job must stop
-# because its lease was lost.
+# Records progress (fraction done, a line of text); raises LeaseLost when the job must
+# stop because its lease was lost.
 Reporter = Callable[[float, str], None]
+# Proves, right before a step named by its argument, that this attempt still owns the
+# job; raises LeaseLost otherwise.
+OwnerCheck = Callable[[str], None]
 
 
 def _quiet(_fraction: float, _text: str) -> None:
+    return None
+
+
+def _unfenced(_action: str) -> None:
     return None
 
 
@@ -52,18 +60,38 @@ class JobContext:
     scratch_root: Path
     report: Reporter = _quiet
     attempt: int = 1
+    # The attempt's fencing token (catalog.fencing); 0 outside a worker.
+    token: int = 0
+    confirm_owner: OwnerCheck = _unfenced
     poll_seconds: float = 0.2  # libvirt job polls: cheap, and they bound the added latency
     _scratch: Path | None = field(default=None, repr=False)
 
+    def ensure_owner(self, action: str) -> None:
+        """Call right before a step that changes something outside the catalog (abort a
+        libvirt job, commit or delete an overlay, delete a checkpoint or a stored
+        object, swap disks): LeaseLost when another attempt owns the job now. Catalog
+        writes need no call: the job's catalog checks them itself."""
+        self.confirm_owner(action)
+
     @property
     def scratch(self) -> Path:
-        """This job's own scratch directory (the same path on every attempt)."""
+        """This attempt's own scratch directory: another attempt of the same job (a
+        worker that lost the job and has not noticed yet) never shares it."""
         if self._scratch is None:
-            self._scratch = self.scratch_root / f"job-{self.job_id}"
+            name = f"job-{self.job_id}" + (f".{self.token}" if self.token else "")
+            self._scratch = self.scratch_root / name
         return self._scratch
 
     def clear_scratch(self) -> None:
         shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def clear_stale_scratch(self) -> None:
+        """Remove what earlier attempts of this job left in scratch space (recovery)."""
+        if not self.scratch_root.is_dir():
+            return
+        for path in [self.scratch_root / f"job-{self.job_id}", *self.scratch_root.glob(f"job-{self.job_id}.*")]:
+            if path != self.scratch and path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
 
     def require_hypervisor(self) -> Hypervisor:
         assert self.hypervisor is not None, "this job needs a hypervisor connection"

@@ -133,6 +133,7 @@ def reconcile(ctx: JobContext, bj: BlockJobs, domain: str, domain_uuid: str) -> 
 def _apply(ctx: JobContext, bj: BlockJobs, domain: str, action: Action,
            chains: dict[str, tuple[Layer, ...]]) -> None:
     row = action.row
+    ctx.ensure_owner(f"{action.kind} overlay {row.overlay_path} of {domain}")
     log.warning("domain %s job %s: overlay %s of %s (%s): %s: %s", domain, ctx.job_id, row.overlay_path,
                 row.target, row.state, action.kind, action.why)
     if action.kind == "promote":
@@ -150,6 +151,7 @@ def _apply(ctx: JobContext, bj: BlockJobs, domain: str, action: Action,
             bj.commit(domain, row.target, top=row.overlay_path, base=action.base, timeout=COMMIT_TIMEOUT,
                       poll=ctx.poll_seconds, progress=progress)
         journal.set_state(ctx.catalog, [row.id], journal.COMMITTED)
+        ctx.ensure_owner(f"delete merged overlay {row.overlay_path}")
         remove_overlay_file(row.overlay_path, bj.chains(domain))
 
 
@@ -166,6 +168,7 @@ def _settle_block_jobs(ctx: JobContext, bj: BlockJobs, domain: str, ours: set[st
             raise HypervisorError(
                 f"domain {domain!r}: disk {target} has a running {job.kind} block job that virtwarden did not "
                 f"start; let it finish or cancel it (virsh blockjob {domain} {target} --abort), then back up again")
+        ctx.ensure_owner(f"finish the {job.kind} block job left on {target} of {domain}")
         log.warning("domain %s job %s: finishing the %s block job an earlier run left on %s",
                     domain, ctx.job_id, job.kind, target)
         bj.wait(domain, target, pivot=pivot, timeout=COMMIT_TIMEOUT, poll=ctx.poll_seconds,

@@ -26,8 +26,9 @@ export DEBIAN_FRONTEND=noninteractive
 
 # gcc: libvirt-python builds from source against libvirt-dev.
 # e2fsprogs: the agent guest's ext4 disk is made (mkfs.ext4) and checked (e2fsck) by the tests.
+# faketime: fault tests run a worker whose clock is ahead or behind (libfaketime).
 APT_PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86
-              qemu-utils libvirt-dev pkg-config gcc e2fsprogs
+              qemu-utils libvirt-dev pkg-config gcc e2fsprogs faketime
               iptables)  # libvirt starts its networks (the isolated drill network) through iptables
 
 say() { echo "testhost: $*"; }
@@ -135,7 +136,8 @@ do_install() {
     pick_python
     local wanted=("${APT_PACKAGES[@]}") missing=() p
     ((NEED_VENV)) && wanted+=(python3-venv python3-dev)
-    if ! redis_ok && ! command -v redis-server >/dev/null; then wanted+=(redis-server); fi
+    # redis-server: also for the fault tests' private brokers, which they stop and start.
+    command -v redis-server >/dev/null || wanted+=(redis-server)
     # PostgreSQL: the fleet catalog's tests; installed only where none listens already.
     if ! port_open "$PG_PORT" && ! compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null; then
         wanted+=(postgresql)

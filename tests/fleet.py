@@ -9,16 +9,22 @@ migration; the guest factory's cleanup finds them on either host.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import time
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import pytest
 
 from catalog.store import Catalog
 from tests.conftest import need
+from tests.harness import REPO
 from virtwarden import config as config_module
 
 HOST2_URI = os.environ.get("VIRTWARDEN_TEST_HOST2_URI", "")
+HOST2_PID = Path("/var/lib/virtwarden-testhost/host2/libvirtd.pid")
 MiB = 1024 * 1024
 URIS = {"local": "qemu:///system", "host2": HOST2_URI}
 
@@ -117,3 +123,31 @@ def fill_memory(guest, size_mib: int = 32) -> None:  # noqa: ANN001
                                    "</qemu:commandline></domain>")
     guest.dom = guest.conn.defineXML(xml)
 
+
+
+def stop_host2_libvirtd() -> None:
+    """Stop host2's libvirtd only (never the main host's, never moto); its guests keep
+    running and the next libvirtd reattaches to them."""
+    pid = int(HOST2_PID.read_text().strip())
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if Path(f"/proc/{pid}").exists():
+        os.kill(pid, signal.SIGKILL)
+
+
+def restart_host2(libvirt, uri: str):  # noqa: ANN001, ANN201
+    """``testhost.sh start`` starts what is missing (host2 here); it checks the other
+    services too, and one of them answering slowly on a busy machine fails a run, so
+    try again until host2 answers."""
+    out = ""
+    for _ in range(3):
+        started = subprocess.run(["bash", "scripts/testhost.sh", "start"], cwd=REPO, capture_output=True,
+                                 text=True, timeout=180)
+        out += started.stdout + started.stderr
+        try:
+            return libvirt.open(uri)
+        except libvirt.libvirtError:
+            continue
+    raise AssertionError(f"host2 did not come back after testhost.sh start:\n{out}")

@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Short leases so that a killed worker's job is taken over within seconds.
 TEST_WORKER = {"lease_seconds": 4, "heartbeat_seconds": 1, "reap_seconds": 1, "max_attempts": 3,
-               "retry_delay_seconds": 1, "concurrency": 1}
+               "retry_delay_seconds": 1, "concurrency": 1, "resend_seconds": 3, "sweep_seconds": 5}
 
 
 def wait_for(predicate, timeout: float, what: str, poll: float = 0.05):  # noqa: ANN001, ANN201
@@ -67,14 +67,14 @@ class Cli:
 class WorkerProcess:
     """``virtwarden worker`` in its own process group, its output in a log file."""
 
-    def __init__(self, config: Path, log: Path, hosts: list[str]) -> None:
+    def __init__(self, config: Path, log: Path, hosts: list[str], env: dict[str, str] | None = None) -> None:
         self.log = log
         args = [sys.executable, "-m", "worker.cli", "--config", str(config), "--log-level", "info", "worker"]
         for h in hosts:
             args += ["--host", h]
         self._out = open(log, "ab")
         self.proc = subprocess.Popen(args, cwd=REPO, stdout=self._out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, env={**os.environ, **(env or {})})
 
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -86,6 +86,13 @@ class WorkerProcess:
             time.sleep(0.2)
         raise AssertionError(f"worker did not start:\n{self.log.read_text()[-3000:]}")
 
+    def pause(self) -> None:
+        """SIGSTOP the whole worker: every process and thread stops, lease renewal too."""
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGCONT)
+
     def kill(self) -> None:
         """SIGKILL the whole worker (main process and pool children)."""
         if self.proc.poll() is None:
@@ -94,6 +101,7 @@ class WorkerProcess:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGCONT)  # a paused worker cannot stop
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(30)
@@ -137,9 +145,9 @@ class Installation:
                            capture_output=True, text=True, timeout=timeout)
         return Cli(p.returncode, p.stdout, p.stderr)
 
-    def start_worker(self, hosts: list[str] | None = None) -> WorkerProcess:
+    def start_worker(self, hosts: list[str] | None = None, env: dict[str, str] | None = None) -> WorkerProcess:
         self.write_config()
-        w = WorkerProcess(self.config_path, self.root / f"worker-{len(self.workers)}.log", hosts or [])
+        w = WorkerProcess(self.config_path, self.root / f"worker-{len(self.workers)}.log", hosts or [], env)
         self.workers.append(w)
         w.wait_ready()
         return w
@@ -147,7 +155,11 @@ class Installation:
     def catalog(self):  # noqa: ANN201
         from catalog.store import Catalog
 
-        return Catalog(f"sqlite:///{self.data_dir / 'catalog.db'}")
+        return Catalog(self.extra.get("database_url") or f"sqlite:///{self.data_dir / 'catalog.db'}")
+
+    def storage_path(self, name: str) -> Path:
+        """The directory of a local (nfs) storage target."""
+        return Path(self.storage[name]["path"])
 
     def close(self) -> None:
         for w in self.workers:

@@ -25,11 +25,11 @@ from policies import Policy
 from policies.select import DomainFacts
 from policies.triggers import TriggerAction, triggers_for
 from tests.conftest import need
+from tests.fleet import HOST2_PID, restart_host2, stop_host2_libvirtd
 from tests.harness import REDIS_URL, REPO
 from virtwarden.errors import PolicyError
 from worker.reconcile import SeenDomain, foreign, missed_events, part_of_start, state_after
 
-HOST2_PID = Path("/var/lib/virtwarden-testhost/host2/libvirtd.pid")
 # Our own Redis database: other test runs on this machine flush theirs (and their workers
 # would take messages for host.local from a shared one).
 pytestmark = pytest.mark.xdist_group("host2")  # restarts host2's libvirtd: every host2 user shares one xdist worker
@@ -334,33 +334,6 @@ def test_a_started_domain_is_backed_up_without_any_command(installation, guest_f
         listener.stop()
 
 
-def _stop_host2_libvirtd() -> None:
-    """Stop host2's libvirtd only (never the main host's, never moto)."""
-    pid = int(HOST2_PID.read_text().strip())
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if Path(f"/proc/{pid}").exists():
-        os.kill(pid, signal.SIGKILL)
-
-
-def _restart_host2(libvirt, uri: str):  # noqa: ANN001, ANN201
-    """``testhost.sh start`` starts what is missing (host2 here); it checks the other
-    services too, and one of them answering slowly on a busy machine fails a run, so
-    try again until host2 answers."""
-    out = ""
-    for _ in range(3):
-        started = subprocess.run(["bash", "scripts/testhost.sh", "start"], cwd=REPO, capture_output=True,
-                                 text=True, timeout=180)
-        out += started.stdout + started.stderr
-        try:
-            return libvirt.open(uri)
-        except libvirt.libvirtError:
-            continue
-    raise AssertionError(f"host2 did not come back after testhost.sh start:\n{out}")
-
-
 def _define_tiny_domain(conn, workdir: Path, name: str):  # noqa: ANN001, ANN201
     from tests.guests import domain_type
 
@@ -390,7 +363,7 @@ def test_a_libvirtd_restart_is_survived_and_what_it_hid_is_handled(installation,
     conn = None
     try:
         pos = listener.wait_for("host h2: reconciled (first contact)")
-        _stop_host2_libvirtd()
+        stop_host2_libvirtd()
         pos = listener.wait_for("host h2: connection to", after=pos)  # ... lost (end of file / I/O error)
         pos = listener.wait_for("next attempt in", after=pos)  # a reconnect failed: libvirtd is down
         # Freeze the listener while libvirtd comes back and a domain is defined and
@@ -398,7 +371,7 @@ def test_a_libvirtd_restart_is_survived_and_what_it_hid_is_handled(installation,
         # reconciliation can find them. Its backoff timer runs on and fires on SIGCONT.
         os.killpg(listener.proc.pid, signal.SIGSTOP)
         try:
-            conn = _restart_host2(libvirt, uri2)
+            conn = restart_host2(libvirt, uri2)
             _define_tiny_domain(conn, tmp_path / name, name).create()
         finally:
             os.killpg(listener.proc.pid, signal.SIGCONT)

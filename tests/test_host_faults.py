@@ -1,0 +1,128 @@
+"""Faults of the hosts themselves, with two real libvirt hosts and a PostgreSQL catalog:
+a worker whose clock runs ahead (libfaketime) takes over no live job; a point made on a
+host whose clock runs behind is still the newest; libvirtd restarted in the middle of a
+push backup leaves nothing the retry trips over."""
+from __future__ import annotations
+
+import pytest
+
+from catalog import jobs as job_rows
+from catalog import points
+from tests.faults import faketime_env
+from tests.fleet import HOST2_URI, restart_host2, stop_host2_libvirtd
+from tests.guests import images_equal
+from tests.harness import TEST_WORKER, s3_storage_entry, wait_for
+
+pytestmark = [pytest.mark.libvirt, pytest.mark.xdist_group("host2")]
+MiB = 1024 * 1024
+
+
+def _policy(vw, tmp_path, target: str, retention: str = "") -> None:  # noqa: ANN001
+    pdir = tmp_path / "policies"
+    pdir.mkdir(exist_ok=True)
+    (pdir / "p.yaml").write_text(
+        "apiVersion: virtwarden/v1\nkind: Policy\nmetadata:\n  name: p\n"
+        f"spec:\n  selector:\n    domains: ['vwtest-*']\n  backup:\n    target: {target}\n{retention}")
+    vw.extra["policy_dir"] = str(pdir)
+
+
+def test_a_worker_whose_clock_runs_ahead_takes_over_no_live_job(fleet, vw, guest_factory, s3_settings, tmp_path):
+    vw.storage["s3"] = s3_storage_entry(s3_settings)
+    _policy(vw, tmp_path, "s3")
+    g = guest_factory(disks=1, size_mib=320)
+    g.write_random("vda", 0, 300 * MiB)
+    cat = fleet.cat
+    vw.start_worker(["local"])
+    ahead = vw.start_worker(["host2"], env=faketime_env("+90s"))  # its sweeper reaps every second
+
+    r = vw.cli("backup", g.name, "--policy", "p", "--json")
+    assert r.code == 0, r.err
+    job_id = r.json()["id"]
+    wait_for(lambda: "storing" in (job_rows.get(cat, job_id).progress_text or ""), 120, "the upload to start")
+    done = wait_for(lambda: (j := job_rows.get(cat, job_id)).finished and j, 240, "the backup")
+    assert (done.state, done.attempts) == ("succeeded", 1), done.error
+    assert b"stopped renewing" not in ahead.log.read_bytes()
+    assert [p.status for p in points.for_domain(cat, g.name)] == ["complete"]
+
+
+def test_the_newest_point_is_the_head_after_a_move_to_a_host_whose_clock_is_behind(fleet, vw, guest_factory,
+                                                                                   tmp_path):
+    _policy(vw, tmp_path, "nfs", "    retention:\n      keep_last: 1\n")
+    g = guest_factory(disks=1, size_mib=64)
+    g.write("vda", 0, MiB, pattern=0x10)
+    cat = fleet.cat
+    vw.start_worker(["local"])
+    vw.start_worker(["host2"], env=faketime_env("-5m"))
+
+    r = vw.cli("backup", g.name, "--policy", "p", "--wait", "--json")
+    assert r.code == 0, r.err + r.out
+    first = r.json()["result"]["point_id"]
+    fleet.move(g.name, "local", "host2")
+    g.write("vda", MiB, MiB, pattern=0x20)
+    r = vw.cli("backup", g.name, "--policy", "p", "--full", "--wait", "--json")  # made by host2's worker
+    assert r.code == 0, r.err + r.out
+    assert r.json()["host"] == "host2"
+    second = r.json()["result"]["point_id"]
+    assert points.get(cat, second).created_at > points.get(cat, first).created_at
+    # keep_last: 1 kept the point just made, not the one a clock 5 minutes ahead made.
+    assert {p.id: p.status for p in points.for_domain(cat, g.name)} == {first: "deleted", second: "complete"}
+
+    g.write("vda", 2 * MiB, MiB, pattern=0x30)
+    r = vw.cli("backup", g.name, "--policy", "p", "--wait", "--json")
+    assert r.code == 0, r.err + r.out
+    third = points.get(cat, r.json()["result"]["point_id"])
+    assert (third.level, third.parent_id) == ("incremental", second)
+    out = tmp_path / "restored"
+    assert vw.cli("restore", g.name, "--point", third.id, "--to-dir", str(out), "--wait").code == 0
+    assert images_equal(out / "vda.qcow2", g.shadow_copy("vda", tmp_path / "expected.raw"))
+
+
+def _throttle(dom, quota_us: int) -> None:  # noqa: ANN001
+    """Cap the CPU time of the guest's QEMU emulator threads (where block jobs run), so a
+    backup copy lasts long enough to restart libvirtd in the middle of it; -1 lifts it."""
+    import libvirt
+
+    dom.setSchedulerParametersFlags({"emulator_period": 100000, "emulator_quota": quota_us},
+                                    libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+
+def test_a_libvirtd_restart_during_a_push_backup_is_recovered_by_the_retry(fleet, vw, guest_factory, tmp_path):
+    import libvirt
+
+    g = guest_factory(disks=1, size_mib=320)
+    g.write_random("vda", 0, 256 * MiB)
+    fleet.move(g.name, "local", "host2")
+    vw.extra["worker"] = {**TEST_WORKER, "max_attempts": 10, "retry_delay_seconds": 2}
+    cat = fleet.cat
+    vw.start_worker(["host2"])
+    conn = libvirt.open(HOST2_URI)
+    _throttle(conn.lookupByName(g.name), 1000)
+
+    r = vw.cli("backup", g.name, "--target", "nfs", "--json")
+    assert r.code == 0, r.err
+    job_id = r.json()["id"]
+    wait_for(lambda: "copying disks" in (job_rows.get(cat, job_id).progress_text or ""), 120, "the copy to start")
+    conn.close()
+    stop_host2_libvirtd()  # the guest and its backup job run on in QEMU
+    conn = restart_host2(libvirt, HOST2_URI)
+    dom = conn.lookupByName(g.name)
+    assert dom.jobStats(0).get("operation") == libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP  # libvirt recovered it
+    _throttle(dom, -1)
+
+    done = wait_for(lambda: (j := job_rows.get(cat, job_id)).finished and j, 300, "the retried backup")
+    assert done.state == "succeeded", done.error
+    assert done.attempts >= 2
+    listed = [p for p in points.for_domain(cat, g.name)]
+    complete = [p for p in listed if p.status == "complete"]
+    assert len(complete) == 1 and all(p.status == "failed" for p in listed if p is not complete[0])
+    assert dom.jobStats(0).get("type", 0) == libvirt.VIR_DOMAIN_JOB_NONE  # no orphaned libvirt job
+    assert [c.getName() for c in dom.listAllCheckpoints()] == [complete[0].checkpoint]
+    repository = vw.storage_path("nfs")
+    stored = sorted(p.relative_to(repository).as_posix() for p in repository.rglob("*") if p.is_file())
+    prefix = complete[0].manifest_key.rsplit("/", 1)[0] + "/"
+    assert stored and all(k.startswith(prefix) for k in stored), stored  # nothing else, no temp files
+    assert not any(vw.scratch.glob("job-*")), list(vw.scratch.iterdir())
+    out = tmp_path / "restored"
+    assert vw.cli("restore", g.name, "--point", complete[0].id, "--to-dir", str(out), "--wait").code == 0
+    assert images_equal(out / "vda.qcow2", g.shadow_copy("vda", tmp_path / "expected.raw"))
+    assert dom.isActive()  # the guest ran on throughout

@@ -62,6 +62,7 @@ class JobView:
     fence: int = 0
     sends: int = 0
     give_up: str | None = None
+    lease_owner: str | None = None  # host:pid:thread of the attempt running it
 
     @property
     def finished(self) -> bool:

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from virtwarden.errors import DatabaseUnavailable
+from virtwarden.errors import ConfigError, DatabaseUnavailable
 
 if TYPE_CHECKING:
     from catalog.fencing import Fence
@@ -137,22 +137,41 @@ class Catalog:
 
 
 def _engine(url: str) -> Engine:
-    if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30})
+    try:
+        return _sqlite_engine(url) if url.startswith("sqlite") else create_engine(url, pool_pre_ping=True)
+    except ImportError as e:  # SQLAlchemy imports the URL's driver when it makes the engine
+        raise ConfigError(_missing_driver(url, e)) from e
 
-        @event.listens_for(engine, "connect")
-        def _pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
-            cur.close()
 
-        return engine
-    return create_engine(url, pool_pre_ping=True)
+def _missing_driver(url: str, error: ImportError) -> str:
+    """What to install when the driver a catalog URL names is missing. PostgreSQL's driver
+    psycopg2 comes with the `postgres` extra, since a one-machine install on SQLite needs
+    none; a postgresql:// URL without a driver means psycopg 3 to SQLAlchemy 2.1."""
+    name = error.name or str(error)
+    what = f"catalog {mask(url)}: its database driver {name} is not installed"
+    extra = "install virtwarden with its PostgreSQL extra: pip install 'virtwarden[postgres]'"
+    if not url.startswith("postgresql"):
+        return f"{what}; install the Python package that provides it"
+    if name == "psycopg2":
+        return f"{what}; {extra}"
+    return f"{what}; install it, or name psycopg2 in the URL (postgresql+psycopg2://...) and {extra}"
+
+
+def _sqlite_engine(url: str) -> Engine:
+    path = url.split("///", 1)[-1]
+    if path and path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    return engine
 
 
 def mask(url: str) -> str:

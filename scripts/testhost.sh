@@ -98,6 +98,16 @@ sys.exit(0 if sys.prefix == sys.base_prefix and os.path.exists(marker) else 1)';
     fi
 }
 
+# True when the Python that runs the tests is Debian's own. Its `python -m venv` needs
+# python3-venv (pip for the new venv) and building libvirt-python needs python3-dev, for .venv
+# and for the clean install that tests/test_install.py makes in an empty venv on every run.
+debian_python() {
+    local base
+    base=$("$PY" -c 'import sys; print(getattr(sys, "_base_executable", sys.executable))' 2>/dev/null) ||
+        return 1
+    dpkg -S "$(readlink -f "$base")" >/dev/null 2>&1
+}
+
 # True when virtwarden is installed editable from THIS checkout (CI installs from its own
 # clone) and every requirement in pyproject.toml, [test] extra included, is satisfied.
 python_deps_ok() {
@@ -135,7 +145,7 @@ EOF
 do_install() {
     pick_python
     local wanted=("${APT_PACKAGES[@]}") missing=() p
-    ((NEED_VENV)) && wanted+=(python3-venv python3-dev)
+    if ((NEED_VENV)) || debian_python; then wanted+=(python3-venv python3-dev); fi
     # redis-server: also for the fault tests' private brokers, which they stop and start.
     command -v redis-server >/dev/null || wanted+=(redis-server)
     # PostgreSQL: the fleet catalog's tests; installed only where none listens already.

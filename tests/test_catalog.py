@@ -2,6 +2,7 @@
 process can win, and restore points that are usable only once complete."""
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import uuid
@@ -10,7 +11,7 @@ import pytest
 
 from catalog import jobs, points
 from catalog.store import Catalog
-from virtwarden.errors import DatabaseUnavailable, JobNotFound, RestorePointNotFound
+from virtwarden.errors import ConfigError, DatabaseUnavailable, JobNotFound, RestorePointNotFound
 
 
 
@@ -135,6 +136,18 @@ def test_points_are_usable_only_when_complete_and_chains_need_every_link(cat):
 def test_unreachable_database_is_a_clear_error():
     with pytest.raises(DatabaseUnavailable, match="unreachable"):
         Catalog("postgresql+psycopg2://nobody:secret@127.0.0.1:1/x")
+
+
+@pytest.mark.parametrize("url", ["postgresql+psycopg2://nobody:secret@127.0.0.1:1/x",
+                                 "postgresql://nobody:secret@127.0.0.1:1/x"])
+def test_a_postgresql_catalog_without_its_driver_installed_names_the_extra(monkeypatch, url):
+    for driver in ("psycopg2", "psycopg"):  # `import psycopg2` (and psycopg) now fail as if absent
+        monkeypatch.setitem(sys.modules, driver, None)
+    with pytest.raises(ConfigError) as raised:
+        Catalog(url)
+    message = str(raised.value)
+    assert " is not installed" in message and "pip install 'virtwarden[postgres]'" in message
+    assert "secret" not in message
 
 
 def test_processes_opening_a_new_catalog_at_once_all_succeed(tmp_path):

@@ -13,13 +13,17 @@ values written from Python.
 """
 from __future__ import annotations
 
-from typing import Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import literal
+from sqlalchemy import literal, select
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
 from catalog.models import UtcDateTime
+
+if TYPE_CHECKING:
+    from catalog.store import Catalog
 
 _SQLITE_NOW = "strftime('%Y-%m-%d %H:%M:%f000', 'now'{})"
 
@@ -63,3 +67,10 @@ def _later_default(element: db_later, compiler: Any, **kw: Any) -> str:
 def _later_sqlite(element: db_later, compiler: Any, **kw: Any) -> str:
     (seconds,) = list(element.clauses)
     return _SQLITE_NOW.format(f", ({compiler.process(seconds, **kw)} || ' seconds')")
+
+
+def database_now(cat: Catalog) -> datetime:
+    """The database's time now: what decisions about catalog times (retention periods,
+    points "from the future", the age of leftovers) compare with."""
+    with cat.session() as s:
+        return s.execute(select(db_now())).scalar_one()

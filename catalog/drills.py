@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
+from catalog.clock import db_now
 from catalog.models import Drill, Job, utcnow
 from catalog.store import Catalog
 from virtwarden.errors import NotFound
@@ -131,21 +132,19 @@ def recent(cat: Catalog, *, domain: str | None = None, limit: int = 50) -> list[
 def points_in_use(cat: Catalog, domain: str) -> set[str]:
     """The restore points that drills of ``domain`` are restoring right now (their job
     is running with a live lease): a prune must not delete them meanwhile."""
-    now = utcnow()
     with cat.session() as s:
         q = (select(Drill.point_id).join(Job, Job.id == Drill.id)
              .where(Drill.domain == domain, Drill.state == RUNNING, Drill.point_id.is_not(None),
-                    Job.state == "running", Job.lease_expires_at >= now))
+                    Job.state == "running", Job.lease_expires_at >= db_now()))
         return set(s.scalars(q))
 
 
 def live_ids(cat: Catalog) -> set[str]:
     """Drills whose job is being run right now: running, with a lease not yet expired.
     Anything a drill left on a host that is not in this set is a leftover."""
-    now = utcnow()
     with cat.session() as s:
         q = (select(Drill.id).join(Job, Job.id == Drill.id)
-             .where(Job.state == "running", Job.lease_expires_at >= now))
+             .where(Job.state == "running", Job.lease_expires_at >= db_now()))
         return set(s.scalars(q))
 
 

@@ -94,7 +94,7 @@ class LibvirtHost:
                 raise DomainNotFound(f"no domain {domain!r} on host {self.name} ({self.uri})") from e
             if code in _CHECKPOINT_GONE:
                 raise CheckpointMissing(f"{what} on {where}: {msg}") from e
-            if code in (libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INTERNAL_ERROR) and not self._alive():
+            if not self._alive():  # whatever the code says ("End of file while reading data", ...)
                 raise HypervisorUnavailable(f"{what} on {where}: connection to {self.uri} lost: {msg}") from e
             raise HypervisorError(f"{what} on {where}: {msg}") from e
 

@@ -348,7 +348,9 @@ start_host2() {
     port_open "$H2_PORT" && die "port $H2_PORT is taken by something else"
     say "preparing host2 state in $H2"
     mkdir -p "$H2"/{run,lib,etc/qemu,log,cache}
-    rm -rf "${H2:?}"/run/*
+    # Keep run/qemu: it holds the state of guests that still run, and a restarted libvirtd
+    # reattaches to them (and to a backup job one of them runs) as it does on a real host.
+    find "$H2/run" -mindepth 1 -maxdepth 1 ! -name qemu -exec rm -rf {} +
     # The main host's configuration, but not its domain definitions (etc/qemu is host2's own).
     find /etc/libvirt -mindepth 1 -maxdepth 1 ! -name qemu ! -name libvirtd.conf \
         -exec cp -a {} "$H2/etc/" \;

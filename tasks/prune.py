@@ -32,10 +32,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
 from catalog import drills, points
+from catalog.clock import database_now
 from catalog.points import COMPLETE, DELETED, DELETING, FAILED, WRITING, PointView
 from catalog.store import Catalog
 from policies.model import Retention
@@ -120,7 +121,7 @@ def plan_domain(cat: Catalog, domain: str, retention: Retention | None, now: dat
 
 
 def run_prune(ctx: JobContext, req: PruneRequest) -> dict[str, Any]:
-    now = datetime.now(timezone.utc)
+    now = database_now(ctx.catalog)  # points' times are the database's: compare like with like
     domains = [req.domain] if req.domain else sorted(req.rules)
     if req.domain and req.domain not in req.rules:
         raise JobFailed(f"prune of {req.domain!r}: the request carries no retention for it; submit prune jobs"
@@ -177,7 +178,7 @@ def prune_domain(ctx: JobContext, domain: str, storage: str, strategy: str, rete
     Returns the group's kept and deleted point ids. Never raises for a point another
     prune is already deleting; storage errors propagate.
     """
-    now = now or datetime.now(timezone.utc)
+    now = now or database_now(ctx.catalog)
     deleted = _finish_interrupted(ctx, domain, only=(storage, strategy))
     kept: list[str] = []
     for plan in plan_domain(ctx.catalog, domain, retention, now, only=(storage, strategy)):

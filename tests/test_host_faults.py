@@ -9,7 +9,7 @@ import pytest
 from catalog import jobs as job_rows
 from catalog import points
 from tests.faults import faketime_env
-from tests.fleet import HOST2_URI, restart_host2, stop_host2_libvirtd
+from tests.fleet import HOST2_URI, fleet, restart_host2, stop_host2_libvirtd  # noqa: F401 - fleet is a fixture
 from tests.guests import images_equal
 from tests.harness import TEST_WORKER, s3_storage_entry, wait_for
 
@@ -57,17 +57,17 @@ def test_the_newest_point_is_the_head_after_a_move_to_a_host_whose_clock_is_behi
     r = vw.cli("backup", g.name, "--policy", "p", "--wait", "--json")
     assert r.code == 0, r.err + r.out
     first = r.json()["result"]["point_id"]
+    g.write("vda", MiB, MiB, pattern=0x20)  # (the test guests are written to on local only)
     fleet.move(g.name, "local", "host2")
-    g.write("vda", MiB, MiB, pattern=0x20)
     r = vw.cli("backup", g.name, "--policy", "p", "--full", "--wait", "--json")  # made by host2's worker
     assert r.code == 0, r.err + r.out
     assert r.json()["host"] == "host2"
     second = r.json()["result"]["point_id"]
+    assert r.json()["result"].get("retention", {}).get("deleted"), r.json()["result"]
     assert points.get(cat, second).created_at > points.get(cat, first).created_at
     # keep_last: 1 kept the point just made, not the one a clock 5 minutes ahead made.
     assert {p.id: p.status for p in points.for_domain(cat, g.name)} == {first: "deleted", second: "complete"}
 
-    g.write("vda", 2 * MiB, MiB, pattern=0x30)
     r = vw.cli("backup", g.name, "--policy", "p", "--wait", "--json")
     assert r.code == 0, r.err + r.out
     third = points.get(cat, r.json()["result"]["point_id"])
@@ -77,13 +77,18 @@ def test_the_newest_point_is_the_head_after_a_move_to_a_host_whose_clock_is_behi
     assert images_equal(out / "vda.qcow2", g.shadow_copy("vda", tmp_path / "expected.raw"))
 
 
-def _throttle(dom, quota_us: int) -> None:  # noqa: ANN001
-    """Cap the CPU time of the guest's QEMU emulator threads (where block jobs run), so a
-    backup copy lasts long enough to restart libvirtd in the middle of it; -1 lifts it."""
-    import libvirt
+def _slow_down_backup(dom) -> None:  # noqa: ANN001
+    """Cap the speed of the guest's running QEMU backup job (4 MiB/s), so the copy lasts
+    long enough to restart libvirtd in the middle of it. Test-only, through the monitor:
+    libvirt has no speed setting for backup jobs."""
+    import json
 
-    dom.setSchedulerParametersFlags({"emulator_period": 100000, "emulator_quota": quota_us},
-                                    libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    import libvirt_qemu
+
+    running = json.loads(libvirt_qemu.qemuMonitorCommand(dom, '{"execute": "query-jobs"}', 0))["return"]
+    job = next(j["id"] for j in running if j["type"] == "backup")
+    libvirt_qemu.qemuMonitorCommand(dom, json.dumps({"execute": "block-job-set-speed",
+                                                     "arguments": {"device": job, "speed": 4 << 20}}), 0)
 
 
 def test_a_libvirtd_restart_during_a_push_backup_is_recovered_by_the_retry(fleet, vw, guest_factory, tmp_path):
@@ -96,22 +101,28 @@ def test_a_libvirtd_restart_during_a_push_backup_is_recovered_by_the_retry(fleet
     cat = fleet.cat
     vw.start_worker(["host2"])
     conn = libvirt.open(HOST2_URI)
-    _throttle(conn.lookupByName(g.name), 1000)
 
     r = vw.cli("backup", g.name, "--target", "nfs", "--json")
     assert r.code == 0, r.err
     job_id = r.json()["id"]
-    wait_for(lambda: "copying disks" in (job_rows.get(cat, job_id).progress_text or ""), 120, "the copy to start")
+    def copying() -> bool:
+        try:
+            return conn.lookupByName(g.name).jobStats(0).get("operation") == libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP
+        except libvirt.libvirtError:  # "backup job data missing" while the job starts
+            return False
+
+    wait_for(copying, 120, "the copy to start")
+    _slow_down_backup(conn.lookupByName(g.name))
     conn.close()
     stop_host2_libvirtd()  # the guest and its backup job run on in QEMU
     conn = restart_host2(libvirt, HOST2_URI)
     dom = conn.lookupByName(g.name)
-    assert dom.jobStats(0).get("operation") == libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP  # libvirt recovered it
-    _throttle(dom, -1)
 
     done = wait_for(lambda: (j := job_rows.get(cat, job_id)).finished and j, 300, "the retried backup")
     assert done.state == "succeeded", done.error
     assert done.attempts >= 2
+    log = b"".join(w.log.read_bytes() for w in vw.workers)
+    assert b"aborting the backup job an unfinished attempt left" in log  # libvirt had recovered it
     listed = [p for p in points.for_domain(cat, g.name)]
     complete = [p for p in listed if p.status == "complete"]
     assert len(complete) == 1 and all(p.status == "failed" for p in listed if p is not complete[0])

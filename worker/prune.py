@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import datetime, timezone
 from typing import Any
 
 from catalog import jobs, points
+from catalog.clock import database_now
 from catalog.store import Catalog
 from policies import load_policies, parse_metadata
 from policies.model import Policy
@@ -41,7 +41,7 @@ def cli(args: argparse.Namespace) -> int:
     for domain, why in sorted(skipped.items()):
         print(f"virtwarden: prune: skipping {domain}: {why}", file=sys.stderr)
     if args.dry_run:
-        now = datetime.now(timezone.utc)
+        now = database_now(cat)
         result = summarize([dry_run_domain(cat, r, now) for _, r in sorted(rules.items())], dry_run=True)
         if args.json:
             emit_json(result)

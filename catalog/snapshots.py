@@ -21,6 +21,7 @@ from datetime import datetime
 
 from sqlalchemy import select
 
+from catalog.clock import db_now
 from catalog.models import Snapshot, utcnow
 from catalog.store import Catalog
 
@@ -56,9 +57,10 @@ def begin(cat: Catalog, *, domain: str, domain_uuid: str, host: str, name: str, 
     """Record a snapshot about to be taken."""
     with cat.session() as s:
         row = Snapshot(domain=domain, domain_uuid=domain_uuid, host=host, name=name, policy=policy, kind=kind,
-                       consistency="", state=CREATING, job_id=job_id, created_at=utcnow())
+                       consistency="", state=CREATING, job_id=job_id, created_at=db_now())
         s.add(row)
         s.flush()
+        s.refresh(row)
         return _view(row)
 
 

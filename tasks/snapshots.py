@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from catalog import overlays, snapshots
+from catalog.clock import database_now
 from catalog.snapshots import SnapshotView
 from hypervisor.types import NAME_PREFIX, DomainInfo
 from policies.model import Retention
@@ -102,7 +103,7 @@ def rotate(ctx: JobContext, dom: DomainInfo, req: SnapshotRequest) -> tuple[list
     if req.policy is None or req.retention is None:
         return [], [s.name for s in ours]
     rules = Retention.model_validate(req.retention)
-    kept = select_kept([_AsPoint(s) for s in ours], rules, datetime.now(timezone.utc))
+    kept = select_kept([_AsPoint(s) for s in ours], rules, database_now(ctx.catalog))
     hv = ctx.require_hypervisor()
     deleted = []
     for key in sorted(kept.doomed, key=lambda k: int(k)):  # oldest first
@@ -110,6 +111,7 @@ def rotate(ctx: JobContext, dom: DomainInfo, req: SnapshotRequest) -> tuple[list
         if not snap.name.startswith(NAME_PREFIX) or snap.policy != req.policy or snap.domain_uuid != dom.uuid:
             continue  # belt and braces: never delete what this policy did not take
         ctx.report(0.7, f"deleting snapshot {snap.name}")
+        ctx.ensure_owner(f"delete snapshot {snap.name} of {req.domain}")
         gone = not hv_snapshots.delete(hv, req.domain, snap.name)
         snapshots.deleted(ctx.catalog, snap.id, missing=gone)
         deleted.append(snap.name)

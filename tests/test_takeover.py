@@ -165,3 +165,63 @@ def test_a_lost_commit_answer_never_deletes_a_complete_point(vw, guest_factory, 
         out = tmp_path / "restored-next"
         _restore(vw, g, r.json()["result"]["point_id"], out)
         assert images_equal(out / "vda.qcow2", g.shadow_copy("vda", tmp_path / "now.raw"))
+
+
+def test_a_backup_that_gives_up_runs_its_recovery_and_leaves_nothing(vw, guest_factory, s3_settings, tmp_path):
+    """max_attempts 1 and its worker killed mid-upload: nothing retries the backup, but a
+    worker still runs its recovery before marking it failed: the point is unlisted, its
+    uploads and its checkpoint are gone."""
+    from tests.harness import TEST_WORKER
+    from tests.s3server import s3_client
+
+    vw.storage["s3"] = s3_storage_entry(s3_settings)
+    vw.extra["worker"] = {**TEST_WORKER, "max_attempts": 1}
+    g = guest_factory(disks=1, size_mib=320)
+    g.write_random("vda", 0, 300 * MiB)
+    cat = vw.catalog()
+    vw.start_worker()
+    vw.start_worker()
+    r = vw.cli("backup", g.name, "--target", "s3", "--json")
+    assert r.code == 0, r.err
+    job_id = r.json()["id"]
+    wait_for(lambda: "storing" in (job_rows.get(cat, job_id).progress_text or ""), 120, "the upload to start")
+    _owner_worker(vw, cat, job_id).kill()
+
+    done = wait_for(lambda: (j := job_rows.get(cat, job_id)).finished and j, 120, "the job to give up")
+    assert done.state == "failed" and "giving up" in (done.error or ""), done.error
+    assert any(b"running the recovery of backup" in w.log.read_bytes() for w in vw.workers)
+    [point] = points.for_domain(cat, g.name)
+    assert point.status == "failed"
+    s3 = s3_client(s3_settings.endpoint_url)
+    assert not s3.list_objects_v2(Bucket=s3_settings.bucket).get("Contents")
+    assert not s3.list_multipart_uploads(Bucket=s3_settings.bucket).get("Uploads")
+    assert g.dom.listAllCheckpoints() == []
+    assert not any(vw.scratch.glob("job-*"))
+
+
+def test_the_sweep_unlists_a_point_left_writing_by_an_ended_job_and_removes_its_pieces(vw):
+    """What neither a failure path nor a recovery reached (the last worker died, and so
+    did its recovery): the sweep fails the point (catalog first) and removes its pieces."""
+    from catalog import jobs
+    from storage_backends import open_backend
+    from storage_backends.repository import Repository
+    from tasks.sweep import sweep_unfinished_points
+    from virtwarden import config
+
+    cfg = config.load(str(vw.write_config()), env={})
+    cat = vw.catalog()
+    backend = open_backend("nfs", cfg.storage_target("nfs"))
+    repo = Repository(backend)
+    job = jobs.create(cat, kind="backup", domain="web01", host="local", params={})
+    taken = jobs.claim(cat, job.id, "w", 30, lock_domain=False)
+    prefix = repo.point_prefix("web01", "c1", "p1")
+    point = points.begin(cat.fenced(taken.fence), id="p1", domain="web01", domain_uuid="u1", host="local",
+                         storage="nfs", strategy="bitmap", chain_id="c1", parent_id=None, seq=0, level="full",
+                         reason="first", checkpoint=None, manifest_key=repo.manifest_key(prefix), job_id=job.id)
+    backend.put_bytes(repo.artifact_key(prefix, "vda"), b"half an image")
+    repo.write_manifest(prefix, {"point_id": "p1"})  # published, then the worker died before completing
+    assert sweep_unfinished_points(cat, lambda name: open_backend(name, cfg.storage_target(name))) == []  # running
+    jobs.finish(cat, taken.fence, ok=False, error="worker lost; recovery lost too")
+    assert sweep_unfinished_points(cat, lambda name: open_backend(name, cfg.storage_target(name))) == [point.id]
+    assert points.get(cat, point.id).status == "failed"
+    assert list(backend.list(prefix)) == []

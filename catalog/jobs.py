@@ -171,19 +171,22 @@ def last_finished(cat: Catalog, *, kind: str, domain: str, since: datetime,
 @dataclass(frozen=True)
 class Claim:
     ok: bool
-    why: str = ""  # when not ok: "finished", "owned", "domain-busy"
+    why: str = ""  # when not ok: "finished", "owned", "domain-busy", "other-host"
     attempt: int = 0
     fence: Fence | None = None  # when ok: this attempt's hold on the job
     give_up: str | None = None  # when ok: the job only runs its recovery, then fails with this
 
 
-def claim(cat: Catalog, job_id: str, owner: str, lease: float, *, lock_domain: bool) -> Claim:
+def claim(cat: Catalog, job_id: str, owner: str, lease: float, *, lock_domain: bool,
+          host: str | None = None) -> Claim:
     """Take the job if it is queued or its owner's lease ran out (by the database's
     clock); with ``lock_domain`` also take the domain's lock in the same transaction.
-    Every successful claim raises the job's fencing token."""
+    With ``host``, only if the job is (still) for that host: a message from one host's
+    queue never runs a job that moved to another host meanwhile. Every successful
+    claim raises the job's fencing token."""
     try:
         with cat.session() as s:
-            return _claim(s, job_id, owner, lease, lock_domain)
+            return _claim(s, job_id, owner, lease, lock_domain, host)
     except _DomainBusy:
         return Claim(False, "domain-busy")
 
@@ -192,15 +195,17 @@ class _DomainBusy(Exception):
     """Raised inside the claim's transaction so that it rolls back as a whole."""
 
 
-def _claim(s, job_id: str, owner: str, lease: float, lock_domain: bool) -> Claim:  # noqa: ANN001
+def _claim(s, job_id: str, owner: str, lease: float, lock_domain: bool, host: str | None) -> Claim:  # noqa: ANN001
     row = s.get(Job, job_id)
     if row is None:
         raise JobNotFound(f"no job {job_id!r}")
     if row.state in FINISHED:
         return Claim(False, "finished")
+    if host is not None and row.host is not None and row.host != host:
+        return Claim(False, "other-host")
     taken = _count(s.execute(
         update(Job)
-        .where(Job.id == job_id)
+        .where(Job.id == job_id, Job.host == row.host)
         .where(or_(Job.state == QUEUED, (Job.state == RUNNING) & (Job.lease_expires_at < db_now())))
         .values(state=RUNNING, lease_owner=owner, lease_expires_at=db_later(lease), fence=Job.fence + 1,
                 attempts=Job.attempts + 1, started_at=db_now(), error=None, dispatch_at=None)

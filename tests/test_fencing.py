@@ -192,3 +192,15 @@ def test_the_database_clock_values_compare_with_python_written_times(cat):
     with cat.session() as s:
         now, later = s.execute(select(db_now(), db_later(60))).one()
     assert abs((now - utcnow()).total_seconds()) < 5 and 59 < (later - now).total_seconds() < 61
+
+
+def test_a_message_from_one_hosts_queue_never_runs_a_job_that_moved_to_another(cat):
+    """The outbox may have sent a job to host a's queue twice; when the first copy
+    re-routes the job to host b (its domain moved), the second copy must not run it on a."""
+    job = jobs.create(cat, kind="backup", domain="web01", host="a", params={})
+    first = jobs.claim(cat, job.id, "worker-on-a", 30, lock_domain=True, host="a")
+    assert jobs.move(cat, first.fence, "b", "domain left a", resend_after=60) is not None
+    late_copy = jobs.claim(cat, job.id, "worker-on-a", 30, lock_domain=True, host="a")
+    assert (late_copy.ok, late_copy.why) == (False, "other-host")
+    assert jobs.get(cat, job.id).state == jobs.QUEUED
+    assert jobs.claim(cat, job.id, "worker-on-b", 30, lock_domain=True, host="b").ok

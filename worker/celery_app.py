@@ -84,7 +84,7 @@ def run_job(self, job_id: str) -> str:  # noqa: ANN001
     from worker.runner import execute, retry_delay
 
     cfg = config()
-    outcome = execute(cfg, job_id, cat=catalog())
+    outcome = execute(cfg, job_id, cat=catalog(), via_host=_queue_host(self.request))
     if outcome == "busy":
         # This message comes back: the outbox need not send another meanwhile.
         jobs.postpone(catalog(), job_id, BUSY_RETRY_SECONDS + cfg.worker.resend_seconds)
@@ -92,6 +92,12 @@ def run_job(self, job_id: str) -> str:  # noqa: ANN001
     if outcome == "retry":
         raise self.retry(countdown=retry_delay(cfg, jobs.get(catalog(), job_id).attempts))
     return outcome
+
+
+def _queue_host(request) -> str | None:  # noqa: ANN001
+    """The host whose queue delivered this message (``host.<name>``), if known."""
+    key = (getattr(request, "delivery_info", None) or {}).get("routing_key") or ""
+    return key[len("host."):] if key.startswith("host.") else None
 
 
 def send(job: jobs.JobView) -> None:

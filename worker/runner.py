@@ -180,16 +180,18 @@ def retry_delay(cfg: Config, attempt: int) -> float:
     return min(cfg.worker.retry_delay_seconds * attempt, 600.0)
 
 
-def execute(cfg: Config, job_id: str, *, cat: Catalog | None = None) -> str:
+def execute(cfg: Config, job_id: str, *, cat: Catalog | None = None, via_host: str | None = None) -> str:
     """Run the job if we can claim it. Returns 'done', 'failed', 'skipped' (someone else
-    has it, it finished, or this attempt lost it), 'busy' (its domain is locked: try
+    has it, it finished, it is for another host than ``via_host``, the host whose queue
+    delivered the message, or this attempt lost it), 'busy' (its domain is locked: try
     again later), 'retry' (a transient error: the job is queued again) or 'moved' (its
     domain runs on another host now: the job was sent to that host's queue)."""
     cat = cat or Catalog(cfg.catalog_url)
     job = jobs.get(cat, job_id)
     kind = KINDS.get(job.kind)
     owner = owner_id()
-    claim = jobs.claim(cat, job_id, owner, cfg.worker.lease_seconds, lock_domain=job.kind in DISK_CHANGING)
+    claim = jobs.claim(cat, job_id, owner, cfg.worker.lease_seconds, lock_domain=job.kind in DISK_CHANGING,
+                       host=via_host)
     if not claim.ok or claim.fence is None:
         log.info("job %s: not started (%s)", job_id, claim.why)
         return "busy" if claim.why == "domain-busy" else "skipped"

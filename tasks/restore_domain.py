@@ -292,6 +292,47 @@ def run_restore_in_place(ctx: JobContext, req: InPlaceRequest) -> dict:
     return _finish(ctx, hv, req, journal)
 
 
+def recover_in_place(ctx: JobContext, req: InPlaceRequest) -> str:
+    """The recovery of an in-place restore that gives up (its last attempt was lost):
+    leave the domain consistent across all its disks, as a retry would. A half-done swap
+    is rolled back (every disk, the old definition, the domain started again if it ran);
+    a swap recorded done is finished without restoring again. Returns what it found and
+    did, for the job's error message."""
+    hv = _libvirt(ctx)
+    journal = journal_of(ctx)
+    ctx.clear_stale_scratch()
+    state, was_running = journal.state, bool(journal.body.get("was_running"))
+    if state == disk_swap.SWAPPED:
+        return _completed_note(_finish(ctx, hv, req, journal, resumed=True))
+    if state is not None:
+        _put_back_earlier_attempt(ctx, hv, req.domain, journal)
+    disk_swap.remove_temps([d.path for d in inspect_host(ctx.catalog, hv, req.domain).disks], ctx.job_id)
+    if state is None:
+        return f"no disk of {req.domain} had been replaced: its disks and definition are as they were"
+    again = "; it was running before and runs again" if was_running else ""
+    if state == disk_swap.STOPPING:
+        return f"{req.domain} had been shut off for the swap, but no disk had been replaced{again}"
+    return f"every disk of {req.domain} and its definition were put back as they were before the restore{again}"
+
+
+def forget_journal(ctx: JobContext) -> None:
+    """Once the job's outcome is recorded no attempt reads its journal again: remove it,
+    unless it holds a swap that could not be put back (kept for the operator, and so that
+    no later restore of the domain starts over it)."""
+    journal = journal_of(ctx)
+    if journal.state in (None, disk_swap.SWAPPED):
+        journal.forget()
+
+
+def _completed_note(result: dict) -> str:
+    old = ("the replaced images were discarded" if not result["set_aside"]
+           else f"the replaced images are kept as {', '.join(result['set_aside'])}")
+    note = (f"the restore had completed before: every disk of {result['domain']} holds point {result['point_id']} "
+            f"and they are consistent; {old}")
+    return note + ("; the domain was started" if result["started"] else "") + \
+        "".join(f"; {w}" for w in result.get("warnings", []))
+
+
 def _plan_in_place(hv: LibvirtHost, req: InPlaceRequest, chain: Chain, live: LiveDomain) -> RestorePlan:
     dest = Destination(IN_PLACE, start=req.start, discard_old=req.discard_old)
     plan = plan_restore(chain.points, chain.manifests, dest, host=hv.name, selected="by id", live=live)

@@ -391,10 +391,10 @@ def _swap_in(ctx: JobContext, hv: LibvirtHost, req: InPlaceRequest, plan: Restor
         raise  # what this attempt began is its successor's to undo or finish
     except BaseException as e:
         problems = _put_back(ctx, hv, name, journal)
-        swap.cleanup_temps()
-        if problems:
+        if problems:  # the journal stays, and its undo rule needs every temporary image kept
             raise HypervisorError(f"{e}; and putting the domain back as it was failed: {'; '.join(problems)} "
                                   f"(journal: {journal.path})") from e
+        swap.cleanup_temps()
         raise
     log.info("domain %s job %s: disks replaced by point %s", name, ctx.job_id, plan.point.id)
 

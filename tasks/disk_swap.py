@@ -1,123 +1,197 @@
-"""Replacing a shut-off domain's disk images with restored ones, undoably.
+"""Replacing a shut-off domain's disk images with restored ones: undoable until it is
+done, never repeated once it is.
 
 For each disk the restored image is first written under a hidden temporary name in the
-same directory as the image it replaces. The swap is then only renames: each image
-being replaced (the disk's own image, and any change-tracking overlays of ours above
-it) moves aside to ``<name>.before-restore-<time>`` in the same directory, and the
+same directory as the image it replaces (the name carries the job and the attempt's
+fencing token, so two attempts never share one). The swap is then only renames: each
+image being replaced (the disk's own image, and any change-tracking overlays of ours
+above it) moves aside to ``<name>.before-restore-<time>`` in the same directory, and the
 temporary image takes the disk's name. Renames in one directory are atomic and copy
 nothing, so the domain is down only for them.
 
-Before the first rename, every intended move and the domain's old definition are
-written to a journal file; a job that is started again after its worker died undoes
-whatever that journal says was begun (``recover``), so a half-done swap never stays.
-Undoing a move means: if its destination exists and its source does not, rename it
-back. Applied to the moves in reverse order this restores the original names whatever
-subset of the moves had happened.
+A journal (``SwapJournal``, one file per job in the host's scratch space) says how far
+the job got, in states written durably (temporary file fsynced, renamed over the
+journal, directory fsynced):
+
+- ``stopping``: the domain is about to be shut off; whether it was running;
+- ``swapping``: every intended move, the temporary images and the domain's old
+  definition, written before the first rename and only once every restored image is
+  complete, which makes the undo rule exact (``roll_back``): applied to the moves in
+  reverse order, "if its destination exists and its source does not, rename it back"
+  restores the original names whatever subset of the moves had happened;
+- ``swapped``: every rename is done and the new definition is in place. From here the
+  restore stands: an attempt that finds this state finishes what is left and never
+  rebuilds, renames or discards anything a second time.
+
+The journal is removed once the job's outcome is recorded (or, when the worker died
+right then, by the next in-place restore on the host); one whose swap could not be put
+back stays for the operator.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from tasks.restore import RestoreRefused, fsync_dir
 from tasks.restore_plan import RestorePlan
+from virtwarden import faults
 
 log = logging.getLogger(__name__)
 ASIDE_SUFFIX = ".before-restore-"
+TEMP_MARK = ".restoring-"
+STOPPING, SWAPPING, SWAPPED = "stopping", "swapping", "swapped"
+AFTER_FIRST_DISK = "in-place-after-first-disk"  # fault point: one disk swapped, the others not
+
+Move = tuple[Path, Path]
+
+
+class SwapJournal:
+    """One in-place restore job's durable record of how far it got (see module doc)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.body: dict[str, Any] = _read(path)
+
+    @property
+    def state(self) -> str | None:
+        return self.body.get("state")
+
+    def record(self, state: str, **fields: Any) -> None:
+        """Add ``fields`` and move to ``state``; on disk (file and directory) on return."""
+        body = {**self.body, **fields, "state": state}
+        _write_durably(self.path, body)
+        self.body = body
+
+    def forget(self) -> None:
+        """Remove the journal (durably): there is nothing left to undo or finish."""
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+        else:
+            fsync_dir(self.path.parent)
+        self.body = {}
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    try:
+        body = json.loads(text)
+    except ValueError as e:
+        raise RestoreRefused(f"the restore journal {path} cannot be read ({e}); check the domain's disks by hand "
+                             "against it, then remove it") from e
+    return body if isinstance(body, dict) else {}
+
+
+def _write_durably(path: Path, body: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(body, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 class DiskSwap:
-    def __init__(self, plan: RestorePlan, job_id: str, journal: Path) -> None:
+    """The renames that put one plan's restored images in place."""
+
+    def __init__(self, plan: RestorePlan, job_id: str, token: int = 0) -> None:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-        self.journal = journal
-        self.temps = {d.target: Path(d.path).with_name(f".{Path(d.path).name}.restoring-{job_id[:8]}")
-                      for d in plan.disks}
+        tag = f"{job_id[:8]}.{token}" if token else job_id[:8]
+        self.job_id = job_id
+        self.images = [d.path for d in plan.disks]
+        self.temps = {d.target: Path(d.path).with_name(f".{Path(d.path).name}{TEMP_MARK}{tag}") for d in plan.disks}
         self.aside = {p: Path(f"{p}{ASIDE_SUFFIX}{stamp}") for d in plan.disks for p in d.replaces}
-        self.moves: list[tuple[Path, Path]] = []
-        self.applied: list[tuple[Path, Path]] = []  # the moves made by this process
-        for d in plan.disks:
-            self.moves += [(Path(p), self.aside[p]) for p in d.replaces]
-            self.moves.append((self.temps[d.target], Path(d.path)))
+        self.per_disk: list[list[Move]] = [
+            [(Path(p), self.aside[p]) for p in d.replaces] + [(self.temps[d.target], Path(d.path))]
+            for d in plan.disks]
+
+    @property
+    def moves(self) -> list[Move]:
+        return [m for disk in self.per_disk for m in disk]
 
     def check(self) -> None:
+        """Refuse when an image would be set aside over an existing file; remove the
+        temporary images earlier attempts of this job left."""
         taken = [str(p) for p in self.aside.values() if p.exists()]
         if taken:
             raise RestoreRefused(f"{', '.join(taken)} already exist; not overwriting them (nothing was changed)")
-        for temp in self.temps.values():  # an earlier attempt of this job left it: ours
-            temp.unlink(missing_ok=True)
+        remove_temps(self.images, self.job_id)
 
-    def apply(self, old_xml: str, restart: bool) -> None:
-        """Write the journal, then rename everything into place."""
-        body = {"moves": [[str(a), str(b)] for a, b in self.moves], "old_xml": old_xml, "restart": restart}
-        tmp = self.journal.with_name(self.journal.name + ".tmp")
-        self.journal.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w") as f:
-            json.dump(body, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.journal)
-        for src, dst in self.moves:
-            os.rename(src, dst)
-            self.applied.append((src, dst))
-        for d in {dst.parent for _, dst in self.moves}:
+    def sync_temps(self) -> None:
+        """Make the restored images' names durable. The undo rule relies on every
+        temporary image existing until its rename, so this precedes the ``swapping``
+        state: after a power loss a missing temporary name would otherwise read as
+        "renamed" and move an original image out of the way."""
+        for d in {temp.parent for temp in self.temps.values()}:
             fsync_dir(d)
 
-    def undo(self) -> list[str]:
-        """Put every original image back and remove the restored ones; returns problems."""
-        problems = _undo_moves(self.applied)
-        self.applied = []
-        for temp in self.temps.values():
-            _unlink(temp, problems)
-        if not problems:
-            self.journal.unlink(missing_ok=True)
-        return problems
+    def journal_fields(self) -> dict[str, Any]:
+        """What the ``swapping`` state must hold for ``roll_back`` and for finishing."""
+        return {"moves": [[str(a), str(b)] for a, b in self.moves],
+                "temps": {t: str(p) for t, p in self.temps.items()},
+                "aside": [str(p) for p in self.aside.values()]}
 
-    def done(self) -> None:
-        """The images and definition are in place: a later attempt must not undo them
-        (``undo`` in this process still can)."""
-        self.journal.unlink(missing_ok=True)
-
-    @property
-    def set_aside(self) -> list[str]:
-        return [str(p) for p in self.aside.values()]
-
-    def discard(self, warnings: list[str]) -> list[str]:
-        gone = []
-        for p in self.aside.values():
-            if _unlink(p, warnings):
-                gone.append(str(p))
-        return gone
+    def apply(self) -> None:
+        """Rename everything into place, disk by disk, then make the renames durable.
+        The journal must say ``swapping`` first."""
+        for i, moves in enumerate(self.per_disk):
+            for src, dst in moves:
+                os.rename(src, dst)
+            if i == 0:
+                faults.pause_point(AFTER_FIRST_DISK)
+        for d in {dst.parent for dst in (b for _, b in self.moves)}:
+            fsync_dir(d)
 
     def cleanup_temps(self) -> None:
         for temp in self.temps.values():
             temp.unlink(missing_ok=True)
 
 
-def recover(journal: Path) -> dict | None:
-    """Undo the swap an earlier, interrupted attempt began; returns its journal (with
-    the old definition to put back and whether the domain ran), or None when there was
-    nothing to undo. The journal is written only once every restored image exists
-    under its temporary name, which is what makes the undo rule exact: a move whose
-    source still exists never happened."""
-    if not journal.exists():
-        return None
-    body = json.loads(journal.read_text())
-    moves = [(Path(a), Path(b)) for a, b in body["moves"]]
+def roll_back(body: dict[str, Any]) -> list[str]:
+    """Put back every image a ``swapping`` journal's moves replaced, whichever of them
+    happened, and remove the restored images; returns what could not be done."""
+    moves = [(Path(a), Path(b)) for a, b in body.get("moves", [])]
     problems = _undo_moves(moves)
-    for src, _ in moves:
-        if ".restoring-" in src.name:
-            _unlink(src, problems)
-    if problems:
-        raise RestoreRefused("an earlier attempt of this restore was interrupted and its disks could not all be "
-                             f"put back: {'; '.join(problems)}; see {journal}")
-    journal.unlink()
-    return body
+    if not problems:
+        for temp in body.get("temps", {}).values():
+            _unlink(Path(temp), problems)
+    return problems
 
 
-def _undo_moves(moves: list[tuple[Path, Path]]) -> list[str]:
+def how_to_put_back(body: dict[str, Any]) -> str:
+    """The renames ``roll_back`` would make now, for a message to do them by hand."""
+    steps = [f"mv {b} {a}" for a, b in reversed(body.get("moves", []))
+             if Path(b).exists() and not Path(a).exists()]
+    return "; ".join(steps) or "no rename is needed"
+
+
+def discard(paths: list[str], warnings: list[str]) -> list[str]:
+    """Delete the set-aside images; returns those that are gone now (this call or an
+    earlier one removed them), each reported once in the result of its job."""
+    for p in paths:
+        _unlink(Path(p), warnings)
+    return [p for p in paths if not Path(p).exists()]
+
+
+def remove_temps(images: Iterable[str], job_id: str) -> None:
+    """Remove the temporary images any attempt of ``job_id`` left beside ``images``."""
+    for image in map(Path, images):
+        for temp in image.parent.glob(f".{image.name}{TEMP_MARK}{job_id[:8]}*"):
+            temp.unlink(missing_ok=True)
+
+
+def _undo_moves(moves: list[Move]) -> list[str]:
     problems: list[str] = []
     for src, dst in reversed(moves):
         if dst.exists() and not src.exists():

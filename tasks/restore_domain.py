@@ -19,12 +19,20 @@ still runs. Only then is it shut off (a clean shutdown, then power-off after the
 timeout) and the images swapped by renames (tasks/disk_swap.py): the current images go
 aside as ``<image>.before-restore-<time>``. A disk running on one of our blockcommit
 change-tracking overlays is restored into its own image below it, the overlay goes
-aside with it, and the definition is updated to the image alone. On any failure the
-original images and definition are put back and the domain is started again if it was
-running. Once the restore stands, virtwarden's checkpoints of the domain are deleted
-(metadata only: their bitmaps were in the images set aside), so the next backup is a
-full of a new chain and says why; the set-aside images are kept and listed in the
-result, or deleted with ``discard_old``.
+aside with it, and the definition is updated to the image alone. Each step is journaled
+first (``disk_swap.SwapJournal``), and every step outside the catalog is taken only after
+proving the attempt still owns the job (``JobContext.ensure_owner``).
+
+Until the journal says the swap is done, any failure puts the original images and
+definition back and starts the domain again if it was running; an attempt that loses
+its job stops where it is and leaves that to the next attempt, which (like the recovery
+of a job that gives up, ``recover_in_place``) finds the journal and puts everything back
+first. Once the journal says the swap is done, the restore stands: whichever attempt
+comes next finishes it and never rebuilds, renames or discards anything again.
+Finishing means: start the domain if asked (unless it runs already), delete
+virtwarden's checkpoints that existed at the swap (metadata only: their bitmaps were in
+the images set aside), so the next backup is a full of a new chain and says why, and
+keep the set-aside images (listed in the result) or delete them with ``discard_old``.
 """
 from __future__ import annotations
 
@@ -34,7 +42,8 @@ import uuid as uuid_module
 from dataclasses import dataclass
 from pathlib import Path
 
-from catalog import overlays as journal
+from catalog import jobs
+from catalog import overlays as overlay_journal
 from catalog.store import Catalog
 from hypervisor import domains, qemu_img, snapshots
 from hypervisor.blockjobs import live_chains
@@ -42,6 +51,7 @@ from hypervisor.domxml import CopySpec, copy_xml, repoint_disks
 from hypervisor.libvirt_host import LibvirtHost
 from hypervisor.throwaway import unshare
 from hypervisor.types import DomainInfo
+from storage_backends.base import Backend
 from tasks import disk_swap
 from tasks.context import JobContext
 from tasks.restore import Chain, RestoreRefused, fetch, fsync_dir, layers_for, load_chain, rebuild, resolve_point
@@ -56,7 +66,17 @@ from tasks.restore_plan import (
     human_size,
     plan_restore,
 )
-from virtwarden.errors import HypervisorError, NoSpace, ToolFailed, VirtwardenError
+from virtwarden import faults
+from virtwarden.errors import (
+    HypervisorError,
+    JobNotFound,
+    LeaseLost,
+    LockHeld,
+    NoSpace,
+    ToolFailed,
+    Transient,
+    VirtwardenError,
+)
 
 log = logging.getLogger(__name__)
 SHUTDOWN_TIMEOUT = 120.0  # seconds a guest gets to shut down cleanly before it is powered off
@@ -95,7 +115,7 @@ def inspect_live(cat: Catalog, info: DomainInfo, *, managed_save: bool = False,
     """The domain as a restore in place sees it: for each disk, its own image (below the
     blockcommit change-tracking overlays of ours that the journal knows) and that
     image's format."""
-    ours = {r.overlay_path: r for r in journal.open_for_domain(cat, info.name)}
+    ours = {r.overlay_path: r for r in overlay_journal.open_for_domain(cat, info.name)}
     chains = live_chains(info.xml)
     disks = []
     for d in info.disks:
@@ -234,14 +254,86 @@ def _remove_new(hv: LibvirtHost, name: str | None, made: list[Path], serial_log:
 
 
 # --- in place -------------------------------------------------------------------------
+JOURNAL_SUFFIX = ".restore-swap.json"
+# Fault points (virtwarden/faults.py; no-ops outside the tests).
+REBUILT = "in-place-rebuilt"  # every restored image written, the domain untouched
+STOPPED = "in-place-stopped"  # the domain shut off, no disk replaced
+AFTER_SWAP = "in-place-after-swap"  # the swap recorded done, nothing after it has run
+
+
+def journal_of(ctx: JobContext) -> disk_swap.SwapJournal:
+    """The job's swap journal: one per job, shared by its attempts, in the host's scratch
+    space (a job restoring in place always runs on the domain's host)."""
+    return disk_swap.SwapJournal(ctx.scratch_root / f"job-{ctx.job_id}{JOURNAL_SUFFIX}")
+
+
 def run_restore_in_place(ctx: JobContext, req: InPlaceRequest) -> dict:
     hv = _libvirt(ctx)
-    journal_path = ctx.scratch_root / f"job-{ctx.job_id}.restore-swap.json"
-    _recover(hv, req.domain, journal_path)
+    journal = journal_of(ctx)
+    _settle_other_journals(ctx, req.domain)
+    ctx.clear_stale_scratch()
+    if journal.state == disk_swap.SWAPPED:
+        log.warning("domain %s job %s: an earlier attempt replaced the disks already; finishing the restore "
+                    "without restoring again", req.domain, ctx.job_id)
+        return _finish(ctx, hv, req, journal, resumed=True)
+    if journal.state is not None:
+        _put_back_earlier_attempt(ctx, hv, req.domain, journal)
     point = resolve_point(ctx.catalog, req.domain, req.point, req.storage)
     backend = ctx.storage(point.storage)
     chain = load_chain(ctx.catalog, backend, point)
     live = inspect_host(ctx.catalog, hv, req.domain)
+    plan = _plan_in_place(hv, req, chain, live)
+    swap = disk_swap.DiskSwap(plan, ctx.job_id, ctx.token)
+    swap.check()
+    _rebuild_temps(ctx, backend, chain, plan, swap)
+    faults.pause_point(REBUILT)
+    _swap_in(ctx, hv, req, plan, swap, live, journal)
+    faults.pause_point(AFTER_SWAP)
+    return _finish(ctx, hv, req, journal)
+
+
+def recover_in_place(ctx: JobContext, req: InPlaceRequest) -> str:
+    """The recovery of an in-place restore that gives up (its last attempt was lost):
+    leave the domain consistent across all its disks, as a retry would. A half-done swap
+    is rolled back (every disk, the old definition, the domain started again if it ran);
+    a swap recorded done is finished without restoring again. Returns what it found and
+    did, for the job's error message."""
+    hv = _libvirt(ctx)
+    journal = journal_of(ctx)
+    ctx.clear_stale_scratch()
+    state, was_running = journal.state, bool(journal.body.get("was_running"))
+    if state == disk_swap.SWAPPED:
+        return _completed_note(_finish(ctx, hv, req, journal, resumed=True))
+    if state is not None:
+        _put_back_earlier_attempt(ctx, hv, req.domain, journal)
+    disk_swap.remove_temps([d.path for d in inspect_host(ctx.catalog, hv, req.domain).disks], ctx.job_id)
+    if state is None:
+        return f"no disk of {req.domain} had been replaced: its disks and definition are as they were"
+    again = "; it was running before and runs again" if was_running else ""
+    if state == disk_swap.STOPPING:
+        return f"{req.domain} had been shut off for the swap, but no disk had been replaced{again}"
+    return f"every disk of {req.domain} and its definition were put back as they were before the restore{again}"
+
+
+def forget_journal(ctx: JobContext) -> None:
+    """Once the job's outcome is recorded no attempt reads its journal again: remove it,
+    unless it holds a swap that could not be put back (kept for the operator, and so that
+    no later restore of the domain starts over it)."""
+    journal = journal_of(ctx)
+    if journal.state in (None, disk_swap.SWAPPED):
+        journal.forget()
+
+
+def _completed_note(result: dict) -> str:
+    old = ("the replaced images were discarded" if not result["set_aside"]
+           else f"the replaced images are kept as {', '.join(result['set_aside'])}")
+    note = (f"the restore had completed before: every disk of {result['domain']} holds point {result['point_id']} "
+            f"and they are consistent; {old}")
+    return note + ("; the domain was started" if result["started"] else "") + \
+        "".join(f"; {w}" for w in result.get("warnings", []))
+
+
+def _plan_in_place(hv: LibvirtHost, req: InPlaceRequest, chain: Chain, live: LiveDomain) -> RestorePlan:
     dest = Destination(IN_PLACE, start=req.start, discard_old=req.discard_old)
     plan = plan_restore(chain.points, chain.manifests, dest, host=hv.name, selected="by id", live=live)
     check_paths(plan)
@@ -249,40 +341,69 @@ def run_restore_in_place(ctx: JobContext, req: InPlaceRequest) -> dict:
     if unknown:
         raise RestoreRefused(f"the format of the image under {', '.join(unknown)} cannot be read; nothing was changed")
     check_space(plan)
-    swap = disk_swap.DiskSwap(plan, ctx.job_id, journal_path)
-    swap.check()
-    stopped, redefined, old_xml = None, False, ""
+    return plan
+
+
+def _rebuild_temps(ctx: JobContext, backend: Backend, chain: Chain, plan: RestorePlan,
+                   swap: disk_swap.DiskSwap) -> None:
+    """Write every restored image under its temporary name while the domain still runs."""
     _start_scratch(ctx)
     try:
         local = fetch(ctx, backend, chain, share=0.6)
         _rebuild_all(ctx, chain, local, plan, swap.temps, [])
         for d in plan.disks:
             disk_swap.same_owner(Path(d.path), swap.temps[d.target])
-        ctx.report(0.9, f"shutting {req.domain} off")
-        stopped = domains.shutdown(hv, req.domain, timeout=req.shutdown_timeout)
-        _check_unchanged(ctx.catalog, hv, live)
-        old_xml = hv.inactive_xml(req.domain)
-        ctx.report(0.95, "replacing the disk images")
-        swap.apply(old_xml, restart=stopped != "was-off")
-        if plan.define and plan.define.update_definition:
-            domains.update_definition(hv, req.domain, repoint_disks(
-                old_xml, {d.target: (d.path, d.format) for d in plan.disks}))
-            redefined = True
-        swap.done()
-        if domains.discard_managed_save(hv, req.domain):
-            log.warning("domain %s: its managed save state belonged to the replaced disks; discarded", req.domain)
-        if req.start:
-            ctx.report(0.97, f"starting {req.domain}")
-            domains.start(hv, req.domain)
-    except BaseException as e:
-        problems = _roll_back(hv, req.domain, swap, old_xml if redefined else None,
-                              restart=stopped in ("shutdown", "destroyed"))
-        if problems:
-            raise HypervisorError(f"{e}; and putting the domain back as it was failed: {'; '.join(problems)}") from e
+        swap.sync_temps()
+    except LeaseLost:
+        raise  # the job is another attempt's now: it removes what this one left
+    except BaseException:
+        swap.cleanup_temps()
         raise
     finally:
         ctx.clear_scratch()
-    return _after_in_place(ctx, hv, req, plan, swap, live, stopped or "")
+
+
+def _swap_in(ctx: JobContext, hv: LibvirtHost, req: InPlaceRequest, plan: RestorePlan, swap: disk_swap.DiskSwap,
+             live: LiveDomain, journal: disk_swap.SwapJournal) -> None:
+    """Shut the domain off, rename the restored images in and define it on them, each
+    state journaled first; on failure put everything back as it was."""
+    name = req.domain
+    try:
+        ctx.ensure_owner(f"shut {name} off to replace its disks")
+        journal.record(disk_swap.STOPPING, domain=name, job_id=ctx.job_id, was_running=domains.is_running(hv, name))
+        ctx.report(0.9, f"shutting {name} off")
+        stopped = domains.shutdown(hv, name, timeout=req.shutdown_timeout)
+        faults.pause_point(STOPPED)
+        _check_unchanged(ctx.catalog, hv, live)
+        old_xml = hv.inactive_xml(name)
+        ctx.report(0.95, "replacing the disk images")
+        ctx.ensure_owner(f"rename the restored images of {name} into place")
+        journal.record(disk_swap.SWAPPING, was_running=stopped != "was-off", stopped=stopped, old_xml=old_xml,
+                       checkpoints=[[cp.name, cp.ours] for cp in hv.checkpoints(name)],
+                       **swap.journal_fields(), **_outcome(hv, plan, live))
+        swap.apply()
+        if plan.define and plan.define.update_definition:
+            ctx.ensure_owner(f"define {name} on its restored images")
+            domains.update_definition(hv, name, repoint_disks(
+                old_xml, {d.target: (d.path, d.format) for d in plan.disks}))
+        journal.record(disk_swap.SWAPPED)
+    except LeaseLost:
+        raise  # what this attempt began is its successor's to undo or finish
+    except BaseException as e:
+        problems = _put_back(ctx, hv, name, journal)
+        if problems:  # the journal stays, and its undo rule needs every temporary image kept
+            raise HypervisorError(f"{e}; and putting the domain back as it was failed: {'; '.join(problems)} "
+                                  f"(journal: {journal.path})") from e
+        swap.cleanup_temps()
+        raise
+    log.info("domain %s job %s: disks replaced by point %s", name, ctx.job_id, plan.point.id)
+
+
+def _outcome(hv: LibvirtHost, plan: RestorePlan, live: LiveDomain) -> dict:
+    """What the journal keeps so that any attempt can finish the restore and report it."""
+    return {"point_id": plan.point.id, "level": plan.point.level, "chain": [c.id for c in plan.chain],
+            "uuid": live.uuid, "host": hv.name, "disks": {d.target: d.path for d in plan.disks},
+            "replaced": sorted({p for d in plan.disks for p in d.replaces})}
 
 
 def _check_unchanged(cat: Catalog, hv: LibvirtHost, before: LiveDomain) -> None:
@@ -296,55 +417,161 @@ def _check_unchanged(cat: Catalog, hv: LibvirtHost, before: LiveDomain) -> None:
                              "(changed while it ran?); nothing was changed: check the definition and restore again")
 
 
-def _roll_back(hv: LibvirtHost, name: str, swap: disk_swap.DiskSwap, old_xml: str | None,
-               restart: bool) -> list[str]:
-    problems = swap.undo()
-    if old_xml:
+def _put_back(ctx: JobContext, hv: LibvirtHost, name: str, journal: disk_swap.SwapJournal) -> list[str]:
+    """Undo what the journal says was begun: every disk back, the old definition back,
+    the domain started again if it ran. Returns what could not be done; the journal is
+    removed only when everything was."""
+    body, problems = journal.body, []
+    if journal.state == disk_swap.SWAPPING:
+        if domains.is_running(hv, name):
+            return [f"domain {name!r} was started on half-replaced disks; shut it off and put them back by hand "
+                    f"({disk_swap.how_to_put_back(body)}), then define it from the journal's old_xml"]
+        ctx.ensure_owner(f"put the original disk images of {name} back")
+        problems = disk_swap.roll_back(body)
+        if not problems:
+            problems = _define_again(ctx, hv, name, body["old_xml"])
+    if not problems and body.get("was_running") and not domains.is_running(hv, name):
+        ctx.ensure_owner(f"start {name} again on its original disks")
         try:
-            domains.update_definition(hv, name, old_xml)
-        except VirtwardenError as e:
-            problems.append(f"restoring the definition: {e}")
-    if restart and not problems:
-        try:
-            if not domains.is_running(hv, name):
-                domains.start(hv, name)
+            domains.start(hv, name)
         except VirtwardenError as e:
             problems.append(f"starting it again on its original disks: {e}")
+    if not problems:
+        journal.forget()
     return problems
 
 
-def _recover(hv: LibvirtHost, name: str, journal_path: Path) -> None:
-    body = disk_swap.recover(journal_path)
-    if body is None:
-        return
-    log.warning("domain %s: an interrupted attempt of this restore had begun replacing disks; put back", name)
-    domains.update_definition(hv, name, body["old_xml"])
+def _define_again(ctx: JobContext, hv: LibvirtHost, name: str, old_xml: str) -> list[str]:
+    ctx.ensure_owner(f"put the original definition of {name} back")
+    try:
+        domains.update_definition(hv, name, old_xml)
+    except VirtwardenError as e:
+        return [f"restoring the definition: {e}"]
+    return []
 
 
-def _after_in_place(ctx: JobContext, hv: LibvirtHost, req: InPlaceRequest, plan: RestorePlan,
-                    swap: disk_swap.DiskSwap, live: LiveDomain, stopped: str) -> dict:
-    """The restore stands: forget what described the old images."""
-    warnings: list[str] = []
-    removed = []
-    for cp in hv.checkpoints(req.domain):
-        if not cp.ours:
-            warnings.append(f"checkpoint {cp.name} was not made by virtwarden and was left; it no longer "
-                            "matches the disks")
+LEFT = {disk_swap.STOPPING: "shut off for the swap", disk_swap.SWAPPING: "with its disks half replaced"}
+
+
+def _put_back_earlier_attempt(ctx: JobContext, hv: LibvirtHost, name: str, journal: disk_swap.SwapJournal) -> None:
+    left = LEFT.get(journal.state or "", journal.state)
+    log.warning("domain %s job %s: an interrupted attempt of this restore left it %s; putting it back as it was",
+                name, ctx.job_id, left)
+    problems = _put_back(ctx, hv, name, journal)
+    if problems:
+        raise HypervisorError(f"an interrupted attempt of this restore left {name!r} {left}, and putting it back "
+                              f"failed: {'; '.join(problems)} (journal: {journal.path})")
+
+
+def _settle_other_journals(ctx: JobContext, name: str) -> None:
+    """Remove the journals of ended jobs whose restore stands; refuse while another
+    job's unfinished swap of this domain is not settled."""
+    own = journal_of(ctx).path
+    for path in sorted(ctx.scratch_root.glob(f"job-*{JOURNAL_SUFFIX}")):
+        if path == own:
             continue
-        try:
-            hv.delete_checkpoint(req.domain, cp.name, metadata_only=True)
-            removed.append(cp.name)
-        except VirtwardenError as e:
-            warnings.append(f"could not delete checkpoint {cp.name}: {e}")
-    replaced = {p for d in plan.disks for p in d.replaces}
-    rows = [r.id for r in journal.open_for_domain(ctx.catalog, req.domain) if r.overlay_path in replaced]
-    journal.set_state(ctx.catalog, rows, journal.ABANDONED)
-    discarded = swap.discard(warnings) if req.discard_old else []
-    kept = [] if req.discard_old else swap.set_aside
-    point = plan.point
+        job_id = path.name[len("job-"):-len(JOURNAL_SUFFIX)]
+        other = disk_swap.SwapJournal(path)
+        ended = _ended(ctx.catalog, job_id)
+        if ended and other.state in (None, disk_swap.SWAPPED):
+            other.forget()  # its outcome is recorded: no attempt will read it again
+        elif other.body.get("domain") == name and other.state != disk_swap.SWAPPED:
+            _refuse_unsettled(name, job_id, path, other, ended)
+
+
+def _ended(cat: Catalog, job_id: str) -> bool:
+    try:
+        return jobs.get(cat, job_id).finished
+    except JobNotFound:
+        return True
+
+
+def _refuse_unsettled(name: str, job_id: str, path: Path, other: disk_swap.SwapJournal, ended: bool) -> None:
+    left = LEFT.get(other.state or "", other.state)
+    if not ended:
+        raise LockHeld(f"job {job_id}, an in-place restore of {name!r}, was interrupted and left it {left}; its "
+                       "next attempt puts it back first, so this restore tries again later (nothing was changed)")
+    raise RestoreRefused(f"job {job_id}, an in-place restore of {name!r}, ended with the domain left {left} "
+                         f"(journal {path}); put its disks back by hand ({disk_swap.how_to_put_back(other.body)}) "
+                         "and remove the journal, then restore again (nothing was changed)")
+
+
+def _finish(ctx: JobContext, hv: LibvirtHost, req: InPlaceRequest, journal: disk_swap.SwapJournal,
+            *, resumed: bool = False) -> dict:
+    """The restore stands (the journal says swapped): start the domain if asked, forget
+    what described the old images, discard them if asked. Every step may run again
+    (a later attempt finishing after this one was lost) and does nothing twice."""
+    body, name = journal.body, req.domain
+    _check_restored(ctx.catalog, hv, name, body)
+    warnings: list[str] = []
+    _start_restored(ctx, hv, req, body)
+    removed = _forget_checkpoints(ctx, hv, name, body.get("checkpoints", []), warnings)
+    replaced = set(body["replaced"])
+    rows = [r.id for r in overlay_journal.open_for_domain(ctx.catalog, name) if r.overlay_path in replaced]
+    overlay_journal.set_state(ctx.catalog, rows, overlay_journal.ABANDONED)
+    discarded: list[str] = []
+    if req.discard_old:
+        ctx.ensure_owner(f"discard the replaced images of {name}")
+        discarded = disk_swap.discard(body["aside"], warnings)
     ctx.report(1.0, "done")
-    result = {"point_id": point.id, "level": point.level, "chain": [c.id for c in plan.chain],
-              "domain": req.domain, "uuid": live.uuid, "host": hv.name,
-              "disks": {d.target: d.path for d in plan.disks}, "stopped": stopped, "started": req.start,
-              "set_aside": kept, "discarded": discarded, "checkpoints_removed": removed}
+    result = {"point_id": body["point_id"], "level": body["level"], "chain": body["chain"], "domain": name,
+              "uuid": body["uuid"], "host": body["host"], "disks": body["disks"], "stopped": body["stopped"],
+              "started": req.start, "set_aside": [] if req.discard_old else body["aside"], "discarded": discarded,
+              "checkpoints_removed": removed}
+    result.update({"resumed": True} if resumed else {})
     return {**result, "warnings": warnings} if warnings else result
+
+
+def _check_restored(cat: Catalog, hv: LibvirtHost, name: str, body: dict) -> None:
+    """Finishing needs the domain on the images the swap put in place."""
+    now = {d.target: d.path for d in inspect_host(cat, hv, name).disks}
+    differ = sorted(t for t, path in body["disks"].items() if now.get(t) != path)
+    if differ:
+        raise RestoreRefused(f"the disks of {name!r} were replaced by this restore, but its definition no longer "
+                             f"names the restored images for {', '.join(differ)} (changed since?); nothing more "
+                             "was done: check the domain")
+
+
+def _start_restored(ctx: JobContext, hv: LibvirtHost, req: InPlaceRequest, body: dict) -> None:
+    """Discard managed-save state that belonged to the old disks, and start the domain
+    when asked, unless it runs already (started by an earlier attempt or by hand)."""
+    name = req.domain
+    if domains.is_running(hv, name):
+        return
+    ctx.ensure_owner(f"discard the managed save state of {name}")
+    if domains.discard_managed_save(hv, name):
+        log.warning("domain %s job %s: its managed save state belonged to the replaced disks; discarded",
+                    name, ctx.job_id)
+    if not req.start:
+        return
+    ctx.ensure_owner(f"start {name} on its restored disks")
+    ctx.report(0.97, f"starting {name}")
+    try:
+        domains.start(hv, name)
+    except Transient:
+        raise  # a retry finds the swap done and starts it
+    except VirtwardenError as e:
+        raise HypervisorError(f"the disks of {name!r} hold point {body['point_id']} now (the restore stands), but "
+                              f"starting it failed: {e}") from e
+
+
+def _forget_checkpoints(ctx: JobContext, hv: LibvirtHost, name: str, recorded: list, warnings: list[str]) -> list[str]:
+    """Delete the metadata of our checkpoints that existed at the swap (their bitmaps were
+    in the images set aside); returns those gone now. Checkpoints made since are kept."""
+    present = {cp.name for cp in hv.checkpoints(name)}
+    removed = []
+    for cp_name, ours in recorded:
+        if not ours:
+            if cp_name in present:
+                warnings.append(f"checkpoint {cp_name} was not made by virtwarden and was left; it no longer "
+                                "matches the disks")
+            continue
+        if cp_name in present:
+            ctx.ensure_owner(f"delete checkpoint {cp_name} of {name}")
+            try:
+                hv.delete_checkpoint(name, cp_name, metadata_only=True)
+            except VirtwardenError as e:
+                warnings.append(f"could not delete checkpoint {cp_name}: {e}")
+                continue
+        removed.append(cp_name)
+    return removed

@@ -186,14 +186,14 @@ def test_disk_swap_is_undone_completely_whatever_was_done(tmp_path):
     from tasks import disk_swap
 
     original = {"vda.T.qcow2": b"tracker", "vda.qcow2": b"base", "vdb.img": b"raw"}
-    journal = tmp_path / "scratch" / "job.json"
+    journal = disk_swap.SwapJournal(tmp_path / "scratch" / "job.json")
 
     def fresh():  # noqa: ANN202
         for p in list(tmp_path.iterdir()):
             if p.is_file():
                 p.unlink()
         _files(tmp_path, original)
-        swap = disk_swap.DiskSwap(_swap_plan(tmp_path), "job12345", journal)
+        swap = disk_swap.DiskSwap(_swap_plan(tmp_path), "job12345", token=7)
         swap.check()
         for target, temp in swap.temps.items():
             temp.write_bytes(b"restored-" + target.encode())
@@ -203,26 +203,58 @@ def test_disk_swap_is_undone_completely_whatever_was_done(tmp_path):
         return {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
 
     swap = fresh()
-    assert swap.undo() == []  # nothing was moved yet: nothing is moved back, the temporaries go
+    assert disk_swap.roll_back(swap.journal_fields()) == []  # nothing was moved: only the temporaries go
     assert names() == original
     swap = fresh()
-    swap.apply("<domain/>", restart=True)
+    swap.apply()
     assert (tmp_path / "vda.qcow2").read_bytes() == b"restored-vda"
     assert (tmp_path / "vdb.img").read_bytes() == b"restored-vdb"
-    assert sorted(swap.set_aside) == sorted(str(p) for p in tmp_path.glob("*.before-restore-*"))
-    assert swap.undo() == []
-    assert names() == original and not journal.exists()
+    assert sorted(swap.journal_fields()["aside"]) == sorted(str(p) for p in tmp_path.glob("*.before-restore-*"))
+    assert disk_swap.roll_back(swap.journal_fields()) == []
+    assert names() == original
 
-    # A worker that died after some of the renames: the journal puts everything back.
+    # A worker that died after some of the renames: the journal it wrote first puts
+    # everything back, read by a process that knows nothing else.
     for done in range(len(swap.moves) + 1):
         swap = fresh()
-        swap.apply("<domain/>", restart=False)
-        for src, dst in reversed(swap.moves[done:]):  # as if only the first `done` moves happened
-            os.rename(dst, src)
-        body = disk_swap.recover(journal)
-        assert body is not None and body["old_xml"] == "<domain/>"
+        journal.record(disk_swap.SWAPPING, old_xml="<domain/>", **swap.journal_fields())
+        for src, dst in swap.moves[:done]:
+            os.rename(src, dst)
+        again = disk_swap.SwapJournal(journal.path)
+        assert again.state == disk_swap.SWAPPING and again.body["old_xml"] == "<domain/>"
+        assert disk_swap.roll_back(again.body) == []
         assert names() == original, done
-        assert disk_swap.recover(journal) is None
+        again.forget()
+        assert disk_swap.SwapJournal(journal.path).state is None
+
+
+def test_a_swap_journal_says_the_last_state_recorded_and_nothing_half_written(tmp_path):
+    from tasks import disk_swap
+
+    path = tmp_path / "scratch" / "job-1.restore-swap.json"
+    journal = disk_swap.SwapJournal(path)
+    journal.record(disk_swap.STOPPING, domain="web01", was_running=True)
+    journal.record(disk_swap.SWAPPING, was_running=False, moves=[["/a", "/b"]])
+    journal.record(disk_swap.SWAPPED)
+    read = disk_swap.SwapJournal(path)
+    assert read.state == disk_swap.SWAPPED
+    assert read.body == {"state": "swapped", "domain": "web01", "was_running": False, "moves": [["/a", "/b"]]}
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary file stays
+    (path.parent / (path.name + ".tmp")).write_text('{"state": "stopp')  # a write cut short
+    assert disk_swap.SwapJournal(path).state == disk_swap.SWAPPED
+
+
+def test_temporary_images_of_every_attempt_of_a_job_are_found_and_only_those(tmp_path):
+    from tasks import disk_swap
+
+    image = tmp_path / "vda.qcow2"
+    image.write_bytes(b"live")
+    mine = [tmp_path / ".vda.qcow2.restoring-job12345.3", tmp_path / ".vda.qcow2.restoring-job12345"]
+    other = tmp_path / ".vda.qcow2.restoring-other678.1"
+    for p in [*mine, other]:
+        p.write_bytes(b"partial")
+    disk_swap.remove_temps([str(image)], "job12345-rest-of-the-id")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([image.name, other.name])
 
 
 # --- real guests ----------------------------------------------------------------------------

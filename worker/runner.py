@@ -40,17 +40,21 @@ FOLLOW_DOMAIN = {"backup", "snapshot"}
 class JobKind:
     """A job function and its request type, as "module:name" strings imported when a
     job of this kind runs; ``recover`` (optional) undoes what an unfinished attempt left
-    and runs once more when the job gives up, before it is marked failed."""
+    and runs once more when the job gives up, before it is marked failed. What it
+    returns (a sentence saying what it found and did, or None) is added to the error.
+    ``ended`` (optional) runs once the outcome of the job's run or recovery is recorded,
+    to remove what only a later attempt would have read."""
 
     run: str
     request: str
     needs_hypervisor: bool
     recover: str | None = None
+    ended: str | None = None
 
     def load(self) -> tuple[Callable[[JobContext, Any], dict], type]:
         return _import(self.run), _import(self.request)
 
-    def load_recovery(self) -> Callable[[JobContext, Any], None] | None:
+    def load_recovery(self) -> Callable[[JobContext, Any], str | None] | None:
         return _import(self.recover) if self.recover else None
 
 
@@ -71,7 +75,8 @@ KINDS: dict[str, JobKind] = {
                                  "tasks.restore_domain:AsDomainRequest", True),
     "restore-in-place": JobKind("tasks.restore_domain:run_restore_in_place",
                                 "tasks.restore_domain:InPlaceRequest", True,
-                                recover="tasks.restore_domain:recover_in_place"),
+                                recover="tasks.restore_domain:recover_in_place",
+                                ended="tasks.restore_domain:forget_journal"),
     "drill": JobKind("tasks.drill:run_drill", "tasks.drill:DrillRequest", True),
     "verify": JobKind("tasks.verify:run_verify", "tasks.verify:VerifyRequest", False),
     # A runbook run is driven by the process that started it; a worker only ever sees
@@ -251,7 +256,18 @@ def execute(cfg: Config, job_id: str, *, cat: Catalog | None = None, via_host: s
         log.warning("job %s: finished, but another worker owns the job now; its outcome is not recorded", job_id)
         return "skipped"
     log.info("job %s: succeeded", job_id)
+    _ended(kind, ctx)
     return "done"
+
+
+def _ended(kind: JobKind, ctx: JobContext) -> None:
+    """The job's outcome is recorded, so no attempt follows: let its kind tidy up."""
+    if kind.ended is None:
+        return
+    try:
+        _import(kind.ended)(ctx)
+    except Exception as e:  # noqa: BLE001 - the outcome stands; what is left is tidied later
+        log.warning("job %s: tidying up after the job ended failed: %s", ctx.job_id, e)
 
 
 def _failed(cat: Catalog, fence: Fence, error: str) -> str:
@@ -265,8 +281,13 @@ def _give_up(cat: Catalog, ctx: JobContext, kind: JobKind, request: type, job: j
     if recover is not None:
         log.warning("job %s: giving up (%s); running the recovery of %s of %s", job.id, error, job.kind, job.domain)
         try:
-            recover(ctx, request(**job.params))
+            note = recover(ctx, request(**job.params))
         except VirtwardenError as e:
             error = f"{error}; its recovery failed too: {e}"
+        else:
+            error = f"{error}; {note}" if note else error
     assert ctx.catalog.fence is not None
-    return _failed(cat, ctx.catalog.fence, error)
+    outcome = _failed(cat, ctx.catalog.fence, error)
+    if outcome == "failed":
+        _ended(kind, ctx)
+    return outcome

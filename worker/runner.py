@@ -120,6 +120,12 @@ def _job_function(kind: JobKind | None) -> tuple[Callable[[JobContext, Any], dic
         raise
 
 
+def _failure(e: VirtwardenError) -> dict[str, Any]:
+    """What a failed job keeps of its error besides the message: its kind and exit
+    code, so ``--wait`` exits as the command would have had it run the job itself."""
+    return {"error_type": type(e).__name__, "exit_code": e.exit_code}
+
+
 def owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
 
@@ -172,11 +178,11 @@ def execute(cfg: Config, job_id: str, *, cat: Catalog | None = None) -> str:
             log.warning("job %s: attempt %d failed, will retry: %s", job_id, claim.attempt, e)
             jobs.requeue(cat, job_id, owner, f"attempt {claim.attempt} failed: {e}")
             return "retry"
-        jobs.finish(cat, job_id, owner, ok=False, error=str(e))
+        jobs.finish(cat, job_id, owner, ok=False, error=str(e), result=_failure(e))
         return "failed"
     except VirtwardenError as e:
         log.error("job %s: failed: %s", job_id, e)
-        jobs.finish(cat, job_id, owner, ok=False, error=str(e))
+        jobs.finish(cat, job_id, owner, ok=False, error=str(e), result=_failure(e))
         return "failed"
     except Exception as e:  # noqa: BLE001 - a bug: record it, keep the worker alive
         log.exception("job %s: internal error", job_id)

@@ -278,6 +278,7 @@ class S3Backend(Backend):
         *,
         expected_sha256: str | None = None,
         progress: Progress | None = None,
+        durable: bool = True,
     ) -> StoredObject:
         full = self._full(s.check_key(key))
         with self._errors("download", key, local=dest):
@@ -292,7 +293,8 @@ class S3Backend(Backend):
                 if expected and digest != expected:
                     raise s.checksum_error(self.who, key, expected, digest)
 
-            size, digest = s.write_atomic(dest, self._body(full, reply), verify=verify, progress=progress)
+            size, digest = s.write_atomic(dest, self._body(full, reply), fsync=durable, verify=verify,
+                                          progress=progress)
         return StoredObject(key, size, digest)
 
     def _body(self, full: str, reply: dict) -> Iterator[bytes]:

@@ -557,3 +557,19 @@ def test_s3_part_answered_slow_down_is_sent_again(s3_settings: S3Storage, s3_fau
     assert len([s for s in s3_fault_proxy.requests(upload_part) if s.status == 200]) == 3
     assert S3Raw(s3_settings).incomplete() == 0
     assert backend.get_file("web01/vda.qcow2", tmp_path / "x", expected_sha256=stored.sha256).sha256 == sha(big_file)
+
+
+def test_s3_part_size_grows_only_to_stay_within_10000_parts() -> None:
+    assert s3._part_size(13 * MIB, 5 * MIB) == 5 * MIB
+    assert s3._part_size(10_000 * 5 * MIB, 5 * MIB) == 5 * MIB
+    grown = s3._part_size(10_000 * 5 * MIB + 1, 5 * MIB)
+    assert grown == 6 * MIB and -(-(10_000 * 5 * MIB + 1) // grown) <= 10_000
+
+
+def test_s3_composite_checksum_is_the_sha256_of_the_part_sha256s() -> None:
+    parts = [b"a" * 10, b"b" * 3]
+    digests = [hashlib.sha256(p).digest() for p in parts]
+    ours = s3._composite([base64.b64encode(d).decode() for d in digests])
+    assert ours == base64.b64encode(hashlib.sha256(b"".join(digests)).digest()).decode()
+    assert s3._same_composite(f"{ours}-2", ours, 2) and s3._same_composite(ours, ours, 2)
+    assert not s3._same_composite(f"{ours}-3", ours, 2)

@@ -175,7 +175,7 @@ class S3Backend(Backend):
             self._delete_quietly(full)
             raise hashed["error"]
         size, digest = hashed["result"]
-        self._check_stored(full, size, parts)
+        self._check_stored(full, size, digest, parts)
         return size, digest
 
     def _send_parts(self, source: Path, full: str, upload_id: str, progress: Progress | None) -> list[_Part]:
@@ -243,18 +243,19 @@ class S3Backend(Backend):
                             self.who, self.endpoint, what, _code(e), attempt + 1, self.settings.max_attempts)
         raise AssertionError("unreachable")
 
-    def _check_stored(self, full: str, size: int, parts: list[_Part]) -> None:
+    def _check_stored(self, full: str, size: int, digest: str, parts: list[_Part]) -> None:
         """Compare what the endpoint says it stored with what was sent: the length, and
-        its composite SHA-256 when it reports one. A mismatch deletes the object."""
+        its SHA-256 when it reports one (of the parts' SHA-256s, or of the whole object
+        where it says ``FULL_OBJECT``). A mismatch deletes the object."""
         head = self._client().head_object(Bucket=self.bucket, Key=full, ChecksumMode="ENABLED")
         theirs = head.get("ChecksumSHA256")
-        ours = _composite([p.checksum for p in parts])
+        ours = _sent_checksum(head.get("ChecksumType"), digest, parts)
         problem = None
         if head["ContentLength"] != size:
             problem = f"{size} bytes were uploaded but the endpoint stores {head['ContentLength']}"
-        elif theirs and not _same_composite(theirs, ours, len(parts)):
-            problem = (f"the endpoint's checksum of the stored parts is {theirs}, the parts sent give {ours}-"
-                       f"{len(parts)}: a part was damaged in transit and the endpoint did not refuse it")
+        elif theirs and not _same_checksum(theirs, ours):
+            problem = (f"the endpoint's checksum of what it stored is {theirs}, what was sent gives {ours}:"
+                       " a part was damaged in transit and the endpoint did not refuse it")
         if problem:
             self._delete_quietly(full)
             raise ChecksumMismatch(f"{self.who}: {self._where_full(full)}: {problem}; the object was removed")
@@ -651,10 +652,18 @@ def _composite(checksums: list[str]) -> str:
     return _b64(sha256(b"".join(base64.b64decode(c) for c in checksums)).digest())
 
 
-def _same_composite(theirs: str, ours: str, parts: int) -> bool:
-    """S3 writes a composite as ``<base64>-<parts>``; some endpoints leave the count off."""
-    value, _, count = theirs.partition("-")
-    return value == ours and count in ("", str(parts))
+def _sent_checksum(kind: str | None, digest: str, parts: list[_Part]) -> str:
+    """What the endpoint must report for what was sent: the whole object's SHA-256
+    where it says ``FULL_OBJECT``, else S3's composite ``<base64>-<part count>``."""
+    if kind == "FULL_OBJECT":
+        return _b64(bytes.fromhex(digest))
+    return f"{_composite([p.checksum for p in parts])}-{len(parts)}"
+
+
+def _same_checksum(theirs: str, ours: str) -> bool:
+    """Equal, or equal but for the part count some endpoints leave off a composite
+    (base64 has no '-', so it only ever separates the count)."""
+    return theirs == ours or ("-" in ours and theirs == ours.rpartition("-")[0])
 
 
 def _code(e: ClientError) -> str:

@@ -571,5 +571,6 @@ def test_s3_composite_checksum_is_the_sha256_of_the_part_sha256s() -> None:
     digests = [hashlib.sha256(p).digest() for p in parts]
     ours = s3._composite([base64.b64encode(d).decode() for d in digests])
     assert ours == base64.b64encode(hashlib.sha256(b"".join(digests)).digest()).decode()
-    assert s3._same_composite(f"{ours}-2", ours, 2) and s3._same_composite(ours, ours, 2)
-    assert not s3._same_composite(f"{ours}-3", ours, 2)
+    assert s3._same_checksum(f"{ours}-2", f"{ours}-2") and s3._same_checksum(ours, f"{ours}-2")
+    assert not s3._same_checksum(f"{ours}-3", f"{ours}-2")
+    assert not s3._same_checksum(f"{ours}-2", base64.b64encode(hashlib.sha256(b"x").digest()).decode())

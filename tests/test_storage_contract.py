@@ -18,6 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -501,11 +502,15 @@ def test_nfs_retries_stale_file_handles(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 # --- S3 integrity in transit (through tests/faultproxy.py, in front of the real endpoint) ---
+def _part_number(target: str) -> int:
+    return int(parse_qs(urlsplit(target).query)["partNumber"][0])
+
+
 def test_s3_every_part_carries_the_sha256_of_its_bytes(s3_settings: S3Storage, s3_fault_proxy, big_file: Path) -> None:
     backend = S3Backend("offsite", s3_settings.model_copy(update={"endpoint_url": s3_fault_proxy.url}))
     backend.put_file("web01/vda.qcow2", big_file)
     data = big_file.read_bytes()
-    sent = sorted(s3_fault_proxy.requests(upload_part), key=lambda s: int(s.request.target.split("partNumber=")[1].split("&")[0]))
+    sent = sorted(s3_fault_proxy.requests(upload_part), key=lambda s: _part_number(s.request.target))
     assert len(sent) == 3
     for n, seen in enumerate(sent):
         part = data[n * 5 * MIB:(n + 1) * 5 * MIB]

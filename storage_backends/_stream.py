@@ -10,7 +10,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import queue
 import socket
+import threading
 import uuid
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
@@ -132,31 +134,62 @@ def write_atomic(
     verify: Callable[[int, str], None] | None = None,
     progress: Progress | None = None,
 ) -> tuple[int, str]:
-    """Write ``chunks`` beside ``dest`` under a temporary name, hashing as they pass,
-    then rename: ``dest`` appears whole or not at all. ``verify(size, sha256)`` may raise
-    to abandon the write; the temporary file is removed on every failure."""
+    """Write ``chunks`` beside ``dest`` under a temporary name, hashing exactly the bytes
+    written (in a second thread, so a copy costs the slower of writing and hashing, not
+    their sum), then rename: ``dest`` appears whole or not at all. ``verify(size,
+    sha256)`` may raise to abandon the write; the temporary file is removed on every
+    failure. Without ``fsync`` (scratch copies deleted after use) nothing is synced."""
     tmp = dest.with_name(temp_name(dest.name))
-    digest, size = hashlib.sha256(), 0
+    hasher, size = _Hasher(), 0
     try:
         with open(tmp, "xb") as f:
             for chunk in chunks:
+                hasher.add(chunk)
                 f.write(chunk)
-                digest.update(chunk)
                 size += len(chunk)
                 if progress:
                     progress(size)
+            digest = hasher.hexdigest()
             if verify:
-                verify(size, digest.hexdigest())
+                verify(size, digest)
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, dest)
     except BaseException:
+        hasher.close()
         tmp.unlink(missing_ok=True)
         raise
     if fsync:
         fsync_dir(dest.parent)
-    return size, digest.hexdigest()
+    return size, digest
+
+
+class _Hasher:
+    """SHA-256 of a stream of chunks, computed by its own thread (hashlib lets go of the
+    GIL for large buffers) from the very ``bytes`` objects the caller writes."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=4)
+        self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            self._digest.update(chunk)
+
+    def add(self, chunk: bytes) -> None:
+        self._queue.put(chunk)
+
+    def hexdigest(self) -> str:
+        self.close()
+        return self._digest.hexdigest()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
 
 
 def hash_file(path: Path, progress: Progress | None = None) -> tuple[int, str]:

@@ -75,9 +75,12 @@ class Backend(ABC):
         *,
         expected_sha256: str | None = None,
         progress: Progress | None = None,
+        durable: bool = True,
     ) -> StoredObject:
-        """Stream ``key`` into ``dest``; raise ChecksumMismatch (and remove ``dest``)
-        when ``expected_sha256`` is given and differs."""
+        """Stream ``key`` into ``dest``, hashing exactly the bytes written there; raise
+        ChecksumMismatch (and leave no ``dest``) when ``expected_sha256`` is given and
+        differs. ``durable=False`` skips the fsyncs, for a scratch copy that is deleted
+        after use."""
 
     @abstractmethod
     def get_bytes(self, key: str) -> bytes:
@@ -123,7 +126,9 @@ class Backend(ABC):
 
     def local_path(self, key: str) -> Path | None:
         """The object's own file, for reading in place (never for writing); None when
-        the backend has no filesystem. ObjectNotFound when absent."""
+        the backend has no filesystem. ObjectNotFound when absent. Bytes read from it
+        later are not the bytes a check read earlier: a restore copies instead
+        (``get_file``), so what it uses is what it hashed."""
         return None
 
     def close(self) -> None:

@@ -129,6 +129,7 @@ class NfsBackend(Backend):
         *,
         expected_sha256: str | None = None,
         progress: Progress | None = None,
+        durable: bool = True,
     ) -> StoredObject:
         path = self._path(s.check_key(key))
 
@@ -140,7 +141,7 @@ class NfsBackend(Backend):
             with self._open_object(key, path) as f:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 size, sha = s.write_atomic(
-                    dest, s.file_chunks(f, CHUNK), fsync=self.fsync, verify=verify, progress=progress
+                    dest, s.file_chunks(f, CHUNK), fsync=self.fsync and durable, verify=verify, progress=progress
                 )
             return StoredObject(key, size, sha)
 

@@ -3,17 +3,32 @@
 A key ``web01/3f2a/vda.qcow2`` is the object ``<prefix>/web01/3f2a/vda.qcow2``. boto3 is
 imported here and nowhere else; its errors become product errors once, in ``_errors``.
 
-Uploads go through s3transfer in parts of ``part_size_mib``, ``max_concurrency`` at a
-time, the parts read in parallel as ``upload_file`` reads them, while one thread hashes
-the file: memory stays near part size times concurrency. ``put_file`` returns the
-SHA-256, which the caller records (the manifest);
-``get_file`` checks it when given ``expected_sha256``. Objects below one part (manifests)
-are hashed in memory and also carry it in the metadata key ``sha256``, checked on every
-read. Larger ones do not: S3 fixes metadata when an upload starts, before a byte is
-hashed, and adding it afterwards means the endpoint rewrites the whole object (a
-self-copy), which doubles the cost of every disk image. S3 completes a multipart
-upload atomically, so no reader sees half an object; s3transfer aborts a failed one, and
-``cleanup_incomplete()`` aborts what a killed process left behind.
+Integrity, end to end. ``put_file`` returns the object's SHA-256, which the caller
+records (the manifest); ``get_file`` checks it when given ``expected_sha256``. On the way
+in, every request that carries data also carries a checksum the endpoint can check:
+
+- a multipart upload is created with ``ChecksumAlgorithm=SHA256`` and each part is sent
+  with the SHA-256 of exactly the bytes in that request (``x-amz-checksum-sha256``). AWS
+  S3 and MinIO recompute it and refuse a part that arrived different (``BadDigest``); a
+  refused part is sent again, up to ``max_attempts`` times;
+- after completion, the endpoint's own checksum of the stored object (``HeadObject``
+  with ``ChecksumMode=ENABLED``: the SHA-256 of the parts' SHA-256s, "composite") is
+  compared with the one computed from the parts we sent, together with the length.
+  This catches endpoints that accept a checksum header without checking it (moto, the
+  test suite's endpoint, is one); such an object is deleted and ``ChecksumMismatch``
+  raised. Endpoints that report no checksum are checked by length only;
+- objects below one part (manifests) are sent with their SHA-256 as
+  ``x-amz-checksum-sha256`` and in the metadata key ``sha256``, checked on every read.
+
+Downloads ask for the endpoint's checksum (``ChecksumMode=ENABLED``): botocore checks a
+whole-object checksum while the body streams; a composite one cannot be checked without
+the part boundaries, and the SHA-256 from the manifest is what proves those objects.
+
+Uploads run ``max_concurrency`` parts of ``part_size_mib`` at a time, each read with
+``pread`` by the thread that sends it, while one thread hashes the whole file: memory
+stays near part size times concurrency. S3 completes a multipart upload atomically, so
+no reader sees half an object; a failed upload is aborted, and ``cleanup_incomplete()``
+aborts what a killed process left behind.
 
 Locks are objects ``locks/<name>.lock`` created with a conditional PUT
 (``If-None-Match: *``), refreshed every ttl/3 with ``If-Match`` and broken, once older
@@ -25,13 +40,15 @@ silently ignore the headers cannot be told apart and have the same race.
 """
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from hashlib import sha256
@@ -40,8 +57,6 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import boto3
-from boto3.s3.transfer import TransferConfig, create_transfer_manager
-from s3transfer.subscribers import BaseSubscriber
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, FlexibleChecksumError, HTTPClientError
 from botocore.exceptions import ConnectionError as EndpointDown
@@ -58,13 +73,15 @@ log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 DEFAULT_REGION = "us-east-1"
-PROGRESS_POLL = 0.25  # seconds between progress reports during an upload
+MAX_PARTS = 10_000  # S3's limit per multipart upload
 _DENIED = frozenset({"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden",
                      "ExpiredToken", "InvalidToken", "AllAccessDisabled"})
 _MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
 _LOST_RACE = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
 _UNSUPPORTED = frozenset({"NotImplemented", "501"})
 _STREAM_BROKE = (ReadTimeoutError, ResponseStreamingError, IncompleteReadError)
+# The endpoint received other bytes than were sent (checksum or signed payload hash).
+_DAMAGED = frozenset({"BadDigest", "XAmzContentSHA256Mismatch"})
 
 
 class S3Backend(Backend):
@@ -79,15 +96,7 @@ class S3Backend(Backend):
         self.who = f"storage '{name}'"
         region = settings.region or DEFAULT_REGION
         self.endpoint = _mask(settings.endpoint_url) if settings.endpoint_url else f"AWS {region}"
-        part = settings.part_size_mib * MIB
-        self._transfer = TransferConfig(
-            multipart_threshold=part,
-            multipart_chunksize=part,
-            max_concurrency=settings.max_concurrency,
-            preferred_transfer_client="classic",
-        )
-        # Parts read ahead of the uploads; the default (10) would hold 10 parts in memory.
-        self._transfer.max_in_memory_upload_chunks = settings.max_concurrency
+        self.part_size = settings.part_size_mib * MIB
         self._s3: Any = None
         self._guard = threading.Lock()
         self._conditional = True  # False once the endpoint answered 501 to If-None-Match
@@ -107,42 +116,38 @@ class S3Backend(Backend):
         with self._errors("check", None):
             client = self._client()
             client.head_bucket(Bucket=self.bucket)
-            client.put_object(Bucket=self.bucket, Key=probe, Body=b"probe", **self._sse())
+            # With a checksum, like every write: an endpoint that refuses the header fails here.
+            client.put_object(Bucket=self.bucket, Key=probe, Body=b"probe",
+                              ChecksumSHA256=_b64(sha256(b"probe").digest()), **self._sse())
             client.delete_object(Bucket=self.bucket, Key=probe)
 
     # --- objects -----------------------------------------------------------------
     def put_bytes(self, key: str, data: bytes) -> StoredObject:
         full = self._full(s.check_data_key(key))
-        digest = sha256(data).hexdigest()
+        digest = sha256(data)
         with self._errors("upload", key):
-            self._client().put_object(
-                Bucket=self.bucket, Key=full, Body=data, Metadata={"sha256": digest}, **self._sse()
-            )
-        return StoredObject(key, len(data), digest)
+            self._resend_damaged(full, lambda: self._client().put_object(
+                Bucket=self.bucket, Key=full, Body=data, ChecksumSHA256=_b64(digest.digest()),
+                Metadata={"sha256": digest.hexdigest()}, **self._sse(),
+            ))
+        return StoredObject(key, len(data), digest.hexdigest())
 
     def put_file(self, key: str, source: Path, *, progress: Progress | None = None) -> StoredObject:
         full = self._full(s.check_data_key(key))
         with self._errors("upload", key, local=source), open(source, "rb") as f:
-            if os.fstat(f.fileno()).st_size < self._transfer.multipart_threshold:
+            if os.fstat(f.fileno()).st_size < self.part_size:
                 stored = self.put_bytes(key, f.read())  # below one part: memory is bounded
                 if progress:
                     progress(stored.size)
                 return stored
         with self._errors("upload", key, local=source):
             size, digest = self._upload(source, full, progress)
-            head = self._client().head_object(Bucket=self.bucket, Key=full)
-            if head["ContentLength"] != size:
-                raise StorageError(
-                    f"{self.who}: uploaded {size} bytes to {self._where(key)}"
-                    f" but the endpoint stores {head['ContentLength']}"
-                )
         return StoredObject(key, size, digest)
 
     def _upload(self, source: Path, full: str, progress: Progress | None) -> tuple[int, str]:
         """Multipart upload of a file that does not change meanwhile (ours, in scratch
-        space): s3transfer reads its parts in parallel, as a plain upload_file does, while
-        one thread hashes the file; memory stays at part size x concurrency. Progress is
-        reported from this thread, never from s3transfer's workers."""
+        space), while one thread hashes the whole file. Completed, then checked against
+        the endpoint's own checksum; aborted on any failure."""
         hashed: dict[str, Any] = {}
 
         def hash_it() -> None:
@@ -151,24 +156,123 @@ class S3Backend(Backend):
             except BaseException as e:  # noqa: BLE001 - re-raised below, in the caller's thread
                 hashed["error"] = e
 
-        sent = _Sent()
         hasher = threading.Thread(target=hash_it, name="sha256", daemon=True)
         hasher.start()
-        with create_transfer_manager(self._client(), self._transfer) as manager:
-            future = manager.upload(str(source), self.bucket, full, extra_args=self._sse(), subscribers=[sent])
-            reported = -1
-            while progress and not future.done():
-                time.sleep(PROGRESS_POLL)
-                if sent.total != reported:
-                    reported = sent.total
-                    progress(reported)
-            future.result()
-        hasher.join()
+        client = self._client()
+        upload_id = client.create_multipart_upload(
+            Bucket=self.bucket, Key=full, ChecksumAlgorithm="SHA256", **self._sse())["UploadId"]
+        try:
+            parts = self._send_parts(source, full, upload_id, progress)
+            client.complete_multipart_upload(
+                Bucket=self.bucket, Key=full, UploadId=upload_id,
+                MultipartUpload={"Parts": [p.reply() for p in parts]})
+        except BaseException:
+            self._abort(full, upload_id)
+            raise
+        finally:
+            hasher.join()
         if "error" in hashed:
+            self._delete_quietly(full)
             raise hashed["error"]
+        size, digest = hashed["result"]
+        self._check_stored(full, size, digest, parts)
+        return size, digest
+
+    def _send_parts(self, source: Path, full: str, upload_id: str, progress: Progress | None) -> list[_Part]:
+        """Every part of ``source``, ``max_concurrency`` at a time (each thread reads its
+        part, so at most that many parts are in memory). Progress is reported from this
+        thread, never from the senders."""
+        size = source.stat().st_size
+        part = _part_size(size, self.part_size)
+        spans = [(n, offset, min(part, size - offset)) for n, offset in enumerate(range(0, size, part), 1)]
+        done: list[_Part] = []
         if progress:
-            progress(hashed["result"][0])
-        return hashed["result"]
+            progress(0)
+        fd = os.open(source, os.O_RDONLY)
+        try:
+            with ThreadPoolExecutor(self.settings.max_concurrency, thread_name_prefix="s3-part") as pool:
+                running: set[Future[_Part]] = set()
+                for span in spans:
+                    if len(running) >= self.settings.max_concurrency:
+                        running = self._collect(running, done, progress)
+                    running.add(pool.submit(self._send_part, fd, full, upload_id, *span))
+                while running:
+                    running = self._collect(running, done, progress)
+        finally:
+            os.close(fd)
+        return sorted(done, key=lambda p: p.number)
+
+    def _collect(self, running: set[Future[_Part]], done: list[_Part], progress: Progress | None) -> set[Future[_Part]]:
+        finished, rest = wait(running, return_when=FIRST_COMPLETED)
+        for future in finished:
+            try:
+                done.append(future.result())
+            except BaseException:
+                for other in rest:
+                    other.cancel()
+                raise
+        if progress:
+            progress(sum(p.size for p in done))
+        return rest
+
+    def _send_part(self, fd: int, full: str, upload_id: str, number: int, offset: int, length: int) -> _Part:
+        data = _read_part(fd, length, offset)
+        if len(data) != length:
+            raise StorageError(f"{self.who}: the file for {self._where_full(full)} shrank while it was uploaded "
+                               f"(part {number} is short)")
+        checksum = _b64(sha256(data).digest())
+        reply = self._resend_damaged(f"{full} part {number}", lambda: self._client().upload_part(
+            Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=number, Body=data,
+            ChecksumSHA256=checksum))
+        echoed = reply.get("ChecksumSHA256")
+        if echoed and echoed != checksum:
+            raise ChecksumMismatch(f"{self.who}: the endpoint stored part {number} of {self._where_full(full)} "
+                                   f"with sha256 {echoed}, but {checksum} was sent")
+        return _Part(number, length, reply["ETag"], checksum)
+
+    def _resend_damaged(self, what: str, send: Callable[[], dict]) -> dict:
+        """Send again what the endpoint refused because it arrived damaged (its checksum
+        did not match the bytes received); botocore already retries 5xx and throttling."""
+        for attempt in range(1, self.settings.max_attempts + 1):
+            try:
+                return send()
+            except ClientError as e:
+                if _code(e) not in _DAMAGED or attempt == self.settings.max_attempts:
+                    raise
+                log.warning("%s: %s refused %s: %s (damaged in transit); sending it again (attempt %d of %d)",
+                            self.who, self.endpoint, what, _code(e), attempt + 1, self.settings.max_attempts)
+        raise AssertionError("unreachable")
+
+    def _check_stored(self, full: str, size: int, digest: str, parts: list[_Part]) -> None:
+        """Compare what the endpoint says it stored with what was sent: the length, and
+        its SHA-256 when it reports one (of the parts' SHA-256s, or of the whole object
+        where it says ``FULL_OBJECT``). A mismatch deletes the object."""
+        head = self._client().head_object(Bucket=self.bucket, Key=full, ChecksumMode="ENABLED")
+        theirs = head.get("ChecksumSHA256")
+        ours = _sent_checksum(head.get("ChecksumType"), digest, parts)
+        problem = None
+        if head["ContentLength"] != size:
+            problem = f"{size} bytes were uploaded but the endpoint stores {head['ContentLength']}"
+        elif theirs and not _same_checksum(theirs, ours):
+            problem = (f"the endpoint's checksum of what it stored is {theirs}, what was sent gives {ours}:"
+                       " a part was damaged in transit and the endpoint did not refuse it")
+        if problem:
+            self._delete_quietly(full)
+            raise ChecksumMismatch(f"{self.who}: {self._where_full(full)}: {problem}; the object was removed")
+        if not theirs:
+            log.debug("%s: %s reports no checksum for %s; checked by length only", self.who, self.endpoint, full)
+
+    def _abort(self, full: str, upload_id: str) -> None:
+        try:
+            self._client().abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
+        except (ClientError, BotoCoreError) as e:  # cleanup_incomplete() aborts it later
+            log.warning("%s: could not abort the upload of %s: %s", self.who, full, e)
+
+    def _delete_quietly(self, full: str) -> None:
+        try:
+            self._client().delete_object(Bucket=self.bucket, Key=full)
+        except (ClientError, BotoCoreError) as e:
+            log.warning("%s: could not delete %s: %s", self.who, full, e)
 
     def get_file(
         self,
@@ -177,11 +281,12 @@ class S3Backend(Backend):
         *,
         expected_sha256: str | None = None,
         progress: Progress | None = None,
+        durable: bool = True,
     ) -> StoredObject:
         full = self._full(s.check_key(key))
         with self._errors("download", key, local=dest):
             dest.parent.mkdir(parents=True, exist_ok=True)
-            reply = self._client().get_object(Bucket=self.bucket, Key=full)
+            reply = self._client().get_object(Bucket=self.bucket, Key=full, ChecksumMode="ENABLED")
             expected = expected_sha256 or reply.get("Metadata", {}).get("sha256")
             length = reply["ContentLength"]
 
@@ -191,7 +296,8 @@ class S3Backend(Backend):
                 if expected and digest != expected:
                     raise s.checksum_error(self.who, key, expected, digest)
 
-            size, digest = s.write_atomic(dest, self._body(full, reply), verify=verify, progress=progress)
+            size, digest = s.write_atomic(dest, self._body(full, reply), fsync=durable, verify=verify,
+                                          progress=progress)
         return StoredObject(key, size, digest)
 
     def _body(self, full: str, reply: dict) -> Iterator[bytes]:
@@ -221,7 +327,7 @@ class S3Backend(Backend):
         full = self._full(s.check_key(key))
         digest, size = sha256(), 0
         with self._errors("verify", key):
-            reply = self._client().get_object(Bucket=self.bucket, Key=full)
+            reply = self._client().get_object(Bucket=self.bucket, Key=full, ChecksumMode="ENABLED")
             for chunk in self._body(full, reply):
                 digest.update(chunk)
                 size += len(chunk)
@@ -234,7 +340,7 @@ class S3Backend(Backend):
     def get_bytes(self, key: str) -> bytes:
         full = self._full(s.check_key(key))
         with self._errors("read", key):
-            reply = self._client().get_object(Bucket=self.bucket, Key=full)
+            reply = self._client().get_object(Bucket=self.bucket, Key=full, ChecksumMode="ENABLED")
             data = reply["Body"].read()
         expected = reply.get("Metadata", {}).get("sha256")
         if expected and sha256(data).hexdigest() != expected:
@@ -365,8 +471,9 @@ class S3Backend(Backend):
         return again[2]
 
     def _put_lock(self, full: str, holder: dict, **condition: str) -> str:
+        body = json.dumps(holder).encode()
         reply = self._client().put_object(
-            Bucket=self.bucket, Key=full, Body=json.dumps(holder).encode(),
+            Bucket=self.bucket, Key=full, Body=body, ChecksumSHA256=_b64(sha256(body).digest()),
             Metadata={k: str(v) for k, v in holder.items()}, **condition, **self._sse(),
         )
         return reply["ETag"]
@@ -450,7 +557,10 @@ class S3Backend(Backend):
         return f"{self.settings.prefix}/{key}" if self.settings.prefix else key
 
     def _where(self, key: str | None) -> str:
-        return f"s3://{self.bucket}/{self._full(key)}" if key else f"s3://{self.bucket}"
+        return self._where_full(self._full(key)) if key else f"s3://{self.bucket}"
+
+    def _where_full(self, full: str) -> str:
+        return f"s3://{self.bucket}/{full}"
 
     def _sse(self) -> dict[str, str]:
         st = self.settings
@@ -491,6 +601,11 @@ class S3Backend(Backend):
             return StorageUnavailable(f"{self.who}: bucket {self.bucket!r} does not exist at {self.endpoint}")
         if code in _MISSING:
             return ObjectNotFound(f"{self.who}: no object {key!r} ({where})")
+        if code in _DAMAGED:
+            return ChecksumMismatch(
+                f"{self.who}: S3 endpoint {self.endpoint} refused to {op} {where}: {code}: the bytes it"
+                f" received did not match the checksum sent with them (damaged in transit): {detail}"
+            )
         if code in _DENIED:
             return StorageError(
                 f"{self.who}: S3 refused to {op} {where}: {code} (check the credentials,"
@@ -504,16 +619,51 @@ class S3Backend(Backend):
         return StorageError(f"{self.who}: S3 could not {op} {where}: {code}: {detail}")
 
 
-class _Sent(BaseSubscriber):
-    """Counts the bytes s3transfer's worker threads have sent."""
+@dataclass(frozen=True)
+class _Part:
+    """One uploaded part: what CompleteMultipartUpload needs, and its size."""
 
-    def __init__(self) -> None:
-        self.total = 0
-        self._lock = threading.Lock()
+    number: int
+    size: int
+    etag: str
+    checksum: str  # base64 SHA-256 of the bytes sent
 
-    def on_progress(self, future: Any, bytes_transferred: int, **kwargs: Any) -> None:
-        with self._lock:
-            self.total += bytes_transferred
+    def reply(self) -> dict[str, Any]:
+        return {"PartNumber": self.number, "ETag": self.etag, "ChecksumSHA256": self.checksum}
+
+
+def _read_part(fd: int, length: int, offset: int) -> bytes:
+    return os.pread(fd, length, offset)
+
+
+def _b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode()
+
+
+def _part_size(size: int, wanted: int) -> int:
+    """The configured part size, grown (in whole MiB) where the file needs more than
+    S3's 10,000 parts."""
+    needed = -(-size // MAX_PARTS)
+    return max(wanted, -(-needed // MIB) * MIB)
+
+
+def _composite(checksums: list[str]) -> str:
+    """S3's checksum of a multipart object: the SHA-256 of the parts' SHA-256s."""
+    return _b64(sha256(b"".join(base64.b64decode(c) for c in checksums)).digest())
+
+
+def _sent_checksum(kind: str | None, digest: str, parts: list[_Part]) -> str:
+    """What the endpoint must report for what was sent: the whole object's SHA-256
+    where it says ``FULL_OBJECT``, else S3's composite ``<base64>-<part count>``."""
+    if kind == "FULL_OBJECT":
+        return _b64(bytes.fromhex(digest))
+    return f"{_composite([p.checksum for p in parts])}-{len(parts)}"
+
+
+def _same_checksum(theirs: str, ours: str) -> bool:
+    """Equal, or equal but for the part count some endpoints leave off a composite
+    (base64 has no '-', so it only ever separates the count)."""
+    return theirs == ours or ("-" in ours and theirs == ours.rpartition("-")[0])
 
 
 def _code(e: ClientError) -> str:

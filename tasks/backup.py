@@ -306,6 +306,9 @@ def _free(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
+_FULL = ("No space left on device", "Disk quota exceeded")  # strerror(ENOSPC), strerror(EDQUOT)
+
+
 def _wait(ctx: JobContext, domain: str, outputs: dict[str, _Output]) -> None:
     hv = ctx.require_hypervisor()
     while True:
@@ -315,9 +318,13 @@ def _wait(ctx: JobContext, domain: str, outputs: dict[str, _Output]) -> None:
         ctx.report(0.6 * state.fraction, f"copying disks: {state.processed >> 20} of {state.total >> 20} MiB")
         time.sleep(ctx.poll_seconds)
     if not state.ok:
+        # libvirt deletes the target images of a failed push backup, so the space may
+        # be free again by now; QEMU's error (strerror) says what happened.
+        said_full = any(text in (state.error or "") for text in _FULL)
         for o in outputs.values():
-            if _free(o.path.parent) < 16 << 20:
-                raise NoSpace(f"backup of {domain!r} failed: {o.place} is full")
+            if said_full or _free(o.path.parent) < 16 << 20:
+                raise NoSpace(f"backup of {domain!r} failed: {o.place} is full ({state.error}; "
+                              f"{_free(o.path.parent)} bytes free now)")
         raise JobFailed(f"libvirt backup job of {domain!r} failed: {state.error}")
 
 

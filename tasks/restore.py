@@ -8,12 +8,14 @@ machine that reads it (the one running the command or the API).
 
 The chain (the full and every incremental up to the point) is read from the catalog and
 checked against the manifests in storage (``load_chain``); every artifact a disk needs
-has its SHA-256 verified (read in place on a mounted filesystem, or while it downloads
-into scratch space from S3) before anything is written (``fetch``). ``qemu-img
-convert`` then reads each disk's layers as one chain (described on its command line, so
-stored files are never modified) and writes one standalone image, which appears under
-its final name only when complete (``rebuild``). The restores as a new domain and in
-place (tasks/restore_domain.py) use the same steps.
+is copied into the job's scratch space, from a mounted filesystem or S3 alike, and its
+SHA-256 verified over exactly the bytes copied, before anything is written (``fetch``).
+``qemu-img convert`` then reads each disk's layers, those copies, as one chain
+(described on its command line) and writes one standalone image, which appears under
+its final name only when complete (``rebuild``). So a restore uses only bytes it
+hashed: an artifact changed on storage after its check cannot reach the image. The
+restores as a new domain and in place (tasks/restore_domain.py) and drills use the
+same steps.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from tasks.context import JobContext
 from virtwarden.errors import (
     EXIT_USAGE,
     ChecksumMismatch,
+    NoSpace,
     RestorePointNotFound,
     StorageError,
     VirtwardenError,
@@ -179,30 +182,36 @@ def _check_matches_catalog(chain: list[PointView], manifests: list[dict]) -> Non
 
 # --- reading and rebuilding -----------------------------------------------------------
 def fetch(ctx: JobContext, backend: Backend, chain: Chain, *, share: float = 0.7) -> dict[str, Path]:
-    """Every artifact the point's disks need as a local file, verified; key -> path. A
-    backend on a mounted filesystem is read in place (checked by reading it through
-    once); others are downloaded into scratch, checked while they stream. Progress runs
-    from 0 to ``share``."""
+    """Every artifact the point's disks need, copied into this job's scratch directory
+    and verified while it is copied; key -> path. The SHA-256 is computed over exactly
+    the bytes written to the copy, and only the copy is read afterwards: an artifact
+    changed on storage after it was checked can no longer reach a restored image (on a
+    mounted filesystem the stored file itself could change between a check and the
+    rebuild's read). Progress runs from 0 to ``share``."""
     needed = {d["key"]: d for t in targets_of(chain) for d in layers_for(chain.manifests, t)}
-    total = sum(d["size_bytes"] for d in needed.values()) or 1
+    total = sum(d["size_bytes"] for d in needed.values())
+    _check_scratch_space(ctx, chain.point.id, total)
     done = 0
     local = {}
     for i, d in enumerate(needed.values()):
         base = done
 
         def moved(n: int, base: int = base) -> None:
-            ctx.report(share * (base + n) / total, f"reading and verifying: {(base + n) >> 20} MiB")
+            ctx.report(share * (base + n) / (total or 1), f"reading and verifying: {(base + n) >> 20} MiB")
 
-        in_place = backend.local_path(d["key"])
-        if in_place is not None:
-            backend.verify(d["key"], d["sha256"], progress=moved)
-            local[d["key"]] = in_place
-        else:
-            path = ctx.scratch / f"{i:04d}-{d['target']}.qcow2"
-            backend.get_file(d["key"], path, expected_sha256=d["sha256"], progress=moved)
-            local[d["key"]] = path
+        path = ctx.scratch / f"{i:04d}-{d['target']}.qcow2"
+        backend.get_file(d["key"], path, expected_sha256=d["sha256"], progress=moved, durable=False)
+        local[d["key"]] = path
         done += d["size_bytes"]
     return local
+
+
+def _check_scratch_space(ctx: JobContext, point_id: str, need: int) -> None:
+    st = os.statvfs(ctx.scratch)
+    free = st.f_bavail * st.f_frsize
+    if need > free:
+        raise NoSpace(f"scratch directory {ctx.scratch_root} has {free} bytes free; restoring point {point_id} "
+                      f"copies {need} bytes of artifacts there first (nothing was changed)")
 
 
 def rebuild(local: dict[str, Path], layers: list[dict], out: Path, *, fmt: str = "qcow2",

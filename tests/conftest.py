@@ -23,4 +23,4 @@ def need(condition: bool, why: str) -> None:
     pytest.skip(why)
 
 
-pytest_plugins = ["tests.guests", "tests.agentguest", "tests.s3server", "tests.harness"]
+pytest_plugins = ["tests.guests", "tests.agentguest", "tests.s3server", "tests.faultproxy", "tests.harness"]

@@ -76,7 +76,7 @@ def test_unreachable_s3_endpoint(vw, guest_factory):
     g.write("vda", 0, MiB, pattern=0x42)
     vw.start_worker()
     r = vw.cli("backup", g.name, "--target", "s3", "--wait")
-    assert r.code == 1
+    assert r.code == 5  # EXIT_UNAVAILABLE: the job failed because the storage is unreachable
     assert "http://127.0.0.1:1" in r.err and "unreachable" in r.err
     assert vw.cli("backups", g.name, "--json").json() == []
     assert _our_checkpoints(g.name) == []
@@ -103,7 +103,7 @@ def test_full_scratch_directory(vw, guest_factory, s3_settings, tmp_path):
         g.write_random("vda", 0, 8 * MiB)
         vw.start_worker()
         r = vw.cli("backup", g.name, "--target", "s3", "--wait")
-        assert r.code == 1
+        assert r.code == 6  # EXIT_STORAGE: NoSpace
         assert f"scratch directory {scratch} has" in r.err and "bytes free" in r.err
         assert [p for p in vw.cli("backups", g.name, "--json").json() if p["status"] == "complete"] == []
         assert _our_checkpoints(g.name) == []
@@ -120,7 +120,7 @@ def test_full_nfs_target(vw, guest_factory, tmp_path):
         g.write_random("vda", 0, 8 * MiB)
         vw.start_worker()
         r = vw.cli("backup", g.name, "--wait")
-        assert r.code == 1
+        assert r.code == 6  # EXIT_STORAGE: NoSpace
         assert "storage 'nfs'" in r.err and "bytes free" in r.err
         assert [p for p in vw.cli("backups", g.name, "--json").json() if p["status"] == "complete"] == []
         assert _our_checkpoints(g.name) == []

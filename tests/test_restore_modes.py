@@ -621,7 +621,7 @@ def test_a_failed_restore_in_place_leaves_the_domain_as_it_was(vw, guest_factory
         f.seek(art.stat().st_size // 2)
         f.write(b"\xff" * 16)
     r = vw.cli("restore", g.name, "--in-place", "--wait", "--shutdown-timeout", "2")
-    assert r.code == 1 and "is corrupt: expected sha256" in r.err, r.err
+    assert r.code == 6 and "is corrupt: expected sha256" in r.err, r.err  # EXIT_STORAGE: ChecksumMismatch
     assert g.dom.isActive()
     g.dom.destroy()  # QEMU writes out what it cached, so the file can be compared
     assert images_equal(g.disk_path("vda"), now)

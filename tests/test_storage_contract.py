@@ -7,6 +7,7 @@ disk error or a killed process would.
 """
 from __future__ import annotations
 
+import base64
 import errno
 import hashlib
 import json
@@ -17,13 +18,15 @@ import subprocess
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from storage_backends import _stream, nfs
+from storage_backends import _stream, nfs, s3
 from storage_backends.base import Backend, ObjectInfo
 from storage_backends.nfs import NfsBackend
 from storage_backends.s3 import S3Backend
+from tests.faultproxy import Rule, upload_part
 from tests.s3server import s3_client
 from virtwarden.config import NfsStorage, S3Storage
 from virtwarden.errors import (
@@ -103,16 +106,14 @@ class S3Raw:
         return len(reply.get("Uploads", []))
 
     def break_reads(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        from s3transfer.utils import ReadFileChunk
+        real = s3._read_part
 
-        real = ReadFileChunk.read
-
-        def failing(self: ReadFileChunk, amount: int | None = None) -> bytes:
-            if self._start_byte >= 5 * MIB:  # any part after the first
+        def failing(fd: int, length: int, offset: int) -> bytes:
+            if offset >= 5 * MIB:  # any part after the first
                 raise OSError(errno.EIO, "Input/output error")
-            return real(self, amount)
+            return real(fd, length, offset)
 
-        monkeypatch.setattr(ReadFileChunk, "read", failing)
+        monkeypatch.setattr(s3, "_read_part", failing)
 
 
 @pytest.fixture(params=["nfs", "s3"])
@@ -498,3 +499,83 @@ def test_nfs_retries_stale_file_handles(tmp_path: Path, monkeypatch: pytest.Monk
     failures = iter([True] * nfs.STALE_RETRIES)
     with pytest.raises(StorageUnavailable, match="Stale file handle"):
         backend.get_bytes("web01/manifest.json")
+
+
+# --- S3 integrity in transit (through tests/faultproxy.py, in front of the real endpoint) ---
+def _part_number(target: str) -> int:
+    return int(parse_qs(urlsplit(target).query)["partNumber"][0])
+
+
+def test_s3_every_part_carries_the_sha256_of_its_bytes(s3_settings: S3Storage, s3_fault_proxy, big_file: Path) -> None:
+    backend = S3Backend("offsite", s3_settings.model_copy(update={"endpoint_url": s3_fault_proxy.url}))
+    backend.put_file("web01/vda.qcow2", big_file)
+    data = big_file.read_bytes()
+    sent = sorted(s3_fault_proxy.requests(upload_part), key=lambda s: _part_number(s.request.target))
+    assert len(sent) == 3
+    for n, seen in enumerate(sent):
+        part = data[n * 5 * MIB:(n + 1) * 5 * MIB]
+        assert seen.request.headers["x-amz-checksum-sha256"] == base64.b64encode(hashlib.sha256(part).digest()).decode()
+    create = [s for s in s3_fault_proxy.seen if s.request.method == "POST" and s.request.target.endswith("?uploads")]
+    assert create[0].request.headers["x-amz-checksum-algorithm"] == "SHA256"
+
+
+def test_s3_small_object_carries_the_sha256_of_its_bytes(s3_settings: S3Storage, s3_fault_proxy) -> None:
+    backend = S3Backend("offsite", s3_settings.model_copy(update={"endpoint_url": s3_fault_proxy.url}))
+    backend.put_bytes("web01/manifest.json", b"{}")
+    put = [s for s in s3_fault_proxy.seen if s.request.method == "PUT" and "manifest.json" in s.request.target]
+    assert put[0].request.headers["x-amz-checksum-sha256"] == base64.b64encode(hashlib.sha256(b"{}").digest()).decode()
+
+
+def test_s3_part_damaged_in_transit_is_never_stored(s3_settings: S3Storage, s3_fault_proxy, big_file: Path,
+                                                    tmp_path: Path) -> None:
+    """One byte of one part flipped between us and the endpoint. An endpoint that checks
+    part checksums (AWS S3, MinIO) refuses the part and it is sent again; one that does
+    not (moto) stores it, and the comparison of its checksum of the stored parts with
+    ours refuses the object. Either way no damaged object and no upload is left."""
+    backend = S3Backend("offsite", s3_settings.model_copy(update={"endpoint_url": s3_fault_proxy.url}))
+    s3_fault_proxy.add(Rule(upload_part, "corrupt", times=1))
+    raw = S3Raw(s3_settings)
+    damaged_answer = None
+    try:
+        stored = backend.put_file("web01/vda.qcow2", big_file)
+    except ChecksumMismatch as e:
+        damaged_answer = e
+    [damaged] = s3_fault_proxy.handled("corrupt")
+    if damaged.status == 400:  # the endpoint refused it by its checksum
+        assert b"BadDigest" in damaged.reply
+        assert damaged_answer is None
+        assert backend.get_file("web01/vda.qcow2", tmp_path / "x", expected_sha256=stored.sha256).size == 13 * MIB
+    else:  # the endpoint took it: our check of its checksum must refuse the object
+        assert damaged.status == 200
+        assert damaged_answer is not None, "a part damaged in transit was stored as if whole"
+        assert "damaged in transit" in str(damaged_answer)
+        assert not backend.exists("web01/vda.qcow2")
+    assert raw.incomplete() == 0
+
+
+def test_s3_part_answered_slow_down_is_sent_again(s3_settings: S3Storage, s3_fault_proxy, big_file: Path,
+                                                   tmp_path: Path) -> None:
+    backend = S3Backend("offsite", s3_settings.model_copy(update={"endpoint_url": s3_fault_proxy.url}))
+    s3_fault_proxy.add(Rule(upload_part, "respond", times=2, status=503))
+    stored = backend.put_file("web01/vda.qcow2", big_file)
+    assert len(s3_fault_proxy.handled("respond")) == 2
+    assert len([s for s in s3_fault_proxy.requests(upload_part) if s.status == 200]) == 3
+    assert S3Raw(s3_settings).incomplete() == 0
+    assert backend.get_file("web01/vda.qcow2", tmp_path / "x", expected_sha256=stored.sha256).sha256 == sha(big_file)
+
+
+def test_s3_part_size_grows_only_to_stay_within_10000_parts() -> None:
+    assert s3._part_size(13 * MIB, 5 * MIB) == 5 * MIB
+    assert s3._part_size(10_000 * 5 * MIB, 5 * MIB) == 5 * MIB
+    grown = s3._part_size(10_000 * 5 * MIB + 1, 5 * MIB)
+    assert grown == 6 * MIB and -(-(10_000 * 5 * MIB + 1) // grown) <= 10_000
+
+
+def test_s3_composite_checksum_is_the_sha256_of_the_part_sha256s() -> None:
+    parts = [b"a" * 10, b"b" * 3]
+    digests = [hashlib.sha256(p).digest() for p in parts]
+    ours = s3._composite([base64.b64encode(d).decode() for d in digests])
+    assert ours == base64.b64encode(hashlib.sha256(b"".join(digests)).digest()).decode()
+    assert s3._same_checksum(f"{ours}-2", f"{ours}-2") and s3._same_checksum(ours, f"{ours}-2")
+    assert not s3._same_checksum(f"{ours}-3", f"{ours}-2")
+    assert not s3._same_checksum(f"{ours}-2", base64.b64encode(hashlib.sha256(b"x").digest()).decode())

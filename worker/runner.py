@@ -176,6 +176,12 @@ def _job_function(kind: JobKind | None) -> tuple[Callable[[JobContext, Any], dic
         raise
 
 
+def _failure(e: VirtwardenError) -> dict[str, Any]:
+    """What a failed job keeps of its error besides the message: its kind and exit
+    code, so ``--wait`` exits as the command would have had it run the job itself."""
+    return {"error_type": type(e).__name__, "exit_code": e.exit_code}
+
+
 def owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
 
@@ -241,10 +247,10 @@ def execute(cfg: Config, job_id: str, *, cat: Catalog | None = None, via_host: s
                             resend_after=cfg.worker.resend_seconds):
                 return "retry"
             return "skipped"
-        return _failed(cat, fence, str(e))
+        return _failed(cat, fence, str(e), _failure(e))
     except VirtwardenError as e:
         log.error("job %s: failed: %s", job_id, e)
-        return _failed(cat, fence, str(e))
+        return _failed(cat, fence, str(e), _failure(e))
     except Exception as e:  # noqa: BLE001 - a bug: record it, keep the worker alive
         log.exception("job %s: internal error", job_id)
         return _failed(cat, fence, f"internal error (a bug, please report): {e!r}")
@@ -270,8 +276,8 @@ def _ended(kind: JobKind, ctx: JobContext) -> None:
         log.warning("job %s: tidying up after the job ended failed: %s", ctx.job_id, e)
 
 
-def _failed(cat: Catalog, fence: Fence, error: str) -> str:
-    return "failed" if jobs.finish(cat, fence, ok=False, error=error) else "skipped"
+def _failed(cat: Catalog, fence: Fence, error: str, result: dict[str, Any] | None = None) -> str:
+    return "failed" if jobs.finish(cat, fence, ok=False, error=error, result=result) else "skipped"
 
 
 def _give_up(cat: Catalog, ctx: JobContext, kind: JobKind, request: type, job: jobs.JobView, error: str) -> str:

@@ -211,6 +211,16 @@ def enqueue(cfg: Config, cat: Catalog, kind: str, domain: str | None, host: str,
     return job
 
 
+def job_failed(job: jobs.JobView) -> JobFailed:
+    """A failed job as an error: with the exit code of the product error that failed it
+    (6 for a full storage, 5 for an unreachable one, ...), else 1."""
+    failure = JobFailed(f"job {job.id} ({job.kind} of {job.domain}) failed: {job.error}")
+    code = (job.result or {}).get("exit_code")
+    if isinstance(code, int) and code > 0:
+        failure.exit_code = code
+    return failure
+
+
 def wait(cat: Catalog, job_id: str, *, on_progress: Callable[[jobs.JobView], None] | None = None,
          poll: float = 0.25, timeout: float | None = None) -> jobs.JobView:
     """Block until the job finished; JobFailed when it failed."""
@@ -221,7 +231,7 @@ def wait(cat: Catalog, job_id: str, *, on_progress: Callable[[jobs.JobView], Non
             on_progress(job)
         if job.finished:
             if job.state == jobs.FAILED:
-                raise JobFailed(f"job {job.id} ({job.kind} of {job.domain}) failed: {job.error}")
+                raise job_failed(job)
             return job
         if timeout is not None and time.monotonic() - start > timeout:
             raise JobFailed(f"job {job.id} still {job.state} after {timeout:.0f}s")

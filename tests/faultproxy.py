@@ -1,0 +1,239 @@
+"""A fault-injecting HTTP proxy for tests, in front of a real endpoint (the S3 server).
+
+Clients (the test itself, or worker processes it starts) talk to ``proxy.url`` instead
+of the endpoint. Requests pass through unchanged unless a rule matches them; a rule
+either answers in the endpoint's place (``respond``: e.g. 503 Slow Down, the request
+never reaches the endpoint) or flips one byte of the request body on its way
+(``corrupt``). Each rule applies to its first ``times`` matching requests. Every
+request is recorded with what was done to it and the status the endpoint answered, so
+a test can tell who refused what.
+
+HTTP/1.1 with keep-alive, request bodies with Content-Length (what botocore sends over
+plain HTTP), ``Expect: 100-continue`` answered by the proxy itself, responses with
+Content-Length, chunked or until close. asyncio in a daemon thread of the test process.
+
+    with FaultProxy(endpoint) as proxy:
+        proxy.add(Rule(upload_part, "respond", times=2, status=503, body=SLOW_DOWN))
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import pytest
+
+SLOW_DOWN = (b"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code>"
+             b"<Message>Please reduce your request rate.</Message></Error>")
+READ = 1 << 20
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    target: str  # path and query, as sent
+    headers: dict[str, str]  # lower-case names
+
+
+@dataclass
+class Rule:
+    match: Callable[[Request], bool]
+    action: str  # "respond" | "corrupt"
+    times: int = 1
+    status: int = 503
+    body: bytes = SLOW_DOWN
+    offset: float = 0.5  # where in the body "corrupt" flips a byte (fraction of its length)
+    used: int = 0
+
+
+@dataclass
+class Seen:
+    request: Request
+    action: str  # "pass", "respond" or "corrupt"
+    status: int = 0  # the endpoint's answer (0 when the proxy answered instead)
+    reply: bytes = b""  # the start of the endpoint's answer body
+
+
+def upload_part(r: Request) -> bool:
+    """S3 UploadPart: PUT ...?partNumber=N&uploadId=..."""
+    return r.method == "PUT" and "partNumber=" in r.target and "uploadId=" in r.target
+
+
+@dataclass
+class FaultProxy:
+    upstream: str
+    rules: list[Rule] = field(default_factory=list)
+    seen: list[Seen] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.upstream)
+        self._host, self._port = parts.hostname or "127.0.0.1", parts.port or 80
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="faultproxy", daemon=True)
+        self.url = ""
+
+    # --- for tests ----------------------------------------------------------------
+    def __enter__(self) -> FaultProxy:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def add(self, rule: Rule) -> Rule:
+        with self._lock:
+            self.rules.append(rule)
+        return rule
+
+    def handled(self, action: str) -> list[Seen]:
+        with self._lock:
+            return [s for s in self.seen if s.action == action]
+
+    def requests(self, match: Callable[[Request], bool]) -> list[Seen]:
+        with self._lock:
+            return [s for s in self.seen if match(s.request)]
+
+    # --- the proxy ----------------------------------------------------------------
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        server = self._loop.run_until_complete(asyncio.start_server(self._client, "127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        self._ready.set()
+        try:
+            self._loop.run_forever()
+        finally:
+            server.close()
+
+    def _take(self, request: Request) -> tuple[str, Rule | None]:
+        with self._lock:
+            for rule in self.rules:
+                if rule.used < rule.times and rule.match(request):
+                    rule.used += 1
+                    return rule.action, rule
+        return "pass", None
+
+    def _record(self, seen: Seen) -> None:
+        with self._lock:
+            self.seen.append(seen)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                request, lines = _parse_request(head)
+                action, rule = self._take(request)
+                length = int(request.headers.get("content-length", "0"))
+                expects = request.headers.get("expect", "").lower() == "100-continue"
+                if action == "respond" and rule:
+                    if not expects:  # the client sends its body anyway: take it off the line
+                        await reader.readexactly(length)
+                    writer.write(_response(rule.status, rule.body))
+                    await writer.drain()
+                    self._record(Seen(request, action))
+                    return  # "Connection: close", as S3 does after an error
+                if expects:
+                    writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    await writer.drain()
+                body = await reader.readexactly(length)
+                if action == "corrupt" and rule and body:
+                    at = min(len(body) - 1, int(len(body) * rule.offset))
+                    body = body[:at] + bytes([body[at] ^ 0x01]) + body[at + 1:]
+                if upstream is None:
+                    upstream = await asyncio.open_connection(self._host, self._port)
+                forwarded = [ln for ln in lines if not ln.lower().startswith(b"expect:")]
+                upstream[1].write(b"\r\n".join(forwarded) + b"\r\n\r\n" + body)
+                await upstream[1].drain()
+                status, reply, keep = await _relay(upstream[0], writer, request.method)
+                self._record(Seen(request, action, status, reply))
+                if not keep:
+                    return
+        finally:
+            for w in (writer, upstream[1] if upstream else None):
+                if w is not None:
+                    w.close()
+
+
+def _parse_request(head: bytes) -> tuple[Request, list[bytes]]:
+    lines = head[:-4].split(b"\r\n")
+    method, target, _ = lines[0].decode("latin-1").split(" ", 2)
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if "chunked" in headers.get("transfer-encoding", ""):
+        raise NotImplementedError("chunked request bodies are not supported by this proxy")
+    return Request(method, target, headers), lines
+
+
+def _response(status: int, body: bytes) -> bytes:
+    reason = {400: "Bad Request", 500: "Internal Server Error", 503: "Slow Down"}.get(status, "Error")
+    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+
+
+async def _relay(up: asyncio.StreamReader, down: asyncio.StreamWriter, method: str) -> tuple[int, bytes, bool]:
+    """Copy one response; returns its status, the start of its body, and whether the
+    connection may carry another request."""
+    head = await up.readuntil(b"\r\n\r\n")
+    down.write(head)
+    lines = head[:-4].split(b"\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    keep = headers.get("connection", "").lower() != "close"
+    first = bytearray()
+
+    async def copy(n: int) -> None:
+        while n > 0:
+            chunk = await up.read(min(n, READ))
+            if not chunk:
+                raise ConnectionError("endpoint closed mid-response")
+            if len(first) < 4096:
+                first.extend(chunk[:4096])
+            down.write(chunk)
+            await down.drain()
+            n -= len(chunk)
+
+    if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+        pass
+    elif "content-length" in headers:
+        await copy(int(headers["content-length"]))
+    elif "chunked" in headers.get("transfer-encoding", ""):
+        while True:
+            size_line = await up.readuntil(b"\r\n")
+            down.write(size_line)
+            size = int(size_line.split(b";")[0], 16)
+            if size == 0:
+                trailer = await up.readuntil(b"\r\n")
+                while trailer != b"\r\n":
+                    down.write(trailer)
+                    trailer = await up.readuntil(b"\r\n")
+                down.write(trailer)
+                break
+            await copy(size + 2)
+    else:
+        while chunk := await up.read(READ):
+            down.write(chunk)
+        keep = False
+    await down.drain()
+    return status, bytes(first), keep
+
+
+# --- pytest fixture (tests/conftest.py lists this module as a plugin) -------------------
+@pytest.fixture
+def s3_fault_proxy(s3_endpoint: str):  # noqa: ANN201
+    """A FaultProxy in front of the test S3 endpoint, without rules until a test adds some."""
+    with FaultProxy(s3_endpoint) as proxy:
+        yield proxy

@@ -1,0 +1,220 @@
+"""Storage faults met by real backups and restores, through real workers and the CLI:
+an S3 endpoint that answers 503 Slow Down or receives a damaged part (through
+tests/faultproxy.py), an artifact changed on a mounted target after a restore checked
+it, and a mounted target that runs out of space in the middle of a backup."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from catalog import jobs as job_rows
+from tests.conftest import need
+from tests.faultproxy import FaultProxy, Rule, upload_part
+from tests.guests import images_equal
+from tests.harness import s3_storage_entry, wait_for
+from tests.s3server import s3_client
+
+pytestmark = pytest.mark.libvirt
+MiB = 1024 * 1024
+
+
+def _backup(vw, domain: str, *args: str):  # noqa: ANN001, ANN202
+    return vw.cli("backup", domain, *args, "--wait", "--json")
+
+
+def _restored_equal(vw, g, tmp_path: Path, expected: Path, name: str) -> bool:  # noqa: ANN001
+    out = tmp_path / name
+    r = vw.cli("restore", g.name, "--point", "latest", "--to-dir", str(out), "--wait")
+    assert r.code == 0, r.err
+    return images_equal(out / "vda.qcow2", expected)
+
+
+def _uploads_left(settings) -> list:  # noqa: ANN001
+    return s3_client(settings.endpoint_url).list_multipart_uploads(Bucket=settings.bucket).get("Uploads", [])
+
+
+def _keys_of(settings, point_id: str) -> list[str]:  # noqa: ANN001
+    reply = s3_client(settings.endpoint_url).list_objects_v2(Bucket=settings.bucket)
+    return [o["Key"] for o in reply.get("Contents", []) if point_id in o["Key"]]
+
+
+# --- S3 ----------------------------------------------------------------------------------
+def test_s3_backup_whose_first_parts_are_answered_slow_down_succeeds_and_restores(
+        vw, guest_factory, s3_settings, s3_fault_proxy: FaultProxy, tmp_path):
+    vw.storage["s3"] = s3_storage_entry(s3_settings.model_copy(update={"endpoint_url": s3_fault_proxy.url}))
+    g = guest_factory(disks=1, size_mib=64)
+    g.write_random("vda", 0, 20 * MiB)  # about four 5 MiB parts
+    s3_fault_proxy.add(Rule(upload_part, "respond", times=2, status=503))
+    vw.start_worker()
+
+    r = _backup(vw, g.name, "--target", "s3")
+    assert r.code == 0, r.err
+    assert len(s3_fault_proxy.handled("respond")) == 2  # the endpoint never saw those two
+    assert all(s.status == 200 for s in s3_fault_proxy.requests(upload_part) if s.action == "pass")
+    assert _uploads_left(s3_settings) == []
+    assert _restored_equal(vw, g, tmp_path, g.shadow_copy("vda", tmp_path / "vda.raw"), "restored")
+
+
+def test_s3_backup_with_a_part_damaged_in_transit_never_lists_it_as_restorable(
+        vw, guest_factory, s3_settings, s3_fault_proxy: FaultProxy, tmp_path):
+    """One byte of the first part flipped on its way. An endpoint that checks part
+    checksums (AWS S3, MinIO) answers 400 BadDigest and the part is sent again; the
+    moto endpoint of the test bed stores it, and the job's check of the endpoint's
+    checksum of the stored parts fails it (exit 6). Nothing damaged is listed either way."""
+    vw.storage["s3"] = s3_storage_entry(s3_settings.model_copy(update={"endpoint_url": s3_fault_proxy.url}))
+    g = guest_factory(disks=1, size_mib=64)
+    g.write_random("vda", 0, 20 * MiB)
+    at_backup = g.shadow_copy("vda", tmp_path / "at-backup.raw")
+    s3_fault_proxy.add(Rule(upload_part, "corrupt", times=1))
+    vw.start_worker()
+
+    r = _backup(vw, g.name, "--target", "s3")
+    [damaged] = s3_fault_proxy.handled("corrupt")
+    listed = vw.cli("backups", g.name, "--json").json()
+    if damaged.status == 400:  # the endpoint refused the part by its checksum
+        assert b"BadDigest" in damaged.reply
+        assert r.code == 0, r.err
+        assert [p["status"] for p in listed] == ["complete"]
+    else:  # the endpoint stored it: the job's check must catch it
+        assert damaged.status == 200
+        assert r.code == 6, r.err  # ChecksumMismatch
+        assert "damaged in transit" in r.err and "storage 's3'" in r.err
+        assert [p["status"] for p in listed] == ["failed"]
+        assert _keys_of(s3_settings, listed[0]["id"]) == []
+        r = _backup(vw, g.name, "--target", "s3")  # the next run works
+        assert r.code == 0, r.err
+    assert _uploads_left(s3_settings) == []
+    assert _restored_equal(vw, g, tmp_path, at_backup, "restored")
+
+
+# --- a restore uses only bytes it verified ------------------------------------------------
+def _hold_qemu_img_convert(shim: Path, hold: Path) -> None:
+    """A ``qemu-img`` first on PATH that holds a restore's rebuild (``convert`` of a
+    ``json:`` chain) until the test creates ``hold/go``, then runs the real one."""
+    real = shutil.which("qemu-img")
+    assert real, "qemu-img is not installed"
+    shim.mkdir()
+    hold.mkdir()
+    script = shim / "qemu-img"
+    script.write_text(
+        "#!/bin/sh\n"
+        'case "$1 $*" in\n'
+        f'  convert*json:*) touch {hold}/waiting; n=0\n'
+        f'    while [ ! -e {hold}/go ] && [ $n -lt 1200 ]; do sleep 0.1; n=$((n+1)); done ;;\n'
+        "esac\n"
+        f'exec {real} "$@"\n')
+    script.chmod(0o755)
+
+
+def _data_offset(image: Path) -> int:
+    """A file offset inside the first cluster of guest data in a qcow2 image."""
+    extents = json.loads(subprocess.run(["qemu-img", "map", "--output=json", "-f", "qcow2", str(image)],
+                                        capture_output=True, text=True, check=True).stdout)
+    return next(e["offset"] for e in extents if e["data"] and "offset" in e) + 4096
+
+
+def test_an_artifact_changed_on_storage_after_the_restore_checked_it_never_reaches_the_image(
+        vw, guest_factory, tmp_path, monkeypatch):
+    shim, hold = tmp_path / "shim", tmp_path / "hold"
+    _hold_qemu_img_convert(shim, hold)
+    monkeypatch.setenv("PATH", f"{shim}:{os.environ['PATH']}")  # the worker inherits it
+    g = guest_factory(disks=1, size_mib=32)
+    g.write_random("vda", 0, 8 * MiB)
+    at_backup = g.shadow_copy("vda", tmp_path / "at-backup.raw")
+    vw.start_worker()
+    r = _backup(vw, g.name)
+    assert r.code == 0, r.err
+    point = r.json()["result"]
+    stored = vw.root / "repository" / g.name / point["chain_id"] / point["point_id"] / "vda.qcow2"
+
+    r = vw.cli("restore", g.name, "--point", "latest", "--to-dir", str(tmp_path / "restored"), "--json")
+    assert r.code == 0, r.err
+    job_id = r.json()["id"]
+    wait_for(lambda: (hold / "waiting").exists(), 120, "the restore to verify and start its rebuild")
+    with open(stored, "r+b") as f:  # the stored artifact changes after its check
+        f.seek(_data_offset(stored))
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    (hold / "go").touch()
+    cat = vw.catalog()
+    done = wait_for(lambda: (j := job_rows.get(cat, job_id)).finished and j, 120, "the restore to finish")
+
+    if done.state == "failed":
+        assert "ChecksumMismatch" in (done.result or {}).get("error_type", ""), done.error
+    else:
+        assert images_equal(tmp_path / "restored" / "vda.qcow2", at_backup)
+    # The change was real: the artifact no longer passes its check.
+    (hold / "go").touch()
+    r = vw.cli("restore", g.name, "--point", "latest", "--to-dir", str(tmp_path / "again"), "--wait")
+    assert r.code == 6 and "is corrupt: expected sha256" in r.err, r.err
+
+
+# --- a mounted target runs out of space -------------------------------------------------------
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A 96 MiB ext4 filesystem, loop-mounted (no root reserve), removed afterwards."""
+    need(os.geteuid() == 0, "loop-mounting a filesystem needs root")
+    need(shutil.which("mkfs.ext4") is not None, "mkfs.ext4 is not installed (e2fsprogs)")
+    image, mount = tmp_path / "share.img", tmp_path / "share"
+    with open(image, "wb") as f:
+        f.truncate(96 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(image)], check=True, capture_output=True)
+    mount.mkdir()
+    done = subprocess.run(["mount", "-o", "loop", str(image), str(mount)], capture_output=True, text=True)
+    need(done.returncode == 0, f"cannot loop-mount a filesystem here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        if subprocess.run(["umount", str(mount)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def _free(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def _fill(path: Path, leave: int) -> Path:
+    filler = path / "filler"
+    with open(filler, "wb") as f:
+        while (room := _free(path) - leave) > 0:
+            f.write(b"\0" * min(room, 4 * MiB))
+            f.flush()
+            os.fsync(f.fileno())
+    return filler
+
+
+def test_a_backup_that_fills_its_mounted_target_fails_clearly_and_leaves_nothing(
+        vw, guest_factory, small_filesystem: Path, tmp_path):
+    share = small_filesystem
+    vw.storage["nfs"] = {"type": "nfs", "path": str(share)}
+    g = guest_factory(disks=1, size_mib=128)
+    g.write_random("vda", 0, 4 * MiB)
+    vw.start_worker()
+    r = _backup(vw, g.name)
+    assert r.code == 0, r.err
+    first = r.json()["result"]["point_id"]
+
+    filler = _fill(share, leave=24 * MiB)
+    g.write_random("vda", 16 * MiB, 48 * MiB)  # an incremental twice the room left
+    r = _backup(vw, g.name)
+    assert r.code == 6, r.err  # NoSpace
+    assert "storage 'nfs'" in r.err and "is full" in r.err, r.err
+    listed = vw.cli("backups", g.name, "--json").json()
+    assert [(p["id"], p["status"]) for p in listed if p["status"] == "complete"] == [(first, "complete")]
+    assert [p["status"] for p in listed] == ["complete", "failed"]
+    assert [p for p in share.rglob("*") if p.name.startswith(".tmp-")] == []
+    assert not list(share.rglob(f"{listed[1]['id']}/*"))
+
+    filler.unlink()
+    r = _backup(vw, g.name)
+    assert r.code == 0, r.err
+    assert r.json()["result"]["level"] == "incremental"
+    assert _restored_equal(vw, g, tmp_path, g.shadow_copy("vda", tmp_path / "now.raw"), "restored")

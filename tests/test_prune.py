@@ -198,7 +198,8 @@ def test_a_point_a_drill_is_restoring_is_kept_with_its_chain(catalog, tmp_path):
     inc = add_point(catalog, repo, domain, START + timedelta(hours=1), full)
     newest = add_point(catalog, repo, domain, START + timedelta(hours=2), None)
     job = job_rows.create(catalog, kind="drill", domain=domain, host="local", params={})
-    assert job_rows.claim(catalog, job.id, "drill-worker", 60, lock_domain=False).ok
+    claim = job_rows.claim(catalog, job.id, "drill-worker", 60, lock_domain=False)
+    assert claim.ok
     drills.begin(catalog, drill_id=job.id, domain=domain, host="local", point_id=inc.id,
                  throwaway="virtwarden-drill-test")
     now = START + timedelta(days=1)
@@ -206,7 +207,7 @@ def test_a_point_a_drill_is_restoring_is_kept_with_its_chain(catalog, tmp_path):
     [plan] = plan_domain(catalog, domain, Retention(keep_last=1), now)
     assert plan.kept.kept == {full.id, inc.id, newest.id}
     assert "a running drill restores it" in plan.kept.decision(inc.id).why
-    assert job_rows.finish(catalog, job.id, "drill-worker", ok=True, result={})
+    assert job_rows.finish(catalog, claim.fence, ok=True, result={})
     [plan] = plan_domain(catalog, domain, Retention(keep_last=1), now)
     assert plan.kept.kept == {newest.id}
 

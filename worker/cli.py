@@ -46,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="virtwarden",
-        description="Keeps KVM/libvirt guests safe: policy-driven backups, snapshots, restores, restore drills"
-                    " and evacuations, the workers and daemons that run them, and on-call runbooks.")
+        description="Keeps KVM/libvirt guests safe: policy-driven backups, snapshots, restores, restore drills,"
+                    " verification of stored backups and evacuations, the workers and daemons that run them,"
+                    " and on-call runbooks.")
     p.add_argument("--config", help="configuration file (default: $VIRTWARDEN_CONFIG, else embedded defaults)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     sub = p.add_subparsers(metavar="COMMAND")
@@ -158,6 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("domain", nargs="?")
     dl.add_argument("--json", action="store_true")
 
+    vf = cmd("verify", lazy("worker.verify:cli"),
+             "re-read stored restore points and check their checksums; damaged ones are taken out of service")
+    vf.add_argument("domain", nargs="?", help="only this domain (default: every domain with points)")
+    vf.add_argument("--storage", help="only points on this storage target")
+    vf.add_argument("--sample", type=_percent, default=100, metavar="PERCENT",
+                    help="re-read this percentage of the artifacts, least recently verified points first"
+                         " (default 100: all)")
+    vf.add_argument("--dry-run", action="store_true", help="say what would be read, from the catalog; create no job")
+    _wait_opts(vf)
+
     api = cmd("api", lazy("worker.api:cli"), "serve the HTTP API (restores, jobs, alerts, metrics)")
     api.add_argument("--listen", help="HOST:PORT (default: api.listen from the configuration)")
 
@@ -206,6 +217,12 @@ def lazy(target: str) -> Handler:
         return int(getattr(found, name)(args))
 
     return handler
+
+
+def _percent(text: str) -> int:
+    from worker.verify import percent
+
+    return percent(text)
 
 
 def _wait_opts(p: argparse.ArgumentParser) -> None:

@@ -237,7 +237,7 @@ def execute(cfg: Config, job_id: str, *, cat: Catalog | None = None) -> str:
         return _failed(cat, fence, str(e))
     except VirtwardenError as e:
         log.error("job %s: failed: %s", job_id, e)
-        return _failed(cat, fence, str(e))
+        return _failed(cat, fence, str(e), getattr(e, "result", None))  # a report that failed keeps its report
     except Exception as e:  # noqa: BLE001 - a bug: record it, keep the worker alive
         log.exception("job %s: internal error", job_id)
         return _failed(cat, fence, f"internal error (a bug, please report): {e!r}")
@@ -252,8 +252,8 @@ def execute(cfg: Config, job_id: str, *, cat: Catalog | None = None) -> str:
     return "done"
 
 
-def _failed(cat: Catalog, fence: Fence, error: str) -> str:
-    return "failed" if jobs.finish(cat, fence, ok=False, error=error) else "skipped"
+def _failed(cat: Catalog, fence: Fence, error: str, result: dict | None = None) -> str:
+    return "failed" if jobs.finish(cat, fence, ok=False, error=error, result=result) else "skipped"
 
 
 def _give_up(cat: Catalog, ctx: JobContext, kind: JobKind, request: type, job: jobs.JobView, error: str) -> str:

@@ -193,7 +193,7 @@ class ScheduleSlot(Base):
     __table_args__ = (UniqueConstraint("policy", "job", "domain", "slot_at", name="uq_schedule_slot"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     policy: Mapped[str] = mapped_column(String(128))
-    job: Mapped[str] = mapped_column(String(32))  # backup | snapshot | drill
+    job: Mapped[str] = mapped_column(String(32))  # backup | snapshot | drill | verify
     domain: Mapped[str] = mapped_column(String(255))
     slot_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
     window_end: Mapped[datetime] = mapped_column(UtcDateTime)

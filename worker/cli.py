@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
              "follow libvirt events of the configured hosts and start the jobs policies ask for")
     ls.add_argument("--host", action="append", default=[], help="listen to this host only (repeatable)")
 
-    sc = cmd("scheduler", lazy("worker.scheduler:cli"), "start scheduled backups, snapshots and drills")
+    sc = cmd("scheduler", lazy("worker.scheduler:cli"),
+             "start scheduled backups, snapshots, drills and verifications")
     sc.add_argument("--once", action="store_true", help="one pass over due slots, then exit")
     sched = sub.add_parser("schedule", help="what the scheduler would do").add_subparsers(metavar="ACTION")
     pv = sched.add_parser("preview", help="list the slots that would run between two times")

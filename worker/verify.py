@@ -15,7 +15,7 @@ import sys
 from catalog import jobs, points
 from catalog.store import Catalog
 from virtwarden.config import Config
-from virtwarden.errors import EXIT_FAILED, EXIT_OK, RestorePointNotFound
+from virtwarden.errors import EXIT_FAILED, EXIT_OK, PolicyError, RestorePointNotFound
 from worker.cli import emit_json, load_config, table
 
 
@@ -33,6 +33,19 @@ def percent(text: str) -> int:
 def params(domain: str | None, storage: str | None, sample_percent: int = 100, policy: str | None = None) -> dict:
     """The verify job's parameters (tasks.verify.VerifyRequest) as JSON data."""
     return {"domain": domain, "storage": storage, "sample_percent": int(sample_percent), "policy": policy}
+
+
+def scheduled_params(cfg: Config, domain: str, policy: str) -> dict:
+    """A scheduled verification's parameters, from its policy's ``spec.verify`` now."""
+    from policies import load_policies
+
+    found = next((p for p in load_policies(cfg) if p.name == policy), None)
+    section = found.spec.verify if found else None
+    if section is None:
+        raise PolicyError(f"policy {policy!r} has no spec.verify section (any more)")
+    if section.target:
+        cfg.storage_target(section.target)
+    return params(domain, section.target, section.sample_percent, policy)
 
 
 def plan_verify(cfg: Config, cat: Catalog, domain: str | None, storage: str | None,

@@ -342,11 +342,12 @@ def damaged_since(cat: Catalog, domain_uuid: str, storage: str, strategy: str,
 
 
 # --- rebuilding the catalog from the repository -----------------------------------------
-def known_ids(cat: Catalog, storage: str) -> dict[str, str]:
-    """Point id -> status of every point the catalog has on ``storage``."""
+def on_storage(cat: Catalog, storage: str) -> list[PointView]:
+    """Every point the catalog has on ``storage``, whatever its status, oldest first."""
     with cat.session() as s:
-        rows = s.execute(select(RestorePoint.id, RestorePoint.status).where(RestorePoint.storage == storage))
-        return {point_id: status for point_id, status in rows}
+        rows = s.scalars(select(RestorePoint).where(RestorePoint.storage == storage)
+                         .order_by(RestorePoint.created_at, RestorePoint.seq))
+        return [_view(r) for r in rows]
 
 
 def add_complete(cat: Catalog, point: PointView) -> bool:

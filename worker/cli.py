@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="virtwarden",
         description="Keeps KVM/libvirt guests safe: policy-driven backups, snapshots, restores, restore drills,"
                     " verification of stored backups and evacuations, the workers and daemons that run them,"
-                    " and on-call runbooks.")
+                    " a catalog that can be rebuilt from storage, and on-call runbooks.")
     p.add_argument("--config", help="configuration file (default: $VIRTWARDEN_CONFIG, else embedded defaults)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     sub = p.add_subparsers(metavar="COMMAND")
@@ -169,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
                          " (default 100: all)")
     vf.add_argument("--dry-run", action="store_true", help="say what would be read, from the catalog; create no job")
     _wait_opts(vf)
+
+    ca = sub.add_parser("catalog", help="the catalog itself").add_subparsers(metavar="ACTION")
+    cr = ca.add_parser("rebuild", help="recreate restore points from a storage target's manifests")
+    cr.add_argument("--storage", required=True, help="the storage target to read")
+    cr.add_argument("--dry-run", action="store_true", help="show what would be imported, change nothing")
+    cr.add_argument("--json", action="store_true")
+    cr.set_defaults(handler=lazy("worker.rebuild:cli"), command_name="catalog rebuild")
 
     api = cmd("api", lazy("worker.api:cli"), "serve the HTTP API (restores, jobs, alerts, metrics)")
     api.add_argument("--listen", help="HOST:PORT (default: api.listen from the configuration)")

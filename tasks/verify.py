@@ -128,7 +128,8 @@ def _check_manifest(ctx: JobContext, run: _Run, repo: Repository, p: PointView) 
     try:
         manifest = repo.read_manifest(p.manifest_key, expected_sha256=p.manifest_sha256)
         want = {a.key: a.sha256 for a in p.artifacts}
-        have = {d.get("key"): d.get("sha256") for d in manifest.get("disks", [])}
+        disks = manifest.get("disks")
+        have = {d.get("key"): d.get("sha256") for d in disks if isinstance(d, dict)} if isinstance(disks, list) else {}
         if manifest.get("point_id") != p.id or want != have:
             raise ChecksumMismatch(f"manifest {p.manifest_key} does not match the catalog (its point id, "
                                    "artifacts or their checksums differ)")

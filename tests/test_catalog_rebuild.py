@@ -8,9 +8,8 @@ themselves (``tasks.rebuild.plan_rebuild``) are checked as a pure function first
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 

@@ -66,3 +66,8 @@ def test_a_chain_with_a_damaged_point_is_never_continued_and_the_reason_names_it
     assert plan_level(replace(req, force_full=True), dom, head, {"cp-p0"}, damaged=damaged).reason \
         == "full backup requested"
     assert "damaged" in plan_level(req, dom, None, set(), damaged=damaged).reason
+
+    from tasks.blockcommit import plan_blockcommit
+
+    tracked = plan_blockcommit(replace(req, strategy="blockcommit"), dom, head, {}, [], None, damaged)
+    assert tracked.level == "full" and tracked.reason == plan.reason  # the blockcommit plan says the same

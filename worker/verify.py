@@ -94,7 +94,10 @@ def cli(args: argparse.Namespace) -> int:
     cat = Catalog(cfg.catalog_url)
     if args.dry_run:
         plan = plan_verify(cfg, cat, args.domain, args.storage, args.sample)
-        emit_json({"dry_run": True, **plan}) if args.json else _print_plan(plan)
+        if args.json:
+            emit_json({"dry_run": True, **plan})
+        else:
+            _print_plan(plan)
         return EXIT_OK
     _configure_celery(cfg)
     job = submit_verify(cfg, cat, domain=args.domain, storage=args.storage, sample_percent=args.sample,

@@ -144,8 +144,11 @@ class RestorePoint(Base):
     manifest_key: Mapped[str] = mapped_column(String(1024))
     # SHA-256 of the manifest as stored: checked before a manifest is trusted.
     manifest_sha256: Mapped[str | None] = mapped_column(String(64))
-    # When a verification last re-read the point's data, and what it found.
+    # When a verification last re-read the point's data.
     verified_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # What a verification found wrong (status damaged): the point's own data, or the
+    # damaged point it is built on.
+    damage: Mapped[str | None] = mapped_column(Text)
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     job_id: Mapped[str | None] = mapped_column(String(36), index=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
@@ -190,7 +193,7 @@ class ScheduleSlot(Base):
     __table_args__ = (UniqueConstraint("policy", "job", "domain", "slot_at", name="uq_schedule_slot"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     policy: Mapped[str] = mapped_column(String(128))
-    job: Mapped[str] = mapped_column(String(32))  # backup | snapshot | drill
+    job: Mapped[str] = mapped_column(String(32))  # backup | snapshot | drill | verify
     domain: Mapped[str] = mapped_column(String(255))
     slot_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
     window_end: Mapped[datetime] = mapped_column(UtcDateTime)

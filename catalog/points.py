@@ -2,8 +2,13 @@
 
 A point is created ``writing`` when its backup starts and becomes ``complete`` only
 after every artifact is stored and verified and its manifest is written (last).
-Anything else (``writing`` left by a dead worker, ``failed``) is never offered for a
-restore and never used as the parent of an incremental.
+Anything else (``writing`` left by a dead worker, ``failed``, ``damaged``) is never
+offered for a restore and never used as the parent of an incremental.
+
+``damaged``: a verification (tasks/verify.py) found the point's data missing or not
+matching its checksums; every point built on it is damaged with it (``mark_damaged``).
+The rows stay, with what was found (``damage``), until retention would have removed
+them (tasks/prune.py).
 """
 from __future__ import annotations
 
@@ -11,7 +16,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import exists, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import aliased
 
 from catalog.clock import db_now
 from catalog.models import Artifact, Job, RestorePoint
@@ -19,6 +26,7 @@ from catalog.store import Catalog
 from virtwarden.errors import JobFailed, RestorePointNotFound
 
 WRITING, COMPLETE, FAILED, DELETED = "writing", "complete", "failed", "deleted"
+DAMAGED = "damaged"
 
 
 @dataclass(frozen=True)
@@ -54,10 +62,17 @@ class PointView:
     artifacts: tuple[ArtifactView, ...] = field(default=())
     manifest_sha256: str | None = None
     verified_at: datetime | None = None
+    damage: str | None = None
 
     @property
     def usable(self) -> bool:
         return self.status == COMPLETE
+
+    @property
+    def note(self) -> str:
+        """What a listing says about the point: what was found damaged, else its reason
+        (why a full, why it failed)."""
+        return self.damage or self.reason or ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -73,6 +88,9 @@ class PointView:
             "strategy": self.strategy,
             "consistency": self.consistency,
             "reason": self.reason,
+            "damage": self.damage,
+            "verified_at": self.verified_at.isoformat() if self.verified_at else None,
+            "manifest_sha256": self.manifest_sha256,
             "disks": [
                 {"target": a.target, "size_bytes": a.size_bytes, "sha256": a.sha256,
                  "virtual_size": a.virtual_size}
@@ -101,16 +119,17 @@ def begin(cat: Catalog, **fields: Any) -> PointView:
 def complete(cat: Catalog, point_id: str, artifacts: list[ArtifactView], *, consistency: str,
              manifest_sha256: str | None = None) -> PointView:
     """``writing -> complete``, with its artifacts; a compare-and-set, so a point that
-    failed meanwhile (its attempt was taken over and recovered) is never completed."""
+    failed meanwhile (its attempt was taken over and recovered) is never completed, nor
+    an incremental whose parent a verification found damaged while it was written."""
+    parent = aliased(RestorePoint)
+    parent_lost = exists().where(parent.id == RestorePoint.parent_id, parent.status != COMPLETE)
     with cat.session() as s:
-        done = s.execute(update(RestorePoint).where(RestorePoint.id == point_id, RestorePoint.status == WRITING)
+        done = s.execute(update(RestorePoint)
+                         .where(RestorePoint.id == point_id, RestorePoint.status == WRITING, ~parent_lost)
                          .values(status=COMPLETE, completed_at=db_now(), consistency=consistency,
                                  size_bytes=sum(a.size_bytes for a in artifacts), manifest_sha256=manifest_sha256))
         if not getattr(done, "rowcount", 0):
-            row = s.get(RestorePoint, point_id)
-            if row is None:
-                raise RestorePointNotFound(f"no restore point {point_id!r}")
-            raise JobFailed(f"restore point {point_id} is {row.status}, not writing: it cannot be completed")
+            _not_completed(s, point_id)
         row = s.get(RestorePoint, point_id)
         assert row is not None
         row.artifacts = [Artifact(target=a.target, key=a.key, size_bytes=a.size_bytes,
@@ -118,6 +137,18 @@ def complete(cat: Catalog, point_id: str, artifacts: list[ArtifactView], *, cons
         s.flush()
         s.refresh(row)
         return _view(row)
+
+
+def _not_completed(s: Any, point_id: str) -> None:  # noqa: ANN401 - a Session
+    row = s.get(RestorePoint, point_id)
+    if row is None:
+        raise RestorePointNotFound(f"no restore point {point_id!r}")
+    if row.status != WRITING:
+        raise JobFailed(f"restore point {point_id} is {row.status}, not writing: it cannot be completed")
+    up = s.get(RestorePoint, row.parent_id)
+    raise JobFailed(f"restore point {point_id} is not completed: the point it is built on, {row.parent_id}, is "
+                    f"{up.status if up else 'gone'} ({(up.damage if up else None) or 'found while it was written'});"
+                    " the next backup starts a new chain")
 
 
 def fail(cat: Catalog, point_id: str, reason: str) -> bool:
@@ -190,7 +221,8 @@ def chain_to(cat: Catalog, point_id: str) -> list[PointView]:
         if not p.usable:
             raise RestorePointNotFound(
                 f"restore point {p.id} is {p.status}, not complete: it cannot be restored"
-                + (f" (needed by {point_id})" if p.id != point_id else ""))
+                + (f" (needed by {point_id})" if p.id != point_id else "")
+                + (f"; {p.damage}" if p.damage else ""))
         chain.append(p)
         current = p.parent_id
     chain.reverse()
@@ -243,8 +275,91 @@ def transition(cat: Catalog, point_id: str, frm: tuple[str, ...], to: str) -> bo
         return bool(getattr(done, "rowcount", 0))
 
 
-def domains_with_points(cat: Catalog, statuses: tuple[str, ...] = (COMPLETE, DELETING, FAILED)) -> list[str]:
+def domains_with_points(cat: Catalog,
+                        statuses: tuple[str, ...] = (COMPLETE, DELETING, FAILED, DAMAGED)) -> list[str]:
     """Names of the domains that have points in one of ``statuses``, sorted."""
     with cat.session() as s:
         q = select(RestorePoint.domain).where(RestorePoint.status.in_(statuses)).distinct()
         return sorted(s.scalars(q))
+
+
+# --- verification ----------------------------------------------------------------------
+def mark_damaged(cat: Catalog, point_id: str, damage: str) -> list[str]:
+    """``complete -> damaged`` for the point and every complete point built on it (its
+    descendants in the chain), in one transaction; the ids this call changed, the point
+    first. Empty when the point is not complete any more (a prune took it meanwhile, or
+    an earlier verification marked it)."""
+    with cat.session() as s:
+        done = s.execute(update(RestorePoint).where(RestorePoint.id == point_id, RestorePoint.status == COMPLETE)
+                         .values(status=DAMAGED, damage=damage[:2000]))
+        if not getattr(done, "rowcount", 0):
+            return []
+        row = s.get(RestorePoint, point_id)
+        assert row is not None
+        chain = list(s.scalars(select(RestorePoint).where(RestorePoint.chain_id == row.chain_id,
+                                                          RestorePoint.status == COMPLETE)))
+        below = _descendants(point_id, [(r.id, r.parent_id) for r in chain])
+        if below:
+            s.execute(update(RestorePoint).where(RestorePoint.id.in_(below), RestorePoint.status == COMPLETE)
+                      .values(status=DAMAGED, damage=f"built on damaged restore point {point_id}: {damage}"[:2000]))
+        return [point_id, *below]
+
+
+def _descendants(root: str, edges: list[tuple[str, str | None]]) -> list[str]:
+    """Ids whose parent chain leads to ``root``, nearest first (edges: (id, parent_id))."""
+    children: dict[str, list[str]] = {}
+    for child, parent in edges:
+        if parent:
+            children.setdefault(parent, []).append(child)
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(0), []):
+            if child not in found and child != root:
+                found.append(child)
+                todo.append(child)
+    return found
+
+
+def record_verified(cat: Catalog, point_ids: list[str]) -> None:
+    """A verification re-read these points' data and found it intact: now (the
+    database's time) is when they were last verified."""
+    if point_ids:
+        with cat.session() as s:
+            s.execute(update(RestorePoint).where(RestorePoint.id.in_(point_ids)).values(verified_at=db_now()))
+
+
+def damaged_since(cat: Catalog, domain_uuid: str, storage: str, strategy: str,
+                  head: PointView | None) -> PointView | None:
+    """The newest damaged point of the chain group that ends the chain ``head`` belongs
+    to (in it, or made after it); a backup must not continue that chain."""
+    with cat.session() as s:
+        q = select(RestorePoint).where(RestorePoint.domain_uuid == domain_uuid, RestorePoint.storage == storage,
+                                       RestorePoint.strategy == strategy, RestorePoint.status == DAMAGED)
+        if head is not None:
+            q = q.where((RestorePoint.chain_id == head.chain_id) | (RestorePoint.created_at > head.created_at))
+        row = s.scalars(q.order_by(RestorePoint.created_at.desc(), RestorePoint.seq.desc()).limit(1)).first()
+        return _view(row) if row else None
+
+
+# --- rebuilding the catalog from the repository -----------------------------------------
+def on_storage(cat: Catalog, storage: str) -> list[PointView]:
+    """Every point the catalog has on ``storage``, whatever its status, oldest first."""
+    with cat.session() as s:
+        rows = s.scalars(select(RestorePoint).where(RestorePoint.storage == storage)
+                         .order_by(RestorePoint.created_at, RestorePoint.seq))
+        return [_view(r) for r in rows]
+
+
+def add_complete(cat: Catalog, point: PointView) -> bool:
+    """Insert ``point`` (with its artifacts) as it is described, status and times
+    included; False when a point with its id exists already (it is left as it is)."""
+    names = [f for f in PointView.__dataclass_fields__ if f != "artifacts"]
+    row = RestorePoint(**{f: getattr(point, f) for f in names})
+    row.artifacts = [Artifact(target=a.target, key=a.key, size_bytes=a.size_bytes, sha256=a.sha256,
+                              virtual_size=a.virtual_size) for a in point.artifacts]
+    try:
+        with cat.session() as s:
+            s.add(row)
+    except IntegrityError:
+        return False
+    return True

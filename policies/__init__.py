@@ -9,7 +9,7 @@ from __future__ import annotations
 from policies.fields import format_duration, parse_duration
 from policies.loader import load_dir, load_file, validate_paths
 from policies.model import (API_VERSION, EVENTS, JOBS, KIND, Alert, Backup, Drill, Migration, Policy, Retention,
-                            Selector, Snapshots, Source, Spec, Trigger)
+                            Selector, Snapshots, Source, Spec, Trigger, Verify)
 from policies.resolve import (BackupSettings, SnapshotSettings, check_against_config, load_policies,
                               resolve_backup, resolve_snapshots)
 from policies.select import METADATA_NAMESPACE, DomainFacts, governing, matching, parse_metadata, selects
@@ -17,7 +17,7 @@ from policies.select import METADATA_NAMESPACE, DomainFacts, governing, matching
 __all__ = [
     "API_VERSION", "EVENTS", "JOBS", "KIND", "METADATA_NAMESPACE",
     "Alert", "Backup", "BackupSettings", "DomainFacts", "Drill", "Migration", "Policy", "Retention",
-    "Selector", "Snapshots", "Source", "Spec", "Trigger",
+    "Selector", "Snapshots", "Source", "Spec", "Trigger", "Verify",
     "check_against_config", "format_duration", "governing", "load_dir", "load_file", "load_policies",
     "matching", "parse_duration", "parse_metadata", "resolve_backup", "resolve_snapshots", "selects",
     "validate_paths", "SnapshotSettings",

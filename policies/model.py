@@ -2,7 +2,8 @@
 
 A policy says which domains it governs (``selector``) and what to do for them: back them
 up (``backup``), rotate snapshots (``snapshots``), prove the backups boot (``drill``),
-move them off a sick host (``migration``) and react to hypervisor events (``on``).
+re-read the stored backups (``verify``), move them off a sick host (``migration``) and
+react to hypervisor events (``on``).
 Everything is validated here, before any job runs, so a typo surfaces in
 ``virtwarden policy validate`` and not at 02:00 in a worker log. Models are frozen
 and forbid unknown keys; the checks that span several fields are in ``problems``.
@@ -16,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt
 from pydantic import model_validator
 
-from policies.fields import (Count, Cron, DomainMetadata, Duration, Glob, LabelValue, Name, Positive,
+from policies.fields import (Count, Cron, DomainMetadata, Duration, Glob, LabelValue, Name, Percent, Positive,
                              TimeZone, choice, non_empty)
 from virtwarden.yamldoc import Document, Path
 
@@ -34,12 +35,13 @@ MigrationAction = Literal["evacuate", "backup"]
 Event = Literal["domain.defined", "domain.undefined", "domain.started", "domain.stopped", "domain.crashed",
                 "domain.suspended", "domain.resumed", "domain.migrated"]
 Run = Literal["backup", "snapshot", "drill"]
-Job = Literal["backup", "snapshot", "drill", "migration"]
+Job = Literal["backup", "snapshot", "drill", "verify", "migration"]
 
 EVENTS: tuple[str, ...] = typing.get_args(Event)
 JOBS: tuple[str, ...] = typing.get_args(Job)
 # The spec section that configures each job.
-JOB_SECTIONS = {"backup": "backup", "snapshot": "snapshots", "drill": "drill", "migration": "migration"}
+JOB_SECTIONS = {"backup": "backup", "snapshot": "snapshots", "drill": "drill", "verify": "verify",
+                "migration": "migration"}
 
 StorageName = Annotated[str, Field(min_length=1, strict=True)]
 
@@ -136,6 +138,19 @@ class Drill(_Scheduled):
     target: StorageName | None = None
 
 
+class Verify(_Scheduled):
+    """Re-read the stored restore points of the governed domains and check them against
+    the catalog's checksums (tasks/verify.py); damaged points are taken out of service."""
+
+    # How long after a slot a missed verification may still start; None: until the next slot.
+    window: Duration | None = None
+    # Re-read this percentage of the domain's stored artifacts per run (whole points,
+    # those never or least recently verified first); 100: every complete point.
+    sample_percent: Percent = 100
+    # Storage to verify; default: every target that holds points of the domain.
+    target: StorageName | None = None
+
+
 class Alert(_Strict):
     alertname: Annotated[str, Field(min_length=1, strict=True)]
     labels: dict[str, LabelValue] = Field(default_factory=dict)
@@ -165,6 +180,7 @@ class Spec(_Strict):
     backup: Backup | None = None
     snapshots: Snapshots | None = None
     drill: Drill | None = None
+    verify: Verify | None = None
     migration: Migration | None = None
     on: tuple[Trigger, ...] = ()
 
@@ -208,7 +224,7 @@ class Policy(_Strict):
         self._source = source
         return self
 
-    def section(self, job: Job) -> Backup | Snapshots | Drill | Migration | None:
+    def section(self, job: Job) -> Backup | Snapshots | Drill | Verify | Migration | None:
         """The settings for ``job``, or None when this policy does not ask for it.
 
         Every backed-up domain can be drilled: without a drill section, a policy with a
@@ -233,9 +249,12 @@ def problems(policy: Policy) -> list[tuple[Path, str]]:
     spec = policy.spec
     out: list[tuple[Path, str]] = []
     if not any(getattr(spec, s) for s in JOB_SECTIONS.values()):
-        out.append((("spec",), "the policy asks for nothing: add a backup, snapshots, drill or migration section"))
-    if spec.backup and spec.backup.window is not None and spec.backup.schedule is None:
-        out.append((("spec", "backup", "window"), "a window needs a schedule: it counts from each scheduled slot"))
+        out.append((("spec",), "the policy asks for nothing: add a backup, snapshots, drill, verify or migration"
+                    " section"))
+    for name in ("backup", "verify"):
+        section = getattr(spec, name)
+        if section and section.window is not None and section.schedule is None:
+            out.append((("spec", name, "window"), "a window needs a schedule: it counts from each scheduled slot"))
     if spec.snapshots and spec.snapshots.type == "internal" and spec.snapshots.quiesce == "always":
         out.append((("spec", "snapshots", "quiesce"), "libvirt quiesces only external (disk-only) snapshots:"
                     " use type: external, or quiesce: auto"))

@@ -137,7 +137,8 @@ def check_against_config(policies: list[Policy], cfg: Config) -> list[str]:
     for found in policies:
         spec = found.spec
         named = [(("spec", "backup", "target"), spec.backup.target if spec.backup else None),
-                 (("spec", "drill", "target"), spec.drill.target if spec.drill else None)]
+                 (("spec", "drill", "target"), spec.drill.target if spec.drill else None),
+                 (("spec", "verify", "target"), spec.verify.target if spec.verify else None)]
         for path, name in named:
             if name is not None and name not in cfg.storage:
                 lines.append(f"{found.source.at(path)}: {'.'.join(path)}: storage {name!r} is not configured"

@@ -55,7 +55,7 @@ ACTIONS: dict[str, ActionKeys] = {
                           one_of=(("to_dir", "as_domain", "in_place"),)),
     "drill": ActionKeys(("domain",), ("point", "policy")),
     "evacuate": ActionKeys(("host",), ("to",)),
-    "verify": ActionKeys((), ("domain", "storage")),
+    "verify": ActionKeys((), ("domain", "storage", "sample_percent")),
 }
 BOOLEAN_KEYS = {"full", "in_place", "start", "discard_old"}
 _TRUE, _FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off", ""}
@@ -230,8 +230,12 @@ BUILTINS: tuple[Runbook, ...] = (
              {"host": {"required": True, "help": "the host to empty"},
               "to": {"default": "", "help": "only to these hosts (comma-separated)"}},
              [{"action": "evacuate", "with": {"host": "{host}", "to": "{to}"}}]),
-    _builtin("verify-repository", "re-read stored artifacts and check their SHA-256 against the catalog",
+    _builtin("verify-repository", "re-read stored artifacts and check their SHA-256 against the catalog;"
+             " damaged points are taken out of service",
              {"domain": {"default": "", "help": "only this domain's points"},
-              "storage": {"default": "", "help": "only this storage target"}},
-             [{"action": "verify", "with": {"domain": "{domain}", "storage": "{storage}"}}]),
+              "storage": {"default": "", "help": "only this storage target"},
+              "sample_percent": {"default": "100", "help": "re-read this percentage of the artifacts, least"
+                                 " recently verified first"}},
+             [{"action": "verify", "with": {"domain": "{domain}", "storage": "{storage}",
+                                            "sample_percent": "{sample_percent}"}}]),
 )

@@ -18,7 +18,7 @@ decided once, here, the way cronie does it:
   (hourly and more often) runs in both occurrences, so it keeps firing every real hour.
 
 Windows: a slot may start from its time until its window ends: ``window`` after the
-slot (backup only), and by default until the next slot. A window never reaches past
+slot (backup and verify), and by default until the next slot. A window never reaches past
 the next slot: the newer slot supersedes it, so an outage of any length produces one
 catch-up run per schedule and domain, not one per missed slot.
 """
@@ -33,13 +33,13 @@ from zoneinfo import ZoneInfo
 
 from croniter import croniter
 
-from policies.model import JOB_SECTIONS, Backup, Drill, Job, Policy, Snapshots
+from policies.model import JOB_SECTIONS, Backup, Drill, Job, Policy, Snapshots, Verify
 from policies.select import DomainFacts, governing, matching
 from virtwarden.errors import PolicyError
 
 UTC = timezone.utc
 # The jobs a schedule can start, in the order the scheduler looks at them.
-SCHEDULED_JOBS: tuple[Job, ...] = ("backup", "snapshot", "drill")
+SCHEDULED_JOBS: tuple[Job, ...] = ("backup", "snapshot", "drill", "verify")
 # Search spans for the next or previous slot: a minute schedule is found in the first,
 # a 29 February one (8 years apart around 2100) in the last.
 _SEARCH_SPANS = (timedelta(hours=2), timedelta(days=2), timedelta(days=40), timedelta(days=400),
@@ -186,9 +186,9 @@ def _aware(t: datetime, what: str) -> None:
 def schedule_of(policy: Policy, job: Job) -> tuple[str, str, int | None] | None:
     """(cron, timezone, window seconds) of the policy's ``job``, None without a schedule."""
     section = policy.section(job)
-    if not isinstance(section, (Backup, Snapshots, Drill)) or section.schedule is None:
+    if not isinstance(section, (Backup, Snapshots, Drill, Verify)) or section.schedule is None:
         return None
-    window = section.window if isinstance(section, Backup) else None
+    window = section.window if isinstance(section, (Backup, Verify)) else None
     return section.schedule, section.timezone, window
 
 
@@ -299,7 +299,7 @@ class Plan:
 
 def limits_of(policies: Iterable[Policy]) -> dict[tuple[str, str], Limits]:
     """The limits of each (policy, scheduled job) that has any (``max_parallel_per_host``
-    and ``max_parallel`` of spec.backup, spec.snapshots and spec.drill)."""
+    and ``max_parallel`` of spec.backup, spec.snapshots, spec.drill and spec.verify)."""
     out = {}
     for p in policies:
         for job in SCHEDULED_JOBS:

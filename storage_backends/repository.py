@@ -16,18 +16,34 @@ sequence number in the chain, level (full|incremental), strategy, consistency
 (name and XML, so it can be redefined on another host), and per disk: target, mode
 (full: a standalone image; incremental: only changed clusters, read over the previous
 point), key, size, sha256 and virtual size.
+
+The catalog keeps each manifest's SHA-256 as stored (``write_manifest`` returns it);
+readers that act on a manifest pass it to ``read_manifest``, which refuses a manifest
+whose bytes are not those (ChecksumMismatch, before they are even parsed): a manifest
+edited or replaced after the backup is never trusted, even when it is valid JSON.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from storage_backends.base import Backend, check_key
-from virtwarden.errors import ObjectNotFound, StorageError
+from virtwarden.errors import ChecksumMismatch, ObjectNotFound, StorageError
 
 FORMAT = "virtwarden-manifest/1"
 MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class StoredManifest:
+    """A manifest as read: its key, the SHA-256 of its stored bytes, and its content."""
+
+    key: str
+    sha256: str
+    data: dict[str, Any]
 
 
 class Repository:
@@ -50,21 +66,37 @@ class Repository:
         body = json.dumps({"format": FORMAT, **manifest}, indent=2, sort_keys=True).encode()
         return self.backend.put_bytes(self.manifest_key(prefix), body).sha256
 
-    def read_manifest(self, key: str) -> dict[str, Any]:
+    def read_manifest(self, key: str, expected_sha256: str | None = None) -> dict[str, Any]:
+        """The manifest at ``key``. With ``expected_sha256`` (the catalog's record) its
+        stored bytes must have that SHA-256: ChecksumMismatch otherwise."""
+        return self.load_manifest(key, expected_sha256).data
+
+    def load_manifest(self, key: str, expected_sha256: str | None = None) -> StoredManifest:
+        """Like ``read_manifest``, with the SHA-256 of the bytes read."""
         try:
-            data = json.loads(self.backend.get_bytes(key))
+            body = self.backend.get_bytes(key)
         except ObjectNotFound:
-            raise ObjectNotFound(f"storage {self.backend.name}: restore point manifest {key} is missing") from None
+            raise ObjectNotFound(f"storage {self.backend.name}: restore point {point_of(key)}: manifest {key} "
+                                 "is missing") from None
+        digest = hashlib.sha256(body).hexdigest()
+        if expected_sha256 and digest != expected_sha256:
+            raise ChecksumMismatch(
+                f"storage {self.backend.name}: restore point {point_of(key)}: manifest {key} is not the one the "
+                f"catalog recorded (SHA-256 {digest[:16]}..., recorded {expected_sha256[:16]}...): it was changed "
+                "or replaced after the backup and is not used")
+        try:
+            data = json.loads(body)
         except ValueError as e:
             raise StorageError(f"storage {self.backend.name}: manifest {key} is not valid JSON: {e}") from e
-        if data.get("format") != FORMAT:
-            raise StorageError(f"storage {self.backend.name}: {key} has unknown format {data.get('format')!r}")
-        return data
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise StorageError(f"storage {self.backend.name}: {key} has unknown format {found!r}")
+        return StoredManifest(key, digest, data)
 
-    def manifests(self, domain: str) -> Iterator[str]:
-        """Keys of every published manifest of ``domain``."""
-        for obj in self.backend.list(check_key(domain) + "/"):
-            if obj.key.endswith("/" + MANIFEST):
+    def manifests(self, domain: str | None = None) -> Iterator[str]:
+        """Keys of every published manifest of ``domain`` (of every domain: None)."""
+        for obj in self.backend.list(check_key(domain) + "/" if domain else ""):
+            if is_manifest_key(obj.key):
                 yield obj.key
 
     def abandon(self, prefix: str) -> int:
@@ -83,3 +115,15 @@ class Repository:
         self.backend.delete(self.manifest_key(prefix))
         for obj in list(self.backend.list(prefix)):
             self.backend.delete(obj.key)
+
+
+def is_manifest_key(key: str) -> bool:
+    """Whether ``key`` is where the layout puts a manifest: ``<domain>/<chain>/<point>/manifest.json``."""
+    parts = key.split("/")
+    return len(parts) == 4 and parts[-1] == MANIFEST and all(parts)
+
+
+def point_of(key: str) -> str:
+    """The point id in a manifest's (or artifact's) key, as the layout names it."""
+    parts = key.split("/")
+    return parts[-2] if len(parts) >= 2 else key

@@ -3,7 +3,8 @@
 One run makes one restore point of every disk of a running domain:
 
 1. clean up what an earlier, interrupted attempt of the same job left (recovery);
-2. choose full or incremental (``plan_level``, a pure function) and say why;
+2. choose full or incremental (``plan_level``, a pure function) and say why (a chain a
+   verification found damaged is never continued);
 3. push-mode backup of all disks, creating the new checkpoint in the same libvirt call,
    so the bitmap starts exactly at the copy (the guest's filesystems frozen through its
    agent for that call only: ``tasks.quiesce``); libvirt writes each image straight onto a
@@ -80,12 +81,16 @@ class LevelPlan:
 
 
 def plan_level(req: BackupRequest, dom: DomainInfo, head: PointView | None, checkpoints: set[str],
-               restored: str | None = None) -> LevelPlan:
+               restored: str | None = None, damaged: PointView | None = None) -> LevelPlan:
     """Full or incremental, and why. Pure: decided from the catalog's chain head, the
-    checkpoints libvirt still has, and ``restored``: why the disks were replaced by a
-    restore in place since the head, if they were."""
+    checkpoints libvirt still has, ``restored``: why the disks were replaced by a
+    restore in place since the head, if they were, and ``damaged``: a point of the
+    head's chain (or after it) that a verification found damaged, if any."""
     if req.force_full:
         return LevelPlan("full", "full backup requested")
+    if damaged is not None:
+        return LevelPlan("full", f"restore point {damaged.id} of the last chain is damaged ({damaged.damage}); "
+                                 "starting a new chain")
     if head is None:
         return LevelPlan("full", "no earlier backup of this domain on this target")
     if restored:
@@ -159,7 +164,8 @@ def _run_bitmap(ctx: JobContext, req: BackupRequest) -> dict:
     adopted = adopt_checkpoint(ctx, dom, head, ours)  # the domain moved here: its bitmaps came along
     if adopted and adopted.ok and head and head.checkpoint:
         ours.add(head.checkpoint)
-    plan = plan_level(req, dom, head, ours, restored_since(ctx, dom, head))
+    damaged = points.damaged_since(ctx.catalog, dom.uuid, req.storage, req.strategy, head)
+    plan = plan_level(req, dom, head, ours, restored_since(ctx, dom, head), damaged)
     if adopted:
         plan = replace(plan, reason=f"{plan.reason} ({adopted.note})")
     try:

@@ -14,7 +14,8 @@ A run (``run_blockcommit_backup``):
 1. Recovery (``tasks.overlays.reconcile``): the overlay journal is compared with the
    live chains and whatever an interrupted run left is finished or merged back.
 2. Level: ``tasks.backup.plan_level`` (full when asked, no earlier point, after
-   ``full_every`` incrementals, disks added, removed or resized); an incremental also
+   ``full_every`` incrementals, disks added, removed or resized, a damaged point in the
+   chain); an incremental also
    needs every disk's active image to be the tracker of the chain head. If not (a
    snapshot, commit or redefinition outside virtwarden), a full, saying why.
 3. Snapshot: a new overlay ``T'`` per disk is journaled (``created``) and then created,
@@ -127,7 +128,8 @@ def run_blockcommit_backup(ctx: JobContext, req: BackupRequest) -> dict:
     quiesce.check(hv, dom.name, req.quiesce)  # quiesce: always without an agent changes nothing
     head = points.chain_head(ctx.catalog, dom.uuid, req.storage, STRATEGY)
     rows = journal.for_run(ctx.catalog, dom.name, head.checkpoint) if head and head.checkpoint else []
-    plan = plan_blockcommit(req, dom, head, bj.chains(dom.name), rows, restored_since(ctx, dom, head))
+    damaged = points.damaged_since(ctx.catalog, dom.uuid, req.storage, STRATEGY, head)
+    plan = plan_blockcommit(req, dom, head, bj.chains(dom.name), rows, restored_since(ctx, dom, head), damaged)
     return _make_point(ctx, bj, req, dom, plan)
 
 
@@ -146,9 +148,9 @@ def _check_domain(dom: DomainInfo) -> None:
 
 def plan_blockcommit(req: BackupRequest, dom: DomainInfo, head: PointView | None,
                      chains: dict[str, tuple[Layer, ...]], rows: list[OverlayView],
-                     restored: str | None = None) -> LevelPlan:
+                     restored: str | None = None, damaged: PointView | None = None) -> LevelPlan:
     """``plan_level``, plus: an incremental needs each disk's live tracker. Pure."""
-    plan = plan_level(req, dom, head, {head.checkpoint} if head and head.checkpoint else set(), restored)
+    plan = plan_level(req, dom, head, {head.checkpoint} if head and head.checkpoint else set(), restored, damaged)
     if plan.level != "incremental" or head is None:
         return plan
     broken = chain_break(head.checkpoint or "", dom, chains, rows)

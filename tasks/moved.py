@@ -50,7 +50,7 @@ def adopt_checkpoint(ctx: JobContext, dom: DomainInfo, head: PointView | None, p
     where = f"the domain moved from host {moved_from} to {hv.name}" if moved_from else \
         f"the domain was migrated (it runs on {hv.name})"
     try:
-        manifest = Repository(ctx.storage(head.storage)).read_manifest(head.manifest_key)
+        manifest = Repository(ctx.storage(head.storage)).read_manifest(head.manifest_key, head.manifest_sha256)
         saved = manifest.get("checkpoint") or {}
         if saved.get("name") != head.checkpoint or not saved.get("xml"):
             return Adoption(False, f"{where}; the last point's manifest holds no XML for checkpoint"

@@ -26,6 +26,17 @@ it takes its parent from the newest complete point of its group, which is always
 
 Leftovers of failed backups (their cleanup failed, too) are removed once they are a day
 old: one listing per failed point.
+
+Damaged points (a verification found their data missing or changed, tasks/verify.py)
+are not restorable, so they take no place in retention and pin nothing: the rules are
+applied to the complete points alone, exactly as if the damaged ones were gone, so a
+damaged point never makes retention keep fewer good points or keep a parent longer.
+They are not deleted at once either: their rows and stored data stay, visible in
+``backups`` with what was found, for the operator to look into, until retention would
+have removed them had they been intact (``damaged_fate``: the same rules over the
+complete and damaged points together). A policy without retention keeps them, like
+everything else. Nothing restorable depends on a damaged point (whatever was built on
+it is damaged too), so one goes whenever its time comes, in any order.
 """
 from __future__ import annotations
 
@@ -37,7 +48,7 @@ from typing import Any
 
 from catalog import drills, points
 from catalog.clock import database_now
-from catalog.points import COMPLETE, DELETED, DELETING, FAILED, WRITING, PointView
+from catalog.points import COMPLETE, DAMAGED, DELETED, DELETING, FAILED, WRITING, PointView
 from catalog.store import Catalog
 from policies.model import Retention
 from policies.retention import KeptSet, deletion_order, select_kept
@@ -80,20 +91,37 @@ class PruneRequest:
 
 @dataclass(frozen=True)
 class GroupPlan:
-    """The decision for one chain group, with the points it was made over."""
+    """The decision for one chain group, with the points it was made over: ``kept``
+    over its complete ``points``, ``damaged_kept`` over its ``damaged`` ones."""
 
     storage: str
     strategy: str
     points: tuple[PointView, ...]
     kept: KeptSet
+    damaged: tuple[PointView, ...] = ()
+    damaged_kept: frozenset[str] = frozenset()
 
     @property
     def doomed(self) -> list[PointView]:
         by_id = {p.id: p for p in self.points}
-        return [by_id[i] for i in self.kept.doomed]
+        return [by_id[i] for i in self.kept.doomed] + [p for p in self.damaged if p.id not in self.damaged_kept]
 
     def rows(self) -> list[dict[str, Any]]:
-        return [_row(p, "keep" if d.keep else "delete", d.why) for p, d in zip(self.points, self.kept.decisions)]
+        rows = [_row(p, "keep" if d.keep else "delete", d.why) for p, d in zip(self.points, self.kept.decisions)]
+        return rows + [_row(p, "keep", "damaged; retention would still keep it, so it stays visible")
+                       if p.id in self.damaged_kept else
+                       _row(p, "delete", "damaged; retention would have removed it by now") for p in self.damaged]
+
+
+def damaged_fate(complete: list[PointView], damaged: list[PointView], retention: Retention | None,
+                 now: datetime) -> frozenset[str]:
+    """The damaged points that stay (as records, with their data, for a look): those the
+    rules would keep if every point were intact. Pure."""
+    if not damaged:
+        return frozenset()
+    everything = sorted([*complete, *damaged], key=lambda p: (p.created_at, p.seq))
+    kept = select_kept(everything, retention, now).kept
+    return frozenset(p.id for p in damaged if p.id in kept)
 
 
 def plan_domain(cat: Catalog, domain: str, retention: Retention | None, now: datetime,
@@ -114,10 +142,18 @@ def plan_domain(cat: Catalog, domain: str, retention: Retention | None, now: dat
     pinned |= drills.points_in_use(cat, domain)  # a drill is restoring them (and, so, their chain)
     groups: dict[tuple[str, str, str], list[PointView]] = {}
     for p in found:
-        if p.status == COMPLETE and (only is None or (p.storage, p.strategy) == only):
+        if p.status in (COMPLETE, DAMAGED) and (only is None or (p.storage, p.strategy) == only):
             groups.setdefault((p.storage, p.strategy, p.domain_uuid), []).append(p)
-    return [GroupPlan(storage, strategy, tuple(ps), select_kept(ps, retention, now, pinned))
+    return [_plan_group(storage, strategy, ps, retention, now, pinned)
             for (storage, strategy, _uuid), ps in sorted(groups.items())]
+
+
+def _plan_group(storage: str, strategy: str, found: list[PointView], retention: Retention | None, now: datetime,
+                pinned: set[str]) -> GroupPlan:
+    complete = [p for p in found if p.status == COMPLETE]
+    damaged = [p for p in found if p.status == DAMAGED]
+    return GroupPlan(storage, strategy, tuple(complete), select_kept(complete, retention, now, pinned),
+                     tuple(damaged), damaged_fate(complete, damaged, retention, now))
 
 
 def run_prune(ctx: JobContext, req: PruneRequest) -> dict[str, Any]:
@@ -199,7 +235,7 @@ def apply(ctx: JobContext, plan: GroupPlan) -> list[str]:
 
 def delete_point(ctx: JobContext, p: PointView, *, resume: bool = False) -> bool:
     """Unlist, unpublish, remove, record (see the module docstring). False when the
-    point is not ours to delete: no longer complete (another prune has it), or some
+    point is not ours to delete: no longer as planned (another prune has it), or some
     point builds on it (never the case for a plan's doomed points; checked anyway).
     ``resume``: finish a point an interrupted prune left ``deleting``."""
     cat = ctx.catalog
@@ -208,7 +244,10 @@ def delete_point(ctx: JobContext, p: PointView, *, resume: bool = False) -> bool
         log.error("domain %s job %s: not deleting point %s: %s builds on it", p.domain, ctx.job_id, p.id,
                   ", ".join(users))
         return False
-    if not points.transition(cat, p.id, (DELETING,) if resume else (COMPLETE,), DELETING):
+    # A complete point goes only while still complete, a damaged one while damaged: a
+    # point whose status changed since the plan was made is judged again next time.
+    frm = (DELETING,) if resume else (p.status,) if p.status in (COMPLETE, DAMAGED) else ()
+    if not frm or not points.transition(cat, p.id, frm, DELETING):
         return False
     remove_point_data(Repository(ctx.storage(p.storage)), _prefix(p))
     points.transition(cat, p.id, (DELETING,), DELETED)
@@ -270,5 +309,5 @@ def _prefix(p: PointView) -> str:
     return p.manifest_key.rsplit("/", 1)[0] + "/"
 
 
-__all__ = ["DELETED", "DomainRules", "GroupPlan", "PruneRequest", "apply", "delete_point", "plan_domain",
-           "prune_domain", "run_prune"]
+__all__ = ["DELETED", "DomainRules", "GroupPlan", "PruneRequest", "apply", "damaged_fate", "delete_point",
+           "plan_domain", "prune_domain", "run_prune"]

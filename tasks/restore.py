@@ -147,9 +147,14 @@ class Chain:
 
 
 def load_chain(cat: Catalog, backend: Backend, point: PointView) -> Chain:
+    """The point's chain from the catalog, with each point's manifest: trusted only
+    when its stored bytes have the SHA-256 the catalog recorded (points made before
+    manifests were checksummed have none and are compared with the catalog only), and
+    when it names the artifacts the catalog has. ChecksumMismatch before anything is
+    read further or written."""
     chain = points.chain_to(cat, point.id)
     repo = Repository(backend)
-    manifests = [repo.read_manifest(p.manifest_key) for p in chain]
+    manifests = [repo.read_manifest(p.manifest_key, expected_sha256=p.manifest_sha256) for p in chain]
     _check_matches_catalog(chain, manifests)
     return Chain(chain, manifests)
 
@@ -177,7 +182,8 @@ def _check_matches_catalog(chain: list[PointView], manifests: list[dict]) -> Non
         want = {a.key: a.sha256 for a in p.artifacts}
         have = {d["key"]: d["sha256"] for d in m["disks"]}
         if m["point_id"] != p.id or want != have:
-            raise ChecksumMismatch(f"manifest of restore point {p.id} does not match the catalog")
+            raise ChecksumMismatch(f"restore point {p.id}: manifest {p.manifest_key} does not match the catalog "
+                                   "(its point id, artifacts or their checksums differ)")
 
 
 # --- reading and rebuilding -----------------------------------------------------------

@@ -1,72 +1,214 @@
-"""Verify the repository: re-read every stored artifact of the complete restore points
-and check it against the SHA-256 the catalog recorded, and each manifest against the
-catalog. Nothing is changed; what is wrong is listed (point, key, what) and fails the
-job, so a scheduled or runbook-started verification pages someone.
+"""Verify the repository: re-read stored restore points and check them against the
+checksums the catalog recorded; take what is damaged out of service.
+
+For the complete points in scope (one domain or all, one storage target or all):
+
+1. every point's manifest is read and checked: its SHA-256 against the catalog's record
+   (points made before manifests were checksummed have none: they are compared with
+   the catalog only, and the report says how many), its artifacts against the catalog's;
+2. the artifacts of a sample of the points are read through and their SHA-256 checked
+   (``choose_sample``: ``sample_percent`` of the artifacts, rounded up to whole points,
+   those never verified first, then the least recently verified; 100 reads them all);
+3. a point whose manifest or data is missing or does not match is marked ``damaged``
+   with what was found, together with every point built on it (``points.mark_damaged``):
+   never restored, never built on; the next backup of the domain starts a new chain and
+   says why. Points read through intact get ``verified_at``.
+
+Something found fails the job (``VerificationFailed``, with the whole report as the
+job's result), so a scheduled or runbook-started verification pages someone. An
+unreachable storage is transient (the job is tried again) and marks nothing.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 from catalog import points
 from catalog.points import PointView
 from storage_backends.repository import Repository
 from tasks.context import JobContext
-from virtwarden.errors import ChecksumMismatch, StorageError, VirtwardenError
+from virtwarden.errors import ChecksumMismatch, ObjectNotFound, StorageError, Transient, VerificationFailed
 
 log = logging.getLogger(__name__)
-SHOWN = 10  # problems named in the error line; the log has all of them
+SHOWN = 10  # problems named in the error line; the log and the result have all of them
+_NEVER = datetime.min.replace(tzinfo=timezone.utc)
 
 
 @dataclass(frozen=True)
 class VerifyRequest:
     domain: str | None = None  # None: every domain with points
     storage: str | None = None  # None: every storage target
+    sample_percent: int = 100
+    policy: str | None = None  # the policy whose schedule started it, for the record
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing wrong with a point: ``damage`` (its data is missing or changed; the
+    point is taken out of service) or not (it could not be read for another reason)."""
+
+    point: str
+    domain: str
+    key: str
+    problem: str
+    damage: bool
+    with_it: tuple[str, ...] = ()  # the points built on it, damaged with it
+
+    def to_json(self) -> dict:
+        return {"point": self.point, "domain": self.domain, "key": self.key, "problem": self.problem,
+                "damaged": self.damage, "damaged_with_it": list(self.with_it)}
+
+
+@dataclass
+class _Run:
+    """What one verification did and found, as it goes."""
+
+    scope: list[PointView]
+    sample: tuple[PointView, ...]
+    findings: list[Finding] = field(default_factory=list)
+    verified: list[str] = field(default_factory=list)
+    unlisted: set[str] = field(default_factory=set)  # marked damaged (or gone) during this run
+    artifacts: int = 0
+    bytes_read: int = 0
+
+
+def choose_sample(candidates: Sequence[PointView], percent: int, rng: random.Random) -> tuple[PointView, ...]:
+    """The points whose artifacts are re-read: at least ``percent`` % of all the
+    candidates' artifacts, rounded up to whole points (a point is verified whole or not
+    at all), never-verified points first, then the least recently verified, in random
+    order among equals. Returned oldest first (parents before their incrementals)."""
+    if percent >= 100:
+        return tuple(candidates)
+    want = math.ceil(sum(len(p.artifacts) for p in candidates) * max(percent, 0) / 100)
+    keyed = [(p.verified_at or _NEVER, rng.random(), i) for i, p in enumerate(candidates)]
+    chosen: list[int] = []
+    count = 0
+    for _, _, i in sorted(keyed):
+        if count >= want:
+            break
+        chosen.append(i)
+        count += len(candidates[i].artifacts)
+    return tuple(candidates[i] for i in sorted(chosen))
 
 
 def run_verify(ctx: JobContext, req: VerifyRequest) -> dict:
-    domains = [req.domain] if req.domain else points.domains_with_points(ctx.catalog, (points.COMPLETE,))
-    todo: list[PointView] = [p for d in domains
-                             for p in points.for_domain(ctx.catalog, d, storage=req.storage,
-                                                        statuses=(points.COMPLETE,))]
-    total = sum(a.size_bytes for p in todo for a in p.artifacts) or 1
-    done, problems, artifacts = 0, [], 0
+    scope = _scope(ctx, req)
+    run = _Run(scope, choose_sample(scope, req.sample_percent, random.Random()))
+    log.info("domain %s job %s: verifying %d point(s), re-reading %d of them (sample %d%%)", req.domain or "*",
+             ctx.job_id, len(scope), len(run.sample), req.sample_percent)
     repos: dict[str, Repository] = {}
-    for p in todo:
+    sampled = {p.id for p in run.sample}
+    total = sum(a.size_bytes for p in run.sample for a in p.artifacts) or 1
+    for p in scope:
+        if p.id in run.unlisted:
+            continue
         repo = repos.get(p.storage) or repos.setdefault(p.storage, Repository(ctx.storage(p.storage)))
-        try:
-            _check_manifest(repo, p)
-        except VirtwardenError as e:
-            problems.append({"point": p.id, "domain": p.domain, "key": p.manifest_key, "problem": str(e)})
-        for a in p.artifacts:
-            base = done
-
-            def moved(n: int, base: int = base) -> None:
-                ctx.report(min(0.99, (base + n) / total), f"verifying {p.domain} {a.target}: {(base + n) >> 20} MiB")
-
-            try:
-                repo.backend.verify(a.key, a.sha256, progress=moved)
-            except (ChecksumMismatch, StorageError) as e:
-                problems.append({"point": p.id, "domain": p.domain, "key": a.key, "problem": str(e)})
-            done += a.size_bytes
-            artifacts += 1
-    result = {"points": len(todo), "artifacts": artifacts, "bytes_read": done, "problems": problems,
-              "summary": f"{len(todo)} point(s), {artifacts} artifact(s), {done} bytes re-read:"
-                         f" {'all intact' if not problems else f'{len(problems)} problem(s)'}"}
-    if problems:
-        for item in problems:
-            log.error("verify: point %s (%s) %s: %s", item["point"], item["domain"], item["key"], item["problem"])
-        shown = "; ".join(f"{i['point']} {i['key']}: {i['problem']}" for i in problems[:SHOWN])
-        more = f" (and {len(problems) - SHOWN} more)" if len(problems) > SHOWN else ""
-        raise ChecksumMismatch(f"repository verification found {len(problems)} problem(s) in"
-                               f" {len(todo)} point(s): {shown}{more}")
+        intact = _check_manifest(ctx, run, repo, p)
+        if intact and p.id in sampled and _check_artifacts(ctx, run, repo, p, total):
+            points.record_verified(ctx.catalog, [p.id])
+            run.verified.append(p.id)
+    result = _report(req, run)
+    if run.findings:
+        raise VerificationFailed(_failure_text(run), result)
     ctx.report(1.0, "done")
     return result
 
 
-def _check_manifest(repo: Repository, p: PointView) -> None:
-    manifest = repo.read_manifest(p.manifest_key)
-    want = {a.key: a.sha256 for a in p.artifacts}
-    have = {d["key"]: d["sha256"] for d in manifest.get("disks", [])}
-    if manifest.get("point_id") != p.id or want != have:
-        raise ChecksumMismatch(f"manifest {p.manifest_key} does not match the catalog")
+def _scope(ctx: JobContext, req: VerifyRequest) -> list[PointView]:
+    domains = [req.domain] if req.domain else points.domains_with_points(ctx.catalog, (points.COMPLETE,))
+    return [p for d in domains
+            for p in points.for_domain(ctx.catalog, d, storage=req.storage, statuses=(points.COMPLETE,))]
+
+
+def _check_manifest(ctx: JobContext, run: _Run, repo: Repository, p: PointView) -> bool:
+    try:
+        manifest = repo.read_manifest(p.manifest_key, expected_sha256=p.manifest_sha256)
+        want = {a.key: a.sha256 for a in p.artifacts}
+        disks = manifest.get("disks")
+        have = {d.get("key"): d.get("sha256") for d in disks if isinstance(d, dict)} if isinstance(disks, list) else {}
+        if manifest.get("point_id") != p.id or want != have:
+            raise ChecksumMismatch(f"manifest {p.manifest_key} does not match the catalog (its point id, "
+                                   "artifacts or their checksums differ)")
+    except Transient:
+        raise
+    except StorageError as e:  # missing, changed, unreadable: the point cannot be restored
+        _found(ctx, run, p, p.manifest_key, str(e), damage=True)
+        return False
+    return True
+
+
+def _check_artifacts(ctx: JobContext, run: _Run, repo: Repository, p: PointView, total: int) -> bool:
+    for a in p.artifacts:
+        base = run.bytes_read
+
+        def moved(n: int, base: int = base, target: str = a.target) -> None:
+            ctx.report(min(0.99, (base + n) / total), f"verifying {p.domain} {target}: {(base + n) >> 20} MiB")
+
+        try:
+            repo.backend.verify(a.key, a.sha256, progress=moved)
+        except Transient:
+            raise
+        except (ChecksumMismatch, ObjectNotFound) as e:
+            _found(ctx, run, p, a.key, str(e), damage=True)
+            return False
+        except StorageError as e:  # e.g. permission denied: not proof of damage, still a failure
+            _found(ctx, run, p, a.key, str(e), damage=False)
+            return False
+        finally:
+            run.bytes_read = base + a.size_bytes
+            run.artifacts += 1
+    return True
+
+
+def _found(ctx: JobContext, run: _Run, p: PointView, key: str, problem: str, *, damage: bool) -> None:
+    """Record a finding; a damaged point is taken out of service with its descendants.
+    A point no longer complete (a prune took it while it was read) is not a finding."""
+    run.unlisted.add(p.id)
+    if not damage:
+        run.findings.append(Finding(p.id, p.domain, key, problem, False))
+        log.error("domain %s job %s: verify: point %s %s: %s", p.domain, ctx.job_id, p.id, key, problem)
+        return
+    marked = points.mark_damaged(ctx.catalog, p.id, f"{key}: {problem}")
+    if not marked:
+        now = points.get(ctx.catalog, p.id)
+        if now.status != points.DAMAGED:
+            log.info("domain %s job %s: verify: point %s is %s now; not a finding", p.domain, ctx.job_id, p.id,
+                     now.status)
+            return
+    run.unlisted.update(marked)
+    run.findings.append(Finding(p.id, p.domain, key, problem, True, tuple(marked[1:])))
+    log.error("domain %s job %s: verify: point %s damaged (%s: %s)%s", p.domain, ctx.job_id, p.id, key, problem,
+              f"; with it the points built on it: {', '.join(marked[1:])}" if marked[1:] else "")
+
+
+def _report(req: VerifyRequest, run: _Run) -> dict:
+    legacy = [p.id for p in run.scope if not p.manifest_sha256]
+    damaged = [f for f in run.findings if f.damage]
+    text = (f"{len(run.scope)} point(s), {len(run.sample)} re-read ({req.sample_percent}% sample), "
+            f"{run.artifacts} artifact(s), {run.bytes_read} bytes: "
+            + (f"{len(run.findings)} problem(s), {sum(1 + len(f.with_it) for f in damaged)} point(s) marked damaged"
+               if run.findings else "all intact"))
+    if legacy:
+        text += (f"; {len(legacy)} point(s) made before manifests were checksummed: their manifests were "
+                 "compared with the catalog only")
+    return {"points": len(run.scope), "sample_percent": req.sample_percent, "reread": len(run.sample),
+            "artifacts": run.artifacts, "bytes_read": run.bytes_read, "verified": run.verified,
+            "manifests_without_checksum": legacy, "problems": [f.to_json() for f in run.findings],
+            "damaged": sorted({i for f in damaged for i in (f.point, *f.with_it)}), "summary": text}
+
+
+def _failure_text(run: _Run) -> str:
+    shown = "; ".join(_describe(f) for f in run.findings[:SHOWN])
+    more = f" (and {len(run.findings) - SHOWN} more)" if len(run.findings) > SHOWN else ""
+    return f"repository verification found {len(run.findings)} problem(s) in {len(run.scope)} point(s): {shown}{more}"
+
+
+def _describe(f: Finding) -> str:
+    text = f"point {f.point} {f.key}: {f.problem}"
+    if f.damage:
+        text += f" (damaged, with {len(f.with_it)} point(s) built on it)" if f.with_it else " (damaged)"
+    return text

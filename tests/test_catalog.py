@@ -133,6 +133,35 @@ def test_points_are_usable_only_when_complete_and_chains_need_every_link(cat):
     assert points.get(cat, inc.id).size_bytes == 10
 
 
+def test_a_damaged_point_takes_every_point_built_on_it_out_of_the_chain(cat):
+    art = [points.ArtifactView("vda", "k/vda.qcow2", 10, "ab" * 32, 100)]
+    full = _point(cat)
+    points.complete(cat, full.id, art, consistency="crash")
+    made = [full]
+    for seq in (1, 2):
+        inc = _point(cat, parent_id=made[-1].id, seq=seq, level="incremental", checkpoint=f"virtwarden-{seq + 1}")
+        points.complete(cat, inc.id, art, consistency="crash")
+        made.append(inc)
+    writing = _point(cat, parent_id=made[-1].id, seq=3, level="incremental", checkpoint="virtwarden-4")
+
+    assert points.mark_damaged(cat, made[1].id, "k/vda.qcow2: checksum mismatch") == [made[1].id, made[2].id]
+    assert points.mark_damaged(cat, made[1].id, "again") == []  # already damaged: nothing changes
+
+    assert [points.get(cat, p.id).status for p in made] == ["complete", "damaged", "damaged"]
+    assert points.get(cat, made[2].id).damage == f"built on damaged restore point {made[1].id}: " \
+                                                "k/vda.qcow2: checksum mismatch"
+    assert points.chain_head(cat, "u1", "nfs", "bitmap").id == full.id  # never a parent
+    assert points.damaged_since(cat, "u1", "nfs", "bitmap", points.chain_head(cat, "u1", "nfs", "bitmap")).id \
+        == made[2].id
+    with pytest.raises(RestorePointNotFound, match="damaged, not complete.*checksum mismatch"):
+        points.chain_to(cat, made[2].id)
+    from virtwarden.errors import JobFailed
+
+    with pytest.raises(JobFailed, match=f"built on, {made[2].id}, is damaged"):  # written while it was found
+        points.complete(cat, writing.id, art, consistency="crash")
+    assert points.get(cat, writing.id).status == points.WRITING  # its backup fails it and removes its data
+
+
 def test_unreachable_database_is_a_clear_error():
     with pytest.raises(DatabaseUnavailable, match="unreachable"):
         Catalog("postgresql+psycopg2://nobody:secret@127.0.0.1:1/x")

@@ -106,7 +106,17 @@ ERRORS = [
     ("evacuate-by-backup without backup", spec("migration:\n  action: backup"),
      "p.yaml:7: spec.migration.action: action 'backup' needs a spec.backup section"),
     ("a policy asking nothing", spec("selector: {domains: [web-*]}"),
-     "p.yaml:5: spec: the policy asks for nothing: add a backup, snapshots, drill or migration section"),
+     "p.yaml:5: spec: the policy asks for nothing: add a backup, snapshots, drill, verify or migration section"),
+    ("verify sample of nothing", spec(BACKUP + "verify:\n  schedule: '@weekly'\n  sample_percent: 0"),
+     "p.yaml:10: spec.verify.sample_percent: Input should be greater than or equal to 1"),
+    ("verify sample over everything", spec("verify:\n  sample_percent: 150"),
+     "p.yaml:7: spec.verify.sample_percent: Input should be less than or equal to 100"),
+    ("verify sample as text", spec("verify:\n  sample_percent: '10%'"),
+     "p.yaml:7: spec.verify.sample_percent: Input should be a valid integer"),
+    ("verify window without schedule", spec("verify:\n  window: 2h"),
+     "p.yaml:7: spec.verify.window: a window needs a schedule: it counts from each scheduled slot"),
+    ("verify unknown key", spec("verify:\n  sample: 10"),
+     "p.yaml:7: spec.verify.sample: unknown key (did you mean 'sample_percent'?)"),
     ("empty domain list", spec(BACKUP + "selector:\n  domains: []"),
      "p.yaml:9: spec.selector.domains: an empty list selects nothing: leave domains out to select every domain"),
     ("boolean metadata value", spec(BACKUP + "selector:\n  metadata:\n    backup: yes"),
@@ -168,7 +178,7 @@ def test_example_policy_file_is_valid() -> None:
     assert db.spec.on[0].event == "domain.crashed"  # the YAML key 'on' is not read as True
     assert db.spec.backup is not None and db.spec.backup.window == 1800
     assert db.spec.migration is not None and db.spec.migration.timeout == 600
-    assert db.source_text == f"{EXAMPLE}:56"
+    assert db.source_text == f"{EXAMPLE}:62"
 
 
 def test_load_dir_reads_yaml_files_in_name_order_and_skips_others(tmp_path: Path) -> None:

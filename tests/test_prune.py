@@ -212,6 +212,38 @@ def test_a_point_a_drill_is_restoring_is_kept_with_its_chain(catalog, tmp_path):
     assert plan.kept.kept == {newest.id}
 
 
+def test_damaged_points_take_no_place_in_retention_pin_nothing_and_go_when_retention_would_have_removed_them(
+        catalog, tmp_path):
+    from tasks.prune import plan_domain
+
+    backend = NfsBackend("nfs", NfsStorage(type="nfs", path=str(tmp_path / "repository"), create=True))
+    repo = Repository(backend)
+    domain = f"dom-{uuid.uuid4().hex[:8]}"
+    full = add_point(catalog, repo, domain, START, None)
+    first = add_point(catalog, repo, domain, START + timedelta(hours=1), full)
+    second = add_point(catalog, repo, domain, START + timedelta(hours=2), first)
+    new_full = add_point(catalog, repo, domain, START + timedelta(days=1), None)
+    newest = add_point(catalog, repo, domain, START + timedelta(days=1, hours=1), new_full)
+    assert points.mark_damaged(catalog, first.id, "vda: checksum mismatch") == [first.id, second.id]
+    ctx, _ = context(catalog, backend, tmp_path)
+    now = START + timedelta(days=2)
+
+    # keep_last 3 keeps three intact points: the damaged ones take no slot ...
+    [plan] = plan_domain(catalog, domain, Retention(keep_last=3), now)
+    assert plan.kept.kept == {full.id, new_full.id, newest.id} and plan.doomed == []
+    # ... and stay visible while the rules would keep them, had they been intact.
+    assert {r["id"]: r["action"] for r in plan.rows() if r["status"] == "damaged"} == {
+        first.id: "keep", second.id: "keep"}
+
+    # keep_last 2: the old chain's full goes although damaged points were built on it,
+    # and the damaged points go with it: retention would have removed them by now.
+    rules = DomainRules(domain, "p", Retention(keep_last=2), "test")
+    report = prune_all(ctx, rules, now)
+    assert set(report["deleted"]) == {full.id, first.id, second.id}
+    assert_pruned(catalog, repo, domain, {new_full.id, newest.id})
+    assert {p.id: p.status for p in points.for_domain(catalog, domain)}[first.id] == points.DELETED
+
+
 retentions = (st.fixed_dictionaries({f"keep_{r}": st.integers(0, 3) for r in RULES})
               .filter(lambda d: any(d.values())).map(lambda d: Retention(**d)))
 steps = st.lists(st.one_of(st.tuples(st.just("backup"), st.booleans(), st.integers(60, 20 * 86400)),

@@ -164,6 +164,44 @@ def test_a_window_makes_one_job_per_slot_and_domain(vw, guest_factory):
     assert report.problems == [] and len(report.started) == 2
 
 
+VERIFIED = """\
+    apiVersion: virtwarden/v1
+    kind: Policy
+    metadata: {name: verified}
+    spec:
+      selector: {domains: ["PREFIX-*"]}
+      backup: {target: nfs}
+      verify:
+        schedule: "0 12 * * 0"
+        timezone: Europe/Paris
+        window: 1h
+        sample_percent: 25
+        max_parallel: 1
+    """
+
+
+def test_verify_slots_start_verify_jobs_with_the_policys_sample_one_at_a_time(vw, guest_factory):
+    setup = Setup(vw, guest_factory, VERIFIED)
+    cfg = setup.config()
+    clock = FakeClock("2025-01-12 11:00:05")  # a Sunday: 12:00 in Paris is 11:00 UTC
+    sched = setup.scheduler(cfg, clock)
+    cat = sched.cat
+    a, b = setup.domains
+    report = sched.tick()
+    assert [k.split(":")[2:4] for k, _ in report.started] == [["verify", a]]
+    job = slot_jobs(cat)[("verify", a, "11:00")]
+    assert (job.kind, job.domain, job.host, job.state) == ("verify", a, "local", "queued")
+    assert job.params == {"domain": a, "storage": None, "sample_percent": 25, "policy": "verified"}
+    assert rows(cat)[("verify", b, "11:00")].reason == ("policy verified already has 1 verify job(s) queued or"
+                                                        " running (at most 1)")
+    finish(cat, job)
+    clock.set("2025-01-12 11:30:00")
+    assert [k.split(":")[2:4] for k, _ in sched.tick().started] == [["verify", b]]
+    clock.set("2025-01-12 12:00:00")  # past the window: nothing new until next Sunday
+    assert sched.tick().started == []
+    assert rows(cat)[("verify", b, "11:00")].window_end == T("2025-01-12 12:00")
+
+
 def test_limits_defer_and_a_closed_window_skips(vw, guest_factory):
     setup = Setup(vw, guest_factory, HOURLY.replace("window: 20m", "window: 20m, max_parallel_per_host: 1"))
     cfg = setup.config()

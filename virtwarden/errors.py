@@ -119,6 +119,15 @@ class ChecksumMismatch(StorageError):
     pass
 
 
+class VerificationFailed(ChecksumMismatch):
+    """A verification found stored data missing, changed or unreadable. ``result`` is
+    its whole report, recorded as the failed job's result."""
+
+    def __init__(self, message: str, result: dict) -> None:
+        super().__init__(message)
+        self.result = result
+
+
 class ObjectNotFound(StorageError):
     exit_code = EXIT_NOT_FOUND
 

@@ -108,6 +108,11 @@ class PointOut(BaseModel):
     strategy: str
     consistency: str
     reason: str | None
+    # Status damaged: what a verification found (the point's own data, or the damaged
+    # point it is built on).
+    damage: str | None = None
+    verified_at: str | None = None  # when a verification last read its data back intact
+    manifest_sha256: str | None = None  # None: made before manifests were checksummed
     disks: list[DiskOut]
 
 

@@ -46,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="virtwarden",
-        description="Keeps KVM/libvirt guests safe: policy-driven backups, snapshots, restores, restore drills"
-                    " and evacuations, the workers and daemons that run them, and on-call runbooks.")
+        description="Keeps KVM/libvirt guests safe: policy-driven backups, snapshots, restores, restore drills,"
+                    " verification of stored backups and evacuations, the workers and daemons that run them,"
+                    " a catalog that can be rebuilt from storage, and on-call runbooks.")
     p.add_argument("--config", help="configuration file (default: $VIRTWARDEN_CONFIG, else embedded defaults)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     sub = p.add_subparsers(metavar="COMMAND")
@@ -122,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
              "follow libvirt events of the configured hosts and start the jobs policies ask for")
     ls.add_argument("--host", action="append", default=[], help="listen to this host only (repeatable)")
 
-    sc = cmd("scheduler", lazy("worker.scheduler:cli"), "start scheduled backups, snapshots and drills")
+    sc = cmd("scheduler", lazy("worker.scheduler:cli"),
+             "start scheduled backups, snapshots, drills and verifications")
     sc.add_argument("--once", action="store_true", help="one pass over due slots, then exit")
     sched = sub.add_parser("schedule", help="what the scheduler would do").add_subparsers(metavar="ACTION")
     pv = sched.add_parser("preview", help="list the slots that would run between two times")
@@ -157,6 +159,23 @@ def build_parser() -> argparse.ArgumentParser:
     dl = cmd("drills", lazy("worker.drills:list_cli"), "recent restore drills of a domain and their checks")
     dl.add_argument("domain", nargs="?")
     dl.add_argument("--json", action="store_true")
+
+    vf = cmd("verify", lazy("worker.verify:cli"),
+             "re-read stored restore points and check their checksums; damaged ones are taken out of service")
+    vf.add_argument("domain", nargs="?", help="only this domain (default: every domain with points)")
+    vf.add_argument("--storage", help="only points on this storage target")
+    vf.add_argument("--sample", type=_percent, default=100, metavar="PERCENT",
+                    help="re-read this percentage of the artifacts, least recently verified points first"
+                         " (default 100: all)")
+    vf.add_argument("--dry-run", action="store_true", help="say what would be read, from the catalog; create no job")
+    _wait_opts(vf)
+
+    ca = sub.add_parser("catalog", help="the catalog itself").add_subparsers(metavar="ACTION")
+    cr = ca.add_parser("rebuild", help="recreate restore points from a storage target's manifests")
+    cr.add_argument("--storage", required=True, help="the storage target to read")
+    cr.add_argument("--dry-run", action="store_true", help="show what would be imported, change nothing")
+    cr.add_argument("--json", action="store_true")
+    cr.set_defaults(handler=lazy("worker.rebuild:cli"), command_name="catalog rebuild")
 
     api = cmd("api", lazy("worker.api:cli"), "serve the HTTP API (restores, jobs, alerts, metrics)")
     api.add_argument("--listen", help="HOST:PORT (default: api.listen from the configuration)")
@@ -206,6 +225,12 @@ def lazy(target: str) -> Handler:
         return int(getattr(found, name)(args))
 
     return handler
+
+
+def _percent(text: str) -> int:
+    from worker.verify import percent
+
+    return percent(text)
 
 
 def _wait_opts(p: argparse.ArgumentParser) -> None:

@@ -177,9 +177,16 @@ def backups(args: argparse.Namespace) -> int:
         print(f"no restore points for {args.domain}")
         return EXIT_OK
     rows = [[p.id, p.created_at.strftime("%Y-%m-%d %H:%M:%S"), p.level, p.chain_id[:8], _size(p.size_bytes),
-             p.storage, p.status] for p in found]
-    print(table(rows, ["ID", "CREATED (UTC)", "LEVEL", "CHAIN", "SIZE", "STORAGE", "STATUS"]))
+             p.storage, p.status, _verified(p)] for p in found]
+    print(table(rows, ["ID", "CREATED (UTC)", "LEVEL", "CHAIN", "SIZE", "STORAGE", "STATUS", "VERIFIED (UTC)"]))
+    unusable = [p for p in found if p.status in (points.DAMAGED, points.FAILED)]
+    for p in unusable:  # the whole reason, not cut to a column
+        print(f"{p.id} {p.status}: {p.note}")
     return EXIT_OK
+
+
+def _verified(p: points.PointView) -> str:
+    return p.verified_at.strftime("%Y-%m-%d %H:%M") if p.verified_at else "-"
 
 
 def jobs_list(args: argparse.Namespace) -> int:

@@ -98,7 +98,8 @@ def _facts(cfg: Config, cat: Catalog, domain: str, host: str | None, found: list
 
         backend = open_backend(newest.storage, cfg.storage_target(newest.storage))
         try:
-            metadata = parse_metadata(Repository(backend).read_manifest(newest.manifest_key)["domain"]["xml"])
+            manifest = Repository(backend).read_manifest(newest.manifest_key, newest.manifest_sha256)
+            metadata = parse_metadata(manifest["domain"]["xml"])
         finally:
             backend.close()
     return DomainFacts(domain, host or newest.host, metadata)

@@ -127,7 +127,7 @@ def _facts(cfg: Config, cat: Catalog, domain: str, found: list[Policy]) -> Domai
     if any(p.spec.selector.metadata for p in found):
         backend = open_backend(newest.storage, cfg.storage_target(newest.storage))
         try:
-            manifest = Repository(backend).read_manifest(newest.manifest_key)
+            manifest = Repository(backend).read_manifest(newest.manifest_key, newest.manifest_sha256)
         finally:
             backend.close()
         metadata = parse_metadata(manifest["domain"]["xml"])

@@ -119,25 +119,17 @@ def _evacuate(cfg: Config, cat: Catalog, a: dict, actor: str, key: str) -> jobs.
 
 
 def _verify_plan(cfg: Config, cat: Catalog, a: dict) -> dict:
-    from catalog import points
+    from worker.verify import plan_verify
 
-    domains = [a["domain"]] if a.get("domain") else points.domains_with_points(cat, (points.COMPLETE,))
-    found = [p for d in domains for p in points.for_domain(cat, d, storage=a.get("storage"),
-                                                           statuses=(points.COMPLETE,))]
-    if a.get("storage"):
-        cfg.storage_target(a["storage"])  # an unknown name is an error now, with suggestions
-    return {"domains": domains, "points": len(found), "artifacts": sum(len(p.artifacts) for p in found),
-            "bytes_to_read": sum(x.size_bytes for p in found for x in p.artifacts)}
+    return plan_verify(cfg, cat, a.get("domain") or None, a.get("storage") or None,
+                       int(a.get("sample_percent") or 100))
 
 
 def _verify(cfg: Config, cat: Catalog, a: dict, actor: str, key: str) -> jobs.JobView:
-    from worker import celery_app, submit
+    from worker.verify import submit_verify
 
-    if a.get("storage"):
-        cfg.storage_target(a["storage"])
-    celery_app.check_broker(cfg)
-    params = {"domain": a.get("domain"), "storage": a.get("storage")}
-    return submit.enqueue(cfg, cat, "verify", a.get("domain"), next(iter(cfg.hosts)), params, actor, dedup_key=key)
+    return submit_verify(cfg, cat, domain=a.get("domain") or None, storage=a.get("storage") or None,
+                         sample_percent=int(a.get("sample_percent") or 100), requested_by=actor, dedup_key=key)
 
 
 ACTIONS: dict[str, Action] = {

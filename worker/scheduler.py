@@ -1,5 +1,8 @@
 """The scheduler daemon (``virtwarden scheduler``) and ``virtwarden schedule preview``.
 
+It starts the scheduled jobs of every policy section that has a ``schedule``:
+backups, snapshots, drills and verifications (policies.schedule.SCHEDULED_JOBS).
+
 Every tick (``TICK_SECONDS``, or ``$VIRTWARDEN_SCHEDULER_TICK``) it reads the policies,
 lists the domains of every configured host, finds the slots that came due since the
 last tick (policies.schedule.due), claims each one by inserting its row
@@ -320,8 +323,9 @@ class Scheduler:
         log.error("slot %s: the job could not be created or sent: %s", slot.key, error)
 
     def _params(self, slot: Slot) -> dict:
-        """The job's parameters; a backup's, a snapshot's and a drill's are settled from the
-        slot's policy now, as ``virtwarden backup``, ``snapshot`` and ``drill`` settle them."""
+        """The job's parameters; a backup's, a snapshot's, a drill's and a verification's are
+        settled from the slot's policy now, as ``virtwarden backup``, ``snapshot``, ``drill``
+        and ``verify`` settle them."""
         if slot.job == "backup":
             return resolve_backup(self.cfg, slot.domain, policy=slot.policy, host=slot.host).job_params(slot.domain)
         if slot.job == "snapshot":
@@ -331,6 +335,10 @@ class Scheduler:
             from worker.drills import drill_params
 
             return drill_params(self.cfg, self.cat, slot.domain, policy=slot.policy, host=slot.host)
+        if slot.job == "verify":
+            from worker.verify import scheduled_params
+
+            return scheduled_params(self.cfg, slot.domain, slot.policy)
         return {"domain": slot.domain, "policy": slot.policy}
 
 

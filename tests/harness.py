@@ -64,6 +64,14 @@ class Cli:
         return json.loads(self.out)
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL when the test process dies, so an interrupted
+    run leaves no worker behind to take the next run's messages from the shared broker."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 class WorkerProcess:
     """``virtwarden worker`` in its own process group, its output in a log file."""
 
@@ -74,7 +82,8 @@ class WorkerProcess:
             args += ["--host", h]
         self._out = open(log, "ab")
         self.proc = subprocess.Popen(args, cwd=REPO, stdout=self._out, stderr=subprocess.STDOUT,
-                                     start_new_session=True, env={**os.environ, **(env or {})})
+                                     start_new_session=True, env={**os.environ, **(env or {})},
+                                     preexec_fn=_die_with_parent)
 
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout

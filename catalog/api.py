@@ -50,7 +50,7 @@ def remember_key(cat: Catalog, key: str, request_sha256: str, job_id: str, actor
                                     created_at=utcnow()))
     except IntegrityError:
         found = key_use(cat, key)
-        if found is None:  # nothing removes keys, so this is a bug
+        if found is None:  # pruned in between: only a key at the end of its period, a week old
             raise
         return found, False
     return KeyUse(job_id, request_sha256), True

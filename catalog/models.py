@@ -288,7 +288,7 @@ class Alert(Base):
     action: Mapped[str | None] = mapped_column(String(32))  # evacuate | backup | none
     job_id: Mapped[str | None] = mapped_column(String(36))
     starts_at: Mapped[datetime] = mapped_column(UtcDateTime)
-    received_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, index=True)  # pruned by it
     resolved_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
 
@@ -327,4 +327,4 @@ class ApiIdempotencyKey(Base):
     request_sha256: Mapped[str] = mapped_column(String(64))
     job_id: Mapped[str] = mapped_column(String(36))
     actor: Mapped[str] = mapped_column(String(255))
-    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, index=True)  # pruned by it

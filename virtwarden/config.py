@@ -104,6 +104,17 @@ class ApiConfig(_Strict):
     metrics_require_token: bool = False
 
 
+class CatalogConfig(_Strict):
+    """How long the catalog keeps rows that only grow (days; null keeps them forever).
+    Every worker and scheduler deletes older ones every ``prune_seconds``."""
+
+    audit_days: int | None = Field(default=365, ge=1)
+    events_days: int | None = Field(default=90, ge=1)
+    alerts_days: int | None = Field(default=90, ge=1)
+    idempotency_days: int | None = Field(default=7, ge=1)
+    prune_seconds: float = Field(default=3600.0, gt=0)
+
+
 class WorkerConfig(_Strict):
     concurrency: int = Field(default=2, ge=1, le=64)
     # A running job's lease; a job whose lease ran out belongs to a dead worker.
@@ -135,6 +146,7 @@ class Config(_Strict):
     storage: dict[str, StorageConfig] = Field(default_factory=dict)
     api: ApiConfig = Field(default_factory=ApiConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    catalog: CatalogConfig = Field(default_factory=CatalogConfig)
     source: str = Field(default="<embedded defaults>", exclude=True)
 
     # Derived values, all from data_dir unless given.

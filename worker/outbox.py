@@ -10,7 +10,9 @@ worker died holding a delayed retry). ``sweep`` then
    once more first);
 2. sends every queued job whose message is overdue, oldest first, stopping at the first
    broker error (the next sweep tries again; nothing is marked sent that was not);
-3. now and then, unlists points left ``writing`` by jobs that ended (``tasks.sweep``).
+3. now and then, unlists points left ``writing`` by jobs that ended (``tasks.sweep``);
+4. every ``catalog.prune_seconds``, deletes audit, event, alert and idempotency-key rows
+   older than the ``catalog`` section keeps them (``catalog.housekeeping``).
 
 Sending twice is harmless: a worker's claim is a guarded update, so a duplicate finds
 the job claimed or finished and does nothing.
@@ -35,15 +37,17 @@ class SweepReport:
     resent: list[str] = field(default_factory=list)
     unsent: int = 0  # overdue jobs left for the next sweep (the broker is down)
     points: list[str] = field(default_factory=list)  # unfinished points unlisted
+    pruned: dict[str, int] = field(default_factory=dict)  # old catalog rows deleted, by kind
     problems: list[str] = field(default_factory=list)
 
 
 class Sweeper:
-    """Keeps the time of its last points sweep; one per process."""
+    """Keeps the times of its last points sweep and row pruning; one per process."""
 
     def __init__(self, cfg: Config, cat: Catalog) -> None:
         self.cfg, self.cat = cfg, cat
         self._points_swept = 0.0
+        self._rows_pruned: float | None = None  # None: not yet in this process
 
     def sweep(self) -> SweepReport:
         report = SweepReport()
@@ -52,6 +56,8 @@ class Sweeper:
             self._resend(report)
             if time.monotonic() - self._points_swept >= self.cfg.worker.sweep_seconds:
                 self._sweep_points(report)
+            if self._rows_pruned is None or time.monotonic() - self._rows_pruned >= self.cfg.catalog.prune_seconds:
+                self._prune_rows(report)
         except VirtwardenError as e:  # the catalog is unreachable: the next sweep tries again
             log.warning("sweep: %s", e)
             report.problems.append(str(e))
@@ -90,3 +96,14 @@ class Sweeper:
         report.points = sweep_unfinished_points(
             self.cat, lambda name: open_backend(name, self.cfg.storage_target(name)))
         self._points_swept = time.monotonic()
+
+    def _prune_rows(self, report: SweepReport) -> None:
+        from catalog.housekeeping import prune_rows
+
+        keep = self.cfg.catalog
+        report.pruned = prune_rows(self.cat, {"audit": keep.audit_days, "events": keep.events_days,
+                                              "alerts": keep.alerts_days, "idempotency": keep.idempotency_days})
+        self._rows_pruned = time.monotonic()
+        if any(report.pruned.values()):
+            log.info("sweep: deleted old catalog rows: %s",
+                     ", ".join(f"{n} {kind}" for kind, n in report.pruned.items() if n))

@@ -87,8 +87,8 @@ StorageConfig = Annotated[Union[NfsStorage, S3Storage], Field(discriminator="typ
 
 class ApiConfig(_Strict):
     """``virtwarden api``. Every /v1 request needs a bearer token from ``token_file``
-    (one per line, ``NAME:TOKEN`` to name the caller in the audit log) or from
-    $VIRTWARDEN_API_TOKEN; the API refuses to start without one."""
+    (one per line, ``NAME:SCOPE,...:TOKEN [rate=R] [burst=B]``; see worker/api_auth.py)
+    or from $VIRTWARDEN_API_TOKEN (every scope); the API refuses to start without one."""
 
     listen: str = "127.0.0.1:8080"
     token_file: str | None = None
@@ -100,8 +100,17 @@ class ApiConfig(_Strict):
     # A signature older or newer than this is refused (clock skew, or a replay after
     # the window in which seen signatures are remembered).
     signature_tolerance_seconds: int = Field(default=300, ge=5, le=3600)
-    # /metrics answers without a token unless this is set.
-    metrics_require_token: bool = False
+    # /metrics needs a token with scope "read"; false opens it to anyone who can connect.
+    metrics_require_token: bool = True
+    # Larger request bodies are refused with 413 before they are read or parsed.
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)
+    # An Alertmanager payload with more alerts is refused with 413 and records nothing
+    # (set the receiver's max_alerts to this or less: Alertmanager truncates then).
+    max_alerts_per_payload: int = Field(default=500, ge=1, le=100_000)
+    # Each token's requests per second and burst (a token bucket), unless its line in
+    # token_file says otherwise; per API process.
+    rate_per_second: float = Field(default=10.0, gt=0)
+    rate_burst: int = Field(default=100, ge=1)
 
 
 class CatalogConfig(_Strict):

@@ -3,12 +3,17 @@
 Routes: ``POST /v1/restores``, ``GET /v1/jobs/{job_id}``,
 ``GET /v1/domains/{name}/restore-points``, ``POST /v1/alerts`` (Alertmanager),
 ``GET /healthz``, ``GET /metrics``; the OpenAPI schema is at ``/openapi.json`` and
-browsable at ``/docs``. Every /v1 request needs a bearer token (worker/api_auth.py);
-requests go through the same ``worker.submit`` functions as the CLI, so the API adds
-no second way of starting a job. Every POST, accepted or refused, leaves an
-``audit_log`` row. Errors are ``{"error": message}``: 401 no valid credentials,
-404 unknown domain, point or job, 409 an Idempotency-Key reused for another request,
-413 body too large, 422 bad input (naming the field), 503 catalog or broker down.
+browsable at ``/docs``. Every /v1 request needs a bearer token (worker/api_auth.py)
+whose scopes allow the endpoint (worker/api_scopes.py); requests go through the same
+``worker.submit`` functions as the CLI, so the API adds no second way of starting a
+job. Every POST of an authenticated caller, accepted or refused, and every request
+refused for a missing scope leaves an ``audit_log`` row naming the token; requests
+without valid credentials, over the size cap or over the rate limit leave none (they
+are counted in a metric). Errors are ``{"error": message}``: 401 no valid
+credentials, 403 a scope is missing (also ``missing_scope`` and ``endpoint``), 404
+unknown domain, point or job, 409 an Idempotency-Key reused for another request, 413
+body or alert payload too large, 422 bad input (naming the field), 429 over the
+token's rate limit (with Retry-After), 503 catalog or broker down.
 """
 from __future__ import annotations
 
@@ -16,7 +21,6 @@ import argparse
 import json
 import logging
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 from fastapi import Depends, FastAPI, Header, Request, Response
@@ -35,6 +39,7 @@ from virtwarden.errors import ConfigError, NotFound, Transient, VirtwardenError
 from worker.api_auth import ANONYMOUS, AuthMiddleware, Signatures, Tokens, env_token, read_key
 from worker.api_metrics import ApiMetrics, RequestCounter
 from worker.api_schemas import AlertmanagerPayload, Error, JobAccepted, JobOut, PointOut, RestoreIn
+from worker.api_scopes import ALERTS, ANY_RESTORE, READ, ScopeMissing, needs, require, restore_scope
 
 log = logging.getLogger(__name__)
 KEY_PATTERN = r"^[\x21-\x7e]{1,200}$"  # printable ASCII, no spaces: a UUID is a good key
@@ -43,12 +48,16 @@ MAX_AUDITED_BODY = 16 * 1024  # a refused body larger than this is recorded by i
 DESCRIPTION = """\
 Restores by webhook, job status, restore points and Alertmanager alerts for virtwarden.
 
-Every `/v1` request needs `Authorization: Bearer <token>`. When the server has an HMAC
+Every `/v1` request needs `Authorization: Bearer <token>`, and the token needs the
+scope each endpoint names (`alerts`, `read`, `restore`, `restore-domain`,
+`restore-in-place`, or `admin` for all); a missing scope is 403. When the server has an HMAC
 key, POSTs to signed endpoints also need `X-Virtwarden-Signature: t=<unix seconds>,
 v1=<hex HMAC-SHA256 of "<t>.<raw body>">`, made when sending (a timestamp more than
 the tolerance away from the server's clock, or a signature used before, is refused).
 `Idempotency-Key` on `POST /v1/restores` makes retries reach the job the first request
-started. Errors are `{"error": message}`; 422 also lists `fields`.
+started. Errors are `{"error": message}`; 422 also lists `fields`. Bodies over the
+configured size and Alertmanager payloads over the configured number of alerts get
+413; a token over its rate limit gets 429 with `Retry-After`.
 """
 
 
@@ -62,18 +71,22 @@ class Conflict(VirtwardenError):
     """An Idempotency-Key sent again with a different request."""
 
 
+class PayloadTooLarge(VirtwardenError):
+    """A body that parsed but holds more than the API takes at once (413)."""
+
+
 # --- the application ---------------------------------------------------------------------
 def create_app(cfg: Config, cat: Catalog, tokens: Tokens, signatures: Signatures | None) -> FastAPI:
     app = FastAPI(title="virtwarden", version="1", description=DESCRIPTION,
-                  responses={401: {"model": Error}, 422: {"model": Error}, 503: {"model": Error}})
+                  responses={401: {"model": Error}, 403: {"model": Error}, 422: {"model": Error},
+                             429: {"model": Error}, 503: {"model": Error}})
     app.state.api = Api(cfg, cat)
     metrics = ApiMetrics(cat)
     app.state.metrics = metrics
     _routes(app)
     _error_handlers(app)
-    app.add_middleware(AuthMiddleware, cat=cat, tokens=tokens, signatures=signatures,
-                       protect_metrics=cfg.api.metrics_require_token,
-                       on_refused=partial(_audit_refused, cat))
+    app.add_middleware(AuthMiddleware, cat=cat, tokens=tokens, signatures=signatures, settings=cfg.api,
+                       on_refused=metrics.count_refusal)
     app.add_middleware(RequestCounter, metrics=metrics, route_of=lambda scope: _route_of(app, scope))
     return app
 
@@ -88,12 +101,17 @@ def caller(request: Request, _: Any = Depends(bearer_scheme)) -> str:
 
 def _routes(app: FastAPI) -> None:
     @app.post("/v1/restores", status_code=202, response_model=JobAccepted, tags=["restores"],
-              responses={404: {"model": Error}, 409: {"model": Error}})
+              responses={404: {"model": Error}, 409: {"model": Error}},
+              dependencies=[Depends(_restore_scope)])
     def start_restore(req: RestoreIn, request: Request, response: Response, actor: str = Depends(caller),
                       idempotency_key: str | None = Header(default=None, pattern=KEY_PATTERN)) -> JobAccepted:
         """Start a restore; follow it with GET /v1/jobs/{job_id}. With an Idempotency-Key
-        header, a repeated request answers 200 with the job the first one started."""
+        header, a repeated request answers 200 with the job the first one started.
+        Scope: `restore` with `to_dir`, `restore-domain` with `as_domain`,
+        `restore-in-place` with `in_place` (each covers its `start` and `discard_old`)."""
         api: Api = request.app.state.api
+        scope, what = restore_scope(as_domain=req.as_domain is not None, in_place=req.in_place)
+        require(request, (scope,), what)  # before anything is looked up, a replayed key included
         target = req.domain
         if idempotency_key:
             used = api_catalog.key_use(api.cat, idempotency_key)
@@ -111,24 +129,33 @@ def _routes(app: FastAPI) -> None:
         response.headers["Location"] = f"/v1/jobs/{job.id}"
         return JobAccepted(job_id=job.id, state=job.state, replayed=False)
 
-    @app.get("/v1/jobs/{job_id}", response_model=JobOut, tags=["jobs"], responses={404: {"model": Error}})
+    @app.get("/v1/jobs/{job_id}", response_model=JobOut, tags=["jobs"], responses={404: {"model": Error}},
+             dependencies=[Depends(needs(READ, what="read jobs"))])
     def get_job(job_id: str, request: Request, _: str = Depends(caller)) -> dict[str, Any]:
-        """A job's state (queued, running, then succeeded or failed), progress, error and result."""
+        """A job's state (queued, running, then succeeded or failed), progress, error and result.
+        Scope: `read`."""
         return jobs.get(request.app.state.api.cat, job_id).to_json()
 
-    @app.get("/v1/domains/{name}/restore-points", response_model=list[PointOut], tags=["restores"])
+    @app.get("/v1/domains/{name}/restore-points", response_model=list[PointOut], tags=["restores"],
+             dependencies=[Depends(needs(READ, what="read restore points"))])
     def restore_points(name: str, request: Request, _: str = Depends(caller)) -> list[dict[str, Any]]:
-        """A domain's restore points, oldest first (as ``virtwarden backups NAME --json``)."""
+        """A domain's restore points, oldest first (as ``virtwarden backups NAME --json``).
+        Scope: `read`."""
         return [p.to_json() for p in points.for_domain(request.app.state.api.cat, name)]
 
-    @app.post("/v1/alerts", tags=["alerts"],
-              responses={503: {"description": "a service was unreachable: send the alerts again"}})
+    @app.post("/v1/alerts", tags=["alerts"], dependencies=[Depends(needs(ALERTS, what="post alerts"))],
+              responses={413: {"model": Error}, 503: {"description": "a service was unreachable: send the alerts again"}})
     def alerts(payload: AlertmanagerPayload, request: Request, actor: str = Depends(caller)) -> dict[str, Any]:
         """Alertmanager's webhook (``webhook_configs`` with this URL and the bearer token).
-        Repeats of an alert (same fingerprint and startsAt) change nothing."""
+        Repeats of an alert (same fingerprint and startsAt) change nothing. Scope: `alerts`.
+        More alerts than ``api.max_alerts_per_payload`` get 413 and record nothing."""
         from worker import alerts as alert_handling
 
         api: Api = request.app.state.api
+        cap = api.cfg.api.max_alerts_per_payload
+        if len(payload.alerts) > cap:
+            raise PayloadTooLarge(f"{len(payload.alerts)} alerts in one payload; at most {cap} are taken "
+                                  "(api.max_alerts_per_payload): set the receiver's max_alerts to it")
         body = payload.model_dump(mode="json")
         result = alert_handling.receive(api.cfg, api.cat, body, actor)
         job_ids = [a.get("job_id") for a in result.get("actions", []) if isinstance(a, dict) and a.get("job_id")]
@@ -147,12 +174,34 @@ def _routes(app: FastAPI) -> None:
         """Whether the catalog and the broker answer (no token needed)."""
         return _health(request.app.state.api)
 
-    @app.get("/metrics", tags=["service"], response_class=PlainTextResponse)
+    @app.get("/metrics", tags=["service"], response_class=PlainTextResponse,
+             dependencies=[Depends(_metrics_scope)])
     def metrics(request: Request) -> Response:
-        """Prometheus text format (see worker/api_metrics.py for the metrics)."""
+        """Prometheus text format (see worker/api_metrics.py for the metrics). Scope:
+        `read`, unless ``api.metrics_require_token`` is false."""
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _restore_scope(request: Request) -> None:
+    """Before the body is validated: the scope its mode needs, read from the raw JSON
+    (any restore scope when that is not an object). The route checks again on the
+    validated body, which decides."""
+    try:
+        raw = json.loads(getattr(request.state, "raw_body", b"") or b"null")
+    except ValueError:
+        raw = None
+    if not isinstance(raw, dict):
+        require(request, ANY_RESTORE, "start restores")
+        return
+    scope, what = restore_scope(as_domain=raw.get("as_domain") is not None, in_place=raw.get("in_place") is True)
+    require(request, (scope,), what)
+
+
+def _metrics_scope(request: Request, _: Any = Depends(bearer_scheme)) -> None:
+    if request.app.state.api.cfg.api.metrics_require_token:
+        require(request, (READ,), "read metrics")
 
 
 def _submit_restore(api: Api, req: RestoreIn, actor: str, key: str | None) -> jobs.JobView:
@@ -208,6 +257,10 @@ def status_for(e: VirtwardenError) -> int:
         return 404
     if isinstance(e, Conflict):
         return 409
+    if isinstance(e, ScopeMissing):
+        return 403
+    if isinstance(e, PayloadTooLarge):
+        return 413
     if isinstance(e, Transient):
         return 503
     if isinstance(e, ConfigError):
@@ -231,8 +284,14 @@ def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(VirtwardenError)
     async def product_error(request: Request, exc: VirtwardenError) -> JSONResponse:
         status = status_for(exc)
+        body: dict[str, Any] = {"error": str(exc)}
+        if isinstance(exc, ScopeMissing):
+            body.update(missing_scope=exc.missing_scope, endpoint=exc.endpoint)
+            request.app.state.metrics.count_refusal("missing-scope")
+        elif isinstance(exc, PayloadTooLarge):
+            request.app.state.metrics.count_refusal("too-many-alerts")
         await _refused(request, str(exc), status)
-        return JSONResponse({"error": str(exc)}, status_code=status)
+        return JSONResponse(body, status_code=status)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -271,8 +330,10 @@ async def _refused(request: Request, why: str, status: int) -> None:
 
 
 def _audit_refused(cat: Catalog, scope: dict[str, Any], caller_name: str, why: str, status: int) -> None:
-    """An audit row for a refused POST. Only an authenticated caller's body is kept."""
-    if scope["method"] != "POST":
+    """An audit row for an authenticated caller's refused POST, or any request refused
+    for a missing scope. Requests without valid credentials never get here: the
+    middleware refuses them, and only counts them."""
+    if scope["method"] != "POST" and status != 403:
         return
     params: dict[str, Any] = {"method": scope["method"], "path": scope["path"], "status": status}
     if scope.get("client"):

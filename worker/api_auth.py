@@ -1,10 +1,22 @@
-"""Who may call the HTTP API: bearer tokens and, optionally, signed request bodies.
+"""Who may call the HTTP API, and how much: bearer tokens with scopes, optional signed
+request bodies, body size caps and per-token rate limits.
 
-Tokens come from ``api.token_file`` (one a line; ``NAME:TOKEN`` names the caller in the
-audit log; blank lines and ``#`` comments are skipped) and from $VIRTWARDEN_API_TOKEN
-(caller ``env``). The file is read again when it changes, so a token is added or revoked
-without a restart; a file that became unreadable or invalid admits nobody until fixed.
-A presented token is compared with every known one in constant time.
+Tokens come from ``api.token_file``, one a line (blank lines and ``#`` comments are
+skipped)::
+
+    NAME:SCOPE,SCOPE:TOKEN [rate=R] [burst=B]
+    NAME:TOKEN
+    TOKEN
+
+NAME names the caller in the audit log (``token-<line>`` when left out); SCOPEs are
+those of worker/api_scopes.py; ``rate`` (requests a second) and ``burst`` override
+``api.rate_per_second`` and ``api.rate_burst`` for this token. A line without scopes,
+as every line was before scopes existed, keeps the meaning it had: every scope. That
+is logged as a warning each time the file is read, so such files keep working after an
+upgrade while the operator is told to narrow them. $VIRTWARDEN_API_TOKEN (caller
+``env``) has every scope. The file is read again when it changes, so a token is added,
+narrowed or revoked without a restart; a file that became unreadable or invalid admits
+nobody until fixed. A presented token is compared with every known one in constant time.
 
 With ``api.hmac_key_file``, a POST to a signed endpoint must also carry
 ``X-Virtwarden-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(key, "<t>.<raw body>")>``.
@@ -13,13 +25,18 @@ refused, and so is a signature seen before (kept in the catalog for that long, s
 API process agrees). Because the signature covers the timestamp and the body, a retry
 must be signed afresh; the same body signed in the same second is a replay.
 
-All of this runs in an ASGI middleware, before the body is parsed: a request without
-valid credentials gets 401 and nothing else happens, whatever its body holds.
+All of this runs in an ASGI middleware, before the body is parsed, in this order: the
+token (401), the token's rate limit (429 with Retry-After), the body's size (413, from
+Content-Length before anything is read, else while reading), the signature (401). A
+request refused here writes nothing to the catalog: it is counted in
+``virtwarden_api_refused_requests_total{reason}`` and logged, at most once a minute per
+reason, so a flood of bad requests can neither grow the catalog nor the log.
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import os
 import re
@@ -36,80 +53,140 @@ from starlette.concurrency import run_in_threadpool
 
 from catalog import api as api_catalog
 from catalog.store import Catalog
+from virtwarden.config import ApiConfig
 from virtwarden.errors import ConfigError, VirtwardenError
+from virtwarden.validation import suggest
+from worker.api_limits import LogThrottle, RateLimiter
+from worker.api_scopes import EVERY_SCOPE, SCOPES
 
 log = logging.getLogger(__name__)
 MIN_TOKEN_LENGTH = 16
-MAX_BODY_BYTES = 1 << 20  # Alertmanager groups and restore requests are far smaller
 SIGNATURE_HEADER = "x-virtwarden-signature"
 ANONYMOUS = "anonymous"
 _NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
+_SCOPE_LIST = re.compile(r"^\s*[a-z][a-z-]*\s*(,\s*[a-z][a-z-]*\s*)*$")
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class Refused(Exception):
-    """A request without valid credentials; ``caller`` is set when the token was good."""
+    """A request refused before it reaches the application; ``kind`` labels the
+    refusal in the metric, ``caller`` is set once the token was good."""
 
-    def __init__(self, reason: str, caller: str | None = None) -> None:
+    def __init__(self, reason: str, kind: str, caller: str | None = None) -> None:
         super().__init__(reason)
-        self.reason, self.caller = reason, caller
+        self.reason, self.kind, self.caller = reason, kind, caller
 
 
 # --- tokens ----------------------------------------------------------------------------
-def parse_tokens(text: str, source: str) -> list[tuple[str, str]]:
-    """(caller name, token) pairs of a token file; ConfigError naming the line at fault."""
-    found: list[tuple[str, str]] = []
+@dataclass(frozen=True)
+class Caller:
+    """A token's holder as its line in the token file describes it."""
+
+    name: str
+    scopes: frozenset[str]
+    rate: float | None = None  # None: api.rate_per_second
+    burst: int | None = None  # None: api.rate_burst
+    scoped: bool = True  # False: the line named no scopes (every scope, as before scopes)
+
+
+@dataclass(frozen=True)
+class TokenLine:
+    caller: Caller
+    token: str
+    line: int
+
+
+def parse_tokens(text: str, source: str) -> list[TokenLine]:
+    """The tokens of a token file; ConfigError naming the line at fault."""
+    found: list[TokenLine] = []
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        name, sep, token = line.partition(":")
-        name = name.strip()
-        if not sep or not _NAME.match(name):
-            name, token = f"token-{n}", line
-        token = token.strip()
-        if len(token) < MIN_TOKEN_LENGTH:
-            raise ConfigError(f"{source}:{n}: token shorter than {MIN_TOKEN_LENGTH} characters")
-        if any(name == other for other, _ in found):
-            raise ConfigError(f"{source}:{n}: caller name {name!r} used twice")
-        found.append((name, token))
+        entry = _parse_line(line, f"{source}:{n}", n)
+        if any(entry.caller.name == other.caller.name for other in found):
+            raise ConfigError(f"{source}:{n}: caller name {entry.caller.name!r} used twice")
+        found.append(entry)
     return found
 
 
+def _parse_line(line: str, where: str, n: int) -> TokenLine:
+    name, sep, rest = line.partition(":")
+    name = name.strip()
+    if not sep or not _NAME.match(name):
+        name, rest = f"token-{n}", line
+    scopes, scoped = EVERY_SCOPE, False
+    head, sep, tail = rest.partition(":")
+    if sep and not head.strip():
+        raise ConfigError(f"{where}: empty scope list (write NAME:SCOPE,SCOPE:TOKEN)")
+    if sep and _SCOPE_LIST.match(head):
+        scopes, scoped, rest = _scopes(head, where), True, tail
+    token, *options = rest.split() or [""]
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise ConfigError(f"{where}: token shorter than {MIN_TOKEN_LENGTH} characters")
+    rate, burst = _options(options, where)
+    return TokenLine(Caller(name, scopes, rate, burst, scoped), token, n)
+
+
+def _scopes(text: str, where: str) -> frozenset[str]:
+    scopes = [s.strip() for s in text.split(",")]
+    for s in scopes:
+        if s not in SCOPES:
+            raise ConfigError(f"{where}: unknown scope {s!r}{suggest(s, SCOPES)} (scopes: {', '.join(SCOPES)}; "
+                              "a token itself cannot contain ':')")
+    return frozenset(scopes)
+
+
+def _options(options: list[str], where: str) -> tuple[float | None, int | None]:
+    values: dict[str, str] = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or key not in ("rate", "burst"):
+            raise ConfigError(f"{where}: {option!r} is not rate=REQUESTS_PER_SECOND or burst=REQUESTS")
+        values[key] = value
+    try:
+        rate = float(values["rate"]) if "rate" in values else None
+        burst = int(values["burst"]) if "burst" in values else None
+    except ValueError:
+        raise ConfigError(f"{where}: rate must be a number and burst a whole number") from None
+    if (rate is not None and not rate > 0) or (burst is not None and burst < 1):
+        raise ConfigError(f"{where}: rate must be above 0 and burst at least 1")
+    return rate, burst
+
+
 class Tokens:
-    """The bearer tokens the API accepts right now."""
+    """The bearer tokens the API accepts right now, and who holds each."""
 
     def __init__(self, path: str | None, env_token: str | None = None) -> None:
         self.path = Path(path) if path else None
         if env_token is not None and len(env_token) < MIN_TOKEN_LENGTH:
             raise ConfigError(f"VIRTWARDEN_API_TOKEN is shorter than {MIN_TOKEN_LENGTH} characters")
-        self._env = [("env", env_token)] if env_token else []
+        self._env = [(_digest(env_token), Caller("env", EVERY_SCOPE))] if env_token else []
         self._lock = threading.Lock()
         self._stamp: tuple[int, int] | None = None
-        self._digests: list[tuple[str, bytes]] = []
+        self._known: list[tuple[bytes, Caller]] = []
         if self.path:
             self._load(strict=True)
         if not self._all():
             where = f"{self.path} holds none" if self.path else "api.token_file is not set"
             raise ConfigError(f"the API needs at least one bearer token ({where}): put one per line "
-                              f"(NAME:TOKEN to name the caller) in api.token_file, or set "
-                              f"VIRTWARDEN_API_TOKEN")
+                              f"(NAME:SCOPE,...:TOKEN) in api.token_file, or set VIRTWARDEN_API_TOKEN")
 
-    def caller(self, presented: str) -> str | None:
-        """The caller's name when ``presented`` is a known token (constant time)."""
+    def identify(self, presented: str) -> Caller | None:
+        """The holder of ``presented`` when it is a known token (constant time)."""
         if self.path:
             self._load(strict=False)
-        digest = hashlib.sha256(presented.encode()).digest()
+        digest = _digest(presented)
         match = None
-        for name, known in self._all():
+        for known, who in self._all():
             if hmac.compare_digest(digest, known):
-                match = name
+                match = who
         return match
 
-    def _all(self) -> list[tuple[str, bytes]]:
-        return self._digests + [(n, hashlib.sha256(t.encode()).digest()) for n, t in self._env]
+    def _all(self) -> list[tuple[bytes, Caller]]:
+        return self._known + self._env
 
     def _load(self, *, strict: bool) -> None:
         assert self.path is not None
@@ -120,26 +197,35 @@ class Tokens:
             if stamp == self._stamp:
                 return
             with self._lock:
-                pairs = parse_tokens(self.path.read_text(), str(self.path))
+                lines = parse_tokens(self.path.read_text(), str(self.path))
                 if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
                     log.warning("%s can be read by other users; chmod 600 it", self.path)
-                self._digests = [(n, hashlib.sha256(t.encode()).digest()) for n, t in pairs]
+                for entry in lines:
+                    if not entry.caller.scoped:
+                        log.warning("%s:%d: token %r names no scopes, so it may do everything (admin); "
+                                    "give it only what it needs, e.g. %s:alerts:TOKEN", self.path, entry.line,
+                                    entry.caller.name, entry.caller.name)
+                self._known = [(_digest(e.token), e.caller) for e in lines]
                 self._stamp = stamp
         except (OSError, ConfigError) as e:
             if strict:
                 raise ConfigError(f"api.token_file: {e}") from None
             log.error("api.token_file unusable, refusing its tokens until it is fixed: %s", e)
             # Said once per version of the file; a missing file is looked for again each time.
-            self._digests, self._stamp = [], stamp if isinstance(e, ConfigError) else None
+            self._known, self._stamp = [], stamp if isinstance(e, ConfigError) else None
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
 
 
 def bearer(headers: dict[str, str]) -> str:
     value = headers.get("authorization", "")
     scheme, _, token = value.partition(" ")
     if not value:
-        raise Refused("missing Authorization: Bearer token")
+        raise Refused("missing Authorization: Bearer token", "no-token")
     if scheme.lower() != "bearer" or not token.strip():
-        raise Refused("Authorization must be 'Bearer <token>'")
+        raise Refused("Authorization must be 'Bearer <token>'", "not-bearer")
     return token.strip()
 
 
@@ -174,83 +260,117 @@ class Signatures:
         fields = dict(part.strip().partition("=")[::2] for part in header.split(","))
         t, mac = fields.get("t", ""), fields.get("v1", "").lower()
         if not t.isdigit() or not re.fullmatch(r"[0-9a-f]{64}", mac):
-            raise Refused("malformed signature header: want t=<unix seconds>,v1=<64 hex digits>")
+            raise Refused("malformed signature header: want t=<unix seconds>,v1=<64 hex digits>", "bad-signature")
         skew = abs(now - int(t))
         if skew > self.tolerance:
             raise Refused(f"signature timestamp is {skew:.0f} s from the server's clock "
-                          f"(tolerance {self.tolerance} s): sign each request when sending it")
+                          f"(tolerance {self.tolerance} s): sign each request when sending it", "bad-signature")
         expected = sign(self.key, body, int(t)).partition(",v1=")[2]
         if not hmac.compare_digest(expected, mac):
-            raise Refused("signature does not match the body (wrong key, or the body changed on the way)")
+            raise Refused("signature does not match the body (wrong key, or the body changed on the way)",
+                          "bad-signature")
         return mac, int(t)
 
 
 # --- the middleware --------------------------------------------------------------------
 class AuthMiddleware:
-    """Authenticates /v1 (and optionally /metrics) before the application sees the
-    request; sets ``request.state.caller`` and ``request.state.raw_body``."""
+    """Admits /v1 (and /metrics when it needs a token) before the application sees the
+    request; sets ``request.state.caller`` (the token's name), ``.scopes`` and ``.raw_body``.
+    ``on_refused(reason)`` counts each refusal."""
 
     def __init__(self, app: Callable[..., Awaitable[None]], *, cat: Catalog, tokens: Tokens,
-                 signatures: Signatures | None, protect_metrics: bool,
-                 on_refused: Callable[[Scope, str, str, int], None]) -> None:
+                 signatures: Signatures | None, settings: ApiConfig, on_refused: Callable[[str], None]) -> None:
         self.app, self.cat, self.tokens, self.signatures = app, cat, tokens, signatures
-        self.protect_metrics, self.on_refused = protect_metrics, on_refused
+        self.settings, self.on_refused = settings, on_refused
+        self.limiter = RateLimiter()
+        self.throttle = LogThrottle(log)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self._protected(scope["path"]):
             await self.app(scope, receive, send)
             return
-        state = scope.setdefault("state", {})
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
-            body = await _read_body(receive)
-        except _TooLarge:
-            why = f"request body larger than {MAX_BODY_BYTES} bytes"
-            await run_in_threadpool(self.on_refused, scope, ANONYMOUS, why, 413)
-            await _reply(send, 413, why)
-            return
-        state["raw_body"] = body
-        try:
-            state["caller"] = await run_in_threadpool(self._authenticate, scope, body)
+            who = self._identify(headers)
+            self._check_rate(who)
+            body = await _read_body(receive, headers, self.settings.max_body_bytes, who.name)
+            if self.signatures is not None:
+                await run_in_threadpool(self._check_signature, scope, headers, body, who.name)
         except Refused as e:
-            log.warning("refused %s %s from %s: %s", scope["method"], scope["path"], _client(scope), e.reason)
-            await run_in_threadpool(self.on_refused, scope, e.caller or ANONYMOUS, e.reason, 401)
-            await _reply(send, 401, e.reason, {"www-authenticate": 'Bearer realm="virtwarden"'})
+            await self._refuse(scope, send, e)
             return
         except VirtwardenError as e:  # the catalog, asked about a signature, is down
             await _reply(send, 503, str(e))
             return
+        state = scope.setdefault("state", {})
+        state.update(caller=who.name, scopes=who.scopes, raw_body=body)
         await self.app(scope, _replay(body, receive), send)
 
     def _protected(self, path: str) -> bool:
-        return path == "/v1" or path.startswith("/v1/") or (self.protect_metrics and path == "/metrics")
+        return (path == "/v1" or path.startswith("/v1/")
+                or (self.settings.metrics_require_token and path.rstrip("/") == "/metrics"))
 
-    def _authenticate(self, scope: Scope, body: bytes) -> str:
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        caller = self.tokens.caller(bearer(headers))
-        if caller is None:
-            raise Refused("invalid bearer token")
+    def _identify(self, headers: dict[str, str]) -> Caller:
+        who = self.tokens.identify(bearer(headers))
+        if who is None:
+            raise Refused("invalid bearer token", "bad-token")
+        return who
+
+    def _check_rate(self, who: Caller) -> None:
+        rate, burst = who.rate or self.settings.rate_per_second, who.burst or self.settings.rate_burst
+        wait = self.limiter.retry_after(who.name, rate, burst)
+        if wait:
+            raise TooMany(f"too many requests from token {who.name!r} (at most {rate:g} a second, bursts of "
+                          f"{burst}, per API process): retry in {wait} s", who.name, wait)
+
+    def _check_signature(self, scope: Scope, headers: dict[str, str], body: bytes, caller: str) -> None:
         header = headers.get(SIGNATURE_HEADER)
         sig = self.signatures
-        if sig is None or (header is None and not sig.required(scope["method"], scope["path"])):
-            return caller
+        assert sig is not None
+        if header is None and not sig.required(scope["method"], scope["path"]):
+            return
         if header is None:
             raise Refused(f"missing X-Virtwarden-Signature header (required for {scope['method']} {scope['path']})",
-                          caller)
+                          "no-signature", caller)
         try:
             mac, t = sig.check(header, body, time.time())
         except Refused as e:
-            raise Refused(e.reason, caller) from None
+            raise Refused(e.reason, e.kind, caller) from None
         expires = datetime.fromtimestamp(t + sig.tolerance + 1, timezone.utc)
         if not api_catalog.use_signature(self.cat, mac, expires):
-            raise Refused("signature was used before (a replay): sign each request afresh", caller)
-        return caller
+            raise Refused("signature was used before (a replay): sign each request afresh", "replayed-signature",
+                          caller)
+
+    async def _refuse(self, scope: Scope, send: Send, e: Refused) -> None:
+        self.on_refused(e.kind)
+        self.throttle.warning(e.kind, "refused %s %s from %s (%s): %s", scope["method"], scope["path"],
+                              _client(scope), e.caller or "no valid token", e.reason)
+        if isinstance(e, TooMany):
+            await _reply(send, 429, e.reason, {"retry-after": str(e.retry_after)})
+        elif isinstance(e, TooLarge):
+            await _reply(send, 413, e.reason, {"connection": "close"})
+        else:
+            await _reply(send, 401, e.reason, {"www-authenticate": 'Bearer realm="virtwarden"'})
 
 
-class _TooLarge(Exception):
-    pass
+class TooMany(Refused):
+    def __init__(self, reason: str, caller: str, retry_after: int) -> None:
+        super().__init__(reason, "rate-limited", caller)
+        self.retry_after = retry_after
 
 
-async def _read_body(receive: Receive) -> bytes:
+class TooLarge(Refused):
+    def __init__(self, limit: int, caller: str) -> None:
+        super().__init__(f"request body larger than {limit} bytes (api.max_body_bytes): not read",
+                         "body-too-large", caller)
+
+
+async def _read_body(receive: Receive, headers: dict[str, str], limit: int, caller: str) -> bytes:
+    """The whole body; TooLarge as soon as it is known to exceed ``limit`` (from its
+    Content-Length, before reading any of it, or while reading a chunked one)."""
+    declared = headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise TooLarge(limit, caller)
     chunks, size = [], 0
     while True:
         message = await receive()
@@ -258,8 +378,8 @@ async def _read_body(receive: Receive) -> bytes:
             return b"".join(chunks)
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise _TooLarge()
+        if size > limit:
+            raise TooLarge(limit, caller)
         chunks.append(chunk)
         if not message.get("more_body"):
             return b"".join(chunks)
@@ -279,8 +399,6 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 
 async def _reply(send: Send, status: int, message: str, extra: dict[str, str] | None = None) -> None:
-    import json
-
     body = json.dumps({"error": message}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.encode(), v.encode()) for k, v in (extra or {}).items()]

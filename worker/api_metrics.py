@@ -12,6 +12,11 @@ API process reports the same fleet-wide numbers) plus this process's request cou
 - ``virtwarden_catalog_up``: 0 when the catalog could not be read for this scrape.
 - ``virtwarden_api_requests_total{route,method,status}``: requests this process served,
   by route template (``/v1/jobs/{job_id}``), never by raw path.
+- ``virtwarden_api_refused_requests_total{reason}``: requests this process refused, by
+  why: ``no-token``, ``not-bearer``, ``bad-token``, ``no-signature``, ``bad-signature``,
+  ``replayed-signature`` (401), ``missing-scope`` (403), ``body-too-large`` and
+  ``too-many-alerts`` (413), ``rate-limited`` (429). Refusals without valid credentials
+  are counted here instead of being written to the audit log.
 """
 from __future__ import annotations
 
@@ -108,6 +113,11 @@ class ApiMetrics:
         self.registry.register(CatalogCollector(cat))  # type: ignore[arg-type]
         self.requests = Counter("virtwarden_api_requests", "HTTP requests served by this API process",
                                 ["route", "method", "status"], registry=self.registry)
+        self.refused = Counter("virtwarden_api_refused_requests", "requests this API process refused, by why",
+                               ["reason"], registry=self.registry)
+
+    def count_refusal(self, reason: str) -> None:
+        self.refused.labels(reason).inc()
 
 
 class RequestCounter:

@@ -38,6 +38,21 @@ def test_example_configuration_is_valid():
     assert cfg.storage["offsite"].sse == "AES256"
 
 
+def test_api_limits_and_catalog_keep_periods_default_to_what_an_operator_expects(tmp_path):
+    cfg = config.load(env={"VIRTWARDEN_DATA_DIR": str(tmp_path)})
+    assert (cfg.api.metrics_require_token, cfg.api.max_body_bytes, cfg.api.max_alerts_per_payload) == (
+        True, 1024 * 1024, 500)
+    keep = cfg.catalog
+    assert (keep.audit_days, keep.events_days, keep.alerts_days, keep.idempotency_days) == (365, 90, 90, 7)
+    f = tmp_path / "c.yaml"
+    f.write_text("catalog:\n  events_days: null\n  audit_days: 0\n")
+    with pytest.raises(ConfigError, match="c.yaml:3: catalog.audit_days: Input should be greater than or equal to 1"):
+        config.load(str(f), env={})
+    f.write_text("catalog:\n  events_days: null\napi:\n  rate_per_second: 2.5\n")
+    cfg = config.load(str(f), env={})
+    assert (cfg.catalog.events_days, cfg.api.rate_per_second) == (None, 2.5)
+
+
 @pytest.mark.parametrize("text, expected", [
     ("hosts:\n  a: {uri: x, gruop: y}\n", "c.yaml:2: hosts.a.gruop: unknown key (did you mean 'group'?)"),
     ("brokr_url: x\n", "c.yaml:1: brokr_url: unknown key (did you mean 'broker_url'?)"),

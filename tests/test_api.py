@@ -200,7 +200,7 @@ def test_requests_without_a_valid_token_get_401_and_change_nothing(vw, api):
         assert server.call("GET", "/v1/jobs/anything", token=token, headers=headers).status == 401
         assert server.call("GET", "/v1/domains/web01/restore-points", token=token, headers=headers).status == 401
     assert _alerts(vw) == [] and _jobs(vw) == []
-    assert _audit(vw) == []  # counted in a metric instead (tests/test_api_limits.py)
+    assert _audit(vw) == []  # counted in a metric instead (tests/test_api_least_privilege.py)
 
     # Both tokens of the file work; the named one is named in the audit log.
     assert server.call("POST", "/v1/alerts", payload).status == 200

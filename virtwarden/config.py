@@ -104,7 +104,7 @@ class ApiConfig(_Strict):
     metrics_require_token: bool = True
     # Larger request bodies are refused with 413 before they are read or parsed.
     max_body_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)
-    # An Alertmanager payload with more alerts is refused with 413 and records nothing
+    # An Alertmanager payload with more alerts is refused with 413; no alert is recorded
     # (set the receiver's max_alerts to this or less: Alertmanager truncates then).
     max_alerts_per_payload: int = Field(default=500, ge=1, le=100_000)
     # Each token's requests per second and burst (a token bucket), unless its line in

@@ -148,7 +148,7 @@ def _routes(app: FastAPI) -> None:
     def alerts(payload: AlertmanagerPayload, request: Request, actor: str = Depends(caller)) -> dict[str, Any]:
         """Alertmanager's webhook (``webhook_configs`` with this URL and the bearer token).
         Repeats of an alert (same fingerprint and startsAt) change nothing. Scope: `alerts`.
-        More alerts than ``api.max_alerts_per_payload`` get 413 and record nothing."""
+        More alerts than ``api.max_alerts_per_payload`` get 413 and no alert is recorded."""
         from worker import alerts as alert_handling
 
         api: Api = request.app.state.api

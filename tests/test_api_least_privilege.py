@@ -176,7 +176,7 @@ def test_a_body_over_the_cap_gets_413_before_it_is_read_or_parsed(vw, api):
     assert [a.outcome for a in _audit(vw)] == ["refused"]  # the 422 only
 
 
-def test_an_alertmanager_payload_over_the_alert_cap_gets_413_and_records_nothing(vw, api):
+def test_an_alertmanager_payload_over_the_alert_cap_gets_413_and_records_no_alert(vw, api):
     _scoped_tokens(api)
     server = api(max_alerts_per_payload=3)
     payload = _alertmanager("firing")

@@ -86,3 +86,12 @@ def for_domain(cat: Catalog, domain: str) -> list[OverlayView]:
     """Every journaled overlay of ``domain``, oldest first (for reports and tests)."""
     with cat.session() as s:
         return [_view(r) for r in s.scalars(select(Overlay).where(Overlay.domain == domain).order_by(Overlay.id))]
+
+
+def committed_paths(cat: Catalog, domain: str, paths: list[str]) -> set[str]:
+    """Which of ``paths`` are overlays of ``domain`` the journal records as merged."""
+    if not paths:
+        return set()
+    with cat.session() as s:
+        return set(s.scalars(select(Overlay.overlay_path).where(Overlay.domain == domain, Overlay.state == COMMITTED,
+                                                                Overlay.overlay_path.in_(paths))))

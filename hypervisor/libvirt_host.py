@@ -176,9 +176,13 @@ class LibvirtHost:
                 if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
                     raise
 
-    def redefine_checkpoint(self, name: str, xml: str) -> None:
+    def redefine_checkpoint(self, name: str, xml: str, *, validate: bool = True) -> None:
+        """Recreate a checkpoint's metadata from its XML; with ``validate`` libvirt accepts
+        it only when its bitmaps are present and consistent in every disk."""
         dom = self._dom(name)
-        flags = libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE | libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE
+        flags = libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE
+        if validate:
+            flags |= libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE
         with self._errors("redefining checkpoint", name):
             dom.checkpointCreateXML(xml, flags)
 

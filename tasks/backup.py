@@ -248,7 +248,7 @@ def _make_point(ctx: JobContext, req: BackupRequest, dom: DomainInfo, plan: Leve
     ctx.report(1.0, "done")
     return {"point_id": done.id, "level": done.level, "chain_id": done.chain_id,
             "size_bytes": done.size_bytes, "reason": plan.reason, "consistency": done.consistency,
-            "disks": [a.target for a in artifacts]}
+            "disks": [a.target for a in artifacts], "checkpoint": checkpoint}
 
 
 @dataclass(frozen=True)

@@ -351,11 +351,13 @@ def _merge_frozen(ctx: JobContext, bj: BlockJobs, dom: DomainInfo, disks: list[_
             log.warning("domain %s job %s: %s", dom.name, ctx.job_id, e)
             warnings.append(f"{d.target}: the point is stored, but merging {run[0]} failed: {e}")
             continue
-        journal.set_state(ctx.catalog, ids, journal.COMMITTED)
+        # The files go before the rows close: a worker that dies in between leaves rows
+        # 'merging' whose overlay left the chain, which recovery closes, deleting the file.
         chains = bj.chains(dom.name)
         ctx.ensure_owner(f"delete the merged overlays of {dom.name}")
         for p in run:
             remove_overlay_file(p, chains)
+        journal.set_state(ctx.catalog, ids, journal.COMMITTED)
     _release_stale(ctx, bj, dom, new)
     return warnings
 

@@ -115,6 +115,7 @@ def reconcile(ctx: JobContext, bj: BlockJobs, domain: str, domain_uuid: str) -> 
     """Finish or undo what earlier runs left on ``domain``'s chains (see module doc)."""
     rows = journal.open_for_domain(ctx.catalog, domain)
     _settle_block_jobs(ctx, bj, domain, {r.overlay_path for r in rows})
+    remove_merged_leftovers(ctx, bj, domain)
     if not rows:
         return
     heads = {p.checkpoint for p in points.heads(ctx.catalog, domain_uuid)
@@ -139,9 +140,9 @@ def _apply(ctx: JobContext, bj: BlockJobs, domain: str, action: Action,
     if action.kind == "promote":
         journal.set_state(ctx.catalog, [row.id], journal.TRACKING)
     elif action.kind == "close":
-        journal.set_state(ctx.catalog, [row.id], action.state)
-        if action.delete_file:
+        if action.delete_file:  # the file first: a closed row is never looked at again
             remove_overlay_file(row.overlay_path, chains)
+        journal.set_state(ctx.catalog, [row.id], action.state)
     else:
         journal.set_state(ctx.catalog, [row.id], journal.MERGING)
         progress = merge_progress(ctx, row.target, 0.0)
@@ -150,9 +151,9 @@ def _apply(ctx: JobContext, bj: BlockJobs, domain: str, action: Action,
         else:
             bj.commit(domain, row.target, top=row.overlay_path, base=action.base, timeout=COMMIT_TIMEOUT,
                       poll=ctx.poll_seconds, progress=progress)
-        journal.set_state(ctx.catalog, [row.id], journal.COMMITTED)
         ctx.ensure_owner(f"delete merged overlay {row.overlay_path}")
         remove_overlay_file(row.overlay_path, bj.chains(domain))
+        journal.set_state(ctx.catalog, [row.id], journal.COMMITTED)
 
 
 def _settle_block_jobs(ctx: JobContext, bj: BlockJobs, domain: str, ours: set[str]) -> None:
@@ -173,6 +174,23 @@ def _settle_block_jobs(ctx: JobContext, bj: BlockJobs, domain: str, ours: set[st
                     domain, ctx.job_id, job.kind, target)
         bj.wait(domain, target, pivot=pivot, timeout=COMMIT_TIMEOUT, poll=ctx.poll_seconds,
                 progress=merge_progress(ctx, target, 0.0), what=f"{job.kind} on {target}")
+
+
+def remove_merged_leftovers(ctx: JobContext, bj: BlockJobs, domain: str) -> list[str]:
+    """Delete overlay files of ours that were merged (journal row ``committed``) but
+    stayed on disk: a release before this one closed the row first and deleted the file
+    after, and a worker that died in between left the file for good. Only files the
+    journal knows as committed and no chain uses are touched."""
+    chains = bj.chains(domain)
+    dirs = {str(Path(layer.path).parent) for chain in chains.values() for layer in chain}
+    found = [str(p) for d in sorted(dirs) for p in Path(d).glob(f"*.{NAME_PREFIX}*.qcow2")]
+    merged = journal.committed_paths(ctx.catalog, domain, found)
+    for path in sorted(merged):
+        ctx.ensure_owner(f"delete merged overlay {path} left behind")
+        log.warning("domain %s job %s: deleting %s: merged long ago, its file was left behind", domain,
+                    ctx.job_id, path)
+        remove_overlay_file(path, chains)
+    return sorted(merged)
 
 
 def merge_progress(ctx: JobContext, target: str, fraction: float = 0.99) -> Progress:

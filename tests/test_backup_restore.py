@@ -116,6 +116,40 @@ def test_latest_restore_and_checkpoint_housekeeping(vw, guest_factory, tmp_path)
     assert first["chain_id"] == second["chain_id"]
 
 
+def _bitmaps(dom) -> list[str]:  # noqa: ANN001
+    """The dirty bitmaps QEMU keeps for the guest's disks (QMP query-block)."""
+    import json
+
+    import libvirt_qemu
+
+    reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, '{"execute": "query-block"}', 0))
+    return sorted(b["name"] for dev in reply["return"] for b in (dev.get("inserted") or {}).get("dirty-bitmaps", []))
+
+
+def test_checkpoint_metadata_lost_with_its_bitmap_kept_continues_the_chain(vw, guest_factory, tmp_path):
+    """libvirt forgets checkpoints a domain had when it moves away and back without us, or
+    is redefined, while the bitmap stays in the qcow2 and keeps tracking writes: the
+    checkpoint is redefined from the manifest (libvirt validates the bitmap) and the
+    chain goes on; the old bitmap then goes with its checkpoint, none is left behind."""
+    import libvirt
+
+    g = guest_factory(disks=1, size_mib=32)
+    vw.start_worker()
+    g.write("vda", 0, MiB, pattern=0x31)
+    first = _backup(vw, g.name, "nfs")
+    dom = libvirt.open("qemu:///system").lookupByName(g.name)
+    for cp in dom.listAllCheckpoints():
+        cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+    g.write("vda", 2 * MiB, MiB, pattern=0x32)
+    second = _backup(vw, g.name, "nfs")
+    assert second["level"] == "incremental" and second["chain_id"] == first["chain_id"], second["reason"]
+    assert "lost the checkpoint's metadata" in second["reason"]
+    assert _bitmaps(dom) == [c.getName() for c in dom.listAllCheckpoints()] == [second["checkpoint"]]
+    out = tmp_path / "r"
+    assert vw.cli("restore", g.name, "--point", second["point_id"], "--to-dir", str(out), "--wait").code == 0
+    assert images_equal(out / "vda.qcow2", g.shadow_copy("vda", tmp_path / "now.raw"))
+
+
 def test_lost_checkpoint_starts_a_new_chain_and_says_why(vw, guest_factory, tmp_path):
     import libvirt
 
@@ -124,12 +158,13 @@ def test_lost_checkpoint_starts_a_new_chain_and_says_why(vw, guest_factory, tmp_
     g.write("vda", 0, MiB, pattern=0x31)
     first = _backup(vw, g.name, "nfs")
     dom = libvirt.open("qemu:///system").lookupByName(g.name)
-    for cp in dom.listAllCheckpoints():  # as after a redefinition or a migration
-        cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+    for cp in dom.listAllCheckpoints():  # deleted with its bitmap: nothing to continue from
+        cp.delete(0)
     g.write("vda", 2 * MiB, MiB, pattern=0x32)
     second = _backup(vw, g.name, "nfs")
     assert second["level"] == "full" and second["chain_id"] != first["chain_id"]
     assert "gone" in second["reason"]
+    assert _bitmaps(dom) == [second["checkpoint"]]
     out = tmp_path / "r"
     assert vw.cli("restore", g.name, "--point", second["point_id"], "--to-dir", str(out), "--wait").code == 0
     assert images_equal(out / "vda.qcow2", g.shadow_copy("vda", tmp_path / "now.raw"))

@@ -234,6 +234,32 @@ def test_an_overlay_left_by_a_dead_run_is_merged_back(vw, guest_factory, tmp_pat
         assert images_equal(out / f"{t}.qcow2", g.shadow_copy(t, tmp_path / f"now-{t}.raw")), t
 
 
+def test_a_merged_overlay_whose_file_stayed_behind_is_deleted_by_the_next_run(vw, guest_factory, tmp_path):
+    """A worker that died between merging an overlay and deleting its file (a release
+    closed the journal row first) left the file next to the disk; the next run deletes
+    it. A file that merely looks like ours, with no journal row, stays."""
+    from catalog import overlays
+
+    _policy(vw, tmp_path, "nfs")
+    g = guest_factory(disks=1, size_mib=32)
+    vw.start_worker()
+    g.write("vda", 0, MiB, pattern=0x51)
+    first = _backup(vw, g.name)
+    g.write("vda", MiB, MiB, pattern=0x52)
+    _backup(vw, g.name)
+    merged = first["overlays"]["vda"]
+    states = {r.overlay_path: r.state for r in overlays.for_domain(vw.catalog(), g.name)}
+    assert states[merged] == "committed" and not Path(merged).exists()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", merged, "32M"], check=True)  # left behind
+    foreign = g.workdir / "vda.virtwarden-19990101T000000-0badc0de.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(foreign), "32M"], check=True)
+
+    third = _backup(vw, g.name)
+    assert third["level"] == "incremental", third["reason"]
+    assert not Path(merged).exists()
+    assert foreign.exists()  # no journal row: not ours to delete
+
+
 @pytest.mark.libvirt
 def test_a_failure_after_the_snapshot_returns_the_chain_to_where_it_was(vw, guest_factory, tmp_path):
     """The target fails while an incremental is being stored: the point fails, the new

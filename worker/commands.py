@@ -241,8 +241,12 @@ def worker(args: argparse.Namespace) -> int:
     argv = ["worker", "-Q", queues, "--concurrency", str(args.concurrency or cfg.worker.concurrency),
             "-n", f"virtwarden-{'+'.join(hosts)}@%h", "--loglevel", args.log_level.upper(),
             "--without-gossip", "--without-mingle"]
-    app.worker_main(argv)
-    return EXIT_OK
+    # app.start, not worker_main: worker_main drops the exit code, and a worker that
+    # stops on an unrecoverable error (kombu can raise one when the broker goes away
+    # while a job's message is unacknowledged) must exit non-zero, so its supervisor
+    # (systemd: Restart=) starts it again instead of leaving the host without a worker.
+    code = app.start(argv)
+    return int(code or EXIT_OK)
 
 
 def _size(n: float) -> str:

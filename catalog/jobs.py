@@ -397,3 +397,15 @@ def move(cat: Catalog, fence: Fence, host: str, why: str, *, resend_after: float
         if n:
             s.execute(delete(DomainLock).where(DomainLock.job_id == fence.job_id))
     return get(cat, fence.job_id) if n == 1 else None
+
+
+RESTORING = ("restore", "restore-as-domain", "restore-in-place", "drill")
+
+
+def points_being_restored(cat: Catalog, domain: str) -> set[str]:
+    """Restore points that queued or running restores and drills of ``domain`` will read:
+    a prune must keep them (and what their chain needs) until those jobs end."""
+    with cat.session() as s:
+        rows = s.scalars(select(Job).where(Job.domain == domain, Job.kind.in_(RESTORING),
+                                           Job.state.in_((QUEUED, RUNNING))))
+        return {str(r.params.get("point")) for r in rows if isinstance(r.params, dict) and r.params.get("point")}

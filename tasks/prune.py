@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from catalog import drills, points
+from catalog import drills, jobs, points
 from catalog.clock import database_now
 from catalog.points import COMPLETE, DAMAGED, DELETED, DELETING, FAILED, WRITING, PointView
 from catalog.store import Catalog
@@ -134,12 +134,13 @@ def plan_domain(cat: Catalog, domain: str, retention: Retention | None, now: dat
     and the newest point of a group is always kept, so a backup never builds on a
     doomed point. A name reused by a new domain therefore starts a group of its own,
     and the old domain's newest point stays until it is deleted by hand. Parents of
-    points still being written are pinned as well, and so are points a running drill
-    is restoring (with what they need of their chain).
+    points still being written are pinned as well, and so are points that queued or
+    running restores and drills will read (with what they need of their chain).
     """
     found = points.for_domain(cat, domain)
     pinned = {p.parent_id for p in found if p.status == WRITING and p.parent_id}
     pinned |= drills.points_in_use(cat, domain)  # a drill is restoring them (and, so, their chain)
+    pinned |= jobs.points_being_restored(cat, domain)  # restores and drills queued or running
     groups: dict[tuple[str, str, str], list[PointView]] = {}
     for p in found:
         if p.status in (COMPLETE, DAMAGED) and (only is None or (p.storage, p.strategy) == only):

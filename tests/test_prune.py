@@ -206,8 +206,33 @@ def test_a_point_a_drill_is_restoring_is_kept_with_its_chain(catalog, tmp_path):
 
     [plan] = plan_domain(catalog, domain, Retention(keep_last=1), now)
     assert plan.kept.kept == {full.id, inc.id, newest.id}
-    assert "a running drill restores it" in plan.kept.decision(inc.id).why
+    assert "a restore or drill under way reads it" in plan.kept.decision(inc.id).why
     assert job_rows.finish(catalog, taken.fence, ok=True, result={})
+    [plan] = plan_domain(catalog, domain, Retention(keep_last=1), now)
+    assert plan.kept.kept == {newest.id}
+
+
+def test_a_point_a_queued_or_running_restore_will_read_is_kept_with_its_chain(catalog, tmp_path):
+    """Retention that runs while a restore waits in the queue or copies must not delete
+    the point it restores (the chaos run saw restores fail on points pruned under them)."""
+    from catalog import jobs as job_rows
+    from tasks.prune import plan_domain
+
+    backend = NfsBackend("nfs", NfsStorage(type="nfs", path=str(tmp_path / "repository"), create=True))
+    repo = Repository(backend)
+    domain = f"dom-{uuid.uuid4().hex[:8]}"
+    full = add_point(catalog, repo, domain, START, None)
+    inc = add_point(catalog, repo, domain, START + timedelta(hours=1), full)
+    newest = add_point(catalog, repo, domain, START + timedelta(hours=2), None)
+    job = job_rows.create(catalog, kind="restore", domain=domain, host="local",
+                          params={"domain": domain, "point": inc.id, "to_dir": str(tmp_path / "out")})
+    now = START + timedelta(days=1)
+    [plan] = plan_domain(catalog, domain, Retention(keep_last=1), now)
+    assert plan.kept.kept == {full.id, inc.id, newest.id}  # queued
+    taken = job_rows.claim(catalog, job.id, "w", 60, lock_domain=False)
+    [plan] = plan_domain(catalog, domain, Retention(keep_last=1), now)
+    assert plan.kept.kept == {full.id, inc.id, newest.id}  # running
+    job_rows.finish(catalog, taken.fence, ok=True, result={})
     [plan] = plan_domain(catalog, domain, Retention(keep_last=1), now)
     assert plan.kept.kept == {newest.id}
 

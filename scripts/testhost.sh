@@ -344,7 +344,12 @@ start_host2() {
         say "host2 $H2_URI: running"
         return
     fi
-    stop_host2_daemons  # a half-started or hung one holds the pid files and the port
+    # A half-started or hung libvirtd holds the pid file and the port. A running virtlogd
+    # stays, as on a real host: it holds the log pipes of guests that still run, and
+    # qemu-io reports through them.
+    stop_pid "host2 libvirtd" "$H2/libvirtd.pid" libvirtd
+    local logd=1
+    pid_alive "$H2/virtlogd.pid" virtlogd && logd=0
     port_open "$H2_PORT" && die "port $H2_PORT is taken by something else"
     say "preparing host2 state in $H2"
     mkdir -p "$H2"/{run,lib,etc/qemu,log,cache}
@@ -369,8 +374,8 @@ start_host2() {
         mount --bind "$1/etc" /etc/libvirt
         mount --bind "$1/log" /var/log/libvirt
         mount --bind "$1/cache" /var/cache/libvirt
-        virtlogd -d -p "$1/virtlogd.pid"
-        libvirtd -d --listen -p "$1/libvirtd.pid"' sh "$H2"
+        [ "$2" = 0 ] || virtlogd -d -p "$1/virtlogd.pid"
+        libvirtd -d --listen -p "$1/libvirtd.pid"' sh "$H2" "$logd"
     wait_until 60 "host2 $H2_URI" libvirt_ok "$H2_URI"
     say "host2 $H2_URI: answering"
 }

@@ -153,6 +153,7 @@ class Guest:
         self.shadows = {t: workdir / f"{t}.shadow.raw" for t in targets}
         self.serial_path = serial_path
         self.dom = None  # the virDomain, once defined
+        self.log_dir = QEMU_LOG_DIR  # where its libvirtd keeps QEMU's log (another host: elsewhere)
 
     def xml(self, flags: int = 0) -> str:
         return self.dom.XMLDesc(flags)
@@ -219,7 +220,7 @@ class Guest:
     # only once the log shows "wrote N/N bytes at offset O".
     def _qemu_io(self, target: str, command: str, offset: int, length: int) -> None:
         qom = f"/machine/peripheral/{self._alias(target)}/virtio-backend"
-        log = QEMU_LOG_DIR / f"{self.name}.log"
+        log = self.log_dir / f"{self.name}.log"
         start = log.stat().st_size
         reply = libvirt_qemu.qemuMonitorCommand(
             self.dom, f'qemu-io -d {qom} "{command}"', libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)

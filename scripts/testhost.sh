@@ -348,14 +348,21 @@ start_host2() {
     # stays, as on a real host: it holds the log pipes of guests that still run, and
     # qemu-io reports through them.
     stop_pid "host2 libvirtd" "$H2/libvirtd.pid" libvirtd
-    local logd=1
-    pid_alive "$H2/virtlogd.pid" virtlogd && logd=0
+    local logd=1 keep=qemu
+    if pid_alive "$H2/virtlogd.pid" virtlogd && [[ -S $H2/run/virtlogd-sock ]]; then
+        logd=0 keep="qemu virtlogd-sock virtlogd-admin-sock"
+    else
+        stop_pid "host2 virtlogd" "$H2/virtlogd.pid" virtlogd
+    fi
     port_open "$H2_PORT" && die "port $H2_PORT is taken by something else"
     say "preparing host2 state in $H2"
     mkdir -p "$H2"/{run,lib,etc/qemu,log,cache}
     # Keep run/qemu: it holds the state of guests that still run, and a restarted libvirtd
     # reattaches to them (and to a backup job one of them runs) as it does on a real host.
-    find "$H2/run" -mindepth 1 -maxdepth 1 ! -name qemu -exec rm -rf {} +
+    # The sockets of a virtlogd that stays stay too.
+    local name args=()
+    for name in $keep; do args+=(! -name "$name"); done
+    find "$H2/run" -mindepth 1 -maxdepth 1 "${args[@]}" -exec rm -rf {} +
     # The main host's configuration, but not its domain definitions (etc/qemu is host2's own).
     find /etc/libvirt -mindepth 1 -maxdepth 1 ! -name qemu ! -name libvirtd.conf \
         -exec cp -a {} "$H2/etc/" \;

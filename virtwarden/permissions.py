@@ -61,7 +61,7 @@ class Policy:
     def dir_mode(self) -> int:
         """Repository and scratch directories."""
         mode = 0o750 if self.read_gid is not None else 0o700
-        return mode | (0o001 if self.qemu_passage else 0)
+        return mode | (0o011 if self.qemu_passage else 0)
 
     @property
     def catalog_file_mode(self) -> int:
@@ -72,7 +72,7 @@ class Policy:
         """The catalog's directory, when made here: the data directory by default,
         which holds scratch space too (hence QEMU's passage)."""
         mode = 0o770 if self.service_gid is not None else 0o700
-        return mode | (0o001 if self.qemu_passage else 0)
+        return mode | (0o011 if self.qemu_passage else 0)
 
 
 _policy = Policy()

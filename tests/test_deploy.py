@@ -279,14 +279,29 @@ def test_compose_has_no_fixed_password_and_pinned_images():
             value = str(value)
             if re.search(r"PASSWORD|SECRET", key):
                 assert re.fullmatch(r"\$\{[A-Z_]+:\?[^}]+\}", value), f"{name}: {key} is not taken from the env file"
-            for url in re.findall(r"\w+://[^\s]+", value):
-                creds = re.match(r"\w+://([^@/]*)@", url)
-                if creds and ":" in creds[1]:
-                    assert "${" in creds[1], f"{name}: {key} holds a literal password"
+            userinfo = re.match(r"[A-Za-z][\w+.-]*://([^@/]*)@", value)
+            if userinfo and ":" in userinfo[1]:
+                assert userinfo[1].partition(":")[2].startswith("${"), f"{name}: {key} holds a literal password"
         image = service.get("image", "")
         if name in ("worker", "listener", "scheduler", "api"):
             continue  # built from this checkout
         assert image and not image.endswith(":latest") and (":" in image or "@sha256:" in image), image
-        assert re.search(r":\d", image) or "@sha256:" in image, f"{name}: {image} is not pinned to a version"
+        # A version (redis:7.2.5, minio/minio:RELEASE.2024-...), not a moving major tag.
+        assert re.search(r":(\d+\.\d+\.\d+|\d+\.\d+$|RELEASE\.\d{4}-)", image) or "@sha256:" in image, \
+            f"{name}: {image} is not pinned to a version"
     text = (REPO / "compose.yaml").read_text()
     assert "change-me" not in text and "POSTGRES_PASSWORD: virtwarden" not in text
+
+
+def test_make_compose_env_generates_private_passwords_once(tmp_path):
+    need(shutil.which("make") is not None and shutil.which("openssl") is not None, "make and openssl")
+    run = lambda: subprocess.run(["make", "-s", "-C", str(tmp_path), "-f", str(REPO / "Makefile"), "compose-env"],
+                                 capture_output=True, text=True, timeout=60)  # noqa: E731
+    assert run().returncode == 0
+    env = tmp_path / ".env"
+    first = env.read_text()
+    values = dict(line.split("=", 1) for line in first.splitlines())
+    assert set(values) == {"MINIO_ROOT_PASSWORD", "POSTGRES_PASSWORD"}
+    assert all(re.fullmatch(r"[0-9a-f]{48}", v) for v in values.values()) and len(set(values.values())) == 2
+    assert os.stat(env).st_mode & 0o777 == 0o600
+    assert run().returncode == 0 and env.read_text() == first  # never overwritten

@@ -305,3 +305,24 @@ def test_make_compose_env_generates_private_passwords_once(tmp_path):
     assert all(re.fullmatch(r"[0-9a-f]{48}", v) for v in values.values()) and len(set(values.values())) == 2
     assert os.stat(env).st_mode & 0o777 == 0o600
     assert run().returncode == 0 and env.read_text() == first  # never overwritten
+
+
+def test_compose_validates_and_refuses_to_start_without_its_passwords(tmp_path):
+    """``docker-compose config`` (or ``docker compose config``) where one is installed:
+    an optional tool, not part of the test bed."""
+    tool = (["docker-compose"] if shutil.which("docker-compose") else
+            ["docker", "compose"] if shutil.which("docker") and subprocess.run(
+                ["docker", "compose", "version"], capture_output=True).returncode == 0 else None)
+    if tool is None:
+        pytest.skip("neither docker-compose nor the docker compose plugin is installed")
+    shutil.copy(REPO / "compose.yaml", tmp_path / "compose.yaml")
+    (tmp_path / "Dockerfile").write_text("FROM scratch\n")
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_PASSWORD")}
+    config = lambda: subprocess.run([*tool, "-f", "compose.yaml", "config"], cwd=tmp_path, env=env,  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)
+    refused = config()
+    assert refused.returncode != 0 and "run make compose-env first" in refused.stderr
+    (tmp_path / ".env").write_text("MINIO_ROOT_PASSWORD=a1\nPOSTGRES_PASSWORD=b2\n")
+    resolved = config()
+    assert resolved.returncode == 0, resolved.stderr
+    assert "virtwarden:b2@postgres:5432" in resolved.stdout and "127.0.0.1:9000:9000" in resolved.stdout

@@ -96,3 +96,30 @@ def test_the_configuration_names_the_secrets_its_file_holds(tmp_path):
     assert config.load(str(path), env=env).file_secrets == cfg.file_secrets
     path.write_text("data_dir: /srv/vw\n")
     assert config.load(str(path), env={"VIRTWARDEN_DATABASE_URL": "postgresql://vw:pw@db/vw"}).file_secrets == ()
+
+
+def test_uvicorns_access_log_keeps_its_arguments_and_loses_the_token(capsys):
+    import logging.config
+
+    from worker.api import _masked_log_config
+
+    logging.config.dictConfig(_masked_log_config())
+    logging.getLogger("uvicorn.access").info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:5000", "GET",
+                                             "/v1/jobs/x?token=abc&password=p", "1.1", 404)
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
+    assert '"GET /v1/jobs/x?token=***&password=*** HTTP/1.1" 404' in out and "abc" not in out
+
+
+def test_healthz_answers_without_a_token_and_without_the_brokers_password(tmp_path):
+    from catalog.store import Catalog
+    from worker import celery_app
+    from worker.api import Api, _health
+
+    cfg = config.load(env={"VIRTWARDEN_DATA_DIR": str(tmp_path),
+                           "VIRTWARDEN_BROKER_URL": "redis://:hunter2@127.0.0.1:1/0"})
+    celery_app.configure(cfg)
+    reply = _health(Api(cfg, Catalog(cfg.catalog_url)))
+    assert reply.status_code == 503
+    body = reply.body.decode()
+    assert "hunter2" not in body and "redis://:***@127.0.0.1:1/0" in body

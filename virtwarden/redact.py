@@ -80,22 +80,32 @@ def _mask_userinfo(rest: str) -> str:
 
 
 class MaskingFilter(logging.Filter):
-    """Masks every record that passes a handler: the message and its arguments are
-    rendered once and the result masked, so a URL logged by any library is hidden too."""
+    """Masks every record that passes a handler, whoever logged it: the message and each
+    argument. Arguments stay arguments (formatters such as uvicorn's access log unpack
+    them); one whose text holds a password is replaced by its masked text."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # noqa: BLE001 - a bad format string is logging's to report
-            return True
-        masked = mask(message)
-        if masked != message:
-            record.msg, record.args = masked, None
+        if isinstance(record.msg, str):
+            record.msg = mask(record.msg)
+        elif record.msg is not None and mask(str(record.msg)) != str(record.msg):
+            record.msg = mask(str(record.msg))
+        if isinstance(record.args, tuple):
+            record.args = tuple(_masked_arg(a) for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {k: _masked_arg(v) for k, v in record.args.items()}
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
             record.exc_text = mask(record.exc_text)
         return True
+
+
+def _masked_arg(value: object) -> object:
+    if isinstance(value, (int, float)) or value is None:
+        return value
+    text = str(value)
+    masked = mask(text)
+    return value if masked == text else masked
 
 
 def install_log_masking(logger: logging.Logger | None = None) -> None:

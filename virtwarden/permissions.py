@@ -279,8 +279,12 @@ def warn_if_exposed(path: Path | str, what: str) -> str | None:
 
 # --- helpers -------------------------------------------------------------------------
 def _apply(path: Path | str, mode: int, gid: int | None, group: str | None) -> None:
-    os.chmod(path, mode)
-    if gid is not None:
+    """Only what differs is changed: a chown the group already has would need a system
+    call the unprivileged units' filter refuses."""
+    st = os.stat(path)
+    if stat.S_IMODE(st.st_mode) != mode:
+        os.chmod(path, mode)
+    if gid is not None and st.st_gid != gid:
         try:
             os.chown(path, -1, gid)
         except OSError as e:
@@ -288,8 +292,10 @@ def _apply(path: Path | str, mode: int, gid: int | None, group: str | None) -> N
 
 
 def _apply_fd(fd: int, name: Path | str, mode: int, gid: int | None, group: str | None) -> None:
-    os.fchmod(fd, mode)
-    if gid is not None:
+    st = os.fstat(fd)
+    if stat.S_IMODE(st.st_mode) != mode:
+        os.fchmod(fd, mode)
+    if gid is not None and st.st_gid != gid:
         try:
             os.fchown(fd, -1, gid)
         except OSError as e:

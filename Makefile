@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 PY = "$$(if [ -x .venv/bin/python ]; then echo .venv/bin/python; else echo python3; fi)"
 WITH_ENV = set -a && . .testhost/env && set +a &&
 
-.PHONY: testhost test demo bench
+.PHONY: testhost test demo bench compose-env
 
 testhost:
 	bash scripts/testhost.sh
@@ -25,3 +25,10 @@ demo: testhost
 
 bench: testhost
 	$(WITH_ENV) $(PY) -m bench.run
+
+# compose.yaml takes MinIO's and PostgreSQL's passwords from .env: generated here once
+# (never overwritten), readable by root only.
+compose-env:
+	@if [ -e .env ]; then echo ".env exists: kept"; else \
+	  umask 077 && printf 'MINIO_ROOT_PASSWORD=%s\nPOSTGRES_PASSWORD=%s\n' \
+	    "$$(openssl rand -hex 24)" "$$(openssl rand -hex 24)" > .env && echo "wrote .env (mode 600)"; fi

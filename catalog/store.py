@@ -5,9 +5,11 @@ workers and the listener can share one file; PostgreSQL is used by URL for a fle
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import fcntl
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +21,9 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from virtwarden import permissions
 from virtwarden.errors import ConfigError, DatabaseUnavailable
+from virtwarden.redact import mask as _mask
 
 if TYPE_CHECKING:
     from catalog.fencing import Fence
@@ -89,7 +93,7 @@ class Catalog:
             with self._sessions.begin() as s:
                 yield s
         except OperationalError as e:
-            raise DatabaseUnavailable(f"catalog {mask(self.url)}: {e.orig}") from e
+            raise DatabaseUnavailable(_mask(f"catalog {self.url}: {e.orig}")) from e
 
     def upgrade(self) -> None:
         """Bring the schema to the newest revision (no-op when it is there)."""
@@ -115,7 +119,7 @@ class Catalog:
                 command.upgrade(cfg, "head")
         except SQLAlchemyError as e:
             reason = e.orig if isinstance(e, OperationalError) else e
-            raise DatabaseUnavailable(f"catalog {mask(self.url)} unreachable or not upgradable: {reason}") from e
+            raise DatabaseUnavailable(_mask(f"catalog {self.url} unreachable or not upgradable: {reason}")) from e
 
     @contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -125,7 +129,11 @@ class Catalog:
         if not path or path == ":memory:":
             yield
             return
-        with open(f"{path}.upgrade-lock", "a") as f:
+        lock = f"{path}.upgrade-lock"
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        permissions.secure_catalog_file_if_mine(lock)
+        with open(lock, "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield
@@ -159,8 +167,11 @@ def _missing_driver(url: str, error: ImportError) -> str:
 
 def _sqlite_engine(url: str) -> Engine:
     path = url.split("///", 1)[-1]
-    if path and path != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    on_disk = bool(path) and path != ":memory:" and not path.startswith("file:")
+    if on_disk:
+        # The catalog is private (0600; 0660 for security.service_group), created so
+        # before SQLite opens it; its WAL and shared-memory files follow its mode.
+        permissions.prepare_catalog(path)
     engine = create_engine(url, connect_args={"timeout": 30})
 
     @event.listens_for(engine, "connect")
@@ -170,15 +181,13 @@ def _sqlite_engine(url: str) -> Engine:
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA busy_timeout=30000")
         cur.close()
+        if on_disk:
+            for suffix in ("-wal", "-shm", "-journal"):
+                permissions.secure_catalog_file_if_mine(path + suffix)
 
     return engine
 
 
 def mask(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
+    """The URL without its password (``virtwarden.redact.mask``), for messages and logs."""
+    return _mask(url)

@@ -56,6 +56,7 @@ from typing import Any
 import libvirt
 
 from virtwarden.errors import HypervisorUnavailable
+from virtwarden.redact import mask
 
 # libvirt prints every error to stderr by default; we report them ourselves.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
@@ -190,7 +191,7 @@ class EventConnection:
         try:
             conn = libvirt.openReadOnly(self.uri)
         except libvirt.libvirtError as e:
-            raise HypervisorUnavailable(f"host {self.host}: cannot connect to libvirt at {self.uri}:"
+            raise HypervisorUnavailable(f"host {self.host}: cannot connect to libvirt at {mask(self.uri)}:"
                                         f" {e.get_error_message()}") from e
         self._conn = conn
         try:
@@ -206,7 +207,7 @@ class EventConnection:
             self._ids = [conn.domainEventRegisterAny(None, event_id, cb, None) for event_id, cb in subscriptions]
         except libvirt.libvirtError as e:
             self.close()
-            raise HypervisorUnavailable(f"host {self.host}: cannot subscribe to events at {self.uri}:"
+            raise HypervisorUnavailable(f"host {self.host}: cannot subscribe to events at {mask(self.uri)}:"
                                         f" {e.get_error_message()}") from e
 
     def alive(self) -> bool:

@@ -22,6 +22,7 @@ from virtwarden.errors import (
     HypervisorError,
     HypervisorUnavailable,
 )
+from virtwarden.redact import mask
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class LibvirtHost:
 
     def __init__(self, name: str, uri: str) -> None:
         self.name, self.uri = name, uri
+        self.shown_uri = mask(uri)  # for messages: a URI may carry a password
         self._conn: libvirt.virConnect | None = None
 
     # --- connection ---------------------------------------------------------------
@@ -57,7 +59,7 @@ class LibvirtHost:
             self._conn = libvirt.open(self.uri)
         except libvirt.libvirtError as e:
             raise HypervisorUnavailable(
-                f"host {self.name}: cannot connect to libvirt at {self.uri}: {e.get_error_message()}"
+                f"host {self.name}: cannot connect to libvirt at {self.shown_uri}: {e.get_error_message()}"
             ) from e
         return self
 
@@ -91,11 +93,11 @@ class LibvirtHost:
             code, msg = e.get_error_code(), e.get_error_message()
             where = f"domain {domain!r} on host {self.name}" if domain else f"host {self.name}"
             if code == libvirt.VIR_ERR_NO_DOMAIN:
-                raise DomainNotFound(f"no domain {domain!r} on host {self.name} ({self.uri})") from e
+                raise DomainNotFound(f"no domain {domain!r} on host {self.name} ({self.shown_uri})") from e
             if code in _CHECKPOINT_GONE:
                 raise CheckpointMissing(f"{what} on {where}: {msg}") from e
             if not self._alive():  # whatever the code says ("End of file while reading data", ...)
-                raise HypervisorUnavailable(f"{what} on {where}: connection to {self.uri} lost: {msg}") from e
+                raise HypervisorUnavailable(f"{what} on {where}: connection to {self.shown_uri} lost: {msg}") from e
             raise HypervisorError(f"{what} on {where}: {msg}") from e
 
     def _alive(self) -> bool:
@@ -119,6 +121,13 @@ class LibvirtHost:
                 node = dc.find("./features/backup")
                 backup = backup or (node is not None and node.get("supported") == "yes")
         return HostVersion(_ver(lib), _ver(hv), backup, tuple(t for t in types if t))
+
+    def qemu_user(self) -> tuple[int, int] | None:
+        """The uid and gid QEMU runs as on this host (libvirt's DAC base label, from
+        qemu.conf's user and group), or None when libvirt does not say."""
+        with self._errors("reading capabilities"):
+            caps = ET.fromstring(self.conn.getCapabilities())
+        return qemu_user_from(caps)
 
     # --- domains ----------------------------------------------------------------------
     def _dom(self, name: str) -> libvirt.virDomain:
@@ -255,6 +264,21 @@ class LibvirtHost:
 
 
 # --- XML parsing (pure) -------------------------------------------------------------
+def qemu_user_from(caps: ET.Element) -> tuple[int, int] | None:
+    """``<secmodel><model>dac</model><baselabel type='kvm'>+64055:+994</baselabel>``."""
+    for model in caps.iterfind("./host/secmodel"):
+        if model.findtext("model") != "dac":
+            continue
+        labels = {b.get("type"): (b.text or "") for b in model.iterfind("baselabel")}
+        label = labels.get("kvm") or labels.get("qemu") or next(iter(labels.values()), "")
+        uid, _, gid = label.partition(":")
+        try:
+            return int(uid.lstrip("+")), int(gid.lstrip("+"))
+        except ValueError:
+            return None
+    return None
+
+
 def _disks(xml: str) -> list[Disk]:
     """The domain's disk devices that hold data we can copy (file or block sources)."""
     out = []

@@ -27,8 +27,9 @@ export DEBIAN_FRONTEND=noninteractive
 # gcc: libvirt-python builds from source against libvirt-dev.
 # e2fsprogs: the agent guest's ext4 disk is made (mkfs.ext4) and checked (e2fsck) by the tests.
 # faketime: fault tests run a worker whose clock is ahead or behind (libfaketime).
+# systemd: systemd-analyze, with which tests/test_deploy.py measures the units' exposure.
 APT_PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86
-              qemu-utils libvirt-dev pkg-config gcc e2fsprogs faketime
+              qemu-utils libvirt-dev pkg-config gcc e2fsprogs faketime systemd
               iptables)  # libvirt starts its networks (the isolated drill network) through iptables
 
 say() { echo "testhost: $*"; }

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from storage_backends.base import Progress, check_key
+from virtwarden import permissions
 from virtwarden.errors import ChecksumMismatch, InvalidName, LockHeld, NoSpace, StorageError
 
 TMP_PREFIX = ".tmp-"
@@ -108,14 +109,15 @@ def fsync_dir(path: Path) -> None:
 
 def make_dirs(path: Path, *, fsync: bool) -> None:
     """``mkdir -p`` that also fsyncs each parent that gained an entry, so a crash cannot
-    lose a directory holding an already-synced file."""
+    lose a directory holding an already-synced file. New directories get the private
+    data mode (``virtwarden.permissions``), whatever the umask."""
     missing = []
     while not path.is_dir():
         missing.append(path)
         path = path.parent
     for directory in reversed(missing):
         try:
-            directory.mkdir()
+            permissions.make_dir(directory)
         except FileExistsError:
             continue
         if fsync:
@@ -138,11 +140,13 @@ def write_atomic(
     written (in a second thread, so a copy costs the slower of writing and hashing, not
     their sum), then rename: ``dest`` appears whole or not at all. ``verify(size,
     sha256)`` may raise to abandon the write; the temporary file is removed on every
-    failure. Without ``fsync`` (scratch copies deleted after use) nothing is synced."""
+    failure. Without ``fsync`` (scratch copies deleted after use) nothing is synced. The
+    file is created private (0600, or 0640 for ``security.read_group``) before any byte
+    is written, never through a symlink."""
     tmp = dest.with_name(temp_name(dest.name))
     hasher, size = _Hasher(), 0
     try:
-        with open(tmp, "xb") as f:
+        with os.fdopen(permissions.create_file(tmp), "wb") as f:
             for chunk in chunks:
                 hasher.add(chunk)
                 f.write(chunk)

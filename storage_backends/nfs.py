@@ -27,6 +27,7 @@ from typing import BinaryIO, TypeVar
 
 from storage_backends import _stream as s
 from storage_backends.base import CHUNK, Backend, ObjectInfo, Progress, StoredObject
+from virtwarden import permissions
 from virtwarden.config import NfsStorage
 from virtwarden.errors import LockHeld, ObjectNotFound, StorageError, StorageUnavailable, VirtwardenError
 
@@ -94,6 +95,9 @@ class NfsBackend(Backend):
         if staged.parent != path.parent or not staged.name.startswith(s.TMP_PREFIX):
             raise StorageError(f"{self.who}: {staged} was not staged for {key!r}")
         with self._errors(path):
+            # libvirt created the file (as root or QEMU's user, through its umask): the
+            # repository's mode before it gets its final name.
+            permissions.adopt_file(staged)
             size, sha = s.hash_file(staged, progress)  # mostly from the page cache: just written
             if self.fsync:
                 fd = os.open(staged, os.O_RDONLY)
@@ -139,7 +143,7 @@ class NfsBackend(Backend):
 
         def once() -> StoredObject:
             with self._open_object(key, path) as f:
-                dest.parent.mkdir(parents=True, exist_ok=True)
+                s.make_dirs(dest.parent, fsync=False)
                 size, sha = s.write_atomic(
                     dest, s.file_chunks(f, CHUNK), fsync=self.fsync and durable, verify=verify, progress=progress
                 )
@@ -236,7 +240,7 @@ class NfsBackend(Backend):
         s.make_dirs(path.parent, fsync=self.fsync)
         for _ in range(3):
             try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                fd = permissions.create_file(path)
             except FileExistsError:
                 current, age = self._holder(path)
                 if age is not None and age <= ttl:

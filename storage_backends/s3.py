@@ -68,6 +68,7 @@ from storage_backends.base import CHUNK, Backend, ObjectInfo, Progress, StoredOb
 from virtwarden.config import S3Storage
 from virtwarden.errors import ChecksumMismatch, ConfigError, LockHeld, ObjectNotFound
 from virtwarden.errors import StorageError, StorageUnavailable, VirtwardenError
+from virtwarden.redact import mask
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +286,7 @@ class S3Backend(Backend):
     ) -> StoredObject:
         full = self._full(s.check_key(key))
         with self._errors("download", key, local=dest):
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            s.make_dirs(dest.parent, fsync=False)
             reply = self._client().get_object(Bucket=self.bucket, Key=full, ChecksumMode="ENABLED")
             expected = expected_sha256 or reply.get("Metadata", {}).get("sha256")
             length = reply["ContentLength"]
@@ -673,5 +674,5 @@ def _code(e: ClientError) -> str:
 def _mask(url: str) -> str:
     """Drop any user:password from an endpoint URL before it reaches a message or log."""
     parts = urlsplit(url)
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    return mask(urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])))
 

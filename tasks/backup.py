@@ -40,7 +40,7 @@ from storage_backends.repository import Repository
 from tasks import quiesce, recovery
 from tasks.context import JobContext
 from tasks.moved import adopt_checkpoint
-from virtwarden import faults
+from virtwarden import faults, permissions
 from virtwarden.errors import (
     CheckpointMissing,
     DatabaseUnavailable,
@@ -217,8 +217,10 @@ def _make_point(ctx: JobContext, req: BackupRequest, dom: DomainInfo, plan: Leve
     started = False
     try:
         ctx.clear_scratch()
-        ctx.scratch.mkdir(parents=True)
+        permissions.make_dirs(ctx.scratch)
         outputs = _outputs(ctx, repo, prefix, dom, req.storage)
+        # An unprivileged QEMU opens the targets libvirt creates by their path.
+        permissions.let_qemu_through({o.path.parent for o in outputs.values()})
         _check_space(dom, plan, outputs)
         ctx.report(0.0, f"{plan.level} backup: copying {len(outputs)} disk(s)")
         if checkpoint:

@@ -97,7 +97,7 @@ from tasks.overlays import (
     reconcile,
     remove_overlay_file,
 )
-from virtwarden import faults
+from virtwarden import faults, permissions
 from virtwarden.errors import HypervisorError, LeaseLost, ToolFailed, VirtwardenError
 
 if TYPE_CHECKING:
@@ -196,7 +196,7 @@ def _make_point(ctx: JobContext, bj: BlockJobs, req: BackupRequest, dom: DomainI
     disks: list[_Disk] = []
     try:
         ctx.clear_scratch()
-        ctx.scratch.mkdir(parents=True)
+        permissions.make_dirs(ctx.scratch)
         outputs = _outputs(ctx, repo, prefix, dom, req.storage)
         _check_space(dom, plan, outputs)
         ctx.report(0.0, f"{plan.level} backup: snapshot of {len(outputs)} disk(s)")

@@ -143,6 +143,7 @@ class Installation:
         doc = {"data_dir": str(self.data_dir), "broker_url": REDIS_URL, "hosts": self.hosts,
                "storage": self.storage, "worker": TEST_WORKER, **self.extra}
         self.config_path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        self.config_path.chmod(0o600)  # it may hold secrets (S3 keys): as an operator keeps it
         return self.config_path
 
     def cli(self, *args: str, timeout: float = 300) -> Cli:

@@ -124,6 +124,19 @@ class CatalogConfig(_Strict):
     prune_seconds: float = Field(default=3600.0, gt=0)
 
 
+class SecurityConfig(_Strict):
+    """Who besides the owner may read what virtwarden writes (see virtwarden/permissions.py).
+    Without these, every file virtwarden writes is 0600 in 0700 directories."""
+
+    # May read the repository of every local-directory (nfs) target: files 0640 and
+    # directories 0750 in this group (an off-site copy, an auditor).
+    read_group: str | None = None
+    # The group of virtwarden's unprivileged daemons (the API's user in the systemd
+    # units): shares an SQLite catalog (0660, its directory 0770) and may read the
+    # configuration, token and HMAC key files (0640) without a warning.
+    service_group: str | None = None
+
+
 class WorkerConfig(_Strict):
     concurrency: int = Field(default=2, ge=1, le=64)
     # A running job's lease; a job whose lease ran out belongs to a dead worker.
@@ -156,7 +169,10 @@ class Config(_Strict):
     api: ApiConfig = Field(default_factory=ApiConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     catalog: CatalogConfig = Field(default_factory=CatalogConfig)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
     source: str = Field(default="<embedded defaults>", exclude=True)
+    # The secrets the configuration file itself holds (names of settings, never values).
+    file_secrets: tuple[str, ...] = Field(default=(), exclude=True)
 
     # Derived values, all from data_dir unless given.
     @property
@@ -216,6 +232,7 @@ def load(path: str | None = None, env: dict[str, str] | None = None) -> Config:
     else:
         raw, doc = embedded_defaults(env.get(ENV_DATA_DIR)), None
     raw = dict(raw)
+    in_file = {key: raw.get(key) for key in ("database_url", "broker_url")}
     if env.get(ENV_DATABASE_URL):
         raw["database_url"] = env[ENV_DATABASE_URL]
     if env.get(ENV_BROKER_URL):
@@ -226,7 +243,24 @@ def load(path: str | None = None, env: dict[str, str] | None = None) -> Config:
         cfg = Config.model_validate(raw)
     except ValidationError as e:
         raise ConfigError("\n".join(explain(e, Config, path or "<embedded defaults>", doc))) from None
-    return cfg.model_copy(update={"source": path or "<embedded defaults>"})
+    secrets = secrets_in(cfg.model_copy(update={"database_url": in_file["database_url"],
+                                                "broker_url": in_file["broker_url"] or ""})) if path else ()
+    return cfg.model_copy(update={"source": path or "<embedded defaults>", "file_secrets": secrets})
+
+
+def secrets_in(cfg: Config) -> tuple[str, ...]:
+    """The settings of ``cfg`` that hold a secret: S3 secret keys, URLs with a password.
+    Called on what the file says, before the environment overrides it."""
+    from virtwarden.redact import has_password
+
+    found = [f"storage.{name}.secret_access_key" for name, st in cfg.storage.items()
+             if isinstance(st, S3Storage) and st.secret_access_key]
+    found += [f"storage.{name}.endpoint_url" for name, st in cfg.storage.items()
+              if isinstance(st, S3Storage) and has_password(st.endpoint_url)]
+    found += [key for key, url in (("database_url", cfg.database_url), ("broker_url", cfg.broker_url))
+              if has_password(url)]
+    found += [f"hosts.{name}.uri" for name, h in cfg.hosts.items() if has_password(h.uri)]
+    return tuple(found)
 
 
 def _read(path: str):

@@ -36,6 +36,7 @@ from catalog.models import AuditRecord, utcnow
 from catalog.store import Catalog
 from virtwarden.config import Config
 from virtwarden.errors import ConfigError, NotFound, Transient, VirtwardenError
+from virtwarden.redact import mask
 from worker.api_auth import ANONYMOUS, AuthMiddleware, Signatures, Tokens, env_token, read_key
 from worker.api_metrics import ApiMetrics, RequestCounter
 from worker.api_schemas import AlertmanagerPayload, Error, JobAccepted, JobOut, PointOut, RestoreIn
@@ -237,13 +238,13 @@ def _health(api: Api) -> JSONResponse:
         with api.cat.session() as s:
             s.execute(text("SELECT 1"))
         checks["catalog"] = "ok"
-    except VirtwardenError as e:
-        checks["catalog"] = str(e)
+    except VirtwardenError as e:  # no token needed here: no password either
+        checks["catalog"] = mask(str(e))
     try:
         celery_app.check_broker(api.cfg)
         checks["broker"] = "ok"
     except VirtwardenError as e:
-        checks["broker"] = str(e)
+        checks["broker"] = mask(str(e))
     down = [name for name, state in checks.items() if state != "ok"]
     body: dict[str, Any] = {"status": "ok" if not down else "unavailable", **checks}
     if down:
@@ -284,13 +285,13 @@ def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(VirtwardenError)
     async def product_error(request: Request, exc: VirtwardenError) -> JSONResponse:
         status = status_for(exc)
-        body: dict[str, Any] = {"error": str(exc)}
+        body: dict[str, Any] = {"error": mask(str(exc))}
         if isinstance(exc, ScopeMissing):
             body.update(missing_scope=exc.missing_scope, endpoint=exc.endpoint)
             request.app.state.metrics.count_refusal("missing-scope")
         elif isinstance(exc, PayloadTooLarge):
             request.app.state.metrics.count_refusal("too-many-alerts")
-        await _refused(request, str(exc), status)
+        await _refused(request, body["error"], status)
         return JSONResponse(body, status_code=status)
 
     @app.exception_handler(HTTPException)
@@ -394,8 +395,22 @@ def cli(args: argparse.Namespace) -> int:
     log.warning("virtwarden api listening on http://%s:%d (signatures %s)", host, port,
                 "required for " + ", ".join(cfg.api.signed_endpoints) if signatures else "off")
     uvicorn.run(app, host=host, port=port, log_level=args.log_level, access_log=args.log_level in ("debug", "info"),
-                server_header=False)
+                server_header=False, log_config=_masked_log_config())
     return 0
+
+
+def _masked_log_config() -> dict:
+    """uvicorn's own logging, its handlers masking passwords like the root logger's
+    (an access log line carries the query string)."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config.setdefault("filters", {})["mask"] = {"()": "virtwarden.redact.MaskingFilter"}
+    for handler in config.get("handlers", {}).values():
+        handler.setdefault("filters", []).append("mask")
+    return config
 
 
 def parse_listen(value: str) -> tuple[str, int]:

@@ -40,7 +40,6 @@ import json
 import logging
 import os
 import re
-import stat
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -53,6 +52,7 @@ from starlette.concurrency import run_in_threadpool
 
 from catalog import api as api_catalog
 from catalog.store import Catalog
+from virtwarden import permissions
 from virtwarden.config import ApiConfig
 from virtwarden.errors import ConfigError, VirtwardenError
 from virtwarden.validation import suggest
@@ -198,8 +198,9 @@ class Tokens:
                 return
             with self._lock:
                 lines = parse_tokens(self.path.read_text(), str(self.path))
-                if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-                    log.warning("%s can be read by other users; chmod 600 it", self.path)
+                # Warned, not refused: the same rule as the configuration file's
+                # (virtwarden.permissions.exposure: the service group may read it).
+                permissions.warn_if_exposed(self.path, "API tokens")
                 for entry in lines:
                     if not entry.caller.scoped:
                         log.warning("%s:%d: token %r names no scopes, so it may do everything (admin); "
@@ -241,6 +242,7 @@ def read_key(path: str) -> bytes:
         key = Path(path).read_bytes().strip()
     except OSError as e:
         raise ConfigError(f"api.hmac_key_file: cannot read {path}: {e.strerror}") from None
+    permissions.warn_if_exposed(path, "the API's HMAC key")
     if len(key) < 32:
         raise ConfigError(f"api.hmac_key_file: {path} holds fewer than 32 bytes; use e.g. `openssl rand -hex 32`")
     return key

@@ -73,8 +73,11 @@ def configure(cfg: Config) -> Celery:
 def config() -> Config:
     if _config is None:
         from virtwarden import config as config_module
+        from worker.cli import apply_security
 
-        configure(config_module.load())
+        cfg = config_module.load()
+        apply_security(cfg)
+        configure(cfg)
     assert _config is not None
     return _config
 
@@ -109,7 +112,7 @@ def send(job: jobs.JobView) -> None:
             app.send_task(TASK, args=[job.id], queue=queue_for(job.host or ""), connection=conn,
                           retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2})
     except (KombuOperationalError, OSError) as e:
-        raise BrokerUnavailable(f"broker {mask(cfg.broker_url)} unreachable: {e}") from e
+        raise BrokerUnavailable(mask(f"broker {cfg.broker_url} unreachable: {e}")) from e
 
 
 def check_broker(cfg: Config) -> None:
@@ -117,11 +120,11 @@ def check_broker(cfg: Config) -> None:
         with app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, interval_start=0.2, timeout=5)
     except (KombuOperationalError, OSError) as e:
-        raise BrokerUnavailable(f"broker {mask(cfg.broker_url)} unreachable: {e}") from e
+        raise BrokerUnavailable(mask(f"broker {cfg.broker_url} unreachable: {e}")) from e
 
 
 def mask(url: str) -> str:
-    from catalog.store import mask as _mask
+    from virtwarden.redact import mask as _mask
 
     return _mask(url)
 

@@ -14,24 +14,30 @@ import sys
 from collections.abc import Callable, Sequence
 
 from virtwarden import config as config_module
+from virtwarden import permissions
 from virtwarden.errors import EXIT_BUG, EXIT_FAILED, EXIT_OK, EXIT_USAGE, VirtwardenError
+from virtwarden.redact import install_log_masking, mask
 
 log = logging.getLogger("virtwarden")
 Handler = Callable[[argparse.Namespace], int]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Before anything is created: what this process writes (itself, or through qemu-img)
+    # is readable by its user only. Modes that may be wider are set explicitly.
+    permissions.restrict_umask()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    install_log_masking()  # no password of a URL reaches a log line, whoever logs it
     if not getattr(args, "handler", None):
         parser.print_help()
         return EXIT_USAGE
     try:
         return args.handler(args)
     except VirtwardenError as e:
-        print(f"virtwarden: error: {e}", file=sys.stderr)
+        print(f"virtwarden: error: {mask(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("virtwarden: interrupted", file=sys.stderr)
@@ -240,7 +246,18 @@ def _wait_opts(p: argparse.ArgumentParser) -> None:
 
 
 def load_config(args: argparse.Namespace) -> config_module.Config:
-    return config_module.load(args.config)
+    cfg = config_module.load(args.config)
+    apply_security(cfg)
+    return cfg
+
+
+def apply_security(cfg: config_module.Config) -> None:
+    """This process's file modes from ``security``, and a warning when the configuration
+    file holds secrets that other users can read (as for the API's token file: the
+    warning says how to close it, and the file is used)."""
+    permissions.configure(cfg.security.read_group, cfg.security.service_group)
+    if cfg.file_secrets:
+        permissions.warn_if_exposed(cfg.source, ", ".join(cfg.file_secrets))
 
 
 def emit_json(data: object) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from catalog import jobs, points
 from catalog.store import Catalog
@@ -235,6 +236,7 @@ def worker(args: argparse.Namespace) -> int:
     hosts = args.host or list(cfg.hosts)
     for h in hosts:
         cfg.host(h)  # unknown host names are an error before anything starts
+    _qemu_passage(cfg, hosts)  # before anything is created: it decides directory modes
     Catalog(cfg.catalog_url).close()  # create or upgrade the schema once, before the pool forks
     app = celery_app.configure(cfg)
     queues = ",".join(celery_app.queue_for(h) for h in hosts)
@@ -247,6 +249,38 @@ def worker(args: argparse.Namespace) -> int:
     # (systemd: Restart=) starts it again instead of leaving the host without a worker.
     code = app.start(argv)
     return int(code or EXIT_OK)
+
+
+def _qemu_passage(cfg, hosts: list[str]) -> None:  # noqa: ANN001
+    """Directories are 0700, but an unprivileged QEMU (qemu.conf's user, Debian's
+    libvirt-qemu) must pass through those holding the images libvirt hands it: backup
+    targets, a drill's disks. Ask each host's libvirt who QEMU runs as; when one does
+    not answer, assume it is unprivileged (backups that work, directories others may
+    pass through but never list, files still 0600)."""
+    import logging
+
+    from hypervisor.libvirt_host import LibvirtHost
+    from virtwarden import permissions
+    from virtwarden.errors import VirtwardenError
+
+    log = logging.getLogger("virtwarden.worker")
+    uids = []
+    for h in hosts:
+        try:
+            with LibvirtHost(h, cfg.host(h).uri) as hv:
+                user = hv.qemu_user()
+        except VirtwardenError as e:
+            log.warning("host %s: cannot ask libvirt which user QEMU runs as (%s); assuming an "
+                        "unprivileged one", h, e)
+            user = None
+        uids.append(user[0] if user else 1)
+    unprivileged = next((uid for uid in uids if uid != 0), None)
+    if permissions.allow_qemu_passage(unprivileged):
+        log.info("QEMU runs as uid %s: directories libvirt writes into are 0711 (passable, not listable)",
+                 unprivileged)
+        roots = [cfg.scratch_dir(h) for h in hosts]
+        roots += [Path(st.path) for st in cfg.storage.values() if st.type == "nfs"]
+        permissions.let_qemu_through(roots)
 
 
 def _size(n: float) -> str:

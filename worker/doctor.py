@@ -24,7 +24,7 @@ class Check:
 
 def run_checks(cfg: Config) -> list[Check]:
     checks: list[Callable[[Config], list[Check]]] = [
-        _kvm, _qemu_img, _libvirt, _database, _broker, _storage, _scratch]
+        _kvm, _qemu_img, _libvirt, _database, _broker, _storage, _scratch, _permissions]
     out: list[Check] = []
     for check in checks:
         try:
@@ -126,4 +126,49 @@ def _scratch(cfg: Config) -> list[Check]:
             out.append(Check(f"scratch on {name}", True, f"{path}: {free / 2**30:.1f} GiB free"))
         except OSError as e:
             out.append(Check(f"scratch on {name}", False, f"{path}: {e.strerror}"))
+    return out
+
+
+ENV_FILE = Path("/etc/virtwarden/env")  # the systemd units' EnvironmentFile
+
+
+def _permissions(cfg: Config) -> list[Check]:
+    """Files holding secrets readable by other users, and repositories or a catalog
+    that other users can read (warnings: virtwarden uses them anyway)."""
+    from virtwarden import permissions
+
+    secret_files: list[tuple[str, Path | str]] = []
+    if cfg.file_secrets:
+        secret_files.append((", ".join(cfg.file_secrets), cfg.source))
+    if cfg.api.token_file:
+        secret_files.append(("API tokens", cfg.api.token_file))
+    if cfg.api.hmac_key_file:
+        secret_files.append(("the API's HMAC key", cfg.api.hmac_key_file))
+    if ENV_FILE.is_file():
+        secret_files.append(("the services' environment (systemd EnvironmentFile)", ENV_FILE))
+    out = []
+    for what, path in secret_files:
+        try:
+            reason = permissions.exposure(path)
+        except OSError as e:
+            out.append(Check(f"permissions of {path}", False, f"cannot stat: {e.strerror}", required=False))
+            continue
+        out.append(Check(f"permissions of {path}", reason is None,
+                         f"holds {what}: " + (f"{reason}; {permissions.advice(path)}" if reason else "private"),
+                         required=False))
+    places: list[tuple[str, Path]] = [(f"storage {n}", Path(st.path)) for n, st in cfg.storage.items()
+                                      if st.type == "nfs"]
+    if not cfg.database_url:
+        places.append(("catalog", Path(cfg.catalog_url.split("///", 1)[-1])))
+    for what, path in places:
+        try:
+            mode = os.stat(path).st_mode & 0o777
+        except OSError:
+            continue  # the storage and catalog checks say why
+        if mode & 0o004:
+            out.append(Check(f"permissions of {what}", False,
+                             f"{path} is readable by every local user (mode {mode:04o}): "
+                             f"chmod -R go-rwx {path} (new files are private already)", required=False))
+        else:
+            out.append(Check(f"permissions of {what}", True, f"{path}: mode {mode:04o}", required=False))
     return out

@@ -14,6 +14,7 @@ from catalog import moves
 from catalog.store import Catalog
 from virtwarden.config import Config
 from virtwarden.errors import EXIT_OK, VirtwardenError
+from virtwarden.redact import mask
 from worker.cli import emit_json, load_config, table
 
 MiB = 1024 * 1024
@@ -43,9 +44,9 @@ def survey(cfg: Config, cat: Catalog | None = None) -> list[HostReport]:
         try:
             with LibvirtHost(name, h.uri) as hv:
                 cap = capacity(hv).to_json()
-            report = HostReport(name, h.uri, h.group, h.shared_storage, True, None, cap)
+            report = HostReport(name, mask(h.uri), h.group, h.shared_storage, True, None, cap)
         except VirtwardenError as e:
-            report = HostReport(name, h.uri, h.group, h.shared_storage, False, str(e), None)
+            report = HostReport(name, mask(h.uri), h.group, h.shared_storage, False, mask(str(e)), None)
         if cat is not None:
             moves.note_host(cat, name, uri=h.uri, group=h.group, up=report.up, error=report.error,
                             capacity=report.capacity)

@@ -44,6 +44,7 @@ from policies.triggers import RUNS, TriggerAction, listened_events, triggers_for
 from virtwarden.config import Config
 from virtwarden.errors import (DatabaseUnavailable, DomainNotFound, EXIT_OK, HypervisorUnavailable, PolicyError,
                                Transient, VirtwardenError)
+from virtwarden.redact import mask
 from worker.reconcile import SeenDomain, foreign, missed_events, part_of_start, state_after, still_here
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ def cli(args: argparse.Namespace) -> int:
     signalled: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: signalled.append(signum))
-    log.info("listening to %s (catalog %s)", ", ".join(hosts), cfg.catalog_url.split("@")[-1])
+    log.info("listening to %s (catalog %s)", ", ".join(hosts), mask(cfg.catalog_url))
     listener.start()
     while not signalled and listener.running():
         time.sleep(0.5)

@@ -26,6 +26,7 @@ from storage_backends import open_backend
 from tasks.context import JobContext
 from virtwarden.config import Config
 from virtwarden.errors import LeaseLost, Transient, VirtwardenError
+from virtwarden.redact import mask
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +244,7 @@ def execute(cfg: Config, job_id: str, *, cat: Catalog | None = None, via_host: s
     except Transient as e:
         if claim.attempt < job.max_attempts:
             log.warning("job %s: attempt %d failed, will retry: %s", job_id, claim.attempt, e)
-            if jobs.requeue(cat, fence, f"attempt {claim.attempt} failed: {e}", delay=retry_delay(cfg, claim.attempt),
+            if jobs.requeue(cat, fence, mask(f"attempt {claim.attempt} failed: {e}"), delay=retry_delay(cfg, claim.attempt),
                             resend_after=cfg.worker.resend_seconds):
                 return "retry"
             return "skipped"
@@ -277,7 +278,8 @@ def _ended(kind: JobKind, ctx: JobContext) -> None:
 
 
 def _failed(cat: Catalog, fence: Fence, error: str, result: dict[str, Any] | None = None) -> str:
-    return "failed" if jobs.finish(cat, fence, ok=False, error=error, result=result) else "skipped"
+    # The error is shown by `virtwarden job`, the API and the logs: no URL's password in it.
+    return "failed" if jobs.finish(cat, fence, ok=False, error=mask(error), result=result) else "skipped"
 
 
 def _give_up(cat: Catalog, ctx: JobContext, kind: JobKind, request: type, job: jobs.JobView, error: str) -> str:

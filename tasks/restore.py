@@ -33,6 +33,7 @@ from hypervisor import qemu_img
 from storage_backends.base import Backend
 from storage_backends.repository import Repository
 from tasks.context import JobContext
+from virtwarden import faults
 from virtwarden.errors import (
     EXIT_USAGE,
     ChecksumMismatch,
@@ -186,6 +187,9 @@ def _check_matches_catalog(chain: list[PointView], manifests: list[dict]) -> Non
                                    "(its point id, artifacts or their checksums differ)")
 
 
+FETCHED = "restore-fetched"  # test fault point: the artifacts are in scratch space
+
+
 # --- reading and rebuilding -----------------------------------------------------------
 def fetch(ctx: JobContext, backend: Backend, chain: Chain, *, share: float = 0.7) -> dict[str, Path]:
     """Every artifact the point's disks need, copied into this job's scratch directory
@@ -257,6 +261,7 @@ def run_restore(ctx: JobContext, req: RestoreRequest) -> dict:
     ctx.scratch.mkdir(parents=True)
     try:
         local = fetch(ctx, backend, chain)
+        faults.pause_point(FETCHED)
         written = []
         for i, target in enumerate(targets):
             ctx.report(0.7 + 0.3 * i / len(targets), f"rebuilding {target}")

@@ -55,6 +55,11 @@ def pause_env(point: str, where: Path) -> dict[str, str]:
     return {"VIRTWARDEN_FAULT_PAUSE": point, "VIRTWARDEN_FAULT_DIR": str(where)}
 
 
+def kill_env(point: str, where: Path) -> dict[str, str]:
+    """Environment that makes the first process to reach ``point`` SIGKILL itself there."""
+    return {"VIRTWARDEN_FAULT_KILL": point, "VIRTWARDEN_FAULT_DIR": str(where)}
+
+
 class PrivateRedis:
     """A Redis of the test's own, without persistence (like the one these machines run):
     stopping it loses every message it held, as a restarted broker without a disk does."""

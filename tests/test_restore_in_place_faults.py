@@ -15,18 +15,13 @@ from pathlib import Path
 import pytest
 
 from catalog import jobs as job_rows
-from tests.faults import wait_file
+from tests.faults import kill_env, wait_file
 from tests.guests import images_equal
 from tests.harness import TEST_WORKER, wait_for
 
 pytestmark = pytest.mark.libvirt
 MiB = 1024 * 1024
 DISKS = ("vda", "vdb")
-
-
-def _kill_env(point: str, where: Path) -> dict[str, str]:
-    """Environment that makes the first process to reach ``point`` SIGKILL itself there."""
-    return {"VIRTWARDEN_FAULT_KILL": point, "VIRTWARDEN_FAULT_DIR": str(where)}
 
 
 def _inactive_xml(g) -> str:  # noqa: ANN001
@@ -83,7 +78,7 @@ def test_a_restore_killed_after_its_first_disk_and_given_up_puts_every_disk_and_
     vw.extra["worker"] = {**TEST_WORKER, "max_attempts": 1}
     g = guest_factory(disks=2, size_mib=32)
     faults = tmp_path / "faults"
-    dying = vw.start_worker(env=_kill_env("in-place-after-first-disk", faults))
+    dying = vw.start_worker(env=kill_env("in-place-after-first-disk", faults))
     cat = vw.catalog()
     point_id, at_point, before = _prepared(vw, g, tmp_path)
     definition = _inactive_xml(g)
@@ -114,7 +109,7 @@ def test_a_restore_killed_right_after_its_swap_is_finished_by_the_retry_without_
         vw, guest_factory, tmp_path):
     g = guest_factory(disks=2, size_mib=32)
     faults = tmp_path / "faults"
-    dying = vw.start_worker(env=_kill_env("in-place-after-swap", faults))
+    dying = vw.start_worker(env=kill_env("in-place-after-swap", faults))
     cat = vw.catalog()
     point_id, at_point, _ = _prepared(vw, g, tmp_path)
     assert [c.getName() for c in g.dom.listAllCheckpoints()]
@@ -160,7 +155,7 @@ def test_a_restore_given_up_after_its_swap_ends_failed_saying_the_disks_hold_the
     vw.extra["worker"] = {**TEST_WORKER, "max_attempts": 1}
     g = guest_factory(disks=2, size_mib=32)
     faults = tmp_path / "faults"
-    dying = vw.start_worker(env=_kill_env("in-place-after-swap", faults))
+    dying = vw.start_worker(env=kill_env("in-place-after-swap", faults))
     cat = vw.catalog()
     point_id, at_point, before = _prepared(vw, g, tmp_path)
 
@@ -187,7 +182,7 @@ def test_a_restore_given_up_after_its_swap_ends_failed_saying_the_disks_hold_the
 def test_a_retry_of_a_restore_whose_swap_never_began_restores_normally(vw, guest_factory, tmp_path, point):
     g = guest_factory(disks=2, size_mib=32)
     faults = tmp_path / "faults"
-    dying = vw.start_worker(env=_kill_env(point, faults))
+    dying = vw.start_worker(env=kill_env(point, faults))
     cat = vw.catalog()
     point_id, at_point, before = _prepared(vw, g, tmp_path)
 

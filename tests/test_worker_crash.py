@@ -84,3 +84,28 @@ def test_a_job_kind_this_release_lacks_fails_clearly(vw, tmp_path, monkeypatch):
     assert rows.get(cat, later.id).error == "job kind 'later' is not part of this release yet"
     assert execute(cfg, unknown.id, cat=cat) == "failed"
     assert rows.get(cat, unknown.id).error == "job kind 'teleport' is unknown"
+
+
+def test_a_restore_killed_after_copying_into_scratch_leaves_no_copy_behind(vw, guest_factory, tmp_path):
+    """The attempt that dies holds copies of the point's artifacts in scratch space; once
+    the job has ended (here: the retry restored the point), no attempt's copy is left."""
+    from tests.faults import kill_env
+    from tasks.restore import FETCHED
+
+    g = guest_factory(disks=1, size_mib=64)
+    g.write_random("vda", 0, 8 * MiB)
+    vw.start_worker()
+    assert vw.cli("backup", g.name, "--wait").code == 0
+    vw.close()
+    vw.workers.clear()
+    cat = vw.catalog()
+    vw.start_worker(env=kill_env(FETCHED, tmp_path / "faults"))
+    r = vw.cli("restore", g.name, "--to-dir", str(tmp_path / "out"), "--json")
+    assert r.code == 0, r.err
+    job_id = r.json()["id"]
+    done = wait_for(lambda: (j := job_rows.get(cat, job_id)).finished and j, 120, "the restore to finish")
+    assert (tmp_path / "faults" / f"{FETCHED}.pid").exists(), "the first attempt was not killed"
+    assert done.state == "succeeded", done.error
+    assert done.attempts == 2
+    assert images_equal(tmp_path / "out" / "vda.qcow2", g.shadow_copy("vda", tmp_path / "vda.raw"))
+    assert not list(vw.scratch.glob("job-*")), list(vw.scratch.iterdir())

@@ -216,6 +216,7 @@ def execute(cfg: Config, job_id: str, *, cat: Catalog | None = None, via_host: s
     beat = Heartbeat(cat, fence, cfg.worker.heartbeat_seconds)
     beat.start()
     hv = None
+    ctx: JobContext | None = None
     try:
         host = job.host or next(iter(cfg.hosts))
         if kind.needs_hypervisor:
@@ -248,13 +249,13 @@ def execute(cfg: Config, job_id: str, *, cat: Catalog | None = None, via_host: s
                             resend_after=cfg.worker.resend_seconds):
                 return "retry"
             return "skipped"
-        return _failed(cat, fence, str(e), _failure(e))
+        return _ended_failed(kind, ctx, _failed(cat, fence, str(e), _failure(e)))
     except VirtwardenError as e:
         log.error("job %s: failed: %s", job_id, e)
-        return _failed(cat, fence, str(e), {**_failure(e), **(getattr(e, "result", None) or {})})
+        return _ended_failed(kind, ctx, _failed(cat, fence, str(e), {**_failure(e), **(getattr(e, "result", None) or {})}))
     except Exception as e:  # noqa: BLE001 - a bug: record it, keep the worker alive
         log.exception("job %s: internal error", job_id)
-        return _failed(cat, fence, f"internal error (a bug, please report): {e!r}")
+        return _ended_failed(kind, ctx, _failed(cat, fence, f"internal error (a bug, please report): {e!r}"))
     finally:
         beat.stop()
         if hv is not None:
@@ -267,8 +268,17 @@ def execute(cfg: Config, job_id: str, *, cat: Catalog | None = None, via_host: s
     return "done"
 
 
+def _ended_failed(kind: JobKind, ctx: JobContext | None, outcome: str) -> str:
+    if outcome == "failed" and ctx is not None:
+        _ended(kind, ctx)
+    return outcome
+
+
 def _ended(kind: JobKind, ctx: JobContext) -> None:
-    """The job's outcome is recorded, so no attempt follows: let its kind tidy up."""
+    """The job's outcome is recorded, so no attempt follows: remove the scratch space of
+    every attempt (a killed one leaves its copy behind), and let its kind tidy up."""
+    ctx.clear_stale_scratch()
+    ctx.clear_scratch()
     if kind.ended is None:
         return
     try:

@@ -105,10 +105,14 @@ _TOP: dict[str, Node] = {
         "emulatorsched")}),
     "numatune": SUBTREE,
     "blkiotune": _n(weight=_n(text=True)),
-    "features": SUBTREE,
-    "cpu": SUBTREE,
-    "clock": SUBTREE,
-    "pm": SUBTREE,
+    "features": Node(frozenset(), {t: SUBTREE for t in (
+        "acpi", "apic", "pae", "hap", "viridian", "privnet", "hyperv", "kvm", "pvspinlock", "pmu", "vmport", "gic",
+        "smm", "ioapic", "hpt", "vmcoreinfo", "htm", "nested-hv", "msrs", "ccf-assist", "cfpc", "sbbc", "ibs", "tcg",
+        "async-teardown", "ras", "ps2")}),
+    "cpu": Node(None, {t: SUBTREE for t in ("model", "vendor", "topology", "feature", "numa", "cache",
+                                             "maxphysaddr")}),
+    "clock": Node(None, {"timer": SUBTREE}),
+    "pm": Node(frozenset(), {"suspend-to-mem": _n("enabled"), "suspend-to-disk": _n("enabled")}),
 }
 # Replaced by the copy's own, or run-time details with no effect on the copy: left out
 # without a word.
@@ -398,6 +402,9 @@ class _Builder:
             out = ET.Element("disk", {"type": "file", "device": "disk"})
             driver = src.find("driver")
             attrs = {k: v for k, v in (driver.attrib if driver is not None else {}).items() if k in _DISK_DRIVER}
+            for k, v in (driver.attrib if driver is not None else {}).items():
+                if k not in _DISK_DRIVER and k not in ("name", "type"):
+                    self.drop(f"{what} driver attribute {_name(k)}={v!r}", "not on the list of what a copy keeps")
             ET.SubElement(out, "driver", {"name": "qemu", "type": "qcow2", **attrs})
             ET.SubElement(out, "source", {"file": self.spec.disks[dev]})
         elif device in ("cdrom", "floppy"):

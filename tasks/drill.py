@@ -315,13 +315,14 @@ def _failed_summary(checks: list[dict]) -> str:
     return "; ".join(f"{c['name']}: {c['detail']}" for c in checks if not c["ok"]) or "no check ran"
 
 
-def _left_out(dropped: list[str], shown: int = 6) -> str:
-    """What the copy left out of the saved XML, for a check's detail (the job's result
-    and log have the whole list)."""
+def _left_out(dropped: list[str], shown: int = 8) -> str:
+    """What the copy left out of the saved XML, without the reasons, for a check's
+    detail (the job's result and the log have the whole list, with the reasons)."""
     if not dropped:
         return ""
-    more = f"; and {len(dropped) - shown} more" if len(dropped) > shown else ""
-    return f"; left out of the saved XML: {'; '.join(dropped[:shown])}{more}"
+    what = [item.split(": ", 1)[0] for item in dropped]
+    more = f" and {len(what) - shown} more" if len(what) > shown else ""
+    return f"; left out of the saved XML: {', '.join(what[:shown])}{more}"
 
 
 def _round(seconds: float | None) -> float | None:

@@ -269,6 +269,7 @@ def test_scheduled_and_cli_drills_get_the_policys_settings(vw, guest_factory, tm
     assert vw.cli("drill", "no-such-domain").code == 4
 
 
+@pytest.mark.xdist_group("drill-network")  # every test that may remove virtwarden-drill shares one xdist worker
 def test_an_isolated_network_drill(vw, guest_factory, tmp_path, conn):
     """network: isolated puts the copy's interfaces on virtwarden-drill, a network with
     no forward (created when absent), never on the original's network."""

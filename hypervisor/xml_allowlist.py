@@ -92,8 +92,8 @@ _TOP: dict[str, Node] = {
     "memory": _n("unit", "dumpCore", text=True),
     "currentMemory": _n("unit", text=True),
     "maxMemory": _n("unit", "slots", text=True),
-    "memoryBacking": _n(hugepages=SUBTREE, nosharepages=_n(), locked=_n(), access=_n("mode"),
-                        allocation=_n("mode", "threads"), discard=_n()),
+    "memoryBacking": _n(hugepages=SUBTREE, nosharepages=_n(), locked=_n(), source=_n("type"), access=_n("mode"),
+                        allocation=_n("mode", "threads"), discard=_n()),  # file: in libvirt's own directory
     "memtune": SUBTREE,
     "vcpu": _n("placement", "cpuset", "current", text=True),
     "vcpus": SUBTREE,
@@ -125,6 +125,7 @@ _DISK_TARGET = _n("dev", "bus", "tray", "removable", "rotation_rate")
 _DISK_CHILDREN = {"boot": BOOT, "address": ADDRESS, "serial": _n(text=True), "wwn": _n(text=True),
                   "vendor": _n(text=True), "product": _n(text=True), "blockio": Node(None, {}), "geometry": Node(None, {}),
                   "iotune": SUBTREE, "readonly": _n()}
+_DISK_REPLACED = {"source", "driver", "target", "backingStore", "mirror", "alias"}  # rebuilt, or run-time state
 _NIC_DRIVER = Node(frozenset({"name", "txmode", "ioeventfd", "event_idx", "queues", "rx_queue_size",
                               "tx_queue_size", "iommu", "ats", "packed", "page_per_vq"}),
                    {"host": Node(None, {}), "guest": Node(None, {})})
@@ -425,6 +426,8 @@ class _Builder:
                 self.drop(f"{what}/{_label(child)}", "tied to the original's storage")
             elif child.tag.startswith("{"):
                 self._foreign(child, f"{what}/")
+            elif child.tag not in _DISK_REPLACED:
+                self.drop(f"{what}/{_label(child)}", "not on the list of what a copy keeps")
         return out
 
     def _interface(self, src: ET.Element) -> ET.Element | None:

@@ -311,12 +311,14 @@ def test_unknown_elements_and_attributes_anywhere_are_left_out():
         "<devices>", "<devices><frobnicator path='/etc/shadow'/>").replace(
         "<disk type='file' device='disk'><driver name='qemu' type='qcow2' cache='none'/>",
         "<disk type='file' device='disk'><driver name='qemu' type='qcow2' cache='none' qemu:x='1' file='/etc/x'/>"
-        "<qemu:blockdev/>").replace("<vcpu placement='static'>", "<future>1</future><vcpu placement='static'>")
+        "<qemu:blockdev/><diskfrob/>").replace("<vcpu placement='static'>",
+                                              "<future>1</future><vcpu placement='static'>")
     copy, root = _copy(CLONE, xml)
     assert "frobnicat" not in copy.xml and "future" not in copy.xml and "/etc/" not in copy.xml
     assert root.find("features/acpi") is not None
     text = "\n".join(copy.dropped)
     for named in ("features/<frobnicate>", "<frobnicator>", "<future>", "<qemu:blockdev>", "<qemu:x>",
+                  "disk vda/<diskfrob>",
                   "disk vda driver attribute qemu:x='1'", "disk vda driver attribute file='/etc/x'"):
         assert named in text, named
 

@@ -387,3 +387,11 @@ def test_a_drill_network_must_not_reach_the_host(xml, reason):
 
     found = host_reachable(xml)
     assert (found is None) if reason is None else (reason in found), found
+
+
+def test_the_cli_names_what_a_new_domain_left_out():
+    from worker.commands import _restore_summary
+
+    text = _restore_summary("restore-as-domain", {"point_id": "p1", "domain": "web01-copy", "uuid": "u", "disks": {},
+                                                  "left_out_of_xml": ["<hostdev type='pci'>: a host device"]})
+    assert text.splitlines()[1] == "left out of the saved XML: <hostdev type='pci'>: a host device"

@@ -40,6 +40,8 @@ class CopySpec:
     network: str | None = None  # or every interface on this (isolated) network
     serial_log: str | None = None  # every serial port and console replaced by this file
     throwaway: bool = False  # a drill's domain: no channel to the host at all (vsock)
+    # Boot files outside the system directories the copy may read (xml_allowlist.public_boot_files).
+    host_files: frozenset[str] = frozenset()
 
 
 Rebuilt = xml_allowlist.Rebuilt

@@ -10,8 +10,8 @@ replaced. Whatever is not on the list is left out and named in ``Rebuilt.dropped
 
 Carried over: memory and vCPU sizing and tuning, ``cpu``, ``features``, ``clock``,
 ``pm``, the ``on_*`` actions, SMBIOS ``sysinfo``; ``os`` with firmware, kernel and
-initrd only from system directories (``FIRMWARE_DIRS``) and never the original's UEFI
-variable store; and the devices: the restored disks (file images we wrote, nothing
+initrd only from system directories (``FIRMWARE_DIRS``) or files every local user may
+read anyway (``public_boot_files``), and never the original's UEFI variable store; and the devices: the restored disks (file images we wrote, nothing
 else), empty CD-ROM and floppy drives, controllers, interfaces (see ``CopySpec``),
 pty serial ports and consoles, guest-agent style virtio channels on sockets libvirt
 places itself, input devices, VNC or SPICE reachable through libvirt only (no listen
@@ -33,9 +33,11 @@ other than kvm or qemu, a non-``hvm`` OS) is refused with ``VirtwardenError``.
 """
 from __future__ import annotations
 
+import os
 import posixpath
 import re
 import secrets
+import stat
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -276,7 +278,7 @@ class _Builder:
 
     def _os(self, src: ET.Element) -> ET.Element:
         out = ET.Element("os", {k: v for k, v in src.attrib.items() if k == "firmware"})
-        kernel = _system_file((src.findtext("kernel") or "").strip())
+        kernel = self._boot_file((src.findtext("kernel") or "").strip())
         for child in src:
             tag = child.tag
             if self._foreign(child, "os/"):
@@ -288,8 +290,8 @@ class _Builder:
                 self._keep(out, child, ("arch", "machine"), text=True)
             elif tag in ("loader", "kernel", "initrd", "dtb"):
                 path = (child.text or "").strip()
-                if path and not _system_file(path):
-                    self.drop(f"os/{tag} {path}", f"a file outside {', '.join(FIRMWARE_DIRS)}")
+                if path and not self._boot_file(path):
+                    self.drop(f"os/{tag} {path}", _NOT_PUBLIC)
                     continue
                 self._keep(out, child, ("readonly", "secure", "type", "format", "stateless"), text=True)
             elif tag == "cmdline":
@@ -311,10 +313,10 @@ class _Builder:
         attrs = {}
         template = src.get("template")
         if template:
-            if _system_file(template):
+            if self._boot_file(template):
                 attrs["template"] = template
             else:
-                self.drop(f"os/nvram template {template}", f"a file outside {', '.join(FIRMWARE_DIRS)}")
+                self.drop(f"os/nvram template {template}", _NOT_PUBLIC)
         for name in ("format", "templateFormat"):
             if src.get(name):
                 attrs[name] = src.get(name, "")
@@ -322,6 +324,9 @@ class _Builder:
             self.drop("os/nvram/<source>", "a variable store elsewhere than libvirt's own")
         if attrs:
             ET.SubElement(out, "nvram", attrs)
+
+    def _boot_file(self, path: str) -> bool:
+        return _system_file(path) or path in self.spec.host_files
 
     def _keep(self, out: ET.Element, src: ET.Element, attrs: tuple[str, ...], *, text: bool = False) -> ET.Element:
         el = ET.SubElement(out, src.tag, {k: v for k, v in src.attrib.items() if k in attrs})
@@ -668,6 +673,52 @@ _CHR_WHY.update({"file": "writes to a file on the host", "dev": "a device of the
                  "vc": "a virtual console of the host", "nmdm": "a device of the host",
                  "spiceport": "a SPICE port", "spicevmc": "a SPICE channel without a SPICE display",
                  "qemu-vdagent": "a clipboard agent of the display"})
+
+
+_NOT_PUBLIC = (f"a file neither under {', '.join(FIRMWARE_DIRS)} nor one every local user may read, in directories "
+               "only root can change")
+
+
+def boot_files(root: ET.Element) -> list[str]:
+    """The host files a domain XML boots from: loader, kernel, initrd, dtb, NVRAM template."""
+    paths = [(root.findtext(f"os/{tag}") or "").strip() for tag in ("loader", "kernel", "initrd", "dtb")]
+    paths += [el.get("template", "") for el in root.findall("os/nvram")]
+    return [p for p in paths if p]
+
+
+def public_boot_files(xml: str) -> frozenset[str]:
+    """The boot files the saved XML names outside ``FIRMWARE_DIRS`` that every local user
+    may read anyway, so that a copy reading them learns nothing that is not already open
+    to all: regular files owned by root and readable by others, reached through
+    directories owned by root that everyone may enter and only root may change (so they
+    cannot be swapped before QEMU opens them), symlinks resolved. Direct kernel boot from
+    a kernel kept elsewhere (``/srv/vm/vmlinuz``) works in a copy; ``<kernel>/etc/shadow``
+    does not. Unlike everything else here this looks at the local filesystem: the
+    caller's, which is the host's (restores write the images there too)."""
+    return frozenset(p for p in boot_files(parse_untrusted(xml)) if not _system_file(p) and _public(p))
+
+
+def _public(path: str) -> bool:
+    if not path.startswith("/") or posixpath.normpath(path) != path:
+        return False
+    real = os.path.realpath(path)
+    try:
+        for p in dict.fromkeys((path, real)):
+            st = os.stat(p)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or not st.st_mode & stat.S_IROTH:
+                return False
+            parent = posixpath.dirname(p)
+            while True:
+                d = os.stat(parent)
+                if (not stat.S_ISDIR(d.st_mode) or d.st_uid != 0 or d.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+                        or not d.st_mode & stat.S_IXOTH):
+                    return False
+                if parent == "/":
+                    break
+                parent = posixpath.dirname(parent)
+    except OSError:
+        return False
+    return True
 
 
 def _name(tag: str) -> str:

@@ -195,13 +195,15 @@ class _Run:
         from hypervisor import domains, networks
         from hypervisor.domxml import CopySpec, copy_domain
         from hypervisor.throwaway import fixed_boot_order, interfaces
+        from hypervisor.xml_allowlist import public_boot_files
 
         nics = interfaces(saved_xml)
         try:
             isolated = self.req.network == "isolated" and nics > 0
             network = networks.ensure_isolated(self.hv) if isolated else None
             spec = CopySpec(self.name, disks=disks, drop_interfaces=network is None, network=network,
-                            serial_log=str(self.serial_path), throwaway=True)
+                            serial_log=str(self.serial_path), throwaway=True,
+                            host_files=public_boot_files(saved_xml))
             copy = copy_domain(saved_xml, spec)
             self.xml = fixed_boot_order(copy.xml)
             self.dropped = list(copy.dropped)

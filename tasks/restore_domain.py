@@ -55,6 +55,7 @@ from hypervisor.blockjobs import live_chains
 from hypervisor.domxml import CopySpec, carry_passwords, copy_domain, redact, repoint_disks
 from hypervisor.libvirt_host import LibvirtHost
 from hypervisor.types import DomainInfo
+from hypervisor.xml_allowlist import public_boot_files
 from storage_backends.base import Backend
 from tasks import disk_swap
 from tasks.context import JobContext
@@ -205,7 +206,7 @@ def run_restore_as_domain(ctx: JobContext, req: AsDomainRequest) -> dict:
     check_space(plan)
     # The definition first: a saved XML that cannot be used is refused before anything is written.
     spec = CopySpec(name=req.as_domain, disks={d.target: d.path for d in plan.disks}, uuid=new_uuid,
-                    serial_log=plan.serial_log)
+                    serial_log=plan.serial_log, host_files=public_boot_files(chain.saved_xml))
     copy = copy_domain(chain.saved_xml, spec)
     if copy.dropped:
         log.warning("restore of %s as %s: left out of the saved domain XML: %s", req.domain, req.as_domain,

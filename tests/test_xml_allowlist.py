@@ -11,6 +11,7 @@ tests/test_hostile_xml.py.
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
@@ -395,3 +396,52 @@ def test_the_cli_names_what_a_new_domain_left_out():
     text = _restore_summary("restore-as-domain", {"point_id": "p1", "domain": "web01-copy", "uuid": "u", "disks": {},
                                                   "left_out_of_xml": ["<hostdev type='pci'>: a host device"]})
     assert text.splitlines()[1] == "left out of the saved XML: <hostdev type='pci'>: a host device"
+
+
+@pytest.fixture
+def root_dir():  # noqa: ANN201
+    """A directory of root's, 0755, outside the world-writable /tmp (and removed afterwards)."""
+    import os
+    import shutil
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.skip("root's files need root")
+    path = Path(tempfile.mkdtemp(prefix="vwtest-boot-", dir="/var/lib"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+def test_a_copy_boots_a_kernel_every_user_may_read_and_nothing_more_private(root_dir):
+    from hypervisor.xml_allowlist import public_boot_files
+
+    kernel, initrd, private = root_dir / "vmlinuz", root_dir / "initrd.gz", root_dir / "secret"
+    for f, mode in ((kernel, 0o644), (initrd, 0o644), (private, 0o600)):
+        f.write_bytes(b"x")
+        f.chmod(mode)
+    (root_dir / "link").symlink_to("/etc/shadow")
+    (root_dir / "open").mkdir(mode=0o777)
+    (root_dir / "open").chmod(0o777)
+    (root_dir / "open" / "vmlinuz").write_bytes(b"x")
+    (root_dir / "open" / "vmlinuz").chmod(0o644)
+
+    def xml(kernel_path: str, initrd_path: str = str(initrd)) -> str:
+        return (f"<domain type='kvm'><os><type>hvm</type><kernel>{kernel_path}</kernel><initrd>{initrd_path}</initrd>"
+                "<cmdline>console=ttyS0</cmdline></os><devices/></domain>")
+
+    assert public_boot_files(xml(str(kernel))) == {str(kernel), str(initrd)}
+    for refused in (private, root_dir / "link", root_dir / "open" / "vmlinuz", "/etc/shadow",
+                    f"{root_dir}/../{root_dir.name}/vmlinuz", root_dir / "missing"):
+        assert public_boot_files(xml(str(refused))) == {str(initrd)}, refused
+    assert public_boot_files(xml("/usr/share/qemu/vmlinuz", "/usr/share/x")) == frozenset()  # allowed as they are
+
+    spec = CopySpec("c", {}, host_files=public_boot_files(xml(str(kernel))))
+    copy, root = _copy(spec, xml(str(kernel)))
+    assert (root.findtext("os/kernel"), root.findtext("os/initrd"), root.findtext("os/cmdline")) == (
+        str(kernel), str(initrd), "console=ttyS0")
+    copy, root = _copy(spec, xml(str(private)))
+    assert root.find("os/kernel") is None and root.find("os/cmdline") is None
+    assert f"os/kernel {private}: a file neither under" in copy.dropped[0]

@@ -11,12 +11,14 @@ replaced. Whatever is not on the list is left out and named in ``Rebuilt.dropped
 Carried over: memory and vCPU sizing and tuning, ``cpu``, ``features``, ``clock``,
 ``pm``, the ``on_*`` actions, SMBIOS ``sysinfo``; ``os`` with firmware, kernel and
 initrd only from system directories (``FIRMWARE_DIRS``) or files every local user may
-read anyway (``public_boot_files``), and never the original's UEFI variable store; and the devices: the restored disks (file images we wrote, nothing
-else), empty CD-ROM and floppy drives, controllers, interfaces (see ``CopySpec``),
-pty serial ports and consoles, guest-agent style virtio channels on sockets libvirt
-places itself, input devices, VNC or SPICE reachable through libvirt only (no listen
-address, no password), video, an RNG on ``/dev/urandom``, memory balloon, watchdog,
-panic notifier, IOMMU, an emulated TPM with fresh state, plain DIMMs and virtio-mem.
+read anyway (``public_boot_files``), and never the original's UEFI variable store; and
+the devices: the restored disks (file images we wrote, nothing else), empty CD-ROM and
+floppy drives, controllers, interfaces (see ``CopySpec``), pty serial ports and
+consoles, guest-agent style virtio channels on sockets libvirt places itself, input
+devices, VNC or SPICE reachable through libvirt only (no listen address, no password),
+video, an RNG on ``/dev/urandom``, memory balloon, watchdog, panic notifier, IOMMU, an
+emulated TPM with fresh state, plain DIMMs and virtio-mem, and (new domains only) vsock
+with an automatic CID.
 
 Left out, among everything else: any element or attribute in another XML namespace
 (``<qemu:commandline>``, ``<qemu:override>``: raw QEMU arguments, e.g. a user-mode NIC
@@ -24,9 +26,10 @@ that reaches out through the host), ``<emulator>`` (libvirt picks its own binary
 ``<hostdev>``, ``<filesystem>``, ``<shmem>``, ``<redirdev>``, ``<smartcard>``,
 ``<parallel>``, sound, character devices on the network (tcp, udp, telnet...), host
 files or devices, ``<memory model='nvdimm'>`` and ``virtio-pmem`` (a file on the host
-mapped into the guest), fixed vsock CIDs, disks that were not restored (network disks
-such as rbd or iSCSI, block devices, other images), ``<seclabel>`` overrides (libvirt's
-default confinement applies), ``<metadata>``, fw_cfg entries, lock-manager leases.
+mapped into the guest), fixed vsock CIDs (a drill's copy has no vsock at all), disks
+that were not restored (network disks such as rbd or iSCSI, block devices, other
+images), ``<seclabel>`` overrides (libvirt's default confinement applies),
+``<metadata>``, fw_cfg entries, lock-manager leases.
 
 A document libvirt would never write (a DOCTYPE, another root element, a domain type
 other than kvm or qemu, a non-``hvm`` OS) is refused with ``VirtwardenError``.
@@ -60,7 +63,6 @@ _KNOWN_NS = {"http://libvirt.org/schemas/domain/qemu/1.0": "qemu"}
 
 _WORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+:-]{0,63}$")
 _DEV = re.compile(r"^[a-z]{2,4}[a-z0-9]{0,8}$")
-_NUMBER = re.compile(r"^[0-9]{1,20}$")
 _DISK_BUSES = {"virtio", "scsi", "sata", "ide", "usb", "fdc", "sd", "nvme"}
 _ON_ACTIONS = {"destroy", "restart", "preserve", "rename-restart", "coredump-destroy", "coredump-restart"}
 _WATCHDOG_ACTIONS = {"reset", "shutdown", "poweroff", "pause", "none", "inject-nmi"}
@@ -123,10 +125,9 @@ _ON = ("on_poweroff", "on_reboot", "on_crash")
 
 _DISK_DRIVER = frozenset({"cache", "error_policy", "rerror_policy", "io", "ioeventfd", "event_idx",
                           "copy_on_read", "discard", "detect_zeroes", "iothread", "queues", "queue_size"})
-_DISK_TARGET = _n("dev", "bus", "tray", "removable", "rotation_rate")
 _DISK_CHILDREN = {"boot": BOOT, "address": ADDRESS, "serial": _n(text=True), "wwn": _n(text=True),
-                  "vendor": _n(text=True), "product": _n(text=True), "blockio": Node(None, {}), "geometry": Node(None, {}),
-                  "iotune": SUBTREE, "readonly": _n()}
+                  "vendor": _n(text=True), "product": _n(text=True), "blockio": Node(None, {}),
+                  "geometry": Node(None, {}), "iotune": SUBTREE, "readonly": _n()}
 _DISK_REPLACED = {"source", "driver", "target", "backingStore", "mirror", "alias"}  # rebuilt, or run-time state
 _NIC_DRIVER = Node(frozenset({"name", "txmode", "ioeventfd", "event_idx", "queues", "rx_queue_size",
                               "tx_queue_size", "iommu", "ats", "packed", "page_per_vq"}),

@@ -319,7 +319,6 @@ def test_a_tampered_saved_xml_is_refused_by_its_checksum_or_rebuilt(vw, guest_fa
     point = _backup(vw, g.name)["point_id"]
     manifest = _manifest(vw, g.name, point)
     _tamper(manifest)
-    before = {d.name() for d in conn.listAllDomains()}
     key = str(manifest.relative_to(vw.storage_path("nfs")))
 
     drill = vw.cli("drill", g.name, "--wait")
@@ -328,7 +327,12 @@ def test_a_tampered_saved_xml_is_refused_by_its_checksum_or_rebuilt(vw, guest_fa
     copy = f"{g.name}-copy"
     restore = vw.cli("restore", g.name, "--as-domain", copy, "--start", "--wait")
     assert restore.code == EXIT_STORAGE and "not the one the catalog recorded" in restore.err, restore.err
-    assert {d.name() for d in conn.listAllDomains()} == before  # nothing defined
+    jobs = job_rows.recent(vw.catalog(), domain=g.name)
+    assert [j.kind for j in jobs] == ["drill", "backup"]  # the restore was refused before it became a job
+    job = jobs[0]
+    assert drill_rows.get(vw.catalog(), job.id).cleaned_up
+    names = {d.name() for d in conn.listAllDomains()}  # other tests' domains come and go: look for ours
+    assert copy not in names and drill_rows.get(vw.catalog(), job.id).throwaway not in names  # nothing defined
     assert not list(g.workdir.glob(f"{copy}*")) and not list(vw.scratch.glob("*"))  # nothing written
 
     # A point made before manifests were checksummed has no record to compare with: its

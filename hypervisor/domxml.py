@@ -1,75 +1,96 @@
-"""Rewriting a saved domain XML for a copy of the domain: pure ElementTree, no libvirt.
+"""Rewriting domain XML: pure ElementTree, no libvirt.
 
 A restore as a new domain and a restore drill both define a second domain from the XML
-stored with a restore point. That copy must never be mistaken for the original or clash
-with it: a new name, a new UUID, new MAC addresses, disks pointing at the restored
-images, and (for a drill) no network and its serial console written to a file. Things
-that tie a domain to one running instance (the live ``id``, device aliases, run-time
-paths) are dropped so libvirt assigns its own.
+stored with a restore point (``copy_domain``). That XML comes from storage and is not
+trusted: the copy is rebuilt from an allowlist (``hypervisor.xml_allowlist``), never
+defined from the saved text with parts deleted. It must also never be mistaken for the
+original or clash with it: a new name, a new UUID, new MAC addresses, only the restored
+disks, its own UEFI variable store, a display reachable through libvirt only, sockets
+libvirt places itself, and (for a drill) no network or only the isolated one and its
+serial console written to a file.
 
 A restore in place keeps the domain and only moves disks onto new images
-(``repoint_disks``).
+(``repoint_disks``); its definition is the host's own, read from libvirt.
+
+Secrets (graphics passwords) are not kept in a restore point (backups read the domain
+XML without libvirt's secure flag); ``redact`` removes those that points made before
+that still hold, wherever a saved XML is written or kept.
 """
 from __future__ import annotations
 
-import secrets
+import re
 import uuid as uuid_module
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
+from hypervisor import xml_allowlist
+from hypervisor.xml_allowlist import MAC_PREFIX, random_mac  # noqa: F401 - part of this module's interface
 from virtwarden.errors import VirtwardenError
-
-# The locally administered range libvirt itself uses for generated MACs (52:54:00 is
-# QEMU's); a copy gets a random address in it.
-MAC_PREFIX = "52:54:00"
 
 
 @dataclass(frozen=True)
 class CopySpec:
-    """What to change. ``disks`` maps each target (vda, ...) to the image it should
-    use; disks not named keep their source unless ``drop_other_disks``."""
+    """What the copy is. ``disks`` maps each restored target (vda, ...) to its image;
+    every other disk of the saved XML is left out."""
 
     name: str
     disks: dict[str, str]
     uuid: str = field(default_factory=lambda: str(uuid_module.uuid4()))
-    new_macs: bool = True
     drop_interfaces: bool = False  # a drill's throwaway domain: no network at all
-    network: str | None = None  # or attach every interface to this (isolated) network
-    serial_log: str | None = None  # write the first serial port to this file
-    drop_other_disks: bool = False
+    network: str | None = None  # or every interface on this (isolated) network
+    serial_log: str | None = None  # every serial port and console replaced by this file
+    throwaway: bool = False  # a drill's domain: no channel to the host at all (vsock)
+    # Boot files outside the system directories the copy may read (xml_allowlist.public_boot_files).
+    host_files: frozenset[str] = frozenset()
 
 
-def random_mac() -> str:
-    return MAC_PREFIX + "".join(f":{b:02x}" for b in secrets.token_bytes(3))
+Rebuilt = xml_allowlist.Rebuilt
+
+
+def copy_domain(xml: str, spec: CopySpec) -> Rebuilt:
+    """The copy's XML, rebuilt from the allowlist, and what of the saved XML it left out."""
+    return xml_allowlist.rebuild(xml_allowlist.parse_untrusted(xml), spec)
 
 
 def copy_xml(xml: str, spec: CopySpec) -> str:
+    return copy_domain(xml, spec).xml
+
+
+def redact(xml: str) -> str:
+    """The same XML without graphics passwords (``passwd`` attributes), otherwise
+    unchanged byte for byte where it can be; for a domain.xml the operator reads."""
+    text = re.sub(r"""(<graphics\b[^<>]*?)\s+passwd=(?:'[^']*'|"[^"]*")""", r"\1", xml)
     try:
-        root = ET.fromstring(xml)
+        root = ET.fromstring(text)
+    except ET.ParseError:
+        return text  # not XML: nothing in it is a password libvirt would read
+    graphics = list(root.iter("graphics"))
+    if not any("passwd" in g.attrib for g in graphics):
+        return text
+    for g in graphics:  # something the pattern did not catch: rewrite it as a document
+        g.attrib.pop("passwd", None)
+    return ET.tostring(root, encoding="unicode")
+
+
+def carry_passwords(xml: str, secure_xml: str) -> str:
+    """``xml`` with the graphics passwords of ``secure_xml`` (the same domain's
+    definition read with libvirt's secure flag), display by display in order per
+    type. A restore in place keeps its journal's copy of the old definition without
+    them and takes them from the definition libvirt holds when it puts it back."""
+    try:
+        source = ET.fromstring(secure_xml)
     except ET.ParseError as e:
-        raise VirtwardenError(f"the saved domain XML cannot be parsed: {e}") from e
-    root.attrib.pop("id", None)
-    _set_text(root, "name", spec.name)
-    _set_text(root, "uuid", spec.uuid)
-    for tag in ("title", "description"):
-        el = root.find(tag)
-        if el is not None:
-            root.remove(el)
-    devices = root.find("devices")
-    if devices is None:
-        raise VirtwardenError("the saved domain XML has no <devices>")
-    _rewrite_disks(devices, spec)
-    _rewrite_interfaces(devices, spec)
-    if spec.serial_log:
-        _serial_to_file(devices, spec.serial_log)
-    for parent in list(root.iter()):  # aliases are run-time names; libvirt assigns new ones
-        for child in list(parent):
-            if child.tag == "alias":
-                parent.remove(child)
-    for el in root.findall("seclabel"):
-        if el.get("type") == "dynamic":
-            for sub in list(el):
-                el.remove(sub)  # the old instance's labels
+        raise VirtwardenError(f"the domain XML cannot be parsed: {e}") from e
+    secrets_by_type: dict[str, list[dict[str, str]]] = {}
+    for g in source.iter("graphics"):
+        keep = {k: v for k, v in g.attrib.items() if k in ("passwd", "passwdValidTo")}
+        secrets_by_type.setdefault(g.get("type", ""), []).append(keep)
+    if not any(s for kept in secrets_by_type.values() for s in kept):
+        return xml
+    root = ET.fromstring(xml)
+    for kind, kept in secrets_by_type.items():
+        for g, attrs in zip((g for g in root.iter("graphics") if g.get("type", "") == kind), kept):
+            g.attrib.update(attrs)
     return ET.tostring(root, encoding="unicode")
 
 
@@ -104,28 +125,6 @@ def disk_sources(xml: str) -> dict[str, str]:
     return out
 
 
-def _set_text(root: ET.Element, tag: str, value: str) -> None:
-    el = root.find(tag)
-    if el is None:
-        el = ET.SubElement(root, tag)
-    el.text = value
-
-
-def _rewrite_disks(devices: ET.Element, spec: CopySpec) -> None:
-    missing = set(spec.disks)
-    for disk in list(devices.findall("disk")):
-        target = disk.find("target")
-        dev = target.get("dev") if target is not None else None
-        if disk.get("device", "disk") != "disk" or dev not in spec.disks:
-            if spec.drop_other_disks:
-                devices.remove(disk)
-            continue
-        missing.discard(dev)
-        _point_disk(disk, spec.disks[dev], "qcow2")
-    if missing:
-        raise VirtwardenError(f"the saved domain XML has no disk {', '.join(sorted(missing))}")
-
-
 def _point_disk(disk: ET.Element, path: str, fmt: str) -> None:
     disk.set("type", "file")
     for tag in ("source", "backingStore", "mirror"):
@@ -137,31 +136,3 @@ def _point_disk(disk: ET.Element, path: str, fmt: str) -> None:
         driver = ET.SubElement(disk, "driver", {"name": "qemu"})
     driver.set("type", fmt)
     disk.insert(list(disk).index(driver) + 1, source)
-
-
-def _rewrite_interfaces(devices: ET.Element, spec: CopySpec) -> None:
-    for iface in list(devices.findall("interface")):
-        if spec.drop_interfaces:
-            devices.remove(iface)
-            continue
-        if spec.network:
-            iface.set("type", "network")
-            for tag in ("source", "target", "virtualport"):
-                for el in iface.findall(tag):
-                    iface.remove(el)
-            iface.insert(0, ET.Element("source", {"network": spec.network}))
-        if spec.new_macs:
-            mac = iface.find("mac")
-            if mac is None:
-                mac = ET.Element("mac")
-                iface.insert(0, mac)
-            mac.set("address", random_mac())
-
-
-def _serial_to_file(devices: ET.Element, path: str) -> None:
-    for tag in ("serial", "console"):
-        for el in devices.findall(tag):
-            devices.remove(el)
-    serial = ET.SubElement(devices, "serial", {"type": "file"})
-    ET.SubElement(serial, "source", {"path": path})
-    ET.SubElement(serial, "target", {"port": "0"})

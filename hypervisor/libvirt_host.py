@@ -156,12 +156,15 @@ class LibvirtHost:
             disks.append(Disk(d.target, d.path, d.format, d.source_type, size))
         return DomainInfo(dom.name(), dom.UUIDString(), state, bool(dom.isPersistent()), tuple(disks), xml)
 
-    def inactive_xml(self, name: str) -> str:
-        """The persistent definition with secure details, for the manifest."""
+    def inactive_xml(self, name: str, *, secure: bool = False) -> str:
+        """The persistent definition (the live one of a transient domain). Without
+        ``secure`` libvirt leaves secrets out (graphics passwords): that is what a
+        manifest records. Only a definition given back to libvirt for the same domain
+        (a restore in place) is read with them, or the domain would lose its password."""
         dom = self._dom(name)
         with self._errors("reading domain XML", name):
             flags = libvirt.VIR_DOMAIN_XML_INACTIVE if dom.isPersistent() else 0
-            return dom.XMLDesc(flags | libvirt.VIR_DOMAIN_XML_SECURE)
+            return dom.XMLDesc(flags | (libvirt.VIR_DOMAIN_XML_SECURE if secure else 0))
 
     # --- checkpoints ------------------------------------------------------------------
     def checkpoints(self, name: str) -> list[Checkpoint]:

@@ -361,13 +361,15 @@ def _manifest(ctx: JobContext, dom: DomainInfo, point: PointView, plan: LevelPla
               artifacts: list[ArtifactView], checkpoint_xml: str, *, consistency: str = "crash") -> dict:
     modes = {d.target: ("incremental" if plan.level == "incremental" and d.has_bitmaps else "full")
              for d in dom.disks}
+    # Without libvirt's secure flag: a restore point never holds a graphics password.
+    xml = ctx.require_hypervisor().inactive_xml(dom.name, secure=False)
     return {
         "point_id": point.id, "chain_id": point.chain_id, "parent_id": point.parent_id,
         "seq": point.seq, "level": point.level, "strategy": point.strategy, "reason": plan.reason,
         "consistency": consistency, "host": point.host,
         "created_at": point.created_at.isoformat(),
         "completed_at": datetime.now(timezone.utc).isoformat(),
-        "domain": {"name": dom.name, "uuid": dom.uuid, "xml": ctx.require_hypervisor().inactive_xml(dom.name)},
+        "domain": {"name": dom.name, "uuid": dom.uuid, "xml": xml},
         "checkpoint": {"name": checkpoint, "xml": checkpoint_xml} if checkpoint else None,
         "disks": [{"target": a.target, "mode": modes[a.target], "format": "qcow2", "key": a.key,
                    "size_bytes": a.size_bytes, "sha256": a.sha256, "virtual_size": a.virtual_size,

@@ -2,12 +2,15 @@
 
 A drill restores a point (every artifact's SHA-256 verified first) into
 ``<scratch>/drill-<job id>/``, defines a throwaway domain ``virtwarden-drill-<first 8
-characters of the job id>`` from the domain XML saved with the point (new name and UUID,
-no network or only the isolated ``virtwarden-drill`` network, only the restored disks,
-its serial console written to a file in the drill's directory, nothing else it could
-share with the original, a fixed boot disk: see hypervisor.throwaway) and starts it
-with libvirt's auto-destroy, so it is powered off the moment the worker's connection
-closes. Then,
+characters of the job id>`` rebuilt from an allowlist of the domain XML saved with the
+point (hypervisor.xml_allowlist: new name and UUID, no network or only the isolated
+``virtwarden-drill`` network, only the restored disks, its serial console written to a
+file in the drill's directory, a display reachable through libvirt only, no vsock, no
+raw QEMU arguments, host devices, shared directories or memory, network character
+devices or memory backing files; what was left out is logged and named in the
+``starts`` check and the job's result; a fixed boot disk: see hypervisor.throwaway) and
+starts it with libvirt's auto-destroy, so it is powered off the moment the worker's
+connection closes. Then,
 within ``run_for`` seconds of the start, polling every ``POLL`` seconds:
 
 - ``stays-running``: the domain must run the whole time (a crash or power-off fails);
@@ -137,6 +140,8 @@ class _Run:
         self.uuid: str | None = None
         self.defining = False
         self.started = self.start_seconds = 0.0
+        self.xml = ""  # the throwaway's definition, once built
+        self.dropped: list[str] = []  # what of the saved XML it left out
 
     def check(self, name: str, ok: bool, detail: str) -> bool:
         self.checks.append({"name": name, "ok": ok, "detail": detail})
@@ -155,7 +160,7 @@ class _Run:
             return
         disks, saved_xml = restored
         if self._start(disks, saved_xml):
-            self._watch(saved_xml)
+            self._watch()
         drills.finish(self.ctx.catalog, self.row, passed=self.passed,
                       error=None if self.passed else _failed_summary(self.checks))
 
@@ -188,18 +193,25 @@ class _Run:
     # --- boot -------------------------------------------------------------------------
     def _start(self, disks: dict[str, str], saved_xml: str) -> bool:
         from hypervisor import domains, networks
-        from hypervisor.domxml import CopySpec, copy_xml
-        from hypervisor.throwaway import fixed_boot_order, interfaces, isolate
+        from hypervisor.domxml import CopySpec, copy_domain
+        from hypervisor.throwaway import fixed_boot_order, interfaces
+        from hypervisor.xml_allowlist import public_boot_files
 
         nics = interfaces(saved_xml)
         try:
             isolated = self.req.network == "isolated" and nics > 0
             network = networks.ensure_isolated(self.hv) if isolated else None
             spec = CopySpec(self.name, disks=disks, drop_interfaces=network is None, network=network,
-                            serial_log=str(self.serial_path), drop_other_disks=True)
-            xml = fixed_boot_order(isolate(copy_xml(saved_xml, spec)))
+                            serial_log=str(self.serial_path), throwaway=True,
+                            host_files=public_boot_files(saved_xml))
+            copy = copy_domain(saved_xml, spec)
+            self.xml = fixed_boot_order(copy.xml)
+            self.dropped = list(copy.dropped)
+            if copy.dropped:
+                log.warning("drill %s: left out of the saved domain XML of %s: %s", self.ctx.job_id, self.req.domain,
+                            "; ".join(copy.dropped))
             self.defining = True
-            domains.define(self.hv, xml, self.name)
+            domains.define(self.hv, self.xml, self.name)
             self.uuid = self.hv.domain(self.name).uuid
             self.ctx.report(_RESTORE_SHARE, f"starting {self.name}")
             asked = time.monotonic()
@@ -207,24 +219,24 @@ class _Run:
         except Transient:
             raise
         except VirtwardenError as e:
-            return self.check("starts", False, str(e))
+            return self.check("starts", False, str(e) + _left_out(self.dropped))
         self.started = time.monotonic()
         self.start_seconds = self.started - asked
         where = (f"{nics} interface(s) on isolated network {network}" if network
                  else "no network" + (f" ({nics} interface(s) removed)" if nics else ""))
-        return self.check("starts", True, f"{self.name} started ({where})")
+        return self.check("starts", True, f"{self.name} started ({where})" + _left_out(self.dropped))
 
     @property
     def serial_path(self) -> Path:
         return self.dir / "serial.log"
 
-    def _watch(self, saved_xml: str) -> None:
+    def _watch(self) -> None:
         from hypervisor import agent, domains
         from hypervisor.throwaway import has_agent_channel
 
         req = self.req
         marker = req.serial_marker.encode() if req.serial_marker else None
-        want_agent = req.expect_agent or has_agent_channel(saved_xml)
+        want_agent = req.expect_agent or has_agent_channel(self.xml)  # the channel the copy has, not the saved one
         console = _Console(self.serial_path)
         marker_at = agent_at = stopped_at = None
         stopped_state = ""
@@ -298,11 +310,21 @@ class _Run:
         if cleanup_error:
             raise HypervisorError(f"drill of {self.req.domain} passed but its clean-up failed: {cleanup_error}")
         self.ctx.report(1.0, "passed")
-        return {**view.to_json(), "passed": True, "request": asdict(self.req)}
+        return {**view.to_json(), "passed": True, "request": asdict(self.req), "left_out_of_xml": self.dropped}
 
 
 def _failed_summary(checks: list[dict]) -> str:
     return "; ".join(f"{c['name']}: {c['detail']}" for c in checks if not c["ok"]) or "no check ran"
+
+
+def _left_out(dropped: list[str], shown: int = 8) -> str:
+    """What the copy left out of the saved XML, without the reasons, for a check's
+    detail (the job's result and the log have the whole list, with the reasons)."""
+    if not dropped:
+        return ""
+    what = [item.split(": ", 1)[0] for item in dropped]
+    more = f" and {len(what) - shown} more" if len(what) > shown else ""
+    return f"; left out of the saved XML: {', '.join(what[:shown])}{more}"
 
 
 def _round(seconds: float | None) -> float | None:

@@ -30,6 +30,7 @@ from catalog import jobs, points
 from catalog.points import PointView
 from catalog.store import Catalog
 from hypervisor import qemu_img
+from hypervisor.domxml import redact
 from storage_backends.base import Backend
 from storage_backends.repository import Repository
 from tasks.context import JobContext
@@ -144,7 +145,9 @@ class Chain:
 
     @property
     def saved_xml(self) -> str:
-        return str(self.manifests[-1]["domain"]["xml"])
+        """The domain XML saved with the point, without graphics passwords (points made
+        before backups stopped recording them still hold them; nothing uses them)."""
+        return redact(str(self.manifests[-1]["domain"]["xml"]))
 
 
 def load_chain(cat: Catalog, backend: Backend, point: PointView) -> Chain:

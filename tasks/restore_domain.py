@@ -2,15 +2,20 @@
 
 As a new domain (``run_restore_as_domain``): the point's disks are rebuilt as
 ``<dir>/<name>-<target>.qcow2`` (see tasks/restore_plan.py for ``<dir>``), and a domain
-is defined from the XML saved with the point through ``domxml.copy_xml``: the new name,
-a new UUID, new MAC addresses, each disk on its restored image (a blockcommit point's
-XML names the change-tracking overlay as the disk's source; it is replaced like any
-other source), a file-backed serial console moved to a log of its own, and
-(``throwaway.unshare``) its own UEFI variable store, automatic display ports and new
-socket paths, so it can run next to the original. Host devices and shared directories
-are kept: the copy may be the original's replacement. It is refused
-when a file or a domain of that name exists. On any failure nothing is left: images
-written are removed and the domain, if defined, is removed again.
+is defined from the XML saved with the point, rebuilt from an allowlist
+(``domxml.copy_domain``, hypervisor.xml_allowlist): the saved XML comes from storage
+and is not trusted. The copy gets the new name, a new UUID, new MAC addresses, each
+restored disk on its image (a blockcommit point's XML names the change-tracking overlay
+as the disk's source; it is replaced like any other source) and no other disk, a
+file-backed serial console moved to a log of its own, its own UEFI variable store, a
+display reachable through libvirt only and sockets libvirt places, so it can run next
+to the original. It keeps its interfaces on libvirt networks and bridges (the operator
+asked for a working clone) but nothing that reaches the host otherwise: no raw QEMU
+arguments, host devices, shared directories or memory, network character devices,
+memory backing files or fixed vsock CIDs. What was left out is logged and listed in the
+job's result (``left_out_of_xml``). It is refused when a file or a domain of that name
+exists. On any failure nothing is left: images written are removed and the domain, if
+defined, is removed again.
 
 In place (``run_restore_in_place``): the restored images are rebuilt first, in the
 format each disk has now (qcow2 stays qcow2, raw stays raw, so the definition keeps its
@@ -47,10 +52,10 @@ from catalog import overlays as overlay_journal
 from catalog.store import Catalog
 from hypervisor import domains, qemu_img, snapshots
 from hypervisor.blockjobs import live_chains
-from hypervisor.domxml import CopySpec, copy_xml, repoint_disks
+from hypervisor.domxml import CopySpec, carry_passwords, copy_domain, redact, repoint_disks
 from hypervisor.libvirt_host import LibvirtHost
-from hypervisor.throwaway import unshare
 from hypervisor.types import DomainInfo
+from hypervisor.xml_allowlist import public_boot_files
 from storage_backends.base import Backend
 from tasks import disk_swap
 from tasks.context import JobContext
@@ -199,6 +204,13 @@ def run_restore_as_domain(ctx: JobContext, req: AsDomainRequest) -> dict:
         raise RestoreRefused(f"host {hv.name} already has a domain named {req.as_domain!r}; choose another name "
                              "(nothing was changed)")
     check_space(plan)
+    # The definition first: a saved XML that cannot be used is refused before anything is written.
+    spec = CopySpec(name=req.as_domain, disks={d.target: d.path for d in plan.disks}, uuid=new_uuid,
+                    serial_log=plan.serial_log, host_files=public_boot_files(chain.saved_xml))
+    copy = copy_domain(chain.saved_xml, spec)
+    if copy.dropped:
+        log.warning("restore of %s as %s: left out of the saved domain XML: %s", req.domain, req.as_domain,
+                    "; ".join(copy.dropped))
     made: list[Path] = []
     new_dirs = [p for p in {Path(d.path).parent for d in plan.disks} if not p.exists()]
     defined = False
@@ -209,10 +221,8 @@ def run_restore_as_domain(ctx: JobContext, req: AsDomainRequest) -> dict:
             where.mkdir(parents=True, exist_ok=True)
         _rebuild_all(ctx, chain, local, plan, {d.target: Path(d.path) for d in plan.disks}, made,
                      publish=_publish_new)
-        spec = CopySpec(name=req.as_domain, disks={d.target: d.path for d in plan.disks}, uuid=new_uuid,
-                        serial_log=plan.serial_log)
         ctx.report(0.92, f"defining {req.as_domain}")
-        domains.define(hv, unshare(copy_xml(chain.saved_xml, spec)), req.as_domain)
+        domains.define(hv, copy.xml, req.as_domain)
         defined = True
         if req.start:
             ctx.report(0.95, f"starting {req.as_domain}")
@@ -226,7 +236,7 @@ def run_restore_as_domain(ctx: JobContext, req: AsDomainRequest) -> dict:
     return {"point_id": point.id, "level": point.level, "chain": [p.id for p in chain.points],
             "domain": req.as_domain, "uuid": new_uuid, "source_domain": req.domain, "host": hv.name,
             "disks": {d.target: d.path for d in plan.disks}, "serial_log": plan.serial_log,
-            "started": req.start}
+            "started": req.start, "left_out_of_xml": list(copy.dropped)}
 
 
 def _publish_new(partial: Path, out: Path) -> None:
@@ -375,10 +385,13 @@ def _swap_in(ctx: JobContext, hv: LibvirtHost, req: InPlaceRequest, plan: Restor
         stopped = domains.shutdown(hv, name, timeout=req.shutdown_timeout)
         faults.pause_point(STOPPED)
         _check_unchanged(ctx.catalog, hv, live)
-        old_xml = hv.inactive_xml(name)
+        # With its graphics passwords, so that the definition on the restored images keeps
+        # them; the journal on disk gets it without (put back, they come from libvirt again).
+        old_xml = hv.inactive_xml(name, secure=True)
         ctx.report(0.95, "replacing the disk images")
         ctx.ensure_owner(f"rename the restored images of {name} into place")
-        journal.record(disk_swap.SWAPPING, was_running=stopped != "was-off", stopped=stopped, old_xml=old_xml,
+        journal.record(disk_swap.SWAPPING, was_running=stopped != "was-off", stopped=stopped,
+                       old_xml=redact(old_xml),
                        checkpoints=[[cp.name, cp.ours] for cp in hv.checkpoints(name)],
                        **swap.journal_fields(), **_outcome(hv, plan, live))
         swap.apply()
@@ -425,7 +438,8 @@ def _put_back(ctx: JobContext, hv: LibvirtHost, name: str, journal: disk_swap.Sw
     if journal.state == disk_swap.SWAPPING:
         if domains.is_running(hv, name):
             return [f"domain {name!r} was started on half-replaced disks; shut it off and put them back by hand "
-                    f"({disk_swap.how_to_put_back(body)}), then define it from the journal's old_xml"]
+                    f"({disk_swap.how_to_put_back(body)}), then define it from the journal's old_xml (which holds no "
+                    "graphics password: set it again)"]
         ctx.ensure_owner(f"put the original disk images of {name} back")
         problems = disk_swap.roll_back(body)
         if not problems:
@@ -442,9 +456,11 @@ def _put_back(ctx: JobContext, hv: LibvirtHost, name: str, journal: disk_swap.Sw
 
 
 def _define_again(ctx: JobContext, hv: LibvirtHost, name: str, old_xml: str) -> list[str]:
+    """Define the journal's old definition again, with the graphics passwords of the
+    definition libvirt holds now (the old one, or the same on restored images)."""
     ctx.ensure_owner(f"put the original definition of {name} back")
     try:
-        domains.update_definition(hv, name, old_xml)
+        domains.update_definition(hv, name, carry_passwords(old_xml, hv.inactive_xml(name, secure=True)))
     except VirtwardenError as e:
         return [f"restoring the definition: {e}"]
     return []

@@ -386,6 +386,22 @@ def libvirt_uri() -> str:
 
 
 @pytest.fixture
+def lan(libvirt_uri):
+    """A network of this test's own for guests' interfaces: transient, with no forward and
+    no address of the host (the host runs no network of its own a test could use)."""
+    conn = libvirt.open(libvirt_uri)
+    name = f"vwtest-{secrets.token_hex(4)}"
+    net = conn.networkCreateXML(f"<network><name>{name}</name></network>")
+    try:
+        yield name
+    finally:
+        try:
+            net.destroy()
+        finally:
+            conn.close()
+
+
+@pytest.fixture
 def guest_factory(libvirt_uri, tmp_path):
     factory = GuestFactory(libvirt_uri, tmp_path / "guests")
     try:

@@ -139,9 +139,8 @@ def test_options_that_do_not_go_together_are_usage_errors(options, message):
 
 def test_copy_gets_its_own_nvram_and_repoint_keeps_everything_else():
     from hypervisor.domxml import CopySpec, copy_xml, repoint_disks
-    from hypervisor.throwaway import unshare
 
-    copy = ET.fromstring(unshare(copy_xml(_SAVED_XML, CopySpec(name="c", disks={"vda": "/x/c-vda.qcow2",
+    copy = ET.fromstring((copy_xml(_SAVED_XML, CopySpec(name="c", disks={"vda": "/x/c-vda.qcow2",
                                                                                 "vdb": "/x/c-vdb.qcow2"}))))
     assert copy.find("os/nvram") is None and copy.find("os/loader") is not None
     assert copy.find("devices/interface/mac").get("address") != "52:54:00:11:22:33"
@@ -310,11 +309,12 @@ def _domain_exists(name: str) -> bool:
         conn.close()
 
 
-def _with_interface(g) -> None:  # noqa: ANN001
-    """Give a stopped test guest a user-mode NIC with a known MAC, so a copy's new MAC shows."""
+def _with_interface(g, network: str) -> None:  # noqa: ANN001
+    """Give a stopped test guest a NIC on ``network`` with a known MAC, so a copy's new MAC
+    shows (a user-mode NIC would not do: a copy keeps interfaces on networks and bridges only)."""
     xml = g.dom.XMLDesc(0).replace(
-        "</devices>", "<interface type='user'><mac address='52:54:00:aa:bb:cc'/><model type='virtio'/>"
-                      "</interface></devices>")
+        "</devices>", f"<interface type='network'><mac address='52:54:00:aa:bb:cc'/><source network='{network}'/>"
+                      "<model type='virtio'/></interface></devices>")
     g.dom = g.conn.defineXML(xml)
 
 
@@ -324,9 +324,10 @@ def _restore_jobs(vw) -> list[dict]:
 
 @pytest_libvirt
 @pytest.mark.parametrize("strategy", ["bitmap", "blockcommit"])
-def test_restore_as_a_new_domain_boots_with_its_own_identity(vw, guest_factory, tmp_path, strategy, made_domains):
+def test_restore_as_a_new_domain_boots_with_its_own_identity(vw, lan, guest_factory, tmp_path, strategy,
+                                                             made_domains):
     g = guest_factory(disks=2, size_mib=32, boot_marker=MARKER, start=False)
-    _with_interface(g)
+    _with_interface(g, lan)
     g.dom.create()
     _policy(vw, tmp_path, g.name, strategy)
     vw.start_worker()
@@ -355,6 +356,7 @@ def test_restore_as_a_new_domain_boots_with_its_own_identity(vw, guest_factory, 
     assert dom.isActive() and dom.UUIDString() == result["uuid"] != g.dom.UUIDString()
     root = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
     assert root.find("devices/interface/mac").get("address") != "52:54:00:aa:bb:cc"
+    assert root.find("devices/interface/source").get("network") == lan
     sources = {d.find("target").get("dev"): d.find("source").get("file") for d in root.findall("devices/disk")}
     assert sources == result["disks"]
     deadline = time.monotonic() + 30

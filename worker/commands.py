@@ -145,8 +145,9 @@ def _restore_summary(kind: str, r: dict) -> str:
     disks = ", ".join(f"{t} -> {p}" for t, p in (r.get("disks") or {}).items())
     started = "started" if r.get("started") else "not started"
     if kind == "restore-as-domain":
-        return (f"point {r.get('point_id')} restored as domain {r.get('domain')} "
+        head = (f"point {r.get('point_id')} restored as domain {r.get('domain')} "
                 f"(UUID {r.get('uuid')}, {started}): {disks}")
+        return "\n".join([head] + [f"left out of the saved XML: {x}" for x in r.get("left_out_of_xml", [])])
     lines = [f"point {r.get('point_id')} restored in place into {r.get('domain')} ({started}): {disks}"]
     if r.get("set_aside"):
         lines.append(f"the replaced images are kept: {', '.join(r['set_aside'])} (delete them once satisfied)")

@@ -40,6 +40,7 @@ from virtwarden.errors import (
     ChecksumMismatch,
     NoSpace,
     RestorePointNotFound,
+    RestoreRefused,
     StorageError,
     VirtwardenError,
 )
@@ -48,11 +49,6 @@ log = logging.getLogger(__name__)
 
 # The job kind of a restore in place; a backup after one starts a new chain and says so.
 IN_PLACE_KIND = "restore-in-place"
-
-
-class RestoreRefused(VirtwardenError):
-    """The restore cannot be done as asked (a name or file already exists, the point does
-    not fit the domain); nothing was changed."""
 
 
 class InvalidRestoreRequest(RestoreRefused):

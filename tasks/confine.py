@@ -43,7 +43,7 @@ import re
 import stat
 from collections.abc import Iterable, Sequence
 
-from virtwarden.errors import DestinationRefused, UnsafeTarget, VirtwardenError
+from virtwarden.errors import DestinationRefused, RestoreRefused, UnsafeTarget, VirtwardenError
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ class NewDir:
             held = sorted(n for n in os.listdir(fd) if n != self.staging_name)
             if held:
                 shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
-                raise DestinationRefused(f"{self.path} already holds {shown}; choose a new or empty directory "
+                raise RestoreRefused(f"{self.path} already holds {shown}; choose a new or empty directory "
                                          "(nothing was changed)")
         self._mkdir(fd, self.staging_name, os.path.join(self.path, self.staging_name), private=True)
         self.staging_fd = self._open_dir(self.staging_name, fd)
@@ -202,7 +202,7 @@ class NewDir:
             return os.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=parent)
         except OSError as e:
             if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise DestinationRefused(f"{shown} in {self.what} {self.path} is not a directory (a file or a "
+                raise RestoreRefused(f"{shown} in {self.what} {self.path} is not a directory (a file or a "
                                          "symbolic link); nothing was created") from None
             raise VirtwardenError(f"cannot open restore directory {shown}: {e.strerror}") from e
 
@@ -224,7 +224,7 @@ class NewDir:
         except FileNotFoundError:
             return
         except OSError as e:
-            raise DestinationRefused(f"{os.path.join(self.path, self.staging_name)} is not this restore's "
+            raise RestoreRefused(f"{os.path.join(self.path, self.staging_name)} is not this restore's "
                                      f"staging directory ({e.strerror}); nothing was written") from None
         try:
             for name in os.listdir(old):
@@ -243,7 +243,7 @@ class NewDir:
         assert self.fd is not None and self.staging_fd is not None
         _plain_name(name)
         if name in self._staged:
-            raise DestinationRefused(f"{name} would be written twice into {self.path}; nothing was overwritten")
+            raise RestoreRefused(f"{name} would be written twice into {self.path}; nothing was overwritten")
         self._check_free(name)
         try:
             fd = os.open(name, _NEW_FILE, FILE_MODE, dir_fd=self.staging_fd)
@@ -269,7 +269,7 @@ class NewDir:
         except FileNotFoundError:
             return
         what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "a directory" if stat.S_ISDIR(st.st_mode) else "a file"
-        raise DestinationRefused(f"{os.path.join(self.path, name)} already exists ({what}); nothing is overwritten "
+        raise RestoreRefused(f"{os.path.join(self.path, name)} already exists ({what}); nothing is overwritten "
                                  "(nothing was changed)")
 
     def publish(self) -> list[str]:
@@ -281,7 +281,7 @@ class NewDir:
                 os.link(name, name, src_dir_fd=self.staging_fd, dst_dir_fd=self.fd, follow_symlinks=False)
             except FileExistsError:
                 self._check_free(name)
-                raise DestinationRefused(f"{os.path.join(self.path, name)} appeared while the restore ran; "
+                raise RestoreRefused(f"{os.path.join(self.path, name)} appeared while the restore ran; "
                                          "nothing is overwritten") from None
             except OSError as e:
                 raise VirtwardenError(f"cannot name {os.path.join(self.path, name)}: {e.strerror}") from e

@@ -171,9 +171,9 @@ class RestoreRefused(VirtwardenError):
 
 
 class DestinationRefused(RestoreRefused):
-    """A restore's destination is not one it may write to: outside ``restore.allowed_dirs``
-    (after symbolic links are resolved), or a directory that is not new or empty, or a
-    name in it that is taken (a file, a symbolic link); nothing was created."""
+    """A restore's destination is outside the directories it may write to
+    (``restore.allowed_dirs``, judged after symbolic links are resolved), or not a plain
+    absolute path; nothing was created."""
 
 
 class UnsafeTarget(RestoreRefused):

@@ -55,7 +55,7 @@ IMAGE_DIR = 0o711
 STAGING_PREFIX = ".virtwarden-restore-"
 
 # The disk names libvirt accepts (virDiskNameParse): a bus prefix and 1-4 letters.
-TARGET = re.compile(r"^(fd|hd|sd|vd|xvd|ubd)[a-z]{1,4}$")
+TARGET = re.compile(r"(fd|hd|sd|vd|xvd|ubd)[a-z]{1,4}")  # whole names only: fullmatch
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -64,7 +64,7 @@ _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 def check_target(target: object, point_id: str) -> str:
     """``target`` when it is a disk name libvirt gives (vda, sdb, hdc, xvda, ...);
     UnsafeTarget otherwise: it is used as a file name and nothing is written."""
-    if not isinstance(target, str) or not TARGET.match(target):
+    if not isinstance(target, str) or not TARGET.fullmatch(target):
         raise UnsafeTarget(f"restore point {point_id}: disk target {target!r} is not a disk name libvirt gives "
                            "(vda, sdb, hdc, xvda, ...); it would be used as a file name, so nothing was written")
     return target

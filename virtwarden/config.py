@@ -154,10 +154,10 @@ class RestoreConfig(_Strict):
         for path in v or ():
             if not path.startswith("/") or "\0" in path:
                 raise ValueError(f"{path!r} is not an absolute path")
+            if path.strip("/") == "":
+                raise ValueError("'/' would let restores write anywhere; name the directories restores go to")
             if ".." in path.split("/") or os.path.normpath(path) != path.rstrip("/"):
                 raise ValueError(f"{path!r} is not a normalised path (no '..', '.' or '//')")
-            if os.path.normpath(path) == "/":
-                raise ValueError("'/' would let restores write anywhere; name the directories restores go to")
         return tuple(os.path.normpath(p) for p in v) if v is not None else None
 
 

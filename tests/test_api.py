@@ -505,13 +505,13 @@ def _samples(text: str) -> dict:
 @pytest.mark.libvirt
 def test_restore_by_webhook_followed_to_completion_bit_for_bit(vw, api, guest_factory, tmp_path):
     g = guest_factory(disks=1, size_mib=32)
+    vw.extra["restore"] = {"allowed_dirs": [str(tmp_path)]}  # for the API and the worker
     vw.start_worker()
     g.write_random("vda", 0, 3 * MiB)
     backup = vw.cli("backup", g.name, "--target", "nfs", "--wait", "--json")
     assert backup.code == 0, backup.err
     expected = g.shadow_copy("vda", tmp_path / "expected.raw")
     g.write("vda", 0, MiB, pattern=0x77)  # after the point: must not be in the restore
-    vw.extra["restore"] = {"allowed_dirs": [str(tmp_path)]}
     server = api(hmac=True)
     out = tmp_path / "restored"
     body = {"domain": g.name, "point": "latest", "to_dir": str(out)}

@@ -237,6 +237,15 @@ def test_manifest_targets_must_be_the_catalogs_and_disk_names():
         _check_matches_catalog([_point("../../ESCAPED")], [_manifest("../../ESCAPED")])
 
 
+def test_a_catalog_rebuild_never_imports_a_target_that_is_no_disk_name():
+    from tasks.rebuild import _artifact
+
+    disk = {"target": "vda", "key": "k", "size_bytes": 1, "sha256": "s", "virtual_size": 1}
+    assert _artifact(disk, 0).target == "vda"
+    with pytest.raises(ValueError, match=r"disks\[0\]\.target: '\.\./\.\./ESCAPED' is not a disk name"):
+        _artifact({**disk, "target": "../../ESCAPED"}, 0)
+
+
 # --- planning and who is confined --------------------------------------------------------------
 def test_a_plan_into_a_directory_needs_a_new_or_empty_one(tmp_path):
     from tasks.restore_plan import _new_or_empty

@@ -268,7 +268,8 @@ class NewDir:
             st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
         except FileNotFoundError:
             return
-        what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "a directory" if stat.S_ISDIR(st.st_mode) else "a file"
+        what = ("a symbolic link" if stat.S_ISLNK(st.st_mode) else
+                "a directory" if stat.S_ISDIR(st.st_mode) else "a file")
         raise RestoreRefused(f"{os.path.join(self.path, name)} already exists ({what}); nothing is overwritten "
                                  "(nothing was changed)")
 

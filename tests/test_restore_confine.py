@@ -292,5 +292,6 @@ def test_bad_allowed_dirs_are_reported_by_line(tmp_path, value, message):
         config.load(str(f), env={})
     assert f"c.yaml:3: restore.allowed_dirs" in str(e.value) and message in str(e.value), str(e.value)
     f.write_text("restore:\n  alowed_dirs: [/srv]\n")
-    with pytest.raises(ConfigError, match=r"c.yaml:2: restore.alowed_dirs: unknown key \(did you mean 'allowed_dirs'\?\)"):
+    unknown = r"c.yaml:2: restore.alowed_dirs: unknown key \(did you mean 'allowed_dirs'\?\)"
+    with pytest.raises(ConfigError, match=unknown):
         config.load(str(f), env={})

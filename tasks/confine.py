@@ -189,7 +189,7 @@ class NewDir:
             if held:
                 shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
                 raise RestoreRefused(f"{self.path} already holds {shown}; choose a new or empty directory "
-                                         "(nothing was changed)")
+                                     "(nothing was changed)")
         self._mkdir(fd, self.staging_name, os.path.join(self.path, self.staging_name), private=True)
         self.staging_fd = self._open_dir(self.staging_name, fd)
         os.fchmod(self.staging_fd, PRIVATE_DIR)
@@ -203,7 +203,7 @@ class NewDir:
         except OSError as e:
             if e.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise RestoreRefused(f"{shown} in {self.what} {self.path} is not a directory (a file or a "
-                                         "symbolic link); nothing was created") from None
+                                     "symbolic link); nothing was created") from None
             raise VirtwardenError(f"cannot open restore directory {shown}: {e.strerror}") from e
 
     def _mkdir(self, parent: int, name: str, shown: str, *, private: bool = False) -> bool:
@@ -225,16 +225,19 @@ class NewDir:
             return
         except OSError as e:
             raise RestoreRefused(f"{os.path.join(self.path, self.staging_name)} is not this restore's "
-                                     f"staging directory ({e.strerror}); nothing was written") from None
+                                 f"staging directory ({e.strerror}); nothing was written") from None
         try:
             for name in os.listdir(old):
                 st = os.stat(name, dir_fd=old, follow_symlinks=False)
                 self._unlink_if(self.fd, name, (st.st_dev, st.st_ino))
                 os.unlink(name, dir_fd=old)
-            log.warning("restore into %s: removed what an earlier attempt of this job left", self.path)
+            os.rmdir(self.staging_name, dir_fd=self.fd)
+        except OSError as e:
+            raise VirtwardenError(f"cannot remove what an earlier attempt of this restore left in "
+                                  f"{os.path.join(self.path, self.staging_name)}: {e.strerror}") from e
         finally:
             os.close(old)
-        os.rmdir(self.staging_name, dir_fd=self.fd)
+        log.warning("restore into %s: removed what an earlier attempt of this job left", self.path)
 
     # writing
     def create(self, name: str) -> int:
@@ -283,7 +286,7 @@ class NewDir:
             except FileExistsError:
                 self._check_free(name)
                 raise RestoreRefused(f"{os.path.join(self.path, name)} appeared while the restore ran; "
-                                         "nothing is overwritten") from None
+                                     "nothing is overwritten") from None
             except OSError as e:
                 raise VirtwardenError(f"cannot name {os.path.join(self.path, name)}: {e.strerror}") from e
             self._linked.append(name)

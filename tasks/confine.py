@@ -211,6 +211,8 @@ class NewDir:
             os.mkdir(name, PRIVATE_DIR if private else self.mode, dir_fd=parent)
             return True
         except FileExistsError:
+            if private:  # the staging directory is ours only if we made it now
+                raise RestoreRefused(f"{shown} appeared while the restore started; nothing was written") from None
             return False  # opened with O_NOFOLLOW next: a symbolic link that appeared is refused there
         except OSError as e:
             raise VirtwardenError(f"cannot create restore directory {shown}: {e.strerror}") from e

@@ -338,7 +338,7 @@ def check_paths(plan: RestorePlan) -> None:
         taken.append(plan.serial_log)
     if taken:
         raise RestoreRefused(f"{', '.join(taken)} already exist{'s' if len(taken) == 1 else ''}; choose "
-                                 "another name or --disk-dir (nothing was changed)")
+                             "another name or --disk-dir (nothing was changed)")
 
 
 def _new_or_empty(to_dir: str) -> None:
@@ -347,12 +347,12 @@ def _new_or_empty(to_dir: str) -> None:
         return
     if not os.path.isdir(to_dir):
         raise RestoreRefused(f"{to_dir} exists and is not a directory; choose a new or empty directory "
-                                 "(nothing was changed)")
+                             "(nothing was changed)")
     held = sorted(n for n in os.listdir(to_dir) if not n.startswith(STAGING_PREFIX))
     if held:
         shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
         raise RestoreRefused(f"{to_dir} already holds {shown}; choose a new or empty directory "
-                                 "(nothing was changed)")
+                             "(nothing was changed)")
 
 
 def confine_destination(dest: Destination, roots: tuple[str, ...]) -> None:

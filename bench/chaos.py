@@ -109,6 +109,9 @@ class Chaos:
         self.vw.extra.update(database_url=f"{PG_URL}{sep}options=-csearch_path%3D{schema}",
                              broker_url=self.redis.url, policy_dir=str(self.root / "policies"))
         self.vw.extra["worker"] = {**TEST_WORKER, "max_attempts": 5}
+        # Restores are submitted as the API submits them: confined, and judged again by
+        # the worker that runs them (also when a killed attempt's retry resumes one).
+        self.vw.extra["restore"] = {"allowed_dirs": [str(self.root / "restores"), str(self.root / "verify")]}
         self.factory = GuestFactory(URIS["local"], self.root / "guests")
         self.stack.callback(_quietly("remove the guests", self.factory.close))
         for i in range(self.args.guests):

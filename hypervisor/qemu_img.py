@@ -11,10 +11,10 @@ from virtwarden.errors import NoSpace, ToolFailed
 QEMU_IMG = "qemu-img"
 
 
-def _run(*args: str) -> str:
+def _run(*args: str, pass_fds: tuple[int, ...] = ()) -> str:
     if shutil.which(QEMU_IMG) is None:
         raise ToolFailed("qemu-img is not installed (Debian: apt-get install qemu-utils)")
-    proc = subprocess.run([QEMU_IMG, *args], capture_output=True, text=True)
+    proc = subprocess.run([QEMU_IMG, *args], capture_output=True, text=True, pass_fds=pass_fds)
     if proc.returncode != 0:
         err = proc.stderr.strip() or proc.stdout.strip()
         if "No space left" in err:
@@ -47,10 +47,20 @@ def flatten(layers: list[Path], dest: Path, *, fmt: str = "qcow2") -> None:
     only changed clusters) as one standalone image. The chain is described to QEMU on
     the command line, so the layers are read in place and never modified (they may be
     the repository's own files)."""
+    _run("convert", "-O", fmt, _chain(layers), str(dest))
+
+
+def flatten_into(layers: list[Path], fd: int, *, fmt: str = "qcow2") -> None:
+    """``flatten`` into the file open as ``fd`` (created by the caller, empty): qemu-img
+    reaches it as /proc/self/fd/N, the very file, whatever its name points to by then."""
+    _run("convert", "-O", fmt, _chain(layers), f"/proc/self/fd/{fd}", pass_fds=(fd,))
+
+
+def _chain(layers: list[Path]) -> str:
     node: dict = {"driver": "qcow2", "file": {"driver": "file", "filename": str(layers[0])}}
     for layer in layers[1:]:
         node = {"driver": "qcow2", "file": {"driver": "file", "filename": str(layer)}, "backing": node}
-    _run("convert", "-O", fmt, "json:" + json.dumps(node), str(dest))
+    return "json:" + json.dumps(node)
 
 
 def compare(a: Path, b: Path) -> bool:

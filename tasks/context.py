@@ -64,6 +64,8 @@ class JobContext:
     token: int = 0
     confirm_owner: OwnerCheck = _unfenced
     poll_seconds: float = 0.2  # libvirt job polls: cheap, and they bound the added latency
+    # Where confined restores may write: the worker's restore.allowed_dirs (tasks/confine.py).
+    restore_roots: tuple[str, ...] = ()
     _scratch: Path | None = field(default=None, repr=False)
 
     def ensure_owner(self, action: str) -> None:

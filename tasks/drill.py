@@ -42,6 +42,7 @@ from catalog import drills, points
 from catalog.drills import DrillView
 from catalog.points import PointView
 from catalog.store import Catalog
+from tasks.confine import IMAGE_DIR
 from tasks.context import JobContext
 from tasks.restore import RestoreRequest, resolve_point, run_restore
 from virtwarden.errors import (ChecksumMismatch, HypervisorError, JobFailed, RestorePointNotFound, Transient,
@@ -171,7 +172,9 @@ class _Run:
         sub = replace(ctx, report=lambda f, text: ctx.report(_RESTORE_SHARE * f, f"restoring: {text}"))
         start = time.monotonic()
         try:
-            result = run_restore(sub, RestoreRequest(self.req.domain, self.point.id, to_dir=str(self.dir / "disks")))
+            # Into the drill's own scratch directory, which QEMU must be able to reach.
+            result = run_restore(sub, RestoreRequest(self.req.domain, self.point.id, to_dir=str(self.dir / "disks"),
+                                                     confined=False), dir_mode=IMAGE_DIR)
         except ChecksumMismatch as e:
             self.check("checksums", False, str(e))
             drills.finish(ctx.catalog, self.row, passed=False, error=_failed_summary(self.checks))

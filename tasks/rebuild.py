@@ -34,6 +34,7 @@ from catalog.points import ArtifactView, PointView
 from catalog.store import Catalog
 from storage_backends.base import Backend
 from storage_backends.repository import Repository, is_manifest_key
+from tasks.confine import TARGET
 from virtwarden.errors import Transient, VirtwardenError
 
 LEVELS = ("full", "incremental")
@@ -166,7 +167,10 @@ def _artifact(d: Any, i: int) -> ArtifactView:
     if not isinstance(d, dict):
         raise ValueError(f"disks[{i}] is not a mapping")
     where = f"disks[{i}]"
-    return ArtifactView(_field(d, "target", str, f"{where}.target"), _field(d, "key", str, f"{where}.key"),
+    target = _field(d, "target", str, f"{where}.target")
+    if not TARGET.fullmatch(target):  # a file name on restore: never imported
+        raise ValueError(f"{where}.target: {target!r} is not a disk name libvirt gives (vda, sdb, ...)")
+    return ArtifactView(target, _field(d, "key", str, f"{where}.key"),
                         _field(d, "size_bytes", int, f"{where}.size_bytes"),
                         _field(d, "sha256", str, f"{where}.sha256"),
                         _field(d, "virtual_size", int, f"{where}.virtual_size"))

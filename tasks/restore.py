@@ -12,10 +12,16 @@ is copied into the job's scratch space, from a mounted filesystem or S3 alike, a
 SHA-256 verified over exactly the bytes copied, before anything is written (``fetch``).
 ``qemu-img convert`` then reads each disk's layers, those copies, as one chain
 (described on its command line) and writes one standalone image, which appears under
-its final name only when complete (``rebuild``). So a restore uses only bytes it
-hashed: an artifact changed on storage after its check cannot reach the image. The
-restores as a new domain and in place (tasks/restore_domain.py) and drills use the
-same steps.
+its final name only when complete (``rebuild_new``, ``rebuild``). So a restore uses
+only bytes it hashed: an artifact changed on storage after its check cannot reach the
+image. The restores as a new domain and in place (tasks/restore_domain.py) and drills
+use the same steps.
+
+Disk targets come from the catalog: a manifest that names other targets than the
+point's catalog rows is refused, and so is a target that is not a disk name (they are
+file names). A restore into a directory writes only under ``restore.allowed_dirs``
+when the API or a runbook asked for it, into a new or empty directory, and creates
+every file exclusively (tasks/confine.py).
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ from hypervisor import qemu_img
 from hypervisor.domxml import redact
 from storage_backends.base import Backend
 from storage_backends.repository import Repository
+from tasks.confine import PRIVATE_DIR, NewDir, check_target, confine
 from tasks.context import JobContext
 from virtwarden import faults
 from virtwarden.errors import (
@@ -40,19 +47,14 @@ from virtwarden.errors import (
     ChecksumMismatch,
     NoSpace,
     RestorePointNotFound,
+    RestoreRefused,
     StorageError,
-    VirtwardenError,
 )
 
 log = logging.getLogger(__name__)
 
 # The job kind of a restore in place; a backup after one starts a new chain and says so.
 IN_PLACE_KIND = "restore-in-place"
-
-
-class RestoreRefused(VirtwardenError):
-    """The restore cannot be done as asked (a name or file already exists, the point does
-    not fit the domain); nothing was changed."""
 
 
 class InvalidRestoreRequest(RestoreRefused):
@@ -67,7 +69,10 @@ class RestoreRequest:
     point: str  # a point id, or "latest"
     to_dir: str
     storage: str | None = None  # with "latest": only points on this target
-    overwrite: bool = False
+    # to_dir must be under the worker's restore.allowed_dirs. False only for a restore
+    # root started from the command line (and a drill's, into its own scratch space); a
+    # job row without the field is confined.
+    confined: bool = True
 
 
 # --- choosing the point -------------------------------------------------------------
@@ -182,12 +187,22 @@ def targets_of(chain: Chain) -> list[str]:
 
 
 def _check_matches_catalog(chain: list[PointView], manifests: list[dict]) -> None:
+    """Each manifest names exactly the catalog's artifacts, for the catalog's disk
+    targets, and every target is a disk name (targets become file names)."""
     for p, m in zip(chain, manifests):
-        want = {a.key: a.sha256 for a in p.artifacts}
-        have = {d["key"]: d["sha256"] for d in m["disks"]}
+        for a in p.artifacts:
+            check_target(a.target, p.id)
+        want = {a.key: (a.target, a.sha256) for a in p.artifacts}
+        try:
+            have = {d["key"]: (d["target"], d["sha256"]) for d in m["disks"]}
+        except (KeyError, TypeError):
+            have = None
         if m["point_id"] != p.id or want != have:
+            targets = sorted(repr(t) for t, _ in (have or {}).values() if t not in {a.target for a in p.artifacts})
+            differ = f"; disk target {', '.join(targets)} is not the catalog's" if targets else ""
             raise ChecksumMismatch(f"restore point {p.id}: manifest {p.manifest_key} does not match the catalog "
-                                   "(its point id, artifacts or their checksums differ)")
+                                   f"(its point id, artifacts, disk targets or checksums differ{differ}); "
+                                   "nothing was written")
 
 
 FETCHED = "restore-fetched"  # test fault point: the artifacts are in scratch space
@@ -253,39 +268,45 @@ def fsync_dir(path: Path) -> None:
 
 
 # --- restore into a directory -----------------------------------------------------------
-def run_restore(ctx: JobContext, req: RestoreRequest) -> dict:
+def rebuild_new(local: dict[str, Path], layers: list[dict], into: NewDir, name: str, *,
+                fmt: str = "qcow2") -> None:
+    """Flatten ``layers`` into the new file ``name`` of ``into`` (created exclusively,
+    0600, written through its descriptor, fsynced); it gets its name at ``into.publish``."""
+    fd = into.create(name)
+    try:
+        qemu_img.flatten_into([local[d["key"]] for d in layers], fd, fmt=fmt)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def run_restore(ctx: JobContext, req: RestoreRequest, *, dir_mode: int = PRIVATE_DIR) -> dict:
+    """Restore into ``req.to_dir``, a new or empty directory: under the worker's
+    restore.allowed_dirs unless the request is not confined (see tasks/confine.py).
+    ``dir_mode``: of the directories it creates (a drill's must let QEMU pass)."""
+    roots = ctx.restore_roots if req.confined else None
+    if roots is not None:
+        confine(req.to_dir, roots)  # before anything is read
     point = resolve_point(ctx.catalog, req.domain, req.point, req.storage)
     backend = ctx.storage(point.storage)
     chain = load_chain(ctx.catalog, backend, point)
-    dest = Path(req.to_dir)
     targets = targets_of(chain)
-    _prepare_dest(dest, targets, req.overwrite)
     ctx.clear_scratch()
     ctx.scratch.mkdir(parents=True)
     try:
-        local = fetch(ctx, backend, chain)
-        faults.pause_point(FETCHED)
-        written = []
-        for i, target in enumerate(targets):
-            ctx.report(0.7 + 0.3 * i / len(targets), f"rebuilding {target}")
-            written.append(rebuild(local, layers_for(chain.manifests, target), dest / f"{target}.qcow2"))
-        (dest / "domain.xml").write_text(chain.saved_xml)
+        with NewDir(req.to_dir, job_id=ctx.job_id, roots=roots, mode=dir_mode) as out:
+            local = fetch(ctx, backend, chain)
+            faults.pause_point(FETCHED)
+            for i, target in enumerate(targets):
+                ctx.report(0.7 + 0.3 * i / len(targets), f"rebuilding {target}")
+                rebuild_new(local, layers_for(chain.manifests, target), out, f"{target}.qcow2")
+            out.write_text("domain.xml", chain.saved_xml)
+            written = out.publish()
     finally:
         ctx.clear_scratch()
     ctx.report(1.0, "done")
     return {"point_id": point.id, "level": point.level, "chain": [p.id for p in chain.points],
-            "to_dir": str(dest), "disks": [str(w) for w in written]}
-
-
-def _prepare_dest(dest: Path, targets: list[str], overwrite: bool) -> None:
-    try:
-        dest.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise VirtwardenError(f"cannot create restore directory {dest}: {e.strerror}") from e
-    clash = [t for t in targets if (dest / f"{t}.qcow2").exists()]
-    if clash and not overwrite:
-        raise RestoreRefused(f"{dest} already holds {', '.join(t + '.qcow2' for t in clash)}; "
-                             "choose an empty directory (nothing was changed)")
+            "to_dir": req.to_dir, "disks": [w for w in written if not w.endswith("/domain.xml")]}
 
 
 # --- what a restore in place leaves for the next backup -------------------------------

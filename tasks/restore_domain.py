@@ -13,9 +13,12 @@ to the original. It keeps its interfaces on libvirt networks and bridges (the op
 asked for a working clone) but nothing that reaches the host otherwise: no raw QEMU
 arguments, host devices, shared directories or memory, network character devices,
 memory backing files or fixed vsock CIDs. What was left out is logged and listed in the
-job's result (``left_out_of_xml``). It is refused when a file or a domain of that name
-exists. On any failure nothing is left: images written are removed and the domain, if
-defined, is removed again.
+job's result (``left_out_of_xml``). It is refused when a file (or a symbolic link) or a
+domain of that name exists. The images are created exclusively, 0600, and named only
+once complete; a missing directory is created 0711, so that QEMU running as another
+user can reach them (tasks/confine.py). A ``disk_dir`` asked for through the API or a
+runbook must be under restore.allowed_dirs. On any failure nothing is left: images
+written are removed and the domain, if defined, is removed again.
 
 In place (``run_restore_in_place``): the restored images are rebuilt first, in the
 format each disk has now (qcow2 stays qcow2, raw stays raw, so the definition keeps its
@@ -58,8 +61,9 @@ from hypervisor.types import DomainInfo
 from hypervisor.xml_allowlist import public_boot_files
 from storage_backends.base import Backend
 from tasks import disk_swap
+from tasks.confine import IMAGE_DIR, NewDir, confine
 from tasks.context import JobContext
-from tasks.restore import Chain, RestoreRefused, fetch, fsync_dir, layers_for, load_chain, rebuild, resolve_point
+from tasks.restore import Chain, RestoreRefused, fetch, layers_for, load_chain, rebuild, rebuild_new, resolve_point
 from tasks.restore_plan import (
     AS_DOMAIN,
     IN_PLACE,
@@ -96,6 +100,9 @@ class AsDomainRequest:
     disk_dir: str | None = None  # default: beside the original's images
     start: bool = False
     storage: str | None = None
+    # disk_dir must be under the worker's restore.allowed_dirs (tasks/confine.py); False
+    # only for a restore root started from the command line.
+    confined: bool = True
 
 
 @dataclass(frozen=True)
@@ -193,6 +200,9 @@ def _rebuild_all(ctx: JobContext, chain: Chain, local: dict[str, Path], plan: Re
 # --- as a new domain ------------------------------------------------------------------
 def run_restore_as_domain(ctx: JobContext, req: AsDomainRequest) -> dict:
     hv = _libvirt(ctx)
+    roots = ctx.restore_roots if req.confined and req.disk_dir else None
+    if roots is not None and req.disk_dir:
+        confine(req.disk_dir, roots, "disk_dir")  # before anything is read
     point = resolve_point(ctx.catalog, req.domain, req.point, req.storage)
     backend = ctx.storage(point.storage)
     chain = load_chain(ctx.catalog, backend, point)
@@ -211,16 +221,23 @@ def run_restore_as_domain(ctx: JobContext, req: AsDomainRequest) -> dict:
     if copy.dropped:
         log.warning("restore of %s as %s: left out of the saved domain XML: %s", req.domain, req.as_domain,
                     "; ".join(copy.dropped))
-    made: list[Path] = []
-    new_dirs = [p for p in {Path(d.path).parent for d in plan.disks} if not p.exists()]
+    dirs: dict[str, NewDir] = {}
     defined = False
     _start_scratch(ctx)
     try:
         local = fetch(ctx, backend, chain, share=0.6)
-        for where in new_dirs:
-            where.mkdir(parents=True, exist_ok=True)
-        _rebuild_all(ctx, chain, local, plan, {d.target: Path(d.path) for d in plan.disks}, made,
-                     publish=_publish_new)
+        for d in plan.disks:
+            where = str(Path(d.path).parent)
+            if where not in dirs:
+                dirs[where] = NewDir(where, job_id=ctx.job_id, roots=roots, mode=IMAGE_DIR, empty=False,
+                                     what="disk_dir" if req.disk_dir else "the image directory")
+                dirs[where].open()
+        for i, d in enumerate(plan.disks):
+            ctx.report(0.6 + 0.3 * i / len(plan.disks), f"writing {d.target} to {d.path}")
+            rebuild_new(local, layers_for(chain.manifests, d.target), dirs[str(Path(d.path).parent)],
+                        Path(d.path).name, fmt=d.format)
+        for out in dirs.values():
+            out.publish()
         ctx.report(0.92, f"defining {req.as_domain}")
         domains.define(hv, copy.xml, req.as_domain)
         defined = True
@@ -228,9 +245,11 @@ def run_restore_as_domain(ctx: JobContext, req: AsDomainRequest) -> dict:
             ctx.report(0.95, f"starting {req.as_domain}")
             domains.start(hv, req.as_domain)
     except BaseException:
-        _remove_new(hv, req.as_domain if defined else None, made, plan.serial_log, new_dirs)
+        _remove_new(hv, req.as_domain if defined else None, list(dirs.values()), plan.serial_log)
         raise
     finally:
+        for out in dirs.values():
+            out.close()
         ctx.clear_scratch()
     ctx.report(1.0, "done")
     return {"point_id": point.id, "level": point.level, "chain": [p.id for p in chain.points],
@@ -239,23 +258,13 @@ def run_restore_as_domain(ctx: JobContext, req: AsDomainRequest) -> dict:
             "started": req.start, "left_out_of_xml": list(copy.dropped)}
 
 
-def _publish_new(partial: Path, out: Path) -> None:
-    """Give the finished image its name, never over a file that appeared meanwhile."""
-    try:
-        os.link(partial, out)
-    except FileExistsError:
-        raise RestoreRefused(f"{out} appeared while the restore ran; not overwriting it") from None
-    fsync_dir(out.parent)
-
-
-def _remove_new(hv: LibvirtHost, name: str | None, made: list[Path], serial_log: str | None,
-                new_dirs: list[Path]) -> None:
-    """Leave nothing of a failed restore as a new domain (each step reported, never raised)."""
+def _remove_new(hv: LibvirtHost, name: str | None, dirs: list[NewDir], serial_log: str | None) -> None:
+    """Leave nothing of a failed restore as a new domain (each step reported, never raised):
+    the domain, the images this restore created and the directories it created."""
     steps = [lambda: domains.remove(hv, name) if name else None]
-    steps += [lambda p=p: p.unlink(missing_ok=True) for p in made]
     if serial_log:  # refused up front when it existed, so a file there now is the new domain's
         steps.append(lambda: Path(serial_log).unlink(missing_ok=True))
-    steps += [lambda d=d: d.rmdir() for d in new_dirs]
+    steps += [out.discard for out in dirs]
     for step in steps:
         try:
             step()

@@ -7,7 +7,9 @@ bytes read from storage (only the layers each disk needs), where each disk's ima
 and in which format, and which domain is defined or has its disks replaced.
 ``--dry-run`` prints the plan; the jobs make the same plan and carry it out, so what a
 dry run shows is what a job does. ``check_paths`` adds what only the filesystem knows
-(a file already in the way, an image to replace that is missing).
+(a directory that is not new or empty, a file already in the way, an image to replace
+that is missing), and ``confine_destination`` where an API or runbook request may write
+(restore.allowed_dirs).
 
 Destinations:
 
@@ -20,6 +22,7 @@ Destinations:
 """
 from __future__ import annotations
 
+import os
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -29,6 +32,7 @@ from typing import Any
 
 from catalog.points import PointView
 from hypervisor.domxml import disk_sources
+from tasks.confine import STAGING_PREFIX, confine
 from tasks.restore import InvalidRestoreRequest, RestoreRefused, layers_for
 
 TO_DIR, AS_DOMAIN, IN_PLACE = "to-dir", "as-domain", "in-place"
@@ -325,12 +329,38 @@ def check_paths(plan: RestorePlan) -> None:
         if missing:
             raise RestoreRefused(f"cannot restore {plan.domain!r} in place: {', '.join(missing)} does not exist")
         return
-    taken = [d.path for d in plan.disks if Path(d.path).exists()]
-    if plan.mode == TO_DIR and taken:
-        raise RestoreRefused(f"{plan.to_dir} already holds {', '.join(Path(p).name for p in taken)}; "
-                             "choose an empty directory (nothing was changed)")
-    if plan.serial_log and Path(plan.serial_log).exists():
+    if plan.mode == TO_DIR:
+        _new_or_empty(plan.to_dir or "")
+        return
+    # A symbolic link counts as taken, dangling or not: nothing is written through one.
+    taken = [d.path for d in plan.disks if os.path.lexists(d.path)]
+    if plan.serial_log and os.path.lexists(plan.serial_log):
         taken.append(plan.serial_log)
     if taken:
-        raise RestoreRefused(f"{', '.join(taken)} already exist{'s' if len(taken) == 1 else ''}; choose another "
-                             "name or --disk-dir (nothing was changed)")
+        raise RestoreRefused(f"{', '.join(taken)} already exist{'s' if len(taken) == 1 else ''}; choose "
+                             "another name or --disk-dir (nothing was changed)")
+
+
+def _new_or_empty(to_dir: str) -> None:
+    """A restore into a directory needs a new or empty one (the worker checks again)."""
+    if not os.path.lexists(to_dir):
+        return
+    if not os.path.isdir(to_dir):
+        raise RestoreRefused(f"{to_dir} exists and is not a directory; choose a new or empty directory "
+                             "(nothing was changed)")
+    held = sorted(n for n in os.listdir(to_dir) if not n.startswith(STAGING_PREFIX))
+    if held:
+        shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+        raise RestoreRefused(f"{to_dir} already holds {shown}; choose a new or empty directory "
+                             "(nothing was changed)")
+
+
+def confine_destination(dest: Destination, roots: tuple[str, ...]) -> None:
+    """The directories a confined request names (to_dir, disk_dir) must be under
+    ``roots`` after symbolic links are resolved (tasks/confine.py); DestinationRefused
+    otherwise. A new domain's images beside the original's go where its saved XML
+    (checksummed in the catalog) says, not where the request says: they are not judged."""
+    if dest.to_dir:
+        confine(dest.to_dir, roots, "to_dir")
+    if dest.disk_dir:
+        confine(dest.disk_dir, roots, "disk_dir")

@@ -386,7 +386,7 @@ def test_other_input_errors(vw, api):
     assert r.status == 415 and "Content-Type: application/json" in r.json()["error"]
     r = server.call("POST", "/v1/restores", {"domain": "web01", "to_dir": "/r"}, headers={"Idempotency-Key": "a b"})
     assert r.status == 422 and r.json()["fields"][0]["field"] == "Idempotency-Key header"
-    r = server.call("POST", "/v1/restores", {"domain": "no-such-domain", "to_dir": "/r"})
+    r = server.call("POST", "/v1/restores", {"domain": "no-such-domain", "to_dir": str(vw.data_dir / "restores")})
     assert r.status == 404 and "no complete restore point" in r.json()["error"]
     r = server.call("GET", "/v1/jobs/no-such-job")
     assert r.status == 404 and r.json() == {"error": "no job 'no-such-job'"}
@@ -505,6 +505,7 @@ def _samples(text: str) -> dict:
 @pytest.mark.libvirt
 def test_restore_by_webhook_followed_to_completion_bit_for_bit(vw, api, guest_factory, tmp_path):
     g = guest_factory(disks=1, size_mib=32)
+    vw.extra["restore"] = {"allowed_dirs": [str(tmp_path)]}  # for the API and the worker
     vw.start_worker()
     g.write_random("vda", 0, 3 * MiB)
     backup = vw.cli("backup", g.name, "--target", "nfs", "--wait", "--json")
@@ -572,7 +573,7 @@ def test_restore_with_the_broker_down_is_503_and_starts_nothing(vw, api, guest_f
     assert vw.cli("backup", g.name, "--target", "nfs", "--wait").code == 0
     vw.extra["broker_url"] = "redis://127.0.0.1:1/0"
     server = api()
-    r = server.call("POST", "/v1/restores", {"domain": g.name, "to_dir": "/tmp/never"})
+    r = server.call("POST", "/v1/restores", {"domain": g.name, "to_dir": str(vw.data_dir / "restores" / "never")})
     assert r.status == 503 and "unreachable" in r.json()["error"]
     assert [j.kind for j in _jobs(vw)] == ["backup"]
     assert [a.outcome for a in _audit(vw)] == ["refused"]

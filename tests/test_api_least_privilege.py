@@ -55,6 +55,7 @@ def _refused(server: ApiServer, token: str = ONLY["read"]) -> dict[str, float]:
 # --- scopes ----------------------------------------------------------------------------------
 def test_every_endpoint_refuses_a_token_without_its_scope_with_403_and_starts_nothing(vw, api):
     _scoped_tokens(api)
+    vw.extra["restore"] = {"allowed_dirs": ["/srv/restore"]}  # TO_DIR's
     server = api()
     refusals = 0
     for method, path, body, needed, endpoint in ENDPOINTS:

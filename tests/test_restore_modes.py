@@ -365,6 +365,8 @@ def test_restore_as_a_new_domain_boots_with_its_own_identity(vw, lan, guest_fact
     assert MARKER in serial.read_bytes(), "the restored copy did not boot"
     for t in ("vda", "vdb"):
         assert images_equal(result["disks"][t], expected[t], force_share=True), t
+        assert os.stat(result["disks"][t]).st_mode & 0o777 == 0o600, t
+    assert not list(g.workdir.glob(".virtwarden-restore-*")), "the staging directory is gone"
     assert g.dom.isActive(), "the original keeps running"
 
 
@@ -605,6 +607,7 @@ def test_a_failed_restore_as_a_new_domain_leaves_nothing(vw, guest_factory, tmp_
     assert done["state"] == "failed", done
     assert not _domain_exists(copy)
     assert not list(g.workdir.glob(f"*{copy}*")), sorted(p.name for p in g.workdir.iterdir())
+    assert not list(g.workdir.glob(".virtwarden-restore-*")), sorted(p.name for p in g.workdir.iterdir())
     assert not list(vw.scratch.rglob("*.qcow2"))
 
 

@@ -151,6 +151,7 @@ def test_restore_at_runbook_restores_the_point_of_that_time(vw, guest_factory, t
     from tests.guests import images_equal
 
     g = guest_factory(disks=1, size_mib=16)
+    vw.extra["restore"] = {"allowed_dirs": [str(tmp_path)]}  # a runbook's restores are confined
     vw.start_worker()
     g.write("vda", 0, MiB, pattern=0x11)
     assert vw.cli("backup", g.name, "--wait").code == 0

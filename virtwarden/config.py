@@ -137,6 +137,30 @@ class SecurityConfig(_Strict):
     service_group: str | None = None
 
 
+class RestoreConfig(_Strict):
+    """Where restores that come through the API or a runbook may write."""
+
+    # The directories (and everything below them) that a restore into a directory
+    # (to_dir) and the images of a new domain in a given directory (disk_dir) may go
+    # to, when the API or a runbook asked for it. Checked after symbolic links are
+    # resolved, when the request is made and again by the worker right before it
+    # writes. None: <data_dir>/restores. [] refuses every such restore. Restores that
+    # root starts with the command line may go to any new or empty directory.
+    allowed_dirs: tuple[str, ...] | None = None
+
+    @field_validator("allowed_dirs")
+    @classmethod
+    def _absolute_dirs(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for path in v or ():
+            if not path.startswith("/") or "\0" in path:
+                raise ValueError(f"{path!r} is not an absolute path")
+            if path.strip("/") == "":
+                raise ValueError("'/' would let restores write anywhere; name the directories restores go to")
+            if ".." in path.split("/") or os.path.normpath(path) != path.rstrip("/"):
+                raise ValueError(f"{path!r} is not a normalised path (no '..', '.' or '//')")
+        return tuple(os.path.normpath(p) for p in v) if v is not None else None
+
+
 class WorkerConfig(_Strict):
     concurrency: int = Field(default=2, ge=1, le=64)
     # A running job's lease; a job whose lease ran out belongs to a dead worker.
@@ -170,6 +194,7 @@ class Config(_Strict):
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     catalog: CatalogConfig = Field(default_factory=CatalogConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
+    restore: RestoreConfig = Field(default_factory=RestoreConfig)
     source: str = Field(default="<embedded defaults>", exclude=True)
     # The secrets the configuration file itself holds (names of settings, never values).
     file_secrets: tuple[str, ...] = Field(default=(), exclude=True)
@@ -178,6 +203,13 @@ class Config(_Strict):
     @property
     def catalog_url(self) -> str:
         return self.database_url or f"sqlite:///{Path(self.data_dir) / 'catalog.db'}"
+
+    @property
+    def restore_roots(self) -> tuple[str, ...]:
+        """The directories API- and runbook-originated restores may write under."""
+        if self.restore.allowed_dirs is not None:
+            return self.restore.allowed_dirs
+        return (str(Path(self.data_dir) / "restores"),)
 
     @property
     def policies_path(self) -> Path:

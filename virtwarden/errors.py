@@ -165,6 +165,22 @@ class AgentUnresponsive(HypervisorError):
     """The guest agent did not answer in time: a request may still reach it later."""
 
 
+class RestoreRefused(VirtwardenError):
+    """The restore cannot be done as asked (a name or file already exists, the point does
+    not fit the domain); nothing was changed."""
+
+
+class DestinationRefused(RestoreRefused):
+    """A restore's destination is outside the directories it may write to
+    (``restore.allowed_dirs``, judged after symbolic links are resolved), or not a plain
+    absolute path; nothing was created."""
+
+
+class UnsafeTarget(RestoreRefused):
+    """A disk target that is not a disk name libvirt gives (vda, sdb, ...): it would be
+    used as a file name, so the restore writes nothing."""
+
+
 class JobFailed(VirtwardenError):
     """A job ran and failed; the message is the job's recorded error."""
 

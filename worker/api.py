@@ -35,7 +35,7 @@ from catalog import jobs, points
 from catalog.models import AuditRecord, utcnow
 from catalog.store import Catalog
 from virtwarden.config import Config
-from virtwarden.errors import ConfigError, NotFound, Transient, VirtwardenError
+from virtwarden.errors import ConfigError, DestinationRefused, NotFound, Transient, VirtwardenError
 from virtwarden.redact import mask
 from worker.api_auth import ANONYMOUS, AuthMiddleware, Signatures, Tokens, env_token, read_key
 from worker.api_metrics import ApiMetrics, RequestCounter
@@ -258,8 +258,8 @@ def status_for(e: VirtwardenError) -> int:
         return 404
     if isinstance(e, Conflict):
         return 409
-    if isinstance(e, ScopeMissing):
-        return 403
+    if isinstance(e, (ScopeMissing, DestinationRefused)):
+        return 403  # not for this caller, or a destination restores may not write to
     if isinstance(e, PayloadTooLarge):
         return 413
     if isinstance(e, Transient):

@@ -27,7 +27,8 @@ class RestoreIn(BaseModel):
                               description='a restore point id, or "latest" (the default)')
     at: AwareDatetime | None = Field(default=None, description="the last complete point at or before this time")
     to_dir: str | None = Field(default=None, min_length=1, max_length=4096,
-                               description="absolute directory on the worker's host for vda.qcow2, ...")
+                               description="a new or empty directory on the worker's host for vda.qcow2, ..., "
+                                           "under restore.allowed_dirs (403 otherwise)")
     as_domain: str | None = Field(default=None, min_length=1, max_length=255, pattern=r"^[^\s/][^/]*$")
     in_place: bool = False
     discard_old: bool = Field(default=False, description="with in_place: delete the replaced disks afterwards")

@@ -67,7 +67,8 @@ def restore(args: argparse.Namespace) -> int:
              "start": args.start, "host": args.host,
              "disk_dir": os.path.abspath(args.disk_dir) if getattr(args, "disk_dir", None) else None}
     if args.dry_run:
-        plan = submit.plan_restore(cfg, cat, args.domain, point=args.point, at=args.at, **where)
+        plan = submit.plan_restore(cfg, cat, args.domain, point=args.point, at=args.at,
+                                   confined=submit.restore_confined(), **where)
         if args.json:
             emit_json({"dry_run": True, **plan.to_json()})
         else:
@@ -75,7 +76,8 @@ def restore(args: argparse.Namespace) -> int:
         return EXIT_OK
     _configure_celery(cfg)
     job = submit.restore(cfg, cat, args.domain, point=args.point, at=args.at, requested_by="cli",
-                         shutdown_timeout=getattr(args, "shutdown_timeout", None), **where)
+                         shutdown_timeout=getattr(args, "shutdown_timeout", None),
+                         confined=submit.restore_confined(), **where)
     return _after_submit(args, cat, job)
 
 

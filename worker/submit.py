@@ -6,6 +6,7 @@ so the job row holds everything the job needs and the worker makes no new decisi
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -92,11 +93,17 @@ def restore(cfg: Config, cat: Catalog, domain: str, *, point: str = "latest", at
             to_dir: str | None = None, as_domain: str | None = None, in_place: bool = False,
             discard_old: bool = False, start: bool = False, host: str | None = None,
             requested_by: str | None = None, dedup_key: str | None = None, disk_dir: str | None = None,
-            shutdown_timeout: float | None = None) -> jobs.JobView:
+            shutdown_timeout: float | None = None, confined: bool = True) -> jobs.JobView:
     """Check and plan a restore (see ``plan_restore``), then create its job. Every
-    refusal (unknown point, a name or file in the way, a disk that does not fit) is
-    raised here, before any job exists. With ``dedup_key``, a job already created with
-    that key is returned as it is (a repeated webhook starts one restore, not two)."""
+    refusal (unknown point, a name or file in the way, a disk that does not fit, a
+    destination outside restore.allowed_dirs) is raised here, before any job exists.
+    With ``dedup_key``, a job already created with that key is returned as it is (a
+    repeated webhook starts one restore, not two).
+
+    ``confined`` (the API, runbooks): to_dir and disk_dir must be under
+    restore.allowed_dirs, and the job says so, so that the worker checks again right
+    before it writes. Only a restore that root starts from the command line passes
+    False (``restore_confined``)."""
     from worker import celery_app
 
     if shutdown_timeout is not None and not in_place:
@@ -108,13 +115,15 @@ def restore(cfg: Config, cat: Catalog, domain: str, *, point: str = "latest", at
         if existing is not None:
             return existing
     plan = plan_restore(cfg, cat, domain, point=point, at=at, to_dir=to_dir, as_domain=as_domain,
-                        in_place=in_place, discard_old=discard_old, start=start, host=host, disk_dir=disk_dir)
+                        in_place=in_place, discard_old=discard_old, start=start, host=host, disk_dir=disk_dir,
+                        confined=confined)
     celery_app.check_broker(cfg)
     params: dict = {"domain": domain, "point": plan.point.id}
     if plan.mode == "to-dir":
-        params["to_dir"] = plan.to_dir
+        params.update(to_dir=plan.to_dir, confined=confined)
     elif plan.mode == "as-domain":
-        params.update(as_domain=as_domain, uuid=str(uuid.uuid4()), disk_dir=disk_dir, start=start)
+        params.update(as_domain=as_domain, uuid=str(uuid.uuid4()), disk_dir=disk_dir, start=start,
+                      confined=confined)
     else:
         params.update(discard_old=discard_old, start=start)
         if shutdown_timeout is not None:
@@ -126,17 +135,20 @@ def restore(cfg: Config, cat: Catalog, domain: str, *, point: str = "latest", at
 def plan_restore(cfg: Config, cat: Catalog, domain: str, *, point: str = "latest",
                  at: str | datetime | None = None, to_dir: str | None = None, as_domain: str | None = None,
                  in_place: bool = False, discard_old: bool = False, start: bool = False,
-                 host: str | None = None, disk_dir: str | None = None) -> RestorePlan:
+                 host: str | None = None, disk_dir: str | None = None, confined: bool = True) -> RestorePlan:
     """What the restore would do (``tasks.restore_plan``), changing nothing: the dry run.
     Reads the catalog, the chain's manifests and, for a new domain or in place, asks
-    the host's libvirt; creates no job."""
+    the host's libvirt; creates no job. A ``confined`` request's to_dir and disk_dir
+    outside restore.allowed_dirs are refused first, before anything is looked up."""
     from storage_backends import open_backend
     from tasks.restore import describe_selection, load_chain, resolve_point
-    from tasks.restore_plan import Destination, check_paths
+    from tasks.restore_plan import Destination, check_paths, confine_destination
     from tasks.restore_plan import plan_restore as make_plan
 
     dest = Destination.from_options(to_dir=to_dir, as_domain=as_domain, in_place=in_place, disk_dir=disk_dir,
                                     start=start, discard_old=discard_old)
+    if confined:
+        confine_destination(dest, cfg.restore_roots)
     resolved = resolve_point(cat, domain, point, at=at)
     live = None
     if dest.mode == "in-place":
@@ -164,6 +176,13 @@ def plan_restore(cfg: Config, cat: Catalog, domain: str, *, point: str = "latest
     if dest.mode == "as-domain":
         _refuse_existing_domain(cfg, host, as_domain or "")
     return plan
+
+
+def restore_confined(euid: int | None = None) -> bool:
+    """Whether a restore started from the command line is confined to
+    restore.allowed_dirs: unless root runs it (root may write anywhere anyway; anyone
+    else must not make a worker that runs as root write where they could not)."""
+    return (os.geteuid() if euid is None else euid) != 0
 
 
 def _refuse_existing_domain(cfg: Config, host: str, name: str) -> None:

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def cmd(name: str, handler: Handler, help_: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=help_)
-        sp.set_defaults(handler=handler, command_name=name)
+        sp.set_defaults(handler=handler)
         return sp
 
     pol = sub.add_parser("policy", help="validate and list policies").add_subparsers(metavar="ACTION")
@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     cr.add_argument("--storage", required=True, help="the storage target to read")
     cr.add_argument("--dry-run", action="store_true", help="show what would be imported, change nothing")
     cr.add_argument("--json", action="store_true")
-    cr.set_defaults(handler=lazy("worker.rebuild:cli"), command_name="catalog rebuild")
+    cr.set_defaults(handler=lazy("worker.rebuild:cli"))
 
     api = cmd("api", lazy("worker.api:cli"), "serve the HTTP API (restores, jobs, alerts, metrics)")
     api.add_argument("--listen", help="HOST:PORT (default: api.listen from the configuration)")
@@ -189,18 +189,18 @@ def build_parser() -> argparse.ArgumentParser:
     rb = sub.add_parser("runbook", help="named, audited on-call procedures").add_subparsers(metavar="ACTION")
     rbl = rb.add_parser("list", help="built-in and user-defined runbooks")
     rbl.add_argument("--json", action="store_true")
-    rbl.set_defaults(handler=lazy("worker.runbooks:list_cli"), command_name="runbook")
+    rbl.set_defaults(handler=lazy("worker.runbooks:list_cli"))
     rbs = rb.add_parser("show", help="a runbook's parameters and steps")
     rbs.add_argument("name")
     rbs.add_argument("--json", action="store_true")
-    rbs.set_defaults(handler=lazy("worker.runbooks:show_cli"), command_name="runbook")
+    rbs.set_defaults(handler=lazy("worker.runbooks:show_cli"))
     rbr = rb.add_parser("run", help="run a runbook's steps in order, each as a job, waiting for each (audited)")
     rbr.add_argument("name")
     rbr.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE")
     rbr.add_argument("--dry-run", action="store_true", help="print every step's plan, change nothing")
     rbr.add_argument("--timeout", type=float, help="give up waiting for a step after this many seconds")
     rbr.add_argument("--json", action="store_true")
-    rbr.set_defaults(handler=lazy("worker.runbooks:run_cli"), command_name="runbook")
+    rbr.set_defaults(handler=lazy("worker.runbooks:run_cli"))
 
     ev = cmd("evacuate", lazy("worker.evacuate:cli"), "live-migrate a host's running domains to other hosts")
     ev.add_argument("host")
@@ -220,15 +220,7 @@ def lazy(target: str) -> Handler:
         import importlib
 
         module, name = target.split(":")
-        try:
-            found = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            what = getattr(args, "command_name", module)
-            print(f"virtwarden: {what} is not part of this release yet", file=sys.stderr)
-            return EXIT_USAGE
-        return int(getattr(found, name)(args))
+        return int(getattr(importlib.import_module(module), name)(args))
 
     return handler
 

@@ -8,12 +8,10 @@ long waits, and exit codes that mean something (virtwarden.errors: 0 ok, 1 faile
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from virtwarden import config as config_module
 from virtwarden import permissions
 from virtwarden.errors import EXIT_BUG, EXIT_FAILED, EXIT_OK, EXIT_USAGE, VirtwardenError
 from virtwarden.redact import install_log_masking, mask
@@ -235,32 +233,6 @@ def _wait_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", action="store_true", help="wait for the job; exit non-zero if it fails")
     p.add_argument("--timeout", type=float, help="with --wait: give up waiting after this many seconds")
     p.add_argument("--json", action="store_true")
-
-
-def load_config(args: argparse.Namespace) -> config_module.Config:
-    cfg = config_module.load(args.config)
-    apply_security(cfg)
-    return cfg
-
-
-def apply_security(cfg: config_module.Config) -> None:
-    """This process's file modes from ``security``, and a warning when the configuration
-    file holds secrets that other users can read (as for the API's token file: the
-    warning says how to close it, and the file is used)."""
-    permissions.configure(cfg.security.read_group, cfg.security.service_group)
-    if cfg.file_secrets:
-        permissions.warn_if_exposed(cfg.source, ", ".join(cfg.file_secrets))
-
-
-def emit_json(data: object) -> None:
-    json.dump(data, sys.stdout, indent=2, default=str)
-    sys.stdout.write("\n")
-
-
-def table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in [header, *rows]]
-    return "\n".join(lines)
 
 
 __all__ = ["main", "EXIT_OK", "EXIT_FAILED"]

@@ -52,10 +52,6 @@ def copy_domain(xml: str, spec: CopySpec) -> Rebuilt:
     return xml_allowlist.rebuild(xml_allowlist.parse_untrusted(xml), spec)
 
 
-def copy_xml(xml: str, spec: CopySpec) -> str:
-    return copy_domain(xml, spec).xml
-
-
 def redact(xml: str) -> str:
     """The same XML without graphics passwords (``passwd`` attributes), otherwise
     unchanged byte for byte where it can be; for a domain.xml the operator reads."""

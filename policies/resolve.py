@@ -1,4 +1,4 @@
-"""Turning policies and the configuration into the settings of one backup.
+"""Turning policies and the configuration into the settings of one backup or snapshot.
 
 The configuration is used as plain data (``policies_path``, ``storage`` and its
 ``storage_target`` lookup); nothing here talks to libvirt or a storage backend, so a

@@ -52,7 +52,8 @@ with this strategy to two targets in turn makes every run a full.
 Consistency: the guest's filesystems are frozen through qemu-guest-agent around the
 snapshot only, the one moment that needs it (``tasks.quiesce``, as the request's
 ``quiesce`` mode says); the point records ``quiesced``, or ``crash`` when they could not
-be. Shut-off domains are refused for now.
+be. A shut-off domain never gets here: ``tasks.backup.run_backup`` copies its disks whole
+with qemu-img, as for the bitmap strategy.
 """
 from __future__ import annotations
 
@@ -135,8 +136,8 @@ def run_blockcommit_backup(ctx: JobContext, req: BackupRequest) -> dict:
 
 def _check_domain(dom: DomainInfo) -> None:
     if not dom.active:
-        raise HypervisorError(f"domain {dom.name!r} is {dom.state}: the blockcommit strategy backs up running "
-                              "domains only for now; start it, or back it up with the bitmap strategy later")
+        raise HypervisorError(f"domain {dom.name!r} is {dom.state}: it stopped as its backup began; the next "
+                              "run copies its disks whole")
     if not dom.disks:
         raise HypervisorError(f"domain {dom.name!r} has no file or block disks to back up")
     block = [d.target for d in dom.disks if d.source_type != "file"]

@@ -24,7 +24,6 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
 from hypervisor import xml_allowlist
-from hypervisor.xml_allowlist import MAC_PREFIX, random_mac  # noqa: F401 - part of this module's interface
 from virtwarden.errors import VirtwardenError
 
 

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from virtwarden import permissions
-from virtwarden.errors import EXIT_BUG, EXIT_FAILED, EXIT_OK, EXIT_USAGE, VirtwardenError
+from virtwarden.errors import EXIT_BUG, EXIT_USAGE, VirtwardenError
 from virtwarden.redact import install_log_masking, mask
 
 log = logging.getLogger("virtwarden")
@@ -235,7 +235,7 @@ def _wait_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true")
 
 
-__all__ = ["main", "EXIT_OK", "EXIT_FAILED"]
+__all__ = ["main"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -24,7 +24,6 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
 from hypervisor import xml_allowlist
-from hypervisor.xml_allowlist import MAC_PREFIX, random_mac  # noqa: F401 - part of this module's interface
 from virtwarden.errors import VirtwardenError
 
 
@@ -50,10 +49,6 @@ Rebuilt = xml_allowlist.Rebuilt
 def copy_domain(xml: str, spec: CopySpec) -> Rebuilt:
     """The copy's XML, rebuilt from the allowlist, and what of the saved XML it left out."""
     return xml_allowlist.rebuild(xml_allowlist.parse_untrusted(xml), spec)
-
-
-def copy_xml(xml: str, spec: CopySpec) -> str:
-    return copy_domain(xml, spec).xml
 
 
 def redact(xml: str) -> str:

@@ -63,14 +63,6 @@ def _chain(layers: list[Path]) -> str:
     return "json:" + json.dumps(node)
 
 
-def compare(a: Path, b: Path) -> bool:
-    """True when both images hold the same guest-visible bytes."""
-    proc = subprocess.run([QEMU_IMG, "compare", "-q", str(a), str(b)], capture_output=True, text=True)
-    if proc.returncode in (0, 1):
-        return proc.returncode == 0
-    raise ToolFailed(f"qemu-img compare failed: {proc.stderr.strip()}")
-
-
 def check(path: Path) -> None:
     """Raise when the qcow2 metadata is damaged."""
     _run("check", "-q", str(path))

@@ -1,4 +1,4 @@
-"""Turning policies and the configuration into the settings of one backup.
+"""Turning policies and the configuration into the settings of one backup or snapshot.
 
 The configuration is used as plain data (``policies_path``, ``storage`` and its
 ``storage_target`` lookup); nothing here talks to libvirt or a storage backend, so a
@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 from policies.loader import load_dir
 from policies.model import Backup, Policy, Snapshots
-from policies.select import DomainFacts, governing
+from policies.select import DomainFacts, by_name, governing
 from virtwarden.config import Config
-from virtwarden.errors import NotFound, PolicyError
+from virtwarden.errors import PolicyError
 from virtwarden.validation import suggest
 
 # Used when no policy selects the domain (a one-off backup of an unmanaged domain).
@@ -56,7 +56,7 @@ def resolve_backup(cfg: Config, domain: str, *, policy: str | None = None, targe
     ``target`` overrides the policy's. Raises NotFound, PolicyError, UnknownStorage.
     """
     found = load_policies(cfg)
-    chosen = _named(found, policy) if policy else governing(found, DomainFacts(domain, host, metadata or {}))
+    chosen = by_name(found, policy) if policy else governing(found, DomainFacts(domain, host, metadata or {}))
     if chosen is None:
         settings = BackupSettings(None, target or _only_storage(cfg, domain), DEFAULT_STRATEGY,
                                   DEFAULT_FULL_EVERY, DEFAULT_QUIESCE)
@@ -90,7 +90,7 @@ def resolve_snapshots(cfg: Config, domain: str, *, policy: str | None = None, ho
     """The settings for a snapshot of ``domain`` now: the named policy's, else the
     governing one's (for the snapshot job), else the defaults (internal, no rotation)."""
     found = load_policies(cfg)
-    chosen = (_named(found, policy) if policy
+    chosen = (by_name(found, policy) if policy
               else governing(found, DomainFacts(domain, host, metadata or {}), "snapshot"))
     if chosen is None:
         defaults = Snapshots()
@@ -101,15 +101,6 @@ def resolve_snapshots(cfg: Config, domain: str, *, policy: str | None = None, ho
                           " it does not say how to snapshot")
     retention = section.retention.model_dump() if section.retention else None
     return SnapshotSettings(chosen.name, section.type, section.quiesce, retention)
-
-
-def _named(found: list[Policy], name: str) -> Policy:
-    for candidate in found:
-        if candidate.name == name:
-            return candidate
-    names = sorted(p.name for p in found)
-    raise NotFound(f"no policy named {name!r}{suggest(name, names)}"
-                   f" (known: {', '.join(names) or 'none'})")
 
 
 def _backup_section(chosen: Policy) -> Backup:

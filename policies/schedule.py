@@ -70,9 +70,6 @@ class Slot:
         """The slot's identity as text: the job's dedup key, so a slot makes one job at most."""
         return f"slot:{self.policy}:{self.job}:{self.domain}:{self.at.isoformat()}"
 
-    def open_at(self, now: datetime) -> bool:
-        return self.at <= now < self.window_end
-
 
 # --- cron in a time zone --------------------------------------------------------------
 

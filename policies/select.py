@@ -25,7 +25,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from policies.model import JOBS, Job, Policy, Selector
-from virtwarden.errors import PolicyError
+from virtwarden.errors import NotFound, PolicyError
+from virtwarden.validation import suggest
 
 METADATA_NAMESPACE = "https://virtwarden.dev/xmlns/1"
 
@@ -86,6 +87,16 @@ def governing(policies: Iterable[Policy], facts: DomainFacts, job: Job = "backup
                           f" for {job} with priority {priority(top[0], job)}: give one a higher"
                           f" {section}.priority or narrow a selector (exclude)")
     return found[0]
+
+
+def by_name(policies: list[Policy], name: str) -> Policy:
+    """The policy called ``name``, whatever it selects; NotFound, with a near name
+    suggested, when there is none."""
+    for candidate in policies:
+        if candidate.name == name:
+            return candidate
+    names = sorted(p.name for p in policies)
+    raise NotFound(f"no policy named {name!r}{suggest(name, names)} (known: {', '.join(names) or 'none'})")
 
 
 def parse_metadata(xml: str) -> dict[str, str]:

@@ -1,9 +1,9 @@
 """What the backends share: moving bytes and hashing them in the same pass, the local
 atomic write (temp file beside the target, fsync, rename), and the names they reserve.
 
-Both backends hide the same two namespaces from ``list()``: files whose last part starts
-with ``.tmp-`` (writes in progress or interrupted) and ``locks/<name>.lock``. Writing a
-key in either namespace is refused, so a user object can never be mistaken for one.
+Both backends hide the same namespace from ``list()``: files whose last part starts with
+``.tmp-`` (writes in progress or interrupted). Writing such a key is refused, so a user
+object can never be mistaken for one.
 """
 from __future__ import annotations
 
@@ -11,52 +11,28 @@ import errno
 import hashlib
 import os
 import queue
-import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterable
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO
 
 from storage_backends.base import Progress, check_key
 from virtwarden import permissions
-from virtwarden.errors import ChecksumMismatch, InvalidName, LockHeld, NoSpace, StorageError
+from virtwarden.errors import ChecksumMismatch, InvalidName, NoSpace, StorageError
 
 TMP_PREFIX = ".tmp-"
-LOCK_DIR = "locks"
-LOCK_SUFFIX = ".lock"
-
-
-def lock_key(name: str) -> str:
-    """Lock names are one key part: ``locks/<name>.lock`` never needs subfolders."""
-    if "/" in name or name.startswith(TMP_PREFIX):
-        raise InvalidName(f"invalid lock name {name!r}: one part, not starting with {TMP_PREFIX!r}")
-    return f"{LOCK_DIR}/{check_key(name)}{LOCK_SUFFIX}"
-
-
-def holder_info() -> dict[str, str | int]:
-    """What a lock records about its holder; the token tells our lock from a successor's."""
-    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    return {"host": socket.gethostname(), "pid": os.getpid(), "created": created, "token": uuid.uuid4().hex}
-
-
-def lock_held(who: str, name: str, holder: dict, ttl: float) -> LockHeld:
-    by = f"{holder.get('host', '?')} (pid {holder.get('pid', '?')}) since {holder.get('created', '?')}"
-    return LockHeld(f"{who}: lock {name!r} is held by {by}; it is broken after {ttl:g}s without refresh")
 
 
 def is_hidden(key: str) -> bool:
-    """True for temporary and lock objects, which ``list()`` never shows."""
-    if key.rpartition("/")[2].startswith(TMP_PREFIX):
-        return True
-    return key.startswith(LOCK_DIR + "/") and key.endswith(LOCK_SUFFIX) and key.count("/") == 1
+    """True for temporary objects, which ``list()`` never shows."""
+    return key.rpartition("/")[2].startswith(TMP_PREFIX)
 
 
 def check_data_key(key: str) -> str:
     """``check_key`` plus a refusal of the names the backends keep for themselves."""
     if is_hidden(check_key(key)):
-        raise InvalidName(f"invalid object name {key!r}: '.tmp-*' and 'locks/*.lock' are reserved")
+        raise InvalidName(f"invalid object name {key!r}: '.tmp-*' is reserved")
     return key
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,11 +100,6 @@ class Backend(ABC):
     def cleanup_incomplete(self, prefix: str = "") -> int:
         """Remove leftovers of interrupted writes under ``prefix`` (temporary files,
         unfinished multipart uploads); returns how many were removed."""
-
-    @abstractmethod
-    def lock(self, name: str, *, ttl: float = 300.0) -> AbstractContextManager[None]:
-        """An exclusive lock across processes and machines, broken when older than ``ttl``;
-        raises LockHeld when someone else holds it."""
 
     def verify(self, key: str, expected_sha256: str, *, progress: Progress | None = None) -> int:
         """Read ``key`` through and check its SHA-256 without keeping the bytes; returns

@@ -5,23 +5,15 @@ goes to ``.tmp-<uuid>-<name>`` in the target's directory, is fsynced, renamed ov
 final name (atomic on POSIX and NFS), and the directory is fsynced: a crash leaves either
 the old object, the new one, or a stray ``.tmp-`` file that ``list()`` ignores and
 ``cleanup_incomplete()`` removes.
-
-Locks are ``locks/<name>.lock`` files created with O_CREAT|O_EXCL, which is atomic on
-NFSv3 and later. The holder refreshes the file's mtime every ttl/3 seconds; a lock whose
-mtime is older than ttl belongs to a dead holder and is broken. Ages compare the NFS
-server's mtime with the local clock, so hosts must keep time (NTP) and ttl should be
-minutes, not seconds, in production.
 """
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
@@ -29,7 +21,7 @@ from storage_backends import _stream as s
 from storage_backends.base import CHUNK, Backend, ObjectInfo, Progress, StoredObject
 from virtwarden import permissions
 from virtwarden.config import NfsStorage
-from virtwarden.errors import LockHeld, ObjectNotFound, StorageError, StorageUnavailable, VirtwardenError
+from virtwarden.errors import ObjectNotFound, StorageError, StorageUnavailable, VirtwardenError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -201,7 +193,7 @@ class NfsBackend(Backend):
 
     def cleanup_incomplete(self, prefix: str = "") -> int:
         """Remove ``.tmp-*`` files under ``prefix``. A write in progress also has one:
-        call this only while no writer is active there (hold the matching lock)."""
+        call this only while no writer is active there."""
         removed = 0
         for key, _ in self._scan(s.check_prefix(prefix)):
             if key.rpartition("/")[2].startswith(s.TMP_PREFIX):
@@ -210,98 +202,6 @@ class NfsBackend(Backend):
                 log.info("%s: removed interrupted write %s", self.who, key)
                 removed += 1
         return removed
-
-    # --- locks -------------------------------------------------------------------
-    @contextmanager
-    def lock(self, name: str, *, ttl: float = 300.0) -> Iterator[None]:
-        path = self.root / s.lock_key(name)
-        holder = s.holder_info()
-        token = holder["token"]
-        with self._errors(path):
-            self._acquire(name, path, holder, ttl)
-        stop = threading.Event()
-        beat = threading.Thread(
-            target=self._heartbeat, args=(path, token, ttl, stop), name=f"lock-{name}", daemon=True
-        )
-        beat.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            beat.join()
-            with self._errors(path):
-                if self._holder(path)[0].get("token") == token:
-                    path.unlink(missing_ok=True)
-                else:
-                    log.warning("%s: lock %s was broken by someone else while held", self.who, name)
-
-    def _acquire(self, name: str, path: Path, holder: dict, ttl: float) -> None:
-        self._require_root()
-        s.make_dirs(path.parent, fsync=self.fsync)
-        for _ in range(3):
-            try:
-                fd = permissions.create_file(path)
-            except FileExistsError:
-                current, age = self._holder(path)
-                if age is not None and age <= ttl:
-                    raise s.lock_held(self.who, name, current, ttl) from None
-                self._break(path, ttl)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(holder, f)
-                f.flush()
-                os.fsync(f.fileno())
-            if self.fsync:
-                s.fsync_dir(path.parent)
-            return
-        raise LockHeld(f"{self.who}: lock {name!r} is contended; try again")
-
-    def _holder(self, path: Path) -> tuple[dict, float | None]:
-        """The lock's contents and age; (``{}``, None) when it is gone. Opening the file
-        revalidates NFS's attribute cache, so the mtime is the server's current one."""
-
-        def once() -> tuple[dict, float | None]:
-            try:
-                with open(path) as f:
-                    mtime = os.fstat(f.fileno()).st_mtime
-                    text = f.read()
-            except FileNotFoundError:
-                return {}, None
-            try:
-                info = json.loads(text)
-            except ValueError:
-                info = {}  # a holder that died between create and write
-            return (info if isinstance(info, dict) else {}), time.time() - mtime
-
-        return _retry_stale(once)
-
-    def _break(self, path: Path, ttl: float) -> None:
-        """Rename the stale lock aside first: of two breakers only one rename succeeds.
-        If what we moved turns out fresh (another breaker re-created it meanwhile), it is
-        linked back (link never overwrites) and we report the lock as held."""
-        aside = path.with_name(s.temp_name(path.name))
-        try:
-            os.rename(path, aside)
-        except FileNotFoundError:
-            return
-        try:
-            if time.time() - aside.stat().st_mtime > ttl:
-                log.warning("%s: broke stale lock %s (%s)", self.who, path.name, _read_quietly(aside))
-            else:
-                with suppress(FileExistsError):
-                    os.link(aside, path)
-        finally:
-            aside.unlink(missing_ok=True)
-
-    def _heartbeat(self, path: Path, token: str, ttl: float, stop: threading.Event) -> None:
-        while not stop.wait(ttl / 3):
-            try:
-                if self._holder(path)[0].get("token") != token:
-                    log.error("%s: lock %s was lost (broken by another holder)", self.who, path.name)
-                    return
-                os.utime(path)
-            except OSError as e:
-                log.warning("%s: cannot refresh lock %s: %s", self.who, path.name, e.strerror)
 
     # --- helpers -----------------------------------------------------------------
     def _path(self, key: str) -> Path:
@@ -374,11 +274,3 @@ def _retry_stale(fn: Callable[[], T]) -> T:
                 raise
             time.sleep(0.05 * 2**attempt)
     raise AssertionError("unreachable")
-
-
-def _read_quietly(path: Path) -> str:
-    try:
-        return path.read_text()[:200]
-    except OSError:
-        return "unreadable"
-

@@ -8,7 +8,8 @@ Layout (under the target's path or prefix)::
 A restore point exists in storage exactly when its manifest exists: the manifest is
 written only after every artifact is stored and checked, and deleted first when a point
 is pruned. An interrupted write therefore leaves objects without a manifest, which are
-never listed and are removed by ``abandon``.
+never listed and are removed when the job is recovered
+(``tasks.recovery.remove_point_data``).
 
 Manifest (JSON, ``format: virtwarden-manifest/1``): point id, chain id, parent id,
 sequence number in the chain, level (full|incremental), strategy, consistency
@@ -98,16 +99,6 @@ class Repository:
         for obj in self.backend.list(check_key(domain) + "/" if domain else ""):
             if is_manifest_key(obj.key):
                 yield obj.key
-
-    def abandon(self, prefix: str) -> int:
-        """Remove what an interrupted write left under a point that was never published."""
-        if self.backend.exists(self.manifest_key(prefix)):
-            raise StorageError(f"refusing to abandon {prefix}: it is a published restore point")
-        removed = 0
-        for obj in list(self.backend.list(prefix)):
-            self.backend.delete(obj.key)
-            removed += 1
-        return removed + self.backend.cleanup_incomplete(prefix)
 
     def delete_point(self, prefix: str) -> None:
         """Unpublish first (manifest), then remove the data: a crash in between leaves

@@ -29,19 +29,10 @@ Uploads run ``max_concurrency`` parts of ``part_size_mib`` at a time, each read 
 stays near part size times concurrency. S3 completes a multipart upload atomically, so
 no reader sees half an object; a failed upload is aborted, and ``cleanup_incomplete()``
 aborts what a killed process left behind.
-
-Locks are objects ``locks/<name>.lock`` created with a conditional PUT
-(``If-None-Match: *``), refreshed every ttl/3 with ``If-Match`` and broken, once older
-than ttl, by a conditional overwrite of the stale ETag, so of two breakers only one wins.
-Ages use the endpoint's clock (``Date`` minus ``Last-Modified``). Endpoints that answer
-501 to conditional writes fall back to head-then-put, re-reading the lock afterwards:
-two processes racing inside that gap can still both believe they hold it. Endpoints that
-silently ignore the headers cannot be told apart and have the same race.
 """
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import os
 import threading
@@ -49,8 +40,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from email.utils import parsedate_to_datetime
 from hashlib import sha256
 from pathlib import Path
 from typing import Any
@@ -66,7 +55,7 @@ from botocore.exceptions import ReadTimeoutError, ResponseStreamingError
 from storage_backends import _stream as s
 from storage_backends.base import CHUNK, Backend, ObjectInfo, Progress, StoredObject
 from virtwarden.config import S3Storage
-from virtwarden.errors import ChecksumMismatch, ConfigError, LockHeld, ObjectNotFound
+from virtwarden.errors import ChecksumMismatch, ConfigError, ObjectNotFound
 from virtwarden.errors import StorageError, StorageUnavailable, VirtwardenError
 from virtwarden.redact import mask
 
@@ -78,8 +67,6 @@ MAX_PARTS = 10_000  # S3's limit per multipart upload
 _DENIED = frozenset({"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden",
                      "ExpiredToken", "InvalidToken", "AllAccessDisabled"})
 _MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
-_LOST_RACE = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
-_UNSUPPORTED = frozenset({"NotImplemented", "501"})
 _STREAM_BROKE = (ReadTimeoutError, ResponseStreamingError, IncompleteReadError)
 # The endpoint received other bytes than were sent (checksum or signed payload hash).
 _DAMAGED = frozenset({"BadDigest", "XAmzContentSHA256Mismatch"})
@@ -100,7 +87,6 @@ class S3Backend(Backend):
         self.part_size = settings.part_size_mib * MIB
         self._s3: Any = None
         self._guard = threading.Lock()
-        self._conditional = True  # False once the endpoint answered 501 to If-None-Match
 
     def describe(self) -> str:
         return f"s3://{self.bucket}/{self.settings.prefix} @ {self.endpoint}"
@@ -383,7 +369,7 @@ class S3Backend(Backend):
     def cleanup_incomplete(self, prefix: str = "") -> int:
         """Abort unfinished multipart uploads (and remove stray probe objects) under
         ``prefix``. An upload in progress is unfinished too: call this only while no
-        writer is active there (hold the matching lock)."""
+        writer is active there."""
         full = self._full(s.check_prefix(prefix))
         removed = 0
         with self._errors("clean up", prefix or None):
@@ -405,131 +391,6 @@ class S3Backend(Backend):
                         client.delete_object(Bucket=self.bucket, Key=item["Key"])
                         removed += 1
         return removed
-
-    # --- locks -------------------------------------------------------------------
-    @contextmanager
-    def lock(self, name: str, *, ttl: float = 300.0) -> Iterator[None]:
-        rel = s.lock_key(name)
-        full = self._full(rel)
-        holder = s.holder_info()
-        with self._errors("lock", rel):
-            etag = self._acquire(name, full, holder, ttl)
-        state = {"etag": etag}
-        stop = threading.Event()
-        beat = threading.Thread(
-            target=self._heartbeat, args=(full, holder, ttl, stop, state), name=f"lock-{name}", daemon=True
-        )
-        beat.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            beat.join()
-            with self._errors("unlock", rel):
-                self._release(name, full, holder, state["etag"])
-
-    def _acquire(self, name: str, full: str, holder: dict, ttl: float) -> str:
-        for _ in range(3):
-            if not self._conditional:
-                return self._acquire_racy(name, full, holder, ttl)
-            try:
-                return self._put_lock(full, holder, IfNoneMatch="*")
-            except ClientError as e:
-                if not self._tolerate(e):
-                    raise
-            current = self._lock_state(full)
-            if current is None:
-                continue  # released meanwhile
-            meta, age, stale_etag = current
-            if age <= ttl:
-                raise s.lock_held(self.who, name, meta, ttl)
-            try:
-                etag = self._put_lock(full, holder, IfMatch=stale_etag)
-            except ClientError as e:
-                if not self._tolerate(e, also=_MISSING):
-                    raise
-                continue
-            log.warning("%s: broke stale lock %s held by %s", self.who, name, meta)
-            return etag
-        raise LockHeld(f"{self.who}: lock {name!r} is contended; try again")
-
-    def _tolerate(self, e: ClientError, also: frozenset[str] = frozenset()) -> bool:
-        """A lost race is expected; a 501 switches this backend to the racy fallback."""
-        code = _code(e)
-        if code in _UNSUPPORTED:
-            log.warning("%s: %s rejects conditional writes; locks fall back to head-then-put", self.who, self.endpoint)
-            self._conditional = False
-        return code in _UNSUPPORTED or code in _LOST_RACE or code in also
-
-    def _acquire_racy(self, name: str, full: str, holder: dict, ttl: float) -> str:
-        current = self._lock_state(full)
-        if current is not None and current[1] <= ttl:
-            raise s.lock_held(self.who, name, current[0], ttl)
-        self._put_lock(full, holder)
-        again = self._lock_state(full)  # narrows the race; see the module docstring
-        if again is None or again[0].get("token") != holder["token"]:
-            raise LockHeld(f"{self.who}: lock {name!r} is contended; try again")
-        return again[2]
-
-    def _put_lock(self, full: str, holder: dict, **condition: str) -> str:
-        body = json.dumps(holder).encode()
-        reply = self._client().put_object(
-            Bucket=self.bucket, Key=full, Body=body, ChecksumSHA256=_b64(sha256(body).digest()),
-            Metadata={k: str(v) for k, v in holder.items()}, **condition, **self._sse(),
-        )
-        return reply["ETag"]
-
-    def _lock_state(self, full: str) -> tuple[dict, float, str] | None:
-        """The lock's holder metadata, its age on the endpoint's clock, and its ETag."""
-        try:
-            head = self._client().head_object(Bucket=self.bucket, Key=full)
-        except ClientError as e:
-            if _code(e) in _MISSING:
-                return None
-            raise
-        date = head.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
-        now = parsedate_to_datetime(date) if date else datetime.now(timezone.utc)
-        return head.get("Metadata", {}), (now - head["LastModified"]).total_seconds(), head["ETag"]
-
-    def _heartbeat(self, full: str, holder: dict, ttl: float, stop: threading.Event, state: dict) -> None:
-        while not stop.wait(ttl / 3):
-            try:
-                if not self._conditional:
-                    current = self._lock_state(full)
-                    if current is None or current[0].get("token") != holder["token"]:
-                        log.error("%s: lock %s was lost (broken by another holder)", self.who, full)
-                        return
-                    state["etag"] = self._put_lock(full, holder)
-                else:
-                    state["etag"] = self._put_lock(full, holder, IfMatch=state["etag"])
-            except ClientError as e:
-                if _code(e) in _LOST_RACE | _MISSING:
-                    log.error("%s: lock %s was lost (broken by another holder)", self.who, full)
-                    return
-                log.warning("%s: cannot refresh lock %s: %s", self.who, full, _code(e))
-            except BotoCoreError as e:
-                log.warning("%s: cannot refresh lock %s: %s", self.who, full, e)
-
-    def _release(self, name: str, full: str, holder: dict, etag: str) -> None:
-        """Delete the lock only while it is still ours (If-Match our last ETag)."""
-        if self._conditional:
-            try:
-                self._client().delete_object(Bucket=self.bucket, Key=full, IfMatch=etag)
-                return
-            except ClientError as e:
-                code = _code(e)
-                if code in _MISSING:
-                    return
-                if code in _LOST_RACE:
-                    log.warning("%s: lock %s was broken by someone else while held", self.who, name)
-                    return
-                if code not in _UNSUPPORTED:
-                    raise
-        current = self._lock_state(full)  # no conditional delete here: check, then delete
-        if current is not None and current[0].get("token") == holder["token"]:
-            self._client().delete_object(Bucket=self.bucket, Key=full)
-        else:
-            log.warning("%s: lock %s was broken by someone else while held", self.who, name)
 
     # --- helpers -----------------------------------------------------------------
     def _client(self) -> Any:

@@ -13,7 +13,7 @@ A run (``run_blockcommit_backup``):
 
 1. Recovery (``tasks.overlays.reconcile``): the overlay journal is compared with the
    live chains and whatever an interrupted run left is finished or merged back.
-2. Level: ``tasks.backup.plan_level`` (full when asked, no earlier point, after
+2. Level: ``tasks.backup_steps.plan_level`` (full when asked, no earlier point, after
    ``full_every`` incrementals, disks added, removed or resized, a damaged point in the
    chain); an incremental also
    needs every disk's active image to be the tracker of the chain head. If not (a
@@ -52,7 +52,8 @@ with this strategy to two targets in turn makes every run a full.
 Consistency: the guest's filesystems are frozen through qemu-guest-agent around the
 snapshot only, the one moment that needs it (``tasks.quiesce``, as the request's
 ``quiesce`` mode says); the point records ``quiesced``, or ``crash`` when they could not
-be. Shut-off domains are refused for now.
+be. A shut-off domain never gets here: ``tasks.backup.run_backup`` copies its disks whole
+with qemu-img, as for the bitmap strategy.
 """
 from __future__ import annotations
 
@@ -74,18 +75,18 @@ from hypervisor import qemu_img
 from hypervisor.types import NAME_PREFIX, DomainInfo
 from storage_backends.repository import Repository
 from tasks import quiesce, recovery
-from tasks.backup import (
+from tasks.backup_steps import (
     BackupRequest,
     LevelPlan,
-    _check_space,
-    _manifest,
-    _Output,
-    _outputs,
-    _store,
-    _undo,
+    Output,
+    build_manifest,
+    check_space,
     complete_point,
     plan_level,
+    plan_outputs,
     restored_since,
+    store_images,
+    undo_point,
 )
 from tasks.context import JobContext
 from tasks.overlays import (
@@ -135,8 +136,8 @@ def run_blockcommit_backup(ctx: JobContext, req: BackupRequest) -> dict:
 
 def _check_domain(dom: DomainInfo) -> None:
     if not dom.active:
-        raise HypervisorError(f"domain {dom.name!r} is {dom.state}: the blockcommit strategy backs up running "
-                              "domains only for now; start it, or back it up with the bitmap strategy later")
+        raise HypervisorError(f"domain {dom.name!r} is {dom.state}: it stopped as its backup began; the next "
+                              "run copies its disks whole")
     if not dom.disks:
         raise HypervisorError(f"domain {dom.name!r} has no file or block disks to back up")
     block = [d.target for d in dom.disks if d.source_type != "file"]
@@ -197,20 +198,20 @@ def _make_point(ctx: JobContext, bj: BlockJobs, req: BackupRequest, dom: DomainI
     try:
         ctx.clear_scratch()
         permissions.make_dirs(ctx.scratch)
-        outputs = _outputs(ctx, repo, prefix, dom, req.storage)
-        _check_space(dom, plan, outputs)
+        outputs = plan_outputs(ctx, repo, prefix, dom, req.storage)
+        check_space(dom, plan, outputs)
         ctx.report(0.0, f"{plan.level} backup: snapshot of {len(outputs)} disk(s)")
         with _consistency(ctx, dom, req.quiesce) as consistency:
             disks = _snapshot(ctx, bj, dom, token)
         _ship(ctx, plan, disks, outputs)
-        artifacts = _store(ctx, repo, outputs)
-        manifest = _manifest(ctx, dom, point, plan, token, artifacts, "")
+        artifacts = store_images(ctx, repo, outputs)
+        manifest = build_manifest(ctx, dom, point, plan, token, artifacts, "")
         _describe(manifest, plan, disks, consistency)
         digest = repo.write_manifest(prefix, manifest)
         faults.pause_point("after-manifest")
         done = complete_point(ctx, point_id, artifacts, consistency=consistency, manifest_sha256=digest)
     except BaseException as e:
-        _undo(ctx, repo, dom.name, point_id, prefix, None, e)
+        undo_point(ctx, repo, dom.name, point_id, prefix, None, e)
         _roll_back(ctx, bj, dom, e)
         raise
     finally:
@@ -273,8 +274,8 @@ def overlay_path(chain: tuple[Layer, ...], ours: set[str], token: str) -> str:
     return str(where.with_name(f"{stem}.{token}.qcow2"))
 
 
-def _ship(ctx: JobContext, plan: LevelPlan, disks: list[_Disk], outputs: dict[str, _Output]) -> None:
-    """Write each disk's frozen layer where ``_store`` expects it: the previous tracker as
+def _ship(ctx: JobContext, plan: LevelPlan, disks: list[_Disk], outputs: dict[str, Output]) -> None:
+    """Write each disk's frozen layer where ``store_images`` expects it: the previous tracker as
     it is (incremental), or the frozen chain flattened (full)."""
     for i, d in enumerate(disks):
         dest = outputs[d.target].path

@@ -33,6 +33,7 @@ from catalog import points
 from catalog.points import ArtifactView, PointView
 from catalog.store import Catalog
 from storage_backends.base import Backend
+from storage_backends import repository
 from storage_backends.repository import Repository, is_manifest_key
 from tasks.confine import TARGET
 from virtwarden.errors import Transient, VirtwardenError
@@ -100,7 +101,7 @@ def plan_rebuild(storage: str, found: Sequence[Found], objects: Mapping[str, int
             point = point_of(storage, f)
             _check_artifacts(point, objects)
         except ValueError as e:
-            refused.append(Refused(f.key, _point_in_key(f.key), str(e)))
+            refused.append(Refused(f.key, repository.point_of(f.key), str(e)))
             continue
         if point.id in by_id:
             present.append(by_id[point.id])
@@ -210,11 +211,6 @@ def _check_artifacts(p: PointView, objects: Mapping[str, int]) -> None:
             raise ValueError(f"artifact {a.key} of disk {a.target} is missing")
         if objects[a.key] != a.size_bytes:
             raise ValueError(f"artifact {a.key} has {objects[a.key]} bytes; the manifest says {a.size_bytes}")
-
-
-def _point_in_key(key: str) -> str:
-    parts = key.split("/")
-    return parts[-2] if len(parts) >= 2 else key
 
 
 # --- chains ---------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from tasks.context import JobContext
 from virtwarden.errors import DomainNotFound, HypervisorError
 
 if TYPE_CHECKING:
-    from tasks.backup import BackupRequest
+    from tasks.backup_steps import BackupRequest
 
 log = logging.getLogger(__name__)
 ABORT_WAIT_SECONDS = 30.0  # how long an aborted libvirt backup job may take to end

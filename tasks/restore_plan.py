@@ -34,6 +34,7 @@ from catalog.points import PointView
 from hypervisor.domxml import disk_sources
 from tasks.confine import STAGING_PREFIX, confine
 from tasks.restore import InvalidRestoreRequest, RestoreRefused, layers_for
+from virtwarden.sizes import human_size
 
 TO_DIR, AS_DOMAIN, IN_PLACE = "to-dir", "as-domain", "in-place"
 MODES = (TO_DIR, AS_DOMAIN, IN_PLACE)
@@ -311,14 +312,6 @@ def _in_place(point: PointView, saved: dict[str, dict], live: LiveDomain | None,
 
 def _when(t: datetime) -> str:
     return t.strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def check_paths(plan: RestorePlan) -> None:

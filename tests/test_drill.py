@@ -206,7 +206,7 @@ def test_a_dead_drill_is_swept_by_the_next_one(vw, guest_factory, tmp_path, conn
     domain and files that only a later drill can remove: the sweep does, and marks it."""
     from catalog.models import Job
     from hypervisor import domains
-    from hypervisor.domxml import CopySpec, copy_xml
+    from hypervisor.domxml import CopySpec, copy_domain
     from hypervisor.libvirt_host import LibvirtHost
     from tasks.drill import drill_dir, sweep, throwaway_name
 
@@ -226,7 +226,7 @@ def test_a_dead_drill_is_swept_by_the_next_one(vw, guest_factory, tmp_path, conn
     foreign.mkdir()
     with LibvirtHost("local", URI) as hv:
         spec = CopySpec(row.throwaway, disks={}, throwaway=True)
-        domains.define(hv, copy_xml(g.xml(), spec), row.throwaway)
+        domains.define(hv, copy_domain(g.xml(), spec).xml, row.throwaway)
         removed = sweep(hv, cat, vw.scratch)
     assert f"domain {row.throwaway}" in removed and str(leftover) in removed
     assert row.throwaway not in _drill_domains(conn) and not leftover.exists()
@@ -319,13 +319,13 @@ ORIGINAL = """<domain type='kvm'><name>web01</name><uuid>11111111-2222-3333-4444
 
 
 def _throwaway(network: str | None = None) -> ET.Element:
-    from hypervisor.domxml import CopySpec, copy_xml
+    from hypervisor.domxml import CopySpec, copy_domain
     from hypervisor.throwaway import fixed_boot_order
 
     spec = CopySpec("virtwarden-drill-0123abcd", disks={"vda": "/scratch/vda.qcow2", "vdb": "/scratch/vdb.qcow2"},
                     drop_interfaces=network is None, network=network, serial_log="/scratch/serial.log",
                     throwaway=True)
-    return ET.fromstring(fixed_boot_order(copy_xml(ORIGINAL, spec)))
+    return ET.fromstring(fixed_boot_order(copy_domain(ORIGINAL, spec).xml))
 
 
 def test_the_throwaway_shares_nothing_with_the_original():

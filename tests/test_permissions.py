@@ -1,5 +1,5 @@
 """File modes and secret files, without services: whatever the umask, the repository,
-scratch copies, staged images, locks and the SQLite catalog are private (0600/0700), a
+scratch copies, staged images and the SQLite catalog are private (0600/0700), a
 read group or the service group opens exactly what it should, and files holding
 secrets that others can read are named (issue 10, findings 4 and 7)."""
 from __future__ import annotations
@@ -67,9 +67,6 @@ def _exercise(backend: NfsBackend, tmp_path: Path) -> None:
     os.close(fd)
     os.chmod(staged, 0o644)
     backend.publish_staged("web01/c1/p2/vda.qcow2", staged)
-    with backend.lock("web01"):
-        held = tree(backend.root)
-        assert held["locks/web01.lock"] in (0o600, 0o640)
     backend.get_file("web01/c1/p2/vda.qcow2", tmp_path / "scratch" / "job-1" / "vda.qcow2")
 
 
@@ -78,8 +75,7 @@ def test_the_repository_and_scratch_copies_are_private_whatever_the_umask(tmp_pa
     backend = NfsBackend("nfs", NfsStorage(type="nfs", path=str(root), create=True))
     _exercise(backend, tmp_path)
     found = tree(root)
-    assert set(found) >= {".", "web01", "web01/c1/p1/manifest.json", "web01/c1/p1/vdb.qcow2", "web01/c1/p2/vda.qcow2",
-                          "locks"}
+    assert set(found) >= {".", "web01", "web01/c1/p1/manifest.json", "web01/c1/p1/vdb.qcow2", "web01/c1/p2/vda.qcow2"}
     loose = {k: oct(v) for k, v in found.items() if v != (0o700 if (root / k).is_dir() else 0o600)}
     assert loose == {}
     scratch = tmp_path / "scratch"

@@ -138,10 +138,10 @@ def test_options_that_do_not_go_together_are_usage_errors(options, message):
 
 
 def test_copy_gets_its_own_nvram_and_repoint_keeps_everything_else():
-    from hypervisor.domxml import CopySpec, copy_xml, repoint_disks
+    from hypervisor.domxml import CopySpec, copy_domain, repoint_disks
 
-    copy = ET.fromstring((copy_xml(_SAVED_XML, CopySpec(name="c", disks={"vda": "/x/c-vda.qcow2",
-                                                                                "vdb": "/x/c-vdb.qcow2"}))))
+    copy = ET.fromstring(copy_domain(_SAVED_XML, CopySpec(name="c", disks={"vda": "/x/c-vda.qcow2",
+                                                                             "vdb": "/x/c-vdb.qcow2"})).xml)
     assert copy.find("os/nvram") is None and copy.find("os/loader") is not None
     assert copy.find("devices/interface/mac").get("address") != "52:54:00:11:22:33"
 

@@ -1,7 +1,7 @@
 """One contract, every backend: the same tests run against NFS (a directory under
 tmp_path) and S3 (moto, or the endpoint in $VIRTWARDEN_TEST_S3_ENDPOINT).
 
-Faults (a corrupted object, a crashed lock holder, an interrupted write) are injected
+Faults (a corrupted object, an interrupted write) are injected
 through ``raw``, which reaches the storage directly, bypassing the backend, the way a
 disk error or a killed process would.
 """
@@ -10,10 +10,8 @@ from __future__ import annotations
 import base64
 import errno
 import hashlib
-import json
 import os
 import re
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -32,7 +30,6 @@ from virtwarden.config import NfsStorage, S3Storage
 from virtwarden.errors import (
     ChecksumMismatch,
     InvalidName,
-    LockHeld,
     NoSpace,
     ObjectNotFound,
     StorageError,
@@ -40,7 +37,6 @@ from virtwarden.errors import (
 )
 
 MIB = 1024 * 1024
-GHOST = {"host": "ghost-host", "pid": "4242", "created": "2020-01-01T00:00:00+00:00", "token": "dead"}
 
 
 class NfsRaw:
@@ -52,10 +48,6 @@ class NfsRaw:
             head = f.read(16)
             f.seek(0)
             f.write(bytes(b ^ 0xFF for b in head))
-
-    def plant_lock(self, name: str) -> None:
-        (self.root / "locks").mkdir(exist_ok=True)
-        (self.root / "locks" / f"{name}.lock").write_text(json.dumps(GHOST))
 
     def plant_incomplete(self, key: str) -> None:
         path = self.root / key
@@ -90,10 +82,6 @@ class S3Raw:
         data = bytearray(reply["Body"].read())
         data[:16] = bytes(b ^ 0xFF for b in data[:16])
         self.client.put_object(Bucket=self.bucket, Key=self.full(key), Body=bytes(data), Metadata=reply["Metadata"])
-
-    def plant_lock(self, name: str) -> None:
-        key = self.full(f"locks/{name}.lock")
-        self.client.put_object(Bucket=self.bucket, Key=key, Body=json.dumps(GHOST).encode(), Metadata=GHOST)
 
     def plant_incomplete(self, key: str) -> None:
         upload = self.client.create_multipart_upload(Bucket=self.bucket, Key=self.full(key))
@@ -212,12 +200,11 @@ def test_list_is_sorted_prefix_limited_and_hides_internals(backend: Backend, raw
     for key in ["b/1", "a/2", "a.b", "a/1", "ab/3", "a/x/deep"]:
         backend.put_bytes(key, key.encode())
     raw.plant_incomplete("a/3")
-    with backend.lock("listing"):
-        assert [o.key for o in backend.list()] == ["a.b", "a/1", "a/2", "a/x/deep", "ab/3", "b/1"]
-        assert [o.key for o in backend.list("a/")] == ["a/1", "a/2", "a/x/deep"]
-        assert [o.key for o in backend.list("a")] == ["a.b", "a/1", "a/2", "a/x/deep", "ab/3"]
-        assert [o.key for o in backend.list("a/x")] == ["a/x/deep"]
-        assert list(backend.list("zzz/")) == []
+    assert [o.key for o in backend.list()] == ["a.b", "a/1", "a/2", "a/x/deep", "ab/3", "b/1"]
+    assert [o.key for o in backend.list("a/")] == ["a/1", "a/2", "a/x/deep"]
+    assert [o.key for o in backend.list("a")] == ["a.b", "a/1", "a/2", "a/x/deep", "ab/3"]
+    assert [o.key for o in backend.list("a/x")] == ["a/x/deep"]
+    assert list(backend.list("zzz/")) == []
     assert next(iter(backend.list("b/"))) == ObjectInfo("b/1", 3)
 
 
@@ -249,7 +236,7 @@ def test_invalid_keys_are_refused(backend: Backend, key: str, tmp_path: Path) ->
             backend.list(key.rstrip("/") + "//")
 
 
-@pytest.mark.parametrize("key", ["a/.tmp-x", "locks/nightly.lock"])
+@pytest.mark.parametrize("key", ["a/.tmp-x", "web01/.tmp-vda.qcow2"])
 def test_reserved_keys_are_refused(backend: Backend, key: str) -> None:
     with pytest.raises(InvalidName, match="reserved"):
         backend.put_bytes(key, b"x")
@@ -262,45 +249,6 @@ def test_missing_objects(backend: Backend, tmp_path: Path) -> None:
     with pytest.raises(ObjectNotFound):
         backend.get_file("web01/nope", dest)
     assert not dest.exists()
-
-
-def test_lock_is_exclusive(backend: Backend) -> None:
-    with backend.lock("web01"):
-        with pytest.raises(LockHeld) as caught:
-            with backend.lock("web01"):
-                pass
-        assert socket.gethostname() in str(caught.value) and str(os.getpid()) in str(caught.value)
-        with backend.lock("web02"):
-            pass
-    with backend.lock("web01"):
-        pass
-
-
-def test_stale_lock_is_broken_after_ttl(backend: Backend, raw) -> None:
-    raw.plant_lock("nightly")  # a holder that died without releasing
-    with pytest.raises(LockHeld, match="ghost-host"):
-        with backend.lock("nightly", ttl=1):
-            pass
-    time.sleep(2.2)
-    with backend.lock("nightly", ttl=1):
-        with pytest.raises(LockHeld):
-            with backend.lock("nightly", ttl=1):
-                pass
-
-
-def test_held_lock_is_refreshed_past_its_ttl(backend: Backend) -> None:
-    with backend.lock("long", ttl=1.5):
-        time.sleep(3.2)
-        with pytest.raises(LockHeld):
-            with backend.lock("long", ttl=1.5):
-                pass
-
-
-@pytest.mark.parametrize("name", ["a/b", "../x", "", ".tmp-x"])
-def test_invalid_lock_names(backend: Backend, name: str) -> None:
-    with pytest.raises(InvalidName):
-        with backend.lock(name):
-            pass
 
 
 def test_cleanup_removes_interrupted_writes(backend: Backend, raw) -> None:
@@ -445,42 +393,6 @@ def test_s3_errors_are_mapped(s3_settings: S3Storage, status: int, code: str, er
         backend.get_bytes("web01/x")
     assert type(caught.value) is error
     assert "testing" not in str(caught.value)  # no credentials in messages
-
-
-def test_s3_lock_falls_back_when_conditional_writes_are_refused(s3_settings: S3Storage) -> None:
-    """An endpoint answering 501 to If-None-Match/If-Match still gets working locks
-    (head-then-put, with the race the s3 module docstring admits)."""
-    backend = S3Backend("offsite", s3_settings)
-
-    def refuse_conditions(params, **_):
-        if {"If-None-Match", "If-Match"} & set(params["headers"]):
-            return fake_reply(501, "NotImplemented")
-        return None
-
-    events = backend._client().meta.events
-    events.register("before-call.s3.PutObject", refuse_conditions)
-    events.register("before-call.s3.DeleteObject", refuse_conditions)
-    with backend.lock("web01", ttl=1.5):
-        with pytest.raises(LockHeld, match=socket.gethostname()):
-            with backend.lock("web01", ttl=1.5):
-                pass
-        time.sleep(2)  # refreshed without If-Match
-        with pytest.raises(LockHeld):
-            with backend.lock("web01", ttl=1.5):
-                pass
-    assert backend._conditional is False
-    with backend.lock("web01"):
-        pass
-    assert list(backend.list()) == []
-
-
-def test_s3_lock_uses_conditional_writes_where_supported(s3_settings: S3Storage) -> None:
-    backend = S3Backend("offsite", s3_settings)
-    with backend.lock("web01"):
-        with pytest.raises(LockHeld):
-            with backend.lock("web01"):
-                pass
-    assert backend._conditional is True
 
 
 def test_nfs_retries_stale_file_handles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

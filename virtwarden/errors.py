@@ -141,7 +141,7 @@ class NoSpace(StorageError):
 
 
 class LockHeld(Transient):
-    """Someone else holds the lock (a storage lock file, a domain lock)."""
+    """Someone else holds the domain: another job is still changing it."""
 
 
 # --- hypervisor and jobs -------------------------------------------------------------

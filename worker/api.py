@@ -380,7 +380,7 @@ def cli(args: argparse.Namespace) -> int:
     import uvicorn
 
     from worker import celery_app
-    from worker.cli import load_config
+    from worker.output import load_config
 
     cfg = load_config(args)
     host, port = parse_listen(args.listen or cfg.api.listen)

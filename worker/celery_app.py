@@ -73,7 +73,7 @@ def configure(cfg: Config) -> Celery:
 def config() -> Config:
     if _config is None:
         from virtwarden import config as config_module
-        from worker.cli import apply_security
+        from worker.output import apply_security
 
         cfg = config_module.load()
         apply_security(cfg)

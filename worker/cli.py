@@ -8,14 +8,12 @@ long waits, and exit codes that mean something (virtwarden.errors: 0 ok, 1 faile
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from virtwarden import config as config_module
 from virtwarden import permissions
-from virtwarden.errors import EXIT_BUG, EXIT_FAILED, EXIT_OK, EXIT_USAGE, VirtwardenError
+from virtwarden.errors import EXIT_BUG, EXIT_USAGE, VirtwardenError
 from virtwarden.redact import install_log_masking, mask
 
 log = logging.getLogger("virtwarden")
@@ -61,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def cmd(name: str, handler: Handler, help_: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=help_)
-        sp.set_defaults(handler=handler, command_name=name)
+        sp.set_defaults(handler=handler)
         return sp
 
     pol = sub.add_parser("policy", help="validate and list policies").add_subparsers(metavar="ACTION")
@@ -181,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     cr.add_argument("--storage", required=True, help="the storage target to read")
     cr.add_argument("--dry-run", action="store_true", help="show what would be imported, change nothing")
     cr.add_argument("--json", action="store_true")
-    cr.set_defaults(handler=lazy("worker.rebuild:cli"), command_name="catalog rebuild")
+    cr.set_defaults(handler=lazy("worker.rebuild:cli"))
 
     api = cmd("api", lazy("worker.api:cli"), "serve the HTTP API (restores, jobs, alerts, metrics)")
     api.add_argument("--listen", help="HOST:PORT (default: api.listen from the configuration)")
@@ -189,18 +187,18 @@ def build_parser() -> argparse.ArgumentParser:
     rb = sub.add_parser("runbook", help="named, audited on-call procedures").add_subparsers(metavar="ACTION")
     rbl = rb.add_parser("list", help="built-in and user-defined runbooks")
     rbl.add_argument("--json", action="store_true")
-    rbl.set_defaults(handler=lazy("worker.runbooks:list_cli"), command_name="runbook")
+    rbl.set_defaults(handler=lazy("worker.runbooks:list_cli"))
     rbs = rb.add_parser("show", help="a runbook's parameters and steps")
     rbs.add_argument("name")
     rbs.add_argument("--json", action="store_true")
-    rbs.set_defaults(handler=lazy("worker.runbooks:show_cli"), command_name="runbook")
+    rbs.set_defaults(handler=lazy("worker.runbooks:show_cli"))
     rbr = rb.add_parser("run", help="run a runbook's steps in order, each as a job, waiting for each (audited)")
     rbr.add_argument("name")
     rbr.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE")
     rbr.add_argument("--dry-run", action="store_true", help="print every step's plan, change nothing")
     rbr.add_argument("--timeout", type=float, help="give up waiting for a step after this many seconds")
     rbr.add_argument("--json", action="store_true")
-    rbr.set_defaults(handler=lazy("worker.runbooks:run_cli"), command_name="runbook")
+    rbr.set_defaults(handler=lazy("worker.runbooks:run_cli"))
 
     ev = cmd("evacuate", lazy("worker.evacuate:cli"), "live-migrate a host's running domains to other hosts")
     ev.add_argument("host")
@@ -220,15 +218,7 @@ def lazy(target: str) -> Handler:
         import importlib
 
         module, name = target.split(":")
-        try:
-            found = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            what = getattr(args, "command_name", module)
-            print(f"virtwarden: {what} is not part of this release yet", file=sys.stderr)
-            return EXIT_USAGE
-        return int(getattr(found, name)(args))
+        return int(getattr(importlib.import_module(module), name)(args))
 
     return handler
 
@@ -245,33 +235,7 @@ def _wait_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true")
 
 
-def load_config(args: argparse.Namespace) -> config_module.Config:
-    cfg = config_module.load(args.config)
-    apply_security(cfg)
-    return cfg
-
-
-def apply_security(cfg: config_module.Config) -> None:
-    """This process's file modes from ``security``, and a warning when the configuration
-    file holds secrets that other users can read (as for the API's token file: the
-    warning says how to close it, and the file is used)."""
-    permissions.configure(cfg.security.read_group, cfg.security.service_group)
-    if cfg.file_secrets:
-        permissions.warn_if_exposed(cfg.source, ", ".join(cfg.file_secrets))
-
-
-def emit_json(data: object) -> None:
-    json.dump(data, sys.stdout, indent=2, default=str)
-    sys.stdout.write("\n")
-
-
-def table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in [header, *rows]]
-    return "\n".join(lines)
-
-
-__all__ = ["main", "EXIT_OK", "EXIT_FAILED"]
+__all__ = ["main"]
 
 if __name__ == "__main__":
     sys.exit(main())

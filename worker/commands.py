@@ -7,7 +7,8 @@ from pathlib import Path
 
 from catalog import jobs, points
 from catalog.store import Catalog
-from worker.cli import emit_json, load_config, table
+from virtwarden.sizes import human_size
+from worker.output import emit_json, load_config, table
 from virtwarden.errors import EXIT_FAILED, EXIT_OK, JobFailed
 
 
@@ -180,7 +181,7 @@ def backups(args: argparse.Namespace) -> int:
     if not found:
         print(f"no restore points for {args.domain}")
         return EXIT_OK
-    rows = [[p.id, p.created_at.strftime("%Y-%m-%d %H:%M:%S"), p.level, p.chain_id[:8], _size(p.size_bytes),
+    rows = [[p.id, p.created_at.strftime("%Y-%m-%d %H:%M:%S"), p.level, p.chain_id[:8], human_size(p.size_bytes),
              p.storage, p.status, _verified(p)] for p in found]
     print(table(rows, ["ID", "CREATED (UTC)", "LEVEL", "CHAIN", "SIZE", "STORAGE", "STATUS", "VERIFIED (UTC)"]))
     unusable = [p for p in found if p.status in (points.DAMAGED, points.FAILED)]
@@ -285,10 +286,3 @@ def _qemu_passage(cfg, hosts: list[str]) -> None:  # noqa: ANN001
         roots += [Path(st.path) for st in cfg.storage.values() if st.type == "nfs"]
         permissions.let_qemu_through(roots)
 
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)

@@ -23,12 +23,11 @@ from catalog import drills, jobs, points
 from catalog.store import Catalog
 from policies import load_policies, parse_metadata
 from policies.model import Drill, Policy
-from policies.select import DomainFacts, governing
+from policies.select import DomainFacts, by_name, governing
 from tasks.drill import DrillRequest, check_request, pick_point
 from virtwarden.config import Config
-from virtwarden.errors import EXIT_FAILED, EXIT_OK, NotFound, PolicyError
-from virtwarden.validation import suggest
-from worker.cli import emit_json, load_config, table
+from virtwarden.errors import EXIT_FAILED, EXIT_OK, PolicyError
+from worker.output import emit_json, load_config, table
 
 
 def drill_params(cfg: Config, cat: Catalog, domain: str, *, point: str | None = None, policy: str | None = None,
@@ -36,7 +35,7 @@ def drill_params(cfg: Config, cat: Catalog, domain: str, *, point: str | None = 
     """The drill job's parameters (a DrillRequest as JSON data). ``point`` None: the
     policy's ``drill.point``."""
     found = load_policies(cfg)
-    chosen = _named(found, policy) if policy else governing(found, _facts(cfg, cat, domain, host, found), "drill")
+    chosen = by_name(found, policy) if policy else governing(found, _facts(cfg, cat, domain, host, found), "drill")
     section = _section(chosen)
     storage = section.target or (chosen.spec.backup.target if chosen and chosen.spec.backup else None)
     if storage is not None:
@@ -66,14 +65,6 @@ def submit_drill(cfg: Config, cat: Catalog, domain: str, *, point: str | None = 
         celery_app.check_broker(cfg)
     return enqueue(cfg, cat, "drill", domain, host, params, requested_by, dedup_key=dedup_key,
                    interactive=interactive)
-
-
-def _named(found: list[Policy], name: str) -> Policy:
-    for candidate in found:
-        if candidate.name == name:
-            return candidate
-    names = sorted(p.name for p in found)
-    raise NotFound(f"no policy named {name!r}{suggest(name, names)} (known: {', '.join(names) or 'none'})")
 
 
 def _section(chosen: Policy | None) -> Drill:

@@ -19,7 +19,7 @@ from policies.placement import max_parallel
 from tasks.evacuate import DEFAULT_TIMEOUT, EvacuateRequest
 from virtwarden.config import Config
 from virtwarden.errors import EXIT_FAILED, EXIT_OK, PolicyError, UsageError
-from worker.cli import emit_json, load_config, table
+from worker.output import emit_json, load_config, table
 
 MiB = 1024 * 1024
 

@@ -73,7 +73,7 @@ def cli(args: argparse.Namespace) -> int:
 
     events.start_loop()  # before anything below opens a libvirt connection
     from worker import celery_app
-    from worker.cli import load_config
+    from worker.output import load_config
 
     cfg = load_config(args)
     hosts = args.host or list(cfg.hosts)

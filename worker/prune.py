@@ -24,14 +24,14 @@ from catalog.clock import database_now
 from catalog.store import Catalog
 from policies import load_policies, parse_metadata
 from policies.model import Policy
-from policies.select import DomainFacts, governing, selects
+from policies.select import DomainFacts, by_name, governing, selects
 from storage_backends import open_backend
 from storage_backends.repository import Repository
 from tasks.prune import DomainRules, dry_run_domain, summarize
 from virtwarden.config import Config
-from virtwarden.errors import EXIT_OK, NotFound, PolicyError, RestorePointNotFound, VirtwardenError
-from virtwarden.validation import suggest
-from worker.cli import emit_json, load_config, table
+from virtwarden.errors import EXIT_OK, PolicyError, RestorePointNotFound, VirtwardenError
+from worker.output import emit_json, load_config, table
+from worker.verify import host_for
 
 
 def cli(args: argparse.Namespace) -> int:
@@ -66,7 +66,7 @@ def submit(cfg: Config, cat: Catalog, rules: dict[str, DomainRules], *, domain: 
     celery_app.check_broker(cfg)
     params = {"domain": domain, "policy": policy, "dry_run": dry_run,
               "rules": {name: r.to_json() for name, r in rules.items()}}
-    return enqueue(cfg, cat, "prune", domain, _host(cfg, cat, domain), params, requested_by)
+    return enqueue(cfg, cat, "prune", domain, host_for(cfg, cat, domain), params, requested_by)
 
 
 def resolve(cfg: Config, cat: Catalog, domain: str | None, policy: str | None
@@ -75,7 +75,7 @@ def resolve(cfg: Config, cat: Catalog, domain: str | None, policy: str | None
     domains that cannot be pruned now with the reason. For one named domain a problem
     is an error (PolicyError, NotFound, a storage error) instead."""
     found = load_policies(cfg)
-    named = _named(found, policy) if policy else None
+    named = by_name(found, policy) if policy else None
     if domain and not points.for_domain(cat, domain):
         raise RestorePointNotFound(f"domain {domain!r} has no restore points in the catalog")
     rules: dict[str, DomainRules] = {}
@@ -132,20 +132,6 @@ def _facts(cfg: Config, cat: Catalog, domain: str, found: list[Policy]) -> Domai
             backend.close()
         metadata = parse_metadata(manifest["domain"]["xml"])
     return DomainFacts(domain, newest.host, metadata)
-
-
-def _named(found: list[Policy], name: str) -> Policy:
-    for candidate in found:
-        if candidate.name == name:
-            return candidate
-    names = sorted(p.name for p in found)
-    raise NotFound(f"no policy named {name!r}{suggest(name, names)} (known: {', '.join(names) or 'none'})")
-
-
-def _host(cfg: Config, cat: Catalog, domain: str | None) -> str:
-    found = points.for_domain(cat, domain) if domain else []
-    hosts = [p.host for p in reversed(found) if p.host in cfg.hosts]
-    return hosts[0] if hosts else next(iter(cfg.hosts))
 
 
 def print_plan(result: dict[str, Any]) -> None:

@@ -26,7 +26,7 @@ from policies.runbooks import Planned, Runbook, render
 from virtwarden.config import Config
 from virtwarden.errors import EXIT_FAILED, EXIT_OK, JobFailed, NotFound, VirtwardenError
 from virtwarden.validation import suggest
-from worker.cli import emit_json, load_config, table
+from worker.output import emit_json, load_config, table
 
 
 # --- the actions ------------------------------------------------------------------------

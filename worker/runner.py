@@ -1,5 +1,7 @@
 """Running one job row: claim it, keep its lease fresh, call the job function, record
-the outcome. Celery calls ``execute``; nothing here depends on Celery.
+the outcome. Celery calls ``execute``. Nothing here imports Celery, but a job whose
+domain now runs on another host is sent on to that host's queue from here, through
+``worker.submit.follow_domain`` (which does).
 
 An attempt holds the job only through its ``Fence`` (the token its claim set). The job
 function gets a catalog whose every write is conditional on that token, a report
@@ -164,19 +166,6 @@ class Heartbeat:
             self.lost.set()
 
 
-def _job_function(kind: JobKind | None) -> tuple[Callable[[JobContext, Any], dict], type] | None:
-    """The kind's job function and request type; None when this release lacks its module
-    (a policy may already name a job, e.g. snapshot, that a later release brings)."""
-    if kind is None:
-        return None
-    try:
-        return kind.load()
-    except ModuleNotFoundError as e:
-        if e.name and kind.run.startswith(e.name + ":"):
-            return None
-        raise
-
-
 def _failure(e: VirtwardenError) -> dict[str, Any]:
     """What a failed job keeps of its error besides the message: its kind and exit
     code, so ``--wait`` exits as the command would have had it run the job itself."""
@@ -208,11 +197,10 @@ def execute(cfg: Config, job_id: str, *, cat: Catalog | None = None, via_host: s
         log.info("job %s: not started (%s)", job_id, claim.why)
         return "busy" if claim.why == "domain-busy" else "skipped"
     fence = claim.fence
-    loaded = _job_function(kind)
-    if kind is None or loaded is None:
-        why = "is not part of this release yet" if kind else "is unknown"
-        jobs.finish(cat, fence, ok=False, error=f"job kind {job.kind!r} {why}")
+    if kind is None:
+        jobs.finish(cat, fence, ok=False, error=f"job kind {job.kind!r} is unknown")
         return "failed"
+    run, request_type = kind.load()
     beat = Heartbeat(cat, fence, cfg.worker.heartbeat_seconds)
     beat.start()
     hv = None
@@ -230,14 +218,14 @@ def execute(cfg: Config, job_id: str, *, cat: Catalog | None = None, via_host: s
             token=fence.token, confirm_owner=beat.confirm, restore_roots=cfg.restore_roots,
         )
         if claim.give_up is not None:
-            return _give_up(cat, ctx, kind, loaded[1], job, claim.give_up)
+            return _give_up(cat, ctx, kind, request_type, job, claim.give_up)
         if hv is not None and job.kind in FOLLOW_DOMAIN and job.domain:
             from worker.submit import follow_domain
 
             if follow_domain(cfg, cat, job, fence, hv):
                 return "moved"
         log.info("job %s: %s of %s, attempt %d (token %d)", job_id, job.kind, job.domain, claim.attempt, fence.token)
-        result = loaded[0](ctx, loaded[1](**job.params))
+        result = run(ctx, request_type(**job.params))
         beat.check()
     except LeaseLost as e:
         log.warning("%s", e)

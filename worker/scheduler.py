@@ -347,7 +347,7 @@ class Scheduler:
 def cli(args: argparse.Namespace) -> int:
     """``virtwarden scheduler [--once]``."""
     from worker import celery_app
-    from worker.cli import load_config
+    from worker.output import load_config
 
     cfg = load_config(args)
     cat = Catalog(cfg.catalog_url)
@@ -368,7 +368,7 @@ def cli(args: argparse.Namespace) -> int:
 
 def preview_cli(args: argparse.Namespace) -> int:
     """``virtwarden schedule preview [--from T] [--to T] [--json]``."""
-    from worker.cli import emit_json, load_config, table
+    from worker.output import emit_json, load_config, table
 
     try:
         start = parse_time(args.start, "--from") if args.start else clock_from_env()()

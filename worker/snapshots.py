@@ -13,7 +13,7 @@ from catalog.store import Catalog
 from policies import parse_metadata, resolve_snapshots
 from virtwarden.config import Config
 from virtwarden.errors import EXIT_OK
-from worker.cli import emit_json, load_config, table
+from worker.output import emit_json, load_config, table
 
 
 def submit_snapshot(cfg: Config, cat: Catalog, domain: str, *, policy: str | None = None, host: str | None = None,

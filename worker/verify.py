@@ -16,7 +16,7 @@ from catalog import jobs, points
 from catalog.store import Catalog
 from virtwarden.config import Config
 from virtwarden.errors import EXIT_FAILED, EXIT_OK, PolicyError, RestorePointNotFound
-from worker.cli import emit_json, load_config, table
+from worker.output import emit_json, load_config, table
 
 
 def percent(text: str) -> int:
@@ -82,6 +82,8 @@ def submit_verify(cfg: Config, cat: Catalog, *, domain: str | None = None, stora
 
 
 def host_for(cfg: Config, cat: Catalog, domain: str | None) -> str:
+    """The configured host that made the domain's latest point (the first host when none
+    did, or none is configured any more): where a job reading its points runs."""
     found = points.for_domain(cat, domain) if domain else []
     hosts = [p.host for p in reversed(found) if p.host in cfg.hosts]
     return hosts[0] if hosts else next(iter(cfg.hosts))

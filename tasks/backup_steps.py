@@ -1,0 +1,246 @@
+"""The steps both backup strategies share (``tasks.backup``: bitmap, ``tasks.blockcommit``):
+the request, full or incremental (``plan_level``, a pure function), where each disk's
+image is written (``plan_outputs``) and whether it fits (``check_space``), storing the
+images (``store_images``), the manifest (``build_manifest``), completing the point
+(``complete_point``) and undoing a failed one (``undo_point``).
+
+``complete_point`` and ``undo_point`` act only for the attempt that still owns the job
+(catalog/fencing.py), and ``undo_point`` removes data only of a point it moved from
+writing to failed: a worker that lost the job, or that cannot tell whether its last
+commit went through, touches nothing.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from catalog import points
+from catalog.points import ArtifactView, PointView
+from hypervisor import qemu_img
+from hypervisor.types import DomainInfo
+from storage_backends.repository import Repository
+from tasks import recovery
+from tasks.context import JobContext
+from virtwarden.errors import DatabaseUnavailable, LeaseLost, NoSpace, VirtwardenError
+
+log = logging.getLogger(__name__)
+COMMIT_RECHECK_SECONDS = 120.0  # how long a lost commit answer is chased before giving up
+
+
+@dataclass(frozen=True)
+class BackupRequest:
+    domain: str
+    storage: str
+    strategy: str = "bitmap"  # or "blockcommit"
+    full_every: int = 7  # incrementals after a full before the next full
+    force_full: bool = False
+    policy: str | None = None
+    # The policy's backup.retention (policies.model.Retention as data): applied to this
+    # domain's chain group after each successful backup.
+    retention: dict | None = None
+    # Freeze the guest's filesystems for the copy's instant: auto | always | never
+    # (tasks.quiesce).
+    quiesce: str = "auto"
+
+
+@dataclass(frozen=True)
+class LevelPlan:
+    level: str  # full | incremental
+    reason: str
+    parent: PointView | None = None
+
+
+def plan_level(req: BackupRequest, dom: DomainInfo, head: PointView | None, checkpoints: set[str],
+               restored: str | None = None, damaged: PointView | None = None) -> LevelPlan:
+    """Full or incremental, and why. Pure: decided from the catalog's chain head, the
+    checkpoints libvirt still has, ``restored``: why the disks were replaced by a
+    restore in place since the head, if they were, and ``damaged``: a point of the
+    head's chain (or after it) that a verification found damaged, if any."""
+    if req.force_full:
+        return LevelPlan("full", "full backup requested")
+    if damaged is not None:
+        return LevelPlan("full", f"restore point {damaged.id} of the last chain is damaged ({damaged.damage}); "
+                                 "starting a new chain")
+    if head is None:
+        return LevelPlan("full", "no earlier backup of this domain on this target")
+    if restored:
+        return LevelPlan("full", restored)
+    if head.seq >= req.full_every:
+        return LevelPlan("full", f"chain reached full_every={req.full_every} incrementals")
+    if not head.checkpoint:
+        return LevelPlan("full", "the last backup was made while the domain was shut off (no checkpoint to "
+                                 "continue from); starting a new chain")
+    if head.checkpoint not in checkpoints:
+        return LevelPlan("full", f"checkpoint {head.checkpoint} of the last backup is gone "
+                                 "(domain redefined or migrated, or its bitmaps were lost); starting a new chain")
+    before = {a.target: a.virtual_size for a in head.artifacts}
+    now = {d.target: d.virtual_size for d in dom.disks}
+    if set(before) != set(now):
+        return LevelPlan("full", f"disks changed since the last backup ({sorted(before)} -> {sorted(now)})")
+    resized = [t for t in now if before[t] != now[t]]
+    if resized:
+        return LevelPlan("full", f"disk {', '.join(resized)} was resized since the last backup")
+    return LevelPlan("incremental", f"changes since {head.checkpoint}", head)
+
+
+def restored_since(ctx: JobContext, dom: DomainInfo, head: PointView | None) -> str | None:
+    """Why the chain ``head`` ends, when the domain was restored in place after it."""
+    from tasks.restore import restored_in_place_reason
+
+    return restored_in_place_reason(ctx.catalog, dom.name, dom.uuid, head.created_at) if head else None
+
+
+@dataclass(frozen=True)
+class Output:
+    """Where libvirt writes one disk's image, and where that place is, for messages."""
+
+    key: str
+    path: Path
+    staged: bool  # made in place on the target's own filesystem (NFS), not in scratch
+    place: str
+
+
+def plan_outputs(ctx: JobContext, repo: Repository, prefix: str, dom: DomainInfo, storage: str) -> dict[str, Output]:
+    """Images go straight onto a mounted target when it can take them (no second copy);
+    otherwise into this job's scratch directory, to be uploaded."""
+    out = {}
+    for d in dom.disks:
+        key = repo.artifact_key(prefix, d.target)
+        staged = repo.backend.stage(key)
+        if staged is not None:
+            out[d.target] = Output(key, staged, True, f"storage {storage!r} ({staged.parent})")
+        else:
+            out[d.target] = Output(key, ctx.scratch / f"{d.target}.qcow2", False,
+                                    f"scratch directory {ctx.scratch_root}")
+    return out
+
+
+def check_space(dom: DomainInfo, plan: LevelPlan, outputs: dict[str, Output]) -> None:
+    """A full copy needs room for every disk's data: refuse early rather than fill a
+    filesystem halfway."""
+    if plan.level != "full":
+        return
+    need: dict[Path, int] = {}
+    for d in dom.disks:
+        where = outputs[d.target].path.parent
+        try:
+            need[where] = need.get(where, 0) + int(qemu_img.info(Path(d.path)).get("actual-size", 0))
+        except Exception:  # noqa: BLE001 - an estimate only; the copy itself will tell
+            pass
+    for where, size in need.items():
+        free = free_bytes(where)
+        if size > free:
+            place = next(o.place for o in outputs.values() if o.path.parent == where)
+            raise NoSpace(f"{place} has {free} bytes free; a full backup of {dom.name!r} needs about {size}")
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def store_images(ctx: JobContext, repo: Repository, outputs: dict[str, Output]) -> list[ArtifactView]:
+    out = []
+    total = sum(os.path.getsize(o.path) for o in outputs.values()) or 1
+    sent = 0
+    for target, o in outputs.items():
+        qemu_img.detach_backing(o.path)  # libvirt names the live disk as backing: never keep that
+        virtual = int(qemu_img.info(o.path)["virtual-size"])
+        base = sent
+
+        def moved(n: int, base: int = base, target: str = target) -> None:
+            ctx.report(0.6 + 0.39 * (base + n) / total, f"storing {target}: {(base + n) >> 20} MiB")
+
+        if o.staged:
+            stored = repo.backend.publish_staged(o.key, o.path, progress=moved)
+        else:
+            stored = repo.backend.put_file(o.key, o.path, progress=moved)
+        sent += stored.size
+        out.append(ArtifactView(target, o.key, stored.size, stored.sha256, virtual))
+    return out
+
+
+def build_manifest(ctx: JobContext, dom: DomainInfo, point: PointView, plan: LevelPlan, checkpoint: str | None,
+              artifacts: list[ArtifactView], checkpoint_xml: str, *, consistency: str = "crash") -> dict:
+    modes = {d.target: ("incremental" if plan.level == "incremental" and d.has_bitmaps else "full")
+             for d in dom.disks}
+    # Without libvirt's secure flag: a restore point never holds a graphics password.
+    xml = ctx.require_hypervisor().inactive_xml(dom.name, secure=False)
+    return {
+        "point_id": point.id, "chain_id": point.chain_id, "parent_id": point.parent_id,
+        "seq": point.seq, "level": point.level, "strategy": point.strategy, "reason": plan.reason,
+        "consistency": consistency, "host": point.host,
+        "created_at": point.created_at.isoformat(),
+        "completed_at": datetime.now(timezone.utc).isoformat(),
+        "domain": {"name": dom.name, "uuid": dom.uuid, "xml": xml},
+        "checkpoint": {"name": checkpoint, "xml": checkpoint_xml} if checkpoint else None,
+        "disks": [{"target": a.target, "mode": modes[a.target], "format": "qcow2", "key": a.key,
+                   "size_bytes": a.size_bytes, "sha256": a.sha256, "virtual_size": a.virtual_size,
+                   "source": dom.disk(a.target).path} for a in artifacts],
+    }
+
+
+def complete_point(ctx: JobContext, point_id: str, artifacts: list[ArtifactView], *, consistency: str,
+                   manifest_sha256: str | None) -> PointView:
+    """Mark the point complete. When the database fails around the commit, the outcome is
+    unknown (the UPDATE may have committed and only its answer been lost), so the point
+    is read again, for up to ``COMMIT_RECHECK_SECONDS``, before anything is undone: a
+    point the catalog lists as complete keeps its data whatever the error said."""
+    try:
+        return points.complete(ctx.catalog, point_id, artifacts, consistency=consistency,
+                               manifest_sha256=manifest_sha256)
+    except DatabaseUnavailable as e:
+        log.warning("job %s: completing point %s: %s; reading it again before deciding", ctx.job_id, point_id, e)
+        first = e
+    deadline = time.monotonic() + COMMIT_RECHECK_SECONDS
+    while True:
+        try:
+            now = points.get(ctx.catalog, point_id)
+            if now.status == points.COMPLETE:
+                log.info("job %s: point %s was completed (the commit's answer was lost)", ctx.job_id, point_id)
+                return now
+            return points.complete(ctx.catalog, point_id, artifacts, consistency=consistency,
+                                   manifest_sha256=manifest_sha256)
+        except DatabaseUnavailable as e:
+            if time.monotonic() > deadline:
+                raise DatabaseUnavailable(f"point {point_id}: the catalog could not be reached to complete it "
+                                          f"({first}; {e}); it stays unlisted") from e
+            time.sleep(1.0)
+
+
+def undo_point(ctx: JobContext, repo: Repository, domain: str, point_id: str, prefix: str,
+          checkpoint: str | None, error: BaseException) -> None:
+    """Leave nothing half-done: the point failed, its pieces and checkpoint removed, but
+    only by the attempt that still owns the job, and the data only of a point this call
+    moved from writing to failed (never of one the catalog lists as complete). When
+    that cannot be known (lease lost, catalog unreachable) nothing is touched: the
+    next attempt's recovery, or the sweep of unfinished points, does it."""
+    if isinstance(error, LeaseLost):
+        return
+    hv = ctx.require_hypervisor()
+    reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    try:
+        ctx.ensure_owner(f"clean up after the failed backup of {domain}")
+        failed_now = points.fail(ctx.catalog, point_id, reason)
+    except (LeaseLost, VirtwardenError) as e:
+        log.warning("domain %s job %s: not cleaning up point %s now (%s); recovery will", domain, ctx.job_id,
+                    point_id, e)
+        return
+    if not failed_now:
+        log.warning("domain %s job %s: point %s is not being written any more; its data stays", domain,
+                    ctx.job_id, point_id)
+        return
+    for step in (lambda: hv.abort_job(domain) if checkpoint and hv.has_active_job(domain) else None,
+                 lambda: hv.delete_checkpoint(domain, checkpoint) if checkpoint else None,
+                 lambda: recovery.remove_point_data(repo, prefix)):
+        try:
+            ctx.ensure_owner(f"clean up after the failed backup of {domain}")
+            step()
+        except LeaseLost:
+            return
+        except Exception as cleanup_error:  # noqa: BLE001 - report, keep cleaning
+            log.warning("domain %s job %s: cleanup after failure: %s", domain, ctx.job_id, cleanup_error)

@@ -359,7 +359,7 @@ def test_a_libvirtd_restart_is_survived_and_what_it_hid_is_handled(installation,
     vw, name = installation
     vw.hosts = {"h2": {"uri": uri2}}
     vw.start_worker(["h2"])
-    listener = ListenerProcess(vw, env={"VIRTWARDEN_LISTENER_BACKOFF_MIN": "1"})
+    listener = ListenerProcess(vw)  # reconnects after 1 s, doubling (listener.backoff_min_seconds)
     conn = None
     try:
         pos = listener.wait_for("host h2: reconciled (first contact)")

@@ -43,15 +43,17 @@ TEST_WORKER = {"lease_seconds": 4, "heartbeat_seconds": 1, "reap_seconds": 1, "m
                "retry_delay_seconds": 1, "concurrency": 1, "resend_seconds": 3, "sweep_seconds": 5}
 
 
-def wait_for(predicate, timeout: float, what: str, poll: float = 0.05):  # noqa: ANN001, ANN201
-    """Poll ``predicate`` until it returns something true (returned) or ``timeout`` ends."""
+def wait_for(predicate, timeout: float, what, poll: float = 0.05):  # noqa: ANN001, ANN201
+    """Poll ``predicate`` until it returns something true (returned) or ``timeout`` ends.
+    ``what`` names what is waited for in the error; a callable gives it then (the tail of
+    a log, say). A predicate that knows the wait is hopeless (its process exited) raises."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(poll)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what() if callable(what) else what}")
 
 
 @dataclass
@@ -86,14 +88,14 @@ class WorkerProcess:
                                      preexec_fn=_die_with_parent)
 
     def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def ready() -> bool:
             if b" ready." in self.log.read_bytes():
-                return
+                return True
             if self.proc.poll() is not None:
-                break
-            time.sleep(0.2)
-        raise AssertionError(f"worker did not start:\n{self.log.read_text()[-3000:]}")
+                raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            return False
+
+        wait_for(ready, timeout, lambda: f"the worker to start:\n{self.log.read_text()[-3000:]}", poll=0.1)
 
     def pause(self) -> None:
         """SIGSTOP the whole worker: every process and thread stops, lease renewal too."""

@@ -11,6 +11,7 @@ import pytest
 from tests.conftest import need
 from tests.harness import TEST_WORKER, s3_storage_entry
 
+pytestmark = pytest.mark.cli_in_process
 MiB = 1024 * 1024
 
 

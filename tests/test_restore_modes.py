@@ -20,6 +20,8 @@ import pytest
 from tests.guests import images_equal
 from tests.harness import wait_for
 
+pytestmark = pytest.mark.cli_in_process
+
 KiB, MiB = 1024, 1024 * 1024
 MARKER = b"VIRTWARDEN-RESTORE-BOOTED"
 

@@ -14,6 +14,8 @@ import pytest
 
 from tests.guests import images_equal
 
+pytestmark = pytest.mark.cli_in_process
+
 MiB = 1024 * 1024
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 import textwrap
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -94,7 +95,11 @@ def test_someone_deleting_our_snapshot_is_noticed_not_fatal(vw, guest_factory, t
     vw.start_worker()
     first = _snapshot(vw, g.name)["snapshot"]
     g.dom.snapshotLookupByName(first, 0).delete(0)
+    # Names are made to the second and only kept apart from snapshots libvirt still has:
+    # taken within the same second, the second snapshot would get the deleted one's name.
+    time.sleep(1.1)
     second = _snapshot(vw, g.name)["snapshot"]
+    assert second != first
     states = {s["name"]: s["state"] for s in vw.cli("snapshots", g.name, "--json").json()}
     assert states == {second: "present"}
     with vw.catalog().session() as s:

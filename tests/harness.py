@@ -210,9 +210,9 @@ class Installation:
         return self.config_path
 
     def cli(self, *args: str, timeout: float = 300, in_process: bool | None = None) -> Cli:
-        """``virtwarden ARGS`` with this installation's configuration. In this process
-        (``in_process``, by default ``cli_in_process``) unless it is a daemon; then
-        ``timeout`` is not enforced."""
+        """``virtwarden ARGS`` with this installation's configuration, in a new process,
+        or in this one when ``in_process`` (by default ``cli_in_process``) and ARGS name
+        no daemon. ``timeout`` bounds a new process only."""
         self.write_config()
         env = {**os.environ, "VIRTWARDEN_CONFIG": str(self.config_path)}
         env.pop("VIRTWARDEN_DATABASE_URL", None)

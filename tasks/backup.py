@@ -111,7 +111,7 @@ def _run_bitmap(ctx: JobContext, req: BackupRequest) -> dict:
             "full", f"domain is not running ({dom.state}): disks copied whole with qemu-img "
                     "(checkpoints need a running domain)"),
             online=False)
-    quiesce.check(hv, req.domain, req.quiesce)  # quiesce: always without an agent changes nothing
+    quiesce.check(hv, req.domain, req.quiesce, ctx.agent)  # quiesce: always without an agent changes nothing
     head = points.chain_head(ctx.catalog, dom.uuid, req.storage, req.strategy)
     ours = {c.name for c in hv.checkpoints(req.domain)}
     adopted = adopt_checkpoint(ctx, dom, head, ours)  # the domain moved here: its bitmaps came along
@@ -173,7 +173,7 @@ def _make_point(ctx: JobContext, req: BackupRequest, dom: DomainInfo, plan: Leve
             # Push mode copies the disks as they are when backupBegin returns: the guest
             # is frozen for that call only, and thawed while QEMU copies.
             qlog = quiesce.job_log(dom.name, ctx.job_id)
-            with quiesce.quiesced(hv, dom.name, req.quiesce, log=qlog) as consistency:
+            with quiesce.quiesced(hv, dom.name, req.quiesce, ctx.agent, log=qlog) as consistency:
                 hv.begin_backup(dom.name, {t: str(o.path) for t, o in outputs.items()}, checkpoint=checkpoint,
                                 incremental_from=parent.checkpoint if parent else None,
                                 bitmap_disks={d.target for d in dom.disks if d.has_bitmaps}, skip=set())

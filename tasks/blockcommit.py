@@ -126,7 +126,7 @@ def run_blockcommit_backup(ctx: JobContext, req: BackupRequest) -> dict:
     reconcile(ctx, bj, dom.name, dom.uuid)
     dom = hv.domain(req.domain)  # recovery may have changed the active images
     ctx.storage(req.storage).check()  # an unreachable target fails before anything changes
-    quiesce.check(hv, dom.name, req.quiesce)  # quiesce: always without an agent changes nothing
+    quiesce.check(hv, dom.name, req.quiesce, ctx.agent)  # quiesce: always without an agent changes nothing
     head = points.chain_head(ctx.catalog, dom.uuid, req.storage, STRATEGY)
     rows = journal.for_run(ctx.catalog, dom.name, head.checkpoint) if head and head.checkpoint else []
     damaged = points.damaged_since(ctx.catalog, dom.uuid, req.storage, STRATEGY, head)
@@ -229,7 +229,7 @@ def _make_point(ctx: JobContext, bj: BlockJobs, req: BackupRequest, dom: DomainI
 def _consistency(ctx: JobContext, dom: DomainInfo, mode: str) -> Iterator[str]:
     """The guest's filesystems frozen around the snapshot and thawed right after it;
     yields ``"quiesced"``, or ``"crash"`` (all disks still snapshotted at one instant)."""
-    with quiesce.quiesced(ctx.require_hypervisor(), dom.name, mode,
+    with quiesce.quiesced(ctx.require_hypervisor(), dom.name, mode, ctx.agent,
                           log=quiesce.job_log(dom.name, ctx.job_id)) as consistency:
         yield consistency
 

@@ -14,6 +14,7 @@ from typing import Protocol
 from catalog.store import Catalog
 from hypervisor.types import Checkpoint, DomainInfo, JobState
 from storage_backends.base import Backend
+from virtwarden.config import AgentConfig, DrillConfig
 
 
 class Hypervisor(Protocol):
@@ -66,6 +67,9 @@ class JobContext:
     poll_seconds: float = 0.2  # libvirt job polls: cheap, and they bound the added latency
     # Where confined restores may write: the worker's restore.allowed_dirs (tasks/confine.py).
     restore_roots: tuple[str, ...] = ()
+    # The configuration's ``agent`` and ``drill`` sections (guest agent timeouts, drill polls).
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    drill: DrillConfig = field(default_factory=DrillConfig)
     _scratch: Path | None = field(default=None, repr=False)
 
     def ensure_owner(self, action: str) -> None:

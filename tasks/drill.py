@@ -11,7 +11,7 @@ devices or memory backing files; what was left out is logged and named in the
 ``starts`` check and the job's result; a fixed boot disk: see hypervisor.throwaway) and
 starts it with libvirt's auto-destroy, so it is powered off the moment the worker's
 connection closes. Then,
-within ``run_for`` seconds of the start, polling every ``POLL`` seconds:
+within ``run_for`` seconds of the start, polling every ``drill.poll_seconds`` (configuration):
 
 - ``stays-running``: the domain must run the whole time (a crash or power-off fails);
 - ``serial-marker``: when configured, the text must appear on the serial console;
@@ -51,8 +51,6 @@ from virtwarden.errors import (ChecksumMismatch, HypervisorError, JobFailed, Res
 log = logging.getLogger(__name__)
 
 PREFIX = "virtwarden-drill-"
-POLL = 0.5  # seconds between two looks at the running throwaway
-AGENT_TIMEOUT = 2  # seconds one guest-ping may take
 NETWORKS = ("none", "isolated")
 _RESTORE_SHARE, _WATCH_SHARE = 0.5, 0.45  # of the job's progress
 
@@ -251,13 +249,14 @@ class _Run:
             if not domains.is_running(self.hv, self.name):
                 stopped_at, stopped_state = now - self.started, self.hv.domain(self.name).state
                 break
-            if want_agent and agent_at is None and agent.ping(self.hv, self.name, AGENT_TIMEOUT):
+            if want_agent and agent_at is None and agent.ping(self.hv, self.name,
+                                                                   self.ctx.drill.agent_ping_seconds):
                 agent_at = time.monotonic() - self.started
             if now >= deadline:
                 break
             self.ctx.report(_RESTORE_SHARE + _WATCH_SHARE * (now - self.started) / req.run_for,
                             f"{self.name} up for {now - self.started:.0f} of {req.run_for:g} s")
-            time.sleep(max(0.0, min(POLL, deadline - time.monotonic())))
+            time.sleep(max(0.0, min(self.ctx.drill.poll_seconds, deadline - time.monotonic())))
         waited = time.monotonic() - self.started
         if marker:
             self.boot_seconds = _round(marker_at)

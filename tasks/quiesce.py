@@ -19,7 +19,8 @@ The guest is never left frozen by us. The thaw runs in a ``finally``, whatever t
 block did. A freeze that was not answered in time may still run later (the agent got it
 and was stuck, or is slow to flush): then, and when a thaw itself went unanswered, the
 agent's freeze status is read, and the thaw sent again, until it says ``thawed``, for
-up to ``THAW_GRACE`` seconds. The agent handles requests in order, so an answer always
+up to ``agent.thaw_grace_seconds`` (virtwarden.config.AgentConfig, as is the timeout of
+each call). The agent handles requests in order, so an answer always
 comes after that late freeze. Only an agent that stays silent longer than that is beyond
 reach; the log then says what to run by hand. A freeze the agent refused (an error
 answer) froze nothing (qemu-ga undoes a partial freeze itself), so nothing is thawed
@@ -33,12 +34,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Protocol
 
+from virtwarden.config import AgentConfig
 from virtwarden.errors import AgentUnresponsive, ConfigError, DomainNotFound, HypervisorError, QuiesceFailed, VirtwardenError
 
 MODES = ("auto", "always", "never")
-TIMEOUT = 10.0  # seconds for each agent call (ping, freeze, thaw); a freeze flushes dirty data
-THAW_GRACE = 120.0  # how long a thaw is retried after an agent call went unanswered
-RETRY_PAUSE = 1.0
+DEFAULTS = AgentConfig()  # the configuration's ``agent`` section when none is given
 
 QUIESCED, CRASH = "quiesced", "crash"
 _log = logging.getLogger(__name__)
@@ -62,18 +62,18 @@ def job_log(domain: str, job_id: str) -> logging.LoggerAdapter:
     return _JobLog(_log, {"prefix": f"domain {domain} job {job_id}: "})
 
 
-def check(hv, domain: str, mode: str, timeout: float = TIMEOUT) -> None:  # noqa: ANN001
+def check(hv, domain: str, mode: str, settings: AgentConfig = DEFAULTS) -> None:  # noqa: ANN001
     """Refuse early (QuiesceFailed) when ``always`` cannot be honoured because the agent
     is not there, so that a job fails before it creates or changes anything."""
     _check_mode(mode)
     if mode == "always":
-        why = _unavailable(hv, domain, timeout)
+        why = _unavailable(hv, domain, settings.call_timeout_seconds)
         if why:
             raise QuiesceFailed(_always_message(domain, why))
 
 
 @contextmanager
-def quiesced(hv, domain: str, mode: str, timeout: float = TIMEOUT,  # noqa: ANN001
+def quiesced(hv, domain: str, mode: str, settings: AgentConfig = DEFAULTS,  # noqa: ANN001
              log: Log = _log) -> Iterator[str]:
     """Freeze ``domain``'s filesystems for the block (see the module docstring) and yield
     the consistency of what is taken inside it: ``"quiesced"`` or ``"crash"``.
@@ -82,13 +82,14 @@ def quiesced(hv, domain: str, mode: str, timeout: float = TIMEOUT,  # noqa: ANN0
     if mode == "never":
         yield CRASH
         return
+    timeout = settings.call_timeout_seconds
     why = _unavailable(hv, domain, timeout)
     sent = unsure = False
     if why is None:
         why, sent, unsure = _freeze(hv, domain, timeout, log)
     if why and mode == "always":
         if sent:
-            _thaw(hv, domain, timeout, log, unsure=unsure)
+            _thaw(hv, domain, settings, log, unsure=unsure)
         raise QuiesceFailed(_always_message(domain, why))
     if why:
         log.warning("not quiesced (%s): the point is crash-consistent", why)
@@ -96,7 +97,7 @@ def quiesced(hv, domain: str, mode: str, timeout: float = TIMEOUT,  # noqa: ANN0
         yield CRASH if why else QUIESCED
     finally:
         if sent:
-            _thaw(hv, domain, timeout, log, unsure=unsure)
+            _thaw(hv, domain, settings, log, unsure=unsure)
 
 
 def _check_mode(mode: str) -> None:
@@ -134,10 +135,12 @@ def _freeze(hv, domain: str, timeout: float, log: Log) -> tuple[str | None, bool
     return None, True, False
 
 
-def _thaw(hv, domain: str, timeout: float, log: Log, *, unsure: bool) -> None:  # noqa: ANN001
+def _thaw(hv, domain: str, settings: AgentConfig, log: Log, *, unsure: bool) -> None:  # noqa: ANN001
     """Thaw. An answered thaw is final unless an earlier call went unanswered; then read
-    the agent's status (and thaw again) until it says thawed, for up to THAW_GRACE."""
+    the agent's status (and thaw again) until it says thawed, for up to the thaw grace."""
     from hypervisor import agent
+
+    timeout, grace = settings.call_timeout_seconds, settings.thaw_grace_seconds
 
     try:
         count = agent.thaw(hv, domain, timeout)
@@ -145,10 +148,10 @@ def _thaw(hv, domain: str, timeout: float, log: Log, *, unsure: bool) -> None:  
             log.info("thawed %d filesystem(s)", count)
             return
     except HypervisorError as e:
-        log.warning("thaw not answered, retrying for up to %gs: %s", THAW_GRACE, e)
-    deadline = time.monotonic() + THAW_GRACE
+        log.warning("thaw not answered, retrying for up to %gs: %s", grace, e)
+    deadline = time.monotonic() + grace
     while True:
-        pause = RETRY_PAUSE
+        pause = settings.thaw_retry_seconds
         try:
             state = agent.freeze_status(hv, domain, timeout)
             if state == "thawed":
@@ -167,7 +170,7 @@ def _thaw(hv, domain: str, timeout: float, log: Log, *, unsure: bool) -> None:  
             log.error("could not confirm that the guest's filesystems are thawed within %gs (%s): if the agent "
                       "runs the freeze it was sent, they stay frozen; check with `virsh qemu-agent-command %s "
                       "'{\"execute\":\"guest-fsfreeze-status\"}'` and thaw with `virsh domfsthaw %s`",
-                      THAW_GRACE, last, domain, domain)
+                      grace, last, domain, domain)
             return
         time.sleep(pause)
 

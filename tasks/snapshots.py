@@ -62,7 +62,7 @@ def run_snapshot(ctx: JobContext, req: SnapshotRequest) -> dict:
     dom = hv.domain(req.domain)
     _refuse_blockcommit_domain(ctx, req)
     if req.type == "external" and dom.active:
-        quiesce.check(hv, req.domain, req.quiesce)  # quiesce: always without an agent takes nothing
+        quiesce.check(hv, req.domain, req.quiesce, ctx.agent)  # quiesce: always without an agent takes nothing
     existing = set(hv_snapshots.names(hv, req.domain))
     _settle(ctx, dom, existing)
     earlier = [s for s in snapshots.live(ctx.catalog, dom.uuid, any_policy=True) if s.job_id == ctx.job_id]
@@ -85,7 +85,7 @@ def _take_recorded(ctx: JobContext, hv, dom: DomainInfo, req: SnapshotRequest,  
                           policy=req.policy, kind=req.type, job_id=ctx.job_id)
     description = f"taken by virtwarden job {ctx.job_id}" + (f" for policy {req.policy}" if req.policy else "")
     try:
-        consistency = _take(hv, dom, req, name, description, ctx.job_id)
+        consistency = _take(ctx, hv, dom, req, name, description)
     except VirtwardenError:
         snapshots.forget(ctx.catalog, row.id)
         raise
@@ -145,8 +145,8 @@ class _AsPoint:
         return "full"
 
 
-def _take(hv, dom: DomainInfo, req: SnapshotRequest, name: str, description: str,  # noqa: ANN001
-          job_id: str) -> str:
+def _take(ctx: JobContext, hv, dom: DomainInfo, req: SnapshotRequest, name: str,  # noqa: ANN001
+          description: str) -> str:
     from hypervisor import snapshots as hv_snapshots
 
     other = "external" if req.type == "internal" else "internal"
@@ -177,7 +177,8 @@ def _take(hv, dom: DomainInfo, req: SnapshotRequest, name: str, description: str
     if not dom.active:
         hv_snapshots.take_external(hv, req.domain, name, description, overlay_paths)
         return "offline"
-    with quiesce.quiesced(hv, req.domain, req.quiesce, log=quiesce.job_log(req.domain, job_id)) as consistency:
+    with quiesce.quiesced(hv, req.domain, req.quiesce, ctx.agent,
+                          log=quiesce.job_log(req.domain, ctx.job_id)) as consistency:
         hv_snapshots.take_external(hv, req.domain, name, description, overlay_paths)
     return consistency
 

@@ -7,7 +7,9 @@ skipping.
 """
 from __future__ import annotations
 
+import importlib
 import os
+from types import ModuleType
 
 import pytest
 
@@ -21,6 +23,15 @@ def need(condition: bool, why: str) -> None:
     if REQUIRED:
         pytest.fail(f"required service missing: {why} (VIRTWARDEN_REQUIRE_LIBVIRT is set)")
     pytest.skip(why)
+
+
+def need_module(name: str) -> ModuleType:
+    """The module ``name``, imported; skip (locally) or fail (in CI) when it is missing."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        need(False, f"{name} is not importable: {e}")
+        raise  # not reached: need() skipped or failed
 
 
 pytest_plugins = ["tests.guests", "tests.agentguest", "tests.s3server", "tests.faultproxy", "tests.harness"]

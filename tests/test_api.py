@@ -20,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.guests import images_equal
-from tests.harness import REPO
+from tests.harness import REPO, wait_for
 from worker.api_auth import sign
 
 MiB = 1024 * 1024
@@ -61,14 +61,16 @@ class ApiServer:
             cwd=REPO, env=env, stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.proc.poll() is None:
+        def listening() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"API exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
+                return True
             except OSError:
-                time.sleep(0.1)
-        raise AssertionError(f"API did not start:\n{self.log.read_text()[-3000:]}")
+                return False
+
+        wait_for(listening, timeout, lambda: f"the API to listen:\n{self.log.read_text()[-3000:]}", poll=0.1)
 
     def call(self, method: str, path: str, body: object = None, *, token: str | None = TOKEN,
              raw: bytes | None = None, headers: dict | None = None, signed: int | None = None) -> Reply:
@@ -177,13 +179,11 @@ def _alertmanager(status: str, *, fingerprint: str = "3f2a9c0d1e4b5a67", ends: s
 
 
 def _follow(server: ApiServer, job_id: str, timeout: float = 300) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def ended() -> dict | None:
         job = server.call("GET", f"/v1/jobs/{job_id}").json()
-        if job["state"] in ("succeeded", "failed"):
-            return job
-        time.sleep(0.25)
-    raise AssertionError(f"job {job_id} still {job['state']} after {timeout:.0f}s")
+        return job if job["state"] in ("succeeded", "failed") else None
+
+    return wait_for(ended, timeout, f"job {job_id} to end", poll=0.25)
 
 
 # --- authentication ------------------------------------------------------------------------

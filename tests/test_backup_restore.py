@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.guests import images_equal
-from tests.harness import s3_storage_entry
+from tests.harness import s3_storage_entry, wait_for
 
 pytestmark = pytest.mark.libvirt
 KiB, MiB = 1024, 1024 * 1024
@@ -175,7 +175,6 @@ def test_bitmaps_lost_in_a_crash_fall_back_to_a_full(vw, guest_factory, tmp_path
     checkpoint inconsistent and the next backup must be a full, with the reason."""
     import os
     import signal
-    import time
 
     import libvirt
     import libvirt_qemu
@@ -192,9 +191,7 @@ def test_bitmaps_lost_in_a_crash_fall_back_to_a_full(vw, guest_factory, tmp_path
     flush()
     first = _backup(vw, g.name, "nfs")
     os.kill(int(open(f"/run/libvirt/qemu/{g.name}.pid").read()), signal.SIGKILL)
-    deadline = time.monotonic() + 20
-    while dom.isActive() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for(lambda: not dom.isActive(), 20, "the killed domain to stop", poll=0.1)
     dom.create()
     g.write("vda", 5 * MiB, MiB, pattern=0x42)
     flush()

@@ -8,8 +8,10 @@ from contextlib import contextmanager
 
 import pytest
 
+from tests.conftest import need
 from tests.harness import TEST_WORKER, s3_storage_entry
 
+pytestmark = pytest.mark.cli_in_process
 MiB = 1024 * 1024
 
 
@@ -85,8 +87,8 @@ def test_unreachable_s3_endpoint(vw, guest_factory):
 @contextmanager
 def _tiny_filesystem(path, size: str = "2m"):  # noqa: ANN001, ANN202
     path.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (not root?)")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]).returncode == 0
+    need(mounted, "cannot mount a tmpfs here (not root?)")
     try:
         yield path
     finally:

@@ -53,6 +53,19 @@ def test_api_limits_and_catalog_keep_periods_default_to_what_an_operator_expects
     assert (cfg.catalog.events_days, cfg.api.rate_per_second) == (None, 2.5)
 
 
+
+def test_agent_drill_scheduler_and_listener_timings_default_to_todays_values(tmp_path):
+    cfg = config.load(env={"VIRTWARDEN_DATA_DIR": str(tmp_path)})
+    assert (cfg.agent.call_timeout_seconds, cfg.agent.thaw_grace_seconds, cfg.agent.thaw_retry_seconds) == (10, 120, 1)
+    assert (cfg.drill.poll_seconds, cfg.drill.agent_ping_seconds) == (0.5, 2)
+    assert cfg.scheduler.tick_seconds == 30
+    assert (cfg.listener.backoff_min_seconds, cfg.listener.backoff_max_seconds) == (1, 60)
+    f = tmp_path / "c.yaml"
+    f.write_text("agent:\n  thaw_grace_seconds: 5\nscheduler:\n  tick_seconds: 0.5\n")
+    cfg = config.load(str(f), env={})
+    assert (cfg.agent.thaw_grace_seconds, cfg.scheduler.tick_seconds) == (5, 0.5)
+
+
 @pytest.mark.parametrize("text, expected", [
     ("hosts:\n  a: {uri: x, gruop: y}\n", "c.yaml:2: hosts.a.gruop: unknown key (did you mean 'group'?)"),
     ("brokr_url: x\n", "c.yaml:1: brokr_url: unknown key (did you mean 'broker_url'?)"),
@@ -61,6 +74,10 @@ def test_api_limits_and_catalog_keep_periods_default_to_what_an_operator_expects
     ("storage:\n  n:\n    type: nfs\n", "c.yaml:2: storage.n.path: Field required"),
     ("storage:\n  z: {type: ftp}\n", "c.yaml:2: storage.z: 'type' must be one of 'nfs', 's3'"),
     ("worker:\n  lease_seconds: -1\n", "c.yaml:2: worker.lease_seconds: Input should be greater than 0"),
+    ("agent:\n  call_timeout_seconds: 0.5\n",
+     "c.yaml:2: agent.call_timeout_seconds: Input should be greater than or equal to 1"),
+    ("listener:\n  backof_min_seconds: 2\n",
+     "c.yaml:2: listener.backof_min_seconds: unknown key (did you mean 'backoff_min_seconds'?)"),
     ("- a\n- b\n", "c.yaml:1: the configuration file must hold one YAML mapping"),
     ("hosts: {a: [}\n", "c.yaml:1: YAML syntax"),
 ])

@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 import yaml
 
 from tests.conftest import need
+from tests.harness import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 UNITS = REPO / "deploy" / "systemd"
@@ -228,14 +228,16 @@ def _free_port() -> int:
 
 
 def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
+    def listening() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"the API exited in its sandbox ({proc.returncode}):\n{log.read_text()[-3000:]}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
+            return True
         except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"the API did not start in its sandbox:\n{log.read_text()[-3000:]}")
+            return False
+
+    wait_for(listening, timeout, lambda: f"the API to listen in its sandbox:\n{log.read_text()[-3000:]}", poll=0.1)
 
 
 def _get(port: int, path: str, token: str | None = None) -> tuple[int, bytes]:
@@ -313,7 +315,7 @@ def test_compose_validates_and_refuses_to_start_without_its_passwords(tmp_path):
     tool = (["docker-compose"] if shutil.which("docker-compose") else
             ["docker", "compose"] if shutil.which("docker") and subprocess.run(
                 ["docker", "compose", "version"], capture_output=True).returncode == 0 else None)
-    if tool is None:
+    if tool is None:  # an optional tool the test bed and CI do not install: a plain skip
         pytest.skip("neither docker-compose nor the docker compose plugin is installed")
     shutil.copy(REPO / "compose.yaml", tmp_path / "compose.yaml")
     (tmp_path / "Dockerfile").write_text("FROM scratch\n")

@@ -15,7 +15,7 @@ from catalog import jobs as job_rows
 from tests.guests import URI
 from tests.harness import wait_for
 
-pytestmark = pytest.mark.libvirt
+pytestmark = [pytest.mark.libvirt, pytest.mark.cli_in_process]
 MARKER = "VW-DRILL-BOOTED"
 
 

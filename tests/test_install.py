@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -30,7 +29,7 @@ import yaml
 
 from tests.conftest import need
 from tests.guests import GuestFactory
-from tests.harness import REPO, Installation
+from tests.harness import REPO, Installation, wait_for
 
 pytestmark = pytest.mark.xdist_group("clean-install")
 
@@ -170,13 +169,15 @@ class Daemon:
         return self.log.read_bytes().decode(errors="replace")
 
     def wait_until(self, ready: Callable[[], bool], what: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while self.proc.poll() is None and time.monotonic() < deadline:
+        def done() -> bool:
             if ready():
-                return
-            time.sleep(0.2)
-        state = f"exited with {self.proc.returncode}" if self.proc.poll() is not None else f"not within {timeout:.0f}s"
-        raise AssertionError(f"virtwarden {self.command}: {what}: {state}\n{self.text()[-4000:]}")
+                return True
+            if self.proc.poll() is not None:
+                raise AssertionError(f"virtwarden {self.command}: {what}: exited with {self.proc.returncode}\n"
+                                     f"{self.text()[-4000:]}")
+            return False
+
+        wait_for(done, timeout, lambda: f"virtwarden {self.command}: {what}\n{self.text()[-4000:]}", poll=0.2)
 
     def wait_logged(self, needle: str, timeout: float = 60) -> None:
         self.wait_until(lambda: needle in self.text(), f"logs {needle!r}", timeout)

@@ -17,7 +17,7 @@ from catalog import jobs as job_rows
 from catalog.models import RestorePoint
 from tests.guests import images_equal
 
-pytestmark = pytest.mark.libvirt
+pytestmark = [pytest.mark.libvirt, pytest.mark.cli_in_process]
 MiB = 1024 * 1024
 EXIT_FAILED, EXIT_NOT_FOUND, EXIT_STORAGE = 1, 4, 6
 

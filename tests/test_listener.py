@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -24,9 +23,9 @@ from catalog.events import KnownDomain
 from policies import Policy
 from policies.select import DomainFacts
 from policies.triggers import TriggerAction, triggers_for
-from tests.conftest import need
+from tests.conftest import need, need_module
 from tests.fleet import HOST2_PID, restart_host2, stop_host2_libvirtd
-from tests.harness import REDIS_URL, REPO
+from tests.harness import REDIS_URL, REPO, wait_for
 from virtwarden.errors import PolicyError
 from worker.reconcile import SeenDomain, foreign, missed_events, part_of_start, state_after
 
@@ -57,7 +56,7 @@ LISTENER_REDIS_URL = os.environ.get("VIRTWARDEN_TEST_LISTENER_REDIS_URL", re.sub
     ("CRASHED", "CRASHED_PANICKED", "domain.crashed"),
 ])
 def test_lifecycle_events_map_to_product_events(event: str, detail: str, kind: str) -> None:
-    libvirt = pytest.importorskip("libvirt")
+    libvirt = need_module("libvirt")
     from hypervisor.events import lifecycle_kind
 
     code = getattr(libvirt, f"VIR_DOMAIN_EVENT_{event}")
@@ -170,7 +169,7 @@ def test_events_from_a_host_the_domain_does_not_run_on_move_nothing() -> None:
 def test_an_event_handled_twice_makes_one_job(tmp_path: Path, redis_url: str) -> None:
     """The dispatcher retries after errors; the job's dedup key (event id, policy, job)
     makes the second attempt find the first job instead of sending another."""
-    pytest.importorskip("libvirt")
+    need_module("libvirt")
     import redis
 
     from catalog import events, jobs
@@ -244,16 +243,16 @@ class ListenerProcess:
 
     def wait_for(self, needle: str, *, after: int = 0, timeout: float = 60) -> int:
         """Wait until ``needle`` is logged after offset ``after``; the offset just past it."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            data = self.log.read_bytes()
-            found = data.find(needle.encode(), after)
+        def logged() -> int | None:
+            found = self.log.read_bytes().find(needle.encode(), after)
             if found >= 0:
                 return found + len(needle)
             if self.proc.poll() is not None:
-                break
-            time.sleep(0.2)
-        raise AssertionError(f"listener did not log {needle!r} within {timeout:.0f}s:\n{self.text()[-4000:]}")
+                raise AssertionError(f"listener exited ({self.proc.returncode}) before logging {needle!r}:\n"
+                                     f"{self.text()[-4000:]}")
+            return None
+
+        return wait_for(logged, timeout, lambda: f"the listener to log {needle!r}:\n{self.text()[-4000:]}", poll=0.2)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -284,17 +283,17 @@ def installation(vw, tmp_path):  # noqa: ANN001, ANN201
 
 
 def _wait_for_point(vw, domain: str, timeout: float) -> dict:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def complete() -> dict | None:
         r = vw.cli("backups", domain, "--json")
         assert r.code == 0, r.err
-        complete = [p for p in r.json() if p["status"] == "complete"]
-        if complete:
-            return complete[0]
-        time.sleep(1)
-    jobs = vw.cli("jobs", "--json", "--domain", domain).out
-    logs = "\n".join(w.log.read_text()[-3000:] for w in vw.workers)
-    raise AssertionError(f"no complete restore point of {domain} after {timeout:.0f}s; jobs: {jobs}\n{logs}")
+        return next((p for p in r.json() if p["status"] == "complete"), None)
+
+    def state() -> str:
+        jobs = vw.cli("jobs", "--json", "--domain", domain).out
+        logs = "\n".join(w.log.read_text()[-3000:] for w in vw.workers)
+        return f"a complete restore point of {domain}; jobs: {jobs}\n{logs}"
+
+    return wait_for(complete, timeout, state, poll=1)
 
 
 def _events(vw, domain: str) -> list:  # noqa: ANN001
@@ -351,7 +350,7 @@ def _define_tiny_domain(conn, workdir: Path, name: str):  # noqa: ANN001, ANN201
 @pytest.mark.libvirt
 @pytest.mark.celery
 def test_a_libvirtd_restart_is_survived_and_what_it_hid_is_handled(installation, tmp_path) -> None:  # noqa: ANN001
-    libvirt = pytest.importorskip("libvirt")
+    libvirt = need_module("libvirt")
     from tests.guests import _remove_domain
 
     uri2 = os.environ.get("VIRTWARDEN_TEST_HOST2_URI")
@@ -359,7 +358,7 @@ def test_a_libvirtd_restart_is_survived_and_what_it_hid_is_handled(installation,
     vw, name = installation
     vw.hosts = {"h2": {"uri": uri2}}
     vw.start_worker(["h2"])
-    listener = ListenerProcess(vw, env={"VIRTWARDEN_LISTENER_BACKOFF_MIN": "1"})
+    listener = ListenerProcess(vw)  # reconnects after 1 s, doubling (listener.backoff_min_seconds)
     conn = None
     try:
         pos = listener.wait_for("host h2: reconciled (first contact)")

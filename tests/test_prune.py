@@ -325,6 +325,7 @@ RETENTION = "    retention:\n      keep_last: 2\n"
 
 
 @pytest.mark.libvirt
+@pytest.mark.cli_in_process
 def test_prune_keeps_what_the_policy_says_and_every_listed_point_restores(vw, guest_factory, tmp_path):
     g = guest_factory(disks=1, size_mib=16)
     policy_dir = tmp_path / "policies"
@@ -398,6 +399,7 @@ def _restore_all(vw, domain: str, expected: dict, where: Path) -> None:  # noqa:
 
 
 @pytest.mark.libvirt
+@pytest.mark.cli_in_process
 def test_each_backup_applies_its_policys_retention(vw, guest_factory, tmp_path):
     """After a successful backup its chain group is pruned: keep_last 2 with a full each
     time leaves the two newest points, and the older ones are deleted from storage."""

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+
+from tests.harness import wait_for
 
 pytestmark = pytest.mark.libvirt
 BLOCK = 4096  # the guest filesystem's block size (tests/agentguest.make_ext4_disk)
@@ -138,17 +139,15 @@ def test_agent_calls_on_a_real_guest_and_on_one_without_agent(agent_guest_factor
         with pytest.raises(HypervisorError, match=f"freezing the guest's filesystems .*'{bare.name}'.*not configured"):
             agent.freeze(hv, bare.name, 2)
 
-        g.stall_next_freeze(8)
+        g.stall_next_freeze(6)
         with pytest.raises(AgentUnresponsive, match="freezing the guest's filesystems .agent timeout 2s."):
             agent.freeze(hv, g.name, 2)
         assert not agent.ping(hv, g.name, 1)  # still inside the freeze request
-        deadline = time.monotonic() + 60
-        while not agent.ping(hv, g.name, 1) and time.monotonic() < deadline:
-            pass
+        wait_for(lambda: agent.ping(hv, g.name, 1), 60, "the agent to answer after the late freeze", poll=0)
         assert agent.freeze_status(hv, g.name, 5) == "frozen"  # the late freeze happened
         assert agent.thaw(hv, g.name, 5) == 1
 
-        g.stop_agent(12)
+        g.stop_agent(6)
         assert agent.connected(hv, g.name)  # the port stays open: only a ping tells
         assert not agent.ping(hv, g.name, 1)
     g.wait_answering(60)
@@ -250,15 +249,16 @@ def test_an_agent_that_stops_answering_gives_a_crash_point_and_no_freeze(vw, age
     is sent; the point is crash-consistent. Once the agent runs again, nothing is frozen
     and the filesystem takes writes."""
     _policy(vw, tmp_path)
+    vw.extra["agent"] = {"call_timeout_seconds": 3}
     g = agent_guest_factory()
     vw.start_worker()
     mark = len(g.serial_log())
-    g.stop_agent(30)
+    g.stop_agent(15)
 
     result = _backup(vw, g.name)
 
     assert result["consistency"] == "crash"
-    assert "not quiesced (the guest agent did not answer a ping within 10s)" in _worker_log(vw)
+    assert "not quiesced (the guest agent did not answer a ping within 3s)" in _worker_log(vw)
     g.wait_answering(120)
     _thawed_and_writable(g)
     assert "guest-fsfreeze-freeze" not in g.serial_log()[mark:]
@@ -269,10 +269,11 @@ def test_a_freeze_answered_too_late_is_thawed(vw, agent_guest_factory, tmp_path)
     the timeout: the point is crash-consistent, and when the late freeze happens the job
     is still there to thaw it: the guest ends thawed and writable."""
     _policy(vw, tmp_path)
+    vw.extra["agent"] = {"call_timeout_seconds": 3}
     g = agent_guest_factory()
     vw.start_worker()
     mark = len(g.serial_log())
-    g.stall_next_freeze(25)
+    g.stall_next_freeze(10)
 
     result = _backup(vw, g.name)
 
@@ -282,6 +283,6 @@ def test_a_freeze_answered_too_late_is_thawed(vw, agent_guest_factory, tmp_path)
     assert "(a freeze that had timed out ran late): thawing" in log
     assert "the guest agent reports its filesystems thawed" in log
     console = g.serial_log()[mark:]
-    assert _in_order(console, ["vw-hook: stalling 25s", "disabling logging due to filesystem freeze",
+    assert _in_order(console, ["vw-hook: stalling 10s", "disabling logging due to filesystem freeze",
                                "logging re-enabled due to filesystem unfreeze", "vw-hook: thaw"]), console
     _thawed_and_writable(g)

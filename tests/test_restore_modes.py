@@ -18,6 +18,9 @@ from pathlib import Path
 import pytest
 
 from tests.guests import images_equal
+from tests.harness import wait_for
+
+pytestmark = pytest.mark.cli_in_process
 
 KiB, MiB = 1024, 1024 * 1024
 MARKER = b"VIRTWARDEN-RESTORE-BOOTED"
@@ -359,10 +362,7 @@ def test_restore_as_a_new_domain_boots_with_its_own_identity(vw, lan, guest_fact
     assert root.find("devices/interface/source").get("network") == lan
     sources = {d.find("target").get("dev"): d.find("source").get("file") for d in root.findall("devices/disk")}
     assert sources == result["disks"]
-    deadline = time.monotonic() + 30
-    while MARKER not in (serial.read_bytes() if serial.exists() else b"") and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert MARKER in serial.read_bytes(), "the restored copy did not boot"
+    wait_for(lambda: serial.exists() and MARKER in serial.read_bytes(), 30, "the restored copy to boot", poll=0.1)
     for t in ("vda", "vdb"):
         assert images_equal(result["disks"][t], expected[t], force_share=True), t
         assert os.stat(result["disks"][t]).st_mode & 0o777 == 0o600, t
@@ -598,12 +598,8 @@ def test_a_failed_restore_as_a_new_domain_leaves_nothing(vw, guest_factory, tmp_
     squatter.dom = libvirt.open("qemu:///system").defineXML(ET.tostring(root, encoding="unicode"))
 
     vw.start_worker()
-    r = vw.cli("job", job["id"], "--json")
-    deadline = time.monotonic() + 120
-    while r.json()["state"] not in ("succeeded", "failed") and time.monotonic() < deadline:
-        time.sleep(0.25)
-        r = vw.cli("job", job["id"], "--json")
-    done = r.json()
+    done = wait_for(lambda: (lambda j: j if j["state"] in ("succeeded", "failed") else None)(
+        vw.cli("job", job["id"], "--json").json()), 120, f"job {job['id']} to end", poll=0.25)
     assert done["state"] == "failed", done
     assert not _domain_exists(copy)
     assert not list(g.workdir.glob(f"*{copy}*")), sorted(p.name for p in g.workdir.iterdir())

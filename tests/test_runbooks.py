@@ -90,6 +90,7 @@ def _audit(vw) -> list:
 
 
 @pytest.mark.libvirt
+@pytest.mark.cli_in_process
 def test_verify_repository_passes_then_finds_a_corrupted_artifact(vw, guest_factory, tmp_path):
     g = guest_factory(disks=1, size_mib=16)
     vw.start_worker()
@@ -135,6 +136,7 @@ def test_verify_repository_passes_then_finds_a_corrupted_artifact(vw, guest_fact
 
 
 @pytest.mark.libvirt
+@pytest.mark.cli_in_process
 def test_a_bad_parameter_starts_nothing(vw, guest_factory):
     vw.start_worker()
     r = vw.cli("runbook", "run", "drill-now", "-p", "domian=x")
@@ -145,6 +147,7 @@ def test_a_bad_parameter_starts_nothing(vw, guest_factory):
 
 
 @pytest.mark.libvirt
+@pytest.mark.cli_in_process
 def test_restore_at_runbook_restores_the_point_of_that_time(vw, guest_factory, tmp_path):
     from datetime import datetime, timezone
 

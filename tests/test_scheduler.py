@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -21,7 +20,7 @@ from sqlalchemy import update as sa_update
 from catalog import jobs, slots
 from catalog.models import Job, ScheduleSlot
 from catalog.store import Catalog
-from tests.harness import REPO
+from tests.harness import REPO, wait_for
 from virtwarden import config as config_module
 
 pytestmark = pytest.mark.libvirt
@@ -345,9 +344,10 @@ def test_missed_slots_run_while_their_window_is_open_and_are_skipped_after(vw, g
 def test_the_daemon_ticks_until_stopped(vw, guest_factory):
     setup = Setup(vw, guest_factory, HOURLY, guests=1)
     (domain,) = setup.domains
+    vw.extra["scheduler"] = {"tick_seconds": 0.5}
     setup.config()
     vw.catalog().close()
-    env = {**os.environ, "VIRTWARDEN_CONFIG": str(vw.config_path), "VIRTWARDEN_SCHEDULER_TICK": "0.5",
+    env = {**os.environ, "VIRTWARDEN_CONFIG": str(vw.config_path),
            "VIRTWARDEN_SCHEDULER_NOW": "2025-01-10T10:59:58Z"}  # its clock runs on from there
     env.pop("VIRTWARDEN_DATABASE_URL", None)
     log = vw.root / "scheduler.log"
@@ -356,9 +356,8 @@ def test_the_daemon_ticks_until_stopped(vw, guest_factory):
                                 env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         cat = vw.catalog()
-        deadline = time.monotonic() + 120
-        while ("backup", domain, "11:00") not in rows(cat) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_for(lambda: ("backup", domain, "11:00") in rows(cat) or proc.poll() is not None, 120,
+                 "the 11:00 slot", poll=0.2)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, log.read_text()
     finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 import textwrap
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import libvirt
 import pytest
 
 from tests.guests import images_equal
+
+pytestmark = pytest.mark.cli_in_process
 
 MiB = 1024 * 1024
 
@@ -92,7 +95,11 @@ def test_someone_deleting_our_snapshot_is_noticed_not_fatal(vw, guest_factory, t
     vw.start_worker()
     first = _snapshot(vw, g.name)["snapshot"]
     g.dom.snapshotLookupByName(first, 0).delete(0)
+    # Names are made to the second and only kept apart from snapshots libvirt still has:
+    # taken within the same second, the second snapshot would get the deleted one's name.
+    time.sleep(1.1)
     second = _snapshot(vw, g.name)["snapshot"]
+    assert second != first
     states = {s["name"]: s["state"] for s in vw.cli("snapshots", g.name, "--json").json()}
     assert states == {second: "present"}
     with vw.catalog().session() as s:
@@ -104,6 +111,10 @@ def test_someone_deleting_our_snapshot_is_noticed_not_fatal(vw, guest_factory, t
 
 @pytest.mark.libvirt
 def test_external_snapshots_rotate_by_merging_and_keep_the_guests_data(vw, guest_factory, tmp_path):
+    # Commands in their own process here: with in-process commands the live chain
+    # compared unequal to the shadow copy in 2 of 3 whole-file runs (never alone); not
+    # yet understood.
+    vw.cli_in_process = False
     g = guest_factory(disks=2, size_mib=16)
     _policy(vw, tmp_path, "{type: external, quiesce: auto, retention: {keep_last: 1}}")
     vw.start_worker()

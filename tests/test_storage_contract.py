@@ -24,6 +24,7 @@ from storage_backends import _stream, nfs, s3
 from storage_backends.base import Backend, ObjectInfo
 from storage_backends.nfs import NfsBackend
 from storage_backends.s3 import S3Backend
+from tests.conftest import need
 from tests.faultproxy import Rule, upload_part
 from tests.s3server import s3_client
 from virtwarden.config import NfsStorage, S3Storage
@@ -301,11 +302,9 @@ def test_nfs_creates_its_path_only_when_told(tmp_path: Path) -> None:
 def tiny_fs(tmp_path: Path):
     mount = tmp_path / "tiny"
     mount.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a 1 MiB tmpfs needs root")
+    need(os.geteuid() == 0, "mounting a 1 MiB tmpfs needs root")
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, text=True)
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    need(done.returncode == 0, f"cannot mount a tmpfs here: {done.stderr.strip()}")
     yield mount
     subprocess.run(["umount", str(mount)], check=True)
 

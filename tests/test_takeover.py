@@ -17,7 +17,7 @@ from tests.faults import CommitAnswerLost, parent_of, pause_env, process_of, sto
 from tests.guests import images_equal
 from tests.harness import s3_storage_entry, wait_for
 
-pytestmark = pytest.mark.libvirt
+pytestmark = [pytest.mark.libvirt, pytest.mark.cli_in_process]
 MiB = 1024 * 1024
 
 

@@ -9,7 +9,7 @@ from catalog import jobs as job_rows
 from tests.guests import images_equal
 from tests.harness import s3_storage_entry, wait_for
 
-pytestmark = pytest.mark.libvirt
+pytestmark = [pytest.mark.libvirt, pytest.mark.cli_in_process]
 MiB = 1024 * 1024
 
 

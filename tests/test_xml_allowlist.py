@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from hypervisor.domxml import CopySpec, carry_passwords, copy_domain, redact
+from tests.conftest import need
 from virtwarden.errors import VirtwardenError
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
@@ -405,8 +406,7 @@ def root_dir():  # noqa: ANN201
     import shutil
     import tempfile
 
-    if os.geteuid() != 0:
-        pytest.skip("root's files need root")
+    need(os.geteuid() == 0, "root's files need root")
     path = Path(tempfile.mkdtemp(prefix="vwtest-boot-", dir="/var/lib"))
     path.chmod(0o755)
     try:

@@ -183,6 +183,43 @@ class WorkerConfig(_Strict):
     sweep_seconds: float = Field(default=300.0, gt=0)
 
 
+class AgentConfig(_Strict):
+    """qemu-guest-agent calls made while a point is taken (tasks/quiesce.py)."""
+
+    # Each call (ping, freeze, thaw, freeze status); a freeze flushes the guest's dirty
+    # data first, so give it time. libvirt counts whole seconds: rounded up.
+    call_timeout_seconds: float = Field(default=10.0, ge=1)
+    # How long a thaw is retried after an agent call went unanswered (a freeze that may
+    # still run late, or a thaw that was not answered).
+    thaw_grace_seconds: float = Field(default=120.0, gt=0)
+    # The pause between two of those retries.
+    thaw_retry_seconds: float = Field(default=1.0, gt=0)
+
+
+class DrillConfig(_Strict):
+    """Restore drills (tasks/drill.py): how the running throwaway copy is watched."""
+
+    # Seconds between two looks at the throwaway (console marker, agent, still running).
+    poll_seconds: float = Field(default=0.5, gt=0)
+    # How long one guest-ping of the throwaway may take (whole seconds, rounded up).
+    agent_ping_seconds: float = Field(default=2.0, ge=1)
+
+
+class SchedulerConfig(_Strict):
+    """``virtwarden scheduler``."""
+
+    # How often it reads the policies and starts the slots that came due.
+    tick_seconds: float = Field(default=30.0, gt=0)
+
+
+class ListenerConfig(_Strict):
+    """``virtwarden listen``: reconnecting to a host whose libvirt connection was lost."""
+
+    # Seconds before the first reconnect attempt, doubling up to backoff_max_seconds.
+    backoff_min_seconds: float = Field(default=1.0, ge=0.1)
+    backoff_max_seconds: float = Field(default=60.0, gt=0)
+
+
 class Config(_Strict):
     data_dir: str = DEFAULT_DATA_DIR
     database_url: str | None = None
@@ -195,6 +232,10 @@ class Config(_Strict):
     catalog: CatalogConfig = Field(default_factory=CatalogConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     restore: RestoreConfig = Field(default_factory=RestoreConfig)
+    agent: AgentConfig = Field(default_factory=AgentConfig)
+    drill: DrillConfig = Field(default_factory=DrillConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    listener: ListenerConfig = Field(default_factory=ListenerConfig)
     source: str = Field(default="<embedded defaults>", exclude=True)
     # The secrets the configuration file itself holds (names of settings, never values).
     file_secrets: tuple[str, ...] = Field(default=(), exclude=True)

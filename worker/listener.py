@@ -4,8 +4,8 @@ Threads, and why:
 - libvirt's event loop (hypervisor.events.start_loop, registered before any connection
   is opened) runs the callbacks, which only put plain values on one queue;
 - one watcher per host holds that host's event connection (keepalive 5 s x 3, a close
-  callback) and reconnects with exponential backoff (``VIRTWARDEN_LISTENER_BACKOFF_MIN``
-  seconds, 1 by default, doubling up to 60) when libvirt closes it or keepalive fails;
+  callback) and reconnects with exponential backoff (``listener.backoff_min_seconds``
+  in the configuration, 1 by default, doubling up to ``backoff_max_seconds``, 60) when libvirt closes it or keepalive fails;
   after every (re)connect it queues a reconciliation pass for its host;
 - the dispatcher (the main thread) takes items off the queue in order: it records each
   event in the catalog (catalog.events), which keeps the domains table current, maps it
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import queue
 import signal
 import threading
@@ -53,9 +52,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-ENV_BACKOFF_MIN = "VIRTWARDEN_LISTENER_BACKOFF_MIN"
-BACKOFF_MIN = 1.0  # seconds before the first reconnect attempt ...
-BACKOFF_MAX = 60.0  # ... doubling up to this
 CHECK_EVERY = 5.0  # how often a watcher looks at its connection besides the close callback
 TRANSIENT_TRIES = 5  # broker or libvirt errors while starting a job; the database is waited for
 
@@ -80,7 +76,7 @@ def cli(args: argparse.Namespace) -> int:
     for h in hosts:
         cfg.host(h)  # unknown names are an error before anything starts
     celery_app.configure(cfg)
-    listener = Listener(cfg, Catalog(cfg.catalog_url), hosts, backoff_min=backoff_min())
+    listener = Listener(cfg, Catalog(cfg.catalog_url), hosts)
     # The handler only notes the signal: stopping takes locks, which a handler running in
     # the middle of this thread's own locked code must not.
     signalled: list[int] = []
@@ -95,20 +91,14 @@ def cli(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def backoff_min() -> float:
-    raw = os.environ.get(ENV_BACKOFF_MIN)
-    try:
-        return max(0.1, float(raw)) if raw else BACKOFF_MIN
-    except ValueError:
-        log.warning("%s=%r is not a number of seconds; using %.0f", ENV_BACKOFF_MIN, raw, BACKOFF_MIN)
-        return BACKOFF_MIN
-
-
 class Listener:
-    def __init__(self, cfg: Config, cat: Catalog, hosts: list[str], *, backoff_min: float = BACKOFF_MIN,
-                 backoff_max: float = BACKOFF_MAX) -> None:
+    def __init__(self, cfg: Config, cat: Catalog, hosts: list[str], *, backoff_min: float | None = None,
+                 backoff_max: float | None = None) -> None:
+        """``backoff_min``/``backoff_max``: the configuration's ``listener`` section unless given."""
         self.cfg, self.cat, self.hosts = cfg, cat, hosts
-        self.backoff_min, self.backoff_max = backoff_min, max(backoff_min, backoff_max)
+        self.backoff_min = cfg.listener.backoff_min_seconds if backoff_min is None else backoff_min
+        self.backoff_max = max(self.backoff_min,
+                               cfg.listener.backoff_max_seconds if backoff_max is None else backoff_max)
         self.queue: queue.Queue[Any] = queue.Queue()
         self.stopping = threading.Event()
         self.dispatcher = Dispatcher(cfg, cat, self.stopping)
@@ -339,7 +329,7 @@ class Dispatcher:
                     raise
                 log.warning("%s: %s; trying again in %.0fs", what, e, delay)
             self.stopping.wait(delay)
-            delay = min(delay * 2, BACKOFF_MAX)
+            delay = min(delay * 2, self.backoff_max)
 
 
 class PolicyCache:

@@ -216,6 +216,7 @@ def execute(cfg: Config, job_id: str, *, cat: Catalog | None = None, via_host: s
             storage=lambda name: open_backend(name, cfg.storage_target(name)),
             scratch_root=cfg.scratch_dir(host), report=beat.report, attempt=claim.attempt,
             token=fence.token, confirm_owner=beat.confirm, restore_roots=cfg.restore_roots,
+            agent=cfg.agent, drill=cfg.drill,
         )
         if claim.give_up is not None:
             return _give_up(cat, ctx, kind, request_type, job, claim.give_up)

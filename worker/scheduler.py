@@ -3,7 +3,7 @@
 It starts the scheduled jobs of every policy section that has a ``schedule``:
 backups, snapshots, drills and verifications (policies.schedule.SCHEDULED_JOBS).
 
-Every tick (``TICK_SECONDS``, or ``$VIRTWARDEN_SCHEDULER_TICK``) it reads the policies,
+Every tick (``scheduler.tick_seconds`` in the configuration) it reads the policies,
 lists the domains of every configured host, finds the slots that came due since the
 last tick (policies.schedule.due), claims each one by inserting its row
 (catalog.slots), and decides for every undecided row: start (a job row and a message,
@@ -42,8 +42,6 @@ from virtwarden.errors import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, DomainNotFound,
 
 log = logging.getLogger(__name__)
 
-TICK_SECONDS = 30.0
-ENV_TICK = "VIRTWARDEN_SCHEDULER_TICK"
 ENV_NOW = "VIRTWARDEN_SCHEDULER_NOW"
 # How far back a starting scheduler looks for slots it missed.
 MAX_CATCH_UP = timedelta(days=7)
@@ -66,11 +64,6 @@ def clock_from_env(env: dict[str, str] | None = None) -> Clock:
         return system_clock
     start, began = parse_time(text, ENV_NOW), system_clock()
     return lambda: start + (system_clock() - began)
-
-
-def tick_seconds(env: dict[str, str] | None = None) -> float:
-    text = (os.environ if env is None else env).get(ENV_TICK)
-    return float(text) if text else TICK_SECONDS
 
 
 def parse_time(text: str, what: str) -> datetime:
@@ -359,8 +352,8 @@ def cli(args: argparse.Namespace) -> int:
         return EXIT_OK if report.ok else EXIT_FAILED
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    every = tick_seconds()
-    log.warning("scheduler running: a tick every %.0fs over %d host(s), policies in %s", every, len(cfg.hosts),
+    every = cfg.scheduler.tick_seconds
+    log.warning("scheduler running: a tick every %gs over %d host(s), policies in %s", every, len(cfg.hosts),
                 cfg.policies_path)
     scheduler.run(stop, every)
     return EXIT_OK

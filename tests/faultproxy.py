@@ -71,6 +71,10 @@ class FaultProxy:
         parts = urlsplit(self.upstream)
         self._host, self._port = parts.hostname or "127.0.0.1", parts.port or 80
         self._lock = threading.Lock()
+        # Requests read but not yet recorded: the client may have its answer a moment
+        # before the proxy records it, so what tests read waits until none is left.
+        self._settled = threading.Condition(self._lock)
+        self._in_flight = 0
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="faultproxy", daemon=True)
@@ -92,12 +96,17 @@ class FaultProxy:
         return rule
 
     def handled(self, action: str) -> list[Seen]:
-        with self._lock:
-            return [s for s in self.seen if s.action == action]
+        return [s for s in self.recorded() if s.action == action]
 
     def requests(self, match: Callable[[Request], bool]) -> list[Seen]:
-        with self._lock:
-            return [s for s in self.seen if match(s.request)]
+        return [s for s in self.recorded() if match(s.request)]
+
+    def recorded(self, timeout: float = 10) -> list[Seen]:
+        """Every request seen so far, once each one already answered is recorded."""
+        with self._settled:
+            if not self._settled.wait_for(lambda: self._in_flight == 0, timeout):
+                raise AssertionError(f"the proxy still handles {self._in_flight} request(s) after {timeout} s")
+            return list(self.seen)
 
     # --- the proxy ----------------------------------------------------------------
     def _run(self) -> None:
@@ -119,11 +128,22 @@ class FaultProxy:
         return "pass", None
 
     def _record(self, seen: Seen) -> None:
-        with self._lock:
+        with self._settled:
             self.seen.append(seen)
+            self._done()
+
+    def _begin(self) -> None:
+        with self._settled:
+            self._in_flight += 1
+
+    def _done(self) -> None:
+        """Called with the lock held."""
+        self._in_flight -= 1
+        self._settled.notify_all()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        pending = False
         try:
             while True:
                 try:
@@ -131,6 +151,8 @@ class FaultProxy:
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return
                 request, lines = _parse_request(head)
+                self._begin()
+                pending = True
                 action, rule = self._take(request)
                 length = int(request.headers.get("content-length", "0"))
                 expects = request.headers.get("expect", "").lower() == "100-continue"
@@ -139,6 +161,7 @@ class FaultProxy:
                         await reader.readexactly(length)
                     writer.write(_response(rule.status, rule.body))
                     await writer.drain()
+                    pending = False
                     self._record(Seen(request, action))
                     return  # "Connection: close", as S3 does after an error
                 if expects:
@@ -154,10 +177,14 @@ class FaultProxy:
                 upstream[1].write(b"\r\n".join(forwarded) + b"\r\n\r\n" + body)
                 await upstream[1].drain()
                 status, reply, keep = await _relay(upstream[0], writer, request.method)
+                pending = False
                 self._record(Seen(request, action, status, reply))
                 if not keep:
                     return
         finally:
+            if pending:  # the connection broke before the request was recorded
+                with self._settled:
+                    self._done()
             for w in (writer, upstream[1] if upstream else None):
                 if w is not None:
                     w.close()

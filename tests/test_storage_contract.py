@@ -426,14 +426,14 @@ def test_s3_every_part_carries_the_sha256_of_its_bytes(s3_settings: S3Storage, s
     for n, seen in enumerate(sent):
         part = data[n * 5 * MIB:(n + 1) * 5 * MIB]
         assert seen.request.headers["x-amz-checksum-sha256"] == base64.b64encode(hashlib.sha256(part).digest()).decode()
-    create = [s for s in s3_fault_proxy.seen if s.request.method == "POST" and s.request.target.endswith("?uploads")]
+    create = [s for s in s3_fault_proxy.recorded() if s.request.method == "POST" and s.request.target.endswith("?uploads")]
     assert create[0].request.headers["x-amz-checksum-algorithm"] == "SHA256"
 
 
 def test_s3_small_object_carries_the_sha256_of_its_bytes(s3_settings: S3Storage, s3_fault_proxy) -> None:
     backend = S3Backend("offsite", s3_settings.model_copy(update={"endpoint_url": s3_fault_proxy.url}))
     backend.put_bytes("web01/manifest.json", b"{}")
-    put = [s for s in s3_fault_proxy.seen if s.request.method == "PUT" and "manifest.json" in s.request.target]
+    put = [s for s in s3_fault_proxy.recorded() if s.request.method == "PUT" and "manifest.json" in s.request.target]
     assert put[0].request.headers["x-amz-checksum-sha256"] == base64.b64encode(hashlib.sha256(b"{}").digest()).decode()
 
 

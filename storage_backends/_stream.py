@@ -87,15 +87,7 @@ def make_dirs(path: Path, *, fsync: bool) -> None:
     """``mkdir -p`` that also fsyncs each parent that gained an entry, so a crash cannot
     lose a directory holding an already-synced file. New directories get the private
     data mode (``virtwarden.permissions``), whatever the umask."""
-    missing = []
-    while not path.is_dir():
-        missing.append(path)
-        path = path.parent
-    for directory in reversed(missing):
-        try:
-            permissions.make_dir(directory)
-        except FileExistsError:
-            continue
+    for directory in permissions.make_dirs(path):
         if fsync:
             fsync_dir(directory.parent)
 

@@ -186,18 +186,22 @@ def make_dir(path: Path | str) -> None:
     secure_dir(path)
 
 
-def make_dirs(path: Path | str) -> None:
-    """``mkdir -p`` where each directory created gets the data mode (existing ones are left)."""
+def make_dirs(path: Path | str) -> list[Path]:
+    """``mkdir -p`` where each directory created gets the data mode (existing ones are
+    left). Returns the directories this call created, outermost first."""
     path = Path(path)
     missing = []
     while not path.is_dir():
         missing.append(path)
         path = path.parent
+    created = []
     for directory in reversed(missing):
         try:
             make_dir(directory)
         except FileExistsError:
             continue
+        created.append(directory)
+    return created
 
 
 # --- the catalog -------------------------------------------------------------------

@@ -162,7 +162,7 @@ def adopt_file(path: Path | str) -> None:
 
 
 def secure_fd(fd: int, name: Path | str) -> None:
-    _apply_fd(fd, name, _policy.file_mode, _policy.read_gid, _policy.read_group)
+    _apply(fd, _policy.file_mode, _policy.read_gid, _policy.read_group, name)
 
 
 def secure_dir(path: Path | str) -> None:
@@ -282,28 +282,19 @@ def warn_if_exposed(path: Path | str, what: str) -> str | None:
 
 
 # --- helpers -------------------------------------------------------------------------
-def _apply(path: Path | str, mode: int, gid: int | None, group: str | None) -> None:
-    """Only what differs is changed: a chown the group already has would need a system
-    call the unprivileged units' filter refuses."""
-    st = os.stat(path)
+def _apply(target: Path | str | int, mode: int, gid: int | None, group: str | None,
+           name: Path | str | None = None) -> None:
+    """``target`` is a path or an open file descriptor (``name`` says which file, for the
+    warning). Only what differs is changed: a chown the group already has would need a
+    system call the unprivileged units' filter refuses."""
+    st = os.stat(target)
     if stat.S_IMODE(st.st_mode) != mode:
-        os.chmod(path, mode)
+        os.chmod(target, mode)
     if gid is not None and st.st_gid != gid:
         try:
-            os.chown(path, -1, gid)
+            os.chown(target, -1, gid)
         except OSError as e:
-            _chgrp_refused(e, path, group)
-
-
-def _apply_fd(fd: int, name: Path | str, mode: int, gid: int | None, group: str | None) -> None:
-    st = os.fstat(fd)
-    if stat.S_IMODE(st.st_mode) != mode:
-        os.fchmod(fd, mode)
-    if gid is not None and st.st_gid != gid:
-        try:
-            os.fchown(fd, -1, gid)
-        except OSError as e:
-            _chgrp_refused(e, name, group)
+            _chgrp_refused(e, name if name is not None else str(target), group)
 
 
 def _chgrp_refused(e: OSError, path: Path | str, group: str | None) -> None:

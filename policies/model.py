@@ -128,8 +128,11 @@ class Drill(_Scheduled):
     # latest: the newest restore point; oldest: the oldest kept one, which proves the
     # longest chain still restores.
     point: Annotated[DrillPoint, choice(DrillPoint)] = "latest"
-    # How long the restored domain must stay up to pass (seconds).
+    # How long the restored domain must stay up to pass, counted from the moment it
+    # showed that it booted (the serial marker, the agent; else from the start).
     run_for: Duration = 60
+    # How long to wait for that evidence (the serial marker, the agent) before failing.
+    boot_timeout: Duration = 300
     # Text the guest prints on its serial console once it is up.
     serial_marker: Annotated[str, Field(min_length=1, strict=True)] | None = None
     expect_agent: StrictBool = False

@@ -10,13 +10,18 @@ raw QEMU arguments, host devices, shared directories or memory, network characte
 devices or memory backing files; what was left out is logged and named in the
 ``starts`` check and the job's result; a fixed boot disk: see hypervisor.throwaway) and
 starts it with libvirt's auto-destroy, so it is powered off the moment the worker's
-connection closes. Then,
-within ``run_for`` seconds of the start, polling every ``drill.poll_seconds`` (configuration):
+connection closes. Then it polls every ``drill.poll_seconds`` (configuration):
 
-- ``stays-running``: the domain must run the whole time (a crash or power-off fails);
 - ``serial-marker``: when configured, the text must appear on the serial console;
 - ``guest-agent``: when asked for, or when the saved XML has an agent channel, the
-  guest agent must answer a guest-ping.
+  guest agent must answer a guest-ping;
+- ``stays-running``: the domain must run the whole time (a crash or power-off fails).
+
+The first two are the evidence that the copy booted; each must show within
+``boot_timeout`` seconds of the start. ``run_for`` counts from the moment the last of
+them showed (from the start when there is nothing to watch), so a copy that boots slowly
+on a busy host is not failed for it: the drill lasts the boot plus ``run_for``. Missing
+evidence at ``boot_timeout`` ends the drill there.
 
 Each check is recorded in the drill's catalog row as it completes ({name, ok, detail}),
 with the restore time and the boot time (from the start until the marker showed, else
@@ -65,6 +70,7 @@ class DrillRequest:
     point: str = "latest"  # latest | oldest (the oldest complete point) | a point id
     storage: str | None = None  # with latest/oldest: only points on this target
     run_for: float = 60.0
+    boot_timeout: float = 300.0
     serial_marker: str | None = None
     expect_agent: bool = False
     network: str = "none"  # none | isolated
@@ -95,6 +101,8 @@ def check_request(req: DrillRequest) -> None:
         raise VirtwardenError(f"drill network {req.network!r}: one of {', '.join(NETWORKS)}")
     if req.run_for <= 0:
         raise VirtwardenError(f"drill run_for must be above 0 seconds, not {req.run_for}")
+    if req.boot_timeout <= 0:
+        raise VirtwardenError(f"drill boot_timeout must be above 0 seconds, not {req.boot_timeout}")
 
 
 def run_drill(ctx: JobContext, req: DrillRequest) -> dict:
@@ -241,7 +249,9 @@ class _Run:
         console = _Console(self.serial_path)
         marker_at = agent_at = stopped_at = None
         stopped_state = ""
-        deadline = self.started + req.run_for
+        watched = bool(marker) or want_agent
+        booted_at = None if watched else self.started  # run_for counts from here
+        boot_deadline = self.started + req.boot_timeout
         while True:
             now = time.monotonic()
             if marker and marker_at is None and console.contains(marker):
@@ -252,10 +262,17 @@ class _Run:
             if want_agent and agent_at is None and agent.ping(self.hv, self.name,
                                                                    self.ctx.drill.agent_ping_seconds):
                 agent_at = time.monotonic() - self.started
+            if booted_at is None and (not marker or marker_at is not None) and (not want_agent or agent_at is not None):
+                booted_at = time.monotonic()
+            now = time.monotonic()
+            deadline = boot_deadline if booted_at is None else booted_at + req.run_for
             if now >= deadline:
                 break
-            self.ctx.report(_RESTORE_SHARE + _WATCH_SHARE * (now - self.started) / req.run_for,
-                            f"{self.name} up for {now - self.started:.0f} of {req.run_for:g} s")
+            total = (boot_deadline if booted_at is None else booted_at) - self.started + req.run_for
+            self.ctx.report(_RESTORE_SHARE + _WATCH_SHARE * min(1.0, (now - self.started) / total),
+                            f"{self.name} up for {now - self.started:.0f} s"
+                            + (f", {now - booted_at:.0f} of {req.run_for:g} s since it booted" if booted_at
+                               else f", waiting up to {req.boot_timeout:g} s for it to boot"))
             time.sleep(max(0.0, min(self.ctx.drill.poll_seconds, deadline - time.monotonic())))
         waited = time.monotonic() - self.started
         if marker:
@@ -264,22 +281,29 @@ class _Run:
             self.boot_seconds = _round(agent_at)
         else:  # nothing in the guest to observe: how long libvirt took to start it
             self.boot_seconds = _round(self.start_seconds)
-        if stopped_at is None:
-            self.check("stays-running", True, f"running for {req.run_for:g} s")
+        since = " since it booted" if watched else ""
+        if stopped_at is not None:
+            self.check("stays-running", False, f"{stopped_state} after {stopped_at:.1f} s"
+                       + (f" ({self.started + stopped_at - booted_at:.1f} of {req.run_for:g} s{since})" if booted_at else
+                          ", before it showed that it booted"))
+        elif booted_at is not None:
+            self.check("stays-running", True, f"running for {req.run_for:g} s{since}")
         else:
-            self.check("stays-running", False, f"{stopped_state} after {stopped_at:.1f} s of {req.run_for:g} s")
+            self.check("stays-running", True, f"running for {waited:.1f} s without showing that it booted")
         if marker:
             if marker_at is not None:
                 self.check("serial-marker", True, f"{req.serial_marker!r} on the serial console after {marker_at:.1f} s")
             else:
                 self.check("serial-marker", False, f"{req.serial_marker!r} not on the serial console within"
-                                                   f" {waited:.1f} s; {console.tail()}")
+                                                   f" {waited:.1f} s (boot_timeout {req.boot_timeout:g} s);"
+                                                   f" {console.tail()}")
         if want_agent:
             why = "expected by the policy" if req.expect_agent else "the domain has an agent channel"
             if agent_at is not None:
                 self.check("guest-agent", True, f"answered guest-ping after {agent_at:.1f} s ({why})")
             else:
-                self.check("guest-agent", False, f"no answer to guest-ping within {waited:.1f} s ({why})")
+                self.check("guest-agent", False, f"no answer to guest-ping within {waited:.1f} s ({why};"
+                                                 f" boot_timeout {req.boot_timeout:g} s)")
 
     # --- the end ----------------------------------------------------------------------
     def clean_up(self) -> str | None:

@@ -152,7 +152,7 @@ def _policy(vw, tmp_path: Path, domain: str, **drill) -> None:  # noqa: ANN001
     pdir.mkdir(exist_ok=True)
     doc = {"apiVersion": "virtwarden/v1", "kind": "Policy", "metadata": {"name": "hostile"},
            "spec": {"selector": {"domains": [domain]}, "backup": {"target": "nfs"},
-                    "drill": {"run_for": "20s", "serial_marker": MARKER, **drill}}}
+                    "drill": {"run_for": "5s", "serial_marker": MARKER, **drill}}}
     (pdir / "hostile.yaml").write_text(yaml.safe_dump(doc))
     vw.extra["policy_dir"] = str(pdir)
 

@@ -178,7 +178,7 @@ def test_example_policy_file_is_valid() -> None:
     assert db.spec.on[0].event == "domain.crashed"  # the YAML key 'on' is not read as True
     assert db.spec.backup is not None and db.spec.backup.window == 1800
     assert db.spec.migration is not None and db.spec.migration.timeout == 600
-    assert db.source_text == f"{EXAMPLE}:62"
+    assert db.source_text == f"{EXAMPLE}:63"
 
 
 def test_load_dir_reads_yaml_files_in_name_order_and_skips_others(tmp_path: Path) -> None:

@@ -42,7 +42,8 @@ def drill_params(cfg: Config, cat: Catalog, domain: str, *, point: str | None = 
         cfg.storage_target(storage)  # UnknownStorage, with the configured names
     resolved = pick_point(cat, domain, point or section.point, storage)
     req = DrillRequest(domain=domain, policy=chosen.name if chosen else None, point=resolved.id, storage=storage,
-                       run_for=float(section.run_for), serial_marker=section.serial_marker,
+                       run_for=float(section.run_for),
+                       boot_timeout=float(section.boot_timeout), serial_marker=section.serial_marker,
                        expect_agent=section.expect_agent, network=section.network)
     check_request(req)
     return asdict(req)

@@ -178,12 +178,20 @@ def test_the_api_serves_under_the_units_restrictions(redis_url):
             else:
                 hide.append(f"mount -t tmpfs -o ro,mode=755 tmpfs {home}")
         (base / "mdwe.py").write_text(MDWE)
+        # PrivateTmp= gives the service an empty /tmp; a checkout under /tmp (the code the
+        # unit would have installed under /usr) is put back at its own path, read-only.
+        private_tmp = ["mount -t tmpfs -o mode=1777 tmpfs /tmp"]
+        if REPO.resolve().parts[1:2] == ("tmp",):
+            code = base / "code"
+            code.mkdir()
+            private_tmp = [f"mount --bind {REPO.resolve()} {code}", *private_tmp,
+                           f"mkdir -p {REPO.resolve()} && mount --bind -o ro {code} {REPO.resolve()}"]
         script = "\n".join([
             "set -e",
             f"mount --bind {data} {data}",  # ReadWritePaths
             *hide,  # ProtectHome
             "mount --bind -o remount,ro /",  # ProtectSystem=strict
-            "mount -t tmpfs -o mode=1777 tmpfs /tmp",  # PrivateTmp
+            *private_tmp,  # PrivateTmp
             f"cd {REPO}",
             f"exec setpriv --reuid=65534 --regid=65534 --clear-groups --no-new-privs --bounding-set=-all "
             f"--inh-caps=-all -- {sys.executable} {base / 'mdwe.py'} {sys.executable} -m worker.cli "

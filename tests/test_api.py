@@ -2,6 +2,7 @@
 spoken to over HTTP, with a real Celery worker and real guests where a restore runs."""
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import secrets
@@ -11,8 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,8 +72,10 @@ class ApiServer:
         wait_for(listening, timeout, lambda: f"the API to listen:\n{self.log.read_text()[-3000:]}", poll=0.1)
 
     def call(self, method: str, path: str, body: object = None, *, token: str | None = TOKEN,
-             raw: bytes | None = None, headers: dict | None = None, signed: int | None = None) -> Reply:
-        """``signed``: sign the body with a timestamp this many seconds old."""
+             raw: bytes | None = None, headers: dict | None = None, signed: int | None = None,
+             declared: int | None = None) -> Reply:
+        """``signed``: sign the body with a timestamp this many seconds old. ``declared``:
+        send only headers that announce a body of this many bytes."""
         data = raw if raw is not None else json.dumps(body).encode() if body is not None else None
         h = {"Content-Type": "application/json"} if data is not None else {}
         if token:
@@ -82,12 +83,19 @@ class ApiServer:
         if signed is not None:
             h["X-Virtwarden-Signature"] = sign(KEY, data or b"", int(time.time()) - signed)
         h.update(headers or {})
-        req = urllib.request.Request(self.url + path, data=data, method=method, headers=h)
+        conn = http.client.HTTPConnection(self.url.split("//", 1)[1], timeout=60)
         try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                return Reply(r.status, {k.lower(): v for k, v in r.headers.items()}, r.read())
-        except urllib.error.HTTPError as e:
-            return Reply(e.code, {k.lower(): v for k, v in e.headers.items()}, e.read())
+            if declared is None:
+                conn.request(method, path, body=data, headers=h)
+            else:  # only the headers, as a client waiting for 100-continue would send them
+                conn.putrequest(method, path)
+                for k, v in {**h, "Content-Type": "application/json", "Content-Length": str(declared)}.items():
+                    conn.putheader(k, v)
+                conn.endheaders()
+            r = conn.getresponse()
+            return Reply(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read())
+        finally:
+            conn.close()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -390,7 +398,7 @@ def test_other_input_errors(vw, api):
     assert r.status == 404 and "no complete restore point" in r.json()["error"]
     r = server.call("GET", "/v1/jobs/no-such-job")
     assert r.status == 404 and r.json() == {"error": "no job 'no-such-job'"}
-    r = server.call("POST", "/v1/alerts", raw=b"x" * (1024 * 1024 + 1))
+    r = server.call("POST", "/v1/alerts", declared=1024 * 1024 + 1)  # refused before a byte of it is read
     assert r.status == 413 and "api.max_body_bytes" in r.json()["error"]
     assert _jobs(vw) == []
     assert [a.outcome for a in _audit(vw)] == ["refused"] * 3  # a body too large is counted, not audited

@@ -122,7 +122,10 @@ def test_a_libvirtd_restart_during_a_push_backup_is_recovered_by_the_retry(fleet
     assert done.state == "succeeded", done.error
     assert done.attempts >= 2
     log = b"".join(w.log.read_bytes() for w in vw.workers)
-    assert b"aborting the backup job an unfinished attempt left" in log  # libvirt had recovered it
+    # The retry settled what the lost attempt left: the backup job, when the restarted
+    # libvirtd had recovered it (it usually has), and the attempt's checkpoint.
+    assert (b"aborting the backup job an unfinished attempt left" in log
+            or b"(no complete point has it)" in log), log.decode()[-6000:]
     listed = [p for p in points.for_domain(cat, g.name)]
     complete = [p for p in listed if p.status == "complete"]
     assert len(complete) == 1 and all(p.status == "failed" for p in listed if p is not complete[0])

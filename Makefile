@@ -21,7 +21,7 @@ test: testhost
 	$(WITH_ENV) $(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 demo: testhost
-	$(WITH_ENV) $(PY) -m worker.demo
+	$(WITH_ENV) $(PY) -m virtwarden.cli.demo
 
 bench: testhost
 	$(WITH_ENV) $(PY) -m bench.run

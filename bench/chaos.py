@@ -181,7 +181,8 @@ class Chaos:
 
     def _submit(self, name: str, action: str):  # noqa: ANN202
         from catalog import points
-        from worker import prune, submit
+        from virtwarden.cli import prune
+        from virtwarden import submit
 
         g = self.guest_of[name]
         if action in ("backup", "full"):
@@ -328,7 +329,7 @@ class Chaos:
 
     def _verify_points(self) -> tuple[int, list[str]]:
         from catalog import points
-        from worker import submit
+        from virtwarden import submit
 
         ok, bad = 0, []
         for name in self.guest_of:

@@ -64,7 +64,7 @@ class Installation:
 
     # --- worker ------------------------------------------------------------------
     def start_worker(self, timeout: float = 60) -> int:
-        args = [sys.executable, "-m", "worker.cli", "--log-level", "info", "worker", "--host", self.host]
+        args = [sys.executable, "-m", "virtwarden.cli", "--log-level", "info", "worker", "--host", self.host]
         with open(self.log_path, "ab") as log:
             self._worker = subprocess.Popen(args, cwd=REPO, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True)
@@ -106,7 +106,7 @@ class Installation:
 
     # --- commands ----------------------------------------------------------------
     def cli(self, *args: str, timeout: float = 3600) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([sys.executable, "-m", "worker.cli", *args], cwd=REPO, env=self.env(),
+        proc = subprocess.run([sys.executable, "-m", "virtwarden.cli", *args], cwd=REPO, env=self.env(),
                               capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
             raise RuntimeError(f"virtwarden {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}"

@@ -71,7 +71,7 @@ DAEMONS = {"worker", "listen", "api", "scheduler", "demo"}
 
 
 def run_cli_in_process(args: list[str], env: dict[str, str]) -> Cli:
-    """``virtwarden ARGS`` as ``worker.cli.main(ARGS)`` in this process, with ``env`` as
+    """``virtwarden ARGS`` as ``virtwarden.cli.main.main(ARGS)`` in this process, with ``env`` as
     its environment: stdout and stderr captured (the log lines too), the exit code
     returned (a SystemExit's as well). What main changes for its whole process is put
     back afterwards: the umask (0077), the environment, the root logger's handlers and
@@ -84,7 +84,7 @@ def run_cli_in_process(args: list[str], env: dict[str, str]) -> Cli:
 
     from virtwarden import permissions
     from worker import celery_app
-    from worker import cli as cli_module
+    from virtwarden.cli import main as cli_module
 
     out, err = io.StringIO(), io.StringIO()
     saved_env, saved_stdin = dict(os.environ), sys.stdin
@@ -137,7 +137,7 @@ class WorkerProcess:
 
     def __init__(self, config: Path, log: Path, hosts: list[str], env: dict[str, str] | None = None) -> None:
         self.log = log
-        args = [sys.executable, "-m", "worker.cli", "--config", str(config), "--log-level", "info", "worker"]
+        args = [sys.executable, "-m", "virtwarden.cli", "--config", str(config), "--log-level", "info", "worker"]
         for h in hosts:
             args += ["--host", h]
         self._out = open(log, "ab")
@@ -187,7 +187,7 @@ class Installation:
     extra: dict = field(default_factory=dict)
     workers: list[WorkerProcess] = field(default_factory=list)
     # cli() calls main() in the test process (run_cli_in_process) instead of starting
-    # ``python -m worker.cli``: set by the ``vw`` fixture for tests marked cli_in_process.
+    # ``python -m virtwarden.cli``: set by the ``vw`` fixture for tests marked cli_in_process.
     cli_in_process: bool = False
 
     @property
@@ -221,7 +221,7 @@ class Installation:
         command = next((a for a in args if not a.startswith("-")), "")
         if inline and (command not in DAEMONS or (command == "scheduler" and "--once" in args)):
             return run_cli_in_process(list(args), env)
-        p = subprocess.run([sys.executable, "-m", "worker.cli", *args], cwd=REPO, env=env,
+        p = subprocess.run([sys.executable, "-m", "virtwarden.cli", *args], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=timeout)
         return Cli(p.returncode, p.stdout, p.stderr)
 

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.guests import images_equal
 from tests.harness import REPO, wait_for
-from worker.api_auth import sign
+from virtwarden.api.auth import sign
 
 MiB = 1024 * 1024
 TOKEN = "hook-" + secrets.token_hex(16)
@@ -40,7 +40,7 @@ class Reply:
 
 @dataclass
 class ApiServer:
-    """``python -m worker.cli api`` in its own process group, its output in a log file."""
+    """``python -m virtwarden.cli api`` in its own process group, its output in a log file."""
 
     config: Path
     log: Path
@@ -55,7 +55,7 @@ class ApiServer:
             if name not in self.env:
                 env.pop(name, None)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "--config", str(self.config), "--log-level", "info",
+            [sys.executable, "-m", "virtwarden.cli", "--config", str(self.config), "--log-level", "info",
              "api", "--listen", f"127.0.0.1:{self.port}"],
             cwd=REPO, env=env, stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -255,7 +255,7 @@ def test_a_token_from_the_environment_is_enough(vw, tmp_path):
 
 # --- signatures ----------------------------------------------------------------------------
 def test_signature_checks_without_a_server():
-    from worker.api_auth import Refused, Signatures
+    from virtwarden.api.auth import Refused, Signatures
 
     sigs = Signatures(KEY, 300, ("restores",))
     body = b'{"domain": "web01"}'
@@ -273,8 +273,8 @@ def test_signature_checks_without_a_server():
 
 def test_token_file_and_listen_parsing(tmp_path):
     from virtwarden.errors import ConfigError
-    from worker.api import parse_listen
-    from worker.api_auth import Tokens, parse_tokens
+    from virtwarden.api.app import parse_listen
+    from virtwarden.api.auth import Tokens, parse_tokens
 
     text = f"# comment\n\nam:{TOKEN}\n{OTHER}\n  ops.team@site-1 : {TOKEN}x \n"
     assert [(t.caller.name, t.token) for t in parse_tokens(text, "f")] == [

@@ -22,7 +22,7 @@ from tests.test_api import (  # noqa: F401 - api is a fixture
     _samples,
     api,
 )
-from worker.api_scopes import SCOPES
+from virtwarden.api.scopes import SCOPES
 
 MiB = 1024 * 1024
 ONLY = {scope: f"{scope}-{secrets.token_hex(16)}" for scope in SCOPES}  # a token holding one scope each
@@ -225,7 +225,7 @@ def test_metrics_need_a_read_token_unless_opened_in_the_configuration(vw, api):
 # --- the token file and the limiter, without a server ----------------------------------------
 def test_token_file_lines_name_scopes_and_limits(caplog):
     from virtwarden.errors import ConfigError
-    from worker.api_auth import parse_tokens
+    from virtwarden.api.auth import parse_tokens
 
     text = (f"am:alerts:{TOKEN} rate=2 burst=40\nops: read , restore-in-place :{TOKEN}x\n"
             f"old:{TOKEN}y\n{TOKEN}z\n")
@@ -245,7 +245,7 @@ def test_token_file_lines_name_scopes_and_limits(caplog):
 
 
 def test_a_token_bucket_passes_its_burst_then_one_request_per_interval():
-    from worker.api_limits import LogThrottle, RateLimiter
+    from virtwarden.api.limits import LogThrottle, RateLimiter
 
     now = [1000.0]
     limiter = RateLimiter(clock=lambda: now[0])

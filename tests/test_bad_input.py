@@ -26,7 +26,7 @@ def test_malformed_config_names_file_line_and_key(vw):
     vw.write_config()
     text = vw.config_path.read_text().replace("hosts:", "hosts:\n  other: {uri: 'qemu:///system', gruop: x}", 1)
     vw.config_path.write_text(text)
-    r = subprocess.run([sys.executable, "-m", "worker.cli", "--config", str(vw.config_path), "jobs"],
+    r = subprocess.run([sys.executable, "-m", "virtwarden.cli", "--config", str(vw.config_path), "jobs"],
                        capture_output=True, text=True)
     assert r.returncode == 3
     assert f"{vw.config_path}:" in r.stderr and "hosts.other.gruop: unknown key (did you mean 'group'?)" in r.stderr
@@ -36,7 +36,7 @@ def test_malformed_config_names_file_line_and_key(vw):
 def test_yaml_syntax_error_in_config(vw, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("hosts:\n  a: {uri: x\n")
-    r = subprocess.run([sys.executable, "-m", "worker.cli", "--config", str(bad), "jobs"],
+    r = subprocess.run([sys.executable, "-m", "virtwarden.cli", "--config", str(bad), "jobs"],
                        capture_output=True, text=True)
     assert r.returncode == 3 and f"{bad}:" in r.stderr and "YAML syntax" in r.stderr
 

@@ -194,7 +194,7 @@ def test_the_api_serves_under_the_units_restrictions(redis_url):
             *private_tmp,  # PrivateTmp
             f"cd {REPO}",
             f"exec setpriv --reuid=65534 --regid=65534 --clear-groups --no-new-privs --bounding-set=-all "
-            f"--inh-caps=-all -- {sys.executable} {base / 'mdwe.py'} {sys.executable} -m worker.cli "
+            f"--inh-caps=-all -- {sys.executable} {base / 'mdwe.py'} {sys.executable} -m virtwarden.cli "
             f"--config {config} --log-level info api",
         ])
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO),

@@ -66,7 +66,7 @@ def _on_host2(f: Fleet, guest_factory, n: int) -> list:  # noqa: ANN001
 
 
 def test_alert_moves_host2s_guests_and_leaves_one_too_big(fleet: Fleet, guest_factory) -> None:  # noqa: ANN001
-    from worker.alerts import receive
+    from virtwarden.alerts import receive
 
     f = fleet
     small = _on_host2(f, guest_factory, 2)
@@ -302,7 +302,7 @@ def test_alerts_that_map_to_no_host_or_policy_are_recorded_and_start_nothing(vw,
     from catalog.store import Catalog
     from virtwarden import config as config_module
     from virtwarden.errors import UsageError
-    from worker.alerts import host_for, receive
+    from virtwarden.alerts import host_for, receive
 
     vw.hosts = {"kvm01": {"uri": "qemu+ssh://kvm01.example.com/system"},
                 "kvm02": {"uri": "qemu+tcp://10.0.0.2/system"},
@@ -339,7 +339,7 @@ def test_alerts_that_map_to_no_host_or_policy_are_recorded_and_start_nothing(vw,
 
 
 def test_an_alert_whose_policy_says_backup_backs_the_hosts_domains_up_once(fleet: Fleet, guest_factory) -> None:  # noqa: ANN001
-    from worker.alerts import receive
+    from virtwarden.alerts import receive
 
     f = fleet
     [g] = _on_host2(f, guest_factory, 1)

@@ -27,7 +27,7 @@ from tests.conftest import need, need_module
 from tests.fleet import HOST2_PID, restart_host2, stop_host2_libvirtd
 from tests.harness import REDIS_URL, REPO, wait_for
 from virtwarden.errors import PolicyError
-from worker.reconcile import SeenDomain, foreign, missed_events, part_of_start, state_after
+from virtwarden.daemons.reconcile import SeenDomain, foreign, missed_events, part_of_start, state_after
 
 # Our own Redis database: other test runs on this machine flush theirs (and their workers
 # would take messages for host.local from a shared one).
@@ -176,7 +176,7 @@ def test_an_event_handled_twice_makes_one_job(tmp_path: Path, redis_url: str) ->
     from catalog.store import Catalog
     from virtwarden import config
     from worker import celery_app
-    from worker.listener import Dispatcher
+    from virtwarden.daemons.listener import Dispatcher
 
     policy_dir = tmp_path / "policies"
     policy_dir.mkdir()
@@ -228,7 +228,7 @@ class ListenerProcess:
     def __init__(self, vw, hosts: list[str] | None = None, env: dict[str, str] | None = None) -> None:  # noqa: ANN001
         config = vw.write_config()
         self.log = vw.root / "listener.log"
-        args = [sys.executable, "-m", "worker.cli", "--config", str(config), "--log-level", "info", "listen"]
+        args = [sys.executable, "-m", "virtwarden.cli", "--config", str(config), "--log-level", "info", "listen"]
         for h in hosts or []:
             args += ["--host", h]
         full_env = {**os.environ, **(env or {})}

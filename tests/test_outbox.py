@@ -37,7 +37,7 @@ class Clock:
         self.set(at)
 
     def set(self, at: str) -> None:
-        from worker.scheduler import parse_time
+        from virtwarden.daemons.scheduler import parse_time
 
         self.now = parse_time(at, "test clock")
 
@@ -56,7 +56,7 @@ def private_redis(tmp_path):  # noqa: ANN001, ANN201
 def test_a_broker_outage_and_a_dead_worker_lose_no_job_and_no_slot(vw, guest_factory, private_redis, s3_settings,
                                                                     tmp_path):
     from worker import celery_app
-    from worker.scheduler import Scheduler
+    from virtwarden.daemons.scheduler import Scheduler
 
     g = guest_factory(disks=1, size_mib=320)
     g.write_random("vda", 0, 300 * MiB)

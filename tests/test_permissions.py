@@ -192,7 +192,7 @@ def test_only_the_service_group_may_read_a_secret_file(tmp_path):
 
 def _cli(config: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VIRTWARDEN_")}
-    return subprocess.run([sys.executable, "-c", "import os, sys\nfrom worker.cli import main\n"
+    return subprocess.run([sys.executable, "-c", "import os, sys\nfrom virtwarden.cli.main import main\n"
                            "code = main(sys.argv[1:])\nprint('umask', oct(os.umask(0)))\nsys.exit(code)",
                            "--config", str(config), *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)

@@ -101,7 +101,7 @@ def test_the_configuration_names_the_secrets_its_file_holds(tmp_path):
 def test_uvicorns_access_log_keeps_its_arguments_and_loses_the_token(capsys):
     import logging.config
 
-    from worker.api import _masked_log_config
+    from virtwarden.api.app import _masked_log_config
 
     logging.config.dictConfig(_masked_log_config())
     logging.getLogger("uvicorn.access").info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:5000", "GET",
@@ -114,7 +114,7 @@ def test_uvicorns_access_log_keeps_its_arguments_and_loses_the_token(capsys):
 def test_healthz_answers_without_a_token_and_without_the_brokers_password(tmp_path):
     from catalog.store import Catalog
     from worker import celery_app
-    from worker.api import Api, _health
+    from virtwarden.api.app import Api, _health
 
     cfg = config.load(env={"VIRTWARDEN_DATA_DIR": str(tmp_path),
                            "VIRTWARDEN_BROKER_URL": "redis://:hunter2@127.0.0.1:1/0"})

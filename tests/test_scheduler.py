@@ -67,7 +67,7 @@ class Setup:
         return cfg
 
     def scheduler(self, cfg: config_module.Config, clock: FakeClock):  # noqa: ANN201
-        from worker.scheduler import Scheduler
+        from virtwarden.daemons.scheduler import Scheduler
 
         return Scheduler(cfg, Catalog(cfg.catalog_url), clock=clock)
 
@@ -76,7 +76,7 @@ class Setup:
         env = {**os.environ, "VIRTWARDEN_CONFIG": str(self.vw.config_path), "VIRTWARDEN_SCHEDULER_NOW": now}
         env.pop("VIRTWARDEN_DATABASE_URL", None)
         env.pop("VIRTWARDEN_BROKER_URL", None)
-        return subprocess.run([sys.executable, "-m", "worker.cli", *args], cwd=REPO, env=env,
+        return subprocess.run([sys.executable, "-m", "virtwarden.cli", *args], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=300)
 
 
@@ -304,7 +304,7 @@ def test_two_scheduler_processes_start_each_slot_once(vw, guest_factory):
     vw.catalog().close()
     env = {**os.environ, "VIRTWARDEN_CONFIG": str(vw.config_path), "VIRTWARDEN_SCHEDULER_NOW": "2025-01-10T10:01:00Z"}
     env.pop("VIRTWARDEN_DATABASE_URL", None)
-    procs = [subprocess.Popen([sys.executable, "-m", "worker.cli", "scheduler", "--once"], cwd=REPO, env=env,
+    procs = [subprocess.Popen([sys.executable, "-m", "virtwarden.cli", "scheduler", "--once"], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
@@ -352,7 +352,7 @@ def test_the_daemon_ticks_until_stopped(vw, guest_factory):
     env.pop("VIRTWARDEN_DATABASE_URL", None)
     log = vw.root / "scheduler.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "--log-level", "info", "scheduler"], cwd=REPO,
+        proc = subprocess.Popen([sys.executable, "-m", "virtwarden.cli", "--log-level", "info", "scheduler"], cwd=REPO,
                                 env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         cat = vw.catalog()

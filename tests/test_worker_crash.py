@@ -76,7 +76,7 @@ def test_an_unknown_job_kind_fails_clearly(vw):
     cfg = config.load(str(vw.config_path))
     cat = vw.catalog()
     unknown = rows.create(cat, kind="teleport", domain="d", host="local", params={})
-    assert execute(cfg, unknown.id, cat=cat) == "failed"
+    assert execute(cfg, unknown.id, cat=cat).state == "failed"
     assert rows.get(cat, unknown.id).error == "job kind 'teleport' is unknown"
 
 

@@ -392,7 +392,7 @@ def test_a_drill_network_must_not_reach_the_host(xml, reason):
 
 
 def test_the_cli_names_what_a_new_domain_left_out():
-    from worker.commands import _restore_summary
+    from virtwarden.cli.commands import _restore_summary
 
     text = _restore_summary("restore-as-domain", {"point_id": "p1", "domain": "web01-copy", "uuid": "u", "disks": {},
                                                   "left_out_of_xml": ["<hostdev type='pci'>: a host device"]})

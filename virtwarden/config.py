@@ -354,3 +354,17 @@ def _read(path: str):
 
 def _did_you_mean(word: str, choices) -> str:
     return suggest(word, choices)
+
+
+def load_for_process(path: str | None = None) -> Config:
+    """``load``, then this process's file modes from ``security``, with a warning when
+    the configuration file holds secrets that other users can read (as for the API's
+    token file: the warning says how to close it, and the file is used). Every command
+    and daemon loads its configuration this way."""
+    from virtwarden import permissions
+
+    cfg = load(path)
+    permissions.configure(cfg.security.read_group, cfg.security.service_group)
+    if cfg.file_secrets:
+        permissions.warn_if_exposed(cfg.source, ", ".join(cfg.file_secrets))
+    return cfg

@@ -1,1 +1,2 @@
-"""The runtime edge: Celery app and tasks, CLI, and (later) listener, scheduler and API."""
+"""The Celery edge: the app and its one task (``celery_app``), running one job row
+(``runner``) and the sweep that requeues and resends jobs (``outbox``)."""

@@ -9,7 +9,7 @@ Why these settings (see docs/architecture.md, "Jobs survive workers"):
 - ``worker_prefetch_multiplier = 1``: a worker busy with a long backup does not hoard
   messages other workers could take.
 - Results live in the catalog, not in a result backend.
-- The sweeper thread in each worker (worker/outbox.py) requeues jobs whose worker
+- The sweeper thread in each worker (worker/outbox.py, sending through ``send``) requeues jobs whose worker
   died (lease expired) without waiting for the broker to redeliver their message, and
   sends again any queued job whose message is overdue (a broker outage delays jobs,
   it never drops them).
@@ -73,11 +73,8 @@ def configure(cfg: Config) -> Celery:
 def config() -> Config:
     if _config is None:
         from virtwarden import config as config_module
-        from worker.output import apply_security
 
-        cfg = config_module.load()
-        apply_security(cfg)
-        configure(cfg)
+        configure(config_module.load_for_process())
     assert _config is not None
     return _config
 
@@ -88,13 +85,18 @@ def run_job(self, job_id: str) -> str:  # noqa: ANN001
 
     cfg = config()
     outcome = execute(cfg, job_id, cat=catalog(), via_host=_queue_host(self.request))
-    if outcome == "busy":
+    if outcome.state == "busy":
         # This message comes back: the outbox need not send another meanwhile.
         jobs.postpone(catalog(), job_id, BUSY_RETRY_SECONDS + cfg.worker.resend_seconds)
         raise self.retry(countdown=BUSY_RETRY_SECONDS)
-    if outcome == "retry":
+    if outcome.state == "retry":
         raise self.retry(countdown=retry_delay(cfg, jobs.get(catalog(), job_id).attempts))
-    return outcome
+    if outcome.send is not None:  # re-routed to the host its domain runs on now
+        try:
+            send(outcome.send)
+        except BrokerUnavailable as e:  # the outbox sends it once the broker is back
+            log.warning("job %s: %s; it stays queued", job_id, e)
+    return outcome.state
 
 
 def _queue_host(request) -> str | None:  # noqa: ANN001
@@ -133,7 +135,7 @@ def mask(url: str) -> str:
 def _sweep_forever(stop: threading.Event) -> None:
     from worker.outbox import Sweeper
 
-    sweeper = Sweeper(config(), catalog())
+    sweeper = Sweeper(config(), catalog(), send)
     while True:
         sweeper.sweep()
         if stop.wait(config().worker.reap_seconds):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from catalog import jobs
@@ -42,10 +43,12 @@ class SweepReport:
 
 
 class Sweeper:
-    """Keeps the times of its last points sweep and row pruning; one per process."""
+    """Keeps the times of its last points sweep and row pruning; one per process.
+    ``send`` hands a job to its host's queue (``worker.celery_app.send``), raising
+    BrokerUnavailable when the broker is down."""
 
-    def __init__(self, cfg: Config, cat: Catalog) -> None:
-        self.cfg, self.cat = cfg, cat
+    def __init__(self, cfg: Config, cat: Catalog, send: Callable[[jobs.JobView], None]) -> None:
+        self.cfg, self.cat, self.send = cfg, cat, send
         self._points_swept = 0.0
         self._rows_pruned: float | None = None  # None: not yet in this process
 
@@ -75,12 +78,10 @@ class Sweeper:
                             job.id, job.attempts + 1, job.max_attempts)
 
     def _resend(self, report: SweepReport) -> None:
-        from worker import celery_app
-
         due = jobs.due_for_send(self.cat)
         for i, job in enumerate(due):
             try:
-                celery_app.send(job)
+                self.send(job)
             except BrokerUnavailable as e:
                 report.unsent = len(due) - i
                 log.warning("sweep: %d queued job(s) wait for the broker: %s", report.unsent, e)

@@ -1,7 +1,7 @@
 """Running one job row: claim it, keep its lease fresh, call the job function, record
 the outcome. Celery calls ``execute``. Nothing here imports Celery, but a job whose
 domain now runs on another host is sent on to that host's queue from here, through
-``worker.submit.follow_domain`` (which does).
+``virtwarden.submit.follow_domain`` (which does).
 
 An attempt holds the job only through its ``Fence`` (the token its claim set). The job
 function gets a catalog whose every write is conditional on that token, a report
@@ -35,8 +35,23 @@ log = logging.getLogger(__name__)
 # Jobs that change a domain's disks or checkpoints: one at a time per domain.
 DISK_CHANGING = {"backup", "snapshot", "restore-in-place", "migrate"}
 # Jobs that work on a running domain where it runs: when it moved to another host
-# after the job was queued, the job follows it (worker.submit.follow_domain).
+# after the job was queued, the job follows it (virtwarden.submit.follow_domain).
 FOLLOW_DOMAIN = {"backup", "snapshot"}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an attempt came to, and what the Celery edge does next.
+
+    ``state``: 'done', 'failed', 'skipped' (someone else has the job, it finished, it is
+    for another host than the one whose queue delivered the message, or this attempt
+    lost it), 'busy' (its domain is locked: deliver it again later), 'retry' (a
+    transient error: the job is queued again, deliver it after ``retry_delay``) or
+    'moved' (its domain runs on another host now: the job was re-routed, and ``send``
+    is the job to send to that host's queue)."""
+
+    state: str
+    send: jobs.JobView | None = None
 
 
 @dataclass(frozen=True)
@@ -84,7 +99,7 @@ KINDS: dict[str, JobKind] = {
     "verify": JobKind("tasks.verify:run_verify", "tasks.verify:VerifyRequest", False),
     # A runbook run is driven by the process that started it; a worker only ever sees
     # one whose process died (the reaper requeued it), and fails it saying so.
-    "runbook": JobKind("worker.runbooks:orphaned", "worker.runbooks:RunbookRequest", False),
+    "runbook": JobKind("virtwarden.runbooks:orphaned", "virtwarden.runbooks:RunbookRequest", False),
     "evacuate": JobKind("tasks.evacuate:run_evacuate", "tasks.evacuate:EvacuateRequest", True),
 }
 
@@ -181,12 +196,8 @@ def retry_delay(cfg: Config, attempt: int) -> float:
     return min(cfg.worker.retry_delay_seconds * attempt, 600.0)
 
 
-def execute(cfg: Config, job_id: str, *, cat: Catalog | None = None, via_host: str | None = None) -> str:
-    """Run the job if we can claim it. Returns 'done', 'failed', 'skipped' (someone else
-    has it, it finished, it is for another host than ``via_host``, the host whose queue
-    delivered the message, or this attempt lost it), 'busy' (its domain is locked: try
-    again later), 'retry' (a transient error: the job is queued again) or 'moved' (its
-    domain runs on another host now: the job was sent to that host's queue)."""
+def execute(cfg: Config, job_id: str, *, cat: Catalog | None = None, via_host: str | None = None) -> Outcome:
+    """Run the job if we can claim it (see ``Outcome`` for what can come of it)."""
     cat = cat or Catalog(cfg.catalog_url)
     job = jobs.get(cat, job_id)
     kind = KINDS.get(job.kind)
@@ -195,11 +206,11 @@ def execute(cfg: Config, job_id: str, *, cat: Catalog | None = None, via_host: s
                        host=via_host)
     if not claim.ok or claim.fence is None:
         log.info("job %s: not started (%s)", job_id, claim.why)
-        return "busy" if claim.why == "domain-busy" else "skipped"
+        return Outcome("busy" if claim.why == "domain-busy" else "skipped")
     fence = claim.fence
     if kind is None:
         jobs.finish(cat, fence, ok=False, error=f"job kind {job.kind!r} is unknown")
-        return "failed"
+        return Outcome("failed")
     run, request_type = kind.load()
     beat = Heartbeat(cat, fence, cfg.worker.heartbeat_seconds)
     beat.start()
@@ -219,42 +230,62 @@ def execute(cfg: Config, job_id: str, *, cat: Catalog | None = None, via_host: s
             agent=cfg.agent, drill=cfg.drill,
         )
         if claim.give_up is not None:
-            return _give_up(cat, ctx, kind, request_type, job, claim.give_up)
+            return Outcome(_give_up(cat, ctx, kind, request_type, job, claim.give_up))
         if hv is not None and job.kind in FOLLOW_DOMAIN and job.domain:
-            from worker.submit import follow_domain
-
-            if follow_domain(cfg, cat, job, fence, hv):
-                return "moved"
+            followed = _follow_domain(cfg, cat, job, fence, hv)
+            if followed is not None:
+                return followed
         log.info("job %s: %s of %s, attempt %d (token %d)", job_id, job.kind, job.domain, claim.attempt, fence.token)
         result = run(ctx, request_type(**job.params))
         beat.check()
     except LeaseLost as e:
         log.warning("%s", e)
-        return "skipped"
+        return Outcome("skipped")
     except Transient as e:
         if claim.attempt < job.max_attempts:
             log.warning("job %s: attempt %d failed, will retry: %s", job_id, claim.attempt, e)
             if jobs.requeue(cat, fence, mask(f"attempt {claim.attempt} failed: {e}"), delay=retry_delay(cfg, claim.attempt),
                             resend_after=cfg.worker.resend_seconds):
-                return "retry"
-            return "skipped"
-        return _ended_failed(kind, ctx, _failed(cat, fence, str(e), _failure(e)))
+                return Outcome("retry")
+            return Outcome("skipped")
+        return Outcome(_ended_failed(kind, ctx, _failed(cat, fence, str(e), _failure(e))))
     except VirtwardenError as e:
         log.error("job %s: failed: %s", job_id, e)
-        return _ended_failed(kind, ctx, _failed(cat, fence, str(e), {**_failure(e), **(getattr(e, "result", None) or {})}))
+        result = {**_failure(e), **(getattr(e, "result", None) or {})}
+        return Outcome(_ended_failed(kind, ctx, _failed(cat, fence, str(e), result)))
     except Exception as e:  # noqa: BLE001 - a bug: record it, keep the worker alive
         log.exception("job %s: internal error", job_id)
-        return _ended_failed(kind, ctx, _failed(cat, fence, f"internal error (a bug, please report): {e!r}"))
+        return Outcome(_ended_failed(kind, ctx, _failed(cat, fence, f"internal error (a bug, please report): {e!r}")))
     finally:
         beat.stop()
         if hv is not None:
             hv.close()
     if not jobs.finish(cat, fence, ok=True, result=result):
         log.warning("job %s: finished, but another worker owns the job now; its outcome is not recorded", job_id)
-        return "skipped"
+        return Outcome("skipped")
     log.info("job %s: succeeded", job_id)
     _ended(kind, ctx)
-    return "done"
+    return Outcome("done")
+
+
+def _follow_domain(cfg: Config, cat: Catalog, job: jobs.JobView, fence: Fence, hv: Any) -> Outcome | None:
+    """A claimed job whose domain is not on the job's host (``hv``) any more: re-route
+    it to the host where the domain runs now ('moved', with the job to send there);
+    None when the domain is here. DomainNotFound (the job then fails saying so) when no
+    configured host has it."""
+    from hypervisor import domains
+    from hypervisor.locate import find_host
+
+    assert job.domain is not None
+    if domains.exists(hv, job.domain):
+        return None
+    host, _ = find_host(cfg, job.domain)
+    why = f"domain {job.domain} left host {hv.name}: re-routed to {host}"
+    moved = jobs.move(cat, fence, host, why, resend_after=cfg.worker.resend_seconds)
+    if moved is None:
+        return Outcome("skipped")
+    log.info("job %s: %s", job.id, why)
+    return Outcome("moved", send=moved)
 
 
 def _ended_failed(kind: JobKind, ctx: JobContext | None, outcome: str) -> str:

@@ -26,7 +26,7 @@ from policies.runbooks import Planned, Runbook, render
 from virtwarden.config import Config
 from virtwarden.errors import EXIT_FAILED, EXIT_OK, JobFailed, NotFound, VirtwardenError
 from virtwarden.validation import suggest
-from worker.output import emit_json, load_config, table
+from virtwarden.cli.output import emit_json, load_config, table
 
 
 # --- the actions ------------------------------------------------------------------------
@@ -39,7 +39,7 @@ class Action:
 
 def _backup_plan(cfg: Config, cat: Catalog, a: dict) -> dict:
     from policies import parse_metadata, resolve_backup
-    from worker.submit import find_host
+    from hypervisor.locate import find_host
 
     host, info = find_host(cfg, a["domain"])
     s = resolve_backup(cfg, a["domain"], policy=a.get("policy"), host=host, metadata=parse_metadata(info.xml))
@@ -47,7 +47,7 @@ def _backup_plan(cfg: Config, cat: Catalog, a: dict) -> dict:
 
 
 def _backup(cfg: Config, cat: Catalog, a: dict, actor: str, key: str) -> jobs.JobView:
-    from worker import submit
+    from virtwarden import submit
 
     return submit.backup(cfg, cat, a["domain"], policy=a.get("policy"), full=bool(a.get("full")),
                          requested_by=actor, dedup_key=key)
@@ -55,7 +55,7 @@ def _backup(cfg: Config, cat: Catalog, a: dict, actor: str, key: str) -> jobs.Jo
 
 def _snapshot_plan(cfg: Config, cat: Catalog, a: dict) -> dict:
     from policies import parse_metadata, resolve_snapshots
-    from worker.submit import find_host
+    from hypervisor.locate import find_host
 
     host, info = find_host(cfg, a["domain"])
     s = resolve_snapshots(cfg, a["domain"], policy=a.get("policy"), host=host, metadata=parse_metadata(info.xml))
@@ -63,7 +63,7 @@ def _snapshot_plan(cfg: Config, cat: Catalog, a: dict) -> dict:
 
 
 def _snapshot(cfg: Config, cat: Catalog, a: dict, actor: str, key: str) -> jobs.JobView:
-    from worker.snapshots import submit_snapshot
+    from virtwarden.cli.snapshots import submit_snapshot
 
     return submit_snapshot(cfg, cat, a["domain"], policy=a.get("policy"), requested_by=actor, dedup_key=key)
 
@@ -75,25 +75,25 @@ def _restore_args(a: dict) -> dict:
 
 
 def _restore_plan(cfg: Config, cat: Catalog, a: dict) -> dict:
-    from worker import submit
+    from virtwarden import submit
 
     return submit.plan_restore(cfg, cat, a["domain"], **_restore_args(a)).to_json()
 
 
 def _restore(cfg: Config, cat: Catalog, a: dict, actor: str, key: str) -> jobs.JobView:
-    from worker import submit
+    from virtwarden import submit
 
     return submit.restore(cfg, cat, a["domain"], **_restore_args(a), requested_by=actor, dedup_key=key)
 
 
 def _drill_plan(cfg: Config, cat: Catalog, a: dict) -> dict:
-    from worker.drills import drill_params
+    from virtwarden.cli.drills import drill_params
 
     return drill_params(cfg, cat, a["domain"], point=a.get("point"), policy=a.get("policy"))
 
 
 def _drill(cfg: Config, cat: Catalog, a: dict, actor: str, key: str) -> jobs.JobView:
-    from worker.drills import submit_drill
+    from virtwarden.cli.drills import submit_drill
 
     return submit_drill(cfg, cat, a["domain"], point=a.get("point", "latest"), policy=a.get("policy"),
                         requested_by=actor, dedup_key=key)
@@ -104,14 +104,14 @@ def _hosts(a: dict) -> tuple[str, ...]:
 
 
 def _evacuate_plan(cfg: Config, cat: Catalog, a: dict) -> dict:
-    from worker.evacuate import submit_evacuate
+    from virtwarden.cli.evacuate import submit_evacuate
 
     plan = submit_evacuate(cfg, cat, a["host"], to=_hosts(a), dry_run=True, requested_by="dry-run")
     return plan if isinstance(plan, dict) else {"plan": str(plan)}
 
 
 def _evacuate(cfg: Config, cat: Catalog, a: dict, actor: str, key: str) -> jobs.JobView:
-    from worker.evacuate import submit_evacuate
+    from virtwarden.cli.evacuate import submit_evacuate
 
     job = submit_evacuate(cfg, cat, a["host"], to=_hosts(a), requested_by=actor, dedup_key=key)
     assert isinstance(job, jobs.JobView)
@@ -119,14 +119,14 @@ def _evacuate(cfg: Config, cat: Catalog, a: dict, actor: str, key: str) -> jobs.
 
 
 def _verify_plan(cfg: Config, cat: Catalog, a: dict) -> dict:
-    from worker.verify import plan_verify
+    from virtwarden.cli.verify import plan_verify
 
     return plan_verify(cfg, cat, a.get("domain") or None, a.get("storage") or None,
                        int(a.get("sample_percent") or 100))
 
 
 def _verify(cfg: Config, cat: Catalog, a: dict, actor: str, key: str) -> jobs.JobView:
-    from worker.verify import submit_verify
+    from virtwarden.cli.verify import submit_verify
 
     return submit_verify(cfg, cat, domain=a.get("domain") or None, storage=a.get("storage") or None,
                          sample_percent=int(a.get("sample_percent") or 100), requested_by=actor, dedup_key=key)
@@ -238,7 +238,7 @@ def run(cfg: Config, cat: Catalog, book: Runbook, given: dict[str, str], actor: 
 
 def _run_step(cfg: Config, cat: Catalog, step: Planned, actor: str, key: str, timeout: float | None,
               beat: Any, count: int) -> dict:
-    from worker import submit
+    from virtwarden import submit
 
     beat.report((step.index - 1) / count, f"step {step.index}/{count}: {step.action}")
     job = ACTIONS[step.action].submit(cfg, cat, step.args, actor, key)

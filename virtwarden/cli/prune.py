@@ -30,8 +30,8 @@ from storage_backends.repository import Repository
 from tasks.prune import DomainRules, dry_run_domain, summarize
 from virtwarden.config import Config
 from virtwarden.errors import EXIT_OK, PolicyError, RestorePointNotFound, VirtwardenError
-from worker.output import emit_json, load_config, table
-from worker.verify import host_for
+from virtwarden.cli.output import emit_json, load_config, table
+from virtwarden.cli.verify import host_for
 
 
 def cli(args: argparse.Namespace) -> int:
@@ -48,7 +48,7 @@ def cli(args: argparse.Namespace) -> int:
         else:
             print_plan(result)
         return EXIT_OK
-    from worker.commands import _after_submit, _configure_celery
+    from virtwarden.cli.commands import _after_submit, _configure_celery
 
     _configure_celery(cfg)
     job = submit(cfg, cat, rules, domain=args.domain, policy=args.policy, requested_by="cli")
@@ -61,7 +61,7 @@ def submit(cfg: Config, cat: Catalog, rules: dict[str, DomainRules], *, domain: 
     the host of the domain's newest point, else on the first configured host: pruning
     touches storage only, never a hypervisor."""
     from worker import celery_app
-    from worker.submit import enqueue
+    from virtwarden.submit import enqueue
 
     celery_app.check_broker(cfg)
     params = {"domain": domain, "policy": policy, "dry_run": dry_run,

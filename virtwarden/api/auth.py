@@ -56,8 +56,8 @@ from virtwarden import permissions
 from virtwarden.config import ApiConfig
 from virtwarden.errors import ConfigError, VirtwardenError
 from virtwarden.validation import suggest
-from worker.api_limits import LogThrottle, RateLimiter
-from worker.api_scopes import EVERY_SCOPE, SCOPES
+from virtwarden.api.limits import LogThrottle, RateLimiter
+from virtwarden.api.scopes import EVERY_SCOPE, SCOPES
 
 log = logging.getLogger(__name__)
 MIN_TOKEN_LENGTH = 16

@@ -19,7 +19,7 @@ from policies.placement import max_parallel
 from tasks.evacuate import DEFAULT_TIMEOUT, EvacuateRequest
 from virtwarden.config import Config
 from virtwarden.errors import EXIT_FAILED, EXIT_OK, PolicyError, UsageError
-from worker.output import emit_json, load_config, table
+from virtwarden.cli.output import emit_json, load_config, table
 
 MiB = 1024 * 1024
 
@@ -30,7 +30,8 @@ def submit_evacuate(cfg: Config, cat: Catalog, host: str, *, to: tuple[str, ...]
     """Queue an evacuation of ``host`` (a JobView), or with ``dry_run`` return its plan
     (a dict, see ``policies.placement.Plan.to_json``) and change nothing."""
     from tasks import evacuate
-    from worker import celery_app, submit
+    from worker import celery_app
+    from virtwarden import submit
 
     req = build_request(cfg, host, tuple(to))
     if dry_run:
@@ -76,7 +77,7 @@ def build_request(cfg: Config, host: str, to: tuple[str, ...] = ()) -> EvacuateR
 
 # --- the command --------------------------------------------------------------------------------
 def cli(args: argparse.Namespace) -> int:
-    from worker.commands import follow, queued
+    from virtwarden.cli.commands import follow, queued
 
     cfg = load_config(args)
     cat = Catalog(cfg.catalog_url)

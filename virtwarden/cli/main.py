@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from worker import commands as c
+    from virtwarden.cli import commands as c
 
     p = argparse.ArgumentParser(
         prog="virtwarden",
@@ -123,11 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--host", action="append", default=[], help="serve this host's queue (repeatable)")
     w.add_argument("--concurrency", type=int, help="jobs at once (default: worker.concurrency)")
 
-    ls = cmd("listen", lazy("worker.listener:cli"),
+    ls = cmd("listen", lazy("virtwarden.daemons.listener:cli"),
              "follow libvirt events of the configured hosts and start the jobs policies ask for")
     ls.add_argument("--host", action="append", default=[], help="listen to this host only (repeatable)")
 
-    sc = cmd("scheduler", lazy("worker.scheduler:cli"),
+    sc = cmd("scheduler", lazy("virtwarden.daemons.scheduler:cli"),
              "start scheduled backups, snapshots, drills and verifications")
     sc.add_argument("--once", action="store_true", help="one pass over due slots, then exit")
     sched = sub.add_parser("schedule", help="what the scheduler would do").add_subparsers(metavar="ACTION")
@@ -135,24 +135,24 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--from", dest="start", help="ISO time (default: now)")
     pv.add_argument("--to", dest="end", help="ISO time (default: 24 hours after --from)")
     pv.add_argument("--json", action="store_true")
-    pv.set_defaults(handler=lazy("worker.scheduler:preview_cli"))
+    pv.set_defaults(handler=lazy("virtwarden.daemons.scheduler:preview_cli"))
 
-    pr = cmd("prune", lazy("worker.prune:cli"), "apply retention: delete restore points the policies no longer keep")
+    pr = cmd("prune", lazy("virtwarden.cli.prune:cli"), "apply retention: delete restore points the policies no longer keep")
     pr.add_argument("domain", nargs="?", help="only this domain (default: every domain with points)")
     pr.add_argument("--policy", help="use this policy's retention")
     pr.add_argument("--dry-run", action="store_true", help="show what would be deleted, change nothing")
     _wait_opts(pr)
 
-    sn = cmd("snapshot", lazy("worker.snapshots:cli"), "take a snapshot of a domain now (policy naming and retention)")
+    sn = cmd("snapshot", lazy("virtwarden.cli.snapshots:cli"), "take a snapshot of a domain now (policy naming and retention)")
     sn.add_argument("domain")
     sn.add_argument("--policy", help="take settings from this policy")
     sn.add_argument("--host", help="the domain's host (default: look on every configured host)")
     _wait_opts(sn)
-    sl = cmd("snapshots", lazy("worker.snapshots:list_cli"), "list the snapshots virtwarden made of a domain")
+    sl = cmd("snapshots", lazy("virtwarden.cli.snapshots:list_cli"), "list the snapshots virtwarden made of a domain")
     sl.add_argument("domain")
     sl.add_argument("--json", action="store_true")
 
-    dr = cmd("drill", lazy("worker.drills:cli"),
+    dr = cmd("drill", lazy("virtwarden.cli.drills:cli"),
              "restore a point into scratch space and boot it as an isolated throwaway domain")
     dr.add_argument("domain")
     dr.add_argument("--point", help="restore point id, 'latest' or 'oldest' (default: the policy's drill.point,"
@@ -160,11 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--policy", help="take drill settings from this policy")
     dr.add_argument("--host", help="host to run the drill on (default: where the backup was made)")
     _wait_opts(dr)
-    dl = cmd("drills", lazy("worker.drills:list_cli"), "recent restore drills of a domain and their checks")
+    dl = cmd("drills", lazy("virtwarden.cli.drills:list_cli"), "recent restore drills of a domain and their checks")
     dl.add_argument("domain", nargs="?")
     dl.add_argument("--json", action="store_true")
 
-    vf = cmd("verify", lazy("worker.verify:cli"),
+    vf = cmd("verify", lazy("virtwarden.cli.verify:cli"),
              "re-read stored restore points and check their checksums; damaged ones are taken out of service")
     vf.add_argument("domain", nargs="?", help="only this domain (default: every domain with points)")
     vf.add_argument("--storage", help="only points on this storage target")
@@ -179,33 +179,33 @@ def build_parser() -> argparse.ArgumentParser:
     cr.add_argument("--storage", required=True, help="the storage target to read")
     cr.add_argument("--dry-run", action="store_true", help="show what would be imported, change nothing")
     cr.add_argument("--json", action="store_true")
-    cr.set_defaults(handler=lazy("worker.rebuild:cli"))
+    cr.set_defaults(handler=lazy("virtwarden.cli.rebuild:cli"))
 
-    api = cmd("api", lazy("worker.api:cli"), "serve the HTTP API (restores, jobs, alerts, metrics)")
+    api = cmd("api", lazy("virtwarden.api.app:cli"), "serve the HTTP API (restores, jobs, alerts, metrics)")
     api.add_argument("--listen", help="HOST:PORT (default: api.listen from the configuration)")
 
     rb = sub.add_parser("runbook", help="named, audited on-call procedures").add_subparsers(metavar="ACTION")
     rbl = rb.add_parser("list", help="built-in and user-defined runbooks")
     rbl.add_argument("--json", action="store_true")
-    rbl.set_defaults(handler=lazy("worker.runbooks:list_cli"))
+    rbl.set_defaults(handler=lazy("virtwarden.runbooks:list_cli"))
     rbs = rb.add_parser("show", help="a runbook's parameters and steps")
     rbs.add_argument("name")
     rbs.add_argument("--json", action="store_true")
-    rbs.set_defaults(handler=lazy("worker.runbooks:show_cli"))
+    rbs.set_defaults(handler=lazy("virtwarden.runbooks:show_cli"))
     rbr = rb.add_parser("run", help="run a runbook's steps in order, each as a job, waiting for each (audited)")
     rbr.add_argument("name")
     rbr.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE")
     rbr.add_argument("--dry-run", action="store_true", help="print every step's plan, change nothing")
     rbr.add_argument("--timeout", type=float, help="give up waiting for a step after this many seconds")
     rbr.add_argument("--json", action="store_true")
-    rbr.set_defaults(handler=lazy("worker.runbooks:run_cli"))
+    rbr.set_defaults(handler=lazy("virtwarden.runbooks:run_cli"))
 
-    ev = cmd("evacuate", lazy("worker.evacuate:cli"), "live-migrate a host's running domains to other hosts")
+    ev = cmd("evacuate", lazy("virtwarden.cli.evacuate:cli"), "live-migrate a host's running domains to other hosts")
     ev.add_argument("host")
     ev.add_argument("--to", action="append", default=[], metavar="HOST", help="only to these hosts (repeatable)")
     ev.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     _wait_opts(ev)
-    hs = cmd("hosts", lazy("worker.hosts:cli"), "the configured hosts: reachable or not, free memory and CPUs")
+    hs = cmd("hosts", lazy("virtwarden.cli.hosts:cli"), "the configured hosts: reachable or not, free memory and CPUs")
     hs.add_argument("--json", action="store_true")
     return p
 
@@ -224,7 +224,7 @@ def lazy(target: str) -> Handler:
 
 
 def _percent(text: str) -> int:
-    from worker.verify import percent
+    from virtwarden.cli.verify import percent
 
     return percent(text)
 

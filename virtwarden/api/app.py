@@ -5,7 +5,7 @@ Routes: ``POST /v1/restores``, ``GET /v1/jobs/{job_id}``,
 ``GET /healthz``, ``GET /metrics``; the OpenAPI schema is at ``/openapi.json`` and
 browsable at ``/docs``. Every /v1 request needs a bearer token (worker/api_auth.py)
 whose scopes allow the endpoint (worker/api_scopes.py); requests go through the same
-``worker.submit`` functions as the CLI, so the API adds no second way of starting a
+``virtwarden.submit`` functions as the CLI, so the API adds no second way of starting a
 job. Every POST of an authenticated caller, accepted or refused, and every request
 refused for a missing scope leaves an ``audit_log`` row naming the token; requests
 without valid credentials, over the size cap or over the rate limit leave none (they
@@ -34,13 +34,13 @@ from catalog import api as api_catalog
 from catalog import jobs, points
 from catalog.models import AuditRecord, utcnow
 from catalog.store import Catalog
-from virtwarden.config import Config
+from virtwarden.config import Config, load_for_process
 from virtwarden.errors import ConfigError, DestinationRefused, NotFound, Transient, VirtwardenError
 from virtwarden.redact import mask
-from worker.api_auth import ANONYMOUS, AuthMiddleware, Signatures, Tokens, env_token, read_key
-from worker.api_metrics import ApiMetrics, RequestCounter
-from worker.api_schemas import AlertmanagerPayload, Error, JobAccepted, JobOut, PointOut, RestoreIn
-from worker.api_scopes import ALERTS, ANY_RESTORE, READ, ScopeMissing, needs, require, restore_scope
+from virtwarden.api.auth import ANONYMOUS, AuthMiddleware, Signatures, Tokens, env_token, read_key
+from virtwarden.api.metrics import ApiMetrics, RequestCounter
+from virtwarden.api.schemas import AlertmanagerPayload, Error, JobAccepted, JobOut, PointOut, RestoreIn
+from virtwarden.api.scopes import ALERTS, ANY_RESTORE, READ, ScopeMissing, needs, require, restore_scope
 
 log = logging.getLogger(__name__)
 KEY_PATTERN = r"^[\x21-\x7e]{1,200}$"  # printable ASCII, no spaces: a UUID is a good key
@@ -150,7 +150,7 @@ def _routes(app: FastAPI) -> None:
         """Alertmanager's webhook (``webhook_configs`` with this URL and the bearer token).
         Repeats of an alert (same fingerprint and startsAt) change nothing. Scope: `alerts`.
         More alerts than ``api.max_alerts_per_payload`` get 413 and no alert is recorded."""
-        from worker import alerts as alert_handling
+        from virtwarden import alerts as alert_handling
 
         api: Api = request.app.state.api
         cap = api.cfg.api.max_alerts_per_payload
@@ -206,7 +206,7 @@ def _metrics_scope(request: Request, _: Any = Depends(bearer_scheme)) -> None:
 
 
 def _submit_restore(api: Api, req: RestoreIn, actor: str, key: str | None) -> jobs.JobView:
-    from worker import submit
+    from virtwarden import submit
 
     return submit.restore(api.cfg, api.cat, req.domain, point=req.point or "latest", at=req.at,
                           to_dir=req.to_dir, as_domain=req.as_domain, in_place=req.in_place,
@@ -380,9 +380,8 @@ def cli(args: argparse.Namespace) -> int:
     import uvicorn
 
     from worker import celery_app
-    from worker.output import load_config
 
-    cfg = load_config(args)
+    cfg = load_for_process(args.config)
     host, port = parse_listen(args.listen or cfg.api.listen)
     tokens = Tokens(cfg.api.token_file, env_token())
     signatures = None

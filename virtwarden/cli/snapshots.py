@@ -10,17 +10,19 @@ import argparse
 
 from catalog import jobs, snapshots
 from catalog.store import Catalog
+from hypervisor.locate import find_host
 from policies import parse_metadata, resolve_snapshots
 from virtwarden.config import Config
 from virtwarden.errors import EXIT_OK
-from worker.output import emit_json, load_config, table
+from virtwarden.cli.output import emit_json, load_config, table
 
 
 def submit_snapshot(cfg: Config, cat: Catalog, domain: str, *, policy: str | None = None, host: str | None = None,
                     requested_by: str | None = None, dedup_key: str | None = None) -> jobs.JobView:
-    from worker import celery_app, submit
+    from worker import celery_app
+    from virtwarden import submit
 
-    host, info = submit.find_host(cfg, domain, host)
+    host, info = find_host(cfg, domain, host)
     settings = resolve_snapshots(cfg, domain, policy=policy, host=host, metadata=parse_metadata(info.xml))
     celery_app.check_broker(cfg)
     return submit.enqueue(cfg, cat, "snapshot", domain, host, settings.job_params(domain), requested_by,
@@ -28,7 +30,7 @@ def submit_snapshot(cfg: Config, cat: Catalog, domain: str, *, policy: str | Non
 
 
 def cli(args: argparse.Namespace) -> int:
-    from worker.commands import _after_submit, _configure_celery
+    from virtwarden.cli.commands import _after_submit, _configure_celery
 
     cfg = load_config(args)
     cat = Catalog(cfg.catalog_url)

@@ -15,7 +15,7 @@ from catalog.store import Catalog
 from virtwarden.config import Config
 from virtwarden.errors import EXIT_OK, VirtwardenError
 from virtwarden.redact import mask
-from worker.output import emit_json, load_config, table
+from virtwarden.cli.output import emit_json, load_config, table
 
 MiB = 1024 * 1024
 

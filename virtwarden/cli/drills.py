@@ -27,7 +27,7 @@ from policies.select import DomainFacts, by_name, governing
 from tasks.drill import DrillRequest, check_request, pick_point
 from virtwarden.config import Config
 from virtwarden.errors import EXIT_FAILED, EXIT_OK, PolicyError
-from worker.output import emit_json, load_config, table
+from virtwarden.cli.output import emit_json, load_config, table
 
 
 def drill_params(cfg: Config, cat: Catalog, domain: str, *, point: str | None = None, policy: str | None = None,
@@ -53,9 +53,9 @@ def submit_drill(cfg: Config, cat: Catalog, domain: str, *, point: str | None = 
                  host: str | None = None, requested_by: str | None = None,
                  dedup_key: str | None = None, interactive: bool = True) -> jobs.JobView:
     """Queue a drill of ``domain``; ``point`` is an id, ``latest``, ``oldest`` or None
-    (the policy's choice). ``interactive``: see ``worker.submit.backup``."""
+    (the policy's choice). ``interactive``: see ``virtwarden.submit.backup``."""
     from worker import celery_app
-    from worker.submit import enqueue
+    from virtwarden.submit import enqueue
 
     params = drill_params(cfg, cat, domain, point=point, policy=policy, host=host)
     if host is None:
@@ -100,7 +100,7 @@ def _facts(cfg: Config, cat: Catalog, domain: str, host: str | None, found: list
 # --- commands -------------------------------------------------------------------------------
 
 def cli(args: argparse.Namespace) -> int:
-    from worker.commands import _configure_celery, follow, queued
+    from virtwarden.cli.commands import _configure_celery, follow, queued
 
     cfg = load_config(args)
     cat = Catalog(cfg.catalog_url)

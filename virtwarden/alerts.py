@@ -117,7 +117,7 @@ def _one(cfg: Config, cat: Catalog, policies: list[Policy], alert: dict, actor: 
 
 # --- actions ------------------------------------------------------------------------------------
 def _evacuate(cfg: Config, cat: Catalog, mapping: Mapping, key: str, actor: str) -> dict:
-    from worker.evacuate import submit_evacuate
+    from virtwarden.cli.evacuate import submit_evacuate
 
     host = mapping.host or ""
     running = jobs.active(cat, "evacuate", host)
@@ -141,7 +141,8 @@ def _backup(cfg: Config, cat: Catalog, mapping: Mapping, key: str, actor: str) -
     it, or with the alert's policy where none does."""
     from hypervisor.libvirt_host import LibvirtHost
     from policies import DomainFacts, governing, parse_metadata
-    from worker import celery_app, submit
+    from worker import celery_app
+    from virtwarden import submit
 
     host = mapping.host or ""
     celery_app.configure(cfg)

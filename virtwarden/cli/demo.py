@@ -38,7 +38,7 @@ def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def virtwarden(*args: str) -> subprocess.CompletedProcess:
-    return run(sys.executable, "-m", "worker.cli", *args)
+    return run(sys.executable, "-m", "virtwarden.cli", *args)
 
 
 class Guest:
@@ -108,7 +108,7 @@ def main() -> int:
 
         say("starting a worker (Celery, Redis broker) for this host")
         log = data_dir / "demo-worker.log"
-        worker = subprocess.Popen([sys.executable, "-m", "worker.cli", "--log-level", "info", "worker"],
+        worker = subprocess.Popen([sys.executable, "-m", "virtwarden.cli", "--log-level", "info", "worker"],
                                   stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
         _wait_ready(worker, log)
 

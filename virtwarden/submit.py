@@ -16,56 +16,15 @@ from typing import TYPE_CHECKING
 from catalog import jobs
 from catalog.fencing import Fence
 from catalog.store import Catalog
-from hypervisor.types import DomainInfo
+from hypervisor.locate import find_host
 from policies import parse_metadata, resolve_backup
 from virtwarden.config import Config
-from virtwarden.errors import BrokerUnavailable, DomainNotFound, HypervisorUnavailable, JobFailed, VirtwardenError
+from virtwarden.errors import DomainNotFound, JobFailed, VirtwardenError
 
 if TYPE_CHECKING:
     from tasks.restore_plan import RestorePlan
 
 log = logging.getLogger(__name__)
-
-
-def find_host(cfg: Config, domain: str, host: str | None = None) -> tuple[str, DomainInfo]:
-    """The configured host that has ``domain`` (asking libvirt), or ``host`` when given."""
-    from hypervisor.libvirt_host import LibvirtHost
-
-    candidates = [host] if host else list(cfg.hosts)
-    unreachable = []
-    for name in candidates:
-        try:
-            with LibvirtHost(name, cfg.host(name).uri) as hv:
-                return name, hv.domain(domain)
-        except DomainNotFound:
-            continue
-        except HypervisorUnavailable as e:
-            unreachable.append(str(e))
-    where = f"host {host}" if host else f"any configured host ({', '.join(candidates)})"
-    detail = f"; unreachable: {'; '.join(unreachable)}" if unreachable else ""
-    raise DomainNotFound(f"no domain {domain!r} on {where}{detail}")
-
-
-def follow_domain(cfg: Config, cat: Catalog, job: jobs.JobView, fence: Fence, hv) -> str | None:  # noqa: ANN001
-    """A claimed job whose domain is not on the job's host (``hv``) any more: send it to
-    the host where the domain runs now and return that host's name; None when the
-    domain is here. DomainNotFound (the job then fails saying so) when no configured
-    host has it."""
-    from hypervisor import domains
-    from worker import celery_app
-
-    if job.domain is None or domains.exists(hv, job.domain):
-        return None
-    host, _ = find_host(cfg, job.domain)
-    why = f"domain {job.domain} left host {hv.name}: re-routed to {host}"
-    moved = jobs.move(cat, fence, host, why, resend_after=cfg.worker.resend_seconds)
-    if moved is not None:
-        log.info("job %s: %s", job.id, why)
-        try:
-            celery_app.send(moved)
-        except BrokerUnavailable as e:  # the outbox sends it once the broker is back
-            log.warning("job %s: %s; it stays queued", job.id, e)
-    return host
 
 
 def backup(cfg: Config, cat: Catalog, domain: str, *, policy: str | None = None, target: str | None = None,

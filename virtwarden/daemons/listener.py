@@ -10,9 +10,9 @@ Threads, and why:
 - the dispatcher (the main thread) takes items off the queue in order: it records each
   event in the catalog (catalog.events), which keeps the domains table current, maps it
   to the policies' ``on:`` triggers (policies.triggers) and creates the jobs
-  (worker.submit, deduplicated by ``event:<event id>:<policy>:<run>`` so that handling
+  (virtwarden.submit, deduplicated by ``event:<event id>:<policy>:<run>`` so that handling
   one event twice never makes two jobs). A reconciliation pass lists the host's domains
-  and records the events that were missed (worker.reconcile), marked ``reconciled``.
+  and records the events that were missed (virtwarden.daemons.reconcile), marked ``reconciled``.
 
 The first pass for a host the catalog has never seen records its domains as a baseline
 and starts nothing: turning the listener on must not back up a whole fleet at once
@@ -40,11 +40,11 @@ from policies import Policy, load_policies, parse_metadata, resolve_snapshots
 from policies.loader import policy_files
 from policies.select import DomainFacts
 from policies.triggers import RUNS, TriggerAction, listened_events, triggers_for
-from virtwarden.config import Config
+from virtwarden.config import Config, load_for_process
 from virtwarden.errors import (DatabaseUnavailable, DomainNotFound, EXIT_OK, HypervisorUnavailable, PolicyError,
                                Transient, VirtwardenError)
 from virtwarden.redact import mask
-from worker.reconcile import SeenDomain, foreign, missed_events, part_of_start, state_after, still_here
+from virtwarden.daemons.reconcile import SeenDomain, foreign, missed_events, part_of_start, state_after, still_here
 
 if TYPE_CHECKING:
     from hypervisor.events import EventConnection, HostEvent
@@ -69,9 +69,8 @@ def cli(args: argparse.Namespace) -> int:
 
     events.start_loop()  # before anything below opens a libvirt connection
     from worker import celery_app
-    from worker.output import load_config
 
-    cfg = load_config(args)
+    cfg = load_for_process(args.config)
     hosts = args.host or list(cfg.hosts)
     for h in hosts:
         cfg.host(h)  # unknown names are an error before anything starts
@@ -237,7 +236,7 @@ class Dispatcher:
                               rec.id, rec.kind, rec.domain, rec.host, run, action.policy, e)
 
     def _enqueue(self, rec: EventView, action: TriggerAction) -> None:
-        from worker import submit
+        from virtwarden import submit
 
         assert rec.domain is not None
         key = f"event:{rec.id}:{action.policy}:{action.run}"
@@ -250,7 +249,7 @@ class Dispatcher:
             job = submit.enqueue(self.cfg, self.cat, "snapshot", rec.domain, rec.host, params, "event",
                                  dedup_key=key, interactive=False)
         elif action.run == "drill":
-            from worker.drills import submit_drill
+            from virtwarden.cli.drills import submit_drill
 
             job = submit_drill(self.cfg, self.cat, rec.domain, point=None, policy=action.policy, host=rec.host,
                                requested_by="event", dedup_key=key, interactive=False)

@@ -8,7 +8,7 @@ from pathlib import Path
 from catalog import jobs, points
 from catalog.store import Catalog
 from virtwarden.sizes import human_size
-from worker.output import emit_json, load_config, table
+from virtwarden.cli.output import emit_json, load_config, table
 from virtwarden.errors import EXIT_FAILED, EXIT_OK, JobFailed
 
 
@@ -44,7 +44,7 @@ def policy_list(args: argparse.Namespace) -> int:
 
 
 def backup(args: argparse.Namespace) -> int:
-    from worker import submit
+    from virtwarden import submit
 
     cfg = load_config(args)
     cat = Catalog(cfg.catalog_url)
@@ -59,7 +59,7 @@ def restore(args: argparse.Namespace) -> int:
     prints the plan and creates nothing."""
     import os
 
-    from worker import submit
+    from virtwarden import submit
 
     cfg = load_config(args)
     cat = Catalog(cfg.catalog_url)
@@ -101,7 +101,7 @@ def follow(args: argparse.Namespace, cat: Catalog, job: jobs.JobView) -> tuple[j
     """With --wait: follow the job (a progress line on a terminal) until it finished or
     --timeout ran out. Returns the job as it is then, and the failure if it failed or
     the wait gave up (the job is then not finished)."""
-    from worker import submit
+    from virtwarden import submit
 
     progress = _Progress() if sys.stderr.isatty() and not args.json else None
     failure = None
@@ -218,7 +218,7 @@ def job_show(args: argparse.Namespace) -> int:
 
 
 def doctor(args: argparse.Namespace) -> int:
-    from worker.doctor import run_checks
+    from virtwarden.cli.doctor import run_checks
 
     cfg = load_config(args)
     results = run_checks(cfg)

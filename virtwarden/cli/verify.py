@@ -16,7 +16,7 @@ from catalog import jobs, points
 from catalog.store import Catalog
 from virtwarden.config import Config
 from virtwarden.errors import EXIT_FAILED, EXIT_OK, PolicyError, RestorePointNotFound
-from worker.output import emit_json, load_config, table
+from virtwarden.cli.output import emit_json, load_config, table
 
 
 def percent(text: str) -> int:
@@ -73,7 +73,7 @@ def submit_verify(cfg: Config, cat: Catalog, *, domain: str | None = None, stora
     """Check the request (``plan_verify``), then queue the job on the host of the
     domain's newest point (the first configured host otherwise): it reads storage only."""
     from worker import celery_app
-    from worker.submit import enqueue
+    from virtwarden.submit import enqueue
 
     plan_verify(cfg, cat, domain, storage, sample_percent)
     celery_app.check_broker(cfg)
@@ -90,7 +90,7 @@ def host_for(cfg: Config, cat: Catalog, domain: str | None) -> str:
 
 
 def cli(args: argparse.Namespace) -> int:
-    from worker.commands import _configure_celery, follow, queued
+    from virtwarden.cli.commands import _configure_celery, follow, queued
 
     cfg = load_config(args)
     cat = Catalog(cfg.catalog_url)

@@ -7,7 +7,7 @@ Every tick (``scheduler.tick_seconds`` in the configuration) it reads the polici
 lists the domains of every configured host, finds the slots that came due since the
 last tick (policies.schedule.due), claims each one by inserting its row
 (catalog.slots), and decides for every undecided row: start (a job row and a message,
-through worker.submit.enqueue with the slot as dedup key), skip (its window closed) or
+through virtwarden.submit.enqueue with the slot as dedup key), skip (its window closed) or
 defer (a concurrency limit; tried again next tick while the window is open).
 
 Any number of schedulers may run at once: the unique slot row and the guarded state
@@ -36,7 +36,7 @@ from catalog import slots
 from catalog.store import Catalog
 from policies import DomainFacts, Policy, load_policies, parse_metadata, resolve_backup, resolve_snapshots
 from policies.schedule import SCHEDULED_JOBS, Busy, Slot, between, due, limits_of, schedule_of, split
-from virtwarden.config import Config
+from virtwarden.config import Config, load_for_process
 from virtwarden.errors import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, DomainNotFound, PolicyError, Transient,
                                VirtwardenError)
 
@@ -128,10 +128,11 @@ class Scheduler:
     """One scheduler: ``tick`` does one pass; ``run`` ticks until stopped."""
 
     def __init__(self, cfg: Config, cat: Catalog, *, clock: Clock = system_clock) -> None:
+        from worker import celery_app
         from worker.outbox import Sweeper
 
         self.cfg, self.cat, self.clock = cfg, cat, clock
-        self.sweeper = Sweeper(cfg, cat)
+        self.sweeper = Sweeper(cfg, cat, celery_app.send)
         self._since: dict[str, datetime] = {}  # per host: the last tick that listed it
         self._first_since: datetime | None = None
         self._started_up = False
@@ -286,7 +287,7 @@ class Scheduler:
                                               hosts[row.domain]))
 
     def _create_job(self, row_id: int, slot: Slot, *, send: bool = True) -> str | None:
-        from worker import submit
+        from virtwarden import submit
 
         assert slot.host is not None
         try:
@@ -325,11 +326,11 @@ class Scheduler:
             return resolve_snapshots(self.cfg, slot.domain, policy=slot.policy,
                                      host=slot.host).job_params(slot.domain)
         if slot.job == "drill":
-            from worker.drills import drill_params
+            from virtwarden.cli.drills import drill_params
 
             return drill_params(self.cfg, self.cat, slot.domain, policy=slot.policy, host=slot.host)
         if slot.job == "verify":
-            from worker.verify import scheduled_params
+            from virtwarden.cli.verify import scheduled_params
 
             return scheduled_params(self.cfg, slot.domain, slot.policy)
         return {"domain": slot.domain, "policy": slot.policy}
@@ -340,9 +341,8 @@ class Scheduler:
 def cli(args: argparse.Namespace) -> int:
     """``virtwarden scheduler [--once]``."""
     from worker import celery_app
-    from worker.output import load_config
 
-    cfg = load_config(args)
+    cfg = load_for_process(args.config)
     cat = Catalog(cfg.catalog_url)
     celery_app.configure(cfg)
     scheduler = Scheduler(cfg, cat, clock=clock_from_env())
@@ -361,7 +361,7 @@ def cli(args: argparse.Namespace) -> int:
 
 def preview_cli(args: argparse.Namespace) -> int:
     """``virtwarden schedule preview [--from T] [--to T] [--json]``."""
-    from worker.output import emit_json, load_config, table
+    from virtwarden.cli.output import emit_json, table
 
     try:
         start = parse_time(args.start, "--from") if args.start else clock_from_env()()
@@ -373,7 +373,7 @@ def preview_cli(args: argparse.Namespace) -> int:
         print(f"virtwarden: error: --to ({end.isoformat()}) must be after --from ({start.isoformat()})",
               file=sys.stderr)
         return EXIT_USAGE
-    cfg = load_config(args)
+    cfg = load_for_process(args.config)
     rows, warnings = preview(cfg, start, end)
     for text in warnings:
         print(f"virtwarden: warning: {text}", file=sys.stderr)

@@ -1,0 +1,25 @@
+"""Which configured host runs a domain: asked of each host's libvirt in turn."""
+from __future__ import annotations
+
+from hypervisor.types import DomainInfo
+from virtwarden.config import Config
+from virtwarden.errors import DomainNotFound, HypervisorUnavailable
+
+
+def find_host(cfg: Config, domain: str, host: str | None = None) -> tuple[str, DomainInfo]:
+    """The configured host that has ``domain`` (asking libvirt), or ``host`` when given."""
+    from hypervisor.libvirt_host import LibvirtHost
+
+    candidates = [host] if host else list(cfg.hosts)
+    unreachable = []
+    for name in candidates:
+        try:
+            with LibvirtHost(name, cfg.host(name).uri) as hv:
+                return name, hv.domain(domain)
+        except DomainNotFound:
+            continue
+        except HypervisorUnavailable as e:
+            unreachable.append(str(e))
+    where = f"host {host}" if host else f"any configured host ({', '.join(candidates)})"
+    detail = f"; unreachable: {'; '.join(unreachable)}" if unreachable else ""
+    raise DomainNotFound(f"no domain {domain!r} on {where}{detail}")

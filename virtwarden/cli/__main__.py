@@ -1,0 +1,5 @@
+import sys
+
+from virtwarden.cli.main import main
+
+sys.exit(main())

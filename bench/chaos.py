@@ -145,7 +145,7 @@ class Chaos:
         (pdir / "chaos.yaml").write_text(yaml.safe_dump_all(docs, sort_keys=False))
         self.policy_of = {n: ("blockcommit" if i == 1 else "bitmap") for i, n in enumerate(names)}
 
-    def _move_to_host2(self, g) -> None:  # noqa: ANN001
+    def _move_to_host2(self, g) -> None:
         from hypervisor.libvirt_host import LibvirtHost
         from hypervisor.migrate import migrate
 
@@ -153,7 +153,7 @@ class Chaos:
             migrate(s, d, g.name, timeout=120, unsafe=True)
         self._rebind(g, "host2")
 
-    def _rebind(self, g, host: str) -> None:  # noqa: ANN001
+    def _rebind(self, g, host: str) -> None:
         g.conn = libvirt.open(URIS[host])
         g.dom = g.conn.lookupByName(g.name)
         g.log_dir = HOST2_LOGS if host == "host2" else Path("/var/log/libvirt/qemu")
@@ -179,7 +179,7 @@ class Chaos:
         say(f"cycle {n}: {action} of {name} ({self.host_of[name]}) with fault {fault}: "
             f"{self._state(job.id)}")
 
-    def _submit(self, name: str, action: str):  # noqa: ANN202
+    def _submit(self, name: str, action: str):
         from catalog import points
         from worker import prune, submit
 
@@ -217,7 +217,7 @@ class Chaos:
         self.restore_of[job.id] = (point, dest)
         return job
 
-    def _victim(self, host: str, job_id: str):  # noqa: ANN202
+    def _victim(self, host: str, job_id: str):
         """Mostly the worker whose process holds the job's lease, else either of the host's."""
         from catalog import jobs
         from tests.faults import parent_of, process_of
@@ -235,7 +235,7 @@ class Chaos:
         return self.rng.choice(self.workers[host])
 
     @staticmethod
-    def _resync(g) -> None:  # noqa: ANN001
+    def _resync(g) -> None:
         for disk in ET.fromstring(g.dom.XMLDesc(0)).iterfind("devices/disk"):
             top = disk.find("source").get("file")
             subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", top, str(g.shadows[disk.find("target").get("dev")])],
@@ -265,7 +265,7 @@ class Chaos:
             self.redis.start()
         self._supervise()
 
-    def _replace(self, host: str, w) -> None:  # noqa: ANN001
+    def _replace(self, host: str, w) -> None:
         self.workers[host].remove(w)
         w.stop()
         self.workers[host].append(self.vw.start_worker([host]))
@@ -404,7 +404,7 @@ class Chaos:
         return found
 
 
-def jobs_get(cat, job_id: str):  # noqa: ANN001, ANN201
+def jobs_get(cat, job_id: str):
     from catalog import jobs
 
     return jobs.get(cat, job_id)

@@ -73,7 +73,7 @@ def begin(cat: Catalog, *, drill_id: str, domain: str, host: str, point_id: str 
         return _view(row)
 
 
-def _guarded(drill: DrillView):  # noqa: ANN202 - an UPDATE of this attempt's row only
+def _guarded(drill: DrillView):  # an UPDATE of this attempt's row only
     return update(Drill).where(Drill.id == drill.id, Drill.started_at == drill.started_at)
 
 

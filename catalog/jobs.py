@@ -195,7 +195,7 @@ class _DomainBusy(Exception):
     """Raised inside the claim's transaction so that it rolls back as a whole."""
 
 
-def _claim(s, job_id: str, owner: str, lease: float, lock_domain: bool, host: str | None) -> Claim:  # noqa: ANN001
+def _claim(s, job_id: str, owner: str, lease: float, lock_domain: bool, host: str | None) -> Claim:
     row = s.get(Job, job_id)
     if row is None:
         raise JobNotFound(f"no job {job_id!r}")
@@ -218,7 +218,7 @@ def _claim(s, job_id: str, owner: str, lease: float, lock_domain: bool, host: st
     return Claim(True, attempt=row.attempts, fence=Fence(job_id, row.fence, lease), give_up=row.give_up)
 
 
-def _lock(s, domain: str, job_id: str, expires: datetime | Any) -> bool:  # noqa: ANN001
+def _lock(s, domain: str, job_id: str, expires: datetime | Any) -> bool:
     s.execute(delete(DomainLock).where(DomainLock.domain == domain)
               .where((DomainLock.expires_at < db_now()) | (DomainLock.job_id == job_id)))
     existing = s.get(DomainLock, domain)

@@ -137,7 +137,7 @@ def _ended_early(cat: Catalog, row: DrillView, why: str) -> None:
 class _Run:
     """One attempt of one drill; ``checks`` grows as the drill goes."""
 
-    def __init__(self, ctx: JobContext, hv, req: DrillRequest, point: PointView, row: DrillView) -> None:  # noqa: ANN001
+    def __init__(self, ctx: JobContext, hv, req: DrillRequest, point: PointView, row: DrillView) -> None:
         self.ctx, self.hv, self.req, self.point, self.row = ctx, hv, req, point, row
         self.dir = drill_dir(ctx.scratch_root, ctx.job_id)
         self.name = throwaway_name(ctx.job_id)
@@ -357,7 +357,7 @@ def _round(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds, 3)
 
 
-def _ours(hv, name: str, uuid: str | None) -> bool:  # noqa: ANN001
+def _ours(hv, name: str, uuid: str | None) -> bool:
     """Whether ``name`` exists and is the domain this attempt defined (any, when the
     attempt failed before it learned the UUID)."""
     from virtwarden.errors import DomainNotFound
@@ -392,7 +392,7 @@ class _Console:
         return f"its last output: {text!r}" if text else "the serial console stayed empty"
 
 
-def _libvirt(ctx: JobContext):  # noqa: ANN202
+def _libvirt(ctx: JobContext):
     from hypervisor.libvirt_host import LibvirtHost
 
     hv = ctx.require_hypervisor()
@@ -403,7 +403,7 @@ def _libvirt(ctx: JobContext):  # noqa: ANN202
 
 # --- leftovers ----------------------------------------------------------------------------
 
-def sweep(hv, cat: Catalog, scratch_root: Path, *, own: str | None = None) -> list[str]:  # noqa: ANN001
+def sweep(hv, cat: Catalog, scratch_root: Path, *, own: str | None = None) -> list[str]:
     """Remove the throwaway domains (``virtwarden-drill-*``) and drill directories on
     this host that belong to drills of this catalog whose job is not running with a
     live lease (``own``, the caller's job, counts as not running: what its earlier

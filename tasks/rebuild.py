@@ -177,7 +177,7 @@ def _artifact(d: Any, i: int) -> ArtifactView:
                         _field(d, "virtual_size", int, f"{where}.virtual_size"))
 
 
-def _field(m: dict, name: str, kind: type, shown: str | None = None) -> Any:  # noqa: ANN401
+def _field(m: dict, name: str, kind: type, shown: str | None = None) -> Any:
     value = m.get(name)
     if not isinstance(value, kind) or isinstance(value, bool) or (kind is str and not value):
         raise ValueError(f"{shown or name}: missing or not a {kind.__name__} ({value!r})")

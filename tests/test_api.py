@@ -34,7 +34,7 @@ class Reply:
     headers: dict
     body: bytes
 
-    def json(self):  # noqa: ANN201
+    def json(self):
         return json.loads(self.body)
 
 
@@ -115,7 +115,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def api(vw, tmp_path):  # noqa: ANN201
+def api(vw, tmp_path):
     """Starts API servers on ``vw``'s installation: ``api(hmac=..., **api_settings)``."""
     servers: list[ApiServer] = []
     tokens = tmp_path / "api-tokens"
@@ -124,7 +124,7 @@ def api(vw, tmp_path):  # noqa: ANN201
     key = tmp_path / "api-hmac-key"
     key.write_bytes(KEY + b"\n")
 
-    def start(*, hmac: bool = False, env: dict | None = None, **settings) -> ApiServer:  # noqa: ANN003
+    def start(*, hmac: bool = False, env: dict | None = None, **settings) -> ApiServer:
         vw.extra["api"] = {"token_file": str(tokens), **settings}
         if hmac:
             vw.extra["api"]["hmac_key_file"] = str(key)
@@ -139,14 +139,14 @@ def api(vw, tmp_path):  # noqa: ANN201
         s.stop()
 
 
-def _catalog(vw):  # noqa: ANN001, ANN202
+def _catalog(vw):
     """The catalog the API server uses (SQLite under the data dir, or the configured URL)."""
     from catalog.store import Catalog
 
     return Catalog(vw.extra["database_url"]) if "database_url" in vw.extra else vw.catalog()
 
 
-def _rows(vw, model) -> list:  # noqa: ANN001
+def _rows(vw, model) -> list:
     from sqlalchemy import select
 
     cat = _catalog(vw)
@@ -157,19 +157,19 @@ def _rows(vw, model) -> list:  # noqa: ANN001
         cat.close()
 
 
-def _jobs(vw) -> list:  # noqa: ANN001
+def _jobs(vw) -> list:
     from catalog.models import Job
 
     return _rows(vw, Job)
 
 
-def _audit(vw) -> list:  # noqa: ANN001
+def _audit(vw) -> list:
     from catalog.models import AuditRecord
 
     return _rows(vw, AuditRecord)
 
 
-def _alerts(vw) -> list:  # noqa: ANN001
+def _alerts(vw) -> list:
     from catalog.models import Alert
 
     return _rows(vw, Alert)

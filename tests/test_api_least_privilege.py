@@ -42,7 +42,7 @@ ENDPOINTS = [
 ]
 
 
-def _scoped_tokens(api, extra: str = "") -> None:  # noqa: ANN001
+def _scoped_tokens(api, extra: str = "") -> None:
     api.tokens.write_text("".join(f"only-{scope}:{scope}:{token}\n" for scope, token in ONLY.items()) + extra)
 
 

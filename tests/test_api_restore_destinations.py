@@ -25,7 +25,7 @@ pytestmark = pytest.mark.libvirt
 MiB = 1024 * 1024
 
 
-def _backed_up(vw, guest_factory, tmp_path: Path):  # noqa: ANN001, ANN202
+def _backed_up(vw, guest_factory, tmp_path: Path):
     g = guest_factory(disks=1, size_mib=16)
     vw.start_worker()
     g.write_random("vda", 0, 2 * MiB)
@@ -34,7 +34,7 @@ def _backed_up(vw, guest_factory, tmp_path: Path):  # noqa: ANN001, ANN202
     return g, r.json()["result"], g.shadow_copy("vda", tmp_path / "expected.raw")
 
 
-def _hostile_tree(vw, tmp_path: Path) -> tuple[Path, Path]:  # noqa: ANN001
+def _hostile_tree(vw, tmp_path: Path) -> tuple[Path, Path]:
     """The default allowed root (<data_dir>/restores) with links inside that lead out,
     and a directory outside holding a file that must never change."""
     root, outside = vw.data_dir / "restores", tmp_path / "outside"
@@ -50,7 +50,7 @@ def _tree(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.exists() else []
 
 
-def _stop_workers(vw) -> None:  # noqa: ANN001
+def _stop_workers(vw) -> None:
     for w in vw.workers:
         w.stop()
     vw.workers.clear()

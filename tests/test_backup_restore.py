@@ -116,7 +116,7 @@ def test_latest_restore_and_checkpoint_housekeeping(vw, guest_factory, tmp_path)
     assert first["chain_id"] == second["chain_id"]
 
 
-def _bitmaps(dom) -> list[str]:  # noqa: ANN001
+def _bitmaps(dom) -> list[str]:
     """The dirty bitmaps QEMU keeps for the guest's disks (QMP query-block)."""
     import json
 

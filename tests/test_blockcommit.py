@@ -175,7 +175,7 @@ def test_a_chain_changed_outside_starts_a_new_full_and_says_why(vw, guest_factor
     assert rows[second["overlays"]["vda"]] == "tracking"
 
 
-def _in_process(vw, backend_class=None):  # noqa: ANN001, ANN202
+def _in_process(vw, backend_class=None):
     """A JobContext like a worker's, for driving a job (or its pieces) from the test."""
     from hypervisor.libvirt_host import LibvirtHost
     from storage_backends import open_backend
@@ -184,7 +184,7 @@ def _in_process(vw, backend_class=None):  # noqa: ANN001, ANN202
 
     cfg = load(str(vw.config_path))
 
-    def storage(name: str):  # noqa: ANN202
+    def storage(name: str):
         settings = cfg.storage_target(name)
         return backend_class(name, settings) if backend_class else open_backend(name, settings)
 
@@ -270,7 +270,7 @@ def test_a_failure_after_the_snapshot_returns_the_chain_to_where_it_was(vw, gues
     from virtwarden.errors import StorageError
 
     class Failing(NfsBackend):
-        def publish_staged(self, key, staged, *, progress=None):  # noqa: ANN001, ANN202
+        def publish_staged(self, key, staged, *, progress=None):
             raise StorageError(f"storage {self.name}: injected failure storing {key}")
 
     _policy(vw, tmp_path, "nfs")
@@ -328,7 +328,7 @@ def test_an_active_commit_that_cannot_finish_in_time_is_aborted(guest_factory, t
 
 # --- pure decisions (no libvirt) ---------------------------------------------------------------
 
-def _row(id_: int, target: str, path: str, state: str):  # noqa: ANN202
+def _row(id_: int, target: str, path: str, state: str):
     from datetime import datetime, timezone
 
     from catalog.overlays import OverlayView
@@ -336,7 +336,7 @@ def _row(id_: int, target: str, path: str, state: str):  # noqa: ANN202
     return OverlayView(id_, "job", "dom", target, path, "/d/vda.qcow2", state, datetime.now(timezone.utc))
 
 
-def _layers(*paths_: str):  # noqa: ANN202
+def _layers(*paths_: str):
     from hypervisor.blockjobs import Layer
 
     return tuple(Layer(p, "qcow2") for p in paths_)

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.libvirt, pytest.mark.cli_in_process]
 MARKER = "VW-DRILL-BOOTED"
 
 
-def _policy(vw, tmp_path: Path, domain: str, **drill) -> None:  # noqa: ANN001
+def _policy(vw, tmp_path: Path, domain: str, **drill) -> None:
     pdir = tmp_path / "policies"
     pdir.mkdir(exist_ok=True)
     doc = {"apiVersion": "virtwarden/v1", "kind": "Policy", "metadata": {"name": "drilled"},
@@ -29,18 +29,18 @@ def _policy(vw, tmp_path: Path, domain: str, **drill) -> None:  # noqa: ANN001
     vw.extra["policy_dir"] = str(pdir)
 
 
-def _backup(vw, domain: str) -> dict:  # noqa: ANN001
+def _backup(vw, domain: str) -> dict:
     r = vw.cli("backup", domain, "--wait", "--json")
     assert r.code == 0, r.err
     return r.json()["result"]
 
 
 
-def _drill_domains(conn) -> list[str]:  # noqa: ANN001
+def _drill_domains(conn) -> list[str]:
     return [d.name() for d in conn.listAllDomains() if d.name().startswith("virtwarden-drill-")]
 
 
-def _assert_nothing_left(vw, conn, job_id: str) -> None:  # noqa: ANN001
+def _assert_nothing_left(vw, conn, job_id: str) -> None:
     from tasks.drill import throwaway_name
 
     assert throwaway_name(job_id) not in _drill_domains(conn)
@@ -50,7 +50,7 @@ def _assert_nothing_left(vw, conn, job_id: str) -> None:  # noqa: ANN001
 
 
 @pytest.fixture
-def conn(libvirt_uri):  # noqa: ANN001, ANN201
+def conn(libvirt_uri):
     import libvirt
 
     c = libvirt.open(URI)

@@ -41,12 +41,12 @@ class Clock:
 
         self.now = parse_time(at, "test clock")
 
-    def __call__(self):  # noqa: ANN204
+    def __call__(self):
         return self.now
 
 
 @pytest.fixture
-def private_redis(tmp_path):  # noqa: ANN001, ANN201
+def private_redis(tmp_path):
     broker = PrivateRedis(tmp_path / "redis")
     broker.start()
     yield broker

@@ -22,7 +22,7 @@ def _mode(path: Path) -> int:
 
 
 @pytest.fixture
-def roots(tmp_path):  # noqa: ANN201
+def roots(tmp_path):
     """An allowed root with a symbolic link inside that leads outside it, and a file
     outside that must never change."""
     root, outside = tmp_path / "restores", tmp_path / "outside"
@@ -210,7 +210,7 @@ def test_anything_else_is_refused_as_a_target(target):
         check_target(target, "p1")
 
 
-def _point(target: str):  # noqa: ANN202
+def _point(target: str):
     from catalog.points import ArtifactView, PointView
 
     return PointView(id="p1", domain="web01", domain_uuid="u", host="local", storage="nfs", strategy="bitmap",

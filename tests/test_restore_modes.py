@@ -190,7 +190,7 @@ def test_disk_swap_is_undone_completely_whatever_was_done(tmp_path):
     original = {"vda.T.qcow2": b"tracker", "vda.qcow2": b"base", "vdb.img": b"raw"}
     journal = disk_swap.SwapJournal(tmp_path / "scratch" / "job.json")
 
-    def fresh():  # noqa: ANN202
+    def fresh():
         for p in list(tmp_path.iterdir()):
             if p.is_file():
                 p.unlink()
@@ -201,7 +201,7 @@ def test_disk_swap_is_undone_completely_whatever_was_done(tmp_path):
             temp.write_bytes(b"restored-" + target.encode())
         return swap
 
-    def names():  # noqa: ANN202
+    def names():
         return {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
 
     swap = fresh()
@@ -312,7 +312,7 @@ def _domain_exists(name: str) -> bool:
         conn.close()
 
 
-def _with_interface(g, network: str) -> None:  # noqa: ANN001
+def _with_interface(g, network: str) -> None:
     """Give a stopped test guest a NIC on ``network`` with a known MAC, so a copy's new MAC
     shows (a user-mode NIC would not do: a copy keeps interfaces on networks and bridges only)."""
     xml = g.dom.XMLDesc(0).replace(

@@ -107,7 +107,7 @@ def allow_qemu_passage(qemu_uid: int | None) -> bool:
     return needed
 
 
-def let_qemu_through(paths) -> list[Path]:  # noqa: ANN001 - any iterable of paths
+def let_qemu_through(paths) -> list[Path]:  # any iterable of paths
     """When QEMU is unprivileged, give each of ``paths`` and every directory above it
     the search bit for others (never read), so QEMU reaches the files libvirt hands it
     there; directories made before (while QEMU ran as root, or by hand) are fixed as a

@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("virtwarden: interrupted", file=sys.stderr)
         return 130
-    except Exception:  # noqa: BLE001 - the one place a bug becomes an exit code
+    except Exception:  # the one place a bug becomes an exit code
         log.exception("unexpected error (a bug: please report it with this traceback)")
         return EXIT_BUG
 

@@ -82,7 +82,7 @@ def restore(args: argparse.Namespace) -> int:
     return _after_submit(args, cat, job)
 
 
-def _configure_celery(cfg) -> None:  # noqa: ANN001
+def _configure_celery(cfg) -> None:
     from worker import celery_app
 
     celery_app.configure(cfg)
@@ -255,7 +255,7 @@ def worker(args: argparse.Namespace) -> int:
     return int(code or EXIT_OK)
 
 
-def _qemu_passage(cfg, hosts: list[str]) -> None:  # noqa: ANN001
+def _qemu_passage(cfg, hosts: list[str]) -> None:
     """Directories are 0700, but an unprivileged QEMU (qemu.conf's user, Debian's
     libvirt-qemu) must pass through those holding the images libvirt hands it: backup
     targets, a drill's disks. Ask each host's libvirt who QEMU runs as; when one does

@@ -129,7 +129,7 @@ class Listener:
         while not self.stopping.is_set():
             try:
                 self._follow(host)
-            except Exception:  # noqa: BLE001 - a watcher that dies would leave its host unheard
+            except Exception:  # a watcher that dies would leave its host unheard
                 log.exception("host %s: watcher failed (a bug: please report it); starting it again", host)
                 self.stopping.wait(self.backoff_max)
 
@@ -187,7 +187,7 @@ class Dispatcher:
                 self.on_event(item)
         except VirtwardenError as e:
             log.error("%s: %s", _describe(item), e)
-        except Exception:  # noqa: BLE001 - one bad item must not stop the listener
+        except Exception:  # one bad item must not stop the listener
             log.exception("%s: unexpected error (a bug: please report it with this traceback)", _describe(item))
 
     # --- live events --------------------------------------------------------------------

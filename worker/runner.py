@@ -242,7 +242,7 @@ def execute(cfg: Config, job_id: str, *, cat: Catalog | None = None, via_host: s
     except VirtwardenError as e:
         log.error("job %s: failed: %s", job_id, e)
         return _ended_failed(kind, ctx, _failed(cat, fence, str(e), {**_failure(e), **(getattr(e, "result", None) or {})}))
-    except Exception as e:  # noqa: BLE001 - a bug: record it, keep the worker alive
+    except Exception as e:  # a bug: record it, keep the worker alive
         log.exception("job %s: internal error", job_id)
         return _ended_failed(kind, ctx, _failed(cat, fence, f"internal error (a bug, please report): {e!r}"))
     finally:

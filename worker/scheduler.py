@@ -145,7 +145,7 @@ class Scheduler:
                 log.info("%s", self.tick().summary())
             except VirtwardenError as e:
                 log.error("scheduler tick failed (the next tick covers this one's slots): %s", e)
-            except Exception:  # noqa: BLE001 - the daemon outlives a bug in one tick
+            except Exception:  # the daemon outlives a bug in one tick
                 log.exception("scheduler tick failed with an unexpected error (a bug)")
             if stop.wait(every):
                 return

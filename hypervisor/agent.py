@@ -93,9 +93,8 @@ def freeze_status(hv: LibvirtHost, name: str, timeout: float) -> str:
     """``"frozen"`` or ``"thawed"``, as the agent reports it (``guest-fsfreeze-status``)."""
     dom = hv._dom(name)
     seconds = _seconds(timeout)
-    with hv._errors(f"reading the guest's freeze status (agent timeout {seconds}s)", name):
-        with _bounded(dom, timeout):
-            reply = libvirt_qemu.qemuAgentCommand(dom, json.dumps({"execute": "guest-fsfreeze-status"}), seconds, 0)
+    with hv._errors(f"reading the guest's freeze status (agent timeout {seconds}s)", name), _bounded(dom, timeout):
+        reply = libvirt_qemu.qemuAgentCommand(dom, json.dumps({"execute": "guest-fsfreeze-status"}), seconds, 0)
     try:
         return str(json.loads(reply)["return"])
     except (ValueError, KeyError, TypeError) as e:

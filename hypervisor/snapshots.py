@@ -20,6 +20,7 @@ import libvirt
 
 from hypervisor.libvirt_host import LibvirtHost
 
+
 def names(hv: LibvirtHost, domain: str) -> list[str]:
     dom = hv._dom(domain)
     with hv._errors("listing snapshots", domain):

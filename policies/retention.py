@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Protocol
 
 from policies.model import Retention
@@ -203,4 +203,4 @@ def deletion_order(points: Sequence[PointLike], doomed: Iterable[str]) -> tuple[
 
 def _utc(t: datetime) -> datetime:
     """Times are UTC; a naive time is taken to be UTC already (the catalog stores UTC)."""
-    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Literal, cast
 from zoneinfo import ZoneInfo
@@ -37,7 +37,7 @@ from policies.model import JOB_SECTIONS, Backup, Drill, Job, Policy, Snapshots, 
 from policies.select import DomainFacts, governing, matching
 from virtwarden.errors import PolicyError
 
-UTC = timezone.utc
+UTC = UTC
 # The jobs a schedule can start, in the order the scheduler looks at them.
 SCHEDULED_JOBS: tuple[Job, ...] = ("backup", "snapshot", "drill", "verify")
 # Search spans for the next or previous slot: a minute schedule is found in the first,

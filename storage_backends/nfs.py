@@ -58,9 +58,8 @@ class NfsBackend(Backend):
     # --- objects -----------------------------------------------------------------
     def put_file(self, key: str, source: Path, *, progress: Progress | None = None) -> StoredObject:
         path = self._path(s.check_data_key(key))
-        with self._errors(path):
-            with open(source, "rb") as f:
-                return self._write(key, path, s.file_chunks(f, CHUNK), progress)
+        with self._errors(path), open(source, "rb") as f:
+            return self._write(key, path, s.file_chunks(f, CHUNK), progress)
 
     def put_bytes(self, key: str, data: bytes) -> StoredObject:
         path = self._path(s.check_data_key(key))

@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from catalog import points
@@ -175,7 +175,7 @@ def build_manifest(ctx: JobContext, dom: DomainInfo, point: PointView, plan: Lev
         "seq": point.seq, "level": point.level, "strategy": point.strategy, "reason": plan.reason,
         "consistency": consistency, "host": point.host,
         "created_at": point.created_at.isoformat(),
-        "completed_at": datetime.now(timezone.utc).isoformat(),
+        "completed_at": datetime.now(UTC).isoformat(),
         "domain": {"name": dom.name, "uuid": dom.uuid, "xml": xml},
         "checkpoint": {"name": checkpoint, "xml": checkpoint_xml} if checkpoint else None,
         "disks": [{"target": a.target, "mode": modes[a.target], "format": "qcow2", "key": a.key,

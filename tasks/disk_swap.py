@@ -33,7 +33,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +106,7 @@ class DiskSwap:
     """The renames that put one plan's restored images in place."""
 
     def __init__(self, plan: RestorePlan, job_id: str, token: int = 0) -> None:
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
         tag = f"{job_id[:8]}.{token}" if token else job_id[:8]
         self.job_id = job_id
         self.images = [d.path for d in plan.disks]

@@ -50,8 +50,14 @@ from catalog.store import Catalog
 from tasks.confine import IMAGE_DIR
 from tasks.context import JobContext
 from tasks.restore import RestoreRequest, resolve_point, run_restore
-from virtwarden.errors import (ChecksumMismatch, HypervisorError, JobFailed, RestorePointNotFound, Transient,
-                               VirtwardenError)
+from virtwarden.errors import (
+    ChecksumMismatch,
+    HypervisorError,
+    JobFailed,
+    RestorePointNotFound,
+    Transient,
+    VirtwardenError,
+)
 
 log = logging.getLogger(__name__)
 

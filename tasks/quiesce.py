@@ -35,7 +35,14 @@ from contextlib import contextmanager
 from typing import Protocol
 
 from virtwarden.config import AgentConfig
-from virtwarden.errors import AgentUnresponsive, ConfigError, DomainNotFound, HypervisorError, QuiesceFailed, VirtwardenError
+from virtwarden.errors import (
+    AgentUnresponsive,
+    ConfigError,
+    DomainNotFound,
+    HypervisorError,
+    QuiesceFailed,
+    VirtwardenError,
+)
 
 MODES = ("auto", "always", "never")
 DEFAULTS = AgentConfig()  # the configuration's ``agent`` section when none is given

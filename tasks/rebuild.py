@@ -26,14 +26,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from catalog import points
 from catalog.points import ArtifactView, PointView
 from catalog.store import Catalog
-from storage_backends.base import Backend
 from storage_backends import repository
+from storage_backends.base import Backend
 from storage_backends.repository import Repository, is_manifest_key
 from tasks.confine import TARGET
 from virtwarden.errors import Transient, VirtwardenError
@@ -199,7 +199,7 @@ def _time(m: dict, name: str, *, required: bool = True) -> datetime | None:
         when = datetime.fromisoformat(str(value))
     except ValueError:
         raise ValueError(f"{name}: {value!r} is not an ISO 8601 time") from None
-    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
 def _check_artifacts(p: PointView, objects: Mapping[str, int]) -> None:

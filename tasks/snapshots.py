@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from catalog import overlays, snapshots
@@ -52,7 +52,7 @@ class SnapshotRequest:
 
 
 def snapshot_name(policy: str | None, at: datetime) -> str:
-    return f"{NAME_PREFIX}{policy or 'manual'}-{at.astimezone(timezone.utc):%Y%m%dT%H%M%SZ}"
+    return f"{NAME_PREFIX}{policy or 'manual'}-{at.astimezone(UTC):%Y%m%dT%H%M%SZ}"
 
 
 def run_snapshot(ctx: JobContext, req: SnapshotRequest) -> dict:
@@ -79,7 +79,7 @@ def run_snapshot(ctx: JobContext, req: SnapshotRequest) -> dict:
 
 def _take_recorded(ctx: JobContext, hv, dom: DomainInfo, req: SnapshotRequest,
                    existing: set[str]) -> tuple[str, str]:
-    name = _unique(snapshot_name(req.policy, datetime.now(timezone.utc)), existing)
+    name = _unique(snapshot_name(req.policy, datetime.now(UTC)), existing)
     ctx.report(0.1, f"taking {req.type} snapshot {name}")
     row = snapshots.begin(ctx.catalog, domain=req.domain, domain_uuid=dom.uuid, host=hv.name, name=name,
                           policy=req.policy, kind=req.type, job_id=ctx.job_id)

@@ -355,7 +355,7 @@ def _remove_from_host2(uri: str, names: list[str], patience: float = 60) -> list
     while True:
         try:
             conn = libvirt.open(uri)
-        except libvirt.libvirtError as e:
+        except libvirt.libvirtError:
             if time.monotonic() > deadline:
                 return []
             time.sleep(1)

@@ -8,8 +8,8 @@ the moto endpoint; the Redis database used by tests is flushed before each test.
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from tests.conftest import need
+
 
 def _own_database(url: str) -> str:
     """Each xdist worker (``-n 2``) gets its own Redis database, so its Celery workers

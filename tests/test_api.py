@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -468,7 +469,7 @@ def test_openapi_schema_lists_the_routes(vw, api):
 
 
 def test_metrics_parse_and_count_drills_and_requests(vw, api):
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     from catalog.models import Drill
 
@@ -476,7 +477,7 @@ def test_metrics_parse_and_count_drills_and_requests(vw, api):
     server.call("GET", "/v1/jobs/nope")
     server.call("GET", "/v1/jobs/nope", token=None)
     cat = vw.catalog()
-    start = datetime(2026, 11, 27, 1, 0, tzinfo=timezone.utc)
+    start = datetime(2026, 11, 27, 1, 0, tzinfo=UTC)
     with cat.session() as s:  # two drills of web01 (the later one failed), one of db01
         s.add(Drill(id="d1", domain="web01", host="local", state="passed", checks=[], restore_seconds=20.0,
                     boot_seconds=3.5, started_at=start, finished_at=start + timedelta(minutes=1)))

@@ -87,7 +87,7 @@ def test_to_dir_outside_the_allowed_dirs_is_refused_with_403_and_nothing_is_crea
     assert _tree(root) == tree_before and _tree(outside) == ["victim"] and not (tmp_path / "elsewhere").exists()
     assert [j.kind for j in _jobs(vw)] == ["backup"]
     refused = [a for a in _audit(vw) if a.outcome == "refused"]
-    assert len(refused) == len(hostile) + 2 and all("api.restore" == a.action for a in refused)
+    assert len(refused) == len(hostile) + 2 and all(a.action == "api.restore" for a in refused)
 
     # A runbook is confined too, even when root runs it; its dry run says so as well.
     for extra in ([], ["--dry-run"]):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import xml.etree.ElementTree as ET
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -329,11 +330,11 @@ def test_an_active_commit_that_cannot_finish_in_time_is_aborted(guest_factory, t
 # --- pure decisions (no libvirt) ---------------------------------------------------------------
 
 def _row(id_: int, target: str, path: str, state: str):
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from catalog.overlays import OverlayView
 
-    return OverlayView(id_, "job", "dom", target, path, "/d/vda.qcow2", state, datetime.now(timezone.utc))
+    return OverlayView(id_, "job", "dom", target, path, "/d/vda.qcow2", state, datetime.now(UTC))
 
 
 def _layers(*paths_: str):
@@ -385,8 +386,8 @@ def test_only_one_chain_changing_action_at_a_time():
 
 
 def test_overlay_names_stay_short_and_carry_the_token():
-    from tasks.overlays import overlay_token
     from tasks.blockcommit import overlay_path
+    from tasks.overlays import overlay_token
 
     assert overlay_path(_layers("/d/vda.qcow2"), set(), TOKEN1) == T1
     assert overlay_path(_layers(T0, "/d/vda.qcow2"), {T0}, TOKEN1) == T1  # named after the base, not T0

@@ -14,7 +14,6 @@ from catalog.store import Catalog
 from virtwarden.errors import ConfigError, DatabaseUnavailable, JobNotFound, RestorePointNotFound
 
 
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def cat(request, tmp_path):
     if request.param == "sqlite":

@@ -5,6 +5,7 @@ leaves nothing behind (no throwaway domain, no scratch files)."""
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -241,7 +242,7 @@ def test_a_dead_drill_is_swept_by_the_next_one(vw, guest_factory, tmp_path, conn
 def test_scheduled_and_cli_drills_get_the_policys_settings(vw, guest_factory, tmp_path):
     """The scheduler names only the domain and the policy, the CLI maybe not even that;
     the job's parameters carry the governing policy's drill settings all the same."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from policies.schedule import Slot
     from virtwarden import config
@@ -255,7 +256,7 @@ def test_scheduled_and_cli_drills_get_the_policys_settings(vw, guest_factory, tm
     latest = _backup(vw, g.name)["point_id"]
     vw.workers[0].stop()  # the drills below are only queued
     cfg = config.load(str(vw.config_path))
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     params = Scheduler(cfg, vw.catalog())._params(Slot("drilled", "drill", g.name, now, now, "local"))
     assert params == drill_params(cfg, vw.catalog(), g.name, policy="drilled")
     assert params == {"domain": g.name, "policy": "drilled", "point": first, "storage": "nfs", "run_for": 5.0,

@@ -9,7 +9,7 @@ other suites' guests, which an evacuation of it would move.
 """
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -17,8 +17,8 @@ from catalog import alerts as alert_rows
 from catalog import jobs, moves
 from catalog.models import Domain, Host
 from tests.fleet import Fleet, fill_memory, fleet, resize_memory  # noqa: F401 - fleet is a fixture
-from tests.harness import wait_for
 from tests.guests import images_equal
+from tests.harness import wait_for
 
 # One xdist worker runs every test that uses host2 (evacuations move whatever runs there;
 # the listener tests restart its libvirtd).
@@ -123,7 +123,7 @@ def test_alert_moves_host2s_guests_and_leaves_one_too_big(fleet: Fleet, guest_fa
     assert resolved["alerts"][0]["outcome"] == "resolved"
     occurrences = [r for r in alert_rows.recent(f.cat) if r.fingerprint == "f00dfeed"]
     assert [(r.status, r.job_id) for r in occurrences] == [("resolved", job_id), ("firing", job_id)]
-    assert occurrences[0].resolved_at == datetime(2031, 1, 1, 10, 5, 0, 123456, tzinfo=timezone.utc)
+    assert occurrences[0].resolved_at == datetime(2031, 1, 1, 10, 5, 0, 123456, tzinfo=UTC)
     for g in small:
         assert f.running_on(g.name) == ["local"]
 
@@ -335,7 +335,7 @@ def test_alerts_that_map_to_no_host_or_policy_are_recorded_and_start_nothing(vw,
     for bad in ({}, {"alerts": "x"}, {"alerts": [{"status": "firing"}]}):
         with pytest.raises(UsageError):
             receive(cfg, cat, bad, "am")
-    assert datetime.now(timezone.utc) - alert_rows.recent(cat)[0].received_at < timedelta(minutes=5)
+    assert datetime.now(UTC) - alert_rows.recent(cat)[0].received_at < timedelta(minutes=5)
 
 
 def test_an_alert_whose_policy_says_backup_backs_the_hosts_domains_up_once(fleet: Fleet, guest_factory) -> None:

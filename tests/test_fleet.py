@@ -7,9 +7,8 @@ import pytest
 
 from catalog import jobs, moves, points
 from tests.fleet import Fleet, fill_memory, fleet  # noqa: F401 - fleet is a fixture
-from tests.harness import wait_for
 from tests.guests import images_equal
-from tests.harness import s3_storage_entry
+from tests.harness import s3_storage_entry, wait_for
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.xdist_group("host2")]  # host2 users share one xdist worker
 MiB = 1024 * 1024

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -39,7 +39,7 @@ from virtwarden.config import NfsStorage, load
 from virtwarden.errors import ObjectNotFound
 
 MiB = 1024 * 1024
-START = datetime(2024, 1, 1, tzinfo=timezone.utc)
+START = datetime(2024, 1, 1, tzinfo=UTC)
 
 
 class PowerCut(BaseException):
@@ -362,7 +362,7 @@ def test_prune_keeps_what_the_policy_says_and_every_listed_point_restores(vw, gu
     backend = open_backend("nfs", cfg.storage_target("nfs"))
     ctx, _ = context(vw.catalog(), backend, tmp_path, cut=1)
     with pytest.raises(PowerCut):
-        prune_all(ctx, DomainRules(g.name, "keep-two", Retention(keep_last=2), "test"), datetime.now(timezone.utc))
+        prune_all(ctx, DomainRules(g.name, "keep-two", Retention(keep_last=2), "test"), datetime.now(UTC))
     status = {p["id"]: p["status"] for p in vw.cli("backups", g.name, "--json").json()}
     assert status == {f1: "complete", i1: "deleting", f2: "complete", i2: "complete", i3: "complete"}
     _restore_all(vw, g.name, expected, tmp_path / "after-crash")

@@ -6,7 +6,7 @@ configuration that names the allowed directories."""
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -140,18 +140,16 @@ def test_a_name_taken_while_the_restore_ran_is_never_written_through_or_replaced
 
 def test_a_failed_restore_removes_what_it_created_and_only_that(roots):
     root, _ = roots
-    with pytest.raises(RuntimeError):
-        with NewDir(str(root / "new" / "deeper"), job_id="j", roots=(str(root),)) as out:
-            out.write_text("vda.qcow2", "half")
-            raise RuntimeError("qemu-img failed")
+    with pytest.raises(RuntimeError), NewDir(str(root / "new" / "deeper"), job_id="j", roots=(str(root),)) as out:
+        out.write_text("vda.qcow2", "half")
+        raise RuntimeError("qemu-img failed")
     assert sorted(p.name for p in root.iterdir()) == ["dangling", "escape"]
     kept = root / "kept"
     kept.mkdir()
-    with pytest.raises(RuntimeError):
-        with NewDir(str(kept), job_id="j", roots=(str(root),)) as out:
-            out.write_text("vda.qcow2", "x")
-            out.publish()
-            raise RuntimeError("defining the domain failed")
+    with pytest.raises(RuntimeError), NewDir(str(kept), job_id="j", roots=(str(root),)) as out:
+        out.write_text("vda.qcow2", "x")
+        out.publish()
+        raise RuntimeError("defining the domain failed")
     assert kept.is_dir() and os.listdir(kept) == []  # found empty, left empty
 
 
@@ -191,9 +189,8 @@ def test_an_unconfined_restore_may_go_anywhere_but_only_into_a_new_or_empty_dire
     with NewDir(str(tmp_path / "anywhere"), job_id="j") as out:
         out.write_text("domain.xml", "x")
         out.publish()
-    with pytest.raises(RestoreRefused, match="already holds victim"):
-        with NewDir(str(outside), job_id="j"):
-            pass
+    with pytest.raises(RestoreRefused, match="already holds victim"), NewDir(str(outside), job_id="j"):
+        pass
 
 
 # --- disk targets -----------------------------------------------------------------------------
@@ -216,7 +213,7 @@ def _point(target: str):
     return PointView(id="p1", domain="web01", domain_uuid="u", host="local", storage="nfs", strategy="bitmap",
                      chain_id="c", parent_id=None, seq=0, level="full", status="complete", reason=None,
                      consistency="crash", checkpoint=None, manifest_key="web01/c/p1/manifest.json", size_bytes=1,
-                     job_id=None, created_at=datetime(2025, 3, 30, tzinfo=timezone.utc), completed_at=None,
+                     job_id=None, created_at=datetime(2025, 3, 30, tzinfo=UTC), completed_at=None,
                      artifacts=(ArtifactView(target, "web01/c/p1/vda.qcow2", 1, "s", 1),))
 
 
@@ -290,7 +287,7 @@ def test_bad_allowed_dirs_are_reported_by_line(tmp_path, value, message):
     f.write_text(f"data_dir: /srv/vw\nrestore:\n  allowed_dirs: {value}\n")
     with pytest.raises(ConfigError) as e:
         config.load(str(f), env={})
-    assert f"c.yaml:3: restore.allowed_dirs" in str(e.value) and message in str(e.value), str(e.value)
+    assert "c.yaml:3: restore.allowed_dirs" in str(e.value) and message in str(e.value), str(e.value)
     f.write_text("restore:\n  alowed_dirs: [/srv]\n")
     unknown = r"c.yaml:2: restore.alowed_dirs: unknown key \(did you mean 'allowed_dirs'\?\)"
     with pytest.raises(ConfigError, match=unknown):

@@ -10,10 +10,9 @@ import subprocess
 import sys
 import textwrap
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
-
 from sqlalchemy import delete as sa_delete
 from sqlalchemy import update as sa_update
 
@@ -25,7 +24,7 @@ from virtwarden import config as config_module
 
 pytestmark = pytest.mark.libvirt
 
-UTC = timezone.utc
+UTC = UTC
 
 
 def T(text: str) -> datetime:

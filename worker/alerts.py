@@ -36,7 +36,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 from catalog import alerts as alert_rows
@@ -78,14 +78,14 @@ def _one(cfg: Config, cat: Catalog, policies: list[Policy], alert: dict, actor: 
     labels = {str(k): str(v) for k, v in (alert.get("labels") or {}).items()}
     name = labels.get("alertname", "")
     fingerprint = str(alert.get("fingerprint") or "") or _fingerprint(labels)
-    starts = _time(alert.get("startsAt")) or datetime.now(timezone.utc)
+    starts = _time(alert.get("startsAt")) or datetime.now(UTC)
     status = alert.get("status") or "firing"
     mapping = _map(cfg, policies, name, labels)
     host = mapping.host if mapping else _named_host(cfg, labels)
     base = {"fingerprint": fingerprint, "alertname": name, "status": status, "starts_at": starts.isoformat(),
             "host": host}
     if status == "resolved":
-        ends = _time(alert.get("endsAt")) or datetime.now(timezone.utc)
+        ends = _time(alert.get("endsAt")) or datetime.now(UTC)
         _, what = alert_rows.resolve(cat, fingerprint=fingerprint, name=name, labels=labels, host=host,
                                      starts_at=starts, resolved_at=ends)
         return {**base, "occurrence": what if what != "resolved" else "known",
@@ -242,7 +242,7 @@ def _time(value: object) -> datetime | None:
         parsed = datetime.fromisoformat(text)
     except ValueError:
         return None
-    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC)
 
 
 def _fingerprint(labels: dict[str, str]) -> str:

@@ -44,7 +44,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -338,7 +338,7 @@ class AuthMiddleware:
             mac, t = sig.check(header, body, time.time())
         except Refused as e:
             raise Refused(e.reason, e.kind, caller) from None
-        expires = datetime.fromtimestamp(t + sig.tolerance + 1, timezone.utc)
+        expires = datetime.fromtimestamp(t + sig.tolerance + 1, UTC)
         if not api_catalog.use_signature(self.cat, mac, expires):
             raise Refused("signature was used before (a replay): sign each request afresh", "replayed-signature",
                           caller)

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+
 class RestoreIn(BaseModel):
     """Exactly one destination: ``to_dir`` (flat images), ``as_domain`` (a new domain)
     or ``in_place``. The point is ``point`` (an id or "latest") or ``at`` (the last

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from catalog import jobs, points
 from catalog.store import Catalog
+from virtwarden.errors import EXIT_FAILED, EXIT_OK, JobFailed
 from virtwarden.sizes import human_size
 from worker.output import emit_json, load_config, table
-from virtwarden.errors import EXIT_FAILED, EXIT_OK, JobFailed
 
 
 def policy_validate(args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -41,8 +41,15 @@ from policies.loader import policy_files
 from policies.select import DomainFacts
 from policies.triggers import RUNS, TriggerAction, listened_events, triggers_for
 from virtwarden.config import Config
-from virtwarden.errors import (DatabaseUnavailable, DomainNotFound, EXIT_OK, HypervisorUnavailable, PolicyError,
-                               Transient, VirtwardenError)
+from virtwarden.errors import (
+    EXIT_OK,
+    DatabaseUnavailable,
+    DomainNotFound,
+    HypervisorUnavailable,
+    PolicyError,
+    Transient,
+    VirtwardenError,
+)
 from virtwarden.redact import mask
 from worker.reconcile import SeenDomain, foreign, missed_events, part_of_start, state_after, still_here
 
@@ -194,7 +201,7 @@ class Dispatcher:
     def on_event(self, ev: HostEvent) -> None:
         """Record a live event and start the jobs its triggers name."""
         stale = self._reconciled_at.get(ev.uuid, 0.0) >= ev.at
-        at = datetime.fromtimestamp(ev.at, timezone.utc)
+        at = datetime.fromtimestamp(ev.at, UTC)
         quiet = stale
 
         def record() -> EventView:

@@ -28,7 +28,6 @@ from virtwarden.errors import EXIT_FAILED, EXIT_OK, JobFailed, NotFound, Virtwar
 from virtwarden.validation import suggest
 from worker.output import emit_json, load_config, table
 
-
 # --- the actions ------------------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -238,8 +238,8 @@ class Chaos:
     def _resync(g) -> None:
         for disk in ET.fromstring(g.dom.XMLDesc(0)).iterfind("devices/disk"):
             top = disk.find("source").get("file")
-            subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", top, str(g.shadows[disk.find("target").get("dev")])],
-                           check=True)
+            shadow = g.shadows[disk.find("target").get("dev")]
+            subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", top, str(shadow)], check=True)
 
     def _inject(self, fault: str, host: str, job_id: str) -> None:
         if fault == "kill":
@@ -319,7 +319,8 @@ class Chaos:
         outcomes = Counter(f"{j.kind} {j.state}" for j in all_jobs if j.requested_by == "chaos")
         restorable, unrestorable = self._verify_points()
         leftovers = self._leftovers()
-        return {"cycles": self.args.cycles, "faults": {k[6:]: v for k, v in self.counts.items() if k.startswith("fault ")},
+        return {"cycles": self.args.cycles,
+                "faults": {k[6:]: v for k, v in self.counts.items() if k.startswith("fault ")},
                 "actions": {k[7:]: v for k, v in self.counts.items() if k.startswith("action ")},
                 "worker_restarts": self.counts["worker restarts"], "jobs": dict(sorted(outcomes.items())),
                 "jobs_lost": len(lost), "lost": lost, "points_restorable": restorable,

@@ -289,8 +289,8 @@ def fail_queued(cat: Catalog, job_id: str, error: str) -> None:
                   .values(state=FAILED, error=error, finished_at=db_now(), dispatch_at=None))
 
 
-def reap(cat: Catalog, *, resend_after: float = DEFAULT_RESEND_AFTER, recoverable: Callable[[str], bool] = lambda _kind: False
-         ) -> list[JobView]:
+def reap(cat: Catalog, *, resend_after: float = DEFAULT_RESEND_AFTER,
+         recoverable: Callable[[str], bool] = lambda _kind: False) -> list[JobView]:
     """Jobs whose worker stopped renewing its lease (expired by the database's clock): put
     them back in the queue, or, after their last attempt, give them up. A job whose kind
     has a recovery (``recoverable``) is queued once more to run only that recovery and

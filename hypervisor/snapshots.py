@@ -43,7 +43,8 @@ def kinds(hv: LibvirtHost, domain: str) -> dict[str, str]:
 def take_internal(hv: LibvirtHost, domain: str, name: str, description: str) -> str:
     """Returns the consistency: 'system' (running: disks and memory) or 'offline'."""
     dom = hv._dom(domain)
-    xml = f"<domainsnapshot><name>{escape(name)}</name><description>{escape(description)}</description></domainsnapshot>"
+    xml = (f"<domainsnapshot><name>{escape(name)}</name>"
+           f"<description>{escape(description)}</description></domainsnapshot>")
     with hv._errors(f"taking internal snapshot {name}", domain):
         running = bool(dom.isActive())
         dom.snapshotCreateXML(xml, libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC)

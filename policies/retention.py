@@ -80,7 +80,8 @@ class Reason:
 
     def __str__(self) -> str:
         text = {"needed": "needed by {}", "newest": "newest point", "future": "stamped after now ({})",
-                "pinned": "a running backup builds on it, or a restore or drill under way reads it", "all": "no retention rules: keep everything",
+                "pinned": "a running backup builds on it, or a restore or drill under way reads it",
+                "all": "no retention rules: keep everything",
                 "none": "no rule keeps it"}.get(self.rule, self.rule + " ({})")
         return text.format(self.detail) if "{}" in text else text
 

@@ -290,15 +290,16 @@ class _Run:
         since = " since it booted" if watched else ""
         if stopped_at is not None:
             self.check("stays-running", False, f"{stopped_state} after {stopped_at:.1f} s"
-                       + (f" ({self.started + stopped_at - booted_at:.1f} of {req.run_for:g} s{since})" if booted_at else
-                          ", before it showed that it booted"))
+                       + (f" ({self.started + stopped_at - booted_at:.1f} of {req.run_for:g} s{since})"
+                          if booted_at else ", before it showed that it booted"))
         elif booted_at is not None:
             self.check("stays-running", True, f"running for {req.run_for:g} s{since}")
         else:
             self.check("stays-running", True, f"running for {waited:.1f} s without showing that it booted")
         if marker:
             if marker_at is not None:
-                self.check("serial-marker", True, f"{req.serial_marker!r} on the serial console after {marker_at:.1f} s")
+                self.check("serial-marker", True,
+                           f"{req.serial_marker!r} on the serial console after {marker_at:.1f} s")
             else:
                 self.check("serial-marker", False, f"{req.serial_marker!r} not on the serial console within"
                                                    f" {waited:.1f} s (boot_timeout {req.boot_timeout:g} s);"

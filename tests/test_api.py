@@ -485,7 +485,8 @@ def test_metrics_parse_and_count_drills_and_requests(vw, api):
                     boot_seconds=None, started_at=start + timedelta(days=1)))
         s.add(Drill(id="d3", domain="db01", host="local", state="passed", checks=[], restore_seconds=40.0,
                     boot_seconds=2.0, started_at=start))
-        s.add(Drill(id="d4", domain="db01", host="local", state="running", checks=[], started_at=start + timedelta(days=2)))
+        s.add(Drill(id="d4", domain="db01", host="local", state="running", checks=[],
+                    started_at=start + timedelta(days=2)))
     cat.close()
     r = server.call("GET", "/metrics")
     assert r.status == 200 and r.headers["content-type"].startswith("text/plain")

@@ -126,8 +126,8 @@ def test_every_module_of_the_clean_install_imports_from_the_venv(clean_install: 
 
 
 def test_the_clean_install_ships_the_catalog_migrations_and_the_policy_examples(clean_install: CleanInstall) -> None:
-    r = clean_install.run(clean_install.python, "-c",
-                          "import catalog.store, policies; print(catalog.store.MIGRATIONS); print(policies.__path__[0])")
+    r = clean_install.run(clean_install.python, "-c", "import catalog.store, policies;"
+                          " print(catalog.store.MIGRATIONS); print(policies.__path__[0])")
     assert r.returncode == 0, r.stderr
     migrations, policies = (Path(line) for line in r.stdout.split())
     assert migrations.is_relative_to(clean_install.venv)

@@ -119,7 +119,7 @@ HOSTILE = """<domain type='kvm' id='7' xmlns:qemu='http://libvirt.org/schemas/do
     <qemu:arg value='e1000,netdev=hostile0'/><qemu:env name='X' value='y'/></qemu:commandline>
   <qemu:override><qemu:device alias='ua-x'><qemu:frontend><qemu:property name='x' type='string' value='y'/>
     </qemu:frontend></qemu:device></qemu:override>
-</domain>"""
+</domain>"""  # noqa: E501 - test input: wrapping would change the XML
 
 DRILL = CopySpec("virtwarden-drill-0123abcd", disks={"vda": "/scratch/drill-1/disks/vda.qcow2"},
                  network="virtwarden-drill", serial_log="/scratch/drill-1/serial.log", throwaway=True)

@@ -61,7 +61,8 @@ def receive(cfg: Config, cat: Catalog, payload: dict, actor: str) -> dict:
     """Handle one webhook delivery; returns what was done for each alert."""
     if not isinstance(payload, dict) or not isinstance(payload.get("alerts"), list):
         raise UsageError("not an Alertmanager webhook payload: 'alerts' must be a list")
-    bad = [i for i, a in enumerate(payload["alerts"]) if not isinstance(a, dict) or not isinstance(a.get("labels"), dict)]
+    bad = [i for i, a in enumerate(payload["alerts"])
+           if not isinstance(a, dict) or not isinstance(a.get("labels"), dict)]
     if bad:
         raise UsageError(f"not an Alertmanager webhook payload: alerts[{bad[0]}] has no 'labels' object")
     policies = load_policies(cfg)

@@ -145,7 +145,8 @@ def _routes(app: FastAPI) -> None:
         return [p.to_json() for p in points.for_domain(request.app.state.api.cat, name)]
 
     @app.post("/v1/alerts", tags=["alerts"], dependencies=[Depends(needs(ALERTS, what="post alerts"))],
-              responses={413: {"model": Error}, 503: {"description": "a service was unreachable: send the alerts again"}})
+              responses={413: {"model": Error},
+                         503: {"description": "a service was unreachable: send the alerts again"}})
     def alerts(payload: AlertmanagerPayload, request: Request, actor: str = Depends(caller)) -> dict[str, Any]:
         """Alertmanager's webhook (``webhook_configs`` with this URL and the bearer token).
         Repeats of an alert (same fingerprint and startsAt) change nothing. Scope: `alerts`.

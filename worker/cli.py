@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--as-domain", metavar="NAME",
                       help="define a new domain NAME (new UUID and MACs) on the restored disks")
     mode.add_argument("--in-place", action="store_true",
-                      help="shut the domain off and replace its disks (the current ones are kept aside until it worked)")
+                      help="shut the domain off and replace its disks"
+                           " (the current ones are kept aside until it worked)")
     r.add_argument("--discard-old", action="store_true",
                    help="with --in-place: delete the replaced disks once the restore succeeded (default: keep them)")
     r.add_argument("--start", action="store_true", help="with --as-domain or --in-place: start the domain afterwards")

@@ -39,7 +39,8 @@ def policy_list(args: argparse.Namespace) -> int:
         return EXIT_OK
     rows = [[p.name, ",".join(p.spec.selector.domains), p.spec.backup.target if p.spec.backup else "-",
              p.spec.backup.schedule or "-" if p.spec.backup else "-", p.source_text] for p in found]
-    print(table(rows, ["NAME", "DOMAINS", "TARGET", "SCHEDULE", "FILE"]) if rows else f"no policies in {cfg.policies_path}")
+    print(table(rows, ["NAME", "DOMAINS", "TARGET", "SCHEDULE", "FILE"]) if rows
+          else f"no policies in {cfg.policies_path}")
     return EXIT_OK
 
 
@@ -202,7 +203,8 @@ def jobs_list(args: argparse.Namespace) -> int:
         return EXIT_OK
     rows = [[j.id, j.kind, j.domain or "-", j.host or "-", j.state, f"{j.progress * 100:.0f}%",
              j.created_at.strftime("%Y-%m-%d %H:%M:%S"), (j.error or j.progress_text or "")[:60]] for j in found]
-    print(table(rows, ["ID", "KIND", "DOMAIN", "HOST", "STATE", "DONE", "CREATED (UTC)", "NOTE"]) if rows else "no jobs")
+    print(table(rows, ["ID", "KIND", "DOMAIN", "HOST", "STATE", "DONE", "CREATED (UTC)", "NOTE"]) if rows
+          else "no jobs")
     return EXIT_OK
 
 

@@ -54,7 +54,8 @@ class Guest:
             f.truncate(DISK_MIB * MiB)
         run("qemu-img", "create", "-q", "-f", "qcow2", str(self.disk), f"{DISK_MIB}M")
         kind = "kvm" if os.path.exists("/dev/kvm") and subprocess.run(
-            ["virsh", "-c", URI, "domcapabilities", "--virttype", "kvm"], capture_output=True).returncode == 0 else "qemu"
+            ["virsh", "-c", URI, "domcapabilities", "--virttype", "kvm"], capture_output=True
+        ).returncode == 0 else "qemu"
         xml = self.root / "domain.xml"
         xml.write_text(f"""<domain type='{kind}'>
   <name>{self.name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>

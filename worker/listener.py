@@ -5,7 +5,8 @@ Threads, and why:
   is opened) runs the callbacks, which only put plain values on one queue;
 - one watcher per host holds that host's event connection (keepalive 5 s x 3, a close
   callback) and reconnects with exponential backoff (``listener.backoff_min_seconds``
-  in the configuration, 1 by default, doubling up to ``backoff_max_seconds``, 60) when libvirt closes it or keepalive fails;
+  in the configuration, 1 by default, doubling up to ``backoff_max_seconds``, 60) when
+  libvirt closes it or keepalive fails;
   after every (re)connect it queues a reconciliation pass for its host;
 - the dispatcher (the main thread) takes items off the queue in order: it records each
   event in the catalog (catalog.events), which keeps the domains table current, maps it
@@ -313,7 +314,8 @@ class Dispatcher:
         hc = self.cfg.host(host)
         self._retry("updating the domains table", lambda: catalog_events.note_domains(
             self.cat, still_here(host, known, seen)))
-        self._retry("updating the hosts table", lambda: catalog_events.host_reconciled(self.cat, host, hc.uri, hc.group))
+        self._retry("updating the hosts table",
+                    lambda: catalog_events.host_reconciled(self.cat, host, hc.uri, hc.group))
         if first:
             log.info("host %s: reconciled (first contact): %d domain(s) recorded as the baseline, no jobs started",
                      host, len(seen))

@@ -16,6 +16,7 @@ it only after something went wrong.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import xml.etree.ElementTree as ET
@@ -122,10 +123,8 @@ def _bounded(dom: libvirt.virDomain, timeout: float) -> Iterator[None]:
     try:
         yield
     finally:
-        try:
+        with contextlib.suppress(libvirt.libvirtError):  # the domain stopped meanwhile: nothing left to restore
             dom.agentSetResponseTimeout(libvirt.VIR_DOMAIN_AGENT_RESPONSE_TIMEOUT_DEFAULT, 0)
-        except libvirt.libvirtError:
-            pass  # the domain stopped meanwhile: nothing left to restore
 
 
 def _seconds(timeout: float) -> int:

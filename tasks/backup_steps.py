@@ -11,6 +11,7 @@ commit went through, touches nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -127,10 +128,8 @@ def check_space(dom: DomainInfo, plan: LevelPlan, outputs: dict[str, Output]) ->
     need: dict[Path, int] = {}
     for d in dom.disks:
         where = outputs[d.target].path.parent
-        try:
+        with contextlib.suppress(Exception):  # an estimate only; the copy itself will tell
             need[where] = need.get(where, 0) + int(qemu_img.info(Path(d.path)).get("actual-size", 0))
-        except Exception:  # noqa: BLE001 - an estimate only; the copy itself will tell
-            pass
     for where, size in need.items():
         free = free_bytes(where)
         if size > free:

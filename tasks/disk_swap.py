@@ -29,6 +29,7 @@ back stays for the operator.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -200,10 +201,8 @@ def _undo_moves(moves: list[Move]) -> list[str]:
             except OSError as e:
                 problems.append(f"renaming {dst} back to {src}: {e.strerror}")
     for d in {src.parent for src, _ in moves}:
-        try:
+        with contextlib.suppress(OSError):
             fsync_dir(d)
-        except OSError:
-            pass
     return problems
 
 

@@ -8,6 +8,7 @@ really commits and the connection really drops, the worker process really stops.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -204,7 +205,5 @@ def wait_file(path: Path, timeout: float) -> str:
 
 
 def kill_quietly(pid: int, sig: int = signal.SIGKILL) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-    except ProcessLookupError:
-        pass

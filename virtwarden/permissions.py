@@ -26,6 +26,7 @@ create through other programs (qemu-img writing a restored image) is private as 
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import grp
 import logging
@@ -222,11 +223,9 @@ def prepare_catalog(path: Path | str) -> None:
             except FileExistsError:
                 continue
             _apply(directory, _policy.catalog_dir_mode, _policy.service_gid, _policy.service_group)
-    try:
+    with contextlib.suppress(FileExistsError):
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                          _policy.catalog_file_mode))
-    except FileExistsError:
-        pass
     secure_catalog_file_if_mine(path)
 
 

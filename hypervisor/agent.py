@@ -75,9 +75,9 @@ def freeze(hv: LibvirtHost, name: str, timeout: float) -> int:
     it answered with an error: nothing is frozen then (qemu-ga thaws a partial freeze
     itself), or someone else's freeze is in place."""
     dom = hv._dom(name)
-    with _unresponsive(), hv._errors(f"freezing the guest's filesystems (agent timeout {_seconds(timeout)}s)", name):
-        with _bounded(dom, timeout):
-            return int(dom.fsFreeze(None, 0))
+    with (_unresponsive(), hv._errors(f"freezing the guest's filesystems (agent timeout {_seconds(timeout)}s)", name),
+          _bounded(dom, timeout)):
+        return int(dom.fsFreeze(None, 0))
 
 
 def thaw(hv: LibvirtHost, name: str, timeout: float) -> int:
@@ -85,9 +85,9 @@ def thaw(hv: LibvirtHost, name: str, timeout: float) -> int:
     none was frozen. The agent handles requests in order, so a thaw that is answered
     came after any freeze sent before it."""
     dom = hv._dom(name)
-    with hv._errors(f"thawing the guest's filesystems (agent timeout {_seconds(timeout)}s)", name):
-        with _bounded(dom, timeout):
-            return int(dom.fsThaw(None, 0))
+    with (hv._errors(f"thawing the guest's filesystems (agent timeout {_seconds(timeout)}s)", name),
+          _bounded(dom, timeout)):
+        return int(dom.fsThaw(None, 0))
 
 
 def freeze_status(hv: LibvirtHost, name: str, timeout: float) -> str:

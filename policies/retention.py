@@ -44,7 +44,7 @@ from policies.model import Retention
 PERIODS: dict[str, Callable[[datetime], str]] = {
     "hourly": lambda t: t.strftime("%Y-%m-%d %H:00"),
     "daily": lambda t: t.strftime("%Y-%m-%d"),
-    "weekly": lambda t: "{0}-W{1:02d}".format(*t.isocalendar()),
+    "weekly": lambda t: "{}-W{:02d}".format(*t.isocalendar()),
     "monthly": lambda t: t.strftime("%Y-%m"),
     "yearly": lambda t: t.strftime("%Y"),
 }

@@ -219,7 +219,7 @@ class NfsBackend(Backend):
     @contextmanager
     def _open_object(self, key: str, path: Path) -> Iterator[BinaryIO]:
         try:
-            f = open(path, "rb")
+            f = open(path, "rb")  # noqa: SIM115 - closed by the `with f` below; only the open is guarded
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             self._require_root()  # a missing share is not a missing object
             raise ObjectNotFound(f"{self.who}: no object {key!r} ({path})") from None

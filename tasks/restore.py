@@ -189,7 +189,7 @@ def targets_of(chain: Chain) -> list[str]:
 def _check_matches_catalog(chain: list[PointView], manifests: list[dict]) -> None:
     """Each manifest names exactly the catalog's artifacts, for the catalog's disk
     targets, and every target is a disk name (targets become file names)."""
-    for p, m in zip(chain, manifests):
+    for p, m in zip(chain, manifests, strict=True):
         for a in p.artifacts:
             check_target(a.target, p.id)
         want = {a.key: (a.target, a.sha256) for a in p.artifacts}

@@ -253,8 +253,8 @@ def plan_restore(points: list[PointView], manifests: list[dict], dest: Destinati
 def _as_domain_paths(xml: str, saved: dict[str, dict], name: str,
                      disk_dir: str | None) -> tuple[dict[str, tuple[str, str, tuple[str, ...]]], str | None]:
     sources = disk_sources(xml)
-    placed = {}
-    for t, entry in saved.items():
+    placed: dict[str, tuple[str, str, tuple[str, ...]]] = {}
+    for t in saved:
         where = disk_dir or _parent(sources.get(t) or "")
         if not where:
             raise RestoreRefused(f"the saved XML names no image file for disk {t} (a block device?); "

@@ -80,7 +80,7 @@ class PrivateRedis:
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(self.workdir), "--maxmemory-policy", "noeviction"],
-            stdout=open(self.workdir / "redis.log", "ab"), stderr=subprocess.STDOUT)
+            stdout=open(self.workdir / "redis.log", "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115 - the server's log
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:

@@ -141,7 +141,7 @@ class WorkerProcess:
         args = [sys.executable, "-m", "worker.cli", "--config", str(config), "--log-level", "info", "worker"]
         for h in hosts:
             args += ["--host", h]
-        self._out = open(log, "ab")
+        self._out = open(log, "ab")  # noqa: SIM115 - the process's log, closed when it is stopped
         self.proc = subprocess.Popen(args, cwd=REPO, stdout=self._out, stderr=subprocess.STDOUT,
                                      start_new_session=True, env={**os.environ, **(env or {})},
                                      preexec_fn=_die_with_parent)

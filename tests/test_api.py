@@ -50,7 +50,7 @@ class ApiServer:
     def __post_init__(self) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self._out = open(self.log, "ab")
+        self._out = open(self.log, "ab")  # noqa: SIM115 - the process's log, closed when it is stopped
         env = {**os.environ, **self.env}
         for name in ("VIRTWARDEN_CONFIG", "VIRTWARDEN_DATABASE_URL", "VIRTWARDEN_BROKER_URL", "VIRTWARDEN_API_TOKEN"):
             if name not in self.env:

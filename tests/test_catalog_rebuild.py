@@ -173,7 +173,7 @@ def test_a_deleted_catalog_is_rebuilt_from_the_manifests_and_every_point_restore
 
     vw.start_worker()
     for g in (a, b):
-        for point, want in zip(before[g.name], expected[g.name]):
+        for point, want in zip(before[g.name], expected[g.name], strict=False):
             _restores(vw, g, point["id"], want, tmp_path / f"restored-{point['id']}")
 
     # The next backups continue the chains: the newest point's checkpoint (a's bitmap

@@ -159,7 +159,7 @@ class Daemon:
     def __init__(self, install: CleanInstall, config: Path, command: str, log: Path) -> None:
         self.command = command
         self.log = log
-        self._out = open(log, "ab")
+        self._out = open(log, "ab")  # noqa: SIM115 - the process's log, closed when it is stopped
         self.proc = subprocess.Popen(
             [str(install.virtwarden), "--config", str(config), "--log-level", "info", command],
             cwd=log.parent, env=clean_env(VIRTWARDEN_API_TOKEN=TOKEN), stdout=self._out, stderr=subprocess.STDOUT,

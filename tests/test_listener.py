@@ -234,7 +234,7 @@ class ListenerProcess:
         full_env = {**os.environ, **(env or {})}
         full_env.pop("VIRTWARDEN_DATABASE_URL", None)
         full_env.pop("VIRTWARDEN_BROKER_URL", None)
-        self._out = open(self.log, "ab")
+        self._out = open(self.log, "ab")  # noqa: SIM115 - the process's log, closed when it is stopped
         self.proc = subprocess.Popen(args, cwd=REPO, env=full_env, stdout=self._out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 

@@ -98,7 +98,8 @@ def test_a_broker_outage_and_a_dead_worker_lose_no_job_and_no_slot(vw, guest_fac
         report = scheduler.tick()
         assert len(report.started) == 1, report.summary()
         next_id = report.started[0][1]
-        finished = wait_for(lambda: (j := jobs.get(cat, next_id)).finished and j, 120, f"the {hour}:00 backup")
+        finished = wait_for(lambda: (j := jobs.get(cat, next_id)).finished and j,  # noqa: B023 - waited for here
+                            120, f"the {hour}:00 backup")
         assert finished.state == "succeeded", finished.error
         assert finished.result["level"] == "incremental"
     states = sorted((r.slot_at.strftime("%H"), r.state) for r in slots.listing(cat))

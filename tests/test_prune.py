@@ -101,7 +101,7 @@ def assert_listed_points_restore(cat: Catalog, repo: Repository, domain: str) ->
         for link in points.chain_to(cat, p.id):  # raises when a link is not complete
             manifest = repo.read_manifest(link.manifest_key)
             assert manifest["point_id"] == link.id
-            for disk, art in zip(manifest["disks"], link.artifacts):
+            for disk, art in zip(manifest["disks"], link.artifacts, strict=False):
                 assert (disk["key"], disk["sha256"]) == (art.key, art.sha256)
                 repo.backend.verify(art.key, art.sha256)
 

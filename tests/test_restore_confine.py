@@ -105,30 +105,30 @@ def test_a_directory_that_is_not_new_or_empty_is_refused_and_left_as_it_was(root
     held = root / "held"
     held.mkdir()
     (held / "domain.xml").symlink_to(outside / "victim")
-    with pytest.raises(RestoreRefused, match=r"already holds domain.xml; choose a new or empty directory"):
-        with NewDir(str(held), job_id="j", roots=(str(root),)):
-            pass
+    with (pytest.raises(RestoreRefused, match=r"already holds domain.xml; choose a new or empty directory"),
+          NewDir(str(held), job_id="j", roots=(str(root),))):
+        pass
     assert os.listdir(held) == ["domain.xml"] and (outside / "victim").read_text() == "precious"
     (root / "file").write_text("x")
-    with pytest.raises(RestoreRefused, match="is not a directory"):
-        with NewDir(str(root / "file"), job_id="j", roots=(str(root),)):
-            pass
+    with (pytest.raises(RestoreRefused, match="is not a directory"),
+          NewDir(str(root / "file"), job_id="j", roots=(str(root),))):
+        pass
 
 
 def test_a_name_taken_while_the_restore_ran_is_never_written_through_or_replaced(roots):
     root, outside = roots
     dest = root / "race"
     for planted in ("symlink", "file"):
-        with pytest.raises(RestoreRefused, match=f"{dest / 'domain.xml'} (already exists|appeared)"):
-            with NewDir(str(dest), job_id="j", roots=(str(root),)) as out:
-                fd = out.create("vda.qcow2")
-                os.close(fd)
-                out.write_text("domain.xml", "<evil/>")
-                if planted == "symlink":  # someone plants a link to a file of theirs, or of root's
-                    (dest / "domain.xml").symlink_to(outside / "victim")
-                else:
-                    (dest / "domain.xml").write_text("someone else's")
-                out.publish()
+        with (pytest.raises(RestoreRefused, match=f"{dest / 'domain.xml'} (already exists|appeared)"),
+              NewDir(str(dest), job_id="j", roots=(str(root),)) as out):
+            fd = out.create("vda.qcow2")
+            os.close(fd)
+            out.write_text("domain.xml", "<evil/>")
+            if planted == "symlink":  # someone plants a link to a file of theirs, or of root's
+                (dest / "domain.xml").symlink_to(outside / "victim")
+            else:
+                (dest / "domain.xml").write_text("someone else's")
+            out.publish()
         assert (outside / "victim").read_text() == "precious"
         # What the restore created is gone; what it found stays.
         assert os.listdir(dest) == ["domain.xml"]
@@ -162,9 +162,9 @@ def test_an_attempt_that_starts_again_removes_what_the_dead_one_left(roots):
     dead.write_text("domain.xml", "x")
     os.link(dest / ".virtwarden-restore-job1" / "vda.qcow2", dest / "vda.qcow2")  # it died while naming them
     dead.close()  # nothing cleaned: the process is gone
-    with pytest.raises(RestoreRefused, match="already holds .virtwarden-restore-job1, vda.qcow2"):  # not its own
-        with NewDir(str(dest), job_id="job2", roots=(str(root),)):
-            pass
+    with (pytest.raises(RestoreRefused, match="already holds .virtwarden-restore-job1, vda.qcow2"),  # not its own
+          NewDir(str(dest), job_id="job2", roots=(str(root),))):
+        pass
     with NewDir(str(dest), job_id="job1", roots=(str(root),)) as out:
         out.write_text("vda.qcow2", "again")
         out.write_text("domain.xml", "y")
@@ -178,9 +178,9 @@ def test_the_directory_opened_is_judged_again_where_it_really_is(roots, monkeypa
     skipped, as if the link appeared right after it) is caught on the opened directory."""
     root, outside = roots
     monkeypatch.setattr(confine_module, "confine", lambda path, roots, what="to_dir": path)
-    with pytest.raises(DestinationRefused, match=f"led to {outside / 'x'} when it was opened"):
-        with NewDir(str(root / "escape" / "x"), job_id="j", roots=(str(root),)):
-            pass
+    with (pytest.raises(DestinationRefused, match=f"led to {outside / 'x'} when it was opened"),
+          NewDir(str(root / "escape" / "x"), job_id="j", roots=(str(root),))):
+        pass
     assert sorted(p.name for p in outside.iterdir()) == ["victim"]  # the directory it made is gone again
 
 

@@ -239,7 +239,7 @@ class Dispatcher:
                 continue
             for action in actions:
                 try:
-                    self._retry(f"event {rec.id}: starting {run} of {rec.domain}", lambda: self._enqueue(rec, action))
+                    self._retry(f"event {rec.id}: starting {run} of {rec.domain}", lambda: self._enqueue(rec, action))  # noqa: B023 - runs now
                 except VirtwardenError as e:
                     log.error("event %d (%s of %s on host %s): %s for policy %s not started: %s",
                               rec.id, rec.kind, rec.domain, rec.host, run, action.policy, e)

@@ -183,7 +183,8 @@ def by_throwaway(cat: Catalog, names: list[str]) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
     with cat.session() as s:
         for drill_id, name in s.execute(select(Drill.id, Drill.throwaway).where(Drill.throwaway.in_(names))):
-            out.setdefault(name, set()).add(drill_id)
+            if name is not None:  # always: NULL is never IN (names)
+                out.setdefault(name, set()).add(drill_id)
     return out
 
 

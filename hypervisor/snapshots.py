@@ -82,5 +82,5 @@ def delete(hv: LibvirtHost, domain: str, name: str) -> bool:
 
 def _disk_targets(dom: libvirt.virDomain) -> list[str]:
     root = ET.fromstring(dom.XMLDesc(0))
-    return [d.find("target").get("dev", "") for d in root.findall("devices/disk")
-            if d.get("device", "disk") == "disk" and d.find("target") is not None]
+    return [target.get("dev", "") for d in root.findall("devices/disk")
+            if d.get("device", "disk") == "disk" and (target := d.find("target")) is not None]

@@ -297,7 +297,7 @@ class Plan:
 def limits_of(policies: Iterable[Policy]) -> dict[tuple[str, str], Limits]:
     """The limits of each (policy, scheduled job) that has any (``max_parallel_per_host``
     and ``max_parallel`` of spec.backup, spec.snapshots, spec.drill and spec.verify)."""
-    out = {}
+    out: dict[tuple[str, str], Limits] = {}
     for p in policies:
         for job in SCHEDULED_JOBS:
             section = getattr(p.spec, JOB_SECTIONS[job])

@@ -205,15 +205,15 @@ class RestorePlan:
         if self.serial_log:
             lines.append(f"  serial   {self.serial_log}")
         if self.define:
-            d = self.define
-            if d.action == "define":
-                lines.append(f"  domain   define {d.name!r}, {'UUID ' + d.uuid if d.uuid else 'a new random UUID'}, "
+            dp = self.define
+            if dp.action == "define":
+                lines.append(f"  domain   define {dp.name!r}, {'UUID ' + dp.uuid if dp.uuid else 'a new random UUID'}, "
                              "new MAC addresses, from the saved XML")
             else:
-                stop = ("already shut off" if d.state in ("shutoff", "crashed")
-                        else f"now {d.state}: shut off first (clean shutdown, then power-off)")
-                lines.append(f"  domain   {d.name!r} (UUID {d.uuid}, {stop}), disks replaced"
-                             + (", definition updated" if d.update_definition else ""))
+                stop = ("already shut off" if dp.state in ("shutoff", "crashed")
+                        else f"now {dp.state}: shut off first (clean shutdown, then power-off)")
+                lines.append(f"  domain   {dp.name!r} (UUID {dp.uuid}, {stop}), disks replaced"
+                             + (", definition updated" if dp.update_definition else ""))
             lines.append(f"  start    {'yes' if self.start else 'no'}")
         lines += [f"  note     {n}" for n in self.notes]
         return lines

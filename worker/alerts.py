@@ -170,11 +170,10 @@ def _map(cfg: Config, policies: list[Policy], name: str, labels: dict[str, str])
         if m is None:
             continue
         if any(a.alertname == name and all(labels.get(k) == v for k, v in a.labels.items()) for a in m.on_alerts):
-            matches.append(p)
+            matches.append((p, m))
     if not matches:
         return None
-    best = min(matches, key=lambda p: (-p.spec.migration.priority, p.spec.migration.action != "evacuate", p.name))
-    m = best.spec.migration
+    best, m = min(matches, key=lambda pm: (-pm[1].priority, pm[1].action != "evacuate", pm[0].name))
     value = labels.get(m.host_label)
     if not value:
         return Mapping(best, m.action, None, f"alert {name!r} has no label {m.host_label!r}"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -331,7 +332,7 @@ async def _refused(request: Request, why: str, status: int) -> None:
     await run_in_threadpool(_audit_refused, request.app.state.api.cat, request.scope, caller_name, why, status)
 
 
-def _audit_refused(cat: Catalog, scope: dict[str, Any], caller_name: str, why: str, status: int) -> None:
+def _audit_refused(cat: Catalog, scope: MutableMapping[str, Any], caller_name: str, why: str, status: int) -> None:
     """An audit row for an authenticated caller's refused POST, or any request refused
     for a missing scope. Requests without valid credentials never get here: the
     middleware refuses them, and only counts them."""

@@ -373,7 +373,8 @@ async def _read_body(receive: Receive, headers: dict[str, str], limit: int, call
     declared = headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise TooLarge(limit, caller)
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+    size = 0
     while True:
         message = await receive()
         if message["type"] != "http.request":

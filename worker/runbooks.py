@@ -318,11 +318,11 @@ def run_cli(args: argparse.Namespace) -> int:
     try:
         report = run(cfg, cat, book, given, actor, timeout=args.timeout, on_step=show)
     except JobFailed as e:
-        report = getattr(e, "report", None)
-        if report is None:
+        failed = getattr(e, "report", None)
+        if failed is None:
             raise
         if args.json:
-            emit_json(report)
+            emit_json(failed)
         print(f"virtwarden: error: {e}", file=sys.stderr)
         return EXIT_FAILED
     if args.json:

@@ -109,7 +109,7 @@ class Listener:
                                cfg.listener.backoff_max_seconds if backoff_max is None else backoff_max)
         self.queue: queue.Queue[Any] = queue.Queue()
         self.stopping = threading.Event()
-        self.dispatcher = Dispatcher(cfg, cat, self.stopping)
+        self.dispatcher = Dispatcher(cfg, cat, self.stopping, backoff_max=self.backoff_max)
 
     def start(self) -> None:
         for host in self.hosts:
@@ -181,8 +181,11 @@ class Listener:
 class Dispatcher:
     """Records events, reconciles hosts and starts jobs, one queue item at a time."""
 
-    def __init__(self, cfg: Config, cat: Catalog, stopping: threading.Event) -> None:
+    def __init__(self, cfg: Config, cat: Catalog, stopping: threading.Event, *,
+                 backoff_max: float | None = None) -> None:
+        """``backoff_max``: the longest wait between retries; the configuration's unless given."""
         self.cfg, self.cat, self.stopping = cfg, cat, stopping
+        self.backoff_max = cfg.listener.backoff_max_seconds if backoff_max is None else backoff_max
         self.policies = PolicyCache(cfg)
         self._metadata: dict[str, dict[str, str]] = {}  # domain UUID -> virtwarden metadata
         self._reconciled_at: dict[str, float] = {}  # domain UUID -> listing time of a pass that made up events

@@ -147,8 +147,10 @@ def _routes(app: FastAPI) -> None:
 
     @app.post("/v1/alerts", tags=["alerts"], dependencies=[Depends(needs(ALERTS, what="post alerts"))],
               responses={413: {"model": Error},
-                         503: {"description": "a service was unreachable: send the alerts again"}})
-    def alerts(payload: AlertmanagerPayload, request: Request, actor: str = Depends(caller)) -> dict[str, Any]:
+                         503: {"description": "a service was unreachable: send the alerts again"}},
+              response_model=dict[str, Any])  # the 200 body; a 503 is returned as a JSONResponse as is
+    def alerts(payload: AlertmanagerPayload, request: Request,
+               actor: str = Depends(caller)) -> dict[str, Any] | JSONResponse:
         """Alertmanager's webhook (``webhook_configs`` with this URL and the bearer token).
         Repeats of an alert (same fingerprint and startsAt) change nothing. Scope: `alerts`.
         More alerts than ``api.max_alerts_per_payload`` get 413 and no alert is recorded."""

@@ -50,7 +50,7 @@ import yaml
 from bench.run import _interrupted, _quietly, say
 from tests.faults import PrivateRedis
 from tests.fleet import HOST2_URI, restart_host2, stop_host2_libvirtd
-from tests.guests import GuestFactory, GuestIOError, images_equal
+from tests.guests import Guest, GuestFactory, GuestIOError, images_equal
 from tests.harness import PG_URL, TEST_WORKER, Installation
 
 MiB = 1 << 20
@@ -78,7 +78,7 @@ class Chaos:
         self.stack = stack
         self.counts: Counter[str] = Counter()
         self.expected: dict[str, Path] = {}  # backup job id -> directory of the raw images it must hold
-        self.guest_of: dict[str, object] = {}  # domain -> tests.guests.Guest
+        self.guest_of: dict[str, Guest] = {}  # domain -> its guest
         self.host_of: dict[str, str] = {}
         self.unfinished: dict[str, float] = {}  # job id -> when its fault ended
         self.problems: list[str] = []
@@ -235,11 +235,13 @@ class Chaos:
         return self.rng.choice(self.workers[host])
 
     @staticmethod
-    def _resync(g) -> None:
-        for disk in ET.fromstring(g.dom.XMLDesc(0)).iterfind("devices/disk"):
-            top = disk.find("source").get("file")
-            shadow = g.shadows[disk.find("target").get("dev")]
-            subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", top, str(shadow)], check=True)
+    def _resync(g: Guest) -> None:
+        for disk in ET.fromstring(g.xml()).iterfind("devices/disk"):
+            source, target = disk.find("source"), disk.find("target")
+            assert source is not None and target is not None, "the bench's guests define both"
+            top, dev = source.get("file"), target.get("dev")
+            assert top is not None and dev is not None, "the bench's guests run on files, with names"
+            subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", top, str(g.shadows[dev])], check=True)
 
     def _inject(self, fault: str, host: str, job_id: str) -> None:
         if fault == "kill":
@@ -390,8 +392,10 @@ class Chaos:
                         found.append(f"{name}: checkpoint {cp.getName()} the catalog does not list as complete")
                 live = set()
                 for disk in ET.fromstring(dom.XMLDesc(0)).iterfind("devices/disk"):
-                    target = disk.find("target").get("dev")
-                    chain = [Path(s.get("file")) for s in disk.iter("source") if s.get("file")]
+                    target_el = disk.find("target")
+                    assert target_el is not None, "the bench's guests define a target for every disk"
+                    target = target_el.get("dev", "")
+                    chain = [Path(f) for s in disk.iter("source") if (f := s.get("file"))]
                     live.update(chain)
                     # A blockcommit domain runs on one change-tracking overlay between runs.
                     tracked = len(chain) == 2 and ".virtwarden-" in chain[0].name

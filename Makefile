@@ -10,10 +10,14 @@ PYTEST_ARGS ?=
 PY = "$$(if [ -x .venv/bin/python ]; then echo .venv/bin/python; else echo python3; fi)"
 WITH_ENV = set -a && . .testhost/env && set +a &&
 
-.PHONY: testhost test demo bench compose-env
+.PHONY: testhost lint test demo bench compose-env
 
 testhost:
 	bash scripts/testhost.sh
+
+# ruff and mypy, as configured in pyproject.toml (installs them first where they are missing).
+lint:
+	bash scripts/lint.sh
 
 # Two pytest workers (the machines have two cores and most tests wait on guests and
 # workers); tests that use the second host run on one of them (xdist_group "host2").

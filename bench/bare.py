@@ -49,7 +49,7 @@ def restore_from_dir(full: Path, incremental: Path, scratch: Path, out: Path) ->
     """Copy both artifacts from the repository to scratch space, then rebuild."""
     scratch.mkdir(parents=True, exist_ok=True)
     local = [scratch / "full.qcow2", scratch / "inc.qcow2"]
-    for src, dest in zip((full, incremental), local):
+    for src, dest in zip((full, incremental), local, strict=True):
         subprocess.run(["cp", "--sparse=always", str(src), str(dest)], check=True)
     rebuild(local[0], local[1], out)
 
@@ -89,7 +89,7 @@ class BareS3:
         of part size; else one streamed GET each), then rebuild."""
         scratch.mkdir(parents=True, exist_ok=True)
         local = [scratch / "full.qcow2", scratch / "inc.qcow2"]
-        for key, dest in zip((full_key, incremental_key), local):
+        for key, dest in zip((full_key, incremental_key), local, strict=True):
             if ranged:
                 self.client.download_file(self.bucket, key, str(dest), Config=self.transfer)
             else:

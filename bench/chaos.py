@@ -50,7 +50,7 @@ import yaml
 from bench.run import _interrupted, _quietly, say
 from tests.faults import PrivateRedis
 from tests.fleet import HOST2_URI, restart_host2, stop_host2_libvirtd
-from tests.guests import GuestFactory, GuestIOError, images_equal
+from tests.guests import Guest, GuestFactory, GuestIOError, images_equal
 from tests.harness import PG_URL, TEST_WORKER, Installation
 
 MiB = 1 << 20
@@ -78,7 +78,7 @@ class Chaos:
         self.stack = stack
         self.counts: Counter[str] = Counter()
         self.expected: dict[str, Path] = {}  # backup job id -> directory of the raw images it must hold
-        self.guest_of: dict[str, object] = {}  # domain -> tests.guests.Guest
+        self.guest_of: dict[str, Guest] = {}  # domain -> its guest
         self.host_of: dict[str, str] = {}
         self.unfinished: dict[str, float] = {}  # job id -> when its fault ended
         self.problems: list[str] = []
@@ -145,7 +145,7 @@ class Chaos:
         (pdir / "chaos.yaml").write_text(yaml.safe_dump_all(docs, sort_keys=False))
         self.policy_of = {n: ("blockcommit" if i == 1 else "bitmap") for i, n in enumerate(names)}
 
-    def _move_to_host2(self, g) -> None:  # noqa: ANN001
+    def _move_to_host2(self, g) -> None:
         from hypervisor.libvirt_host import LibvirtHost
         from hypervisor.migrate import migrate
 
@@ -153,7 +153,7 @@ class Chaos:
             migrate(s, d, g.name, timeout=120, unsafe=True)
         self._rebind(g, "host2")
 
-    def _rebind(self, g, host: str) -> None:  # noqa: ANN001
+    def _rebind(self, g, host: str) -> None:
         g.conn = libvirt.open(URIS[host])
         g.dom = g.conn.lookupByName(g.name)
         g.log_dir = HOST2_LOGS if host == "host2" else Path("/var/log/libvirt/qemu")
@@ -179,10 +179,10 @@ class Chaos:
         say(f"cycle {n}: {action} of {name} ({self.host_of[name]}) with fault {fault}: "
             f"{self._state(job.id)}")
 
-    def _submit(self, name: str, action: str):  # noqa: ANN202
+    def _submit(self, name: str, action: str):
         from catalog import points
-        from virtwarden.cli import prune
         from virtwarden import submit
+        from virtwarden.cli import prune
 
         g = self.guest_of[name]
         if action in ("backup", "full"):
@@ -218,7 +218,7 @@ class Chaos:
         self.restore_of[job.id] = (point, dest)
         return job
 
-    def _victim(self, host: str, job_id: str):  # noqa: ANN202
+    def _victim(self, host: str, job_id: str):
         """Mostly the worker whose process holds the job's lease, else either of the host's."""
         from catalog import jobs
         from tests.faults import parent_of, process_of
@@ -236,11 +236,13 @@ class Chaos:
         return self.rng.choice(self.workers[host])
 
     @staticmethod
-    def _resync(g) -> None:  # noqa: ANN001
-        for disk in ET.fromstring(g.dom.XMLDesc(0)).iterfind("devices/disk"):
-            top = disk.find("source").get("file")
-            subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", top, str(g.shadows[disk.find("target").get("dev")])],
-                           check=True)
+    def _resync(g: Guest) -> None:
+        for disk in ET.fromstring(g.xml()).iterfind("devices/disk"):
+            source, target = disk.find("source"), disk.find("target")
+            assert source is not None and target is not None, "the bench's guests define both"
+            top, dev = source.get("file"), target.get("dev")
+            assert top is not None and dev is not None, "the bench's guests run on files, with names"
+            subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", top, str(g.shadows[dev])], check=True)
 
     def _inject(self, fault: str, host: str, job_id: str) -> None:
         if fault == "kill":
@@ -266,7 +268,7 @@ class Chaos:
             self.redis.start()
         self._supervise()
 
-    def _replace(self, host: str, w) -> None:  # noqa: ANN001
+    def _replace(self, host: str, w) -> None:
         self.workers[host].remove(w)
         w.stop()
         self.workers[host].append(self.vw.start_worker([host]))
@@ -320,7 +322,8 @@ class Chaos:
         outcomes = Counter(f"{j.kind} {j.state}" for j in all_jobs if j.requested_by == "chaos")
         restorable, unrestorable = self._verify_points()
         leftovers = self._leftovers()
-        return {"cycles": self.args.cycles, "faults": {k[6:]: v for k, v in self.counts.items() if k.startswith("fault ")},
+        return {"cycles": self.args.cycles,
+                "faults": {k[6:]: v for k, v in self.counts.items() if k.startswith("fault ")},
                 "actions": {k[7:]: v for k, v in self.counts.items() if k.startswith("action ")},
                 "worker_restarts": self.counts["worker restarts"], "jobs": dict(sorted(outcomes.items())),
                 "jobs_lost": len(lost), "lost": lost, "points_restorable": restorable,
@@ -390,8 +393,10 @@ class Chaos:
                         found.append(f"{name}: checkpoint {cp.getName()} the catalog does not list as complete")
                 live = set()
                 for disk in ET.fromstring(dom.XMLDesc(0)).iterfind("devices/disk"):
-                    target = disk.find("target").get("dev")
-                    chain = [Path(s.get("file")) for s in disk.iter("source") if s.get("file")]
+                    target_el = disk.find("target")
+                    assert target_el is not None, "the bench's guests define a target for every disk"
+                    target = target_el.get("dev", "")
+                    chain = [Path(f) for s in disk.iter("source") if (f := s.get("file"))]
                     live.update(chain)
                     # A blockcommit domain runs on one change-tracking overlay between runs.
                     tracked = len(chain) == 2 and ".virtwarden-" in chain[0].name
@@ -405,7 +410,7 @@ class Chaos:
         return found
 
 
-def jobs_get(cat, job_id: str):  # noqa: ANN001, ANN201
+def jobs_get(cat, job_id: str):
     from catalog import jobs
 
     return jobs.get(cat, job_id)

@@ -31,7 +31,7 @@ from pathlib import Path
 import libvirt
 import yaml
 
-from bench.guest import GiB, BenchGuest
+from bench.guest import BenchGuest, GiB
 from bench.product import Installation
 from bench.run import _interrupted, _quietly, s3_settings, say
 from bench.stats import Series, ratio, spread

@@ -86,7 +86,7 @@ def memory_rows(res: Results, targets: list[str], big_label: str | None) -> list
 
 def table(body: list[list[str]], header: list[str]) -> str:
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *body])
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in [header, *body])
 
 
 def render(res: Results, targets: list[str], machine: dict[str, str], params: dict[str, Any],

@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -29,7 +29,7 @@ import libvirt
 
 from bench import host, report
 from bench.bare import BareS3
-from bench.guest import GiB, MiB, BenchGuest
+from bench.guest import BenchGuest, GiB, MiB
 from bench.product import Installation
 from bench.scenario import Bench
 from virtwarden.config import S3Storage
@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         machine = host.facts(conn, root)
         machine["virtwarden"] = host.commit(Path(__file__).resolve().parent.parent)
         params: dict[str, Any] = {
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "command": "python -m bench.run " + " ".join(sys.argv[1:] if argv is None else argv),
             "disk": f"{args.disk_gib:g} GiB qcow2", "data": f"{args.data_gib:g} GiB random",
             "dirtied per incremental": f"{args.dirty_mib} MiB random over the data, 1 MiB pieces at random "

@@ -43,7 +43,7 @@ def _view(row: Alert) -> AlertView:
     return AlertView(**{k: getattr(row, k) for k in AlertView.__dataclass_fields__})
 
 
-def _find(s, fingerprint: str, starts_at: datetime) -> Alert | None:  # noqa: ANN001 - a Session
+def _find(s, fingerprint: str, starts_at: datetime) -> Alert | None:  # a Session
     return s.scalars(select(Alert).where(Alert.fingerprint == fingerprint,
                                          Alert.starts_at == starts_at)).first()
 

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 _SQLITE_NOW = "strftime('%Y-%m-%d %H:%M:%f000', 'now'{})"
 
 
-class db_now(FunctionElement):  # noqa: N801 - reads like the SQL function it stands for
+class db_now(FunctionElement):  # reads like the SQL function it stands for
     """The database's current time (UTC)."""
 
     type = UtcDateTime()
@@ -36,7 +36,7 @@ class db_now(FunctionElement):  # noqa: N801 - reads like the SQL function it st
     name = "db_now"
 
 
-class db_later(FunctionElement):  # noqa: N801
+class db_later(FunctionElement):
     """The database's current time plus ``seconds`` (negative: earlier)."""
 
     type = UtcDateTime()

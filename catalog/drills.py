@@ -73,7 +73,7 @@ def begin(cat: Catalog, *, drill_id: str, domain: str, host: str, point_id: str 
         return _view(row)
 
 
-def _guarded(drill: DrillView):  # noqa: ANN202 - an UPDATE of this attempt's row only
+def _guarded(drill: DrillView):  # an UPDATE of this attempt's row only
     return update(Drill).where(Drill.id == drill.id, Drill.started_at == drill.started_at)
 
 
@@ -183,7 +183,8 @@ def by_throwaway(cat: Catalog, names: list[str]) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
     with cat.session() as s:
         for drill_id, name in s.execute(select(Drill.id, Drill.throwaway).where(Drill.throwaway.in_(names))):
-            out.setdefault(name, set()).add(drill_id)
+            if name is not None:  # always: NULL is never IN (names)
+                out.setdefault(name, set()).add(drill_id)
     return out
 
 

@@ -77,7 +77,7 @@ def record(cat: Catalog, *, host: str, domain: str, uuid: str, kind: str, detail
         return _event_view(row)
 
 
-def _upsert(s, seen: KnownDomain, at: datetime) -> None:  # noqa: ANN001 - a Session
+def _upsert(s, seen: KnownDomain, at: datetime) -> None:  # a Session
     row = s.get(Domain, seen.uuid)
     if row is None:
         s.add(Domain(uuid=seen.uuid, name=seen.name, host=seen.host, state=seen.state, first_seen_at=at,

@@ -15,9 +15,9 @@ but its action reaches the job it started the first time through the job's dedup
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, select
+from sqlalchemy import CursorResult, delete, select
 
 from catalog.clock import db_later
 from catalog.models import Alert, ApiIdempotencyKey, AuditRecord, Event
@@ -50,7 +50,9 @@ def _prune(cat: Catalog, kind: str, days: int, batch: int) -> int:
     total = 0
     while True:
         with cat.session() as s:
-            gone = s.execute(delete(model).where(key.in_(oldest)).execution_options(synchronize_session=False))
+            # A DELETE's result is a CursorResult (with rowcount); Session.execute is typed as Result.
+            gone = cast(CursorResult[Any], s.execute(delete(model).where(key.in_(oldest))
+                                                      .execution_options(synchronize_session=False)))
             total += gone.rowcount
         if gone.rowcount < batch:
             return total

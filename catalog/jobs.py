@@ -195,7 +195,7 @@ class _DomainBusy(Exception):
     """Raised inside the claim's transaction so that it rolls back as a whole."""
 
 
-def _claim(s, job_id: str, owner: str, lease: float, lock_domain: bool, host: str | None) -> Claim:  # noqa: ANN001
+def _claim(s, job_id: str, owner: str, lease: float, lock_domain: bool, host: str | None) -> Claim:
     row = s.get(Job, job_id)
     if row is None:
         raise JobNotFound(f"no job {job_id!r}")
@@ -218,7 +218,7 @@ def _claim(s, job_id: str, owner: str, lease: float, lock_domain: bool, host: st
     return Claim(True, attempt=row.attempts, fence=Fence(job_id, row.fence, lease), give_up=row.give_up)
 
 
-def _lock(s, domain: str, job_id: str, expires: datetime | Any) -> bool:  # noqa: ANN001
+def _lock(s, domain: str, job_id: str, expires: datetime | Any) -> bool:
     s.execute(delete(DomainLock).where(DomainLock.domain == domain)
               .where((DomainLock.expires_at < db_now()) | (DomainLock.job_id == job_id)))
     existing = s.get(DomainLock, domain)
@@ -289,8 +289,8 @@ def fail_queued(cat: Catalog, job_id: str, error: str) -> None:
                   .values(state=FAILED, error=error, finished_at=db_now(), dispatch_at=None))
 
 
-def reap(cat: Catalog, *, resend_after: float = DEFAULT_RESEND_AFTER, recoverable: Callable[[str], bool] = lambda _kind: False
-         ) -> list[JobView]:
+def reap(cat: Catalog, *, resend_after: float = DEFAULT_RESEND_AFTER,
+         recoverable: Callable[[str], bool] = lambda _kind: False) -> list[JobView]:
     """Jobs whose worker stopped renewing its lease (expired by the database's clock): put
     them back in the queue, or, after their last attempt, give them up. A job whose kind
     has a recovery (``recoverable``) is queued once more to run only that recovery and

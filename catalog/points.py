@@ -139,7 +139,7 @@ def complete(cat: Catalog, point_id: str, artifacts: list[ArtifactView], *, cons
         return _view(row)
 
 
-def _not_completed(s: Any, point_id: str) -> None:  # noqa: ANN401 - a Session
+def _not_completed(s: Any, point_id: str) -> None:  # a Session
     row = s.get(RestorePoint, point_id)
     if row is None:
         raise RestorePointNotFound(f"no restore point {point_id!r}")

@@ -16,6 +16,7 @@ it only after something went wrong.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import xml.etree.ElementTree as ET
@@ -74,9 +75,9 @@ def freeze(hv: LibvirtHost, name: str, timeout: float) -> int:
     it answered with an error: nothing is frozen then (qemu-ga thaws a partial freeze
     itself), or someone else's freeze is in place."""
     dom = hv._dom(name)
-    with _unresponsive(), hv._errors(f"freezing the guest's filesystems (agent timeout {_seconds(timeout)}s)", name):
-        with _bounded(dom, timeout):
-            return int(dom.fsFreeze(None, 0))
+    with (_unresponsive(), hv._errors(f"freezing the guest's filesystems (agent timeout {_seconds(timeout)}s)", name),
+          _bounded(dom, timeout)):
+        return int(dom.fsFreeze(None, 0))
 
 
 def thaw(hv: LibvirtHost, name: str, timeout: float) -> int:
@@ -84,18 +85,17 @@ def thaw(hv: LibvirtHost, name: str, timeout: float) -> int:
     none was frozen. The agent handles requests in order, so a thaw that is answered
     came after any freeze sent before it."""
     dom = hv._dom(name)
-    with hv._errors(f"thawing the guest's filesystems (agent timeout {_seconds(timeout)}s)", name):
-        with _bounded(dom, timeout):
-            return int(dom.fsThaw(None, 0))
+    with (hv._errors(f"thawing the guest's filesystems (agent timeout {_seconds(timeout)}s)", name),
+          _bounded(dom, timeout)):
+        return int(dom.fsThaw(None, 0))
 
 
 def freeze_status(hv: LibvirtHost, name: str, timeout: float) -> str:
     """``"frozen"`` or ``"thawed"``, as the agent reports it (``guest-fsfreeze-status``)."""
     dom = hv._dom(name)
     seconds = _seconds(timeout)
-    with hv._errors(f"reading the guest's freeze status (agent timeout {seconds}s)", name):
-        with _bounded(dom, timeout):
-            reply = libvirt_qemu.qemuAgentCommand(dom, json.dumps({"execute": "guest-fsfreeze-status"}), seconds, 0)
+    with hv._errors(f"reading the guest's freeze status (agent timeout {seconds}s)", name), _bounded(dom, timeout):
+        reply = libvirt_qemu.qemuAgentCommand(dom, json.dumps({"execute": "guest-fsfreeze-status"}), seconds, 0)
     try:
         return str(json.loads(reply)["return"])
     except (ValueError, KeyError, TypeError) as e:
@@ -123,10 +123,8 @@ def _bounded(dom: libvirt.virDomain, timeout: float) -> Iterator[None]:
     try:
         yield
     finally:
-        try:
+        with contextlib.suppress(libvirt.libvirtError):  # the domain stopped meanwhile: nothing left to restore
             dom.agentSetResponseTimeout(libvirt.VIR_DOMAIN_AGENT_RESPONSE_TIMEOUT_DEFAULT, 0)
-        except libvirt.libvirtError:
-            pass  # the domain stopped meanwhile: nothing left to restore
 
 
 def _seconds(timeout: float) -> int:

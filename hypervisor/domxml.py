@@ -84,7 +84,7 @@ def carry_passwords(xml: str, secure_xml: str) -> str:
         return xml
     root = ET.fromstring(xml)
     for kind, kept in secrets_by_type.items():
-        for g, attrs in zip((g for g in root.iter("graphics") if g.get("type", "") == kind), kept):
+        for g, attrs in zip((g for g in root.iter("graphics") if g.get("type", "") == kind), kept, strict=False):
             g.attrib.update(attrs)
     return ET.tostring(root, encoding="unicode")
 

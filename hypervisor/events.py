@@ -46,6 +46,7 @@ domain jobs ``job.completed`` (detail ``backup ok``), guest agents
 """
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -223,16 +224,12 @@ class EventConnection:
         if conn is None:
             return
         for cb_id in self._ids:
-            try:
+            with contextlib.suppress(libvirt.libvirtError):
                 conn.domainEventDeregisterAny(cb_id)
-            except libvirt.libvirtError:
-                pass
         self._ids = []
         for step in (conn.unregisterCloseCallback, conn.close):
-            try:
+            with contextlib.suppress(libvirt.libvirtError):
                 step()
-            except libvirt.libvirtError:
-                pass
 
     # Callbacks: the event loop thread runs these. Copy values, put, return.
     def _put(self, dom: libvirt.virDomain, kind: str, detail: str) -> None:

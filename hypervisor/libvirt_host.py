@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from xml.sax.saxutils import escape
 
 import libvirt
@@ -65,10 +65,8 @@ class LibvirtHost:
 
     def close(self) -> None:
         if self._conn is not None:
-            try:
+            with suppress(libvirt.libvirtError):
                 self._conn.close()
-            except libvirt.libvirtError:
-                pass
             self._conn = None
 
     def __enter__(self) -> LibvirtHost:
@@ -149,10 +147,8 @@ class LibvirtHost:
         disks = []
         for d in _disks(xml):
             size = 0
-            try:
+            with suppress(libvirt.libvirtError):
                 size = dom.blockInfo(d.target)[0]
-            except libvirt.libvirtError:
-                pass
             disks.append(Disk(d.target, d.path, d.format, d.source_type, size))
         return DomainInfo(dom.name(), dom.UUIDString(), state, bool(dom.isPersistent()), tuple(disks), xml)
 

@@ -20,6 +20,7 @@ import libvirt
 
 from hypervisor.libvirt_host import LibvirtHost
 
+
 def names(hv: LibvirtHost, domain: str) -> list[str]:
     dom = hv._dom(domain)
     with hv._errors("listing snapshots", domain):
@@ -42,7 +43,8 @@ def kinds(hv: LibvirtHost, domain: str) -> dict[str, str]:
 def take_internal(hv: LibvirtHost, domain: str, name: str, description: str) -> str:
     """Returns the consistency: 'system' (running: disks and memory) or 'offline'."""
     dom = hv._dom(domain)
-    xml = f"<domainsnapshot><name>{escape(name)}</name><description>{escape(description)}</description></domainsnapshot>"
+    xml = (f"<domainsnapshot><name>{escape(name)}</name>"
+           f"<description>{escape(description)}</description></domainsnapshot>")
     with hv._errors(f"taking internal snapshot {name}", domain):
         running = bool(dom.isActive())
         dom.snapshotCreateXML(xml, libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC)
@@ -80,5 +82,5 @@ def delete(hv: LibvirtHost, domain: str, name: str) -> bool:
 
 def _disk_targets(dom: libvirt.virDomain) -> list[str]:
     root = ET.fromstring(dom.XMLDesc(0))
-    return [d.find("target").get("dev", "") for d in root.findall("devices/disk")
-            if d.get("device", "disk") == "disk" and d.find("target") is not None]
+    return [target.get("dev", "") for d in root.findall("devices/disk")
+            if d.get("device", "disk") == "disk" and (target := d.find("target")) is not None]

@@ -398,7 +398,7 @@ class _Builder:
         target = src.find("target")
         dev = target.get("dev", "") if target is not None else ""
         what = f"disk {dev or '(no target)'}"
-        if not _DEV.match(dev):
+        if target is None or not _DEV.match(dev):  # without a target, dev is "", which _DEV refuses
             self.drop(what, "no usable target name")
             return None
         if device == "disk":
@@ -417,14 +417,14 @@ class _Builder:
         elif device in ("cdrom", "floppy"):
             out = ET.Element("disk", {"type": "file", "device": device})
             ET.SubElement(out, "driver", {"name": "qemu", "type": "raw"})
-            if src.find("source") is not None and any(src.find("source").attrib.values()):  # type: ignore[union-attr]
+            if (medium := src.find("source")) is not None and any(medium.attrib.values()):
                 self.drop(f"{device} {dev} medium {_disk_source(src)}", "the copy's drive is empty")
         else:
             self.drop(f"{what} (device {device!r})", "a host device passed through")
             return None
-        self._keep(out, target, ("dev", "bus", "tray", "removable", "rotation_rate"))  # type: ignore[arg-type]
-        if out.find("target").get("bus") not in _DISK_BUSES:  # type: ignore[union-attr]
-            out.find("target").attrib.pop("bus", None)  # type: ignore[union-attr]
+        kept_target = self._keep(out, target, ("dev", "bus", "tray", "removable", "rotation_rate"))
+        if kept_target.get("bus") not in _DISK_BUSES:
+            kept_target.attrib.pop("bus", None)
         for child in src:
             if child.tag in _DISK_CHILDREN:
                 out.append(self._copy(child, _DISK_CHILDREN[child.tag], f"disk {dev}/{child.tag}"))
@@ -481,9 +481,9 @@ class _Builder:
             self.drop(f"graphics type={kind!r}", "only VNC and SPICE displays are kept")
             return None
         parts = []
-        listens = [src.get("listen")] + [lst.get("address") or lst.get("network") or lst.get("socket") or ""
-                                          for lst in src.findall("listen") if lst.get("type") != "none"]
-        listens = [x for x in listens if x]
+        given = [src.get("listen")] + [lst.get("address") or lst.get("network") or lst.get("socket") or ""
+                                        for lst in src.findall("listen") if lst.get("type") != "none"]
+        listens = [x for x in given if x]
         if listens:
             parts.append(f"listen {', '.join(dict.fromkeys(listens))}")
         if src.get("passwd") is not None:

@@ -8,10 +8,32 @@ from __future__ import annotations
 
 from policies.fields import format_duration, parse_duration
 from policies.loader import load_dir, load_file, validate_paths
-from policies.model import (API_VERSION, EVENTS, JOBS, KIND, Alert, Backup, Drill, Migration, Policy, Retention,
-                            Selector, Snapshots, Source, Spec, Trigger, Verify)
-from policies.resolve import (BackupSettings, SnapshotSettings, check_against_config, load_policies,
-                              resolve_backup, resolve_snapshots)
+from policies.model import (
+    API_VERSION,
+    EVENTS,
+    JOBS,
+    KIND,
+    Alert,
+    Backup,
+    Drill,
+    Migration,
+    Policy,
+    Retention,
+    Selector,
+    Snapshots,
+    Source,
+    Spec,
+    Trigger,
+    Verify,
+)
+from policies.resolve import (
+    BackupSettings,
+    SnapshotSettings,
+    check_against_config,
+    load_policies,
+    resolve_backup,
+    resolve_snapshots,
+)
 from policies.select import METADATA_NAMESPACE, DomainFacts, governing, matching, parse_metadata, selects
 
 __all__ = [

@@ -50,7 +50,7 @@ def parse_duration(value: object) -> int:
     match = _DURATION.fullmatch(text)
     if not text or not match:
         raise ValueError(f"invalid duration {value!r}: write a number and a unit, {_DURATION_HELP}")
-    seconds = sum(int(n) * _UNIT_SECONDS[u] for n, u in zip(match.groups(), "dhms") if n)
+    seconds = sum(int(n) * _UNIT_SECONDS[u] for n, u in zip(match.groups(), "dhms", strict=True) if n)
     if seconds <= 0:
         raise ValueError(f"the duration {value!r} must be longer than zero")
     return seconds

@@ -13,9 +13,8 @@ import yaml
 from pydantic import ValidationError
 
 from policies.model import API_VERSION, KIND, Policy, Source, problems
-from policies.runbooks import BUILTINS
+from policies.runbooks import BUILTINS, Runbook
 from policies.runbooks import KIND as RUNBOOK_KIND
-from policies.runbooks import Runbook
 from virtwarden.errors import PolicyError
 from virtwarden.validation import explain, suggest
 from virtwarden.yamldoc import Document, YamlSyntaxError, format_path, load_documents

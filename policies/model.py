@@ -14,11 +14,22 @@ import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt
-from pydantic import model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt, model_validator
 
-from policies.fields import (Count, Cron, DomainMetadata, Duration, Glob, LabelValue, Name, Percent, Positive,
-                             TimeZone, choice, non_empty)
+from policies.fields import (
+    Count,
+    Cron,
+    DomainMetadata,
+    Duration,
+    Glob,
+    LabelValue,
+    Name,
+    Percent,
+    Positive,
+    TimeZone,
+    choice,
+    non_empty,
+)
 from virtwarden.yamldoc import Document, Path
 
 API_VERSION = "virtwarden/v1"

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Protocol
 
 from policies.model import Retention
@@ -44,7 +44,7 @@ from policies.model import Retention
 PERIODS: dict[str, Callable[[datetime], str]] = {
     "hourly": lambda t: t.strftime("%Y-%m-%d %H:00"),
     "daily": lambda t: t.strftime("%Y-%m-%d"),
-    "weekly": lambda t: "{0}-W{1:02d}".format(*t.isocalendar()),
+    "weekly": lambda t: "{}-W{:02d}".format(*t.isocalendar()),
     "monthly": lambda t: t.strftime("%Y-%m"),
     "yearly": lambda t: t.strftime("%Y"),
 }
@@ -80,7 +80,8 @@ class Reason:
 
     def __str__(self) -> str:
         text = {"needed": "needed by {}", "newest": "newest point", "future": "stamped after now ({})",
-                "pinned": "a running backup builds on it, or a restore or drill under way reads it", "all": "no retention rules: keep everything",
+                "pinned": "a running backup builds on it, or a restore or drill under way reads it",
+                "all": "no retention rules: keep everything",
                 "none": "no rule keeps it"}.get(self.rule, self.rule + " ({})")
         return text.format(self.detail) if "{}" in text else text
 
@@ -203,4 +204,4 @@ def deletion_order(points: Sequence[PointLike], doomed: Iterable[str]) -> tuple[
 
 def _utc(t: datetime) -> datetime:
     """Times are UTC; a naive time is taken to be UTC already (the catalog stores UTC)."""
-    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)

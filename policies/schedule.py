@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Literal, cast
 from zoneinfo import ZoneInfo
@@ -37,7 +37,7 @@ from policies.model import JOB_SECTIONS, Backup, Drill, Job, Policy, Snapshots, 
 from policies.select import DomainFacts, governing, matching
 from virtwarden.errors import PolicyError
 
-UTC = timezone.utc
+UTC = UTC
 # The jobs a schedule can start, in the order the scheduler looks at them.
 SCHEDULED_JOBS: tuple[Job, ...] = ("backup", "snapshot", "drill", "verify")
 # Search spans for the next or previous slot: a minute schedule is found in the first,
@@ -297,7 +297,7 @@ class Plan:
 def limits_of(policies: Iterable[Policy]) -> dict[tuple[str, str], Limits]:
     """The limits of each (policy, scheduled job) that has any (``max_parallel_per_host``
     and ``max_parallel`` of spec.backup, spec.snapshots, spec.drill and spec.verify)."""
-    out = {}
+    out: dict[tuple[str, str], Limits] = {}
     for p in policies:
         for job in SCHEDULED_JOBS:
             section = getattr(p.spec, JOB_SECTIONS[job])

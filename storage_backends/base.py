@@ -125,5 +125,5 @@ class Backend(ABC):
         (``get_file``), so what it uses is what it hashed."""
         return None
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: a backend without connections keeps this
         """Release connections; the default holds none."""

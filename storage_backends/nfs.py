@@ -58,9 +58,8 @@ class NfsBackend(Backend):
     # --- objects -----------------------------------------------------------------
     def put_file(self, key: str, source: Path, *, progress: Progress | None = None) -> StoredObject:
         path = self._path(s.check_data_key(key))
-        with self._errors(path):
-            with open(source, "rb") as f:
-                return self._write(key, path, s.file_chunks(f, CHUNK), progress)
+        with self._errors(path), open(source, "rb") as f:
+            return self._write(key, path, s.file_chunks(f, CHUNK), progress)
 
     def put_bytes(self, key: str, data: bytes) -> StoredObject:
         path = self._path(s.check_data_key(key))
@@ -220,7 +219,7 @@ class NfsBackend(Backend):
     @contextmanager
     def _open_object(self, key: str, path: Path) -> Iterator[BinaryIO]:
         try:
-            f = open(path, "rb")
+            f = open(path, "rb")  # noqa: SIM115 - closed by the `with f` below; only the open is guarded
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             self._require_root()  # a missing share is not a missing object
             raise ObjectNotFound(f"{self.who}: no object {key!r} ({path})") from None

@@ -47,16 +47,30 @@ from urllib.parse import urlsplit, urlunsplit
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, FlexibleChecksumError, HTTPClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    FlexibleChecksumError,
+    HTTPClientError,
+    IncompleteReadError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    ReadTimeoutError,
+    ResponseStreamingError,
+)
 from botocore.exceptions import ConnectionError as EndpointDown
-from botocore.exceptions import IncompleteReadError, NoCredentialsError, PartialCredentialsError
-from botocore.exceptions import ReadTimeoutError, ResponseStreamingError
 
 from storage_backends import _stream as s
 from storage_backends.base import CHUNK, Backend, ObjectInfo, Progress, StoredObject
 from virtwarden.config import S3Storage
-from virtwarden.errors import ChecksumMismatch, ConfigError, ObjectNotFound
-from virtwarden.errors import StorageError, StorageUnavailable, VirtwardenError
+from virtwarden.errors import (
+    ChecksumMismatch,
+    ConfigError,
+    ObjectNotFound,
+    StorageError,
+    StorageUnavailable,
+    VirtwardenError,
+)
 from virtwarden.redact import mask
 
 log = logging.getLogger(__name__)

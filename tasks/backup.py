@@ -29,7 +29,7 @@ import logging
 import time
 import uuid
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from catalog import points
@@ -132,7 +132,7 @@ def _run_bitmap(ctx: JobContext, req: BackupRequest) -> dict:
         return _make_point(ctx, req, dom, LevelPlan("full", f"checkpoint unusable: {e}"))
 
 
-def _forget_checkpoint(hv, domain: str, name: str) -> None:  # noqa: ANN001
+def _forget_checkpoint(hv, domain: str, name: str) -> None:
     """Remove a broken checkpoint with its bitmaps if libvirt can, else its metadata only
     (the stale bitmap then stays in the image, unused, under a name we never reuse)."""
     try:
@@ -148,7 +148,7 @@ def _make_point(ctx: JobContext, req: BackupRequest, dom: DomainInfo, plan: Leve
     point_id = str(uuid.uuid4())
     parent = plan.parent
     chain_id = parent.chain_id if parent else str(uuid.uuid4())
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     checkpoint = f"{NAME_PREFIX}{stamp}-{point_id[:8]}" if online else None
     consistency = "crash" if online else "offline"
     prefix = repo.point_prefix(dom.name, chain_id, point_id)

@@ -11,11 +11,12 @@ commit went through, touches nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from catalog import points
@@ -127,10 +128,8 @@ def check_space(dom: DomainInfo, plan: LevelPlan, outputs: dict[str, Output]) ->
     need: dict[Path, int] = {}
     for d in dom.disks:
         where = outputs[d.target].path.parent
-        try:
+        with contextlib.suppress(Exception):  # an estimate only; the copy itself will tell
             need[where] = need.get(where, 0) + int(qemu_img.info(Path(d.path)).get("actual-size", 0))
-        except Exception:  # noqa: BLE001 - an estimate only; the copy itself will tell
-            pass
     for where, size in need.items():
         free = free_bytes(where)
         if size > free:
@@ -175,7 +174,7 @@ def build_manifest(ctx: JobContext, dom: DomainInfo, point: PointView, plan: Lev
         "seq": point.seq, "level": point.level, "strategy": point.strategy, "reason": plan.reason,
         "consistency": consistency, "host": point.host,
         "created_at": point.created_at.isoformat(),
-        "completed_at": datetime.now(timezone.utc).isoformat(),
+        "completed_at": datetime.now(UTC).isoformat(),
         "domain": {"name": dom.name, "uuid": dom.uuid, "xml": xml},
         "checkpoint": {"name": checkpoint, "xml": checkpoint_xml} if checkpoint else None,
         "disks": [{"target": a.target, "mode": modes[a.target], "format": "qcow2", "key": a.key,

@@ -63,7 +63,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -184,7 +184,7 @@ def _make_point(ctx: JobContext, bj: BlockJobs, req: BackupRequest, dom: DomainI
     point_id = str(uuid.uuid4())
     parent = plan.parent
     chain_id = parent.chain_id if parent else str(uuid.uuid4())
-    token = f"{NAME_PREFIX}{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}-{point_id[:8]}"
+    token = f"{NAME_PREFIX}{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}-{point_id[:8]}"
     prefix = repo.point_prefix(dom.name, chain_id, point_id)
     point = points.begin(
         ctx.catalog, id=point_id, domain=dom.name, domain_uuid=dom.uuid, host=hv.name,

@@ -36,6 +36,7 @@ Disk targets (``check_target``) are used as file names (``vda.qcow2``,
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -337,10 +338,8 @@ class NewDir:
     def close(self) -> None:
         for fd in (self.staging_fd, self.fd, *self._parents):
             if fd is not None:
-                try:
+                with contextlib.suppress(OSError):
                     os.close(fd)
-                except OSError:
-                    pass
         self.staging_fd = self.fd = None
         self._parents = []
 

@@ -29,11 +29,12 @@ back stays for the operator.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 from collections.abc import Iterable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,7 @@ class DiskSwap:
     """The renames that put one plan's restored images in place."""
 
     def __init__(self, plan: RestorePlan, job_id: str, token: int = 0) -> None:
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
         tag = f"{job_id[:8]}.{token}" if token else job_id[:8]
         self.job_id = job_id
         self.images = [d.path for d in plan.disks]
@@ -200,10 +201,8 @@ def _undo_moves(moves: list[Move]) -> list[str]:
             except OSError as e:
                 problems.append(f"renaming {dst} back to {src}: {e.strerror}")
     for d in {src.parent for src, _ in moves}:
-        try:
+        with contextlib.suppress(OSError):
             fsync_dir(d)
-        except OSError:
-            pass
     return problems
 
 

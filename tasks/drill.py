@@ -50,8 +50,14 @@ from catalog.store import Catalog
 from tasks.confine import IMAGE_DIR
 from tasks.context import JobContext
 from tasks.restore import RestoreRequest, resolve_point, run_restore
-from virtwarden.errors import (ChecksumMismatch, HypervisorError, JobFailed, RestorePointNotFound, Transient,
-                               VirtwardenError)
+from virtwarden.errors import (
+    ChecksumMismatch,
+    HypervisorError,
+    JobFailed,
+    RestorePointNotFound,
+    Transient,
+    VirtwardenError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +143,7 @@ def _ended_early(cat: Catalog, row: DrillView, why: str) -> None:
 class _Run:
     """One attempt of one drill; ``checks`` grows as the drill goes."""
 
-    def __init__(self, ctx: JobContext, hv, req: DrillRequest, point: PointView, row: DrillView) -> None:  # noqa: ANN001
+    def __init__(self, ctx: JobContext, hv, req: DrillRequest, point: PointView, row: DrillView) -> None:
         self.ctx, self.hv, self.req, self.point, self.row = ctx, hv, req, point, row
         self.dir = drill_dir(ctx.scratch_root, ctx.job_id)
         self.name = throwaway_name(ctx.job_id)
@@ -284,15 +290,16 @@ class _Run:
         since = " since it booted" if watched else ""
         if stopped_at is not None:
             self.check("stays-running", False, f"{stopped_state} after {stopped_at:.1f} s"
-                       + (f" ({self.started + stopped_at - booted_at:.1f} of {req.run_for:g} s{since})" if booted_at else
-                          ", before it showed that it booted"))
+                       + (f" ({self.started + stopped_at - booted_at:.1f} of {req.run_for:g} s{since})"
+                          if booted_at else ", before it showed that it booted"))
         elif booted_at is not None:
             self.check("stays-running", True, f"running for {req.run_for:g} s{since}")
         else:
             self.check("stays-running", True, f"running for {waited:.1f} s without showing that it booted")
         if marker:
             if marker_at is not None:
-                self.check("serial-marker", True, f"{req.serial_marker!r} on the serial console after {marker_at:.1f} s")
+                self.check("serial-marker", True,
+                           f"{req.serial_marker!r} on the serial console after {marker_at:.1f} s")
             else:
                 self.check("serial-marker", False, f"{req.serial_marker!r} not on the serial console within"
                                                    f" {waited:.1f} s (boot_timeout {req.boot_timeout:g} s);"
@@ -357,7 +364,7 @@ def _round(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds, 3)
 
 
-def _ours(hv, name: str, uuid: str | None) -> bool:  # noqa: ANN001
+def _ours(hv, name: str, uuid: str | None) -> bool:
     """Whether ``name`` exists and is the domain this attempt defined (any, when the
     attempt failed before it learned the UUID)."""
     from virtwarden.errors import DomainNotFound
@@ -392,7 +399,7 @@ class _Console:
         return f"its last output: {text!r}" if text else "the serial console stayed empty"
 
 
-def _libvirt(ctx: JobContext):  # noqa: ANN202
+def _libvirt(ctx: JobContext):
     from hypervisor.libvirt_host import LibvirtHost
 
     hv = ctx.require_hypervisor()
@@ -403,7 +410,7 @@ def _libvirt(ctx: JobContext):  # noqa: ANN202
 
 # --- leftovers ----------------------------------------------------------------------------
 
-def sweep(hv, cat: Catalog, scratch_root: Path, *, own: str | None = None) -> list[str]:  # noqa: ANN001
+def sweep(hv, cat: Catalog, scratch_root: Path, *, own: str | None = None) -> list[str]:
     """Remove the throwaway domains (``virtwarden-drill-*``) and drill directories on
     this host that belong to drills of this catalog whose job is not running with a
     live lease (``own``, the caller's job, counts as not running: what its earlier

@@ -107,7 +107,8 @@ class GroupPlan:
         return [by_id[i] for i in self.kept.doomed] + [p for p in self.damaged if p.id not in self.damaged_kept]
 
     def rows(self) -> list[dict[str, Any]]:
-        rows = [_row(p, "keep" if d.keep else "delete", d.why) for p, d in zip(self.points, self.kept.decisions)]
+        rows = [_row(p, "keep" if d.keep else "delete", d.why)
+                for p, d in zip(self.points, self.kept.decisions, strict=True)]
         return rows + [_row(p, "keep", "damaged; retention would still keep it, so it stays visible")
                        if p.id in self.damaged_kept else
                        _row(p, "delete", "damaged; retention would have removed it by now") for p in self.damaged]

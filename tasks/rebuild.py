@@ -26,14 +26,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from catalog import points
 from catalog.points import ArtifactView, PointView
 from catalog.store import Catalog
-from storage_backends.base import Backend
 from storage_backends import repository
+from storage_backends.base import Backend
 from storage_backends.repository import Repository, is_manifest_key
 from tasks.confine import TARGET
 from virtwarden.errors import Transient, VirtwardenError
@@ -126,7 +126,8 @@ def plan_rebuild(storage: str, found: Sequence[Found], objects: Mapping[str, int
 
 def apply(cat: Catalog, plan: RebuildPlan) -> tuple[list[PointView], list[PointView]]:
     """Insert the plan's imports; (imported, found present meanwhile)."""
-    imported, raced = [], []
+    imported: list[PointView] = []
+    raced: list[PointView] = []
     for p in plan.imports:
         (imported if points.add_complete(cat, p) else raced).append(p)
     return imported, raced
@@ -160,7 +161,7 @@ def point_of(storage: str, f: Found) -> PointView:
         consistency=str(m.get("consistency") or "crash"),
         checkpoint=checkpoint.get("name") if isinstance(checkpoint, dict) else None, manifest_key=f.key,
         size_bytes=sum(a.size_bytes for a in artifacts), job_id=None,
-        created_at=_time(m, "created_at"), completed_at=_time(m, "completed_at", required=False),
+        created_at=_time(m, "created_at"), completed_at=_optional_time(m, "completed_at"),
         artifacts=artifacts, manifest_sha256=f.sha256)
 
 
@@ -177,7 +178,7 @@ def _artifact(d: Any, i: int) -> ArtifactView:
                         _field(d, "virtual_size", int, f"{where}.virtual_size"))
 
 
-def _field(m: dict, name: str, kind: type, shown: str | None = None) -> Any:  # noqa: ANN401
+def _field(m: dict, name: str, kind: type, shown: str | None = None) -> Any:
     value = m.get(name)
     if not isinstance(value, kind) or isinstance(value, bool) or (kind is str and not value):
         raise ValueError(f"{shown or name}: missing or not a {kind.__name__} ({value!r})")
@@ -191,15 +192,17 @@ def _optional(m: dict, name: str) -> str | None:
     return value or None
 
 
-def _time(m: dict, name: str, *, required: bool = True) -> datetime | None:
+def _time(m: dict, name: str) -> datetime:
     value = m.get(name)
-    if value is None and not required:
-        return None
     try:
         when = datetime.fromisoformat(str(value))
     except ValueError:
         raise ValueError(f"{name}: {value!r} is not an ISO 8601 time") from None
-    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+def _optional_time(m: dict, name: str) -> datetime | None:
+    return None if m.get(name) is None else _time(m, name)
 
 
 def _check_artifacts(p: PointView, objects: Mapping[str, int]) -> None:

@@ -29,7 +29,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from catalog import jobs, points
@@ -89,11 +89,11 @@ def parse_time(value: str | datetime) -> datetime:
                 "2025-03-30T14:00+02:00 or 2025-03-30T12:00Z") from None
     if when.tzinfo is None:
         when = when.astimezone()  # the machine's local time zone
-    return when.astimezone(timezone.utc)
+    return when.astimezone(UTC)
 
 
 def utc_text(when: datetime) -> str:
-    return when.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def resolve_point(cat: Catalog, domain: str, point: str = "latest", storage: str | None = None, *,
@@ -189,7 +189,7 @@ def targets_of(chain: Chain) -> list[str]:
 def _check_matches_catalog(chain: list[PointView], manifests: list[dict]) -> None:
     """Each manifest names exactly the catalog's artifacts, for the catalog's disk
     targets, and every target is a disk name (targets become file names)."""
-    for p, m in zip(chain, manifests):
+    for p, m in zip(chain, manifests, strict=True):
         for a in p.artifacts:
             check_target(a.target, p.id)
         want = {a.key: (a.target, a.sha256) for a in p.artifacts}

@@ -190,7 +190,7 @@ def _start_scratch(ctx: JobContext) -> None:
 
 
 def _rebuild_all(ctx: JobContext, chain: Chain, local: dict[str, Path], plan: RestorePlan,
-                 out: dict[str, Path], made: list[Path], publish=None) -> None:  # noqa: ANN001
+                 out: dict[str, Path], made: list[Path], publish=None) -> None:
     for i, d in enumerate(plan.disks):
         ctx.report(0.6 + 0.3 * i / len(plan.disks), f"writing {d.target} to {d.path}")
         rebuild(local, layers_for(chain.manifests, d.target), out[d.target], fmt=d.format, publish=publish)

@@ -205,15 +205,15 @@ class RestorePlan:
         if self.serial_log:
             lines.append(f"  serial   {self.serial_log}")
         if self.define:
-            d = self.define
-            if d.action == "define":
-                lines.append(f"  domain   define {d.name!r}, {'UUID ' + d.uuid if d.uuid else 'a new random UUID'}, "
+            dp = self.define
+            if dp.action == "define":
+                lines.append(f"  domain   define {dp.name!r}, {'UUID ' + dp.uuid if dp.uuid else 'a new random UUID'}, "
                              "new MAC addresses, from the saved XML")
             else:
-                stop = ("already shut off" if d.state in ("shutoff", "crashed")
-                        else f"now {d.state}: shut off first (clean shutdown, then power-off)")
-                lines.append(f"  domain   {d.name!r} (UUID {d.uuid}, {stop}), disks replaced"
-                             + (", definition updated" if d.update_definition else ""))
+                stop = ("already shut off" if dp.state in ("shutoff", "crashed")
+                        else f"now {dp.state}: shut off first (clean shutdown, then power-off)")
+                lines.append(f"  domain   {dp.name!r} (UUID {dp.uuid}, {stop}), disks replaced"
+                             + (", definition updated" if dp.update_definition else ""))
             lines.append(f"  start    {'yes' if self.start else 'no'}")
         lines += [f"  note     {n}" for n in self.notes]
         return lines
@@ -253,8 +253,8 @@ def plan_restore(points: list[PointView], manifests: list[dict], dest: Destinati
 def _as_domain_paths(xml: str, saved: dict[str, dict], name: str,
                      disk_dir: str | None) -> tuple[dict[str, tuple[str, str, tuple[str, ...]]], str | None]:
     sources = disk_sources(xml)
-    placed = {}
-    for t, entry in saved.items():
+    placed: dict[str, tuple[str, str, tuple[str, ...]]] = {}
+    for t in saved:
         where = disk_dir or _parent(sources.get(t) or "")
         if not where:
             raise RestoreRefused(f"the saved XML names no image file for disk {t} (a block device?); "

@@ -25,7 +25,7 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from catalog import points
 from catalog.points import PointView
@@ -35,7 +35,7 @@ from virtwarden.errors import ChecksumMismatch, ObjectNotFound, StorageError, Tr
 
 log = logging.getLogger(__name__)
 SHOWN = 10  # problems named in the error line; the log and the result have all of them
-_NEVER = datetime.min.replace(tzinfo=timezone.utc)
+_NEVER = datetime.min.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)

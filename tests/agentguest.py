@@ -73,7 +73,7 @@ class AgentGuest:
         self.dom = None
 
     # --- the agent ---------------------------------------------------------------------
-    def agent(self, command: str, arguments: dict | None = None, timeout: int = 10):  # noqa: ANN201
+    def agent(self, command: str, arguments: dict | None = None, timeout: int = 10):
         """Send one agent command; its ``return`` value. AgentError when it fails."""
         msg = {"execute": command, **({"arguments": arguments} if arguments is not None else {})}
         try:

@@ -260,7 +260,7 @@ async def _relay(up: asyncio.StreamReader, down: asyncio.StreamWriter, method: s
 
 # --- pytest fixture (tests/conftest.py lists this module as a plugin) -------------------
 @pytest.fixture
-def s3_fault_proxy(s3_endpoint: str):  # noqa: ANN201
+def s3_fault_proxy(s3_endpoint: str):
     """A FaultProxy in front of the test S3 endpoint, without rules until a test adds some."""
     with FaultProxy(s3_endpoint) as proxy:
         yield proxy

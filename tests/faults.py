@@ -8,6 +8,7 @@ really commits and the connection really drops, the worker process really stops.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -79,7 +80,7 @@ class PrivateRedis:
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(self.workdir), "--maxmemory-policy", "noeviction"],
-            stdout=open(self.workdir / "redis.log", "ab"), stderr=subprocess.STDOUT)
+            stdout=open(self.workdir / "redis.log", "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115 - the server's log
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -204,7 +205,5 @@ def wait_file(path: Path, timeout: float) -> str:
 
 
 def kill_quietly(pid: int, sig: int = signal.SIGKILL) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-    except ProcessLookupError:
-        pass

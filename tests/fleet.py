@@ -45,7 +45,7 @@ class Fleet:
         celery_app.configure(cfg)
         return cfg
 
-    def host(self, name: str):  # noqa: ANN201
+    def host(self, name: str):
         from hypervisor.libvirt_host import LibvirtHost
 
         return LibvirtHost(name, URIS[name])
@@ -67,7 +67,7 @@ class Fleet:
         with self.host(name) as hv:
             return exists(hv, domain)
 
-    def move(self, domain: str, src: str, dst: str, **kw) -> None:  # noqa: ANN003
+    def move(self, domain: str, src: str, dst: str, **kw) -> None:
         """Test set-up: put a guest on the other host with the product's migration."""
         from hypervisor.migrate import migrate
 
@@ -82,7 +82,7 @@ class Fleet:
 
 
 @pytest.fixture
-def fleet(vw, pg_schema_url):  # noqa: ANN001, ANN201
+def fleet(vw, pg_schema_url):
     need(bool(HOST2_URI), "VIRTWARDEN_TEST_HOST2_URI is not set (scripts/testhost.sh writes it)")
     try:
         import libvirt
@@ -100,7 +100,7 @@ def fleet(vw, pg_schema_url):  # noqa: ANN001, ANN201
         found.cat.close()
 
 
-def resize_memory(guest, mib: int) -> None:  # noqa: ANN001
+def resize_memory(guest, mib: int) -> None:
     """Give a defined, shut-off test guest ``mib`` of memory (QEMU allocates it lazily:
     a guest without an OS touches almost none of it)."""
     xml = guest.dom.XMLDesc(0)
@@ -110,7 +110,7 @@ def resize_memory(guest, mib: int) -> None:  # noqa: ANN001
     guest.dom = guest.conn.defineXML(xml)
 
 
-def fill_memory(guest, size_mib: int = 32) -> None:  # noqa: ANN001
+def fill_memory(guest, size_mib: int = 32) -> None:
     """Make a defined, shut-off test guest start with ``size_mib`` of random bytes in its
     RAM (QEMU's generic loader device), so migrating it moves real data and can be
     slowed down with a bandwidth cap."""
@@ -137,7 +137,7 @@ def stop_host2_libvirtd() -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def restart_host2(libvirt, uri: str):  # noqa: ANN001, ANN201
+def restart_host2(libvirt, uri: str):
     """``testhost.sh start`` starts what is missing (host2 here); it checks the other
     services too, and one of them answering slowly on a busy machine fails a run, so
     try again until host2 answers."""

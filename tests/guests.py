@@ -10,6 +10,7 @@ per disk, so a test always knows what each disk must contain.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -355,7 +356,7 @@ def _remove_from_host2(uri: str, names: list[str], patience: float = 60) -> list
     while True:
         try:
             conn = libvirt.open(uri)
-        except libvirt.libvirtError as e:
+        except libvirt.libvirtError:
             if time.monotonic() > deadline:
                 return []
             time.sleep(1)
@@ -369,10 +370,8 @@ def _remove_from_host2(uri: str, names: list[str], patience: float = 60) -> list
                 except libvirt.libvirtError as e:
                     errors.append((name, e))
         finally:
-            try:
+            with contextlib.suppress(libvirt.libvirtError):
                 conn.close()
-            except libvirt.libvirtError:
-                pass
         lost = [e for _, e in errors if e.get_error_domain() in (libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE)]
         if not lost or time.monotonic() > deadline:
             return [f"{name} on {uri}: {e}" for name, e in errors]

@@ -8,8 +8,8 @@ the moto endpoint; the Redis database used by tests is flushed before each test.
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from tests.conftest import need
+
 
 def _own_database(url: str) -> str:
     """Each xdist worker (``-n 2``) gets its own Redis database, so its Celery workers
@@ -43,7 +44,7 @@ TEST_WORKER = {"lease_seconds": 4, "heartbeat_seconds": 1, "reap_seconds": 1, "m
                "retry_delay_seconds": 1, "concurrency": 1, "resend_seconds": 3, "sweep_seconds": 5}
 
 
-def wait_for(predicate, timeout: float, what, poll: float = 0.05):  # noqa: ANN001, ANN201
+def wait_for(predicate, timeout: float, what, poll: float = 0.05):
     """Poll ``predicate`` until it returns something true (returned) or ``timeout`` ends.
     ``what`` names what is waited for in the error; a callable gives it then (the tail of
     a log, say). A predicate that knows the wait is hopeless (its process exited) raises."""
@@ -62,7 +63,7 @@ class Cli:
     out: str
     err: str
 
-    def json(self):  # noqa: ANN201
+    def json(self):
         return json.loads(self.out)
 
 
@@ -83,8 +84,8 @@ def run_cli_in_process(args: list[str], env: dict[str, str]) -> Cli:
     from contextlib import redirect_stderr, redirect_stdout
 
     from virtwarden import permissions
-    from worker import celery_app
     from virtwarden.cli import main as cli_module
+    from worker import celery_app
 
     out, err = io.StringIO(), io.StringIO()
     saved_env, saved_stdin = dict(os.environ), sys.stdin
@@ -140,7 +141,7 @@ class WorkerProcess:
         args = [sys.executable, "-m", "virtwarden.cli", "--config", str(config), "--log-level", "info", "worker"]
         for h in hosts:
             args += ["--host", h]
-        self._out = open(log, "ab")
+        self._out = open(log, "ab")  # noqa: SIM115 - the process's log, closed when it is stopped
         self.proc = subprocess.Popen(args, cwd=REPO, stdout=self._out, stderr=subprocess.STDOUT,
                                      start_new_session=True, env={**os.environ, **(env or {})},
                                      preexec_fn=_die_with_parent)
@@ -232,7 +233,7 @@ class Installation:
         w.wait_ready()
         return w
 
-    def catalog(self):  # noqa: ANN201
+    def catalog(self):
         from catalog.store import Catalog
 
         return Catalog(self.extra.get("database_url") or f"sqlite:///{self.data_dir / 'catalog.db'}")
@@ -258,7 +259,7 @@ def redis_url() -> str:
 
 
 @pytest.fixture
-def vw(request, tmp_path: Path, redis_url: str):  # noqa: ANN001, ANN201
+def vw(request, tmp_path: Path, redis_url: str):
     import redis
 
     redis.Redis.from_url(redis_url).flushdb()
@@ -269,13 +270,13 @@ def vw(request, tmp_path: Path, redis_url: str):  # noqa: ANN001, ANN201
     redis.Redis.from_url(redis_url).flushdb()
 
 
-def s3_storage_entry(settings) -> dict:  # noqa: ANN001
+def s3_storage_entry(settings) -> dict:
     """The configuration-file form of a tests.s3server S3Storage."""
     return {k: v for k, v in settings.model_dump().items() if v is not None}
 
 
 @pytest.fixture
-def pg_schema_url():  # noqa: ANN201
+def pg_schema_url():
     """The URL of a fresh PostgreSQL schema for one test (dropped afterwards)."""
     import uuid
 

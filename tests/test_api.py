@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,7 @@ class Reply:
     headers: dict
     body: bytes
 
-    def json(self):  # noqa: ANN201
+    def json(self):
         return json.loads(self.body)
 
 
@@ -49,7 +50,7 @@ class ApiServer:
     def __post_init__(self) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self._out = open(self.log, "ab")
+        self._out = open(self.log, "ab")  # noqa: SIM115 - the process's log, closed when it is stopped
         env = {**os.environ, **self.env}
         for name in ("VIRTWARDEN_CONFIG", "VIRTWARDEN_DATABASE_URL", "VIRTWARDEN_BROKER_URL", "VIRTWARDEN_API_TOKEN"):
             if name not in self.env:
@@ -115,7 +116,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def api(vw, tmp_path):  # noqa: ANN201
+def api(vw, tmp_path):
     """Starts API servers on ``vw``'s installation: ``api(hmac=..., **api_settings)``."""
     servers: list[ApiServer] = []
     tokens = tmp_path / "api-tokens"
@@ -124,7 +125,7 @@ def api(vw, tmp_path):  # noqa: ANN201
     key = tmp_path / "api-hmac-key"
     key.write_bytes(KEY + b"\n")
 
-    def start(*, hmac: bool = False, env: dict | None = None, **settings) -> ApiServer:  # noqa: ANN003
+    def start(*, hmac: bool = False, env: dict | None = None, **settings) -> ApiServer:
         vw.extra["api"] = {"token_file": str(tokens), **settings}
         if hmac:
             vw.extra["api"]["hmac_key_file"] = str(key)
@@ -139,14 +140,14 @@ def api(vw, tmp_path):  # noqa: ANN201
         s.stop()
 
 
-def _catalog(vw):  # noqa: ANN001, ANN202
+def _catalog(vw):
     """The catalog the API server uses (SQLite under the data dir, or the configured URL)."""
     from catalog.store import Catalog
 
     return Catalog(vw.extra["database_url"]) if "database_url" in vw.extra else vw.catalog()
 
 
-def _rows(vw, model) -> list:  # noqa: ANN001
+def _rows(vw, model) -> list:
     from sqlalchemy import select
 
     cat = _catalog(vw)
@@ -157,19 +158,19 @@ def _rows(vw, model) -> list:  # noqa: ANN001
         cat.close()
 
 
-def _jobs(vw) -> list:  # noqa: ANN001
+def _jobs(vw) -> list:
     from catalog.models import Job
 
     return _rows(vw, Job)
 
 
-def _audit(vw) -> list:  # noqa: ANN001
+def _audit(vw) -> list:
     from catalog.models import AuditRecord
 
     return _rows(vw, AuditRecord)
 
 
-def _alerts(vw) -> list:  # noqa: ANN001
+def _alerts(vw) -> list:
     from catalog.models import Alert
 
     return _rows(vw, Alert)
@@ -272,9 +273,9 @@ def test_signature_checks_without_a_server():
 
 
 def test_token_file_and_listen_parsing(tmp_path):
-    from virtwarden.errors import ConfigError
     from virtwarden.api.app import parse_listen
     from virtwarden.api.auth import Tokens, parse_tokens
+    from virtwarden.errors import ConfigError
 
     text = f"# comment\n\nam:{TOKEN}\n{OTHER}\n  ops.team@site-1 : {TOKEN}x \n"
     assert [(t.caller.name, t.token) for t in parse_tokens(text, "f")] == [
@@ -468,7 +469,7 @@ def test_openapi_schema_lists_the_routes(vw, api):
 
 
 def test_metrics_parse_and_count_drills_and_requests(vw, api):
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     from catalog.models import Drill
 
@@ -476,7 +477,7 @@ def test_metrics_parse_and_count_drills_and_requests(vw, api):
     server.call("GET", "/v1/jobs/nope")
     server.call("GET", "/v1/jobs/nope", token=None)
     cat = vw.catalog()
-    start = datetime(2026, 11, 27, 1, 0, tzinfo=timezone.utc)
+    start = datetime(2026, 11, 27, 1, 0, tzinfo=UTC)
     with cat.session() as s:  # two drills of web01 (the later one failed), one of db01
         s.add(Drill(id="d1", domain="web01", host="local", state="passed", checks=[], restore_seconds=20.0,
                     boot_seconds=3.5, started_at=start, finished_at=start + timedelta(minutes=1)))
@@ -484,7 +485,8 @@ def test_metrics_parse_and_count_drills_and_requests(vw, api):
                     boot_seconds=None, started_at=start + timedelta(days=1)))
         s.add(Drill(id="d3", domain="db01", host="local", state="passed", checks=[], restore_seconds=40.0,
                     boot_seconds=2.0, started_at=start))
-        s.add(Drill(id="d4", domain="db01", host="local", state="running", checks=[], started_at=start + timedelta(days=2)))
+        s.add(Drill(id="d4", domain="db01", host="local", state="running", checks=[],
+                    started_at=start + timedelta(days=2)))
     cat.close()
     r = server.call("GET", "/metrics")
     assert r.status == 200 and r.headers["content-type"].startswith("text/plain")

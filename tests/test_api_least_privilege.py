@@ -42,7 +42,7 @@ ENDPOINTS = [
 ]
 
 
-def _scoped_tokens(api, extra: str = "") -> None:  # noqa: ANN001
+def _scoped_tokens(api, extra: str = "") -> None:
     api.tokens.write_text("".join(f"only-{scope}:{scope}:{token}\n" for scope, token in ONLY.items()) + extra)
 
 
@@ -224,8 +224,8 @@ def test_metrics_need_a_read_token_unless_opened_in_the_configuration(vw, api):
 
 # --- the token file and the limiter, without a server ----------------------------------------
 def test_token_file_lines_name_scopes_and_limits(caplog):
-    from virtwarden.errors import ConfigError
     from virtwarden.api.auth import parse_tokens
+    from virtwarden.errors import ConfigError
 
     text = (f"am:alerts:{TOKEN} rate=2 burst=40\nops: read , restore-in-place :{TOKEN}x\n"
             f"old:{TOKEN}y\n{TOKEN}z\n")

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.libvirt
 MiB = 1024 * 1024
 
 
-def _backed_up(vw, guest_factory, tmp_path: Path):  # noqa: ANN001, ANN202
+def _backed_up(vw, guest_factory, tmp_path: Path):
     g = guest_factory(disks=1, size_mib=16)
     vw.start_worker()
     g.write_random("vda", 0, 2 * MiB)
@@ -34,7 +34,7 @@ def _backed_up(vw, guest_factory, tmp_path: Path):  # noqa: ANN001, ANN202
     return g, r.json()["result"], g.shadow_copy("vda", tmp_path / "expected.raw")
 
 
-def _hostile_tree(vw, tmp_path: Path) -> tuple[Path, Path]:  # noqa: ANN001
+def _hostile_tree(vw, tmp_path: Path) -> tuple[Path, Path]:
     """The default allowed root (<data_dir>/restores) with links inside that lead out,
     and a directory outside holding a file that must never change."""
     root, outside = vw.data_dir / "restores", tmp_path / "outside"
@@ -50,7 +50,7 @@ def _tree(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.exists() else []
 
 
-def _stop_workers(vw) -> None:  # noqa: ANN001
+def _stop_workers(vw) -> None:
     for w in vw.workers:
         w.stop()
     vw.workers.clear()
@@ -87,7 +87,7 @@ def test_to_dir_outside_the_allowed_dirs_is_refused_with_403_and_nothing_is_crea
     assert _tree(root) == tree_before and _tree(outside) == ["victim"] and not (tmp_path / "elsewhere").exists()
     assert [j.kind for j in _jobs(vw)] == ["backup"]
     refused = [a for a in _audit(vw) if a.outcome == "refused"]
-    assert len(refused) == len(hostile) + 2 and all("api.restore" == a.action for a in refused)
+    assert len(refused) == len(hostile) + 2 and all(a.action == "api.restore" for a in refused)
 
     # A runbook is confined too, even when root runs it; its dry run says so as well.
     for extra in ([], ["--dry-run"]):

@@ -116,7 +116,7 @@ def test_latest_restore_and_checkpoint_housekeeping(vw, guest_factory, tmp_path)
     assert first["chain_id"] == second["chain_id"]
 
 
-def _bitmaps(dom) -> list[str]:  # noqa: ANN001
+def _bitmaps(dom) -> list[str]:
     """The dirty bitmaps QEMU keeps for the guest's disks (QMP query-block)."""
     import json
 
@@ -190,7 +190,7 @@ def test_bitmaps_lost_in_a_crash_fall_back_to_a_full(vw, guest_factory, tmp_path
     g.write("vda", 0, MiB, pattern=0x41)
     flush()
     first = _backup(vw, g.name, "nfs")
-    os.kill(int(open(f"/run/libvirt/qemu/{g.name}.pid").read()), signal.SIGKILL)
+    os.kill(int(Path(f"/run/libvirt/qemu/{g.name}.pid").read_text()), signal.SIGKILL)
     wait_for(lambda: not dom.isActive(), 20, "the killed domain to stop", poll=0.1)
     dom.create()
     g.write("vda", 5 * MiB, MiB, pattern=0x42)

@@ -85,7 +85,7 @@ def test_unreachable_s3_endpoint(vw, guest_factory):
 
 
 @contextmanager
-def _tiny_filesystem(path, size: str = "2m"):  # noqa: ANN001, ANN202
+def _tiny_filesystem(path, size: str = "2m"):
     path.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]).returncode == 0
     need(mounted, "cannot mount a tmpfs here (not root?)")

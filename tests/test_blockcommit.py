@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import xml.etree.ElementTree as ET
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -175,7 +176,7 @@ def test_a_chain_changed_outside_starts_a_new_full_and_says_why(vw, guest_factor
     assert rows[second["overlays"]["vda"]] == "tracking"
 
 
-def _in_process(vw, backend_class=None):  # noqa: ANN001, ANN202
+def _in_process(vw, backend_class=None):
     """A JobContext like a worker's, for driving a job (or its pieces) from the test."""
     from hypervisor.libvirt_host import LibvirtHost
     from storage_backends import open_backend
@@ -184,7 +185,7 @@ def _in_process(vw, backend_class=None):  # noqa: ANN001, ANN202
 
     cfg = load(str(vw.config_path))
 
-    def storage(name: str):  # noqa: ANN202
+    def storage(name: str):
         settings = cfg.storage_target(name)
         return backend_class(name, settings) if backend_class else open_backend(name, settings)
 
@@ -270,7 +271,7 @@ def test_a_failure_after_the_snapshot_returns_the_chain_to_where_it_was(vw, gues
     from virtwarden.errors import StorageError
 
     class Failing(NfsBackend):
-        def publish_staged(self, key, staged, *, progress=None):  # noqa: ANN001, ANN202
+        def publish_staged(self, key, staged, *, progress=None):
             raise StorageError(f"storage {self.name}: injected failure storing {key}")
 
     _policy(vw, tmp_path, "nfs")
@@ -328,15 +329,15 @@ def test_an_active_commit_that_cannot_finish_in_time_is_aborted(guest_factory, t
 
 # --- pure decisions (no libvirt) ---------------------------------------------------------------
 
-def _row(id_: int, target: str, path: str, state: str):  # noqa: ANN202
-    from datetime import datetime, timezone
+def _row(id_: int, target: str, path: str, state: str):
+    from datetime import datetime
 
     from catalog.overlays import OverlayView
 
-    return OverlayView(id_, "job", "dom", target, path, "/d/vda.qcow2", state, datetime.now(timezone.utc))
+    return OverlayView(id_, "job", "dom", target, path, "/d/vda.qcow2", state, datetime.now(UTC))
 
 
-def _layers(*paths_: str):  # noqa: ANN202
+def _layers(*paths_: str):
     from hypervisor.blockjobs import Layer
 
     return tuple(Layer(p, "qcow2") for p in paths_)
@@ -385,8 +386,8 @@ def test_only_one_chain_changing_action_at_a_time():
 
 
 def test_overlay_names_stay_short_and_carry_the_token():
-    from tasks.overlays import overlay_token
     from tasks.blockcommit import overlay_path
+    from tasks.overlays import overlay_token
 
     assert overlay_path(_layers("/d/vda.qcow2"), set(), TOKEN1) == T1
     assert overlay_path(_layers(T0, "/d/vda.qcow2"), {T0}, TOKEN1) == T1  # named after the base, not T0

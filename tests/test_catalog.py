@@ -14,9 +14,8 @@ from catalog.store import Catalog
 from virtwarden.errors import ConfigError, DatabaseUnavailable, JobNotFound, RestorePointNotFound
 
 
-
 @pytest.fixture(params=["sqlite", "postgresql"])
-def cat(request, tmp_path):  # noqa: ANN001, ANN201
+def cat(request, tmp_path):
     if request.param == "sqlite":
         c = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
         yield c
@@ -27,7 +26,7 @@ def cat(request, tmp_path):  # noqa: ANN001, ANN201
     c.close()
 
 
-def _job(cat, domain="web01", kind="backup"):  # noqa: ANN001, ANN202
+def _job(cat, domain="web01", kind="backup"):
     return jobs.create(cat, kind=kind, domain=domain, host="kvm01", params={"domain": domain})
 
 
@@ -107,7 +106,7 @@ def test_dedup_key_returns_the_existing_job(cat):
     assert a.id == b.id
 
 
-def _point(cat, **over):  # noqa: ANN001, ANN202
+def _point(cat, **over):
     fields = dict(id=str(uuid.uuid4()), domain="web01", domain_uuid="u1", host="h", storage="nfs",
                   strategy="bitmap", chain_id="c1", parent_id=None, seq=0, level="full", reason="first",
                   checkpoint="virtwarden-1", manifest_key="k/manifest.json", job_id="j")

@@ -79,19 +79,19 @@ def test_rebuild_imports_whole_chains_parents_first_and_refuses_what_does_not_ho
     assert [p.id for p in plan.catalog_only] == ["gone"]  # complete in the catalog, no manifest stored
 
 
-def _backup(vw, domain: str, target: str) -> dict:  # noqa: ANN001
+def _backup(vw, domain: str, target: str) -> dict:
     r = vw.cli("backup", domain, "--target", target, "--wait", "--json")
     assert r.code == 0, r.err
     return r.json()["result"]
 
 
-def _points(vw, domain: str) -> list[dict]:  # noqa: ANN001
+def _points(vw, domain: str) -> list[dict]:
     r = vw.cli("backups", domain, "--json")
     assert r.code == 0, r.err
     return r.json()
 
 
-def _history(vw, guest, target: str, steps: int, tmp_path: Path) -> list[dict[str, Path]]:  # noqa: ANN001
+def _history(vw, guest, target: str, steps: int, tmp_path: Path) -> list[dict[str, Path]]:
     """``steps`` backups of ``guest`` after writes of their own; what each point must hold."""
     expected = []
     for step in range(steps):
@@ -104,11 +104,11 @@ def _history(vw, guest, target: str, steps: int, tmp_path: Path) -> list[dict[st
     return expected
 
 
-def _rebuild(vw, *args: str):  # noqa: ANN001, ANN202
+def _rebuild(vw, *args: str):
     return vw.cli("catalog", "rebuild", *args, "--json")
 
 
-def _restores(vw, guest, point_id: str, expected: dict[str, Path], out: Path) -> None:  # noqa: ANN001
+def _restores(vw, guest, point_id: str, expected: dict[str, Path], out: Path) -> None:
     r = vw.cli("restore", guest.name, "--point", point_id, "--to-dir", str(out), "--wait")
     assert r.code == 0, r.err
     for t, copy in expected.items():
@@ -173,7 +173,7 @@ def test_a_deleted_catalog_is_rebuilt_from_the_manifests_and_every_point_restore
 
     vw.start_worker()
     for g in (a, b):
-        for point, want in zip(before[g.name], expected[g.name]):
+        for point, want in zip(before[g.name], expected[g.name], strict=False):
             _restores(vw, g, point["id"], want, tmp_path / f"restored-{point['id']}")
 
     # The next backups continue the chains: the newest point's checkpoint (a's bitmap

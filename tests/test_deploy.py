@@ -305,8 +305,9 @@ def test_compose_has_no_fixed_password_and_pinned_images():
 
 def test_make_compose_env_generates_private_passwords_once(tmp_path):
     need(shutil.which("make") is not None and shutil.which("openssl") is not None, "make and openssl")
-    run = lambda: subprocess.run(["make", "-s", "-C", str(tmp_path), "-f", str(REPO / "Makefile"), "compose-env"],
-                                 capture_output=True, text=True, timeout=60)  # noqa: E731
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["make", "-s", "-C", str(tmp_path), "-f", str(REPO / "Makefile"), "compose-env"],
+                              capture_output=True, text=True, timeout=60)
     assert run().returncode == 0
     env = tmp_path / ".env"
     first = env.read_text()

@@ -5,6 +5,7 @@ leaves nothing behind (no throwaway domain, no scratch files)."""
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ pytestmark = [pytest.mark.libvirt, pytest.mark.cli_in_process]
 MARKER = "VW-DRILL-BOOTED"
 
 
-def _policy(vw, tmp_path: Path, domain: str, **drill) -> None:  # noqa: ANN001
+def _policy(vw, tmp_path: Path, domain: str, **drill) -> None:
     pdir = tmp_path / "policies"
     pdir.mkdir(exist_ok=True)
     doc = {"apiVersion": "virtwarden/v1", "kind": "Policy", "metadata": {"name": "drilled"},
@@ -29,18 +30,18 @@ def _policy(vw, tmp_path: Path, domain: str, **drill) -> None:  # noqa: ANN001
     vw.extra["policy_dir"] = str(pdir)
 
 
-def _backup(vw, domain: str) -> dict:  # noqa: ANN001
+def _backup(vw, domain: str) -> dict:
     r = vw.cli("backup", domain, "--wait", "--json")
     assert r.code == 0, r.err
     return r.json()["result"]
 
 
 
-def _drill_domains(conn) -> list[str]:  # noqa: ANN001
+def _drill_domains(conn) -> list[str]:
     return [d.name() for d in conn.listAllDomains() if d.name().startswith("virtwarden-drill-")]
 
 
-def _assert_nothing_left(vw, conn, job_id: str) -> None:  # noqa: ANN001
+def _assert_nothing_left(vw, conn, job_id: str) -> None:
     from tasks.drill import throwaway_name
 
     assert throwaway_name(job_id) not in _drill_domains(conn)
@@ -50,7 +51,7 @@ def _assert_nothing_left(vw, conn, job_id: str) -> None:  # noqa: ANN001
 
 
 @pytest.fixture
-def conn(libvirt_uri):  # noqa: ANN001, ANN201
+def conn(libvirt_uri):
     import libvirt
 
     c = libvirt.open(URI)
@@ -241,7 +242,7 @@ def test_a_dead_drill_is_swept_by_the_next_one(vw, guest_factory, tmp_path, conn
 def test_scheduled_and_cli_drills_get_the_policys_settings(vw, guest_factory, tmp_path):
     """The scheduler names only the domain and the policy, the CLI maybe not even that;
     the job's parameters carry the governing policy's drill settings all the same."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from policies.schedule import Slot
     from virtwarden import config
@@ -255,7 +256,7 @@ def test_scheduled_and_cli_drills_get_the_policys_settings(vw, guest_factory, tm
     latest = _backup(vw, g.name)["point_id"]
     vw.workers[0].stop()  # the drills below are only queued
     cfg = config.load(str(vw.config_path))
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     params = Scheduler(cfg, vw.catalog())._params(Slot("drilled", "drill", g.name, now, now, "local"))
     assert params == drill_params(cfg, vw.catalog(), g.name, policy="drilled")
     assert params == {"domain": g.name, "policy": "drilled", "point": first, "storage": "nfs", "run_for": 5.0,
@@ -319,7 +320,7 @@ ORIGINAL = """<domain type='kvm'><name>web01</name><uuid>11111111-2222-3333-4444
 <target type='virtio' name='org.qemu.guest_agent.0'/></channel>
 <graphics type='vnc' port='5901' autoport='no' listen='127.0.0.1'/>
 <serial type='pty'><target port='0'/></serial>
-</devices></domain>"""
+</devices></domain>"""  # noqa: E501 - test input: wrapping would change the XML
 
 
 def _throwaway(network: str | None = None) -> ET.Element:

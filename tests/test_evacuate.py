@@ -9,7 +9,7 @@ other suites' guests, which an evacuation of it would move.
 """
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -17,8 +17,8 @@ from catalog import alerts as alert_rows
 from catalog import jobs, moves
 from catalog.models import Domain, Host
 from tests.fleet import Fleet, fill_memory, fleet, resize_memory  # noqa: F401 - fleet is a fixture
-from tests.harness import wait_for
 from tests.guests import images_equal
+from tests.harness import wait_for
 
 # One xdist worker runs every test that uses host2 (evacuations move whatever runs there;
 # the listener tests restart its libvirtd).
@@ -58,14 +58,14 @@ def _alert(status: str, starts: str, *, instance: str = "127.0.0.1:9100", finger
             "commonAnnotations": {}, "externalURL": "http://alertmanager", "alerts": [alert]}
 
 
-def _on_host2(f: Fleet, guest_factory, n: int) -> list:  # noqa: ANN001
+def _on_host2(f: Fleet, guest_factory, n: int) -> list:
     guests = [guest_factory(disks=1, size_mib=16) for _ in range(n)]
     for g in guests:
         f.move(g.name, "local", "host2")
     return guests
 
 
-def test_alert_moves_host2s_guests_and_leaves_one_too_big(fleet: Fleet, guest_factory) -> None:  # noqa: ANN001
+def test_alert_moves_host2s_guests_and_leaves_one_too_big(fleet: Fleet, guest_factory) -> None:
     from virtwarden.alerts import receive
 
     f = fleet
@@ -123,12 +123,12 @@ def test_alert_moves_host2s_guests_and_leaves_one_too_big(fleet: Fleet, guest_fa
     assert resolved["alerts"][0]["outcome"] == "resolved"
     occurrences = [r for r in alert_rows.recent(f.cat) if r.fingerprint == "f00dfeed"]
     assert [(r.status, r.job_id) for r in occurrences] == [("resolved", job_id), ("firing", job_id)]
-    assert occurrences[0].resolved_at == datetime(2031, 1, 1, 10, 5, 0, 123456, tzinfo=timezone.utc)
+    assert occurrences[0].resolved_at == datetime(2031, 1, 1, 10, 5, 0, 123456, tzinfo=UTC)
     for g in small:
         assert f.running_on(g.name) == ["local"]
 
 
-def test_dry_run_changes_nothing_then_evacuate_waits_and_reports(fleet: Fleet, guest_factory) -> None:  # noqa: ANN001
+def test_dry_run_changes_nothing_then_evacuate_waits_and_reports(fleet: Fleet, guest_factory) -> None:
     import redis
 
     from tests.harness import REDIS_URL
@@ -185,7 +185,7 @@ def test_hosts_marks_an_unreachable_host_down(fleet: Fleet) -> None:
     assert plan["targets"] == ["local"]
 
 
-def test_a_migration_that_runs_out_of_time_is_aborted_and_the_guest_stays(fleet: Fleet, guest_factory) -> None:  # noqa: ANN001
+def test_a_migration_that_runs_out_of_time_is_aborted_and_the_guest_stays(fleet: Fleet, guest_factory) -> None:
     from hypervisor.migrate import MigrationTimeout
 
     f = fleet
@@ -207,7 +207,7 @@ def _move_with_timeout(f: Fleet, name: str, seen: list) -> None:
         migrate(s, d, name, timeout=3, unsafe=True, bandwidth_mib=1, on_progress=seen.append, poll=0.2)
 
 
-def test_backup_chain_goes_on_across_moves_and_restores_bit_for_bit(fleet: Fleet, guest_factory, tmp_path) -> None:  # noqa: ANN001
+def test_backup_chain_goes_on_across_moves_and_restores_bit_for_bit(fleet: Fleet, guest_factory, tmp_path) -> None:
     """full on local; the guest moves to host2; incremental there (its checkpoint
     redefined from the manifest, the bitmap came with the disk); back to local by an
     evacuation; incremental again; every point restores exactly."""
@@ -255,7 +255,7 @@ def test_backup_chain_goes_on_across_moves_and_restores_bit_for_bit(fleet: Fleet
             assert images_equal(out / f"{t}.qcow2", expected[i][t]), (i, t)
 
 
-def test_a_lost_bitmap_after_a_move_means_a_full_that_says_why(fleet: Fleet, guest_factory, tmp_path) -> None:  # noqa: ANN001
+def test_a_lost_bitmap_after_a_move_means_a_full_that_says_why(fleet: Fleet, guest_factory, tmp_path) -> None:
     import libvirt
 
     f = fleet
@@ -298,11 +298,11 @@ def test_a_domain_locked_by_an_evacuation_blocks_backups_until_released(tmp_path
     assert jobs.move(cat, taken.fence, "b", "again", resend_after=60) is None  # not ours any more
 
 
-def test_alerts_that_map_to_no_host_or_policy_are_recorded_and_start_nothing(vw, tmp_path) -> None:  # noqa: ANN001
+def test_alerts_that_map_to_no_host_or_policy_are_recorded_and_start_nothing(vw, tmp_path) -> None:
     from catalog.store import Catalog
     from virtwarden import config as config_module
-    from virtwarden.errors import UsageError
     from virtwarden.alerts import host_for, receive
+    from virtwarden.errors import UsageError
 
     vw.hosts = {"kvm01": {"uri": "qemu+ssh://kvm01.example.com/system"},
                 "kvm02": {"uri": "qemu+tcp://10.0.0.2/system"},
@@ -335,10 +335,10 @@ def test_alerts_that_map_to_no_host_or_policy_are_recorded_and_start_nothing(vw,
     for bad in ({}, {"alerts": "x"}, {"alerts": [{"status": "firing"}]}):
         with pytest.raises(UsageError):
             receive(cfg, cat, bad, "am")
-    assert datetime.now(timezone.utc) - alert_rows.recent(cat)[0].received_at < timedelta(minutes=5)
+    assert datetime.now(UTC) - alert_rows.recent(cat)[0].received_at < timedelta(minutes=5)
 
 
-def test_an_alert_whose_policy_says_backup_backs_the_hosts_domains_up_once(fleet: Fleet, guest_factory) -> None:  # noqa: ANN001
+def test_an_alert_whose_policy_says_backup_backs_the_hosts_domains_up_once(fleet: Fleet, guest_factory) -> None:
     from virtwarden.alerts import receive
 
     f = fleet

@@ -17,7 +17,7 @@ from virtwarden.errors import JobFailed, LeaseLost
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def cat(request, tmp_path):  # noqa: ANN001, ANN201
+def cat(request, tmp_path):
     url = f"sqlite:///{tmp_path / 'catalog.db'}" if request.param == "sqlite" else \
         request.getfixturevalue("pg_schema_url")
     c = Catalog(url)
@@ -25,7 +25,7 @@ def cat(request, tmp_path):  # noqa: ANN001, ANN201
     c.close()
 
 
-def _point(cat, job_id, **over):  # noqa: ANN001, ANN202
+def _point(cat, job_id, **over):
     fields = dict(id=str(uuid.uuid4()), domain="web01", domain_uuid="u1", host="h", storage="nfs",
                   strategy="bitmap", chain_id="c1", parent_id=None, seq=0, level="full", reason="first",
                   checkpoint="virtwarden-1", manifest_key="k/manifest.json", job_id=job_id)
@@ -33,7 +33,7 @@ def _point(cat, job_id, **over):  # noqa: ANN001, ANN202
     return points.begin(cat, **fields)
 
 
-def _expire(cat, job_id):  # noqa: ANN001, ANN202
+def _expire(cat, job_id):
     """Make the job's lease run out now, by the database's clock."""
     with cat.session() as s:
         s.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=db_later(-1)))
@@ -103,7 +103,7 @@ def test_a_lease_is_judged_by_the_database_clock_not_the_reapers(cat, monkeypatc
 
     class Ahead(real_datetime.datetime):
         @classmethod
-        def now(cls, tz=None):  # noqa: ANN001, ANN206
+        def now(cls, tz=None):
             return real_datetime.datetime.now(tz) + real_datetime.timedelta(seconds=90)
 
     monkeypatch.setattr("catalog.models.datetime", Ahead)  # utcnow() of this process runs ahead

@@ -7,21 +7,20 @@ import pytest
 
 from catalog import jobs, moves, points
 from tests.fleet import Fleet, fill_memory, fleet  # noqa: F401 - fleet is a fixture
-from tests.harness import wait_for
 from tests.guests import images_equal
-from tests.harness import s3_storage_entry
+from tests.harness import s3_storage_entry, wait_for
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.xdist_group("host2")]  # host2 users share one xdist worker
 MiB = 1024 * 1024
 
 
-def _ran(worker, job_id: str) -> bool:  # noqa: ANN001
+def _ran(worker, job_id: str) -> bool:
     """Whether this worker process started the job (its runner logs each attempt)."""
     return f"job {job_id}: backup of" in worker.log.read_text()
 
 
 def test_each_host_runs_its_own_jobs_and_a_killed_worker_loses_none(fleet: Fleet, guest_factory, s3_settings,
-                                                                     tmp_path) -> None:  # noqa: ANN001
+                                                                     tmp_path) -> None:
     f = fleet
     f.vw.storage["s3"] = s3_storage_entry(s3_settings)  # slow enough (moto) to catch a job mid-upload
     here = guest_factory(disks=1, size_mib=32)
@@ -62,7 +61,7 @@ def test_each_host_runs_its_own_jobs_and_a_killed_worker_loses_none(fleet: Fleet
     assert images_equal(out / "vda.qcow2", there.shadow_copy("vda", tmp_path / "there.raw"))
 
 
-def test_a_job_queued_for_the_host_a_domain_left_follows_it(fleet: Fleet, guest_factory) -> None:  # noqa: ANN001
+def test_a_job_queued_for_the_host_a_domain_left_follows_it(fleet: Fleet, guest_factory) -> None:
     f = fleet
     g = guest_factory(disks=1, size_mib=16)
     g.write("vda", 0, MiB, pattern=0x44)
@@ -83,7 +82,7 @@ def test_a_job_queued_for_the_host_a_domain_left_follows_it(fleet: Fleet, guest_
     assert (point.host, point.status, point.level) == ("host2", "complete", "full")
 
 
-def test_a_job_for_a_domain_that_is_nowhere_fails_saying_so(fleet: Fleet, guest_factory) -> None:  # noqa: ANN001
+def test_a_job_for_a_domain_that_is_nowhere_fails_saying_so(fleet: Fleet, guest_factory) -> None:
     f = fleet
     g = guest_factory(disks=1, size_mib=16)
     r = f.vw.cli("backup", g.name, "--target", "nfs", "--json")
@@ -97,7 +96,7 @@ def test_a_job_for_a_domain_that_is_nowhere_fails_saying_so(fleet: Fleet, guest_
     assert f"no domain {g.name!r} on any configured host (local, host2)" in done.error, done.error
 
 
-def test_an_evacuation_whose_worker_dies_is_finished_by_another(fleet: Fleet, guest_factory) -> None:  # noqa: ANN001
+def test_an_evacuation_whose_worker_dies_is_finished_by_another(fleet: Fleet, guest_factory) -> None:
     """libvirt cancels a migration whose driving connection is gone, so the guest stays
     on its host; the next attempt closes the dead attempt's record and moves it."""
     f = fleet

@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.libvirt, pytest.mark.xdist_group("host2")]
 MiB = 1024 * 1024
 
 
-def _policy(vw, tmp_path, target: str, retention: str = "") -> None:  # noqa: ANN001
+def _policy(vw, tmp_path, target: str, retention: str = "") -> None:
     pdir = tmp_path / "policies"
     pdir.mkdir(exist_ok=True)
     (pdir / "p.yaml").write_text(
@@ -77,7 +77,7 @@ def test_the_newest_point_is_the_head_after_a_move_to_a_host_whose_clock_is_behi
     assert images_equal(out / "vda.qcow2", g.shadow_copy("vda", tmp_path / "expected.raw"))
 
 
-def _slow_down_backup(dom) -> None:  # noqa: ANN001
+def _slow_down_backup(dom) -> None:
     """Cap the speed of the guest's running QEMU backup job (4 MiB/s), so the copy lasts
     long enough to restart libvirtd in the middle of it. Test-only, through the monitor:
     libvirt has no speed setting for backup jobs."""

@@ -43,7 +43,7 @@ HOSTILE_DEVICES = ("hostdev", "filesystem", "shmem", "redirdev", "vsock", "smart
 
 
 @pytest.fixture
-def conn(libvirt_uri):  # noqa: ANN001, ANN201
+def conn(libvirt_uri):
     import libvirt
 
     c = libvirt.open(URI)
@@ -52,7 +52,7 @@ def conn(libvirt_uri):  # noqa: ANN001, ANN201
 
 
 @pytest.fixture
-def drill_network(conn):  # noqa: ANN001, ANN201
+def drill_network(conn):
     """virtwarden-drill as the drills create it; removed afterwards when this test made it."""
     from hypervisor import networks
     from hypervisor.libvirt_host import LibvirtHost
@@ -74,7 +74,7 @@ class Hostile:
     """A running marker guest whose definition holds every hostile part this host can
     boot, and more for its next boot."""
 
-    def __init__(self, guest, lan: str, *, vsock: bool = True) -> None:  # noqa: ANN001
+    def __init__(self, guest, lan: str, *, vsock: bool = True) -> None:
         import libvirt
 
         self.guest, self.lan = guest, lan
@@ -136,7 +136,7 @@ class Hostile:
 
 
 @pytest.fixture
-def hostile(lan, guest_factory, request):  # noqa: ANN001, ANN201
+def hostile(lan, guest_factory, request):
     """The hostile guest; ``@pytest.mark.parametrize("hostile", [{"vsock": False}], indirect=True)``
     leaves the vsock out of its next boot's definition."""
     g = guest_factory(disks=1, size_mib=64, boot_marker=MARKER.encode(), start=False)
@@ -147,7 +147,7 @@ def hostile(lan, guest_factory, request):  # noqa: ANN001, ANN201
         h.close()
 
 
-def _policy(vw, tmp_path: Path, domain: str, **drill) -> None:  # noqa: ANN001
+def _policy(vw, tmp_path: Path, domain: str, **drill) -> None:
     pdir = tmp_path / "policies"
     pdir.mkdir(exist_ok=True)
     doc = {"apiVersion": "virtwarden/v1", "kind": "Policy", "metadata": {"name": "hostile"},
@@ -157,13 +157,13 @@ def _policy(vw, tmp_path: Path, domain: str, **drill) -> None:  # noqa: ANN001
     vw.extra["policy_dir"] = str(pdir)
 
 
-def _backup(vw, domain: str) -> dict:  # noqa: ANN001
+def _backup(vw, domain: str) -> dict:
     r = vw.cli("backup", domain, "--wait", "--json")
     assert r.code == 0, r.err
     return r.json()["result"]
 
 
-def _manifest(vw, domain: str, point_id: str) -> Path:  # noqa: ANN001
+def _manifest(vw, domain: str, point_id: str) -> Path:
     found = list((vw.storage_path("nfs") / domain).glob(f"*/{point_id}/manifest.json"))
     assert len(found) == 1, found
     return found[0]
@@ -173,7 +173,7 @@ class Running:
     """What libvirt and the kernel say about a running copy: its live XML read with the
     secure flag, and its QEMU process's command line."""
 
-    def __init__(self, conn, name: str) -> None:  # noqa: ANN001
+    def __init__(self, conn, name: str) -> None:
         import libvirt
 
         dom = conn.lookupByName(name)
@@ -215,7 +215,7 @@ def _named(dropped: list[str], *parts: str) -> None:
     assert VNC_PASSWORD not in text
 
 
-def _drill_while_running(vw, conn, domain: str) -> tuple[Running, object]:  # noqa: ANN001
+def _drill_while_running(vw, conn, domain: str) -> tuple[Running, object]:
     """Start a drill, read the running throwaway, wait for the drill's end."""
     from tasks.drill import throwaway_name
 

@@ -3,7 +3,7 @@ by a real worker's sweeper, on SQLite and on PostgreSQL, with the rows' times se
 the past as the catalog stores them."""
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import select
@@ -13,7 +13,7 @@ from catalog.models import Alert, ApiIdempotencyKey, AuditRecord, Event
 from catalog.store import Catalog
 from tests.harness import wait_for
 
-NOW = datetime.now(timezone.utc)
+NOW = datetime.now(UTC)
 
 
 def _ago(days: float) -> datetime:

@@ -126,8 +126,8 @@ def test_every_module_of_the_clean_install_imports_from_the_venv(clean_install: 
 
 
 def test_the_clean_install_ships_the_catalog_migrations_and_the_policy_examples(clean_install: CleanInstall) -> None:
-    r = clean_install.run(clean_install.python, "-c",
-                          "import catalog.store, policies; print(catalog.store.MIGRATIONS); print(policies.__path__[0])")
+    r = clean_install.run(clean_install.python, "-c", "import catalog.store, policies;"
+                          " print(catalog.store.MIGRATIONS); print(policies.__path__[0])")
     assert r.returncode == 0, r.stderr
     migrations, policies = (Path(line) for line in r.stdout.split())
     assert migrations.is_relative_to(clean_install.venv)
@@ -159,7 +159,7 @@ class Daemon:
     def __init__(self, install: CleanInstall, config: Path, command: str, log: Path) -> None:
         self.command = command
         self.log = log
-        self._out = open(log, "ab")
+        self._out = open(log, "ab")  # noqa: SIM115 - the process's log, closed when it is stopped
         self.proc = subprocess.Popen(
             [str(install.virtwarden), "--config", str(config), "--log-level", "info", command],
             cwd=log.parent, env=clean_env(VIRTWARDEN_API_TOKEN=TOKEN), stdout=self._out, stderr=subprocess.STDOUT,

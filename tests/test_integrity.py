@@ -22,23 +22,23 @@ MiB = 1024 * 1024
 EXIT_FAILED, EXIT_NOT_FOUND, EXIT_STORAGE = 1, 4, 6
 
 
-def _backup(vw, domain: str) -> dict:  # noqa: ANN001
+def _backup(vw, domain: str) -> dict:
     r = vw.cli("backup", domain, "--wait", "--json")
     assert r.code == 0, r.err
     return r.json()["result"]
 
 
-def _points(vw, domain: str) -> list[dict]:  # noqa: ANN001
+def _points(vw, domain: str) -> list[dict]:
     r = vw.cli("backups", domain, "--json")
     assert r.code == 0, r.err
     return r.json()
 
 
-def _stored(vw, domain: str, point: dict, name: str) -> Path:  # noqa: ANN001
+def _stored(vw, domain: str, point: dict, name: str) -> Path:
     return vw.storage_path("nfs") / domain / point["chain_id"] / point["id"] / name
 
 
-def _made(vw, guest, tmp_path: Path, steps: int) -> tuple[list[dict], list[dict[str, Path]]]:  # noqa: ANN001
+def _made(vw, guest, tmp_path: Path, steps: int) -> tuple[list[dict], list[dict[str, Path]]]:
     """A full and ``steps - 1`` incrementals of ``guest``, each after its own writes, with
     a copy of what the disk held at each point."""
     results, expected = [], []
@@ -51,7 +51,7 @@ def _made(vw, guest, tmp_path: Path, steps: int) -> tuple[list[dict], list[dict[
     return results, expected
 
 
-def _restores_bit_for_bit(vw, domain: str, point_id: str, expected: dict[str, Path], out: Path) -> None:  # noqa: ANN001
+def _restores_bit_for_bit(vw, domain: str, point_id: str, expected: dict[str, Path], out: Path) -> None:
     r = vw.cli("restore", domain, "--point", point_id, "--to-dir", str(out), "--wait")
     assert r.code == 0, r.err
     for target, copy in expected.items():
@@ -109,11 +109,11 @@ def test_a_manifest_changed_after_its_backup_is_refused_before_anything_is_writt
     assert results[1]["point_id"] == inc["id"]
 
 
-def _verify(vw, *args: str):  # noqa: ANN001, ANN202
+def _verify(vw, *args: str):
     return vw.cli("verify", *args, "--wait", "--json")
 
 
-def _verified_at(vw, domain: str) -> dict:  # noqa: ANN001
+def _verified_at(vw, domain: str) -> dict:
     return {p["id"]: p["verified_at"] for p in _points(vw, domain)}
 
 

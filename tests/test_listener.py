@@ -26,8 +26,8 @@ from policies.triggers import TriggerAction, triggers_for
 from tests.conftest import need, need_module
 from tests.fleet import HOST2_PID, restart_host2, stop_host2_libvirtd
 from tests.harness import REDIS_URL, REPO, wait_for
-from virtwarden.errors import PolicyError
 from virtwarden.daemons.reconcile import SeenDomain, foreign, missed_events, part_of_start, state_after
+from virtwarden.errors import PolicyError
 
 # Our own Redis database: other test runs on this machine flush theirs (and their workers
 # would take messages for host.local from a shared one).
@@ -136,7 +136,7 @@ def _seen(uuid: str, state: str, persistent: bool = True) -> SeenDomain:
     (_known("a", "departed"), None, []),
     (_known("a", "running", host="h2"), None, []),
 ])
-def test_reconciliation_makes_up_the_missed_events(before, now, kinds) -> None:  # noqa: ANN001
+def test_reconciliation_makes_up_the_missed_events(before, now, kinds) -> None:
     known = {before.uuid: before} if before else {}
     missed = missed_events("h1", known, [now] if now else [])
     assert [m.kind for m in missed] == kinds
@@ -175,8 +175,8 @@ def test_an_event_handled_twice_makes_one_job(tmp_path: Path, redis_url: str) ->
     from catalog import events, jobs
     from catalog.store import Catalog
     from virtwarden import config
-    from worker import celery_app
     from virtwarden.daemons.listener import Dispatcher
+    from worker import celery_app
 
     policy_dir = tmp_path / "policies"
     policy_dir.mkdir()
@@ -225,7 +225,7 @@ spec:
 class ListenerProcess:
     """``virtwarden listen`` in its own process group, its output in a log file."""
 
-    def __init__(self, vw, hosts: list[str] | None = None, env: dict[str, str] | None = None) -> None:  # noqa: ANN001
+    def __init__(self, vw, hosts: list[str] | None = None, env: dict[str, str] | None = None) -> None:
         config = vw.write_config()
         self.log = vw.root / "listener.log"
         args = [sys.executable, "-m", "virtwarden.cli", "--config", str(config), "--log-level", "info", "listen"]
@@ -234,7 +234,7 @@ class ListenerProcess:
         full_env = {**os.environ, **(env or {})}
         full_env.pop("VIRTWARDEN_DATABASE_URL", None)
         full_env.pop("VIRTWARDEN_BROKER_URL", None)
-        self._out = open(self.log, "ab")
+        self._out = open(self.log, "ab")  # noqa: SIM115 - the process's log, closed when it is stopped
         self.proc = subprocess.Popen(args, cwd=REPO, env=full_env, stdout=self._out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
@@ -266,7 +266,7 @@ class ListenerProcess:
 
 
 @pytest.fixture
-def installation(vw, tmp_path):  # noqa: ANN001, ANN201
+def installation(vw, tmp_path):
     """``vw`` on a Redis database of its own, with the on-start policy for one name."""
     import redis
 
@@ -282,7 +282,7 @@ def installation(vw, tmp_path):  # noqa: ANN001, ANN201
     redis.Redis.from_url(LISTENER_REDIS_URL).flushdb()
 
 
-def _wait_for_point(vw, domain: str, timeout: float) -> dict:  # noqa: ANN001
+def _wait_for_point(vw, domain: str, timeout: float) -> dict:
     def complete() -> dict | None:
         r = vw.cli("backups", domain, "--json")
         assert r.code == 0, r.err
@@ -296,7 +296,7 @@ def _wait_for_point(vw, domain: str, timeout: float) -> dict:  # noqa: ANN001
     return wait_for(complete, timeout, state, poll=1)
 
 
-def _events(vw, domain: str) -> list:  # noqa: ANN001
+def _events(vw, domain: str) -> list:
     from catalog import events
 
     cat = vw.catalog()
@@ -306,7 +306,7 @@ def _events(vw, domain: str) -> list:  # noqa: ANN001
         cat.close()
 
 
-def _event_jobs(vw, domain: str) -> list[dict]:  # noqa: ANN001
+def _event_jobs(vw, domain: str) -> list[dict]:
     r = vw.cli("jobs", "--json", "--domain", domain)
     assert r.code == 0, r.err
     return r.json()
@@ -314,7 +314,7 @@ def _event_jobs(vw, domain: str) -> list[dict]:  # noqa: ANN001
 
 @pytest.mark.libvirt
 @pytest.mark.celery
-def test_a_started_domain_is_backed_up_without_any_command(installation, guest_factory) -> None:  # noqa: ANN001
+def test_a_started_domain_is_backed_up_without_any_command(installation, guest_factory) -> None:
     vw, name = installation
     vw.start_worker()
     listener = ListenerProcess(vw)
@@ -333,7 +333,7 @@ def test_a_started_domain_is_backed_up_without_any_command(installation, guest_f
         listener.stop()
 
 
-def _define_tiny_domain(conn, workdir: Path, name: str):  # noqa: ANN001, ANN201
+def _define_tiny_domain(conn, workdir: Path, name: str):
     from tests.guests import domain_type
 
     workdir.mkdir(parents=True)
@@ -349,7 +349,7 @@ def _define_tiny_domain(conn, workdir: Path, name: str):  # noqa: ANN001, ANN201
 
 @pytest.mark.libvirt
 @pytest.mark.celery
-def test_a_libvirtd_restart_is_survived_and_what_it_hid_is_handled(installation, tmp_path) -> None:  # noqa: ANN001
+def test_a_libvirtd_restart_is_survived_and_what_it_hid_is_handled(installation, tmp_path) -> None:
     libvirt = need_module("libvirt")
     from tests.guests import _remove_domain
 

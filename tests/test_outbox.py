@@ -41,12 +41,12 @@ class Clock:
 
         self.now = parse_time(at, "test clock")
 
-    def __call__(self):  # noqa: ANN204
+    def __call__(self):
         return self.now
 
 
 @pytest.fixture
-def private_redis(tmp_path):  # noqa: ANN001, ANN201
+def private_redis(tmp_path):
     broker = PrivateRedis(tmp_path / "redis")
     broker.start()
     yield broker
@@ -55,8 +55,8 @@ def private_redis(tmp_path):  # noqa: ANN001, ANN201
 
 def test_a_broker_outage_and_a_dead_worker_lose_no_job_and_no_slot(vw, guest_factory, private_redis, s3_settings,
                                                                     tmp_path):
-    from worker import celery_app
     from virtwarden.daemons.scheduler import Scheduler
+    from worker import celery_app
 
     g = guest_factory(disks=1, size_mib=320)
     g.write_random("vda", 0, 300 * MiB)
@@ -98,7 +98,8 @@ def test_a_broker_outage_and_a_dead_worker_lose_no_job_and_no_slot(vw, guest_fac
         report = scheduler.tick()
         assert len(report.started) == 1, report.summary()
         next_id = report.started[0][1]
-        finished = wait_for(lambda: (j := jobs.get(cat, next_id)).finished and j, 120, f"the {hour}:00 backup")
+        finished = wait_for(lambda: (j := jobs.get(cat, next_id)).finished and j,  # noqa: B023 - waited for here
+                            120, f"the {hour}:00 backup")
         assert finished.state == "succeeded", finished.error
         assert finished.result["level"] == "incremental"
     states = sorted((r.slot_at.strftime("%H"), r.state) for r in slots.listing(cat))

@@ -23,11 +23,11 @@ def dom(name: str, mem: int = GiB, vcpus: int = 1, *, running: bool = True, targ
     return Candidate(name, f"uuid-{name}", running, mem, vcpus, targets, "p" if targets else None, refused)
 
 
-def where(plan) -> dict[str, str]:  # noqa: ANN001
+def where(plan) -> dict[str, str]:
     return {m.domain: m.to for m in plan.moves}
 
 
-def why(plan, name: str) -> str:  # noqa: ANN001
+def why(plan, name: str) -> str:
     return next(x.reason for x in plan.left if x.domain == name)
 
 
@@ -79,7 +79,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_plan_table(case) -> None:  # noqa: ANN001
+def test_plan_table(case) -> None:
     _, hosts, domains, to, moves, left = case
     plan = plan_evacuation("a", hosts, domains, to=to)
     assert where(plan) == moves
@@ -122,7 +122,7 @@ domains_st = st.lists(
 
 @settings(max_examples=300, deadline=None)
 @given(hosts_st, domains_st, st.lists(names, max_size=2).map(tuple))
-def test_any_plan_is_safe(hosts, domains, to) -> None:  # noqa: ANN001
+def test_any_plan_is_safe(hosts, domains, to) -> None:
     source = hosts[0]
     plan = plan_evacuation(source.name, hosts, domains, to=to)
     by_name = {h.name: h for h in hosts}

@@ -10,8 +10,21 @@ from pathlib import Path
 
 import pytest
 
-from policies import (BackupSettings, DomainFacts, Policy, check_against_config, governing, load_dir, load_file,
-                      matching, parse_duration, parse_metadata, resolve_backup, selects, validate_paths)
+from policies import (
+    BackupSettings,
+    DomainFacts,
+    Policy,
+    check_against_config,
+    governing,
+    load_dir,
+    load_file,
+    matching,
+    parse_duration,
+    parse_metadata,
+    resolve_backup,
+    selects,
+    validate_paths,
+)
 from virtwarden.config import Config
 from virtwarden.errors import NotFound, PolicyError, UnknownStorage
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -39,7 +39,7 @@ from virtwarden.config import NfsStorage, load
 from virtwarden.errors import ObjectNotFound
 
 MiB = 1024 * 1024
-START = datetime(2024, 1, 1, tzinfo=timezone.utc)
+START = datetime(2024, 1, 1, tzinfo=UTC)
 
 
 class PowerCut(BaseException):
@@ -50,7 +50,7 @@ class CutAfter:
     """A real backend that dies before its ``ops``-th deleting operation (``delete`` or
     ``cleanup_incomplete``); None: never. Everything else goes straight through."""
 
-    def __init__(self, backend, ops: int | None) -> None:  # noqa: ANN001
+    def __init__(self, backend, ops: int | None) -> None:
         self._backend, self.left, self.done = backend, ops, 0
 
     def _step(self) -> None:
@@ -66,11 +66,11 @@ class CutAfter:
         self._step()
         return self._backend.cleanup_incomplete(prefix)
 
-    def __getattr__(self, name: str):  # noqa: ANN204
+    def __getattr__(self, name: str):
         return getattr(self._backend, name)
 
 
-def context(cat: Catalog, backend, tmp: Path, cut: int | None = None) -> tuple[JobContext, CutAfter]:  # noqa: ANN001
+def context(cat: Catalog, backend, tmp: Path, cut: int | None = None) -> tuple[JobContext, CutAfter]:
     wrapped = CutAfter(backend, cut)
     return JobContext(job_id="prune-test", catalog=cat, hypervisor=None, storage=lambda _name: wrapped,
                       scratch_root=tmp), wrapped
@@ -101,7 +101,7 @@ def assert_listed_points_restore(cat: Catalog, repo: Repository, domain: str) ->
         for link in points.chain_to(cat, p.id):  # raises when a link is not complete
             manifest = repo.read_manifest(link.manifest_key)
             assert manifest["point_id"] == link.id
-            for disk, art in zip(manifest["disks"], link.artifacts):
+            for disk, art in zip(manifest["disks"], link.artifacts, strict=False):
                 assert (disk["key"], disk["sha256"]) == (art.key, art.sha256)
                 repo.backend.verify(art.key, art.sha256)
 
@@ -117,14 +117,14 @@ def assert_pruned(cat: Catalog, repo: Repository, domain: str, kept: set[str]) -
 
 
 @pytest.fixture(scope="module")
-def catalog(tmp_path_factory) -> Catalog:  # noqa: ANN001
+def catalog(tmp_path_factory) -> Catalog:
     cat = Catalog(f"sqlite:///{tmp_path_factory.mktemp('catalog') / 'catalog.db'}")
     yield cat
     cat.close()
 
 
 @pytest.fixture
-def backend(request, tmp_path):  # noqa: ANN001, ANN201
+def backend(request, tmp_path):
     if request.param == "nfs":
         store = NfsBackend("nfs", NfsStorage(type="nfs", path=str(tmp_path / "repository"), create=True))
     else:
@@ -362,7 +362,7 @@ def test_prune_keeps_what_the_policy_says_and_every_listed_point_restores(vw, gu
     backend = open_backend("nfs", cfg.storage_target("nfs"))
     ctx, _ = context(vw.catalog(), backend, tmp_path, cut=1)
     with pytest.raises(PowerCut):
-        prune_all(ctx, DomainRules(g.name, "keep-two", Retention(keep_last=2), "test"), datetime.now(timezone.utc))
+        prune_all(ctx, DomainRules(g.name, "keep-two", Retention(keep_last=2), "test"), datetime.now(UTC))
     status = {p["id"]: p["status"] for p in vw.cli("backups", g.name, "--json").json()}
     assert status == {f1: "complete", i1: "deleting", f2: "complete", i2: "complete", i3: "complete"}
     _restore_all(vw, g.name, expected, tmp_path / "after-crash")
@@ -383,11 +383,11 @@ def test_prune_keeps_what_the_policy_says_and_every_listed_point_restores(vw, gu
     _restore_all(vw, g.name, expected, tmp_path / "after-prune")
 
 
-def _rows(vw, domain: str) -> list[dict]:  # noqa: ANN001
+def _rows(vw, domain: str) -> list[dict]:
     return [{"id": p.id, "manifest_key": p.manifest_key} for p in points.for_domain(vw.catalog(), domain)]
 
 
-def _restore_all(vw, domain: str, expected: dict, where: Path) -> None:  # noqa: ANN001
+def _restore_all(vw, domain: str, expected: dict, where: Path) -> None:
     """Every point listed as complete restores and equals the guest's disk at that point."""
     listed = [p for p in vw.cli("backups", domain, "--json").json() if p["status"] == "complete"]
     assert listed

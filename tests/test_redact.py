@@ -113,8 +113,8 @@ def test_uvicorns_access_log_keeps_its_arguments_and_loses_the_token(capsys):
 
 def test_healthz_answers_without_a_token_and_without_the_brokers_password(tmp_path):
     from catalog.store import Catalog
-    from worker import celery_app
     from virtwarden.api.app import Api, _health
+    from worker import celery_app
 
     cfg = config.load(env={"VIRTWARDEN_DATA_DIR": str(tmp_path),
                            "VIRTWARDEN_BROKER_URL": "redis://:hunter2@127.0.0.1:1/0"})

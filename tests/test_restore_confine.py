@@ -6,7 +6,7 @@ configuration that names the allowed directories."""
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -22,7 +22,7 @@ def _mode(path: Path) -> int:
 
 
 @pytest.fixture
-def roots(tmp_path):  # noqa: ANN201
+def roots(tmp_path):
     """An allowed root with a symbolic link inside that leads outside it, and a file
     outside that must never change."""
     root, outside = tmp_path / "restores", tmp_path / "outside"
@@ -105,30 +105,30 @@ def test_a_directory_that_is_not_new_or_empty_is_refused_and_left_as_it_was(root
     held = root / "held"
     held.mkdir()
     (held / "domain.xml").symlink_to(outside / "victim")
-    with pytest.raises(RestoreRefused, match=r"already holds domain.xml; choose a new or empty directory"):
-        with NewDir(str(held), job_id="j", roots=(str(root),)):
-            pass
+    with (pytest.raises(RestoreRefused, match=r"already holds domain.xml; choose a new or empty directory"),
+          NewDir(str(held), job_id="j", roots=(str(root),))):
+        pass
     assert os.listdir(held) == ["domain.xml"] and (outside / "victim").read_text() == "precious"
     (root / "file").write_text("x")
-    with pytest.raises(RestoreRefused, match="is not a directory"):
-        with NewDir(str(root / "file"), job_id="j", roots=(str(root),)):
-            pass
+    with (pytest.raises(RestoreRefused, match="is not a directory"),
+          NewDir(str(root / "file"), job_id="j", roots=(str(root),))):
+        pass
 
 
 def test_a_name_taken_while_the_restore_ran_is_never_written_through_or_replaced(roots):
     root, outside = roots
     dest = root / "race"
     for planted in ("symlink", "file"):
-        with pytest.raises(RestoreRefused, match=f"{dest / 'domain.xml'} (already exists|appeared)"):
-            with NewDir(str(dest), job_id="j", roots=(str(root),)) as out:
-                fd = out.create("vda.qcow2")
-                os.close(fd)
-                out.write_text("domain.xml", "<evil/>")
-                if planted == "symlink":  # someone plants a link to a file of theirs, or of root's
-                    (dest / "domain.xml").symlink_to(outside / "victim")
-                else:
-                    (dest / "domain.xml").write_text("someone else's")
-                out.publish()
+        with (pytest.raises(RestoreRefused, match=f"{dest / 'domain.xml'} (already exists|appeared)"),
+              NewDir(str(dest), job_id="j", roots=(str(root),)) as out):
+            fd = out.create("vda.qcow2")
+            os.close(fd)
+            out.write_text("domain.xml", "<evil/>")
+            if planted == "symlink":  # someone plants a link to a file of theirs, or of root's
+                (dest / "domain.xml").symlink_to(outside / "victim")
+            else:
+                (dest / "domain.xml").write_text("someone else's")
+            out.publish()
         assert (outside / "victim").read_text() == "precious"
         # What the restore created is gone; what it found stays.
         assert os.listdir(dest) == ["domain.xml"]
@@ -140,18 +140,16 @@ def test_a_name_taken_while_the_restore_ran_is_never_written_through_or_replaced
 
 def test_a_failed_restore_removes_what_it_created_and_only_that(roots):
     root, _ = roots
-    with pytest.raises(RuntimeError):
-        with NewDir(str(root / "new" / "deeper"), job_id="j", roots=(str(root),)) as out:
-            out.write_text("vda.qcow2", "half")
-            raise RuntimeError("qemu-img failed")
+    with pytest.raises(RuntimeError), NewDir(str(root / "new" / "deeper"), job_id="j", roots=(str(root),)) as out:
+        out.write_text("vda.qcow2", "half")
+        raise RuntimeError("qemu-img failed")
     assert sorted(p.name for p in root.iterdir()) == ["dangling", "escape"]
     kept = root / "kept"
     kept.mkdir()
-    with pytest.raises(RuntimeError):
-        with NewDir(str(kept), job_id="j", roots=(str(root),)) as out:
-            out.write_text("vda.qcow2", "x")
-            out.publish()
-            raise RuntimeError("defining the domain failed")
+    with pytest.raises(RuntimeError), NewDir(str(kept), job_id="j", roots=(str(root),)) as out:
+        out.write_text("vda.qcow2", "x")
+        out.publish()
+        raise RuntimeError("defining the domain failed")
     assert kept.is_dir() and os.listdir(kept) == []  # found empty, left empty
 
 
@@ -164,9 +162,9 @@ def test_an_attempt_that_starts_again_removes_what_the_dead_one_left(roots):
     dead.write_text("domain.xml", "x")
     os.link(dest / ".virtwarden-restore-job1" / "vda.qcow2", dest / "vda.qcow2")  # it died while naming them
     dead.close()  # nothing cleaned: the process is gone
-    with pytest.raises(RestoreRefused, match="already holds .virtwarden-restore-job1, vda.qcow2"):  # not its own
-        with NewDir(str(dest), job_id="job2", roots=(str(root),)):
-            pass
+    with (pytest.raises(RestoreRefused, match="already holds .virtwarden-restore-job1, vda.qcow2"),  # not its own
+          NewDir(str(dest), job_id="job2", roots=(str(root),))):
+        pass
     with NewDir(str(dest), job_id="job1", roots=(str(root),)) as out:
         out.write_text("vda.qcow2", "again")
         out.write_text("domain.xml", "y")
@@ -180,9 +178,9 @@ def test_the_directory_opened_is_judged_again_where_it_really_is(roots, monkeypa
     skipped, as if the link appeared right after it) is caught on the opened directory."""
     root, outside = roots
     monkeypatch.setattr(confine_module, "confine", lambda path, roots, what="to_dir": path)
-    with pytest.raises(DestinationRefused, match=f"led to {outside / 'x'} when it was opened"):
-        with NewDir(str(root / "escape" / "x"), job_id="j", roots=(str(root),)):
-            pass
+    with (pytest.raises(DestinationRefused, match=f"led to {outside / 'x'} when it was opened"),
+          NewDir(str(root / "escape" / "x"), job_id="j", roots=(str(root),))):
+        pass
     assert sorted(p.name for p in outside.iterdir()) == ["victim"]  # the directory it made is gone again
 
 
@@ -191,9 +189,8 @@ def test_an_unconfined_restore_may_go_anywhere_but_only_into_a_new_or_empty_dire
     with NewDir(str(tmp_path / "anywhere"), job_id="j") as out:
         out.write_text("domain.xml", "x")
         out.publish()
-    with pytest.raises(RestoreRefused, match="already holds victim"):
-        with NewDir(str(outside), job_id="j"):
-            pass
+    with pytest.raises(RestoreRefused, match="already holds victim"), NewDir(str(outside), job_id="j"):
+        pass
 
 
 # --- disk targets -----------------------------------------------------------------------------
@@ -210,13 +207,13 @@ def test_anything_else_is_refused_as_a_target(target):
         check_target(target, "p1")
 
 
-def _point(target: str):  # noqa: ANN202
+def _point(target: str):
     from catalog.points import ArtifactView, PointView
 
     return PointView(id="p1", domain="web01", domain_uuid="u", host="local", storage="nfs", strategy="bitmap",
                      chain_id="c", parent_id=None, seq=0, level="full", status="complete", reason=None,
                      consistency="crash", checkpoint=None, manifest_key="web01/c/p1/manifest.json", size_bytes=1,
-                     job_id=None, created_at=datetime(2025, 3, 30, tzinfo=timezone.utc), completed_at=None,
+                     job_id=None, created_at=datetime(2025, 3, 30, tzinfo=UTC), completed_at=None,
                      artifacts=(ArtifactView(target, "web01/c/p1/vda.qcow2", 1, "s", 1),))
 
 
@@ -290,7 +287,7 @@ def test_bad_allowed_dirs_are_reported_by_line(tmp_path, value, message):
     f.write_text(f"data_dir: /srv/vw\nrestore:\n  allowed_dirs: {value}\n")
     with pytest.raises(ConfigError) as e:
         config.load(str(f), env={})
-    assert f"c.yaml:3: restore.allowed_dirs" in str(e.value) and message in str(e.value), str(e.value)
+    assert "c.yaml:3: restore.allowed_dirs" in str(e.value) and message in str(e.value), str(e.value)
     f.write_text("restore:\n  alowed_dirs: [/srv]\n")
     unknown = r"c.yaml:2: restore.alowed_dirs: unknown key \(did you mean 'allowed_dirs'\?\)"
     with pytest.raises(ConfigError, match=unknown):

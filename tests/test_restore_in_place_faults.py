@@ -24,19 +24,19 @@ MiB = 1024 * 1024
 DISKS = ("vda", "vdb")
 
 
-def _inactive_xml(g) -> str:  # noqa: ANN001
+def _inactive_xml(g) -> str:
     import libvirt
 
     return g.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
 
 
-def _domain_id(g) -> int:  # noqa: ANN001
+def _domain_id(g) -> int:
     """The running domain's id, as libvirt says now (a virDomain keeps the id it was
     looked up with); a new one after every start, -1 when it is off."""
     return g.conn.lookupByName(g.name).ID()
 
 
-def _prepared(vw, g, tmp_path: Path) -> tuple[str, dict[str, Path], dict[str, Path]]:  # noqa: ANN001
+def _prepared(vw, g, tmp_path: Path) -> tuple[str, dict[str, Path], dict[str, Path]]:
     """A backed-up guest that wrote more since: the point's id, each disk as the point
     holds it and as it is now (what a restore replaces)."""
     g.write_random("vda", MiB, 2 * MiB)
@@ -50,24 +50,24 @@ def _prepared(vw, g, tmp_path: Path) -> tuple[str, dict[str, Path], dict[str, Pa
     return r.json()["result"]["point_id"], at_point, now
 
 
-def _restore_in_place(vw, g, point_id: str, *extra: str) -> str:  # noqa: ANN001
+def _restore_in_place(vw, g, point_id: str, *extra: str) -> str:
     r = vw.cli("restore", g.name, "--in-place", "--point", point_id, "--shutdown-timeout", "2", "--json", *extra)
     assert r.code == 0, r.err
     return r.json()["id"]
 
 
-def _killed_at(worker, faults: Path, point: str) -> None:  # noqa: ANN001
+def _killed_at(worker, faults: Path, point: str) -> None:
     """Wait until the worker's job process killed itself at ``point``; then make sure no
     part of that worker lives on, so that another worker takes the job over."""
     wait_file(faults / f"{point}.pid", 180)
     worker.kill()
 
 
-def _ended(cat, job_id: str, timeout: float = 180):  # noqa: ANN001, ANN202
+def _ended(cat, job_id: str, timeout: float = 180):
     return wait_for(lambda: (j := job_rows.get(cat, job_id)).finished and j, timeout, "the job to end")
 
 
-def _leftovers(vw, g, job_id: str) -> list[str]:  # noqa: ANN001
+def _leftovers(vw, g, job_id: str) -> list[str]:
     here = [p.name for p in g.workdir.iterdir() if "restoring" in p.name or ".partial" in p.name]
     scratch = [p.name for p in vw.scratch.glob(f"job-{job_id}*")] if vw.scratch.exists() else []
     return here + scratch

@@ -12,7 +12,7 @@ import json
 import os
 import time
 import xml.etree.ElementTree as ET
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -31,10 +31,10 @@ MARKER = b"VIRTWARDEN-RESTORE-BOOTED"
 def test_times_with_and_without_a_zone():
     from tasks.restore import InvalidRestoreRequest, parse_time
 
-    assert parse_time("2025-03-30T12:00Z") == datetime(2025, 3, 30, 12, tzinfo=timezone.utc)
-    assert parse_time("2025-03-30T14:00:00+02:00") == datetime(2025, 3, 30, 12, tzinfo=timezone.utc)
+    assert parse_time("2025-03-30T12:00Z") == datetime(2025, 3, 30, 12, tzinfo=UTC)
+    assert parse_time("2025-03-30T14:00:00+02:00") == datetime(2025, 3, 30, 12, tzinfo=UTC)
     local = datetime(2025, 3, 30, 14, 0).astimezone()  # what "local time of this machine" means
-    assert parse_time("2025-03-30T14:00") == local.astimezone(timezone.utc)
+    assert parse_time("2025-03-30T14:00") == local.astimezone(UTC)
     with pytest.raises(InvalidRestoreRequest) as e:
         parse_time("yesterday")
     assert e.value.exit_code == 2 and "ISO 8601" in str(e.value)
@@ -47,7 +47,7 @@ def _point(pid: str, seq: int, parent: str | None, minutes: int, level: str = "i
                      chain_id="c1", parent_id=parent, seq=seq, level=level, status="complete", reason=None,
                      consistency="crash", checkpoint=None, manifest_key=f"web01/c1/{pid}/manifest.json",
                      size_bytes=300, job_id=None,
-                     created_at=datetime(2025, 3, 30, 12, minutes, tzinfo=timezone.utc), completed_at=None,
+                     created_at=datetime(2025, 3, 30, 12, minutes, tzinfo=UTC), completed_at=None,
                      artifacts=(ArtifactView("vda", f"{pid}/vda", 100, "x", 64 * MiB),
                                 ArtifactView("vdb", f"{pid}/vdb", 200, "y", 32 * MiB)))
 
@@ -181,7 +181,7 @@ def _swap_plan(tmp_path: Path):
     disks = (DiskPlan("vda", ("p",), 1, 1, f"{d}/vda.qcow2", "qcow2", (f"{d}/vda.T.qcow2", f"{d}/vda.qcow2")),
              DiskPlan("vdb", ("p",), 1, 1, f"{d}/vdb.img", "raw", (f"{d}/vdb.img",)))
     return RestorePlan("in-place", "web01", "u", "local", "nfs", "by id",
-                       (ChainEntry("p", "full", datetime.now(timezone.utc), 1),), disks)
+                       (ChainEntry("p", "full", datetime.now(UTC), 1),), disks)
 
 
 def test_disk_swap_is_undone_completely_whatever_was_done(tmp_path):
@@ -190,7 +190,7 @@ def test_disk_swap_is_undone_completely_whatever_was_done(tmp_path):
     original = {"vda.T.qcow2": b"tracker", "vda.qcow2": b"base", "vdb.img": b"raw"}
     journal = disk_swap.SwapJournal(tmp_path / "scratch" / "job.json")
 
-    def fresh():  # noqa: ANN202
+    def fresh():
         for p in list(tmp_path.iterdir()):
             if p.is_file():
                 p.unlink()
@@ -201,7 +201,7 @@ def test_disk_swap_is_undone_completely_whatever_was_done(tmp_path):
             temp.write_bytes(b"restored-" + target.encode())
         return swap
 
-    def names():  # noqa: ANN202
+    def names():
         return {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
 
     swap = fresh()
@@ -312,7 +312,7 @@ def _domain_exists(name: str) -> bool:
         conn.close()
 
 
-def _with_interface(g, network: str) -> None:  # noqa: ANN001
+def _with_interface(g, network: str) -> None:
     """Give a stopped test guest a NIC on ``network`` with a known MAC, so a copy's new MAC
     shows (a user-mode NIC would not do: a copy keeps interfaces on networks and bridges only)."""
     xml = g.dom.XMLDesc(0).replace(
@@ -442,7 +442,7 @@ def test_at_a_time_between_two_points_picks_the_earlier(vw, guest_factory, tmp_p
     first = _backup(vw, g.name)
     expected = g.shadow_copy("vda", tmp_path / "first.raw")
     time.sleep(0.05)
-    between_utc = datetime.now(timezone.utc)
+    between_utc = datetime.now(UTC)
     between_local = datetime.now()  # naive: this machine's local time
     time.sleep(0.05)
     g.write("vda", 0, MiB, pattern=0x22)
@@ -459,7 +459,7 @@ def test_at_a_time_between_two_points_picks_the_earlier(vw, guest_factory, tmp_p
     assert r.code == 0, r.err
     assert r.json()["result"]["point_id"] == first["point_id"]
     assert images_equal(out / "vda.qcow2", expected)
-    later = (datetime.now(timezone.utc) + timedelta(minutes=1)).isoformat()
+    later = (datetime.now(UTC) + timedelta(minutes=1)).isoformat()
     plan = vw.cli("restore", g.name, "--at", later, "--to-dir", str(tmp_path / "y"), "--dry-run", "--json")
     assert plan.json()["point"]["id"] == second["point_id"]
 

@@ -3,7 +3,7 @@ exact points kept, and a property test over random histories of backups and prun
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import given, settings
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from policies.model import Retention
 from policies.retention import RULES, deletion_order, select_kept
 
-NOW = datetime(2030, 1, 1, tzinfo=timezone.utc)
+NOW = datetime(2030, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ def history(*spec: str) -> list[P]:
         ident, rest = item.split("@")
         when, _, parent = rest.partition("<")
         t = datetime.fromisoformat(when)
-        t = t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+        t = t if t.tzinfo else t.replace(tzinfo=UTC)
         chains[ident] = chains[parent] if parent else ident
         out.append(P(ident, t, chains[ident], parent or None, "incremental" if parent else "full"))
     return out
@@ -181,7 +181,7 @@ prune = st.tuples(st.just("prune"), retentions)
 @given(start=st.datetimes(min_value=datetime(2020, 1, 1), max_value=datetime(2026, 1, 1)),
        steps=st.lists(st.one_of(backup, prune), min_size=1, max_size=40))
 def test_random_backups_and_prunes(start, steps):
-    now = start.replace(tzinfo=timezone.utc)
+    now = start.replace(tzinfo=UTC)
     alive: list[P] = []
     for n, step in enumerate(steps):
         if step[0] == "backup":

@@ -4,6 +4,7 @@ run and dry run, and dry runs that change nothing."""
 from __future__ import annotations
 
 import textwrap
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -149,7 +150,7 @@ def test_a_bad_parameter_starts_nothing(vw, guest_factory):
 @pytest.mark.libvirt
 @pytest.mark.cli_in_process
 def test_restore_at_runbook_restores_the_point_of_that_time(vw, guest_factory, tmp_path):
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from tests.guests import images_equal
 
@@ -159,7 +160,7 @@ def test_restore_at_runbook_restores_the_point_of_that_time(vw, guest_factory, t
     g.write("vda", 0, MiB, pattern=0x11)
     assert vw.cli("backup", g.name, "--wait").code == 0
     first = g.shadow_copy("vda", tmp_path / "first.raw")
-    between = datetime.now(timezone.utc).isoformat()
+    between = datetime.now(UTC).isoformat()
     g.write("vda", 0, MiB, pattern=0x22)
     assert vw.cli("backup", g.name, "--wait").code == 0
 

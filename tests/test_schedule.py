@@ -3,15 +3,14 @@ slots are due, and the start / skip / defer decision. Every case is a row of a t
 with the exact UTC instants expected."""
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
 from policies import DomainFacts, Policy
-from policies.schedule import (Busy, Limits, Slot, due, last_slot, limits_of, next_slot, slots_between, split,
-                               window_end)
+from policies.schedule import Busy, Limits, Slot, due, last_slot, limits_of, next_slot, slots_between, split, window_end
 
-UTC = timezone.utc
+UTC = UTC
 
 
 def T(text: str) -> datetime:

@@ -10,10 +10,9 @@ import subprocess
 import sys
 import textwrap
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
-
 from sqlalchemy import delete as sa_delete
 from sqlalchemy import update as sa_update
 
@@ -25,7 +24,7 @@ from virtwarden import config as config_module
 
 pytestmark = pytest.mark.libvirt
 
-UTC = timezone.utc
+UTC = UTC
 
 
 def T(text: str) -> datetime:
@@ -47,7 +46,7 @@ class FakeClock:
 class Setup:
     """An installation (vw), its guests (defined, not started) and one policy file."""
 
-    def __init__(self, vw, guest_factory, policy: str, guests: int = 2) -> None:  # noqa: ANN001
+    def __init__(self, vw, guest_factory, policy: str, guests: int = 2) -> None:
         self.vw = vw
         self.prefix = f"vwsched-{secrets.token_hex(3)}"
         self.domains = [guest_factory(disks=1, size_mib=16, start=False, name=f"{self.prefix}-{chr(97 + i)}").name
@@ -66,7 +65,7 @@ class Setup:
         celery_app.configure(cfg)
         return cfg
 
-    def scheduler(self, cfg: config_module.Config, clock: FakeClock):  # noqa: ANN201
+    def scheduler(self, cfg: config_module.Config, clock: FakeClock):
         from virtwarden.daemons.scheduler import Scheduler
 
         return Scheduler(cfg, Catalog(cfg.catalog_url), clock=clock)
@@ -262,7 +261,7 @@ def test_a_broker_outage_or_a_scheduler_crash_loses_no_slot(vw, guest_factory):
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def catalog_url(request, vw):  # noqa: ANN001, ANN201
+def catalog_url(request, vw):
     if request.param == "sqlite":
         return None  # the installation's own SQLite file
     return request.getfixturevalue("pg_schema_url")
@@ -276,7 +275,7 @@ def test_concurrent_schedulers_start_each_slot_once(vw, guest_factory, catalog_u
     barrier = threading.Barrier(len(schedulers))
     reports, errors = [], []
 
-    def tick(sched) -> None:  # noqa: ANN001
+    def tick(sched) -> None:
         try:
             barrier.wait(timeout=120)
             reports.append(sched.tick())

@@ -191,8 +191,16 @@ def test_an_external_snapshot_of_an_agent_guest_is_quiesced(vw, agent_guest_fact
     """The guest's filesystem is frozen for the snapshot's instant: data held only in
     its page cache is in the frozen image, whose ext4 is clean; the guest is thawed
     and writable afterwards."""
-    from tests.test_quiesce import (FREEZE_THEN_THAW, _blocks_on_disk, _fs_state, _in_order, _live_raw, _raw,
-                                    _thawed_and_writable, _write_blocks)
+    from tests.test_quiesce import (
+        FREEZE_THEN_THAW,
+        _blocks_on_disk,
+        _fs_state,
+        _in_order,
+        _live_raw,
+        _raw,
+        _thawed_and_writable,
+        _write_blocks,
+    )
 
     _policy(vw, tmp_path, "{type: external, quiesce: auto}")
     g = agent_guest_factory()

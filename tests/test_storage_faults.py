@@ -24,22 +24,22 @@ pytestmark = pytest.mark.libvirt
 MiB = 1024 * 1024
 
 
-def _backup(vw, domain: str, *args: str):  # noqa: ANN001, ANN202
+def _backup(vw, domain: str, *args: str):
     return vw.cli("backup", domain, *args, "--wait", "--json")
 
 
-def _restored_equal(vw, g, tmp_path: Path, expected: Path, name: str) -> bool:  # noqa: ANN001
+def _restored_equal(vw, g, tmp_path: Path, expected: Path, name: str) -> bool:
     out = tmp_path / name
     r = vw.cli("restore", g.name, "--point", "latest", "--to-dir", str(out), "--wait")
     assert r.code == 0, r.err
     return images_equal(out / "vda.qcow2", expected)
 
 
-def _uploads_left(settings) -> list:  # noqa: ANN001
+def _uploads_left(settings) -> list:
     return s3_client(settings.endpoint_url).list_multipart_uploads(Bucket=settings.bucket).get("Uploads", [])
 
 
-def _keys_of(settings, point_id: str) -> list[str]:  # noqa: ANN001
+def _keys_of(settings, point_id: str) -> list[str]:
     reply = s3_client(settings.endpoint_url).list_objects_v2(Bucket=settings.bucket)
     return [o["Key"] for o in reply.get("Contents", []) if point_id in o["Key"]]
 

@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.libvirt, pytest.mark.cli_in_process]
 MiB = 1024 * 1024
 
 
-def _policy(vw, tmp_path: Path, target: str, strategy: str) -> None:  # noqa: ANN001
+def _policy(vw, tmp_path: Path, target: str, strategy: str) -> None:
     pdir = tmp_path / "policies"
     pdir.mkdir(exist_ok=True)
     (pdir / "p.yaml").write_text(
@@ -31,18 +31,18 @@ def _policy(vw, tmp_path: Path, target: str, strategy: str) -> None:  # noqa: AN
     vw.extra["policy_dir"] = str(pdir)
 
 
-def _owner_worker(vw, cat, job_id: str):  # noqa: ANN001, ANN202
+def _owner_worker(vw, cat, job_id: str):
     """The WorkerProcess whose pool child holds the job's lease."""
     child = process_of(job_rows.get(cat, job_id).lease_owner or "")
     return next(w for w in vw.workers if w.proc.pid == parent_of(child))
 
 
-def _restore(vw, g, point_id: str, out: Path) -> None:  # noqa: ANN001
+def _restore(vw, g, point_id: str, out: Path) -> None:
     r = vw.cli("restore", g.name, "--point", point_id, "--to-dir", str(out), "--wait")
     assert r.code == 0, r.err + r.out
 
 
-def _stored_keys(vw, s3_settings) -> list[str]:  # noqa: ANN001
+def _stored_keys(vw, s3_settings) -> list[str]:
     from tests.s3server import s3_client
 
     s3 = s3_client(s3_settings.endpoint_url)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from catalog.points import ArtifactView, PointView
 from hypervisor.types import Disk, DomainInfo
@@ -13,7 +13,7 @@ from tasks.backup import BackupRequest, plan_level
 from tasks.verify import choose_sample
 
 MiB = 1024 * 1024
-T0 = datetime(2025, 3, 30, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2025, 3, 30, 12, 0, tzinfo=UTC)
 
 
 def _point(pid: str, seq: int, *, disks: int = 1, verified: int | None = None, parent: str | None = None,

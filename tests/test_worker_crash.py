@@ -2,7 +2,6 @@
 written is ever listed as usable, no scratch files stay behind, and the chain is right."""
 from __future__ import annotations
 
-
 import pytest
 
 from catalog import jobs as job_rows
@@ -83,8 +82,8 @@ def test_an_unknown_job_kind_fails_clearly(vw):
 def test_a_restore_killed_after_copying_into_scratch_leaves_no_copy_behind(vw, guest_factory, tmp_path):
     """The attempt that dies holds copies of the point's artifacts in scratch space; once
     the job has ended (here: the retry restored the point), no attempt's copy is left."""
-    from tests.faults import kill_env
     from tasks.restore import FETCHED
+    from tests.faults import kill_env
 
     g = guest_factory(disks=1, size_mib=64)
     g.write_random("vda", 0, 8 * MiB)

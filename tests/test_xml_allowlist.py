@@ -119,7 +119,7 @@ HOSTILE = """<domain type='kvm' id='7' xmlns:qemu='http://libvirt.org/schemas/do
     <qemu:arg value='e1000,netdev=hostile0'/><qemu:env name='X' value='y'/></qemu:commandline>
   <qemu:override><qemu:device alias='ua-x'><qemu:frontend><qemu:property name='x' type='string' value='y'/>
     </qemu:frontend></qemu:device></qemu:override>
-</domain>"""
+</domain>"""  # noqa: E501 - test input: wrapping would change the XML
 
 DRILL = CopySpec("virtwarden-drill-0123abcd", disks={"vda": "/scratch/drill-1/disks/vda.qcow2"},
                  network="virtwarden-drill", serial_log="/scratch/drill-1/serial.log", throwaway=True)
@@ -132,7 +132,7 @@ HOSTILE_TEXT = ("qemu:", QEMU_NS, "hostile0", "/etc/", "/root/", "/tmp/", "/srv/
                 "11111111-2222", "43dc0cf8", "09b11c53", "client.admin", "apparmor", "pulseaudio", "gold")
 
 
-def _copy(spec: CopySpec, xml: str = HOSTILE):  # noqa: ANN202
+def _copy(spec: CopySpec, xml: str = HOSTILE):
     copy = copy_domain(xml, spec)
     return copy, ET.fromstring(copy.xml)
 
@@ -400,7 +400,7 @@ def test_the_cli_names_what_a_new_domain_left_out():
 
 
 @pytest.fixture
-def root_dir():  # noqa: ANN201
+def root_dir():
     """A directory of root's, 0755, outside the world-writable /tmp (and removed afterwards)."""
     import os
     import shutil

@@ -36,7 +36,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 from catalog import alerts as alert_rows
@@ -61,7 +61,8 @@ def receive(cfg: Config, cat: Catalog, payload: dict, actor: str) -> dict:
     """Handle one webhook delivery; returns what was done for each alert."""
     if not isinstance(payload, dict) or not isinstance(payload.get("alerts"), list):
         raise UsageError("not an Alertmanager webhook payload: 'alerts' must be a list")
-    bad = [i for i, a in enumerate(payload["alerts"]) if not isinstance(a, dict) or not isinstance(a.get("labels"), dict)]
+    bad = [i for i, a in enumerate(payload["alerts"])
+           if not isinstance(a, dict) or not isinstance(a.get("labels"), dict)]
     if bad:
         raise UsageError(f"not an Alertmanager webhook payload: alerts[{bad[0]}] has no 'labels' object")
     policies = load_policies(cfg)
@@ -78,14 +79,14 @@ def _one(cfg: Config, cat: Catalog, policies: list[Policy], alert: dict, actor: 
     labels = {str(k): str(v) for k, v in (alert.get("labels") or {}).items()}
     name = labels.get("alertname", "")
     fingerprint = str(alert.get("fingerprint") or "") or _fingerprint(labels)
-    starts = _time(alert.get("startsAt")) or datetime.now(timezone.utc)
+    starts = _time(alert.get("startsAt")) or datetime.now(UTC)
     status = alert.get("status") or "firing"
     mapping = _map(cfg, policies, name, labels)
     host = mapping.host if mapping else _named_host(cfg, labels)
     base = {"fingerprint": fingerprint, "alertname": name, "status": status, "starts_at": starts.isoformat(),
             "host": host}
     if status == "resolved":
-        ends = _time(alert.get("endsAt")) or datetime.now(timezone.utc)
+        ends = _time(alert.get("endsAt")) or datetime.now(UTC)
         _, what = alert_rows.resolve(cat, fingerprint=fingerprint, name=name, labels=labels, host=host,
                                      starts_at=starts, resolved_at=ends)
         return {**base, "occurrence": what if what != "resolved" else "known",
@@ -141,8 +142,8 @@ def _backup(cfg: Config, cat: Catalog, mapping: Mapping, key: str, actor: str) -
     it, or with the alert's policy where none does."""
     from hypervisor.libvirt_host import LibvirtHost
     from policies import DomainFacts, governing, parse_metadata
-    from worker import celery_app
     from virtwarden import submit
+    from worker import celery_app
 
     host = mapping.host or ""
     celery_app.configure(cfg)
@@ -170,11 +171,10 @@ def _map(cfg: Config, policies: list[Policy], name: str, labels: dict[str, str])
         if m is None:
             continue
         if any(a.alertname == name and all(labels.get(k) == v for k, v in a.labels.items()) for a in m.on_alerts):
-            matches.append(p)
+            matches.append((p, m))
     if not matches:
         return None
-    best = min(matches, key=lambda p: (-p.spec.migration.priority, p.spec.migration.action != "evacuate", p.name))
-    m = best.spec.migration
+    best, m = min(matches, key=lambda pm: (-pm[1].priority, pm[1].action != "evacuate", pm[0].name))
     value = labels.get(m.host_label)
     if not value:
         return Mapping(best, m.action, None, f"alert {name!r} has no label {m.host_label!r}"
@@ -243,7 +243,7 @@ def _time(value: object) -> datetime | None:
         parsed = datetime.fromisoformat(text)
     except ValueError:
         return None
-    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC)
 
 
 def _fingerprint(labels: dict[str, str]) -> str:

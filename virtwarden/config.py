@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -82,7 +82,7 @@ class S3Storage(_Strict):
         return v.strip("/")
 
 
-StorageConfig = Annotated[Union[NfsStorage, S3Storage], Field(discriminator="type")]
+StorageConfig = Annotated[NfsStorage | S3Storage, Field(discriminator="type")]
 
 
 class ApiConfig(_Strict):

@@ -26,6 +26,7 @@ create through other programs (qemu-img writing a restored image) is private as 
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import grp
 import logging
@@ -107,7 +108,7 @@ def allow_qemu_passage(qemu_uid: int | None) -> bool:
     return needed
 
 
-def let_qemu_through(paths) -> list[Path]:  # noqa: ANN001 - any iterable of paths
+def let_qemu_through(paths) -> list[Path]:  # any iterable of paths
     """When QEMU is unprivileged, give each of ``paths`` and every directory above it
     the search bit for others (never read), so QEMU reaches the files libvirt hands it
     there; directories made before (while QEMU ran as root, or by hand) are fixed as a
@@ -222,11 +223,9 @@ def prepare_catalog(path: Path | str) -> None:
             except FileExistsError:
                 continue
             _apply(directory, _policy.catalog_dir_mode, _policy.service_gid, _policy.service_group)
-    try:
+    with contextlib.suppress(FileExistsError):
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                          _policy.catalog_file_mode))
-    except FileExistsError:
-        pass
     secure_catalog_file_if_mine(path)
 
 

@@ -23,11 +23,10 @@ from catalog import audit, jobs
 from catalog.store import Catalog
 from policies.loader import load_runbooks
 from policies.runbooks import Planned, Runbook, render
+from virtwarden.cli.output import emit_json, load_config, table
 from virtwarden.config import Config
 from virtwarden.errors import EXIT_FAILED, EXIT_OK, JobFailed, NotFound, VirtwardenError
 from virtwarden.validation import suggest
-from virtwarden.cli.output import emit_json, load_config, table
-
 
 # --- the actions ------------------------------------------------------------------------
 
@@ -38,8 +37,8 @@ class Action:
 
 
 def _backup_plan(cfg: Config, cat: Catalog, a: dict) -> dict:
-    from policies import parse_metadata, resolve_backup
     from hypervisor.locate import find_host
+    from policies import parse_metadata, resolve_backup
 
     host, info = find_host(cfg, a["domain"])
     s = resolve_backup(cfg, a["domain"], policy=a.get("policy"), host=host, metadata=parse_metadata(info.xml))
@@ -54,8 +53,8 @@ def _backup(cfg: Config, cat: Catalog, a: dict, actor: str, key: str) -> jobs.Jo
 
 
 def _snapshot_plan(cfg: Config, cat: Catalog, a: dict) -> dict:
-    from policies import parse_metadata, resolve_snapshots
     from hypervisor.locate import find_host
+    from policies import parse_metadata, resolve_snapshots
 
     host, info = find_host(cfg, a["domain"])
     s = resolve_snapshots(cfg, a["domain"], policy=a.get("policy"), host=host, metadata=parse_metadata(info.xml))
@@ -319,11 +318,11 @@ def run_cli(args: argparse.Namespace) -> int:
     try:
         report = run(cfg, cat, book, given, actor, timeout=args.timeout, on_step=show)
     except JobFailed as e:
-        report = getattr(e, "report", None)
-        if report is None:
+        failed = getattr(e, "report", None)
+        if failed is None:
             raise
         if args.json:
-            emit_json(report)
+            emit_json(failed)
         print(f"virtwarden: error: {e}", file=sys.stderr)
         return EXIT_FAILED
     if args.json:

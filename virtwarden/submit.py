@@ -14,7 +14,6 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from catalog import jobs
-from catalog.fencing import Fence
 from catalog.store import Catalog
 from hypervisor.locate import find_host
 from policies import parse_metadata, resolve_backup

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from virtwarden.yamldoc import Document, format_path
 
+
 def explain(error: ValidationError, root: type[BaseModel], file: str, doc: Document | None,
             base: tuple = ()) -> list[str]:
     lines = []

@@ -80,7 +80,7 @@ def config() -> Config:
 
 
 @app.task(name=TASK, bind=True, max_retries=None)
-def run_job(self, job_id: str) -> str:  # noqa: ANN001
+def run_job(self, job_id: str) -> str:
     from worker.runner import execute, retry_delay
 
     cfg = config()
@@ -99,7 +99,7 @@ def run_job(self, job_id: str) -> str:  # noqa: ANN001
     return outcome.state
 
 
-def _queue_host(request) -> str | None:  # noqa: ANN001
+def _queue_host(request) -> str | None:
     """The host whose queue delivered this message (``host.<name>``), if known."""
     key = (getattr(request, "delivery_info", None) or {}).get("routing_key") or ""
     return key[len("host."):] if key.startswith("host.") else None

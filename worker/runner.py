@@ -244,8 +244,8 @@ def execute(cfg: Config, job_id: str, *, cat: Catalog | None = None, via_host: s
     except Transient as e:
         if claim.attempt < job.max_attempts:
             log.warning("job %s: attempt %d failed, will retry: %s", job_id, claim.attempt, e)
-            if jobs.requeue(cat, fence, mask(f"attempt {claim.attempt} failed: {e}"), delay=retry_delay(cfg, claim.attempt),
-                            resend_after=cfg.worker.resend_seconds):
+            if jobs.requeue(cat, fence, mask(f"attempt {claim.attempt} failed: {e}"),
+                            delay=retry_delay(cfg, claim.attempt), resend_after=cfg.worker.resend_seconds):
                 return Outcome("retry")
             return Outcome("skipped")
         return Outcome(_ended_failed(kind, ctx, _failed(cat, fence, str(e), _failure(e))))
@@ -253,7 +253,7 @@ def execute(cfg: Config, job_id: str, *, cat: Catalog | None = None, via_host: s
         log.error("job %s: failed: %s", job_id, e)
         result = {**_failure(e), **(getattr(e, "result", None) or {})}
         return Outcome(_ended_failed(kind, ctx, _failed(cat, fence, str(e), result)))
-    except Exception as e:  # noqa: BLE001 - a bug: record it, keep the worker alive
+    except Exception as e:  # a bug: record it, keep the worker alive
         log.exception("job %s: internal error", job_id)
         return Outcome(_ended_failed(kind, ctx, _failed(cat, fence, f"internal error (a bug, please report): {e!r}")))
     finally:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,13 +35,13 @@ from catalog import api as api_catalog
 from catalog import jobs, points
 from catalog.models import AuditRecord, utcnow
 from catalog.store import Catalog
-from virtwarden.config import Config, load_for_process
-from virtwarden.errors import ConfigError, DestinationRefused, NotFound, Transient, VirtwardenError
-from virtwarden.redact import mask
 from virtwarden.api.auth import ANONYMOUS, AuthMiddleware, Signatures, Tokens, env_token, read_key
 from virtwarden.api.metrics import ApiMetrics, RequestCounter
 from virtwarden.api.schemas import AlertmanagerPayload, Error, JobAccepted, JobOut, PointOut, RestoreIn
 from virtwarden.api.scopes import ALERTS, ANY_RESTORE, READ, ScopeMissing, needs, require, restore_scope
+from virtwarden.config import Config, load_for_process
+from virtwarden.errors import ConfigError, DestinationRefused, NotFound, Transient, VirtwardenError
+from virtwarden.redact import mask
 
 log = logging.getLogger(__name__)
 KEY_PATTERN = r"^[\x21-\x7e]{1,200}$"  # printable ASCII, no spaces: a UUID is a good key
@@ -145,8 +146,11 @@ def _routes(app: FastAPI) -> None:
         return [p.to_json() for p in points.for_domain(request.app.state.api.cat, name)]
 
     @app.post("/v1/alerts", tags=["alerts"], dependencies=[Depends(needs(ALERTS, what="post alerts"))],
-              responses={413: {"model": Error}, 503: {"description": "a service was unreachable: send the alerts again"}})
-    def alerts(payload: AlertmanagerPayload, request: Request, actor: str = Depends(caller)) -> dict[str, Any]:
+              responses={413: {"model": Error},
+                         503: {"description": "a service was unreachable: send the alerts again"}},
+              response_model=dict[str, Any])  # the 200 body; a 503 is returned as a JSONResponse as is
+    def alerts(payload: AlertmanagerPayload, request: Request,
+               actor: str = Depends(caller)) -> dict[str, Any] | JSONResponse:
         """Alertmanager's webhook (``webhook_configs`` with this URL and the bearer token).
         Repeats of an alert (same fingerprint and startsAt) change nothing. Scope: `alerts`.
         More alerts than ``api.max_alerts_per_payload`` get 413 and no alert is recorded."""
@@ -330,7 +334,7 @@ async def _refused(request: Request, why: str, status: int) -> None:
     await run_in_threadpool(_audit_refused, request.app.state.api.cat, request.scope, caller_name, why, status)
 
 
-def _audit_refused(cat: Catalog, scope: dict[str, Any], caller_name: str, why: str, status: int) -> None:
+def _audit_refused(cat: Catalog, scope: MutableMapping[str, Any], caller_name: str, why: str, status: int) -> None:
     """An audit row for an authenticated caller's refused POST, or any request refused
     for a missing scope. Requests without valid credentials never get here: the
     middleware refuses them, and only counts them."""

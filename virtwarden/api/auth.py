@@ -44,7 +44,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +53,11 @@ from starlette.concurrency import run_in_threadpool
 from catalog import api as api_catalog
 from catalog.store import Catalog
 from virtwarden import permissions
+from virtwarden.api.limits import LogThrottle, RateLimiter
+from virtwarden.api.scopes import EVERY_SCOPE, SCOPES
 from virtwarden.config import ApiConfig
 from virtwarden.errors import ConfigError, VirtwardenError
 from virtwarden.validation import suggest
-from virtwarden.api.limits import LogThrottle, RateLimiter
-from virtwarden.api.scopes import EVERY_SCOPE, SCOPES
 
 log = logging.getLogger(__name__)
 MIN_TOKEN_LENGTH = 16
@@ -338,7 +338,7 @@ class AuthMiddleware:
             mac, t = sig.check(header, body, time.time())
         except Refused as e:
             raise Refused(e.reason, e.kind, caller) from None
-        expires = datetime.fromtimestamp(t + sig.tolerance + 1, timezone.utc)
+        expires = datetime.fromtimestamp(t + sig.tolerance + 1, UTC)
         if not api_catalog.use_signature(self.cat, mac, expires):
             raise Refused("signature was used before (a replay): sign each request afresh", "replayed-signature",
                           caller)
@@ -373,7 +373,8 @@ async def _read_body(receive: Receive, headers: dict[str, str], limit: int, call
     declared = headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise TooLarge(limit, caller)
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+    size = 0
     while True:
         message = await receive()
         if message["type"] != "http.request":

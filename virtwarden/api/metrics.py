@@ -21,7 +21,7 @@ API process reports the same fleet-wide numbers) plus this process's request cou
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, disable_created_metrics
@@ -86,7 +86,7 @@ class CatalogCollector:
         yield from _drill_families(drills)
 
 
-def _drill_families(drills: list[Drill]) -> Iterator[Metric]:
+def _drill_families(drills: Sequence[Drill]) -> Iterator[Metric]:
     ok = GaugeMetricFamily("virtwarden_drill_last_success", "1 when the last restore drill passed, else 0",
                            labels=["domain"])
     when = GaugeMetricFamily("virtwarden_drill_last_timestamp_seconds", "when the last restore drill started",

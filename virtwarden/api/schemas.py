@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+
 class RestoreIn(BaseModel):
     """Exactly one destination: ``to_dir`` (flat images), ``as_domain`` (a new domain)
     or ``in_place``. The point is ``point`` (an id or "latest") or ``at`` (the last
@@ -123,9 +124,9 @@ class AlertIn(BaseModel):
     status: Literal["firing", "resolved"]
     labels: dict[str, str]
     annotations: dict[str, str] = Field(default_factory=dict)
-    startsAt: AwareDatetime  # noqa: N815 - Alertmanager's own spelling
-    endsAt: AwareDatetime | None = None  # noqa: N815
-    generatorURL: str = ""  # noqa: N815
+    startsAt: AwareDatetime  # Alertmanager's own spelling
+    endsAt: AwareDatetime | None = None
+    generatorURL: str = ""
     fingerprint: str = Field(min_length=1, max_length=128)
 
 
@@ -135,14 +136,14 @@ class AlertmanagerPayload(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     version: Literal["4"]
-    groupKey: str  # noqa: N815
-    truncatedAlerts: int = Field(default=0, ge=0)  # noqa: N815
+    groupKey: str
+    truncatedAlerts: int = Field(default=0, ge=0)
     status: Literal["firing", "resolved"]
     receiver: str
-    groupLabels: dict[str, str] = Field(default_factory=dict)  # noqa: N815
-    commonLabels: dict[str, str] = Field(default_factory=dict)  # noqa: N815
-    commonAnnotations: dict[str, str] = Field(default_factory=dict)  # noqa: N815
-    externalURL: str = ""  # noqa: N815
+    groupLabels: dict[str, str] = Field(default_factory=dict)
+    commonLabels: dict[str, str] = Field(default_factory=dict)
+    commonAnnotations: dict[str, str] = Field(default_factory=dict)
+    externalURL: str = ""
     alerts: list[AlertIn] = Field(min_length=1)
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from catalog import jobs, points
 from catalog.store import Catalog
-from virtwarden.sizes import human_size
 from virtwarden.cli.output import emit_json, load_config, table
 from virtwarden.errors import EXIT_FAILED, EXIT_OK, JobFailed
+from virtwarden.sizes import human_size
 
 
 def policy_validate(args: argparse.Namespace) -> int:
@@ -39,7 +39,8 @@ def policy_list(args: argparse.Namespace) -> int:
         return EXIT_OK
     rows = [[p.name, ",".join(p.spec.selector.domains), p.spec.backup.target if p.spec.backup else "-",
              p.spec.backup.schedule or "-" if p.spec.backup else "-", p.source_text] for p in found]
-    print(table(rows, ["NAME", "DOMAINS", "TARGET", "SCHEDULE", "FILE"]) if rows else f"no policies in {cfg.policies_path}")
+    print(table(rows, ["NAME", "DOMAINS", "TARGET", "SCHEDULE", "FILE"]) if rows
+          else f"no policies in {cfg.policies_path}")
     return EXIT_OK
 
 
@@ -82,7 +83,7 @@ def restore(args: argparse.Namespace) -> int:
     return _after_submit(args, cat, job)
 
 
-def _configure_celery(cfg) -> None:  # noqa: ANN001
+def _configure_celery(cfg) -> None:
     from worker import celery_app
 
     celery_app.configure(cfg)
@@ -202,7 +203,8 @@ def jobs_list(args: argparse.Namespace) -> int:
         return EXIT_OK
     rows = [[j.id, j.kind, j.domain or "-", j.host or "-", j.state, f"{j.progress * 100:.0f}%",
              j.created_at.strftime("%Y-%m-%d %H:%M:%S"), (j.error or j.progress_text or "")[:60]] for j in found]
-    print(table(rows, ["ID", "KIND", "DOMAIN", "HOST", "STATE", "DONE", "CREATED (UTC)", "NOTE"]) if rows else "no jobs")
+    print(table(rows, ["ID", "KIND", "DOMAIN", "HOST", "STATE", "DONE", "CREATED (UTC)", "NOTE"]) if rows
+          else "no jobs")
     return EXIT_OK
 
 
@@ -255,7 +257,7 @@ def worker(args: argparse.Namespace) -> int:
     return int(code or EXIT_OK)
 
 
-def _qemu_passage(cfg, hosts: list[str]) -> None:  # noqa: ANN001
+def _qemu_passage(cfg, hosts: list[str]) -> None:
     """Directories are 0700, but an unprivileged QEMU (qemu.conf's user, Debian's
     libvirt-qemu) must pass through those holding the images libvirt hands it: backup
     targets, a drill's disks. Ask each host's libvirt who QEMU runs as; when one does

@@ -54,7 +54,8 @@ class Guest:
             f.truncate(DISK_MIB * MiB)
         run("qemu-img", "create", "-q", "-f", "qcow2", str(self.disk), f"{DISK_MIB}M")
         kind = "kvm" if os.path.exists("/dev/kvm") and subprocess.run(
-            ["virsh", "-c", URI, "domcapabilities", "--virttype", "kvm"], capture_output=True).returncode == 0 else "qemu"
+            ["virsh", "-c", URI, "domcapabilities", "--virttype", "kvm"], capture_output=True
+        ).returncode == 0 else "qemu"
         xml = self.root / "domain.xml"
         xml.write_text(f"""<domain type='{kind}'>
   <name>{self.name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>
@@ -109,7 +110,8 @@ def main() -> int:
         say("starting a worker (Celery, Redis broker) for this host")
         log = data_dir / "demo-worker.log"
         worker = subprocess.Popen([sys.executable, "-m", "virtwarden.cli", "--log-level", "info", "worker"],
-                                  stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+                                  stdout=open(log, "wb"),  # noqa: SIM115 - the worker's log for the demo's length
+                                  stderr=subprocess.STDOUT, start_new_session=True)
         _wait_ready(worker, log)
 
         say("full backup (libvirt push-mode backup + a new checkpoint)")

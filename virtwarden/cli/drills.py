@@ -25,9 +25,9 @@ from policies import load_policies, parse_metadata
 from policies.model import Drill, Policy
 from policies.select import DomainFacts, by_name, governing
 from tasks.drill import DrillRequest, check_request, pick_point
+from virtwarden.cli.output import emit_json, load_config, table
 from virtwarden.config import Config
 from virtwarden.errors import EXIT_FAILED, EXIT_OK, PolicyError
-from virtwarden.cli.output import emit_json, load_config, table
 
 
 def drill_params(cfg: Config, cat: Catalog, domain: str, *, point: str | None = None, policy: str | None = None,
@@ -54,8 +54,8 @@ def submit_drill(cfg: Config, cat: Catalog, domain: str, *, point: str | None = 
                  dedup_key: str | None = None, interactive: bool = True) -> jobs.JobView:
     """Queue a drill of ``domain``; ``point`` is an id, ``latest``, ``oldest`` or None
     (the policy's choice). ``interactive``: see ``virtwarden.submit.backup``."""
-    from worker import celery_app
     from virtwarden.submit import enqueue
+    from worker import celery_app
 
     params = drill_params(cfg, cat, domain, point=point, policy=policy, host=host)
     if host is None:

@@ -17,9 +17,9 @@ from catalog.store import Catalog
 from policies import DomainFacts, governing, load_policies, parse_metadata
 from policies.placement import max_parallel
 from tasks.evacuate import DEFAULT_TIMEOUT, EvacuateRequest
+from virtwarden.cli.output import emit_json, load_config, table
 from virtwarden.config import Config
 from virtwarden.errors import EXIT_FAILED, EXIT_OK, PolicyError, UsageError
-from virtwarden.cli.output import emit_json, load_config, table
 
 MiB = 1024 * 1024
 
@@ -30,8 +30,8 @@ def submit_evacuate(cfg: Config, cat: Catalog, host: str, *, to: tuple[str, ...]
     """Queue an evacuation of ``host`` (a JobView), or with ``dry_run`` return its plan
     (a dict, see ``policies.placement.Plan.to_json``) and change nothing."""
     from tasks import evacuate
-    from worker import celery_app
     from virtwarden import submit
+    from worker import celery_app
 
     req = build_request(cfg, host, tuple(to))
     if dry_run:

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 from catalog import moves
 from catalog.store import Catalog
+from virtwarden.cli.output import emit_json, load_config, table
 from virtwarden.config import Config
 from virtwarden.errors import EXIT_OK, VirtwardenError
 from virtwarden.redact import mask
-from virtwarden.cli.output import emit_json, load_config, table
 
 MiB = 1024 * 1024
 

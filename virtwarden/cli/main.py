@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("virtwarden: interrupted", file=sys.stderr)
         return 130
-    except Exception:  # noqa: BLE001 - the one place a bug becomes an exit code
+    except Exception:  # the one place a bug becomes an exit code
         log.exception("unexpected error (a bug: please report it with this traceback)")
         return EXIT_BUG
 
@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--as-domain", metavar="NAME",
                       help="define a new domain NAME (new UUID and MACs) on the restored disks")
     mode.add_argument("--in-place", action="store_true",
-                      help="shut the domain off and replace its disks (the current ones are kept aside until it worked)")
+                      help="shut the domain off and replace its disks"
+                           " (the current ones are kept aside until it worked)")
     r.add_argument("--discard-old", action="store_true",
                    help="with --in-place: delete the replaced disks once the restore succeeded (default: keep them)")
     r.add_argument("--start", action="store_true", help="with --as-domain or --in-place: start the domain afterwards")
@@ -137,13 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--json", action="store_true")
     pv.set_defaults(handler=lazy("virtwarden.daemons.scheduler:preview_cli"))
 
-    pr = cmd("prune", lazy("virtwarden.cli.prune:cli"), "apply retention: delete restore points the policies no longer keep")
+    pr = cmd("prune", lazy("virtwarden.cli.prune:cli"),
+             "apply retention: delete restore points the policies no longer keep")
     pr.add_argument("domain", nargs="?", help="only this domain (default: every domain with points)")
     pr.add_argument("--policy", help="use this policy's retention")
     pr.add_argument("--dry-run", action="store_true", help="show what would be deleted, change nothing")
     _wait_opts(pr)
 
-    sn = cmd("snapshot", lazy("virtwarden.cli.snapshots:cli"), "take a snapshot of a domain now (policy naming and retention)")
+    sn = cmd("snapshot", lazy("virtwarden.cli.snapshots:cli"),
+             "take a snapshot of a domain now (policy naming and retention)")
     sn.add_argument("domain")
     sn.add_argument("--policy", help="take settings from this policy")
     sn.add_argument("--host", help="the domain's host (default: look on every configured host)")

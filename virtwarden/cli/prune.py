@@ -28,10 +28,10 @@ from policies.select import DomainFacts, by_name, governing, selects
 from storage_backends import open_backend
 from storage_backends.repository import Repository
 from tasks.prune import DomainRules, dry_run_domain, summarize
-from virtwarden.config import Config
-from virtwarden.errors import EXIT_OK, PolicyError, RestorePointNotFound, VirtwardenError
 from virtwarden.cli.output import emit_json, load_config, table
 from virtwarden.cli.verify import host_for
+from virtwarden.config import Config
+from virtwarden.errors import EXIT_OK, PolicyError, RestorePointNotFound, VirtwardenError
 
 
 def cli(args: argparse.Namespace) -> int:
@@ -60,8 +60,8 @@ def submit(cfg: Config, cat: Catalog, rules: dict[str, DomainRules], *, domain: 
     """Queue a prune job carrying the resolved ``rules`` (see ``resolve``). It runs on
     the host of the domain's newest point, else on the first configured host: pruning
     touches storage only, never a hypervisor."""
-    from worker import celery_app
     from virtwarden.submit import enqueue
+    from worker import celery_app
 
     celery_app.check_broker(cfg)
     params = {"domain": domain, "policy": policy, "dry_run": dry_run,

@@ -17,8 +17,8 @@ from catalog import points
 from catalog.store import Catalog
 from storage_backends import open_backend
 from tasks.rebuild import RebuildPlan, apply, plan_rebuild, read_repository, summary
-from virtwarden.errors import EXIT_FAILED, EXIT_OK
 from virtwarden.cli.output import emit_json, load_config, table
+from virtwarden.errors import EXIT_FAILED, EXIT_OK
 
 log = logging.getLogger(__name__)
 

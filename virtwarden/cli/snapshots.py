@@ -12,15 +12,15 @@ from catalog import jobs, snapshots
 from catalog.store import Catalog
 from hypervisor.locate import find_host
 from policies import parse_metadata, resolve_snapshots
+from virtwarden.cli.output import emit_json, load_config, table
 from virtwarden.config import Config
 from virtwarden.errors import EXIT_OK
-from virtwarden.cli.output import emit_json, load_config, table
 
 
 def submit_snapshot(cfg: Config, cat: Catalog, domain: str, *, policy: str | None = None, host: str | None = None,
                     requested_by: str | None = None, dedup_key: str | None = None) -> jobs.JobView:
-    from worker import celery_app
     from virtwarden import submit
+    from worker import celery_app
 
     host, info = find_host(cfg, domain, host)
     settings = resolve_snapshots(cfg, domain, policy=policy, host=host, metadata=parse_metadata(info.xml))

@@ -14,9 +14,9 @@ import sys
 
 from catalog import jobs, points
 from catalog.store import Catalog
+from virtwarden.cli.output import emit_json, load_config, table
 from virtwarden.config import Config
 from virtwarden.errors import EXIT_FAILED, EXIT_OK, PolicyError, RestorePointNotFound
-from virtwarden.cli.output import emit_json, load_config, table
 
 
 def percent(text: str) -> int:
@@ -72,8 +72,8 @@ def submit_verify(cfg: Config, cat: Catalog, *, domain: str | None = None, stora
                   dedup_key: str | None = None) -> jobs.JobView:
     """Check the request (``plan_verify``), then queue the job on the host of the
     domain's newest point (the first configured host otherwise): it reads storage only."""
-    from worker import celery_app
     from virtwarden.submit import enqueue
+    from worker import celery_app
 
     plan_verify(cfg, cat, domain, storage, sample_percent)
     celery_app.check_broker(cfg)

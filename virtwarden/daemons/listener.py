@@ -5,7 +5,8 @@ Threads, and why:
   is opened) runs the callbacks, which only put plain values on one queue;
 - one watcher per host holds that host's event connection (keepalive 5 s x 3, a close
   callback) and reconnects with exponential backoff (``listener.backoff_min_seconds``
-  in the configuration, 1 by default, doubling up to ``backoff_max_seconds``, 60) when libvirt closes it or keepalive fails;
+  in the configuration, 1 by default, doubling up to ``backoff_max_seconds``, 60) when
+  libvirt closes it or keepalive fails;
   after every (re)connect it queues a reconciliation pass for its host;
 - the dispatcher (the main thread) takes items off the queue in order: it records each
   event in the catalog (catalog.events), which keeps the domains table current, maps it
@@ -29,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -41,10 +42,17 @@ from policies.loader import policy_files
 from policies.select import DomainFacts
 from policies.triggers import RUNS, TriggerAction, listened_events, triggers_for
 from virtwarden.config import Config, load_for_process
-from virtwarden.errors import (DatabaseUnavailable, DomainNotFound, EXIT_OK, HypervisorUnavailable, PolicyError,
-                               Transient, VirtwardenError)
-from virtwarden.redact import mask
 from virtwarden.daemons.reconcile import SeenDomain, foreign, missed_events, part_of_start, state_after, still_here
+from virtwarden.errors import (
+    EXIT_OK,
+    DatabaseUnavailable,
+    DomainNotFound,
+    HypervisorUnavailable,
+    PolicyError,
+    Transient,
+    VirtwardenError,
+)
+from virtwarden.redact import mask
 
 if TYPE_CHECKING:
     from hypervisor.events import EventConnection, HostEvent
@@ -100,7 +108,7 @@ class Listener:
                                cfg.listener.backoff_max_seconds if backoff_max is None else backoff_max)
         self.queue: queue.Queue[Any] = queue.Queue()
         self.stopping = threading.Event()
-        self.dispatcher = Dispatcher(cfg, cat, self.stopping)
+        self.dispatcher = Dispatcher(cfg, cat, self.stopping, backoff_max=self.backoff_max)
 
     def start(self) -> None:
         for host in self.hosts:
@@ -128,7 +136,7 @@ class Listener:
         while not self.stopping.is_set():
             try:
                 self._follow(host)
-            except Exception:  # noqa: BLE001 - a watcher that dies would leave its host unheard
+            except Exception:  # a watcher that dies would leave its host unheard
                 log.exception("host %s: watcher failed (a bug: please report it); starting it again", host)
                 self.stopping.wait(self.backoff_max)
 
@@ -172,8 +180,11 @@ class Listener:
 class Dispatcher:
     """Records events, reconciles hosts and starts jobs, one queue item at a time."""
 
-    def __init__(self, cfg: Config, cat: Catalog, stopping: threading.Event) -> None:
+    def __init__(self, cfg: Config, cat: Catalog, stopping: threading.Event, *,
+                 backoff_max: float | None = None) -> None:
+        """``backoff_max``: the longest wait between retries; the configuration's unless given."""
         self.cfg, self.cat, self.stopping = cfg, cat, stopping
+        self.backoff_max = cfg.listener.backoff_max_seconds if backoff_max is None else backoff_max
         self.policies = PolicyCache(cfg)
         self._metadata: dict[str, dict[str, str]] = {}  # domain UUID -> virtwarden metadata
         self._reconciled_at: dict[str, float] = {}  # domain UUID -> listing time of a pass that made up events
@@ -186,14 +197,14 @@ class Dispatcher:
                 self.on_event(item)
         except VirtwardenError as e:
             log.error("%s: %s", _describe(item), e)
-        except Exception:  # noqa: BLE001 - one bad item must not stop the listener
+        except Exception:  # one bad item must not stop the listener
             log.exception("%s: unexpected error (a bug: please report it with this traceback)", _describe(item))
 
     # --- live events --------------------------------------------------------------------
     def on_event(self, ev: HostEvent) -> None:
         """Record a live event and start the jobs its triggers name."""
         stale = self._reconciled_at.get(ev.uuid, 0.0) >= ev.at
-        at = datetime.fromtimestamp(ev.at, timezone.utc)
+        at = datetime.fromtimestamp(ev.at, UTC)
         quiet = stale
 
         def record() -> EventView:
@@ -230,7 +241,7 @@ class Dispatcher:
                 continue
             for action in actions:
                 try:
-                    self._retry(f"event {rec.id}: starting {run} of {rec.domain}", lambda: self._enqueue(rec, action))
+                    self._retry(f"event {rec.id}: starting {run} of {rec.domain}", lambda: self._enqueue(rec, action))  # noqa: B023 - runs now
                 except VirtwardenError as e:
                     log.error("event %d (%s of %s on host %s): %s for policy %s not started: %s",
                               rec.id, rec.kind, rec.domain, rec.host, run, action.policy, e)
@@ -305,7 +316,8 @@ class Dispatcher:
         hc = self.cfg.host(host)
         self._retry("updating the domains table", lambda: catalog_events.note_domains(
             self.cat, still_here(host, known, seen)))
-        self._retry("updating the hosts table", lambda: catalog_events.host_reconciled(self.cat, host, hc.uri, hc.group))
+        self._retry("updating the hosts table",
+                    lambda: catalog_events.host_reconciled(self.cat, host, hc.uri, hc.group))
         if first:
             log.info("host %s: reconciled (first contact): %d domain(s) recorded as the baseline, no jobs started",
                      host, len(seen))

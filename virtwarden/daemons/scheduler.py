@@ -30,15 +30,14 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from catalog import slots
 from catalog.store import Catalog
 from policies import DomainFacts, Policy, load_policies, parse_metadata, resolve_backup, resolve_snapshots
 from policies.schedule import SCHEDULED_JOBS, Busy, Slot, between, due, limits_of, schedule_of, split
 from virtwarden.config import Config, load_for_process
-from virtwarden.errors import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, DomainNotFound, PolicyError, Transient,
-                               VirtwardenError)
+from virtwarden.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, DomainNotFound, PolicyError, Transient, VirtwardenError
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +53,7 @@ Domains = dict[str, list[DomainFacts]]
 
 
 def system_clock() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def clock_from_env(env: dict[str, str] | None = None) -> Clock:
@@ -72,7 +71,7 @@ def parse_time(text: str, what: str) -> datetime:
         t = datetime.fromisoformat(text.strip())
     except ValueError:
         raise ValueError(f"{what}: {text!r} is not an ISO time (e.g. 2025-03-30T00:00Z)") from None
-    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
 
 
 def list_domains(cfg: Config) -> tuple[Domains, dict[str, str]]:
@@ -146,7 +145,7 @@ class Scheduler:
                 log.info("%s", self.tick().summary())
             except VirtwardenError as e:
                 log.error("scheduler tick failed (the next tick covers this one's slots): %s", e)
-            except Exception:  # noqa: BLE001 - the daemon outlives a bug in one tick
+            except Exception:  # the daemon outlives a bug in one tick
                 log.exception("scheduler tick failed with an unexpected error (a bug)")
             if stop.wait(every):
                 return
@@ -409,4 +408,4 @@ def _preview_row(s: Slot, tz: str) -> dict:
 
 
 def _utc(t: datetime) -> str:
-    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

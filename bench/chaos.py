@@ -182,7 +182,6 @@ class Chaos:
     def _submit(self, name: str, action: str):
         from catalog import points
         from virtwarden import submit
-        from virtwarden.cli import prune
 
         g = self.guest_of[name]
         if action in ("backup", "full"):
@@ -196,8 +195,8 @@ class Chaos:
                 # The write may have happened without its report: take what the disks hold now.
                 self.problems.append(f"{name}: {e}; its reference copy was read again from its disks")
                 self._resync(g)
-            job = submit.backup(self.cfg, self.cat, name, policy=self.policy_of[name], full=action == "full",
-                                requested_by="chaos")
+            job = submit.submit(self.cfg, self.cat, "backup", name, policy=self.policy_of[name],
+                                full=action == "full", requested_by="chaos")
             snap = self.root / "expected" / job.id
             snap.mkdir(parents=True)
             for target in g.disks:
@@ -208,12 +207,12 @@ class Chaos:
         if not usable:
             return None
         if action == "prune":
-            rules, _ = prune.resolve(self.cfg, self.cat, name, self.policy_of[name])
-            return prune.submit(self.cfg, self.cat, rules, domain=name, policy=self.policy_of[name],
-                                requested_by="chaos")
+            return submit.submit(self.cfg, self.cat, "prune", name, policy=self.policy_of[name],
+                                 requested_by="chaos")
         point = self.rng.choice(usable)
         dest = self.root / "restores" / secrets.token_hex(4)
-        job = submit.restore(self.cfg, self.cat, name, point=point.id, to_dir=str(dest), requested_by="chaos")
+        job = submit.submit(self.cfg, self.cat, "restore", name, point=point.id, to_dir=str(dest),
+                            requested_by="chaos")
         self.restore_of = getattr(self, "restore_of", {})
         self.restore_of[job.id] = (point, dest)
         return job
@@ -344,7 +343,8 @@ class Chaos:
                     bad.append(f"{p.id}: made by job {p.job_id} that the run did not start")
                     continue
                 dest = self.root / "verify" / p.id
-                job = submit.restore(self.cfg, self.cat, name, point=p.id, to_dir=str(dest), requested_by="verify")
+                job = submit.submit(self.cfg, self.cat, "restore", name, point=p.id, to_dir=str(dest),
+                                    requested_by="verify")
                 self._settle(job.id, timeout=300)
                 done = jobs_get(self.cat, job.id)
                 if done.state != "succeeded":

@@ -69,7 +69,7 @@ _RESTORE_SHARE, _WATCH_SHARE = 0.5, 0.45  # of the job's progress
 @dataclass(frozen=True)
 class DrillRequest:
     """What to drill and how. The scheduler and event triggers send only ``domain`` and
-    ``policy``; virtwarden.cli.drills.drill_params settles the rest from the policy."""
+    ``policy``; virtwarden.submit.drill settles the rest from the policy."""
 
     domain: str
     policy: str | None = None

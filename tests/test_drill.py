@@ -246,8 +246,8 @@ def test_scheduled_and_cli_drills_get_the_policys_settings(vw, guest_factory, tm
 
     from policies.schedule import Slot
     from virtwarden import config
-    from virtwarden.cli.drills import drill_params
     from virtwarden.daemons.scheduler import Scheduler
+    from virtwarden.submit.drill import drill_params
 
     g = guest_factory(disks=1, size_mib=64)
     _policy(vw, tmp_path, g.name, point="oldest", serial_marker=MARKER, expect_agent=True, network="isolated")

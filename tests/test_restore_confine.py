@@ -258,7 +258,7 @@ def test_a_plan_into_a_directory_needs_a_new_or_empty_one(tmp_path):
 
 
 def test_only_root_at_the_command_line_restores_outside_the_allowed_dirs():
-    from virtwarden.submit import restore_confined
+    from virtwarden.submit.restore import restore_confined
 
     assert restore_confined(0) is False
     assert restore_confined(1000) is True

@@ -118,7 +118,8 @@ def _one(cfg: Config, cat: Catalog, policies: list[Policy], alert: dict, actor: 
 
 # --- actions ------------------------------------------------------------------------------------
 def _evacuate(cfg: Config, cat: Catalog, mapping: Mapping, key: str, actor: str) -> dict:
-    from virtwarden.cli.evacuate import submit_evacuate
+    from virtwarden import submit
+    from worker import celery_app
 
     host = mapping.host or ""
     running = jobs.active(cat, "evacuate", host)
@@ -132,8 +133,8 @@ def _evacuate(cfg: Config, cat: Catalog, mapping: Mapping, key: str, actor: str)
         return {"outcome": "refused",
                 "detail": f"hosts {', '.join(sorted(draining))} of group {group!r} are being evacuated already:"
                           f" draining {host} too would empty more than half of the group"}
-    job = submit_evacuate(cfg, cat, host, requested_by=f"alert:{actor}", dedup_key=key)
-    assert isinstance(job, jobs.JobView)
+    celery_app.configure(cfg)
+    job = submit.submit(cfg, cat, "evacuate", host, requested_by=f"alert:{actor}", dedup_key=key)
     return {"outcome": "started", "job_id": job.id}
 
 
@@ -154,7 +155,7 @@ def _backup(cfg: Config, cat: Catalog, mapping: Mapping, key: str, actor: str) -
     for info in found:
         try:
             own = governing(policies, DomainFacts(info.name, host, parse_metadata(info.xml)), "backup")
-            job = submit.backup(cfg, cat, info.name, host=host, policy=None if own else mapping.policy.name,
+            job = submit.submit(cfg, cat, "backup", info.name, host=host, policy=None if own else mapping.policy.name,
                                 requested_by=f"alert:{actor}", dedup_key=f"{key}:backup:{info.uuid}")
             started.append({"domain": info.name, "job_id": job.id})
         except VirtwardenError as e:

@@ -29,43 +29,8 @@ from virtwarden.errors import EXIT_FAILED, EXIT_OK, JobFailed, NotFound, Virtwar
 from virtwarden.validation import suggest
 
 # --- the actions ------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Action:
-    plan: Callable[[Config, Catalog, dict], dict]  # what it would do; changes nothing
-    submit: Callable[[Config, Catalog, dict, str, str], jobs.JobView]  # (args, actor, dedup key)
-
-
-def _backup_plan(cfg: Config, cat: Catalog, a: dict) -> dict:
-    from hypervisor.locate import find_host
-    from policies import parse_metadata, resolve_backup
-
-    host, info = find_host(cfg, a["domain"])
-    s = resolve_backup(cfg, a["domain"], policy=a.get("policy"), host=host, metadata=parse_metadata(info.xml))
-    return {"host": host, **s.job_params(a["domain"], full=bool(a.get("full")))}
-
-
-def _backup(cfg: Config, cat: Catalog, a: dict, actor: str, key: str) -> jobs.JobView:
-    from virtwarden import submit
-
-    return submit.backup(cfg, cat, a["domain"], policy=a.get("policy"), full=bool(a.get("full")),
-                         requested_by=actor, dedup_key=key)
-
-
-def _snapshot_plan(cfg: Config, cat: Catalog, a: dict) -> dict:
-    from hypervisor.locate import find_host
-    from policies import parse_metadata, resolve_snapshots
-
-    host, info = find_host(cfg, a["domain"])
-    s = resolve_snapshots(cfg, a["domain"], policy=a.get("policy"), host=host, metadata=parse_metadata(info.xml))
-    return {"host": host, **s.job_params(a["domain"])}
-
-
-def _snapshot(cfg: Config, cat: Catalog, a: dict, actor: str, key: str) -> jobs.JobView:
-    from virtwarden.cli.snapshots import submit_snapshot
-
-    return submit_snapshot(cfg, cat, a["domain"], policy=a.get("policy"), requested_by=actor, dedup_key=key)
-
+# Each step is submitted like any other request (virtwarden.submit); all a runbook adds
+# is turning its text arguments into the request's subject and options.
 
 def _restore_args(a: dict) -> dict:
     return {"point": a.get("point", "latest") if not a.get("at") else "latest", "at": a.get("at"),
@@ -73,72 +38,34 @@ def _restore_args(a: dict) -> dict:
             "start": bool(a.get("start")), "discard_old": bool(a.get("discard_old"))}
 
 
-def _restore_plan(cfg: Config, cat: Catalog, a: dict) -> dict:
-    from virtwarden import submit
-
-    return submit.plan_restore(cfg, cat, a["domain"], **_restore_args(a)).to_json()
-
-
-def _restore(cfg: Config, cat: Catalog, a: dict, actor: str, key: str) -> jobs.JobView:
-    from virtwarden import submit
-
-    return submit.restore(cfg, cat, a["domain"], **_restore_args(a), requested_by=actor, dedup_key=key)
-
-
-def _drill_plan(cfg: Config, cat: Catalog, a: dict) -> dict:
-    from virtwarden.cli.drills import drill_params
-
-    return drill_params(cfg, cat, a["domain"], point=a.get("point"), policy=a.get("policy"))
-
-
-def _drill(cfg: Config, cat: Catalog, a: dict, actor: str, key: str) -> jobs.JobView:
-    from virtwarden.cli.drills import submit_drill
-
-    return submit_drill(cfg, cat, a["domain"], point=a.get("point", "latest"), policy=a.get("policy"),
-                        requested_by=actor, dedup_key=key)
-
-
 def _hosts(a: dict) -> tuple[str, ...]:
     return tuple(h.strip() for h in str(a.get("to") or "").split(",") if h.strip())
 
 
-def _evacuate_plan(cfg: Config, cat: Catalog, a: dict) -> dict:
-    from virtwarden.cli.evacuate import submit_evacuate
-
-    plan = submit_evacuate(cfg, cat, a["host"], to=_hosts(a), dry_run=True, requested_by="dry-run")
-    return plan if isinstance(plan, dict) else {"plan": str(plan)}
-
-
-def _evacuate(cfg: Config, cat: Catalog, a: dict, actor: str, key: str) -> jobs.JobView:
-    from virtwarden.cli.evacuate import submit_evacuate
-
-    job = submit_evacuate(cfg, cat, a["host"], to=_hosts(a), requested_by=actor, dedup_key=key)
-    assert isinstance(job, jobs.JobView)
-    return job
-
-
-def _verify_plan(cfg: Config, cat: Catalog, a: dict) -> dict:
-    from virtwarden.cli.verify import plan_verify
-
-    return plan_verify(cfg, cat, a.get("domain") or None, a.get("storage") or None,
-                       int(a.get("sample_percent") or 100))
-
-
-def _verify(cfg: Config, cat: Catalog, a: dict, actor: str, key: str) -> jobs.JobView:
-    from virtwarden.cli.verify import submit_verify
-
-    return submit_verify(cfg, cat, domain=a.get("domain") or None, storage=a.get("storage") or None,
-                         sample_percent=int(a.get("sample_percent") or 100), requested_by=actor, dedup_key=key)
-
-
-ACTIONS: dict[str, Action] = {
-    "backup": Action(_backup_plan, _backup),
-    "snapshot": Action(_snapshot_plan, _snapshot),
-    "restore": Action(_restore_plan, _restore),
-    "drill": Action(_drill_plan, _drill),
-    "evacuate": Action(_evacuate_plan, _evacuate),
-    "verify": Action(_verify_plan, _verify),
+ARGS: dict[str, Callable[[dict], tuple[str | None, dict[str, Any]]]] = {
+    "backup": lambda a: (a["domain"], {"policy": a.get("policy"), "full": bool(a.get("full"))}),
+    "snapshot": lambda a: (a["domain"], {"policy": a.get("policy")}),
+    "restore": lambda a: (a["domain"], _restore_args(a)),
+    "drill": lambda a: (a["domain"], {"point": a.get("point"), "policy": a.get("policy")}),
+    "evacuate": lambda a: (a["host"], {"to": _hosts(a)}),
+    "verify": lambda a: (a.get("domain") or None, {"storage": a.get("storage") or None,
+                                                   "sample_percent": int(a.get("sample_percent") or 100)}),
 }
+
+
+def plan_step(cfg: Config, cat: Catalog, action: str, a: dict) -> dict:
+    """What the step would do; changes nothing."""
+    from virtwarden import submit
+
+    subject, options = ARGS[action](a)
+    return submit.plan(cfg, cat, action, subject, **options).preview
+
+
+def submit_step(cfg: Config, cat: Catalog, action: str, a: dict, actor: str, key: str) -> jobs.JobView:
+    from virtwarden import submit
+
+    subject, options = ARGS[action](a)
+    return submit.submit(cfg, cat, action, subject, requested_by=actor, dedup_key=key, **options)
 
 
 # --- running ------------------------------------------------------------------------------
@@ -182,7 +109,7 @@ def dry_run(cfg: Config, cat: Catalog, book: Runbook, given: dict[str, str], act
     planned = []
     for step in steps:
         planned.append({"step": step.index, "action": step.action, "args": step.args,
-                        "plan": ACTIONS[step.action].plan(cfg, cat, step.args)})
+                        "plan": plan_step(cfg, cat, step.action, step.args)})
     audit.record(cat, actor=actor, action=f"runbook:{book.name}", target=_target(steps), params=given,
                  outcome=audit.DRY_RUN, detail=f"{len(steps)} step(s) planned")
     return {"runbook": book.name, "dry_run": True, "steps": planned}
@@ -240,7 +167,7 @@ def _run_step(cfg: Config, cat: Catalog, step: Planned, actor: str, key: str, ti
     from virtwarden import submit
 
     beat.report((step.index - 1) / count, f"step {step.index}/{count}: {step.action}")
-    job = ACTIONS[step.action].submit(cfg, cat, step.args, actor, key)
+    job = submit_step(cfg, cat, step.action, step.args, actor, key)
     try:
         done = submit.wait(cat, job.id, timeout=timeout)
     except JobFailed:

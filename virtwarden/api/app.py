@@ -212,10 +212,10 @@ def _metrics_scope(request: Request, _: Any = Depends(bearer_scheme)) -> None:
 def _submit_restore(api: Api, req: RestoreIn, actor: str, key: str | None) -> jobs.JobView:
     from virtwarden import submit
 
-    return submit.restore(api.cfg, api.cat, req.domain, point=req.point or "latest", at=req.at,
-                          to_dir=req.to_dir, as_domain=req.as_domain, in_place=req.in_place,
-                          discard_old=req.discard_old, start=req.start, host=req.host,
-                          requested_by=actor, dedup_key=f"api:{key}" if key else None)
+    return submit.submit(api.cfg, api.cat, "restore", req.domain, point=req.point or "latest", at=req.at,
+                         to_dir=req.to_dir, as_domain=req.as_domain, in_place=req.in_place,
+                         discard_old=req.discard_old, start=req.start, host=req.host,
+                         requested_by=actor, dedup_key=f"api:{key}" if key else None)
 
 
 def _replayed(api: Api, response: Response, used: api_catalog.KeyUse, req: RestoreIn, key: str,

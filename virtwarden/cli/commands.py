@@ -50,7 +50,7 @@ def backup(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     cat = Catalog(cfg.catalog_url)
     _configure_celery(cfg)
-    job = submit.backup(cfg, cat, args.domain, policy=args.policy, target=args.target, full=args.full,
+    job = submit.submit(cfg, cat, "backup", args.domain, policy=args.policy, target=args.target, full=args.full,
                         host=args.host, requested_by="cli")
     return _after_submit(args, cat, job)
 
@@ -61,6 +61,7 @@ def restore(args: argparse.Namespace) -> int:
     import os
 
     from virtwarden import submit
+    from virtwarden.submit.restore import plan_restore, restore_confined
 
     cfg = load_config(args)
     cat = Catalog(cfg.catalog_url)
@@ -69,17 +70,17 @@ def restore(args: argparse.Namespace) -> int:
              "start": args.start, "host": args.host,
              "disk_dir": os.path.abspath(args.disk_dir) if getattr(args, "disk_dir", None) else None}
     if args.dry_run:
-        plan = submit.plan_restore(cfg, cat, args.domain, point=args.point, at=args.at,
-                                   confined=submit.restore_confined(), **where)
+        plan = plan_restore(cfg, cat, args.domain, point=args.point, at=args.at, confined=restore_confined(),
+                            **where)
         if args.json:
             emit_json({"dry_run": True, **plan.to_json()})
         else:
             print("\n".join(["dry run: nothing was changed and no job was created", *plan.describe()]))
         return EXIT_OK
     _configure_celery(cfg)
-    job = submit.restore(cfg, cat, args.domain, point=args.point, at=args.at, requested_by="cli",
-                         shutdown_timeout=getattr(args, "shutdown_timeout", None),
-                         confined=submit.restore_confined(), **where)
+    job = submit.submit(cfg, cat, "restore", args.domain, point=args.point, at=args.at, requested_by="cli",
+                        shutdown_timeout=getattr(args, "shutdown_timeout", None), confined=restore_confined(),
+                        **where)
     return _after_submit(args, cat, job)
 
 

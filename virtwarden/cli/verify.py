@@ -1,22 +1,21 @@
 """``virtwarden verify [DOMAIN] [--storage NAME] [--sample PERCENT] [--dry-run] [--wait] [--json]``.
 
-Re-reads stored restore points and checks them against the catalog (tasks/verify.py).
-The same ``submit_verify`` serves the CLI, the ``verify`` step of runbooks
-(``verify-repository``) and, with a policy's settings, the scheduler. With ``--wait``
-the command prints the report and exits 1 when something was found (what was found is
-then also in the failed job's result: ``virtwarden job ID``). ``--dry-run`` says what
-would be read, from the catalog alone, and creates no job.
+Re-reads stored restore points and checks them against the catalog (tasks/verify.py);
+the request is planned by virtwarden/submit/verify.py, as for the ``verify`` step of
+runbooks (``verify-repository``) and the scheduler. With ``--wait`` the command prints
+the report and exits 1 when something was found (what was found is then also in the
+failed job's result: ``virtwarden job ID``). ``--dry-run`` says what would be read, from
+the catalog alone, and creates no job.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from catalog import jobs, points
+from catalog import jobs
 from catalog.store import Catalog
 from virtwarden.cli.output import emit_json, load_config, table
-from virtwarden.config import Config
-from virtwarden.errors import EXIT_FAILED, EXIT_OK, PolicyError, RestorePointNotFound
+from virtwarden.errors import EXIT_FAILED, EXIT_OK
 
 
 def percent(text: str) -> int:
@@ -30,79 +29,22 @@ def percent(text: str) -> int:
     return value
 
 
-def params(domain: str | None, storage: str | None, sample_percent: int = 100, policy: str | None = None) -> dict:
-    """The verify job's parameters (tasks.verify.VerifyRequest) as JSON data."""
-    return {"domain": domain, "storage": storage, "sample_percent": int(sample_percent), "policy": policy}
-
-
-def scheduled_params(cfg: Config, domain: str, policy: str) -> dict:
-    """A scheduled verification's parameters, from its policy's ``spec.verify`` now."""
-    from policies import load_policies
-
-    found = next((p for p in load_policies(cfg) if p.name == policy), None)
-    section = found.spec.verify if found else None
-    if section is None:
-        raise PolicyError(f"policy {policy!r} has no spec.verify section (any more)")
-    if section.target:
-        cfg.storage_target(section.target)
-    return params(domain, section.target, section.sample_percent, policy)
-
-
-def plan_verify(cfg: Config, cat: Catalog, domain: str | None, storage: str | None,
-                sample_percent: int = 100) -> dict:
-    """What a verification would read, from the catalog; changes nothing. Unknown
-    storage names and a domain without complete points are errors now."""
-    if storage:
-        cfg.storage_target(storage)  # an unknown name is an error now, with suggestions
-    domains = [domain] if domain else points.domains_with_points(cat, (points.COMPLETE,))
-    found = [p for d in domains for p in points.for_domain(cat, d, storage=storage, statuses=(points.COMPLETE,))]
-    if domain and not found:
-        raise RestorePointNotFound(f"domain {domain!r} has no complete restore point"
-                                   + (f" on storage {storage!r}" if storage else "") + " to verify")
-    artifacts = sum(len(p.artifacts) for p in found)
-    return {"domains": domains, "points": len(found), "artifacts": artifacts,
-            "bytes_to_read": sum(a.size_bytes for p in found for a in p.artifacts), "sample_percent": sample_percent,
-            "artifacts_to_read_at_least": -(-artifacts * sample_percent // 100),
-            "never_verified": sum(1 for p in found if p.verified_at is None),
-            "manifests_without_checksum": sum(1 for p in found if not p.manifest_sha256)}
-
-
-def submit_verify(cfg: Config, cat: Catalog, *, domain: str | None = None, storage: str | None = None,
-                  sample_percent: int = 100, requested_by: str | None = None,
-                  dedup_key: str | None = None) -> jobs.JobView:
-    """Check the request (``plan_verify``), then queue the job on the host of the
-    domain's newest point (the first configured host otherwise): it reads storage only."""
-    from virtwarden.submit import enqueue
-    from worker import celery_app
-
-    plan_verify(cfg, cat, domain, storage, sample_percent)
-    celery_app.check_broker(cfg)
-    return enqueue(cfg, cat, "verify", domain, host_for(cfg, cat, domain), params(domain, storage, sample_percent),
-                   requested_by, dedup_key=dedup_key)
-
-
-def host_for(cfg: Config, cat: Catalog, domain: str | None) -> str:
-    """The configured host that made the domain's latest point (the first host when none
-    did, or none is configured any more): where a job reading its points runs."""
-    found = points.for_domain(cat, domain) if domain else []
-    hosts = [p.host for p in reversed(found) if p.host in cfg.hosts]
-    return hosts[0] if hosts else next(iter(cfg.hosts))
-
 
 def cli(args: argparse.Namespace) -> int:
+    from virtwarden import submit
     from virtwarden.cli.commands import _configure_celery, follow, queued
 
     cfg = load_config(args)
     cat = Catalog(cfg.catalog_url)
     if args.dry_run:
-        plan = plan_verify(cfg, cat, args.domain, args.storage, args.sample)
+        plan = submit.plan(cfg, cat, "verify", args.domain, storage=args.storage, sample_percent=args.sample).preview
         if args.json:
             emit_json({"dry_run": True, **plan})
         else:
             _print_plan(plan)
         return EXIT_OK
     _configure_celery(cfg)
-    job = submit_verify(cfg, cat, domain=args.domain, storage=args.storage, sample_percent=args.sample,
+    job = submit.submit(cfg, cat, "verify", args.domain, storage=args.storage, sample_percent=args.sample,
                         requested_by="cli")
     if not args.wait:
         return queued(args, job, f"verification of {args.domain or 'every domain'}")

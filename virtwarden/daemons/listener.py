@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from catalog import events as catalog_events
 from catalog.events import EventView
 from catalog.store import Catalog
-from policies import Policy, load_policies, parse_metadata, resolve_snapshots
+from policies import Policy, load_policies, parse_metadata
 from policies.loader import policy_files
 from policies.select import DomainFacts
 from policies.triggers import RUNS, TriggerAction, listened_events, triggers_for
@@ -251,23 +251,10 @@ class Dispatcher:
 
         assert rec.domain is not None
         key = f"event:{rec.id}:{action.policy}:{action.run}"
-        if action.run == "backup":
-            job = submit.backup(self.cfg, self.cat, rec.domain, policy=action.policy, full=action.full,
-                                host=rec.host, requested_by="event", dedup_key=key, interactive=False)
-        elif action.run == "snapshot":  # settled from its policy now, like a backup
-            params = resolve_snapshots(self.cfg, rec.domain, policy=action.policy,
-                                       host=rec.host).job_params(rec.domain)
-            job = submit.enqueue(self.cfg, self.cat, "snapshot", rec.domain, rec.host, params, "event",
-                                 dedup_key=key, interactive=False)
-        elif action.run == "drill":
-            from virtwarden.cli.drills import submit_drill
-
-            job = submit_drill(self.cfg, self.cat, rec.domain, point=None, policy=action.policy, host=rec.host,
-                               requested_by="event", dedup_key=key, interactive=False)
-        else:
-            job = submit.enqueue(self.cfg, self.cat, action.run, rec.domain, rec.host,
-                                 {"domain": rec.domain, "policy": action.policy}, "event", dedup_key=key,
-                                 interactive=False)
+        options = {"full": True} if action.full else {}
+        job = submit.submit(self.cfg, self.cat, action.run, rec.domain, policy=action.policy, host=rec.host,
+                            known_on_host=True, requested_by="event", dedup_key=key,
+                            interactive=False, **options)
         log.info("event %d: %s of %s on host %s -> %s job %s (policy %s%s)", rec.id, rec.kind, rec.domain,
                  rec.host, action.run, job.id, action.policy, ", full" if action.full else "")
 

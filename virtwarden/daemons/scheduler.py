@@ -34,7 +34,7 @@ from datetime import UTC, datetime, timedelta
 
 from catalog import slots
 from catalog.store import Catalog
-from policies import DomainFacts, Policy, load_policies, parse_metadata, resolve_backup, resolve_snapshots
+from policies import DomainFacts, Policy, load_policies, parse_metadata
 from policies.schedule import SCHEDULED_JOBS, Busy, Slot, between, due, limits_of, schedule_of, split
 from virtwarden.config import Config, load_for_process
 from virtwarden.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, DomainNotFound, PolicyError, Transient, VirtwardenError
@@ -316,23 +316,13 @@ class Scheduler:
         log.error("slot %s: the job could not be created or sent: %s", slot.key, error)
 
     def _params(self, slot: Slot) -> dict:
-        """The job's parameters; a backup's, a snapshot's, a drill's and a verification's are
-        settled from the slot's policy now, as ``virtwarden backup``, ``snapshot``, ``drill``
-        and ``verify`` settle them."""
-        if slot.job == "backup":
-            return resolve_backup(self.cfg, slot.domain, policy=slot.policy, host=slot.host).job_params(slot.domain)
-        if slot.job == "snapshot":
-            return resolve_snapshots(self.cfg, slot.domain, policy=slot.policy,
-                                     host=slot.host).job_params(slot.domain)
-        if slot.job == "drill":
-            from virtwarden.cli.drills import drill_params
+        """The job's parameters, settled from the slot's policy now, as ``virtwarden
+        backup``, ``snapshot``, ``drill`` and ``verify`` settle them (the domain was just
+        seen on the slot's host)."""
+        from virtwarden import submit
 
-            return drill_params(self.cfg, self.cat, slot.domain, policy=slot.policy, host=slot.host)
-        if slot.job == "verify":
-            from virtwarden.cli.verify import scheduled_params
-
-            return scheduled_params(self.cfg, slot.domain, slot.policy)
-        return {"domain": slot.domain, "policy": slot.policy}
+        return submit.plan(self.cfg, self.cat, slot.job, slot.domain, policy=slot.policy, host=slot.host,
+                           known_on_host=True).params
 
 
 # --- commands -----------------------------------------------------------------------------

@@ -1,0 +1,145 @@
+"""One way to submit a job: ``plan`` says what a request would do, ``submit`` creates
+its job row and sends it to a worker. The CLI, the API, the listener, the scheduler,
+alerts and runbooks all go through the table ``KINDS``: one planner per job kind, in the
+module of this package named for it.
+
+A planner resolves the request completely (which host, which storage, which settings,
+from the policies and the catalog, asking libvirt where it must) and returns a
+``Planned``; it writes nothing. So the job row holds everything the job needs and the
+worker makes no new decisions, and every refusal (unknown domain, point or storage, a
+destination outside restore.allowed_dirs, ...) comes before any job exists.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from catalog import jobs
+from catalog.store import Catalog
+from virtwarden.config import Config
+from virtwarden.errors import JobFailed, UsageError, VirtwardenError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A request resolved: the job row it becomes (``kind``: a restore's depends on its
+    mode) and what a dry run shows (``preview``)."""
+
+    kind: str
+    domain: str | None
+    host: str
+    params: dict[str, Any]
+    preview: dict[str, Any] = field(default_factory=dict)
+
+
+# kind -> "module:function" of its planner, ``planner(cfg, cat, subject, **options) ->
+# Planned``; ``subject`` is the domain (a host for evacuate; None for every domain where
+# the kind allows it). Imported when first used.
+KINDS: dict[str, str] = {
+    "backup": "virtwarden.submit.backup:plan_backup",
+    "snapshot": "virtwarden.submit.backup:plan_snapshot",
+    "restore": "virtwarden.submit.restore:plan_restore_job",
+    "drill": "virtwarden.submit.drill:plan_drill",
+    "verify": "virtwarden.submit.verify:plan_verify_job",
+    "prune": "virtwarden.submit.prune:plan_prune",
+    "evacuate": "virtwarden.submit.evacuate:plan_evacuate",
+}
+
+
+def planner(kind: str) -> Callable[..., Planned]:
+    if kind not in KINDS:
+        raise UsageError(f"no job kind {kind!r} can be submitted (known: {', '.join(KINDS)})")
+    module, name = KINDS[kind].split(":")
+    return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
+
+
+def plan(cfg: Config, cat: Catalog, kind: str, subject: str | None, **options: Any) -> Planned:
+    """What a request of ``kind`` would do; changes nothing (the dry run)."""
+    return planner(kind)(cfg, cat, subject, **options)
+
+
+def submit(cfg: Config, cat: Catalog, kind: str, subject: str | None, *, requested_by: str | None,
+           dedup_key: str | None = None, interactive: bool = True, **options: Any) -> jobs.JobView:
+    """Plan the request, then create its job and send it. With ``dedup_key``, a job
+    already created with that key is returned as it is (a repeated webhook or event
+    starts one job, not two). ``interactive`` (CLI, API, runbooks): a dead broker is an
+    error now and nothing is created; otherwise (an event, a schedule, an alert's
+    backups) the job is created anyway and the outbox sends it when the broker is back."""
+    from worker import celery_app
+
+    if dedup_key:
+        existing = jobs.by_dedup_key(cat, dedup_key)
+        if existing is not None:
+            return existing
+    planned = plan(cfg, cat, kind, subject, **options)
+    if interactive:
+        celery_app.check_broker(cfg)
+    return enqueue(cfg, cat, planned.kind, planned.domain, planned.host, planned.params, requested_by,
+                   dedup_key=dedup_key, interactive=interactive)
+
+
+def enqueue(cfg: Config, cat: Catalog, kind: str, domain: str | None, host: str, params: dict,
+            requested_by: str | None, *, dedup_key: str | None = None, interactive: bool = True,
+            send: bool = True) -> jobs.JobView:
+    """Create the job row, then send it to the host's queue. With ``dedup_key``, a job that
+    already has the key is returned as it is and nothing is sent again.
+
+    The row is written first and is its own outbox entry (``catalog.jobs``): when the
+    send fails, a request nobody waits for (``interactive=False``: the scheduler, the
+    listener, an alert) stays queued and the sweeper sends it once the broker is back. An
+    interactive request (CLI, API) checked the broker before and is told instead: its
+    job is failed, so nothing runs later that its requester was told had failed. With
+    ``send=False`` (the caller knows the broker is down) the job is only created, due
+    for the sweeper's next round."""
+    from worker import celery_app
+
+    job, created = jobs.create_once(cat, kind=kind, domain=domain, host=host, params=params,
+                                    max_attempts=cfg.worker.max_attempts, requested_by=requested_by,
+                                    dedup_key=dedup_key, resend_after=cfg.worker.resend_seconds if send else 0)
+    if not created or not send:
+        return job
+    try:
+        celery_app.send(job)
+    except VirtwardenError as e:
+        if interactive:
+            jobs.fail_queued(cat, job.id, f"could not be sent to a worker: {e}")
+            raise
+        log.warning("job %s (%s of %s): %s; it stays queued and is sent when the broker is back", job.id, kind,
+                    domain, e)
+        jobs.postpone(cat, job.id, 0)  # due for the sweeper's next round
+        return job
+    jobs.mark_sent(cat, job, resend_after=cfg.worker.resend_seconds)
+    return job
+
+
+def job_failed(job: jobs.JobView) -> JobFailed:
+    """A failed job as an error: with the exit code of the product error that failed it
+    (6 for a full storage, 5 for an unreachable one, ...), else 1."""
+    failure = JobFailed(f"job {job.id} ({job.kind} of {job.domain}) failed: {job.error}")
+    code = (job.result or {}).get("exit_code")
+    if isinstance(code, int) and code > 0:
+        failure.exit_code = code
+    return failure
+
+
+def wait(cat: Catalog, job_id: str, *, on_progress: Callable[[jobs.JobView], None] | None = None,
+         poll: float = 0.25, timeout: float | None = None) -> jobs.JobView:
+    """Block until the job finished; JobFailed when it failed."""
+    start = time.monotonic()
+    while True:
+        job = jobs.get(cat, job_id)
+        if on_progress:
+            on_progress(job)
+        if job.finished:
+            if job.state == jobs.FAILED:
+                raise job_failed(job)
+            return job
+        if timeout is not None and time.monotonic() - start > timeout:
+            raise JobFailed(f"job {job.id} still {job.state} after {timeout:.0f}s")
+        time.sleep(poll)

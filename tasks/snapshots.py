@@ -32,7 +32,7 @@ from pathlib import Path
 from catalog import overlays, snapshots
 from catalog.clock import database_now
 from catalog.snapshots import SnapshotView
-from hypervisor.types import NAME_PREFIX, DomainInfo
+from hypervisor.types import NAME_PREFIX, DomainInfo, Hypervisor
 from policies.model import Retention
 from policies.retention import select_kept
 from tasks import quiesce
@@ -77,7 +77,7 @@ def run_snapshot(ctx: JobContext, req: SnapshotRequest) -> dict:
             "policy": req.policy, "deleted": deleted, "kept": kept}
 
 
-def _take_recorded(ctx: JobContext, hv, dom: DomainInfo, req: SnapshotRequest,  # noqa: ANN001
+def _take_recorded(ctx: JobContext, hv: Hypervisor, dom: DomainInfo, req: SnapshotRequest,
                    existing: set[str]) -> tuple[str, str]:
     name = _unique(snapshot_name(req.policy, datetime.now(timezone.utc)), existing)
     ctx.report(0.1, f"taking {req.type} snapshot {name}")
@@ -145,7 +145,7 @@ class _AsPoint:
         return "full"
 
 
-def _take(ctx: JobContext, hv, dom: DomainInfo, req: SnapshotRequest, name: str,  # noqa: ANN001
+def _take(ctx: JobContext, hv: Hypervisor, dom: DomainInfo, req: SnapshotRequest, name: str,
           description: str) -> str:
     from hypervisor import snapshots as hv_snapshots
 

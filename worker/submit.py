@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from catalog import jobs
 from catalog.fencing import Fence
 from catalog.store import Catalog
-from hypervisor.types import DomainInfo
+from hypervisor.types import DomainInfo, Hypervisor
 from policies import parse_metadata, resolve_backup
 from virtwarden.config import Config
 from virtwarden.errors import BrokerUnavailable, DomainNotFound, HypervisorUnavailable, JobFailed, VirtwardenError
@@ -46,7 +46,7 @@ def find_host(cfg: Config, domain: str, host: str | None = None) -> tuple[str, D
     raise DomainNotFound(f"no domain {domain!r} on {where}{detail}")
 
 
-def follow_domain(cfg: Config, cat: Catalog, job: jobs.JobView, fence: Fence, hv) -> str | None:  # noqa: ANN001
+def follow_domain(cfg: Config, cat: Catalog, job: jobs.JobView, fence: Fence, hv: Hypervisor) -> str | None:
     """A claimed job whose domain is not on the job's host (``hv``) any more: send it to
     the host where the domain runs now and return that host's name; None when the
     domain is here. DomainNotFound (the job then fails saying so) when no configured

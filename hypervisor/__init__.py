@@ -1,4 +1,19 @@
-"""The hypervisor edge: libvirt (libvirt_host.py) and qemu-img (qemu_img.py)."""
-from hypervisor.types import NAME_PREFIX, Checkpoint, Disk, DomainInfo, HostVersion, JobState
+"""The hypervisor edge: libvirt (libvirt_host.py) and qemu-img (qemu_img.py).
 
-__all__ = ["NAME_PREFIX", "Checkpoint", "Disk", "DomainInfo", "HostVersion", "JobState"]
+Jobs see a host only as a ``Hypervisor`` (hypervisor.types); ``connect`` makes one.
+"""
+from hypervisor.types import NAME_PREFIX, Checkpoint, Connect, Disk, DomainInfo, HostVersion, Hypervisor, JobState
+
+
+def connect(name: str, uri: str) -> Hypervisor:
+    """A connection to host ``name`` at libvirt ``uri``, not opened yet (open it, or use
+    it as a context manager): what the worker hands a job, and what a job uses to reach
+    another host. Importing libvirt is left to the first call. (Returning a LibvirtHost
+    as a Hypervisor is also where mypy checks that it implements the whole interface.)"""
+    from hypervisor.libvirt_host import LibvirtHost
+
+    return LibvirtHost(name, uri)
+
+
+__all__ = ["NAME_PREFIX", "Checkpoint", "Connect", "Disk", "DomainInfo", "HostVersion", "Hypervisor", "JobState",
+           "connect"]

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 import libvirt
 import libvirt_qemu
 
-from hypervisor.libvirt_host import LibvirtHost
+from hypervisor.types import Hypervisor
 from virtwarden.errors import AgentUnresponsive, HypervisorError
 
 CHANNEL = "org.qemu.guest_agent.0"
@@ -43,12 +43,12 @@ _SILENT = {
 _UNANSWERED = {libvirt.VIR_ERR_AGENT_UNRESPONSIVE, libvirt.VIR_ERR_AGENT_UNSYNCED}
 
 
-def connected(hv: LibvirtHost, name: str) -> bool:
+def connected(hv: Hypervisor, name: str) -> bool:
     """Whether the guest's agent has its virtio port open: the channel's ``state`` in
     the live XML (QEMU reports it when the guest opens or closes the port). A channel
     without a state (an old QEMU) counts as connected: only a ping can tell then."""
-    dom = hv._dom(name)
-    with hv._errors("reading the guest agent channel", name):
+    dom = hv.lookup(name)
+    with hv.errors("reading the guest agent channel", name):
         xml = dom.XMLDesc(0)
     for target in ET.fromstring(xml).iterfind("./devices/channel/target"):
         if target.get("type") == "virtio" and target.get("name") == CHANNEL:
@@ -56,10 +56,10 @@ def connected(hv: LibvirtHost, name: str) -> bool:
     return False
 
 
-def ping(hv: LibvirtHost, name: str, timeout: float) -> bool:
+def ping(hv: Hypervisor, name: str, timeout: float) -> bool:
     """Whether the agent answers within ``timeout`` seconds. Never raises for an agent
     that is missing or silent (False); a domain that does not exist still raises."""
-    dom = hv._dom(name)
+    dom = hv.lookup(name)
     try:
         with _bounded(dom, timeout):
             dom.getTime(0)  # guest-get-time: cheap, read-only, a public libvirt call
@@ -68,33 +68,33 @@ def ping(hv: LibvirtHost, name: str, timeout: float) -> bool:
     return True
 
 
-def freeze(hv: LibvirtHost, name: str, timeout: float) -> int:
+def freeze(hv: Hypervisor, name: str, timeout: float) -> int:
     """Freeze every filesystem of the guest (``guest-fsfreeze-freeze``); the number
     frozen. AgentUnresponsive when the agent does not answer within ``timeout``: the
     request may have reached it and still be carried out, so thaw. HypervisorError when
     it answered with an error: nothing is frozen then (qemu-ga thaws a partial freeze
     itself), or someone else's freeze is in place."""
-    dom = hv._dom(name)
-    with (_unresponsive(), hv._errors(f"freezing the guest's filesystems (agent timeout {_seconds(timeout)}s)", name),
+    dom = hv.lookup(name)
+    with (_unresponsive(), hv.errors(f"freezing the guest's filesystems (agent timeout {_seconds(timeout)}s)", name),
           _bounded(dom, timeout)):
         return int(dom.fsFreeze(None, 0))
 
 
-def thaw(hv: LibvirtHost, name: str, timeout: float) -> int:
+def thaw(hv: Hypervisor, name: str, timeout: float) -> int:
     """Thaw the guest's filesystems (``guest-fsfreeze-thaw``); the number thawed, 0 when
     none was frozen. The agent handles requests in order, so a thaw that is answered
     came after any freeze sent before it."""
-    dom = hv._dom(name)
-    with (hv._errors(f"thawing the guest's filesystems (agent timeout {_seconds(timeout)}s)", name),
+    dom = hv.lookup(name)
+    with (hv.errors(f"thawing the guest's filesystems (agent timeout {_seconds(timeout)}s)", name),
           _bounded(dom, timeout)):
         return int(dom.fsThaw(None, 0))
 
 
-def freeze_status(hv: LibvirtHost, name: str, timeout: float) -> str:
+def freeze_status(hv: Hypervisor, name: str, timeout: float) -> str:
     """``"frozen"`` or ``"thawed"``, as the agent reports it (``guest-fsfreeze-status``)."""
-    dom = hv._dom(name)
+    dom = hv.lookup(name)
     seconds = _seconds(timeout)
-    with hv._errors(f"reading the guest's freeze status (agent timeout {seconds}s)", name), _bounded(dom, timeout):
+    with hv.errors(f"reading the guest's freeze status (agent timeout {seconds}s)", name), _bounded(dom, timeout):
         reply = libvirt_qemu.qemuAgentCommand(dom, json.dumps({"execute": "guest-fsfreeze-status"}), seconds, 0)
     try:
         return str(json.loads(reply)["return"])

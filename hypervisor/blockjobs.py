@@ -2,7 +2,7 @@
 external disk-only snapshots, block commit (non-active, and active with a pivot), block
 job state, and each disk's live backing chain.
 
-Everything goes through a ``LibvirtHost`` (its connection and its conversion of libvirt
+Everything goes through a ``Hypervisor`` (its connection and its conversion of libvirt
 errors into product errors), so libvirt stays inside ``hypervisor/``. The waits are
 bounded: a commit that does not finish, or an active commit that never becomes ready
 to pivot (a guest writing faster than the merge), is aborted when its time is up, which
@@ -19,7 +19,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 import libvirt
 
-from hypervisor.libvirt_host import LibvirtHost
+from hypervisor.types import Hypervisor
 from virtwarden.errors import HypervisorError
 
 log = logging.getLogger(__name__)
@@ -67,24 +67,24 @@ class BlockJob:
 class BlockJobs:
     """Block operations on the domains of one host (one libvirt connection)."""
 
-    def __init__(self, host: LibvirtHost) -> None:
+    def __init__(self, host: Hypervisor) -> None:
         self.host = host
 
     def _dom(self, domain: str) -> libvirt.virDomain:
-        return self.host._dom(domain)
+        return self.host.lookup(domain)
 
     # --- state ------------------------------------------------------------------------
     def chains(self, domain: str) -> dict[str, tuple[Layer, ...]]:
         """Each disk's live backing chain, active image first, from the running
         definition (libvirt records the whole chain there)."""
         dom = self._dom(domain)
-        with self.host._errors("reading backing chains", domain):
+        with self.host.errors("reading backing chains", domain):
             return live_chains(dom.XMLDesc(0))
 
     def job(self, domain: str, target: str) -> BlockJob | None:
         """The block job running on ``target``, if any."""
         dom = self._dom(domain)
-        with self.host._errors(f"reading block job of {target}", domain):
+        with self.host.errors(f"reading block job of {target}", domain):
             info = dom.blockJobInfo(target, 0)
             if not info:
                 return None
@@ -101,7 +101,7 @@ class BlockJobs:
         names of its own choosing). ``quiesce`` asks libvirt to freeze the guest's
         filesystems through qemu-guest-agent around it (fails without an agent)."""
         dom = self._dom(domain)
-        with self.host._errors("reading domain disks", domain):
+        with self.host.errors("reading domain disks", domain):
             targets = disk_targets(dom.XMLDesc(0))
         unknown = set(overlays) - set(targets)
         if unknown:
@@ -115,7 +115,7 @@ class BlockJobs:
         xml = (f"<domainsnapshot><name>{escape(name)}</name><description>virtwarden blockcommit backup</description>"
                f"<disks>{disks}</disks></domainsnapshot>")
         flags = _SNAPSHOT_FLAGS | (libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE if quiesce else 0)
-        with self.host._errors("creating external disk-only snapshot", domain):
+        with self.host.errors("creating external disk-only snapshot", domain):
             dom.snapshotCreateXML(xml, flags)
 
     # --- block commit -----------------------------------------------------------------
@@ -126,7 +126,7 @@ class BlockJobs:
         dom = self._dom(domain)
         what = f"block commit of {top} into {base} on {target}"
         flags = libvirt.VIR_DOMAIN_BLOCK_COMMIT_BANDWIDTH_BYTES if bandwidth else 0
-        with self.host._errors(f"starting {what}", domain):
+        with self.host.errors(f"starting {what}", domain):
             dom.blockCommit(target, base, top, bandwidth, flags)
         self.wait(domain, target, pivot=False, timeout=timeout, poll=poll, progress=progress, what=what)
         self._check_left(domain, target, top, what)
@@ -144,7 +144,7 @@ class BlockJobs:
         what = f"active block commit of {chain[0].path} into {chain[1].path} on {target}"
         flags = libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE | libvirt.VIR_DOMAIN_BLOCK_COMMIT_SHALLOW
         flags |= libvirt.VIR_DOMAIN_BLOCK_COMMIT_BANDWIDTH_BYTES if bandwidth else 0
-        with self.host._errors(f"starting {what}", domain):
+        with self.host.errors(f"starting {what}", domain):
             dom.blockCommit(target, None, None, bandwidth, flags)
         self.wait(domain, target, pivot=True, timeout=timeout, poll=poll, progress=progress, what=what)
         self._check_left(domain, target, chain[0].path, what)
@@ -177,7 +177,7 @@ class BlockJobs:
         """Switch ``target`` to the result of its ready block job; False when QEMU says
         the job is not ready yet."""
         dom = self._dom(domain)
-        with self.host._errors(f"pivoting {target}", domain):
+        with self.host.errors(f"pivoting {target}", domain):
             try:
                 dom.blockJobAbort(target, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
             except libvirt.libvirtError as e:
@@ -190,7 +190,7 @@ class BlockJobs:
     def abort(self, domain: str, target: str) -> None:
         """Cancel the block job on ``target`` without pivoting (no job: nothing to do)."""
         dom = self._dom(domain)
-        with self.host._errors(f"aborting block job on {target}", domain):
+        with self.host.errors(f"aborting block job on {target}", domain):
             try:
                 dom.blockJobAbort(target, 0)
             except libvirt.libvirtError as e:

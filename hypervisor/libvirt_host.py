@@ -83,7 +83,7 @@ class LibvirtHost:
         return self._conn
 
     @contextmanager
-    def _errors(self, what: str, domain: str | None = None) -> Iterator[None]:
+    def errors(self, what: str, domain: str | None = None) -> Iterator[None]:
         """Convert libvirt errors raised inside the block into product errors."""
         try:
             yield
@@ -105,7 +105,7 @@ class LibvirtHost:
             return False
 
     def version(self) -> HostVersion:
-        with self._errors("reading versions"):
+        with self.errors("reading versions"):
             lib = self.conn.getLibVersion()
             hv = self.conn.getVersion()
             caps = ET.fromstring(self.conn.getCapabilities())
@@ -123,22 +123,22 @@ class LibvirtHost:
     def qemu_user(self) -> tuple[int, int] | None:
         """The uid and gid QEMU runs as on this host (libvirt's DAC base label, from
         qemu.conf's user and group), or None when libvirt does not say."""
-        with self._errors("reading capabilities"):
+        with self.errors("reading capabilities"):
             caps = ET.fromstring(self.conn.getCapabilities())
         return qemu_user_from(caps)
 
     # --- domains ----------------------------------------------------------------------
-    def _dom(self, name: str) -> libvirt.virDomain:
-        with self._errors("looking up domain", name):
+    def lookup(self, name: str) -> libvirt.virDomain:
+        with self.errors("looking up domain", name):
             return self.conn.lookupByName(name)
 
     def domain(self, name: str) -> DomainInfo:
-        dom = self._dom(name)
-        with self._errors("reading domain", name):
+        dom = self.lookup(name)
+        with self.errors("reading domain", name):
             return self._info(dom)
 
     def domains(self) -> list[DomainInfo]:
-        with self._errors("listing domains"):
+        with self.errors("listing domains"):
             return [self._info(d) for d in self.conn.listAllDomains()]
 
     def _info(self, dom: libvirt.virDomain) -> DomainInfo:
@@ -157,27 +157,27 @@ class LibvirtHost:
         ``secure`` libvirt leaves secrets out (graphics passwords): that is what a
         manifest records. Only a definition given back to libvirt for the same domain
         (a restore in place) is read with them, or the domain would lose its password."""
-        dom = self._dom(name)
-        with self._errors("reading domain XML", name):
+        dom = self.lookup(name)
+        with self.errors("reading domain XML", name):
             flags = libvirt.VIR_DOMAIN_XML_INACTIVE if dom.isPersistent() else 0
             return dom.XMLDesc(flags | (libvirt.VIR_DOMAIN_XML_SECURE if secure else 0))
 
     # --- checkpoints ------------------------------------------------------------------
     def checkpoints(self, name: str) -> list[Checkpoint]:
-        dom = self._dom(name)
-        with self._errors("listing checkpoints", name):
+        dom = self.lookup(name)
+        with self.errors("listing checkpoints", name):
             return [_checkpoint(c.getXMLDesc(0)) for c in dom.listAllCheckpoints(0)]
 
     def checkpoint_xml(self, name: str, checkpoint: str) -> str:
         """The checkpoint's XML with its <domain>, as REDEFINE needs it later."""
-        dom = self._dom(name)
-        with self._errors(f"reading checkpoint {checkpoint}", name):
+        dom = self.lookup(name)
+        with self.errors(f"reading checkpoint {checkpoint}", name):
             return dom.checkpointLookupByName(checkpoint).getXMLDesc(0)
 
     def delete_checkpoint(self, name: str, checkpoint: str, *, metadata_only: bool = False) -> None:
-        dom = self._dom(name)
+        dom = self.lookup(name)
         flags = libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY if metadata_only else 0
-        with self._errors(f"deleting checkpoint {checkpoint}", name):
+        with self.errors(f"deleting checkpoint {checkpoint}", name):
             try:
                 dom.checkpointLookupByName(checkpoint).delete(flags)
             except libvirt.libvirtError as e:
@@ -187,11 +187,11 @@ class LibvirtHost:
     def redefine_checkpoint(self, name: str, xml: str, *, validate: bool = True) -> None:
         """Recreate a checkpoint's metadata from its XML; with ``validate`` libvirt accepts
         it only when its bitmaps are present and consistent in every disk."""
-        dom = self._dom(name)
+        dom = self.lookup(name)
         flags = libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE
         if validate:
             flags |= libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE
-        with self._errors("redefining checkpoint", name):
+        with self.errors("redefining checkpoint", name):
             dom.checkpointCreateXML(xml, flags)
 
     # --- backup jobs ------------------------------------------------------------------
@@ -199,7 +199,7 @@ class LibvirtHost:
                      incremental_from: str | None, bitmap_disks: set[str], skip: set[str]) -> None:
         """Start a push-mode backup of ``targets`` (disk -> new qcow2 file) that creates
         ``checkpoint`` atomically with it; disks without bitmaps are copied in full."""
-        dom = self._dom(name)
+        dom = self.lookup(name)
         inc = f"<incremental>{escape(incremental_from)}</incremental>" if incremental_from else ""
         disks = []
         for target, dest in targets.items():
@@ -213,7 +213,7 @@ class LibvirtHost:
             for t in sorted(set(targets) | skip))
         cp_xml = (f"<domaincheckpoint><name>{escape(checkpoint)}</name>"
                   f"<description>created by virtwarden</description><disks>{cp_disks}</disks></domaincheckpoint>")
-        with self._errors("starting backup", name):
+        with self.errors("starting backup", name):
             try:
                 dom.backupBegin(backup_xml, cp_xml, 0)
             except libvirt.libvirtError as e:
@@ -225,8 +225,8 @@ class LibvirtHost:
 
     def backup_state(self, name: str) -> JobState:
         """The running backup's progress, or how the last one ended."""
-        dom = self._dom(name)
-        with self._errors("reading job state", name):
+        dom = self.lookup(name)
+        with self.errors("reading job state", name):
             stats = dom.jobStats(0)
             if stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) != libvirt.VIR_DOMAIN_JOB_NONE:
                 return JobState(True, None, stats.get("disk_processed", 0), stats.get("disk_total", 0))
@@ -239,22 +239,22 @@ class LibvirtHost:
                         None if ok else (done.get("errmsg") or "libvirt reports the backup job failed"))
 
     def has_active_job(self, name: str) -> bool:
-        dom = self._dom(name)
-        with self._errors("reading job state", name):
+        dom = self.lookup(name)
+        with self.errors("reading job state", name):
             return dom.jobStats(0).get("type", libvirt.VIR_DOMAIN_JOB_NONE) != libvirt.VIR_DOMAIN_JOB_NONE
 
     def backup_job_running(self, name: str) -> bool:
         """Whether the domain's active job is a backup (libvirt keeps one that was
         running when libvirtd restarted: it recovers it from QEMU)."""
-        dom = self._dom(name)
-        with self._errors("reading job state", name):
+        dom = self.lookup(name)
+        with self.errors("reading job state", name):
             stats = dom.jobStats(0)
         return (stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) != libvirt.VIR_DOMAIN_JOB_NONE
                 and stats.get("operation") == libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP)
 
     def abort_job(self, name: str) -> None:
-        dom = self._dom(name)
-        with self._errors("aborting job", name):
+        dom = self.lookup(name)
+        with self.errors("aborting job", name):
             try:
                 dom.abortJob()
             except libvirt.libvirtError as e:

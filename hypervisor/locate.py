@@ -8,13 +8,13 @@ from virtwarden.errors import DomainNotFound, HypervisorUnavailable
 
 def find_host(cfg: Config, domain: str, host: str | None = None) -> tuple[str, DomainInfo]:
     """The configured host that has ``domain`` (asking libvirt), or ``host`` when given."""
-    from hypervisor.libvirt_host import LibvirtHost
+    from hypervisor import connect
 
     candidates = [host] if host else list(cfg.hosts)
     unreachable = []
     for name in candidates:
         try:
-            with LibvirtHost(name, cfg.host(name).uri) as hv:
+            with connect(name, cfg.host(name).uri) as hv:
                 return name, hv.domain(domain)
         except DomainNotFound:
             continue

@@ -1,4 +1,4 @@
-"""Host capacity and live migration, through a ``LibvirtHost`` (its connection and its
+"""Host capacity and live migration, through a ``Hypervisor`` (its connection and its
 conversion of libvirt errors into product errors).
 
 Capacity is what libvirt says now: CPUs and memory of the node, and each domain with
@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import libvirt
 
-from hypervisor.libvirt_host import LibvirtHost
+from hypervisor.types import Hypervisor
 from virtwarden.errors import HypervisorError, VirtwardenError
 
 log = logging.getLogger(__name__)
@@ -67,8 +67,8 @@ class Capacity:
                 "guests": [g.__dict__ for g in self.guests]}
 
 
-def capacity(hv: LibvirtHost) -> Capacity:
-    with hv._errors("reading host capacity"):
+def capacity(hv: Hypervisor) -> Capacity:
+    with hv.errors("reading host capacity"):
         info = hv.conn.getInfo()  # [model, memory MiB, cpus, mhz, nodes, sockets, cores, threads]
         stats = hv.conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS, 0)
         guests = []
@@ -142,7 +142,7 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def migrate(src: LibvirtHost, dst: LibvirtHost, name: str, *, timeout: float, unsafe: bool,
+def migrate(src: Hypervisor, dst: Hypervisor, name: str, *, timeout: float, unsafe: bool,
             on_progress: Callable[[Progress], None] | None = None, poll: float = 0.5,
             stop: threading.Event | None = None, bandwidth_mib: int | None = None) -> Outcome:
     """Live-migrate ``name`` from ``src`` to ``dst`` within ``timeout`` seconds.
@@ -155,7 +155,7 @@ def migrate(src: LibvirtHost, dst: LibvirtHost, name: str, *, timeout: float, un
     MigrationTimeout, or HypervisorError with libvirt's reason; in both cases the domain
     still runs on ``src``.
     """
-    dom = src._dom(name)
+    dom = src.lookup(name)
     flags = _FLAGS | (libvirt.VIR_MIGRATE_UNSAFE if unsafe else 0)
     params: dict[str, object] = {}
     uri = migration_uri(src.uri, dst.uri)
@@ -173,7 +173,7 @@ def migrate(src: LibvirtHost, dst: LibvirtHost, name: str, *, timeout: float, un
 
     started = time.monotonic()
     worker = threading.Thread(target=run, name=f"migrate-{name}", daemon=True)
-    with src._errors(f"migrating to host {dst.name}", name):
+    with src.errors(f"migrating to host {dst.name}", name):
         worker.start()
         aborted = _watch(dom, worker, started + timeout, on_progress, poll, stop)
     elapsed = time.monotonic() - started
@@ -182,7 +182,7 @@ def migrate(src: LibvirtHost, dst: LibvirtHost, name: str, *, timeout: float, un
             why = "stopped" if stop is not None and stop.is_set() else f"did not finish within {timeout:.0f} s"
             raise MigrationTimeout(f"migration of {name!r} from host {src.name} to {dst.name} {why}: "
                                    f"aborted, the domain still runs on {src.name}") from failure[0]
-        with src._errors(f"migrating to host {dst.name}", name):
+        with src.errors(f"migrating to host {dst.name}", name):
             raise failure[0]
     log.info("domain %s: migrated from %s to %s in %.1f s", name, src.name, dst.name, elapsed)
     return Outcome(elapsed, _downtime(dst, name))
@@ -220,24 +220,24 @@ def _stats(dom: libvirt.virDomain) -> Progress | None:
                     s.get("data_remaining") or s.get("memory_remaining") or 0, s.get("time_elapsed", 0))
 
 
-def _downtime(dst: LibvirtHost, name: str) -> int | None:
+def _downtime(dst: Hypervisor, name: str) -> int | None:
     """The guest's pause at switch-over, from the destination's completed-job record."""
     try:
-        stats = dst._dom(name).jobStats(_COMPLETED)
+        stats = dst.lookup(name).jobStats(_COMPLETED)
     except (libvirt.libvirtError, VirtwardenError):
         return None
     value = stats.get("downtime")
     return int(value) if value is not None else None
 
 
-def running_here(hv: LibvirtHost, name: str) -> bool:
+def running_here(hv: Hypervisor, name: str) -> bool:
     """Whether ``name`` is defined and running on this host (False when absent)."""
     try:
         dom = hv.conn.lookupByName(name)
     except libvirt.libvirtError as e:
         if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
             return False
-        with hv._errors("looking up domain", name):
+        with hv.errors("looking up domain", name):
             raise
-    with hv._errors("reading state", name):
+    with hv.errors("reading state", name):
         return bool(dom.isActive())

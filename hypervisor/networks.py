@@ -17,7 +17,7 @@ from xml.sax.saxutils import escape
 
 import libvirt
 
-from hypervisor.libvirt_host import LibvirtHost
+from hypervisor.types import Hypervisor
 from virtwarden.errors import HypervisorError
 
 log = logging.getLogger(__name__)
@@ -45,11 +45,11 @@ def host_reachable(xml: str) -> str | None:
     return None
 
 
-def ensure_isolated(hv: LibvirtHost, name: str = DRILL_NETWORK) -> str:
+def ensure_isolated(hv: Hypervisor, name: str = DRILL_NETWORK) -> str:
     """The isolated network ``name``, defined and active; refuses a network of that name
     through which a guest reaches the host or beyond (someone else's, not isolated:
     ``host_reachable``). Returns its name."""
-    with hv._errors(f"preparing isolated network {name}"):
+    with hv.errors(f"preparing isolated network {name}"):
         try:
             net = hv.conn.networkLookupByName(name)
         except libvirt.libvirtError as e:
@@ -74,9 +74,9 @@ def ensure_isolated(hv: LibvirtHost, name: str = DRILL_NETWORK) -> str:
     return name
 
 
-def remove(hv: LibvirtHost, name: str) -> bool:
+def remove(hv: Hypervisor, name: str) -> bool:
     """Stop and undefine a network; False when there is none of that name."""
-    with hv._errors(f"removing network {name}"):
+    with hv.errors(f"removing network {name}"):
         try:
             net = hv.conn.networkLookupByName(name)
         except libvirt.libvirtError as e:

@@ -18,20 +18,20 @@ from xml.sax.saxutils import escape, quoteattr
 
 import libvirt
 
-from hypervisor.libvirt_host import LibvirtHost
+from hypervisor.types import Hypervisor
 
 
-def names(hv: LibvirtHost, domain: str) -> list[str]:
-    dom = hv._dom(domain)
-    with hv._errors("listing snapshots", domain):
+def names(hv: Hypervisor, domain: str) -> list[str]:
+    dom = hv.lookup(domain)
+    with hv.errors("listing snapshots", domain):
         return sorted(dom.snapshotListNames(0))
 
 
-def kinds(hv: LibvirtHost, domain: str) -> dict[str, str]:
+def kinds(hv: Hypervisor, domain: str) -> dict[str, str]:
     """Every snapshot of the domain (anyone's) -> 'internal' or 'external'."""
-    dom = hv._dom(domain)
+    dom = hv.lookup(domain)
     out = {}
-    with hv._errors("listing snapshots", domain):
+    with hv.errors("listing snapshots", domain):
         for snap in dom.listAllSnapshots(0):
             root = ET.fromstring(snap.getXMLDesc(0))
             external = root.findtext("state") == "disk-snapshot" or any(
@@ -40,36 +40,36 @@ def kinds(hv: LibvirtHost, domain: str) -> dict[str, str]:
     return out
 
 
-def take_internal(hv: LibvirtHost, domain: str, name: str, description: str) -> str:
+def take_internal(hv: Hypervisor, domain: str, name: str, description: str) -> str:
     """Returns the consistency: 'system' (running: disks and memory) or 'offline'."""
-    dom = hv._dom(domain)
+    dom = hv.lookup(domain)
     xml = (f"<domainsnapshot><name>{escape(name)}</name>"
            f"<description>{escape(description)}</description></domainsnapshot>")
-    with hv._errors(f"taking internal snapshot {name}", domain):
+    with hv.errors(f"taking internal snapshot {name}", domain):
         running = bool(dom.isActive())
         dom.snapshotCreateXML(xml, libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC)
     return "system" if running else "offline"
 
 
-def take_external(hv: LibvirtHost, domain: str, name: str, description: str, overlays: dict[str, str]) -> None:
+def take_external(hv: Hypervisor, domain: str, name: str, description: str, overlays: dict[str, str]) -> None:
     """A disk-only snapshot; ``overlays`` maps each disk target to its new overlay file
     (disks not named are left out of the snapshot). Quiescing is the caller's
     (tasks.quiesce freezes around this call, with its own time bounds)."""
-    dom = hv._dom(domain)
+    dom = hv.lookup(domain)
     disks = "".join(f"<disk name={quoteattr(t)} snapshot='external'><driver type='qcow2'/>"
                     f"<source file={quoteattr(path)}/></disk>" for t, path in sorted(overlays.items()))
     skipped = "".join(f"<disk name={quoteattr(t)} snapshot='no'/>" for t in _disk_targets(dom) if t not in overlays)
     xml = (f"<domainsnapshot><name>{escape(name)}</name><description>{escape(description)}</description>"
            f"<disks>{disks}{skipped}</disks></domainsnapshot>")
     flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
-    with hv._errors(f"taking external snapshot {name}", domain):
+    with hv.errors(f"taking external snapshot {name}", domain):
         dom.snapshotCreateXML(xml, flags)
 
 
-def delete(hv: LibvirtHost, domain: str, name: str) -> bool:
+def delete(hv: Hypervisor, domain: str, name: str) -> bool:
     """Delete one snapshot (merging an external one back). False when it is gone."""
-    dom = hv._dom(domain)
-    with hv._errors(f"deleting snapshot {name}", domain):
+    dom = hv.lookup(domain)
+    with hv.errors(f"deleting snapshot {name}", domain):
         try:
             snap = dom.snapshotLookupByName(name, 0)
         except libvirt.libvirtError as e:

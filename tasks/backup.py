@@ -34,7 +34,7 @@ from pathlib import Path
 
 from catalog import points
 from hypervisor import qemu_img
-from hypervisor.types import NAME_PREFIX, DomainInfo
+from hypervisor.types import NAME_PREFIX, DomainInfo, Hypervisor
 from storage_backends.repository import Repository
 from tasks import quiesce, recovery
 from tasks.backup_steps import (
@@ -132,7 +132,7 @@ def _run_bitmap(ctx: JobContext, req: BackupRequest) -> dict:
         return _make_point(ctx, req, dom, LevelPlan("full", f"checkpoint unusable: {e}"))
 
 
-def _forget_checkpoint(hv, domain: str, name: str) -> None:
+def _forget_checkpoint(hv: Hypervisor, domain: str, name: str) -> None:
     """Remove a broken checkpoint with its bitmaps if libvirt can, else its metadata only
     (the stale bitmap then stays in the image, unused, under a name we never reuse)."""
     try:

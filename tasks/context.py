@@ -9,32 +9,12 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 from catalog.store import Catalog
-from hypervisor.types import Checkpoint, DomainInfo, JobState
+from hypervisor import connect as connect_libvirt
+from hypervisor.types import Connect, Hypervisor
 from storage_backends.base import Backend
 from virtwarden.config import AgentConfig, DrillConfig
-
-
-class Hypervisor(Protocol):
-    """The part of hypervisor.libvirt_host.LibvirtHost that jobs use."""
-
-    name: str
-
-    def domain(self, name: str) -> DomainInfo: ...
-    def inactive_xml(self, name: str, *, secure: bool = False) -> str: ...
-    def checkpoints(self, name: str) -> list[Checkpoint]: ...
-    def checkpoint_xml(self, name: str, checkpoint: str) -> str: ...
-    def delete_checkpoint(self, name: str, checkpoint: str, *, metadata_only: bool = False) -> None: ...
-    def redefine_checkpoint(self, name: str, xml: str, *, validate: bool = True) -> None: ...
-    def begin_backup(self, name: str, targets: dict[str, str], *, checkpoint: str,
-                     incremental_from: str | None, bitmap_disks: set[str], skip: set[str]) -> None: ...
-    def backup_state(self, name: str) -> JobState: ...
-    def has_active_job(self, name: str) -> bool: ...
-    def backup_job_running(self, name: str) -> bool: ...
-    def abort_job(self, name: str) -> None: ...
-
 
 # Records progress (fraction done, a line of text); raises LeaseLost when the job must
 # stop because its lease was lost.
@@ -56,6 +36,7 @@ def _unfenced(_action: str) -> None:
 class JobContext:
     job_id: str
     catalog: Catalog
+    # The job's host, opened by the worker (None for jobs that need none).
     hypervisor: Hypervisor | None
     storage: Callable[[str], Backend]  # storage name -> backend (raises UnknownStorage)
     scratch_root: Path
@@ -70,6 +51,8 @@ class JobContext:
     # The configuration's ``agent`` and ``drill`` sections (guest agent timeouts, drill polls).
     agent: AgentConfig = field(default_factory=AgentConfig)
     drill: DrillConfig = field(default_factory=DrillConfig)
+    # Opens another host (host name, libvirt URI): what the worker opened ``hypervisor`` with.
+    connect: Connect = connect_libvirt
     _scratch: Path | None = field(default=None, repr=False)
 
     def ensure_owner(self, action: str) -> None:

@@ -47,6 +47,7 @@ from catalog import drills, points
 from catalog.drills import DrillView
 from catalog.points import PointView
 from catalog.store import Catalog
+from hypervisor.types import Hypervisor
 from tasks.confine import IMAGE_DIR
 from tasks.context import JobContext
 from tasks.restore import RestoreRequest, resolve_point, run_restore
@@ -113,7 +114,7 @@ def check_request(req: DrillRequest) -> None:
 
 def run_drill(ctx: JobContext, req: DrillRequest) -> dict:
     check_request(req)
-    hv = _libvirt(ctx)
+    hv = ctx.require_hypervisor()
     sweep(hv, ctx.catalog, ctx.scratch_root, own=ctx.job_id)
     point = pick_point(ctx.catalog, req.domain, req.point, req.storage)
     row = drills.begin(ctx.catalog, drill_id=ctx.job_id, domain=req.domain, host=hv.name, point_id=point.id,
@@ -143,7 +144,7 @@ def _ended_early(cat: Catalog, row: DrillView, why: str) -> None:
 class _Run:
     """One attempt of one drill; ``checks`` grows as the drill goes."""
 
-    def __init__(self, ctx: JobContext, hv, req: DrillRequest, point: PointView, row: DrillView) -> None:
+    def __init__(self, ctx: JobContext, hv: Hypervisor, req: DrillRequest, point: PointView, row: DrillView) -> None:
         self.ctx, self.hv, self.req, self.point, self.row = ctx, hv, req, point, row
         self.dir = drill_dir(ctx.scratch_root, ctx.job_id)
         self.name = throwaway_name(ctx.job_id)
@@ -364,7 +365,7 @@ def _round(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds, 3)
 
 
-def _ours(hv, name: str, uuid: str | None) -> bool:
+def _ours(hv: Hypervisor, name: str, uuid: str | None) -> bool:
     """Whether ``name`` exists and is the domain this attempt defined (any, when the
     attempt failed before it learned the UUID)."""
     from virtwarden.errors import DomainNotFound
@@ -399,18 +400,9 @@ class _Console:
         return f"its last output: {text!r}" if text else "the serial console stayed empty"
 
 
-def _libvirt(ctx: JobContext):
-    from hypervisor.libvirt_host import LibvirtHost
-
-    hv = ctx.require_hypervisor()
-    if not isinstance(hv, LibvirtHost):
-        raise HypervisorError(f"host {hv.name}: a drill needs a libvirt connection")
-    return hv
-
-
 # --- leftovers ----------------------------------------------------------------------------
 
-def sweep(hv, cat: Catalog, scratch_root: Path, *, own: str | None = None) -> list[str]:
+def sweep(hv: Hypervisor, cat: Catalog, scratch_root: Path, *, own: str | None = None) -> list[str]:
     """Remove the throwaway domains (``virtwarden-drill-*``) and drill directories on
     this host that belong to drills of this catalog whose job is not running with a
     live lease (``own``, the caller's job, counts as not running: what its earlier

@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 from catalog import events, jobs, moves
 from catalog.events import KnownDomain
 from catalog.store import Catalog
-from hypervisor.libvirt_host import LibvirtHost
+from hypervisor import connect as connect_libvirt
 from hypervisor.migrate import Capacity, Progress, capacity, migrate, running_here
+from hypervisor.types import Connect, Hypervisor
 from policies.placement import Candidate, HostState, Move, Plan, plan_evacuation
 from tasks.context import JobContext
 from virtwarden.errors import JobFailed, VirtwardenError
@@ -66,15 +67,16 @@ class Survey:
     capacities: dict[str, Capacity]
 
 
-def survey(req: EvacuateRequest, cat: Catalog | None = None) -> Survey:
+def survey(req: EvacuateRequest, cat: Catalog | None = None, connect: Connect = connect_libvirt) -> Survey:
     """What every configured host says now. The source must answer (a host that cannot
     be reached cannot be drained live); other hosts that do not answer are down.
-    With ``cat``, each host's state and capacity is recorded in ``hosts``."""
+    With ``cat``, each host's state and capacity is recorded in ``hosts``. Hosts are
+    opened with ``connect`` (the job's ``JobContext.connect``)."""
     states, caps = [], {}
     for name, h in sorted(req.hosts.items()):
         reserve = int(h.get("memory_reserve_mib", 0)) * MiB
         try:
-            with LibvirtHost(name, h["uri"]) as hv:
+            with connect(name, h["uri"]) as hv:
                 cap = capacity(hv)
         except VirtwardenError as e:
             if name == req.host:
@@ -99,15 +101,15 @@ def survey(req: EvacuateRequest, cat: Catalog | None = None) -> Survey:
     return Survey(states, candidates, caps)
 
 
-def plan(req: EvacuateRequest, cat: Catalog | None = None) -> Plan:
-    found = survey(req, cat)
+def plan(req: EvacuateRequest, cat: Catalog | None = None, connect: Connect = connect_libvirt) -> Plan:
+    found = survey(req, cat, connect)
     return plan_evacuation(req.host, found.hosts, found.candidates, to=req.to)
 
 
 # --- the job ------------------------------------------------------------------------------------
 def run_evacuate(ctx: JobContext, req: EvacuateRequest) -> dict:
     _close_earlier_attempts(ctx, req)
-    found = plan(req, ctx.catalog)
+    found = plan(req, ctx.catalog, ctx.connect)
     rows = {}
     for m in found.moves:
         rows[m.domain] = moves.add(ctx.catalog, job_id=ctx.job_id, domain=m.domain, domain_uuid=m.uuid,
@@ -169,7 +171,7 @@ def _move_one(ctx: JobContext, req: EvacuateRequest, m: Move, row: int, status: 
     try:
         _lock(ctx, m.domain, timeout, status, stop)
         try:
-            with LibvirtHost(req.host, src_cfg["uri"]) as src, LibvirtHost(m.to, dst_cfg["uri"]) as dst:
+            with ctx.connect(req.host, src_cfg["uri"]) as src, ctx.connect(m.to, dst_cfg["uri"]) as dst:
                 _wait_for_no_job(src, m.domain, timeout, status, stop)
                 if not running_here(src, m.domain):
                     why = f"no longer running on {req.host} when its turn came"
@@ -211,7 +213,7 @@ def _lock(ctx: JobContext, domain: str, timeout: float, status: dict[str, str], 
         stop.wait(1.0)
 
 
-def _wait_for_no_job(hv: LibvirtHost, domain: str, timeout: float, status: dict[str, str],
+def _wait_for_no_job(hv: Hypervisor, domain: str, timeout: float, status: dict[str, str],
                      stop: threading.Event) -> None:
     """A libvirt job still active on the domain (a migration of a dead earlier attempt
     that libvirt has not cancelled yet) must end before a new migration can start."""
@@ -229,7 +231,7 @@ def _close_earlier_attempts(ctx: JobContext, req: EvacuateRequest) -> None:
         arrived = False
         if target is not None:
             try:
-                with LibvirtHost(row.to_host or "", target["uri"]) as hv:
+                with ctx.connect(row.to_host or "", target["uri"]) as hv:
                     arrived = running_here(hv, row.domain)
             except VirtwardenError as e:
                 log.warning("job %s: cannot check %s on %s: %s", ctx.job_id, row.domain, row.to_host, e)

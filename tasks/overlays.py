@@ -42,14 +42,10 @@ _MAX_STEPS = 32  # chain changes per reconciliation; more means something keeps 
 
 
 def block_jobs(ctx: JobContext) -> BlockJobs:
-    """The block-job adapter for the job's libvirt connection."""
+    """The block operations on the job's host."""
     from hypervisor.blockjobs import BlockJobs
-    from hypervisor.libvirt_host import LibvirtHost
 
-    hv = ctx.require_hypervisor()
-    if not isinstance(hv, LibvirtHost):
-        raise HypervisorError(f"host {hv.name}: the blockcommit strategy needs a libvirt connection")
-    return BlockJobs(hv)
+    return BlockJobs(ctx.require_hypervisor())
 
 
 def overlay_token(path: str) -> str | None:

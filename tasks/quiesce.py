@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Protocol
 
+from hypervisor.types import Hypervisor
 from virtwarden.config import AgentConfig
 from virtwarden.errors import (
     AgentUnresponsive,
@@ -69,7 +70,7 @@ def job_log(domain: str, job_id: str) -> logging.LoggerAdapter:
     return _JobLog(_log, {"prefix": f"domain {domain} job {job_id}: "})
 
 
-def check(hv, domain: str, mode: str, settings: AgentConfig = DEFAULTS) -> None:
+def check(hv: Hypervisor, domain: str, mode: str, settings: AgentConfig = DEFAULTS) -> None:
     """Refuse early (QuiesceFailed) when ``always`` cannot be honoured because the agent
     is not there, so that a job fails before it creates or changes anything."""
     _check_mode(mode)
@@ -80,11 +81,10 @@ def check(hv, domain: str, mode: str, settings: AgentConfig = DEFAULTS) -> None:
 
 
 @contextmanager
-def quiesced(hv, domain: str, mode: str, settings: AgentConfig = DEFAULTS,
+def quiesced(hv: Hypervisor, domain: str, mode: str, settings: AgentConfig = DEFAULTS,
              log: Log = _log) -> Iterator[str]:
     """Freeze ``domain``'s filesystems for the block (see the module docstring) and yield
-    the consistency of what is taken inside it: ``"quiesced"`` or ``"crash"``.
-    ``hv`` is a hypervisor.libvirt_host.LibvirtHost."""
+    the consistency of what is taken inside it: ``"quiesced"`` or ``"crash"``."""
     _check_mode(mode)
     if mode == "never":
         yield CRASH
@@ -112,7 +112,7 @@ def _check_mode(mode: str) -> None:
         raise ConfigError(f"quiesce must be one of {', '.join(MODES)}, not {mode!r}")
 
 
-def _unavailable(hv, domain: str, timeout: float) -> str | None:
+def _unavailable(hv: Hypervisor, domain: str, timeout: float) -> str | None:
     """Why the agent cannot be asked to freeze, or None when it answers."""
     from hypervisor import agent
 
@@ -124,7 +124,7 @@ def _unavailable(hv, domain: str, timeout: float) -> str | None:
     return None
 
 
-def _freeze(hv, domain: str, timeout: float, log: Log) -> tuple[str | None, bool, bool]:
+def _freeze(hv: Hypervisor, domain: str, timeout: float, log: Log) -> tuple[str | None, bool, bool]:
     """Freeze. Returns why it failed (None: it did not), whether a thaw is owed, and
     whether the agent's answer is unknown (the freeze may still happen later)."""
     from hypervisor import agent
@@ -142,7 +142,7 @@ def _freeze(hv, domain: str, timeout: float, log: Log) -> tuple[str | None, bool
     return None, True, False
 
 
-def _thaw(hv, domain: str, settings: AgentConfig, log: Log, *, unsure: bool) -> None:
+def _thaw(hv: Hypervisor, domain: str, settings: AgentConfig, log: Log, *, unsure: bool) -> None:
     """Thaw. An answered thaw is final unless an earlier call went unanswered; then read
     the agent's status (and thaw again) until it says thawed, for up to the thaw grace."""
     from hypervisor import agent
@@ -182,7 +182,7 @@ def _thaw(hv, domain: str, settings: AgentConfig, log: Log, *, unsure: bool) -> 
         time.sleep(pause)
 
 
-def _running(hv, domain: str) -> bool:
+def _running(hv: Hypervisor, domain: str) -> bool:
     try:
         return hv.domain(domain).active
     except DomainNotFound:

@@ -19,7 +19,7 @@ import time
 from typing import TYPE_CHECKING
 
 from catalog import points
-from hypervisor.types import DomainInfo
+from hypervisor.types import DomainInfo, Hypervisor
 from storage_backends.repository import Repository
 from tasks.context import JobContext
 from virtwarden.errors import DomainNotFound, HypervisorError
@@ -70,7 +70,7 @@ def settle_backup_jobs(ctx: JobContext, dom: DomainInfo) -> None:
             hv.delete_checkpoint(dom.name, name, metadata_only=True)
 
 
-def _wait_ended(hv, domain: str) -> None:
+def _wait_ended(hv: Hypervisor, domain: str) -> None:
     deadline = time.monotonic() + ABORT_WAIT_SECONDS
     while hv.backup_job_running(domain):
         if time.monotonic() > deadline:

@@ -56,8 +56,7 @@ from catalog.store import Catalog
 from hypervisor import domains, qemu_img, snapshots
 from hypervisor.blockjobs import live_chains
 from hypervisor.domxml import CopySpec, carry_passwords, copy_domain, redact, repoint_disks
-from hypervisor.libvirt_host import LibvirtHost
-from hypervisor.types import DomainInfo
+from hypervisor.types import DomainInfo, Hypervisor
 from hypervisor.xml_allowlist import public_boot_files
 from storage_backends.base import Backend
 from tasks import disk_swap
@@ -115,13 +114,6 @@ class InPlaceRequest:
     shutdown_timeout: float = SHUTDOWN_TIMEOUT
 
 
-def _libvirt(ctx: JobContext) -> LibvirtHost:
-    hv = ctx.require_hypervisor()
-    if not isinstance(hv, LibvirtHost):
-        raise HypervisorError(f"host {hv.name}: restoring a domain needs a libvirt connection")
-    return hv
-
-
 def inspect_live(cat: Catalog, info: DomainInfo, *, managed_save: bool = False,
                  snapshots: tuple[str, ...] = ()) -> LiveDomain:
     """The domain as a restore in place sees it: for each disk, its own image (below the
@@ -139,7 +131,7 @@ def inspect_live(cat: Catalog, info: DomainInfo, *, managed_save: bool = False,
     return LiveDomain(info.name, info.uuid, info.state, info.persistent, tuple(disks), managed_save, snapshots)
 
 
-def inspect_host(cat: Catalog, hv: LibvirtHost, name: str) -> LiveDomain:
+def inspect_host(cat: Catalog, hv: Hypervisor, name: str) -> LiveDomain:
     info = hv.domain(name)
     saved = not info.active and info.persistent and domains.has_managed_save(hv, name)
     return inspect_live(cat, info, managed_save=saved, snapshots=tuple(snapshots.names(hv, name)))
@@ -199,7 +191,7 @@ def _rebuild_all(ctx: JobContext, chain: Chain, local: dict[str, Path], plan: Re
 
 # --- as a new domain ------------------------------------------------------------------
 def run_restore_as_domain(ctx: JobContext, req: AsDomainRequest) -> dict:
-    hv = _libvirt(ctx)
+    hv = ctx.require_hypervisor()
     roots = ctx.restore_roots if req.confined and req.disk_dir else None
     if roots is not None and req.disk_dir:
         confine(req.disk_dir, roots, "disk_dir")  # before anything is read
@@ -258,7 +250,7 @@ def run_restore_as_domain(ctx: JobContext, req: AsDomainRequest) -> dict:
             "started": req.start, "left_out_of_xml": list(copy.dropped)}
 
 
-def _remove_new(hv: LibvirtHost, name: str | None, dirs: list[NewDir], serial_log: str | None) -> None:
+def _remove_new(hv: Hypervisor, name: str | None, dirs: list[NewDir], serial_log: str | None) -> None:
     """Leave nothing of a failed restore as a new domain (each step reported, never raised):
     the domain, the images this restore created and the directories it created."""
     steps = [lambda: domains.remove(hv, name) if name else None]
@@ -287,7 +279,7 @@ def journal_of(ctx: JobContext) -> disk_swap.SwapJournal:
 
 
 def run_restore_in_place(ctx: JobContext, req: InPlaceRequest) -> dict:
-    hv = _libvirt(ctx)
+    hv = ctx.require_hypervisor()
     journal = journal_of(ctx)
     _settle_other_journals(ctx, req.domain)
     ctx.clear_stale_scratch()
@@ -317,7 +309,7 @@ def recover_in_place(ctx: JobContext, req: InPlaceRequest) -> str:
     is rolled back (every disk, the old definition, the domain started again if it ran);
     a swap recorded done is finished without restoring again. Returns what it found and
     did, for the job's error message."""
-    hv = _libvirt(ctx)
+    hv = ctx.require_hypervisor()
     journal = journal_of(ctx)
     ctx.clear_stale_scratch()
     state, was_running = journal.state, bool(journal.body.get("was_running"))
@@ -352,7 +344,7 @@ def _completed_note(result: dict) -> str:
         "".join(f"; {w}" for w in result.get("warnings", []))
 
 
-def _plan_in_place(hv: LibvirtHost, req: InPlaceRequest, chain: Chain, live: LiveDomain) -> RestorePlan:
+def _plan_in_place(hv: Hypervisor, req: InPlaceRequest, chain: Chain, live: LiveDomain) -> RestorePlan:
     dest = Destination(IN_PLACE, start=req.start, discard_old=req.discard_old)
     plan = plan_restore(chain.points, chain.manifests, dest, host=hv.name, selected="by id", live=live)
     check_paths(plan)
@@ -382,7 +374,7 @@ def _rebuild_temps(ctx: JobContext, backend: Backend, chain: Chain, plan: Restor
         ctx.clear_scratch()
 
 
-def _swap_in(ctx: JobContext, hv: LibvirtHost, req: InPlaceRequest, plan: RestorePlan, swap: disk_swap.DiskSwap,
+def _swap_in(ctx: JobContext, hv: Hypervisor, req: InPlaceRequest, plan: RestorePlan, swap: disk_swap.DiskSwap,
              live: LiveDomain, journal: disk_swap.SwapJournal) -> None:
     """Shut the domain off, rename the restored images in and define it on them, each
     state journaled first; on failure put everything back as it was."""
@@ -421,14 +413,14 @@ def _swap_in(ctx: JobContext, hv: LibvirtHost, req: InPlaceRequest, plan: Restor
     log.info("domain %s job %s: disks replaced by point %s", name, ctx.job_id, plan.point.id)
 
 
-def _outcome(hv: LibvirtHost, plan: RestorePlan, live: LiveDomain) -> dict:
+def _outcome(hv: Hypervisor, plan: RestorePlan, live: LiveDomain) -> dict:
     """What the journal keeps so that any attempt can finish the restore and report it."""
     return {"point_id": plan.point.id, "level": plan.point.level, "chain": [c.id for c in plan.chain],
             "uuid": live.uuid, "host": hv.name, "disks": {d.target: d.path for d in plan.disks},
             "replaced": sorted({p for d in plan.disks for p in d.replaces})}
 
 
-def _check_unchanged(cat: Catalog, hv: LibvirtHost, before: LiveDomain) -> None:
+def _check_unchanged(cat: Catalog, hv: Hypervisor, before: LiveDomain) -> None:
     """The shut-off definition must name the images the plan replaces, and nobody may
     have started the domain again."""
     now = inspect_host(cat, hv, before.name)
@@ -439,7 +431,7 @@ def _check_unchanged(cat: Catalog, hv: LibvirtHost, before: LiveDomain) -> None:
                              "(changed while it ran?); nothing was changed: check the definition and restore again")
 
 
-def _put_back(ctx: JobContext, hv: LibvirtHost, name: str, journal: disk_swap.SwapJournal) -> list[str]:
+def _put_back(ctx: JobContext, hv: Hypervisor, name: str, journal: disk_swap.SwapJournal) -> list[str]:
     """Undo what the journal says was begun: every disk back, the old definition back,
     the domain started again if it ran. Returns what could not be done; the journal is
     removed only when everything was."""
@@ -464,7 +456,7 @@ def _put_back(ctx: JobContext, hv: LibvirtHost, name: str, journal: disk_swap.Sw
     return problems
 
 
-def _define_again(ctx: JobContext, hv: LibvirtHost, name: str, old_xml: str) -> list[str]:
+def _define_again(ctx: JobContext, hv: Hypervisor, name: str, old_xml: str) -> list[str]:
     """Define the journal's old definition again, with the graphics passwords of the
     definition libvirt holds now (the old one, or the same on restored images)."""
     ctx.ensure_owner(f"put the original definition of {name} back")
@@ -478,7 +470,7 @@ def _define_again(ctx: JobContext, hv: LibvirtHost, name: str, old_xml: str) -> 
 LEFT = {disk_swap.STOPPING: "shut off for the swap", disk_swap.SWAPPING: "with its disks half replaced"}
 
 
-def _put_back_earlier_attempt(ctx: JobContext, hv: LibvirtHost, name: str, journal: disk_swap.SwapJournal) -> None:
+def _put_back_earlier_attempt(ctx: JobContext, hv: Hypervisor, name: str, journal: disk_swap.SwapJournal) -> None:
     left = LEFT.get(journal.state or "", journal.state)
     log.warning("domain %s job %s: an interrupted attempt of this restore left it %s; putting it back as it was",
                 name, ctx.job_id, left)
@@ -521,7 +513,7 @@ def _refuse_unsettled(name: str, job_id: str, path: Path, other: disk_swap.SwapJ
                          "and remove the journal, then restore again (nothing was changed)")
 
 
-def _finish(ctx: JobContext, hv: LibvirtHost, req: InPlaceRequest, journal: disk_swap.SwapJournal,
+def _finish(ctx: JobContext, hv: Hypervisor, req: InPlaceRequest, journal: disk_swap.SwapJournal,
             *, resumed: bool = False) -> dict:
     """The restore stands (the journal says swapped): start the domain if asked, forget
     what described the old images, discard them if asked. Every step may run again
@@ -547,7 +539,7 @@ def _finish(ctx: JobContext, hv: LibvirtHost, req: InPlaceRequest, journal: disk
     return {**result, "warnings": warnings} if warnings else result
 
 
-def _check_restored(cat: Catalog, hv: LibvirtHost, name: str, body: dict) -> None:
+def _check_restored(cat: Catalog, hv: Hypervisor, name: str, body: dict) -> None:
     """Finishing needs the domain on the images the swap put in place."""
     now = {d.target: d.path for d in inspect_host(cat, hv, name).disks}
     differ = sorted(t for t, path in body["disks"].items() if now.get(t) != path)
@@ -557,7 +549,7 @@ def _check_restored(cat: Catalog, hv: LibvirtHost, name: str, body: dict) -> Non
                              "was done: check the domain")
 
 
-def _start_restored(ctx: JobContext, hv: LibvirtHost, req: InPlaceRequest, body: dict) -> None:
+def _start_restored(ctx: JobContext, hv: Hypervisor, req: InPlaceRequest, body: dict) -> None:
     """Discard managed-save state that belonged to the old disks, and start the domain
     when asked, unless it runs already (started by an earlier attempt or by hand)."""
     name = req.domain
@@ -580,7 +572,7 @@ def _start_restored(ctx: JobContext, hv: LibvirtHost, req: InPlaceRequest, body:
                               f"starting it failed: {e}") from e
 
 
-def _forget_checkpoints(ctx: JobContext, hv: LibvirtHost, name: str, recorded: list, warnings: list[str]) -> list[str]:
+def _forget_checkpoints(ctx: JobContext, hv: Hypervisor, name: str, recorded: list, warnings: list[str]) -> list[str]:
     """Delete the metadata of our checkpoints that existed at the swap (their bitmaps were
     in the images set aside); returns those gone now. Checkpoints made since are kept."""
     present = {cp.name for cp in hv.checkpoints(name)}

@@ -28,28 +28,18 @@ import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
 
 from catalog import overlays, snapshots
 from catalog.clock import database_now
 from catalog.snapshots import SnapshotView
-from hypervisor.types import NAME_PREFIX, DomainInfo
+from hypervisor.types import NAME_PREFIX, DomainInfo, Hypervisor
 from policies.model import Retention
 from policies.retention import select_kept
 from tasks import quiesce
 from tasks.context import JobContext
 from virtwarden.errors import HypervisorError, VirtwardenError
 
-if TYPE_CHECKING:
-    from hypervisor.libvirt_host import LibvirtHost
-
 log = logging.getLogger(__name__)
-
-
-def _libvirt(hv: object) -> LibvirtHost:
-    """Snapshots are libvirt's own calls, beyond the Hypervisor protocol that other jobs
-    use: the host a snapshot job runs on is a LibvirtHost."""
-    return cast("LibvirtHost", hv)
 
 
 @dataclass(frozen=True)
@@ -73,7 +63,7 @@ def run_snapshot(ctx: JobContext, req: SnapshotRequest) -> dict:
     _refuse_blockcommit_domain(ctx, req)
     if req.type == "external" and dom.active:
         quiesce.check(hv, req.domain, req.quiesce, ctx.agent)  # quiesce: always without an agent takes nothing
-    existing = set(hv_snapshots.names(_libvirt(hv), req.domain))
+    existing = set(hv_snapshots.names(hv, req.domain))
     _settle(ctx, dom, existing)
     earlier = [s for s in snapshots.live(ctx.catalog, dom.uuid, any_policy=True) if s.job_id == ctx.job_id]
     if earlier:  # an earlier attempt of this job took it before its worker died
@@ -87,7 +77,7 @@ def run_snapshot(ctx: JobContext, req: SnapshotRequest) -> dict:
             "policy": req.policy, "deleted": deleted, "kept": kept}
 
 
-def _take_recorded(ctx: JobContext, hv, dom: DomainInfo, req: SnapshotRequest,
+def _take_recorded(ctx: JobContext, hv: Hypervisor, dom: DomainInfo, req: SnapshotRequest,
                    existing: set[str]) -> tuple[str, str]:
     name = _unique(snapshot_name(req.policy, datetime.now(UTC)), existing)
     ctx.report(0.1, f"taking {req.type} snapshot {name}")
@@ -122,7 +112,7 @@ def rotate(ctx: JobContext, dom: DomainInfo, req: SnapshotRequest) -> tuple[list
             continue  # belt and braces: never delete what this policy did not take
         ctx.report(0.7, f"deleting snapshot {snap.name}")
         ctx.ensure_owner(f"delete snapshot {snap.name} of {req.domain}")
-        gone = not hv_snapshots.delete(_libvirt(hv), req.domain, snap.name)
+        gone = not hv_snapshots.delete(hv, req.domain, snap.name)
         snapshots.deleted(ctx.catalog, snap.id, missing=gone)
         deleted.append(snap.name)
     return deleted, [s.name for s in ours if str(s.id) in kept.kept]
@@ -155,7 +145,7 @@ class _AsPoint:
         return "full"
 
 
-def _take(ctx: JobContext, hv, dom: DomainInfo, req: SnapshotRequest, name: str,
+def _take(ctx: JobContext, hv: Hypervisor, dom: DomainInfo, req: SnapshotRequest, name: str,
           description: str) -> str:
     from hypervisor import snapshots as hv_snapshots
 

@@ -142,7 +142,7 @@ def test_an_agent_channel_in_the_saved_xml_makes_the_agent_answer_a_check(vw, gu
     g = guest_factory(disks=1, size_mib=64, boot_marker=MARKER.encode())
     g.dom.attachDeviceFlags("<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>",
                             libvirt.VIR_DOMAIN_AFFECT_CONFIG)
-    _policy(vw, tmp_path, g.name, serial_marker=MARKER, boot_timeout="8s")
+    _policy(vw, tmp_path, g.name, serial_marker=MARKER, boot_timeout="20s")
     vw.start_worker()
     _backup(vw, g.name)
 

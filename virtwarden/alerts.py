@@ -141,14 +141,14 @@ def _evacuate(cfg: Config, cat: Catalog, mapping: Mapping, key: str, actor: str)
 def _backup(cfg: Config, cat: Catalog, mapping: Mapping, key: str, actor: str) -> dict:
     """Back up every domain of the host now, each with the backup policy that governs
     it, or with the alert's policy where none does."""
-    from hypervisor.libvirt_host import LibvirtHost
+    from hypervisor import connect
     from policies import DomainFacts, governing, parse_metadata
     from virtwarden import submit
     from worker import celery_app
 
     host = mapping.host or ""
     celery_app.configure(cfg)
-    with LibvirtHost(host, cfg.host(host).uri) as hv:
+    with connect(host, cfg.host(host).uri) as hv:
         found = hv.domains()
     started, failed = [], []
     policies = load_policies(cfg)

@@ -24,6 +24,8 @@ from typing import Any
 from catalog import jobs
 from catalog.fencing import Fence
 from catalog.store import Catalog
+from hypervisor import connect
+from hypervisor.types import Hypervisor
 from storage_backends import open_backend
 from tasks.context import JobContext
 from virtwarden.config import Config
@@ -219,11 +221,9 @@ def execute(cfg: Config, job_id: str, *, cat: Catalog | None = None, via_host: s
     try:
         host = job.host or next(iter(cfg.hosts))
         if kind.needs_hypervisor:
-            from hypervisor.libvirt_host import LibvirtHost
-
-            hv = LibvirtHost(host, cfg.host(host).uri).open()
+            hv = connect(host, cfg.host(host).uri).open()
         ctx = JobContext(
-            job_id=job_id, catalog=beat.fenced, hypervisor=hv,
+            job_id=job_id, catalog=beat.fenced, hypervisor=hv, connect=connect,
             storage=lambda name: open_backend(name, cfg.storage_target(name)),
             scratch_root=cfg.scratch_dir(host), report=beat.report, attempt=claim.attempt,
             token=fence.token, confirm_owner=beat.confirm, restore_roots=cfg.restore_roots,
@@ -268,7 +268,7 @@ def execute(cfg: Config, job_id: str, *, cat: Catalog | None = None, via_host: s
     return Outcome("done")
 
 
-def _follow_domain(cfg: Config, cat: Catalog, job: jobs.JobView, fence: Fence, hv: Any) -> Outcome | None:
+def _follow_domain(cfg: Config, cat: Catalog, job: jobs.JobView, fence: Fence, hv: Hypervisor) -> Outcome | None:
     """A claimed job whose domain is not on the job's host (``hv``) any more: re-route
     it to the host where the domain runs now ('moved', with the job to send there);
     None when the domain is here. DomainNotFound (the job then fails saying so) when no

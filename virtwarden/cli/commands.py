@@ -266,7 +266,7 @@ def _qemu_passage(cfg, hosts: list[str]) -> None:
     pass through but never list, files still 0600)."""
     import logging
 
-    from hypervisor.libvirt_host import LibvirtHost
+    from hypervisor import connect
     from virtwarden import permissions
     from virtwarden.errors import VirtwardenError
 
@@ -274,7 +274,7 @@ def _qemu_passage(cfg, hosts: list[str]) -> None:
     uids = []
     for h in hosts:
         try:
-            with LibvirtHost(h, cfg.host(h).uri) as hv:
+            with connect(h, cfg.host(h).uri) as hv:
                 user = hv.qemu_user()
         except VirtwardenError as e:
             log.warning("host %s: cannot ask libvirt which user QEMU runs as (%s); assuming an "

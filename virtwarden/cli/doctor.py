@@ -57,13 +57,13 @@ def _qemu_img(_cfg: Config) -> list[Check]:
 
 def _libvirt(cfg: Config) -> list[Check]:
     try:
-        from hypervisor.libvirt_host import LibvirtHost
+        from hypervisor import connect
     except ImportError as e:
         return [Check("libvirt-python", False, f"cannot import libvirt: {e} (pip install libvirt-python)")]
     out = []
     for name, host in cfg.hosts.items():
         try:
-            with LibvirtHost(name, host.uri) as hv:
+            with connect(name, host.uri) as hv:
                 v = hv.version()
         except VirtwardenError as e:
             out.append(Check(f"libvirt on {name}", False, str(e)))

@@ -36,13 +36,13 @@ class HostReport:
 
 
 def survey(cfg: Config, cat: Catalog | None = None) -> list[HostReport]:
-    from hypervisor.libvirt_host import LibvirtHost
+    from hypervisor import connect
     from hypervisor.migrate import capacity
 
     out = []
     for name, h in sorted(cfg.hosts.items()):
         try:
-            with LibvirtHost(name, h.uri) as hv:
+            with connect(name, h.uri) as hv:
                 cap = capacity(hv).to_json()
             report = HostReport(name, mask(h.uri), h.group, h.shared_storage, True, None, cap)
         except VirtwardenError as e:

@@ -260,11 +260,11 @@ class Dispatcher:
 
     def _metadata_of(self, rec: EventView) -> dict[str, str]:
         """The domain's virtwarden metadata, from libvirt; the last known when it is gone."""
-        from hypervisor.libvirt_host import LibvirtHost
+        from hypervisor import connect
 
         assert rec.domain is not None and rec.domain_uuid is not None
         try:
-            with LibvirtHost(rec.host, self.cfg.host(rec.host).uri) as hv:
+            with connect(rec.host, self.cfg.host(rec.host).uri) as hv:
                 info = hv.domain(rec.domain)
             if info.uuid == rec.domain_uuid:
                 self._metadata[info.uuid] = parse_metadata(info.xml)
@@ -275,11 +275,11 @@ class Dispatcher:
     # --- reconciliation -----------------------------------------------------------------
     def reconcile(self, host: str) -> None:
         """Compare the host's domains with the catalog and record what was missed."""
-        from hypervisor.libvirt_host import LibvirtHost
+        from hypervisor import connect
 
         listed_at = time.time()
         try:
-            with LibvirtHost(host, self.cfg.host(host).uri) as hv:
+            with connect(host, self.cfg.host(host).uri) as hv:
                 infos = self._retry(f"listing domains of host {host}", hv.domains, tries=3,
                                     retry_on=(DomainNotFound,))
         except HypervisorUnavailable as e:

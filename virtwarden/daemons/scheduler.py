@@ -87,9 +87,9 @@ def list_domains(cfg: Config) -> tuple[Domains, dict[str, str]]:
 
 
 def _domains_of(name: str, uri: str) -> list[DomainFacts]:
-    from hypervisor.libvirt_host import LibvirtHost
+    from hypervisor import connect
 
-    with LibvirtHost(name, uri) as hv:
+    with connect(name, uri) as hv:
         for attempt in range(1, LIST_ATTEMPTS + 1):
             try:
                 return [DomainFacts(d.name, name, parse_metadata(d.xml)) for d in hv.domains()]

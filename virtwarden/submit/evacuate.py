@@ -29,7 +29,7 @@ def plan_evacuate(cfg: Config, cat: Catalog, host: str | None, *, to: tuple[str,
 def build_request(cfg: Config, host: str, to: tuple[str, ...] = ()) -> EvacuateRequest:
     """The job's request: every configured host, and the migration settings of each
     domain on ``host`` from the policy that governs it."""
-    from hypervisor.libvirt_host import LibvirtHost
+    from hypervisor import connect
 
     cfg.host(host)  # UnknownHost with the configured names
     for name in to:
@@ -37,7 +37,7 @@ def build_request(cfg: Config, host: str, to: tuple[str, ...] = ()) -> EvacuateR
     if host in to:
         raise UsageError(f"cannot evacuate host {host} onto itself: leave it out of --to")
     policies = load_policies(cfg)
-    with LibvirtHost(host, cfg.host(host).uri) as hv:
+    with connect(host, cfg.host(host).uri) as hv:
         found = hv.domains()
     settings: dict[str, dict] = {}
     limits = []

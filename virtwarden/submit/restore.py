@@ -73,7 +73,7 @@ def plan_restore(cfg: Config, cat: Catalog, domain: str, *, point: str = "latest
     resolved = resolve_point(cat, domain, point, at=at)
     live = None
     if dest.mode == "in-place":
-        from hypervisor.libvirt_host import LibvirtHost
+        from hypervisor import connect
         from tasks.restore_domain import inspect_host
 
         try:
@@ -81,7 +81,7 @@ def plan_restore(cfg: Config, cat: Catalog, domain: str, *, point: str = "latest
         except DomainNotFound as e:
             raise DomainNotFound(f"{e}: there is nothing to restore in place; to bring it back, restore it "
                                  f"--as-domain {domain}") from e
-        with LibvirtHost(host, cfg.host(host).uri) as hv:
+        with connect(host, cfg.host(host).uri) as hv:
             live = inspect_host(cat, hv, domain)
     else:
         host = host or (resolved.host if resolved.host in cfg.hosts else next(iter(cfg.hosts)))
@@ -107,11 +107,10 @@ def restore_confined(euid: int | None = None) -> bool:
 
 
 def _refuse_existing_domain(cfg: Config, host: str, name: str) -> None:
-    from hypervisor import domains
-    from hypervisor.libvirt_host import LibvirtHost
+    from hypervisor import connect, domains
     from tasks.restore import RestoreRefused
 
-    with LibvirtHost(host, cfg.host(host).uri) as hv:
+    with connect(host, cfg.host(host).uri) as hv:
         if domains.exists(hv, name):
             raise RestoreRefused(f"host {host} already has a domain named {name!r}; choose another name "
                                  "(nothing was changed)")

@@ -126,8 +126,9 @@ class Chaos:
         self._move_to_host2(first)
         self.cat = self.vw.catalog()
         self.stack.callback(_quietly("close the catalog", self.cat.close))
+        from virtwarden.worker import celery_app
+
         from virtwarden import config as config_module
-        from worker import celery_app
 
         self.cfg = config_module.load(str(self.vw.config_path), env={})
         celery_app.configure(self.cfg)
@@ -146,8 +147,8 @@ class Chaos:
         self.policy_of = {n: ("blockcommit" if i == 1 else "bitmap") for i, n in enumerate(names)}
 
     def _move_to_host2(self, g) -> None:
-        from hypervisor.libvirt_host import LibvirtHost
-        from hypervisor.migrate import migrate
+        from virtwarden.hypervisor.libvirt_host import LibvirtHost
+        from virtwarden.hypervisor.migrate import migrate
 
         with LibvirtHost("local", URIS["local"]) as s, LibvirtHost("host2", URIS["host2"]) as d:
             migrate(s, d, g.name, timeout=120, unsafe=True)
@@ -180,7 +181,8 @@ class Chaos:
             f"{self._state(job.id)}")
 
     def _submit(self, name: str, action: str):
-        from catalog import points
+        from virtwarden.catalog import points
+
         from virtwarden import submit
 
         g = self.guest_of[name]
@@ -219,7 +221,8 @@ class Chaos:
 
     def _victim(self, host: str, job_id: str):
         """Mostly the worker whose process holds the job's lease, else either of the host's."""
-        from catalog import jobs
+        from virtwarden.catalog import jobs
+
         from tests.faults import parent_of, process_of
 
         owner = jobs.get(self.cat, job_id).lease_owner
@@ -281,7 +284,7 @@ class Chaos:
                     self._replace(host, w)
 
     def _state(self, job_id: str) -> str:
-        from catalog import jobs
+        from virtwarden.catalog import jobs
 
         return jobs.get(self.cat, job_id).state
 
@@ -301,7 +304,7 @@ class Chaos:
 
     def _wait_idle(self, name: str) -> None:
         """No write while an earlier job of the domain may still read its disks."""
-        from catalog import jobs
+        from virtwarden.catalog import jobs
 
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -312,7 +315,7 @@ class Chaos:
 
     # --- the verdict --------------------------------------------------------------------
     def finish(self) -> dict:
-        from catalog import jobs
+        from virtwarden.catalog import jobs
 
         for job_id in list(self.unfinished):
             self._settle(job_id, timeout=max(0.0, self.unfinished.get(job_id, 0) + LOST_AFTER - time.monotonic()))
@@ -330,7 +333,8 @@ class Chaos:
                 "leftovers": len(leftovers), "leftover": leftovers, "problems": self.problems}
 
     def _verify_points(self) -> tuple[int, list[str]]:
-        from catalog import points
+        from virtwarden.catalog import points
+
         from virtwarden import submit
 
         ok, bad = 0, []
@@ -360,7 +364,7 @@ class Chaos:
         return ok, bad
 
     def _leftovers(self) -> list[str]:
-        from catalog import points
+        from virtwarden.catalog import points
 
         found = []
         complete = {}
@@ -411,7 +415,7 @@ class Chaos:
 
 
 def jobs_get(cat, job_id: str):
-    from catalog import jobs
+    from virtwarden.catalog import jobs
 
     return jobs.get(cat, job_id)
 

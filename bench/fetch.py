@@ -21,10 +21,11 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from virtwarden.hypervisor import qemu_img
+from virtwarden.storage_backends import _stream
+from virtwarden.storage_backends.nfs import NfsBackend
+
 from bench.stats import Series, spread
-from hypervisor import qemu_img
-from storage_backends import _stream
-from storage_backends.nfs import NfsBackend
 from virtwarden.config import NfsStorage
 
 MiB = 1024 * 1024

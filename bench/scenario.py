@@ -20,13 +20,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from virtwarden.storage_backends.nfs import NfsBackend
+from virtwarden.storage_backends.repository import Repository
+
 from bench import bare, host
 from bench.bare import BareS3
 from bench.guest import BenchGuest, Dirtied
 from bench.product import Installation, JobRun
 from bench.stats import Series, timed
-from storage_backends.nfs import NfsBackend
-from storage_backends.repository import Repository
 from virtwarden.config import NfsStorage
 
 DISK = "vda"

@@ -1,4 +1,4 @@
 """The catalog: what exists, what ran, what can be restored (SQLAlchemy + Alembic)."""
-from catalog.store import Catalog
+from virtwarden.catalog.store import Catalog
 
 __all__ = ["Catalog"]

@@ -13,9 +13,8 @@ from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
-
-from catalog.models import Alert, utcnow
-from catalog.store import Catalog
+from virtwarden.catalog.models import Alert, utcnow
+from virtwarden.catalog.store import Catalog
 
 
 @dataclass(frozen=True)

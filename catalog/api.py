@@ -12,9 +12,8 @@ from datetime import datetime
 
 from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError
-
-from catalog.models import ApiIdempotencyKey, ApiNonce, utcnow
-from catalog.store import Catalog
+from virtwarden.catalog.models import ApiIdempotencyKey, ApiNonce, utcnow
+from virtwarden.catalog.store import Catalog
 
 
 def use_signature(cat: Catalog, signature: str, expires_at: datetime) -> bool:

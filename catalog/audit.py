@@ -14,9 +14,8 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
-
-from catalog.models import AuditRecord, utcnow
-from catalog.store import Catalog
+from virtwarden.catalog.models import AuditRecord, utcnow
+from virtwarden.catalog.store import Catalog
 
 STARTED, SUCCEEDED, FAILED, DRY_RUN, REFUSED = "started", "succeeded", "failed", "dry-run", "refused"
 

@@ -19,11 +19,10 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import literal, select
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
-
-from catalog.models import UtcDateTime
+from virtwarden.catalog.models import UtcDateTime
 
 if TYPE_CHECKING:
-    from catalog.store import Catalog
+    from virtwarden.catalog.store import Catalog
 
 _SQLITE_NOW = "strftime('%Y-%m-%d %H:%M:%f000', 'now'{})"
 

@@ -16,10 +16,10 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select, update
+from virtwarden.catalog.clock import db_now
+from virtwarden.catalog.models import Drill, Job, utcnow
+from virtwarden.catalog.store import Catalog
 
-from catalog.clock import db_now
-from catalog.models import Drill, Job, utcnow
-from catalog.store import Catalog
 from virtwarden.errors import NotFound
 
 RUNNING, PASSED, FAILED = "running", "passed", "failed"

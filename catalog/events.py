@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import select
-
-from catalog.models import Domain, Event, Host, utcnow
-from catalog.store import Catalog
+from virtwarden.catalog.models import Domain, Event, Host, utcnow
+from virtwarden.catalog.store import Catalog
 
 RECONCILED = "reconciled"
 UNDEFINED = "undefined"  # the state of a domain row whose domain is gone

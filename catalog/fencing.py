@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import update
+from virtwarden.catalog.clock import db_later
+from virtwarden.catalog.models import Job
 
-from catalog.clock import db_later
-from catalog.models import Job
 from virtwarden.errors import LeaseLost
 
 RUNNING = "running"

@@ -18,10 +18,9 @@ from __future__ import annotations
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, delete, select
-
-from catalog.clock import db_later
-from catalog.models import Alert, ApiIdempotencyKey, AuditRecord, Event
-from catalog.store import Catalog
+from virtwarden.catalog.clock import db_later
+from virtwarden.catalog.models import Alert, ApiIdempotencyKey, AuditRecord, Event
+from virtwarden.catalog.store import Catalog
 
 DAY = 86400
 BATCH = 5000

@@ -29,11 +29,11 @@ from typing import Any
 
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
+from virtwarden.catalog.clock import db_later, db_now
+from virtwarden.catalog.fencing import Fence
+from virtwarden.catalog.models import DomainLock, Job
+from virtwarden.catalog.store import Catalog
 
-from catalog.clock import db_later, db_now
-from catalog.fencing import Fence
-from catalog.models import DomainLock, Job
-from catalog.store import Catalog
 from virtwarden.errors import JobNotFound
 
 QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"

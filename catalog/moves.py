@@ -13,9 +13,8 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select, update
-
-from catalog.models import Host, Migration, utcnow
-from catalog.store import Catalog
+from virtwarden.catalog.models import Host, Migration, utcnow
+from virtwarden.catalog.store import Catalog
 
 PLANNED, RUNNING, SUCCEEDED, FAILED, SKIPPED = "planned", "running", "succeeded", "failed", "skipped"
 OPEN = (PLANNED, RUNNING)

@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import select, update
-
-from catalog.models import Overlay, utcnow
-from catalog.store import Catalog
+from virtwarden.catalog.models import Overlay, utcnow
+from virtwarden.catalog.store import Catalog
 
 CREATED, TRACKING, MERGING, COMMITTED, ABANDONED = "created", "tracking", "merging", "committed", "abandoned"
 OPEN = (CREATED, TRACKING, MERGING)  # states that may still be in a live chain

@@ -19,10 +19,10 @@ from typing import Any
 from sqlalchemy import exists, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased
+from virtwarden.catalog.clock import db_now
+from virtwarden.catalog.models import Artifact, Job, RestorePoint
+from virtwarden.catalog.store import Catalog
 
-from catalog.clock import db_now
-from catalog.models import Artifact, Job, RestorePoint
-from catalog.store import Catalog
 from virtwarden.errors import JobFailed, RestorePointNotFound
 
 WRITING, COMPLETE, FAILED, DELETED = "writing", "complete", "failed", "deleted"

@@ -23,10 +23,9 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.exc import IntegrityError
-
-from catalog.jobs import QUEUED, RUNNING, JobView
-from catalog.models import Job, ScheduleSlot
-from catalog.store import Catalog
+from virtwarden.catalog.jobs import QUEUED, RUNNING, JobView
+from virtwarden.catalog.models import Job, ScheduleSlot
+from virtwarden.catalog.store import Catalog
 
 STARTED, SKIPPED, DEFERRED = "started", "skipped", "deferred"
 NEW = "new: claimed, not decided yet"

@@ -20,10 +20,9 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 
 from sqlalchemy import select
-
-from catalog.clock import db_now
-from catalog.models import Snapshot, utcnow
-from catalog.store import Catalog
+from virtwarden.catalog.clock import db_now
+from virtwarden.catalog.models import Snapshot, utcnow
+from virtwarden.catalog.store import Catalog
 
 CREATING, PRESENT, DELETED, MISSING = "creating", "present", "deleted", "missing"
 

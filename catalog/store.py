@@ -26,7 +26,7 @@ from virtwarden.errors import ConfigError, DatabaseUnavailable
 from virtwarden.redact import mask as _mask
 
 if TYPE_CHECKING:
-    from catalog.fencing import Fence
+    from virtwarden.catalog.fencing import Fence
 
 log = logging.getLogger(__name__)
 logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO lines drown ours
@@ -64,7 +64,7 @@ class Catalog:
         unless this attempt still holds its job (a no-op for an unfenced catalog)."""
         if self.fence is None:
             return
-        from catalog.fencing import guard
+        from virtwarden.catalog.fencing import guard
 
         with self.session() as s:
             guard(s.connection(), self.fence, action)
@@ -81,7 +81,7 @@ class Catalog:
     def _guard(self, session: Session) -> None:
         if session.info.get("guarded") or self.fence is None:
             return
-        from catalog.fencing import guard
+        from virtwarden.catalog.fencing import guard
 
         session.info["guarded"] = True
         guard(session.connection(), self.fence)

@@ -2,7 +2,16 @@
 
 Jobs see a host only as a ``Hypervisor`` (hypervisor.types); ``connect`` makes one.
 """
-from hypervisor.types import NAME_PREFIX, Checkpoint, Connect, Disk, DomainInfo, HostVersion, Hypervisor, JobState
+from virtwarden.hypervisor.types import (
+    NAME_PREFIX,
+    Checkpoint,
+    Connect,
+    Disk,
+    DomainInfo,
+    HostVersion,
+    Hypervisor,
+    JobState,
+)
 
 
 def connect(name: str, uri: str) -> Hypervisor:
@@ -10,7 +19,7 @@ def connect(name: str, uri: str) -> Hypervisor:
     it as a context manager): what the worker hands a job, and what a job uses to reach
     another host. Importing libvirt is left to the first call. (Returning a LibvirtHost
     as a Hypervisor is also where mypy checks that it implements the whole interface.)"""
-    from hypervisor.libvirt_host import LibvirtHost
+    from virtwarden.hypervisor.libvirt_host import LibvirtHost
 
     return LibvirtHost(name, uri)
 

@@ -25,8 +25,8 @@ from contextlib import contextmanager
 
 import libvirt
 import libvirt_qemu
+from virtwarden.hypervisor.types import Hypervisor
 
-from hypervisor.types import Hypervisor
 from virtwarden.errors import AgentUnresponsive, HypervisorError
 
 CHANNEL = "org.qemu.guest_agent.0"

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from xml.sax.saxutils import escape, quoteattr
 
 import libvirt
+from virtwarden.hypervisor.types import Hypervisor
 
-from hypervisor.types import Hypervisor
 from virtwarden.errors import HypervisorError
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,8 @@ import logging
 import time
 
 import libvirt
+from virtwarden.hypervisor.types import Hypervisor
 
-from hypervisor.types import Hypervisor
 from virtwarden.errors import DomainNotFound, HypervisorError
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,8 @@ import uuid as uuid_module
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
-from hypervisor import xml_allowlist
+from virtwarden.hypervisor import xml_allowlist
+
 from virtwarden.errors import VirtwardenError
 
 

@@ -13,8 +13,8 @@ from contextlib import contextmanager, suppress
 from xml.sax.saxutils import escape
 
 import libvirt
+from virtwarden.hypervisor.types import Checkpoint, Disk, DomainInfo, HostVersion, JobState
 
-from hypervisor.types import Checkpoint, Disk, DomainInfo, HostVersion, JobState
 from virtwarden.errors import (
     BackupUnsupported,
     CheckpointMissing,

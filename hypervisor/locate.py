@@ -1,14 +1,15 @@
 """Which configured host runs a domain: asked of each host's libvirt in turn."""
 from __future__ import annotations
 
-from hypervisor.types import DomainInfo
+from virtwarden.hypervisor.types import DomainInfo
+
 from virtwarden.config import Config
 from virtwarden.errors import DomainNotFound, HypervisorUnavailable
 
 
 def find_host(cfg: Config, domain: str, host: str | None = None) -> tuple[str, DomainInfo]:
     """The configured host that has ``domain`` (asking libvirt), or ``host`` when given."""
-    from hypervisor import connect
+    from virtwarden.hypervisor import connect
 
     candidates = [host] if host else list(cfg.hosts)
     unreachable = []

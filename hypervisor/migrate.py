@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import libvirt
+from virtwarden.hypervisor.types import Hypervisor
 
-from hypervisor.types import Hypervisor
 from virtwarden.errors import HypervisorError, VirtwardenError
 
 log = logging.getLogger(__name__)

@@ -16,8 +16,8 @@ import xml.etree.ElementTree as ET
 from xml.sax.saxutils import escape
 
 import libvirt
+from virtwarden.hypervisor.types import Hypervisor
 
-from hypervisor.types import Hypervisor
 from virtwarden.errors import HypervisorError
 
 log = logging.getLogger(__name__)

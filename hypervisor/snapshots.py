@@ -17,8 +17,7 @@ import xml.etree.ElementTree as ET
 from xml.sax.saxutils import escape, quoteattr
 
 import libvirt
-
-from hypervisor.types import Hypervisor
+from virtwarden.hypervisor.types import Hypervisor
 
 
 def names(hv: Hypervisor, domain: str) -> list[str]:

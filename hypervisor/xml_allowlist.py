@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING
 from virtwarden.errors import VirtwardenError
 
 if TYPE_CHECKING:  # domxml imports this module
-    from hypervisor.domxml import CopySpec
+    from virtwarden.hypervisor.domxml import CopySpec
 
 # The locally administered range libvirt itself uses for generated MACs (52:54:00 is
 # QEMU's); a copy gets a random address in it.

@@ -6,9 +6,9 @@ anywhere. See ``policies/examples/nightly.yaml`` for a commented example.
 """
 from __future__ import annotations
 
-from policies.fields import format_duration, parse_duration
-from policies.loader import load_dir, load_file, validate_paths
-from policies.model import (
+from virtwarden.policies.fields import format_duration, parse_duration
+from virtwarden.policies.loader import load_dir, load_file, validate_paths
+from virtwarden.policies.model import (
     API_VERSION,
     EVENTS,
     JOBS,
@@ -26,7 +26,7 @@ from policies.model import (
     Trigger,
     Verify,
 )
-from policies.resolve import (
+from virtwarden.policies.resolve import (
     BackupSettings,
     SnapshotSettings,
     check_against_config,
@@ -34,7 +34,7 @@ from policies.resolve import (
     resolve_backup,
     resolve_snapshots,
 )
-from policies.select import METADATA_NAMESPACE, DomainFacts, governing, matching, parse_metadata, selects
+from virtwarden.policies.select import METADATA_NAMESPACE, DomainFacts, governing, matching, parse_metadata, selects
 
 __all__ = [
     "API_VERSION", "EVENTS", "JOBS", "KIND", "METADATA_NAMESPACE",

@@ -11,10 +11,10 @@ from typing import Any
 
 import yaml
 from pydantic import ValidationError
+from virtwarden.policies.model import API_VERSION, KIND, Policy, Source, problems
+from virtwarden.policies.runbooks import BUILTINS, Runbook
+from virtwarden.policies.runbooks import KIND as RUNBOOK_KIND
 
-from policies.model import API_VERSION, KIND, Policy, Source, problems
-from policies.runbooks import BUILTINS, Runbook
-from policies.runbooks import KIND as RUNBOOK_KIND
 from virtwarden.errors import PolicyError
 from virtwarden.validation import explain, suggest
 from virtwarden.yamldoc import Document, YamlSyntaxError, format_path, load_documents

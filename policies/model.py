@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt, model_validator
-
-from policies.fields import (
+from virtwarden.policies.fields import (
     Count,
     Cron,
     DomainMetadata,
@@ -30,6 +29,7 @@ from policies.fields import (
     choice,
     non_empty,
 )
+
 from virtwarden.yamldoc import Document, Path
 
 API_VERSION = "virtwarden/v1"

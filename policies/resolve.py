@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from policies.loader import load_dir
-from policies.model import Backup, Policy, Snapshots
-from policies.select import DomainFacts, by_name, governing
+from virtwarden.policies.loader import load_dir
+from virtwarden.policies.model import Backup, Policy, Snapshots
+from virtwarden.policies.select import DomainFacts, by_name, governing
+
 from virtwarden.config import Config
 from virtwarden.errors import PolicyError
 from virtwarden.validation import suggest

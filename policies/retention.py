@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
-from policies.model import Retention
+from virtwarden.policies.model import Retention
 
 # The periodic rules, from the finest to the coarsest: the Retention field, and how a
 # UTC time names its period (names sort like the periods they name).

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, PrivateAttr, StrictBool, model_validator
+from virtwarden.policies.fields import choice
+from virtwarden.policies.model import Metadata, Source, _Strict
 
-from policies.fields import choice
-from policies.model import Metadata, Source, _Strict
 from virtwarden.errors import PolicyError
 from virtwarden.validation import suggest
 

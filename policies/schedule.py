@@ -32,9 +32,9 @@ from typing import Literal, cast
 from zoneinfo import ZoneInfo
 
 from croniter import croniter
+from virtwarden.policies.model import JOB_SECTIONS, Backup, Drill, Job, Policy, Snapshots, Verify
+from virtwarden.policies.select import DomainFacts, governing, matching
 
-from policies.model import JOB_SECTIONS, Backup, Drill, Job, Policy, Snapshots, Verify
-from policies.select import DomainFacts, governing, matching
 from virtwarden.errors import PolicyError
 
 UTC = UTC

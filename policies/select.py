@@ -24,7 +24,8 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from policies.model import JOBS, Job, Policy, Selector
+from virtwarden.policies.model import JOBS, Job, Policy, Selector
+
 from virtwarden.errors import NotFound, PolicyError
 from virtwarden.validation import suggest
 

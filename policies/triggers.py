@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from policies.model import EVENTS, Policy, Run
-from policies.select import DomainFacts, governing
+from virtwarden.policies.model import EVENTS, Policy, Run
+from virtwarden.policies.select import DomainFacts, governing
 
 RUNS: tuple[Run, ...] = ("backup", "snapshot", "drill")
 

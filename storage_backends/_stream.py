@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
-from storage_backends.base import Progress, check_key
+from virtwarden.storage_backends.base import Progress, check_key
+
 from virtwarden import permissions
 from virtwarden.errors import ChecksumMismatch, InvalidName, NoSpace, StorageError
 

@@ -17,8 +17,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
-from storage_backends import _stream as s
-from storage_backends.base import CHUNK, Backend, ObjectInfo, Progress, StoredObject
+from virtwarden.storage_backends import _stream as s
+from virtwarden.storage_backends.base import CHUNK, Backend, ObjectInfo, Progress, StoredObject
+
 from virtwarden import permissions
 from virtwarden.config import NfsStorage
 from virtwarden.errors import ObjectNotFound, StorageError, StorageUnavailable, VirtwardenError

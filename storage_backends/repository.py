@@ -31,7 +31,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from storage_backends.base import Backend, check_key
+from virtwarden.storage_backends.base import Backend, check_key
+
 from virtwarden.errors import ChecksumMismatch, ObjectNotFound, StorageError
 
 FORMAT = "virtwarden-manifest/1"

@@ -59,9 +59,9 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 from botocore.exceptions import ConnectionError as EndpointDown
+from virtwarden.storage_backends import _stream as s
+from virtwarden.storage_backends.base import CHUNK, Backend, ObjectInfo, Progress, StoredObject
 
-from storage_backends import _stream as s
-from storage_backends.base import CHUNK, Backend, ObjectInfo, Progress, StoredObject
 from virtwarden.config import S3Storage
 from virtwarden.errors import (
     ChecksumMismatch,

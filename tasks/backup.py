@@ -32,12 +32,12 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from catalog import points
-from hypervisor import qemu_img
-from hypervisor.types import NAME_PREFIX, DomainInfo, Hypervisor
-from storage_backends.repository import Repository
-from tasks import quiesce, recovery
-from tasks.backup_steps import (
+from virtwarden.catalog import points
+from virtwarden.hypervisor import qemu_img
+from virtwarden.hypervisor.types import NAME_PREFIX, DomainInfo, Hypervisor
+from virtwarden.storage_backends.repository import Repository
+from virtwarden.tasks import quiesce, recovery
+from virtwarden.tasks.backup_steps import (
     BackupRequest,
     LevelPlan,
     Output,
@@ -51,8 +51,9 @@ from tasks.backup_steps import (
     store_images,
     undo_point,
 )
-from tasks.context import JobContext
-from tasks.moved import adopt_checkpoint
+from virtwarden.tasks.context import JobContext
+from virtwarden.tasks.moved import adopt_checkpoint
+
 from virtwarden import faults, permissions
 from virtwarden.errors import (
     CheckpointMissing,
@@ -69,7 +70,7 @@ log = logging.getLogger(__name__)
 def run_backup(ctx: JobContext, req: BackupRequest) -> dict:
     # A shut-off domain is copied whole whatever the strategy (see _run_bitmap).
     if req.strategy == "blockcommit" and ctx.require_hypervisor().domain(req.domain).active:
-        from tasks.blockcommit import run_blockcommit_backup
+        from virtwarden.tasks.blockcommit import run_blockcommit_backup
 
         result = run_blockcommit_backup(ctx, req)
     else:
@@ -82,8 +83,8 @@ def run_backup(ctx: JobContext, req: BackupRequest) -> dict:
 def _apply_retention(ctx: JobContext, req: BackupRequest) -> dict:
     """Prune the chain group the new point belongs to. The backup succeeded whatever
     happens here: a failed prune is reported in the result and retried next time."""
-    from policies.model import Retention
-    from tasks.prune import prune_domain
+    from virtwarden.policies.model import Retention
+    from virtwarden.tasks.prune import prune_domain
 
     try:
         done = prune_domain(ctx, req.domain, req.storage, req.strategy, Retention(**req.retention or {}))

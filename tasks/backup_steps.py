@@ -19,13 +19,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from catalog import points
-from catalog.points import ArtifactView, PointView
-from hypervisor import qemu_img
-from hypervisor.types import DomainInfo
-from storage_backends.repository import Repository
-from tasks import recovery
-from tasks.context import JobContext
+from virtwarden.catalog import points
+from virtwarden.catalog.points import ArtifactView, PointView
+from virtwarden.hypervisor import qemu_img
+from virtwarden.hypervisor.types import DomainInfo
+from virtwarden.storage_backends.repository import Repository
+from virtwarden.tasks import recovery
+from virtwarden.tasks.context import JobContext
+
 from virtwarden.errors import DatabaseUnavailable, LeaseLost, NoSpace, VirtwardenError
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def plan_level(req: BackupRequest, dom: DomainInfo, head: PointView | None, chec
 
 def restored_since(ctx: JobContext, dom: DomainInfo, head: PointView | None) -> str | None:
     """Why the chain ``head`` ends, when the domain was restored in place after it."""
-    from tasks.restore import restored_in_place_reason
+    from virtwarden.tasks.restore import restored_in_place_reason
 
     return restored_in_place_reason(ctx.catalog, dom.name, dom.uuid, head.created_at) if head else None
 

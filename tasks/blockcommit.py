@@ -67,15 +67,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from catalog import overlays as journal
-from catalog import points
-from catalog.overlays import OverlayView
-from catalog.points import PointView
-from hypervisor import qemu_img
-from hypervisor.types import NAME_PREFIX, DomainInfo
-from storage_backends.repository import Repository
-from tasks import quiesce, recovery
-from tasks.backup_steps import (
+from virtwarden.catalog import overlays as journal
+from virtwarden.catalog import points
+from virtwarden.catalog.overlays import OverlayView
+from virtwarden.catalog.points import PointView
+from virtwarden.hypervisor import qemu_img
+from virtwarden.hypervisor.types import NAME_PREFIX, DomainInfo
+from virtwarden.storage_backends.repository import Repository
+from virtwarden.tasks import quiesce, recovery
+from virtwarden.tasks.backup_steps import (
     BackupRequest,
     LevelPlan,
     Output,
@@ -88,8 +88,8 @@ from tasks.backup_steps import (
     store_images,
     undo_point,
 )
-from tasks.context import JobContext
-from tasks.overlays import (
+from virtwarden.tasks.context import JobContext
+from virtwarden.tasks.overlays import (
     COMMIT_TIMEOUT,
     STRATEGY,
     block_jobs,
@@ -98,11 +98,12 @@ from tasks.overlays import (
     reconcile,
     remove_overlay_file,
 )
+
 from virtwarden import faults, permissions
 from virtwarden.errors import HypervisorError, LeaseLost, ToolFailed, VirtwardenError
 
 if TYPE_CHECKING:
-    from hypervisor.blockjobs import BlockJobs, Layer
+    from virtwarden.hypervisor.blockjobs import BlockJobs, Layer
 
 log = logging.getLogger(__name__)
 

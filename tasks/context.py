@@ -10,10 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from catalog.store import Catalog
-from hypervisor import connect as connect_libvirt
-from hypervisor.types import Connect, Hypervisor
-from storage_backends.base import Backend
+from virtwarden.catalog.store import Catalog
+from virtwarden.hypervisor import connect as connect_libvirt
+from virtwarden.hypervisor.types import Connect, Hypervisor
+from virtwarden.storage_backends.base import Backend
+
 from virtwarden.config import AgentConfig, DrillConfig
 
 # Records progress (fraction done, a line of text); raises LeaseLost when the job must

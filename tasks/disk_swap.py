@@ -38,8 +38,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tasks.restore import RestoreRefused, fsync_dir
-from tasks.restore_plan import RestorePlan
+from virtwarden.tasks.restore import RestoreRefused, fsync_dir
+from virtwarden.tasks.restore_plan import RestorePlan
+
 from virtwarden import faults
 
 log = logging.getLogger(__name__)

@@ -43,14 +43,15 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from catalog import drills, points
-from catalog.drills import DrillView
-from catalog.points import PointView
-from catalog.store import Catalog
-from hypervisor.types import Hypervisor
-from tasks.confine import IMAGE_DIR
-from tasks.context import JobContext
-from tasks.restore import RestoreRequest, resolve_point, run_restore
+from virtwarden.catalog import drills, points
+from virtwarden.catalog.drills import DrillView
+from virtwarden.catalog.points import PointView
+from virtwarden.catalog.store import Catalog
+from virtwarden.hypervisor.types import Hypervisor
+from virtwarden.tasks.confine import IMAGE_DIR
+from virtwarden.tasks.context import JobContext
+from virtwarden.tasks.restore import RestoreRequest, resolve_point, run_restore
+
 from virtwarden.errors import (
     ChecksumMismatch,
     HypervisorError,
@@ -208,10 +209,10 @@ class _Run:
 
     # --- boot -------------------------------------------------------------------------
     def _start(self, disks: dict[str, str], saved_xml: str) -> bool:
-        from hypervisor import domains, networks
-        from hypervisor.domxml import CopySpec, copy_domain
-        from hypervisor.throwaway import fixed_boot_order, interfaces
-        from hypervisor.xml_allowlist import public_boot_files
+        from virtwarden.hypervisor import domains, networks
+        from virtwarden.hypervisor.domxml import CopySpec, copy_domain
+        from virtwarden.hypervisor.throwaway import fixed_boot_order, interfaces
+        from virtwarden.hypervisor.xml_allowlist import public_boot_files
 
         nics = interfaces(saved_xml)
         try:
@@ -247,8 +248,8 @@ class _Run:
         return self.dir / "serial.log"
 
     def _watch(self) -> None:
-        from hypervisor import agent, domains
-        from hypervisor.throwaway import has_agent_channel
+        from virtwarden.hypervisor import agent, domains
+        from virtwarden.hypervisor.throwaway import has_agent_channel
 
         req = self.req
         marker = req.serial_marker.encode() if req.serial_marker else None
@@ -317,7 +318,7 @@ class _Run:
     def clean_up(self) -> str | None:
         """Power off and undefine the throwaway (if it is ours: same UUID), delete the
         drill's files; record the outcome. Returns what could not be cleaned, or None."""
-        from hypervisor import domains
+        from virtwarden.hypervisor import domains
 
         problems = []
         try:
@@ -409,7 +410,7 @@ def sweep(hv: Hypervisor, cat: Catalog, scratch_root: Path, *, own: str | None =
     attempt left is a leftover). Domains and directories no drill row of this catalog
     names (another installation's) are left alone. Marks the rows failed and cleaned.
     Returns what was removed; one leftover that cannot be removed is logged, not raised."""
-    from hypervisor import domains
+    from virtwarden.hypervisor import domains
 
     names = domains.names(hv, PREFIX)
     dirs = {p.name[len("drill-"):]: p for p in scratch_root.glob("drill-*")} if scratch_root.is_dir() else {}

@@ -29,14 +29,15 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
-from catalog import events, jobs, moves
-from catalog.events import KnownDomain
-from catalog.store import Catalog
-from hypervisor import connect as connect_libvirt
-from hypervisor.migrate import Capacity, Progress, capacity, migrate, running_here
-from hypervisor.types import Connect, Hypervisor
-from policies.placement import Candidate, HostState, Move, Plan, plan_evacuation
-from tasks.context import JobContext
+from virtwarden.catalog import events, jobs, moves
+from virtwarden.catalog.events import KnownDomain
+from virtwarden.catalog.store import Catalog
+from virtwarden.hypervisor import connect as connect_libvirt
+from virtwarden.hypervisor.migrate import Capacity, Progress, capacity, migrate, running_here
+from virtwarden.hypervisor.types import Connect, Hypervisor
+from virtwarden.policies.placement import Candidate, HostState, Move, Plan, plan_evacuation
+from virtwarden.tasks.context import JobContext
+
 from virtwarden.errors import JobFailed, VirtwardenError
 
 log = logging.getLogger(__name__)

@@ -24,11 +24,12 @@ import logging
 import re
 from dataclasses import dataclass
 
-from catalog import moves
-from catalog.points import PointView
-from hypervisor.types import NAME_PREFIX, DomainInfo
-from storage_backends.repository import Repository
-from tasks.context import JobContext
+from virtwarden.catalog import moves
+from virtwarden.catalog.points import PointView
+from virtwarden.hypervisor.types import NAME_PREFIX, DomainInfo
+from virtwarden.storage_backends.repository import Repository
+from virtwarden.tasks.context import JobContext
+
 from virtwarden.errors import VirtwardenError
 
 log = logging.getLogger(__name__)

@@ -25,15 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from catalog import overlays as journal
-from catalog import points
-from catalog.overlays import OverlayView
-from hypervisor.types import NAME_PREFIX
-from tasks.context import JobContext
+from virtwarden.catalog import overlays as journal
+from virtwarden.catalog import points
+from virtwarden.catalog.overlays import OverlayView
+from virtwarden.hypervisor.types import NAME_PREFIX
+from virtwarden.tasks.context import JobContext
+
 from virtwarden.errors import HypervisorError
 
 if TYPE_CHECKING:
-    from hypervisor.blockjobs import BlockJobs, Layer, Progress
+    from virtwarden.hypervisor.blockjobs import BlockJobs, Layer, Progress
 
 log = logging.getLogger(__name__)
 STRATEGY = "blockcommit"
@@ -43,7 +44,7 @@ _MAX_STEPS = 32  # chain changes per reconciliation; more means something keeps 
 
 def block_jobs(ctx: JobContext) -> BlockJobs:
     """The block operations on the job's host."""
-    from hypervisor.blockjobs import BlockJobs
+    from virtwarden.hypervisor.blockjobs import BlockJobs
 
     return BlockJobs(ctx.require_hypervisor())
 

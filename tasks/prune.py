@@ -46,15 +46,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from catalog import drills, jobs, points
-from catalog.clock import database_now
-from catalog.points import COMPLETE, DAMAGED, DELETED, DELETING, FAILED, WRITING, PointView
-from catalog.store import Catalog
-from policies.model import Retention
-from policies.retention import KeptSet, deletion_order, select_kept
-from storage_backends.repository import Repository
-from tasks.context import JobContext
-from tasks.recovery import remove_point_data
+from virtwarden.catalog import drills, jobs, points
+from virtwarden.catalog.clock import database_now
+from virtwarden.catalog.points import COMPLETE, DAMAGED, DELETED, DELETING, FAILED, WRITING, PointView
+from virtwarden.catalog.store import Catalog
+from virtwarden.policies.model import Retention
+from virtwarden.policies.retention import KeptSet, deletion_order, select_kept
+from virtwarden.storage_backends.repository import Repository
+from virtwarden.tasks.context import JobContext
+from virtwarden.tasks.recovery import remove_point_data
+
 from virtwarden.errors import JobFailed, Transient, VirtwardenError
 
 log = logging.getLogger(__name__)

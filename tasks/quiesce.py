@@ -34,7 +34,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Protocol
 
-from hypervisor.types import Hypervisor
+from virtwarden.hypervisor.types import Hypervisor
+
 from virtwarden.config import AgentConfig
 from virtwarden.errors import (
     AgentUnresponsive,
@@ -114,7 +115,7 @@ def _check_mode(mode: str) -> None:
 
 def _unavailable(hv: Hypervisor, domain: str, timeout: float) -> str | None:
     """Why the agent cannot be asked to freeze, or None when it answers."""
-    from hypervisor import agent
+    from virtwarden.hypervisor import agent
 
     if not agent.connected(hv, domain):
         return ("the guest agent is not connected (no org.qemu.guest_agent.0 channel, "
@@ -127,7 +128,7 @@ def _unavailable(hv: Hypervisor, domain: str, timeout: float) -> str | None:
 def _freeze(hv: Hypervisor, domain: str, timeout: float, log: Log) -> tuple[str | None, bool, bool]:
     """Freeze. Returns why it failed (None: it did not), whether a thaw is owed, and
     whether the agent's answer is unknown (the freeze may still happen later)."""
-    from hypervisor import agent
+    from virtwarden.hypervisor import agent
 
     started = time.monotonic()
     try:
@@ -145,7 +146,7 @@ def _freeze(hv: Hypervisor, domain: str, timeout: float, log: Log) -> tuple[str 
 def _thaw(hv: Hypervisor, domain: str, settings: AgentConfig, log: Log, *, unsure: bool) -> None:
     """Thaw. An answered thaw is final unless an earlier call went unanswered; then read
     the agent's status (and thaw again) until it says thawed, for up to the thaw grace."""
-    from hypervisor import agent
+    from virtwarden.hypervisor import agent
 
     timeout, grace = settings.call_timeout_seconds, settings.thaw_grace_seconds
 

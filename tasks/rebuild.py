@@ -29,13 +29,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from catalog import points
-from catalog.points import ArtifactView, PointView
-from catalog.store import Catalog
-from storage_backends import repository
-from storage_backends.base import Backend
-from storage_backends.repository import Repository, is_manifest_key
-from tasks.confine import TARGET
+from virtwarden.catalog import points
+from virtwarden.catalog.points import ArtifactView, PointView
+from virtwarden.catalog.store import Catalog
+from virtwarden.storage_backends import repository
+from virtwarden.storage_backends.base import Backend
+from virtwarden.storage_backends.repository import Repository, is_manifest_key
+from virtwarden.tasks.confine import TARGET
+
 from virtwarden.errors import Transient, VirtwardenError
 
 LEVELS = ("full", "incremental")

@@ -18,14 +18,15 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from catalog import points
-from hypervisor.types import DomainInfo, Hypervisor
-from storage_backends.repository import Repository
-from tasks.context import JobContext
+from virtwarden.catalog import points
+from virtwarden.hypervisor.types import DomainInfo, Hypervisor
+from virtwarden.storage_backends.repository import Repository
+from virtwarden.tasks.context import JobContext
+
 from virtwarden.errors import DomainNotFound, HypervisorError
 
 if TYPE_CHECKING:
-    from tasks.backup_steps import BackupRequest
+    from virtwarden.tasks.backup_steps import BackupRequest
 
 log = logging.getLogger(__name__)
 ABORT_WAIT_SECONDS = 30.0  # how long an aborted libvirt backup job may take to end
@@ -92,7 +93,7 @@ def recover_backup_job(ctx: JobContext, req: BackupRequest) -> None:
         return
     recover_backup(ctx, dom.name)
     if req.strategy == "blockcommit" and dom.active:
-        from tasks.overlays import block_jobs, reconcile
+        from virtwarden.tasks.overlays import block_jobs, reconcile
 
         reconcile(ctx, block_jobs(ctx), dom.name, dom.uuid)
 

@@ -32,15 +32,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from catalog import jobs, points
-from catalog.points import PointView
-from catalog.store import Catalog
-from hypervisor import qemu_img
-from hypervisor.domxml import redact
-from storage_backends.base import Backend
-from storage_backends.repository import Repository
-from tasks.confine import PRIVATE_DIR, NewDir, check_target, confine
-from tasks.context import JobContext
+from virtwarden.catalog import jobs, points
+from virtwarden.catalog.points import PointView
+from virtwarden.catalog.store import Catalog
+from virtwarden.hypervisor import qemu_img
+from virtwarden.hypervisor.domxml import redact
+from virtwarden.storage_backends.base import Backend
+from virtwarden.storage_backends.repository import Repository
+from virtwarden.tasks.confine import PRIVATE_DIR, NewDir, check_target, confine
+from virtwarden.tasks.context import JobContext
+
 from virtwarden import faults
 from virtwarden.errors import (
     EXIT_USAGE,

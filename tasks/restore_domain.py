@@ -50,20 +50,29 @@ import uuid as uuid_module
 from dataclasses import dataclass
 from pathlib import Path
 
-from catalog import jobs
-from catalog import overlays as overlay_journal
-from catalog.store import Catalog
-from hypervisor import domains, qemu_img, snapshots
-from hypervisor.blockjobs import live_chains
-from hypervisor.domxml import CopySpec, carry_passwords, copy_domain, redact, repoint_disks
-from hypervisor.types import DomainInfo, Hypervisor
-from hypervisor.xml_allowlist import public_boot_files
-from storage_backends.base import Backend
-from tasks import disk_swap
-from tasks.confine import IMAGE_DIR, NewDir, confine
-from tasks.context import JobContext
-from tasks.restore import Chain, RestoreRefused, fetch, layers_for, load_chain, rebuild, rebuild_new, resolve_point
-from tasks.restore_plan import (
+from virtwarden.catalog import jobs
+from virtwarden.catalog import overlays as overlay_journal
+from virtwarden.catalog.store import Catalog
+from virtwarden.hypervisor import domains, qemu_img, snapshots
+from virtwarden.hypervisor.blockjobs import live_chains
+from virtwarden.hypervisor.domxml import CopySpec, carry_passwords, copy_domain, redact, repoint_disks
+from virtwarden.hypervisor.types import DomainInfo, Hypervisor
+from virtwarden.hypervisor.xml_allowlist import public_boot_files
+from virtwarden.storage_backends.base import Backend
+from virtwarden.tasks import disk_swap
+from virtwarden.tasks.confine import IMAGE_DIR, NewDir, confine
+from virtwarden.tasks.context import JobContext
+from virtwarden.tasks.restore import (
+    Chain,
+    RestoreRefused,
+    fetch,
+    layers_for,
+    load_chain,
+    rebuild,
+    rebuild_new,
+    resolve_point,
+)
+from virtwarden.tasks.restore_plan import (
     AS_DOMAIN,
     IN_PLACE,
     Destination,
@@ -74,6 +83,7 @@ from tasks.restore_plan import (
     human_size,
     plan_restore,
 )
+
 from virtwarden import faults
 from virtwarden.errors import (
     HypervisorError,

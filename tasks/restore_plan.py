@@ -30,10 +30,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from catalog.points import PointView
-from hypervisor.domxml import disk_sources
-from tasks.confine import STAGING_PREFIX, confine
-from tasks.restore import InvalidRestoreRequest, RestoreRefused, layers_for
+from virtwarden.catalog.points import PointView
+from virtwarden.hypervisor.domxml import disk_sources
+from virtwarden.tasks.confine import STAGING_PREFIX, confine
+from virtwarden.tasks.restore import InvalidRestoreRequest, RestoreRefused, layers_for
+
 from virtwarden.sizes import human_size
 
 TO_DIR, AS_DOMAIN, IN_PLACE = "to-dir", "as-domain", "in-place"

@@ -29,14 +29,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from catalog import overlays, snapshots
-from catalog.clock import database_now
-from catalog.snapshots import SnapshotView
-from hypervisor.types import NAME_PREFIX, DomainInfo, Hypervisor
-from policies.model import Retention
-from policies.retention import select_kept
-from tasks import quiesce
-from tasks.context import JobContext
+from virtwarden.catalog import overlays, snapshots
+from virtwarden.catalog.clock import database_now
+from virtwarden.catalog.snapshots import SnapshotView
+from virtwarden.hypervisor.types import NAME_PREFIX, DomainInfo, Hypervisor
+from virtwarden.policies.model import Retention
+from virtwarden.policies.retention import select_kept
+from virtwarden.tasks import quiesce
+from virtwarden.tasks.context import JobContext
+
 from virtwarden.errors import HypervisorError, VirtwardenError
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def snapshot_name(policy: str | None, at: datetime) -> str:
 
 
 def run_snapshot(ctx: JobContext, req: SnapshotRequest) -> dict:
-    from hypervisor import snapshots as hv_snapshots
+    from virtwarden.hypervisor import snapshots as hv_snapshots
 
     hv = ctx.require_hypervisor()
     dom = hv.domain(req.domain)
@@ -97,7 +98,7 @@ def _take_recorded(ctx: JobContext, hv: Hypervisor, dom: DomainInfo, req: Snapsh
 def rotate(ctx: JobContext, dom: DomainInfo, req: SnapshotRequest) -> tuple[list[str], list[str]]:
     """Delete this policy's snapshots that its retention does not keep, oldest first.
     Returns (deleted names, kept names)."""
-    from hypervisor import snapshots as hv_snapshots
+    from virtwarden.hypervisor import snapshots as hv_snapshots
 
     ours = snapshots.live(ctx.catalog, dom.uuid, req.policy)
     if req.policy is None or req.retention is None:
@@ -147,7 +148,7 @@ class _AsPoint:
 
 def _take(ctx: JobContext, hv: Hypervisor, dom: DomainInfo, req: SnapshotRequest, name: str,
           description: str) -> str:
-    from hypervisor import snapshots as hv_snapshots
+    from virtwarden.hypervisor import snapshots as hv_snapshots
 
     other = "external" if req.type == "internal" else "internal"
     mixed = sorted(n for n, kind in hv_snapshots.kinds(hv, req.domain).items() if kind == other)

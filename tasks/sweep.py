@@ -17,11 +17,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from catalog import points
-from catalog.store import Catalog
-from storage_backends.base import Backend
-from storage_backends.repository import Repository
-from tasks.recovery import remove_point_data
+from virtwarden.catalog import points
+from virtwarden.catalog.store import Catalog
+from virtwarden.storage_backends.base import Backend
+from virtwarden.storage_backends.repository import Repository
+from virtwarden.tasks.recovery import remove_point_data
+
 from virtwarden.errors import VirtwardenError
 
 log = logging.getLogger(__name__)

@@ -27,10 +27,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from catalog import points
-from catalog.points import PointView
-from storage_backends.repository import Repository
-from tasks.context import JobContext
+from virtwarden.catalog import points
+from virtwarden.catalog.points import PointView
+from virtwarden.storage_backends.repository import Repository
+from virtwarden.tasks.context import JobContext
+
 from virtwarden.errors import ChecksumMismatch, ObjectNotFound, StorageError, Transient, VerificationFailed
 
 log = logging.getLogger(__name__)

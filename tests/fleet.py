@@ -17,8 +17,8 @@ from functools import cached_property
 from pathlib import Path
 
 import pytest
+from virtwarden.catalog.store import Catalog
 
-from catalog.store import Catalog
 from tests.conftest import need
 from tests.harness import REPO
 from virtwarden import config as config_module
@@ -40,19 +40,19 @@ class Fleet:
 
     def config(self) -> config_module.Config:
         cfg = config_module.load(str(self.vw.write_config()), env={})
-        from worker import celery_app
+        from virtwarden.worker import celery_app
 
         celery_app.configure(cfg)
         return cfg
 
     def host(self, name: str):
-        from hypervisor.libvirt_host import LibvirtHost
+        from virtwarden.hypervisor.libvirt_host import LibvirtHost
 
         return LibvirtHost(name, URIS[name])
 
     def running_on(self, domain: str) -> list[str]:
         """The hosts where ``domain`` runs now, as libvirt says."""
-        from hypervisor.migrate import running_here
+        from virtwarden.hypervisor.migrate import running_here
 
         found = []
         for name in URIS:
@@ -62,20 +62,20 @@ class Fleet:
         return found
 
     def defined_on(self, name: str, domain: str) -> bool:
-        from hypervisor.domains import exists
+        from virtwarden.hypervisor.domains import exists
 
         with self.host(name) as hv:
             return exists(hv, domain)
 
     def move(self, domain: str, src: str, dst: str, **kw) -> None:
         """Test set-up: put a guest on the other host with the product's migration."""
-        from hypervisor.migrate import migrate
+        from virtwarden.hypervisor.migrate import migrate
 
         with self.host(src) as s, self.host(dst) as d:
             migrate(s, d, domain, timeout=120, unsafe=True, **kw)
 
     def free_mib(self, name: str) -> int:
-        from hypervisor.migrate import capacity
+        from virtwarden.hypervisor.migrate import capacity
 
         with self.host(name) as hv:
             return capacity(hv).memory_free // MiB

@@ -83,9 +83,10 @@ def run_cli_in_process(args: list[str], env: dict[str, str]) -> Cli:
     import logging
     from contextlib import redirect_stderr, redirect_stdout
 
+    from virtwarden.worker import celery_app
+
     from virtwarden import permissions
     from virtwarden.cli import main as cli_module
-    from worker import celery_app
 
     out, err = io.StringIO(), io.StringIO()
     saved_env, saved_stdin = dict(os.environ), sys.stdin
@@ -234,7 +235,7 @@ class Installation:
         return w
 
     def catalog(self):
-        from catalog.store import Catalog
+        from virtwarden.catalog.store import Catalog
 
         return Catalog(self.extra.get("database_url") or f"sqlite:///{self.data_dir / 'catalog.db'}")
 

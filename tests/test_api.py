@@ -142,7 +142,7 @@ def api(vw, tmp_path):
 
 def _catalog(vw):
     """The catalog the API server uses (SQLite under the data dir, or the configured URL)."""
-    from catalog.store import Catalog
+    from virtwarden.catalog.store import Catalog
 
     return Catalog(vw.extra["database_url"]) if "database_url" in vw.extra else vw.catalog()
 
@@ -159,19 +159,19 @@ def _rows(vw, model) -> list:
 
 
 def _jobs(vw) -> list:
-    from catalog.models import Job
+    from virtwarden.catalog.models import Job
 
     return _rows(vw, Job)
 
 
 def _audit(vw) -> list:
-    from catalog.models import AuditRecord
+    from virtwarden.catalog.models import AuditRecord
 
     return _rows(vw, AuditRecord)
 
 
 def _alerts(vw) -> list:
-    from catalog.models import Alert
+    from virtwarden.catalog.models import Alert
 
     return _rows(vw, Alert)
 
@@ -471,7 +471,7 @@ def test_openapi_schema_lists_the_routes(vw, api):
 def test_metrics_parse_and_count_drills_and_requests(vw, api):
     from datetime import datetime, timedelta
 
-    from catalog.models import Drill
+    from virtwarden.catalog.models import Drill
 
     server = api()
     server.call("GET", "/v1/jobs/nope")

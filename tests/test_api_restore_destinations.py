@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import update
+from virtwarden.catalog import jobs as job_rows
+from virtwarden.catalog.models import Artifact, RestorePoint
 
-from catalog import jobs as job_rows
-from catalog.models import Artifact, RestorePoint
 from tests.guests import images_equal
 from tests.test_api import _audit, _follow, _jobs, api  # noqa: F401 - api is a fixture
 

@@ -169,7 +169,7 @@ def test_a_chain_changed_outside_starts_a_new_full_and_says_why(vw, guest_factor
     _restore(vw, g, second["point_id"], out)
     assert images_equal(out / "vda.qcow2", g.shadow_copy("vda", tmp_path / "now.raw"))
     # The old tracker left the chain without us: closed in the journal, its file kept.
-    from catalog import overlays
+    from virtwarden.catalog import overlays
 
     rows = {r.overlay_path: r.state for r in overlays.for_domain(vw.catalog(), g.name)}
     assert rows[first["overlays"]["vda"]] == "abandoned"
@@ -178,9 +178,10 @@ def test_a_chain_changed_outside_starts_a_new_full_and_says_why(vw, guest_factor
 
 def _in_process(vw, backend_class=None):
     """A JobContext like a worker's, for driving a job (or its pieces) from the test."""
-    from hypervisor.libvirt_host import LibvirtHost
-    from storage_backends import open_backend
-    from tasks.context import JobContext
+    from virtwarden.hypervisor.libvirt_host import LibvirtHost
+    from virtwarden.storage_backends import open_backend
+    from virtwarden.tasks.context import JobContext
+
     from virtwarden.config import load
 
     cfg = load(str(vw.config_path))
@@ -199,8 +200,8 @@ def test_an_overlay_left_by_a_dead_run_is_merged_back(vw, guest_factory, tmp_pat
     """A worker killed right after its snapshot leaves a journaled overlay as the active
     image. The next run merges it back (the writes it holds are kept) and goes on with
     an incremental; nothing of ours is left behind."""
-    from catalog import overlays
-    from tasks.overlays import block_jobs
+    from virtwarden.catalog import overlays
+    from virtwarden.tasks.overlays import block_jobs
 
     _policy(vw, tmp_path, "nfs")
     g = guest_factory(disks=2, size_mib=32)
@@ -239,7 +240,7 @@ def test_a_merged_overlay_whose_file_stayed_behind_is_deleted_by_the_next_run(vw
     """A worker that died between merging an overlay and deleting its file (a release
     closed the journal row first) left the file next to the disk; the next run deletes
     it. A file that merely looks like ours, with no journal row, stays."""
-    from catalog import overlays
+    from virtwarden.catalog import overlays
 
     _policy(vw, tmp_path, "nfs")
     g = guest_factory(disks=1, size_mib=32)
@@ -266,8 +267,9 @@ def test_a_failure_after_the_snapshot_returns_the_chain_to_where_it_was(vw, gues
     """The target fails while an incremental is being stored: the point fails, the new
     overlay is merged back into the tracker, and the next run is an incremental that
     holds the writes of both runs."""
-    from storage_backends.nfs import NfsBackend
-    from tasks.backup import BackupRequest, run_backup
+    from virtwarden.storage_backends.nfs import NfsBackend
+    from virtwarden.tasks.backup import BackupRequest, run_backup
+
     from virtwarden.errors import StorageError
 
     class Failing(NfsBackend):
@@ -305,8 +307,9 @@ def test_a_failure_after_the_snapshot_returns_the_chain_to_where_it_was(vw, gues
 def test_an_active_commit_that_cannot_finish_in_time_is_aborted(guest_factory, tmp_path):
     """Bounded: a merge that does not become ready in time is aborted and reported, and
     the chain stays as it was (the overlay still active, nothing lost)."""
-    from hypervisor.blockjobs import BlockJobs, paths
-    from hypervisor.libvirt_host import LibvirtHost
+    from virtwarden.hypervisor.blockjobs import BlockJobs, paths
+    from virtwarden.hypervisor.libvirt_host import LibvirtHost
+
     from virtwarden.errors import HypervisorError
 
     g = guest_factory(disks=1, size_mib=32)
@@ -332,13 +335,13 @@ def test_an_active_commit_that_cannot_finish_in_time_is_aborted(guest_factory, t
 def _row(id_: int, target: str, path: str, state: str):
     from datetime import datetime
 
-    from catalog.overlays import OverlayView
+    from virtwarden.catalog.overlays import OverlayView
 
     return OverlayView(id_, "job", "dom", target, path, "/d/vda.qcow2", state, datetime.now(UTC))
 
 
 def _layers(*paths_: str):
-    from hypervisor.blockjobs import Layer
+    from virtwarden.hypervisor.blockjobs import Layer
 
     return tuple(Layer(p, "qcow2") for p in paths_)
 
@@ -364,7 +367,7 @@ TOKEN0, TOKEN1 = "virtwarden-20260101T000000-aaaaaaaa", "virtwarden-20260102T000
     ("tracking", (T1, "/d/vda.qcow2"), {TOKEN1}, None),
 ])
 def test_plan_reconcile(state, chain, heads, expected):
-    from tasks.overlays import plan_reconcile
+    from virtwarden.tasks.overlays import plan_reconcile
 
     actions = plan_reconcile([_row(1, "vda", T1, state)], {"vda": _layers(*chain)}, heads)
     if expected is None:
@@ -376,7 +379,7 @@ def test_plan_reconcile(state, chain, heads, expected):
 
 
 def test_only_one_chain_changing_action_at_a_time():
-    from tasks.overlays import plan_reconcile
+    from virtwarden.tasks.overlays import plan_reconcile
 
     rows = [_row(1, "vda", T1, "created"), _row(2, "vdb", T1.replace("vda", "vdb"), "created"),
             _row(3, "vdc", T0.replace("vda", "vdc"), "merging")]
@@ -386,8 +389,8 @@ def test_only_one_chain_changing_action_at_a_time():
 
 
 def test_overlay_names_stay_short_and_carry_the_token():
-    from tasks.blockcommit import overlay_path
-    from tasks.overlays import overlay_token
+    from virtwarden.tasks.blockcommit import overlay_path
+    from virtwarden.tasks.overlays import overlay_token
 
     assert overlay_path(_layers("/d/vda.qcow2"), set(), TOKEN1) == T1
     assert overlay_path(_layers(T0, "/d/vda.qcow2"), {T0}, TOKEN1) == T1  # named after the base, not T0
@@ -397,8 +400,8 @@ def test_overlay_names_stay_short_and_carry_the_token():
 
 
 def test_an_incremental_needs_every_disk_on_its_tracker():
-    from hypervisor.types import Disk, DomainInfo
-    from tasks.blockcommit import chain_break
+    from virtwarden.hypervisor.types import Disk, DomainInfo
+    from virtwarden.tasks.blockcommit import chain_break
 
     dom = DomainInfo("dom", "u", "running", True, (Disk("vda", T0, "qcow2", "file", 1),), "<domain/>")
     tracker = [_row(1, "vda", T0, "tracking")]

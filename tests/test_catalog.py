@@ -8,9 +8,9 @@ import time
 import uuid
 
 import pytest
+from virtwarden.catalog import jobs, points
+from virtwarden.catalog.store import Catalog
 
-from catalog import jobs, points
-from catalog.store import Catalog
 from virtwarden.errors import ConfigError, DatabaseUnavailable, JobNotFound, RestorePointNotFound
 
 

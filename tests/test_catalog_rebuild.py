@@ -12,9 +12,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from virtwarden.catalog import points
+from virtwarden.tasks.rebuild import Found, plan_rebuild, point_of
 
-from catalog import points
-from tasks.rebuild import Found, plan_rebuild, point_of
 from tests.guests import images_equal
 from tests.harness import s3_storage_entry
 

@@ -132,7 +132,8 @@ def test_the_api_serves_under_the_units_restrictions(redis_url):
     API loads must do without). The catalog is SQLite, made by root as the worker would
     with ``security.service_group``; the API writes to it (a refused request's audit)."""
     _sandbox_ready()
-    from catalog.store import Catalog
+    from virtwarden.catalog.store import Catalog
+
     from virtwarden import permissions
 
     base = Path(tempfile.mkdtemp(prefix="vw-sandbox-", dir="/var/tmp"))

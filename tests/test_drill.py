@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from virtwarden.catalog import drills as drill_rows
+from virtwarden.catalog import jobs as job_rows
 
-from catalog import drills as drill_rows
-from catalog import jobs as job_rows
 from tests.guests import URI
 from tests.harness import wait_for
 
@@ -42,7 +42,7 @@ def _drill_domains(conn) -> list[str]:
 
 
 def _assert_nothing_left(vw, conn, job_id: str) -> None:
-    from tasks.drill import throwaway_name
+    from virtwarden.tasks.drill import throwaway_name
 
     assert throwaway_name(job_id) not in _drill_domains(conn)
     left = list(vw.scratch.iterdir()) if vw.scratch.exists() else []
@@ -188,7 +188,7 @@ def test_a_worker_killed_mid_drill_leaves_nothing_after_the_retry(vw, guest_fact
         return bool(row and any(c["name"] == "starts" and c["ok"] for c in row.checks))
 
     wait_for(started, 120, "the throwaway domain to start")
-    from tasks.drill import drill_dir, throwaway_name
+    from virtwarden.tasks.drill import drill_dir, throwaway_name
 
     name = throwaway_name(job_id)
     first.kill()
@@ -208,11 +208,11 @@ def test_a_worker_killed_mid_drill_leaves_nothing_after_the_retry(vw, guest_fact
 def test_a_dead_drill_is_swept_by_the_next_one(vw, guest_factory, tmp_path, conn):
     """A drill whose job was given up (its worker died on the last attempt) leaves a
     domain and files that only a later drill can remove: the sweep does, and marks it."""
-    from catalog.models import Job
-    from hypervisor import domains
-    from hypervisor.domxml import CopySpec, copy_domain
-    from hypervisor.libvirt_host import LibvirtHost
-    from tasks.drill import drill_dir, sweep, throwaway_name
+    from virtwarden.catalog.models import Job
+    from virtwarden.hypervisor import domains
+    from virtwarden.hypervisor.domxml import CopySpec, copy_domain
+    from virtwarden.hypervisor.libvirt_host import LibvirtHost
+    from virtwarden.tasks.drill import drill_dir, sweep, throwaway_name
 
     g = guest_factory(disks=1, size_mib=64, boot_marker=MARKER.encode())
     _policy(vw, tmp_path, g.name)
@@ -244,7 +244,8 @@ def test_scheduled_and_cli_drills_get_the_policys_settings(vw, guest_factory, tm
     the job's parameters carry the governing policy's drill settings all the same."""
     from datetime import datetime
 
-    from policies.schedule import Slot
+    from virtwarden.policies.schedule import Slot
+
     from virtwarden import config
     from virtwarden.daemons.scheduler import Scheduler
     from virtwarden.submit.drill import drill_params
@@ -278,9 +279,8 @@ def test_an_isolated_network_drill(vw, guest_factory, tmp_path, conn):
     """network: isolated puts the copy's interfaces on virtwarden-drill, a network with
     no forward (created when absent), never on the original's network."""
     import libvirt
-
-    from hypervisor import networks
-    from hypervisor.libvirt_host import LibvirtHost
+    from virtwarden.hypervisor import networks
+    from virtwarden.hypervisor.libvirt_host import LibvirtHost
 
     had_network = networks.DRILL_NETWORK in conn.listNetworks() + conn.listDefinedNetworks()
     g = guest_factory(disks=1, size_mib=64, boot_marker=MARKER.encode())
@@ -324,8 +324,8 @@ ORIGINAL = """<domain type='kvm'><name>web01</name><uuid>11111111-2222-3333-4444
 
 
 def _throwaway(network: str | None = None) -> ET.Element:
-    from hypervisor.domxml import CopySpec, copy_domain
-    from hypervisor.throwaway import fixed_boot_order
+    from virtwarden.hypervisor.domxml import CopySpec, copy_domain
+    from virtwarden.hypervisor.throwaway import fixed_boot_order
 
     spec = CopySpec("virtwarden-drill-0123abcd", disks={"vda": "/scratch/vda.qcow2", "vdb": "/scratch/vdb.qcow2"},
                     drop_interfaces=network is None, network=network, serial_log="/scratch/serial.log",
@@ -364,7 +364,7 @@ def test_an_isolated_drill_moves_every_interface_to_the_drill_network():
 
 
 def test_agent_channels_are_found_in_the_saved_xml():
-    from hypervisor.throwaway import has_agent_channel
+    from virtwarden.hypervisor.throwaway import has_agent_channel
 
     assert has_agent_channel(ORIGINAL)
     assert not has_agent_channel("<domain><devices><channel type='spicevmc'>"
@@ -372,7 +372,7 @@ def test_agent_channels_are_found_in_the_saved_xml():
 
 
 def test_an_attempt_that_lost_its_job_never_overwrites_the_next_attempt(tmp_path):
-    from catalog.store import Catalog
+    from virtwarden.catalog.store import Catalog
 
     cat = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
     first = drill_rows.begin(cat, drill_id="j1", domain="web01", host="local", point_id="p", throwaway="t")

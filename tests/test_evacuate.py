@@ -12,10 +12,10 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from virtwarden.catalog import alerts as alert_rows
+from virtwarden.catalog import jobs, moves
+from virtwarden.catalog.models import Domain, Host
 
-from catalog import alerts as alert_rows
-from catalog import jobs, moves
-from catalog.models import Domain, Host
 from tests.fleet import Fleet, fill_memory, fleet, resize_memory  # noqa: F401 - fleet is a fixture
 from tests.guests import images_equal
 from tests.harness import wait_for
@@ -186,7 +186,7 @@ def test_hosts_marks_an_unreachable_host_down(fleet: Fleet) -> None:
 
 
 def test_a_migration_that_runs_out_of_time_is_aborted_and_the_guest_stays(fleet: Fleet, guest_factory) -> None:
-    from hypervisor.migrate import MigrationTimeout
+    from virtwarden.hypervisor.migrate import MigrationTimeout
 
     f = fleet
     g = guest_factory(disks=1, size_mib=16, start=False)
@@ -201,7 +201,7 @@ def test_a_migration_that_runs_out_of_time_is_aborted_and_the_guest_stays(fleet:
 
 
 def _move_with_timeout(f: Fleet, name: str, seen: list) -> None:
-    from hypervisor.migrate import migrate
+    from virtwarden.hypervisor.migrate import migrate
 
     with f.host("local") as s, f.host("host2") as d:
         migrate(s, d, name, timeout=3, unsafe=True, bandwidth_mib=1, on_progress=seen.append, poll=0.2)
@@ -277,7 +277,7 @@ def test_a_lost_bitmap_after_a_move_means_a_full_that_says_why(fleet: Fleet, gue
 
 # --- the catalog side, without libvirt ---------------------------------------------------------
 def test_a_domain_locked_by_an_evacuation_blocks_backups_until_released(tmp_path) -> None:
-    from catalog.store import Catalog
+    from virtwarden.catalog.store import Catalog
 
     cat = Catalog(f"sqlite:///{tmp_path / 'c.db'}")
     evac = jobs.create(cat, kind="evacuate", domain=None, host="a", params={})
@@ -299,7 +299,8 @@ def test_a_domain_locked_by_an_evacuation_blocks_backups_until_released(tmp_path
 
 
 def test_alerts_that_map_to_no_host_or_policy_are_recorded_and_start_nothing(vw, tmp_path) -> None:
-    from catalog.store import Catalog
+    from virtwarden.catalog.store import Catalog
+
     from virtwarden import config as config_module
     from virtwarden.alerts import host_for, receive
     from virtwarden.errors import UsageError

@@ -8,11 +8,11 @@ import uuid
 
 import pytest
 from sqlalchemy import select, update
+from virtwarden.catalog import jobs, overlays, points
+from virtwarden.catalog.clock import db_later, db_now
+from virtwarden.catalog.models import Job
+from virtwarden.catalog.store import Catalog
 
-from catalog import jobs, overlays, points
-from catalog.clock import db_later, db_now
-from catalog.models import Job
-from catalog.store import Catalog
 from virtwarden.errors import JobFailed, LeaseLost
 
 
@@ -106,7 +106,7 @@ def test_a_lease_is_judged_by_the_database_clock_not_the_reapers(cat, monkeypatc
         def now(cls, tz=None):
             return real_datetime.datetime.now(tz) + real_datetime.timedelta(seconds=90)
 
-    monkeypatch.setattr("catalog.models.datetime", Ahead)  # utcnow() of this process runs ahead
+    monkeypatch.setattr("virtwarden.catalog.models.datetime", Ahead)  # utcnow() of this process runs ahead
     assert jobs.reap(cat) == []
     assert not jobs.claim(cat, job.id, "ahead", 30, lock_domain=True).ok
     assert jobs.get(cat, job.id).state == jobs.RUNNING
@@ -187,7 +187,7 @@ def test_points_left_writing_by_ended_jobs_are_found_and_failed_once(cat):
 
 
 def test_the_database_clock_values_compare_with_python_written_times(cat):
-    from catalog.models import utcnow
+    from virtwarden.catalog.models import utcnow
 
     with cat.session() as s:
         now, later = s.execute(select(db_now(), db_later(60))).one()

@@ -4,8 +4,8 @@ that moved after they were queued, and a worker killed mid-job loses nothing."""
 from __future__ import annotations
 
 import pytest
+from virtwarden.catalog import jobs, moves, points
 
-from catalog import jobs, moves, points
 from tests.fleet import Fleet, fill_memory, fleet  # noqa: F401 - fleet is a fixture
 from tests.guests import images_equal
 from tests.harness import s3_storage_entry, wait_for

@@ -5,9 +5,9 @@ push backup leaves nothing the retry trips over."""
 from __future__ import annotations
 
 import pytest
+from virtwarden.catalog import jobs as job_rows
+from virtwarden.catalog import points
 
-from catalog import jobs as job_rows
-from catalog import points
 from tests.faults import faketime_env
 from tests.fleet import HOST2_URI, fleet, restart_host2, stop_host2_libvirtd  # noqa: F401 - fleet is a fixture
 from tests.guests import images_equal

@@ -26,10 +26,10 @@ from pathlib import Path
 import pytest
 import yaml
 from sqlalchemy import update
+from virtwarden.catalog import drills as drill_rows
+from virtwarden.catalog import jobs as job_rows
+from virtwarden.catalog.models import RestorePoint
 
-from catalog import drills as drill_rows
-from catalog import jobs as job_rows
-from catalog.models import RestorePoint
 from tests.guests import URI
 from tests.harness import wait_for
 
@@ -54,8 +54,8 @@ def conn(libvirt_uri):
 @pytest.fixture
 def drill_network(conn):
     """virtwarden-drill as the drills create it; removed afterwards when this test made it."""
-    from hypervisor import networks
-    from hypervisor.libvirt_host import LibvirtHost
+    from virtwarden.hypervisor import networks
+    from virtwarden.hypervisor.libvirt_host import LibvirtHost
 
     had = networks.DRILL_NETWORK in conn.listNetworks() + conn.listDefinedNetworks()
     yield networks.DRILL_NETWORK
@@ -217,7 +217,7 @@ def _named(dropped: list[str], *parts: str) -> None:
 
 def _drill_while_running(vw, conn, domain: str) -> tuple[Running, object]:
     """Start a drill, read the running throwaway, wait for the drill's end."""
-    from tasks.drill import throwaway_name
+    from virtwarden.tasks.drill import throwaway_name
 
     r = vw.cli("drill", domain, "--json")
     assert r.code == 0, r.err
@@ -292,8 +292,8 @@ def test_a_new_domain_restored_from_a_hostile_domain_runs_with_none_of_it(vw, ho
         serial = Path(result["serial_log"])
         wait_for(lambda: serial.exists() and MARKER.encode() in serial.read_bytes(), 60, "the copy to boot")
     finally:
-        from hypervisor import domains
-        from hypervisor.libvirt_host import LibvirtHost
+        from virtwarden.hypervisor import domains
+        from virtwarden.hypervisor.libvirt_host import LibvirtHost
 
         with LibvirtHost("local", URI) as hv:
             domains.remove(hv, copy)

@@ -7,10 +7,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import select
+from virtwarden.catalog.housekeeping import prune_rows
+from virtwarden.catalog.models import Alert, ApiIdempotencyKey, AuditRecord, Event
+from virtwarden.catalog.store import Catalog
 
-from catalog.housekeeping import prune_rows
-from catalog.models import Alert, ApiIdempotencyKey, AuditRecord, Event
-from catalog.store import Catalog
 from tests.harness import wait_for
 
 NOW = datetime.now(UTC)

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import virtwarden
 from tests.conftest import need
 from tests.guests import GuestFactory
 from tests.harness import REPO, Installation, wait_for
@@ -58,7 +59,7 @@ for top in sys.argv[1:]:
             elsewhere.append(f"{info.name}: {module.__file__}")
 print(json.dumps({"failed": failed, "elsewhere": elsewhere}))
 """
-PACKAGES = ("virtwarden", "worker", "tasks", "policies", "storage_backends", "catalog", "hypervisor")
+PACKAGES = ("virtwarden",)  # the one top-level name: the card's folders are installed inside it
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -123,11 +124,15 @@ def test_every_module_of_the_clean_install_imports_from_the_venv(clean_install: 
     r = clean_install.run(clean_install.python, "-c", IMPORT_ALL, *PACKAGES)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == {"failed": {}, "elsewhere": []}
+    # One name of ours in site-packages: no generic worker/ or tasks/ to collide with.
+    site = next(clean_install.venv.glob("lib/python3*/site-packages"))
+    ours = {p.name for p in site.iterdir() if p.name.startswith("virtwarden") or p.name in virtwarden.MAPPED}
+    assert ours == {"virtwarden", "virtwarden-0.1.0.dist-info"}, ours
 
 
 def test_the_clean_install_ships_the_catalog_migrations_and_the_policy_examples(clean_install: CleanInstall) -> None:
-    r = clean_install.run(clean_install.python, "-c", "import catalog.store, policies;"
-                          " print(catalog.store.MIGRATIONS); print(policies.__path__[0])")
+    r = clean_install.run(clean_install.python, "-c", "import virtwarden.catalog.store, virtwarden.policies as p;"
+                          " print(virtwarden.catalog.store.MIGRATIONS); print(p.__path__[0])")
     assert r.returncode == 0, r.stderr
     migrations, policies = (Path(line) for line in r.stdout.split())
     assert migrations.is_relative_to(clean_install.venv)

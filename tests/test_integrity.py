@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import update
+from virtwarden.catalog import jobs as job_rows
+from virtwarden.catalog.models import RestorePoint
 
-from catalog import jobs as job_rows
-from catalog.models import RestorePoint
 from tests.guests import images_equal
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.cli_in_process]

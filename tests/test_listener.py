@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from virtwarden.catalog.events import KnownDomain
+from virtwarden.policies import Policy
+from virtwarden.policies.select import DomainFacts
+from virtwarden.policies.triggers import TriggerAction, triggers_for
 
-from catalog.events import KnownDomain
-from policies import Policy
-from policies.select import DomainFacts
-from policies.triggers import TriggerAction, triggers_for
 from tests.conftest import need, need_module
 from tests.fleet import HOST2_PID, restart_host2, stop_host2_libvirtd
 from tests.harness import REDIS_URL, REPO, wait_for
@@ -57,7 +57,7 @@ LISTENER_REDIS_URL = os.environ.get("VIRTWARDEN_TEST_LISTENER_REDIS_URL", re.sub
 ])
 def test_lifecycle_events_map_to_product_events(event: str, detail: str, kind: str) -> None:
     libvirt = need_module("libvirt")
-    from hypervisor.events import lifecycle_kind
+    from virtwarden.hypervisor.events import lifecycle_kind
 
     code = getattr(libvirt, f"VIR_DOMAIN_EVENT_{event}")
     assert lifecycle_kind(code, getattr(libvirt, f"VIR_DOMAIN_EVENT_{detail}"))[0] == kind
@@ -171,12 +171,12 @@ def test_an_event_handled_twice_makes_one_job(tmp_path: Path, redis_url: str) ->
     makes the second attempt find the first job instead of sending another."""
     need_module("libvirt")
     import redis
+    from virtwarden.catalog import events, jobs
+    from virtwarden.catalog.store import Catalog
+    from virtwarden.worker import celery_app
 
-    from catalog import events, jobs
-    from catalog.store import Catalog
     from virtwarden import config
     from virtwarden.daemons.listener import Dispatcher
-    from worker import celery_app
 
     policy_dir = tmp_path / "policies"
     policy_dir.mkdir()
@@ -297,7 +297,7 @@ def _wait_for_point(vw, domain: str, timeout: float) -> dict:
 
 
 def _events(vw, domain: str) -> list:
-    from catalog import events
+    from virtwarden.catalog import events
 
     cat = vw.catalog()
     try:

@@ -9,9 +9,9 @@ import textwrap
 import time
 
 import pytest
+from virtwarden.catalog import jobs, slots
+from virtwarden.catalog.store import Catalog
 
-from catalog import jobs, slots
-from catalog.store import Catalog
 from tests.faults import PrivateRedis, parent_of, process_of
 from tests.harness import s3_storage_entry, wait_for
 from virtwarden import config as config_module
@@ -55,8 +55,9 @@ def private_redis(tmp_path):
 
 def test_a_broker_outage_and_a_dead_worker_lose_no_job_and_no_slot(vw, guest_factory, private_redis, s3_settings,
                                                                     tmp_path):
+    from virtwarden.worker import celery_app
+
     from virtwarden.daemons.scheduler import Scheduler
-    from worker import celery_app
 
     g = guest_factory(disks=1, size_mib=320)
     g.write_random("vda", 0, 300 * MiB)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import text
+from virtwarden.catalog.store import Catalog
+from virtwarden.hypervisor.libvirt_host import qemu_user_from
+from virtwarden.storage_backends.nfs import NfsBackend
 
-from catalog.store import Catalog
-from hypervisor.libvirt_host import qemu_user_from
-from storage_backends.nfs import NfsBackend
 from tests.conftest import need
 from virtwarden import permissions
 from virtwarden.config import NfsStorage

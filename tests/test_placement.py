@@ -7,8 +7,7 @@ import fnmatch
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from policies.placement import Candidate, HostState, max_parallel, plan_evacuation
+from virtwarden.policies.placement import Candidate, HostState, max_parallel, plan_evacuation
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB

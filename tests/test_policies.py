@@ -9,8 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
-from policies import (
+from virtwarden.policies import (
     BackupSettings,
     DomainFacts,
     Policy,
@@ -25,6 +24,7 @@ from policies import (
     selects,
     validate_paths,
 )
+
 from virtwarden.config import Config
 from virtwarden.errors import NotFound, PolicyError, UnknownStorage
 

@@ -22,18 +22,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import update
+from virtwarden.catalog import points
+from virtwarden.catalog.models import RestorePoint
+from virtwarden.catalog.points import ArtifactView, PointView
+from virtwarden.catalog.store import Catalog
+from virtwarden.policies.model import Retention
+from virtwarden.policies.retention import RULES, select_kept
+from virtwarden.storage_backends import open_backend
+from virtwarden.storage_backends.nfs import NfsBackend
+from virtwarden.storage_backends.repository import Repository
+from virtwarden.tasks.context import JobContext
+from virtwarden.tasks.prune import DomainRules, prune_all
 
-from catalog import points
-from catalog.models import RestorePoint
-from catalog.points import ArtifactView, PointView
-from catalog.store import Catalog
-from policies.model import Retention
-from policies.retention import RULES, select_kept
-from storage_backends import open_backend
-from storage_backends.nfs import NfsBackend
-from storage_backends.repository import Repository
-from tasks.context import JobContext
-from tasks.prune import DomainRules, prune_all
 from tests.guests import images_equal
 from virtwarden.config import NfsStorage, load
 from virtwarden.errors import ObjectNotFound
@@ -128,7 +128,7 @@ def backend(request, tmp_path):
     if request.param == "nfs":
         store = NfsBackend("nfs", NfsStorage(type="nfs", path=str(tmp_path / "repository"), create=True))
     else:
-        from storage_backends.s3 import S3Backend
+        from virtwarden.storage_backends.s3 import S3Backend
 
         store = S3Backend("nfs", request.getfixturevalue("s3_settings"))
     yield store
@@ -187,9 +187,9 @@ def test_leftovers_of_a_failed_backup_go_after_a_day(catalog, tmp_path):
 def test_a_point_a_drill_is_restoring_is_kept_with_its_chain(catalog, tmp_path):
     """A drill takes no domain lock; a prune meanwhile keeps the point it restores (and
     what that point needs), and forgets the pin once the drill's job is not running."""
-    from catalog import drills
-    from catalog import jobs as job_rows
-    from tasks.prune import plan_domain
+    from virtwarden.catalog import drills
+    from virtwarden.catalog import jobs as job_rows
+    from virtwarden.tasks.prune import plan_domain
 
     backend = NfsBackend("nfs", NfsStorage(type="nfs", path=str(tmp_path / "repository"), create=True))
     repo = Repository(backend)
@@ -215,8 +215,8 @@ def test_a_point_a_drill_is_restoring_is_kept_with_its_chain(catalog, tmp_path):
 def test_a_point_a_queued_or_running_restore_will_read_is_kept_with_its_chain(catalog, tmp_path):
     """Retention that runs while a restore waits in the queue or copies must not delete
     the point it restores (the chaos run saw restores fail on points pruned under them)."""
-    from catalog import jobs as job_rows
-    from tasks.prune import plan_domain
+    from virtwarden.catalog import jobs as job_rows
+    from virtwarden.tasks.prune import plan_domain
 
     backend = NfsBackend("nfs", NfsStorage(type="nfs", path=str(tmp_path / "repository"), create=True))
     repo = Repository(backend)
@@ -239,7 +239,7 @@ def test_a_point_a_queued_or_running_restore_will_read_is_kept_with_its_chain(ca
 
 def test_damaged_points_take_no_place_in_retention_pin_nothing_and_go_when_retention_would_have_removed_them(
         catalog, tmp_path):
-    from tasks.prune import plan_domain
+    from virtwarden.tasks.prune import plan_domain
 
     backend = NfsBackend("nfs", NfsStorage(type="nfs", path=str(tmp_path / "repository"), create=True))
     repo = Repository(backend)

@@ -121,8 +121,9 @@ def _thawed_and_writable(g) -> None:
 # --- the agent calls themselves -------------------------------------------------------------------
 
 def test_agent_calls_on_a_real_guest_and_on_one_without_agent(agent_guest_factory, guest_factory):
-    from hypervisor import agent
-    from hypervisor.libvirt_host import LibvirtHost
+    from virtwarden.hypervisor import agent
+    from virtwarden.hypervisor.libvirt_host import LibvirtHost
+
     from virtwarden.errors import AgentUnresponsive, HypervisorError
 
     g = agent_guest_factory()

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 
 import pytest
+from virtwarden.catalog.store import mask as catalog_mask
+from virtwarden.storage_backends.s3 import _mask as s3_mask
+from virtwarden.worker.celery_app import mask as broker_mask
 
-from catalog.store import mask as catalog_mask
-from storage_backends.s3 import _mask as s3_mask
 from virtwarden import config
 from virtwarden.redact import MaskingFilter, has_password, mask
-from worker.celery_app import mask as broker_mask
 
 
 @pytest.mark.parametrize("url, shown", [
@@ -112,9 +112,10 @@ def test_uvicorns_access_log_keeps_its_arguments_and_loses_the_token(capsys):
 
 
 def test_healthz_answers_without_a_token_and_without_the_brokers_password(tmp_path):
-    from catalog.store import Catalog
+    from virtwarden.catalog.store import Catalog
+    from virtwarden.worker import celery_app
+
     from virtwarden.api.app import Api, _health
-    from worker import celery_app
 
     cfg = config.load(env={"VIRTWARDEN_DATA_DIR": str(tmp_path),
                            "VIRTWARDEN_BROKER_URL": "redis://:hunter2@127.0.0.1:1/0"})

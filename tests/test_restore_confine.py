@@ -10,9 +10,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from virtwarden.tasks import confine as confine_module
+from virtwarden.tasks.confine import IMAGE_DIR, TARGET, NewDir, check_target, confine
 
-from tasks import confine as confine_module
-from tasks.confine import IMAGE_DIR, TARGET, NewDir, check_target, confine
 from virtwarden import config
 from virtwarden.errors import ChecksumMismatch, ConfigError, DestinationRefused, RestoreRefused, UnsafeTarget
 
@@ -208,7 +208,7 @@ def test_anything_else_is_refused_as_a_target(target):
 
 
 def _point(target: str):
-    from catalog.points import ArtifactView, PointView
+    from virtwarden.catalog.points import ArtifactView, PointView
 
     return PointView(id="p1", domain="web01", domain_uuid="u", host="local", storage="nfs", strategy="bitmap",
                      chain_id="c", parent_id=None, seq=0, level="full", status="complete", reason=None,
@@ -222,7 +222,7 @@ def _manifest(target: str) -> dict:
 
 
 def test_manifest_targets_must_be_the_catalogs_and_disk_names():
-    from tasks.restore import _check_matches_catalog
+    from virtwarden.tasks.restore import _check_matches_catalog
 
     _check_matches_catalog([_point("vda")], [_manifest("vda")])
     with pytest.raises(ChecksumMismatch, match=r"disk target '\.\./\.\./ESCAPED' is not the catalog's") as e:
@@ -235,7 +235,7 @@ def test_manifest_targets_must_be_the_catalogs_and_disk_names():
 
 
 def test_a_catalog_rebuild_never_imports_a_target_that_is_no_disk_name():
-    from tasks.rebuild import _artifact
+    from virtwarden.tasks.rebuild import _artifact
 
     disk = {"target": "vda", "key": "k", "size_bytes": 1, "sha256": "s", "virtual_size": 1}
     assert _artifact(disk, 0).target == "vda"
@@ -245,7 +245,7 @@ def test_a_catalog_rebuild_never_imports_a_target_that_is_no_disk_name():
 
 # --- planning and who is confined --------------------------------------------------------------
 def test_a_plan_into_a_directory_needs_a_new_or_empty_one(tmp_path):
-    from tasks.restore_plan import _new_or_empty
+    from virtwarden.tasks.restore_plan import _new_or_empty
 
     _new_or_empty(str(tmp_path / "new"))
     (tmp_path / "empty").mkdir()

@@ -13,8 +13,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from virtwarden.catalog import jobs as job_rows
 
-from catalog import jobs as job_rows
 from tests.faults import kill_env, wait_file
 from tests.guests import images_equal
 from tests.harness import TEST_WORKER, wait_for

@@ -29,7 +29,7 @@ MARKER = b"VIRTWARDEN-RESTORE-BOOTED"
 # --- pure: time, plan, XML, swap ----------------------------------------------------------
 
 def test_times_with_and_without_a_zone():
-    from tasks.restore import InvalidRestoreRequest, parse_time
+    from virtwarden.tasks.restore import InvalidRestoreRequest, parse_time
 
     assert parse_time("2025-03-30T12:00Z") == datetime(2025, 3, 30, 12, tzinfo=UTC)
     assert parse_time("2025-03-30T14:00:00+02:00") == datetime(2025, 3, 30, 12, tzinfo=UTC)
@@ -41,7 +41,7 @@ def test_times_with_and_without_a_zone():
 
 
 def _point(pid: str, seq: int, parent: str | None, minutes: int, level: str = "incremental"):
-    from catalog.points import ArtifactView, PointView
+    from virtwarden.catalog.points import ArtifactView, PointView
 
     return PointView(id=pid, domain="web01", domain_uuid="u-1", host="local", storage="nfs", strategy="bitmap",
                      chain_id="c1", parent_id=parent, seq=seq, level=level, status="complete", reason=None,
@@ -76,7 +76,7 @@ def _chain():
 
 
 def test_plan_as_a_new_domain_reads_only_the_layers_needed_and_puts_images_beside_the_originals():
-    from tasks.restore_plan import Destination, plan_restore
+    from virtwarden.tasks.restore_plan import Destination, plan_restore
 
     pts, manifests = _chain()
     plan = plan_restore(pts, manifests, Destination.from_options(as_domain="web01-copy", start=True),
@@ -97,8 +97,8 @@ def test_plan_as_a_new_domain_reads_only_the_layers_needed_and_puts_images_besid
 
 
 def test_plan_in_place_sets_aside_the_tracker_overlay_with_the_disk_and_keeps_formats():
-    from tasks.restore import RestoreRefused
-    from tasks.restore_plan import Destination, LiveDisk, LiveDomain, plan_restore
+    from virtwarden.tasks.restore import RestoreRefused
+    from virtwarden.tasks.restore_plan import Destination, LiveDisk, LiveDomain, plan_restore
 
     pts, manifests = _chain()
     tracker = "/srv/images/web01-vda.virtwarden-20250330T120000-abcd1234.qcow2"
@@ -132,8 +132,8 @@ def test_plan_in_place_sets_aside_the_tracker_overlay_with_the_disk_and_keeps_fo
     ({"to_dir": "relative/dir"}, "absolute"),
 ])
 def test_options_that_do_not_go_together_are_usage_errors(options, message):
-    from tasks.restore import InvalidRestoreRequest
-    from tasks.restore_plan import Destination
+    from virtwarden.tasks.restore import InvalidRestoreRequest
+    from virtwarden.tasks.restore_plan import Destination
 
     with pytest.raises(InvalidRestoreRequest, match=message) as e:
         Destination.from_options(**options)
@@ -141,7 +141,7 @@ def test_options_that_do_not_go_together_are_usage_errors(options, message):
 
 
 def test_copy_gets_its_own_nvram_and_repoint_keeps_everything_else():
-    from hypervisor.domxml import CopySpec, copy_domain, repoint_disks
+    from virtwarden.hypervisor.domxml import CopySpec, copy_domain, repoint_disks
 
     copy = ET.fromstring(copy_domain(_SAVED_XML, CopySpec(name="c", disks={"vda": "/x/c-vda.qcow2",
                                                                              "vdb": "/x/c-vdb.qcow2"})).xml)
@@ -158,8 +158,8 @@ def test_copy_gets_its_own_nvram_and_repoint_keeps_everything_else():
 
 
 def test_next_backup_after_a_restore_in_place_is_a_full_that_says_why():
-    from hypervisor.types import Disk, DomainInfo
-    from tasks.backup import BackupRequest, plan_level
+    from virtwarden.hypervisor.types import Disk, DomainInfo
+    from virtwarden.tasks.backup import BackupRequest, plan_level
 
     head = _point("p2", 2, "p1", 20)
     dom = DomainInfo("web01", "u-1", "running", True, (Disk("vda", "/a", "qcow2", "file", 64 * MiB),
@@ -175,7 +175,7 @@ def _files(tmp_path: Path, names: dict[str, bytes]) -> None:
 
 
 def _swap_plan(tmp_path: Path):
-    from tasks.restore_plan import ChainEntry, DiskPlan, RestorePlan
+    from virtwarden.tasks.restore_plan import ChainEntry, DiskPlan, RestorePlan
 
     d = str(tmp_path)
     disks = (DiskPlan("vda", ("p",), 1, 1, f"{d}/vda.qcow2", "qcow2", (f"{d}/vda.T.qcow2", f"{d}/vda.qcow2")),
@@ -185,7 +185,7 @@ def _swap_plan(tmp_path: Path):
 
 
 def test_disk_swap_is_undone_completely_whatever_was_done(tmp_path):
-    from tasks import disk_swap
+    from virtwarden.tasks import disk_swap
 
     original = {"vda.T.qcow2": b"tracker", "vda.qcow2": b"base", "vdb.img": b"raw"}
     journal = disk_swap.SwapJournal(tmp_path / "scratch" / "job.json")
@@ -231,7 +231,7 @@ def test_disk_swap_is_undone_completely_whatever_was_done(tmp_path):
 
 
 def test_a_swap_journal_says_the_last_state_recorded_and_nothing_half_written(tmp_path):
-    from tasks import disk_swap
+    from virtwarden.tasks import disk_swap
 
     path = tmp_path / "scratch" / "job-1.restore-swap.json"
     journal = disk_swap.SwapJournal(path)
@@ -247,7 +247,7 @@ def test_a_swap_journal_says_the_last_state_recorded_and_nothing_half_written(tm
 
 
 def test_temporary_images_of_every_attempt_of_a_job_are_found_and_only_those(tmp_path):
-    from tasks import disk_swap
+    from virtwarden.tasks import disk_swap
 
     image = tmp_path / "vda.qcow2"
     image.write_bytes(b"live")

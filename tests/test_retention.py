@@ -8,9 +8,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from policies.model import Retention
-from policies.retention import RULES, deletion_order, select_kept
+from virtwarden.policies.model import Retention
+from virtwarden.policies.retention import RULES, deletion_order, select_kept
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 

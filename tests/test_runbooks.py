@@ -8,9 +8,9 @@ from datetime import UTC
 from pathlib import Path
 
 import pytest
+from virtwarden.policies.loader import load_runbooks, validate_paths
+from virtwarden.policies.runbooks import BUILTINS, render
 
-from policies.loader import load_runbooks, validate_paths
-from policies.runbooks import BUILTINS, render
 from virtwarden.errors import PolicyError
 
 MiB = 1024 * 1024
@@ -61,7 +61,7 @@ def test_runbooks_and_policies_share_a_directory(tmp_path: Path) -> None:
         spec:
           steps: [{action: verify}]
         """))
-    from policies.loader import load_dir
+    from virtwarden.policies.loader import load_dir
 
     assert [p.name for p in load_dir(tmp_path)] == ["p"]
     assert [b.name for b in load_runbooks(tmp_path)][-1] == "check-all"
@@ -85,7 +85,7 @@ def test_parameters_are_checked_before_anything_runs() -> None:
 
 
 def _audit(vw) -> list:
-    from catalog import audit
+    from virtwarden.catalog import audit
 
     return audit.recent(vw.catalog(), action_prefix="runbook:")
 
@@ -111,7 +111,7 @@ def test_verify_repository_passes_then_finds_a_corrupted_artifact(vw, guest_fact
     report = ok.json()
     assert report["state"] == "succeeded" and report["steps"][0]["result"]["problems"] == []
 
-    from catalog import points
+    from virtwarden.catalog import points
 
     newest = points.for_domain(vw.catalog(), g.name)[-1]
     stored = Path(vw.storage["nfs"]["path"]) / newest.artifacts[0].key

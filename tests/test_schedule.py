@@ -6,9 +6,19 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-
-from policies import DomainFacts, Policy
-from policies.schedule import Busy, Limits, Slot, due, last_slot, limits_of, next_slot, slots_between, split, window_end
+from virtwarden.policies import DomainFacts, Policy
+from virtwarden.policies.schedule import (
+    Busy,
+    Limits,
+    Slot,
+    due,
+    last_slot,
+    limits_of,
+    next_slot,
+    slots_between,
+    split,
+    window_end,
+)
 
 UTC = UTC
 

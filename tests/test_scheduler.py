@@ -15,10 +15,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import delete as sa_delete
 from sqlalchemy import update as sa_update
+from virtwarden.catalog import jobs, slots
+from virtwarden.catalog.models import Job, ScheduleSlot
+from virtwarden.catalog.store import Catalog
 
-from catalog import jobs, slots
-from catalog.models import Job, ScheduleSlot
-from catalog.store import Catalog
 from tests.harness import REPO, wait_for
 from virtwarden import config as config_module
 
@@ -60,7 +60,7 @@ class Setup:
         if database_url:
             self.vw.extra["database_url"] = database_url
         cfg = config_module.load(str(self.vw.write_config()), env={})
-        from worker import celery_app
+        from virtwarden.worker import celery_app
 
         celery_app.configure(cfg)
         return cfg
@@ -86,7 +86,7 @@ def slot_jobs(cat: Catalog) -> dict[tuple[str, str, str], jobs.JobView]:
     for job in jobs.recent(cat, limit=1000):
         assert job.requested_by == "scheduler"
         with cat.session() as s:
-            from catalog.models import Job
+            from virtwarden.catalog.models import Job
 
             key = s.get(Job, job.id).dedup_key
         _, policy, kind, domain, at = key.split(":", 4)
@@ -236,7 +236,7 @@ def test_a_broker_outage_or_a_scheduler_crash_loses_no_slot(vw, guest_factory):
     good = setup.config()
     down = good.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
     clock = FakeClock("2025-01-10 10:00:05")
-    from worker import celery_app
+    from virtwarden.worker import celery_app
 
     celery_app.configure(down)
     report = setup.scheduler(down, clock).tick()

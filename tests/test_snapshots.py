@@ -103,7 +103,7 @@ def test_someone_deleting_our_snapshot_is_noticed_not_fatal(vw, guest_factory, t
     states = {s["name"]: s["state"] for s in vw.cli("snapshots", g.name, "--json").json()}
     assert states == {second: "present"}
     with vw.catalog().session() as s:
-        from catalog.models import Snapshot
+        from virtwarden.catalog.models import Snapshot
 
         row = s.query(Snapshot).filter_by(name=first).one()
         assert row.state == "missing" and row.deleted_at is not None

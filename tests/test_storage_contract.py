@@ -19,11 +19,11 @@ from types import SimpleNamespace
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from virtwarden.storage_backends import _stream, nfs, s3
+from virtwarden.storage_backends.base import Backend, ObjectInfo
+from virtwarden.storage_backends.nfs import NfsBackend
+from virtwarden.storage_backends.s3 import S3Backend
 
-from storage_backends import _stream, nfs, s3
-from storage_backends.base import Backend, ObjectInfo
-from storage_backends.nfs import NfsBackend
-from storage_backends.s3 import S3Backend
 from tests.conftest import need
 from tests.faultproxy import Rule, upload_part
 from tests.s3server import s3_client

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from virtwarden.catalog import jobs as job_rows
 
-from catalog import jobs as job_rows
 from tests.conftest import need
 from tests.faultproxy import FaultProxy, Rule, upload_part
 from tests.guests import images_equal

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+from virtwarden.catalog import jobs as job_rows
+from virtwarden.catalog import points
 
-from catalog import jobs as job_rows
-from catalog import points
 from tests.faults import CommitAnswerLost, parent_of, pause_env, process_of, stopped, wait_file
 from tests.guests import images_equal
 from tests.harness import s3_storage_entry, wait_for
@@ -202,10 +202,11 @@ def test_a_backup_that_gives_up_runs_its_recovery_and_leaves_nothing(vw, guest_f
 def test_the_sweep_unlists_a_point_left_writing_by_an_ended_job_and_removes_its_pieces(vw):
     """What neither a failure path nor a recovery reached (the last worker died, and so
     did its recovery): the sweep fails the point (catalog first) and removes its pieces."""
-    from catalog import jobs
-    from storage_backends import open_backend
-    from storage_backends.repository import Repository
-    from tasks.sweep import sweep_unfinished_points
+    from virtwarden.catalog import jobs
+    from virtwarden.storage_backends import open_backend
+    from virtwarden.storage_backends.repository import Repository
+    from virtwarden.tasks.sweep import sweep_unfinished_points
+
     from virtwarden import config
 
     cfg = config.load(str(vw.write_config()), env={})

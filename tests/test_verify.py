@@ -7,10 +7,10 @@ import random
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-from catalog.points import ArtifactView, PointView
-from hypervisor.types import Disk, DomainInfo
-from tasks.backup import BackupRequest, plan_level
-from tasks.verify import choose_sample
+from virtwarden.catalog.points import ArtifactView, PointView
+from virtwarden.hypervisor.types import Disk, DomainInfo
+from virtwarden.tasks.backup import BackupRequest, plan_level
+from virtwarden.tasks.verify import choose_sample
 
 MiB = 1024 * 1024
 T0 = datetime(2025, 3, 30, 12, 0, tzinfo=UTC)
@@ -67,7 +67,7 @@ def test_a_chain_with_a_damaged_point_is_never_continued_and_the_reason_names_it
         == "full backup requested"
     assert "damaged" in plan_level(req, dom, None, set(), damaged=damaged).reason
 
-    from tasks.blockcommit import plan_blockcommit
+    from virtwarden.tasks.blockcommit import plan_blockcommit
 
     tracked = plan_blockcommit(replace(req, strategy="blockcommit"), dom, head, {}, [], None, damaged)
     assert tracked.level == "full" and tracked.reason == plan.reason  # the blockcommit plan says the same

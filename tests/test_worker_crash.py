@@ -3,8 +3,8 @@ written is ever listed as usable, no scratch files stay behind, and the chain is
 from __future__ import annotations
 
 import pytest
+from virtwarden.catalog import jobs as job_rows
 
-from catalog import jobs as job_rows
 from tests.guests import images_equal
 from tests.harness import s3_storage_entry, wait_for
 
@@ -67,9 +67,10 @@ def test_sigkill_during_backup_is_recovered(vw, guest_factory, s3_settings, tmp_
 def test_an_unknown_job_kind_fails_clearly(vw):
     """A job row naming a kind this worker does not know fails with that said; it does
     not look like a crash."""
-    from catalog import jobs as rows
+    from virtwarden.catalog import jobs as rows
+    from virtwarden.worker.runner import execute
+
     from virtwarden import config
-    from worker.runner import execute
 
     vw.write_config()
     cfg = config.load(str(vw.config_path))
@@ -82,7 +83,8 @@ def test_an_unknown_job_kind_fails_clearly(vw):
 def test_a_restore_killed_after_copying_into_scratch_leaves_no_copy_behind(vw, guest_factory, tmp_path):
     """The attempt that dies holds copies of the point's artifacts in scratch space; once
     the job has ended (here: the retry restored the point), no attempt's copy is left."""
-    from tasks.restore import FETCHED
+    from virtwarden.tasks.restore import FETCHED
+
     from tests.faults import kill_env
 
     g = guest_factory(disks=1, size_mib=64)

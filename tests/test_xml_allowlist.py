@@ -14,8 +14,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from virtwarden.hypervisor.domxml import CopySpec, carry_passwords, copy_domain, redact
 
-from hypervisor.domxml import CopySpec, carry_passwords, copy_domain, redact
 from tests.conftest import need
 from virtwarden.errors import VirtwardenError
 
@@ -370,7 +370,7 @@ def test_passwords_come_back_from_libvirt_when_a_definition_is_put_back():
 
 
 def test_a_saved_xml_read_for_a_restore_holds_no_password():
-    from tasks.restore import Chain
+    from virtwarden.tasks.restore import Chain
 
     legacy = {"domain": {"xml": "<domain><devices><graphics type='vnc' passwd='s3cr3tVN'/></devices></domain>"}}
     assert "s3cr3tVN" not in Chain(points=[], manifests=[legacy]).saved_xml
@@ -385,7 +385,7 @@ def test_a_saved_xml_read_for_a_restore_holds_no_password():
     ("<network ipv6='yes'><name>n</name></network>", "enables IPv6"),
 ])
 def test_a_drill_network_must_not_reach_the_host(xml, reason):
-    from hypervisor.networks import host_reachable
+    from virtwarden.hypervisor.networks import host_reachable
 
     found = host_reachable(xml)
     assert (found is None) if reason is None else (reason in found), found
@@ -416,7 +416,7 @@ def root_dir():
 
 
 def test_a_copy_boots_a_kernel_every_user_may_read_and_nothing_more_private(root_dir):
-    from hypervisor.xml_allowlist import public_boot_files
+    from virtwarden.hypervisor.xml_allowlist import public_boot_files
 
     kernel, initrd, private = root_dir / "vmlinuz", root_dir / "initrd.gz", root_dir / "secret"
     for f, mode in ((kernel, 0o644), (initrd, 0o644), (private, 0o600)):

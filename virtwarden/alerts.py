@@ -39,12 +39,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
-from catalog import alerts as alert_rows
-from catalog import jobs
-from catalog.store import Catalog
-from policies import Policy, load_policies
+from virtwarden.catalog import alerts as alert_rows
+from virtwarden.catalog import jobs
+from virtwarden.catalog.store import Catalog
 from virtwarden.config import Config
 from virtwarden.errors import Transient, UsageError, VirtwardenError
+from virtwarden.policies import Policy, load_policies
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def _one(cfg: Config, cat: Catalog, policies: list[Policy], alert: dict, actor: 
 # --- actions ------------------------------------------------------------------------------------
 def _evacuate(cfg: Config, cat: Catalog, mapping: Mapping, key: str, actor: str) -> dict:
     from virtwarden import submit
-    from worker import celery_app
+    from virtwarden.worker import celery_app
 
     host = mapping.host or ""
     running = jobs.active(cat, "evacuate", host)
@@ -141,10 +141,10 @@ def _evacuate(cfg: Config, cat: Catalog, mapping: Mapping, key: str, actor: str)
 def _backup(cfg: Config, cat: Catalog, mapping: Mapping, key: str, actor: str) -> dict:
     """Back up every domain of the host now, each with the backup policy that governs
     it, or with the alert's policy where none does."""
-    from hypervisor import connect
-    from policies import DomainFacts, governing, parse_metadata
     from virtwarden import submit
-    from worker import celery_app
+    from virtwarden.hypervisor import connect
+    from virtwarden.policies import DomainFacts, governing, parse_metadata
+    from virtwarden.worker import celery_app
 
     host = mapping.host or ""
     celery_app.configure(cfg)

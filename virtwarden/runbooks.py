@@ -19,13 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from catalog import audit, jobs
-from catalog.store import Catalog
-from policies.loader import load_runbooks
-from policies.runbooks import Planned, Runbook, render
+from virtwarden.catalog import audit, jobs
+from virtwarden.catalog.store import Catalog
 from virtwarden.cli.output import emit_json, load_config, table
 from virtwarden.config import Config
 from virtwarden.errors import EXIT_FAILED, EXIT_OK, JobFailed, NotFound, VirtwardenError
+from virtwarden.policies.loader import load_runbooks
+from virtwarden.policies.runbooks import Planned, Runbook, render
 from virtwarden.validation import suggest
 
 # --- the actions ------------------------------------------------------------------------
@@ -119,8 +119,8 @@ def run(cfg: Config, cat: Catalog, book: Runbook, given: dict[str, str], actor: 
         timeout: float | None = None, on_step: Callable[[dict], None] | None = None) -> dict:
     """Run every step in order, each as a job; returns the report. JobFailed when a
     step failed (the report is in its ``report`` attribute)."""
-    from worker import celery_app
-    from worker.runner import Heartbeat, owner_id
+    from virtwarden.worker import celery_app
+    from virtwarden.worker.runner import Heartbeat, owner_id
 
     steps = render(book, given)  # a bad parameter is an error before anything starts
     celery_app.check_broker(cfg)
@@ -217,7 +217,7 @@ def show_cli(args: argparse.Namespace) -> int:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from worker import celery_app
+    from virtwarden.worker import celery_app
 
     cfg = load_config(args)
     cat = Catalog(cfg.catalog_url)

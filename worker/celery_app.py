@@ -21,9 +21,9 @@ import threading
 
 from celery import Celery, signals
 from kombu.exceptions import OperationalError as KombuOperationalError
+from virtwarden.catalog import jobs
+from virtwarden.catalog.store import Catalog
 
-from catalog import jobs
-from catalog.store import Catalog
 from virtwarden.config import Config
 from virtwarden.errors import BrokerUnavailable
 
@@ -81,7 +81,7 @@ def config() -> Config:
 
 @app.task(name=TASK, bind=True, max_retries=None)
 def run_job(self, job_id: str) -> str:
-    from worker.runner import execute, retry_delay
+    from virtwarden.worker.runner import execute, retry_delay
 
     cfg = config()
     outcome = execute(cfg, job_id, cat=catalog(), via_host=_queue_host(self.request))
@@ -133,7 +133,7 @@ def mask(url: str) -> str:
 
 # --- the sweeper: requeue jobs of dead workers, resend lost messages ---------------
 def _sweep_forever(stop: threading.Event) -> None:
-    from worker.outbox import Sweeper
+    from virtwarden.worker.outbox import Sweeper
 
     sweeper = Sweeper(config(), catalog(), send)
     while True:

@@ -24,8 +24,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from catalog import jobs
-from catalog.store import Catalog
+from virtwarden.catalog import jobs
+from virtwarden.catalog.store import Catalog
+
 from virtwarden.config import Config
 from virtwarden.errors import BrokerUnavailable, VirtwardenError
 
@@ -67,7 +68,7 @@ class Sweeper:
         return report
 
     def _reap(self, report: SweepReport) -> None:
-        from worker.runner import recoverable
+        from virtwarden.worker.runner import recoverable
 
         for job in jobs.reap(self.cat, resend_after=self.cfg.worker.resend_seconds, recoverable=recoverable):
             report.requeued.append(job.id)
@@ -91,15 +92,15 @@ class Sweeper:
                 log.info("job %s: (re)sent to host %s's queue (send %d)", job.id, job.host, job.sends + 1)
 
     def _sweep_points(self, report: SweepReport) -> None:
-        from storage_backends import open_backend
-        from tasks.sweep import sweep_unfinished_points
+        from virtwarden.storage_backends import open_backend
+        from virtwarden.tasks.sweep import sweep_unfinished_points
 
         report.points = sweep_unfinished_points(
             self.cat, lambda name: open_backend(name, self.cfg.storage_target(name)))
         self._points_swept = time.monotonic()
 
     def _prune_rows(self, report: SweepReport) -> None:
-        from catalog.housekeeping import prune_rows
+        from virtwarden.catalog.housekeeping import prune_rows
 
         keep = self.cfg.catalog
         report.pruned = prune_rows(self.cat, {"audit": keep.audit_days, "events": keep.events_days,

@@ -21,13 +21,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from catalog import jobs
-from catalog.fencing import Fence
-from catalog.store import Catalog
-from hypervisor import connect
-from hypervisor.types import Hypervisor
-from storage_backends import open_backend
-from tasks.context import JobContext
+from virtwarden.catalog import jobs
+from virtwarden.catalog.fencing import Fence
+from virtwarden.catalog.store import Catalog
+from virtwarden.hypervisor import connect
+from virtwarden.hypervisor.types import Hypervisor
+from virtwarden.storage_backends import open_backend
+from virtwarden.tasks.context import JobContext
+
 from virtwarden.config import Config
 from virtwarden.errors import LeaseLost, Transient, VirtwardenError
 from virtwarden.redact import mask
@@ -86,23 +87,23 @@ def _import(ref: str) -> Any:
 
 
 KINDS: dict[str, JobKind] = {
-    "backup": JobKind("tasks.backup:run_backup", "tasks.backup:BackupRequest", True,
-                      recover="tasks.recovery:recover_backup_job"),
-    "restore": JobKind("tasks.restore:run_restore", "tasks.restore:RestoreRequest", False),
-    "snapshot": JobKind("tasks.snapshots:run_snapshot", "tasks.snapshots:SnapshotRequest", True),
-    "prune": JobKind("tasks.prune:run_prune", "tasks.prune:PruneRequest", False),
-    "restore-as-domain": JobKind("tasks.restore_domain:run_restore_as_domain",
-                                 "tasks.restore_domain:AsDomainRequest", True),
-    "restore-in-place": JobKind("tasks.restore_domain:run_restore_in_place",
-                                "tasks.restore_domain:InPlaceRequest", True,
-                                recover="tasks.restore_domain:recover_in_place",
-                                ended="tasks.restore_domain:forget_journal"),
-    "drill": JobKind("tasks.drill:run_drill", "tasks.drill:DrillRequest", True),
-    "verify": JobKind("tasks.verify:run_verify", "tasks.verify:VerifyRequest", False),
+    "backup": JobKind("virtwarden.tasks.backup:run_backup", "virtwarden.tasks.backup:BackupRequest", True,
+                      recover="virtwarden.tasks.recovery:recover_backup_job"),
+    "restore": JobKind("virtwarden.tasks.restore:run_restore", "virtwarden.tasks.restore:RestoreRequest", False),
+    "snapshot": JobKind("virtwarden.tasks.snapshots:run_snapshot", "virtwarden.tasks.snapshots:SnapshotRequest", True),
+    "prune": JobKind("virtwarden.tasks.prune:run_prune", "virtwarden.tasks.prune:PruneRequest", False),
+    "restore-as-domain": JobKind("virtwarden.tasks.restore_domain:run_restore_as_domain",
+                                 "virtwarden.tasks.restore_domain:AsDomainRequest", True),
+    "restore-in-place": JobKind("virtwarden.tasks.restore_domain:run_restore_in_place",
+                                "virtwarden.tasks.restore_domain:InPlaceRequest", True,
+                                recover="virtwarden.tasks.restore_domain:recover_in_place",
+                                ended="virtwarden.tasks.restore_domain:forget_journal"),
+    "drill": JobKind("virtwarden.tasks.drill:run_drill", "virtwarden.tasks.drill:DrillRequest", True),
+    "verify": JobKind("virtwarden.tasks.verify:run_verify", "virtwarden.tasks.verify:VerifyRequest", False),
     # A runbook run is driven by the process that started it; a worker only ever sees
     # one whose process died (the reaper requeued it), and fails it saying so.
     "runbook": JobKind("virtwarden.runbooks:orphaned", "virtwarden.runbooks:RunbookRequest", False),
-    "evacuate": JobKind("tasks.evacuate:run_evacuate", "tasks.evacuate:EvacuateRequest", True),
+    "evacuate": JobKind("virtwarden.tasks.evacuate:run_evacuate", "virtwarden.tasks.evacuate:EvacuateRequest", True),
 }
 
 
@@ -273,8 +274,8 @@ def _follow_domain(cfg: Config, cat: Catalog, job: jobs.JobView, fence: Fence, h
     it to the host where the domain runs now ('moved', with the job to send there);
     None when the domain is here. DomainNotFound (the job then fails saying so) when no
     configured host has it."""
-    from hypervisor import domains
-    from hypervisor.locate import find_host
+    from virtwarden.hypervisor import domains
+    from virtwarden.hypervisor.locate import find_host
 
     assert job.domain is not None
     if domains.exists(hv, job.domain):

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import create_engine
-
-from catalog.models import Base
+from virtwarden.catalog.models import Base
 
 config = context.config
 target_metadata = Base.metadata

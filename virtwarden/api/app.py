@@ -31,14 +31,14 @@ from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
-from catalog import api as api_catalog
-from catalog import jobs, points
-from catalog.models import AuditRecord, utcnow
-from catalog.store import Catalog
 from virtwarden.api.auth import ANONYMOUS, AuthMiddleware, Signatures, Tokens, env_token, read_key
 from virtwarden.api.metrics import ApiMetrics, RequestCounter
 from virtwarden.api.schemas import AlertmanagerPayload, Error, JobAccepted, JobOut, PointOut, RestoreIn
 from virtwarden.api.scopes import ALERTS, ANY_RESTORE, READ, ScopeMissing, needs, require, restore_scope
+from virtwarden.catalog import api as api_catalog
+from virtwarden.catalog import jobs, points
+from virtwarden.catalog.models import AuditRecord, utcnow
+from virtwarden.catalog.store import Catalog
 from virtwarden.config import Config, load_for_process
 from virtwarden.errors import ConfigError, DestinationRefused, NotFound, Transient, VirtwardenError
 from virtwarden.redact import mask
@@ -235,7 +235,7 @@ def _replayed(api: Api, response: Response, used: api_catalog.KeyUse, req: Resto
 def _health(api: Api) -> JSONResponse:
     from sqlalchemy import text
 
-    from worker import celery_app
+    from virtwarden.worker import celery_app
 
     checks: dict[str, str] = {}
     try:
@@ -383,7 +383,7 @@ def _route_of(app: FastAPI, scope: dict[str, Any]) -> str:
 def cli(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from worker import celery_app
+    from virtwarden.worker import celery_app
 
     cfg = load_for_process(args.config)
     host, port = parse_listen(args.listen or cfg.api.listen)

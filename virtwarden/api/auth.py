@@ -50,11 +50,11 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
-from catalog import api as api_catalog
-from catalog.store import Catalog
 from virtwarden import permissions
 from virtwarden.api.limits import LogThrottle, RateLimiter
 from virtwarden.api.scopes import EVERY_SCOPE, SCOPES
+from virtwarden.catalog import api as api_catalog
+from virtwarden.catalog.store import Catalog
 from virtwarden.config import ApiConfig
 from virtwarden.errors import ConfigError, VirtwardenError
 from virtwarden.validation import suggest

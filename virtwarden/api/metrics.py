@@ -28,9 +28,9 @@ from prometheus_client import CollectorRegistry, Counter, disable_created_metric
 from prometheus_client.core import GaugeMetricFamily, Metric
 from sqlalchemy import func, select
 
-from catalog import points
-from catalog.models import Drill, Job, RestorePoint, utcnow
-from catalog.store import Catalog
+from virtwarden.catalog import points
+from virtwarden.catalog.models import Drill, Job, RestorePoint, utcnow
+from virtwarden.catalog.store import Catalog
 from virtwarden.errors import VirtwardenError
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,7 @@
+"""``python -m virtwarden.cli``: the ``virtwarden`` command."""
 import sys
 
 from virtwarden.cli.main import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,15 +5,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from catalog import jobs, points
-from catalog.store import Catalog
+from virtwarden.catalog import jobs, points
+from virtwarden.catalog.store import Catalog
 from virtwarden.cli.output import emit_json, load_config, table
 from virtwarden.errors import EXIT_FAILED, EXIT_OK, JobFailed
 from virtwarden.sizes import human_size
 
 
 def policy_validate(args: argparse.Namespace) -> int:
-    from policies import check_against_config, validate_paths
+    from virtwarden.policies import check_against_config, validate_paths
 
     books: list = []
     found, errors = validate_paths(args.paths, books)
@@ -30,7 +30,7 @@ def policy_validate(args: argparse.Namespace) -> int:
 
 
 def policy_list(args: argparse.Namespace) -> int:
-    from policies import load_dir
+    from virtwarden.policies import load_dir
 
     cfg = load_config(args)
     found = load_dir(cfg.policies_path) if cfg.policies_path.is_dir() else []
@@ -85,7 +85,7 @@ def restore(args: argparse.Namespace) -> int:
 
 
 def _configure_celery(cfg) -> None:
-    from worker import celery_app
+    from virtwarden.worker import celery_app
 
     celery_app.configure(cfg)
 
@@ -237,7 +237,7 @@ def doctor(args: argparse.Namespace) -> int:
 
 
 def worker(args: argparse.Namespace) -> int:
-    from worker import celery_app
+    from virtwarden.worker import celery_app
 
     cfg = load_config(args)
     hosts = args.host or list(cfg.hosts)
@@ -266,9 +266,9 @@ def _qemu_passage(cfg, hosts: list[str]) -> None:
     pass through but never list, files still 0600)."""
     import logging
 
-    from hypervisor import connect
     from virtwarden import permissions
     from virtwarden.errors import VirtwardenError
+    from virtwarden.hypervisor import connect
 
     log = logging.getLogger("virtwarden.worker")
     uids = []

@@ -57,7 +57,7 @@ def _qemu_img(_cfg: Config) -> list[Check]:
 
 def _libvirt(cfg: Config) -> list[Check]:
     try:
-        from hypervisor import connect
+        from virtwarden.hypervisor import connect
     except ImportError as e:
         return [Check("libvirt-python", False, f"cannot import libvirt: {e} (pip install libvirt-python)")]
     out = []
@@ -79,7 +79,7 @@ def _libvirt(cfg: Config) -> list[Check]:
 
 
 def _database(cfg: Config) -> list[Check]:
-    from catalog.store import Catalog, mask
+    from virtwarden.catalog.store import Catalog, mask
 
     try:
         Catalog(cfg.catalog_url).close()
@@ -89,7 +89,7 @@ def _database(cfg: Config) -> list[Check]:
 
 
 def _broker(cfg: Config) -> list[Check]:
-    from worker import celery_app
+    from virtwarden.worker import celery_app
 
     celery_app.configure(cfg)
     try:
@@ -100,7 +100,7 @@ def _broker(cfg: Config) -> list[Check]:
 
 
 def _storage(cfg: Config) -> list[Check]:
-    from storage_backends import open_backend
+    from virtwarden.storage_backends import open_backend
 
     out = []
     for name, settings in cfg.storage.items():

@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from catalog import drills
-from catalog.store import Catalog
+from virtwarden.catalog import drills
+from virtwarden.catalog.store import Catalog
 from virtwarden.cli.output import emit_json, load_config, table
 from virtwarden.errors import EXIT_FAILED, EXIT_OK
 

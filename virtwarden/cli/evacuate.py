@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from catalog import jobs, moves
-from catalog.store import Catalog
+from virtwarden.catalog import jobs, moves
+from virtwarden.catalog.store import Catalog
 from virtwarden.cli.output import emit_json, load_config, table
 from virtwarden.errors import EXIT_FAILED, EXIT_OK
 

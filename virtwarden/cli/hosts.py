@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from catalog import moves
-from catalog.store import Catalog
+from virtwarden.catalog import moves
+from virtwarden.catalog.store import Catalog
 from virtwarden.cli.output import emit_json, load_config, table
 from virtwarden.config import Config
 from virtwarden.errors import EXIT_OK, VirtwardenError
@@ -36,8 +36,8 @@ class HostReport:
 
 
 def survey(cfg: Config, cat: Catalog | None = None) -> list[HostReport]:
-    from hypervisor import connect
-    from hypervisor.migrate import capacity
+    from virtwarden.hypervisor import connect
+    from virtwarden.hypervisor.migrate import capacity
 
     out = []
     for name, h in sorted(cfg.hosts.items()):

@@ -10,11 +10,11 @@ import argparse
 import sys
 from typing import Any
 
-from catalog.clock import database_now
-from catalog.store import Catalog
-from tasks.prune import DomainRules, dry_run_domain, summarize
+from virtwarden.catalog.clock import database_now
+from virtwarden.catalog.store import Catalog
 from virtwarden.cli.output import emit_json, load_config, table
 from virtwarden.errors import EXIT_OK
+from virtwarden.tasks.prune import DomainRules, dry_run_domain, summarize
 
 
 def cli(args: argparse.Namespace) -> int:

@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import logging
 
-from catalog import points
-from catalog.store import Catalog
-from storage_backends import open_backend
-from tasks.rebuild import RebuildPlan, apply, plan_rebuild, read_repository, summary
+from virtwarden.catalog import points
+from virtwarden.catalog.store import Catalog
 from virtwarden.cli.output import emit_json, load_config, table
 from virtwarden.errors import EXIT_FAILED, EXIT_OK
+from virtwarden.storage_backends import open_backend
+from virtwarden.tasks.rebuild import RebuildPlan, apply, plan_rebuild, read_repository, summary
 
 log = logging.getLogger(__name__)
 

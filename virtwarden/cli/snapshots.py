@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import argparse
 
-from catalog import snapshots
-from catalog.store import Catalog
+from virtwarden.catalog import snapshots
+from virtwarden.catalog.store import Catalog
 from virtwarden.cli.output import emit_json, load_config, table
 from virtwarden.errors import EXIT_OK
 

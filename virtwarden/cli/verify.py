@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from catalog import jobs
-from catalog.store import Catalog
+from virtwarden.catalog import jobs
+from virtwarden.catalog.store import Catalog
 from virtwarden.cli.output import emit_json, load_config, table
 from virtwarden.errors import EXIT_FAILED, EXIT_OK
 

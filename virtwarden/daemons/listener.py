@@ -34,13 +34,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from catalog import events as catalog_events
-from catalog.events import EventView
-from catalog.store import Catalog
-from policies import Policy, load_policies, parse_metadata
-from policies.loader import policy_files
-from policies.select import DomainFacts
-from policies.triggers import RUNS, TriggerAction, listened_events, triggers_for
+from virtwarden.catalog import events as catalog_events
+from virtwarden.catalog.events import EventView
+from virtwarden.catalog.store import Catalog
 from virtwarden.config import Config, load_for_process
 from virtwarden.daemons.reconcile import SeenDomain, foreign, missed_events, part_of_start, state_after, still_here
 from virtwarden.errors import (
@@ -52,10 +48,14 @@ from virtwarden.errors import (
     Transient,
     VirtwardenError,
 )
+from virtwarden.policies import Policy, load_policies, parse_metadata
+from virtwarden.policies.loader import policy_files
+from virtwarden.policies.select import DomainFacts
+from virtwarden.policies.triggers import RUNS, TriggerAction, listened_events, triggers_for
 from virtwarden.redact import mask
 
 if TYPE_CHECKING:
-    from hypervisor.events import EventConnection, HostEvent
+    from virtwarden.hypervisor.events import EventConnection, HostEvent
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -73,10 +73,10 @@ class Connected:
 
 
 def cli(args: argparse.Namespace) -> int:
-    from hypervisor import events
+    from virtwarden.hypervisor import events
 
     events.start_loop()  # before anything below opens a libvirt connection
-    from worker import celery_app
+    from virtwarden.worker import celery_app
 
     cfg = load_for_process(args.config)
     hosts = args.host or list(cfg.hosts)
@@ -141,7 +141,7 @@ class Listener:
                 self.stopping.wait(self.backoff_max)
 
     def _follow(self, host: str) -> None:
-        from hypervisor.events import EventConnection
+        from virtwarden.hypervisor.events import EventConnection
 
         uri = self.cfg.host(host).uri
         conn = EventConnection(host, uri, self.queue)
@@ -260,7 +260,7 @@ class Dispatcher:
 
     def _metadata_of(self, rec: EventView) -> dict[str, str]:
         """The domain's virtwarden metadata, from libvirt; the last known when it is gone."""
-        from hypervisor import connect
+        from virtwarden.hypervisor import connect
 
         assert rec.domain is not None and rec.domain_uuid is not None
         try:
@@ -275,7 +275,7 @@ class Dispatcher:
     # --- reconciliation -----------------------------------------------------------------
     def reconcile(self, host: str) -> None:
         """Compare the host's domains with the catalog and record what was missed."""
-        from hypervisor import connect
+        from virtwarden.hypervisor import connect
 
         listed_at = time.time()
         try:

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from catalog.events import RECONCILED, UNDEFINED, KnownDomain
+from virtwarden.catalog.events import RECONCILED, UNDEFINED, KnownDomain
 
 DEPARTED = "departed"  # migrated away from the host in the row
 _OFF = {"shutoff", "crashed", DEPARTED}

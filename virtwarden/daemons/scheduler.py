@@ -32,12 +32,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from catalog import slots
-from catalog.store import Catalog
-from policies import DomainFacts, Policy, load_policies, parse_metadata
-from policies.schedule import SCHEDULED_JOBS, Busy, Slot, between, due, limits_of, schedule_of, split
+from virtwarden.catalog import slots
+from virtwarden.catalog.store import Catalog
 from virtwarden.config import Config, load_for_process
 from virtwarden.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, DomainNotFound, PolicyError, Transient, VirtwardenError
+from virtwarden.policies import DomainFacts, Policy, load_policies, parse_metadata
+from virtwarden.policies.schedule import SCHEDULED_JOBS, Busy, Slot, between, due, limits_of, schedule_of, split
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def list_domains(cfg: Config) -> tuple[Domains, dict[str, str]]:
 
 
 def _domains_of(name: str, uri: str) -> list[DomainFacts]:
-    from hypervisor import connect
+    from virtwarden.hypervisor import connect
 
     with connect(name, uri) as hv:
         for attempt in range(1, LIST_ATTEMPTS + 1):
@@ -127,8 +127,8 @@ class Scheduler:
     """One scheduler: ``tick`` does one pass; ``run`` ticks until stopped."""
 
     def __init__(self, cfg: Config, cat: Catalog, *, clock: Clock = system_clock) -> None:
-        from worker import celery_app
-        from worker.outbox import Sweeper
+        from virtwarden.worker import celery_app
+        from virtwarden.worker.outbox import Sweeper
 
         self.cfg, self.cat, self.clock = cfg, cat, clock
         self.sweeper = Sweeper(cfg, cat, celery_app.send)
@@ -260,7 +260,7 @@ class Scheduler:
             report.deferred.append((slot.key, why))
 
     def _broker_problem(self) -> str | None:
-        from worker import celery_app
+        from virtwarden.worker import celery_app
 
         try:
             celery_app.check_broker(self.cfg)
@@ -329,7 +329,7 @@ class Scheduler:
 
 def cli(args: argparse.Namespace) -> int:
     """``virtwarden scheduler [--once]``."""
-    from worker import celery_app
+    from virtwarden.worker import celery_app
 
     cfg = load_for_process(args.config)
     cat = Catalog(cfg.catalog_url)

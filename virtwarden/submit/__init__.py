@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from catalog import jobs
-from catalog.store import Catalog
+from virtwarden.catalog import jobs
+from virtwarden.catalog.store import Catalog
 from virtwarden.config import Config
 from virtwarden.errors import JobFailed, UsageError, VirtwardenError
 
@@ -71,7 +71,7 @@ def submit(cfg: Config, cat: Catalog, kind: str, subject: str | None, *, request
     starts one job, not two). ``interactive`` (CLI, API, runbooks): a dead broker is an
     error now and nothing is created; otherwise (an event, a schedule, an alert's
     backups) the job is created anyway and the outbox sends it when the broker is back."""
-    from worker import celery_app
+    from virtwarden.worker import celery_app
 
     if dedup_key:
         existing = jobs.by_dedup_key(cat, dedup_key)
@@ -97,7 +97,7 @@ def enqueue(cfg: Config, cat: Catalog, kind: str, domain: str | None, host: str,
     job is failed, so nothing runs later that its requester was told had failed. With
     ``send=False`` (the caller knows the broker is down) the job is only created, due
     for the sweeper's next round."""
-    from worker import celery_app
+    from virtwarden.worker import celery_app
 
     job, created = jobs.create_once(cat, kind=kind, domain=domain, host=host, params=params,
                                     max_attempts=cfg.worker.max_attempts, requested_by=requested_by,

@@ -2,10 +2,10 @@
 named) on the host that runs it, as the domain is now."""
 from __future__ import annotations
 
-from catalog.store import Catalog
-from hypervisor.locate import find_host
-from policies import parse_metadata, resolve_backup, resolve_snapshots
+from virtwarden.catalog.store import Catalog
 from virtwarden.config import Config
+from virtwarden.hypervisor.locate import find_host
+from virtwarden.policies import parse_metadata, resolve_backup, resolve_snapshots
 from virtwarden.submit import Planned
 
 

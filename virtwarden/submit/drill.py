@@ -13,15 +13,15 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from catalog import points
-from catalog.store import Catalog
-from policies import load_policies, parse_metadata
-from policies.model import Drill, Policy
-from policies.select import DomainFacts, by_name, governing
-from tasks.drill import DrillRequest, check_request, pick_point
+from virtwarden.catalog import points
+from virtwarden.catalog.store import Catalog
 from virtwarden.config import Config
 from virtwarden.errors import PolicyError
+from virtwarden.policies import load_policies, parse_metadata
+from virtwarden.policies.model import Drill, Policy
+from virtwarden.policies.select import DomainFacts, by_name, governing
 from virtwarden.submit import Planned
+from virtwarden.tasks.drill import DrillRequest, check_request, pick_point
 
 
 def drill_params(cfg: Config, cat: Catalog, domain: str, *, point: str | None = None, policy: str | None = None,
@@ -74,8 +74,8 @@ def _facts(cfg: Config, cat: Catalog, domain: str, host: str | None, found: list
     newest = usable[-1]
     metadata: dict[str, str] = {}
     if any(p.spec.selector.metadata for p in found):
-        from storage_backends import open_backend
-        from storage_backends.repository import Repository
+        from virtwarden.storage_backends import open_backend
+        from virtwarden.storage_backends.repository import Repository
 
         backend = open_backend(newest.storage, cfg.storage_target(newest.storage))
         try:

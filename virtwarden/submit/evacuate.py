@@ -5,20 +5,20 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from catalog.store import Catalog
-from policies import DomainFacts, governing, load_policies, parse_metadata
-from policies.placement import max_parallel
-from tasks.evacuate import DEFAULT_TIMEOUT, EvacuateRequest
+from virtwarden.catalog.store import Catalog
 from virtwarden.config import Config
 from virtwarden.errors import PolicyError, UsageError
+from virtwarden.policies import DomainFacts, governing, load_policies, parse_metadata
+from virtwarden.policies.placement import max_parallel
 from virtwarden.submit import Planned
+from virtwarden.tasks.evacuate import DEFAULT_TIMEOUT, EvacuateRequest
 
 
 def plan_evacuate(cfg: Config, cat: Catalog, host: str | None, *, to: tuple[str, ...] | list[str] = ()) -> Planned:
     """An evacuation of ``host``: one job on its queue; the preview is the plan with the
     capacity of now (``policies.placement.Plan.to_json``). The job plans again when it
     runs, with the capacity of that moment."""
-    from tasks import evacuate
+    from virtwarden.tasks import evacuate
 
     assert host is not None
     req = build_request(cfg, host, tuple(to))
@@ -29,7 +29,7 @@ def plan_evacuate(cfg: Config, cat: Catalog, host: str | None, *, to: tuple[str,
 def build_request(cfg: Config, host: str, to: tuple[str, ...] = ()) -> EvacuateRequest:
     """The job's request: every configured host, and the migration settings of each
     domain on ``host`` from the policy that governs it."""
-    from hypervisor import connect
+    from virtwarden.hypervisor import connect
 
     cfg.host(host)  # UnknownHost with the configured names
     for name in to:

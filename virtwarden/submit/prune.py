@@ -10,18 +10,18 @@ selects. A domain no policy governs keeps every point.
 """
 from __future__ import annotations
 
-from catalog import points
-from catalog.store import Catalog
-from policies import load_policies, parse_metadata
-from policies.model import Policy
-from policies.select import DomainFacts, by_name, governing, selects
-from storage_backends import open_backend
-from storage_backends.repository import Repository
-from tasks.prune import DomainRules
+from virtwarden.catalog import points
+from virtwarden.catalog.store import Catalog
 from virtwarden.config import Config
 from virtwarden.errors import PolicyError, RestorePointNotFound, VirtwardenError
+from virtwarden.policies import load_policies, parse_metadata
+from virtwarden.policies.model import Policy
+from virtwarden.policies.select import DomainFacts, by_name, governing, selects
+from virtwarden.storage_backends import open_backend
+from virtwarden.storage_backends.repository import Repository
 from virtwarden.submit import Planned
 from virtwarden.submit.verify import host_for
+from virtwarden.tasks.prune import DomainRules
 
 
 def plan_prune(cfg: Config, cat: Catalog, domain: str | None, *, policy: str | None = None,

@@ -7,14 +7,14 @@ import uuid
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from catalog.store import Catalog
-from hypervisor.locate import find_host
+from virtwarden.catalog.store import Catalog
 from virtwarden.config import Config
 from virtwarden.errors import DomainNotFound
+from virtwarden.hypervisor.locate import find_host
 from virtwarden.submit import Planned
 
 if TYPE_CHECKING:
-    from tasks.restore_plan import RestorePlan
+    from virtwarden.tasks.restore_plan import RestorePlan
 
 RESTORE_KINDS = {"to-dir": "restore", "as-domain": "restore-as-domain", "in-place": "restore-in-place"}
 
@@ -34,7 +34,7 @@ def plan_restore_job(cfg: Config, cat: Catalog, domain: str | None, *, point: st
     False (``restore_confined``)."""
     assert domain is not None
     if shutdown_timeout is not None and not in_place:
-        from tasks.restore import InvalidRestoreRequest
+        from virtwarden.tasks.restore import InvalidRestoreRequest
 
         raise InvalidRestoreRequest("--shutdown-timeout goes with --in-place only")
     plan = plan_restore(cfg, cat, domain, point=point, at=at, to_dir=to_dir, as_domain=as_domain,
@@ -61,10 +61,10 @@ def plan_restore(cfg: Config, cat: Catalog, domain: str, *, point: str = "latest
     Reads the catalog, the chain's manifests and, for a new domain or in place, asks
     the host's libvirt; creates no job. A ``confined`` request's to_dir and disk_dir
     outside restore.allowed_dirs are refused first, before anything is looked up."""
-    from storage_backends import open_backend
-    from tasks.restore import describe_selection, load_chain, resolve_point
-    from tasks.restore_plan import Destination, check_paths, confine_destination
-    from tasks.restore_plan import plan_restore as make_plan
+    from virtwarden.storage_backends import open_backend
+    from virtwarden.tasks.restore import describe_selection, load_chain, resolve_point
+    from virtwarden.tasks.restore_plan import Destination, check_paths, confine_destination
+    from virtwarden.tasks.restore_plan import plan_restore as make_plan
 
     dest = Destination.from_options(to_dir=to_dir, as_domain=as_domain, in_place=in_place, disk_dir=disk_dir,
                                     start=start, discard_old=discard_old)
@@ -73,8 +73,8 @@ def plan_restore(cfg: Config, cat: Catalog, domain: str, *, point: str = "latest
     resolved = resolve_point(cat, domain, point, at=at)
     live = None
     if dest.mode == "in-place":
-        from hypervisor import connect
-        from tasks.restore_domain import inspect_host
+        from virtwarden.hypervisor import connect
+        from virtwarden.tasks.restore_domain import inspect_host
 
         try:
             host, _ = find_host(cfg, domain, host)
@@ -107,8 +107,8 @@ def restore_confined(euid: int | None = None) -> bool:
 
 
 def _refuse_existing_domain(cfg: Config, host: str, name: str) -> None:
-    from hypervisor import connect, domains
-    from tasks.restore import RestoreRefused
+    from virtwarden.hypervisor import connect, domains
+    from virtwarden.tasks.restore import RestoreRefused
 
     with connect(host, cfg.host(host).uri) as hv:
         if domains.exists(hv, name):

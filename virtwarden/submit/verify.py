@@ -2,8 +2,8 @@
 against the catalog before the job exists."""
 from __future__ import annotations
 
-from catalog import points
-from catalog.store import Catalog
+from virtwarden.catalog import points
+from virtwarden.catalog.store import Catalog
 from virtwarden.config import Config
 from virtwarden.errors import PolicyError, RestorePointNotFound
 from virtwarden.submit import Planned
@@ -44,7 +44,7 @@ def plan_verify_job(cfg: Config, cat: Catalog, domain: str | None, *, storage: s
     storage only."""
     preview: dict = {}
     if policy is not None:
-        from policies import load_policies
+        from virtwarden.policies import load_policies
 
         found = next((p for p in load_policies(cfg) if p.name == policy), None)
         section = found.spec.verify if found else None

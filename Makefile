@@ -21,8 +21,9 @@ lint:
 
 # Two pytest workers (the machines have two cores and most tests wait on guests and
 # workers); tests that use the second host run on one of them (xdist_group "host2").
+# The 25 slowest tests are listed at the end: where the suite's time goes.
 test: testhost
-	$(WITH_ENV) $(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(WITH_ENV) $(PY) -m pytest -n 2 --dist loadgroup --durations=25 $(PYTEST_ARGS)
 
 demo: testhost
 	$(WITH_ENV) $(PY) -m virtwarden.cli.demo

@@ -27,6 +27,7 @@ from virtwarden.storage_backends.repository import Repository
 from virtwarden.tasks import recovery
 from virtwarden.tasks.context import JobContext
 
+from virtwarden import faults
 from virtwarden.errors import DatabaseUnavailable, LeaseLost, NoSpace, VirtwardenError
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,7 @@ def store_images(ctx: JobContext, repo: Repository, outputs: dict[str, Output]) 
 
         def moved(n: int, base: int = base, target: str = target) -> None:
             ctx.report(0.6 + 0.39 * (base + n) / total, f"storing {target}: {(base + n) >> 20} MiB")
+            faults.pause_point("storing")  # mid-upload: some of the image is stored, not all
 
         if o.staged:
             stored = repo.backend.publish_staged(o.key, o.path, progress=moved)

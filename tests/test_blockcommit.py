@@ -312,12 +312,14 @@ def test_an_active_commit_that_cannot_finish_in_time_is_aborted(guest_factory, t
 
     from virtwarden.errors import HypervisorError
 
-    g = guest_factory(disks=1, size_mib=32)
+    g = guest_factory(disks=1, size_mib=64)
     overlay = str(g.workdir / "vda.virtwarden-19990101T000000-0000abcd.qcow2")
     with LibvirtHost("local", "qemu:///system") as hv:
         bj = BlockJobs(hv)
         bj.snapshot(g.name, "virtwarden-test", {"vda": overlay})
-        g.write_random("vda", 0, 8 * MiB)
+        # More than QEMU's mirror copies in its first burst (its buffer is 16 MiB): the
+        # rest, at 256 KiB/s, cannot be done in half a second however fast the machine.
+        g.write_random("vda", 0, 40 * MiB)
         with pytest.raises(HypervisorError, match="never became ready to pivot"):
             bj.commit_active(g.name, "vda", timeout=0.5, poll=0.1, bandwidth=256 * KiB)
         assert bj.job(g.name, "vda") is None

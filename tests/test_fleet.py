@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from virtwarden.catalog import jobs, moves, points
 
+from tests.faults import pause_env
 from tests.fleet import Fleet, fill_memory, fleet  # noqa: F401 - fleet is a fixture
 from tests.guests import images_equal
 from tests.harness import s3_storage_entry, wait_for
@@ -22,14 +23,16 @@ def _ran(worker, job_id: str) -> bool:
 def test_each_host_runs_its_own_jobs_and_a_killed_worker_loses_none(fleet: Fleet, guest_factory, s3_settings,
                                                                      tmp_path) -> None:
     f = fleet
-    f.vw.storage["s3"] = s3_storage_entry(s3_settings)  # slow enough (moto) to catch a job mid-upload
+    f.vw.storage["s3"] = s3_storage_entry(s3_settings)
     here = guest_factory(disks=1, size_mib=32)
     here.write_random("vda", 0, 4 * MiB)
-    there = guest_factory(disks=1, size_mib=320)
-    there.write_random("vda", 0, 300 * MiB)
+    there = guest_factory(disks=1, size_mib=96)
+    there.write_random("vda", 0, 64 * MiB)
     f.move(there.name, "local", "host2")
     w_local = f.vw.start_worker(hosts=["local"])
-    w_host2 = f.vw.start_worker(hosts=["host2"])
+    # host2's worker stops itself in the middle of the upload (faults.pause_point), so the
+    # kill below always finds the job running, however fast the machine.
+    w_host2 = f.vw.start_worker(hosts=["host2"], env=pause_env("storing", tmp_path / "faults"))
 
     r = f.vw.cli("backup", there.name, "--target", "s3", "--json")
     assert r.code == 0, r.err
@@ -39,7 +42,8 @@ def test_each_host_runs_its_own_jobs_and_a_killed_worker_loses_none(fleet: Fleet
     near = r.json()
     assert (far["host"], near["host"]) == ("host2", "local")
 
-    wait_for(lambda: "storing" in (jobs.get(f.cat, far["id"]).progress_text or ""), 180, "host2's upload")
+    wait_for(lambda: (tmp_path / "faults" / "storing.pid").exists(), 180, "host2's upload to stop mid-way")
+    assert not jobs.get(f.cat, far["id"]).finished
     w_host2.kill()
     done = wait_for(lambda: (j := jobs.get(f.cat, near["id"])).finished and j, 120, "local's backup")
     assert done.state == "succeeded", done.error

@@ -1,7 +1,7 @@
 """Schedule maths: when each policy's jobs are due, and what to do with a due slot.
 
 Pure functions over policies, plain domain facts and datetimes; the scheduler loop
-(worker/scheduler.py) does the I/O and the claiming. All datetimes given to or returned
+(virtwarden/daemons/scheduler.py) does the I/O and the claiming. All datetimes given to or returned
 from this module are timezone-aware; returned ones are in UTC.
 
 Cron schedules are read as wall-clock times in the policy's ``timezone`` (like crontab

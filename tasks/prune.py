@@ -2,7 +2,7 @@
 
 Which points go is decided by the pure ``policies.retention.select_kept``, per chain
 group (one domain UUID, storage target and strategy) over its complete points; the rules
-come with the request, resolved where the policies are (worker/prune.py), so the job
+come with the request, resolved where the policies are (virtwarden/submit/prune.py), so the job
 makes no policy decisions of its own.
 
 The rule this module keeps: an interrupted prune leaves nothing listed that cannot be
@@ -86,7 +86,7 @@ class PruneRequest:
     domain: str | None = None  # None: every domain in ``rules``
     policy: str | None = None  # as asked; already applied when ``rules`` were resolved
     dry_run: bool = False
-    # domain -> DomainRules.to_json(), filled in by worker/prune.py when the job is made.
+    # domain -> DomainRules.to_json(), filled in by virtwarden/submit/prune.py when the job is made.
     rules: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -164,7 +164,7 @@ def run_prune(ctx: JobContext, req: PruneRequest) -> dict[str, Any]:
     domains = [req.domain] if req.domain else sorted(req.rules)
     if req.domain and req.domain not in req.rules:
         raise JobFailed(f"prune of {req.domain!r}: the request carries no retention for it; submit prune jobs"
-                        " with `virtwarden prune` (worker/prune.py), which resolves the policies")
+                        " with `virtwarden prune` (virtwarden/submit/prune.py), which resolves the policies")
     reports, errors = [], []
     for i, domain in enumerate(domains):
         ctx.report(i / len(domains), f"{domain}: applying retention")

@@ -1,4 +1,4 @@
-"""Prune (tasks/prune.py, worker/prune.py): retention applied to real restore points.
+"""Prune (tasks/prune.py, virtwarden/submit/prune.py): retention applied to real restore points.
 
 - Without libvirt: points with small real artifacts and manifests in a real catalog
   (SQLite) and a real repository (a directory, and S3 on the test endpoint), pruned

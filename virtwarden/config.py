@@ -87,7 +87,7 @@ StorageConfig = Annotated[NfsStorage | S3Storage, Field(discriminator="type")]
 
 class ApiConfig(_Strict):
     """``virtwarden api``. Every /v1 request needs a bearer token from ``token_file``
-    (one per line, ``NAME:SCOPE,...:TOKEN [rate=R] [burst=B]``; see worker/api_auth.py)
+    (one per line, ``NAME:SCOPE,...:TOKEN [rate=R] [burst=B]``; see virtwarden/api/auth.py)
     or from $VIRTWARDEN_API_TOKEN (every scope); the API refuses to start without one."""
 
     listen: str = "127.0.0.1:8080"

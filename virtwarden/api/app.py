@@ -3,8 +3,8 @@
 Routes: ``POST /v1/restores``, ``GET /v1/jobs/{job_id}``,
 ``GET /v1/domains/{name}/restore-points``, ``POST /v1/alerts`` (Alertmanager),
 ``GET /healthz``, ``GET /metrics``; the OpenAPI schema is at ``/openapi.json`` and
-browsable at ``/docs``. Every /v1 request needs a bearer token (worker/api_auth.py)
-whose scopes allow the endpoint (worker/api_scopes.py); requests go through the same
+browsable at ``/docs``. Every /v1 request needs a bearer token (virtwarden/api/auth.py)
+whose scopes allow the endpoint (virtwarden/api/scopes.py); requests go through the same
 ``virtwarden.submit`` functions as the CLI, so the API adds no second way of starting a
 job. Every POST of an authenticated caller, accepted or refused, and every request
 refused for a missing scope leaves an ``audit_log`` row naming the token; requests
@@ -182,7 +182,7 @@ def _routes(app: FastAPI) -> None:
     @app.get("/metrics", tags=["service"], response_class=PlainTextResponse,
              dependencies=[Depends(_metrics_scope)])
     def metrics(request: Request) -> Response:
-        """Prometheus text format (see worker/api_metrics.py for the metrics). Scope:
+        """Prometheus text format (see virtwarden/api/metrics.py for the metrics). Scope:
         `read`, unless ``api.metrics_require_token`` is false."""
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 

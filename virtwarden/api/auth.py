@@ -9,7 +9,7 @@ skipped)::
     TOKEN
 
 NAME names the caller in the audit log (``token-<line>`` when left out); SCOPEs are
-those of worker/api_scopes.py; ``rate`` (requests a second) and ``burst`` override
+those of virtwarden/api/scopes.py; ``rate`` (requests a second) and ``burst`` override
 ``api.rate_per_second`` and ``api.rate_burst`` for this token. A line without scopes,
 as every line was before scopes existed, keeps the meaning it had: every scope. That
 is logged as a warning each time the file is read, so such files keep working after an

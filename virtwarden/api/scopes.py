@@ -1,6 +1,6 @@
 """What each API token may do: scopes, and the scope each endpoint needs.
 
-A token's line in ``api.token_file`` lists its scopes (worker/api_auth.py reads it):
+A token's line in ``api.token_file`` lists its scopes (virtwarden/api/auth.py reads it):
 
 - ``alerts``: ``POST /v1/alerts`` (Alertmanager's webhook);
 - ``read``: ``GET /v1/jobs/{id}``, ``GET /v1/domains/{name}/restore-points`` and

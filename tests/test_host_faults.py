@@ -77,18 +77,23 @@ def test_the_newest_point_is_the_head_after_a_move_to_a_host_whose_clock_is_behi
     assert images_equal(out / "vda.qcow2", g.shadow_copy("vda", tmp_path / "expected.raw"))
 
 
-def _slow_down_backup(dom) -> None:
-    """Cap the speed of the guest's running QEMU backup job (4 MiB/s), so the copy lasts
-    long enough to restart libvirtd in the middle of it. Test-only, through the monitor:
-    libvirt has no speed setting for backup jobs."""
+def _slow_down_backup(dom, timeout: float = 120) -> None:
+    """Cap the speed of the guest's QEMU backup job (4 MiB/s) the moment it appears, so
+    the copy lasts long enough to restart libvirtd in the middle of it. Test-only, through
+    the monitor: libvirt has no speed setting for backup jobs. The monitor is asked in a
+    tight loop: a whole 256 MiB copy can take well under a second on an idle machine."""
     import json
 
     import libvirt_qemu
 
-    running = json.loads(libvirt_qemu.qemuMonitorCommand(dom, '{"execute": "query-jobs"}', 0))["return"]
-    job = next(j["id"] for j in running if j["type"] == "backup")
+    def backup_job() -> dict | None:
+        running = json.loads(libvirt_qemu.qemuMonitorCommand(dom, '{"execute": "query-jobs"}', 0))["return"]
+        return next((j for j in running if j["type"] == "backup"), None)
+
+    job = wait_for(backup_job, timeout, "a QEMU backup job", poll=0.002)
+    assert job["status"] == "running", f"the backup job was {job['status']} before it could be slowed"
     libvirt_qemu.qemuMonitorCommand(dom, json.dumps({"execute": "block-job-set-speed",
-                                                     "arguments": {"device": job, "speed": 4 << 20}}), 0)
+                                                     "arguments": {"device": job["id"], "speed": 4 << 20}}), 0)
 
 
 def test_a_libvirtd_restart_during_a_push_backup_is_recovered_by_the_retry(fleet, vw, guest_factory, tmp_path):
@@ -105,13 +110,6 @@ def test_a_libvirtd_restart_during_a_push_backup_is_recovered_by_the_retry(fleet
     r = vw.cli("backup", g.name, "--target", "nfs", "--json")
     assert r.code == 0, r.err
     job_id = r.json()["id"]
-    def copying() -> bool:
-        try:
-            return conn.lookupByName(g.name).jobStats(0).get("operation") == libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP
-        except libvirt.libvirtError:  # "backup job data missing" while the job starts
-            return False
-
-    wait_for(copying, 120, "the copy to start")
     _slow_down_backup(conn.lookupByName(g.name))
     conn.close()
     stop_host2_libvirtd()  # the guest and its backup job run on in QEMU

@@ -22,6 +22,8 @@ from virtwarden.catalog import jobs
 from virtwarden.catalog.store import Catalog
 from virtwarden.config import Config
 from virtwarden.errors import JobFailed, UsageError, VirtwardenError
+from virtwarden.policies.model import Policy
+from virtwarden.policies.select import DomainFacts
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,32 @@ def submit(cfg: Config, cat: Catalog, kind: str, subject: str | None, *, request
         celery_app.check_broker(cfg)
     return enqueue(cfg, cat, planned.kind, planned.domain, planned.host, planned.params, requested_by,
                    dedup_key=dedup_key, interactive=interactive)
+
+
+def catalog_facts(cfg: Config, cat: Catalog, domain: str, policies: list[Policy],
+                  host: str | None = None) -> DomainFacts:
+    """What policy selection may know of ``domain`` without asking libvirt (a domain
+    that is gone can still be drilled and pruned): its name, ``host`` or else the host
+    of its newest complete restore point, and the virtwarden metadata saved with that
+    point (read from its manifest only when some policy selects by metadata)."""
+    from virtwarden.catalog import points
+    from virtwarden.policies import parse_metadata
+    from virtwarden.storage_backends import open_backend
+    from virtwarden.storage_backends.repository import Repository
+
+    usable = points.for_domain(cat, domain, statuses=(points.COMPLETE,))
+    if not usable:
+        return DomainFacts(domain, host)
+    newest = usable[-1]
+    metadata: dict[str, str] = {}
+    if any(p.spec.selector.metadata for p in policies):
+        backend = open_backend(newest.storage, cfg.storage_target(newest.storage))
+        try:
+            manifest = Repository(backend).read_manifest(newest.manifest_key, newest.manifest_sha256)
+        finally:
+            backend.close()
+        metadata = parse_metadata(manifest["domain"]["xml"])
+    return DomainFacts(domain, host or newest.host, metadata)
 
 
 def enqueue(cfg: Config, cat: Catalog, kind: str, domain: str | None, host: str, params: dict,

@@ -17,10 +17,10 @@ from virtwarden.catalog import points
 from virtwarden.catalog.store import Catalog
 from virtwarden.config import Config
 from virtwarden.errors import PolicyError
-from virtwarden.policies import load_policies, parse_metadata
+from virtwarden.policies import load_policies
 from virtwarden.policies.model import Drill, Policy
-from virtwarden.policies.select import DomainFacts, by_name, governing
-from virtwarden.submit import Planned
+from virtwarden.policies.select import by_name, governing
+from virtwarden.submit import Planned, catalog_facts
 from virtwarden.tasks.drill import DrillRequest, check_request, pick_point
 
 
@@ -29,7 +29,8 @@ def drill_params(cfg: Config, cat: Catalog, domain: str, *, point: str | None = 
     """The drill job's parameters (a DrillRequest as JSON data). ``point`` None: the
     policy's ``drill.point``."""
     found = load_policies(cfg)
-    chosen = by_name(found, policy) if policy else governing(found, _facts(cfg, cat, domain, host, found), "drill")
+    chosen = (by_name(found, policy) if policy
+              else governing(found, catalog_facts(cfg, cat, domain, found, host), "drill"))
     section = _section(chosen)
     storage = section.target or (chosen.spec.backup.target if chosen and chosen.spec.backup else None)
     if storage is not None:
@@ -65,22 +66,3 @@ def _section(chosen: Policy | None) -> Drill:
         raise PolicyError(f"{chosen.source_text}: policy {chosen.name!r} has no spec.drill or spec.backup section:"
                           " it says nothing about drills")
     return section
-
-
-def _facts(cfg: Config, cat: Catalog, domain: str, host: str | None, found: list[Policy]) -> DomainFacts:
-    usable = points.for_domain(cat, domain, statuses=(points.COMPLETE,))
-    if not usable:
-        return DomainFacts(domain, host)
-    newest = usable[-1]
-    metadata: dict[str, str] = {}
-    if any(p.spec.selector.metadata for p in found):
-        from virtwarden.storage_backends import open_backend
-        from virtwarden.storage_backends.repository import Repository
-
-        backend = open_backend(newest.storage, cfg.storage_target(newest.storage))
-        try:
-            manifest = Repository(backend).read_manifest(newest.manifest_key, newest.manifest_sha256)
-            metadata = parse_metadata(manifest["domain"]["xml"])
-        finally:
-            backend.close()
-    return DomainFacts(domain, host or newest.host, metadata)

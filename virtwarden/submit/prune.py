@@ -14,12 +14,10 @@ from virtwarden.catalog import points
 from virtwarden.catalog.store import Catalog
 from virtwarden.config import Config
 from virtwarden.errors import PolicyError, RestorePointNotFound, VirtwardenError
-from virtwarden.policies import load_policies, parse_metadata
+from virtwarden.policies import load_policies
 from virtwarden.policies.model import Policy
-from virtwarden.policies.select import DomainFacts, by_name, governing, selects
-from virtwarden.storage_backends import open_backend
-from virtwarden.storage_backends.repository import Repository
-from virtwarden.submit import Planned
+from virtwarden.policies.select import by_name, governing, selects
+from virtwarden.submit import Planned, catalog_facts
 from virtwarden.submit.verify import host_for
 from virtwarden.tasks.prune import DomainRules
 
@@ -64,7 +62,7 @@ def _for_domain(cfg: Config, cat: Catalog, found: list[Policy], domain: str, nam
                 explicit: bool) -> DomainRules | None:
     if named is not None and explicit:
         return _rules(domain, named, f"policy {named.name!r}, named with --policy")
-    facts = _facts(cfg, cat, domain, found)
+    facts = catalog_facts(cfg, cat, domain, found)
     if named is not None:
         return _rules(domain, named, f"policy {named.name!r}, named with --policy") if selects(named, facts) else None
     chosen = governing(found, facts)
@@ -81,21 +79,3 @@ def _rules(domain: str, chosen: Policy, source: str) -> DomainRules:
     if backup.retention is None:
         source += " and has no retention: every point is kept"
     return DomainRules(domain, chosen.name, backup.retention, source)
-
-
-def _facts(cfg: Config, cat: Catalog, domain: str, found: list[Policy]) -> DomainFacts:
-    """What selection may know without asking libvirt: name, host and metadata of the
-    domain as of its newest complete restore point."""
-    usable = points.for_domain(cat, domain, statuses=(points.COMPLETE,))
-    if not usable:
-        return DomainFacts(domain)
-    newest = usable[-1]
-    metadata: dict[str, str] = {}
-    if any(p.spec.selector.metadata for p in found):
-        backend = open_backend(newest.storage, cfg.storage_target(newest.storage))
-        try:
-            manifest = Repository(backend).read_manifest(newest.manifest_key, newest.manifest_sha256)
-        finally:
-            backend.close()
-        metadata = parse_metadata(manifest["domain"]["xml"])
-    return DomainFacts(domain, newest.host, metadata)

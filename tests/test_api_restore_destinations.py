@@ -21,7 +21,7 @@ from virtwarden.catalog.models import Artifact, RestorePoint
 from tests.guests import images_equal
 from tests.test_api import _audit, _follow, _jobs, api  # noqa: F401 - api is a fixture
 
-pytestmark = pytest.mark.libvirt
+pytestmark = [pytest.mark.libvirt, pytest.mark.cli_in_process]
 MiB = 1024 * 1024
 
 

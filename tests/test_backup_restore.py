@@ -12,7 +12,7 @@ import pytest
 from tests.guests import images_equal
 from tests.harness import s3_storage_entry, wait_for
 
-pytestmark = pytest.mark.libvirt
+pytestmark = [pytest.mark.libvirt, pytest.mark.cli_in_process]
 KiB, MiB = 1024, 1024 * 1024
 CLUSTER = 64 * KiB
 

@@ -22,7 +22,7 @@ from tests.harness import wait_for
 
 # One xdist worker runs every test that uses host2 (evacuations move whatever runs there;
 # the listener tests restart its libvirtd).
-pytestmark = [pytest.mark.libvirt, pytest.mark.xdist_group("host2")]
+pytestmark = [pytest.mark.libvirt, pytest.mark.xdist_group("host2"), pytest.mark.cli_in_process]
 MiB = 1024 * 1024
 
 POLICY = """\

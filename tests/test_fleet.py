@@ -11,7 +11,8 @@ from tests.fleet import Fleet, fill_memory, fleet  # noqa: F401 - fleet is a fix
 from tests.guests import images_equal
 from tests.harness import s3_storage_entry, wait_for
 
-pytestmark = [pytest.mark.libvirt, pytest.mark.xdist_group("host2")]  # host2 users share one xdist worker
+# host2 users share one xdist worker
+pytestmark = [pytest.mark.libvirt, pytest.mark.xdist_group("host2"), pytest.mark.cli_in_process]
 MiB = 1024 * 1024
 
 

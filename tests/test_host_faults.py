@@ -13,7 +13,7 @@ from tests.fleet import HOST2_URI, fleet, restart_host2, stop_host2_libvirtd  # 
 from tests.guests import images_equal
 from tests.harness import TEST_WORKER, s3_storage_entry, wait_for
 
-pytestmark = [pytest.mark.libvirt, pytest.mark.xdist_group("host2")]
+pytestmark = [pytest.mark.libvirt, pytest.mark.xdist_group("host2"), pytest.mark.cli_in_process]
 MiB = 1024 * 1024
 
 

@@ -33,7 +33,7 @@ from virtwarden.catalog.models import RestorePoint
 from tests.guests import URI
 from tests.harness import wait_for
 
-pytestmark = [pytest.mark.libvirt, pytest.mark.xdist_group("drill-network")]
+pytestmark = [pytest.mark.libvirt, pytest.mark.xdist_group("drill-network"), pytest.mark.cli_in_process]
 MARKER = "VW-HOSTILE-BOOTED"
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 VNC_PASSWORD = "s3cr3tVN"  # VNC passwords are at most 8 characters

@@ -18,7 +18,7 @@ import pytest
 
 from tests.harness import wait_for
 
-pytestmark = pytest.mark.libvirt
+pytestmark = [pytest.mark.libvirt, pytest.mark.cli_in_process]
 BLOCK = 4096  # the guest filesystem's block size (tests/agentguest.make_ext4_disk)
 
 # What qemu-ga (verbose) and its freeze hook print on the serial console, in this order,

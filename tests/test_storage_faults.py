@@ -20,7 +20,7 @@ from tests.guests import images_equal
 from tests.harness import s3_storage_entry, wait_for
 from tests.s3server import s3_client
 
-pytestmark = pytest.mark.libvirt
+pytestmark = [pytest.mark.libvirt, pytest.mark.cli_in_process]
 MiB = 1024 * 1024
 
 

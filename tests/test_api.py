@@ -23,6 +23,8 @@ from tests.guests import images_equal
 from tests.harness import REPO, wait_for
 from virtwarden.api.auth import sign
 
+pytestmark = pytest.mark.cli_in_process  # the CLI in the test process; daemons still run apart
+
 MiB = 1024 * 1024
 TOKEN = "hook-" + secrets.token_hex(16)
 OTHER = "ops-" + secrets.token_hex(16)

@@ -15,6 +15,8 @@ import pytest
 from tests.guests import images_equal
 from tests.harness import s3_storage_entry
 
+pytestmark = pytest.mark.cli_in_process  # the CLI in the test process; daemons still run apart
+
 KiB, MiB = 1024, 1024 * 1024
 CLUSTER = 64 * KiB
 

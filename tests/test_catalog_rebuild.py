@@ -18,6 +18,8 @@ from virtwarden.tasks.rebuild import Found, plan_rebuild, point_of
 from tests.guests import images_equal
 from tests.harness import s3_storage_entry
 
+pytestmark = pytest.mark.cli_in_process  # the CLI in the test process; daemons still run apart
+
 MiB = 1024 * 1024
 KEPT = ("id", "created_at", "level", "chain_id", "parent_id", "size_bytes", "status", "storage", "strategy",
         "consistency", "manifest_sha256", "disks")

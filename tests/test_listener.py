@@ -31,7 +31,8 @@ from virtwarden.errors import PolicyError
 
 # Our own Redis database: other test runs on this machine flush theirs (and their workers
 # would take messages for host.local from a shared one).
-pytestmark = pytest.mark.xdist_group("host2")  # restarts host2's libvirtd: every host2 user shares one xdist worker
+# restarts host2's libvirtd: every host2 user shares one xdist worker
+pytestmark = [pytest.mark.xdist_group("host2"), pytest.mark.cli_in_process]
 LISTENER_REDIS_URL = os.environ.get("VIRTWARDEN_TEST_LISTENER_REDIS_URL", re.sub(r"/\d+$", "/13", REDIS_URL))
 
 

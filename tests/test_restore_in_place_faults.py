@@ -19,7 +19,7 @@ from tests.faults import kill_env, wait_file
 from tests.guests import images_equal
 from tests.harness import TEST_WORKER, wait_for
 
-pytestmark = pytest.mark.libvirt
+pytestmark = [pytest.mark.libvirt, pytest.mark.cli_in_process]
 MiB = 1024 * 1024
 DISKS = ("vda", "vdb")
 

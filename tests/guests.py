@@ -351,16 +351,15 @@ def _remove_from_host2(uri: str, names: list[str], patience: float = 60) -> list
     libvirtd right now (the host-fault tests do): a lost or refused connection is tried
     again until ``patience`` runs out. A host2 that never answers is not running, so no
     guest of ours can be there."""
-    deadline = time.monotonic() + patience
+    from tests.harness import wait_for
+
     left = list(names)
-    while True:
+
+    def attempt() -> tuple[list[str]] | None:
         try:
             conn = libvirt.open(uri)
         except libvirt.libvirtError:
-            if time.monotonic() > deadline:
-                return []
-            time.sleep(1)
-            continue
+            return None  # refused: tried again
         errors = []
         try:
             for name in list(left):
@@ -368,14 +367,18 @@ def _remove_from_host2(uri: str, names: list[str], patience: float = 60) -> list
                     _remove_domain(conn, name)
                     left.remove(name)
                 except libvirt.libvirtError as e:
-                    errors.append((name, e))
+                    if e.get_error_domain() in (libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE):
+                        return None  # the connection was lost: tried again
+                    errors.append(f"{name} on {uri}: {e}")
         finally:
             with contextlib.suppress(libvirt.libvirtError):
                 conn.close()
-        lost = [e for _, e in errors if e.get_error_domain() in (libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE)]
-        if not lost or time.monotonic() > deadline:
-            return [f"{name} on {uri}: {e}" for name, e in errors]
-        time.sleep(1)
+        return (errors,)
+
+    try:
+        return wait_for(attempt, patience, f"{uri} to answer for the clean-up", poll=1)[0]
+    except AssertionError:
+        return []
 
 
 def _remove_domain(conn, name: str) -> None:

@@ -37,7 +37,7 @@ def cli(args: argparse.Namespace) -> int:
     from virtwarden.cli.commands import _after_submit, _configure_celery
 
     _configure_celery(cfg)
-    job = submit.submit(cfg, cat, "prune", args.domain, policy=args.policy, requested_by="cli")
+    job = submit.submit_planned(cfg, cat, planned, requested_by="cli")
     return _after_submit(args, cat, job)
 
 

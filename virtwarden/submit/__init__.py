@@ -73,13 +73,20 @@ def submit(cfg: Config, cat: Catalog, kind: str, subject: str | None, *, request
     starts one job, not two). ``interactive`` (CLI, API, runbooks): a dead broker is an
     error now and nothing is created; otherwise (an event, a schedule, an alert's
     backups) the job is created anyway and the outbox sends it when the broker is back."""
-    from virtwarden.worker import celery_app
-
     if dedup_key:
         existing = jobs.by_dedup_key(cat, dedup_key)
         if existing is not None:
             return existing
     planned = plan(cfg, cat, kind, subject, **options)
+    return submit_planned(cfg, cat, planned, requested_by=requested_by, dedup_key=dedup_key, interactive=interactive)
+
+
+def submit_planned(cfg: Config, cat: Catalog, planned: Planned, *, requested_by: str | None,
+                   dedup_key: str | None = None, interactive: bool = True) -> jobs.JobView:
+    """Create and send the job of a request already planned (a caller that showed the
+    plan first need not plan it again); ``interactive`` as for ``submit``."""
+    from virtwarden.worker import celery_app
+
     if interactive:
         celery_app.check_broker(cfg)
     return enqueue(cfg, cat, planned.kind, planned.domain, planned.host, planned.params, requested_by,

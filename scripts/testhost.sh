@@ -30,7 +30,8 @@ export DEBIAN_FRONTEND=noninteractive
 # systemd: systemd-analyze, with which tests/test_deploy.py measures the units' exposure.
 APT_PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86
               qemu-utils libvirt-dev pkg-config gcc e2fsprogs faketime systemd
-              iptables)  # libvirt starts its networks (the isolated drill network) through iptables
+              iptables  # libvirt starts its networks (the isolated drill network) through iptables
+              tini)     # reaps QEMU processes at once: see start_libvirtd
 
 say() { echo "testhost: $*"; }
 die() { echo "testhost: error: $*" >&2; exit 1; }
@@ -321,6 +322,18 @@ prepare_libvirt() {
     mkdir -p /var/log/libvirt /var/run/libvirt /var/lib/libvirt /var/cache/libvirt "$STATE" "$LOGS"
 }
 
+# start_libvirtd LOG ARGS...: libvirtd in the foreground of its own session, under
+# `tini -s`. QEMU is double-forked, so its process is adopted by the nearest subreaper,
+# and libvirt's destroy waits until that one has reaped it. systemd reaps at once; the
+# init of a container may reap once a second, and every guest that stops then costs
+# over a second (hundreds in the suite). tini, a subreaper, reaps it at once. libvirtd
+# writes its own pid file; when it exits tini does too.
+start_libvirtd() {
+    local log=$1
+    shift
+    setsid tini -s -- libvirtd "$@" >>"$log" 2>&1 </dev/null &
+}
+
 start_main_libvirtd() {
     if libvirt_ok "$MAIN_URI"; then
         say "libvirtd $MAIN_URI: running"
@@ -331,7 +344,7 @@ start_main_libvirtd() {
         say "libvirtd is running but does not answer yet: waiting"
     else
         say "starting libvirtd"
-        libvirtd -d
+        start_libvirtd "$LOGS/libvirtd.log"
     fi
     wait_until 30 "libvirtd $MAIN_URI" libvirt_ok "$MAIN_URI"
     say "libvirtd $MAIN_URI: answering"
@@ -383,7 +396,8 @@ start_host2() {
         mount --bind "$1/log" /var/log/libvirt
         mount --bind "$1/cache" /var/cache/libvirt
         [ "$2" = 0 ] || virtlogd -d -p "$1/virtlogd.pid"
-        libvirtd -d --listen -p "$1/libvirtd.pid"' sh "$H2" "$logd"
+        setsid tini -s -- libvirtd --listen -p "$1/libvirtd.pid" >>"$3" 2>&1 </dev/null &' \
+        sh "$H2" "$logd" "$LOGS/host2-libvirtd.log"
     wait_until 60 "host2 $H2_URI" libvirt_ok "$H2_URI"
     say "host2 $H2_URI: answering"
 }

@@ -243,9 +243,15 @@ class Installation:
         """The directory of a local (nfs) storage target."""
         return Path(self.storage[name]["path"])
 
-    def close(self) -> None:
+    def close(self, graceful: bool = True) -> None:
+        """Stop the workers; ``graceful=False`` kills them (the fixture's end: nothing
+        waits for an orderly Celery shutdown, about a second per worker)."""
         for w in self.workers:
-            w.stop()
+            if graceful:
+                w.stop()
+            else:
+                w.kill()
+                w.stop()  # closes its log
 
 
 @pytest.fixture(scope="session")
@@ -267,7 +273,7 @@ def vw(request, tmp_path: Path, redis_url: str):
     inst = Installation(tmp_path, cli_in_process=request.node.get_closest_marker("cli_in_process") is not None)
     inst.storage["nfs"] = {"type": "nfs", "path": str(tmp_path / "repository"), "create": True}
     yield inst
-    inst.close()
+    inst.close(graceful=False)
     redis.Redis.from_url(redis_url).flushdb()
 
 

@@ -164,8 +164,10 @@ def job_failed(job: jobs.JobView) -> JobFailed:
 
 
 def wait(cat: Catalog, job_id: str, *, on_progress: Callable[[jobs.JobView], None] | None = None,
-         poll: float = 0.25, timeout: float | None = None) -> jobs.JobView:
-    """Block until the job finished; JobFailed when it failed."""
+         poll: float = 0.05, poll_max: float = 1.0, timeout: float | None = None) -> jobs.JobView:
+    """Block until the job finished; JobFailed when it failed. The catalog is read every
+    ``poll`` seconds at first, then less often (up to ``poll_max``): a short job is
+    seen finished within a tenth of a second, an hour-long one costs a read a second."""
     start = time.monotonic()
     while True:
         job = jobs.get(cat, job_id)
@@ -178,3 +180,4 @@ def wait(cat: Catalog, job_id: str, *, on_progress: Callable[[jobs.JobView], Non
         if timeout is not None and time.monotonic() - start > timeout:
             raise JobFailed(f"job {job.id} still {job.state} after {timeout:.0f}s")
         time.sleep(poll)
+        poll = min(poll * 1.25, poll_max)

@@ -196,12 +196,21 @@ class CommitAnswerLost:
 
 
 def wait_file(path: Path, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text():
-            return path.read_text()
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {path}")
+    """The content of ``path`` once it exists and is not empty."""
+    from tests.harness import wait_for
+
+    return wait_for(lambda: path.exists() and path.read_text(), timeout, str(path), poll=0.1)
+
+
+def stopped_at(point: str, where: Path, timeout: float = 120) -> int:
+    """The pid of the process that stopped itself at ``point`` (``pause_env(point, where)``),
+    once it is stopped: an exact instant of a job (the middle of an upload, say), with no
+    data large enough to make the instant last."""
+    from tests.harness import wait_for
+
+    pid = int(wait_file(where / f"{point}.pid", timeout))
+    wait_for(lambda: stopped(pid), 10, f"process {pid} to stop itself at {point}")
+    return pid
 
 
 def kill_quietly(pid: int, sig: int = signal.SIGKILL) -> None:

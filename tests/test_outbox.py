@@ -12,7 +12,7 @@ import pytest
 from virtwarden.catalog import jobs, slots
 from virtwarden.catalog.store import Catalog
 
-from tests.faults import PrivateRedis, parent_of, process_of
+from tests.faults import PrivateRedis, parent_of, pause_env, stopped_at
 from tests.harness import s3_storage_entry, wait_for
 from virtwarden import config as config_module
 
@@ -59,25 +59,25 @@ def test_a_broker_outage_and_a_dead_worker_lose_no_job_and_no_slot(vw, guest_fac
 
     from virtwarden.daemons.scheduler import Scheduler
 
-    g = guest_factory(disks=1, size_mib=320)
-    g.write_random("vda", 0, 300 * MiB)
+    g = guest_factory(disks=1, size_mib=64)
+    g.write_random("vda", 0, 24 * MiB)
     pdir = tmp_path / "policies"
     pdir.mkdir()
     (pdir / "hourly.yaml").write_text(textwrap.dedent(POLICY).replace("NAME", g.name))
     vw.extra.update(policy_dir=str(pdir), broker_url=private_redis.url)
-    vw.storage["s3"] = s3_storage_entry(s3_settings)  # slow enough (moto) to catch the backup mid-upload
+    vw.storage["s3"] = s3_storage_entry(s3_settings)  # 5 MiB parts: the image is five of them
     cfg = config_module.load(str(vw.write_config()), env={})
     celery_app.configure(cfg)
     cat = Catalog(cfg.catalog_url)
     clock = Clock("2030-01-10 10:00:05")
     scheduler = Scheduler(cfg, cat, clock=clock)
 
-    workers = [vw.start_worker(), vw.start_worker()]
+    faults = tmp_path / "faults"  # whichever worker takes the backup stops in its upload
+    workers = [vw.start_worker(env=pause_env("storing", faults)), vw.start_worker(env=pause_env("storing", faults))]
     report = scheduler.tick()
     assert len(report.started) == 1
     job_id = report.started[0][1]
-    wait_for(lambda: "storing" in (jobs.get(cat, job_id).progress_text or ""), 120, "the upload to start")
-    owner = parent_of(process_of(jobs.get(cat, job_id).lease_owner or ""))
+    owner = parent_of(stopped_at("storing", faults))
     dying = next(w for w in workers if w.proc.pid == owner)
     survivor = next(w for w in workers if w is not dying)  # idle; its sweeper keeps running
 

@@ -13,7 +13,7 @@ import pytest
 from virtwarden.catalog import jobs as job_rows
 from virtwarden.catalog import points
 
-from tests.faults import CommitAnswerLost, parent_of, pause_env, process_of, stopped, wait_file
+from tests.faults import CommitAnswerLost, parent_of, pause_env, process_of, stopped, stopped_at, wait_file
 from tests.guests import images_equal
 from tests.harness import s3_storage_entry, wait_for
 
@@ -54,19 +54,19 @@ def test_a_worker_stopped_past_its_lease_changes_nothing_after_a_takeover(vw, gu
                                                                           strategy):
     vw.storage["s3"] = s3_storage_entry(s3_settings)
     _policy(vw, tmp_path, "s3", strategy)
-    g = guest_factory(disks=2, size_mib=320)
-    g.write_random("vda", 0, 300 * MiB)
+    g = guest_factory(disks=2, size_mib=64)
+    g.write_random("vda", 0, 24 * MiB)  # five 5 MiB parts
     g.write("vdb", 0, 4 * MiB, pattern=0x11)
     cat = vw.catalog()
-    vw.start_worker()
-    vw.start_worker()
+    faults = tmp_path / "faults"  # whichever worker takes the backup stops in its upload
+    vw.start_worker(env=pause_env("storing", faults))
+    vw.start_worker(env=pause_env("storing", faults))
 
     r = vw.cli("backup", g.name, "--policy", "p", "--json")
     assert r.code == 0, r.err
     job_id = r.json()["id"]
-    wait_for(lambda: "storing" in (job_rows.get(cat, job_id).progress_text or ""), 120, "the upload to start")
+    stopped_at("storing", faults)  # mid-upload, past its lease: the other worker takes the job over
     stale = _owner_worker(vw, cat, job_id)
-    stale.pause()  # mid-upload, past its lease: the other worker takes the job over
     expected = {t: g.shadow_copy(t, tmp_path / f"expected-{t}.raw") for t in ("vda", "vdb")}
     done = wait_for(lambda: (j := job_rows.get(cat, job_id)).finished and j, 240, "the takeover to finish")
     assert (done.state, done.attempts) == ("succeeded", 2), done.error
@@ -176,15 +176,16 @@ def test_a_backup_that_gives_up_runs_its_recovery_and_leaves_nothing(vw, guest_f
 
     vw.storage["s3"] = s3_storage_entry(s3_settings)
     vw.extra["worker"] = {**TEST_WORKER, "max_attempts": 1}
-    g = guest_factory(disks=1, size_mib=320)
-    g.write_random("vda", 0, 300 * MiB)
+    g = guest_factory(disks=1, size_mib=64)
+    g.write_random("vda", 0, 24 * MiB)  # five 5 MiB parts
     cat = vw.catalog()
-    vw.start_worker()
-    vw.start_worker()
+    faults = tmp_path / "faults"  # whichever worker takes the backup stops in its upload
+    vw.start_worker(env=pause_env("storing", faults))
+    vw.start_worker(env=pause_env("storing", faults))
     r = vw.cli("backup", g.name, "--target", "s3", "--json")
     assert r.code == 0, r.err
     job_id = r.json()["id"]
-    wait_for(lambda: "storing" in (job_rows.get(cat, job_id).progress_text or ""), 120, "the upload to start")
+    stopped_at("storing", faults)
     _owner_worker(vw, cat, job_id).kill()
 
     done = wait_for(lambda: (j := job_rows.get(cat, job_id)).finished and j, 120, "the job to give up")

@@ -195,6 +195,79 @@ class CommitAnswerLost:
             await w.drain()
 
 
+class CuttableProxy:
+    """A TCP proxy in front of a local port (PostgreSQL, say) that can be cut: ``cut()``
+    closes every connection it carries and, until ``restore()``, closes each new one as
+    soon as it is accepted. The client sees what it sees when the server goes away:
+    "server closed the connection unexpectedly"."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = free_port()
+        self._cut = False
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> CuttableProxy:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def url(self, direct_url: str) -> str:
+        """``direct_url`` (a URL on the upstream port) through this proxy."""
+        return direct_url.replace(f":{self.upstream_port}/", f":{self.port}/")
+
+    def cut(self) -> None:
+        def close_all() -> None:
+            self._cut = True
+            for w in list(self._writers):
+                w.close()
+
+        self._loop.call_soon_threadsafe(close_all)
+
+    def restore(self) -> None:
+        self._loop.call_soon_threadsafe(setattr, self, "_cut", False)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        server = self._loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", self.port))
+        self._ready.set()
+        try:
+            self._loop.run_forever()
+        finally:
+            server.close()
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        if self._cut:
+            client_w.close()
+            return
+        try:
+            server_r, server_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        except OSError:
+            client_w.close()
+            return
+        self._writers |= {client_w, server_w}
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+
+        tasks = [asyncio.ensure_future(pipe(client_r, server_w)), asyncio.ensure_future(pipe(server_r, client_w))]
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            task.cancel()
+        for w in (client_w, server_w):
+            self._writers.discard(w)
+            w.close()
+
+
 def wait_file(path: Path, timeout: float) -> str:
     """The content of ``path`` once it exists and is not empty."""
     from tests.harness import wait_for

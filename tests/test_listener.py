@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -167,17 +168,10 @@ def test_events_from_a_host_the_domain_does_not_run_on_move_nothing() -> None:
 
 
 @pytest.mark.celery
-def test_an_event_handled_twice_makes_one_job(tmp_path: Path, redis_url: str) -> None:
-    """The dispatcher retries after errors; the job's dedup key (event id, policy, job)
-    makes the second attempt find the first job instead of sending another."""
-    need_module("libvirt")
-    import redis
-    from virtwarden.catalog import events, jobs
-    from virtwarden.catalog.store import Catalog
-    from virtwarden.worker import celery_app
-
+def _crash_snapshot_config(tmp_path: Path, **extra):
+    """A configuration whose one policy snapshots ``db-*`` when it crashes, on libvirt's
+    in-process test driver (no db-1 there: its metadata is the last known)."""
     from virtwarden import config
-    from virtwarden.daemons.listener import Dispatcher
 
     policy_dir = tmp_path / "policies"
     policy_dir.mkdir()
@@ -187,9 +181,27 @@ def test_an_event_handled_twice_makes_one_job(tmp_path: Path, redis_url: str) ->
     cfg_file = tmp_path / "virtwarden.yaml"
     cfg_file.write_text(yaml.safe_dump({
         "data_dir": str(tmp_path / "data"), "broker_url": LISTENER_REDIS_URL, "policy_dir": str(policy_dir),
-        "hosts": {"t": {"uri": "test:///default"}},  # libvirt's in-process test driver: no db-1 there
-        "storage": {"nfs": {"type": "nfs", "path": str(tmp_path / "repo"), "create": True}}}))
-    cfg = config.load(str(cfg_file), env={})
+        "hosts": {"t": {"uri": "test:///default"}},
+        "storage": {"nfs": {"type": "nfs", "path": str(tmp_path / "repo"), "create": True}}, **extra}))
+    return config.load(str(cfg_file), env={})
+
+
+CRASH_SNAPSHOT = ("snapshot", "db-1", "event", {"domain": "db-1", "policy": "gold", "type": "internal",
+                                                "quiesce": "auto", "retention": None})
+
+
+def test_an_event_handled_twice_makes_one_job(tmp_path: Path, redis_url: str) -> None:
+    """The dispatcher retries after errors; the job's dedup key (event id, policy, job)
+    makes the second attempt find the first job instead of sending another."""
+    need_module("libvirt")
+    import redis
+    from virtwarden.catalog import events, jobs
+    from virtwarden.catalog.store import Catalog
+    from virtwarden.worker import celery_app
+
+    from virtwarden.daemons.listener import Dispatcher
+
+    cfg = _crash_snapshot_config(tmp_path)
     celery_app.configure(cfg)
     cat = Catalog(cfg.catalog_url)
     try:
@@ -199,11 +211,65 @@ def test_an_event_handled_twice_makes_one_job(tmp_path: Path, redis_url: str) ->
         dispatcher.start_jobs(rec)
         dispatcher.start_jobs(rec)
         found = [(j.kind, j.domain, j.requested_by, j.params) for j in jobs.recent(cat)]
-        assert found == [("snapshot", "db-1", "event", {"domain": "db-1", "policy": "gold", "type": "internal",
-                                                        "quiesce": "auto", "retention": None})]
+        assert found == [CRASH_SNAPSHOT]
     finally:
         cat.close()
         redis.Redis.from_url(LISTENER_REDIS_URL).flushdb()
+
+
+def test_a_catalog_away_through_several_retries_loses_no_event(tmp_path: Path, redis_url: str,
+                                                                pg_schema_url: str) -> None:
+    """PostgreSQL goes away (its connections cut, new ones closed) just before an event
+    is recorded and stays away through three retries, their delay doubling up to
+    ``backoff_max``. Once it is back, the event is recorded once and its job started once."""
+    need_module("libvirt")
+    import logging
+
+    import redis
+    from virtwarden.catalog import events, jobs
+    from virtwarden.catalog.store import Catalog
+    from virtwarden.hypervisor.events import HostEvent
+    from virtwarden.worker import celery_app
+
+    from tests.faults import CuttableProxy
+    from virtwarden.daemons.listener import Dispatcher
+
+    warnings: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            warnings.append(record.getMessage())
+
+    logger = logging.getLogger("virtwarden.daemons.listener")
+    handler = Collect(logging.WARNING)
+    logger.addHandler(handler)
+    with CuttableProxy(5432) as proxy:
+        cfg = _crash_snapshot_config(tmp_path, database_url=proxy.url(pg_schema_url))
+        celery_app.configure(cfg)
+        cat = Catalog(cfg.catalog_url)
+        try:
+            dispatcher = Dispatcher(cfg, cat, threading.Event(), backoff_max=2)
+            proxy.cut()
+            event = HostEvent("t", "db-1", "5b0c1a52-8d1e-4a1e-9a43-3c0b1f0e7d11", "domain.crashed", "panicked",
+                              time.time())
+            handling = threading.Thread(target=dispatcher.handle, args=(event,))
+            handling.start()
+
+            def retried() -> list[str]:
+                found = [w for w in warnings if w.startswith("recording domain.crashed of db-1")]
+                return found if len(found) >= 3 else []
+
+            tries = wait_for(retried, 30, lambda: f"three retries; logged: {warnings}")
+            proxy.restore()
+            handling.join(30)
+            assert not handling.is_alive()
+            assert [w.rsplit("trying again in ", 1)[1] for w in tries[:3]] == ["1s", "2s", "2s"]
+            assert [(e.kind, e.domain) for e in events.recent(cat)] == [("domain.crashed", "db-1")]
+            assert [(j.kind, j.domain, j.requested_by, j.params) for j in jobs.recent(cat)] == [CRASH_SNAPSHOT]
+        finally:
+            logger.removeHandler(handler)
+            cat.close()
+            redis.Redis.from_url(LISTENER_REDIS_URL).flushdb()
 
 
 # --- integration: real libvirtd, listener, worker -------------------------------------------

@@ -174,7 +174,7 @@ def test_the_agent_of_a_restored_linux_guest_answers(vw, agent_guest_factory, tm
 
 def test_a_worker_killed_mid_drill_leaves_nothing_after_the_retry(vw, guest_factory, tmp_path, conn):
     g = guest_factory(disks=1, size_mib=64, boot_marker=MARKER.encode())
-    _policy(vw, tmp_path, g.name, serial_marker=MARKER, run_for="15s")
+    _policy(vw, tmp_path, g.name, serial_marker=MARKER, run_for="5s")  # the kill comes at once
     first = vw.start_worker()
     _backup(vw, g.name)
     cat = vw.catalog()

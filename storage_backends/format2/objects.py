@@ -1,0 +1,146 @@
+"""Objects of a format-2 repository: how a chunk, an index or a manifest is turned into
+the bytes a storage backend keeps, and back.
+
+Every object is compressed (zstd, kept raw when that does not make it smaller), then
+encrypted and authenticated (AES-256-GCM) with the repository key::
+
+    magic "VWR2" | version 1 | mode | nonce (12 bytes, mode 1 only) | body
+
+- mode 1 (encrypted): body = AES-256-GCM(payload), its 16-byte tag at the end.
+- mode 0 (a repository whose configuration says ``encryption: none``): body = payload
+  followed by SHA-256 of the header, the name and the payload (damage is found; a
+  deliberate change is not, which is what encryption is for).
+
+payload = compression (1 byte: 0 raw, 1 zstd) | data. The compression byte is inside
+the encryption: the storage operator cannot tell which chunks compressed.
+
+The associated data of the encryption is the header followed by the object's kind and
+name (``chunk`` and its id, ``index`` and its key...): an object moved to another name
+or kind no longer opens. A chunk's id is HMAC-SHA256 of its plaintext with the key's
+``ids`` secret (SHA-256 without encryption), checked again after it is opened.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import threading
+
+import zstandard
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from virtwarden.storage_backends.format2.keys import RepositoryKey
+
+from virtwarden.errors import ChecksumMismatch
+
+MAGIC = b"VWR2"
+VERSION = 1
+PLAIN, AES_GCM = 0, 1
+RAW, ZSTD = 0, 1
+NONCE = 12
+TAG = 16
+DIGEST = 32
+HEADER = len(MAGIC) + 2
+ZSTD_LEVEL = 3  # see docs/repository-format.md, "Compression": level 3 keeps up with the disks here
+
+
+class DamagedObject(ChecksumMismatch):
+    """A stored object that does not open: changed, cut short, written under another name
+    or with another key."""
+
+
+class Codec:
+    """Seals and opens objects with one repository key (``None``: no encryption)."""
+
+    def __init__(self, key: RepositoryKey | None, *, level: int = ZSTD_LEVEL) -> None:
+        self.key = key
+        self.level = level
+        self._aead = AESGCM(key.encryption) if key else None
+        self._local = threading.local()  # zstd contexts are not shared between threads
+
+    @property
+    def encrypted(self) -> bool:
+        return self.key is not None
+
+    def chunk_id(self, data: bytes) -> str:
+        """The id of a chunk holding ``data``: keyed, so it says nothing of ``data``."""
+        if self.key is None:
+            return hashlib.sha256(data).hexdigest()
+        return hmac.new(self.key.ids, data, hashlib.sha256).hexdigest()
+
+    def seal(self, kind: str, name: str, data: bytes, *, compress: bool = True) -> bytes:
+        packed = self._compressor().compress(data) if compress else data
+        payload = (bytes([ZSTD]) + packed) if compress and len(packed) < len(data) else (bytes([RAW]) + data)
+        if self._aead is None:
+            header = MAGIC + bytes([VERSION, PLAIN])
+            return header + payload + _digest(header, kind, name, payload)
+        nonce = os.urandom(NONCE)
+        header = MAGIC + bytes([VERSION, AES_GCM]) + nonce
+        return header + self._aead.encrypt(nonce, payload, _associated(header, kind, name))
+
+    def open(self, kind: str, name: str, blob: bytes) -> bytes:
+        """The data sealed in ``blob``; DamagedObject saying what is wrong with it."""
+        what = f"{kind} {name}"
+        if len(blob) < HEADER or blob[:len(MAGIC)] != MAGIC:
+            raise DamagedObject(f"{what}: not a format-2 object")
+        version, mode = blob[len(MAGIC)], blob[len(MAGIC) + 1]
+        if version != VERSION:
+            raise DamagedObject(f"{what}: object version {version}, this virtwarden reads {VERSION}")
+        if mode == AES_GCM:
+            if self._aead is None:
+                raise DamagedObject(f"{what}: encrypted, and this repository is configured without encryption")
+            if len(blob) < HEADER + NONCE + TAG:
+                raise DamagedObject(f"{what}: cut short ({len(blob)} bytes)")
+            header = blob[:HEADER + NONCE]
+            try:
+                payload = self._aead.decrypt(header[HEADER:], blob[HEADER + NONCE:], _associated(header, kind, name))
+            except InvalidTag:
+                raise DamagedObject(f"{what}: authentication failed (changed, moved, or not written with "
+                                    f"this repository's key)") from None
+        elif mode == PLAIN:
+            if self._aead is not None:
+                raise DamagedObject(f"{what}: not encrypted, in a repository that is")
+            header, payload, digest = blob[:HEADER], blob[HEADER:-DIGEST], blob[-DIGEST:]
+            if len(blob) < HEADER + 1 + DIGEST or not hmac.compare_digest(digest, _digest(header, kind, name,
+                                                                                          payload)):
+                raise DamagedObject(f"{what}: checksum mismatch (changed or cut short)")
+        else:
+            raise DamagedObject(f"{what}: unknown mode {mode}")
+        data = self._unpack(what, payload)
+        if kind == "chunk" and not hmac.compare_digest(self.chunk_id(data), name):
+            raise DamagedObject(f"{what}: its content does not have its id")
+        return data
+
+    def _unpack(self, what: str, payload: bytes) -> bytes:
+        if not payload:
+            raise DamagedObject(f"{what}: empty payload")
+        if payload[0] == RAW:
+            return payload[1:]
+        if payload[0] == ZSTD:
+            try:
+                return self._decompressor().decompress(payload[1:])
+            except zstandard.ZstdError as e:
+                raise DamagedObject(f"{what}: does not decompress: {e}") from e
+        raise DamagedObject(f"{what}: unknown compression {payload[0]}")
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        c = getattr(self._local, "compressor", None)
+        if c is None:
+            c = self._local.compressor = zstandard.ZstdCompressor(level=self.level, write_content_size=True)
+        return c
+
+    def _decompressor(self) -> zstandard.ZstdDecompressor:
+        d = getattr(self._local, "decompressor", None)
+        if d is None:
+            d = self._local.decompressor = zstandard.ZstdDecompressor()
+        return d
+
+
+def _associated(header: bytes, kind: str, name: str) -> bytes:
+    return header + kind.encode() + b"\0" + name.encode()
+
+
+def _digest(header: bytes, kind: str, name: str, payload: bytes) -> bytes:
+    h = hashlib.sha256(_associated(header, kind, name))
+    h.update(payload)
+    return h.digest()

@@ -1,0 +1,244 @@
+"""A format-2 repository on a storage backend: its config object, restore points (a
+manifest and one index per disk) and their chunks (``store.ChunkStore``).
+
+Layout (docs/repository-format.md)::
+
+    format2/config                           sealed "config": format, repository id, chunk size
+    chunks/<2 hex>/<chunk id>                sealed "chunk"
+    points/<domain tag>/<point id>/index.<disk>   sealed "index"
+    points/<domain tag>/<point id>/manifest       sealed "manifest": written last
+    pending/<writer id>                      sealed "marker": a backup under way
+    gc/running                               sealed "marker": gc under way
+
+A point exists when its manifest does: chunks are written before the indexes, the indexes
+before the manifest, so an interrupted backup leaves only chunks no manifest names, and
+gc removes those. The domain tag is a keyed hash of the domain's name: the storage
+operator sees neither names nor content.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from virtwarden.storage_backends.base import Backend
+from virtwarden.storage_backends.format2.index import DiskIndex
+from virtwarden.storage_backends.format2.objects import Codec, DamagedObject
+from virtwarden.storage_backends.format2.store import ChunkStore
+
+from virtwarden.errors import ObjectNotFound, RestorePointNotFound, StorageError, Transient
+
+FORMAT = 2
+CONFIG_KEY = "format2/config"
+GC_KEY = "gc/running"
+GC_STALE = 3600.0  # a gc marker older than this is of a gc that died
+WRITER_STALE = 86400.0  # a backup marker older than this is of a backup that died
+DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024  # measured: docs/repository-format.md, "Chunk size"
+
+
+class NotAFormat2Repository(StorageError):
+    """The storage holds no format-2 repository (or one this key does not open)."""
+
+
+@dataclass(frozen=True)
+class PointRef:
+    domain_tag: str
+    point_id: str
+
+    @property
+    def prefix(self) -> str:
+        return f"points/{self.domain_tag}/{self.point_id}/"
+
+    @property
+    def manifest_key(self) -> str:
+        return self.prefix + "manifest"
+
+    def index_key(self, target: str) -> str:
+        return f"{self.prefix}index.{target}"
+
+
+@dataclass(frozen=True)
+class GcReport:
+    chunks: int  # stored before
+    referenced: int
+    deleted: int
+    deleted_bytes: int
+    deferred: str | None  # why nothing was deleted this time
+
+
+class GcRunning(Transient):
+    """gc runs on this storage: a backup waits for it (tried again later)."""
+
+
+class Format2Repository:
+    def __init__(self, backend: Backend, codec: Codec) -> None:
+        self.backend = backend
+        self.codec = codec
+        self.chunks = ChunkStore(backend, codec)
+        self._config: dict | None = None
+
+    # --- the repository ------------------------------------------------------------------
+    @classmethod
+    def init(cls, backend: Backend, codec: Codec, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Format2Repository:
+        """Create the repository's config object (StorageError when one exists)."""
+        if backend.exists(CONFIG_KEY):
+            raise StorageError(f"storage {backend.name} already holds a format-2 repository")
+        repo_id = codec.key.repository if codec.key else str(uuid.uuid4())
+        doc = {"format": FORMAT, "repository": repo_id, "chunk_size": chunk_size,
+               "encryption": "aes-256-gcm" if codec.encrypted else "none", "created_at": time.time()}
+        backend.put_bytes(CONFIG_KEY, codec.seal("config", CONFIG_KEY, _json(doc)))
+        return cls(backend, codec)
+
+    @property
+    def config(self) -> dict:
+        if self._config is None:
+            try:
+                blob = self.backend.get_bytes(CONFIG_KEY)
+            except ObjectNotFound:
+                raise NotAFormat2Repository(f"storage {self.backend.name} holds no format-2 repository") from None
+            try:
+                self._config = json.loads(self.codec.open("config", CONFIG_KEY, blob))
+            except DamagedObject as e:
+                raise NotAFormat2Repository(f"storage {self.backend.name}: the repository does not open with "
+                                            f"this key ({e})") from e
+        return self._config
+
+    @property
+    def chunk_size(self) -> int:
+        return int(self.config["chunk_size"])
+
+    def domain_tag(self, domain: str) -> str:
+        """The folder name of a domain's points: keyed, so it does not reveal the name."""
+        secret = self.codec.key.ids if self.codec.key else b"virtwarden-unencrypted"
+        return hmac.new(secret, b"domain:" + domain.encode(), hashlib.sha256).hexdigest()[:32]
+
+    # --- points ----------------------------------------------------------------------------
+    def ref(self, domain: str, point_id: str) -> PointRef:
+        return PointRef(self.domain_tag(domain), point_id)
+
+    def write_index(self, ref: PointRef, index: DiskIndex) -> str:
+        """Store one disk's index (before the manifest); the SHA-256 of its encoding,
+        which the manifest names."""
+        data = index.encode()
+        key = ref.index_key(index.target)
+        self.backend.put_bytes(key, self.codec.seal("index", key, data))
+        return hashlib.sha256(data).hexdigest()
+
+    def write_manifest(self, ref: PointRef, manifest: dict) -> None:
+        """Publish the point: the last write of a backup."""
+        self.backend.put_bytes(ref.manifest_key, self.codec.seal("manifest", ref.manifest_key, _json(manifest)))
+
+    def manifest(self, ref: PointRef) -> dict:
+        try:
+            blob = self.backend.get_bytes(ref.manifest_key)
+        except ObjectNotFound:
+            raise RestorePointNotFound(f"point {ref.point_id} is not in storage {self.backend.name}") from None
+        return json.loads(self.codec.open("manifest", ref.manifest_key, blob))
+
+    def index(self, ref: PointRef, target: str, expected_sha256: str | None = None) -> DiskIndex:
+        key = ref.index_key(target)
+        data = self.codec.open("index", key, self.backend.get_bytes(key))
+        if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
+            raise DamagedObject(f"index {key}: not the index its manifest names")
+        return DiskIndex.decode(data, what=f"index {key}")
+
+    def indexes(self, ref: PointRef, manifest: dict | None = None) -> list[DiskIndex]:
+        """Every disk's index of a point, each checked against its manifest."""
+        manifest = manifest or self.manifest(ref)
+        return [self.index(ref, d["target"], d["index_sha256"]) for d in manifest["disks"]]
+
+    def points(self) -> Iterator[PointRef]:
+        """Every published point (its manifest exists)."""
+        for info in self.backend.list("points/"):
+            parts = info.key.split("/")
+            if len(parts) == 4 and parts[3] == "manifest":
+                yield PointRef(parts[1], parts[2])
+
+    def delete_point(self, ref: PointRef) -> None:
+        """Unpublish first (the manifest), then the indexes; chunks are gc's."""
+        self.backend.delete(ref.manifest_key)
+        for info in list(self.backend.list(ref.prefix)):
+            self.backend.delete(info.key)
+
+    # --- writers and gc exclude each other -------------------------------------------------
+    # A backup names chunks it found stored without writing them again; gc must not delete
+    # one of those between its listing and the backup's manifest. Both announce
+    # themselves with a marker object, and each looks for the other's after writing its
+    # own: whichever writes second sees the first (storage that reads its own writes,
+    # as a filesystem and S3 do), so they never run at once. A backup that finds gc
+    # running retries later; gc that finds a backup defers. Markers of processes that
+    # died are ignored once older than ``stale_after``.
+    def begin_writing(self, what: str, *, stale_after: float = GC_STALE) -> str:
+        """Announce a backup; its marker's key, for ``end_writing``. GcRunning (nothing
+        written, the marker removed again) while gc runs."""
+        key = f"pending/{uuid.uuid4()}"
+        self._mark(key, what)
+        if self._fresh([GC_KEY], stale_after):
+            self.backend.delete(key)
+            raise GcRunning(f"storage {self.backend.name}: gc is running; the backup tries again later")
+        return key
+
+    def end_writing(self, key: str) -> None:
+        self.backend.delete(key)
+
+    def writers(self, stale_after: float = WRITER_STALE) -> list[dict]:
+        """Backups under way (their markers younger than ``stale_after`` seconds)."""
+        return self._fresh([info.key for info in self.backend.list("pending/")], stale_after)
+
+    # --- gc ---------------------------------------------------------------------------------
+    def referenced(self) -> set[str]:
+        """Every chunk a published point's index names."""
+        used: set[str] = set()
+        for ref in self.points():
+            try:
+                manifest = self.manifest(ref)
+            except RestorePointNotFound:
+                continue  # pruned meanwhile
+            for index in self.indexes(ref, manifest):
+                used |= index.referenced()
+        return used
+
+    def gc(self, *, stale_writer: float = WRITER_STALE) -> GcReport:
+        """Delete the chunks no published point uses, unless a backup is under way (then
+        nothing, said in the report). Killed midway it has deleted only unused chunks:
+        every point stays restorable, and the next run finishes the work."""
+        self._mark(GC_KEY, "gc")
+        try:
+            writers = self.writers(stale_writer)
+            if writers:
+                return GcReport(0, 0, 0, 0, f"{len(writers)} backup(s) under way: "
+                                f"{', '.join(sorted(w['what'] for w in writers))}")
+            used = self.referenced()
+            deleted = deleted_bytes = stored = 0
+            for info in list(self.backend.list("chunks/")):
+                stored += 1
+                cid = info.key.rsplit("/", 1)[1]
+                if cid not in used:
+                    self.backend.delete(info.key)
+                    deleted += 1
+                    deleted_bytes += info.size
+            return GcReport(stored, len(used), deleted, deleted_bytes, None)
+        finally:
+            self.backend.delete(GC_KEY)
+
+    def _mark(self, key: str, what: str) -> None:
+        self.backend.put_bytes(key, self.codec.seal("marker", key, _json({"what": what, "at": time.time()})))
+
+    def _fresh(self, keys: list[str], stale_after: float) -> list[dict]:
+        out = []
+        for key in keys:
+            try:
+                doc = json.loads(self.codec.open("marker", key, self.backend.get_bytes(key)))
+            except (ObjectNotFound, DamagedObject):
+                continue  # removed meanwhile, or not ours
+            if time.time() - float(doc["at"]) < stale_after:
+                out.append(doc)
+        return out
+
+
+def _json(doc: dict) -> bytes:
+    return json.dumps(doc, sort_keys=True).encode()

@@ -1,0 +1,177 @@
+"""Chunks of a format-2 repository on a storage backend, and the two streams over them:
+a disk's content into chunks and an index (``write_disk``), an index back into a disk
+(``read_disk``).
+
+Layout (docs/repository-format.md)::
+
+    chunks/<first two hex digits of the id>/<id>     one sealed chunk
+
+Both streams run ``workers`` chunks at a time and never hold more than about
+``2 * workers`` chunks in memory, whatever the size of the disk.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from virtwarden.storage_backends.base import Backend
+from virtwarden.storage_backends.format2.index import DiskIndex, count
+from virtwarden.storage_backends.format2.objects import Codec, DamagedObject
+
+from virtwarden.errors import ObjectNotFound
+
+ReadAt = Callable[[int, int], bytes]  # (offset, length) -> exactly length bytes
+WriteAt = Callable[[int, bytes], None]
+Range = tuple[int, int]  # (offset, length)
+
+
+@dataclass
+class WriteStats:
+    """What one disk's write did: bytes read from the disk, chunks and bytes stored anew
+    (after compression and encryption), chunks found already stored, zero pieces."""
+
+    read_bytes: int = 0
+    stored_chunks: int = 0
+    stored_bytes: int = 0
+    known_chunks: int = 0
+    zero_chunks: int = 0
+    reused_chunks: int = 0  # taken from the previous index without reading
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **counts: int) -> None:
+        with self._lock:
+            for name, n in counts.items():
+                setattr(self, name, getattr(self, name) + n)
+
+
+class ChunkStore:
+    def __init__(self, backend: Backend, codec: Codec) -> None:
+        self.backend = backend
+        self.codec = codec
+
+    @staticmethod
+    def key(cid: str) -> str:
+        return f"chunks/{cid[:2]}/{cid}"
+
+    def put(self, data: bytes) -> tuple[str, int]:
+        """Store a chunk unless it is stored already; its id and the bytes stored (0 when
+        it was there)."""
+        cid = self.codec.chunk_id(data)
+        key = self.key(cid)
+        if self.backend.exists(key):
+            return cid, 0
+        blob = self.codec.seal("chunk", cid, data)
+        self.backend.put_bytes(key, blob)
+        return cid, len(blob)
+
+    def get(self, cid: str) -> bytes:
+        return self.codec.open("chunk", cid, self.backend.get_bytes(self.key(cid)))
+
+    def ids(self) -> Iterator[str]:
+        """The id of every stored chunk (for gc and verify)."""
+        for info in self.backend.list("chunks/"):
+            yield info.key.rsplit("/", 1)[1]
+
+
+def write_disk(store: ChunkStore, target: str, read_at: ReadAt, virtual_size: int, chunk_size: int, *,
+               previous: DiskIndex | None = None, changed: Iterable[Range] | None = None,
+               workers: int = 4) -> tuple[DiskIndex, WriteStats]:
+    """The index of a disk whose content ``read_at`` gives, storing the chunks that are
+    not stored yet. With ``previous`` (the last index of this disk, same size and chunk
+    size) and ``changed`` (the ranges written since), only chunks that overlap a change
+    are read; the rest are the previous index's. Without ``changed`` every chunk is read,
+    and identical ones are still stored only once."""
+    n = count(virtual_size, chunk_size)
+    stats = WriteStats()
+    dirty: set[int] | None = None
+    if previous is not None and changed is not None:
+        if (previous.virtual_size, previous.chunk_size) != (virtual_size, chunk_size):
+            raise ValueError(f"{target}: the previous index is of another size; read everything")
+        dirty = _touched(changed, chunk_size, n)
+    ids: list[str | None] = [None] * n
+
+    def one(i: int) -> None:
+        offset = i * chunk_size
+        data = read_at(offset, min(chunk_size, virtual_size - offset))
+        if data.count(0) != len(data):  # not all zeros (counted in C); zeros are not stored
+            cid, stored = store.put(data)
+            ids[i] = cid
+            stats.add(read_bytes=len(data), stored_chunks=1 if stored else 0, stored_bytes=stored,
+                      known_chunks=0 if stored else 1)
+        else:
+            stats.add(read_bytes=len(data), zero_chunks=1)
+
+    todo = range(n) if dirty is None else sorted(dirty)
+    if dirty is not None and previous is not None:
+        for i, cid in enumerate(previous.chunks):
+            if i not in dirty:
+                ids[i] = cid
+        stats.add(reused_chunks=n - len(dirty))
+    _bounded(one, todo, workers)
+    return DiskIndex(target, virtual_size, chunk_size, tuple(ids)), stats
+
+
+def read_disk(store: ChunkStore, index: DiskIndex, write_at: WriteAt, *, workers: int = 4) -> int:
+    """Write every stored piece of ``index`` through ``write_at`` (zero pieces are left
+    alone: the destination reads as zeros there); the bytes written."""
+    written = 0
+    lock = threading.Lock()
+    pieces = [(offset, length, cid) for offset, length, cid in index.pieces() if cid is not None]
+
+    def one(piece: tuple[int, int, str | None]) -> None:
+        nonlocal written
+        offset, length, cid = piece
+        assert cid is not None
+        try:
+            data = store.get(cid)
+        except DamagedObject as e:
+            raise DamagedObject(f"{index.target} at offset {offset}: {e}") from e
+        except ObjectNotFound as e:
+            raise DamagedObject(f"{index.target} at offset {offset}: chunk {cid} is missing") from e
+        if len(data) != length:
+            raise DamagedObject(f"{index.target} at offset {offset}: chunk {cid} holds {len(data)} bytes, "
+                                f"the index says {length}")
+        write_at(offset, data)
+        with lock:
+            written += length
+
+    _bounded(one, pieces, workers)
+    return written
+
+
+def _touched(changed: Iterable[Range], chunk_size: int, n: int) -> set[int]:
+    out: set[int] = set()
+    for offset, length in changed:
+        if length <= 0:
+            continue
+        first, last = offset // chunk_size, (offset + length - 1) // chunk_size
+        out.update(range(max(first, 0), min(last, n - 1) + 1))
+    return out
+
+
+def _bounded(fn: Callable, items: Iterable, workers: int) -> None:
+    """``fn(item)`` for each item on ``workers`` threads, at most ``2 * workers`` started
+    and not finished (memory stays bounded); after an error no new item starts, and the
+    first error is raised once the running ones have ended."""
+    slots = threading.Semaphore(2 * workers)
+    errors: list[BaseException] = []
+
+    def run(item: object) -> None:
+        try:
+            fn(item)
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+            errors.append(e)
+        finally:
+            slots.release()
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for item in items:
+            slots.acquire()
+            if errors:
+                slots.release()
+                break
+            pool.submit(run, item)
+    if errors:
+        raise errors[0]

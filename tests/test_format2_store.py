@@ -1,0 +1,223 @@
+"""Format-2 chunk streams on both real backends (a directory and the S3 endpoint): disks
+in real files are cut into chunks, indexed, and read back bit for bit; incrementals read
+only what changed, identical data is stored once, and nothing of a disk's content is
+visible in what the backend stores."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from virtwarden.storage_backends.format2.keys import RepositoryKey
+from virtwarden.storage_backends.format2.objects import Codec, DamagedObject
+from virtwarden.storage_backends.format2.store import ChunkStore, read_disk, write_disk
+
+from tests.test_storage_contract import backend  # noqa: F401 - the nfs and s3 backends, a fixture
+
+MiB = 1024 * 1024
+CHUNK = MiB  # small chunks: the same code paths with less data
+MARKER = b"VW-FORMAT2-MARKER-7d1e"
+
+
+def _disk(path: Path, size: int, writes: list[tuple[int, bytes]]) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, data in writes:
+            f.seek(offset)
+            f.write(data)
+    return path
+
+
+def _reader(path: Path, log: list[tuple[int, int]] | None = None):
+    fd = os.open(path, os.O_RDONLY)
+
+    def read_at(offset: int, length: int) -> bytes:
+        if log is not None:
+            log.append((offset, length))
+        return os.pread(fd, length, offset)
+
+    return read_at
+
+
+def _restore(store: ChunkStore, index, out: Path) -> Path:
+    with open(out, "wb") as f:
+        f.truncate(index.virtual_size)
+        read_disk(store, index, lambda offset, data: os.pwrite(f.fileno(), data, offset))
+    return out
+
+
+def _stored_blobs(store: ChunkStore) -> list[bytes]:
+    return [store.backend.get_bytes(store.key(cid)) for cid in store.ids()]
+
+
+@pytest.fixture
+def store(backend):
+    return ChunkStore(backend, Codec(RepositoryKey.generate()))
+
+
+def test_a_disk_restores_bit_for_bit_and_its_content_is_not_in_the_repository(store, tmp_path) -> None:
+    size = 8 * MiB + 4096  # a short last chunk
+    disk = _disk(tmp_path / "vda.raw", size, [(0, os.urandom(MiB)), (3 * MiB + 7, MARKER * 1000),
+                                              (8 * MiB, b"tail" * 1024)])
+    index, stats = write_disk(store, "vda", _reader(disk), size, CHUNK)
+
+    assert [cid is None for cid in index.chunks] == [False, True, True, False, True, True, True, True, False]
+    assert (stats.stored_chunks, stats.zero_chunks) == (3, 6)  # zeros are not stored
+    assert all(MARKER not in blob for blob in _stored_blobs(store))
+    assert _restore(store, index, tmp_path / "out.raw").read_bytes() == disk.read_bytes()
+
+
+def test_an_incremental_reads_only_the_changed_chunks_and_both_points_restore(store, tmp_path) -> None:
+    size = 16 * MiB
+    disk = _disk(tmp_path / "vda.raw", size, [(0, os.urandom(size))])
+    first, _ = write_disk(store, "vda", _reader(disk), size, CHUNK)
+    expected_first = disk.read_bytes()
+
+    changes = [(5 * MiB + 100, 10), (11 * MiB, 2 * MiB)]  # chunks 5, 11 and 12
+    with open(disk, "r+b") as f:
+        for offset, length in changes:
+            f.seek(offset)
+            f.write(os.urandom(length))
+    reads: list[tuple[int, int]] = []
+    second, stats = write_disk(store, "vda", _reader(disk, reads), size, CHUNK, previous=first, changed=changes)
+
+    assert sorted(offset // CHUNK for offset, _ in reads) == [5, 11, 12]
+    assert (stats.stored_chunks, stats.reused_chunks) == (3, 13)
+    assert _restore(store, first, tmp_path / "first.raw").read_bytes() == expected_first
+    assert _restore(store, second, tmp_path / "second.raw").read_bytes() == disk.read_bytes()
+
+
+def test_a_full_read_of_unchanged_data_stores_nothing_again(store, tmp_path) -> None:
+    """A lost bitmap: everything is read, nothing new is stored."""
+    size = 8 * MiB
+    disk = _disk(tmp_path / "vda.raw", size, [(0, os.urandom(size))])
+    first, stats1 = write_disk(store, "vda", _reader(disk), size, CHUNK)
+    again, stats2 = write_disk(store, "vda", _reader(disk), size, CHUNK)
+    assert again == first
+    assert (stats2.read_bytes, stats2.stored_bytes, stats2.known_chunks) == (size, 0, 8)
+    assert stats1.stored_bytes > size
+
+
+def test_two_disks_cloned_from_one_template_share_their_chunks(store, tmp_path) -> None:
+    size = 16 * MiB
+    template = os.urandom(size)
+    a = _disk(tmp_path / "a.raw", size, [(0, template)])
+    b = _disk(tmp_path / "b.raw", size, [(0, template), (7 * MiB, os.urandom(4096))])  # its own host name, say
+    _, first = write_disk(store, "vda", _reader(a), size, CHUNK)
+    index_b, second = write_disk(store, "vda", _reader(b), size, CHUNK)
+    assert second.stored_bytes <= 0.10 * first.stored_bytes  # one chunk of sixteen
+    assert _restore(store, index_b, tmp_path / "b-out.raw").read_bytes() == b.read_bytes()
+
+
+def test_a_changed_or_missing_chunk_is_named_with_its_disk_and_offset(store, tmp_path) -> None:
+    size = 4 * MiB
+    disk = _disk(tmp_path / "vda.raw", size, [(0, os.urandom(size))])
+    index, _ = write_disk(store, "vda", _reader(disk), size, CHUNK)
+    third = index.chunks[2]
+    assert third is not None
+    blob = bytearray(store.backend.get_bytes(store.key(third)))
+    blob[len(blob) // 2] ^= 0x40
+    store.backend.put_bytes(store.key(third), bytes(blob))
+    with pytest.raises(DamagedObject, match=f"vda at offset {2 * MiB}: chunk {third}: authentication failed"):
+        _restore(store, index, tmp_path / "out.raw")
+    store.backend.delete(store.key(third))
+    with pytest.raises(DamagedObject, match=f"vda at offset {2 * MiB}: chunk {third} is missing"):
+        _restore(store, index, tmp_path / "out.raw")
+
+
+# --- points and gc --------------------------------------------------------------------------
+def _repo(backend):
+    from virtwarden.storage_backends.format2.repository import Format2Repository
+
+    return Format2Repository.init(backend, Codec(RepositoryKey.generate()), chunk_size=CHUNK)
+
+
+def _backup(repo, domain: str, point_id: str, disks: dict[str, Path], previous: dict | None = None) -> dict:
+    """A point of ``disks`` (target -> raw file) as a backup writes one: chunks, indexes,
+    manifest last."""
+    ref = repo.ref(domain, point_id)
+    entries = []
+    for target, path in disks.items():
+        size = path.stat().st_size
+        index, _ = write_disk(repo.chunks, target, _reader(path), size, repo.chunk_size)
+        entries.append({"target": target, "virtual_size": size, "index_sha256": repo.write_index(ref, index)})
+    manifest = {"format": 2, "point_id": point_id, "domain": domain, "disks": entries}
+    repo.write_manifest(ref, manifest)
+    return manifest
+
+
+def _restored(repo, domain: str, point_id: str, out: Path) -> dict[str, bytes]:
+    ref = repo.ref(domain, point_id)
+    return {index.target: _restore(repo.chunks, index, out / f"{point_id}-{index.target}.raw").read_bytes()
+            for index in repo.indexes(ref)}
+
+
+def test_any_point_can_be_deleted_and_gc_keeps_what_the_others_use(backend, tmp_path) -> None:
+    repo = _repo(backend)
+    disk = _disk(tmp_path / "vda.raw", 8 * MiB, [(0, os.urandom(8 * MiB))])
+    expected = {}
+    for n, at in enumerate((0, 2 * MiB, 2 * MiB)):  # p2 overwrites what p1 wrote: that chunk is p1's alone
+        with open(disk, "r+b") as f:
+            f.seek(at)
+            f.write(os.urandom(MiB))
+        _backup(repo, "web01", f"p{n}", {"vda": disk})
+        expected[f"p{n}"] = disk.read_bytes()
+    repo.delete_point(repo.ref("web01", "p1"))  # the middle one
+
+    report = repo.gc()
+    assert report.deferred is None and report.deleted == 1  # the chunk only p1 had
+    assert sorted(r.point_id for r in repo.points()) == ["p0", "p2"]
+    for point_id in ("p0", "p2"):
+        assert _restored(repo, "web01", point_id, tmp_path) == {"vda": expected[point_id]}
+
+
+def test_gc_defers_while_a_backup_is_under_way_and_a_backup_waits_for_gc(backend, tmp_path) -> None:
+    from virtwarden.storage_backends.format2.repository import GC_KEY, GcRunning
+
+    repo = _repo(backend)
+    disk = _disk(tmp_path / "vda.raw", 2 * MiB, [(0, os.urandom(2 * MiB))])
+    _backup(repo, "web01", "p0", {"vda": disk})
+    repo.delete_point(repo.ref("web01", "p0"))  # its chunks are unused now...
+    marker = repo.begin_writing("backup of web01")  # ...and a backup may be about to name them
+    report = repo.gc()
+    assert report.deleted == 0 and report.deferred == "1 backup(s) under way: backup of web01"
+    repo.end_writing(marker)
+    assert repo.gc().deleted == 2
+
+    repo._mark(GC_KEY, "gc")  # a gc under way (as another process would leave it)
+    with pytest.raises(GcRunning, match="gc is running"):
+        repo.begin_writing("backup of web01")
+    assert repo.writers() == []  # it took its marker back
+    repo._mark(GC_KEY, "gc")
+    assert repo.begin_writing("later", stale_after=0)  # a dead gc's marker holds nothing back
+
+
+def test_a_manifest_or_index_changed_in_storage_is_refused(backend, tmp_path) -> None:
+    repo = _repo(backend)
+    disk = _disk(tmp_path / "vda.raw", 2 * MiB, [(0, os.urandom(2 * MiB))])
+    _backup(repo, "web01", "p0", {"vda": disk})
+    _backup(repo, "web01", "p1", {"vda": disk})
+    p0, p1 = repo.ref("web01", "p0"), repo.ref("web01", "p1")
+    # p0's index replaced by p1's (both sealed with the right key): named for another point
+    backend.put_bytes(p0.index_key("vda"), backend.get_bytes(p1.index_key("vda")))
+    with pytest.raises(DamagedObject, match=f"index {p0.index_key('vda')}: authentication failed"):
+        repo.indexes(p0)
+    blob = bytearray(backend.get_bytes(p1.manifest_key))
+    blob[-3] ^= 1
+    backend.put_bytes(p1.manifest_key, bytes(blob))
+    with pytest.raises(DamagedObject, match=f"manifest {p1.manifest_key}: authentication failed"):
+        repo.manifest(p1)
+
+
+def test_a_wrong_key_is_a_clear_error_and_names_leak_nothing(backend, tmp_path) -> None:
+    from virtwarden.storage_backends.format2.repository import Format2Repository, NotAFormat2Repository
+
+    repo = _repo(backend)
+    disk = _disk(tmp_path / "vda.raw", MiB, [(0, MARKER * 100)])
+    _backup(repo, "secret-db-01", "p0", {"vda": disk})
+    keys_stored = [info.key for info in backend.list("")]
+    assert not [k for k in keys_stored if "secret-db-01" in k]
+    assert all(MARKER not in backend.get_bytes(k) and b"secret-db-01" not in backend.get_bytes(k) for k in keys_stored)
+    other = Format2Repository(backend, Codec(RepositoryKey.generate()))
+    with pytest.raises(NotAFormat2Repository, match="does not open with this key"):
+        _ = other.chunk_size

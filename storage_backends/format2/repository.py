@@ -37,7 +37,7 @@ CONFIG_KEY = "format2/config"
 GC_KEY = "gc/running"
 GC_STALE = 3600.0  # a gc marker older than this is of a gc that died
 WRITER_STALE = 86400.0  # a backup marker older than this is of a backup that died
-DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024  # measured: docs/repository-format.md, "Chunk size"
+DEFAULT_CHUNK_SIZE = 512 * 1024  # measured: docs/repository-format.md, "Chunk size"
 
 
 class NotAFormat2Repository(StorageError):

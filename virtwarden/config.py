@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from virtwarden.errors import ConfigError
 from virtwarden.validation import explain, suggest
@@ -47,7 +47,28 @@ class HostConfig(_Strict):
     migration_bandwidth_mib: int | None = Field(default=None, ge=1)
 
 
-class NfsStorage(_Strict):
+class _Target(_Strict):
+    """What every storage target has: its repository format and, for format 2, its key."""
+
+    # 1: one qcow2 file per disk and point, an incremental needing the points before it.
+    # 2: encrypted, deduplicated chunks (docs/repository-format.md); backups do not
+    # write it yet: ``virtwarden key init`` prepares such a repository.
+    format: Literal[1, 2] = 1
+    # Format 2: storing plaintext must be asked for ("none").
+    encryption: Literal["aes-256-gcm", "none"] = "aes-256-gcm"
+    # Format 2: the key file (virtwarden key init|import), and a file whose first line is
+    # its passphrase (else $VIRTWARDEN_KEY_PASSPHRASE, else a prompt on a terminal).
+    key_file: str | None = None
+    passphrase_file: str | None = None
+
+    @model_validator(mode="after")
+    def _format2_key(self) -> _Target:
+        if self.format == 2 and self.encryption != "none" and not self.key_file:
+            raise ValueError("format 2 with encryption needs key_file (made by: virtwarden key init STORAGE)")
+        return self
+
+
+class NfsStorage(_Target):
     """A mounted path (NFS, or any local filesystem)."""
 
     type: Literal["nfs"]
@@ -59,7 +80,7 @@ class NfsStorage(_Strict):
     create: bool = False
 
 
-class S3Storage(_Strict):
+class S3Storage(_Target):
     type: Literal["s3"]
     bucket: str
     prefix: str = ""

@@ -23,7 +23,7 @@ from virtwarden.storage_backends.format2.objects import Codec, DamagedObject
 from virtwarden.errors import ObjectNotFound
 
 ReadAt = Callable[[int, int], bytes]  # (offset, length) -> exactly length bytes
-WriteAt = Callable[[int, bytes], None]
+WriteAt = Callable[[int, bytes], object]  # what it returns is ignored
 Range = tuple[int, int]  # (offset, length)
 
 

@@ -210,6 +210,31 @@ def build_parser() -> argparse.ArgumentParser:
     _wait_opts(ev)
     hs = cmd("hosts", lazy("virtwarden.cli.hosts:cli"), "the configured hosts: reachable or not, free memory and CPUs")
     hs.add_argument("--json", action="store_true")
+
+    ky = sub.add_parser("key", help="the key of a format-2 repository (docs/repository-format.md)"
+                        ).add_subparsers(metavar="ACTION")
+    pass_help = "file whose first line is the passphrase (default: the target's passphrase_file, " \
+                "$VIRTWARDEN_KEY_PASSPHRASE, or a prompt)"
+    ki = ky.add_parser("init", help="create a repository key, its key file, and the repository on the storage")
+    ki.add_argument("storage", help="a storage target configured with format: 2")
+    ki.add_argument("--passphrase-file", help=pass_help)
+    ki.add_argument("--chunk-size-kib", type=int, help="the repository's chunk size (default 512)")
+    ki.add_argument("--json", action="store_true")
+    ki.set_defaults(handler=lazy("virtwarden.cli.keys:init"))
+    ke = ky.add_parser("export", help="print the key file (still locked by its passphrase), to keep a copy")
+    ke.add_argument("storage")
+    ke.add_argument("--to", metavar="FILE", help="write it to FILE (0600, never over an existing file)")
+    ke.set_defaults(handler=lazy("virtwarden.cli.keys:export"))
+    kim = ky.add_parser("import", help="install a copy of the key file of the repository the storage holds")
+    kim.add_argument("storage")
+    kim.add_argument("file", help="the key file to install")
+    kim.add_argument("--passphrase-file", help=pass_help)
+    kim.set_defaults(handler=lazy("virtwarden.cli.keys:import_"))
+    kp = ky.add_parser("passwd", help="lock the same key with a new passphrase")
+    kp.add_argument("storage")
+    kp.add_argument("--passphrase-file", help="the current passphrase: " + pass_help)
+    kp.add_argument("--new-passphrase-file", help="file whose first line is the new passphrase (or a prompt)")
+    kp.set_defaults(handler=lazy("virtwarden.cli.keys:passwd"))
     return p
 
 

@@ -1,7 +1,9 @@
 """qemu-img, the tool that reads and writes disk images, run as a subprocess."""
 from __future__ import annotations
 
+import bisect
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -87,3 +89,51 @@ def export(layers: list[tuple[Path, str]], dest: Path) -> None:
     if node is None:
         raise ToolFailed("qemu-img convert: no image to export")
     _run("convert", "-U", "-O", "qcow2", "json:" + json.dumps(node), str(dest))
+
+
+class ImageData:
+    """The guest data a standalone qcow2 file holds (a backup target, its backing
+    detached), read straight from the file at the offsets ``qemu-img map`` gives: no
+    QEMU process, no copy. ``held`` are the ranges the image has (data or zeros written
+    into it): for an incremental backup target, exactly what changed since its
+    checkpoint. ``read`` returns zeros where the image holds nothing."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.virtual_size = int(info(path)["virtual-size"])
+        rows = json.loads(_run("map", "--output=json", "-f", "qcow2", str(path)))
+        self.extents = [(int(r["start"]), int(r["length"]), bool(r.get("present", r.get("data"))),
+                         r.get("offset") if r.get("data") else None, bool(r.get("data")), bool(r.get("compressed")))
+                        for r in rows]
+        self._starts = [e[0] for e in self.extents]
+        self._fd: int | None = None
+
+    def __enter__(self) -> ImageData:
+        self._fd = os.open(self.path, os.O_RDONLY)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def held(self) -> list[tuple[int, int]]:
+        return [(start, length) for start, length, present, *_ in self.extents if present]
+
+    def read(self, offset: int, length: int) -> bytes:
+        assert self._fd is not None, "use ImageData as a context manager"
+        out = bytearray(length)
+        i = max(bisect.bisect_right(self._starts, offset) - 1, 0)
+        end = offset + length
+        while i < len(self.extents) and self.extents[i][0] < end:
+            start, size, _present, host, data, compressed = self.extents[i]
+            lo, hi = max(start, offset), min(start + size, end)
+            if data and hi > lo:
+                if compressed or host is None:
+                    raise ToolFailed(f"{self.path}: compressed or unmapped data at {start}: not a backup target")
+                piece = os.pread(self._fd, hi - lo, int(host) + (lo - start))
+                if len(piece) != hi - lo:
+                    raise ToolFailed(f"{self.path}: short read at guest offset {lo}")
+                out[lo - offset:hi - offset] = piece
+            i += 1
+        return bytes(out)

@@ -221,3 +221,57 @@ def test_a_wrong_key_is_a_clear_error_and_names_leak_nothing(backend, tmp_path) 
     other = Format2Repository(backend, Codec(RepositoryKey.generate()))
     with pytest.raises(NotAFormat2Repository, match="does not open with this key"):
         _ = other.chunk_size
+
+
+def test_an_incremental_from_an_image_of_the_changes_only_lays_them_over_the_previous_chunks(store, tmp_path) -> None:
+    """``read_at`` knows only the changed bytes (as an incremental backup target holds
+    only what changed): chunks touched in part are the previous chunk with the change
+    laid over it, and the point restores bit for bit."""
+    size = 6 * MiB + 4096
+    disk = _disk(tmp_path / "vda.raw", size, [(0, os.urandom(4 * MiB)), (6 * MiB, os.urandom(4096))])
+    first, _ = write_disk(store, "vda", _reader(disk), size, CHUNK)
+    changes = {100: os.urandom(10), MiB - 4096: os.urandom(8192), 5 * MiB: os.urandom(4096),  # 5 MiB: a zero chunk
+               2 * MiB: os.urandom(MiB)}  # a whole chunk
+    with open(disk, "r+b") as f:
+        for offset, data in changes.items():
+            f.seek(offset)
+            f.write(data)
+
+    def only_changes(offset: int, length: int) -> bytes:
+        for at, data in changes.items():
+            if at <= offset and offset + length <= at + len(data):
+                return data[offset - at:offset - at + length]
+        raise AssertionError(f"read {offset}+{length} outside the changes")
+
+    second, stats = write_disk(store, "vda", only_changes, size, CHUNK, previous=first,
+                               changed=[(at, len(data)) for at, data in changes.items()])
+    assert stats.read_bytes == sum(len(d) for d in changes.values())
+    assert _restore(store, second, tmp_path / "second.raw").read_bytes() == disk.read_bytes()
+
+
+def test_image_data_reads_a_qcow2_file_as_the_guest_sees_it(tmp_path) -> None:
+    """A backup target qcow2 read straight from its file: the ranges it holds (what an
+    incremental target has) and the bytes at each guest offset."""
+    import shutil
+    import subprocess
+
+    from virtwarden.hypervisor.qemu_img import ImageData
+
+    from tests.conftest import need
+
+    need(shutil.which("qemu-io") is not None, "qemu-io is not installed (qemu-utils)")
+    image = tmp_path / "target.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "8M"], check=True)
+    raw = bytearray(8 * MiB)
+    for offset, data in ((65536, os.urandom(65536)), (3 * MiB + 4096, os.urandom(200_000))):
+        (tmp_path / "piece").write_bytes(data)
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -s {tmp_path / 'piece'} {offset} {len(data)}",
+                        str(image)], check=True, capture_output=True)
+        raw[offset:offset + len(data)] = data
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -z {6 * MiB} 65536", str(image)], check=True,
+                   capture_output=True)
+    with ImageData(image) as img:
+        assert img.virtual_size == 8 * MiB
+        assert img.held() == [(65536, 65536), (3 * MiB, 4 * 65536), (6 * MiB, 65536)]  # whole clusters
+        assert img.read(0, 8 * MiB) == bytes(raw)
+        assert img.read(3 * MiB + 4000, 300) == bytes(raw[3 * MiB + 4000:3 * MiB + 4300])

@@ -79,37 +79,52 @@ def write_disk(store: ChunkStore, target: str, read_at: ReadAt, virtual_size: in
                previous: DiskIndex | None = None, changed: Iterable[Range] | None = None,
                workers: int = 4) -> tuple[DiskIndex, WriteStats]:
     """The index of a disk whose content ``read_at`` gives, storing the chunks that are
-    not stored yet. With ``previous`` (the last index of this disk, same size and chunk
-    size) and ``changed`` (the ranges written since), only chunks that overlap a change
-    are read; the rest are the previous index's. Without ``changed`` every chunk is read,
-    and identical ones are still stored only once."""
+    not stored yet. Without ``changed`` every chunk is read (identical ones are still
+    stored once). With ``previous`` (the last index of this disk: same size and chunk
+    size) and ``changed`` (the ranges written since), ``read_at`` is asked for changed
+    bytes only: a chunk they do not touch keeps the previous index's id, and one they
+    touch in part is the previous chunk (fetched from the repository) with the changed
+    bytes laid over it. So ``read_at`` may read from an image that holds only the
+    changes (an incremental backup target)."""
     n = count(virtual_size, chunk_size)
     stats = WriteStats()
-    dirty: set[int] | None = None
-    if previous is not None and changed is not None:
+    dirty: dict[int, list[Range]] | None = None
+    if changed is not None:
+        if previous is None:
+            raise ValueError(f"{target}: changed ranges need the previous index")
         if (previous.virtual_size, previous.chunk_size) != (virtual_size, chunk_size):
-            raise ValueError(f"{target}: the previous index is of another size; read everything")
-        dirty = _touched(changed, chunk_size, n)
+            raise ValueError(f"{target}: the previous index is of another size or chunk size")
+        dirty = _touched(changed, chunk_size, virtual_size)
     ids: list[str | None] = [None] * n
 
     def one(i: int) -> None:
         offset = i * chunk_size
-        data = read_at(offset, min(chunk_size, virtual_size - offset))
+        length = min(chunk_size, virtual_size - offset)
+        parts = None if dirty is None else dirty[i]
+        if parts is None or parts == [(offset, length)]:
+            data = read_at(offset, length)
+            stats.add(read_bytes=length)
+        else:
+            assert previous is not None
+            base_id = previous.chunks[i]
+            chunk = bytearray(store.get(base_id) if base_id else bytes(length))
+            for at, size in parts:
+                chunk[at - offset:at - offset + size] = read_at(at, size)
+                stats.add(read_bytes=size)
+            data = bytes(chunk)
         if data.count(0) != len(data):  # not all zeros (counted in C); zeros are not stored
             cid, stored = store.put(data)
             ids[i] = cid
-            stats.add(read_bytes=len(data), stored_chunks=1 if stored else 0, stored_bytes=stored,
-                      known_chunks=0 if stored else 1)
+            stats.add(stored_chunks=1 if stored else 0, stored_bytes=stored, known_chunks=0 if stored else 1)
         else:
-            stats.add(read_bytes=len(data), zero_chunks=1)
+            stats.add(zero_chunks=1)
 
-    todo = range(n) if dirty is None else sorted(dirty)
     if dirty is not None and previous is not None:
         for i, cid in enumerate(previous.chunks):
             if i not in dirty:
                 ids[i] = cid
         stats.add(reused_chunks=n - len(dirty))
-    _bounded(one, todo, workers)
+    _bounded(one, range(n) if dirty is None else sorted(dirty), workers)
     return DiskIndex(target, virtual_size, chunk_size, tuple(ids)), stats
 
 
@@ -141,13 +156,26 @@ def read_disk(store: ChunkStore, index: DiskIndex, write_at: WriteAt, *, workers
     return written
 
 
-def _touched(changed: Iterable[Range], chunk_size: int, n: int) -> set[int]:
-    out: set[int] = set()
+def _touched(changed: Iterable[Range], chunk_size: int, virtual_size: int) -> dict[int, list[Range]]:
+    """For each chunk a change touches: the changed (offset, length) ranges within it,
+    merged and in order."""
+    spans: dict[int, list[tuple[int, int]]] = {}
     for offset, length in changed:
-        if length <= 0:
-            continue
-        first, last = offset // chunk_size, (offset + length - 1) // chunk_size
-        out.update(range(max(first, 0), min(last, n - 1) + 1))
+        lo, hi = max(offset, 0), min(offset + length, virtual_size)
+        while lo < hi:
+            i = lo // chunk_size
+            end = min(hi, (i + 1) * chunk_size)
+            spans.setdefault(i, []).append((lo, end))
+            lo = end
+    out: dict[int, list[Range]] = {}
+    for i, pieces in spans.items():
+        merged: list[list[int]] = []
+        for lo, hi in sorted(pieces):
+            if merged and lo <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        out[i] = [(lo, hi - lo) for lo, hi in merged]
     return out
 
 

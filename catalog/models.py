@@ -142,6 +142,8 @@ class RestorePoint(Base):
     consistency: Mapped[str] = mapped_column(String(16), default="crash")  # crash|quiesced
     checkpoint: Mapped[str | None] = mapped_column(String(255))
     manifest_key: Mapped[str] = mapped_column(String(1024))
+    # The repository format the point is stored in (docs/repository-format.md): 1 or 2.
+    format: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     # SHA-256 of the manifest as stored: checked before a manifest is trusted.
     manifest_sha256: Mapped[str | None] = mapped_column(String(64))
     # When a verification last re-read the point's data.

@@ -63,6 +63,7 @@ class PointView:
     manifest_sha256: str | None = None
     verified_at: datetime | None = None
     damage: str | None = None
+    format: int = 1  # the repository format: 1 (a qcow2 per disk) or 2 (chunks)
 
     @property
     def usable(self) -> bool:
@@ -91,6 +92,7 @@ class PointView:
             "damage": self.damage,
             "verified_at": self.verified_at.isoformat() if self.verified_at else None,
             "manifest_sha256": self.manifest_sha256,
+            "format": self.format,
             "disks": [
                 {"target": a.target, "size_bytes": a.size_bytes, "sha256": a.sha256,
                  "virtual_size": a.virtual_size}

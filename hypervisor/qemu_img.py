@@ -59,7 +59,10 @@ def flatten_into(layers: list[Path], fd: int, *, fmt: str = "qcow2") -> None:
 
 
 def _chain(layers: list[Path]) -> str:
-    node: dict = {"driver": "qcow2", "file": {"driver": "file", "filename": str(layers[0])}}
+    """A bottom layer named ``*.raw`` is read as raw (a disk a format-2 restore wrote
+    from chunks); every other layer is qcow2."""
+    bottom = "raw" if Path(layers[0]).suffix == ".raw" else "qcow2"
+    node: dict = {"driver": bottom, "file": {"driver": "file", "filename": str(layers[0])}}
     for layer in layers[1:]:
         node = {"driver": "qcow2", "file": {"driver": "file", "filename": str(layer)}, "backing": node}
     return "json:" + json.dumps(node)

@@ -105,7 +105,8 @@ class Repository:
         """Unpublish first (manifest), then remove the data: a crash in between leaves
         unlisted leftovers, never a listed point with missing data."""
         self.backend.delete(self.manifest_key(prefix))
-        for obj in list(self.backend.list(prefix)):
+        # A format-2 point's manifest (docs/repository-format.md) goes first too.
+        for obj in sorted(self.backend.list(prefix), key=lambda o: o.key.rsplit("/", 1)[-1] != "manifest"):
             self.backend.delete(obj.key)
 
 

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +24,9 @@ from virtwarden.catalog import points
 from virtwarden.catalog.points import ArtifactView, PointView
 from virtwarden.hypervisor import qemu_img
 from virtwarden.hypervisor.types import DomainInfo
+from virtwarden.storage_backends.format2.index import DiskIndex
+from virtwarden.storage_backends.format2.repository import Format2Repository, PointRef
+from virtwarden.storage_backends.format2.store import write_disk
 from virtwarden.storage_backends.repository import Repository
 from virtwarden.tasks import recovery
 from virtwarden.tasks.context import JobContext
@@ -107,13 +111,15 @@ class Output:
     place: str
 
 
-def plan_outputs(ctx: JobContext, repo: Repository, prefix: str, dom: DomainInfo, storage: str) -> dict[str, Output]:
+def plan_outputs(ctx: JobContext, repo: Repository, prefix: str, dom: DomainInfo, storage: str, *,
+                 scratch_only: bool = False) -> dict[str, Output]:
     """Images go straight onto a mounted target when it can take them (no second copy);
-    otherwise into this job's scratch directory, to be uploaded."""
+    otherwise (or ``scratch_only``: format 2 stores chunks, never the image) into this
+    job's scratch directory, to be uploaded."""
     out = {}
     for d in dom.disks:
         key = repo.artifact_key(prefix, d.target)
-        staged = repo.backend.stage(key)
+        staged = None if scratch_only else repo.backend.stage(key)
         if staged is not None:
             out[d.target] = Output(key, staged, True, f"storage {storage!r} ({staged.parent})")
         else:
@@ -166,6 +172,39 @@ def store_images(ctx: JobContext, repo: Repository, outputs: dict[str, Output]) 
     return out
 
 
+def store_chunks(ctx: JobContext, repo2: Format2Repository, ref: PointRef, dom: DomainInfo, plan: LevelPlan,
+                 outputs: dict[str, Output], previous: dict[str, DiskIndex]) -> list[ArtifactView]:
+    """Format 2: each disk's image (a push-mode backup target) into chunks and an index.
+    An incremental target holds only what changed since its checkpoint: with the previous
+    point's index of that disk, only those ranges are read (incremental forever). The
+    artifacts name each disk's index, the bytes stored anew, and the index's SHA-256."""
+    out = []
+    for n, (target, o) in enumerate(outputs.items()):
+        qemu_img.detach_backing(o.path)  # libvirt names the live disk as backing: never read through it
+        prev = previous.get(target) if plan.level == "incremental" and dom.disk(target).has_bitmaps else None
+        ctx.report(0.6 + 0.39 * n / len(outputs), f"storing {target} as chunks")
+        with qemu_img.ImageData(o.path) as img:
+            index, stats = write_disk(repo2.chunks, target, img.read, img.virtual_size, repo2.chunk_size,
+                                      previous=prev, changed=img.held() if prev else None)
+        faults.pause_point("storing")
+        sha = repo2.write_index(ref, index)
+        log.info("job %s: %s of %s: %d MiB read, %d chunk(s) stored (%d MiB), %d already stored, %d reused, "
+                 "%d zero", ctx.job_id, target, dom.name, stats.read_bytes >> 20, stats.stored_chunks,
+                 stats.stored_bytes >> 20, stats.known_chunks, stats.reused_chunks, stats.zero_chunks)
+        out.append(ArtifactView(target, ref.index_key(target), stats.stored_bytes, sha, index.virtual_size))
+    return out
+
+
+def format2_manifest(manifest: dict, artifacts: list[ArtifactView]) -> dict:
+    """A format-1 manifest (``build_manifest``) as format 2 has it: the point complete on
+    its own (no chain, no parent) and each disk named by its index's SHA-256."""
+    kept = {k: v for k, v in manifest.items() if k not in ("chain_id", "parent_id", "seq", "disks")}
+    source = {d["target"]: d.get("source") for d in manifest["disks"]}
+    return {**kept, "format": 2, "point_id": manifest["point_id"],
+            "disks": [{"target": a.target, "virtual_size": a.virtual_size, "index_sha256": a.sha256,
+                       "stored_bytes": a.size_bytes, "source": source[a.target]} for a in artifacts]}
+
+
 def build_manifest(ctx: JobContext, dom: DomainInfo, point: PointView, plan: LevelPlan, checkpoint: str | None,
               artifacts: list[ArtifactView], checkpoint_xml: str, *, consistency: str = "crash") -> dict:
     modes = {d.target: ("incremental" if plan.level == "incremental" and d.has_bitmaps else "full")
@@ -215,12 +254,13 @@ def complete_point(ctx: JobContext, point_id: str, artifacts: list[ArtifactView]
 
 
 def undo_point(ctx: JobContext, repo: Repository, domain: str, point_id: str, prefix: str,
-          checkpoint: str | None, error: BaseException) -> None:
+               checkpoint: str | None, error: BaseException, *, remove: Callable[[], None] | None = None) -> None:
     """Leave nothing half-done: the point failed, its pieces and checkpoint removed, but
     only by the attempt that still owns the job, and the data only of a point this call
     moved from writing to failed (never of one the catalog lists as complete). When
     that cannot be known (lease lost, catalog unreachable) nothing is touched: the
-    next attempt's recovery, or the sweep of unfinished points, does it."""
+    next attempt's recovery, or the sweep of unfinished points, does it. ``remove``
+    removes the point's stored data (default: everything under ``prefix``)."""
     if isinstance(error, LeaseLost):
         return
     hv = ctx.require_hypervisor()
@@ -238,7 +278,7 @@ def undo_point(ctx: JobContext, repo: Repository, domain: str, point_id: str, pr
         return
     for step in (lambda: hv.abort_job(domain) if checkpoint and hv.has_active_job(domain) else None,
                  lambda: hv.delete_checkpoint(domain, checkpoint) if checkpoint else None,
-                 lambda: recovery.remove_point_data(repo, prefix)):
+                 remove or (lambda: recovery.remove_point_data(repo, prefix))):
         try:
             ctx.ensure_owner(f"clean up after the failed backup of {domain}")
             step()

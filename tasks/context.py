@@ -14,6 +14,7 @@ from virtwarden.catalog.store import Catalog
 from virtwarden.hypervisor import connect as connect_libvirt
 from virtwarden.hypervisor.types import Connect, Hypervisor
 from virtwarden.storage_backends.base import Backend
+from virtwarden.storage_backends.format2.repository import Format2Repository
 
 from virtwarden.config import AgentConfig, DrillConfig
 
@@ -30,6 +31,10 @@ def _quiet(_fraction: float, _text: str) -> None:
 
 
 def _unfenced(_action: str) -> None:
+    return None
+
+
+def _format1(_storage: str) -> Format2Repository | None:
     return None
 
 
@@ -52,6 +57,8 @@ class JobContext:
     # The configuration's ``agent`` and ``drill`` sections (guest agent timeouts, drill polls).
     agent: AgentConfig = field(default_factory=AgentConfig)
     drill: DrillConfig = field(default_factory=DrillConfig)
+    # storage name -> its format-2 repository, key loaded; None for a format-1 target.
+    repository: Callable[[str], Format2Repository | None] = _format1
     # Opens another host (host name, libvirt URI): what the worker opened ``hypervisor`` with.
     connect: Connect = connect_libvirt
     _scratch: Path | None = field(default=None, repr=False)

@@ -38,6 +38,8 @@ from virtwarden.catalog.store import Catalog
 from virtwarden.hypervisor import qemu_img
 from virtwarden.hypervisor.domxml import redact
 from virtwarden.storage_backends.base import Backend
+from virtwarden.storage_backends.format2.repository import Format2Repository
+from virtwarden.storage_backends.format2.store import read_disk
 from virtwarden.storage_backends.repository import Repository
 from virtwarden.tasks.confine import PRIVATE_DIR, NewDir, check_target, confine
 from virtwarden.tasks.context import JobContext
@@ -144,6 +146,8 @@ class Chain:
 
     points: list[PointView]
     manifests: list[dict]
+    # A format-2 point's repository (its disks are read from chunks); None for format 1.
+    repo2: Format2Repository | None = None
 
     @property
     def point(self) -> PointView:
@@ -156,12 +160,21 @@ class Chain:
         return redact(str(self.manifests[-1]["domain"]["xml"]))
 
 
-def load_chain(cat: Catalog, backend: Backend, point: PointView) -> Chain:
+def load_chain(cat: Catalog, backend: Backend, point: PointView,
+               repo2: Format2Repository | None = None) -> Chain:
     """The point's chain from the catalog, with each point's manifest: trusted only
     when its stored bytes have the SHA-256 the catalog recorded (points made before
     manifests were checksummed have none and are compared with the catalog only), and
     when it names the artifacts the catalog has. ChecksumMismatch before anything is
-    read further or written."""
+    read further or written. A format-2 point is a chain of one, read with ``repo2``
+    (its storage's format-2 repository)."""
+    if point.format == 2:
+        if repo2 is None:
+            raise StorageError(f"restore point {point.id} is in repository format 2, and storage {point.storage} "
+                               "is not configured for it (format: 2 and its key_file)")
+        manifest = _format2_manifest(repo2, point)
+        _check_matches_catalog([point], [manifest])
+        return Chain([point], [manifest], repo2)
     chain = points.chain_to(cat, point.id)
     repo = Repository(backend)
     manifests = [repo.read_manifest(p.manifest_key, expected_sha256=p.manifest_sha256) for p in chain]
@@ -206,6 +219,17 @@ def _check_matches_catalog(chain: list[PointView], manifests: list[dict]) -> Non
                                    "nothing was written")
 
 
+def _format2_manifest(repo2: Format2Repository, point: PointView) -> dict:
+    """A format-2 point's manifest, in the shape the restore steps read: each disk one
+    full layer, named by its index (key and SHA-256, as the catalog has them)."""
+    ref = repo2.ref(point.domain, point.id)
+    m = repo2.manifest(ref, expected_sha256=point.manifest_sha256)
+    disks = [{"target": d["target"], "mode": "full", "format": "raw", "key": ref.index_key(d["target"]),
+              "sha256": d["index_sha256"], "size_bytes": d.get("stored_bytes", 0),
+              "virtual_size": d["virtual_size"], "source": d.get("source")} for d in m["disks"]]
+    return {**m, "disks": disks}
+
+
 FETCHED = "restore-fetched"  # test fault point: the artifacts are in scratch space
 
 
@@ -217,6 +241,8 @@ def fetch(ctx: JobContext, backend: Backend, chain: Chain, *, share: float = 0.7
     changed on storage after it was checked can no longer reach a restored image (on a
     mounted filesystem the stored file itself could change between a check and the
     rebuild's read). Progress runs from 0 to ``share``."""
+    if chain.repo2 is not None:
+        return _fetch_format2(ctx, chain.repo2, chain, share)
     needed = {d["key"]: d for t in targets_of(chain) for d in layers_for(chain.manifests, t)}
     total = sum(d["size_bytes"] for d in needed.values())
     _check_scratch_space(ctx, chain.point.id, total)
@@ -232,6 +258,33 @@ def fetch(ctx: JobContext, backend: Backend, chain: Chain, *, share: float = 0.7
         backend.get_file(d["key"], path, expected_sha256=d["sha256"], progress=moved, durable=False)
         local[d["key"]] = path
         done += d["size_bytes"]
+    return local
+
+
+def _fetch_format2(ctx: JobContext, repo2: Format2Repository, chain: Chain, share: float) -> dict[str, Path]:
+    """Format 2: each disk written from its chunks into a sparse raw file in scratch (only
+    the pieces that are not zeros), every chunk authenticated and its id checked as it
+    is read; index key -> path."""
+    point = chain.point
+    ref = repo2.ref(point.domain, point.id)
+    disks = chain.manifests[-1]["disks"]
+    try:
+        indexes = [repo2.index(ref, d["target"], d["sha256"]) for d in disks]
+    except ChecksumMismatch as e:
+        raise ChecksumMismatch(f"restore point {point.id}: {e}; nothing was written") from e
+    _check_scratch_space(ctx, point.id, sum(len(i.referenced()) * i.chunk_size for i in indexes))
+    local = {}
+    for n, (d, index) in enumerate(zip(disks, indexes, strict=True)):
+        ctx.report(share * n / len(disks), f"reading {d['target']} from its chunks")
+        path = ctx.scratch / f"{n:04d}-{d['target']}.raw"
+        with open(path, "wb") as f:
+            f.truncate(index.virtual_size)
+            fd = f.fileno()
+            try:
+                read_disk(repo2.chunks, index, lambda offset, data: os.pwrite(fd, data, offset))  # noqa: B023 - now
+            except ChecksumMismatch as e:
+                raise ChecksumMismatch(f"restore point {point.id}: {e}; nothing was written") from e
+        local[d["key"]] = path
     return local
 
 
@@ -290,7 +343,7 @@ def run_restore(ctx: JobContext, req: RestoreRequest, *, dir_mode: int = PRIVATE
         confine(req.to_dir, roots)  # before anything is read
     point = resolve_point(ctx.catalog, req.domain, req.point, req.storage)
     backend = ctx.storage(point.storage)
-    chain = load_chain(ctx.catalog, backend, point)
+    chain = load_chain(ctx.catalog, backend, point, ctx.repository(point.storage) if point.format == 2 else None)
     targets = targets_of(chain)
     ctx.clear_scratch()
     ctx.scratch.mkdir(parents=True)

@@ -29,6 +29,8 @@ from datetime import UTC, datetime
 
 from virtwarden.catalog import points
 from virtwarden.catalog.points import PointView
+from virtwarden.storage_backends.format2.objects import DamagedObject
+from virtwarden.storage_backends.format2.repository import Format2Repository
 from virtwarden.storage_backends.repository import Repository
 from virtwarden.tasks.context import JobContext
 
@@ -107,6 +109,16 @@ def run_verify(ctx: JobContext, req: VerifyRequest) -> dict:
     for p in scope:
         if p.id in run.unlisted:
             continue
+        if p.format == 2:
+            repo2 = ctx.repository(p.storage)
+            if repo2 is None:
+                _found(ctx, run, p, p.manifest_key, f"a format-2 point, and storage {p.storage} is not configured "
+                       "for format 2", damage=False)
+                continue
+            if _check_format2(ctx, run, repo2, p, reread=p.id in sampled):
+                points.record_verified(ctx.catalog, [p.id])
+                run.verified.append(p.id)
+            continue
         repo = repos.get(p.storage) or repos.setdefault(p.storage, Repository(ctx.storage(p.storage)))
         intact = _check_manifest(ctx, run, repo, p)
         if intact and p.id in sampled and _check_artifacts(ctx, run, repo, p, total):
@@ -138,6 +150,44 @@ def _check_manifest(ctx: JobContext, run: _Run, repo: Repository, p: PointView) 
         raise
     except StorageError as e:  # missing, changed, unreadable: the point cannot be restored
         _found(ctx, run, p, p.manifest_key, str(e), damage=True)
+        return False
+    return True
+
+
+def _check_format2(ctx: JobContext, run: _Run, repo2: Format2Repository, p: PointView, *, reread: bool) -> bool:
+    """A format-2 point: its manifest (the catalog's SHA-256) and indexes (the manifest's)
+    always; when ``reread``, every chunk it uses, each authenticated and its id checked.
+    A damaged chunk is deleted: the next backup that produces its data stores it again,
+    which repairs every point that names it."""
+    ref = repo2.ref(p.domain, p.id)
+    key = p.manifest_key
+    try:
+        manifest = repo2.manifest(ref, expected_sha256=p.manifest_sha256)
+        indexes = repo2.indexes(ref, manifest)
+        want = {a.key: a.sha256 for a in p.artifacts}
+        if manifest.get("point_id") != p.id or want != {ref.index_key(d["target"]): d["index_sha256"]
+                                                        for d in manifest["disks"]}:
+            raise ChecksumMismatch(f"manifest {key} does not match the catalog (its point id, disks or their "
+                                   "index checksums differ)")
+        if not reread:
+            return True
+        for index in indexes:
+            for cid in sorted(index.referenced()):
+                key = repo2.chunks.key(cid)
+                try:
+                    run.bytes_read += len(repo2.chunks.get(cid))
+                except DamagedObject:
+                    repo2.backend.delete(key)  # unreadable anyway; the next backup of this data rewrites it
+                    raise
+                run.artifacts += 1
+            ctx.report(0.99, f"verified {p.domain} {index.target}")
+    except Transient:
+        raise
+    except (ChecksumMismatch, ObjectNotFound) as e:
+        _found(ctx, run, p, key, str(e), damage=True)
+        return False
+    except StorageError as e:
+        _found(ctx, run, p, key, str(e), damage=False)
         return False
     return True
 

@@ -12,6 +12,7 @@ records nothing; its successor's recovery takes over what it left.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -27,6 +28,7 @@ from virtwarden.catalog.store import Catalog
 from virtwarden.hypervisor import connect
 from virtwarden.hypervisor.types import Hypervisor
 from virtwarden.storage_backends import open_backend
+from virtwarden.storage_backends.format2.access import repository_of
 from virtwarden.tasks.context import JobContext
 
 from virtwarden.config import Config
@@ -226,6 +228,7 @@ def execute(cfg: Config, job_id: str, *, cat: Catalog | None = None, via_host: s
         ctx = JobContext(
             job_id=job_id, catalog=beat.fenced, hypervisor=hv, connect=connect,
             storage=lambda name: open_backend(name, cfg.storage_target(name)),
+            repository=functools.cache(lambda name: repository_of(name, cfg.storage_target(name))),  # one unlock
             scratch_root=cfg.scratch_dir(host), report=beat.report, attempt=claim.attempt,
             token=fence.token, confirm_owner=beat.confirm, restore_roots=cfg.restore_roots,
             agent=cfg.agent, drill=cfg.drill,

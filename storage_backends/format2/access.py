@@ -77,3 +77,9 @@ def load_key(name: str, settings, *, prompt: bool = False) -> RepositoryKey | No
 def open_repository(name: str, settings, *, backend: Backend | None = None,
                     prompt: bool = False) -> Format2Repository:
     return Format2Repository(backend or open_backend(name, settings), Codec(load_key(name, settings, prompt=prompt)))
+
+
+def repository_of(name: str, settings) -> Format2Repository | None:
+    """Storage ``name``'s format-2 repository (its key loaded), or None for a format-1
+    target: what a job is given to tell the two apart."""
+    return open_repository(name, settings) if settings.format == 2 else None

@@ -128,15 +128,20 @@ class Format2Repository:
         self.backend.put_bytes(key, self.codec.seal("index", key, data))
         return hashlib.sha256(data).hexdigest()
 
-    def write_manifest(self, ref: PointRef, manifest: dict) -> None:
-        """Publish the point: the last write of a backup."""
-        self.backend.put_bytes(ref.manifest_key, self.codec.seal("manifest", ref.manifest_key, _json(manifest)))
+    def write_manifest(self, ref: PointRef, manifest: dict) -> str:
+        """Publish the point: the last write of a backup. The SHA-256 of the stored object."""
+        blob = self.codec.seal("manifest", ref.manifest_key, _json(manifest))
+        return self.backend.put_bytes(ref.manifest_key, blob).sha256
 
-    def manifest(self, ref: PointRef) -> dict:
+    def manifest(self, ref: PointRef, expected_sha256: str | None = None) -> dict:
+        """The point's manifest; with ``expected_sha256`` (the catalog's record) the stored
+        object must have that SHA-256."""
         try:
             blob = self.backend.get_bytes(ref.manifest_key)
         except ObjectNotFound:
             raise RestorePointNotFound(f"point {ref.point_id} is not in storage {self.backend.name}") from None
+        if expected_sha256 is not None and hashlib.sha256(blob).hexdigest() != expected_sha256:
+            raise DamagedObject(f"manifest {ref.manifest_key}: not the manifest the catalog recorded")
         return json.loads(self.codec.open("manifest", ref.manifest_key, blob))
 
     def index(self, ref: PointRef, target: str, expected_sha256: str | None = None) -> DiskIndex:

@@ -211,12 +211,14 @@ class Installation:
         self.config_path.chmod(0o600)  # it may hold secrets (S3 keys): as an operator keeps it
         return self.config_path
 
-    def cli(self, *args: str, timeout: float = 300, in_process: bool | None = None) -> Cli:
+    def cli(self, *args: str, timeout: float = 300, in_process: bool | None = None,
+            env: dict[str, str] | None = None) -> Cli:
         """``virtwarden ARGS`` with this installation's configuration, in a new process,
         or in this one when ``in_process`` (by default ``cli_in_process``) and ARGS name
-        no daemon. ``timeout`` bounds a new process only."""
+        no daemon. ``timeout`` bounds a new process only; ``env`` is added to its
+        environment (a fault point's, say)."""
         self.write_config()
-        env = {**os.environ, "VIRTWARDEN_CONFIG": str(self.config_path)}
+        env = {**os.environ, "VIRTWARDEN_CONFIG": str(self.config_path), **(env or {})}
         env.pop("VIRTWARDEN_DATABASE_URL", None)
         env.pop("VIRTWARDEN_BROKER_URL", None)
         inline = self.cli_in_process if in_process is None else in_process

@@ -5,13 +5,14 @@ chunks, what the guest wrote is not readable in storage, and a damaged chunk is 
 by verify and refused by restore with the point, disk and offset named."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from virtwarden.storage_backends.format2.access import open_repository
 
 from tests.guests import images_equal
-from tests.harness import s3_storage_entry
+from tests.harness import s3_storage_entry, wait_for
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.cli_in_process]
 MiB = 1024 * 1024
@@ -142,3 +143,92 @@ def test_a_damaged_chunk_is_found_by_verify_and_refused_by_restore(vault, guest_
     out = _restore(vw, g, again["point_id"], tmp_path / "repaired")
     assert images_equal(out / "vda.qcow2", g.shadow_copy("vda", tmp_path / "now.raw"))
     assert repo.backend.exists(key)
+
+
+def test_a_point_restores_with_the_catalog_deleted_and_clones_share_their_chunks(vault, guest_factory,
+                                                                                 tmp_path) -> None:
+    vw = vault
+    template = tmp_path / "template.bin"
+    template.write_bytes(os.urandom(16 * MiB))
+    a, b = guest_factory(disks=1, size_mib=32), guest_factory(disks=1, size_mib=32)
+    for g in (a, b):
+        g.write("vda", 0, 16 * MiB, data_file=template)
+    b.write_random("vda", 5 * MiB, 4096)  # the clone has its own host name, say
+    vw.start_worker()
+    _backup(vw, a)
+    first = vw.cli("storage", "stats", "vault", "--json").json()
+    point_b = _backup(vw, b)["point_id"]
+    both = vw.cli("storage", "stats", "vault", "--json").json()
+    assert both["stored_bytes_all"] - first["stored_bytes_all"] <= 0.05 * first["stored_bytes_all"]
+    assert both["domains"][b.name]["logical_bytes"] == 16 * MiB and both["dedup_ratio"] >= 1.9
+
+    (vw.data_dir / "catalog.db").unlink()  # no catalog, no worker: the storage and the key
+    vw.close()
+    listed = vw.cli("storage", "points", "vault", "--domain", b.name, "--json")
+    assert listed.code == 0, listed.err
+    assert [p["id"] for p in listed.json()] == [point_b]
+    r = vw.cli("storage", "restore", "vault", point_b, "--to-dir", str(tmp_path / "out"), in_process=False)
+    assert r.code == 0, r.err
+    assert images_equal(tmp_path / "out" / "vda.qcow2", b.shadow_copy("vda", tmp_path / "b.raw"))
+    assert "<name>" + b.name + "</name>" in (tmp_path / "out" / "domain.xml").read_text()
+    r = vw.cli("storage", "restore", "vault", point_b, "--to-dir", str(tmp_path / "out"))
+    assert r.code != 0 and "is not an empty directory" in r.err
+
+
+def test_gc_while_a_backup_writes_deletes_none_of_its_chunks(vault, guest_factory, tmp_path) -> None:
+    """Two processes: the backup stopped in the middle of storing its chunks (its index
+    not written yet), and gc run beside it. gc defers; the backup then finishes and its
+    point restores bit for bit; gc run again deletes only what no point uses."""
+    from tests.faults import pause_env, stopped_at
+
+    vw = vault
+    g = guest_factory(disks=1, size_mib=32)
+    g.write_random("vda", 0, 8 * MiB)
+    faults = tmp_path / "faults"
+    worker = vw.start_worker(env=pause_env("storing", faults))
+    r = vw.cli("backup", g.name, "--target", "vault", "--json")
+    assert r.code == 0, r.err
+    job_id = r.json()["id"]
+    stopped_at("storing", faults)
+    expected = g.shadow_copy("vda", tmp_path / "expected.raw")
+
+    gc = vw.cli("storage", "gc", "vault", "--json", in_process=False)
+    assert gc.code == 0, gc.err
+    assert gc.json()["deleted"] == 0 and "1 backup(s) under way" in gc.json()["deferred"]
+    worker.resume()
+    from virtwarden.catalog import jobs
+
+    done = wait_for(lambda: (j := jobs.get(vw.catalog(), job_id)).finished and j, 60, "the backup")
+    assert done.state == "succeeded", done.error
+    gc = vw.cli("storage", "gc", "vault", "--json", in_process=False)
+    assert gc.json()["deferred"] is None and gc.json()["deleted"] == 0
+    out = _restore(vw, g, done.result["point_id"], tmp_path / "out")
+    assert images_equal(out / "vda.qcow2", expected)
+
+
+def test_gc_killed_midway_leaves_every_point_restorable(vault, guest_factory, tmp_path) -> None:
+    from tests.faults import kill_env
+
+    vw = vault
+    g = guest_factory(disks=1, size_mib=32)
+    g.write_random("vda", 0, 8 * MiB)
+    vw.start_worker()
+    old = _backup(vw, g)["point_id"]
+    g.write_random("vda", 0, 4 * MiB)  # the old point's chunks there are now its alone
+    kept = _backup(vw, g)["point_id"]
+    expected = g.shadow_copy("vda", tmp_path / "expected.raw")
+    repo = _repo(vw)
+    repo.delete_point(repo.ref(g.name, old))  # as prune does, catalog aside
+
+    killed = vw.cli("storage", "gc", "vault", in_process=False,
+                    env=kill_env("gc-deleting", tmp_path / "faults"))
+    assert killed.code == -9
+    out = _restore(vw, g, kept, tmp_path / "after-kill")
+    assert images_equal(out / "vda.qcow2", expected)
+    with pytest.raises(Exception, match="gc is running"):  # its marker holds backups back...
+        repo.begin_writing("a backup")
+    again = vw.cli("storage", "gc", "vault", "--json", in_process=False)  # ...until gc runs again
+    assert again.code == 0 and again.json()["deleted"] > 0, again.err
+    assert _backup(vw, g)["level"] == "incremental"
+    out = _restore(vw, g, kept, tmp_path / "after-gc")
+    assert images_equal(out / "vda.qcow2", expected)

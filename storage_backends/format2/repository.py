@@ -30,12 +30,13 @@ from virtwarden.storage_backends.format2.index import DiskIndex
 from virtwarden.storage_backends.format2.objects import Codec, DamagedObject
 from virtwarden.storage_backends.format2.store import ChunkStore
 
+from virtwarden import faults
 from virtwarden.errors import ObjectNotFound, RestorePointNotFound, StorageError, Transient
 
 FORMAT = 2
 CONFIG_KEY = "format2/config"
 GC_KEY = "gc/running"
-GC_STALE = 3600.0  # a gc marker older than this is of a gc that died
+GC_STALE = 600.0  # a gc marker older than this is of a gc that died (a live one renews it)
 WRITER_STALE = 86400.0  # a backup marker older than this is of a backup that died
 DEFAULT_CHUNK_SIZE = 512 * 1024  # measured: docs/repository-format.md, "Chunk size"
 
@@ -219,6 +220,7 @@ class Format2Repository:
                                 f"{', '.join(sorted(w['what'] for w in writers))}")
             used = self.referenced()
             deleted = deleted_bytes = stored = 0
+            marked = time.monotonic()
             for info in list(self.backend.list("chunks/")):
                 stored += 1
                 cid = info.key.rsplit("/", 1)[1]
@@ -226,6 +228,10 @@ class Format2Repository:
                     self.backend.delete(info.key)
                     deleted += 1
                     deleted_bytes += info.size
+                    faults.pause_point("gc-deleting")
+                if time.monotonic() - marked > GC_STALE / 10:  # still alive: backups keep waiting
+                    self._mark(GC_KEY, "gc")
+                    marked = time.monotonic()
             return GcReport(stored, len(used), deleted, deleted_bytes, None)
         finally:
             self.backend.delete(GC_KEY)

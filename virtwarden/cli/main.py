@@ -235,6 +235,28 @@ def build_parser() -> argparse.ArgumentParser:
     kp.add_argument("--passphrase-file", help="the current passphrase: " + pass_help)
     kp.add_argument("--new-passphrase-file", help="file whose first line is the new passphrase (or a prompt)")
     kp.set_defaults(handler=lazy("virtwarden.cli.keys:passwd"))
+
+    st = sub.add_parser("storage", help="a format-2 repository read with only the storage and its key (no catalog)"
+                        ).add_subparsers(metavar="ACTION")
+    sp_ = st.add_parser("points", help="the points the repository holds, from their manifests")
+    sp_.add_argument("storage")
+    sp_.add_argument("--domain", help="only this domain's")
+    sp_.add_argument("--json", action="store_true")
+    sp_.set_defaults(handler=lazy("virtwarden.cli.storage:points_cli"))
+    sr = st.add_parser("restore", help="write a point's disks (qcow2) and domain XML into a new or empty directory")
+    sr.add_argument("storage")
+    sr.add_argument("point", help="the point's id (virtwarden storage points)")
+    sr.add_argument("--to-dir", required=True, help="a new or empty directory")
+    sr.add_argument("--json", action="store_true")
+    sr.set_defaults(handler=lazy("virtwarden.cli.storage:restore_cli"))
+    ss = st.add_parser("stats", help="bytes in the points, bytes stored, dedup and compression, per domain")
+    ss.add_argument("storage")
+    ss.add_argument("--json", action="store_true")
+    ss.set_defaults(handler=lazy("virtwarden.cli.storage:stats_cli"))
+    sg = st.add_parser("gc", help="delete the chunks no point uses (never while a backup writes)")
+    sg.add_argument("storage")
+    sg.add_argument("--json", action="store_true")
+    sg.set_defaults(handler=lazy("virtwarden.cli.storage:gc_cli"))
     return p
 
 

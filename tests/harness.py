@@ -279,6 +279,21 @@ def vw(request, tmp_path: Path, redis_url: str):
     redis.Redis.from_url(redis_url).flushdb()
 
 
+def add_format2_target(vw: Installation, name: str, kind: str, request, root: Path) -> None:
+    """A format-2 storage target ``name`` (a directory under ``root``, or the S3 test
+    bucket when ``kind`` is "s3") with a key file and passphrase file under ``root``
+    (the key is not made: ``virtwarden key init``)."""
+    secrets_dir = root / "secrets"
+    secrets_dir.mkdir(mode=0o700, exist_ok=True)
+    (secrets_dir / "pass").write_text("correct horse battery\n")
+    if kind == "nfs":
+        entry = {"type": "nfs", "path": str(root / name), "create": True}
+    else:
+        entry = s3_storage_entry(request.getfixturevalue("s3_settings"))
+    vw.storage[name] = {**entry, "format": 2, "key_file": str(secrets_dir / f"{name}.key"),
+                        "passphrase_file": str(secrets_dir / "pass")}
+
+
 def s3_storage_entry(settings) -> dict:
     """The configuration-file form of a tests.s3server S3Storage."""
     return {k: v for k, v in settings.model_dump().items() if v is not None}

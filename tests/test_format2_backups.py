@@ -12,7 +12,7 @@ import pytest
 from virtwarden.storage_backends.format2.access import open_repository
 
 from tests.guests import images_equal
-from tests.harness import s3_storage_entry, wait_for
+from tests.harness import add_format2_target, wait_for
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.cli_in_process]
 MiB = 1024 * 1024
@@ -23,15 +23,7 @@ MARKER = b"VW-F2-GUEST-MARKER-5c3e9a"
 def vault(request, vw, tmp_path: Path):
     """A format-2 target ``vault`` with its key made, and a policy ``p`` backing up to it
     (bitmap strategy; ``_keep_last`` gives it a retention)."""
-    secrets_dir = tmp_path / "secrets"
-    secrets_dir.mkdir(mode=0o700)
-    (secrets_dir / "pass").write_text("correct horse battery\n")
-    if request.param == "nfs":
-        entry = {"type": "nfs", "path": str(tmp_path / "vault"), "create": True}
-    else:
-        entry = s3_storage_entry(request.getfixturevalue("s3_settings"))
-    vw.storage["vault"] = {**entry, "format": 2, "key_file": str(secrets_dir / "vault.key"),
-                           "passphrase_file": str(secrets_dir / "pass")}
+    add_format2_target(vw, "vault", request.param, request, tmp_path)
     pdir = tmp_path / "policies"
     pdir.mkdir()
     _keep_last(pdir, None)

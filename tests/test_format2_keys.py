@@ -9,7 +9,7 @@ import pytest
 from virtwarden.storage_backends.format2.access import open_repository
 from virtwarden.storage_backends.format2.repository import CONFIG_KEY
 
-from tests.harness import s3_storage_entry
+from tests.harness import add_format2_target
 
 pytestmark = [pytest.mark.cli_in_process]
 
@@ -17,15 +17,7 @@ pytestmark = [pytest.mark.cli_in_process]
 @pytest.fixture(params=["nfs", "s3"])
 def vault(request, vw, tmp_path: Path):
     """A format-2 target ``vault`` of the installation, its key file not made yet."""
-    secrets_dir = tmp_path / "secrets"
-    secrets_dir.mkdir(mode=0o700)
-    (secrets_dir / "pass").write_text("correct horse battery\n")
-    if request.param == "nfs":
-        entry = {"type": "nfs", "path": str(tmp_path / "vault"), "create": True}
-    else:
-        entry = s3_storage_entry(request.getfixturevalue("s3_settings"))
-    vw.storage["vault"] = {**entry, "format": 2, "key_file": str(secrets_dir / "vault.key"),
-                           "passphrase_file": str(secrets_dir / "pass")}
+    add_format2_target(vw, "vault", request.param, request, tmp_path)
     return vw
 
 

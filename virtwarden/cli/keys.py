@@ -32,6 +32,7 @@ from virtwarden.storage_backends.format2.repository import (
     Format2Repository,
     NotAFormat2Repository,
 )
+from virtwarden.tasks.restore import fsync_dir
 
 
 def init(args: argparse.Namespace) -> int:
@@ -75,15 +76,23 @@ def _said(args: argparse.Namespace, repo: Format2Repository, path: Path | None, 
     return EXIT_OK
 
 
-def export(args: argparse.Namespace) -> int:
-    cfg = load_config(args)
-    settings = cfg.storage_target(args.storage)
+def _target(args: argparse.Namespace):
+    """The format-2 target named on the command line, and its key file's path."""
+    settings = load_config(args).storage_target(args.storage)
     require_format2(args.storage, settings)
-    path = key_path(args.storage, settings)
+    return settings, key_path(args.storage, settings)
+
+
+def _existing(storage: str, path: Path) -> bytes:
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
-        raise KeyFileError(f"storage {args.storage}: key file {path} does not exist") from None
+        raise KeyFileError(f"storage {storage}: key file {path} does not exist") from None
+
+
+def export(args: argparse.Namespace) -> int:
+    _settings, path = _target(args)
+    data = _existing(args.storage, path)
     _check_is_key_file(data, str(path))
     if args.to:
         _write_new(Path(args.to), data)
@@ -94,10 +103,7 @@ def export(args: argparse.Namespace) -> int:
 
 
 def import_(args: argparse.Namespace) -> int:
-    cfg = load_config(args)
-    settings = cfg.storage_target(args.storage)
-    require_format2(args.storage, settings)
-    path = key_path(args.storage, settings)
+    settings, path = _target(args)
     try:
         data = Path(args.file).read_bytes()
     except OSError as e:
@@ -124,14 +130,8 @@ def import_(args: argparse.Namespace) -> int:
 
 
 def passwd(args: argparse.Namespace) -> int:
-    cfg = load_config(args)
-    settings = cfg.storage_target(args.storage)
-    require_format2(args.storage, settings)
-    path = key_path(args.storage, settings)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise KeyFileError(f"storage {args.storage}: key file {path} does not exist") from None
+    settings, path = _target(args)
+    data = _existing(args.storage, path)
     old = passphrase(args.storage, settings, prompt=True, file=args.passphrase_file)
     if args.new_passphrase_file:
         new = passphrase(args.storage, settings, file=args.new_passphrase_file)
@@ -148,7 +148,7 @@ def passwd(args: argparse.Namespace) -> int:
     tmp.unlink(missing_ok=True)
     _write_new(tmp, fresh)
     os.replace(tmp, path)
-    _sync_dir(path.parent)
+    fsync_dir(path.parent)
     print(f"storage {args.storage}: key file {path} now opens with the new passphrase only")
     return EXIT_OK
 
@@ -182,12 +182,4 @@ def _write_new(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             path.unlink()
         raise
-    _sync_dir(path.parent)
-
-
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)

@@ -35,24 +35,18 @@ from pathlib import Path
 from virtwarden.catalog import points
 from virtwarden.hypervisor import qemu_img
 from virtwarden.hypervisor.types import NAME_PREFIX, DomainInfo, Hypervisor
-from virtwarden.storage_backends.format2.index import DiskIndex
-from virtwarden.storage_backends.format2.repository import Format2Repository
-from virtwarden.storage_backends.repository import Repository
 from virtwarden.tasks import quiesce, recovery
 from virtwarden.tasks.backup_steps import (
     BackupRequest,
     LevelPlan,
     Output,
+    PointSink,
     build_manifest,
     check_space,
     complete_point,
-    format2_manifest,
     free_bytes,
     plan_level,
-    plan_outputs,
     restored_since,
-    store_chunks,
-    store_images,
     undo_point,
 )
 from virtwarden.tasks.context import JobContext
@@ -61,7 +55,6 @@ from virtwarden.tasks.moved import adopt_checkpoint
 from virtwarden import faults, permissions
 from virtwarden.errors import (
     CheckpointMissing,
-    ConfigError,
     HypervisorError,
     JobFailed,
     NoSpace,
@@ -77,9 +70,6 @@ def run_backup(ctx: JobContext, req: BackupRequest) -> dict:
     if req.strategy == "blockcommit" and ctx.require_hypervisor().domain(req.domain).active:
         from virtwarden.tasks.blockcommit import run_blockcommit_backup
 
-        if ctx.repository(req.storage) is not None:
-            raise ConfigError(f"storage {req.storage} is a format-2 target: the blockcommit strategy does not "
-                              "write format 2 yet (use strategy: bitmap, or a format-1 target)")
 
         result = run_blockcommit_backup(ctx, req)
     else:
@@ -154,39 +144,25 @@ def _forget_checkpoint(hv: Hypervisor, domain: str, name: str) -> None:
 def _make_point(ctx: JobContext, req: BackupRequest, dom: DomainInfo, plan: LevelPlan, *,
                 online: bool = True) -> dict:
     hv = ctx.require_hypervisor()
-    repo = Repository(ctx.storage(req.storage))
-    repo2 = ctx.repository(req.storage)  # None: a format-1 target
     point_id = str(uuid.uuid4())
-    previous: dict[str, DiskIndex] = {}
-    if repo2 is not None:
-        plan, previous = _format2_plan(repo2, plan)
+    sink = PointSink(ctx, req.storage, dom, point_id, plan)
+    plan = sink.plan  # format 2 reads everything when it has no previous index to build on
     parent = plan.parent
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     checkpoint = f"{NAME_PREFIX}{stamp}-{point_id[:8]}" if online else None
     consistency = "crash" if online else "offline"
-    if repo2 is None:
-        chain_id = parent.chain_id if parent else str(uuid.uuid4())
-        prefix = repo.point_prefix(dom.name, chain_id, point_id)
-        manifest_key, lineage = repo.manifest_key(prefix), {
-            "chain_id": chain_id, "parent_id": parent.id if parent else None, "seq": parent.seq + 1 if parent else 0}
-    else:
-        # Every format-2 point is complete on its own: a chain of one, which retention
-        # may delete whatever comes after it.
-        ref = repo2.ref(dom.name, point_id)
-        prefix, manifest_key = ref.prefix, ref.manifest_key
-        lineage = {"chain_id": point_id, "parent_id": None, "seq": 0, "format": 2}
     point = points.begin(
         ctx.catalog, id=point_id, domain=dom.name, domain_uuid=dom.uuid, host=hv.name,
-        storage=req.storage, strategy=req.strategy, **lineage, level=plan.level, reason=plan.reason,
-        checkpoint=checkpoint, manifest_key=manifest_key, job_id=ctx.job_id)
+        storage=req.storage, strategy=req.strategy, **sink.lineage, level=plan.level, reason=plan.reason,
+        checkpoint=checkpoint, manifest_key=sink.manifest_key, job_id=ctx.job_id)
     log.info("domain %s job %s: %s backup to %s (%s)", dom.name, ctx.job_id, plan.level,
              req.storage, plan.reason)
     started = False
-    writing = repo2.begin_writing(f"backup of {dom.name}, job {ctx.job_id}") if repo2 is not None else None
     try:
+        sink.begin(f"backup of {dom.name}, job {ctx.job_id}")
         ctx.clear_scratch()
         permissions.make_dirs(ctx.scratch)
-        outputs = plan_outputs(ctx, repo, prefix, dom, req.storage, scratch_only=repo2 is not None)
+        outputs = sink.outputs(ctx, dom)
         # An unprivileged QEMU opens the targets libvirt creates by their path.
         permissions.let_qemu_through({o.path.parent for o in outputs.values()})
         check_space(dom, plan, outputs)
@@ -203,49 +179,25 @@ def _make_point(ctx: JobContext, req: BackupRequest, dom: DomainInfo, plan: Leve
             _wait(ctx, dom.name, outputs)
         else:
             _copy_offline(ctx, dom, outputs)
-        if repo2 is None:
-            artifacts = store_images(ctx, repo, outputs)
-        else:
-            artifacts = store_chunks(ctx, repo2, ref, dom, plan, outputs, previous)
+        changed_only = {d.target for d in dom.disks if plan.level == "incremental" and d.has_bitmaps}
+        artifacts = sink.store(ctx, dom, outputs, changed_only)
         cp_xml = hv.checkpoint_xml(dom.name, checkpoint) if checkpoint else ""
         manifest = build_manifest(ctx, dom, point, plan, checkpoint, artifacts, cp_xml, consistency=consistency)
-        if repo2 is None:
-            digest = repo.write_manifest(prefix, manifest)
-        else:
-            digest = repo2.write_manifest(ref, format2_manifest(manifest, artifacts))
+        digest = sink.publish(manifest, artifacts)
         faults.pause_point("after-manifest")
         done = complete_point(ctx, point_id, artifacts, consistency=consistency, manifest_sha256=digest)
     except BaseException as e:
-        remove = (lambda: repo2.delete_point(ref)) if repo2 is not None else None
-        undo_point(ctx, repo, dom.name, point_id, prefix, checkpoint if started else None, e, remove=remove)
+        undo_point(ctx, sink.repo, dom.name, point_id, sink.prefix, checkpoint if started else None, e,
+                   remove=sink.remove)
         raise
     finally:
         ctx.clear_scratch()
-        if repo2 is not None and writing is not None:
-            repo2.end_writing(writing)
+        sink.close()
     recovery.drop_unneeded_checkpoints(ctx, dom)
     ctx.report(1.0, "done")
     return {"point_id": done.id, "level": done.level, "chain_id": done.chain_id,
             "size_bytes": done.size_bytes, "reason": plan.reason, "consistency": done.consistency,
             "disks": [a.target for a in artifacts], "checkpoint": checkpoint, "format": done.format}
-
-
-def _format2_plan(repo2: Format2Repository, plan: LevelPlan) -> tuple[LevelPlan, dict[str, DiskIndex]]:
-    """A format-2 incremental reads only what changed and takes the rest from the
-    previous point's indexes; without them (the previous point is of format 1, or its
-    indexes do not open) the backup reads everything, and says why."""
-    if plan.level != "incremental" or plan.parent is None:
-        return plan, {}
-    parent = plan.parent
-    if parent.format != 2:
-        return LevelPlan("full", "first backup in repository format 2 (the format-1 chain before it stays "
-                                 "readable)"), {}
-    try:
-        indexes = repo2.indexes(repo2.ref(parent.domain, parent.id))
-    except VirtwardenError as e:
-        return LevelPlan("full", f"the indexes of point {parent.id} cannot be read ({e}); reading every disk "
-                                 "whole"), {}
-    return plan, {i.target: i for i in indexes}
 
 
 def _copy_offline(ctx: JobContext, dom: DomainInfo, outputs: dict[str, Output]) -> None:

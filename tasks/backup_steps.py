@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -172,16 +173,98 @@ def store_images(ctx: JobContext, repo: Repository, outputs: dict[str, Output]) 
     return out
 
 
-def store_chunks(ctx: JobContext, repo2: Format2Repository, ref: PointRef, dom: DomainInfo, plan: LevelPlan,
+class PointSink:
+    """Where one backup's point goes, in the format of its storage target: format 1 (a
+    qcow2 image per disk, chained to its parent) or format 2 (chunks and an index per
+    disk; ``repo2``). Both strategies make their point through it: ``lineage`` for the
+    catalog row, ``outputs`` for the images, ``store`` and ``publish`` after the copy,
+    ``remove`` to undo, ``close`` at the end whatever happened."""
+
+    def __init__(self, ctx: JobContext, storage: str, dom: DomainInfo, point_id: str, plan: LevelPlan) -> None:
+        self.repo = Repository(ctx.storage(storage))
+        self.repo2 = ctx.repository(storage)
+        self.storage = storage
+        self.previous: dict[str, DiskIndex] = {}
+        self.plan = plan
+        self._writing: str | None = None
+        if self.repo2 is None:
+            parent = plan.parent
+            chain_id = parent.chain_id if parent else str(uuid.uuid4())
+            self.prefix = self.repo.point_prefix(dom.name, chain_id, point_id)
+            self.manifest_key = self.repo.manifest_key(self.prefix)
+            self.lineage: dict = {"chain_id": chain_id, "parent_id": parent.id if parent else None,
+                                  "seq": parent.seq + 1 if parent else 0}
+            return
+        # Every format-2 point is complete on its own: a chain of one, which retention
+        # may delete whatever comes after it.
+        self.plan, self.previous = _format2_plan(self.repo2, plan)
+        self.ref = self.repo2.ref(dom.name, point_id)
+        self.prefix, self.manifest_key = self.ref.prefix, self.ref.manifest_key
+        self.lineage = {"chain_id": point_id, "parent_id": None, "seq": 0, "format": 2}
+
+    def begin(self, what: str) -> None:
+        """Before anything is stored: a format-2 repository's gc keeps off until ``close``."""
+        if self.repo2 is not None:
+            self._writing = self.repo2.begin_writing(what)
+
+    def outputs(self, ctx: JobContext, dom: DomainInfo) -> dict[str, Output]:
+        return plan_outputs(ctx, self.repo, self.prefix, dom, self.storage, scratch_only=self.repo2 is not None)
+
+    def store(self, ctx: JobContext, dom: DomainInfo, outputs: dict[str, Output],
+              incremental: set[str]) -> list[ArtifactView]:
+        """The images stored; ``incremental``: the disks whose image holds only changes."""
+        if self.repo2 is None:
+            return store_images(ctx, self.repo, outputs)
+        return store_chunks(ctx, self.repo2, self.ref, dom, outputs, {t: self.previous[t] for t in incremental
+                                                                       if t in self.previous})
+
+    def publish(self, manifest: dict, artifacts: list[ArtifactView]) -> str:
+        """The manifest, last; its SHA-256 as stored."""
+        if self.repo2 is None:
+            return self.repo.write_manifest(self.prefix, manifest)
+        return self.repo2.write_manifest(self.ref, format2_manifest(manifest, artifacts))
+
+    def remove(self) -> None:
+        if self.repo2 is None:
+            recovery.remove_point_data(self.repo, self.prefix)
+        else:
+            self.repo2.delete_point(self.ref)
+
+    def close(self) -> None:
+        if self.repo2 is not None and self._writing is not None:
+            self.repo2.end_writing(self._writing)
+            self._writing = None
+
+
+def _format2_plan(repo2: Format2Repository, plan: LevelPlan) -> tuple[LevelPlan, dict[str, DiskIndex]]:
+    """A format-2 incremental reads only what changed and takes the rest from the
+    previous point's indexes; without them (the previous point is of format 1, or its
+    indexes do not open) the backup reads everything, and says why."""
+    if plan.level != "incremental" or plan.parent is None:
+        return plan, {}
+    parent = plan.parent
+    if parent.format != 2:
+        return LevelPlan("full", "first backup in repository format 2 (the format-1 chain before it stays "
+                                 "readable)"), {}
+    try:
+        indexes = repo2.indexes(repo2.ref(parent.domain, parent.id))
+    except VirtwardenError as e:
+        return LevelPlan("full", f"the indexes of point {parent.id} cannot be read ({e}); reading every disk "
+                                 "whole"), {}
+    return plan, {i.target: i for i in indexes}
+
+
+def store_chunks(ctx: JobContext, repo2: Format2Repository, ref: PointRef, dom: DomainInfo,
                  outputs: dict[str, Output], previous: dict[str, DiskIndex]) -> list[ArtifactView]:
-    """Format 2: each disk's image (a push-mode backup target) into chunks and an index.
-    An incremental target holds only what changed since its checkpoint: with the previous
-    point's index of that disk, only those ranges are read (incremental forever). The
-    artifacts name each disk's index, the bytes stored anew, and the index's SHA-256."""
+    """Format 2: each disk's image into chunks and an index. ``previous``: for each disk
+    whose image holds only what changed (a push-mode incremental target, a blockcommit
+    overlay), the last point's index of that disk; only the image's ranges are read
+    (incremental forever). The artifacts name each disk's index, the bytes stored anew,
+    and the index's SHA-256."""
     out = []
     for n, (target, o) in enumerate(outputs.items()):
         qemu_img.detach_backing(o.path)  # libvirt names the live disk as backing: never read through it
-        prev = previous.get(target) if plan.level == "incremental" and dom.disk(target).has_bitmaps else None
+        prev = previous.get(target)
         ctx.report(0.6 + 0.39 * n / len(outputs), f"storing {target} as chunks")
         with qemu_img.ImageData(o.path) as img:
             index, stats = write_disk(repo2.chunks, target, img.read, img.virtual_size, repo2.chunk_size,

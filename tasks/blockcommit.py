@@ -73,19 +73,17 @@ from virtwarden.catalog.overlays import OverlayView
 from virtwarden.catalog.points import PointView
 from virtwarden.hypervisor import qemu_img
 from virtwarden.hypervisor.types import NAME_PREFIX, DomainInfo
-from virtwarden.storage_backends.repository import Repository
 from virtwarden.tasks import quiesce, recovery
 from virtwarden.tasks.backup_steps import (
     BackupRequest,
     LevelPlan,
     Output,
+    PointSink,
     build_manifest,
     check_space,
     complete_point,
     plan_level,
-    plan_outputs,
     restored_since,
-    store_images,
     undo_point,
 )
 from virtwarden.tasks.context import JobContext
@@ -181,48 +179,47 @@ def chain_break(token: str, dom: DomainInfo, chains: dict[str, tuple[Layer, ...]
 
 def _make_point(ctx: JobContext, bj: BlockJobs, req: BackupRequest, dom: DomainInfo, plan: LevelPlan) -> dict:
     hv = ctx.require_hypervisor()
-    repo = Repository(ctx.storage(req.storage))
     point_id = str(uuid.uuid4())
-    parent = plan.parent
-    chain_id = parent.chain_id if parent else str(uuid.uuid4())
+    sink = PointSink(ctx, req.storage, dom, point_id, plan)
+    plan = sink.plan  # format 2 reads everything when it has no previous index to build on
     token = f"{NAME_PREFIX}{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}-{point_id[:8]}"
-    prefix = repo.point_prefix(dom.name, chain_id, point_id)
     point = points.begin(
         ctx.catalog, id=point_id, domain=dom.name, domain_uuid=dom.uuid, host=hv.name,
-        storage=req.storage, strategy=STRATEGY, chain_id=chain_id,
-        parent_id=parent.id if parent else None, seq=parent.seq + 1 if parent else 0,
-        level=plan.level, reason=plan.reason, checkpoint=token,
-        manifest_key=repo.manifest_key(prefix), job_id=ctx.job_id)
+        storage=req.storage, strategy=STRATEGY, **sink.lineage, level=plan.level, reason=plan.reason,
+        checkpoint=token, manifest_key=sink.manifest_key, job_id=ctx.job_id)
     log.info("domain %s job %s: blockcommit %s backup to %s (%s)", dom.name, ctx.job_id, plan.level,
              req.storage, plan.reason)
     disks: list[_Disk] = []
     try:
+        sink.begin(f"backup of {dom.name}, job {ctx.job_id}")
         ctx.clear_scratch()
         permissions.make_dirs(ctx.scratch)
-        outputs = plan_outputs(ctx, repo, prefix, dom, req.storage)
+        outputs = sink.outputs(ctx, dom)
         check_space(dom, plan, outputs)
         ctx.report(0.0, f"{plan.level} backup: snapshot of {len(outputs)} disk(s)")
         with _consistency(ctx, dom, req.quiesce) as consistency:
             disks = _snapshot(ctx, bj, dom, token)
         _ship(ctx, plan, disks, outputs)
-        artifacts = store_images(ctx, repo, outputs)
+        # An incremental ships each disk's overlay: only what changed, raw disks too.
+        artifacts = sink.store(ctx, dom, outputs, set(outputs) if plan.level == "incremental" else set())
         manifest = build_manifest(ctx, dom, point, plan, token, artifacts, "")
         _describe(manifest, plan, disks, consistency)
-        digest = repo.write_manifest(prefix, manifest)
+        digest = sink.publish(manifest, artifacts)
         faults.pause_point("after-manifest")
         done = complete_point(ctx, point_id, artifacts, consistency=consistency, manifest_sha256=digest)
     except BaseException as e:
-        undo_point(ctx, repo, dom.name, point_id, prefix, None, e)
+        undo_point(ctx, sink.repo, dom.name, point_id, sink.prefix, None, e, remove=sink.remove)
         _roll_back(ctx, bj, dom, e)
         raise
     finally:
         ctx.clear_scratch()
+        sink.close()
     journal.set_state(ctx.catalog, [d.row for d in disks], journal.TRACKING)
     warnings = _merge_frozen(ctx, bj, dom, disks)
     ctx.report(1.0, "done")
     result = {"point_id": done.id, "level": done.level, "chain_id": done.chain_id,
               "size_bytes": done.size_bytes, "reason": plan.reason, "disks": [a.target for a in artifacts],
-              "consistency": consistency, "overlays": {d.target: d.overlay for d in disks}}
+              "consistency": consistency, "overlays": {d.target: d.overlay for d in disks}, "format": done.format}
     return {**result, "warnings": warnings} if warnings else result
 
 
@@ -276,7 +273,7 @@ def overlay_path(chain: tuple[Layer, ...], ours: set[str], token: str) -> str:
 
 
 def _ship(ctx: JobContext, plan: LevelPlan, disks: list[_Disk], outputs: dict[str, Output]) -> None:
-    """Write each disk's frozen layer where ``store_images`` expects it: the previous tracker as
+    """Write each disk's frozen layer where the point sink reads it: the previous tracker as
     it is (incremental), or the frozen chain flattened (full)."""
     for i, d in enumerate(disks):
         dest = outputs[d.target].path

@@ -33,11 +33,11 @@ def vault(request, vw, tmp_path: Path):
     return vw
 
 
-def _keep_last(pdir: Path, n: int | None) -> None:
+def _keep_last(pdir: Path, n: int | None, strategy: str = "bitmap") -> None:
     retention = f"    retention:\n      keep_last: {n}\n" if n else ""
     (pdir / "p.yaml").write_text(
         "apiVersion: virtwarden/v1\nkind: Policy\nmetadata:\n  name: p\n"
-        "spec:\n  selector:\n    domains: ['vwtest-*']\n  backup:\n    target: vault\n    strategy: bitmap\n"
+        f"spec:\n  selector:\n    domains: ['vwtest-*']\n  backup:\n    target: vault\n    strategy: {strategy}\n"
         + retention)
 
 
@@ -63,8 +63,13 @@ def _restore(vw, g, point_id: str, out: Path) -> Path:
     return out
 
 
-def test_every_point_restores_bit_for_bit_and_any_older_point_can_go(vault, guest_factory, tmp_path) -> None:
+@pytest.mark.parametrize("strategy", ["bitmap", "blockcommit"])
+def test_every_point_restores_bit_for_bit_and_any_older_point_can_go(vault, guest_factory, tmp_path,
+                                                                     strategy) -> None:
+    """Both strategies: a full, then incrementals that read only what changed (a push-mode
+    target's clusters, or the frozen overlay's)."""
     vw = vault
+    _keep_last(tmp_path / "policies", None, strategy)
     g = guest_factory(disks=2, size_mib=64)
     g.write_random("vda", 0, 8 * MiB)
     marked = tmp_path / "marked.bin"
@@ -93,7 +98,7 @@ def test_every_point_restores_bit_for_bit_and_any_older_point_can_go(vault, gues
 
     # keep_last 1: the two older points go (no chain holds them), gc reclaims their chunks
     before = sum(info.size for info in repo.backend.list("chunks/"))
-    _keep_last(tmp_path / "policies", 1)
+    _keep_last(tmp_path / "policies", 1, strategy)
     r = vw.cli("prune", g.name, "--policy", "p", "--wait", "--json")
     assert r.code == 0, r.err + r.out
     listed = vw.cli("backups", g.name, "--json").json()

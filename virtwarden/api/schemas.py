@@ -115,6 +115,7 @@ class PointOut(BaseModel):
     damage: str | None = None
     verified_at: str | None = None  # when a verification last read its data back intact
     manifest_sha256: str | None = None  # None: made before manifests were checksummed
+    format: Literal[1, 2] = 1  # the repository format (docs/repository-format.md)
     disks: list[DiskOut]
 
 

@@ -99,8 +99,8 @@ def _slow_down_backup(dom, timeout: float = 120) -> None:
 def test_a_libvirtd_restart_during_a_push_backup_is_recovered_by_the_retry(fleet, vw, guest_factory, tmp_path):
     import libvirt
 
-    g = guest_factory(disks=1, size_mib=320)
-    g.write_random("vda", 0, 256 * MiB)
+    g = guest_factory(disks=1, size_mib=576)
+    g.write_random("vda", 0, 512 * MiB)  # a copy long enough to be caught running, even on an idle host
     fleet.move(g.name, "local", "host2")
     vw.extra["worker"] = {**TEST_WORKER, "max_attempts": 10, "retry_delay_seconds": 2}
     cat = fleet.cat

@@ -24,6 +24,8 @@ imports each point once.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,6 +36,7 @@ from virtwarden.catalog.points import ArtifactView, PointView
 from virtwarden.catalog.store import Catalog
 from virtwarden.storage_backends import repository
 from virtwarden.storage_backends.base import Backend
+from virtwarden.storage_backends.format2.repository import Format2Repository
 from virtwarden.storage_backends.repository import Repository, is_manifest_key
 from virtwarden.tasks.confine import TARGET
 
@@ -89,6 +92,24 @@ def read_repository(backend: Backend) -> tuple[list[Found], dict[str, int]]:
     return found, objects
 
 
+def read_format2(repo2: Format2Repository) -> tuple[list[Found], dict[str, int]]:
+    """Every published manifest of a format-2 repository, opened with its key, and the
+    size of every object under ``points/``."""
+    objects = {o.key: o.size for o in repo2.backend.list("points/")}
+    found = []
+    for ref in repo2.points():
+        try:
+            blob = repo2.backend.get_bytes(ref.manifest_key)
+            data = json.loads(repo2.codec.open("manifest", ref.manifest_key, blob))
+        except Transient:
+            raise
+        except VirtwardenError as e:
+            found.append(Found(ref.manifest_key, error=str(e)))
+            continue
+        found.append(Found(ref.manifest_key, hashlib.sha256(blob).hexdigest(), data))
+    return found, objects
+
+
 def plan_rebuild(storage: str, found: Sequence[Found], objects: Mapping[str, int],
                  known: Sequence[PointView]) -> RebuildPlan:
     """What to import from ``found`` into a catalog that has ``known`` points on
@@ -140,6 +161,8 @@ def point_of(storage: str, f: Found) -> PointView:
     if f.error is not None or f.data is None:
         raise ValueError(f"does not parse: {f.error}")
     m = f.data
+    if m.get("format") == 2:
+        return _format2_point(storage, f, m)
     domain, chain_id, point_id = f.key.split("/")[:3]
     dom = _field(m, "domain", dict)
     found = (_field(dom, "name", str, "domain.name"), _field(m, "chain_id", str), _field(m, "point_id", str))
@@ -166,14 +189,50 @@ def point_of(storage: str, f: Found) -> PointView:
         artifacts=artifacts, manifest_sha256=f.sha256)
 
 
-def _artifact(d: Any, i: int) -> ArtifactView:
+def _format2_point(storage: str, f: Found, m: dict) -> PointView:
+    """A format-2 manifest (``points/<domain tag>/<point id>/manifest``): a point complete
+    on its own, its disks named by their indexes."""
+    point_id = f.key.split("/")[2]
+    if _field(m, "point_id", str) != point_id:
+        raise ValueError(f"it describes point {m['point_id']} but is stored as {point_id}")
+    dom = _field(m, "domain", dict)
+    level = _field(m, "level", str)
+    if level not in LEVELS:
+        raise ValueError(f"level {level!r} is not one of {', '.join(LEVELS)}")
+    disks = _field(m, "disks", list)
+    if not disks:
+        raise ValueError("it names no disk")
+    prefix = f.key.rsplit("/", 1)[0] + "/"
+    artifacts = tuple(ArtifactView(
+        _target(d, i), f"{prefix}index.{_target(d, i)}", _field(d, "stored_bytes", int, f"disks[{i}].stored_bytes"),
+        _field(d, "index_sha256", str, f"disks[{i}].index_sha256"),
+        _field(d, "virtual_size", int, f"disks[{i}].virtual_size")) for i, d in enumerate(disks))
+    checkpoint = m.get("checkpoint") or {}
+    return PointView(
+        id=point_id, domain=_field(dom, "name", str, "domain.name"),
+        domain_uuid=_field(dom, "uuid", str, "domain.uuid"), host=str(m.get("host") or ""), storage=storage,
+        strategy=_field(m, "strategy", str), chain_id=point_id,
+        parent_id=None, seq=0, level=level, status=points.COMPLETE,
+        reason=m.get("reason") if isinstance(m.get("reason"), str) else None,
+        consistency=str(m.get("consistency") or "crash"),
+        checkpoint=checkpoint.get("name") if isinstance(checkpoint, dict) else None, manifest_key=f.key,
+        size_bytes=sum(a.size_bytes for a in artifacts), job_id=None,
+        created_at=_time(m, "created_at"), completed_at=_optional_time(m, "completed_at"),
+        artifacts=artifacts, manifest_sha256=f.sha256, format=2)
+
+
+def _target(d: Any, i: int) -> str:
     if not isinstance(d, dict):
         raise ValueError(f"disks[{i}] is not a mapping")
-    where = f"disks[{i}]"
-    target = _field(d, "target", str, f"{where}.target")
+    target = _field(d, "target", str, f"disks[{i}].target")
     if not TARGET.fullmatch(target):  # a file name on restore: never imported
-        raise ValueError(f"{where}.target: {target!r} is not a disk name libvirt gives (vda, sdb, ...)")
-    return ArtifactView(target, _field(d, "key", str, f"{where}.key"),
+        raise ValueError(f"disks[{i}].target: {target!r} is not a disk name libvirt gives (vda, sdb, ...)")
+    return target
+
+
+def _artifact(d: Any, i: int) -> ArtifactView:
+    where = f"disks[{i}]"
+    return ArtifactView(_target(d, i), _field(d, "key", str, f"{where}.key"),
                         _field(d, "size_bytes", int, f"{where}.size_bytes"),
                         _field(d, "sha256", str, f"{where}.sha256"),
                         _field(d, "virtual_size", int, f"{where}.virtual_size"))
@@ -213,7 +272,7 @@ def _check_artifacts(p: PointView, objects: Mapping[str, int]) -> None:
             raise ValueError(f"artifact {a.key} of disk {a.target} is not stored under its point ({prefix})")
         if a.key not in objects:
             raise ValueError(f"artifact {a.key} of disk {a.target} is missing")
-        if objects[a.key] != a.size_bytes:
+        if p.format == 1 and objects[a.key] != a.size_bytes:  # a format-2 index's size is not the disk's
             raise ValueError(f"artifact {a.key} has {objects[a.key]} bytes; the manifest says {a.size_bytes}")
 
 
@@ -233,6 +292,8 @@ class _Chains:
         return self._problems[point_id]
 
     def _judge(self, p: PointView, seen: frozenset[str]) -> str | None:
+        if p.format == 2:
+            return None  # complete on its own
         if p.level == "full":
             return None if p.seq == 0 and p.parent_id is None else \
                 f"a full must be sequence 0 without a parent (it is {p.seq}, parent {p.parent_id})"

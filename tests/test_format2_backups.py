@@ -142,7 +142,7 @@ def test_a_damaged_chunk_is_found_by_verify_and_refused_by_restore(vault, guest_
     assert repo.backend.exists(key)
 
 
-def test_a_point_restores_with_the_catalog_deleted_and_clones_share_their_chunks(vault, guest_factory,
+def test_a_point_restores_with_the_catalog_deleted_then_rebuilt_and_clones_share_their_chunks(vault, guest_factory,
                                                                                  tmp_path) -> None:
     vw = vault
     template = tmp_path / "template.bin"
@@ -170,6 +170,15 @@ def test_a_point_restores_with_the_catalog_deleted_and_clones_share_their_chunks
     assert "<name>" + b.name + "</name>" in (tmp_path / "out" / "domain.xml").read_text()
     r = vw.cli("storage", "restore", "vault", point_b, "--to-dir", str(tmp_path / "out"))
     assert r.code != 0 and "is not an empty directory" in r.err
+
+    # and the catalog is rebuilt from the manifests: the normal restore works again
+    r = vw.cli("catalog", "rebuild", "--storage", "vault", "--json")
+    assert r.code == 0, r.err + r.out
+    assert sorted(p["domain"] for p in r.json()["imported"]) == sorted([a.name, b.name])
+    vw.workers.clear()
+    vw.start_worker()
+    out = _restore(vw, b, point_b, tmp_path / "after-rebuild")
+    assert images_equal(out / "vda.qcow2", tmp_path / "b.raw")
 
 
 def test_gc_while_a_backup_writes_deletes_none_of_its_chunks(vault, guest_factory, tmp_path) -> None:

@@ -18,7 +18,8 @@ from virtwarden.catalog.store import Catalog
 from virtwarden.cli.output import emit_json, load_config, table
 from virtwarden.errors import EXIT_FAILED, EXIT_OK
 from virtwarden.storage_backends import open_backend
-from virtwarden.tasks.rebuild import RebuildPlan, apply, plan_rebuild, read_repository, summary
+from virtwarden.storage_backends.format2.access import open_repository
+from virtwarden.tasks.rebuild import RebuildPlan, apply, plan_rebuild, read_format2, read_repository, summary
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,10 @@ def cli(args: argparse.Namespace) -> int:
     cat = Catalog(cfg.catalog_url)
     backend = open_backend(args.storage, settings)
     try:
-        found, objects = read_repository(backend)
+        if settings.format == 2:
+            found, objects = read_format2(open_repository(args.storage, settings, backend=backend, prompt=True))
+        else:
+            found, objects = read_repository(backend)
     finally:
         backend.close()
     plan = plan_rebuild(args.storage, found, objects, points.on_storage(cat, args.storage))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from virtwarden.catalog.points import ArtifactView, PointView
 from virtwarden.hypervisor import qemu_img
 from virtwarden.hypervisor.types import DomainInfo
 from virtwarden.storage_backends.format2.index import DiskIndex
-from virtwarden.storage_backends.format2.repository import Format2Repository, PointRef
+from virtwarden.storage_backends.format2.repository import WRITER_STALE, Format2Repository, PointRef
 from virtwarden.storage_backends.format2.store import write_disk
 from virtwarden.storage_backends.repository import Repository
 from virtwarden.tasks import recovery
@@ -187,6 +188,8 @@ class PointSink:
         self.previous: dict[str, DiskIndex] = {}
         self.plan = plan
         self._writing: str | None = None
+        self._done = threading.Event()
+        self.renew_seconds = WRITER_STALE / 10
         if self.repo2 is None:
             parent = plan.parent
             chain_id = parent.chain_id if parent else str(uuid.uuid4())
@@ -203,9 +206,21 @@ class PointSink:
         self.lineage = {"chain_id": point_id, "parent_id": None, "seq": 0, "format": 2}
 
     def begin(self, what: str) -> None:
-        """Before anything is stored: a format-2 repository's gc keeps off until ``close``."""
-        if self.repo2 is not None:
-            self._writing = self.repo2.begin_writing(what)
+        """Before anything is stored: a format-2 repository's gc keeps off until ``close``
+        (the marker renewed every ``renew_seconds`` meanwhile, however long the backup)."""
+        if self.repo2 is None:
+            return
+        repo2 = self.repo2
+        key = self._writing = repo2.begin_writing(what)
+
+        def renew() -> None:
+            while not self._done.wait(self.renew_seconds):
+                try:
+                    repo2.renew_writing(key, what)
+                except VirtwardenError as e:  # tried again next time; gc honours the marker a day
+                    log.warning("%s: renewing its marker for gc: %s", what, e)
+
+        threading.Thread(target=renew, name="gc-marker", daemon=True).start()
 
     def outputs(self, ctx: JobContext, dom: DomainInfo) -> dict[str, Output]:
         return plan_outputs(ctx, self.repo, self.prefix, dom, self.storage, scratch_only=self.repo2 is not None)
@@ -231,6 +246,7 @@ class PointSink:
             self.repo2.delete_point(self.ref)
 
     def close(self) -> None:
+        self._done.set()
         if self.repo2 is not None and self._writing is not None:
             self.repo2.end_writing(self._writing)
             self._writing = None

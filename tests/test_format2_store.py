@@ -275,3 +275,27 @@ def test_image_data_reads_a_qcow2_file_as_the_guest_sees_it(tmp_path) -> None:
         assert img.held() == [(65536, 65536), (3 * MiB, 4 * 65536), (6 * MiB, 65536)]  # whole clusters
         assert img.read(0, 8 * MiB) == bytes(raw)
         assert img.read(3 * MiB + 4000, 300) == bytes(raw[3 * MiB + 4000:3 * MiB + 4300])
+
+
+def test_a_long_backup_keeps_its_gc_marker_fresh_until_it_ends(backend, tmp_path) -> None:
+    """A backup longer than the time after which gc ignores a marker (a day) renews its
+    own while it runs, so gc keeps off however long it takes; at its end the marker goes."""
+    import time
+    from types import SimpleNamespace
+
+    from virtwarden.tasks.backup_steps import LevelPlan, PointSink
+    from virtwarden.tasks.context import JobContext
+
+    repo = _repo(backend)
+    ctx = JobContext("job-1", catalog=None, hypervisor=None, storage=lambda _name: backend,  # type: ignore[arg-type]
+                     scratch_root=tmp_path, repository=lambda _name: repo)
+    sink = PointSink(ctx, "vault", SimpleNamespace(name="web01"), "p1", LevelPlan("full", "a test"))  # type: ignore[arg-type]
+    sink.renew_seconds = 0.2
+    sink.begin("backup of web01")
+    try:
+        time.sleep(1.0)
+        assert [w["what"] for w in repo.writers(stale_after=0.6)] == ["backup of web01"]  # renewed, not just made
+        assert repo.gc().deferred == "1 backup(s) under way: backup of web01"
+    finally:
+        sink.close()
+    assert repo.writers() == [] and repo.gc().deferred is None

@@ -188,6 +188,11 @@ class Format2Repository:
             raise GcRunning(f"storage {self.backend.name}: gc is running; the backup tries again later")
         return key
 
+    def renew_writing(self, key: str, what: str) -> None:
+        """The backup is still alive: its marker counts as fresh again (a backup longer
+        than ``WRITER_STALE`` keeps gc off only while it renews)."""
+        self._mark(key, what)
+
     def end_writing(self, key: str) -> None:
         self.backend.delete(key)
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from virtwarden.catalog import moves
 from virtwarden.catalog.points import PointView
 from virtwarden.hypervisor.types import NAME_PREFIX, DomainInfo
-from virtwarden.storage_backends.repository import Repository
 from virtwarden.tasks.context import JobContext
+from virtwarden.tasks.restore import point_manifest
 
 from virtwarden.errors import VirtwardenError
 
@@ -55,7 +55,7 @@ def adopt_checkpoint(ctx: JobContext, dom: DomainInfo, head: PointView | None, p
     else:
         where = f"libvirt on {hv.name} lost the checkpoint's metadata (a move away and back, or a redefinition)"
     try:
-        manifest = Repository(ctx.storage(head.storage)).read_manifest(head.manifest_key, head.manifest_sha256)
+        manifest = point_manifest(head, ctx.storage(head.storage), ctx.repository)
         saved = manifest.get("checkpoint") or {}
         if saved.get("name") != head.checkpoint or not saved.get("xml"):
             return Adoption(False, f"{where}; the last point's manifest holds no XML for checkpoint"

@@ -160,26 +160,43 @@ class Chain:
         return redact(str(self.manifests[-1]["domain"]["xml"]))
 
 
-def load_chain(cat: Catalog, backend: Backend, point: PointView,
-               repo2: Format2Repository | None = None) -> Chain:
-    """The point's chain from the catalog, with each point's manifest: trusted only
-    when its stored bytes have the SHA-256 the catalog recorded (points made before
-    manifests were checksummed have none and are compared with the catalog only), and
-    when it names the artifacts the catalog has. ChecksumMismatch before anything is
-    read further or written. A format-2 point is a chain of one, read with ``repo2``
-    (its storage's format-2 repository)."""
+def _format1_only(_storage: str) -> Format2Repository | None:
+    return None
+
+
+def point_manifest(point: PointView, backend: Backend,
+                   repository: Callable[[str], Format2Repository | None] = _format1_only) -> dict:
+    """A point's manifest as stored: trusted only when its stored bytes have the SHA-256
+    the catalog recorded (points made before manifests were checksummed have none).
+    ``repository`` opens a storage's format-2 repository (``JobContext.repository``):
+    a format-2 point's manifest comes in the shape the restore steps read."""
     if point.format == 2:
-        if repo2 is None:
-            raise StorageError(f"restore point {point.id} is in repository format 2, and storage {point.storage} "
-                               "is not configured for it (format: 2 and its key_file)")
+        return _format2_manifest(_format2_repository(point, repository), point)
+    return Repository(backend).read_manifest(point.manifest_key, expected_sha256=point.manifest_sha256)
+
+
+def load_chain(cat: Catalog, backend: Backend, point: PointView,
+               repository: Callable[[str], Format2Repository | None] = _format1_only) -> Chain:
+    """The point's chain from the catalog, with each point's manifest (``point_manifest``),
+    which must name the artifacts the catalog has. ChecksumMismatch before anything is
+    read further or written. A format-2 point is a chain of one."""
+    if point.format == 2:
+        repo2 = _format2_repository(point, repository)
         manifest = _format2_manifest(repo2, point)
         _check_matches_catalog([point], [manifest])
         return Chain([point], [manifest], repo2)
     chain = points.chain_to(cat, point.id)
-    repo = Repository(backend)
-    manifests = [repo.read_manifest(p.manifest_key, expected_sha256=p.manifest_sha256) for p in chain]
+    manifests = [point_manifest(p, backend) for p in chain]
     _check_matches_catalog(chain, manifests)
     return Chain(chain, manifests)
+
+
+def _format2_repository(point: PointView, repository: Callable[[str], Format2Repository | None]) -> Format2Repository:
+    repo2 = repository(point.storage)
+    if repo2 is None:
+        raise StorageError(f"restore point {point.id} is in repository format 2, and storage {point.storage} "
+                           "is not configured for it (format: 2 and its key_file)")
+    return repo2
 
 
 def layers_for(chain: list[dict], target: str) -> list[dict]:
@@ -343,7 +360,7 @@ def run_restore(ctx: JobContext, req: RestoreRequest, *, dir_mode: int = PRIVATE
         confine(req.to_dir, roots)  # before anything is read
     point = resolve_point(ctx.catalog, req.domain, req.point, req.storage)
     backend = ctx.storage(point.storage)
-    chain = load_chain(ctx.catalog, backend, point, ctx.repository(point.storage) if point.format == 2 else None)
+    chain = load_chain(ctx.catalog, backend, point, ctx.repository)
     targets = targets_of(chain)
     ctx.clear_scratch()
     ctx.scratch.mkdir(parents=True)

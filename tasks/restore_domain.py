@@ -207,7 +207,7 @@ def run_restore_as_domain(ctx: JobContext, req: AsDomainRequest) -> dict:
         confine(req.disk_dir, roots, "disk_dir")  # before anything is read
     point = resolve_point(ctx.catalog, req.domain, req.point, req.storage)
     backend = ctx.storage(point.storage)
-    chain = load_chain(ctx.catalog, backend, point, ctx.repository(point.storage) if point.format == 2 else None)
+    chain = load_chain(ctx.catalog, backend, point, ctx.repository)
     new_uuid = req.uuid or str(uuid_module.uuid4())
     dest = Destination(AS_DOMAIN, as_domain=req.as_domain, disk_dir=req.disk_dir, start=req.start)
     plan = plan_restore(chain.points, chain.manifests, dest, host=hv.name, selected="by id", new_uuid=new_uuid)
@@ -301,7 +301,7 @@ def run_restore_in_place(ctx: JobContext, req: InPlaceRequest) -> dict:
         _put_back_earlier_attempt(ctx, hv, req.domain, journal)
     point = resolve_point(ctx.catalog, req.domain, req.point, req.storage)
     backend = ctx.storage(point.storage)
-    chain = load_chain(ctx.catalog, backend, point, ctx.repository(point.storage) if point.format == 2 else None)
+    chain = load_chain(ctx.catalog, backend, point, ctx.repository)
     live = inspect_host(ctx.catalog, hv, req.domain)
     plan = _plan_in_place(hv, req, chain, live)
     swap = disk_swap.DiskSwap(plan, ctx.job_id, ctx.token)

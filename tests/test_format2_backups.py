@@ -96,6 +96,14 @@ def test_every_point_restores_bit_for_bit_and_any_older_point_can_go(vault, gues
         for t in ("vda", "vdb"):
             assert images_equal(out / f"{t}.qcow2", expected[n][t]), (n, t)
 
+    # a policy that selects by metadata reads the newest point's manifest: format 2 too
+    (tmp_path / "policies" / "meta.yaml").write_text(
+        "apiVersion: virtwarden/v1\nkind: Policy\nmetadata:\n  name: meta\n"
+        "spec:\n  selector:\n    metadata: {tier: gold}\n  backup:\n    target: vault\n")
+    r = vw.cli("prune", g.name, "--dry-run")
+    assert r.code == 0, r.err + r.out
+    (tmp_path / "policies" / "meta.yaml").unlink()
+
     # keep_last 1: the two older points go (no chain holds them), gc reclaims their chunks
     before = sum(info.size for info in repo.backend.list("chunks/"))
     _keep_last(tmp_path / "policies", 1, strategy)

@@ -28,7 +28,7 @@ from virtwarden.catalog.store import Catalog
 from virtwarden.hypervisor import connect
 from virtwarden.hypervisor.types import Hypervisor
 from virtwarden.storage_backends import open_backend
-from virtwarden.storage_backends.format2.access import repository_of
+from virtwarden.storage_backends.format2.access import repositories
 from virtwarden.tasks.context import JobContext
 
 from virtwarden.config import Config
@@ -228,7 +228,7 @@ def execute(cfg: Config, job_id: str, *, cat: Catalog | None = None, via_host: s
         ctx = JobContext(
             job_id=job_id, catalog=beat.fenced, hypervisor=hv, connect=connect,
             storage=lambda name: open_backend(name, cfg.storage_target(name)),
-            repository=functools.cache(lambda name: repository_of(name, cfg.storage_target(name))),  # one unlock
+            repository=functools.cache(repositories(cfg)),  # the key unlocked once per job and storage
             scratch_root=cfg.scratch_dir(host), report=beat.report, attempt=claim.attempt,
             token=fence.token, confirm_owner=beat.confirm, restore_roots=cfg.restore_roots,
             agent=cfg.agent, drill=cfg.drill,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import getpass
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from virtwarden.storage_backends import open_backend
@@ -83,3 +84,9 @@ def repository_of(name: str, settings) -> Format2Repository | None:
     """Storage ``name``'s format-2 repository (its key loaded), or None for a format-1
     target: what a job is given to tell the two apart."""
     return open_repository(name, settings) if settings.format == 2 else None
+
+
+def repositories(cfg) -> Callable[[str], Format2Repository | None]:
+    """Storage name -> ``repository_of`` it, for a configuration (what jobs get as
+    ``JobContext.repository``)."""
+    return lambda name: repository_of(name, cfg.storage_target(name))

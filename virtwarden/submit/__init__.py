@@ -102,7 +102,8 @@ def catalog_facts(cfg: Config, cat: Catalog, domain: str, policies: list[Policy]
     from virtwarden.catalog import points
     from virtwarden.policies import parse_metadata
     from virtwarden.storage_backends import open_backend
-    from virtwarden.storage_backends.repository import Repository
+    from virtwarden.storage_backends.format2.access import repositories
+    from virtwarden.tasks.restore import point_manifest
 
     usable = points.for_domain(cat, domain, statuses=(points.COMPLETE,))
     if not usable:
@@ -112,7 +113,7 @@ def catalog_facts(cfg: Config, cat: Catalog, domain: str, policies: list[Policy]
     if any(p.spec.selector.metadata for p in policies):
         backend = open_backend(newest.storage, cfg.storage_target(newest.storage))
         try:
-            manifest = Repository(backend).read_manifest(newest.manifest_key, newest.manifest_sha256)
+            manifest = point_manifest(newest, backend, repositories(cfg))
         finally:
             backend.close()
         metadata = parse_metadata(manifest["domain"]["xml"])

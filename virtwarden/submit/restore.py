@@ -62,7 +62,7 @@ def plan_restore(cfg: Config, cat: Catalog, domain: str, *, point: str = "latest
     the host's libvirt; creates no job. A ``confined`` request's to_dir and disk_dir
     outside restore.allowed_dirs are refused first, before anything is looked up."""
     from virtwarden.storage_backends import open_backend
-    from virtwarden.storage_backends.format2.access import repository_of
+    from virtwarden.storage_backends.format2.access import repositories
     from virtwarden.tasks.restore import describe_selection, load_chain, resolve_point
     from virtwarden.tasks.restore_plan import Destination, check_paths, confine_destination
     from virtwarden.tasks.restore_plan import plan_restore as make_plan
@@ -90,8 +90,7 @@ def plan_restore(cfg: Config, cat: Catalog, domain: str, *, point: str = "latest
     settings = cfg.storage_target(resolved.storage)
     backend = open_backend(resolved.storage, settings)
     try:
-        repo2 = repository_of(resolved.storage, settings) if resolved.format == 2 else None
-        chain = load_chain(cat, backend, resolved, repo2)
+        chain = load_chain(cat, backend, resolved, repositories(cfg))
     finally:
         backend.close()
     plan = make_plan(chain.points, chain.manifests, dest, host=host, selected=describe_selection(point, at),

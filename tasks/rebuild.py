@@ -169,12 +169,7 @@ def point_of(storage: str, f: Found) -> PointView:
     if found != (domain, chain_id, point_id):
         raise ValueError(f"it describes domain {found[0]}, chain {found[1]}, point {found[2]} but is stored as "
                          f"{domain}/{chain_id}/{point_id}")
-    level = _field(m, "level", str)
-    if level not in LEVELS:
-        raise ValueError(f"level {level!r} is not one of {', '.join(LEVELS)}")
-    disks = _field(m, "disks", list)
-    if not disks:
-        raise ValueError("it names no disk")
+    level, disks = _level_and_disks(m)
     artifacts = tuple(_artifact(d, i) for i, d in enumerate(disks))
     checkpoint = m.get("checkpoint") or {}
     return PointView(
@@ -196,12 +191,7 @@ def _format2_point(storage: str, f: Found, m: dict) -> PointView:
     if _field(m, "point_id", str) != point_id:
         raise ValueError(f"it describes point {m['point_id']} but is stored as {point_id}")
     dom = _field(m, "domain", dict)
-    level = _field(m, "level", str)
-    if level not in LEVELS:
-        raise ValueError(f"level {level!r} is not one of {', '.join(LEVELS)}")
-    disks = _field(m, "disks", list)
-    if not disks:
-        raise ValueError("it names no disk")
+    level, disks = _level_and_disks(m)
     prefix = f.key.rsplit("/", 1)[0] + "/"
     artifacts = tuple(ArtifactView(
         _target(d, i), f"{prefix}index.{_target(d, i)}", _field(d, "stored_bytes", int, f"disks[{i}].stored_bytes"),
@@ -219,6 +209,16 @@ def _format2_point(storage: str, f: Found, m: dict) -> PointView:
         size_bytes=sum(a.size_bytes for a in artifacts), job_id=None,
         created_at=_time(m, "created_at"), completed_at=_optional_time(m, "completed_at"),
         artifacts=artifacts, manifest_sha256=f.sha256, format=2)
+
+
+def _level_and_disks(m: dict) -> tuple[str, list]:
+    level = _field(m, "level", str)
+    if level not in LEVELS:
+        raise ValueError(f"level {level!r} is not one of {', '.join(LEVELS)}")
+    disks = _field(m, "disks", list)
+    if not disks:
+        raise ValueError("it names no disk")
+    return level, disks
 
 
 def _target(d: Any, i: int) -> str:

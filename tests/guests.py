@@ -201,6 +201,15 @@ class Guest:
         self._qemu_io(target, f"write -z {offset} {length}", offset, length)
         self._shadow_write(target, offset, length, bytes)
 
+    def flush(self, target: str) -> None:
+        """Make the running QEMU write out what it holds of ``target`` (qcow2 metadata
+        included) so that another process reading the live image (``-U``) sees every write."""
+        qom = f"/machine/peripheral/{self._alias(target)}/virtio-backend"
+        reply = libvirt_qemu.qemuMonitorCommand(
+            self.dom, f'qemu-io -d {qom} "flush"', libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+        if reply.strip():
+            raise GuestIOError(f"{self.name} {target}: flush: {reply.strip()}")
+
     def serial_log(self) -> bytes:
         """What the guest printed on its serial port so far (marker guests only)."""
         try:

@@ -18,6 +18,7 @@ off as another repository's.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import uuid
@@ -31,8 +32,10 @@ from virtwarden.errors import ConfigError
 
 FORMAT = "virtwarden-key"
 VERSION = 1
-# scrypt's cost: 2**17 * 128 * r = 128 MiB of memory and about half a second per unwrap
-# here, paid once per process that opens the repository.
+# scrypt's cost: 2**17 * 128 * r = 128 MiB of memory and about a third of a second per
+# unwrap here, paid once per process and key file: _derive remembers what it derived, so a
+# process that opens the repository again (the API, a runbook's steps, a job's planning and
+# then its run) does not pay it again.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**17, 8, 1
 
 
@@ -55,6 +58,7 @@ class RepositoryKey:
         return f"RepositoryKey(repository={self.repository!r})"
 
 
+@functools.lru_cache(maxsize=8)
 def _derive(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
     if not passphrase:
         raise KeyFileError("the key file's passphrase is empty")

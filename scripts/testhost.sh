@@ -31,7 +31,8 @@ export DEBIAN_FRONTEND=noninteractive
 APT_PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86
               qemu-utils libvirt-dev pkg-config gcc e2fsprogs faketime systemd
               iptables  # libvirt starts its networks (the isolated drill network) through iptables
-              tini)     # reaps QEMU processes at once: see start_libvirtd
+              tini      # reaps QEMU processes at once: see start_libvirtd
+              docker-compose)  # validates compose.yaml (`config` needs no Docker daemon)
 
 say() { echo "testhost: $*"; }
 die() { echo "testhost: error: $*" >&2; exit 1; }

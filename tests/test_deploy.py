@@ -320,13 +320,12 @@ def test_make_compose_env_generates_private_passwords_once(tmp_path):
 
 
 def test_compose_validates_and_refuses_to_start_without_its_passwords(tmp_path):
-    """``docker-compose config`` (or ``docker compose config``) where one is installed:
-    an optional tool, not part of the test bed."""
+    """``docker-compose config`` (Debian's docker-compose, which the test bed installs: it
+    resolves and checks a file without a Docker daemon), or ``docker compose config``."""
     tool = (["docker-compose"] if shutil.which("docker-compose") else
             ["docker", "compose"] if shutil.which("docker") and subprocess.run(
                 ["docker", "compose", "version"], capture_output=True).returncode == 0 else None)
-    if tool is None:  # an optional tool the test bed and CI do not install: a plain skip
-        pytest.skip("neither docker-compose nor the docker compose plugin is installed")
+    need(tool is not None, "docker-compose (scripts/testhost.sh installs it) or the docker compose plugin")
     shutil.copy(REPO / "compose.yaml", tmp_path / "compose.yaml")
     (tmp_path / "Dockerfile").write_text("FROM scratch\n")
     env = {k: v for k, v in os.environ.items() if not k.endswith("_PASSWORD")}

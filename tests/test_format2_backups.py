@@ -246,3 +246,66 @@ def test_gc_killed_midway_leaves_every_point_restorable(vault, guest_factory, tm
     assert _backup(vw, g)["level"] == "incremental"
     out = _restore(vw, g, kept, tmp_path / "after-gc")
     assert images_equal(out / "vda.qcow2", expected)
+
+
+def test_a_format1_target_switched_to_format2_keeps_its_points_and_starts_a_full(vw, guest_factory, tmp_path) -> None:
+    """An operator turns an existing target (format-1 points in it) into format 2: the old
+    points still restore, verify and prune; the next backup is a full in format 2 saying
+    why, and the one after it an incremental of that."""
+    g = guest_factory(disks=1, size_mib=16)
+    g.write_random("vda", 0, 2 * MiB)
+    worker = vw.start_worker()
+    made, expected = [], []
+
+    def point(level: str, fmt: int, why: str = "") -> None:
+        r = vw.cli("backup", g.name, "--target", "nfs", "--wait", "--json")
+        assert r.code == 0, r.err + r.out
+        result = r.json()["result"]
+        assert (result["level"], result.get("format", 1)) == (level, fmt), result
+        assert why in result["reason"], result
+        made.append(result["point_id"])
+        expected.append(g.shadow_copy("vda", tmp_path / f"expected-{len(made)}.raw"))
+        g.write_random("vda", len(made) * MiB, 64 * 1024)
+
+    point("full", 1)
+    point("incremental", 1)
+    old_files = sorted(p.relative_to(vw.storage_path("nfs")) for p in vw.storage_path("nfs").rglob("*")
+                       if p.is_file())
+
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir(mode=0o700)
+    (secrets_dir / "pass").write_text("correct horse battery\n")
+    vw.storage["nfs"].update({"format": 2, "key_file": str(secrets_dir / "nfs.key"),
+                              "passphrase_file": str(secrets_dir / "pass")})
+    r = vw.cli("key", "init", "nfs")
+    assert r.code == 0, r.err
+    worker.kill()  # a worker reads its configuration when it starts: restarted, as an operator would
+    vw.start_worker()
+    point("full", 2, "first backup in repository format 2")
+    point("incremental", 2)
+    # the format-1 files are as they were (format 2 lives beside them, in its own names)
+    assert all((vw.storage_path("nfs") / f).is_file() for f in old_files)
+
+    for n, point_id in enumerate(made):
+        r = vw.cli("restore", g.name, "--point", point_id, "--to-dir", str(tmp_path / f"restored-{n}"), "--wait")
+        assert r.code == 0, r.err + r.out
+        assert images_equal(tmp_path / f"restored-{n}" / "vda.qcow2", expected[n]), n
+    r = vw.cli("verify", g.name, "--wait", "--json")
+    assert r.code == 0, r.err + r.out
+
+    # retention deletes the format-1 chain whole; the format-2 point it keeps restores
+    pdir = tmp_path / "policies"
+    pdir.mkdir()
+    (pdir / "p.yaml").write_text(
+        "apiVersion: virtwarden/v1\nkind: Policy\nmetadata:\n  name: p\n"
+        "spec:\n  selector:\n    domains: ['vwtest-*']\n  backup:\n    target: nfs\n"
+        "    retention:\n      keep_last: 1\n")
+    vw.extra["policy_dir"] = str(pdir)
+    r = vw.cli("prune", g.name, "--policy", "p", "--wait", "--json")
+    assert r.code == 0, r.err + r.out
+    listed = vw.cli("backups", g.name, "--json").json()
+    assert [p["id"] for p in listed if p["status"] == "complete"] == [made[3]]
+    assert not [f for f in old_files if (vw.storage_path("nfs") / f).exists()]
+    r = vw.cli("restore", g.name, "--point", made[3], "--to-dir", str(tmp_path / "last"), "--wait")
+    assert r.code == 0, r.err + r.out
+    assert images_equal(tmp_path / "last" / "vda.qcow2", expected[3])

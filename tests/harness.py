@@ -7,6 +7,7 @@ the moto endpoint; the Redis database used by tests is flushed before each test.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -14,12 +15,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests import forkserver
 from tests.conftest import need
 
 
@@ -126,26 +129,15 @@ def run_cli_in_process(args: list[str], env: dict[str, str]) -> Cli:
     return Cli(code, out.getvalue(), err.getvalue())
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGKILL when the test process dies, so an interrupted
-    run leaves no worker behind to take the next run's messages from the shared broker."""
-    import ctypes
-
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 class WorkerProcess:
     """``virtwarden worker`` in its own process group, its output in a log file."""
 
     def __init__(self, config: Path, log: Path, hosts: list[str], env: dict[str, str] | None = None) -> None:
         self.log = log
-        args = [sys.executable, "-m", "virtwarden.cli", "--config", str(config), "--log-level", "info", "worker"]
+        args = ["--config", str(config), "--log-level", "info", "worker"]
         for h in hosts:
             args += ["--host", h]
-        self._out = open(log, "ab")  # noqa: SIM115 - the process's log, closed when it is stopped
-        self.proc = subprocess.Popen(args, cwd=REPO, stdout=self._out, stderr=subprocess.STDOUT,
-                                     start_new_session=True, env={**os.environ, **(env or {})},
-                                     preexec_fn=_die_with_parent)
+        self.proc = forkserver.spawn(args, env={**os.environ, **(env or {})}, out=log)
 
     def wait_ready(self, timeout: float = 60) -> None:
         def ready() -> bool:
@@ -178,7 +170,6 @@ class WorkerProcess:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.kill()
-        self._out.close()
 
 
 @dataclass
@@ -191,6 +182,7 @@ class Installation:
     # cli() calls main() in the test process (run_cli_in_process) instead of starting
     # ``python -m virtwarden.cli``: set by the ``vw`` fixture for tests marked cli_in_process.
     cli_in_process: bool = False
+    _calls: Iterator[int] = field(default_factory=itertools.count, repr=False)
 
     @property
     def config_path(self) -> Path:
@@ -225,9 +217,10 @@ class Installation:
         command = next((a for a in args if not a.startswith("-")), "")
         if inline and (command not in DAEMONS or (command == "scheduler" and "--once" in args)):
             return run_cli_in_process(list(args), env)
-        p = subprocess.run([sys.executable, "-m", "virtwarden.cli", *args], cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=timeout)
-        return Cli(p.returncode, p.stdout, p.stderr)
+        n = next(self._calls)
+        code, out, err = forkserver.run(list(args), env=env, out=self.root / f"cli-{n}.out",
+                                        err=self.root / f"cli-{n}.err", timeout=timeout)
+        return Cli(code, out, err)
 
     def start_worker(self, hosts: list[str] | None = None, env: dict[str, str] | None = None) -> WorkerProcess:
         self.write_config()

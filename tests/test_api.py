@@ -9,7 +9,6 @@ import secrets
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,8 +18,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests import forkserver
 from tests.guests import images_equal
-from tests.harness import REPO, wait_for
+from tests.harness import wait_for
 from virtwarden.api.auth import sign
 
 pytestmark = pytest.mark.cli_in_process  # the CLI in the test process; daemons still run apart
@@ -52,15 +52,12 @@ class ApiServer:
     def __post_init__(self) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self._out = open(self.log, "ab")  # noqa: SIM115 - the process's log, closed when it is stopped
         env = {**os.environ, **self.env}
         for name in ("VIRTWARDEN_CONFIG", "VIRTWARDEN_DATABASE_URL", "VIRTWARDEN_BROKER_URL", "VIRTWARDEN_API_TOKEN"):
             if name not in self.env:
                 env.pop(name, None)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "virtwarden.cli", "--config", str(self.config), "--log-level", "info",
-             "api", "--listen", f"127.0.0.1:{self.port}"],
-            cwd=REPO, env=env, stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = forkserver.spawn(["--config", str(self.config), "--log-level", "info",
+                                      "api", "--listen", f"127.0.0.1:{self.port}"], env=env, out=self.log)
 
     def wait_ready(self, timeout: float = 60) -> None:
         def listening() -> bool:
@@ -108,7 +105,6 @@ class ApiServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
-        self._out.close()
 
 
 def _free_port() -> int:

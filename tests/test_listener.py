@@ -12,7 +12,6 @@ import re
 import secrets
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,9 +23,10 @@ from virtwarden.policies import Policy
 from virtwarden.policies.select import DomainFacts
 from virtwarden.policies.triggers import TriggerAction, triggers_for
 
+from tests import forkserver
 from tests.conftest import need, need_module
 from tests.fleet import HOST2_PID, restart_host2, stop_host2_libvirtd
-from tests.harness import REDIS_URL, REPO, wait_for
+from tests.harness import REDIS_URL, wait_for
 from virtwarden.daemons.reconcile import SeenDomain, foreign, missed_events, part_of_start, state_after
 from virtwarden.errors import PolicyError
 
@@ -295,15 +295,13 @@ class ListenerProcess:
     def __init__(self, vw, hosts: list[str] | None = None, env: dict[str, str] | None = None) -> None:
         config = vw.write_config()
         self.log = vw.root / "listener.log"
-        args = [sys.executable, "-m", "virtwarden.cli", "--config", str(config), "--log-level", "info", "listen"]
+        args = ["--config", str(config), "--log-level", "info", "listen"]
         for h in hosts or []:
             args += ["--host", h]
         full_env = {**os.environ, **(env or {})}
         full_env.pop("VIRTWARDEN_DATABASE_URL", None)
         full_env.pop("VIRTWARDEN_BROKER_URL", None)
-        self._out = open(self.log, "ab")  # noqa: SIM115 - the process's log, closed when it is stopped
-        self.proc = subprocess.Popen(args, cwd=REPO, env=full_env, stdout=self._out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = forkserver.spawn(args, env=full_env, out=self.log)
 
     def text(self, after: int = 0) -> str:
         return self.log.read_bytes()[after:].decode(errors="replace")
@@ -329,7 +327,6 @@ class ListenerProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
-        self._out.close()
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from virtwarden.catalog import jobs, slots
 from virtwarden.catalog.models import Job, ScheduleSlot
 from virtwarden.catalog.store import Catalog
 
+from tests import forkserver
 from tests.harness import REPO, wait_for
 from virtwarden import config as config_module
 
@@ -75,8 +76,9 @@ class Setup:
         env = {**os.environ, "VIRTWARDEN_CONFIG": str(self.vw.config_path), "VIRTWARDEN_SCHEDULER_NOW": now}
         env.pop("VIRTWARDEN_DATABASE_URL", None)
         env.pop("VIRTWARDEN_BROKER_URL", None)
-        return subprocess.run([sys.executable, "-m", "virtwarden.cli", *args], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=300)
+        code, out, err = forkserver.run(list(args), env=env, out=self.vw.root / "scheduler-cli.out",
+                                        err=self.vw.root / "scheduler-cli.err", timeout=300)
+        return subprocess.CompletedProcess(args, code, out, err)
 
 
 def slot_jobs(cat: Catalog) -> dict[tuple[str, str, str], jobs.JobView]:

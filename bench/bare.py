@@ -45,6 +45,13 @@ def rebuild(full: Path, incremental: Path, out: Path) -> None:
     fsync_path(out)
 
 
+def convert_live(image: Path, out: Path) -> None:
+    """``qemu-img convert`` of the guest's live image (read shared) into a new qcow2, and an
+    fsync: what writing the same data as a restored image must at least cost."""
+    subprocess.run(["qemu-img", "convert", "-U", "-O", "qcow2", str(image), str(out)], check=True)
+    fsync_path(out)
+
+
 def restore_from_dir(full: Path, incremental: Path, scratch: Path, out: Path) -> None:
     """Copy both artifacts from the repository to scratch space, then rebuild."""
     scratch.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--data-gib", type=float, default=2.0, help="random data written into it (default 2)")
     p.add_argument("--dirty-mib", type=int, default=256, help="random data rewritten before each incremental")
     p.add_argument("--repeat", type=int, default=3, help="runs of each measurement; medians are reported")
-    p.add_argument("--targets", default="nfs,s3", help="storage targets to measure (default nfs,s3)")
+    p.add_argument("--targets", default="nfs,s3,vault",
+                   help="storage targets to measure: nfs, s3 (format 1), vault (format 2 in a local "
+                        "directory); default all three")
     p.add_argument("--memory-check", action="store_true",
                    help="also back up a second guest holding --memory-check-gib of data, to compare peak memory")
     p.add_argument("--memory-check-gib", type=float, help="data in that second guest (default 2 x --data-gib)")
@@ -57,8 +59,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1, help="seed for the offsets of the dirtied data")
     args = p.parse_args(argv)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    if not args.targets or set(args.targets) - {"nfs", "s3"}:
-        p.error("--targets takes nfs, s3 or nfs,s3")
+    if not args.targets or set(args.targets) - {"nfs", "s3", "vault"}:
+        p.error("--targets takes a comma-separated list of nfs, s3 and vault")
     if args.data_gib > args.disk_gib or args.repeat < 1 or args.dirty_mib < 1:
         p.error("need --data-gib <= --disk-gib, --repeat >= 1 and --dirty-mib >= 1")
     if args.memory_check_gib is None:
@@ -129,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         inst.write_config()
         cleanup.callback(_quietly("removing broker keys", inst.forget_queue))
         cleanup.callback(_quietly("stopping the worker", inst.stop_worker))
+        if "vault" in args.targets:
+            inst.init_vault()
         say("starting the worker")
         inst.start_worker()
 

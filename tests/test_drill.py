@@ -25,7 +25,7 @@ def _policy(vw, tmp_path: Path, domain: str, **drill) -> None:
     pdir.mkdir(exist_ok=True)
     doc = {"apiVersion": "virtwarden/v1", "kind": "Policy", "metadata": {"name": "drilled"},
            "spec": {"selector": {"domains": [domain]}, "backup": {"target": "nfs"},
-                    "drill": {"run_for": "5s", **drill}}}
+                    "drill": {"run_for": "2s", **drill}}}
     (pdir / "drilled.yaml").write_text(yaml.safe_dump(doc))
     vw.extra["policy_dir"] = str(pdir)
 
@@ -142,7 +142,7 @@ def test_an_agent_channel_in_the_saved_xml_makes_the_agent_answer_a_check(vw, gu
     g = guest_factory(disks=1, size_mib=64, boot_marker=MARKER.encode())
     g.dom.attachDeviceFlags("<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>",
                             libvirt.VIR_DOMAIN_AFFECT_CONFIG)
-    _policy(vw, tmp_path, g.name, serial_marker=MARKER, boot_timeout="20s")
+    _policy(vw, tmp_path, g.name, serial_marker=MARKER, boot_timeout="10s")
     vw.start_worker()
     _backup(vw, g.name)
 
@@ -174,7 +174,7 @@ def test_the_agent_of_a_restored_linux_guest_answers(vw, agent_guest_factory, tm
 
 def test_a_worker_killed_mid_drill_leaves_nothing_after_the_retry(vw, guest_factory, tmp_path, conn):
     g = guest_factory(disks=1, size_mib=64, boot_marker=MARKER.encode())
-    _policy(vw, tmp_path, g.name, serial_marker=MARKER, run_for="5s")  # the kill comes at once
+    _policy(vw, tmp_path, g.name, serial_marker=MARKER)  # the kill comes at once
     first = vw.start_worker()
     _backup(vw, g.name)
     cat = vw.catalog()
@@ -260,7 +260,7 @@ def test_scheduled_and_cli_drills_get_the_policys_settings(vw, guest_factory, tm
     now = datetime.now(UTC)
     params = Scheduler(cfg, vw.catalog())._params(Slot("drilled", "drill", g.name, now, now, "local"))
     assert params == drill_params(cfg, vw.catalog(), g.name, policy="drilled")
-    assert params == {"domain": g.name, "policy": "drilled", "point": first, "storage": "nfs", "run_for": 5.0,
+    assert params == {"domain": g.name, "policy": "drilled", "point": first, "storage": "nfs", "run_for": 2.0,
                       "boot_timeout": 300.0, "serial_marker": MARKER, "expect_agent": True, "network": "isolated"}
 
     queued = vw.cli("drill", g.name, "--json")

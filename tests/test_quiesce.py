@@ -254,7 +254,7 @@ def test_an_agent_that_stops_answering_gives_a_crash_point_and_no_freeze(vw, age
     g = agent_guest_factory()
     vw.start_worker()
     mark = len(g.serial_log())
-    g.stop_agent(15)
+    g.stop_agent(8)  # past the ping (3 s) and the backup after it
 
     result = _backup(vw, g.name)
 
@@ -274,7 +274,7 @@ def test_a_freeze_answered_too_late_is_thawed(vw, agent_guest_factory, tmp_path)
     g = agent_guest_factory()
     vw.start_worker()
     mark = len(g.serial_log())
-    g.stall_next_freeze(10)
+    g.stall_next_freeze(6)  # past the call timeout (3 s)
 
     result = _backup(vw, g.name)
 
@@ -284,6 +284,6 @@ def test_a_freeze_answered_too_late_is_thawed(vw, agent_guest_factory, tmp_path)
     assert "(a freeze that had timed out ran late): thawing" in log
     assert "the guest agent reports its filesystems thawed" in log
     console = g.serial_log()[mark:]
-    assert _in_order(console, ["vw-hook: stalling 10s", "disabling logging due to filesystem freeze",
+    assert _in_order(console, ["vw-hook: stalling 6s", "disabling logging due to filesystem freeze",
                                "logging re-enabled due to filesystem unfreeze", "vw-hook: thaw"]), console
     _thawed_and_writable(g)

@@ -339,6 +339,45 @@ def test_alerts_that_map_to_no_host_or_policy_are_recorded_and_start_nothing(vw,
     assert datetime.now(UTC) - alert_rows.recent(cat)[0].received_at < timedelta(minutes=5)
 
 
+def test_an_alert_whose_backups_find_the_broker_dead_asks_for_a_resend_that_backs_up_once(fleet: Fleet,
+                                                                                         guest_factory) -> None:
+    """A backup action whose submissions fail for a while (the broker is away) must not
+    answer as if it were done: Alertmanager resends only on a 5xx (otherwise after its
+    repeat interval, 4 h by default). The resend starts the backups, once."""
+    from virtwarden.alerts import receive
+
+    f = fleet
+    [g] = _on_host2(f, guest_factory, 1)
+    _policy(f, POLICY.replace("action: evacuate", "action: backup")
+            + "  backup: {target: nfs}\n  selector: {domains: ['vwtest-*']}\n")
+    live = f.vw.extra.get("broker_url")
+    f.vw.extra["broker_url"] = "redis://127.0.0.1:1/0"  # nothing listens there
+    dead = f.config()
+    payload = _alert("firing", "2031-03-02T00:00:00Z", instance="host2")
+    first = receive(dead, f.cat, payload, "alertmanager")
+    [got] = first["alerts"]
+    assert first["retry"] is True, first  # the API answers 503 for this
+    assert got["action"] == "backup" and got["transient"], got
+    assert [e["domain"] for e in got["errors"]] == [g.name] and "broker" in got["errors"][0]["error"], got
+    assert jobs.recent(f.cat) == []
+    assert alert_rows.recent(f.cat)[0].job_id is None  # so that the resend acts
+
+    if live is None:
+        del f.vw.extra["broker_url"]
+    else:
+        f.vw.extra["broker_url"] = live
+    cfg = f.config()
+    again = receive(cfg, f.cat, payload, "alertmanager")
+    [got] = again["alerts"]
+    assert again["retry"] is False and (got["occurrence"], got["outcome"]) == ("repeated", "started"), got
+    [mine] = [j for j in got["jobs"] if j["domain"] == g.name]
+    f.vw.start_worker(hosts=["host2"])
+    done = wait_for(lambda: (j := jobs.get(f.cat, mine["job_id"])).finished and j, 120, "the backup")
+    assert done.state == "succeeded" and done.host == "host2", done.error
+    assert receive(cfg, f.cat, payload, "alertmanager")["alerts"][0]["outcome"] == "duplicate"
+    assert [j.kind for j in jobs.recent(f.cat, domain=g.name)] == ["backup"]
+
+
 def test_an_alert_whose_policy_says_backup_backs_the_hosts_domains_up_once(fleet: Fleet, guest_factory) -> None:
     from virtwarden.alerts import receive
 

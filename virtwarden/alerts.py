@@ -25,7 +25,9 @@ The answer counts occurrences (``new``, ``repeated``, ``resolved``), lists what 
 alert did (``alerts``: outcome ``started``, ``already-running``, ``duplicate``,
 ``refused``, ``unmatched``, ``resolved`` or ``error``; ``actions``: those a policy
 mapped to an action, with their job ids) and says whether to ``retry`` (a service was
-unreachable).
+unreachable, for the action or for any of a backup action's domains: the API answers
+503 so that Alertmanager sends the alert again, and the resend finishes the work). Each
+alert's outcome is logged in one line.
 
 Delivery is at least once: the alert row is written first and the job carries the
 dedup key ``alert:<fingerprint>:<startsAt>``, so a retry after a crash between the two
@@ -67,6 +69,12 @@ def receive(cfg: Config, cat: Catalog, payload: dict, actor: str) -> dict:
         raise UsageError(f"not an Alertmanager webhook payload: alerts[{bad[0]}] has no 'labels' object")
     policies = load_policies(cfg)
     out = [_one(cfg, cat, policies, alert, actor) for alert in payload["alerts"]]
+    for a in out:  # one line per alert, whatever became of it
+        level = logging.WARNING if a["outcome"] in ("error", "refused", "unmatched") else logging.INFO
+        log.log(level, "alert %s %s (fingerprint %s, host %s): %s%s%s", a["alertname"] or "(no alertname)",
+                a["status"], a["fingerprint"], a.get("host") or "none named", a["outcome"],
+                f", {a['action']}" if a.get("action") else "", f": {a['detail']}" if a.get("detail") else
+                "; will act on the resend" if a.get("transient") else "")
     seen = [a["occurrence"] for a in out]
     # "retry": a service was unreachable (libvirt, broker): the sender should try again
     # (an HTTP endpoint answers 5xx); the retry finishes what this one could not.
@@ -109,9 +117,8 @@ def _one(cfg: Config, cat: Catalog, policies: list[Policy], alert: dict, actor: 
         else:
             result = _backup(cfg, cat, mapping, key, actor)
     except VirtwardenError as e:
-        log.error("alert %s (%s) on host %s: %s failed: %s", name, fingerprint, host, action, e)
         return {**base, "outcome": "error", "action": action, "detail": str(e), "transient": isinstance(e, Transient)}
-    if result.get("job_id"):
+    if result.get("job_id") and not result.get("transient"):  # a resend must act again: not yet its job
         alert_rows.set_job(cat, row.id, result["job_id"])
     return {**base, "action": action, "policy": mapping.policy.name, **result}
 
@@ -159,9 +166,12 @@ def _backup(cfg: Config, cat: Catalog, mapping: Mapping, key: str, actor: str) -
                                 requested_by=f"alert:{actor}", dedup_key=f"{key}:backup:{info.uuid}")
             started.append({"domain": info.name, "job_id": job.id})
         except VirtwardenError as e:
-            failed.append({"domain": info.name, "error": str(e)})
+            failed.append({"domain": info.name, "error": str(e), "transient": isinstance(e, Transient)})
+    # A failure that may pass (the broker away) asks for a resend: the jobs started now
+    # are found again by their dedup keys, the others are started then.
     return {"outcome": "started" if started or not failed else "error", "jobs": started, "errors": failed,
-            "job_id": started[0]["job_id"] if started else None}
+            "job_id": started[0]["job_id"] if started else None,
+            "transient": any(f["transient"] for f in failed)}
 
 
 # --- mapping an alert to a policy and a host --------------------------------------------------------

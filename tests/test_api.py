@@ -298,8 +298,8 @@ def test_token_file_and_listen_parsing(tmp_path):
 def test_signed_bodies_good_forged_stale_and_replayed(vw, api, database, request):
     if database == "postgresql":  # a fleet's API processes share a PostgreSQL catalog
         vw.extra["database_url"] = request.getfixturevalue("pg_schema_url")
-    server = api(hmac=True)
-    second = api(hmac=True)  # another API process on the same catalog
+    server = api(hmac=True, signed_endpoints=["restores", "alerts"])
+    second = api(hmac=True, signed_endpoints=["restores", "alerts"])  # another API process on the same catalog
     body = json.dumps(_alertmanager("firing")).encode()
     now = int(time.time())
 
@@ -340,10 +340,11 @@ def test_signed_bodies_good_forged_stale_and_replayed(vw, api, database, request
     assert r.status == 401 and _jobs(vw) == []
 
 
-def test_unsigned_endpoints_accept_unsigned_webhooks(vw, api):
-    """Alertmanager cannot sign: with ``signed_endpoints: [restores]`` its posts pass
-    on the token alone, while a signature that is present is still checked."""
-    server = api(hmac=True, signed_endpoints=["restores"])
+def test_alerts_are_not_signed_by_default_so_alertmanager_works_with_a_key(vw, api):
+    """Alertmanager cannot sign: with an HMAC key and the default ``signed_endpoints``
+    its posts pass on the token alone, while a signature that is present is still
+    checked, and restores must be signed."""
+    server = api(hmac=True)
     assert server.call("POST", "/v1/alerts", _alertmanager("firing")).status == 200
     forged = server.call("POST", "/v1/alerts", _alertmanager("firing", fingerprint="ff"),
                          headers={"X-Virtwarden-Signature": f"t={int(time.time())},v1={'0' * 64}"})

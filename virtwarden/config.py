@@ -116,8 +116,9 @@ class ApiConfig(_Strict):
     # With a key, POSTs to ``signed_endpoints`` must carry
     # ``X-Virtwarden-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">``.
     hmac_key_file: str | None = None
-    # Alertmanager cannot sign its webhooks: leave "alerts" out for it.
-    signed_endpoints: tuple[Literal["restores", "alerts"], ...] = ("restores", "alerts")
+    # Alertmanager cannot sign its webhooks, so "alerts" is not signed unless listed here
+    # (a sender that can sign: a relay of your own); its token's "alerts" scope guards it.
+    signed_endpoints: tuple[Literal["restores", "alerts"], ...] = ("restores",)
     # A signature older or newer than this is refused (clock skew, or a replay after
     # the window in which seen signatures are remembered).
     signature_tolerance_seconds: int = Field(default=300, ge=5, le=3600)

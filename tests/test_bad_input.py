@@ -41,6 +41,29 @@ def test_yaml_syntax_error_in_config(vw, tmp_path):
     assert r.returncode == 3 and f"{bad}:" in r.stderr and "YAML syntax" in r.stderr
 
 
+def test_a_reader_that_goes_away_ends_the_command_quietly(vw):
+    """``virtwarden jobs --json | head``: the reader has gone when the command writes. No
+    traceback labelled a bug: exit 141, as a shell reports a command whose pipe closed."""
+    import os
+
+    vw.write_config()
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        r = subprocess.run([sys.executable, "-m", "virtwarden.cli", "--config", str(vw.config_path), "jobs", "--json"],
+                           stdout=write_end, stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write_end)
+    assert (r.returncode, r.stderr) == (141, "")
+
+
+def test_version_names_the_release():
+    import virtwarden
+
+    r = subprocess.run([sys.executable, "-m", "virtwarden.cli", "--version"], capture_output=True, text=True)
+    assert (r.returncode, r.stdout) == (0, f"virtwarden {virtwarden.__version__}\n")
+
+
 @pytest.mark.libvirt
 def test_unknown_domain(vw, libvirt_uri):
     r = vw.cli("backup", "no-such-domain", "--wait")

@@ -3,21 +3,25 @@
 Built for an on-call engineer: plain tables, ``--json`` for scripts, a progress line on
 long waits, and exit codes that mean something (virtwarden.errors: 0 ok, 1 failed,
 2 usage, 3 configuration, 4 not found, 5 a service unreachable, 6 storage,
-7 hypervisor, 70 a bug). Every error is one clear line on stderr.
+7 hypervisor, 70 a bug, 141 the reader of our output went away). Every error is one
+clear line on stderr.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import select
 import sys
 from collections.abc import Callable, Sequence
 
-from virtwarden import permissions
+from virtwarden import __version__, permissions
 from virtwarden.errors import EXIT_BUG, EXIT_USAGE, VirtwardenError
 from virtwarden.redact import install_log_masking, mask
 
 log = logging.getLogger("virtwarden")
 Handler = Callable[[argparse.Namespace], int]
+EXIT_OUTPUT_CLOSED = 141  # what a shell reports for a command its pipe's reader left (128 + SIGPIPE)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -33,7 +37,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        return args.handler(args)
+        code = args.handler(args)
+        sys.stdout.flush()  # a reader that went away shows here, not as noise at exit
+        return code
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        return _quietly_closed()
     except VirtwardenError as e:
         print(f"virtwarden: error: {mask(str(e))}", file=sys.stderr)
         return e.exit_code
@@ -45,6 +55,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BUG
 
 
+def _stdout_closed() -> bool:
+    """Whether the reader of our standard output is gone (``... --json | head``): the
+    write end of a pipe whose read end is closed polls as an error."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLERR)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (OSError, ValueError):  # not a file descriptor (a test's StringIO)
+        return False
+
+
+def _quietly_closed() -> int:
+    """Nothing left to say to anyone: point stdout at /dev/null so that the interpreter's
+    own flush at exit raises nothing, and exit as a piped command does."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_OUTPUT_CLOSED
+
+
 def build_parser() -> argparse.ArgumentParser:
     from virtwarden.cli import commands as c
 
@@ -53,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Keeps KVM/libvirt guests safe: policy-driven backups, snapshots, restores, restore drills,"
                     " verification of stored backups and evacuations, the workers and daemons that run them,"
                     " a catalog that can be rebuilt from storage, and on-call runbooks.")
+    p.add_argument("--version", action="version", version=f"virtwarden {__version__}")
     p.add_argument("--config", help="configuration file (default: $VIRTWARDEN_CONFIG, else embedded defaults)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     sub = p.add_subparsers(metavar="COMMAND")

@@ -30,6 +30,8 @@ class AlertView:
     starts_at: datetime
     received_at: datetime
     resolved_at: datetime | None
+    outcome: str | None
+    detail: str | None
 
     def to_json(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -69,6 +71,13 @@ def set_job(cat: Catalog, alert_id: int, job_id: str | None) -> None:
         s.execute(update(Alert).where(Alert.id == alert_id).values(job_id=job_id))
 
 
+def set_outcome(cat: Catalog, alert_id: int, outcome: str, detail: str | None) -> None:
+    """What the latest delivery of the occurrence did (a repeat that did nothing is not
+    recorded over it)."""
+    with cat.session() as s:
+        s.execute(update(Alert).where(Alert.id == alert_id).values(outcome=outcome, detail=detail))
+
+
 def resolve(cat: Catalog, *, fingerprint: str, name: str, labels: dict, host: str | None, starts_at: datetime,
             resolved_at: datetime) -> tuple[AlertView, str]:
     """Mark the occurrence resolved. Returns the row and what happened: ``resolved``,
@@ -92,6 +101,10 @@ def resolve(cat: Catalog, *, fingerprint: str, name: str, labels: dict, host: st
     return AlertView(**{**view.__dict__, "resolved_at": resolved_at}), "new"
 
 
-def recent(cat: Catalog, *, limit: int = 100) -> list[AlertView]:
+def recent(cat: Catalog, *, limit: int = 100, host: str | None = None) -> list[AlertView]:
+    """The last ``limit`` occurrences received (of ``host``), oldest first."""
+    query = select(Alert).order_by(Alert.id.desc()).limit(limit)
+    if host is not None:
+        query = query.where(Alert.host == host)
     with cat.session() as s:
-        return [_view(r) for r in reversed(s.scalars(select(Alert).order_by(Alert.id.desc()).limit(limit)).all())]
+        return [_view(r) for r in reversed(s.scalars(query).all())]

@@ -292,6 +292,10 @@ class Alert(Base):
     starts_at: Mapped[datetime] = mapped_column(UtcDateTime)
     received_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, index=True)  # pruned by it
     resolved_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # What became of it (virtwarden/alerts.py): started, already-running, refused,
+    # unmatched, error or resolved, and why; the latest delivery's word, repeats aside.
+    outcome: Mapped[str | None] = mapped_column(String(32))
+    detail: Mapped[str | None] = mapped_column(Text)
 
 
 class Migration(Base):

@@ -415,11 +415,22 @@ def test_alerts_are_recorded_firing_then_resolved(vw, api):
     assert (row.fingerprint, row.name, row.status, row.host, row.action) == (
         "3f2a9c0d1e4b5a67", "HostDiskFailing", "firing", "local", None)
     assert row.resolved_at is None and row.labels["severity"] == "critical"
+    # what became of it, for the on-call engineer: GET /v1/alerts and `virtwarden alerts`
+    [listed] = server.call("GET", "/v1/alerts").json()
+    assert (listed["name"], listed["outcome"], listed["job_id"]) == ("HostDiskFailing", "unmatched", None), listed
+    assert listed["detail"] == "no policy's spec.migration.on_alerts matches alert 'HostDiskFailing'"
+    assert server.call("GET", "/v1/alerts?host=elsewhere").json() == []
+    assert server.call("GET", "/v1/alerts?limit=0").status == 422
 
     resolved = server.call("POST", "/v1/alerts", _alertmanager("resolved", ends="2026-11-27T03:00:00Z"))
     assert resolved.status == 200 and resolved.json()["resolved"] == 1
     [row] = _alerts(vw)
     assert row.status == "resolved" and row.resolved_at.isoformat() == "2026-11-27T03:00:00+00:00"
+    assert row.outcome == "unmatched"  # resolving keeps what the firing did
+    r = vw.cli("alerts", "--json")
+    assert r.code == 0 and r.json() == server.call("GET", "/v1/alerts").json() != []
+    table = vw.cli("alerts").out
+    assert "HostDiskFailing" in table and "unmatched" in table and "resolved" in table
     assert [(a.action, a.outcome) for a in _audit(vw)] == [("api.alerts", "succeeded")] * 3
 
 

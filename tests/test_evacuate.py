@@ -360,7 +360,9 @@ def test_an_alert_whose_backups_find_the_broker_dead_asks_for_a_resend_that_back
     assert got["action"] == "backup" and got["transient"], got
     assert [e["domain"] for e in got["errors"]] == [g.name] and "broker" in got["errors"][0]["error"], got
     assert jobs.recent(f.cat) == []
-    assert alert_rows.recent(f.cat)[0].job_id is None  # so that the resend acts
+    [row] = alert_rows.recent(f.cat)
+    assert row.job_id is None  # so that the resend acts
+    assert row.outcome == "error" and g.name in row.detail and "broker" in row.detail
 
     if live is None:
         del f.vw.extra["broker_url"]
@@ -376,6 +378,8 @@ def test_an_alert_whose_backups_find_the_broker_dead_asks_for_a_resend_that_back
     assert done.state == "succeeded" and done.host == "host2", done.error
     assert receive(cfg, f.cat, payload, "alertmanager")["alerts"][0]["outcome"] == "duplicate"
     assert [j.kind for j in jobs.recent(f.cat, domain=g.name)] == ["backup"]
+    [row] = alert_rows.recent(f.cat)
+    assert (row.outcome, row.detail, row.job_id) == ("started", None, mine["job_id"])  # the repeat changed none
 
 
 def test_an_alert_whose_policy_says_backup_backs_the_hosts_domains_up_once(fleet: Fleet, guest_factory) -> None:

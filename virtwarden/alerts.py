@@ -84,6 +84,17 @@ def receive(cfg: Config, cat: Catalog, payload: dict, actor: str) -> dict:
 
 
 def _one(cfg: Config, cat: Catalog, policies: list[Policy], alert: dict, actor: str) -> dict:
+    """Handle one alert and record on its row what became of it (``GET /v1/alerts``,
+    ``virtwarden alerts``): a repeat that did nothing leaves the earlier word."""
+    result = _handle(cfg, cat, policies, alert, actor)
+    row_id = result.pop("row_id", None)
+    if row_id is not None and result["outcome"] != "duplicate":
+        detail = result.get("detail") or "; ".join(f"{e['domain']}: {e['error']}" for e in result.get("errors", []))
+        alert_rows.set_outcome(cat, row_id, result["outcome"], detail or None)
+    return result
+
+
+def _handle(cfg: Config, cat: Catalog, policies: list[Policy], alert: dict, actor: str) -> dict:
     labels = {str(k): str(v) for k, v in (alert.get("labels") or {}).items()}
     name = labels.get("alertname", "")
     fingerprint = str(alert.get("fingerprint") or "") or _fingerprint(labels)
@@ -95,21 +106,24 @@ def _one(cfg: Config, cat: Catalog, policies: list[Policy], alert: dict, actor: 
             "host": host}
     if status == "resolved":
         ends = _time(alert.get("endsAt")) or datetime.now(UTC)
-        _, what = alert_rows.resolve(cat, fingerprint=fingerprint, name=name, labels=labels, host=host,
-                                     starts_at=starts, resolved_at=ends)
+        view, what = alert_rows.resolve(cat, fingerprint=fingerprint, name=name, labels=labels, host=host,
+                                        starts_at=starts, resolved_at=ends)
         return {**base, "occurrence": what if what != "resolved" else "known",
-                "outcome": "duplicate" if what == "repeated" else "resolved", "action": None}
+                "outcome": "duplicate" if what == "repeated" else "resolved", "action": None,
+                # an occurrence that fired keeps what its firing did; one first heard of resolved says so
+                "row_id": view.id if what == "new" else None}
     action = mapping.action if mapping and mapping.host else None
     row, created = alert_rows.record(cat, fingerprint=fingerprint, name=name, status="firing", labels=labels,
                                      host=host, action=action, starts_at=starts)
     base["occurrence"] = "new" if created else "repeated"
+    base["row_id"] = row.id
     if mapping is None:
         return {**base, "outcome": "unmatched", "action": None,
                 "detail": f"no policy's spec.migration.on_alerts matches alert {name!r}"}
     if mapping.host is None:
         return {**base, "outcome": "unmatched", "action": None, "detail": mapping.why}
     if not created and row.job_id:
-        return {**base, "outcome": "duplicate", "action": row.action, "job_id": row.job_id}
+        return {**base, "outcome": "duplicate", "action": row.action, "job_id": row.job_id, "row_id": None}
     key = f"alert:{fingerprint}:{starts.isoformat()}"
     try:
         if action == "evacuate":

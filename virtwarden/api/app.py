@@ -24,7 +24,7 @@ from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import Depends, FastAPI, Header, Request, Response
+from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPBearer
@@ -33,8 +33,9 @@ from starlette.routing import Match
 
 from virtwarden.api.auth import ANONYMOUS, AuthMiddleware, Signatures, Tokens, env_token, read_key
 from virtwarden.api.metrics import ApiMetrics, RequestCounter
-from virtwarden.api.schemas import AlertmanagerPayload, Error, JobAccepted, JobOut, PointOut, RestoreIn
+from virtwarden.api.schemas import AlertmanagerPayload, AlertOut, Error, JobAccepted, JobOut, PointOut, RestoreIn
 from virtwarden.api.scopes import ALERTS, ANY_RESTORE, READ, ScopeMissing, needs, require, restore_scope
+from virtwarden.catalog import alerts as alert_rows
 from virtwarden.catalog import api as api_catalog
 from virtwarden.catalog import jobs, points
 from virtwarden.catalog.models import AuditRecord, utcnow
@@ -173,6 +174,14 @@ def _routes(app: FastAPI) -> None:
         if result.get("retry"):  # a service was unreachable: a 5xx makes Alertmanager send it again
             return JSONResponse(status_code=503, content=json.loads(json.dumps(result, default=str)))
         return result
+
+    @app.get("/v1/alerts", response_model=list[AlertOut], tags=["alerts"],
+             dependencies=[Depends(needs(READ, what="read alerts"))])
+    def list_alerts(request: Request, limit: int = Query(100, ge=1, le=1000), host: str | None = None,
+                    _: str = Depends(caller)) -> list[dict[str, Any]]:
+        """The alerts received, oldest first (the last ``limit``, of ``host`` if given),
+        each with what became of it: its outcome, why, and its job. Scope: `read`."""
+        return [a.to_json() for a in alert_rows.recent(request.app.state.api.cat, limit=limit, host=host)]
 
     @app.get("/healthz", tags=["service"], responses={503: {"description": "a dependency is down"}})
     def healthz(request: Request) -> JSONResponse:

@@ -119,6 +119,26 @@ class PointOut(BaseModel):
     disks: list[DiskOut]
 
 
+class AlertOut(BaseModel):
+    """One alert occurrence as received, and what became of it (``virtwarden alerts --json``)."""
+
+    id: int
+    fingerprint: str
+    name: str
+    status: Literal["firing", "resolved"]
+    labels: dict[str, Any]
+    host: str | None
+    action: str | None  # evacuate | backup, when a policy maps the alert to one
+    job_id: str | None
+    starts_at: str
+    received_at: str
+    resolved_at: str | None
+    # started, already-running, refused, unmatched, error or resolved (None: received
+    # before outcomes were recorded)
+    outcome: str | None
+    detail: str | None
+
+
 class AlertIn(BaseModel):
     model_config = ConfigDict(extra="allow")
 

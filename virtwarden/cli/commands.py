@@ -209,6 +209,21 @@ def jobs_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def alerts_list(args: argparse.Namespace) -> int:
+    from virtwarden.catalog import alerts as alert_rows
+
+    cfg = load_config(args)
+    found = alert_rows.recent(Catalog(cfg.catalog_url), limit=args.limit, host=args.host)
+    if args.json:
+        emit_json([a.to_json() for a in found])
+        return EXIT_OK
+    rows = [[a.received_at.strftime("%Y-%m-%d %H:%M:%S"), a.name or "-", a.status, a.host or "-", a.action or "-",
+             a.outcome or "-", a.job_id or "-", (a.detail or "")[:60]] for a in found]
+    print(table(rows, ["RECEIVED (UTC)", "ALERT", "STATUS", "HOST", "ACTION", "OUTCOME", "JOB", "WHY"]) if rows
+          else "no alerts")
+    return EXIT_OK
+
+
 def job_show(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     job = jobs.get(Catalog(cfg.catalog_url), args.job_id)

@@ -2,8 +2,9 @@
 
 Routes: ``POST /v1/restores``, ``GET /v1/jobs/{job_id}``,
 ``GET /v1/domains/{name}/restore-points``, ``POST /v1/alerts`` (Alertmanager),
-``GET /healthz``, ``GET /metrics``; the OpenAPI schema is at ``/openapi.json`` and
-browsable at ``/docs``. Every /v1 request needs a bearer token (virtwarden/api/auth.py)
+``GET /v1/alerts``, ``GET /healthz``, ``GET /metrics``; the OpenAPI schema is at
+``/openapi.json`` and readable at ``/docs`` (rendered here: virtwarden/api/docs_page.py).
+Every /v1 request needs a bearer token (virtwarden/api/auth.py)
 whose scopes allow the endpoint (virtwarden/api/scopes.py); requests go through the same
 ``virtwarden.submit`` functions as the CLI, so the API adds no second way of starting a
 job. Every POST of an authenticated caller, accepted or refused, and every request
@@ -26,7 +27,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
@@ -80,7 +81,8 @@ class PayloadTooLarge(VirtwardenError):
 
 # --- the application ---------------------------------------------------------------------
 def create_app(cfg: Config, cat: Catalog, tokens: Tokens, signatures: Signatures | None) -> FastAPI:
-    app = FastAPI(title="virtwarden", version="1", description=DESCRIPTION,
+    # No /docs or /redoc of FastAPI's: they load their scripts from a CDN. /docs is ours.
+    app = FastAPI(title="virtwarden", version="1", description=DESCRIPTION, docs_url=None, redoc_url=None,
                   responses={401: {"model": Error}, 403: {"model": Error}, 422: {"model": Error},
                              429: {"model": Error}, 503: {"model": Error}})
     app.state.api = Api(cfg, cat)
@@ -182,6 +184,13 @@ def _routes(app: FastAPI) -> None:
         """The alerts received, oldest first (the last ``limit``, of ``host`` if given),
         each with what became of it: its outcome, why, and its job. Scope: `read`."""
         return [a.to_json() for a in alert_rows.recent(request.app.state.api.cat, limit=limit, host=host)]
+
+    @app.get("/docs", include_in_schema=False, response_class=HTMLResponse)
+    def docs(request: Request) -> HTMLResponse:
+        """The reference, rendered here from the schema: nothing fetched from elsewhere."""
+        from virtwarden.api import docs_page
+
+        return HTMLResponse(docs_page.render(request.app.openapi()))
 
     @app.get("/healthz", tags=["service"], responses={503: {"description": "a dependency is down"}})
     def healthz(request: Request) -> JSONResponse:

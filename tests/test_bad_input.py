@@ -57,6 +57,20 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(vw):
     assert (r.returncode, r.stderr) == (141, "")
 
 
+def test_policy_validate_json_locates_each_error(vw, tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("apiVersion: virtwarden/v1\nkind: Policy\nmetadata: {name: p}\nspec:\n"
+                   "  backup: {target: nfs, strategy: bitmapp}\n")
+    r = vw.cli("policy", "validate", str(bad), "--json")
+    assert r.code == 1, r.err
+    [error] = r.json()["errors"]
+    assert (error["file"], error["line"], error["field"]) == (str(bad), 5, "spec.backup.strategy")
+    assert "did you mean 'bitmap'" in error["message"] and r.json()["ok"] is False
+    bad.write_text(bad.read_text().replace("bitmapp", "bitmap"))
+    r = vw.cli("policy", "validate", str(bad), "--json")
+    assert (r.code, r.json()) == (0, {"ok": True, "policies": ["p"], "runbooks": [], "errors": []})
+
+
 def test_version_names_the_release():
     import virtwarden
 

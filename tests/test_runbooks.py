@@ -134,6 +134,9 @@ def test_verify_repository_passes_then_finds_a_corrupted_artifact(vw, guest_fact
     assert "@" in records[0].actor
     parent = vw.cli("job", report["job_id"], "--json").json()
     assert (parent["kind"], parent["state"]) == ("runbook", "failed")
+    shown = vw.cli("job", report["job_id"])  # for people: params and result as JSON, not Python's repr
+    assert shown.code == 1 and f'"domain": "{g.name}"' in shown.out
+    assert "{'" not in shown.out and "None" not in shown.out
 
 
 @pytest.mark.libvirt

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import sys
 from pathlib import Path
 
@@ -19,6 +21,10 @@ def policy_validate(args: argparse.Namespace) -> int:
     found, errors = validate_paths(args.paths, books)
     if not errors and args.config:
         errors = check_against_config(found, load_config(args))
+    if args.json:
+        emit_json({"ok": not errors, "policies": [p.name for p in found], "runbooks": [b.name for b in books],
+                   "errors": [_located(line) for line in errors]})
+        return EXIT_FAILED if errors else EXIT_OK
     for line in errors:
         print(line, file=sys.stderr)
     if errors:
@@ -27,6 +33,15 @@ def policy_validate(args: argparse.Namespace) -> int:
     runbooks = f" and {len(books)} runbook{'' if len(books) == 1 else 's'}" if books else ""
     print(f"ok: {len(found)} polic{'y' if len(found) == 1 else 'ies'}{runbooks} valid")
     return EXIT_OK
+
+
+def _located(error: str) -> dict:
+    """An error line ``FILE:LINE: FIELD: MESSAGE`` as data (the whole line as ``text``
+    either way)."""
+    m = re.match(r"^(?P<file>[^:]+):(?P<line>\d+): (?:(?P<field>[\w.\[\]-]+): )?(?P<message>.*)$", error)
+    if not m:
+        return {"text": error}
+    return {"text": error, "file": m["file"], "line": int(m["line"]), "field": m["field"], "message": m["message"]}
 
 
 def policy_list(args: argparse.Namespace) -> int:
@@ -231,7 +246,9 @@ def job_show(args: argparse.Namespace) -> int:
         emit_json(job.to_json())
     else:
         for k, v in job.to_json().items():
-            print(f"{k:14} {v}")
+            if isinstance(v, dict | list):  # params, result: as data, not Python's repr
+                v = json.dumps(v, indent=2, default=str).replace("\n", "\n" + " " * 15) if v else "-"
+            print(f"{k:14} {'-' if v is None else v}")
     return EXIT_OK if job.state != jobs.FAILED else EXIT_FAILED
 
 

@@ -21,6 +21,7 @@ from virtwarden.redact import install_log_masking, mask
 
 log = logging.getLogger("virtwarden")
 Handler = Callable[[argparse.Namespace], int]
+JSON_HELP = "print the result as JSON (for scripts; the same fields as the API)"
 EXIT_OUTPUT_CLOSED = 141  # what a shell reports for a command its pipe's reader left (128 + SIGPIPE)
 
 
@@ -95,10 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     pol = sub.add_parser("policy", help="validate and list policies").add_subparsers(metavar="ACTION")
     v = pol.add_parser("validate", help="check policy files; errors as file:line: field: message")
-    v.add_argument("paths", nargs="+")
+    v.add_argument("paths", nargs="+", help="policy or runbook files, or directories of them")
+    v.add_argument("--json", action="store_true", help=JSON_HELP)
     v.set_defaults(handler=c.policy_validate)
     pl = pol.add_parser("list", help="list the policies in policy_dir")
-    pl.add_argument("--json", action="store_true")
+    pl.add_argument("--json", action="store_true", help=JSON_HELP)
     pl.set_defaults(handler=c.policy_list)
 
     b = cmd("backup", c.backup, "back up a domain now (a worker runs it)")
@@ -111,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bs = cmd("backups", c.backups, "list a domain's restore points")
     bs.add_argument("domain")
-    bs.add_argument("--json", action="store_true")
+    bs.add_argument("--json", action="store_true", help=JSON_HELP)
 
     r = cmd("restore", c.restore,
             "restore a point: into a directory of flat images, as a new domain, or in place")
@@ -141,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     _wait_opts(r)
 
     j = cmd("jobs", c.jobs_list, "recent jobs")
-    j.add_argument("--json", action="store_true")
+    j.add_argument("--json", action="store_true", help=JSON_HELP)
     j.add_argument("--domain")
     j.add_argument("--limit", type=int, default=30)
     al = cmd("alerts", c.alerts_list, "Alertmanager alerts received and what became of each")
@@ -150,10 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--limit", type=int, default=30, help="the last N alerts (default 30)")
     js = cmd("job", c.job_show, "one job in full")
     js.add_argument("job_id")
-    js.add_argument("--json", action="store_true")
+    js.add_argument("--json", action="store_true", help=JSON_HELP)
 
     d = cmd("doctor", c.doctor, "check what this host needs and say plainly what is missing")
-    d.add_argument("--json", action="store_true")
+    d.add_argument("--json", action="store_true", help=JSON_HELP)
 
     w = cmd("worker", c.worker, "run a worker for the given hosts' queues (default: every configured host)")
     w.add_argument("--host", action="append", default=[], help="serve this host's queue (repeatable)")
@@ -170,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     pv = sched.add_parser("preview", help="list the slots that would run between two times")
     pv.add_argument("--from", dest="start", help="ISO time (default: now)")
     pv.add_argument("--to", dest="end", help="ISO time (default: 24 hours after --from)")
-    pv.add_argument("--json", action="store_true")
+    pv.add_argument("--json", action="store_true", help=JSON_HELP)
     pv.set_defaults(handler=lazy("virtwarden.daemons.scheduler:preview_cli"))
 
     pr = cmd("prune", lazy("virtwarden.cli.prune:cli"),
@@ -188,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     _wait_opts(sn)
     sl = cmd("snapshots", lazy("virtwarden.cli.snapshots:list_cli"), "list the snapshots virtwarden made of a domain")
     sl.add_argument("domain")
-    sl.add_argument("--json", action="store_true")
+    sl.add_argument("--json", action="store_true", help=JSON_HELP)
 
     dr = cmd("drill", lazy("virtwarden.cli.drills:cli"),
              "restore a point into scratch space and boot it as an isolated throwaway domain")
@@ -200,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     _wait_opts(dr)
     dl = cmd("drills", lazy("virtwarden.cli.drills:list_cli"), "recent restore drills of a domain and their checks")
     dl.add_argument("domain", nargs="?")
-    dl.add_argument("--json", action="store_true")
+    dl.add_argument("--json", action="store_true", help=JSON_HELP)
 
     vf = cmd("verify", lazy("virtwarden.cli.verify:cli"),
              "re-read stored restore points and check their checksums; damaged ones are taken out of service")
@@ -216,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     cr = ca.add_parser("rebuild", help="recreate restore points from a storage target's manifests")
     cr.add_argument("--storage", required=True, help="the storage target to read")
     cr.add_argument("--dry-run", action="store_true", help="show what would be imported, change nothing")
-    cr.add_argument("--json", action="store_true")
+    cr.add_argument("--json", action="store_true", help=JSON_HELP)
     cr.set_defaults(handler=lazy("virtwarden.cli.rebuild:cli"))
 
     api = cmd("api", lazy("virtwarden.api.app:cli"), "serve the HTTP API (restores, jobs, alerts, metrics)")
@@ -224,18 +226,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     rb = sub.add_parser("runbook", help="named, audited on-call procedures").add_subparsers(metavar="ACTION")
     rbl = rb.add_parser("list", help="built-in and user-defined runbooks")
-    rbl.add_argument("--json", action="store_true")
+    rbl.add_argument("--json", action="store_true", help=JSON_HELP)
     rbl.set_defaults(handler=lazy("virtwarden.runbooks:list_cli"))
     rbs = rb.add_parser("show", help="a runbook's parameters and steps")
     rbs.add_argument("name")
-    rbs.add_argument("--json", action="store_true")
+    rbs.add_argument("--json", action="store_true", help=JSON_HELP)
     rbs.set_defaults(handler=lazy("virtwarden.runbooks:show_cli"))
     rbr = rb.add_parser("run", help="run a runbook's steps in order, each as a job, waiting for each (audited)")
     rbr.add_argument("name")
     rbr.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE")
     rbr.add_argument("--dry-run", action="store_true", help="print every step's plan, change nothing")
     rbr.add_argument("--timeout", type=float, help="give up waiting for a step after this many seconds")
-    rbr.add_argument("--json", action="store_true")
+    rbr.add_argument("--json", action="store_true", help=JSON_HELP)
     rbr.set_defaults(handler=lazy("virtwarden.runbooks:run_cli"))
 
     ev = cmd("evacuate", lazy("virtwarden.cli.evacuate:cli"), "live-migrate a host's running domains to other hosts")
@@ -244,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     _wait_opts(ev)
     hs = cmd("hosts", lazy("virtwarden.cli.hosts:cli"), "the configured hosts: reachable or not, free memory and CPUs")
-    hs.add_argument("--json", action="store_true")
+    hs.add_argument("--json", action="store_true", help=JSON_HELP)
 
     ky = sub.add_parser("key", help="the key of a format-2 repository (docs/repository-format.md)"
                         ).add_subparsers(metavar="ACTION")
@@ -254,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     ki.add_argument("storage", help="a storage target configured with format: 2")
     ki.add_argument("--passphrase-file", help=pass_help)
     ki.add_argument("--chunk-size-kib", type=int, help="the repository's chunk size (default 512)")
-    ki.add_argument("--json", action="store_true")
+    ki.add_argument("--json", action="store_true", help=JSON_HELP)
     ki.set_defaults(handler=lazy("virtwarden.cli.keys:init"))
     ke = ky.add_parser("export", help="print the key file (still locked by its passphrase), to keep a copy")
     ke.add_argument("storage")
@@ -276,21 +278,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp_ = st.add_parser("points", help="the points the repository holds, from their manifests")
     sp_.add_argument("storage")
     sp_.add_argument("--domain", help="only this domain's")
-    sp_.add_argument("--json", action="store_true")
+    sp_.add_argument("--json", action="store_true", help=JSON_HELP)
     sp_.set_defaults(handler=lazy("virtwarden.cli.storage:points_cli"))
     sr = st.add_parser("restore", help="write a point's disks (qcow2) and domain XML into a new or empty directory")
     sr.add_argument("storage")
     sr.add_argument("point", help="the point's id (virtwarden storage points)")
     sr.add_argument("--to-dir", required=True, help="a new or empty directory")
-    sr.add_argument("--json", action="store_true")
+    sr.add_argument("--json", action="store_true", help=JSON_HELP)
     sr.set_defaults(handler=lazy("virtwarden.cli.storage:restore_cli"))
     ss = st.add_parser("stats", help="bytes in the points, bytes stored, dedup and compression, per domain")
     ss.add_argument("storage")
-    ss.add_argument("--json", action="store_true")
+    ss.add_argument("--json", action="store_true", help=JSON_HELP)
     ss.set_defaults(handler=lazy("virtwarden.cli.storage:stats_cli"))
     sg = st.add_parser("gc", help="delete the chunks no point uses (never while a backup writes)")
     sg.add_argument("storage")
-    sg.add_argument("--json", action="store_true")
+    sg.add_argument("--json", action="store_true", help=JSON_HELP)
     sg.set_defaults(handler=lazy("virtwarden.cli.storage:gc_cli"))
     return p
 
@@ -317,7 +319,7 @@ def _percent(text: str) -> int:
 def _wait_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", action="store_true", help="wait for the job; exit non-zero if it fails")
     p.add_argument("--timeout", type=float, help="with --wait: give up waiting after this many seconds")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
 
 
 __all__ = ["main"]

@@ -521,6 +521,39 @@ def test_metrics_parse_and_count_drills_and_requests(vw, api):
     assert opened.call("GET", "/metrics", token=None).status == 200
 
 
+def test_a_domain_that_never_had_a_good_backup_has_an_age_and_a_failure_count(vw, api):
+    """The README's alert on the age of the newest point must fire for a domain that has
+    none: its age counts from the first slot (or job) that should have made one."""
+    from datetime import datetime, timedelta
+
+    from virtwarden.catalog.models import Job, ScheduleSlot
+
+    server = api()
+    now = datetime.now(UTC).replace(microsecond=0)
+    cat = vw.catalog()
+    with cat.session() as s:
+        s.add(ScheduleSlot(policy="p", job="backup", domain="fresh01", slot_at=now - timedelta(hours=3),
+                           window_end=now - timedelta(hours=2), state="started"))
+        s.add(ScheduleSlot(policy="p", job="backup", domain="retired01", slot_at=now - timedelta(days=30),
+                           window_end=now - timedelta(days=30), state="started"))
+        for n, (domain, state, hours) in enumerate([("fresh01", "failed", 2), ("fresh01", "failed", 1),
+                                                    ("db01", "failed", 2), ("db01", "succeeded", 1)]):
+            at = now - timedelta(hours=hours)
+            s.add(Job(id=f"j{n}", kind="backup", state=state, domain=domain, params={}, created_at=at,
+                      finished_at=at + timedelta(minutes=1)))
+    cat.close()
+    samples = _samples(server.call("GET", "/metrics").body.decode())
+    age = samples[("virtwarden_latest_restore_point_age_seconds", (("domain", "fresh01"),))]
+    assert 3 * 3600 <= age < 3 * 3600 + 120, age
+    assert ("virtwarden_latest_restore_point_timestamp_seconds", (("domain", "fresh01"),)) not in samples
+    assert samples[("virtwarden_backup_consecutive_failures", (("domain", "fresh01"),))] == 2
+    assert samples[("virtwarden_backup_last_failure_timestamp_seconds", (("domain", "fresh01"),))] == (
+        now - timedelta(hours=1) + timedelta(minutes=1)).timestamp()
+    assert samples[("virtwarden_backup_consecutive_failures", (("domain", "db01"),))] == 0
+    assert samples[("virtwarden_latest_restore_point_age_seconds", (("domain", "db01"),))] >= 2 * 3600
+    assert not [k for k in samples if ("domain", "retired01") in k[1]]  # long gone: no series
+
+
 def _samples(text: str) -> dict:
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}

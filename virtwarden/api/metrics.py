@@ -4,7 +4,13 @@ API process reports the same fleet-wide numbers) plus this process's request cou
 - ``virtwarden_jobs{kind,state}``: jobs in the catalog.
 - ``virtwarden_latest_restore_point_timestamp_seconds{domain}`` and
   ``virtwarden_latest_restore_point_age_seconds{domain}``: the newest complete point
-  (when its backup started). Alert on the age, e.g. ``> 26 * 3600``.
+  (when its backup started). Alert on the age, e.g. ``> 26 * 3600``. A domain that was
+  due for a backup (a schedule slot) or had one asked for, within ``ACTIVE_DAYS``, but
+  has no complete point has the age too, counted from its first such slot or job: so
+  the same alert fires for a domain that never had a successful backup.
+- ``virtwarden_backup_last_failure_timestamp_seconds{domain}`` and
+  ``virtwarden_backup_consecutive_failures{domain}`` (failed backup jobs since its last
+  successful one), counted over the backup jobs of the last ``ACTIVE_DAYS``.
 - ``virtwarden_drill_last_success{domain}`` (1 passed, 0 failed),
   ``virtwarden_drill_last_timestamp_seconds{domain}`` and
   ``virtwarden_drill_last_recovery_seconds{domain}`` (restore + boot time), for
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, disable_created_metrics
@@ -29,12 +36,13 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from sqlalchemy import func, select
 
 from virtwarden.catalog import points
-from virtwarden.catalog.models import Drill, Job, RestorePoint, utcnow
+from virtwarden.catalog.models import Drill, Job, RestorePoint, ScheduleSlot, utcnow
 from virtwarden.catalog.store import Catalog
 from virtwarden.errors import VirtwardenError
 
 log = logging.getLogger(__name__)
 DRILL_DONE = ("passed", "failed")
+ACTIVE_DAYS = 7  # a domain without points is reported while it had a slot or job this recently
 
 
 class CatalogCollector:
@@ -70,6 +78,14 @@ class CatalogCollector:
                       .where(Drill.state.in_(DRILL_DONE)).group_by(Drill.domain).subquery())
             drills = s.scalars(select(Drill).join(newest, (Drill.domain == newest.c.domain)
                                                   & (Drill.started_at == newest.c.at))).all()
+            since = now - timedelta(days=ACTIVE_DAYS)
+            due = dict(s.execute(select(ScheduleSlot.domain, func.min(ScheduleSlot.slot_at))
+                                 .where(ScheduleSlot.job == "backup", ScheduleSlot.slot_at >= since)
+                                 .group_by(ScheduleSlot.domain)).all())
+            outcomes = s.execute(select(Job.domain, Job.state, Job.created_at, Job.finished_at)
+                                 .where(Job.kind == "backup", Job.domain.is_not(None), Job.created_at >= since,
+                                        Job.state.in_(("succeeded", "failed")))
+                                 .order_by(Job.domain, Job.created_at)).all()
         jobs = GaugeMetricFamily("virtwarden_jobs", "jobs in the catalog by kind and state", labels=["kind", "state"])
         for kind, state, n in job_rows:
             jobs.add_metric([kind, state], n)
@@ -81,9 +97,37 @@ class CatalogCollector:
         for domain, at in point_rows:
             ts.add_metric([domain], at.timestamp())
             age.add_metric([domain], max(0.0, (now - at).total_seconds()))
+        failures = _failures(outcomes)
+        first_due = {d: min(at for at in (due.get(d), failures.get(d, (None, 0, None))[2]) if at is not None)
+                     for d in set(due) | set(failures)}
+        for domain in sorted(set(first_due) - {d for d, _ in point_rows}):  # never backed up (lately)
+            age.add_metric([domain], max(0.0, (now - first_due[domain]).total_seconds()))
         yield ts
         yield age
+        last_failed = GaugeMetricFamily("virtwarden_backup_last_failure_timestamp_seconds",
+                                        "when the domain's last failed backup job ended", labels=["domain"])
+        streak = GaugeMetricFamily("virtwarden_backup_consecutive_failures",
+                                   "failed backup jobs of the domain since its last successful one", labels=["domain"])
+        for domain, (failed_at, count, _) in sorted(failures.items()):
+            if failed_at is not None:
+                last_failed.add_metric([domain], failed_at.timestamp())
+            streak.add_metric([domain], count)
+        yield last_failed
+        yield streak
         yield from _drill_families(drills)
+
+
+def _failures(outcomes: Sequence[Any]) -> dict[str, tuple[datetime | None, int, datetime]]:
+    """Per domain, from its ended backup jobs (oldest first): when the last failed one
+    ended, how many failed since the last success, and when its first job was created."""
+    out: dict[str, tuple[datetime | None, int, datetime]] = {}
+    for domain, state, created, finished in outcomes:
+        last, count, first = out.get(domain, (None, 0, created))
+        if state == "failed":
+            out[domain] = (finished or created, count + 1, first)
+        else:
+            out[domain] = (last, 0, first)
+    return out
 
 
 def _drill_families(drills: Sequence[Drill]) -> Iterator[Metric]:

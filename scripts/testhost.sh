@@ -32,7 +32,8 @@ APT_PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-sys
               qemu-utils libvirt-dev pkg-config gcc e2fsprogs faketime systemd
               iptables  # libvirt starts its networks (the isolated drill network) through iptables
               tini      # reaps QEMU processes at once: see start_libvirtd
-              docker-compose)  # validates compose.yaml (`config` needs no Docker daemon)
+              docker-compose   # validates compose.yaml (`config` needs no Docker daemon)
+              prometheus)      # promtool checks deploy/prometheus/rules.yml; a test's own server fires them
 
 say() { echo "testhost: $*"; }
 die() { echo "testhost: error: $*" >&2; exit 1; }
@@ -162,6 +163,10 @@ do_install() {
         say "apt: installing ${missing[*]}"
         apt-get update -qq
         apt-get install -y -qq --no-install-recommends "${missing[@]}"
+        # The tests start their own Prometheus; the package's service is not ours to leave running.
+        if [[ " ${missing[*]} " == *" prometheus "* ]] && [[ -d /run/systemd/system ]]; then
+            systemctl disable --now prometheus >/dev/null 2>&1 || true
+        fi
     else
         say "apt: packages present"
     fi

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests import forkserver
 from tests.guests import images_equal
-from tests.harness import wait_for
+from tests.harness import REPO, wait_for
 from virtwarden.api.auth import sign
 
 pytestmark = pytest.mark.cli_in_process  # the CLI in the test process; daemons still run apart
@@ -635,3 +635,70 @@ def test_restore_with_the_broker_down_is_503_and_starts_nothing(vw, api, guest_f
     assert r.status == 503 and "unreachable" in r.json()["error"]
     assert [j.kind for j in _jobs(vw)] == ["backup"]
     assert [a.outcome for a in _audit(vw)] == ["refused"]
+
+
+# --- the shipped alerting rules, on a real Prometheus ------------------------------------------
+def test_the_shipped_rules_pass_promtool_and_fire_on_a_real_scrape(vw, api, tmp_path):
+    """deploy/prometheus/rules.yml passes ``promtool check rules``; then Debian's
+    Prometheus scrapes this API with a read token and evaluates the same rules (their
+    ``for:`` durations set to 0 s): a domain whose backups keep failing and one that was
+    due 27 h ago without ever getting a point both alert."""
+    import re
+    import shutil
+    import urllib.request
+    from datetime import datetime, timedelta
+
+    from virtwarden.catalog.models import Job, ScheduleSlot
+
+    from tests.conftest import need
+
+    need(shutil.which("promtool") is not None and shutil.which("prometheus") is not None,
+         "prometheus and promtool (scripts/testhost.sh installs Debian's prometheus)")
+    rules = REPO / "deploy" / "prometheus" / "rules.yml"
+    checked = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True, text=True)
+    assert checked.returncode == 0 and "SUCCESS: 5 rules found" in checked.stdout, checked.stdout + checked.stderr
+
+    now = datetime.now(UTC)
+    cat = vw.catalog()
+    with cat.session() as s:
+        s.add(ScheduleSlot(policy="p", job="backup", domain="stale01", slot_at=now - timedelta(hours=27),
+                           window_end=now - timedelta(hours=26), state="skipped"))
+        for n in range(2):
+            at = now - timedelta(minutes=30 - n)
+            s.add(Job(id=f"f{n}", kind="backup", state="failed", domain="failing01", params={}, created_at=at,
+                      finished_at=at))
+    cat.close()
+    server = api()
+    (tmp_path / "rules.yml").write_text(re.sub(r"for: \d+m", "for: 0s", rules.read_text()))
+    token = tmp_path / "prometheus-token"
+    token.write_text(TOKEN)
+    port = _free_port()
+    (tmp_path / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        f"rule_files: [{tmp_path / 'rules.yml'}]\n"
+        "scrape_configs:\n  - job_name: virtwarden\n"
+        f"    authorization: {{type: Bearer, credentials_file: {token}}}\n"
+        f"    static_configs: [{{targets: ['127.0.0.1:{server.port}']}}]\n")
+    log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115 - closed below
+    prometheus = subprocess.Popen(
+        ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def firing() -> set[tuple[str, str]] | None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/alerts", timeout=2) as r:
+                    alerts = json.load(r)["data"]["alerts"]
+            except OSError:
+                return None
+            found = {(a["labels"]["alertname"], a["labels"].get("domain", "")) for a in alerts
+                     if a["state"] == "firing"}
+            return found if {("VirtwardenBackupFailing", "failing01"),
+                             ("VirtwardenBackupTooOld", "stale01")} <= found else None
+
+        found = wait_for(firing, 60, lambda: f"the rules to fire:\n{(tmp_path / 'prometheus.log').read_text()[-2000:]}")
+        assert ("VirtwardenBackupTooOld", "failing01") not in found  # its first job is 30 minutes old
+        assert not [a for a in found if a[0] == "VirtwardenApiDown"]
+    finally:
+        prometheus.terminate()
+        prometheus.wait(30)
+        log.close()

@@ -642,9 +642,11 @@ def test_the_shipped_rules_pass_promtool_and_fire_on_a_real_scrape(vw, api, tmp_
     """deploy/prometheus/rules.yml passes ``promtool check rules``; then Debian's
     Prometheus scrapes this API with a read token and evaluates the same rules (their
     ``for:`` durations set to 0 s): a domain whose backups keep failing and one that was
-    due 27 h ago without ever getting a point both alert."""
+    due 27 h ago without ever getting a point both alert. Every query of the shipped
+    Grafana dashboard then runs on that Prometheus and shows them."""
     import re
     import shutil
+    import urllib.parse
     import urllib.request
     from datetime import datetime, timedelta
 
@@ -698,6 +700,24 @@ def test_the_shipped_rules_pass_promtool_and_fire_on_a_real_scrape(vw, api, tmp_
         found = wait_for(firing, 60, lambda: f"the rules to fire:\n{(tmp_path / 'prometheus.log').read_text()[-2000:]}")
         assert ("VirtwardenBackupTooOld", "failing01") not in found  # its first job is 30 minutes old
         assert not [a for a in found if a[0] == "VirtwardenApiDown"]
+
+        # the shipped Grafana dashboard: well formed, and every query runs on these series
+        dashboard = json.loads((REPO / "deploy" / "prometheus" / "grafana-dashboard.json").read_text())
+        panels = dashboard["panels"]
+        assert len({p["id"] for p in panels}) == len(panels) and all(p["targets"] for p in panels)
+        assert all(p["gridPos"]["x"] + p["gridPos"]["w"] <= 24 for p in panels)
+        values = {}
+        for panel in panels:
+            for target in panel["targets"]:
+                url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": target["expr"]})
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    answer = json.load(r)
+                assert answer["status"] == "success", (panel["title"], answer)
+                values[panel["title"]] = answer["data"]["result"]
+        stale = values["Domains whose newest point is older than 26 h"]
+        assert float(stale[0]["value"][1]) >= 1, stale  # stale01
+        failing = values["Backups failed in a row, per domain"]
+        assert {r["metric"]["domain"] for r in failing} == {"failing01"}, failing
     finally:
         prometheus.terminate()
         prometheus.wait(30)

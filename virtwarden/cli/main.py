@@ -42,9 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # a reader that went away shows here, not as noise at exit
         return code
     except BrokenPipeError:
-        if not _stdout_closed():
-            raise
-        return _quietly_closed()
+        if _stdout_closed():
+            return _quietly_closed()
+        log.exception("unexpected error (a bug: please report it with this traceback)")
+        return EXIT_BUG
     except VirtwardenError as e:
         print(f"virtwarden: error: {mask(str(e))}", file=sys.stderr)
         return e.exit_code

@@ -34,6 +34,13 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 _upgrade_lock = threading.Lock()
 
 
+def newest_revision() -> str:
+    """The schema revision the newest migration makes, from the migration files' names
+    (``NNNN_what.py``, revision ``NNNN``: tests/test_catalog.py checks that Alembic agrees),
+    so that opening a current catalog needs no Alembic at all."""
+    return max(p.name.split("_", 1)[0] for p in (MIGRATIONS / "versions").glob("[0-9][0-9][0-9][0-9]_*.py"))
+
+
 class Catalog:
     """Holds the engine and hands out sessions; the operations live in catalog.jobs and
     catalog.points as functions over a session."""
@@ -97,6 +104,8 @@ class Catalog:
 
     def upgrade(self) -> None:
         """Bring the schema to the newest revision (no-op when it is there)."""
+        if self._current():  # what almost every open finds: one read, and Alembic never imported
+            return
         from alembic import command
         from alembic.config import Config as AlembicConfig
         from alembic.runtime.migration import MigrationContext
@@ -120,6 +129,16 @@ class Catalog:
         except SQLAlchemyError as e:
             reason = e.orig if isinstance(e, OperationalError) else e
             raise DatabaseUnavailable(_mask(f"catalog {self.url} unreachable or not upgradable: {reason}")) from e
+
+    def _current(self) -> bool:
+        """Whether the schema is at the newest revision already (False when unsure: the
+        full check under the upgrade lock decides then)."""
+        try:
+            with self.engine.connect() as conn:
+                row = conn.exec_driver_sql("SELECT version_num FROM alembic_version").first()
+        except SQLAlchemyError:
+            return False
+        return row is not None and row[0] == newest_revision()
 
     @contextmanager
     def _exclusive(self) -> Iterator[None]:

@@ -274,7 +274,7 @@ def test_a_freeze_answered_too_late_is_thawed(vw, agent_guest_factory, tmp_path)
     g = agent_guest_factory()
     vw.start_worker()
     mark = len(g.serial_log())
-    g.stall_next_freeze(10)  # not 6: then the late freeze did not always come while the job watched for it
+    g.stall_next_freeze(10)  # past the freeze's and the first thaw's timeouts (3 + 3 s), with room
 
     result = _backup(vw, g.name)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import functools
 import logging
 import os
 import threading
@@ -34,6 +35,7 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 _upgrade_lock = threading.Lock()
 
 
+@functools.cache
 def newest_revision() -> str:
     """The schema revision the newest migration makes, from the migration files' names
     (``NNNN_what.py``, revision ``NNNN``: tests/test_catalog.py checks that Alembic agrees),

@@ -195,7 +195,6 @@ def _child(req: dict, channel: list) -> None:
 
 
 def serve(fd: int) -> None:
-    _die_with_parent()
     for name in PRELOAD:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)

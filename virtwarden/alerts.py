@@ -123,7 +123,7 @@ def _handle(cfg: Config, cat: Catalog, policies: list[Policy], alert: dict, acto
     if mapping.host is None:
         return {**base, "outcome": "unmatched", "action": None, "detail": mapping.why}
     if not created and row.job_id:
-        return {**base, "outcome": "duplicate", "action": row.action, "job_id": row.job_id, "row_id": None}
+        return {**base, "outcome": "duplicate", "action": row.action, "job_id": row.job_id}
     key = f"alert:{fingerprint}:{starts.isoformat()}"
     try:
         if action == "evacuate":

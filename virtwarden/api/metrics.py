@@ -98,8 +98,9 @@ class CatalogCollector:
             ts.add_metric([domain], at.timestamp())
             age.add_metric([domain], max(0.0, (now - at).total_seconds()))
         failures = _failures(outcomes)
-        first_due = {d: min(at for at in (due.get(d), failures.get(d, (None, 0, None))[2]) if at is not None)
-                     for d in set(due) | set(failures)}
+        first_due = dict(due)  # the first slot, or the first job when that came earlier (or alone)
+        for domain, (_, _, first_job) in failures.items():
+            first_due[domain] = min(first_due.get(domain, first_job), first_job)
         for domain in sorted(set(first_due) - {d for d, _ in point_rows}):  # never backed up (lately)
             age.add_metric([domain], max(0.0, (now - first_due[domain]).total_seconds()))
         yield ts

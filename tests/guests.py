@@ -454,6 +454,30 @@ def lan(libvirt_uri):
             conn.close()
 
 
+QEMU_LOGS = Path("/var/log/libvirt/qemu")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report carries the end of each of its guests' QEMU logs: a guest that
+    stopped on its own says why there (a crash, a signal, a shutdown), and nowhere else."""
+    outcome = yield
+    report = outcome.get_result()
+    factory = getattr(item, "funcargs", {}).get("guest_factory")
+    if report.when != "call" or not report.failed or factory is None:
+        return
+    for guest in factory.guests:
+        log = QEMU_LOGS / f"{guest.name}.log"
+        try:
+            tail = log.read_text(errors="replace").splitlines()[-15:]
+        except OSError as e:
+            tail = [f"(no log: {e})"]
+        state = "?"
+        with contextlib.suppress(Exception):
+            state = "running" if guest.dom.isActive() else "not running"
+        report.sections.append((f"guest {guest.name} ({state}): {log}", "\n".join(tail)))
+
+
 @pytest.fixture
 def guest_factory(libvirt_uri, tmp_path):
     factory = GuestFactory(libvirt_uri, tmp_path / "guests")

@@ -115,6 +115,9 @@ class ForkServer:
         return Forked(self, pid)
 
     def close(self) -> None:
+        # The file holds a reference to the socket: closing the socket alone would leave it
+        # open, the server would never see the end of its input and close() would wait.
+        self._file.close()
         self._sock.close()
         try:
             self._proc.wait(10)

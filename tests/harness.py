@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -199,8 +200,14 @@ class Installation:
     def write_config(self) -> Path:
         doc = {"data_dir": str(self.data_dir), "broker_url": REDIS_URL, "hosts": self.hosts,
                "storage": self.storage, "worker": TEST_WORKER, **self.extra}
-        self.config_path.write_text(yaml.safe_dump(doc, sort_keys=False))
-        self.config_path.chmod(0o600)  # it may hold secrets (S3 keys): as an operator keeps it
+        # Replaced whole, never rewritten in place: a worker or daemon starting while a test
+        # calls the CLI must not read a half-written file (a worker that read an empty one
+        # once exited and left a restore queued). Mode 600 from the start: it may hold
+        # secrets (S3 keys), as an operator keeps it.
+        fd, tmp = tempfile.mkstemp(dir=self.config_path.parent, prefix=".virtwarden.yaml.")
+        with os.fdopen(fd, "w") as f:
+            f.write(yaml.safe_dump(doc, sort_keys=False))
+        os.replace(tmp, self.config_path)
         return self.config_path
 
     def cli(self, *args: str, timeout: float = 300, in_process: bool | None = None,
@@ -216,6 +223,8 @@ class Installation:
         inline = self.cli_in_process if in_process is None else in_process
         command = next((a for a in args if not a.startswith("-")), "")
         if inline and (command not in DAEMONS or (command == "scheduler" and "--once" in args)):
+            if "--wait" in args and "--timeout" not in args:  # bounded here too: no worker, no end
+                args = (*args, "--timeout", str(timeout))
             return run_cli_in_process(list(args), env)
         n = next(self._calls)
         code, out, err = forkserver.run(list(args), env=env, out=self.root / f"cli-{n}.out",

@@ -46,6 +46,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import boto3
+import botocore.session
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -84,6 +85,24 @@ _MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
 _STREAM_BROKE = (ReadTimeoutError, ResponseStreamingError, IncompleteReadError)
 # The endpoint received other bytes than were sent (checksum or signed payload hash).
 _DAMAGED = frozenset({"BadDigest", "XAmzContentSHA256Mismatch"})
+
+_loader: Any = None
+_loader_guard = threading.Lock()
+
+
+def _botocore_session() -> botocore.session.Session:
+    """A new botocore session that shares this process's loader of service models. Each new
+    session would otherwise read and parse S3's model files again: about 0.1 s of a core for
+    every backend a worker's job or a command builds. The loader only caches read-only
+    models; credentials, configuration and connections stay per session."""
+    global _loader
+    session = botocore.session.get_session()
+    with _loader_guard:
+        if _loader is None:  # the first session's own (it honours AWS_DATA_PATH)
+            _loader = session.get_component("data_loader")
+        else:
+            session.register_component("data_loader", _loader)
+    return session
 
 
 class S3Backend(Backend):
@@ -414,6 +433,7 @@ class S3Backend(Backend):
             if self._s3 is None:
                 st = self.settings
                 session = boto3.session.Session(
+                    botocore_session=_botocore_session(),
                     aws_access_key_id=st.access_key_id,
                     aws_secret_access_key=st.secret_access_key,
                     region_name=st.region or DEFAULT_REGION,

@@ -31,13 +31,15 @@ from sqlalchemy import delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from virtwarden.catalog.clock import db_later, db_now
 from virtwarden.catalog.fencing import Fence
-from virtwarden.catalog.models import DomainLock, Job
+from virtwarden.catalog.models import DomainLock, Job, JobTotal
 from virtwarden.catalog.store import Catalog
 
 from virtwarden.errors import JobNotFound
 
 QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
 FINISHED = (SUCCEEDED, FAILED)
+# Upper bounds (seconds) of the duration buckets the metrics' histogram reports.
+DURATION_BUCKETS = (10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 28800)
 DEFAULT_RESEND_AFTER = 60.0  # seconds a queued job's message may take to reach a worker
 
 
@@ -266,6 +268,7 @@ def finish(
         ))
         if n:
             s.execute(delete(DomainLock).where(DomainLock.job_id == fence.job_id))
+            _tally(s, [fence.job_id])
         return n == 1
 
 
@@ -285,8 +288,10 @@ def requeue(cat: Catalog, fence: Fence, why: str, *, delay: float, resend_after:
 def fail_queued(cat: Catalog, job_id: str, error: str) -> None:
     """Mark a job that never ran as failed (it could not be sent to a worker)."""
     with cat.session() as s:
-        s.execute(update(Job).where(Job.id == job_id, Job.state == QUEUED)
-                  .values(state=FAILED, error=error, finished_at=db_now(), dispatch_at=None))
+        n = _count(s.execute(update(Job).where(Job.id == job_id, Job.state == QUEUED)
+                             .values(state=FAILED, error=error, finished_at=db_now(), dispatch_at=None)))
+        if n:
+            _tally(s, [job_id])
 
 
 def reap(cat: Catalog, *, resend_after: float = DEFAULT_RESEND_AFTER,
@@ -311,7 +316,37 @@ def reap(cat: Catalog, *, resend_after: float = DEFAULT_RESEND_AFTER,
                 queued.append(row.id)
             if n:
                 s.execute(delete(DomainLock).where(DomainLock.job_id == row.id))
+            if n and values["state"] == FAILED:
+                _tally(s, [row.id])
     return [get(cat, j) for j in queued]
+
+
+def _tally(s: Any, job_ids: list[str]) -> None:
+    """Add jobs that have just ended to ``job_totals``, in the transaction that ended them:
+    a job is counted exactly when its end is recorded. Each add is one atomic upsert, so
+    workers finishing jobs at the same moment lose no count."""
+    rows = s.execute(select(Job.kind, Job.state, Job.created_at, Job.started_at, Job.finished_at, Job.result)
+                     .where(Job.id.in_(job_ids))).all()
+    for kind, state, created, started, finished, result in rows:
+        seconds = max(0.0, (finished - (started or created)).total_seconds()) if finished else 0.0
+        le = next((str(b) for b in DURATION_BUCKETS if seconds <= b), "+Inf")
+        size = (result or {}).get("size_bytes") if isinstance(result, dict) else None
+        add = {"jobs": 1, "seconds": seconds, "bytes": size if isinstance(size, int) and size > 0 else 0}
+        s.execute(_upsert(s, JobTotal, {"kind": kind, "outcome": state, "le": le}, add))
+
+
+def _upsert(s: Any, table: Any, key: dict[str, Any], add: dict[str, Any]) -> Any:
+    """INSERT the row, or add ``add`` to the existing one's columns (SQLite and PostgreSQL
+    share this ON CONFLICT form)."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    dialect = s.get_bind().dialect.name
+    inserts: dict[str, Callable[..., Any]] = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
+    if dialect not in inserts:  # the catalog supports these two (catalog.store)
+        raise NotImplementedError(f"no upsert for {dialect}")
+    stmt = inserts[dialect](table).values(**key, **add)
+    return stmt.on_conflict_do_update(
+        index_elements=list(key), set_={c: getattr(table, c) + stmt.excluded[c] for c in add})
 
 
 def _reaped(row: Job, recoverable: bool) -> dict[str, Any]:

@@ -334,3 +334,20 @@ class ApiIdempotencyKey(Base):
     job_id: Mapped[str] = mapped_column(String(36))
     actor: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, index=True)  # pruned by it
+
+
+class JobTotal(Base):
+    """Running totals of finished jobs, for the metrics: counted in the transaction that
+    records each job's end (catalog.jobs), so they only grow, cost one small read per
+    scrape however long the job history is, and stay true when old job rows are removed.
+    One row per kind, outcome and duration bucket (``le``: the bucket's upper bound in
+    seconds, ``+Inf`` for the last); the jobs in that bucket, their seconds and the bytes
+    their results reported (a backup's ``size_bytes``)."""
+
+    __tablename__ = "job_totals"
+    kind: Mapped[str] = mapped_column(String(32), primary_key=True)
+    outcome: Mapped[str] = mapped_column(String(16), primary_key=True)  # succeeded | failed
+    le: Mapped[str] = mapped_column(String(16), primary_key=True)
+    jobs: Mapped[int] = mapped_column(BigInteger, default=0)
+    seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)

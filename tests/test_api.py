@@ -554,6 +554,36 @@ def test_a_domain_that_never_had_a_good_backup_has_an_age_and_a_failure_count(vw
     assert not [k for k in samples if ("domain", "retired01") in k[1]]  # long gone: no series
 
 
+@pytest.mark.libvirt
+def test_a_real_backup_is_in_the_duration_histogram_and_a_job_without_worker_in_its_hosts_queue(
+        vw, api, guest_factory):
+    """The histogram and the stored bytes come from jobs a real worker ran; the queue
+    gauges from a job that waits because the host's worker is gone."""
+    from virtwarden import __version__
+
+    g = guest_factory(disks=1, size_mib=16)
+    server = api()
+    vw.start_worker()
+    g.write_random("vda", 0, 2 * MiB)
+    done = vw.cli("backup", g.name, "--target", "nfs", "--wait", "--json")
+    assert done.code == 0, done.err
+    size = done.json()["result"]["size_bytes"]
+    vw.close()  # the host's worker stops: the next job waits
+    assert vw.cli("backup", g.name, "--target", "nfs").code == 0
+
+    samples = _samples(server.call("GET", "/metrics").body.decode())
+    backup_ok = (("kind", "backup"), ("outcome", "succeeded"))
+    assert samples[("virtwarden_job_duration_seconds_count", backup_ok)] == 1
+    assert 0 < samples[("virtwarden_job_duration_seconds_sum", backup_ok)] < 60
+    every = (("kind", "backup"), ("le", "+Inf"), ("outcome", "succeeded"))  # labels sorted, as _samples keys them
+    assert samples[("virtwarden_job_duration_seconds_bucket", every)] == 1
+    assert samples[("virtwarden_backup_stored_bytes_total", (("outcome", "succeeded"),))] == size > 0
+    assert samples[("virtwarden_queued_jobs", (("host", "local"),))] == 1
+    assert 0 <= samples[("virtwarden_oldest_queued_job_age_seconds", (("host", "local"),))] < 60
+    assert ("virtwarden_running_jobs", (("host", "local"),)) not in samples
+    assert samples[("virtwarden_build_info", (("version", __version__),))] == 1
+
+
 def _samples(text: str) -> dict:
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
@@ -641,8 +671,9 @@ def test_restore_with_the_broker_down_is_503_and_starts_nothing(vw, api, guest_f
 def test_the_shipped_rules_pass_promtool_and_fire_on_a_real_scrape(vw, api, tmp_path):
     """deploy/prometheus/rules.yml passes ``promtool check rules``; then Debian's
     Prometheus scrapes this API with a read token and evaluates the same rules (their
-    ``for:`` durations set to 0 s): a domain whose backups keep failing and one that was
-    due 27 h ago without ever getting a point both alert. Every query of the shipped
+    ``for:`` durations set to 0 s): a domain whose backups keep failing, one that was
+    due 27 h ago without ever getting a point, and a host whose job has waited 2 h for a
+    worker all alert. Every query of the shipped
     Grafana dashboard then runs on that Prometheus and shows them."""
     import re
     import shutil
@@ -658,7 +689,7 @@ def test_the_shipped_rules_pass_promtool_and_fire_on_a_real_scrape(vw, api, tmp_
          "prometheus and promtool (scripts/testhost.sh installs Debian's prometheus)")
     rules = REPO / "deploy" / "prometheus" / "rules.yml"
     checked = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True, text=True)
-    assert checked.returncode == 0 and "SUCCESS: 5 rules found" in checked.stdout, checked.stdout + checked.stderr
+    assert checked.returncode == 0 and "SUCCESS: 6 rules found" in checked.stdout, checked.stdout + checked.stderr
 
     now = datetime.now(UTC)
     cat = vw.catalog()
@@ -669,6 +700,8 @@ def test_the_shipped_rules_pass_promtool_and_fire_on_a_real_scrape(vw, api, tmp_
             at = now - timedelta(minutes=30 - n)
             s.add(Job(id=f"f{n}", kind="backup", state="failed", domain="failing01", params={}, created_at=at,
                       finished_at=at))
+        s.add(Job(id="q1", kind="backup", state="queued", domain="waiting01", host="kvm09", params={},
+                  created_at=now - timedelta(hours=2)))  # kvm09's worker is gone
     cat.close()
     server = api()
     (tmp_path / "rules.yml").write_text(re.sub(r"for: \d+m", "for: 0s", rules.read_text()))
@@ -692,10 +725,10 @@ def test_the_shipped_rules_pass_promtool_and_fire_on_a_real_scrape(vw, api, tmp_
                     alerts = json.load(r)["data"]["alerts"]
             except OSError:
                 return None
-            found = {(a["labels"]["alertname"], a["labels"].get("domain", "")) for a in alerts
-                     if a["state"] == "firing"}
-            return found if {("VirtwardenBackupFailing", "failing01"),
-                             ("VirtwardenBackupTooOld", "stale01")} <= found else None
+            found = {(a["labels"]["alertname"], a["labels"].get("domain") or a["labels"].get("host", ""))
+                     for a in alerts if a["state"] == "firing"}
+            return found if {("VirtwardenBackupFailing", "failing01"), ("VirtwardenBackupTooOld", "stale01"),
+                             ("VirtwardenJobsWaiting", "kvm09")} <= found else None
 
         found = wait_for(firing, 60, lambda: f"the rules to fire:\n{(tmp_path / 'prometheus.log').read_text()[-2000:]}")
         assert ("VirtwardenBackupTooOld", "failing01") not in found  # its first job is 30 minutes old
@@ -718,6 +751,8 @@ def test_the_shipped_rules_pass_promtool_and_fire_on_a_real_scrape(vw, api, tmp_
         assert float(stale[0]["value"][1]) >= 1, stale  # stale01
         failing = values["Backups failed in a row, per domain"]
         assert {r["metric"]["domain"] for r in failing} == {"failing01"}, failing
+        waiting = values["Jobs waiting for a worker, per host"]
+        assert [(r["metric"]["host"], r["value"][1]) for r in waiting] == [("kvm09", "1")], waiting
     finally:
         prometheus.terminate()
         prometheus.wait(30)

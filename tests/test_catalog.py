@@ -212,3 +212,45 @@ def test_processes_opening_a_new_catalog_at_once_all_succeed(tmp_path):
     errors = [p.communicate()[1] for p in procs if p.wait() != 0]
     assert errors == []
     assert jobs.recent(Catalog(url)) == []
+
+
+def test_finished_jobs_are_counted_once_each_in_their_bucket_even_when_they_end_together(cat):
+    """``job_totals`` (the metrics' histogram and byte counter) counts a job in the
+    transaction that records its end: jobs ending at once are all counted, an attempt that
+    lost its job counts nothing, a requeue is no end, a reaped last attempt and a job that
+    could not be sent are failures."""
+    from sqlalchemy import select
+    from virtwarden.catalog.models import JobTotal
+
+    fences = []
+    for i in range(8):
+        job = _job(cat, domain=f"d{i}")
+        fences.append(jobs.claim(cat, job.id, f"w{i}", 30, lock_domain=True).fence)
+    barrier = threading.Barrier(8)
+
+    def finish(fence) -> None:
+        barrier.wait()
+        assert jobs.finish(cat, fence, ok=True, result={"size_bytes": 100})
+
+    threads = [threading.Thread(target=finish, args=(f,)) for f in fences]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not jobs.finish(cat, fences[0], ok=False, error="a stale attempt")  # already ended: not counted
+
+    again = _job(cat, domain="r")
+    first = jobs.claim(cat, again.id, "w", 30, lock_domain=True).fence
+    assert jobs.requeue(cat, first, "broker away", delay=0, resend_after=60)  # not an end
+    assert jobs.finish(cat, jobs.claim(cat, again.id, "w", 30, lock_domain=True).fence, ok=False, error="boom")
+    lost = jobs.create(cat, kind="restore", domain="x", host="h", params={}, max_attempts=1)
+    assert jobs.claim(cat, lost.id, "dead", 0.1, lock_domain=True).ok
+    time.sleep(0.2)
+    jobs.reap(cat)
+    unsent = _job(cat, domain="u")
+    jobs.fail_queued(cat, unsent.id, "the broker refused it")
+
+    with cat.session() as s:
+        rows = {(r.kind, r.outcome, r.le): (r.jobs, r.bytes) for r in s.scalars(select(JobTotal))}
+    assert rows == {("backup", "succeeded", "10"): (8, 800), ("backup", "failed", "10"): (2, 0),
+                    ("restore", "failed", "10"): (1, 0)}

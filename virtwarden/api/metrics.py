@@ -15,6 +15,16 @@ API process reports the same fleet-wide numbers) plus this process's request cou
   ``virtwarden_drill_last_timestamp_seconds{domain}`` and
   ``virtwarden_drill_last_recovery_seconds{domain}`` (restore + boot time), for
   domains that have finished drills.
+- ``virtwarden_job_duration_seconds{kind,outcome}``: a histogram of finished jobs' run
+  times (claim to end; a job that never ran, from its creation), and
+  ``virtwarden_backup_stored_bytes_total{outcome}``: the bytes backups' points store. Both
+  are running totals kept in the catalog (``job_totals``), counted as each job ends: use
+  ``increase()`` and ``histogram_quantile()`` as with any counter.
+- ``virtwarden_queued_jobs{host}``, ``virtwarden_running_jobs{host}`` and
+  ``virtwarden_oldest_queued_job_age_seconds{host}``: the queue of each host (``host=""``
+  for jobs not bound to one yet). A queue that grows, or an old queued job, means the
+  host's worker is down or overloaded.
+- ``virtwarden_build_info{version}``: 1.
 - ``virtwarden_catalog_up``: 0 when the catalog could not be read for this scrape.
 - ``virtwarden_api_requests_total{route,method,status}``: requests this process served,
   by route template (``/v1/jobs/{job_id}``), never by raw path.
@@ -32,11 +42,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from sqlalchemy import func, select
 
+from virtwarden import __version__
 from virtwarden.catalog import points
-from virtwarden.catalog.models import Drill, Job, RestorePoint, ScheduleSlot, utcnow
+from virtwarden.catalog.jobs import DURATION_BUCKETS, QUEUED, RUNNING
+from virtwarden.catalog.models import Drill, Job, JobTotal, RestorePoint, ScheduleSlot, utcnow
 from virtwarden.catalog.store import Catalog
 from virtwarden.errors import VirtwardenError
 
@@ -65,6 +77,10 @@ class CatalogCollector:
             return
         up.add_metric([], 1)
         yield up
+        info = GaugeMetricFamily("virtwarden_build_info", "the virtwarden version serving these metrics",
+                                 labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
         yield from families
 
     def _families(self) -> Iterator[Metric]:
@@ -86,6 +102,11 @@ class CatalogCollector:
                                  .where(Job.kind == "backup", Job.domain.is_not(None), Job.created_at >= since,
                                         Job.state.in_(("succeeded", "failed")))
                                  .order_by(Job.domain, Job.created_at)).all()
+            totals = s.execute(select(JobTotal.kind, JobTotal.outcome, JobTotal.le, JobTotal.jobs,
+                                      JobTotal.seconds, JobTotal.bytes)).all()
+            queues = s.execute(select(Job.host, Job.state, func.count(), func.min(Job.created_at))
+                               .where(Job.state.in_((QUEUED, RUNNING)))
+                               .group_by(Job.host, Job.state)).all()
         jobs = GaugeMetricFamily("virtwarden_jobs", "jobs in the catalog by kind and state", labels=["kind", "state"])
         for kind, state, n in job_rows:
             jobs.add_metric([kind, state], n)
@@ -116,6 +137,8 @@ class CatalogCollector:
         yield last_failed
         yield streak
         yield from _drill_families(drills)
+        yield from _total_families(totals)
+        yield from _queue_families(queues, now)
 
 
 def _failures(outcomes: Sequence[Any]) -> dict[str, tuple[datetime | None, int, datetime]]:
@@ -129,6 +152,45 @@ def _failures(outcomes: Sequence[Any]) -> dict[str, tuple[datetime | None, int, 
         else:
             out[domain] = (last, 0, first)
     return out
+
+
+def _total_families(rows: Sequence[Any]) -> Iterator[Metric]:
+    hist = HistogramMetricFamily("virtwarden_job_duration_seconds", "run time of finished jobs",
+                                 labels=["kind", "outcome"])
+    stored = CounterMetricFamily("virtwarden_backup_stored_bytes", "bytes stored by the points of finished backups",
+                                 labels=["outcome"])
+    by_series: dict[tuple[str, str], dict[str, tuple[int, float, int]]] = {}
+    for kind, outcome, le, n, seconds, size in rows:
+        by_series.setdefault((kind, outcome), {})[le] = (n, seconds, size)
+    stored_by: dict[str, int] = {}
+    for (kind, outcome), buckets in sorted(by_series.items()):
+        cumulative, out = 0, []
+        for bound in [*map(str, DURATION_BUCKETS), "+Inf"]:
+            cumulative += buckets.get(bound, (0, 0.0, 0))[0]
+            out.append((bound, cumulative))
+        hist.add_metric([kind, outcome], out, sum(b[1] for b in buckets.values()))
+        if kind == "backup":
+            stored_by[outcome] = stored_by.get(outcome, 0) + sum(b[2] for b in buckets.values())
+    for outcome, size in sorted(stored_by.items()):
+        stored.add_metric([outcome], size)
+    yield hist
+    yield stored
+
+
+def _queue_families(rows: Sequence[Any], now: datetime) -> Iterator[Metric]:
+    queued = GaugeMetricFamily("virtwarden_queued_jobs", "jobs waiting for a worker, by host", labels=["host"])
+    running = GaugeMetricFamily("virtwarden_running_jobs", "jobs a worker is running, by host", labels=["host"])
+    oldest = GaugeMetricFamily("virtwarden_oldest_queued_job_age_seconds",
+                               "how long the oldest job waiting for a worker has waited, by host", labels=["host"])
+    for host, state, n, first in sorted(rows, key=lambda r: (r[0] or "", r[1])):
+        if state == QUEUED:
+            queued.add_metric([host or ""], n)
+            oldest.add_metric([host or ""], max(0.0, (now - first).total_seconds()))
+        else:
+            running.add_metric([host or ""], n)
+    yield queued
+    yield running
+    yield oldest
 
 
 def _drill_families(drills: Sequence[Drill]) -> Iterator[Metric]:

@@ -33,7 +33,8 @@ APT_PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-sys
               iptables  # libvirt starts its networks (the isolated drill network) through iptables
               tini      # reaps QEMU processes at once: see start_libvirtd
               docker-compose   # validates compose.yaml (`config` needs no Docker daemon)
-              prometheus)      # promtool checks deploy/prometheus/rules.yml; a test's own server fires them
+              prometheus       # promtool checks deploy/prometheus/rules.yml; a test's own server fires them
+              prometheus-alertmanager)  # amtool checks, and a test's own Alertmanager runs, alertmanager.yml
 
 say() { echo "testhost: $*"; }
 die() { echo "testhost: error: $*" >&2; exit 1; }
@@ -163,9 +164,14 @@ do_install() {
         say "apt: installing ${missing[*]}"
         apt-get update -qq
         apt-get install -y -qq --no-install-recommends "${missing[@]}"
-        # The tests start their own Prometheus; the package's service is not ours to leave running.
-        if [[ " ${missing[*]} " == *" prometheus "* ]] && [[ -d /run/systemd/system ]]; then
-            systemctl disable --now prometheus >/dev/null 2>&1 || true
+        # The tests start their own Prometheus and Alertmanager; the packages' services are
+        # not ours to leave running.
+        if [[ -d /run/systemd/system ]]; then
+            for unit in prometheus prometheus-alertmanager; do
+                if [[ " ${missing[*]} " == *" $unit "* ]]; then
+                    systemctl disable --now "$unit" >/dev/null 2>&1 || true
+                fi
+            done
         fi
     else
         say "apt: packages present"

@@ -757,3 +757,72 @@ def test_the_shipped_rules_pass_promtool_and_fire_on_a_real_scrape(vw, api, tmp_
         prometheus.terminate()
         prometheus.wait(30)
         log.close()
+
+
+# --- the shipped Alertmanager receiver, on a real Alertmanager ----------------------------------
+def test_the_shipped_alertmanager_receiver_delivers_host_alerts_with_an_alerts_only_token(vw, api, tmp_path):
+    """deploy/prometheus/alertmanager.yml passes ``amtool check-config``; Debian's
+    Alertmanager, run with it (the URL, token file and group wait changed only), delivers a
+    host alert its route matches to POST /v1/alerts with a token of the ``alerts`` scope,
+    which can do nothing else; an alert the route does not name never arrives."""
+    import shutil
+    import urllib.request
+    from datetime import datetime
+
+    from tests.conftest import need
+
+    need(shutil.which("prometheus-alertmanager") is not None and shutil.which("amtool") is not None,
+         "prometheus-alertmanager and amtool (scripts/testhost.sh installs Debian's prometheus-alertmanager)")
+    shipped = REPO / "deploy" / "prometheus" / "alertmanager.yml"
+    checked = subprocess.run(["amtool", "check-config", str(shipped)], capture_output=True, text=True)
+    assert checked.returncode == 0 and "SUCCESS" in checked.stdout, checked.stdout + checked.stderr
+
+    alerts_only = "am-" + secrets.token_hex(16)
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"alertmanager:alerts:{alerts_only}\noncall:{TOKEN}\n")
+    tokens.chmod(0o600)
+    server = api(token_file=str(tokens))
+    (tmp_path / "am-token").write_text(alerts_only)
+    text = shipped.read_text()
+    for old, new in [("https://virtwarden-api.example:8443/v1/alerts", f"http://127.0.0.1:{server.port}/v1/alerts"),
+                     ("/etc/alertmanager/virtwarden-token", str(tmp_path / "am-token")),
+                     ("group_wait: 10s", "group_wait: 0s")]:
+        assert old in text, old
+        text = text.replace(old, new)
+    (tmp_path / "alertmanager.yml").write_text(text)
+    port = _free_port()
+    log = open(tmp_path / "alertmanager.log", "wb")  # noqa: SIM115 - closed below
+    manager = subprocess.Popen(
+        ["prometheus-alertmanager", f"--config.file={tmp_path / 'alertmanager.yml'}",
+         f"--storage.path={tmp_path / 'am-data'}", f"--web.listen-address=127.0.0.1:{port}",
+         "--cluster.listen-address=", "--log.level=warn"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        now = datetime.now(UTC).isoformat()
+        sent = json.dumps([{"labels": {"alertname": name, "instance": "local:9100", "severity": "critical"},
+                            "annotations": {"summary": "a test"}, "startsAt": now}
+                           for name in ("HostDiskFailing", "SomethingElse")]).encode()
+
+        def posted() -> bool:
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/api/v2/alerts", data=sent,
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        wait_for(posted, 30, lambda: f"Alertmanager to take alerts:\n{(tmp_path / 'alertmanager.log').read_text()}")
+        received = wait_for(lambda: server.call("GET", "/v1/alerts").json() or None, 60,
+                            lambda: f"the alert to arrive:\n{(tmp_path / 'alertmanager.log').read_text()[-2000:]}")
+        assert [(a["name"], a["host"], a["outcome"]) for a in received] == [
+            ("HostDiskFailing", "local", "unmatched")], received
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v2/alerts", timeout=5) as r:
+            routed = {a["labels"]["alertname"]: sorted(x["name"] for x in a["receivers"]) for a in json.load(r)}
+        assert routed == {"HostDiskFailing": ["default", "virtwarden"], "SomethingElse": ["default"]}, routed
+    finally:
+        manager.terminate()
+        manager.wait(30)
+        log.close()
+    # the token Alertmanager holds posts alerts and can do nothing else
+    assert server.call("GET", "/v1/alerts", token=alerts_only).status == 403
+    assert server.call("POST", "/v1/restores", {"domain": "x", "to_dir": "/tmp/x"}, token=alerts_only).status == 403

@@ -32,7 +32,7 @@ from sqlalchemy.exc import IntegrityError
 from virtwarden.catalog.clock import db_later, db_now
 from virtwarden.catalog.fencing import Fence
 from virtwarden.catalog.models import DomainLock, Job, JobTotal
-from virtwarden.catalog.store import Catalog
+from virtwarden.catalog.store import Catalog, upsert
 
 from virtwarden.errors import JobNotFound
 
@@ -332,21 +332,7 @@ def _tally(s: Any, job_ids: list[str]) -> None:
         le = next((str(b) for b in DURATION_BUCKETS if seconds <= b), "+Inf")
         size = (result or {}).get("size_bytes") if isinstance(result, dict) else None
         add = {"jobs": 1, "seconds": seconds, "bytes": size if isinstance(size, int) and size > 0 else 0}
-        s.execute(_upsert(s, JobTotal, {"kind": kind, "outcome": state, "le": le}, add))
-
-
-def _upsert(s: Any, table: Any, key: dict[str, Any], add: dict[str, Any]) -> Any:
-    """INSERT the row, or add ``add`` to the existing one's columns (SQLite and PostgreSQL
-    share this ON CONFLICT form)."""
-    from sqlalchemy.dialects import postgresql, sqlite
-
-    dialect = s.get_bind().dialect.name
-    inserts: dict[str, Callable[..., Any]] = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
-    if dialect not in inserts:  # the catalog supports these two (catalog.store)
-        raise NotImplementedError(f"no upsert for {dialect}")
-    stmt = inserts[dialect](table).values(**key, **add)
-    return stmt.on_conflict_do_update(
-        index_elements=list(key), set_={c: getattr(table, c) + stmt.excluded[c] for c in add})
+        s.execute(upsert(s, JobTotal, {"kind": kind, "outcome": state, "le": le}, add, add=tuple(add)))
 
 
 def _reaped(row: Job, recoverable: bool) -> dict[str, Any]:

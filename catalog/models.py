@@ -351,3 +351,20 @@ class JobTotal(Base):
     jobs: Mapped[int] = mapped_column(BigInteger, default=0)
     seconds: Mapped[float] = mapped_column(Float, default=0.0)
     bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class Service(Base):
+    """A running worker, scheduler or listener, as it last said so (catalog.services): one
+    row per kind, machine and hosts served, so a process restarted in the same place
+    takes over its row. A clean stop removes the row; a process that dies leaves it, and
+    its ``seen_at`` (the database's clock) stops moving."""
+
+    __tablename__ = "services"
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # worker | scheduler | listener
+    node: Mapped[str] = mapped_column(String(255))  # the machine's host name
+    hosts: Mapped[str] = mapped_column(String(1024), default="")  # the hypervisors it serves, comma-separated
+    pid: Mapped[int] = mapped_column(Integer)
+    version: Mapped[str] = mapped_column(String(32))
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    seen_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)

@@ -672,8 +672,8 @@ def test_the_shipped_rules_pass_promtool_and_fire_on_a_real_scrape(vw, api, tmp_
     """deploy/prometheus/rules.yml passes ``promtool check rules``; then Debian's
     Prometheus scrapes this API with a read token and evaluates the same rules (their
     ``for:`` durations set to 0 s): a domain whose backups keep failing, one that was
-    due 27 h ago without ever getting a point, and a host whose job has waited 2 h for a
-    worker all alert. Every query of the shipped
+    due 27 h ago without ever getting a point, a host whose job has waited 2 h for a
+    worker, and that worker, silent for 10 minutes, all alert. Every query of the shipped
     Grafana dashboard then runs on that Prometheus and shows them."""
     import re
     import shutil
@@ -681,7 +681,7 @@ def test_the_shipped_rules_pass_promtool_and_fire_on_a_real_scrape(vw, api, tmp_
     import urllib.request
     from datetime import datetime, timedelta
 
-    from virtwarden.catalog.models import Job, ScheduleSlot
+    from virtwarden.catalog.models import Job, ScheduleSlot, Service
 
     from tests.conftest import need
 
@@ -689,7 +689,7 @@ def test_the_shipped_rules_pass_promtool_and_fire_on_a_real_scrape(vw, api, tmp_
          "prometheus and promtool (scripts/testhost.sh installs Debian's prometheus)")
     rules = REPO / "deploy" / "prometheus" / "rules.yml"
     checked = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True, text=True)
-    assert checked.returncode == 0 and "SUCCESS: 6 rules found" in checked.stdout, checked.stdout + checked.stderr
+    assert checked.returncode == 0 and "SUCCESS: 7 rules found" in checked.stdout, checked.stdout + checked.stderr
 
     now = datetime.now(UTC)
     cat = vw.catalog()
@@ -702,6 +702,8 @@ def test_the_shipped_rules_pass_promtool_and_fire_on_a_real_scrape(vw, api, tmp_
                       finished_at=at))
         s.add(Job(id="q1", kind="backup", state="queued", domain="waiting01", host="kvm09", params={},
                   created_at=now - timedelta(hours=2)))  # kvm09's worker is gone
+        s.add(Service(id="worker:kvm09:kvm09", kind="worker", node="kvm09", hosts="kvm09", pid=4242, version="0.1.0",
+                      started_at=now - timedelta(days=1), seen_at=now - timedelta(minutes=10)))  # ... since 10 min
     cat.close()
     server = api()
     (tmp_path / "rules.yml").write_text(re.sub(r"for: \d+m", "for: 0s", rules.read_text()))
@@ -725,10 +727,11 @@ def test_the_shipped_rules_pass_promtool_and_fire_on_a_real_scrape(vw, api, tmp_
                     alerts = json.load(r)["data"]["alerts"]
             except OSError:
                 return None
-            found = {(a["labels"]["alertname"], a["labels"].get("domain") or a["labels"].get("host", ""))
-                     for a in alerts if a["state"] == "firing"}
-            return found if {("VirtwardenBackupFailing", "failing01"), ("VirtwardenBackupTooOld", "stale01"),
-                             ("VirtwardenJobsWaiting", "kvm09")} <= found else None
+            found = {(a["labels"]["alertname"], a["labels"].get("domain") or a["labels"].get("host")
+                      or a["labels"].get("node", "")) for a in alerts if a["state"] == "firing"}
+            wanted = {("VirtwardenBackupFailing", "failing01"), ("VirtwardenBackupTooOld", "stale01"),
+                      ("VirtwardenJobsWaiting", "kvm09"), ("VirtwardenServiceSilent", "kvm09")}
+            return found if wanted <= found else None
 
         found = wait_for(firing, 60, lambda: f"the rules to fire:\n{(tmp_path / 'prometheus.log').read_text()[-2000:]}")
         assert ("VirtwardenBackupTooOld", "failing01") not in found  # its first job is 30 minutes old

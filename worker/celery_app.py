@@ -22,6 +22,7 @@ import threading
 from celery import Celery, signals
 from kombu.exceptions import OperationalError as KombuOperationalError
 from virtwarden.catalog import jobs
+from virtwarden.catalog.services import Presence
 from virtwarden.catalog.store import Catalog
 
 from virtwarden.config import Config
@@ -143,6 +144,13 @@ def _sweep_forever(stop: threading.Event) -> None:
 
 
 _sweeper_stop = threading.Event()
+_serving: list[str] = []  # the hosts whose queues this worker takes (set by the worker command)
+_presence: list[Presence] = []
+
+
+def serving(hosts: list[str]) -> None:
+    """Say which hosts this process works for, before the worker starts."""
+    _serving[:] = hosts
 
 
 @signals.worker_process_init.connect
@@ -157,8 +165,11 @@ def _forget_parent_catalogs(**_kwargs: object) -> None:
 @signals.worker_ready.connect
 def _start_sweeper(**_kwargs: object) -> None:
     threading.Thread(target=_sweep_forever, args=(_sweeper_stop,), name="sweeper", daemon=True).start()
+    _presence.append(Presence(catalog(), "worker", _serving).start())
 
 
 @signals.worker_shutdown.connect
 def _stop_sweeper(**_kwargs: object) -> None:
     _sweeper_stop.set()
+    while _presence:
+        _presence.pop().close()

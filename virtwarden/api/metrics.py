@@ -24,6 +24,9 @@ API process reports the same fleet-wide numbers) plus this process's request cou
   ``virtwarden_oldest_queued_job_age_seconds{host}``: the queue of each host (``host=""``
   for jobs not bound to one yet). A queue that grows, or an old queued job, means the
   host's worker is down or overloaded.
+- ``virtwarden_service_last_seen_age_seconds{kind,node,hosts}``: how long ago each
+  running worker, scheduler and listener last reported itself (catalog.services: every
+  30 s; a clean stop removes its series, a dead or hung daemon's keeps growing).
 - ``virtwarden_build_info{version}``: 1.
 - ``virtwarden_catalog_up``: 0 when the catalog could not be read for this scrape.
 - ``virtwarden_api_requests_total{route,method,status}``: requests this process served,
@@ -48,7 +51,7 @@ from sqlalchemy import func, select
 from virtwarden import __version__
 from virtwarden.catalog import points
 from virtwarden.catalog.jobs import DURATION_BUCKETS, QUEUED, RUNNING
-from virtwarden.catalog.models import Drill, Job, JobTotal, RestorePoint, ScheduleSlot, utcnow
+from virtwarden.catalog.models import Drill, Job, JobTotal, RestorePoint, ScheduleSlot, Service, utcnow
 from virtwarden.catalog.store import Catalog
 from virtwarden.errors import VirtwardenError
 
@@ -104,6 +107,7 @@ class CatalogCollector:
                                  .order_by(Job.domain, Job.created_at)).all()
             totals = s.execute(select(JobTotal.kind, JobTotal.outcome, JobTotal.le, JobTotal.jobs,
                                       JobTotal.seconds, JobTotal.bytes)).all()
+            services = s.execute(select(Service.kind, Service.node, Service.hosts, Service.seen_at)).all()
             queues = s.execute(select(Job.host, Job.state, func.count(), func.min(Job.created_at))
                                .where(Job.state.in_((QUEUED, RUNNING)))
                                .group_by(Job.host, Job.state)).all()
@@ -139,6 +143,12 @@ class CatalogCollector:
         yield from _drill_families(drills)
         yield from _total_families(totals)
         yield from _queue_families(queues, now)
+        seen = GaugeMetricFamily("virtwarden_service_last_seen_age_seconds",
+                                 "how long ago the worker, scheduler or listener last reported itself",
+                                 labels=["kind", "node", "hosts"])
+        for kind, node, hosts, at in sorted(services):
+            seen.add_metric([kind, node, hosts], max(0.0, (now - at).total_seconds()))
+        yield seen
 
 
 def _failures(outcomes: Sequence[Any]) -> dict[str, tuple[datetime | None, int, datetime]]:

@@ -278,6 +278,7 @@ def worker(args: argparse.Namespace) -> int:
     _qemu_passage(cfg, hosts)  # before anything is created: it decides directory modes
     Catalog(cfg.catalog_url).close()  # create or upgrade the schema once, before the pool forks
     app = celery_app.configure(cfg)
+    celery_app.serving(hosts)
     queues = ",".join(celery_app.queue_for(h) for h in hosts)
     argv = ["worker", "-Q", queues, "--concurrency", str(args.concurrency or cfg.worker.concurrency),
             "-n", f"virtwarden-{'+'.join(hosts)}@%h", "--loglevel", args.log_level.upper(),

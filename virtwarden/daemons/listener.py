@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from virtwarden.catalog import events as catalog_events
 from virtwarden.catalog.events import EventView
+from virtwarden.catalog.services import Presence
 from virtwarden.catalog.store import Catalog
 from virtwarden.config import Config, load_for_process
 from virtwarden.daemons.reconcile import SeenDomain, foreign, missed_events, part_of_start, state_after, still_here
@@ -83,7 +84,8 @@ def cli(args: argparse.Namespace) -> int:
     for h in hosts:
         cfg.host(h)  # unknown names are an error before anything starts
     celery_app.configure(cfg)
-    listener = Listener(cfg, Catalog(cfg.catalog_url), hosts)
+    cat = Catalog(cfg.catalog_url)
+    listener = Listener(cfg, cat, hosts)
     # The handler only notes the signal: stopping takes locks, which a handler running in
     # the middle of this thread's own locked code must not.
     signalled: list[int] = []
@@ -91,10 +93,12 @@ def cli(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda signum, _frame: signalled.append(signum))
     log.info("listening to %s (catalog %s)", ", ".join(hosts), mask(cfg.catalog_url))
     listener.start()
+    presence = Presence(cat, "listener", hosts).start()
     while not signalled and listener.running():
         time.sleep(0.5)
     log.info("stopping (%s)", signal.Signals(signalled[0]).name if signalled else "dispatcher ended")
     listener.stop()
+    presence.close()
     return EXIT_OK
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from virtwarden.catalog import slots
+from virtwarden.catalog.services import Presence
 from virtwarden.catalog.store import Catalog
 from virtwarden.config import Config, load_for_process
 from virtwarden.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, DomainNotFound, PolicyError, Transient, VirtwardenError
@@ -344,7 +345,11 @@ def cli(args: argparse.Namespace) -> int:
     every = cfg.scheduler.tick_seconds
     log.warning("scheduler running: a tick every %gs over %d host(s), policies in %s", every, len(cfg.hosts),
                 cfg.policies_path)
-    scheduler.run(stop, every)
+    presence = Presence(cat, "scheduler", []).start()
+    try:
+        scheduler.run(stop, every)
+    finally:
+        presence.close()
     return EXIT_OK
 
 

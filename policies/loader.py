@@ -6,6 +6,8 @@ may hold several documents separated by ``---``; line numbers are those of the f
 """
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +36,45 @@ def load_file(path: str | Path) -> list[Policy]:
 
 def load_dir(directory: str | Path) -> list[Policy]:
     """The policies of every ``*.yaml``/``*.yml`` file of ``directory`` (not its subdirectories),
-    read in name order; PolicyError listing every error when any is wrong."""
+    read in name order; PolicyError listing every error when any is wrong.
+
+    Read once per process and again only when the files change: the scheduler settles
+    thousands of slots a tick, the listener every event, each asking for the policies.
+    A change is any file added, removed, renamed, or with another size, inode or
+    modification or change time (nanoseconds), which an editor's save or a
+    configuration manager's rename always makes. A file changed in the last
+    ``SETTLE_SECONDS`` is read every time: file times advance in clock ticks of a few
+    milliseconds, so two saves within one tick could otherwise look alike. Policies
+    are frozen, so the same objects can be handed out again; a directory with errors is
+    read every time."""
+    path = Path(directory)
+    try:
+        signature = _signature(path)
+    except OSError:  # gone, or not readable: the reader says which, precisely
+        signature = None
+    with _cache_lock:
+        cached = _cache.get(path)
+    if signature is not None and cached is not None and cached[0] == signature:
+        return list(cached[1])
     reader = _Reader()
-    reader.path(Path(directory))
-    return reader.result()
+    reader.path(path)
+    found = reader.result()
+    settled = time.time_ns() - int(SETTLE_SECONDS * 1e9)
+    if signature is not None and all(entry[4] < settled for entry in signature):
+        with _cache_lock:
+            _cache[path] = (signature, tuple(found))
+    return list(found)
+
+
+SETTLE_SECONDS = 2.0
+_cache: dict[Path, tuple[tuple, tuple[Policy, ...]]] = {}
+_cache_lock = threading.Lock()
+
+
+def _signature(directory: Path) -> tuple:
+    """(name, size, inode, mtime, ctime) of each policy file, ctime last."""
+    return tuple((f.name, st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+                 for f in policy_files(directory) for st in (f.stat(),))
 
 
 def load_runbooks(directory: str | Path) -> list[Runbook]:

@@ -138,3 +138,31 @@ def test_a_libvirtd_restart_during_a_push_backup_is_recovered_by_the_retry(fleet
     assert vw.cli("restore", g.name, "--point", complete[0].id, "--to-dir", str(out), "--wait").code == 0
     assert images_equal(out / "vda.qcow2", g.shadow_copy("vda", tmp_path / "expected.raw"))
     assert dom.isActive()  # the guest ran on throughout
+
+
+def test_the_schedulers_kept_connection_to_a_restarted_libvirtd_is_replaced_within_the_tick(fleet, guest_factory):
+    """The scheduler keeps a connection per host between ticks. host2's libvirtd restarts
+    between two ticks: the next listing finds the kept connection dead, opens a new one
+    and lists host2 in that same tick (no tick with host2 left out); a host that does not
+    answer at all is left out with the reason, and the others are listed."""
+    import libvirt
+    from virtwarden import config
+    from virtwarden.daemons.scheduler import HostLister
+
+    g = guest_factory(disks=1, size_mib=16)
+    fleet.move(g.name, "local", "host2")
+    fleet.vw.hosts["gone"] = {"uri": "qemu+tcp://127.0.0.1:1/system", "group": "rack2"}
+    cfg = config.load(str(fleet.vw.write_config()), env={})
+    lister = HostLister(cfg)
+    try:
+        found, failed = lister.domains()
+        assert g.name in [f.name for f in found["host2"]] and set(failed) == {"gone"}, failed
+        kept = lister._open["host2"]
+        stop_host2_libvirtd()  # the guest runs on in QEMU
+        restart_host2(libvirt, HOST2_URI).close()
+        found, failed = lister.domains()
+        assert set(failed) == {"gone"} and "cannot connect" in failed["gone"], failed
+        assert g.name in [f.name for f in found["host2"]] and "local" in found
+        assert lister._open["host2"] is not kept  # replaced by a new connection
+    finally:
+        lister.close()

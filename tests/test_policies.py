@@ -200,6 +200,49 @@ def test_load_dir_reads_yaml_files_in_name_order_and_skips_others(tmp_path: Path
     assert [p.name for p in load_dir(tmp_path)] == ["alpha", "zeta"]
 
 
+def test_load_dir_reads_the_files_again_only_when_they_change(tmp_path: Path, monkeypatch) -> None:
+    """Every process asks for the policies often (a scheduler tick, each listener event):
+    an unchanged directory is not read again; any change is seen on the next call; a
+    file changed within the last clock ticks is read every time."""
+    import os
+
+    from virtwarden.policies import loader
+
+    reads: list[str] = []
+    read = loader._Reader.file
+    monkeypatch.setattr(loader._Reader, "file", lambda self, path: (reads.append(path.name), read(self, path)))
+    (tmp_path / "a.yaml").write_text(spec(BACKUP).replace("nightly", "alpha"))
+    assert [p.name for p in load_dir(tmp_path)] == [p.name for p in load_dir(tmp_path)] == ["alpha"]
+    assert reads == ["a.yaml", "a.yaml"]  # just written: it may change again within the same tick
+
+    monkeypatch.setattr(loader, "SETTLE_SECONDS", 0.0)  # from here on, files count as settled at once
+    reads.clear()
+    first = load_dir(tmp_path)
+    assert load_dir(tmp_path) == first and reads == ["a.yaml"]  # read once
+
+    def later(name: str) -> None:  # as a save one clock tick after the last would be
+        st = (tmp_path / name).stat()
+        os.utime(tmp_path / name, ns=(st.st_atime_ns, st.st_mtime_ns + 10_000_000))
+
+    (tmp_path / "a.yaml").write_text(spec(BACKUP).replace("nightly", "bravo"))  # same size, rewritten in place
+    later("a.yaml")
+    assert [p.name for p in load_dir(tmp_path)] == ["bravo"]
+    (tmp_path / "b.yaml").write_text(spec(BACKUP).replace("nightly", "charlie"))  # a file added
+    assert [p.name for p in load_dir(tmp_path)] == ["bravo", "charlie"]
+    (tmp_path / ".b.yaml.new").write_text(spec(BACKUP).replace("nightly", "delta"))  # replaced by a rename
+    os.replace(tmp_path / ".b.yaml.new", tmp_path / "b.yaml")
+    assert [p.name for p in load_dir(tmp_path)] == ["bravo", "delta"]
+    (tmp_path / "a.yaml").unlink()  # a file removed
+    assert [p.name for p in load_dir(tmp_path)] == ["delta"]
+    reads.clear()
+    assert [p.name for p in load_dir(tmp_path)] == ["delta"] and reads == []
+
+    (tmp_path / "b.yaml").write_text("apiVersion: virtwarden/v1\nkind: Policy\n")  # broken: an error every time
+    for _ in range(2):
+        with pytest.raises(PolicyError):
+            load_dir(tmp_path)
+
+
 @pytest.mark.parametrize("text,seconds", [("90s", 90), ("15m", 900), ("4h", 14400), ("2d", 172800),
                                           ("1h30m", 5400), ("1d2h3m4s", 93784)])
 def test_durations(text: str, seconds: int) -> None:

@@ -232,6 +232,8 @@ class SchedulerConfig(_Strict):
 
     # How often it reads the policies and starts the slots that came due.
     tick_seconds: float = Field(default=30.0, gt=0)
+    # How many hosts' domains it lists at once each tick (a fleet's round trips overlap).
+    hosts_in_parallel: int = Field(default=16, ge=1)
 
 
 class ListenerConfig(_Strict):

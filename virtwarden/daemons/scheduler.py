@@ -29,6 +29,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -37,6 +38,7 @@ from virtwarden.catalog.services import Presence
 from virtwarden.catalog.store import Catalog
 from virtwarden.config import Config, load_for_process
 from virtwarden.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, DomainNotFound, PolicyError, Transient, VirtwardenError
+from virtwarden.hypervisor import Hypervisor
 from virtwarden.policies import DomainFacts, Policy, load_policies, parse_metadata
 from virtwarden.policies.schedule import SCHEDULED_JOBS, Busy, Slot, between, due, limits_of, schedule_of, split
 
@@ -76,27 +78,77 @@ def parse_time(text: str, what: str) -> datetime:
 
 
 def list_domains(cfg: Config) -> tuple[Domains, dict[str, str]]:
-    """The domains of every configured host, and why each unreachable host was left out."""
-    found: Domains = {}
-    failed: dict[str, str] = {}
-    for name, host in cfg.hosts.items():
-        try:
-            found[name] = _domains_of(name, host.uri)
-        except VirtwardenError as e:
-            failed[name] = str(e)
-    return found, failed
+    """The domains of every configured host, and why each unreachable host was left out
+    (a one-off listing: each host's connection is closed again)."""
+    lister = HostLister(cfg)
+    try:
+        return lister.domains()
+    finally:
+        lister.close()
 
 
-def _domains_of(name: str, uri: str) -> list[DomainFacts]:
-    from virtwarden.hypervisor import connect
+class HostLister:
+    """Lists the domains of every configured host, tick after tick, over a connection per
+    host kept open in between (opening one costs a round trip or more, and a TLS or SSH
+    handshake on a real fleet). Up to ``scheduler.hosts_in_parallel`` hosts are listed at
+    once (libvirt's calls wait on the network without holding the interpreter), so a
+    tick costs about its slowest hosts' round trips, not their sum. A connection that
+    fails is closed and the host tried once more on a new one, in the same tick; a host
+    that still fails is left out of the tick with the reason."""
 
-    with connect(name, uri) as hv:
-        for attempt in range(1, LIST_ATTEMPTS + 1):
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self._open: dict[str, Hypervisor] = {}
+        self._guard = threading.Lock()
+
+    def domains(self) -> tuple[Domains, dict[str, str]]:
+        found: Domains = {}
+        failed: dict[str, str] = {}
+        workers = max(1, min(self.cfg.scheduler.hosts_in_parallel, len(self.cfg.hosts)))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="list") as pool:
+            for name, facts, error in pool.map(self._one, list(self.cfg.hosts)):
+                if facts is not None:
+                    found[name] = facts
+                else:
+                    failed[name] = error or "unknown error"
+        return found, failed
+
+    def close(self) -> None:
+        with self._guard:
+            kept, self._open = self._open, {}
+        for hv in kept.values():
+            hv.close()
+
+    def _one(self, name: str) -> tuple[str, list[DomainFacts] | None, str | None]:
+        from virtwarden.hypervisor import connect
+
+        with self._guard:
+            kept = self._open.pop(name, None)
+        attempts = [kept, None] if kept is not None else [None]
+        error = ""
+        for hv in attempts:
             try:
-                return [DomainFacts(d.name, name, parse_metadata(d.xml)) for d in hv.domains()]
-            except DomainNotFound:
-                if attempt == LIST_ATTEMPTS:
-                    raise
+                if hv is None:
+                    hv = connect(name, self.cfg.hosts[name].uri).open()
+                facts = _domains_of(name, hv)
+            except VirtwardenError as e:
+                if hv is not None:
+                    hv.close()
+                error = str(e)
+                continue
+            with self._guard:
+                self._open[name] = hv
+            return name, facts, None
+        return name, None, error
+
+
+def _domains_of(name: str, hv: Hypervisor) -> list[DomainFacts]:
+    for attempt in range(1, LIST_ATTEMPTS + 1):
+        try:
+            return [DomainFacts(d.name, name, parse_metadata(d.xml)) for d in hv.domains()]
+        except DomainNotFound:
+            if attempt == LIST_ATTEMPTS:
+                raise
     return []
 
 
@@ -133,6 +185,7 @@ class Scheduler:
 
         self.cfg, self.cat, self.clock = cfg, cat, clock
         self.sweeper = Sweeper(cfg, cat, celery_app.send)
+        self.hosts = HostLister(cfg)
         self._since: dict[str, datetime] = {}  # per host: the last tick that listed it
         self._first_since: datetime | None = None
         self._started_up = False
@@ -149,13 +202,14 @@ class Scheduler:
             except Exception:  # the daemon outlives a bug in one tick
                 log.exception("scheduler tick failed with an unexpected error (a bug)")
             if stop.wait(every):
+                self.hosts.close()
                 return
 
     def tick(self) -> TickReport:
         now = self.clock()
         report = TickReport(now)
         policies = self._load_policies(report)
-        domains, report.unreachable = list_domains(self.cfg)
+        domains, report.unreachable = self.hosts.domains()
         for host, why in report.unreachable.items():
             log.warning("host %s left out of this tick: %s", host, why)
         self._finish_unsent(domains)

@@ -201,10 +201,13 @@ def due(policies: Sequence[Policy], domains_by_host: Mapping[str, Iterable[Domai
     _aware(now, "now")
     end = now + timedelta(microseconds=1)
     cache: dict[tuple[str, str], list[tuple[datetime, datetime]]] = {}
+    # A job no policy schedules makes no slot (and no tie about it matters): its
+    # governing policy is not worked out for each domain.
+    scheduled = [job for job in SCHEDULED_JOBS if any(schedule_of(p, job) for p in policies)]
     out = []
     for host, facts_list in domains_by_host.items():
         for facts in facts_list:
-            for job in SCHEDULED_JOBS:
+            for job in scheduled:
                 policy = _governing(policies, facts, job, problems)
                 if policy is None:
                     continue

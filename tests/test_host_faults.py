@@ -146,6 +146,7 @@ def test_the_schedulers_kept_connection_to_a_restarted_libvirtd_is_replaced_with
     and lists host2 in that same tick (no tick with host2 left out); a host that does not
     answer at all is left out with the reason, and the others are listed."""
     import libvirt
+
     from virtwarden import config
     from virtwarden.daemons.scheduler import HostLister
 

@@ -242,10 +242,14 @@ class Scheduler:
             self._started_up = True
         problems: list[str] = []
         found = []
+        by_since: dict[datetime | None, Domains] = {}  # hosts listed at the last tick share one
         for host, facts in domains.items():
             since = self._since.get(host, self._first_since)
             since = None if since is None else max(min(since, now), now - MAX_CATCH_UP)
-            found += due(policies, {host: facts}, now, since, problems=problems)
+            by_since.setdefault(since, {})[host] = facts
+        for since, hosts in by_since.items():  # cron slots are worked out once per group
+            found += due(policies, hosts, now, since, problems=problems)
+        found.sort(key=lambda s: (s.at, s.policy, s.job, s.domain))
         self._log_problems(problems)
         report.problems += sorted(set(problems))
         return found

@@ -31,7 +31,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from virtwarden.catalog import events as catalog_events
@@ -39,6 +38,7 @@ from virtwarden.catalog.events import EventView
 from virtwarden.catalog.services import Presence
 from virtwarden.catalog.store import Catalog
 from virtwarden.config import Config, load_for_process
+from virtwarden.daemons.connections import KeptConnections
 from virtwarden.daemons.reconcile import SeenDomain, foreign, missed_events, part_of_start, state_after, still_here
 from virtwarden.errors import (
     EXIT_OK,
@@ -50,7 +50,6 @@ from virtwarden.errors import (
     VirtwardenError,
 )
 from virtwarden.policies import Policy, load_policies, parse_metadata
-from virtwarden.policies.loader import policy_files
 from virtwarden.policies.select import DomainFacts
 from virtwarden.policies.triggers import RUNS, TriggerAction, listened_events, triggers_for
 from virtwarden.redact import mask
@@ -128,6 +127,8 @@ class Listener:
         self.stopping.set()
         self.queue.put_nowait(None)
         self._dispatcher.join(timeout)
+        if not self._dispatcher.is_alive():
+            self.dispatcher.connections.close()
 
     def _dispatch(self) -> None:
         while True:
@@ -190,6 +191,7 @@ class Dispatcher:
         self.cfg, self.cat, self.stopping = cfg, cat, stopping
         self.backoff_max = cfg.listener.backoff_max_seconds if backoff_max is None else backoff_max
         self.policies = PolicyCache(cfg)
+        self.connections = KeptConnections(cfg)  # reading a triggering event's domain
         self._metadata: dict[str, dict[str, str]] = {}  # domain UUID -> virtwarden metadata
         self._reconciled_at: dict[str, float] = {}  # domain UUID -> listing time of a pass that made up events
 
@@ -263,13 +265,12 @@ class Dispatcher:
                  rec.host, action.run, job.id, action.policy, ", full" if action.full else "")
 
     def _metadata_of(self, rec: EventView) -> dict[str, str]:
-        """The domain's virtwarden metadata, from libvirt; the last known when it is gone."""
-        from virtwarden.hypervisor import connect
-
+        """The domain's virtwarden metadata, from libvirt (over the host's kept connection);
+        the last known when it is gone."""
         assert rec.domain is not None and rec.domain_uuid is not None
+        domain = rec.domain
         try:
-            with connect(rec.host, self.cfg.host(rec.host).uri) as hv:
-                info = hv.domain(rec.domain)
+            info = self.connections.use(rec.host, lambda hv: hv.domain(domain))
             if info.uuid == rec.domain_uuid:
                 self._metadata[info.uuid] = parse_metadata(info.xml)
         except (DomainNotFound, HypervisorUnavailable) as e:
@@ -335,33 +336,30 @@ class Dispatcher:
 
 
 class PolicyCache:
-    """The policy directory, read again when a file in it changes. While a changed
-    directory does not load, the last policies that did stay in force (logged)."""
+    """The policy directory as it is now (policies.load_dir reads it again only when a
+    file in it changed). While a changed directory does not load, the last policies
+    that did stay in force; each change is logged once."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self._signature: object = None
         self._policies: list[Policy] = []
+        self._error: str | None = None
+        self._loaded = False
 
     def get(self) -> list[Policy]:
-        signature = _signature(self.cfg.policies_path)
-        if signature != self._signature:
-            self._signature = signature
-            try:
-                self._policies = load_policies(self.cfg)
-                log.info("policies loaded from %s: %s", self.cfg.policies_path,
-                         ", ".join(p.name for p in self._policies) or "none")
-            except PolicyError as e:
+        try:
+            found = load_policies(self.cfg)
+        except PolicyError as e:
+            if str(e) != self._error:
+                self._error = str(e)
                 log.error("policies in %s not reloaded, the previous ones stay in force: %s",
                           self.cfg.policies_path, e)
+            return self._policies
+        self._error = None
+        if not self._loaded or found != self._policies:
+            self._loaded, self._policies = True, found
+            log.info("policies loaded from %s: %s", self.cfg.policies_path, ", ".join(p.name for p in found) or "none")
         return self._policies
-
-
-def _signature(directory: Path) -> object:
-    try:
-        return tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in policy_files(directory))
-    except OSError:
-        return None
 
 
 def _describe(item: Any) -> str:

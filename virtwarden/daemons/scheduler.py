@@ -37,6 +37,7 @@ from virtwarden.catalog import slots
 from virtwarden.catalog.services import Presence
 from virtwarden.catalog.store import Catalog
 from virtwarden.config import Config, load_for_process
+from virtwarden.daemons.connections import KeptConnections
 from virtwarden.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, DomainNotFound, PolicyError, Transient, VirtwardenError
 from virtwarden.hypervisor import Hypervisor
 from virtwarden.policies import DomainFacts, Policy, load_policies, parse_metadata
@@ -89,17 +90,15 @@ def list_domains(cfg: Config) -> tuple[Domains, dict[str, str]]:
 
 class HostLister:
     """Lists the domains of every configured host, tick after tick, over a connection per
-    host kept open in between (opening one costs a round trip or more, and a TLS or SSH
-    handshake on a real fleet). Up to ``scheduler.hosts_in_parallel`` hosts are listed at
-    once (libvirt's calls wait on the network without holding the interpreter), so a
-    tick costs about its slowest hosts' round trips, not their sum. A connection that
-    fails is closed and the host tried once more on a new one, in the same tick; a host
-    that still fails is left out of the tick with the reason."""
+    host kept open in between (daemons.connections: a lost one is replaced within the
+    same tick). Up to ``scheduler.hosts_in_parallel`` hosts are listed at once (libvirt's
+    calls wait on the network without holding the interpreter), so a tick costs about
+    its slowest hosts' round trips, not their sum. A host that fails is left out of the
+    tick with the reason."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self._open: dict[str, Hypervisor] = {}
-        self._guard = threading.Lock()
+        self.connections = KeptConnections(cfg)
 
     def domains(self) -> tuple[Domains, dict[str, str]]:
         found: Domains = {}
@@ -114,32 +113,13 @@ class HostLister:
         return found, failed
 
     def close(self) -> None:
-        with self._guard:
-            kept, self._open = self._open, {}
-        for hv in kept.values():
-            hv.close()
+        self.connections.close()
 
     def _one(self, name: str) -> tuple[str, list[DomainFacts] | None, str | None]:
-        from virtwarden.hypervisor import connect
-
-        with self._guard:
-            kept = self._open.pop(name, None)
-        attempts = [kept, None] if kept is not None else [None]
-        error = ""
-        for hv in attempts:
-            try:
-                if hv is None:
-                    hv = connect(name, self.cfg.hosts[name].uri).open()
-                facts = _domains_of(name, hv)
-            except VirtwardenError as e:
-                if hv is not None:
-                    hv.close()
-                error = str(e)
-                continue
-            with self._guard:
-                self._open[name] = hv
-            return name, facts, None
-        return name, None, error
+        try:
+            return name, self.connections.use(name, lambda hv: _domains_of(name, hv)), None
+        except VirtwardenError as e:
+            return name, None, str(e)
 
 
 def _domains_of(name: str, hv: Hypervisor) -> list[DomainFacts]:

@@ -54,6 +54,11 @@ def test_a_killed_worker_keeps_its_row_its_restart_takes_it_over_and_a_clean_sto
     assert (row.node, row.pid) == (node, first.proc.pid)
     assert 0 <= _seen_ages(vw)[("worker", node, "local")] < 60
 
+    listed = vw.cli("services", "--json", in_process=True)
+    assert listed.code == 0 and [(r["kind"], r["hosts"], r["pid"], r["silent"]) for r in listed.json()] == [
+        ("worker", ["local"], first.proc.pid, False)], listed.out
+    assert "worker" in vw.cli("services", in_process=True).out
+
     first.kill()  # no clean stop: the row stays, and its age will grow until it alerts
     assert _rows(vw)[("worker", "local")].pid == first.proc.pid
 
@@ -63,6 +68,7 @@ def test_a_killed_worker_keeps_its_row_its_restart_takes_it_over_and_a_clean_sto
 
     second.stop()
     assert _rows(vw) == {} and _seen_ages(vw) == {}
+    assert vw.cli("services", in_process=True).out.startswith("no worker, scheduler or listener is running")
 
 
 def test_the_scheduler_and_the_listener_report_themselves_until_stopped(vw):

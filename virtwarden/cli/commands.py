@@ -239,6 +239,31 @@ def alerts_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def services_list(args: argparse.Namespace) -> int:
+    """Each daemon's row (catalog.services); one that has not reported for three beats is
+    SILENT: killed, hung, or cut off from the catalog (a clean stop removes the row)."""
+    from virtwarden.catalog import services
+    from virtwarden.catalog.models import utcnow
+
+    cfg = load_config(args)
+    now = utcnow()
+    found = services.listed(Catalog(cfg.catalog_url))
+    ages = [max(0.0, (now - r.seen_at).total_seconds()) for r in found]
+    silent = [age > 3 * services.BEAT_SECONDS for age in ages]
+    if args.json:
+        emit_json([{"kind": r.kind, "node": r.node, "hosts": r.hosts.split(",") if r.hosts else [], "pid": r.pid,
+                    "version": r.version, "started_at": r.started_at.isoformat(), "seen_at": r.seen_at.isoformat(),
+                    "seen_seconds_ago": round(age, 1), "silent": quiet}
+                   for r, age, quiet in zip(found, ages, silent, strict=True)])
+        return EXIT_OK
+    rows = [[r.kind, r.node, r.hosts or "-", str(r.pid), r.version, r.started_at.strftime("%Y-%m-%d %H:%M:%S"),
+             f"{age:.0f}s ago" + (" SILENT" if quiet else "")]
+            for r, age, quiet in zip(found, ages, silent, strict=True)]
+    print(table(rows, ["KIND", "NODE", "HOSTS", "PID", "VERSION", "STARTED (UTC)", "LAST REPORT"]) if rows
+          else "no worker, scheduler or listener is running (or none has reported to this catalog)")
+    return EXIT_OK
+
+
 def job_show(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     job = jobs.get(Catalog(cfg.catalog_url), args.job_id)

@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--json", action="store_true", help="the rows as a JSON list (as GET /v1/alerts)")
     al.add_argument("--host", help="only alerts naming this host")
     al.add_argument("--limit", type=int, default=30, help="the last N alerts (default 30)")
+    sv = cmd("services", c.services_list, "the running workers, schedulers and listeners, as each last reported")
+    sv.add_argument("--json", action="store_true", help=JSON_HELP)
     js = cmd("job", c.job_show, "one job in full")
     js.add_argument("job_id")
     js.add_argument("--json", action="store_true", help=JSON_HELP)

@@ -126,6 +126,8 @@ def run_cli_in_process(args: list[str], env: dict[str, str]) -> Cli:
         for cat in celery_app._catalogs.values():
             cat.engine.dispose()
         celery_app._config, celery_app._catalogs = saved_celery[0], saved_celery[1]
+        if celery_app.app.conf.get("broker_url") != saved_celery[2]["broker_url"]:
+            celery_app._forget_broker_connections()  # pooled connections to the command's broker
         celery_app.app.conf.update(saved_celery[2])
     return Cli(code, out.getvalue(), err.getvalue())
 

@@ -16,6 +16,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -109,7 +110,7 @@ class Job(Base):
     # A unique key for jobs that must not be created twice (a schedule slot, a webhook).
     dedup_key: Mapped[str | None] = mapped_column(String(255), unique=True)
     requested_by: Mapped[str | None] = mapped_column(String(255))
-    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, index=True)  # newest first
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
@@ -192,7 +193,9 @@ class ScheduleSlot(Base):
     what lets two schedulers run at once: only one can insert a slot."""
 
     __tablename__ = "schedule_slots"
-    __table_args__ = (UniqueConstraint("policy", "job", "domain", "slot_at", name="uq_schedule_slot"),)
+    # (state, job_id): each tick looks for deferred slots and for started ones without a job.
+    __table_args__ = (UniqueConstraint("policy", "job", "domain", "slot_at", name="uq_schedule_slot"),
+                      Index("ix_schedule_slots_state_job_id", "state", "job_id"))
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     policy: Mapped[str] = mapped_column(String(128))
     job: Mapped[str] = mapped_column(String(32))  # backup | snapshot | drill | verify

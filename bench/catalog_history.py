@@ -1,0 +1,98 @@
+"""``python -m bench.catalog_history``: the catalog queries of every scheduler tick and of
+``virtwarden jobs`` over a long history, with and without their indexes.
+
+Fills an SQLite catalog (or the PostgreSQL of ``--database``, whose tables it empties)
+with ``--days`` nights of a ``--domains`` fleet: a started slot and a succeeded job per
+domain and night, plus a handful of deferred slots, then times (median of ``--runs``) what
+each tick asks (deferred slots; started slots without a job) and what ``virtwarden jobs``
+asks (the 30 newest jobs) with the indexes of migration 0012, and again without them.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.catalog_history", description=__doc__.split("\n\n")[0])
+    p.add_argument("--domains", type=int, default=20_000)
+    p.add_argument("--days", type=int, default=30)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--database", help="a PostgreSQL URL whose catalog tables may be emptied (default: SQLite)")
+    return p.parse_args(argv)
+
+
+def fill(cat, domains: int, days: int) -> None:
+    from virtwarden.catalog.models import Job, ScheduleSlot
+
+    start = datetime(2026, 11, 1, tzinfo=UTC)
+    with cat.engine.begin() as conn:
+        for day in range(days):
+            night = start + timedelta(days=day)
+            jobs, slots = [], []
+            for d in range(domains):
+                job_id = str(uuid.uuid4())
+                jobs.append({"id": job_id, "kind": "backup", "state": "succeeded", "domain": f"vm{d:05d}",
+                             "host": f"h{d % 500:03d}", "params": {}, "created_at": night, "finished_at": night,
+                             "attempts": 1, "max_attempts": 3, "fence": 1, "sends": 1, "progress": 1.0})
+                slots.append({"policy": "nightly", "job": "backup", "domain": f"vm{d:05d}", "slot_at": night,
+                              "window_end": night + timedelta(hours=6), "state": "started", "job_id": job_id})
+            conn.execute(Job.__table__.insert(), jobs)
+            conn.execute(ScheduleSlot.__table__.insert(), slots)
+        conn.execute(ScheduleSlot.__table__.insert(), [
+            {"policy": "nightly", "job": "backup", "domain": f"late{d}", "slot_at": start + timedelta(days=days),
+             "window_end": start + timedelta(days=days, hours=6), "state": "deferred"} for d in range(5)])
+
+
+def timed(fn: Callable[[], object], runs: int) -> float:
+    took = []
+    for _ in range(runs):
+        begin = time.perf_counter()
+        fn()
+        took.append(time.perf_counter() - begin)
+    return statistics.median(took)
+
+
+def measure(cat, runs: int) -> dict[str, float]:
+    from virtwarden.catalog import jobs, slots
+
+    return {"deferred slots (each tick)": timed(lambda: slots.deferred(cat), runs),
+            "started slots without a job (each tick)": timed(lambda: slots.unsent(cat), runs),
+            "the 30 newest jobs (virtwarden jobs)": timed(lambda: jobs.recent(cat, limit=30), runs)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from virtwarden.catalog.models import Base
+    from virtwarden.catalog.store import Catalog
+
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="vw-history-") as tmp:
+        cat = Catalog(args.database or f"sqlite:///{Path(tmp) / 'catalog.db'}")
+        with cat.session() as s:
+            for table in reversed(Base.metadata.sorted_tables):
+                s.execute(table.delete())
+        begin = time.perf_counter()
+        fill(cat, args.domains, args.days)
+        print(f"catalog: {args.days} nights of {args.domains} domains ({args.days * args.domains} jobs and slots)"
+              f" written in {time.perf_counter() - begin:.0f} s")
+        with_index = measure(cat, args.runs)
+        with cat.engine.begin() as conn:
+            conn.exec_driver_sql("DROP INDEX ix_schedule_slots_state_job_id")
+            conn.exec_driver_sql("DROP INDEX ix_jobs_created_at")
+        without = measure(cat, args.runs)
+        for what, t in with_index.items():
+            print(f"  {what}: {t * 1000:.1f} ms with the index, {without[what] * 1000:.1f} ms without"
+                  f" ({without[what] / t:.0f}x)")
+        cat.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -330,7 +330,7 @@ def _tally(s: Any, job_ids: list[str]) -> None:
     for kind, state, created, started, finished, result in rows:
         seconds = max(0.0, (finished - (started or created)).total_seconds()) if finished else 0.0
         le = next((str(b) for b in DURATION_BUCKETS if seconds <= b), "+Inf")
-        size = (result or {}).get("size_bytes") if isinstance(result, dict) else None
+        size = result.get("size_bytes") if isinstance(result, dict) else None
         add = {"jobs": 1, "seconds": seconds, "bytes": size if isinstance(size, int) and size > 0 else 0}
         s.execute(upsert(s, JobTotal, {"kind": kind, "outcome": state, "le": le}, add, add=tuple(add)))
 

@@ -59,10 +59,9 @@ def listed(cat: Catalog) -> list[ServiceView]:
 class Presence:
     """``Presence(cat, "worker", hosts).start()`` ... ``.close()``: this process's row."""
 
-    def __init__(self, cat: Catalog, kind: str, hosts: list[str], *, every: float = BEAT_SECONDS,
-                 node: str | None = None) -> None:
-        self.cat, self.kind, self.every = cat, kind, every
-        self.node = node or socket.gethostname()
+    def __init__(self, cat: Catalog, kind: str, hosts: list[str]) -> None:
+        self.cat, self.kind = cat, kind
+        self.node = socket.gethostname()
         self.hosts = ",".join(sorted(hosts))
         self.id = service_id(kind, self.node, hosts)
         self.started_at = utcnow()
@@ -100,7 +99,7 @@ class Presence:
             log.warning("%s: could not remove its row from the catalog: %s", self.kind, e)
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.every):
+        while not self._stop.wait(BEAT_SECONDS):
             try:
                 self.beat()
             except Exception:  # the daemon outlives a bug here; the row ageing shows it

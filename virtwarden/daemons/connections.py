@@ -33,26 +33,10 @@ class KeptConnections:
             kept = self._open.pop(host, None)
         if kept is not None:
             try:
-                result = fn(kept)
+                return self._run(host, kept, fn)
             except HypervisorUnavailable:
-                kept.close()  # lost: once more on a new connection
-            except BaseException:
-                self._keep(host, kept)
-                raise
-            else:
-                self._keep(host, kept)
-                return result
-        hv = connect(host, self.cfg.host(host).uri).open()
-        try:
-            result = fn(hv)
-        except HypervisorUnavailable:
-            hv.close()
-            raise
-        except BaseException:
-            self._keep(host, hv)
-            raise
-        self._keep(host, hv)
-        return result
+                pass  # lost: once more on a new connection
+        return self._run(host, connect(host, self.cfg.host(host).uri).open(), fn)
 
     def kept(self, host: str) -> Hypervisor | None:
         with self._guard:
@@ -63,6 +47,19 @@ class KeptConnections:
             kept, self._open = self._open, {}
         for hv in kept.values():
             hv.close()
+
+    def _run(self, host: str, hv: Hypervisor, fn: Callable[[Hypervisor], T]) -> T:
+        """``fn(hv)``, keeping ``hv`` unless it turned out to be lost."""
+        try:
+            result = fn(hv)
+        except HypervisorUnavailable:
+            hv.close()
+            raise
+        except BaseException:
+            self._keep(host, hv)
+            raise
+        self._keep(host, hv)
+        return result
 
     def _keep(self, host: str, hv: Hypervisor) -> None:
         with self._guard:

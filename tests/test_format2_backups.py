@@ -12,7 +12,7 @@ import pytest
 from virtwarden.storage_backends.format2.access import open_repository
 
 from tests.guests import images_equal
-from tests.harness import add_format2_target, wait_for
+from tests.harness import FAST_KDF, add_format2_target, wait_for
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.cli_in_process]
 MiB = 1024 * 1024
@@ -28,7 +28,7 @@ def vault(request, vw, tmp_path: Path):
     pdir.mkdir()
     _keep_last(pdir, None)
     vw.extra["policy_dir"] = str(pdir)
-    r = vw.cli("key", "init", "vault", "--chunk-size-kib", "256")
+    r = vw.cli("key", "init", "vault", "--chunk-size-kib", "256", *FAST_KDF)
     assert r.code == 0, r.err
     return vw
 
@@ -277,7 +277,7 @@ def test_a_format1_target_switched_to_format2_keeps_its_points_and_starts_a_full
     (secrets_dir / "pass").write_text("correct horse battery\n")
     vw.storage["nfs"].update({"format": 2, "key_file": str(secrets_dir / "nfs.key"),
                               "passphrase_file": str(secrets_dir / "pass")})
-    r = vw.cli("key", "init", "nfs")
+    r = vw.cli("key", "init", "nfs", *FAST_KDF)
     assert r.code == 0, r.err
     worker.kill()  # a worker reads its configuration when it starts: restarted, as an operator would
     vw.start_worker()

@@ -9,7 +9,7 @@ import pytest
 from virtwarden.storage_backends.format2.access import open_repository
 from virtwarden.storage_backends.format2.repository import CONFIG_KEY
 
-from tests.harness import add_format2_target
+from tests.harness import FAST_KDF, add_format2_target
 
 pytestmark = [pytest.mark.cli_in_process]
 
@@ -36,6 +36,7 @@ def test_init_makes_a_private_key_file_and_a_repository_that_opens_with_it(vault
     assert (said["encryption"], said["chunk_size"]) == ("aes-256-gcm", 512 * 1024)
     repo = open_repository("vault", _target(vault))
     assert repo.config["repository"] == said["repository"] == json.loads(key_file.read_bytes())["repository"]
+    assert json.loads(key_file.read_bytes())["kdf"]["n"] == 2**17  # 128 MiB unless asked otherwise
 
     before = key_file.read_bytes()
     again = vault.cli("key", "init", "vault")
@@ -47,7 +48,7 @@ def test_init_makes_a_private_key_file_and_a_repository_that_opens_with_it(vault
 
 
 def test_a_wrong_or_missing_passphrase_or_key_file_is_a_clear_error(vault, tmp_path: Path) -> None:
-    assert vault.cli("key", "init", "vault").code == 0
+    assert vault.cli("key", "init", "vault", *FAST_KDF).code == 0
     target = _target(vault)
     wrong = tmp_path / "wrong"
     wrong.write_text("wrong horse\n")
@@ -59,7 +60,7 @@ def test_a_wrong_or_missing_passphrase_or_key_file_is_a_clear_error(vault, tmp_p
 
 
 def test_export_then_import_installs_the_same_key_and_refuses_another_repositorys(vault, tmp_path: Path) -> None:
-    assert vault.cli("key", "init", "vault").code == 0
+    assert vault.cli("key", "init", "vault", *FAST_KDF).code == 0
     target = _target(vault)
     exported = vault.cli("key", "export", "vault")
     assert exported.code == 0 and exported.out.encode() == Path(target.key_file).read_bytes()
@@ -76,7 +77,7 @@ def test_export_then_import_installs_the_same_key_and_refuses_another_repository
     # another repository's key: refused, the installed key stays
     vault.storage["other"] = {"type": "nfs", "path": str(tmp_path / "other"), "create": True, "format": 2,
                               "key_file": str(tmp_path / "other.key"), "passphrase_file": target.passphrase_file}
-    assert vault.cli("key", "init", "other").code == 0
+    assert vault.cli("key", "init", "other", *FAST_KDF).code == 0
     before = Path(target.key_file).read_bytes()
     Path(target.key_file).unlink()
     r = vault.cli("key", "import", "vault", str(tmp_path / "other.key"))
@@ -86,13 +87,14 @@ def test_export_then_import_installs_the_same_key_and_refuses_another_repository
 
 
 def test_passwd_locks_the_same_key_with_the_new_passphrase_only(vault, tmp_path: Path) -> None:
-    assert vault.cli("key", "init", "vault").code == 0
+    assert vault.cli("key", "init", "vault", *FAST_KDF).code == 0
     target = _target(vault)
     repository = open_repository("vault", target).config["repository"]
     new = tmp_path / "new"
     new.write_text("new passphrase\n")
     r = vault.cli("key", "passwd", "vault", "--new-passphrase-file", str(new))
     assert r.code == 0, r.err
+    assert json.loads(Path(target.key_file).read_bytes())["kdf"]["n"] == 2**14  # the cost it was made with
     assert Path(target.key_file).stat().st_mode & 0o777 == 0o600
     with pytest.raises(Exception, match="the passphrase does not open"):
         open_repository("vault", target)

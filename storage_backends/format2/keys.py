@@ -39,6 +39,11 @@ VERSION = 1
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**17, 8, 1
 
 
+def scrypt_n(memory_mib: int) -> int:
+    """scrypt's cost parameter that takes ``memory_mib`` of memory (128 * r bytes per unit)."""
+    return memory_mib * 1024 * 1024 // (128 * SCRYPT_R)
+
+
 class KeyFileError(ConfigError):
     """A key file that is missing, damaged, of another repository, or opened with a
     wrong passphrase: nothing in the repository can be read or written without it."""

@@ -53,7 +53,7 @@ def init(args: argparse.Namespace) -> int:
         raise KeyFileError(f"storage {args.storage}: key file {path} exists; it is never overwritten")
     secret = passphrase(args.storage, settings, prompt=True, confirm=True, file=args.passphrase_file)
     key = RepositoryKey.generate()
-    _write_new(path, keys.wrap(key, secret))
+    _write_new(path, keys.wrap(key, secret, n=keys.scrypt_n(args.kdf_memory_mib)))
     try:
         repo = Format2Repository.init(backend, Codec(key), chunk_size=chunk_size)
     except BaseException:

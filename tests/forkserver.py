@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import gc
 import importlib
 import json
 import os
@@ -201,6 +202,10 @@ def serve(fd: int) -> None:
     for name in PRELOAD:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
+    from virtwarden.cli.main import build_parser
+
+    build_parser()  # built once here, not in every command
+    gc.freeze()  # what every child inherits is never collected again, in it or here
     sock = socket.socket(fileno=fd)
     stream = sock.makefile("rwb")
     codes: dict[int, int] = {}

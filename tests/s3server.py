@@ -9,6 +9,7 @@ in ~/.aws, so a developer's own AWS profile cannot leak in or be touched.
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import socket
@@ -41,8 +42,10 @@ def answers(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
+@functools.cache
 def s3_client(endpoint: str):
-    """A plain boto3 client for fixtures and fault injection (bypasses the backend)."""
+    """A plain boto3 client for fixtures and fault injection (bypasses the backend); one
+    per endpoint and process (a client costs about 0.1 s of a core; it is thread-safe)."""
     return boto3.session.Session(region_name="us-east-1", **CREDENTIALS).client(
         "s3", endpoint_url=endpoint, config=Config(s3={"addressing_style": "path"})
     )

@@ -44,9 +44,17 @@ def test_api_limits_and_catalog_keep_periods_default_to_what_an_operator_expects
         True, 1024 * 1024, 500)
     keep = cfg.catalog
     assert (keep.audit_days, keep.events_days, keep.alerts_days, keep.idempotency_days) == (365, 90, 90, 7)
+    assert (keep.jobs_days, keep.slots_days, keep.points_days, keep.drills_days) == (90, 90, 90, 365)
     f = tmp_path / "c.yaml"
     f.write_text("catalog:\n  events_days: null\n  audit_days: 0\n")
     with pytest.raises(ConfigError, match="c.yaml:3: catalog.audit_days: Input should be greater than or equal to 1"):
+        config.load(str(f), env={})
+    f.write_text("catalog:\n  jobs_days: 7\n")
+    with pytest.raises(ConfigError, match="catalog.jobs_days: Input should be greater than or equal to 8"):
+        config.load(str(f), env={})
+    f.write_text("catalog:\n  jobs_days: 10\n  idempotency_days: 30\n")
+    with pytest.raises(ConfigError, match=r"jobs_days \(10\) is shorter than idempotency_days \(30\): a request "
+                                          "repeated with its Idempotency-Key must find its job"):
         config.load(str(f), env={})
     f.write_text("catalog:\n  events_days: null\napi:\n  rate_per_second: 2.5\n")
     cfg = config.load(str(f), env={})

@@ -137,13 +137,28 @@ class ApiConfig(_Strict):
 
 class CatalogConfig(_Strict):
     """How long the catalog keeps rows that only grow (days; null keeps them forever).
-    Every worker and scheduler deletes older ones every ``prune_seconds``."""
+    Every worker and scheduler deletes older ones every ``prune_seconds``; what stays
+    whatever its age is in catalog/housekeeping.py."""
 
     audit_days: int | None = Field(default=365, ge=1)
     events_days: int | None = Field(default=90, ge=1)
     alerts_days: int | None = Field(default=90, ge=1)
     idempotency_days: int | None = Field(default=7, ge=1)
+    # Finished jobs; schedule slots; rows of deleted or failed restore points; drills
+    # (the newest of each domain stays). 8 days at least: the scheduler looks 7 back.
+    jobs_days: int | None = Field(default=90, ge=8)
+    slots_days: int | None = Field(default=90, ge=8)
+    points_days: int | None = Field(default=90, ge=1)
+    drills_days: int | None = Field(default=365, ge=1)
     prune_seconds: float = Field(default=3600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _jobs_outlive_keys(self) -> CatalogConfig:
+        if self.jobs_days is not None and (self.idempotency_days is None or self.idempotency_days > self.jobs_days):
+            raise ValueError(f"jobs_days ({self.jobs_days}) is shorter than idempotency_days "
+                             f"({self.idempotency_days}): a request repeated with its Idempotency-Key must find "
+                             "its job")
+        return self
 
 
 class SecurityConfig(_Strict):

@@ -104,7 +104,9 @@ class Sweeper:
 
         keep = self.cfg.catalog
         report.pruned = prune_rows(self.cat, {"audit": keep.audit_days, "events": keep.events_days,
-                                              "alerts": keep.alerts_days, "idempotency": keep.idempotency_days})
+                                              "alerts": keep.alerts_days, "idempotency": keep.idempotency_days,
+                                              "jobs": keep.jobs_days, "slots": keep.slots_days,
+                                              "points": keep.points_days, "drills": keep.drills_days})
         self._rows_pruned = time.monotonic()
         if any(report.pruned.values()):
             log.info("sweep: deleted old catalog rows: %s",

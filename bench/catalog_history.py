@@ -21,7 +21,6 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-
 START = datetime(2026, 11, 1, tzinfo=UTC)  # the first night
 
 

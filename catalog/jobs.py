@@ -119,12 +119,8 @@ def create_once(
     with ``dedup_key`` existed already). The row is the outbox entry: if its message
     is not consumed within ``resend_after`` seconds (the send failed, the broker lost
     it), ``due_for_send`` lists it again."""
-    row = Job(
-        id=str(uuid.uuid4()), kind=kind, state=QUEUED, domain=domain, host=host,
-        params=params, max_attempts=max_attempts, dedup_key=dedup_key,
-        requested_by=requested_by, created_at=db_now(), attempts=0, progress=0.0,
-        dispatch_at=db_later(resend_after), sends=0, fence=0,
-    )
+    row = new_row(kind=kind, domain=domain, host=host, params=params, max_attempts=max_attempts,
+                  dedup_key=dedup_key, requested_by=requested_by, resend_after=resend_after)
     try:
         with cat.session() as s:
             s.add(row)
@@ -135,6 +131,38 @@ def create_once(
             existing = s.scalars(select(Job).where(Job.dedup_key == dedup_key)).one()
             return _view(existing), False
     return _view(row), True
+
+
+def new_values(*, kind: str, domain: str | None, host: str | None, params: dict[str, Any], max_attempts: int,
+               dedup_key: str | None, requested_by: str | None) -> dict[str, Any]:
+    """A new queued job's columns, but for its times (``times``: the database's)."""
+    return {"id": str(uuid.uuid4()), "kind": kind, "state": QUEUED, "domain": domain, "host": host, "params": params,
+            "max_attempts": max_attempts, "dedup_key": dedup_key, "requested_by": requested_by, "attempts": 0,
+            "progress": 0.0, "sends": 0, "fence": 0}
+
+
+def times(resend_after: float) -> dict[str, Any]:
+    """A new job's times, by the database's clock: created now, its message due within
+    ``resend_after`` seconds (the outbox)."""
+    return {"created_at": db_now(), "dispatch_at": db_later(resend_after)}
+
+
+def new_row(*, resend_after: float, **values: Any) -> Job:
+    """A queued job's row (``new_values``' arguments), to be added in a session."""
+    return Job(**new_values(**values), **times(resend_after))
+
+
+def mark_sent_many(cat: Catalog, sent: list[JobView], *, resend_after: float) -> int:
+    """``mark_sent`` for many jobs in one transaction; how many were still queued."""
+    by_sends: dict[int, list[str]] = {}  # one statement per earlier count of sends (nearly always 0)
+    for j in sent:
+        by_sends.setdefault(j.sends, []).append(j.id)
+    with cat.session() as s:
+        return sum(_count(s.execute(update(Job).where(Job.id.in_(ids), Job.state == QUEUED, Job.sends == sends)
+                                    .values(sends=Job.sends + 1,
+                                            dispatch_at=db_later(resend_after * 2 ** min(sends, 6)))
+                                    .execution_options(synchronize_session=False)))
+                   for sends, ids in by_sends.items())
 
 
 def get(cat: Catalog, job_id: str) -> JobView:

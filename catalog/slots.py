@@ -19,9 +19,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, func, select, update
+from sqlalchemy import ColumnElement, Table, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from virtwarden.catalog.jobs import QUEUED, RUNNING, JobView
 from virtwarden.catalog.models import Job, ScheduleSlot
@@ -58,6 +58,38 @@ def _count(result: Any) -> int:
 
 def _row(r: ScheduleSlot) -> SlotRow:
     return SlotRow(**{k: getattr(r, k) for k in SlotRow.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class NewSlot:
+    policy: str
+    job: str
+    domain: str
+    slot_at: datetime
+    window_end: datetime
+
+
+def claim_many(cat: Catalog, new: list[NewSlot], now: datetime) -> list[NewSlot]:
+    """Insert the rows of ``new`` (state deferred, reason NEW) in one transaction: ``claim``
+    for many slots, where a row that exists already (another scheduler's, an earlier
+    tick's) is left as it is (``ON CONFLICT DO NOTHING`` on the unique constraint). The
+    slots this call inserted."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    if not new:
+        return []
+    with cat.session() as s:
+        dialect = s.get_bind().dialect.name
+        inserts: dict[str, Any] = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
+        if dialect not in inserts:
+            return [n for n in new if claim(cat, policy=n.policy, job=n.job, domain=n.domain, slot_at=n.slot_at,
+                                            window_end=n.window_end, now=now)]
+        stmt = (inserts[dialect](ScheduleSlot).on_conflict_do_nothing()
+                .returning(ScheduleSlot.policy, ScheduleSlot.job, ScheduleSlot.domain, ScheduleSlot.slot_at))
+        rows = [{"policy": n.policy, "job": n.job, "domain": n.domain, "slot_at": n.slot_at,
+                 "window_end": n.window_end, "state": DEFERRED, "reason": NEW, "created_at": now} for n in new]
+        inserted = {(r.policy, r.job, r.domain, r.slot_at) for r in s.execute(stmt, rows)}
+    return [n for n in new if (n.policy, n.job, n.domain, n.slot_at) in inserted]
 
 
 def claim(cat: Catalog, *, policy: str, job: str, domain: str, slot_at: datetime, window_end: datetime,
@@ -114,6 +146,60 @@ def move(cat: Catalog, slot_id: int, *, from_state: str, to_state: str, reason: 
         result = s.execute(update(ScheduleSlot).where(ScheduleSlot.id == slot_id, ScheduleSlot.state == from_state)
                            .values(state=to_state, reason=reason[:4000] if reason else None))
         return _count(result) == 1
+
+
+@dataclass(frozen=True)
+class Start:
+    """A deferred slot to start, and the job it makes (its dedup key is the slot's key)."""
+
+    slot_id: int
+    kind: str
+    domain: str
+    host: str
+    params: dict
+    dedup_key: str
+
+
+def start_many(cat: Catalog, starts: list[Start], *, max_attempts: int, requested_by: str,
+               resend_after: float) -> list[tuple[Start, JobView, bool]]:
+    """Start deferred slots and create their jobs, all in one transaction: each slot moves
+    ``deferred -> started`` only if it is still deferred (a guarded UPDATE, as ``move``:
+    another scheduler that started it first keeps it), gets its job (queued: its own
+    outbox entry, ``catalog.jobs``) and records it. A job that has the slot's key already
+    is recorded instead of a new one. The slots this call started, with their jobs and
+    whether this call created them; sending the messages is the caller's, after the
+    commit."""
+    from virtwarden.catalog.jobs import _view, new_values, times
+
+    if not starts:
+        return []
+    by_id = {st.slot_id: st for st in starts}
+    with cat.session() as s:
+        won = set(s.scalars(update(ScheduleSlot)
+                            .where(ScheduleSlot.id.in_(by_id), ScheduleSlot.state == DEFERRED)
+                            .values(state=STARTED, reason=None).returning(ScheduleSlot.id)))
+        mine = [st for st in starts if st.slot_id in won]
+        existing = {j.dedup_key: j for j in s.scalars(select(Job).where(Job.dedup_key.in_([st.dedup_key
+                                                                                             for st in mine])))}
+        job_of: dict[int, str] = {}
+        new: list[dict[str, Any]] = []
+        for st in mine:
+            if st.dedup_key in existing:
+                job_of[st.slot_id] = existing[st.dedup_key].id
+                continue
+            new.append(new_values(kind=st.kind, domain=st.domain, host=st.host, params=st.params,
+                                  max_attempts=max_attempts, dedup_key=st.dedup_key, requested_by=requested_by))
+            job_of[st.slot_id] = new[-1]["id"]
+        conn = s.connection()
+        job_table, slot_table = cast(Table, Job.__table__), cast(Table, ScheduleSlot.__table__)
+        if new:  # one INSERT for the batch, the times from the database's clock
+            conn.execute(insert(job_table).values(**times(resend_after)), new)
+        if job_of:
+            slot = slot_table.c
+            conn.execute(update(slot_table).where(slot.id == bindparam("sid"), slot.job_id.is_(None))
+                         .values(job_id=bindparam("jid")), [{"sid": k, "jid": v} for k, v in job_of.items()])
+        views = {j.id: _view(j) for j in s.scalars(select(Job).where(Job.id.in_(job_of.values())))}
+        return [(st, views[job_of[st.slot_id]], st.dedup_key not in existing) for st in mine]
 
 
 def attach_job(cat: Catalog, slot_id: int, job_id: str, reason: str | None = None) -> bool:

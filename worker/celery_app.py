@@ -136,6 +136,25 @@ def send(job: jobs.JobView) -> None:
         raise BrokerUnavailable(mask(f"broker {cfg.broker_url} unreachable: {e}")) from e
 
 
+def send_many(queued: list[jobs.JobView]) -> tuple[list[jobs.JobView], BrokerUnavailable | None]:
+    """``send`` for many jobs over one connection of the producer pool: the jobs sent, in
+    order, and the error that stopped the rest (None when all went)."""
+    sent: list[jobs.JobView] = []
+    if not queued:
+        return sent, None
+    cfg = config()
+    try:
+        with app.producer_or_acquire() as producer:
+            producer.connection.ensure_connection(max_retries=1, interval_start=0.2, timeout=5)
+            for job in queued:
+                app.send_task(TASK, args=[job.id], queue=queue_for(job.host or ""), producer=producer,
+                              retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2})
+                sent.append(job)
+    except (KombuOperationalError, OSError) as e:
+        return sent, BrokerUnavailable(mask(f"broker {cfg.broker_url} unreachable: {e}"))
+    return sent, None
+
+
 def check_broker(cfg: Config) -> None:
     try:
         with app.connection_for_write() as conn:

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 ENV_NOW = "VIRTWARDEN_SCHEDULER_NOW"
 # How far back a starting scheduler looks for slots it missed.
 MAX_CATCH_UP = timedelta(days=7)
+BATCH = 500  # slots claimed, or started with their jobs, per transaction
 # A domain undefined while a host is listed makes the listing fail; list again.
 LIST_ATTEMPTS = 3
 PREVIEW_SPAN = timedelta(hours=24)
@@ -243,12 +244,11 @@ class Scheduler:
         if not due_slots:
             return
         known = slots.recorded(self.cat, min(s.at for s in due_slots))
-        for s in due_slots:
-            if (s.policy, s.job, s.domain, s.at) in known:
-                continue
-            row = slots.claim(self.cat, policy=s.policy, job=s.job, domain=s.domain, slot_at=s.at,
-                              window_end=s.window_end, now=now)
-            if row is not None:
+        new = {(s.policy, s.job, s.domain, s.at): s for s in due_slots}
+        rows = [slots.NewSlot(*k, s.window_end) for k, s in new.items() if k not in known]
+        for i in range(0, len(rows), BATCH):  # one transaction per batch
+            for n in slots.claim_many(self.cat, rows[i:i + BATCH], now):
+                s = new[(n.policy, n.job, n.domain, n.slot_at)]
                 log.info("slot %s claimed (window until %s)", s.key, s.window_end.isoformat())
 
     # --- deciding ------------------------------------------------------------------------
@@ -276,8 +276,8 @@ class Scheduler:
         # A broker outage delays jobs, it never drops them: the slots start and their
         # jobs stay queued until the sweeper can send them (worker/outbox.py).
         send = self._broker_problem() is None if plan.start else True
-        for s in plan.start:
-            self._start(candidates[s.key][0], s, report, send=send)
+        for i in range(0, len(plan.start), BATCH):
+            self._start_batch([(candidates[s.key][0], s) for s in plan.start[i:i + BATCH]], report, send=send)
         for d in plan.skip:
             row = candidates[d.slot.key][0]
             # A new row whose window closed already was missed (no scheduler ran, or its
@@ -309,12 +309,46 @@ class Scheduler:
         return None
 
     # --- starting --------------------------------------------------------------------------
-    def _start(self, row: slots.SlotRow, slot: Slot, report: TickReport, *, send: bool = True) -> None:
-        if not slots.move(self.cat, row.id, from_state=slots.DEFERRED, to_state=slots.STARTED, reason=None):
-            return  # another scheduler decided this slot first
-        job_id = self._create_job(row.id, slot, send=send)
-        if job_id is not None:
-            report.started.append((slot.key, job_id))
+    def _start_batch(self, batch: list[tuple[slots.SlotRow, Slot]], report: TickReport, *, send: bool) -> None:
+        """Start a batch of deferred slots: their jobs' parameters settled first (a slot
+        whose policy cannot say them now waits, or is skipped when it never will), then
+        every slot moved to started, its job created and recorded in one transaction (a
+        slot another scheduler started first is left to it), then the messages sent over
+        one connection and the sends recorded in one more. A send that fails leaves its
+        job and the rest queued and due: the sweeper sends them when the broker is back."""
+        from virtwarden.catalog import jobs
+        from virtwarden.worker import celery_app
+
+        starts: list[slots.Start] = []
+        for row, slot in batch:
+            assert slot.host is not None
+            try:
+                params = self._params(slot)
+            except (Transient, PolicyError) as e:  # a policy file being edited is fixed soon, too
+                log.error("slot %s: the job could not be created: %s", slot.key, e)
+                self._record(row, slot, "defer", f"the job could not be created: {e}", report)
+                continue
+            except VirtwardenError as e:
+                self._record(row, slot, "skip", f"the job could not be created: {e}", report)
+                continue
+            starts.append(slots.Start(row.id, slot.job, slot.domain, slot.host, params, slot.key))
+        started = slots.start_many(self.cat, starts, max_attempts=self.cfg.worker.max_attempts,
+                                   requested_by="scheduler",
+                                   resend_after=self.cfg.worker.resend_seconds if send else 0)
+        for st, job, _ in started:
+            log.info("slot %s: job %s queued (%s of %s on host %s)", st.dedup_key, job.id, job.kind, job.domain,
+                     job.host)
+            report.started.append((st.dedup_key, job.id))
+        if not send:
+            return
+        sent, error = celery_app.send_many([job for _, job, created in started if created])
+        if error is not None:
+            went = {job.id for job in sent}
+            unsent = [job for _, job, created in started if created and job.id not in went]
+            log.warning("%s; %d jobs stay queued and are sent when the broker is back", error, len(unsent))
+            for job in unsent:
+                jobs.postpone(self.cat, job.id, 0)  # due for the sweeper's next round
+        jobs.mark_sent_many(self.cat, sent, resend_after=self.cfg.worker.resend_seconds)
 
     def _finish_unsent(self, domains: Domains) -> None:
         """Create the jobs of started rows whose scheduler stopped before doing so."""

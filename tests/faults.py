@@ -199,12 +199,16 @@ class CuttableProxy:
     """A TCP proxy in front of a local port (PostgreSQL, say) that can be cut: ``cut()``
     closes every connection it carries and, until ``restore()``, closes each new one as
     soon as it is accepted. The client sees what it sees when the server goes away:
-    "server closed the connection unexpectedly"."""
+    "server closed the connection unexpectedly". ``cut_after(marker, n)`` cuts by itself
+    once the clients have sent ``marker`` n times (a Redis command, say): the server
+    goes away in the middle of a conversation."""
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
         self.port = free_port()
         self._cut = False
+        self._marker: bytes | None = None
+        self._left = 0
         self._writers: set[asyncio.StreamWriter] = set()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -224,15 +228,21 @@ class CuttableProxy:
         return direct_url.replace(f":{self.upstream_port}/", f":{self.port}/")
 
     def cut(self) -> None:
-        def close_all() -> None:
-            self._cut = True
-            for w in list(self._writers):
-                w.close()
-
-        self._loop.call_soon_threadsafe(close_all)
+        self._loop.call_soon_threadsafe(self._cut_now)
 
     def restore(self) -> None:
         self._loop.call_soon_threadsafe(setattr, self, "_cut", False)
+
+    def cut_after(self, marker: bytes, times: int) -> None:
+        def arm() -> None:
+            self._marker, self._left = marker, times
+
+        self._loop.call_soon_threadsafe(arm)
+
+    def _cut_now(self) -> None:
+        self._cut, self._marker = True, None
+        for w in list(self._writers):
+            w.close()
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -254,12 +264,17 @@ class CuttableProxy:
             return
         self._writers |= {client_w, server_w}
 
-        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, outbound: bool) -> None:
             while data := await r.read(65536):
                 w.write(data)
                 await w.drain()
+                if outbound and self._marker is not None:
+                    self._left -= data.count(self._marker)
+                    if self._left <= 0:
+                        self._cut_now()
 
-        tasks = [asyncio.ensure_future(pipe(client_r, server_w)), asyncio.ensure_future(pipe(server_r, client_w))]
+        tasks = [asyncio.ensure_future(pipe(client_r, server_w, True)),
+                 asyncio.ensure_future(pipe(server_r, client_w, False))]
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in tasks:
             task.cancel()

@@ -265,6 +265,40 @@ def test_a_broker_outage_or_a_scheduler_crash_loses_no_slot(vw, guest_factory):
     assert all(r.job_id for r in rows(cat).values())
 
 
+def test_a_broker_lost_in_the_middle_of_a_batchs_sends_loses_no_job(vw, guest_factory):
+    """Six slots start in one batch and their messages go over one connection; the
+    broker goes away after the second. Every slot still has its job; the jobs whose
+    message did not go stay queued and due, and the next tick's sweeper sends them once
+    the broker is back: every job's message reaches the queue."""
+    import redis
+    from virtwarden.worker import celery_app
+
+    from tests.faults import CuttableProxy
+
+    setup = Setup(vw, guest_factory, HOURLY, guests=6)
+    good = setup.config()
+    clock = FakeClock("2025-01-10 10:00:05")
+    with CuttableProxy(6379) as proxy:
+        through = good.model_copy(update={"broker_url": proxy.url(good.broker_url)})
+        celery_app.configure(through)
+        proxy.cut_after(b"\r\nLPUSH\r\n", 2)  # kombu publishes a message with one LPUSH
+        report = setup.scheduler(through, clock).tick()
+    cat = Catalog(good.catalog_url)
+    assert len(report.started) == 6 and {r.state for r in rows(cat).values()} == {"started"}
+    made = slot_jobs(cat)
+    assert len(made) == 6 and all(r.job_id for r in rows(cat).values())
+    sends = sorted(j.sends for j in jobs.recent(cat))
+    assert sends[0] == 0 and sends[-1] == 1, sends  # the cut fell in the middle of the batch
+    unsent = {j.id for j in jobs.recent(cat) if j.sends == 0}
+    celery_app.configure(good)
+    clock.set("2025-01-10 10:01:00")
+    report = setup.scheduler(good, clock).tick()  # the broker is back
+    assert unsent <= set(report.resent)
+    assert all(j.sends >= 1 and j.state == "queued" for j in jobs.recent(cat))
+    queued = [m.decode() for m in redis.Redis.from_url(good.broker_url).lrange(celery_app.queue_for("local"), 0, -1)]
+    assert all(any(job.id in m for m in queued) for job in made.values())  # every job's message is there
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def catalog_url(request, vw):
     if request.param == "sqlite":

@@ -5,7 +5,9 @@ every ``BEAT_SECONDS`` by a thread of its own (with the database's clock, as lea
 and removed when the daemon stops cleanly. A daemon that is killed, hangs or loses the
 catalog leaves its row behind with a ``seen_at`` that no longer moves: the API's metrics
 report its age (``virtwarden_service_last_seen_age_seconds``) and the shipped alerting
-rules page after 5 minutes. A row is keyed by kind, machine and the hosts served, so a
+rules page after 5 minutes. A listener also reports its backlog with each beat (events
+waiting for its dispatcher, and how long the oldest has waited). A row is keyed by kind,
+machine and the hosts served, so a
 daemon restarted in the same place (by systemd, say) takes its row over at once.
 Rows unseen for ``FORGET_AFTER`` are removed by any beat: a machine retired without a
 clean stop drops out of the metrics after a week.
@@ -17,6 +19,7 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -43,6 +46,8 @@ class ServiceView:
     version: str
     started_at: datetime
     seen_at: datetime
+    backlog: int | None = None
+    lag_seconds: float | None = None
 
 
 def service_id(kind: str, node: str, hosts: list[str]) -> str:
@@ -52,15 +57,20 @@ def service_id(kind: str, node: str, hosts: list[str]) -> str:
 
 def listed(cat: Catalog) -> list[ServiceView]:
     with cat.session() as s:
-        return [ServiceView(r.kind, r.node, r.hosts, r.pid, r.version, r.started_at, r.seen_at)
+        return [ServiceView(r.kind, r.node, r.hosts, r.pid, r.version, r.started_at, r.seen_at, r.backlog,
+                            r.lag_seconds)
                 for r in s.scalars(select(Service).order_by(Service.kind, Service.node, Service.hosts))]
 
 
 class Presence:
     """``Presence(cat, "worker", hosts).start()`` ... ``.close()``: this process's row."""
 
-    def __init__(self, cat: Catalog, kind: str, hosts: list[str]) -> None:
+    def __init__(self, cat: Catalog, kind: str, hosts: list[str], *,
+                 backlog: Callable[[], tuple[int, float]] | None = None, every: float = BEAT_SECONDS) -> None:
+        """``backlog``: what a listener reports with each beat (waiting events, the oldest
+        one's wait in seconds); ``every``: seconds between beats."""
         self.cat, self.kind = cat, kind
+        self.backlog, self.every = backlog, every
         self.node = socket.gethostname()
         self.hosts = ",".join(sorted(hosts))
         self.id = service_id(kind, self.node, hosts)
@@ -78,6 +88,8 @@ class Presence:
         """Write this process's row now; False (logged) when the catalog is away."""
         row: dict[str, Any] = {"kind": self.kind, "node": self.node, "hosts": self.hosts, "pid": os.getpid(),
                                "version": __version__, "started_at": self.started_at}
+        if self.backlog is not None:
+            row["backlog"], row["lag_seconds"] = self.backlog()
         try:
             with self.cat.session() as s:
                 s.execute(upsert(s, Service, {"id": self.id}, {**row, "seen_at": db_now()}))
@@ -99,7 +111,7 @@ class Presence:
             log.warning("%s: could not remove its row from the catalog: %s", self.kind, e)
 
     def _loop(self) -> None:
-        while not self._stop.wait(BEAT_SECONDS):
+        while not self._stop.wait(self.every):
             try:
                 self.beat()
             except Exception:  # the daemon outlives a bug here; the row ageing shows it

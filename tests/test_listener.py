@@ -11,6 +11,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -269,6 +270,62 @@ def test_a_catalog_away_through_several_retries_loses_no_event(tmp_path: Path, r
         finally:
             logger.removeHandler(handler)
             cat.close()
+            redis.Redis.from_url(LISTENER_REDIS_URL).flushdb()
+
+
+def test_a_listener_reports_the_backlog_a_catalog_outage_builds_and_its_drain(tmp_path: Path, redis_url: str,
+                                                                               pg_schema_url: str) -> None:
+    """The catalog (PostgreSQL, through a proxy) goes away while five events arrive: the
+    first is in the dispatcher's hands, retrying, and four wait. The listener's row says
+    so at its next beat (four waiting, the first one's wait), and so do the metrics; once
+    the catalog is back every event is handled and the next beat reports nothing waiting."""
+    need_module("libvirt")
+    import redis
+    from virtwarden.catalog import events
+    from virtwarden.catalog.services import Presence, listed
+    from virtwarden.catalog.store import Catalog
+    from virtwarden.hypervisor.events import HostEvent
+    from virtwarden.worker import celery_app
+
+    from tests.faults import CuttableProxy
+    from virtwarden.api.metrics import CatalogCollector
+    from virtwarden.daemons.listener import Listener
+
+    direct = Catalog(pg_schema_url)  # what the row is written through: the proxy is for the dispatcher
+    with CuttableProxy(5432) as proxy:
+        cfg = _crash_snapshot_config(tmp_path, database_url=proxy.url(pg_schema_url))
+        celery_app.configure(cfg)
+        cat = Catalog(cfg.catalog_url)
+        listener = Listener(cfg, cat, [], backoff_min=1, backoff_max=1)
+        presence = Presence(direct, "listener", ["t"], backlog=listener.backlog, every=0.5).start()
+        try:
+            listener.start()
+            proxy.cut()
+            began = time.time()
+            for n in range(5):
+                listener.queue.put(HostEvent("t", f"web-{n}", f"5b0c1a52-8d1e-4a1e-9a43-3c0b1f0e7d1{n}",
+                                             "domain.started", "booted", time.time()))
+
+            def reported() -> tuple[int | None, float | None] | None:
+                row = next(r for r in listed(direct) if r.kind == "listener")
+                return (row.backlog, row.lag_seconds) if row.backlog == 4 and (row.lag_seconds or 0) >= 2 else None
+
+            waiting, waited = wait_for(reported, 30, lambda: f"a beat reporting the backlog: {listed(direct)}")
+            assert waited <= time.time() - began + 1
+            text = "\n".join(f"{m.name} {s.labels} {s.value}" for m in CatalogCollector(direct).collect()
+                             for s in m.samples if m.name.startswith("virtwarden_listener"))
+            node = socket.gethostname()
+            assert f"virtwarden_listener_backlog {{'node': '{node}', 'hosts': 't'}} 4" in text, text
+            assert "virtwarden_listener_lag_seconds" in text
+            proxy.restore()
+            wait_for(lambda: len(events.recent(direct)) == 5, 60, "the five events to be recorded")
+            wait_for(lambda: [(r.backlog, r.lag_seconds) for r in listed(direct) if r.kind == "listener"] == [(0, 0.0)],
+                     30, "a beat reporting nothing waiting")
+        finally:
+            listener.stop()
+            presence.close()
+            cat.close()
+            direct.close()
             redis.Redis.from_url(LISTENER_REDIS_URL).flushdb()
 
 

@@ -27,6 +27,10 @@ API process reports the same fleet-wide numbers) plus this process's request cou
 - ``virtwarden_service_last_seen_age_seconds{kind,node,hosts}``: how long ago each
   running worker, scheduler and listener last reported itself (catalog.services: every
   30 s; a clean stop removes its series, a dead or hung daemon's keeps growing).
+- ``virtwarden_listener_backlog{node,hosts}`` and ``virtwarden_listener_lag_seconds{node,hosts}``:
+  the events waiting for a listener's dispatcher and how long the oldest not handled yet
+  has waited, as of its last report (a burst, or a catalog that answers slowly or not at
+  all: triggered jobs start that much later).
 - ``virtwarden_build_info{version}``: 1.
 - ``virtwarden_catalog_up``: 0 when the catalog could not be read for this scrape.
 - ``virtwarden_api_requests_total{route,method,status}``: requests this process served,
@@ -107,7 +111,8 @@ class CatalogCollector:
                                  .order_by(Job.domain, Job.created_at)).all()
             totals = s.execute(select(JobTotal.kind, JobTotal.outcome, JobTotal.le, JobTotal.jobs,
                                       JobTotal.seconds, JobTotal.bytes)).all()
-            services = s.execute(select(Service.kind, Service.node, Service.hosts, Service.seen_at)).all()
+            services = s.execute(select(Service.kind, Service.node, Service.hosts, Service.seen_at,
+                                        Service.backlog, Service.lag_seconds)).all()
             queues = s.execute(select(Job.host, Job.state, func.count(), func.min(Job.created_at))
                                .where(Job.state.in_((QUEUED, RUNNING)))
                                .group_by(Job.host, Job.state)).all()
@@ -146,9 +151,20 @@ class CatalogCollector:
         seen = GaugeMetricFamily("virtwarden_service_last_seen_age_seconds",
                                  "how long ago the worker, scheduler or listener last reported itself",
                                  labels=["kind", "node", "hosts"])
-        for kind, node, hosts, at in sorted(services):
+        backlog = GaugeMetricFamily("virtwarden_listener_backlog",
+                                    "events waiting for the listener's dispatcher, as of its last report",
+                                    labels=["node", "hosts"])
+        lag = GaugeMetricFamily("virtwarden_listener_lag_seconds",
+                                "how long the oldest event the listener has not handled yet has waited, as of its"
+                                " last report", labels=["node", "hosts"])
+        for kind, node, hosts, at, waiting, waited in sorted(services, key=lambda r: (r[0], r[1], r[2])):
             seen.add_metric([kind, node, hosts], max(0.0, (now - at).total_seconds()))
+            if kind == "listener" and waiting is not None:
+                backlog.add_metric([node, hosts], waiting)
+                lag.add_metric([node, hosts], waited or 0.0)
         yield seen
+        yield backlog
+        yield lag
 
 
 def _failures(outcomes: Sequence[Any]) -> dict[str, tuple[datetime | None, int, datetime]]:

@@ -92,7 +92,7 @@ def cli(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda signum, _frame: signalled.append(signum))
     log.info("listening to %s (catalog %s)", ", ".join(hosts), mask(cfg.catalog_url))
     listener.start()
-    presence = Presence(cat, "listener", hosts).start()
+    presence = Presence(cat, "listener", hosts, backlog=listener.backlog).start()
     while not signalled and listener.running():
         time.sleep(0.5)
     log.info("stopping (%s)", signal.Signals(signalled[0]).name if signalled else "dispatcher ended")
@@ -110,6 +110,7 @@ class Listener:
         self.backoff_max = max(self.backoff_min,
                                cfg.listener.backoff_max_seconds if backoff_max is None else backoff_max)
         self.queue: queue.Queue[Any] = queue.Queue()
+        self._handling_since: float | None = None  # when the item in hand arrived
         self.stopping = threading.Event()
         self.dispatcher = Dispatcher(cfg, cat, self.stopping, backoff_max=self.backoff_max)
 
@@ -135,7 +136,22 @@ class Listener:
             item = self.queue.get()
             if item is None or self.stopping.is_set():
                 return
-            self.dispatcher.handle(item)
+            self._handling_since = item.at
+            try:
+                self.dispatcher.handle(item)
+            finally:
+                self._handling_since = None
+
+    def backlog(self) -> tuple[int, float]:
+        """The events and passes waiting for the dispatcher, and how long ago the oldest
+        one not handled yet arrived (the one in hand, else the first waiting; 0 when
+        there is none): reported with the listener's row, shown by the metrics. A
+        catalog that answers slowly or not at all shows here first."""
+        with self.queue.mutex:  # a look at the waiting items; the callbacks only append
+            waiting = [item for item in self.queue.queue if item is not None]
+        oldest = self._handling_since if self._handling_since is not None else (
+            waiting[0].at if waiting else None)
+        return len(waiting), 0.0 if oldest is None else max(0.0, time.time() - oldest)
 
     def _watch(self, host: str) -> None:
         while not self.stopping.is_set():

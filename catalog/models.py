@@ -82,6 +82,8 @@ class Job(Base):
     a worker owns a running job only while its lease is fresh."""
 
     __tablename__ = "jobs"
+    # (kind, state): what every metrics scrape counts, read from the index alone.
+    __table_args__ = (Index("ix_jobs_kind_state", "kind", "state"),)
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     kind: Mapped[str] = mapped_column(String(32))
     state: Mapped[str] = mapped_column(String(16), index=True)  # queued|running|succeeded|failed
@@ -126,6 +128,9 @@ class DomainLock(Base):
 
 class RestorePoint(Base):
     __tablename__ = "restore_points"
+    # (status, domain, created_at): each domain's newest complete point, which every
+    # metrics scrape reads, from the index alone.
+    __table_args__ = (Index("ix_restore_points_status_domain_created_at", "status", "domain", "created_at"),)
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     domain: Mapped[str] = mapped_column(String(255), index=True)
     domain_uuid: Mapped[str] = mapped_column(String(36), index=True)

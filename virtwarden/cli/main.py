@@ -82,8 +82,6 @@ def _quietly_closed() -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The command line's parser: built once per process (about 10 ms of a core; parsing
     does not change it, and where it prints is looked up when it prints)."""
-    from virtwarden.cli import commands as c
-
     p = argparse.ArgumentParser(
         prog="virtwarden",
         description="Keeps KVM/libvirt guests safe: policy-driven backups, snapshots, restores, restore drills,"
@@ -103,12 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     v = pol.add_parser("validate", help="check policy files; errors as file:line: field: message")
     v.add_argument("paths", nargs="+", help="policy or runbook files, or directories of them")
     v.add_argument("--json", action="store_true", help=JSON_HELP)
-    v.set_defaults(handler=c.policy_validate)
+    v.set_defaults(handler=lazy("virtwarden.cli.commands:policy_validate"))
     pl = pol.add_parser("list", help="list the policies in policy_dir")
     pl.add_argument("--json", action="store_true", help=JSON_HELP)
-    pl.set_defaults(handler=c.policy_list)
+    pl.set_defaults(handler=lazy("virtwarden.cli.commands:policy_list"))
 
-    b = cmd("backup", c.backup, "back up a domain now (a worker runs it)")
+    b = cmd("backup", lazy("virtwarden.cli.commands:backup"), "back up a domain now (a worker runs it)")
     b.add_argument("domain")
     b.add_argument("--policy", help="take settings from this policy")
     b.add_argument("--target", help="storage target (overrides the policy's)")
@@ -116,11 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--host", help="the domain's host (default: look on every configured host)")
     _wait_opts(b)
 
-    bs = cmd("backups", c.backups, "list a domain's restore points")
+    bs = cmd("backups", lazy("virtwarden.cli.commands:backups"), "list a domain's restore points")
     bs.add_argument("domain")
     bs.add_argument("--json", action="store_true", help=JSON_HELP)
 
-    r = cmd("restore", c.restore,
+    r = cmd("restore", lazy("virtwarden.cli.commands:restore"),
             "restore a point: into a directory of flat images, as a new domain, or in place")
     r.add_argument("domain")
     point = r.add_mutually_exclusive_group()
@@ -147,24 +145,28 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--host", help="host whose worker does the work (default: where the backup was made)")
     _wait_opts(r)
 
-    j = cmd("jobs", c.jobs_list, "recent jobs")
+    j = cmd("jobs", lazy("virtwarden.cli.commands:jobs_list"), "recent jobs")
     j.add_argument("--json", action="store_true", help=JSON_HELP)
     j.add_argument("--domain")
     j.add_argument("--limit", type=int, default=30)
-    al = cmd("alerts", c.alerts_list, "Alertmanager alerts received and what became of each")
+    al = cmd("alerts", lazy("virtwarden.cli.commands:alerts_list"),
+             "Alertmanager alerts received and what became of each")
     al.add_argument("--json", action="store_true", help="the rows as a JSON list (as GET /v1/alerts)")
     al.add_argument("--host", help="only alerts naming this host")
     al.add_argument("--limit", type=int, default=30, help="the last N alerts (default 30)")
-    sv = cmd("services", c.services_list, "the running workers, schedulers and listeners, as each last reported")
+    sv = cmd("services", lazy("virtwarden.cli.commands:services_list"),
+             "the running workers, schedulers and listeners, as each last reported")
     sv.add_argument("--json", action="store_true", help=JSON_HELP)
-    js = cmd("job", c.job_show, "one job in full")
+    js = cmd("job", lazy("virtwarden.cli.commands:job_show"), "one job in full")
     js.add_argument("job_id")
     js.add_argument("--json", action="store_true", help=JSON_HELP)
 
-    d = cmd("doctor", c.doctor, "check what this host needs and say plainly what is missing")
+    d = cmd("doctor", lazy("virtwarden.cli.commands:doctor"),
+            "check what this host needs and say plainly what is missing")
     d.add_argument("--json", action="store_true", help=JSON_HELP)
 
-    w = cmd("worker", c.worker, "run a worker for the given hosts' queues (default: every configured host)")
+    w = cmd("worker", lazy("virtwarden.cli.commands:worker"),
+            "run a worker for the given hosts' queues (default: every configured host)")
     w.add_argument("--host", action="append", default=[], help="serve this host's queue (repeatable)")
     w.add_argument("--concurrency", type=int, help="jobs at once (default: worker.concurrency)")
 

@@ -391,10 +391,7 @@ def mark_sent(cat: Catalog, job: JobView, *, resend_after: float) -> bool:
     doubled for every earlier send (at most 64 times), so a job that waits long in a
     busy queue gets few duplicate messages. False when another sweeper sent it first
     or the job left the queue."""
-    wait = resend_after * 2 ** min(job.sends, 6)
-    with cat.session() as s:
-        return _count(s.execute(update(Job).where(Job.id == job.id, Job.state == QUEUED, Job.sends == job.sends)
-                                .values(sends=Job.sends + 1, dispatch_at=db_later(wait)))) == 1
+    return mark_sent_many(cat, [job], resend_after=resend_after) == 1
 
 
 def postpone(cat: Catalog, job_id: str, seconds: float) -> None:

@@ -22,10 +22,9 @@ from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import ColumnElement, Table, bindparam, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
 from virtwarden.catalog.jobs import QUEUED, RUNNING, JobView
 from virtwarden.catalog.models import Job, ScheduleSlot
-from virtwarden.catalog.store import Catalog
+from virtwarden.catalog.store import Catalog, dialect_insert
 
 STARTED, SKIPPED, DEFERRED = "started", "skipped", "deferred"
 NEW = "new: claimed, not decided yet"
@@ -70,40 +69,18 @@ class NewSlot:
 
 
 def claim_many(cat: Catalog, new: list[NewSlot], now: datetime) -> list[NewSlot]:
-    """Insert the rows of ``new`` (state deferred, reason NEW) in one transaction: ``claim``
-    for many slots, where a row that exists already (another scheduler's, an earlier
-    tick's) is left as it is (``ON CONFLICT DO NOTHING`` on the unique constraint). The
-    slots this call inserted."""
-    from sqlalchemy.dialects import postgresql, sqlite
-
+    """Claim slots: insert their rows (state deferred, reason NEW) in one transaction; a
+    row that exists already (another scheduler's, an earlier tick's) is left as it is
+    (``ON CONFLICT DO NOTHING`` on the unique constraint). The slots this call inserted."""
     if not new:
         return []
     with cat.session() as s:
-        dialect = s.get_bind().dialect.name
-        inserts: dict[str, Any] = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
-        if dialect not in inserts:
-            return [n for n in new if claim(cat, policy=n.policy, job=n.job, domain=n.domain, slot_at=n.slot_at,
-                                            window_end=n.window_end, now=now)]
-        stmt = (inserts[dialect](ScheduleSlot).on_conflict_do_nothing()
+        stmt = (dialect_insert(s, ScheduleSlot).on_conflict_do_nothing()
                 .returning(ScheduleSlot.policy, ScheduleSlot.job, ScheduleSlot.domain, ScheduleSlot.slot_at))
         rows = [{"policy": n.policy, "job": n.job, "domain": n.domain, "slot_at": n.slot_at,
                  "window_end": n.window_end, "state": DEFERRED, "reason": NEW, "created_at": now} for n in new]
         inserted = {(r.policy, r.job, r.domain, r.slot_at) for r in s.execute(stmt, rows)}
     return [n for n in new if (n.policy, n.job, n.domain, n.slot_at) in inserted]
-
-
-def claim(cat: Catalog, *, policy: str, job: str, domain: str, slot_at: datetime, window_end: datetime,
-          now: datetime) -> SlotRow | None:
-    """Insert the slot's row (state deferred, reason NEW); None when it exists already
-    (another scheduler, or an earlier tick, has it)."""
-    row = ScheduleSlot(policy=policy, job=job, domain=domain, slot_at=slot_at, window_end=window_end,
-                       state=DEFERRED, reason=NEW, created_at=now)
-    try:
-        with cat.session() as s:
-            s.add(row)
-    except IntegrityError:
-        return None
-    return _row(row)
 
 
 def recorded(cat: Catalog, since: datetime) -> set[tuple[str, str, str, datetime]]:

@@ -165,18 +165,24 @@ class Catalog:
         self.engine.dispose()
 
 
-def upsert(s: Session, table: Any, key: dict[str, Any], values: dict[str, Any], *,
-           add: tuple[str, ...] = ()) -> Any:
-    """``INSERT ... ON CONFLICT (key) DO UPDATE``, one atomic statement on both databases
-    the catalog supports: a new row gets ``values``; an existing one gets them too, except
-    the columns named in ``add``, to which the new values are added (running totals)."""
+def dialect_insert(s: Session, table: Any) -> Any:
+    """The INSERT of the session's database that knows ``ON CONFLICT`` (SQLite's or
+    PostgreSQL's, the two the catalog supports)."""
     from sqlalchemy.dialects import postgresql, sqlite
 
     dialect = s.get_bind().dialect.name
     inserts: dict[str, Any] = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
     if dialect not in inserts:
-        raise NotImplementedError(f"no upsert for {dialect}")
-    stmt = inserts[dialect](table).values(**key, **values)
+        raise NotImplementedError(f"no INSERT ... ON CONFLICT for {dialect}")
+    return inserts[dialect](table)
+
+
+def upsert(s: Session, table: Any, key: dict[str, Any], values: dict[str, Any], *,
+           add: tuple[str, ...] = ()) -> Any:
+    """``INSERT ... ON CONFLICT (key) DO UPDATE``, one atomic statement on both databases
+    the catalog supports: a new row gets ``values``; an existing one gets them too, except
+    the columns named in ``add``, to which the new values are added (running totals)."""
+    stmt = dialect_insert(s, table).values(**key, **values)
     return stmt.on_conflict_do_update(
         index_elements=list(key),
         set_={c: (getattr(table, c) + stmt.excluded[c]) if c in add else stmt.excluded[c] for c in values})

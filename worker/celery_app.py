@@ -126,14 +126,9 @@ def send(job: jobs.JobView) -> None:
     a new connection and queue declaration per message cost the scheduler's midnight
     tick most of its time. A pooled connection the broker dropped is reconnected by the
     send's retry; a broker that stays away fails the send within seconds, as before."""
-    cfg = config()
-    try:
-        with app.producer_or_acquire() as producer:
-            producer.connection.ensure_connection(max_retries=1, interval_start=0.2, timeout=5)
-            app.send_task(TASK, args=[job.id], queue=queue_for(job.host or ""), producer=producer,
-                          retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2})
-    except (KombuOperationalError, OSError) as e:
-        raise BrokerUnavailable(mask(f"broker {cfg.broker_url} unreachable: {e}")) from e
+    _, error = send_many([job])
+    if error is not None:
+        raise error
 
 
 def send_many(queued: list[jobs.JobView]) -> tuple[list[jobs.JobView], BrokerUnavailable | None]:

@@ -31,6 +31,12 @@ def info(path: Path) -> dict:
     return json.loads(_run("info", "-U", "--output=json", str(path)))
 
 
+def create(path: Path, size: int, *, cluster_size: int | None = None) -> None:
+    """A new, empty qcow2 image of ``size`` bytes (no backing file)."""
+    opts = f",cluster_size={cluster_size}" if cluster_size else ""
+    _run("create", "-q", "-f", "qcow2", "-o", f"compat=1.1{opts}", str(path), str(size))
+
+
 def copy_locked(source: Path, fmt: str, dest: Path) -> None:
     """A whole, standalone qcow2 copy of a disk that no QEMU runs. Read without ``-U``,
     so qemu-img holds the image's lock: a QEMU starting meanwhile cannot get its write

@@ -224,8 +224,8 @@ def _wait(ctx: JobContext, domain: str, outputs: dict[str, Output]) -> None:
         ctx.report(0.6 * state.fraction, f"copying disks: {state.processed >> 20} of {state.total >> 20} MiB")
         time.sleep(ctx.poll_seconds)
     if not state.ok:
-        # libvirt deletes the target images of a failed push backup, so the space may
-        # be free again by now; QEMU's error (strerror) says what happened.
+        # QEMU's error (strerror) says what happened; the partly written targets are
+        # still in scratch (we created them), so a full disk is still full here.
         said_full = any(text in (state.error or "") for text in _FULL)
         for o in outputs.values():
             if said_full or free_bytes(o.path.parent) < 16 << 20:

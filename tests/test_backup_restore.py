@@ -265,3 +265,53 @@ def test_shut_off_domain_is_copied_whole_then_online_backups_continue(vw, guest_
     assert vw.cli("restore", g.name, "--to-dir", str(out), "--wait").code == 0
     for t in ("vda", "vdb"):
         assert images_equal(out / f"{t}.qcow2", g.shadow_copy(t, tmp_path / f"now-{t}.raw")), t
+
+
+def test_a_push_backups_start_survives_block_info_read_beside_it(guest_factory, libvirt_uri):
+    """QEMU 7.2 aborts (and the guest dies) when the domain's block nodes are queried while
+    a backup target is being created inside QEMU: what a scheduler tick, the listener or a
+    host's monitoring agent does at any moment. Readers hammer the domain while backups
+    start one after another; every backup starts, ends and leaves the guest running."""
+    import threading
+
+    from virtwarden.hypervisor.libvirt_host import LibvirtHost
+
+    from virtwarden.errors import HypervisorError
+
+    g = guest_factory(disks=4, size_mib=16)
+    targets = [f"vd{c}" for c in "abcd"]
+    stop = threading.Event()
+    reads = []
+
+    def read_block_info() -> None:
+        with LibvirtHost("local", libvirt_uri) as reader:
+            while not stop.is_set():
+                try:
+                    reads.append(len(reader.domain(g.name).disks))
+                except HypervisorError:
+                    return
+
+    readers = [threading.Thread(target=read_block_info) for _ in range(3)]
+    for t in readers:
+        t.start()
+    try:
+        with LibvirtHost("local", libvirt_uri) as hv:
+            for i in range(25):
+                dests = {t: str(g.disk_path(t).parent / f"backup{i}-{t}.qcow2") for t in targets}
+                try:
+                    hv.begin_backup(g.name, dests, checkpoint=f"race{i}", incremental_from=None,
+                                    bitmap_disks=set(), skip=set())
+                except HypervisorError as e:
+                    pytest.fail(f"backup {i} did not start ({e}); the guest is "
+                                f"{'running' if g.dom.isActive() else 'dead'}")
+                state = wait_for(lambda: None if (s := hv.backup_state(g.name)).active else s,
+                                 60, f"backup {i} to end")
+                assert state.ok, state.error
+                assert g.dom.isActive(), f"the guest died during backup {i}"
+                for path in dests.values():
+                    Path(path).unlink()
+    finally:
+        stop.set()
+        for t in readers:
+            t.join()
+    assert len(reads) > 20 and set(reads) == {4}

@@ -167,7 +167,11 @@ def test_a_point_restores_with_the_catalog_deleted_then_rebuilt_and_clones_share
     assert both["stored_bytes_all"] - first["stored_bytes_all"] <= 0.05 * first["stored_bytes_all"]
     assert both["domains"][b.name]["logical_bytes"] == 16 * MiB and both["dedup_ratio"] >= 1.9
 
-    (vw.data_dir / "catalog.db").unlink()  # no catalog, no worker: the storage and the key
+    # No catalog, no worker: the storage and the key. The database goes with its WAL and
+    # shared-memory files (a lost disk loses all three; a new catalog.db beside the old
+    # -shm would truncate the file that a connection of this process still maps: SIGBUS).
+    for name in ("catalog.db", "catalog.db-wal", "catalog.db-shm"):
+        (vw.data_dir / name).unlink(missing_ok=True)
     vw.close()
     listed = vw.cli("storage", "points", "vault", "--domain", b.name, "--json")
     assert listed.code == 0, listed.err

@@ -7,7 +7,9 @@ object can never be mistaken for one.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import hashlib
 import os
 import queue
@@ -82,6 +84,41 @@ def fsync_dir(path: Path) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def sync_filesystem(path: Path) -> None:
+    """syncfs(2) on the filesystem holding ``path``: every dirty page and metadata change
+    of that filesystem reaches stable storage (an NFS mount: written and committed on the
+    server), in one call instead of a fsync per file. ``os.sync()`` where libc lacks it."""
+    syncfs = getattr(_libc(), "syncfs", None)
+    if syncfs is None:
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def write_temp(dest: Path, data: bytes) -> Path:
+    """``data`` in a new private file beside ``dest`` under a temporary name, not synced
+    and not renamed (``NfsBackend``'s batches do both, for many files at once)."""
+    tmp = dest.with_name(temp_name(dest.name))
+    try:
+        with os.fdopen(permissions.create_file(tmp), "wb") as f:
+            f.write(data)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
 
 
 def make_dirs(path: Path, *, fsync: bool) -> None:

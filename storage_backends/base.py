@@ -106,6 +106,11 @@ class Backend(ABC):
         its size. ChecksumMismatch when it differs, ObjectNotFound when absent."""
         raise NotImplementedError
 
+    def batch(self) -> Batch:
+        """A writer of many small objects (chunks) whose durability may be settled once
+        at the end (``Batch``). This default writes each object at once, durably."""
+        return Batch(self)
+
     # --- optional: backends on a local or mounted filesystem ------------------------
     def stage(self, key: str) -> Path | None:
         """A local path, on the target's own filesystem, where a producer (libvirt
@@ -127,3 +132,26 @@ class Backend(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional: a backend without connections keeps this
         """Release connections; the default holds none."""
+
+
+class Batch:
+    """Small objects written together: use as a context manager. ``put_bytes`` and
+    ``exists`` behave as the backend's, except that an object may become visible to
+    other readers and durable only when the block ends without an error; an error
+    leaves none of the batch's objects that were not visible yet. This base class
+    writes through at once (S3: every PUT is durable when it returns)."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    def __enter__(self) -> Batch:
+        return self
+
+    def __exit__(self, kind, error, tb) -> None:
+        return None
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.backend.put_bytes(key, data)
+
+    def exists(self, key: str) -> bool:
+        return self.backend.exists(key)

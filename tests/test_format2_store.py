@@ -299,3 +299,92 @@ def test_a_long_backup_keeps_its_gc_marker_fresh_until_it_ends(backend, tmp_path
     finally:
         sink.close()
     assert repo.writers() == [] and repo.gc().deferred is None
+
+
+# --- NFS: a disk's chunks synced together ----------------------------------------------------
+def _nfs(tmp_path: Path):
+    from virtwarden.storage_backends.nfs import NfsBackend
+
+    from virtwarden.config import NfsStorage
+
+    root = tmp_path / "repository"
+    root.mkdir()
+    return NfsBackend("test", NfsStorage(type="nfs", path=str(root)))
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def test_nfs_chunks_get_their_names_only_after_one_sync_of_all_their_bytes(tmp_path, monkeypatch) -> None:
+    """Chunks are written under temporary names without a sync each, and renamed into
+    place only after a sync of the filesystem: a crash can leave temporary files, never a
+    named chunk whose bytes were not on disk. Every ``LIMIT`` chunks and at the end."""
+    from virtwarden.storage_backends.nfs import _SyncedTogether
+
+    backend = _nfs(tmp_path)
+    syncs = []
+    monkeypatch.setattr("virtwarden.storage_backends._stream.sync_filesystem", syncs.append)
+    monkeypatch.setattr(_SyncedTogether, "LIMIT", 3)
+    with backend.batch() as batch:
+        for n in range(4):
+            batch.put_bytes(f"chunks/ab/c{n}", b"x" * n)
+            assert batch.exists(f"chunks/ab/c{n}")
+        # three were synced and renamed together (two syncs: the bytes, then the names)
+        assert syncs == [backend.root] * 2
+        assert [i.key for i in backend.list("chunks/")] == ["chunks/ab/c0", "chunks/ab/c1", "chunks/ab/c2"]
+        assert not backend.exists("chunks/ab/c3")  # written, not synced: not there yet
+    assert syncs == [backend.root] * 4
+    assert backend.get_bytes("chunks/ab/c3") == b"xxx"
+    assert _files(backend.root) == ["chunks/ab/c0", "chunks/ab/c1", "chunks/ab/c2", "chunks/ab/c3"]
+
+
+def test_nfs_a_disk_write_that_fails_midway_leaves_no_chunk_and_no_file(tmp_path) -> None:
+    store = ChunkStore(_nfs(tmp_path), Codec(RepositoryKey.generate()))
+    disk = _disk(tmp_path / "vda.raw", 8 * MiB, [(0, os.urandom(8 * MiB))])
+    read = _reader(disk)
+
+    def failing(offset: int, length: int) -> bytes:
+        if offset >= 5 * MiB:
+            raise OSError(5, "Input/output error")
+        return read(offset, length)
+
+    with pytest.raises(OSError, match="Input/output"):
+        write_disk(store, "vda", failing, 8 * MiB, CHUNK, workers=1)
+    assert _files(store.backend.root) == []
+
+
+def test_nfs_a_backup_killed_before_its_chunks_are_synced_leaves_only_what_gc_removes(tmp_path) -> None:
+    """SIGKILL of a real process between writing a disk's chunks and syncing them: no
+    chunk is named (nothing can reference a chunk whose bytes may be lost), the temporary
+    files stay until gc, and the same disk backed up again restores bit for bit."""
+    import subprocess
+    import sys
+
+    repo = _repo(_nfs(tmp_path))
+    disk = _disk(tmp_path / "vda.raw", 8 * MiB, [(0, os.urandom(8 * MiB))])
+    writer = (
+        "import os, sys\n"
+        "from virtwarden.config import NfsStorage\n"
+        "from virtwarden.storage_backends.nfs import NfsBackend\n"
+        "from virtwarden.storage_backends.format2.keys import RepositoryKey\n"
+        "from virtwarden.storage_backends.format2.objects import Codec\n"
+        "from virtwarden.storage_backends.format2.store import ChunkStore, write_disk\n"
+        "backend = NfsBackend('t', NfsStorage(type='nfs', path=sys.argv[1]))\n"
+        "store = ChunkStore(backend, Codec(RepositoryKey.generate()))\n"
+        "fd = os.open(sys.argv[2], os.O_RDONLY)\n"
+        f"write_disk(store, 'vda', lambda o, n: os.pread(fd, n, o), {8 * MiB}, {CHUNK})\n")
+    env = {**os.environ, "VIRTWARDEN_FAULT_KILL": "chunks-before-sync",
+           "VIRTWARDEN_FAULT_DIR": str(tmp_path / "faults")}
+    done = subprocess.run([sys.executable, "-c", writer, str(repo.backend.root), str(disk)], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == -9, done.stderr
+    left = [f for f in _files(repo.backend.root) if f.startswith("chunks/")]
+    assert len(left) == 8 and all(f.rpartition("/")[2].startswith(".tmp-") for f in left)
+    assert list(repo.backend.list("chunks/")) == []
+
+    report = repo.gc()
+    assert report.deferred is None and report.chunks == 0
+    assert [f for f in _files(repo.backend.root) if f.startswith("chunks/")] == []
+    _backup(repo, "web01", "p0", {"vda": disk})
+    assert _restored(repo, "web01", "p0", tmp_path) == {"vda": disk.read_bytes()}

@@ -223,6 +223,9 @@ class Format2Repository:
             if writers:
                 return GcReport(0, 0, 0, 0, f"{len(writers)} backup(s) under way: "
                                 f"{', '.join(sorted(w['what'] for w in writers))}")
+            # No backup runs (and none starts while the gc marker is fresh): the chunks
+            # a killed one left under temporary names are garbage too.
+            self.backend.cleanup_incomplete("chunks/")
             used = self.referenced()
             deleted = deleted_bytes = stored = 0
             marked = time.monotonic()

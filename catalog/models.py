@@ -344,6 +344,19 @@ class ApiIdempotencyKey(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, index=True)  # pruned by it
 
 
+class SlotTotal(Base):
+    """Running count of scheduled slots that were skipped, by job kind and cause: counted
+    in the transaction that skips each slot (``catalog.slots.move``), so it only grows and
+    stays true when old slot rows are removed. Causes: ``missed`` (no scheduler ran
+    while its window was open), ``waited`` (a limit held it until its window closed),
+    ``failed`` (its job could not be created)."""
+
+    __tablename__ = "slot_totals"
+    job: Mapped[str] = mapped_column(String(32), primary_key=True)
+    cause: Mapped[str] = mapped_column(String(16), primary_key=True)
+    slots: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
 class JobTotal(Base):
     """Running totals of finished jobs, for the metrics: counted in the transaction that
     records each job's end (catalog.jobs), so they only grow, cost one small read per

@@ -23,8 +23,8 @@ from typing import Any, cast
 
 from sqlalchemy import ColumnElement, Table, bindparam, func, insert, select, update
 from virtwarden.catalog.jobs import QUEUED, RUNNING, JobView
-from virtwarden.catalog.models import Job, ScheduleSlot
-from virtwarden.catalog.store import Catalog, dialect_insert
+from virtwarden.catalog.models import Job, ScheduleSlot, SlotTotal
+from virtwarden.catalog.store import Catalog, dialect_insert, upsert
 
 STARTED, SKIPPED, DEFERRED = "started", "skipped", "deferred"
 NEW = "new: claimed, not decided yet"
@@ -105,6 +105,20 @@ def deferred(cat: Catalog) -> list[SlotRow]:
     return _where(cat, ScheduleSlot.state == DEFERRED)
 
 
+def recent(cat: Catalog, *, since: datetime, state: str | None = None, domain: str | None = None,
+           limit: int = 1000) -> list[SlotRow]:
+    """Rows whose slot time is ``since`` or later, newest first (at most ``limit``)."""
+    conditions = [ScheduleSlot.slot_at >= since]
+    if state:
+        conditions.append(ScheduleSlot.state == state)
+    if domain:
+        conditions.append(ScheduleSlot.domain == domain)
+    with cat.session() as s:
+        q = (select(ScheduleSlot).where(*conditions)
+             .order_by(ScheduleSlot.slot_at.desc(), ScheduleSlot.id.desc()).limit(limit))
+        return [_row(r) for r in s.scalars(q)]
+
+
 def unsent(cat: Catalog) -> list[SlotRow]:
     """Started rows without a job: their scheduler stopped before it created the job."""
     return _where(cat, ScheduleSlot.state == STARTED, ScheduleSlot.job_id.is_(None))
@@ -116,13 +130,23 @@ def _where(cat: Catalog, *conditions: ColumnElement[bool]) -> list[SlotRow]:
         return [_row(r) for r in s.scalars(q)]
 
 
-def move(cat: Catalog, slot_id: int, *, from_state: str, to_state: str, reason: str | None) -> bool:
+SKIP_CAUSES = ("missed", "waited", "failed")  # catalog.models.SlotTotal
+
+
+def move(cat: Catalog, slot_id: int, *, from_state: str, to_state: str, reason: str | None,
+         cause: str | None = None) -> bool:
     """Change the row's state if it is still ``from_state``; False when another
-    scheduler changed it first."""
+    scheduler changed it first. A move to ``skipped`` names its ``cause`` (one of
+    ``SKIP_CAUSES``), counted in the same transaction (``SlotTotal``)."""
+    if (to_state == SKIPPED) != (cause in SKIP_CAUSES):
+        raise ValueError(f"a move to {to_state} with cause {cause!r}")
     with cat.session() as s:
-        result = s.execute(update(ScheduleSlot).where(ScheduleSlot.id == slot_id, ScheduleSlot.state == from_state)
-                           .values(state=to_state, reason=reason[:4000] if reason else None))
-        return _count(result) == 1
+        moved = s.execute(update(ScheduleSlot).where(ScheduleSlot.id == slot_id, ScheduleSlot.state == from_state)
+                          .values(state=to_state, reason=reason[:4000] if reason else None)
+                          .returning(ScheduleSlot.job)).scalars().all()
+        if moved and cause:
+            s.execute(upsert(s, SlotTotal, {"job": moved[0], "cause": cause}, {"slots": 1}, add=("slots",)))
+        return len(moved) == 1
 
 
 @dataclass(frozen=True)

@@ -216,6 +216,7 @@ def test_limits_defer_and_a_closed_window_skips(vw, guest_factory):
     assert [k.split(":")[3] for k, _ in report.started] == [a]
     assert rows(cat)[("backup", b, "10:00")].reason == ("host local already has 1 backup job(s) queued or running"
                                                         " (max_parallel_per_host 1 in policy hourly)")
+    assert slot_metrics(cat)[1] == {("backup",): 1}
     finish(cat, slot_jobs(cat)[("backup", a, "10:00")])
     clock.set("2025-01-10 10:05:00")
     assert [k.split(":")[3] for k, _ in sched.tick().started] == [b]  # the deferred slot, window still open
@@ -230,6 +231,18 @@ def test_limits_defer_and_a_closed_window_skips(vw, guest_factory):
         "window closed at 2025-01-10 11:20:00Z before the backup could start (it waited: host local already has"
         " 1 backup job(s) queued or running (max_parallel_per_host 1 in policy hourly))")
     assert sorted(slot_jobs(cat)) == [("backup", a, "10:00"), ("backup", b, "10:00")]
+    skipped, waiting = slot_metrics(cat)
+    assert {k: v for k, v in skipped.items() if v} == {("backup", "waited"): 2}
+    assert len(skipped) == 4 * 3 and waiting == {}  # every job kind and cause from zero; none waits now
+
+
+def slot_metrics(cat) -> tuple[dict[tuple[str, ...], float], dict[tuple[str, ...], float]]:
+    """What /metrics says of slots: skipped totals by (job, cause), deferred by job."""
+    from virtwarden.api.metrics import CatalogCollector
+
+    families = {f.name: f for f in CatalogCollector(cat).collect()}
+    return ({tuple(x.labels.values()): x.value for x in families["virtwarden_skipped_slots"].samples},
+            {tuple(x.labels.values()): x.value for x in families["virtwarden_deferred_slots"].samples})
 
 
 def test_a_broker_outage_or_a_scheduler_crash_loses_no_slot(vw, guest_factory):
@@ -372,6 +385,12 @@ def test_missed_slots_run_while_their_window_is_open_and_are_skipped_after(vw, g
         assert (row.state, row.job_id) == ("skipped", None)
         assert row.reason == (f"missed while no scheduler saw it: window closed at 2025-01-10 {slot_at[:2]}:20:00Z"
                               " before the backup could start")
+    assert {k: v for k, v in slot_metrics(cat)[0].items() if v} == {("backup", "missed"): 2}
+    listed = vw.cli("schedule", "slots", "--state", "skipped", "--hours", "1000000", "--json")
+    assert listed.code == 0, listed.err
+    assert [(r["domain"], r["slot_at"][11:16]) for r in listed.json()] == [(domain, "11:00"), (domain, "10:00")]
+    table = vw.cli("schedule", "slots", "--hours", "1000000").out
+    assert "missed while no scheduler saw it" in table and "started" in table
     # Down again until 12:10: the 12:00 window is still open.
     assert setup.cli("scheduler", "--once", now="2025-01-10T12:10:00Z").returncode == 0
     assert rows(cat)[("backup", domain, "12:00")].state == "started"

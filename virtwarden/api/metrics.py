@@ -31,6 +31,14 @@ API process reports the same fleet-wide numbers) plus this process's request cou
   the events waiting for a listener's dispatcher and how long the oldest not handled yet
   has waited, as of its last report (a burst, or a catalog that answers slowly or not at
   all: triggered jobs start that much later).
+- ``virtwarden_skipped_slots_total{job,cause}``: scheduled slots that were skipped, a
+  running total kept in the catalog (``slot_totals``). ``cause``: ``missed`` (no
+  scheduler ran while its window was open), ``waited`` (a limit held it until its window
+  closed), ``failed`` (its job could not be created). Every job kind and cause is
+  exported from zero, so that ``increase()`` sees the first skip.
+- ``virtwarden_deferred_slots{job}`` and ``virtwarden_oldest_deferred_slot_age_seconds{job}``:
+  slots waiting for a limit (``max_parallel_*``) right now, and how long the oldest has
+  waited since its time came.
 - ``virtwarden_build_info{version}``: 1.
 - ``virtwarden_catalog_up``: 0 when the catalog could not be read for this scrape.
 - ``virtwarden_api_requests_total{route,method,status}``: requests this process served,
@@ -53,11 +61,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from sqlalchemy import func, select
 
 from virtwarden import __version__
-from virtwarden.catalog import points
+from virtwarden.catalog import points, slots
 from virtwarden.catalog.jobs import DURATION_BUCKETS, QUEUED, RUNNING
-from virtwarden.catalog.models import Drill, Job, JobTotal, RestorePoint, ScheduleSlot, Service, utcnow
+from virtwarden.catalog.models import Drill, Job, JobTotal, RestorePoint, ScheduleSlot, Service, SlotTotal, utcnow
 from virtwarden.catalog.store import Catalog
 from virtwarden.errors import VirtwardenError
+from virtwarden.policies.schedule import SCHEDULED_JOBS
 
 log = logging.getLogger(__name__)
 DRILL_DONE = ("passed", "failed")
@@ -116,6 +125,9 @@ class CatalogCollector:
             queues = s.execute(select(Job.host, Job.state, func.count(), func.min(Job.created_at))
                                .where(Job.state.in_((QUEUED, RUNNING)))
                                .group_by(Job.host, Job.state)).all()
+            skipped = s.execute(select(SlotTotal.job, SlotTotal.cause, SlotTotal.slots)).all()
+            deferred = s.execute(select(ScheduleSlot.job, func.count(), func.min(ScheduleSlot.slot_at))
+                                 .where(ScheduleSlot.state == slots.DEFERRED).group_by(ScheduleSlot.job)).all()
         jobs = GaugeMetricFamily("virtwarden_jobs", "jobs in the catalog by kind and state", labels=["kind", "state"])
         for kind, state, n in job_rows:
             jobs.add_metric([kind, state], n)
@@ -148,6 +160,7 @@ class CatalogCollector:
         yield from _drill_families(drills)
         yield from _total_families(totals)
         yield from _queue_families(queues, now)
+        yield from _slot_families(skipped, deferred, now)
         seen = GaugeMetricFamily("virtwarden_service_last_seen_age_seconds",
                                  "how long ago the worker, scheduler or listener last reported itself",
                                  labels=["kind", "node", "hosts"])
@@ -201,6 +214,25 @@ def _total_families(rows: Sequence[Any]) -> Iterator[Metric]:
         stored.add_metric([outcome], size)
     yield hist
     yield stored
+
+
+def _slot_families(skipped: Sequence[Any], deferred: Sequence[Any], now: datetime) -> Iterator[Metric]:
+    total = CounterMetricFamily("virtwarden_skipped_slots", "scheduled slots skipped, by job kind and cause",
+                                labels=["job", "cause"])
+    counts = {(job, cause): 0 for job in SCHEDULED_JOBS for cause in slots.SKIP_CAUSES}
+    counts.update({(job, cause): n for job, cause, n in skipped})
+    for (job, cause), n in sorted(counts.items()):
+        total.add_metric([job, cause], n)
+    yield total
+    waiting = GaugeMetricFamily("virtwarden_deferred_slots", "scheduled slots waiting for a limit", labels=["job"])
+    oldest = GaugeMetricFamily("virtwarden_oldest_deferred_slot_age_seconds",
+                               "how long the oldest slot waiting for a limit has waited since its time",
+                               labels=["job"])
+    for job, n, first in sorted(deferred):
+        waiting.add_metric([job], n)
+        oldest.add_metric([job], max(0.0, (now - first).total_seconds()))
+    yield waiting
+    yield oldest
 
 
 def _queue_families(rows: Sequence[Any], now: datetime) -> Iterator[Metric]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from virtwarden.catalog import jobs, points
 from virtwarden.catalog.store import Catalog
 from virtwarden.cli.output import emit_json, load_config, table
-from virtwarden.errors import EXIT_FAILED, EXIT_OK, JobFailed
+from virtwarden.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, JobFailed
 from virtwarden.sizes import human_size
 
 
@@ -222,6 +222,31 @@ def jobs_list(args: argparse.Namespace) -> int:
              j.created_at.strftime("%Y-%m-%d %H:%M:%S"), (j.error or j.progress_text or "")[:60]] for j in found]
     print(table(rows, ["ID", "KIND", "DOMAIN", "HOST", "STATE", "DONE", "CREATED (UTC)", "NOTE"]) if rows
           else "no jobs")
+    return EXIT_OK
+
+
+def slots_list(args: argparse.Namespace) -> int:
+    """``virtwarden schedule slots``: what the scheduler decided, newest slot first; a
+    skipped slot says why (missed, waited in vain for a limit, or its job failed to be
+    created), a deferred one what it waits for."""
+    from datetime import timedelta
+
+    from virtwarden.catalog import slots
+    from virtwarden.catalog.models import utcnow
+
+    if not args.hours > 0:
+        print("virtwarden: error: --hours must be more than 0", file=sys.stderr)
+        return EXIT_USAGE
+    cfg = load_config(args)
+    found = slots.recent(Catalog(cfg.catalog_url), since=utcnow() - timedelta(hours=args.hours),
+                         state=args.state, domain=args.domain)
+    if args.json:
+        emit_json([r.to_json() for r in found])
+        return EXIT_OK
+    rows = [[r.slot_at.strftime("%Y-%m-%d %H:%M"), r.policy, r.job, r.domain, r.state, r.job_id or "-",
+             "" if r.reason == slots.NEW else (r.reason or "")[:80]] for r in found]
+    print(table(rows, ["SLOT (UTC)", "POLICY", "JOB", "DOMAIN", "STATE", "JOB ID", "WHY"]) if rows
+          else f"no slots in the last {args.hours:g} hours")
     return EXIT_OK
 
 

@@ -183,6 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--to", dest="end", help="ISO time (default: 24 hours after --from)")
     pv.add_argument("--json", action="store_true", help=JSON_HELP)
     pv.set_defaults(handler=lazy("virtwarden.daemons.scheduler:preview_cli"))
+    ss_ = sched.add_parser("slots", help="slots the scheduler decided lately: started, deferred (waiting for "
+                                          "a limit) or skipped, and why")
+    ss_.add_argument("--state", choices=["started", "deferred", "skipped"], help="only slots in this state")
+    ss_.add_argument("--domain", help="only this domain's slots")
+    ss_.add_argument("--hours", type=float, default=24.0,
+                     help="slots whose time came within the last N hours (default 24)")
+    ss_.add_argument("--json", action="store_true", help=JSON_HELP)
+    ss_.set_defaults(handler=lazy("virtwarden.cli.commands:slots_list"))
 
     pr = cmd("prune", lazy("virtwarden.cli.prune:cli"),
              "apply retention: delete restore points the policies no longer keep")

@@ -290,7 +290,9 @@ class Scheduler:
 
     def _record(self, row: slots.SlotRow, slot: Slot, action: str, why: str, report: TickReport) -> None:
         if action == "skip":
-            if slots.move(self.cat, row.id, from_state=slots.DEFERRED, to_state=slots.SKIPPED, reason=why):
+            cause = "missed" if row.reason == slots.NEW else "waited"
+            if slots.move(self.cat, row.id, from_state=slots.DEFERRED, to_state=slots.SKIPPED, reason=why,
+                          cause=cause):
                 log.warning("slot %s skipped: %s", slot.key, why)
                 report.skipped.append((slot.key, why))
         elif slots.move(self.cat, row.id, from_state=slots.DEFERRED, to_state=slots.DEFERRED, reason=why):
@@ -371,7 +373,7 @@ class Scheduler:
             return None
         except VirtwardenError as e:
             if slots.move(self.cat, row_id, from_state=slots.STARTED, to_state=slots.SKIPPED,
-                          reason=f"the job could not be created: {e}"):
+                          reason=f"the job could not be created: {e}", cause="failed"):
                 log.error("slot %s skipped: the job could not be created: %s", slot.key, e)
             return None
         slots.attach_job(self.cat, row_id, job.id)

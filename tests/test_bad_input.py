@@ -78,6 +78,40 @@ def test_version_names_the_release():
     assert (r.returncode, r.stdout) == (0, f"virtwarden {virtwarden.__version__}\n")
 
 
+def test_the_completion_script_completes_commands_options_and_choices_in_a_real_bash(tmp_path):
+    """``virtwarden completion bash`` sourced into bash: each case is the words typed so
+    far (the last one being completed) and what TAB offers."""
+    import shutil
+
+    from tests.conftest import need
+
+    need(shutil.which("bash") is not None, "bash")
+    script = subprocess.run([sys.executable, "-m", "virtwarden.cli", "completion", "bash"],
+                            capture_output=True, text=True)
+    assert script.returncode == 0, script.stderr
+    (tmp_path / "virtwarden.bash").write_text(script.stdout)
+    (tmp_path / "hosts.yaml").write_text("")
+    cases = {
+        "virtwarden sch": "scheduler schedule",
+        "virtwarden schedule ''": "preview slots",
+        "virtwarden schedule slots --st": "--state",
+        "virtwarden schedule slots --state s": "started skipped",
+        "virtwarden --log-level ''": "debug info warning error",
+        f"virtwarden --config {tmp_path}/hos": f"{tmp_path}/hosts.yaml",
+        "virtwarden restore web01 --to-": "--to-dir",
+        "virtwarden storage ''": "points restore stats gc",
+        "virtwarden nonsense ''": "",
+        "virtwarden --config /etc/vw.yaml schedule ''": "preview slots",  # an option's value is no command
+        "virtwarden backup web01 --wa": "--wait",
+    }
+    lines = [f"source {tmp_path}/virtwarden.bash",
+             'c() { COMP_WORDS=("$@"); COMP_CWORD=$(($# - 1)); COMPREPLY=(); _virtwarden; echo "${COMPREPLY[*]}"; }']
+    lines += [f"c {words}" for words in cases]
+    done = subprocess.run(["bash", "--norc", "--noprofile", "-c", "\n".join(lines)], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert dict(zip(cases, done.stdout.splitlines(), strict=True)) == cases
+
+
 @pytest.mark.libvirt
 def test_unknown_domain(vw, libvirt_uri):
     r = vw.cli("backup", "no-such-domain", "--wait")

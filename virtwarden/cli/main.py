@@ -145,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--host", help="host whose worker does the work (default: where the backup was made)")
     _wait_opts(r)
 
+    co = cmd("completion", lazy("virtwarden.cli.completion:cli"),
+             "print a shell completion script: source <(virtwarden completion bash)")
+    co.add_argument("shell", choices=["bash", "zsh"],
+                    help="bash; zsh runs the same script after: autoload -U +X bashcompinit && bashcompinit")
     j = cmd("jobs", lazy("virtwarden.cli.commands:jobs_list"), "recent jobs")
     j.add_argument("--json", action="store_true", help=JSON_HELP)
     j.add_argument("--domain")

@@ -1,6 +1,6 @@
 """Rows that only grow, deleted once they are old enough: the audit log, hypervisor
 events, Alertmanager alerts, the API's idempotency keys, and the history of jobs,
-schedule slots, restore points and drills.
+schedule slots, restore points, drills, snapshots and blockcommit overlays.
 
 ``prune_rows(cat, {"audit": 365, ...})`` deletes, per kind, the rows written more than
 that many days ago by the database's clock (catalog/clock.py), in batches, each batch
@@ -28,6 +28,12 @@ History is pruned only where nothing still needs it:
   decide about those.
 - ``drills``: finished drills whose throwaway was cleaned up and that are not the newest
   finished drill of their domain (the "last drill" metrics read it, however old).
+- ``snapshots``: rows of snapshots deleted or found missing before the cut (rotation
+  reads only live ones). Creating and present snapshots stay whatever their age.
+- ``overlays``: journal rows of blockcommit overlays merged or abandoned before the cut
+  (the journal's open rows, which recovery needs, stay whatever their age). A merged
+  overlay's file left on disk by a release before this one is found and removed by the
+  next backup only while its row is kept.
 """
 from __future__ import annotations
 
@@ -36,7 +42,7 @@ from typing import Any, cast
 
 from sqlalchemy import ColumnElement, CursorResult, delete, exists, or_, select
 from sqlalchemy.orm import aliased
-from virtwarden.catalog import drills, overlays, points
+from virtwarden.catalog import drills, overlays, points, snapshots
 from virtwarden.catalog.clock import db_later
 from virtwarden.catalog.models import (
     Alert,
@@ -49,6 +55,7 @@ from virtwarden.catalog.models import (
     Overlay,
     RestorePoint,
     ScheduleSlot,
+    Snapshot,
 )
 from virtwarden.catalog.store import Catalog
 
@@ -84,6 +91,15 @@ def _drills(cut: Cut) -> list[ColumnElement[bool]]:
             exists().where(newer.domain == Drill.domain, newer.state.in_(done), newer.started_at > Drill.started_at)]
 
 
+def _snapshots(cut: Cut) -> list[ColumnElement[bool]]:
+    return [Snapshot.state.in_((snapshots.DELETED, snapshots.MISSING)),
+            or_(Snapshot.deleted_at < cut, Snapshot.deleted_at.is_(None) & (Snapshot.created_at < cut))]
+
+
+def _overlays(cut: Cut) -> list[ColumnElement[bool]]:
+    return [Overlay.state.in_((overlays.COMMITTED, overlays.ABANDONED)), Overlay.created_at < cut]
+
+
 # kind -> (table, what makes one of its rows prunable given the cut)
 KINDS: dict[str, tuple[Any, Conditions]] = {
     "audit": (AuditRecord, _older(AuditRecord.at)),
@@ -94,6 +110,8 @@ KINDS: dict[str, tuple[Any, Conditions]] = {
     "slots": (ScheduleSlot, _older(ScheduleSlot.slot_at)),
     "points": (RestorePoint, _points),
     "drills": (Drill, _drills),
+    "snapshots": (Snapshot, _snapshots),
+    "overlays": (Overlay, _overlays),
 }
 
 

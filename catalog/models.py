@@ -217,6 +217,7 @@ class Snapshot(Base):
     """A libvirt snapshot we created; rotation deletes only snapshots recorded here."""
 
     __tablename__ = "snapshots"
+    __table_args__ = (Index("ix_snapshots_state_deleted_at", "state", "deleted_at"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     domain: Mapped[str] = mapped_column(String(255), index=True)
     domain_uuid: Mapped[str] = mapped_column(String(36))
@@ -237,6 +238,7 @@ class Overlay(Base):
     snapshot and commit can be finished or undone later."""
 
     __tablename__ = "overlays"
+    __table_args__ = (Index("ix_overlays_state_created_at", "state", "created_at"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(String(36), index=True)
     domain: Mapped[str] = mapped_column(String(255), index=True)

@@ -20,6 +20,7 @@ from virtwarden.catalog.models import (
     Overlay,
     RestorePoint,
     ScheduleSlot,
+    Snapshot,
 )
 from virtwarden.catalog.store import Catalog
 
@@ -152,6 +153,21 @@ def _seed_history(cat: Catalog) -> None:
         drill("db01-only-and-old", "db01", "passed", 500)  # the "last drill" of db01, however old
         drill("db01-running", "db01", "running", 600)
 
+        def snapshot(name: str, state: str, created: float, deleted: float | None) -> None:
+            s.add(Snapshot(domain="web01", domain_uuid="u", host="local", name=name, policy="p", kind="internal",
+                           state=state, created_at=_ago(created),
+                           deleted_at=None if deleted is None else _ago(deleted)))
+
+        snapshot("old-deleted", "deleted", 200, 100)
+        snapshot("old-missing", "missing", 200, 100)
+        snapshot("old-deleted-lately", "deleted", 200, 3)
+        snapshot("old-present", "present", 200, None)  # rotation decides about live snapshots
+        snapshot("old-creating", "creating", 200, None)
+        s.add(Overlay(job_id="young", domain="web01", target="vda", overlay_path="/o3", base_path="/b",
+                      state="abandoned", created_at=_ago(2)))
+        s.add(Overlay(job_id="old-running", domain="web01", target="vda", overlay_path="/o4", base_path="/b",
+                      state="tracking", created_at=_ago(100)))  # in a live chain: recovery needs it
+
 
 def _history_left(cat: Catalog) -> dict[str, list[str]]:
     with cat.session() as s:
@@ -159,12 +175,17 @@ def _history_left(cat: Catalog) -> dict[str, list[str]]:
                 "slots": sorted(s.scalars(select(ScheduleSlot.domain))),
                 "points": sorted(s.scalars(select(RestorePoint.id))),
                 "artifacts": sorted(k.split("/")[0] for k in s.scalars(select(Artifact.key))),
-                "drills": sorted(s.scalars(select(Drill.id)))}
+                "drills": sorted(s.scalars(select(Drill.id))),
+                "snapshots": sorted(s.scalars(select(Snapshot.name))),
+                "overlays": sorted(s.scalars(select(Overlay.overlay_path)))}
+
+
+KEEP = {"jobs": 90, "slots": 90, "points": 90, "drills": 365, "snapshots": 90, "overlays": 90}
 
 
 def test_history_is_pruned_only_where_nothing_needs_it_any_more(history):
     _seed_history(history)
-    removed = prune_rows(history, {"jobs": 90, "slots": 90, "points": 90, "drills": 365}, batch=2)
+    removed = prune_rows(history, KEEP, batch=2)
     left = _history_left(history)
     assert left["jobs"] == ["old-but-finished-lately", "old-queued", "old-running", "old-with-open-overlay", "young"]
     assert left["slots"] == ["young-slot"]
@@ -172,13 +193,14 @@ def test_history_is_pruned_only_where_nothing_needs_it_any_more(history):
                               "young-deleted"]
     assert left["artifacts"] == left["points"]  # a pruned point's artifact rows went with it, and no other
     assert left["drills"] == ["db01-only-and-old", "db01-running", "web01-newest", "web01-old-left-behind"]
-    assert removed == {"jobs": 3, "slots": 1, "points": 4, "drills": 1}
-    assert prune_rows(history, {"jobs": 90, "slots": 90, "points": 90, "drills": 365}) == \
-        {"jobs": 0, "slots": 0, "points": 0, "drills": 0}
+    assert left["snapshots"] == ["old-creating", "old-deleted-lately", "old-present"]
+    assert left["overlays"] == ["/o1", "/o3", "/o4"]  # the committed /o2 went; open and young ones stay
+    assert removed == {"jobs": 3, "slots": 1, "points": 4, "drills": 1, "snapshots": 2, "overlays": 1}
+    assert prune_rows(history, KEEP) == dict.fromkeys(KEEP, 0)
 
 
 def test_history_kept_forever_when_configured_so(history):
     _seed_history(history)
     before = _history_left(history)
-    assert prune_rows(history, {"jobs": None, "slots": None, "points": None, "drills": None}) == {}
+    assert prune_rows(history, dict.fromkeys(KEEP)) == {}
     assert _history_left(history) == before

@@ -150,6 +150,10 @@ class CatalogConfig(_Strict):
     slots_days: int | None = Field(default=90, ge=8)
     points_days: int | None = Field(default=90, ge=1)
     drills_days: int | None = Field(default=365, ge=1)
+    # Rows of snapshots deleted (or found missing), by when that was noticed; journal rows
+    # of blockcommit overlays that were merged or abandoned.
+    snapshots_days: int | None = Field(default=90, ge=1)
+    overlays_days: int | None = Field(default=90, ge=1)
     prune_seconds: float = Field(default=3600.0, gt=0)
 
     @model_validator(mode="after")

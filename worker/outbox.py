@@ -106,7 +106,8 @@ class Sweeper:
         report.pruned = prune_rows(self.cat, {"audit": keep.audit_days, "events": keep.events_days,
                                               "alerts": keep.alerts_days, "idempotency": keep.idempotency_days,
                                               "jobs": keep.jobs_days, "slots": keep.slots_days,
-                                              "points": keep.points_days, "drills": keep.drills_days})
+                                              "points": keep.points_days, "drills": keep.drills_days,
+                                              "snapshots": keep.snapshots_days, "overlays": keep.overlays_days})
         self._rows_pruned = time.monotonic()
         if any(report.pruned.values()):
             log.info("sweep: deleted old catalog rows: %s",

@@ -8,7 +8,9 @@ from virtwarden.errors import DomainNotFound, HypervisorUnavailable
 
 
 def find_host(cfg: Config, domain: str, host: str | None = None) -> tuple[str, DomainInfo]:
-    """The configured host that has ``domain`` (asking libvirt), or ``host`` when given."""
+    """The configured host that has ``domain`` (asking libvirt), or ``host`` when given.
+    The domain's information comes without its disks' sizes (0): callers want its host
+    and XML, and a size is a query of QEMU's block nodes, not to be made needlessly."""
     from virtwarden.hypervisor import connect
 
     candidates = [host] if host else list(cfg.hosts)
@@ -16,7 +18,7 @@ def find_host(cfg: Config, domain: str, host: str | None = None) -> tuple[str, D
     for name in candidates:
         try:
             with connect(name, cfg.host(name).uri) as hv:
-                return name, hv.domain(domain)
+                return name, hv.domain(domain, sizes=False)
         except DomainNotFound:
             continue
         except HypervisorUnavailable as e:

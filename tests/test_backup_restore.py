@@ -315,3 +315,17 @@ def test_a_push_backups_start_survives_block_info_read_beside_it(guest_factory, 
         for t in readers:
             t.join()
     assert len(reads) > 20 and set(reads) == {4}
+
+
+def test_domain_information_asks_for_disk_sizes_only_when_wanted(guest_factory, libvirt_uri):
+    """The scheduler's listing, the listener and host lookups want names and XML only: a
+    disk's size is a query of QEMU's block nodes (virDomainGetBlockInfo) per disk."""
+    from virtwarden.hypervisor.libvirt_host import LibvirtHost
+
+    g = guest_factory(disks=2, size_mib=16)
+    with LibvirtHost("local", libvirt_uri) as hv:
+        assert [d.virtual_size for d in hv.domain(g.name).disks] == [16 * MiB] * 2
+        assert [d.virtual_size for d in hv.domain(g.name, sizes=False).disks] == [0, 0]
+        listed = {d.name: d for d in hv.domains(sizes=False)}
+        assert [(d.target, d.virtual_size) for d in listed[g.name].disks] == [("vda", 0), ("vdb", 0)]
+        assert listed[g.name].xml == hv.domain(g.name).xml

@@ -286,7 +286,7 @@ class Dispatcher:
         assert rec.domain is not None and rec.domain_uuid is not None
         domain = rec.domain
         try:
-            info = self.connections.use(rec.host, lambda hv: hv.domain(domain))
+            info = self.connections.use(rec.host, lambda hv: hv.domain(domain, sizes=False))
             if info.uuid == rec.domain_uuid:
                 self._metadata[info.uuid] = parse_metadata(info.xml)
         except (DomainNotFound, HypervisorUnavailable) as e:

@@ -126,7 +126,7 @@ class HostLister:
 def _domains_of(name: str, hv: Hypervisor) -> list[DomainFacts]:
     for attempt in range(1, LIST_ATTEMPTS + 1):
         try:
-            return [DomainFacts(d.name, name, parse_metadata(d.xml)) for d in hv.domains()]
+            return [DomainFacts(d.name, name, parse_metadata(d.xml)) for d in hv.domains(sizes=False)]
         except DomainNotFound:
             if attempt == LIST_ATTEMPTS:
                 raise

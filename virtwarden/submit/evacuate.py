@@ -38,7 +38,7 @@ def build_request(cfg: Config, host: str, to: tuple[str, ...] = ()) -> EvacuateR
         raise UsageError(f"cannot evacuate host {host} onto itself: leave it out of --to")
     policies = load_policies(cfg)
     with connect(host, cfg.host(host).uri) as hv:
-        found = hv.domains()
+        found = hv.domains(sizes=False)
     settings: dict[str, dict] = {}
     limits = []
     for info in found:

@@ -129,8 +129,10 @@ class DomainLock(Base):
 class RestorePoint(Base):
     __tablename__ = "restore_points"
     # (status, domain, created_at): each domain's newest complete point, which every
-    # metrics scrape reads, from the index alone.
-    __table_args__ = (Index("ix_restore_points_status_domain_created_at", "status", "domain", "created_at"),)
+    # metrics scrape reads, from the index alone; (status, storage, format, size_bytes):
+    # what each storage target holds, the same way.
+    __table_args__ = (Index("ix_restore_points_status_domain_created_at", "status", "domain", "created_at"),
+                      Index("ix_restore_points_status_storage_size", "status", "storage", "format", "size_bytes"))
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     domain: Mapped[str] = mapped_column(String(255), index=True)
     domain_uuid: Mapped[str] = mapped_column(String(36), index=True)

@@ -486,7 +486,7 @@ def test_openapi_schema_lists_the_routes(vw, api):
 def test_metrics_parse_and_count_drills_and_requests(vw, api):
     from datetime import datetime, timedelta
 
-    from virtwarden.catalog.models import Drill
+    from virtwarden.catalog.models import Drill, RestorePoint
 
     server = api()
     server.call("GET", "/v1/jobs/nope")
@@ -502,6 +502,12 @@ def test_metrics_parse_and_count_drills_and_requests(vw, api):
                     boot_seconds=2.0, started_at=start))
         s.add(Drill(id="d4", domain="db01", host="local", state="running", checks=[],
                     started_at=start + timedelta(days=2)))
+        for n, (storage, fmt, status, size) in enumerate([("nfs", 1, "complete", 100), ("nfs", 1, "damaged", 7),
+                                                          ("nfs", 1, "deleted", 1000), ("nfs", 1, "writing", 9),
+                                                          ("vault", 2, "complete", 30), ("vault", 2, "complete", 5)]):
+            s.add(RestorePoint(id=f"p{n}", domain="web01", domain_uuid="u", host="local", storage=storage,
+                               strategy="bitmap", chain_id=f"c{n}", seq=0, level="full", status=status,
+                               manifest_key=f"p{n}/manifest.json", format=fmt, size_bytes=size))
     cat.close()
     r = server.call("GET", "/metrics")
     assert r.status == 200 and r.headers["content-type"].startswith("text/plain")
@@ -512,6 +518,10 @@ def test_metrics_parse_and_count_drills_and_requests(vw, api):
     assert samples[("virtwarden_drill_last_recovery_seconds", (("domain", "db01"),))] == 42.0
     assert samples[("virtwarden_drill_last_timestamp_seconds", (("domain", "web01"),))] == (
         start + timedelta(days=1)).timestamp()
+    held = {labels: v for (name, labels), v in samples.items() if name == "virtwarden_storage_points"}
+    stored = {labels: v for (name, labels), v in samples.items() if name == "virtwarden_storage_stored_bytes"}
+    nfs, vault = (("format", "1"), ("storage", "nfs")), (("format", "2"), ("storage", "vault"))
+    assert (held, stored) == ({nfs: 2, vault: 2}, {nfs: 107, vault: 35})  # complete or damaged: held
     requests = {labels: v for (name, labels), v in samples.items() if name == "virtwarden_api_requests_total"}
     assert requests[(("method", "GET"), ("route", "/v1/jobs/{job_id}"), ("status", "404"))] == 1
     assert requests[(("method", "GET"), ("route", "/v1/jobs/{job_id}"), ("status", "401"))] == 1

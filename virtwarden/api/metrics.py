@@ -39,6 +39,11 @@ API process reports the same fleet-wide numbers) plus this process's request cou
 - ``virtwarden_deferred_slots{job}`` and ``virtwarden_oldest_deferred_slot_age_seconds{job}``:
   slots waiting for a limit (``max_parallel_*``) right now, and how long the oldest has
   waited since its time came.
+- ``virtwarden_storage_points{storage,format}`` and
+  ``virtwarden_storage_stored_bytes{storage,format}``: the restore points each storage
+  target holds (complete or damaged: not yet pruned) and the bytes they stored: format
+  1, the size of their images; format 2, the bytes each point stored anew (a chunk
+  shared by several points is counted once, at the point that stored it, until gc).
 - ``virtwarden_build_info{version}``: 1.
 - ``virtwarden_catalog_up``: 0 when the catalog could not be read for this scrape.
 - ``virtwarden_api_requests_total{route,method,status}``: requests this process served,
@@ -126,6 +131,10 @@ class CatalogCollector:
                                .where(Job.state.in_((QUEUED, RUNNING)))
                                .group_by(Job.host, Job.state)).all()
             skipped = s.execute(select(SlotTotal.job, SlotTotal.cause, SlotTotal.slots)).all()
+            stored = s.execute(select(RestorePoint.storage, RestorePoint.format, func.count(),
+                                      func.coalesce(func.sum(RestorePoint.size_bytes), 0))
+                               .where(RestorePoint.status.in_((points.COMPLETE, points.DAMAGED)))
+                               .group_by(RestorePoint.storage, RestorePoint.format)).all()
             deferred = s.execute(select(ScheduleSlot.job, func.count(), func.min(ScheduleSlot.slot_at))
                                  .where(ScheduleSlot.state == slots.DEFERRED).group_by(ScheduleSlot.job)).all()
         jobs = GaugeMetricFamily("virtwarden_jobs", "jobs in the catalog by kind and state", labels=["kind", "state"])
@@ -161,6 +170,15 @@ class CatalogCollector:
         yield from _total_families(totals)
         yield from _queue_families(queues, now)
         yield from _slot_families(skipped, deferred, now)
+        held = GaugeMetricFamily("virtwarden_storage_points", "restore points the storage target holds",
+                                 labels=["storage", "format"])
+        size = GaugeMetricFamily("virtwarden_storage_stored_bytes", "bytes the storage target's points stored",
+                                 labels=["storage", "format"])
+        for storage, fmt, n, total in sorted(stored):
+            held.add_metric([storage, str(fmt)], n)
+            size.add_metric([storage, str(fmt)], total)
+        yield held
+        yield size
         seen = GaugeMetricFamily("virtwarden_service_last_seen_age_seconds",
                                  "how long ago the worker, scheduler or listener last reported itself",
                                  labels=["kind", "node", "hosts"])

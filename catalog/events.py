@@ -9,7 +9,7 @@ a host without one was never seen, and its first pass records a baseline only.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -74,6 +74,50 @@ def record(cat: Catalog, *, host: str, domain: str, uuid: str, kind: str, detail
             _upsert(s, KnownDomain(uuid, domain, host, state), at)
         s.flush()
         return _event_view(row)
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """An event to record with others (``record_many``). ``decide`` is given what the
+    catalog knew of the domain just before this event (earlier events of the same batch
+    included) and returns the detail to store, the domain's state after it (None: the
+    event says nothing about it) and whether the event moves the domain's row."""
+
+    host: str
+    domain: str
+    uuid: str
+    kind: str
+    at: datetime
+    decide: Callable[[KnownDomain | None], tuple[str | None, str | None, bool]]
+
+
+def record_many(cat: Catalog, arrivals: Sequence[Arrival]) -> list[EventView]:
+    """``record`` for many events in one transaction, in order: each sees the domain's row
+    as the events before it left it. All are stored, or none (a retry stores them again
+    whole)."""
+    with cat.session() as s:
+        # The batch's domains read at once; each event changes its domain's row in memory
+        # (what the next event of that domain sees); all is written in one flush.
+        known = {d.uuid: d for d in s.scalars(select(Domain).where(Domain.uuid.in_({a.uuid for a in arrivals})))}
+        rows = []
+        for a in arrivals:
+            found = known.get(a.uuid)
+            detail, state, touch = a.decide(_known(found) if found is not None else None)
+            rows.append(Event(host=a.host, domain=a.domain, domain_uuid=a.uuid, kind=a.kind,
+                              detail=(detail or "")[:255] or None, received_at=a.at))
+            if not touch:
+                continue
+            if found is None:
+                found = known[a.uuid] = Domain(uuid=a.uuid, name=a.domain, host=a.host, state=state,
+                                               first_seen_at=a.at, last_seen_at=a.at)
+                s.add(found)
+                continue
+            found.name, found.host, found.last_seen_at = a.domain, a.host, a.at
+            if state is not None:
+                found.state = state
+        s.add_all(rows)
+        s.flush()  # the events' ids, in order
+        return [_event_view(r) for r in rows]
 
 
 def _upsert(s, seen: KnownDomain, at: datetime) -> None:  # a Session

@@ -393,7 +393,7 @@ class Service(Base):
     version: Mapped[str] = mapped_column(String(32))
     started_at: Mapped[datetime] = mapped_column(UtcDateTime)
     seen_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
-    # A listener's, as of its last report: events waiting for its dispatcher, and how long
+    # A listener's, as of its last report: events not handled yet, and how long
     # the oldest one not handled yet has waited (None for other kinds).
     backlog: Mapped[int | None] = mapped_column(Integer)
     lag_seconds: Mapped[float | None] = mapped_column(Float)

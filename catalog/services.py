@@ -6,7 +6,7 @@ and removed when the daemon stops cleanly. A daemon that is killed, hangs or los
 catalog leaves its row behind with a ``seen_at`` that no longer moves: the API's metrics
 report its age (``virtwarden_service_last_seen_age_seconds``) and the shipped alerting
 rules page after 5 minutes. A listener also reports its backlog with each beat (events
-waiting for its dispatcher, and how long the oldest has waited). A row is keyed by kind,
+not handled yet by its dispatcher, and how long the oldest has waited). A row is keyed by kind,
 machine and the hosts served, so a
 daemon restarted in the same place (by systemd, say) takes its row over at once.
 Rows unseen for ``FORGET_AFTER`` are removed by any beat: a machine retired without a

@@ -218,6 +218,51 @@ def test_an_event_handled_twice_makes_one_job(tmp_path: Path, redis_url: str) ->
         redis.Redis.from_url(LISTENER_REDIS_URL).flushdb()
 
 
+def test_events_waiting_together_are_recorded_together_and_one_refused_loses_only_itself(
+        tmp_path: Path, redis_url: str, pg_schema_url: str) -> None:
+    """Events queued while the dispatcher is busy are taken together and recorded in one
+    transaction, in order, each seeing the domain as the ones before it left it (a crash
+    of db-1 after its start is no part of a start, so it snapshots). One that PostgreSQL
+    refuses (a name longer than its column) fails the batch: each event is then recorded
+    alone and only that one is lost."""
+    need_module("libvirt")
+    import redis
+    from virtwarden.catalog import events, jobs
+    from virtwarden.catalog.store import Catalog
+    from virtwarden.hypervisor.events import HostEvent
+    from virtwarden.worker import celery_app
+
+    from virtwarden.daemons.listener import Listener
+
+    cfg = _crash_snapshot_config(tmp_path, database_url=pg_schema_url)
+    celery_app.configure(cfg)
+    cat = Catalog(cfg.catalog_url)
+    uuid = "5b0c1a52-8d1e-4a1e-9a43-3c0b1f0e7d11"
+    listener = Listener(cfg, cat, [], backoff_min=1, backoff_max=1)
+    batches: list[int] = []
+    handle_many = listener.dispatcher.handle_many
+    listener.dispatcher.handle_many = lambda items: (batches.append(len(items)), handle_many(items))[1]  # type: ignore[method-assign]
+    try:
+        now = time.time()
+        for n, (domain, kind, detail) in enumerate([("db-1", "domain.started", "booted"),
+                                                     ("db-1", "domain.crashed", "panicked"),
+                                                     ("x" * 300, "domain.started", "booted"),
+                                                     ("web-1", "domain.started", "booted")]):
+            listener.queue.put(HostEvent("t", domain, uuid if domain == "db-1" else f"{uuid[:-1]}{n}", kind,
+                                         detail, now + n / 1000))
+        listener.start()  # everything waits already: one batch
+        wait_for(lambda: len(events.recent(cat)) == 3 and not listener.backlog()[0], 30, "the events recorded")
+        assert batches == [4]
+        assert [(e.domain, e.kind) for e in events.recent(cat)] == [
+            ("db-1", "domain.started"), ("db-1", "domain.crashed"), ("web-1", "domain.started")]
+        assert events.domain(cat, uuid).state == "crashed"
+        assert [(j.kind, j.domain, j.requested_by, j.params) for j in jobs.recent(cat)] == [CRASH_SNAPSHOT]
+    finally:
+        listener.stop()
+        cat.close()
+        redis.Redis.from_url(LISTENER_REDIS_URL).flushdb()
+
+
 def test_a_catalog_away_through_several_retries_loses_no_event(tmp_path: Path, redis_url: str,
                                                                 pg_schema_url: str) -> None:
     """PostgreSQL goes away (its connections cut, new ones closed) just before an event
@@ -275,10 +320,10 @@ def test_a_catalog_away_through_several_retries_loses_no_event(tmp_path: Path, r
 
 def test_a_listener_reports_the_backlog_a_catalog_outage_builds_and_its_drain(tmp_path: Path, redis_url: str,
                                                                                pg_schema_url: str) -> None:
-    """The catalog (PostgreSQL, through a proxy) goes away while five events arrive: the
-    first is in the dispatcher's hands, retrying, and four wait. The listener's row says
-    so at its next beat (four waiting, the first one's wait), and so do the metrics; once
-    the catalog is back every event is handled and the next beat reports nothing waiting."""
+    """The catalog (PostgreSQL, through a proxy) goes away while five events arrive: none
+    can be recorded (the dispatcher retries the batch it holds). The listener's row says
+    so at its next beat (five not handled, the first one's wait), and so do the metrics;
+    once the catalog is back every event is handled and the next beat reports nothing."""
     need_module("libvirt")
     import redis
     from virtwarden.catalog import events
@@ -308,14 +353,14 @@ def test_a_listener_reports_the_backlog_a_catalog_outage_builds_and_its_drain(tm
 
             def reported() -> tuple[int | None, float | None] | None:
                 row = next(r for r in listed(direct) if r.kind == "listener")
-                return (row.backlog, row.lag_seconds) if row.backlog == 4 and (row.lag_seconds or 0) >= 2 else None
+                return (row.backlog, row.lag_seconds) if row.backlog == 5 and (row.lag_seconds or 0) >= 2 else None
 
             waiting, waited = wait_for(reported, 30, lambda: f"a beat reporting the backlog: {listed(direct)}")
             assert waited <= time.time() - began + 1
             text = "\n".join(f"{m.name} {s.labels} {s.value}" for m in CatalogCollector(direct).collect()
                              for s in m.samples if m.name.startswith("virtwarden_listener"))
             node = socket.gethostname()
-            assert f"virtwarden_listener_backlog {{'node': '{node}', 'hosts': 't'}} 4" in text, text
+            assert f"virtwarden_listener_backlog {{'node': '{node}', 'hosts': 't'}} 5" in text, text
             assert "virtwarden_listener_lag_seconds" in text
             proxy.restore()
             wait_for(lambda: len(events.recent(direct)) == 5, 60, "the five events to be recorded")

@@ -28,7 +28,7 @@ API process reports the same fleet-wide numbers) plus this process's request cou
   running worker, scheduler and listener last reported itself (catalog.services: every
   30 s; a clean stop removes its series, a dead or hung daemon's keeps growing).
 - ``virtwarden_listener_backlog{node,hosts}`` and ``virtwarden_listener_lag_seconds{node,hosts}``:
-  the events waiting for a listener's dispatcher and how long the oldest not handled yet
+  the events a listener has not handled yet (in its dispatcher's hands or queued) and how long the oldest
   has waited, as of its last report (a burst, or a catalog that answers slowly or not at
   all: triggered jobs start that much later).
 - ``virtwarden_skipped_slots_total{job,cause}``: scheduled slots that were skipped, a
@@ -183,7 +183,7 @@ class CatalogCollector:
                                  "how long ago the worker, scheduler or listener last reported itself",
                                  labels=["kind", "node", "hosts"])
         backlog = GaugeMetricFamily("virtwarden_listener_backlog",
-                                    "events waiting for the listener's dispatcher, as of its last report",
+                                    "events the listener has not handled yet, as of its last report",
                                     labels=["node", "hosts"])
         lag = GaugeMetricFamily("virtwarden_listener_lag_seconds",
                                 "how long the oldest event the listener has not handled yet has waited, as of its"

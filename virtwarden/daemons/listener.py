@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CHECK_EVERY = 5.0  # how often a watcher looks at its connection besides the close callback
+BATCH = 500  # live events handled together at most: one transaction records them
 TRANSIENT_TRIES = 5  # broker or libvirt errors while starting a job; the database is waited for
 
 
@@ -110,7 +111,8 @@ class Listener:
         self.backoff_max = max(self.backoff_min,
                                cfg.listener.backoff_max_seconds if backoff_max is None else backoff_max)
         self.queue: queue.Queue[Any] = queue.Queue()
-        self._handling_since: float | None = None  # when the item in hand arrived
+        self._handling_since: float | None = None  # when the first item in hand arrived
+        self._in_hand = 0  # items the dispatcher is handling
         self.stopping = threading.Event()
         self.dispatcher = Dispatcher(cfg, cat, self.stopping, backoff_max=self.backoff_max)
 
@@ -132,26 +134,43 @@ class Listener:
             self.dispatcher.connections.close()
 
     def _dispatch(self) -> None:
+        """Items in order; the live events waiting one after another (up to ``BATCH``) are
+        handled together: recorded in one transaction, then their triggers run."""
+        held: Any = None  # an item taken off the queue that ends a batch, handled next
         while True:
-            item = self.queue.get()
+            item = held if held is not None else self.queue.get()
+            held = None
             if item is None or self.stopping.is_set():
                 return
-            self._handling_since = item.at
+            batch = [item]
+            while not isinstance(item, Connected) and len(batch) < BATCH:
+                try:
+                    following = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if following is None or isinstance(following, Connected):
+                    held = following
+                    break
+                batch.append(following)
+            self._handling_since, self._in_hand = item.at, len(batch)
             try:
-                self.dispatcher.handle(item)
+                if isinstance(item, Connected):
+                    self.dispatcher.handle(item)
+                else:
+                    self.dispatcher.handle_many(batch)
             finally:
-                self._handling_since = None
+                self._handling_since, self._in_hand = None, 0
 
     def backlog(self) -> tuple[int, float]:
-        """The events and passes waiting for the dispatcher, and how long ago the oldest
-        one not handled yet arrived (the one in hand, else the first waiting; 0 when
+        """The events and passes not handled yet (those in the dispatcher's hands and
+        those waiting in the queue), and how long ago the oldest of them arrived (0 when
         there is none): reported with the listener's row, shown by the metrics. A
         catalog that answers slowly or not at all shows here first."""
         with self.queue.mutex:  # a look at the waiting items; the callbacks only append
             waiting = [item for item in self.queue.queue if item is not None]
         oldest = self._handling_since if self._handling_since is not None else (
             waiting[0].at if waiting else None)
-        return len(waiting), 0.0 if oldest is None else max(0.0, time.time() - oldest)
+        return self._in_hand + len(waiting), 0.0 if oldest is None else max(0.0, time.time() - oldest)
 
     def _watch(self, host: str) -> None:
         while not self.stopping.is_set():
@@ -212,11 +231,31 @@ class Dispatcher:
         self._reconciled_at: dict[str, float] = {}  # domain UUID -> listing time of a pass that made up events
 
     def handle(self, item: Any) -> None:
+        """One reconciliation pass, or one live event."""
+        self._guarded(item, lambda: self.reconcile(item.host) if isinstance(item, Connected)
+                      else self.handle_events([item]))
+
+    def handle_many(self, items: list[Any]) -> None:
+        """Live events waiting one after another, handled together. If they cannot be
+        recorded together (not a database outage: that is waited for), each is handled
+        alone, so that one event the catalog refuses loses only itself."""
+        if len(items) == 1:
+            self.handle(items[0])
+            return
         try:
-            if isinstance(item, Connected):
-                self.reconcile(item.host)
-            else:
-                self.on_event(item)
+            self.handle_events(items)
+        except Exception as e:  # noqa: BLE001 - nothing of the batch was recorded: one at a time
+            if self.stopping.is_set():
+                log.error("%d events not recorded: stopping (%s)", len(items), e)
+                return
+            log.warning("%d events could not be recorded together (%s); recording them one at a time",
+                        len(items), e)
+            for item in items:
+                self.handle(item)
+
+    def _guarded(self, item: Any, fn: Callable[[], None]) -> None:
+        try:
+            fn()
         except VirtwardenError as e:
             log.error("%s: %s", _describe(item), e)
         except Exception:  # one bad item must not stop the listener
@@ -225,29 +264,45 @@ class Dispatcher:
     # --- live events --------------------------------------------------------------------
     def on_event(self, ev: HostEvent) -> None:
         """Record a live event and start the jobs its triggers name."""
-        stale = self._reconciled_at.get(ev.uuid, 0.0) >= ev.at
-        at = datetime.fromtimestamp(ev.at, UTC)
-        quiet = stale
+        self.handle_events([ev])
 
-        def record() -> EventView:
-            nonlocal quiet
-            before = catalog_events.domain(self.cat, ev.uuid)
-            previous = before.state if before else None
-            detail, touch = ev.detail, True
-            if stale:
-                detail += "; made up by reconciliation already"
-            elif before is not None and foreign(ev.kind, ev.host, before):
-                quiet, touch, detail = True, False, f"{detail}; the domain runs on host {before.host}"
-            elif part_of_start(ev.kind, previous):
-                quiet, detail = True, detail + "; part of a start"
-            state = None if stale else state_after(ev.kind, ev.detail, previous)
-            return catalog_events.record(self.cat, host=ev.host, domain=ev.domain, uuid=ev.uuid, kind=ev.kind,
-                                         detail=detail, at=at, state=state, touch_domain=touch)
+    def handle_events(self, evs: list[HostEvent]) -> None:
+        """Record live events, in order and in one transaction, then start the jobs the
+        triggers of each name. One failing trigger does not stop the others."""
+        quiet: dict[int, bool] = {}  # position in evs -> starts nothing
 
-        rec = self._retry(f"recording {ev.kind} of {ev.domain} on host {ev.host}", record)
-        log.info("event %d: %s of %s on host %s (%s)", rec.id, rec.kind, rec.domain, rec.host, rec.detail)
-        if not quiet:
-            self.start_jobs(rec)
+        def arrival(n: int, ev: HostEvent) -> catalog_events.Arrival:
+            stale = self._reconciled_at.get(ev.uuid, 0.0) >= ev.at
+
+            def decide(before: catalog_events.KnownDomain | None) -> tuple[str | None, str | None, bool]:
+                previous = before.state if before else None
+                detail, touch, quiet[n] = ev.detail, True, stale
+                if stale:
+                    detail += "; made up by reconciliation already"
+                elif before is not None and foreign(ev.kind, ev.host, before):
+                    quiet[n], touch, detail = True, False, f"{detail}; the domain runs on host {before.host}"
+                elif part_of_start(ev.kind, previous):
+                    quiet[n], detail = True, detail + "; part of a start"
+                return detail, None if stale else state_after(ev.kind, ev.detail, previous), touch
+
+            return catalog_events.Arrival(ev.host, ev.domain, ev.uuid, ev.kind,
+                                          datetime.fromtimestamp(ev.at, UTC), decide)
+
+        arrivals = [arrival(n, ev) for n, ev in enumerate(evs)]
+        first = evs[0]
+        what = (f"recording {first.kind} of {first.domain} on host {first.host}" if len(evs) == 1
+                else f"recording {len(evs)} events")
+        recs = self._retry(what, lambda: catalog_events.record_many(self.cat, arrivals))
+        for n, rec in enumerate(recs):
+            log.info("event %d: %s of %s on host %s (%s)", rec.id, rec.kind, rec.domain, rec.host, rec.detail)
+            if quiet[n]:
+                continue
+            try:
+                self.start_jobs(rec)
+            except VirtwardenError as e:
+                log.error("event %d: %s", rec.id, e)
+            except Exception:  # one bad event must not keep the others' jobs from starting
+                log.exception("event %d: unexpected error (a bug: please report it with this traceback)", rec.id)
 
     # --- triggers -----------------------------------------------------------------------
     def start_jobs(self, rec: EventView) -> None:
@@ -301,7 +356,7 @@ class Dispatcher:
         listed_at = time.time()
         try:
             with connect(host, self.cfg.host(host).uri) as hv:
-                infos = self._retry(f"listing domains of host {host}", hv.domains, tries=3,
+                infos = self._retry(f"listing domains of host {host}", lambda: hv.domains(sizes=False), tries=3,
                                     retry_on=(DomainNotFound,))
         except HypervisorUnavailable as e:
             log.warning("host %s: reconciliation skipped (%s); the next reconnect tries again", host, e)

@@ -65,15 +65,8 @@ def record(cat: Catalog, *, host: str, domain: str, uuid: str, kind: str, detail
            at: datetime | None = None, state: str | None = None, touch_domain: bool = True) -> EventView:
     """Store one event and, with ``touch_domain``, update the domain's row to say it is
     on ``host`` (``state`` None: the event says nothing about the state, e.g. a block job)."""
-    at = at or utcnow()
-    row = Event(host=host, domain=domain, domain_uuid=uuid, kind=kind, detail=(detail or "")[:255] or None,
-                received_at=at)
-    with cat.session() as s:
-        s.add(row)
-        if touch_domain:
-            _upsert(s, KnownDomain(uuid, domain, host, state), at)
-        s.flush()
-        return _event_view(row)
+    arrival = Arrival(host, domain, uuid, kind, at or utcnow(), lambda _before: (detail, state, touch_domain))
+    return record_many(cat, [arrival])[0]
 
 
 @dataclass(frozen=True)
@@ -107,28 +100,28 @@ def record_many(cat: Catalog, arrivals: Sequence[Arrival]) -> list[EventView]:
                               detail=(detail or "")[:255] or None, received_at=a.at))
             if not touch:
                 continue
-            if found is None:
-                found = known[a.uuid] = Domain(uuid=a.uuid, name=a.domain, host=a.host, state=state,
-                                               first_seen_at=a.at, last_seen_at=a.at)
-                s.add(found)
-                continue
-            found.name, found.host, found.last_seen_at = a.domain, a.host, a.at
-            if state is not None:
-                found.state = state
+            known[a.uuid] = _apply(s, found, KnownDomain(a.uuid, a.domain, a.host, state), a.at)
         s.add_all(rows)
         s.flush()  # the events' ids, in order
         return [_event_view(r) for r in rows]
 
 
-def _upsert(s, seen: KnownDomain, at: datetime) -> None:  # a Session
-    row = s.get(Domain, seen.uuid)
+def _upsert(s, seen: KnownDomain, at: datetime) -> Domain:  # s: a Session
+    """The domain's row made or brought up to date."""
+    return _apply(s, s.get(Domain, seen.uuid), seen, at)
+
+
+def _apply(s, row: Domain | None, seen: KnownDomain, at: datetime) -> Domain:
+    """``row`` (the domain's, as read; None: there is none yet) made or brought up to date."""
     if row is None:
-        s.add(Domain(uuid=seen.uuid, name=seen.name, host=seen.host, state=seen.state, first_seen_at=at,
-                     last_seen_at=at))
-        return
+        row = Domain(uuid=seen.uuid, name=seen.name, host=seen.host, state=seen.state, first_seen_at=at,
+                     last_seen_at=at)
+        s.add(row)
+        return row
     row.name, row.host, row.last_seen_at = seen.name, seen.host, at
     if seen.state is not None:
         row.state = seen.state
+    return row
 
 
 def recent(cat: Catalog, *, domain: str | None = None, host: str | None = None, limit: int = 100) -> list[EventView]:

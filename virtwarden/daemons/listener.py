@@ -262,10 +262,6 @@ class Dispatcher:
             log.exception("%s: unexpected error (a bug: please report it with this traceback)", _describe(item))
 
     # --- live events --------------------------------------------------------------------
-    def on_event(self, ev: HostEvent) -> None:
-        """Record a live event and start the jobs its triggers name."""
-        self.handle_events([ev])
-
     def handle_events(self, evs: list[HostEvent]) -> None:
         """Record live events, in order and in one transaction, then start the jobs the
         triggers of each name. One failing trigger does not stop the others."""

@@ -119,6 +119,14 @@ def recent(cat: Catalog, *, since: datetime, state: str | None = None, domain: s
         return [_row(r) for r in s.scalars(q)]
 
 
+def waiting(cat: Catalog) -> bool:
+    """Whether any row waits for the scheduler: deferred, or started without its job."""
+    with cat.session() as s:
+        return s.scalar(select(ScheduleSlot.id).where(
+            (ScheduleSlot.state == DEFERRED) | ((ScheduleSlot.state == STARTED) & ScheduleSlot.job_id.is_(None)))
+            .limit(1)) is not None
+
+
 def unsent(cat: Catalog) -> list[SlotRow]:
     """Started rows without a job: their scheduler stopped before it created the job."""
     return _where(cat, ScheduleSlot.state == STARTED, ScheduleSlot.job_id.is_(None))

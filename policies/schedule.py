@@ -217,6 +217,16 @@ def due(policies: Sequence[Policy], domains_by_host: Mapping[str, Iterable[Domai
     return sorted(out, key=lambda s: (s.at, s.policy, s.job, s.domain))
 
 
+def any_due(policies: Sequence[Policy], since: datetime, now: datetime) -> bool:
+    """Whether any policy's schedule of any job has a slot with ``since <= at <= now``:
+    the instants depend on the schedules alone, not on the domains (which ``due`` needs
+    the hosts listed for)."""
+    _aware(now, "now")
+    end = now + timedelta(microseconds=1)
+    return any(slots_between(s[0], s[1], since, end) for p in policies for job in SCHEDULED_JOBS
+               if (s := schedule_of(p, job)))
+
+
 def between(policies: Sequence[Policy], domains_by_host: Mapping[str, Iterable[DomainFacts]], start: datetime,
             end: datetime, *, problems: list[str] | None = None) -> list[Slot]:
     """The slots with ``start <= at < end`` (for ``virtwarden schedule preview``)."""

@@ -167,6 +167,33 @@ def test_a_window_makes_one_job_per_slot_and_domain(vw, guest_factory):
     assert report.problems == [] and len(report.started) == 2
 
 
+def test_a_tick_with_nothing_due_lists_no_host(vw, guest_factory):
+    """Slot instants depend on the schedules only: a tick that finds none since every host
+    was last listed, with no slot waiting, does not ask libvirt for the domains. A slot
+    coming due, or one waiting for a limit, makes the next ticks list them again."""
+    setup = Setup(vw, guest_factory, HOURLY.replace("window: 20m", "window: 20m, max_parallel_per_host: 1"))
+    sched = setup.scheduler(setup.config(), clock := FakeClock("2025-01-10 10:00:05"))
+    listings = []
+    listed = sched.hosts.domains
+    sched.hosts.domains = lambda: (listings.append(sched.clock()), listed())[1]  # type: ignore[method-assign]
+    a, b = setup.domains
+    assert not sched.tick().quiet and len(listings) == 1  # the first tick always lists
+    assert rows(sched.cat)[("backup", b, "10:00")].state == "deferred"  # one at a time on the host
+    clock.set("2025-01-10 10:05:00")
+    assert not sched.tick().quiet and len(listings) == 2  # b's slot waits: listed, still deferred
+    finish(sched.cat, slot_jobs(sched.cat)[("backup", a, "10:00")])
+    clock.set("2025-01-10 10:10:00")
+    assert [k.split(":")[3] for k, _ in sched.tick().started] == [b]
+    finish(sched.cat, slot_jobs(sched.cat)[("backup", b, "10:00")])
+    for t in ("10:15:00", "10:40:00", "10:59:59"):
+        report = clock.set(f"2025-01-10 {t}") and sched.tick()
+        assert report.quiet and "nothing due" in report.summary()
+    assert len(listings) == 3
+    clock.set("2025-01-10 11:00:01")
+    assert not sched.tick().quiet and listings[-1] == T("2025-01-10 11:00:01")
+    assert sorted(k[1:] for k in slot_jobs(sched.cat)) == [(a, "10:00"), (a, "11:00"), (b, "10:00")]
+
+
 VERIFIED = """\
     apiVersion: virtwarden/v1
     kind: Policy

@@ -41,7 +41,17 @@ from virtwarden.daemons.connections import KeptConnections
 from virtwarden.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, DomainNotFound, PolicyError, Transient, VirtwardenError
 from virtwarden.hypervisor import Hypervisor
 from virtwarden.policies import DomainFacts, Policy, load_policies, parse_metadata
-from virtwarden.policies.schedule import SCHEDULED_JOBS, Busy, Slot, between, due, limits_of, schedule_of, split
+from virtwarden.policies.schedule import (
+    SCHEDULED_JOBS,
+    Busy,
+    Slot,
+    any_due,
+    between,
+    due,
+    limits_of,
+    schedule_of,
+    split,
+)
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +153,7 @@ class TickReport:
     resent: list[str] = field(default_factory=list)  # queued jobs whose message the sweeper sent
     # Configuration problems: policy files that do not load, policies that tie.
     problems: list[str] = field(default_factory=list)
+    quiet: bool = False  # nothing was due: no host was listed
 
     @property
     def ok(self) -> bool:
@@ -151,6 +162,8 @@ class TickReport:
     def summary(self) -> str:
         text = (f"scheduler tick at {self.at.isoformat()}: {len(self.started)} started, {len(self.skipped)} skipped,"
                 f" {len(self.deferred)} deferred")
+        if self.quiet:
+            text += " (nothing due: no host listed)"
         if self.resent:
             text += f", {len(self.resent)} queued job(s) sent again"
         text += "".join(f"; host {h} unreachable: {why}" for h, why in self.unreachable.items())
@@ -190,6 +203,13 @@ class Scheduler:
         now = self.clock()
         report = TickReport(now)
         policies = self._load_policies(report)
+        if self._nothing_due(policies, now):
+            # No schedule has an instant since every host was last listed, and no slot
+            # waits: libvirt is not asked (a quiet tick costs per schedule, not per domain).
+            report.quiet = True
+            self._since.update(dict.fromkeys(self._since, now))
+            report.resent = self.sweeper.sweep().resent
+            return report
         domains, report.unreachable = self.hosts.domains()
         for host, why in report.unreachable.items():
             log.warning("host %s left out of this tick: %s", host, why)
@@ -200,6 +220,18 @@ class Scheduler:
         report.resent = sweep.resent
         self._since.update({host: now for host in domains})
         return report
+
+    def _nothing_due(self, policies: list[Policy], now: datetime) -> bool:
+        """True when this tick would find nothing: every configured host has been listed
+        (or the catch-up point is known), no schedule has a slot since the earliest of
+        those listings, and no slot row waits for a decision or for its job."""
+        if not self._started_up:
+            return False
+        sinces = [self._since.get(host, self._first_since) for host in self.cfg.hosts]
+        if not sinces or any(since is None for since in sinces):
+            return False
+        earliest = max(min(min(s for s in sinces if s is not None), now), now - MAX_CATCH_UP)
+        return not any_due(policies, earliest, now) and not slots.waiting(self.cat)
 
     # --- finding and claiming slots ----------------------------------------------------
     def _load_policies(self, report: TickReport) -> list[Policy]:

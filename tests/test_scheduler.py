@@ -167,31 +167,44 @@ def test_a_window_makes_one_job_per_slot_and_domain(vw, guest_factory):
     assert report.problems == [] and len(report.started) == 2
 
 
-def test_a_tick_with_nothing_due_lists_no_host(vw, guest_factory):
-    """Slot instants depend on the schedules only: a tick that finds none since every host
-    was last listed, with no slot waiting, does not ask libvirt for the domains. A slot
-    coming due, or one waiting for a limit, makes the next ticks list them again."""
+def test_a_tick_with_nothing_due_lists_no_host_but_those_that_did_not_answer(vw, guest_factory):
+    """Slot instants depend on the schedules only: a tick that finds none since the hosts
+    were last listed, with no slot waiting, does not ask their libvirt for the domains;
+    a host that did not answer is tried alone (its bounded timeout, not the fleet's
+    listing), so that its slots start once it answers. A slot coming due, or one waiting
+    for a limit, makes the next ticks list every host again."""
     setup = Setup(vw, guest_factory, HOURLY.replace("window: 20m", "window: 20m, max_parallel_per_host: 1"))
+    vw.hosts["gone"] = {"uri": "qemu+tcp://127.0.0.1:1/system"}  # never answers
     sched = setup.scheduler(setup.config(), clock := FakeClock("2025-01-10 10:00:05"))
-    listings = []
+    listings: list[list[str] | None] = []
     listed = sched.hosts.domains
-    sched.hosts.domains = lambda: (listings.append(sched.clock()), listed())[1]  # type: ignore[method-assign]
+    sched.hosts.domains = lambda only=None: (listings.append(only), listed(only))[1]  # type: ignore[method-assign]
     a, b = setup.domains
-    assert not sched.tick().quiet and len(listings) == 1  # the first tick always lists
+    report = sched.tick()
+    assert not report.quiet and listings == [None] and "gone" in report.unreachable  # the first tick lists all
     assert rows(sched.cat)[("backup", b, "10:00")].state == "deferred"  # one at a time on the host
     clock.set("2025-01-10 10:05:00")
-    assert not sched.tick().quiet and len(listings) == 2  # b's slot waits: listed, still deferred
+    assert not sched.tick().quiet and listings[-1] is None  # b's slot waits: all listed, still deferred
     finish(sched.cat, slot_jobs(sched.cat)[("backup", a, "10:00")])
     clock.set("2025-01-10 10:10:00")
     assert [k.split(":")[3] for k, _ in sched.tick().started] == [b]
     finish(sched.cat, slot_jobs(sched.cat)[("backup", b, "10:00")])
+    del listings[:]
     for t in ("10:15:00", "10:40:00", "10:59:59"):
         report = clock.set(f"2025-01-10 {t}") and sched.tick()
-        assert report.quiet and "nothing due" in report.summary()
-    assert len(listings) == 3
+        assert report.quiet and report.retried == ["gone"] and "gone" in report.unreachable
+        assert "only 1 host(s) that had not answered listed" in report.summary()
+    assert listings == [["gone"]] * 3  # local, whose domains were listed before, was not asked again
     clock.set("2025-01-10 11:00:01")
-    assert not sched.tick().quiet and listings[-1] == T("2025-01-10 11:00:01")
+    assert not sched.tick().quiet and listings[-1] is None
     assert sorted(k[1:] for k in slot_jobs(sched.cat)) == [(a, "10:00"), (a, "11:00"), (b, "10:00")]
+    del vw.hosts["gone"]  # a fleet that answers: quiet ticks list nothing at all
+    finish(sched.cat, slot_jobs(sched.cat)[("backup", a, "11:00")])
+    sched = setup.scheduler(setup.config(), clock.set("2025-01-10 11:10:00"))
+    assert [k.split(":")[3] for k, _ in sched.tick().started] == [b]
+    finish(sched.cat, slot_jobs(sched.cat)[("backup", b, "11:00")])
+    report = clock.set("2025-01-10 11:15:00") and sched.tick()
+    assert report.quiet and report.retried == [] and "no host listed" in report.summary()
 
 
 VERIFIED = """\

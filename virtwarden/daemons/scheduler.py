@@ -111,12 +111,15 @@ class HostLister:
         self.cfg = cfg
         self.connections = KeptConnections(cfg)
 
-    def domains(self) -> tuple[Domains, dict[str, str]]:
+    def domains(self, only: list[str] | None = None) -> tuple[Domains, dict[str, str]]:
+        """The domains of every configured host (``only``: of these), and why each host
+        that failed was left out."""
+        names = list(self.cfg.hosts) if only is None else only
         found: Domains = {}
         failed: dict[str, str] = {}
-        workers = max(1, min(self.cfg.scheduler.hosts_in_parallel, len(self.cfg.hosts)))
+        workers = max(1, min(self.cfg.scheduler.hosts_in_parallel, len(names)))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="list") as pool:
-            for name, facts, error in pool.map(self._one, list(self.cfg.hosts)):
+            for name, facts, error in pool.map(self._one, names):
                 if facts is not None:
                     found[name] = facts
                 else:
@@ -153,7 +156,8 @@ class TickReport:
     resent: list[str] = field(default_factory=list)  # queued jobs whose message the sweeper sent
     # Configuration problems: policy files that do not load, policies that tie.
     problems: list[str] = field(default_factory=list)
-    quiet: bool = False  # nothing was due: no host was listed
+    quiet: bool = False  # nothing was due on the hosts listed before: they were not listed
+    retried: list[str] = field(default_factory=list)  # in a quiet tick: hosts that had not answered, tried
 
     @property
     def ok(self) -> bool:
@@ -163,7 +167,8 @@ class TickReport:
         text = (f"scheduler tick at {self.at.isoformat()}: {len(self.started)} started, {len(self.skipped)} skipped,"
                 f" {len(self.deferred)} deferred")
         if self.quiet:
-            text += " (nothing due: no host listed)"
+            text += (f" (nothing due: only {len(self.retried)} host(s) that had not answered listed)"
+                     if self.retried else " (nothing due: no host listed)")
         if self.resent:
             text += f", {len(self.resent)} queued job(s) sent again"
         text += "".join(f"; host {h} unreachable: {why}" for h, why in self.unreachable.items())
@@ -181,6 +186,9 @@ class Scheduler:
         self.sweeper = Sweeper(cfg, cat, celery_app.send)
         self.hosts = HostLister(cfg)
         self._since: dict[str, datetime] = {}  # per host: the last tick that listed it
+        # The hosts listed by the last full tick, and since then by quiet ticks' listings
+        # of the others: their _since is current. The rest did not answer.
+        self._current: set[str] = set()
         self._first_since: datetime | None = None
         self._started_up = False
         self._policies: list[Policy] = []
@@ -203,14 +211,19 @@ class Scheduler:
         now = self.clock()
         report = TickReport(now)
         policies = self._load_policies(report)
+        only = None
         if self._nothing_due(policies, now):
-            # No schedule has an instant since every host was last listed, and no slot
-            # waits: libvirt is not asked (a quiet tick costs per schedule, not per domain).
+            # No schedule has an instant since the hosts were last listed, and no slot
+            # waits: they are not listed again (a quiet tick costs per schedule, not per
+            # domain). Hosts that were not listed then (unreachable) are tried alone, so
+            # that their slots start as soon as they answer again.
             report.quiet = True
-            self._since.update(dict.fromkeys(self._since, now))
-            report.resent = self.sweeper.sweep().resent
-            return report
-        domains, report.unreachable = self.hosts.domains()
+            self._since.update(dict.fromkeys(self._current, now))
+            only = report.retried = sorted(set(self.cfg.hosts) - self._current)
+            if not only:
+                report.resent = self.sweeper.sweep().resent
+                return report
+        domains, report.unreachable = self.hosts.domains(only)
         for host, why in report.unreachable.items():
             log.warning("host %s left out of this tick: %s", host, why)
         self._finish_unsent(domains)
@@ -219,18 +232,15 @@ class Scheduler:
         sweep = self.sweeper.sweep()  # jobs of dead workers, and messages a broker lost
         report.resent = sweep.resent
         self._since.update({host: now for host in domains})
+        self._current = set(domains) if only is None else self._current | set(domains)
         return report
 
     def _nothing_due(self, policies: list[Policy], now: datetime) -> bool:
-        """True when this tick would find nothing: every configured host has been listed
-        (or the catch-up point is known), no schedule has a slot since the earliest of
-        those listings, and no slot row waits for a decision or for its job."""
-        if not self._started_up:
+        """True when listing the hosts listed last time would find nothing: no schedule
+        has a slot since then, and no slot row waits for a decision or for its job."""
+        if not self._started_up or not self._current:
             return False
-        sinces = [self._since.get(host, self._first_since) for host in self.cfg.hosts]
-        if not sinces or any(since is None for since in sinces):
-            return False
-        earliest = max(min(min(s for s in sinces if s is not None), now), now - MAX_CATCH_UP)
+        earliest = max(min(min(self._since[h] for h in self._current), now), now - MAX_CATCH_UP)
         return not any_due(policies, earliest, now) and not slots.waiting(self.cat)
 
     # --- finding and claiming slots ----------------------------------------------------

@@ -38,6 +38,7 @@ from virtwarden.errors import DatabaseUnavailable, LeaseLost, NoSpace, Virtwarde
 
 log = logging.getLogger(__name__)
 COMMIT_RECHECK_SECONDS = 120.0  # how long a lost commit answer is chased before giving up
+RENEWAL_JOIN_SECONDS = 120.0  # how long close() waits for a gc-marker renewal in flight
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,7 @@ class PointSink:
         self.plan = plan
         self._writing: str | None = None
         self._done = threading.Event()
+        self._renewer: threading.Thread | None = None
         self.renew_seconds = WRITER_STALE / 10
         if self.repo2 is None:
             parent = plan.parent
@@ -220,7 +222,8 @@ class PointSink:
                 except VirtwardenError as e:  # tried again next time; gc honours the marker a day
                     log.warning("%s: renewing its marker for gc: %s", what, e)
 
-        threading.Thread(target=renew, name="gc-marker", daemon=True).start()
+        self._renewer = threading.Thread(target=renew, name="gc-marker", daemon=True)
+        self._renewer.start()
 
     def outputs(self, ctx: JobContext, dom: DomainInfo) -> dict[str, Output]:
         return plan_outputs(ctx, self.repo, self.prefix, dom, self.storage, scratch_only=self.repo2 is not None)
@@ -247,6 +250,16 @@ class PointSink:
 
     def close(self) -> None:
         self._done.set()
+        if self._renewer is not None:
+            # A renewal in flight would write the marker again after end_writing removed
+            # it, and gc would then wait for a backup that has ended (a day, until the
+            # marker is stale). A renewal is one small write, bounded by the backend's
+            # own timeouts.
+            self._renewer.join(RENEWAL_JOIN_SECONDS)
+            if self._renewer.is_alive():
+                log.warning("the gc marker's renewal has not returned after %.0fs; the marker may stay until "
+                            "it is stale", RENEWAL_JOIN_SECONDS)
+            self._renewer = None
         if self.repo2 is not None and self._writing is not None:
             self.repo2.end_writing(self._writing)
             self._writing = None

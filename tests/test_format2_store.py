@@ -5,6 +5,7 @@ visible in what the backend stores."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -275,6 +276,27 @@ def test_image_data_reads_a_qcow2_file_as_the_guest_sees_it(tmp_path) -> None:
         assert img.held() == [(65536, 65536), (3 * MiB, 4 * 65536), (6 * MiB, 65536)]  # whole clusters
         assert img.read(0, 8 * MiB) == bytes(raw)
         assert img.read(3 * MiB + 4000, 300) == bytes(raw[3 * MiB + 4000:3 * MiB + 4300])
+
+
+def test_a_backup_that_ends_while_its_marker_is_being_renewed_leaves_no_marker(backend, tmp_path) -> None:
+    """The renewal runs in a thread of its own; a renewal in flight when the backup ends
+    must not write the marker again after it was removed (gc would then keep off for a
+    day). Renewals as often as the storage takes them, ended 15 times."""
+    from types import SimpleNamespace
+
+    from virtwarden.tasks.backup_steps import LevelPlan, PointSink
+    from virtwarden.tasks.context import JobContext
+
+    repo = _repo(backend)
+    ctx = JobContext("job-1", catalog=None, hypervisor=None, storage=lambda _name: backend,  # type: ignore[arg-type]
+                     scratch_root=tmp_path, repository=lambda _name: repo)
+    for n in range(15):
+        sink = PointSink(ctx, "vault", SimpleNamespace(name="web01"), f"p{n}", LevelPlan("full", "a test"))  # type: ignore[arg-type]
+        sink.renew_seconds = 0.0005
+        sink.begin(f"backup {n} of web01")
+        time.sleep(0.02)  # renewing
+        sink.close()
+        assert repo.writers() == [], n
 
 
 def test_a_long_backup_keeps_its_gc_marker_fresh_until_it_ends(backend, tmp_path) -> None:

@@ -325,7 +325,11 @@ class GuestFactory:
         serial = (f"<serial type='file'><source path={_attr(guest.serial_path)}/>"
                   f"<target port='0'/></serial>") if guest.serial_path else ""
         # No USB controller and no balloon: nothing a test does not need, faster to start.
-        return (f"<domain type='{domain_type(self.conn)}'><name>{guest.name}</name>"
+        # A guest that boots its disk runs under TCG: SeaBIOS under KVM on these nested
+        # machines costs about 2.8 s of a core in the host kernel's instruction emulation
+        # per boot, under TCG 0.35 s (and 0.5 s to the marker instead of 3 s).
+        kind = domain_type(self.conn) if halt_at_once else "qemu"
+        return (f"<domain type='{kind}'><name>{guest.name}</name>"
                 f"<memory unit='MiB'>64</memory><vcpu>1</vcpu>"
                 f"<os><type arch='x86_64' machine='pc'>hvm</type>{_minimal_firmware() if halt_at_once else ''}"
                 f"<boot dev='hd'/></os>"

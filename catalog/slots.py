@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Table, bindparam, func, insert, select, update
+from sqlalchemy import ColumnElement, Table, case, func, insert, select, update
 from virtwarden.catalog.jobs import QUEUED, RUNNING, JobView
 from virtwarden.catalog.models import Job, ScheduleSlot, SlotTotal
 from virtwarden.catalog.store import Catalog, dialect_insert, upsert
@@ -203,10 +203,10 @@ def start_many(cat: Catalog, starts: list[Start], *, max_attempts: int, requeste
         job_table, slot_table = cast(Table, Job.__table__), cast(Table, ScheduleSlot.__table__)
         if new:  # one INSERT for the batch, the times from the database's clock
             conn.execute(insert(job_table).values(**times(resend_after)), new)
-        if job_of:
+        if job_of:  # one UPDATE for the batch (an executemany is a round trip per row on psycopg2)
             slot = slot_table.c
-            conn.execute(update(slot_table).where(slot.id == bindparam("sid"), slot.job_id.is_(None))
-                         .values(job_id=bindparam("jid")), [{"sid": k, "jid": v} for k, v in job_of.items()])
+            conn.execute(update(slot_table).where(slot.id.in_(job_of), slot.job_id.is_(None))
+                         .values(job_id=case(job_of, value=slot.id)))
         views = {j.id: _view(j) for j in s.scalars(select(Job).where(Job.id.in_(job_of.values())))}
         return [(st, views[job_of[st.slot_id]], st.dedup_key not in existing) for st in mine]
 

@@ -59,15 +59,20 @@ def trigger_run(root: Path, args: argparse.Namespace) -> tuple[float, list[float
     from virtwarden.catalog.models import Base, Event, Job
     from virtwarden.catalog.store import Catalog
     from virtwarden.hypervisor.events import HostEvent
+    from virtwarden.policies.loader import SETTLE_SECONDS
     from virtwarden.worker import celery_app
 
     from bench.fleet import fleet
     from virtwarden.config import load
     from virtwarden.daemons.listener import Listener
 
-    hosts = fleet(root, 1, args.domains)  # host h000: domains h000-vm000 ...
     (root / "policies").mkdir(exist_ok=True)
     (root / "policies" / "on-start.yaml").write_text(TRIGGER_POLICY)
+    # A policy file changed less than policies.loader.SETTLE_SECONDS ago is read again at
+    # every look: the burst comes after it settled, as on a fleet whose policies were not
+    # being edited.
+    settled = time.monotonic() + SETTLE_SECONDS + 0.1
+    hosts = fleet(root, 1, args.domains)  # host h000: domains h000-vm000 ...
     (root / "store").mkdir(exist_ok=True)
     doc = {"data_dir": str(root / "data"), "policy_dir": str(root / "policies"), "hosts": hosts,
            "broker_url": args.broker, "storage": {"nfs": {"type": "nfs", "path": str(root / "store")}}}
@@ -85,6 +90,7 @@ def trigger_run(root: Path, args: argparse.Namespace) -> tuple[float, list[float
             s.execute(table.delete())
     ids = [str(uuid.uuid4()) for _ in range(args.domains)]
     listener = Listener(cfg, cat, [], backoff_min=1, backoff_max=1)
+    time.sleep(max(0.0, settled - time.monotonic()))
     arrived = time.time()
     for i in range(args.events):
         d = i % args.domains

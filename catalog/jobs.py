@@ -25,9 +25,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import Table, delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from virtwarden.catalog.clock import db_later, db_now
 from virtwarden.catalog.fencing import Fence
@@ -131,6 +131,40 @@ def create_once(
             existing = s.scalars(select(Job).where(Job.dedup_key == dedup_key)).one()
             return _view(existing), False
     return _view(row), True
+
+
+def create_many(cat: Catalog, values: list[dict[str, Any]], *,
+                resend_after: float = DEFAULT_RESEND_AFTER) -> list[tuple[JobView, bool]]:
+    """``create_once`` for many jobs (``new_values`` each) in one transaction and one
+    INSERT: for each, in order, its job and whether this call created it (False: a job
+    with its ``dedup_key`` existed already, or came earlier in ``values``). A key that
+    another process inserts between this call's look-up and its INSERT fails the whole
+    call (IntegrityError, nothing created): the caller creates them one at a time."""
+    keys = [v["dedup_key"] for v in values if v["dedup_key"]]
+    with cat.session() as s:
+        known = {j.dedup_key: j for j in s.scalars(select(Job).where(Job.dedup_key.in_(keys)))} if keys else {}
+        first: dict[str, str] = {}  # dedup key -> the id of the job made for it in this call
+        new: list[dict[str, Any]] = []
+        for v in values:
+            key = v["dedup_key"]
+            if key and (key in known or key in first):
+                continue
+            if key:
+                first[key] = v["id"]
+            new.append(v)
+        if new:
+            s.connection().execute(insert(cast(Table, Job.__table__)).values(**times(resend_after)), new)
+        made = {j.id: j for j in s.scalars(select(Job).where(Job.id.in_([v["id"] for v in new])))} if new else {}
+        result: list[tuple[JobView, bool]] = []
+        for v in values:
+            key = v["dedup_key"]
+            if key in known:
+                result.append((_view(known[key]), False))
+            elif v["id"] in made:
+                result.append((_view(made[v["id"]]), True))
+            else:  # a repeated key in this call: its first job
+                result.append((_view(made[first[key]]), False))
+        return result
 
 
 def new_values(*, kind: str, domain: str | None, host: str | None, params: dict[str, Any], max_attempts: int,

@@ -263,6 +263,55 @@ def test_events_waiting_together_are_recorded_together_and_one_refused_loses_onl
         redis.Redis.from_url(LISTENER_REDIS_URL).flushdb()
 
 
+def test_a_burst_of_triggering_events_with_the_broker_away_creates_every_job_and_loses_none(
+        tmp_path: Path, redis_url: str) -> None:
+    """Six crashes wait together: their events are recorded in one transaction and their
+    six snapshot jobs created in one more; the broker (Redis behind a proxy that is cut)
+    cannot take their messages, so every job stays queued and due, none sent. Once the
+    broker is back the sweeper sends each, and each job's message is in its queue."""
+    need_module("libvirt")
+    import redis
+    from virtwarden.catalog import events, jobs
+    from virtwarden.catalog.store import Catalog
+    from virtwarden.hypervisor.events import HostEvent
+    from virtwarden.worker import celery_app
+    from virtwarden.worker.outbox import Sweeper
+
+    from tests.faults import CuttableProxy
+    from virtwarden.daemons.listener import Listener
+
+    port = int(LISTENER_REDIS_URL.rsplit(":", 1)[1].split("/")[0])
+    with CuttableProxy(port) as proxy:
+        cfg = _crash_snapshot_config(tmp_path, broker_url=proxy.url(LISTENER_REDIS_URL))
+        celery_app.configure(cfg)
+        cat = Catalog(cfg.catalog_url)
+        listener = Listener(cfg, cat, [], backoff_min=1, backoff_max=1)
+        try:
+            proxy.cut()
+            now = time.time()
+            for n in range(6):
+                listener.queue.put(HostEvent("t", f"db-{n}", f"5b0c1a52-8d1e-4a1e-9a43-3c0b1f0e7d1{n}",
+                                             "domain.crashed", "panicked", now + n / 1000))
+            listener.start()
+            wait_for(lambda: len(jobs.recent(cat)) == 6 and not listener.backlog()[0], 60, "six jobs")
+            assert len(events.recent(cat)) == 6
+            made = jobs.recent(cat)
+            assert sorted(j.domain for j in made) == [f"db-{n}" for n in range(6)]
+            assert all(j.state == "queued" and j.sends == 0 and j.kind == "snapshot" for j in made)
+
+            proxy.restore()
+            report = Sweeper(cfg, cat, celery_app.send).sweep()
+            assert sorted(report.resent) == sorted(j.id for j in made)
+            assert all(j.sends == 1 for j in jobs.recent(cat))
+            queued = [m.decode() for m in redis.Redis.from_url(LISTENER_REDIS_URL).lrange(
+                celery_app.queue_for("t"), 0, -1)]
+            assert all(sum(j.id in m for m in queued) == 1 for j in made)
+        finally:
+            listener.stop()
+            cat.close()
+            redis.Redis.from_url(LISTENER_REDIS_URL).flushdb()
+
+
 def test_a_catalog_away_through_several_retries_loses_no_event(tmp_path: Path, redis_url: str,
                                                                 pg_schema_url: str) -> None:
     """PostgreSQL goes away (its connections cut, new ones closed) just before an event

@@ -289,47 +289,98 @@ class Dispatcher:
         what = (f"recording {first.kind} of {first.domain} on host {first.host}" if len(evs) == 1
                 else f"recording {len(evs)} events")
         recs = self._retry(what, lambda: catalog_events.record_many(self.cat, arrivals))
+        triggered: list[tuple[EventView, TriggerAction]] = []
         for n, rec in enumerate(recs):
             log.info("event %d: %s of %s on host %s (%s)", rec.id, rec.kind, rec.domain, rec.host, rec.detail)
             if quiet[n]:
                 continue
             try:
-                self.start_jobs(rec)
+                triggered += [(rec, action) for action in self._actions(rec)]
             except VirtwardenError as e:
                 log.error("event %d: %s", rec.id, e)
             except Exception:  # one bad event must not keep the others' jobs from starting
                 log.exception("event %d: unexpected error (a bug: please report it with this traceback)", rec.id)
+        try:  # the events are recorded: nothing here may make the batch be handled again
+            self._start(triggered)
+        except Exception:
+            log.exception("%d job(s) of events: unexpected error (a bug: please report it with this traceback)",
+                          len(triggered))
 
     # --- triggers -----------------------------------------------------------------------
     def start_jobs(self, rec: EventView) -> None:
+        """Start the jobs one event's triggers name."""
+        self._start([(rec, action) for action in self._actions(rec)])
+
+    def _actions(self, rec: EventView) -> list[TriggerAction]:
         found = self.policies.get()
         if rec.kind not in listened_events(found) or rec.domain is None:
-            return
+            return []
         facts = DomainFacts(rec.domain, rec.host, self._metadata_of(rec))
+        actions: list[TriggerAction] = []
         for run in RUNS:  # one job's ambiguous policies must not hold back the others
             try:
-                actions = triggers_for(rec.kind, facts, found, runs=(run,))
+                actions += triggers_for(rec.kind, facts, found, runs=(run,))
             except PolicyError as e:
                 log.error("event %d (%s of %s): no %s started: %s", rec.id, rec.kind, rec.domain, run, e)
-                continue
-            for action in actions:
-                try:
-                    self._retry(f"event {rec.id}: starting {run} of {rec.domain}", lambda: self._enqueue(rec, action))  # noqa: B023 - runs now
-                except VirtwardenError as e:
-                    log.error("event %d (%s of %s on host %s): %s for policy %s not started: %s",
-                              rec.id, rec.kind, rec.domain, rec.host, run, action.policy, e)
+        return actions
 
-    def _enqueue(self, rec: EventView, action: TriggerAction) -> None:
+    def _start(self, triggered: list[tuple[EventView, TriggerAction]]) -> None:
+        """Plan each triggered job (one that cannot be planned is logged and left out),
+        then create and send them together (``submit.enqueue_many``: one transaction,
+        pipelined messages). If that fails for another reason than a database outage
+        (waited for), they are started one at a time, so one bad job loses only itself."""
+        from virtwarden import submit
+
+        requests: list[tuple[EventView, TriggerAction, submit.Request]] = []
+        for rec, action in triggered:
+            try:
+                planned = self._retry(f"event {rec.id}: planning {action.run} of {rec.domain}",
+                                      lambda: self._plan(rec, action))  # noqa: B023 - runs now
+            except VirtwardenError as e:
+                self._not_started(rec, action, e)
+                continue
+            requests.append((rec, action, submit.Request(planned, "event", _dedup_key(rec, action))))
+        if not requests:
+            return
+        try:
+            made = self._retry(f"starting {len(requests)} job(s)",
+                               lambda: submit.enqueue_many(self.cfg, self.cat, [r for _, _, r in requests]))
+        except Exception as e:  # noqa: BLE001 - one at a time says which
+            if self.stopping.is_set():
+                log.error("%d job(s) of events not started: stopping (%s)", len(requests), e)
+                return
+            if len(requests) > 1:
+                log.warning("%d jobs could not be started together (%s); starting them one at a time",
+                            len(requests), e)
+            for rec, action, request in requests:
+                try:
+                    job = self._retry(f"event {rec.id}: starting {action.run} of {rec.domain}",
+                                      lambda: submit.enqueue_many(self.cfg, self.cat, [request])[0])  # noqa: B023
+                except Exception as e:  # noqa: BLE001 - this one job is not started, the others are
+                    self._not_started(rec, action, e)
+                    continue
+                self._started(rec, action, job)
+            return
+        for (rec, action, _), job in zip(requests, made, strict=True):
+            self._started(rec, action, job)
+
+    def _plan(self, rec: EventView, action: TriggerAction) -> Any:
         from virtwarden import submit
 
         assert rec.domain is not None
-        key = f"event:{rec.id}:{action.policy}:{action.run}"
         options = {"full": True} if action.full else {}
-        job = submit.submit(self.cfg, self.cat, action.run, rec.domain, policy=action.policy, host=rec.host,
-                            known_on_host=True, requested_by="event", dedup_key=key,
-                            interactive=False, **options)
+        return submit.plan(self.cfg, self.cat, action.run, rec.domain, policy=action.policy, host=rec.host,
+                           known_on_host=True, **options)
+
+    @staticmethod
+    def _started(rec: EventView, action: TriggerAction, job: Any) -> None:
         log.info("event %d: %s of %s on host %s -> %s job %s (policy %s%s)", rec.id, rec.kind, rec.domain,
                  rec.host, action.run, job.id, action.policy, ", full" if action.full else "")
+
+    @staticmethod
+    def _not_started(rec: EventView, action: TriggerAction, e: Exception) -> None:
+        log.error("event %d (%s of %s on host %s): %s for policy %s not started: %s",
+                  rec.id, rec.kind, rec.domain, rec.host, action.run, action.policy, e)
 
     def _metadata_of(self, rec: EventView) -> dict[str, str]:
         """The domain's virtwarden metadata, from libvirt (over the host's kept connection);
@@ -400,6 +451,11 @@ class Dispatcher:
                 log.warning("%s: %s; trying again in %.0fs", what, e, delay)
             self.stopping.wait(delay)
             delay = min(delay * 2, self.backoff_max)
+
+
+def _dedup_key(rec: EventView, action: TriggerAction) -> str:
+    """One job per event, policy and job kind, however often the event is handled."""
+    return f"event:{rec.id}:{action.policy}:{action.run}"
 
 
 class PolicyCache:

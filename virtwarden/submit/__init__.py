@@ -154,6 +154,45 @@ def enqueue(cfg: Config, cat: Catalog, kind: str, domain: str | None, host: str,
     return job
 
 
+@dataclass(frozen=True)
+class Request:
+    """A planned request to create and send, with who asked and its dedup key."""
+
+    planned: Planned
+    requested_by: str | None
+    dedup_key: str | None = None
+
+
+def enqueue_many(cfg: Config, cat: Catalog, requests: list[Request]) -> list[jobs.JobView]:
+    """``enqueue`` for many requests nobody waits for (``interactive=False``: the
+    listener's triggers): their jobs created in one transaction, their messages sent in
+    pipelined batches (``celery_app.send_many``), the sends recorded in one statement.
+    Jobs whose message did not go stay queued and due, and the sweeper sends them when
+    the broker is back. A dedup key created meanwhile by another process makes the batch
+    fall back to one request at a time. Each request's job, in order."""
+    from sqlalchemy.exc import IntegrityError
+
+    from virtwarden.worker import celery_app
+
+    values = [jobs.new_values(kind=r.planned.kind, domain=r.planned.domain, host=r.planned.host,
+                              params=r.planned.params, max_attempts=cfg.worker.max_attempts,
+                              dedup_key=r.dedup_key, requested_by=r.requested_by) for r in requests]
+    try:
+        created = jobs.create_many(cat, values, resend_after=cfg.worker.resend_seconds)
+    except IntegrityError:
+        return [enqueue(cfg, cat, r.planned.kind, r.planned.domain, r.planned.host, r.planned.params,
+                        r.requested_by, dedup_key=r.dedup_key, interactive=False) for r in requests]
+    sent, error = celery_app.send_many([job for job, new in created if new])
+    if error is not None:
+        went = {job.id for job in sent}
+        unsent = [job for job, new in created if new and job.id not in went]
+        log.warning("%s; %d jobs stay queued and are sent when the broker is back", error, len(unsent))
+        for job in unsent:
+            jobs.postpone(cat, job.id, 0)  # due for the sweeper's next round
+    jobs.mark_sent_many(cat, sent, resend_after=cfg.worker.resend_seconds)
+    return [job for job, _ in created]
+
+
 def job_failed(job: jobs.JobView) -> JobFailed:
     """A failed job as an error: with the exit code of the product error that failed it
     (6 for a full storage, 5 for an unreachable one, ...), else 1."""

@@ -52,6 +52,15 @@ spec:
 """
 
 
+def _drained(listener) -> float:
+    """Start the listener on the events queued for it; seconds until it has handled them."""
+    began = time.perf_counter()
+    listener.start()
+    while listener.backlog()[0]:
+        time.sleep(0.01)
+    return time.perf_counter() - began
+
+
 def trigger_run(root: Path, args: argparse.Namespace) -> tuple[float, list[float]]:
     """One burst of triggering events: events per second until every job exists, and
     each event's latency (arrival to its job's creation), in seconds."""
@@ -96,11 +105,7 @@ def trigger_run(root: Path, args: argparse.Namespace) -> tuple[float, list[float
         d = i % args.domains
         listener.queue.put(HostEvent("h000", f"h000-vm{d:03d}", ids[d], "domain.started", "booted", arrived))
     try:
-        began = time.perf_counter()
-        listener.start()
-        while listener.backlog()[0]:
-            time.sleep(0.01)
-        took = time.perf_counter() - began
+        took = _drained(listener)
         with cat.session() as s:
             created = [j.created_at.timestamp() for j in s.query(Job)]
             assert s.query(Event).count() == args.events
@@ -161,11 +166,7 @@ def one_run(root: Path, database: str | None, n_events: int, n_domains: int, bat
         d = i % n_domains
         listener.queue.put(HostEvent("h", f"vm{d:05d}", ids[d], "domain.started", "booted", now))
     try:
-        began = time.perf_counter()
-        listener.start()
-        while listener.backlog()[0]:
-            time.sleep(0.01)
-        took = time.perf_counter() - began
+        took = _drained(listener)
         assert len(events.recent(cat, limit=n_events + 1)) == n_events
     finally:
         listener.stop()

@@ -123,21 +123,25 @@ def test_chain_order_follows_the_database_clock(cat):
 
 
 def test_a_queued_job_whose_message_is_overdue_is_listed_for_sending_again(cat):
-    job = jobs.create(cat, kind="backup", domain="web01", host="h", params={}, resend_after=0.2)
+    # "Not due yet" holds only if it is asked within the wait: on a loaded machine a
+    # statement can take a few tenths of a second, so each such look keeps a margin of
+    # most of a second (a 0.2 s wait once failed here under load). "Due" only gets truer.
+    wait = 1.0
+    job = jobs.create(cat, kind="backup", domain="web01", host="h", params={}, resend_after=wait)
     assert jobs.due_for_send(cat) == []
-    time.sleep(0.3)
+    time.sleep(wait + 0.1)
     due = jobs.due_for_send(cat)
     assert [j.id for j in due] == [job.id]
-    assert jobs.mark_sent(cat, due[0], resend_after=0.2)
-    assert not jobs.mark_sent(cat, due[0], resend_after=0.2)  # another sweeper sent it already
+    assert jobs.mark_sent(cat, due[0], resend_after=wait)
+    assert not jobs.mark_sent(cat, due[0], resend_after=wait)  # another sweeper sent it already
     assert jobs.due_for_send(cat) == []
-    time.sleep(0.3)
+    time.sleep(wait + 0.1)
     again = jobs.due_for_send(cat)
     assert [j.sends for j in again] == [1]
-    assert jobs.mark_sent(cat, again[0], resend_after=0.2)
-    time.sleep(0.3)
+    assert jobs.mark_sent(cat, again[0], resend_after=wait)
+    time.sleep(wait + 0.1)
     assert jobs.due_for_send(cat) == []  # each resend waits twice as long as the one before
-    time.sleep(0.2)
+    time.sleep(wait)
     assert [j.id for j in jobs.due_for_send(cat)] == [job.id]
     jobs.postpone(cat, job.id, 30)  # a worker saw the message and will see it again
     assert jobs.due_for_send(cat) == []

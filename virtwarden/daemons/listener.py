@@ -55,7 +55,9 @@ from virtwarden.policies.triggers import RUNS, TriggerAction, listened_events, t
 from virtwarden.redact import mask
 
 if TYPE_CHECKING:
+    from virtwarden.catalog.jobs import JobView
     from virtwarden.hypervisor.events import EventConnection, HostEvent
+    from virtwarden.submit import Planned
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -364,7 +366,7 @@ class Dispatcher:
         for (rec, action, _), job in zip(requests, made, strict=True):
             self._started(rec, action, job)
 
-    def _plan(self, rec: EventView, action: TriggerAction) -> Any:
+    def _plan(self, rec: EventView, action: TriggerAction) -> Planned:
         from virtwarden import submit
 
         assert rec.domain is not None
@@ -373,7 +375,7 @@ class Dispatcher:
                            known_on_host=True, **options)
 
     @staticmethod
-    def _started(rec: EventView, action: TriggerAction, job: Any) -> None:
+    def _started(rec: EventView, action: TriggerAction, job: JobView) -> None:
         log.info("event %d: %s of %s on host %s -> %s job %s (policy %s%s)", rec.id, rec.kind, rec.domain,
                  rec.host, action.run, job.id, action.policy, ", full" if action.full else "")
 

@@ -91,9 +91,10 @@ def test_domain_lock_serialises_disk_changing_jobs(cat):
 
 def test_expired_lease_is_reaped_then_taken_over_and_the_old_owner_is_told(cat):
     job = _job(cat)
-    dead = jobs.claim(cat, job.id, "dead", 0.2, lock_domain=True).fence
+    # A lease of 1 s: "still fresh" must be seen within it, on a loaded machine too.
+    dead = jobs.claim(cat, job.id, "dead", 1.0, lock_domain=True).fence
     assert jobs.reap(cat) == []  # lease still fresh
-    time.sleep(0.3)
+    time.sleep(1.1)
     requeued = jobs.reap(cat)
     assert [j.id for j in requeued] == [job.id] and requeued[0].state == jobs.QUEUED
     new = jobs.claim(cat, job.id, "new", 30, lock_domain=True)

@@ -213,6 +213,54 @@ def test_an_event_handled_twice_makes_one_job(tmp_path: Path, redis_url: str) ->
         dispatcher.start_jobs(rec)
         found = [(j.kind, j.domain, j.requested_by, j.params) for j in jobs.recent(cat)]
         assert found == [CRASH_SNAPSHOT]
+        assert dispatcher.connections.kept("t") is None  # no selector reads metadata: libvirt was not asked
+    finally:
+        cat.close()
+        redis.Redis.from_url(LISTENER_REDIS_URL).flushdb()
+
+
+def test_a_policy_that_selects_by_metadata_reads_it_from_the_events_host(tmp_path: Path, redis_url: str) -> None:
+    """With a selector on metadata, the listener reads each triggering domain's metadata
+    over its kept connection to the event's host (libvirt's test driver, from a node file):
+    the gold domain's crash snapshots it, the iron one's starts nothing."""
+    need_module("libvirt")
+    import redis
+    from virtwarden.catalog import events, jobs
+    from virtwarden.catalog.store import Catalog
+    from virtwarden.policies.select import METADATA_NAMESPACE
+    from virtwarden.worker import celery_app
+
+    from virtwarden import config
+    from virtwarden.daemons.listener import Dispatcher
+
+    domains = "".join(
+        f"<domain type='test'><name>db-{tier}</name><memory>65536</memory><os><type>hvm</type></os>"
+        f"<metadata><vw:virtwarden xmlns:vw='{METADATA_NAMESPACE}'><vw:tier>{tier}</vw:tier></vw:virtwarden>"
+        f"</metadata></domain>" for tier in ("gold", "iron"))
+    node = tmp_path / "node.xml"
+    node.write_text(f"<node>{domains}</node>")
+    policy_dir = tmp_path / "policies"
+    policy_dir.mkdir()
+    (policy_dir / "gold.yaml").write_text(yaml.safe_dump(_policy(
+        "gold", ["db-*"], [{"event": "domain.crashed", "run": "snapshot"}], snapshots={"type": "internal"},
+        selector={"domains": ["db-*"], "metadata": {"tier": "gold"}},
+    ).model_dump(mode="json", exclude_none=True)))
+    cfg_file = tmp_path / "virtwarden.yaml"
+    cfg_file.write_text(yaml.safe_dump({
+        "data_dir": str(tmp_path / "data"), "broker_url": LISTENER_REDIS_URL, "policy_dir": str(policy_dir),
+        "hosts": {"t": {"uri": f"test://{node}"}},
+        "storage": {"nfs": {"type": "nfs", "path": str(tmp_path / "repo"), "create": True}}}))
+    cfg = config.load(str(cfg_file), env={})
+    celery_app.configure(cfg)
+    cat = Catalog(cfg.catalog_url)
+    try:
+        dispatcher = Dispatcher(cfg, cat, threading.Event())
+        for tier in ("gold", "iron"):
+            info = dispatcher.connections.use("t", lambda hv, t=tier: hv.domain(f"db-{t}", sizes=False))
+            rec = events.record(cat, host="t", domain=f"db-{tier}", uuid=info.uuid, kind="domain.crashed",
+                                detail="panicked", state="crashed")
+            dispatcher.start_jobs(rec)
+        assert [(j.kind, j.domain) for j in jobs.recent(cat)] == [("snapshot", "db-gold")]
     finally:
         cat.close()
         redis.Redis.from_url(LISTENER_REDIS_URL).flushdb()

@@ -317,7 +317,10 @@ class Dispatcher:
         found = self.policies.get()
         if rec.kind not in listened_events(found) or rec.domain is None:
             return []
-        facts = DomainFacts(rec.domain, rec.host, self._metadata_of(rec))
+        # Only selectors read a domain's metadata: when none names any, libvirt is not
+        # asked for it (a round trip per triggering event to a remote host).
+        metadata = self._metadata_of(rec) if any(p.spec.selector.metadata for p in found) else {}
+        facts = DomainFacts(rec.domain, rec.host, metadata)
         actions: list[TriggerAction] = []
         for run in RUNS:  # one job's ambiguous policies must not hold back the others
             try:

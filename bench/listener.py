@@ -9,10 +9,10 @@ the events handled one at a time (``BATCH`` 1, as before batching) and in batche
 events per second and the ratio.
 
 ``--trigger``: the same burst, but each event is ``domain.started`` of a running domain
-that a policy backs up on that event (``on: domain.started -> backup``): the listener
-records the event, reads the domain's metadata over its kept connection to the host
-(libvirt's test driver, ``test:///…/node.xml``), creates the job and sends its message
-to the Redis of ``--broker`` (a database it flushes). Prints events per second until
+(on libvirt's test driver, ``test:///…/node.xml``) that a policy backs up on that event
+(``on: domain.started -> backup``, selected by name, so no metadata is read): the
+listener records the event, creates the job and sends its message to the Redis of
+``--broker`` (a database it flushes). Prints events per second until
 every job exists, and each event's latency from its arrival to its job's creation
 (median, p99, max).
 """

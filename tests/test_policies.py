@@ -200,6 +200,28 @@ def test_load_dir_reads_yaml_files_in_name_order_and_skips_others(tmp_path: Path
     assert [p.name for p in load_dir(tmp_path)] == ["alpha", "zeta"]
 
 
+def test_a_held_reading_sees_the_policies_of_its_first_look_and_stats_no_file_after_it(
+        tmp_path: Path, monkeypatch) -> None:
+    """What a scheduler tick does: within ``held()`` the directory is looked at once, so
+    an edit in the middle of the tick changes nothing in it (and costs no stat per
+    slot); the next reading sees it. A nested hold is the same hold."""
+    from virtwarden.policies import loader
+
+    (tmp_path / "a.yaml").write_text(spec(BACKUP).replace("nightly", "alpha"))
+    looks: list[Path] = []
+    signature = loader._signature
+    monkeypatch.setattr(loader, "_signature", lambda d: (looks.append(d), signature(d))[1])
+    with loader.held():
+        assert [p.name for p in load_dir(tmp_path)] == ["alpha"]
+        (tmp_path / "a.yaml").write_text(spec(BACKUP).replace("nightly", "bravo"))
+        with loader.held():
+            assert [p.name for p in load_dir(tmp_path)] == ["alpha"]
+        assert [p.name for p in load_dir(tmp_path)] == ["alpha"]
+        assert looks == [tmp_path]
+    assert [p.name for p in load_dir(tmp_path)] == ["bravo"]
+    assert len(looks) == 2
+
+
 def test_load_dir_reads_the_files_again_only_when_they_change(tmp_path: Path, monkeypatch) -> None:
     """Every process asks for the policies often (a scheduler tick, each listener event):
     an unchanged directory is not read again; any change is seen on the next call; a

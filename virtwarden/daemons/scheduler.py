@@ -41,6 +41,7 @@ from virtwarden.daemons.connections import KeptConnections
 from virtwarden.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, DomainNotFound, PolicyError, Transient, VirtwardenError
 from virtwarden.hypervisor import Hypervisor
 from virtwarden.policies import DomainFacts, Policy, load_policies, parse_metadata
+from virtwarden.policies.loader import held
 from virtwarden.policies.schedule import (
     SCHEDULED_JOBS,
     Busy,
@@ -208,6 +209,10 @@ class Scheduler:
                 return
 
     def tick(self) -> TickReport:
+        with held():  # one reading of the policy files for the whole tick
+            return self._tick()
+
+    def _tick(self) -> TickReport:
         now = self.clock()
         report = TickReport(now)
         policies = self._load_policies(report)

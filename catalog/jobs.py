@@ -29,6 +29,7 @@ from typing import Any, cast
 
 from sqlalchemy import Table, delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 from virtwarden.catalog.clock import db_later, db_now
 from virtwarden.catalog.fencing import Fence
 from virtwarden.catalog.models import DomainLock, Job, JobTotal
@@ -140,31 +141,37 @@ def create_many(cat: Catalog, values: list[dict[str, Any]], *,
     with its ``dedup_key`` existed already, or came earlier in ``values``). A key that
     another process inserts between this call's look-up and its INSERT fails the whole
     call (IntegrityError, nothing created): the caller creates them one at a time."""
-    keys = [v["dedup_key"] for v in values if v["dedup_key"]]
     with cat.session() as s:
-        known = {j.dedup_key: j for j in s.scalars(select(Job).where(Job.dedup_key.in_(keys)))} if keys else {}
-        first: dict[str, str] = {}  # dedup key -> the id of the job made for it in this call
-        new: list[dict[str, Any]] = []
-        for v in values:
-            key = v["dedup_key"]
-            if key and (key in known or key in first):
-                continue
-            if key:
-                first[key] = v["id"]
-            new.append(v)
-        if new:
-            s.connection().execute(insert(cast(Table, Job.__table__)).values(**times(resend_after)), new)
-        made = {j.id: j for j in s.scalars(select(Job).where(Job.id.in_([v["id"] for v in new])))} if new else {}
-        result: list[tuple[JobView, bool]] = []
-        for v in values:
-            key = v["dedup_key"]
-            if key in known:
-                result.append((_view(known[key]), False))
-            elif v["id"] in made:
-                result.append((_view(made[v["id"]]), True))
-            else:  # a repeated key in this call: its first job
-                result.append((_view(made[first[key]]), False))
-        return result
+        return insert_once(s, values, resend_after=resend_after)
+
+
+def insert_once(s: Session, values: list[dict[str, Any]], *, resend_after: float) -> list[tuple[JobView, bool]]:
+    """``create_many`` inside the caller's transaction (``slots.start_many`` records the
+    slots' jobs in the same one)."""
+    keys = [v["dedup_key"] for v in values if v["dedup_key"]]
+    known = {j.dedup_key: j for j in s.scalars(select(Job).where(Job.dedup_key.in_(keys)))} if keys else {}
+    first: dict[str, str] = {}  # dedup key -> the id of the job made for it in this call
+    new: list[dict[str, Any]] = []
+    for v in values:
+        key = v["dedup_key"]
+        if key and (key in known or key in first):
+            continue
+        if key:
+            first[key] = v["id"]
+        new.append(v)
+    if new:  # one INSERT, the times from the database's clock
+        s.connection().execute(insert(cast(Table, Job.__table__)).values(**times(resend_after)), new)
+    made = {j.id: j for j in s.scalars(select(Job).where(Job.id.in_([v["id"] for v in new])))} if new else {}
+    result: list[tuple[JobView, bool]] = []
+    for v in values:
+        key = v["dedup_key"]
+        if key in known:
+            result.append((_view(known[key]), False))
+        elif v["id"] in made:
+            result.append((_view(made[v["id"]]), True))
+        else:  # a repeated key in this call: its first job
+            result.append((_view(made[first[key]]), False))
+    return result
 
 
 def new_values(*, kind: str, domain: str | None, host: str | None, params: dict[str, Any], max_attempts: int,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Table, case, func, insert, select, update
+from sqlalchemy import ColumnElement, Table, case, func, select, update
 from virtwarden.catalog.jobs import QUEUED, RUNNING, JobView
 from virtwarden.catalog.models import Job, ScheduleSlot, SlotTotal
 from virtwarden.catalog.store import Catalog, dialect_insert, upsert
@@ -178,7 +178,7 @@ def start_many(cat: Catalog, starts: list[Start], *, max_attempts: int, requeste
     is recorded instead of a new one. The slots this call started, with their jobs and
     whether this call created them; sending the messages is the caller's, after the
     commit."""
-    from virtwarden.catalog.jobs import _view, new_values, times
+    from virtwarden.catalog.jobs import insert_once, new_values
 
     if not starts:
         return []
@@ -188,27 +188,16 @@ def start_many(cat: Catalog, starts: list[Start], *, max_attempts: int, requeste
                             .where(ScheduleSlot.id.in_(by_id), ScheduleSlot.state == DEFERRED)
                             .values(state=STARTED, reason=None).returning(ScheduleSlot.id)))
         mine = [st for st in starts if st.slot_id in won]
-        existing = {j.dedup_key: j for j in s.scalars(select(Job).where(Job.dedup_key.in_([st.dedup_key
-                                                                                             for st in mine])))}
-        job_of: dict[int, str] = {}
-        new: list[dict[str, Any]] = []
-        for st in mine:
-            if st.dedup_key in existing:
-                job_of[st.slot_id] = existing[st.dedup_key].id
-                continue
-            new.append(new_values(kind=st.kind, domain=st.domain, host=st.host, params=st.params,
-                                  max_attempts=max_attempts, dedup_key=st.dedup_key, requested_by=requested_by))
-            job_of[st.slot_id] = new[-1]["id"]
-        conn = s.connection()
-        job_table, slot_table = cast(Table, Job.__table__), cast(Table, ScheduleSlot.__table__)
-        if new:  # one INSERT for the batch, the times from the database's clock
-            conn.execute(insert(job_table).values(**times(resend_after)), new)
+        created = insert_once(s, [new_values(kind=st.kind, domain=st.domain, host=st.host, params=st.params,
+                                             max_attempts=max_attempts, dedup_key=st.dedup_key,
+                                             requested_by=requested_by) for st in mine],
+                              resend_after=resend_after)
+        job_of = {st.slot_id: job.id for st, (job, _) in zip(mine, created, strict=True)}
         if job_of:  # one UPDATE for the batch (an executemany is a round trip per row on psycopg2)
-            slot = slot_table.c
-            conn.execute(update(slot_table).where(slot.id.in_(job_of), slot.job_id.is_(None))
-                         .values(job_id=case(job_of, value=slot.id)))
-        views = {j.id: _view(j) for j in s.scalars(select(Job).where(Job.id.in_(job_of.values())))}
-        return [(st, views[job_of[st.slot_id]], st.dedup_key not in existing) for st in mine]
+            table = cast(Table, ScheduleSlot.__table__)
+            s.execute(update(table).where(table.c.id.in_(job_of), table.c.job_id.is_(None))
+                      .values(job_id=case(job_of, value=table.c.id)))
+        return [(st, job, new) for st, (job, new) in zip(mine, created, strict=True)]
 
 
 def attach_job(cat: Catalog, slot_id: int, job_id: str, reason: str | None = None) -> bool:

@@ -365,8 +365,7 @@ class Scheduler:
         slot another scheduler started first is left to it), then the messages sent over
         one connection and the sends recorded in one more. A send that fails leaves its
         job and the rest queued and due: the sweeper sends them when the broker is back."""
-        from virtwarden.catalog import jobs
-        from virtwarden.worker import celery_app
+        from virtwarden import submit
 
         starts: list[slots.Start] = []
         for row, slot in batch:
@@ -390,14 +389,7 @@ class Scheduler:
             report.started.append((st.dedup_key, job.id))
         if not send:
             return
-        sent, error = celery_app.send_many([job for _, job, created in started if created])
-        if error is not None:
-            went = {job.id for job in sent}
-            unsent = [job for _, job, created in started if created and job.id not in went]
-            log.warning("%s; %d jobs stay queued and are sent when the broker is back", error, len(unsent))
-            for job in unsent:
-                jobs.postpone(self.cat, job.id, 0)  # due for the sweeper's next round
-        jobs.mark_sent_many(self.cat, sent, resend_after=self.cfg.worker.resend_seconds)
+        submit.send_created(self.cfg, self.cat, [job for _, job, created in started if created])
 
     def _finish_unsent(self, domains: Domains) -> None:
         """Create the jobs of started rows whose scheduler stopped before doing so."""

@@ -172,8 +172,6 @@ def enqueue_many(cfg: Config, cat: Catalog, requests: list[Request]) -> list[job
     fall back to one request at a time. Each request's job, in order."""
     from sqlalchemy.exc import IntegrityError
 
-    from virtwarden.worker import celery_app
-
     values = [jobs.new_values(kind=r.planned.kind, domain=r.planned.domain, host=r.planned.host,
                               params=r.planned.params, max_attempts=cfg.worker.max_attempts,
                               dedup_key=r.dedup_key, requested_by=r.requested_by) for r in requests]
@@ -182,15 +180,24 @@ def enqueue_many(cfg: Config, cat: Catalog, requests: list[Request]) -> list[job
     except IntegrityError:
         return [enqueue(cfg, cat, r.planned.kind, r.planned.domain, r.planned.host, r.planned.params,
                         r.requested_by, dedup_key=r.dedup_key, interactive=False) for r in requests]
-    sent, error = celery_app.send_many([job for job, new in created if new])
+    send_created(cfg, cat, [job for job, new in created if new])
+    return [job for job, _ in created]
+
+
+def send_created(cfg: Config, cat: Catalog, made: list[jobs.JobView]) -> None:
+    """Send jobs just created for requests nobody waits for (the scheduler's slots, the
+    listener's triggers) and record the sends; the jobs whose message did not go stay
+    queued and due, and the sweeper sends them when the broker is back."""
+    from virtwarden.worker import celery_app
+
+    sent, error = celery_app.send_many(made)
     if error is not None:
         went = {job.id for job in sent}
-        unsent = [job for job, new in created if new and job.id not in went]
+        unsent = [job for job in made if job.id not in went]
         log.warning("%s; %d jobs stay queued and are sent when the broker is back", error, len(unsent))
         for job in unsent:
             jobs.postpone(cat, job.id, 0)  # due for the sweeper's next round
     jobs.mark_sent_many(cat, sent, resend_after=cfg.worker.resend_seconds)
-    return [job for job, _ in created]
 
 
 def job_failed(job: jobs.JobView) -> JobFailed:

@@ -363,12 +363,14 @@ def fail_queued(cat: Catalog, job_id: str, error: str) -> None:
             _tally(s, [job_id])
 
 
-def reap(cat: Catalog, *, resend_after: float = DEFAULT_RESEND_AFTER,
-         recoverable: Callable[[str], bool] = lambda _kind: False) -> list[JobView]:
+def reap(cat: Catalog, *, recoverable: Callable[[str], bool] = lambda _kind: False) -> list[JobView]:
     """Jobs whose worker stopped renewing its lease (expired by the database's clock): put
     them back in the queue, or, after their last attempt, give them up. A job whose kind
     has a recovery (``recoverable``) is queued once more to run only that recovery and
-    then fail; any other fails at once. Returns the queued ones: send them a message.
+    then fail; any other fails at once. Returns the queued ones. They are due for sending
+    at once (``due_for_send``): the sweep that reaped them sends them next, and every
+    sweep after while the broker is away. Waiting a resend interval here would add it to
+    every takeover (a minute by default, on top of the lease).
 
     Every change is a guarded UPDATE on the expired lease, so a worker that renews at the
     same moment keeps its job, and two reapers never both act."""
@@ -381,7 +383,8 @@ def reap(cat: Catalog, *, resend_after: float = DEFAULT_RESEND_AFTER,
                                                    Job.lease_expires_at < db_now())
                                  .values(lease_owner=None, lease_expires_at=None, **values)))
             if n and values["state"] == QUEUED:
-                s.execute(update(Job).where(Job.id == row.id).values(dispatch_at=db_later(resend_after)))
+                # due now (a second ago, whatever the clock's resolution): sent by this sweep
+                s.execute(update(Job).where(Job.id == row.id).values(dispatch_at=db_later(-1)))
                 queued.append(row.id)
             if n:
                 s.execute(delete(DomainLock).where(DomainLock.job_id == row.id))

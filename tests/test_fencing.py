@@ -153,13 +153,38 @@ def test_a_queued_job_whose_message_is_overdue_is_listed_for_sending_again(cat):
     assert [j.id for j in jobs.due_for_send(cat)] == [job.id]
 
 
-def test_a_reaped_job_is_due_for_sending_even_when_its_send_fails(cat):
-    job = jobs.create(cat, kind="backup", domain="web01", host="h", params={})
+def test_a_reaped_job_is_due_for_sending_at_once(cat):
+    job = jobs.create(cat, kind="backup", domain="web01", host="h", params={}, resend_after=3600)
     jobs.claim(cat, job.id, "dead", 30, lock_domain=True)
     _expire(cat, job.id)
-    assert [j.id for j in jobs.reap(cat, resend_after=0.1)] == [job.id]
-    time.sleep(0.2)  # the reaper's send failed (broker down): nothing else remembers it
-    assert [j.id for j in jobs.due_for_send(cat)] == [job.id]
+    assert [j.id for j in jobs.reap(cat)] == [job.id]
+    assert [j.id for j in jobs.due_for_send(cat)] == [job.id]  # not a resend interval later
+
+
+def test_the_sweep_that_reaps_a_job_sends_it_and_a_failed_send_leaves_it_due(cat, tmp_path):
+    """A takeover costs the lease, not the lease plus a resend interval (the sweep used
+    to leave a reaped job for the outbox's next resend, a minute by default): the sweep
+    that requeues it sends it. With the broker away it stays due for the next sweep."""
+    from virtwarden.worker.outbox import Sweeper
+
+    from virtwarden import config as config_module
+    from virtwarden.errors import BrokerUnavailable
+
+    (tmp_path / "virtwarden.yaml").write_text(f"data_dir: {tmp_path}\nworker: {{resend_seconds: 3600}}\n")
+    cfg = config_module.load(str(tmp_path / "virtwarden.yaml"), env={})
+    job = jobs.create(cat, kind="backup", domain="web01", host="h", params={}, resend_after=3600)
+    jobs.claim(cat, job.id, "dead", 30, lock_domain=True)
+    _expire(cat, job.id)
+
+    def broker_down(_job):
+        raise BrokerUnavailable("the broker is away")
+
+    report = Sweeper(cfg, cat, broker_down).sweep()
+    assert (report.requeued, report.resent, report.unsent) == ([job.id], [], 1)
+    sent = []
+    report = Sweeper(cfg, cat, sent.append).sweep()
+    assert report.requeued == [] and report.resent == [job.id] and [j.id for j in sent] == [job.id]
+    assert jobs.due_for_send(cat) == []  # sent: the next resend waits its interval
 
 
 def test_a_job_that_gives_up_runs_its_recovery_once_then_fails(cat):

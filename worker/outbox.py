@@ -5,11 +5,12 @@ queued job whose ``dispatch_at`` passed has no message on its way that anyone ha
 seen (the send failed while the broker was down, Redis restarted without its data, a
 worker died holding a delayed retry). ``sweep`` then
 
-1. reaps jobs whose worker stopped renewing its lease (``catalog.jobs.reap``), sending
-   the ones it queues again, or giving them up (a job whose kind has a recovery runs it
-   once more first);
-2. sends every queued job whose message is overdue, oldest first, stopping at the first
-   broker error (the next sweep tries again; nothing is marked sent that was not);
+1. reaps jobs whose worker stopped renewing its lease (``catalog.jobs.reap``), queueing
+   them again, due for sending at once, or giving them up (a job whose kind has a
+   recovery runs it once more first);
+2. sends every queued job whose message is overdue (the ones just reaped among them),
+   oldest first, stopping at the first broker error (the next sweep tries again; nothing
+   is marked sent that was not);
 3. now and then, unlists points left ``writing`` by jobs that ended (``tasks.sweep``);
 4. every ``catalog.prune_seconds``, deletes audit, event, alert and idempotency-key rows
    older than the ``catalog`` section keeps them (``catalog.housekeeping``).
@@ -70,7 +71,7 @@ class Sweeper:
     def _reap(self, report: SweepReport) -> None:
         from virtwarden.worker.runner import recoverable
 
-        for job in jobs.reap(self.cat, resend_after=self.cfg.worker.resend_seconds, recoverable=recoverable):
+        for job in jobs.reap(self.cat, recoverable=recoverable):
             report.requeued.append(job.id)
             if job.give_up:
                 log.warning("job %s: its last attempt was lost; queued once more to run its recovery", job.id)

@@ -95,7 +95,9 @@ def fleet(vw, pg_schema_url):
     vw.extra["database_url"] = pg_schema_url
     found = Fleet(vw, pg_schema_url)
     yield found
-    vw.close()  # workers first: they hold connections to the schema that is dropped next
+    # Workers first (killed, as the vw fixture does): they hold connections to the schema
+    # that is dropped next.
+    vw.close(graceful=False)
     if "cat" in found.__dict__:
         found.cat.close()
 

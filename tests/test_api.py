@@ -97,9 +97,11 @@ class ApiServer:
         finally:
             conn.close()
 
-    def stop(self) -> None:
+    def stop(self, graceful: bool = True) -> None:
+        """SIGTERM and wait for uvicorn's orderly shutdown, or (``graceful=False``, the
+        fixture's end) SIGKILL: about 0.4 s less per server."""
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            os.killpg(self.proc.pid, signal.SIGTERM if graceful else signal.SIGKILL)
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
@@ -135,7 +137,7 @@ def api(vw, tmp_path):
     start.tokens = tokens  # type: ignore[attr-defined]
     yield start
     for s in servers:
-        s.stop()
+        s.stop(graceful=False)
 
 
 def _catalog(vw):

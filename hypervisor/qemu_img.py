@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 from virtwarden.errors import NoSpace, ToolFailed
@@ -50,7 +51,18 @@ def detach_backing(path: Path) -> None:
     _run("rebase", "-u", "-b", "", str(path))
 
 
-def flatten(layers: list[Path], dest: Path, *, fmt: str = "qcow2") -> None:
+@dataclass(frozen=True)
+class NbdDisk:
+    """A raw disk served over NBD on a Unix socket (a format-2 point's disk, served from
+    its chunks by ``storage_backends.format2.nbd``): a layer ``flatten`` reads in place."""
+
+    socket: Path
+
+
+Layer = Path | NbdDisk
+
+
+def flatten(layers: list[Layer], dest: Path, *, fmt: str = "qcow2") -> None:
     """Write a chain of qcow2 layers (bottom first: a full, then incrementals holding
     only changed clusters) as one standalone image. The chain is described to QEMU on
     the command line, so the layers are read in place and never modified (they may be
@@ -58,17 +70,22 @@ def flatten(layers: list[Path], dest: Path, *, fmt: str = "qcow2") -> None:
     _run("convert", "-O", fmt, _chain(layers), str(dest))
 
 
-def flatten_into(layers: list[Path], fd: int, *, fmt: str = "qcow2") -> None:
+def flatten_into(layers: list[Layer], fd: int, *, fmt: str = "qcow2") -> None:
     """``flatten`` into the file open as ``fd`` (created by the caller, empty): qemu-img
     reaches it as /proc/self/fd/N, the very file, whatever its name points to by then."""
     _run("convert", "-O", fmt, _chain(layers), f"/proc/self/fd/{fd}", pass_fds=(fd,))
 
 
-def _chain(layers: list[Path]) -> str:
-    """A bottom layer named ``*.raw`` is read as raw (a disk a format-2 restore wrote
-    from chunks); every other layer is qcow2."""
-    bottom = "raw" if Path(layers[0]).suffix == ".raw" else "qcow2"
-    node: dict = {"driver": bottom, "file": {"driver": "file", "filename": str(layers[0])}}
+def _chain(layers: list[Layer]) -> str:
+    """A bottom layer served over NBD or named ``*.raw`` is read as raw; every other
+    layer is qcow2."""
+    bottom = layers[0]
+    if isinstance(bottom, NbdDisk):
+        server = {"type": "unix", "path": str(bottom.socket)}
+        node: dict = {"driver": "raw", "file": {"driver": "nbd", "server": server}}
+    else:
+        node = {"driver": "raw" if bottom.suffix == ".raw" else "qcow2",
+                "file": {"driver": "file", "filename": str(bottom)}}
     for layer in layers[1:]:
         node = {"driver": "qcow2", "file": {"driver": "file", "filename": str(layer)}, "backing": node}
     return "json:" + json.dumps(node)

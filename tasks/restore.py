@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,8 +39,10 @@ from virtwarden.catalog.store import Catalog
 from virtwarden.hypervisor import qemu_img
 from virtwarden.hypervisor.domxml import redact
 from virtwarden.storage_backends.base import Backend
+from virtwarden.storage_backends.format2.index import DiskIndex
+from virtwarden.storage_backends.format2.nbd import ChunkExport
 from virtwarden.storage_backends.format2.repository import Format2Repository
-from virtwarden.storage_backends.format2.store import read_disk
+from virtwarden.storage_backends.format2.store import ChunkStore
 from virtwarden.storage_backends.repository import Repository
 from virtwarden.tasks.confine import PRIVATE_DIR, NewDir, check_target, confine
 from virtwarden.tasks.context import JobContext
@@ -52,6 +55,7 @@ from virtwarden.errors import (
     RestorePointNotFound,
     RestoreRefused,
     StorageError,
+    ToolFailed,
 )
 
 log = logging.getLogger(__name__)
@@ -251,20 +255,42 @@ FETCHED = "restore-fetched"  # test fault point: the artifacts are in scratch sp
 
 
 # --- reading and rebuilding -----------------------------------------------------------
-def fetch(ctx: JobContext, backend: Backend, chain: Chain, *, share: float = 0.7) -> dict[str, Path]:
-    """Every artifact the point's disks need, copied into this job's scratch directory
-    and verified while it is copied; key -> path. The SHA-256 is computed over exactly
-    the bytes written to the copy, and only the copy is read afterwards: an artifact
-    changed on storage after it was checked can no longer reach a restored image (on a
-    mounted filesystem the stored file itself could change between a check and the
-    rebuild's read). Progress runs from 0 to ``share``."""
-    if chain.repo2 is not None:
-        return _fetch_format2(ctx, chain.repo2, chain, share)
+@contextmanager
+def fetched(ctx: JobContext, backend: Backend, chain: Chain, *, share: float = 0.7
+            ) -> Iterator[dict[str, qemu_img.Layer]]:
+    """Every layer the point's disks need, readable by ``rebuild`` and ``rebuild_new``
+    while the block runs; key -> layer.
+
+    Format 1: every artifact is copied into this job's scratch directory and verified
+    while it is copied. The SHA-256 is computed over exactly the bytes written to the
+    copy, and only the copy is read afterwards: an artifact changed on storage after it
+    was checked can no longer reach a restored image (on a mounted filesystem the stored
+    file itself could change between a check and the rebuild's read). Progress runs from
+    0 to ``share``.
+
+    Format 2: nothing is copied. Each disk is served from its chunks over NBD
+    (``served_disks``) and the rebuild reads it from there in one pass; every chunk is
+    authenticated and its id checked as it is read."""
+    if chain.repo2 is None:
+        yield _copy_format1(ctx, backend, chain, share)
+        return
+    point = chain.point
+    ref = chain.repo2.ref(point.domain, point.id)
+    disks = chain.manifests[-1]["disks"]
+    try:
+        indexes = [chain.repo2.index(ref, d["target"], d["sha256"]) for d in disks]
+    except ChecksumMismatch as e:
+        raise ChecksumMismatch(f"restore point {point.id}: {e}; nothing was written") from e
+    with served_disks(chain.repo2.chunks, indexes, point.id) as served:
+        yield {d["key"]: served[d["target"]] for d in disks}
+
+
+def _copy_format1(ctx: JobContext, backend: Backend, chain: Chain, share: float) -> dict[str, qemu_img.Layer]:
     needed = {d["key"]: d for t in targets_of(chain) for d in layers_for(chain.manifests, t)}
     total = sum(d["size_bytes"] for d in needed.values())
     _check_scratch_space(ctx, chain.point.id, total)
     done = 0
-    local = {}
+    local: dict[str, qemu_img.Layer] = {}
     for i, d in enumerate(needed.values()):
         base = done
 
@@ -278,31 +304,24 @@ def fetch(ctx: JobContext, backend: Backend, chain: Chain, *, share: float = 0.7
     return local
 
 
-def _fetch_format2(ctx: JobContext, repo2: Format2Repository, chain: Chain, share: float) -> dict[str, Path]:
-    """Format 2: each disk written from its chunks into a sparse raw file in scratch (only
-    the pieces that are not zeros), every chunk authenticated and its id checked as it
-    is read; index key -> path."""
-    point = chain.point
-    ref = repo2.ref(point.domain, point.id)
-    disks = chain.manifests[-1]["disks"]
-    try:
-        indexes = [repo2.index(ref, d["target"], d["sha256"]) for d in disks]
-    except ChecksumMismatch as e:
-        raise ChecksumMismatch(f"restore point {point.id}: {e}; nothing was written") from e
-    _check_scratch_space(ctx, point.id, sum(len(i.referenced()) * i.chunk_size for i in indexes))
-    local = {}
-    for n, (d, index) in enumerate(zip(disks, indexes, strict=True)):
-        ctx.report(share * n / len(disks), f"reading {d['target']} from its chunks")
-        path = ctx.scratch / f"{n:04d}-{d['target']}.raw"
-        with open(path, "wb") as f:
-            f.truncate(index.virtual_size)
-            fd = f.fileno()
-            try:
-                read_disk(repo2.chunks, index, lambda offset, data: os.pwrite(fd, data, offset))  # noqa: B023 - now
-            except ChecksumMismatch as e:
-                raise ChecksumMismatch(f"restore point {point.id}: {e}; nothing was written") from e
-        local[d["key"]] = path
-    return local
+@contextmanager
+def served_disks(chunks: ChunkStore, indexes: list[DiskIndex], point_id: str) -> Iterator[dict[str, qemu_img.NbdDisk]]:
+    """Each disk of a format-2 point served read-only over NBD from its chunks while the
+    block runs (storage_backends/format2/nbd.py); target -> layer for ``qemu-img``. A
+    chunk that fails its check fails the read, and the ``qemu-img`` failure that follows
+    is raised as the ChecksumMismatch naming the point, disk and offset."""
+    with ExitStack() as stack:
+        exports = [stack.enter_context(ChunkExport(chunks, index)) for index in indexes]
+        try:
+            yield {e.index.target: qemu_img.NbdDisk(e.socket) for e in exports}
+        except ToolFailed as e:
+            damaged = next((x.failure for x in exports if x.failure is not None), None)
+            if damaged is None:
+                raise
+            raise ChecksumMismatch(f"restore point {point_id}: {damaged}; nothing was written") from e
+        damaged = next((x.failure for x in exports if x.failure is not None), None)
+        if damaged is not None:  # qemu-img cannot succeed past a failed read; never publish if it did
+            raise ChecksumMismatch(f"restore point {point_id}: {damaged}; nothing was written")
 
 
 def _check_scratch_space(ctx: JobContext, point_id: str, need: int) -> None:
@@ -313,7 +332,7 @@ def _check_scratch_space(ctx: JobContext, point_id: str, need: int) -> None:
                       f"copies {need} bytes of artifacts there first (nothing was changed)")
 
 
-def rebuild(local: dict[str, Path], layers: list[dict], out: Path, *, fmt: str = "qcow2",
+def rebuild(local: dict[str, qemu_img.Layer], layers: list[dict], out: Path, *, fmt: str = "qcow2",
             partial: Path | None = None, publish: Callable[[Path, Path], None] | None = None) -> Path:
     """Flatten ``layers`` into ``out`` (format ``fmt``): written under ``partial`` (by
     default a hidden name beside ``out``), fsynced, then published by ``publish``
@@ -339,7 +358,7 @@ def fsync_dir(path: Path) -> None:
 
 
 # --- restore into a directory -----------------------------------------------------------
-def rebuild_new(local: dict[str, Path], layers: list[dict], into: NewDir, name: str, *,
+def rebuild_new(local: dict[str, qemu_img.Layer], layers: list[dict], into: NewDir, name: str, *,
                 fmt: str = "qcow2") -> None:
     """Flatten ``layers`` into the new file ``name`` of ``into`` (created exclusively,
     0600, written through its descriptor, fsynced); it gets its name at ``into.publish``."""
@@ -366,11 +385,11 @@ def run_restore(ctx: JobContext, req: RestoreRequest, *, dir_mode: int = PRIVATE
     ctx.scratch.mkdir(parents=True)
     try:
         with NewDir(req.to_dir, job_id=ctx.job_id, roots=roots, mode=dir_mode) as out:
-            local = fetch(ctx, backend, chain)
-            faults.pause_point(FETCHED)
-            for i, target in enumerate(targets):
-                ctx.report(0.7 + 0.3 * i / len(targets), f"rebuilding {target}")
-                rebuild_new(local, layers_for(chain.manifests, target), out, f"{target}.qcow2")
+            with fetched(ctx, backend, chain) as local:
+                faults.pause_point(FETCHED)
+                for i, target in enumerate(targets):
+                    ctx.report(0.7 + 0.3 * i / len(targets), f"rebuilding {target}")
+                    rebuild_new(local, layers_for(chain.manifests, target), out, f"{target}.qcow2")
             out.write_text("domain.xml", chain.saved_xml)
             written = out.publish()
     finally:

@@ -65,7 +65,7 @@ from virtwarden.tasks.context import JobContext
 from virtwarden.tasks.restore import (
     Chain,
     RestoreRefused,
-    fetch,
+    fetched,
     layers_for,
     load_chain,
     rebuild,
@@ -191,7 +191,7 @@ def _start_scratch(ctx: JobContext) -> None:
     ctx.scratch.mkdir(parents=True)
 
 
-def _rebuild_all(ctx: JobContext, chain: Chain, local: dict[str, Path], plan: RestorePlan,
+def _rebuild_all(ctx: JobContext, chain: Chain, local: dict[str, qemu_img.Layer], plan: RestorePlan,
                  out: dict[str, Path], made: list[Path], publish=None) -> None:
     for i, d in enumerate(plan.disks):
         ctx.report(0.6 + 0.3 * i / len(plan.disks), f"writing {d.target} to {d.path}")
@@ -227,17 +227,17 @@ def run_restore_as_domain(ctx: JobContext, req: AsDomainRequest) -> dict:
     defined = False
     _start_scratch(ctx)
     try:
-        local = fetch(ctx, backend, chain, share=0.6)
-        for d in plan.disks:
-            where = str(Path(d.path).parent)
-            if where not in dirs:
-                dirs[where] = NewDir(where, job_id=ctx.job_id, roots=roots, mode=IMAGE_DIR, empty=False,
-                                     what="disk_dir" if req.disk_dir else "the image directory")
-                dirs[where].open()
-        for i, d in enumerate(plan.disks):
-            ctx.report(0.6 + 0.3 * i / len(plan.disks), f"writing {d.target} to {d.path}")
-            rebuild_new(local, layers_for(chain.manifests, d.target), dirs[str(Path(d.path).parent)],
-                        Path(d.path).name, fmt=d.format)
+        with fetched(ctx, backend, chain, share=0.6) as local:
+            for d in plan.disks:
+                where = str(Path(d.path).parent)
+                if where not in dirs:
+                    dirs[where] = NewDir(where, job_id=ctx.job_id, roots=roots, mode=IMAGE_DIR, empty=False,
+                                         what="disk_dir" if req.disk_dir else "the image directory")
+                    dirs[where].open()
+            for i, d in enumerate(plan.disks):
+                ctx.report(0.6 + 0.3 * i / len(plan.disks), f"writing {d.target} to {d.path}")
+                rebuild_new(local, layers_for(chain.manifests, d.target), dirs[str(Path(d.path).parent)],
+                            Path(d.path).name, fmt=d.format)
         for out in dirs.values():
             out.publish()
         ctx.report(0.92, f"defining {req.as_domain}")
@@ -370,8 +370,8 @@ def _rebuild_temps(ctx: JobContext, backend: Backend, chain: Chain, plan: Restor
     """Write every restored image under its temporary name while the domain still runs."""
     _start_scratch(ctx)
     try:
-        local = fetch(ctx, backend, chain, share=0.6)
-        _rebuild_all(ctx, chain, local, plan, swap.temps, [])
+        with fetched(ctx, backend, chain, share=0.6) as local:
+            _rebuild_all(ctx, chain, local, plan, swap.temps, [])
         for d in plan.disks:
             disk_swap.same_owner(Path(d.path), swap.temps[d.target])
         swap.sync_temps()

@@ -21,7 +21,6 @@ from virtwarden.errors import EXIT_OK, RestorePointNotFound, RestoreRefused
 from virtwarden.hypervisor import qemu_img
 from virtwarden.storage_backends.format2.access import open_repository
 from virtwarden.storage_backends.format2.repository import Format2Repository, PointRef
-from virtwarden.storage_backends.format2.store import read_disk
 from virtwarden.tasks.confine import check_target
 
 
@@ -56,6 +55,8 @@ def points_cli(args: argparse.Namespace) -> int:
 
 
 def restore_cli(args: argparse.Namespace) -> int:
+    from virtwarden.tasks.restore import served_disks
+
     repo = _open(args)
     found = [(ref, m) for ref, m in _manifests(repo) if m["point_id"] == args.point]
     if not found:
@@ -71,14 +72,9 @@ def restore_cli(args: argparse.Namespace) -> int:
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".restoring-", dir=out))
     try:
-        for index in indexes:
-            raw = work / f"{index.target}.raw"
-            with open(raw, "wb") as f:
-                f.truncate(index.virtual_size)
-                fd = f.fileno()
-                read_disk(repo.chunks, index, lambda offset, data: os.pwrite(fd, data, offset))  # noqa: B023 - now
-            qemu_img.flatten([raw], work / f"{index.target}.qcow2")
-            raw.unlink()
+        with served_disks(repo.chunks, indexes, args.point) as served:
+            for index in indexes:
+                qemu_img.flatten([served[index.target]], work / f"{index.target}.qcow2")
         (work / "domain.xml").write_text(manifest["domain"]["xml"])
         for name in (*[f"{t}.qcow2" for t in targets], "domain.xml"):
             os.replace(work / name, out / name)

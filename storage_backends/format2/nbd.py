@@ -1,0 +1,342 @@
+"""One disk of a format-2 point served read-only over NBD, straight from its chunks.
+
+A restore hands the export to ``qemu-img convert`` as its source, so the destination
+image is written in one pass: no copy of the disk in scratch space first. Each read is
+answered from the chunks it covers (fetched, authenticated and their ids checked by the
+``ChunkStore``, several requests at a time); zero pieces are reported as holes through
+the ``base:allocation`` metadata context, so QEMU never reads them and leaves them
+unallocated in the destination.
+
+The server speaks the fixed-newstyle handshake with ``NBD_OPT_GO`` (and the older
+``NBD_OPT_EXPORT_NAME``), structured replies, ``NBD_CMD_READ``, ``NBD_CMD_BLOCK_STATUS``
+and ``NBD_CMD_DISC``; anything else is refused (a write with EPERM). It listens on a
+Unix socket in a private directory of its own and serves its one export under any name.
+
+A chunk that cannot be read (missing, damaged, not what its id says) fails the read
+with EIO; the first such failure, naming the disk and offset, is kept in ``failure`` for
+the caller to raise instead of qemu-img's "Input/output error".
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import socket
+import struct
+import tempfile
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from virtwarden.storage_backends.format2.index import DiskIndex
+from virtwarden.storage_backends.format2.objects import DamagedObject
+from virtwarden.storage_backends.format2.store import ChunkStore
+
+from virtwarden.errors import ObjectNotFound
+
+log = logging.getLogger(__name__)
+
+# The handshake (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md)
+NBDMAGIC = 0x4E42444D41474943
+IHAVEOPT = 0x49484156454F5054
+OPT_REPLY_MAGIC = 0x0003E889045565A9
+FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES = 1, 2
+OPT_EXPORT_NAME, OPT_ABORT, OPT_INFO, OPT_GO = 1, 2, 6, 7
+OPT_STRUCTURED_REPLY, OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT = 8, 9, 10
+REP_ACK, REP_INFO, REP_META_CONTEXT = 1, 3, 4
+REP_ERR_UNSUP, REP_ERR_INVALID = 2**31 + 1, 2**31 + 3
+INFO_EXPORT = 0
+# Transmission
+HAS_FLAGS, READ_ONLY, CAN_MULTI_CONN = 1, 2, 1 << 8
+REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC = 0x25609513, 0x67446698, 0x668E33EF
+CMD_READ, CMD_WRITE, CMD_DISC, CMD_BLOCK_STATUS = 0, 1, 2, 7
+CMD_FLAG_REQ_ONE = 1 << 3
+REPLY_FLAG_DONE = 1
+REPLY_OFFSET_DATA, REPLY_BLOCK_STATUS, REPLY_ERROR = 1, 5, 2**15 + 1
+STATE_HOLE, STATE_ZERO = 1, 2
+EPERM, EIO, EINVAL = 1, 5, 22
+BASE_ALLOCATION = b"base:allocation"
+CONTEXT_ID = 1
+REQUEST = struct.Struct(">IHHQQI")
+IOV_MAX = 1024  # buffers per sendmsg (Linux)
+
+
+class ChunkExport:
+    """``with ChunkExport(store, index) as export:`` serves the disk at ``export.socket``
+    until the block ends. ``workers`` reads are answered at a time."""
+
+    def __init__(self, store: ChunkStore, index: DiskIndex, *, workers: int = 4) -> None:
+        self.store, self.index = store, index
+        self.failure: DamagedObject | None = None
+        self._dir = Path(tempfile.mkdtemp(prefix="virtwarden-nbd-"))  # 0700: this user's only
+        self.socket = self._dir / "disk.sock"
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(self.socket))
+        self._listener.listen(4)
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"nbd-{index.target}")
+        self._closing = threading.Event()
+        self._connections: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._accept, name=f"nbd-{index.target}", daemon=True)
+
+    def __enter__(self) -> ChunkExport:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._closing.set()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        with self._lock:
+            for conn in self._connections:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+        self._thread.join(10)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    # --- connections ------------------------------------------------------------------
+    def _accept(self) -> None:
+        while not self._closing.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self._connections.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), name=f"nbd-{self.index.target}-conn",
+                             daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                session = _Session(self, conn)
+                if session.handshake():
+                    session.transmit()
+        except (OSError, ConnectionError, _Closed):
+            pass  # the client went away (qemu-img ended, or was killed): nothing to answer
+        finally:
+            with self._lock:
+                self._connections = [c for c in self._connections if c is not conn]
+
+    # --- what the export reads --------------------------------------------------------
+    def read(self, offset: int, length: int) -> list[bytes | memoryview]:
+        """``length`` bytes of the disk at ``offset``, from the chunks that hold them: the
+        pieces in order, uncopied (a reply sends them as they are)."""
+        size = self.index.chunk_size
+        parts: list[bytes | memoryview] = []
+        end = offset + length
+        while offset < end:
+            i, inside = divmod(offset, size)
+            piece_len = min(size, self.index.virtual_size - i * size)
+            take = min(piece_len - inside, end - offset)
+            cid = self.index.chunks[i]
+            if cid is None:
+                parts.append(bytes(take))
+            else:
+                data = self._chunk(i * size, cid, piece_len)
+                parts.append(data if (inside, take) == (0, piece_len) else memoryview(data)[inside:inside + take])
+            offset += take
+        return parts
+
+    def _chunk(self, offset: int, cid: str, length: int) -> bytes:
+        target = self.index.target
+        try:
+            data = self.store.get(cid)
+        except DamagedObject as e:
+            raise self._failed(DamagedObject(f"{target} at offset {offset}: {e}")) from e
+        except ObjectNotFound as e:
+            raise self._failed(DamagedObject(f"{target} at offset {offset}: chunk {cid} is missing")) from e
+        if len(data) != length:
+            raise self._failed(DamagedObject(f"{target} at offset {offset}: chunk {cid} holds {len(data)} bytes, "
+                                             f"the index says {length}"))
+        return data
+
+    def _failed(self, e: DamagedObject) -> DamagedObject:
+        with self._lock:
+            if self.failure is None:
+                self.failure = e
+        return e
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """``base:allocation`` descriptors (length, flags) covering ``offset`` to at most
+        ``offset + length``: zero pieces are holes that read as zeros."""
+        size = self.index.chunk_size
+        out: list[tuple[int, int]] = []
+        end = min(offset + length, self.index.virtual_size)
+        while offset < end:
+            i = offset // size
+            flags = STATE_HOLE | STATE_ZERO if self.index.chunks[i] is None else 0
+            take = min((i + 1) * size, end) - offset
+            if out and out[-1][1] == flags and out[-1][0] + take < 2**32:
+                out[-1] = (out[-1][0] + take, flags)
+            else:
+                out.append((take, flags))
+            offset += take
+        return out
+
+
+class _Closed(Exception):
+    """The client closed the connection."""
+
+
+class _Session:
+    """One client connection: the handshake, then requests until it disconnects."""
+
+    def __init__(self, export: ChunkExport, conn: socket.socket) -> None:
+        self.export, self.conn = export, conn
+        self.structured = False
+        self.allocation = False  # base:allocation was negotiated
+        self.no_zeroes = False
+        self._send_lock = threading.Lock()
+
+    def _recv(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            part = self.conn.recv(n - len(buf))
+            if not part:
+                raise _Closed
+            buf += part
+        return bytes(buf)
+
+    def _send(self, *parts: bytes | memoryview) -> None:
+        """Send ``parts`` as one message, without joining them (a read's reply is megabytes)."""
+        views = [memoryview(p) for p in parts if len(p)]
+        with self._send_lock:
+            while views:
+                sent = self.conn.sendmsg(views[:IOV_MAX])
+                while sent:
+                    if sent >= len(views[0]):
+                        sent -= len(views.pop(0))
+                    else:
+                        views[0], sent = views[0][sent:], 0
+
+    # --- handshake ------------------------------------------------------------------
+    def handshake(self) -> bool:
+        """Negotiate until the client picks the export (True) or aborts (False)."""
+        self._send(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
+        (client_flags,) = struct.unpack(">I", self._recv(4))
+        if not client_flags & FLAG_FIXED_NEWSTYLE:
+            return False
+        self.no_zeroes = bool(client_flags & FLAG_NO_ZEROES)
+        while True:
+            magic, option, length = struct.unpack(">QII", self._recv(16))
+            if magic != IHAVEOPT or length > 65536:
+                return False
+            data = self._recv(length)
+            if option == OPT_EXPORT_NAME:  # no reply but the export itself
+                self._send(struct.pack(">QH", self.export.index.virtual_size, self._flags()),
+                           b"" if self.no_zeroes else bytes(124))
+                return True
+            if option == OPT_ABORT:
+                self._reply(option, REP_ACK)
+                return False
+            if option in (OPT_INFO, OPT_GO):
+                self._reply(option, REP_INFO, struct.pack(">HQH", INFO_EXPORT, self.export.index.virtual_size,
+                                                          self._flags()))
+                self._reply(option, REP_ACK)
+                if option == OPT_GO:
+                    return True
+            elif option == OPT_STRUCTURED_REPLY and not data:
+                self.structured = True
+                self._reply(option, REP_ACK)
+            elif option in (OPT_SET_META_CONTEXT, OPT_LIST_META_CONTEXT) and self.structured:
+                queries = _meta_queries(data)
+                if queries is None:
+                    self._reply(option, REP_ERR_INVALID)
+                    continue
+                wanted = any(q in (BASE_ALLOCATION, b"base:") for q in queries) or \
+                    (option == OPT_LIST_META_CONTEXT and not queries)
+                if wanted:
+                    self._reply(option, REP_META_CONTEXT, struct.pack(">I", CONTEXT_ID) + BASE_ALLOCATION)
+                if option == OPT_SET_META_CONTEXT:
+                    self.allocation = wanted
+                self._reply(option, REP_ACK)
+            else:
+                self._reply(option, REP_ERR_UNSUP)
+
+    def _flags(self) -> int:
+        return HAS_FLAGS | READ_ONLY | CAN_MULTI_CONN
+
+    def _reply(self, option: int, kind: int, data: bytes = b"") -> None:
+        self._send(struct.pack(">QIII", OPT_REPLY_MAGIC, option, kind, len(data)), data)
+
+    # --- transmission ---------------------------------------------------------------
+    def transmit(self) -> None:
+        pending: list[Future[None]] = []
+        try:
+            while True:
+                magic, flags, kind, handle, offset, length = REQUEST.unpack(self._recv(REQUEST.size))
+                if magic != REQUEST_MAGIC:
+                    return
+                if kind == CMD_DISC:
+                    return
+                if kind == CMD_WRITE:
+                    self._recv(length)  # the payload comes with the request: read past it
+                    self._error(handle, EPERM)
+                elif kind == CMD_READ and offset + length <= self.export.index.virtual_size:
+                    pending = [f for f in pending if not f.done()]
+                    pending.append(self.export._pool.submit(self._read, handle, offset, length))
+                elif kind == CMD_BLOCK_STATUS and self.allocation and length and \
+                        offset + length <= self.export.index.virtual_size:
+                    extents = self.export.extents(offset, length)
+                    self._status(handle, extents[:1] if flags & CMD_FLAG_REQ_ONE else extents)
+                else:
+                    self._error(handle, EINVAL)
+        finally:
+            for f in pending:  # answered before the connection closes
+                f.result()
+
+    def _read(self, handle: int, offset: int, length: int) -> None:
+        try:
+            parts = self.export.read(offset, length)
+        except DamagedObject as e:
+            log.warning("restore read: %s", e)
+            self._error(handle, EIO)
+            return
+        except Exception:  # storage unreachable and the like: the read fails, qemu-img says so
+            log.exception("restore read of %s at %d failed", self.export.index.target, offset)
+            self._error(handle, EIO)
+            return
+        try:
+            if self.structured:
+                self._send(struct.pack(">IHHQIQ", STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_OFFSET_DATA, handle,
+                                       8 + length, offset), *parts)
+            else:
+                self._send(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, handle), *parts)
+        except OSError:
+            pass  # the client went away
+
+    def _status(self, handle: int, extents: list[tuple[int, int]]) -> None:
+        body = struct.pack(">I", CONTEXT_ID) + b"".join(struct.pack(">II", n, f) for n, f in extents)
+        self._send(struct.pack(">IHHQI", STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_BLOCK_STATUS, handle,
+                               len(body)), body)
+
+    def _error(self, handle: int, errno: int) -> None:
+        if self.structured:
+            self._send(struct.pack(">IHHQIIH", STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_ERROR, handle, 6,
+                                   errno, 0))
+        else:
+            self._send(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, errno, handle))
+
+
+def _meta_queries(data: bytes) -> list[bytes] | None:
+    """The queries of a SET/LIST_META_CONTEXT option (the export name is not checked:
+    there is one export); None when the option is malformed."""
+    try:
+        (name_len,) = struct.unpack_from(">I", data, 0)
+        pos = 4 + name_len
+        (n,) = struct.unpack_from(">I", data, pos)
+        pos += 4
+        queries = []
+        for _ in range(n):
+            (q_len,) = struct.unpack_from(">I", data, pos)
+            queries.append(data[pos + 4:pos + 4 + q_len])
+            pos += 4 + q_len
+        return queries if pos == len(data) else None
+    except struct.error:
+        return None

@@ -1,0 +1,98 @@
+"""A format-2 disk served over NBD from its chunks, read by the real ``qemu-img``: the
+one-pass restore (storage_backends/format2/nbd.py). On both real backends (a directory
+and the S3 endpoint)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from virtwarden.hypervisor import qemu_img
+from virtwarden.storage_backends.format2.keys import RepositoryKey
+from virtwarden.storage_backends.format2.nbd import ChunkExport
+from virtwarden.storage_backends.format2.objects import Codec
+from virtwarden.storage_backends.format2.store import ChunkStore, write_disk
+from virtwarden.tasks.restore import served_disks
+
+from tests.test_format2_store import _disk, _reader
+from tests.test_storage_contract import backend  # noqa: F401 - the nfs and s3 backends, a fixture
+from virtwarden.errors import ChecksumMismatch
+
+MiB = 1024 * 1024
+CHUNK = MiB
+
+
+@pytest.fixture
+def store(backend):
+    return ChunkStore(backend, Codec(RepositoryKey.generate()))
+
+
+def _raw(image: Path, out: Path) -> bytes:
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(image), str(out)], check=True)
+    return out.read_bytes()
+
+
+def _allocated(image: Path) -> int:
+    extents = json.loads(subprocess.run(["qemu-img", "map", "--output=json", str(image)], check=True,
+                                        capture_output=True, text=True).stdout)
+    return sum(e["length"] for e in extents if e["data"])
+
+
+def test_a_disk_served_from_its_chunks_converts_bit_for_bit_leaving_its_zero_pieces_unallocated(store, tmp_path):
+    size = 8 * MiB + 4096  # a short last piece
+    disk = _disk(tmp_path / "vda.raw", size, [(0, os.urandom(MiB)), (3 * MiB + 7, os.urandom(5000)),
+                                              (8 * MiB, b"tail" * 1024)])
+    index, _ = write_disk(store, "vda", _reader(disk), size, CHUNK)
+    assert sum(cid is not None for cid in index.chunks) == 3
+
+    with served_disks(store, [index], "p1") as served:
+        qemu_img.flatten([served["vda"]], tmp_path / "vda.qcow2")
+
+    assert _raw(tmp_path / "vda.qcow2", tmp_path / "back.raw") == disk.read_bytes()
+    assert qemu_img.info(tmp_path / "vda.qcow2")["virtual-size"] == size
+    assert _allocated(tmp_path / "vda.qcow2") <= 2 * MiB + 64 * 1024  # the three stored pieces, in whole clusters
+
+
+def test_a_damaged_or_missing_chunk_fails_the_restore_naming_the_point_disk_and_offset(store, tmp_path):
+    size = 4 * MiB
+    disk = _disk(tmp_path / "vda.raw", size, [(0, os.urandom(size))])
+    index, _ = write_disk(store, "vda", _reader(disk), size, CHUNK)
+    third = index.chunks[2]
+    assert third is not None
+    blob = bytearray(store.backend.get_bytes(store.key(third)))
+    blob[len(blob) // 2] ^= 0x40
+    store.backend.put_bytes(store.key(third), bytes(blob))
+    with pytest.raises(ChecksumMismatch, match=f"restore point p1: vda at offset {2 * MiB}: chunk {third}: "
+                                               "authentication failed.*; nothing was written"), \
+            served_disks(store, [index], "p1") as served:
+        qemu_img.flatten([served["vda"]], tmp_path / "damaged.qcow2")
+    store.backend.delete(store.key(third))
+    with pytest.raises(ChecksumMismatch, match=f"vda at offset {2 * MiB}: chunk {third} is missing"), \
+            served_disks(store, [index], "p1") as served:
+        qemu_img.flatten([served["vda"]], tmp_path / "missing.qcow2")
+
+
+def test_the_export_is_read_only_and_goes_with_its_socket(store, tmp_path):
+    size = 2 * MiB
+    disk = _disk(tmp_path / "vda.raw", size, [(0, b"\x5a" * size)])
+    index, _ = write_disk(store, "vda", _reader(disk), size, CHUNK)
+    with ChunkExport(store, index) as export:
+        uri = f"nbd+unix:///?socket={export.socket}"
+        read = subprocess.run(["qemu-io", "-r", "-f", "raw", "-c", "read -P 0x5a 0 2M", uri],
+                              capture_output=True, text=True)
+        assert read.returncode == 0 and "read 2097152/2097152 bytes" in read.stdout, read.stdout + read.stderr
+        write = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0 0 4k", uri], capture_output=True, text=True)
+        # The export says it is read-only: QEMU will not even open it for writing.
+        assert write.returncode != 0 and "wrote" not in write.stdout, write.stdout
+        assert "permission denied" in write.stderr.lower(), write.stderr
+        socket_dir = export.socket.parent
+        assert oct(socket_dir.stat().st_mode & 0o777) == "0o700"
+    assert not socket_dir.exists()
+    assert _raw_unchanged(store, index, disk)
+
+
+def _raw_unchanged(store, index, disk: Path) -> bool:
+    """The chunks still hold the disk as it was written (the refused write changed nothing)."""
+    return b"".join(store.get(cid) for cid in index.chunks if cid is not None) == disk.read_bytes()

@@ -14,6 +14,10 @@ VAULT_FULL = 1.25  # a full at >= 0.8x the throughput of cp + fsync
 VAULT_AGAIN = 0.01  # a second full of unchanged data stores < 1% of the first
 VAULT_STORED = 1.5  # an incremental stores <= 1.5x the bytes dirtied
 FLAT = 1.10  # peak memory may not grow more than this when the data grows
+# Against virtnbdbackup (whole commands on both sides): a full and a restore at least
+# 1.5x its throughput, an incremental in at most 0.6x its time.
+PEER_FASTER = 1 / 1.5
+PEER_INCREMENTAL = 0.6
 
 
 def _rate(data: Series, seconds: Series) -> str:
@@ -78,6 +82,29 @@ def rows(res: Results, targets: list[str]) -> list[list[str]]:
             out.append(["  vs. one plain GET per artifact", "", "",
                         f"get_object x2 + rebase + convert + fsync: {spread(single)}", "",
                         _verdict(ratio(ours, single), GOAL)])
+    if "full.peer" in s:
+        out += peer_rows(res, targets)
+    return out
+
+
+def peer_rows(res: Results, targets: list[str]) -> list[list[str]]:
+    """Each target's whole CLI commands against virtnbdbackup's on the same data."""
+    s = res.series
+    none, image = Series("s"), s.get("image.actual_size", Series("B"))
+    steps = (("full", "virtnbdbackup -l full", PEER_FASTER, image),
+             ("incremental", "virtnbdbackup -l inc", PEER_INCREMENTAL, s.get("dirtied", Series("B"))),
+             ("restore", "virtnbdrestore", PEER_FASTER, None))
+    out = []
+    for job, command, goal, data in steps:
+        theirs = s.get(f"{job}.peer", none)
+        stored = s.get(f"{job}.peer.stored", Series("B"))
+        for t in targets:
+            ours = s.get(f"{job}.{t}.cli", none)
+            out.append([f"{job} {'<-' if job == 'restore' else '->'} {t} vs. the peer (CLI)", spread(ours),
+                        _rate(data, ours) if data else "", f"{command}: {spread(theirs)}",
+                        _rate(data, theirs) if data else "", _verdict(ratio(ours, theirs), goal)])
+        if stored.samples:
+            out.append(["  bytes the peer stored", "", "", spread(stored), "", ""])
     return out
 
 
@@ -115,7 +142,8 @@ def render(res: Results, targets: list[str], machine: dict[str, str], params: di
         lines.append(f"  {'load (1 min) per repeat':24} {spread(load)} (other work on the machine shows here)")
     lines += ["", "Times in seconds, median [min-max]; ratio = virtwarden / bare (goal <= 1.10; the format-2 "
               f"target vault: full <= {VAULT_FULL}, second full stored <= {VAULT_AGAIN}, incremental stored "
-              f"<= {VAULT_STORED} x dirtied, restore <= {GOAL}).", ""]
+              f"<= {VAULT_STORED} x dirtied, restore <= {GOAL}; against the peer virtnbdbackup: full and "
+              f"restore <= {PEER_FASTER:.2f}, incremental <= {PEER_INCREMENTAL}).", ""]
     lines.append(table(rows(res, targets), ["measurement", "virtwarden", "rate", "bare", "rate", "ratio"]))
     lines += ["", "Peak resident memory of the worker process tree (main + pool child + tools it runs):", ""]
     lines.append(table(memory_rows(res, targets, big_label), ["job", "peak RSS", "ratio"]))
@@ -131,6 +159,8 @@ def ratios(res: Results) -> dict[str, float]:
     pairs |= {f"full.vault{cli}": (f"full.vault{cli}", "full.nfs.bare") for cli in ("", ".cli")}
     pairs |= {f"restore.vault{cli}": (f"restore.vault{cli}", "restore.vault.bare") for cli in ("", ".cli")}
     pairs |= {"full2.vault.stored_vs_first": ("full2.vault.stored", "full.vault.stored")}
+    pairs |= {f"{job}.{t}.cli_vs_peer": (f"{job}.{t}.cli", f"{job}.peer")
+              for job in ("full", "incremental", "restore") for t in ("nfs", "s3", "vault")}
     pairs |= {"full.nfs.vs_push": ("full.nfs", "full.push.bare"),
               "restore.s3.vs_get": ("restore.s3", "restore.s3.bare_get")}
     pairs |= {f"incremental.{t}.stored_vs_dirtied": (f"incremental.{t}.stored", "dirtied")

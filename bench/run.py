@@ -27,7 +27,7 @@ from typing import Any
 
 import libvirt
 
-from bench import host, report
+from bench import host, peer, report
 from bench.bare import BareS3
 from bench.guest import BenchGuest, GiB, MiB
 from bench.product import Installation
@@ -57,6 +57,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--redis-url", default=os.environ.get("VIRTWARDEN_BENCH_REDIS_URL", "redis://127.0.0.1:6379/13"),
                    help="broker for the run's worker (a database the tests do not flush)")
     p.add_argument("--seed", type=int, default=1, help="seed for the offsets of the dirtied data")
+    p.add_argument("--no-peer", action="store_true",
+                   help="leave out virtnbdbackup (run by default on the same guest, when installed)")
     args = p.parse_args(argv)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if not args.targets or set(args.targets) - {"nfs", "s3", "vault"}:
@@ -141,8 +143,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         say(f"creating {guest.name} and writing {args.data_gib:g} GiB of random data into it")
         guest.create()
         guest.fill(int(args.data_gib * GiB))
+        why_not = "left out (--no-peer)" if args.no_peer else peer.missing()
+        params["peer"] = why_not or f"{peer.version()}, on a twin guest"
+        twin = None
+        if not why_not:  # virtnbdbackup refuses a guest with checkpoints of another tool
+            twin = BenchGuest(conn, f"vwbench-{token}-peer", root / "guest-peer", args.disk_gib)
+            cleanup.callback(_quietly("removing guest " + twin.name, twin.remove))
+            say(f"creating {twin.name} for virtnbdbackup, the same size and data layout")
+            twin.create()
+            twin.fill(int(args.data_gib * GiB))
         bench = Bench(inst, guest, s3, args.targets, root / "bare", caches, random.Random(args.seed),
-                      int(args.data_gib * GiB), args.dirty_mib * MiB)
+                      int(args.data_gib * GiB), args.dirty_mib * MiB,
+                      peer=None if twin is None else peer.Peer(twin, root / "peer"))
         if not caches:
             bench.results.notes.append("the page cache could not be dropped (needs root): steps may read "
                                        "what earlier ones left in memory")

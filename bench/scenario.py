@@ -12,6 +12,11 @@ restore is compared with a bare ``qemu-img convert`` of the guest's live image, 
 holds the same data at that moment. Its points are deleted and its chunks collected at
 the end of each repeat.
 
+With virtnbdbackup installed (``bench/peer.py``), each repeat also runs its full of a
+twin guest (same size, data layout and dirtied pieces) right after virtwarden's fulls,
+its incremental after virtwarden's incrementals and restores, and ``virtnbdrestore`` of
+that incremental's state, timed as whole commands like the bare steps.
+
 ``restore --point latest`` takes the newest point of any target, so each target's
 restore follows its own incremental. The page cache is dropped before every timed step
 when the kernel allows it, so no step reads what the previous one left in memory.
@@ -32,6 +37,7 @@ from virtwarden.storage_backends.repository import Repository
 from bench import bare, host
 from bench.bare import BareS3
 from bench.guest import BenchGuest, Dirtied
+from bench.peer import Peer
 from bench.product import Installation, JobRun
 from bench.stats import Series, timed
 from virtwarden.config import NfsStorage
@@ -67,6 +73,7 @@ class Bench:
     rng: random.Random
     data_bytes: int  # --data-gib in bytes: the guest's filled region
     dirty_bytes: int  # --dirty-mib in bytes
+    peer: Peer | None = None  # virtnbdbackup, when installed
     results: Results = field(default_factory=Results)
 
     def cold(self) -> None:
@@ -90,10 +97,24 @@ class Bench:
         self.results.get("load.1min", "").add(host.load1())
         self.results.get("image.actual_size", "B").add(host.actual_size(self.guest.image))
         fulls = self._fulls()
+        if self.peer is not None:
+            self.timed_bare("full.peer", self.peer.full)
+            self.results.get("full.peer.stored", "B").add(self.peer.stored("*.full.data"))
+        before = self.rng.getstate()
         self._record_dirtied(self.guest.dirty(self.dirty_bytes, self.data_bytes, self.rng))
+        if self.peer is not None:  # the same pieces at the same offsets in its twin
+            twin_rng = random.Random()
+            twin_rng.setstate(before)
+            self.peer.dirty(self.dirty_bytes, self.data_bytes, twin_rng)
         for target in self.targets:
             inc = self._backup(target, "incremental")
             self._restore(target, fulls[target], inc)
+        if self.peer is not None:  # the guest has not written since it was dirtied
+            self.timed_bare("incremental.peer", self.peer.incremental)
+            self.results.get("incremental.peer.stored", "B").add(self.peer.stored("*.inc.*.data"))
+            out = self.scratch / "restored-peer"
+            self.timed_bare("restore.peer", partial(self.peer.restore, out))
+            shutil.rmtree(out)
         self._forget_stored()
 
     def _fulls(self) -> dict[str, Point]:
@@ -176,6 +197,8 @@ class Bench:
             self.s3.delete_prefix(f"{self.inst.s3['prefix']}/")
         if "vault" in self.targets:
             self.inst.empty_vault()
+        if self.peer is not None:
+            self.peer.forget()
 
     # --- memory in the disk size --------------------------------------------------
     def full_peak_rss(self, guest: BenchGuest, label: str) -> None:

@@ -34,7 +34,8 @@ APT_PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-sys
               tini      # reaps QEMU processes at once: see start_libvirtd
               docker-compose   # validates compose.yaml (`config` needs no Docker daemon)
               prometheus       # promtool checks deploy/prometheus/rules.yml; a test's own server fires them
-              prometheus-alertmanager)  # amtool checks, and a test's own Alertmanager runs, alertmanager.yml
+              prometheus-alertmanager  # amtool checks, and a test's own Alertmanager runs, alertmanager.yml
+              virtnbdbackup)   # the peer bench/ measures against (make bench); brings python3-libnbd
 
 say() { echo "testhost: $*"; }
 die() { echo "testhost: error: $*" >&2; exit 1; }

@@ -9,13 +9,15 @@ machine that reads it (the one running the command or the API).
 The chain (the full and every incremental up to the point) is read from the catalog and
 checked against the manifests in storage (``load_chain``); every artifact a disk needs
 is copied into the job's scratch space, from a mounted filesystem or S3 alike, and its
-SHA-256 verified over exactly the bytes copied, before anything is written (``fetch``).
+SHA-256 verified over exactly the bytes copied, before anything is written (``fetched``).
 ``qemu-img convert`` then reads each disk's layers, those copies, as one chain
 (described on its command line) and writes one standalone image, which appears under
 its final name only when complete (``rebuild_new``, ``rebuild``). So a restore uses
 only bytes it hashed: an artifact changed on storage after its check cannot reach the
-image. The restores as a new domain and in place (tasks/restore_domain.py) and drills
-use the same steps.
+image. A format-2 point is not copied: each disk is served over NBD from its chunks,
+each chunk authenticated as it is read (``served_disks``), and ``qemu-img convert``
+reads it from there. The restores as a new domain and in place
+(tasks/restore_domain.py) and drills use the same steps.
 
 Disk targets come from the catalog: a manifest that names other targets than the
 point's catalog rows is refused, and so is a target that is not a disk name (they are
@@ -251,7 +253,7 @@ def _format2_manifest(repo2: Format2Repository, point: PointView) -> dict:
     return {**m, "disks": disks}
 
 
-FETCHED = "restore-fetched"  # test fault point: the artifacts are in scratch space
+FETCHED = "restore-fetched"  # test fault point: the artifacts are in scratch space (format 2: being served)
 
 
 # --- reading and rebuilding -----------------------------------------------------------

@@ -54,9 +54,11 @@ def detach_backing(path: Path) -> None:
 @dataclass(frozen=True)
 class NbdDisk:
     """A raw disk served over NBD on a Unix socket (a format-2 point's disk, served from
-    its chunks by ``storage_backends.format2.nbd``): a layer ``flatten`` reads in place."""
+    its chunks by ``storage_backends.format2.nbd``): a layer ``flatten`` reads in place.
+    ``socket`` is reached through the descriptor ``fd``, which qemu-img inherits."""
 
-    socket: Path
+    socket: str
+    fd: int
 
 
 Layer = Path | NbdDisk
@@ -67,13 +69,17 @@ def flatten(layers: list[Layer], dest: Path, *, fmt: str = "qcow2") -> None:
     only changed clusters) as one standalone image. The chain is described to QEMU on
     the command line, so the layers are read in place and never modified (they may be
     the repository's own files)."""
-    _run("convert", "-O", fmt, _chain(layers), str(dest))
+    _run("convert", "-O", fmt, _chain(layers), str(dest), pass_fds=_fds(layers))
 
 
 def flatten_into(layers: list[Layer], fd: int, *, fmt: str = "qcow2") -> None:
     """``flatten`` into the file open as ``fd`` (created by the caller, empty): qemu-img
     reaches it as /proc/self/fd/N, the very file, whatever its name points to by then."""
-    _run("convert", "-O", fmt, _chain(layers), f"/proc/self/fd/{fd}", pass_fds=(fd,))
+    _run("convert", "-O", fmt, _chain(layers), f"/proc/self/fd/{fd}", pass_fds=(fd, *_fds(layers)))
+
+
+def _fds(layers: list[Layer]) -> tuple[int, ...]:
+    return tuple(layer.fd for layer in layers if isinstance(layer, NbdDisk))
 
 
 def _chain(layers: list[Layer]) -> str:
@@ -81,7 +87,7 @@ def _chain(layers: list[Layer]) -> str:
     layer is qcow2."""
     bottom = layers[0]
     if isinstance(bottom, NbdDisk):
-        server = {"type": "unix", "path": str(bottom.socket)}
+        server = {"type": "unix", "path": bottom.socket}
         node: dict = {"driver": "raw", "file": {"driver": "nbd", "server": server}}
     else:
         node = {"driver": "raw" if bottom.suffix == ".raw" else "qcow2",

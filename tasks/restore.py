@@ -283,7 +283,7 @@ def fetched(ctx: JobContext, backend: Backend, chain: Chain, *, share: float = 0
         indexes = [chain.repo2.index(ref, d["target"], d["sha256"]) for d in disks]
     except ChecksumMismatch as e:
         raise ChecksumMismatch(f"restore point {point.id}: {e}; nothing was written") from e
-    with served_disks(chain.repo2.chunks, indexes, point.id) as served:
+    with served_disks(chain.repo2.chunks, indexes, point.id, ctx.scratch) as served:
         yield {d["key"]: served[d["target"]] for d in disks}
 
 
@@ -307,15 +307,18 @@ def _copy_format1(ctx: JobContext, backend: Backend, chain: Chain, share: float)
 
 
 @contextmanager
-def served_disks(chunks: ChunkStore, indexes: list[DiskIndex], point_id: str) -> Iterator[dict[str, qemu_img.NbdDisk]]:
+def served_disks(chunks: ChunkStore, indexes: list[DiskIndex], point_id: str, directory: Path
+                 ) -> Iterator[dict[str, qemu_img.NbdDisk]]:
     """Each disk of a format-2 point served read-only over NBD from its chunks while the
-    block runs (storage_backends/format2/nbd.py); target -> layer for ``qemu-img``. A
-    chunk that fails its check fails the read, and the ``qemu-img`` failure that follows
-    is raised as the ChecksumMismatch naming the point, disk and offset."""
+    block runs (storage_backends/format2/nbd.py), on sockets in ``directory`` (a job's
+    scratch: what a killed attempt leaves there goes with it); target -> layer for
+    ``qemu-img``. A chunk that fails its check fails the read, and the ``qemu-img``
+    failure that follows is raised as the ChecksumMismatch naming the point, disk and
+    offset."""
     with ExitStack() as stack:
-        exports = [stack.enter_context(ChunkExport(chunks, index)) for index in indexes]
+        exports = [stack.enter_context(ChunkExport(chunks, index, directory)) for index in indexes]
         try:
-            yield {e.index.target: qemu_img.NbdDisk(e.socket) for e in exports}
+            yield {e.index.target: qemu_img.NbdDisk(e.socket, e.fd) for e in exports}
         except ToolFailed as e:
             damaged = next((x.failure for x in exports if x.failure is not None), None)
             if damaged is None:

@@ -224,6 +224,41 @@ def test_gc_while_a_backup_writes_deletes_none_of_its_chunks(vault, guest_factor
     assert images_equal(out / "vda.qcow2", expected)
 
 
+def test_a_worker_killed_while_qemu_img_reads_from_the_chunks_leaves_nothing_and_the_retry_restores(
+        vault, guest_factory, tmp_path) -> None:
+    """SIGKILL of the worker in the middle of a restore's one pass (the export answered a
+    read, qemu-img is writing the image): qemu-img loses its source and stops, nothing
+    half-written appears in the destination, and the retry restores bit for bit."""
+    from virtwarden.catalog import jobs as job_rows
+    from virtwarden.storage_backends.format2.nbd import SERVING
+
+    from tests.faults import kill_env
+
+    vw = vault
+    g = guest_factory(disks=1, size_mib=32)
+    g.write_random("vda", 0, 24 * MiB)
+    vw.start_worker()
+    point_id = _backup(vw, g)["point_id"]
+    expected = g.shadow_copy("vda", tmp_path / "expected.raw")
+    vw.close(graceful=False)
+    vw.workers.clear()
+    cat = vw.catalog()
+    dying = vw.start_worker(env=kill_env(SERVING, tmp_path / "faults"))
+    out = tmp_path / "out"
+    r = vw.cli("restore", g.name, "--point", point_id, "--to-dir", str(out), "--json")
+    assert r.code == 0, r.err
+    job_id = r.json()["id"]
+    wait_for(lambda: (tmp_path / "faults" / f"{SERVING}.pid").exists(), 120, "the worker to die mid-restore")
+    dying.kill()
+    assert not (out / "vda.qcow2").exists()
+    vw.start_worker()
+    done = wait_for(lambda: (j := job_rows.get(cat, job_id)).finished and j, 120, "the retry to finish")
+    assert (done.state, done.attempts) == ("succeeded", 2), done.error
+    assert sorted(p.name for p in out.iterdir()) == ["domain.xml", "vda.qcow2"]
+    assert images_equal(out / "vda.qcow2", expected)
+    assert not list(vw.scratch.glob("job-*")), list(vw.scratch.iterdir())
+
+
 def test_gc_killed_midway_leaves_every_point_restorable(vault, guest_factory, tmp_path) -> None:
     from tests.faults import kill_env
 

@@ -9,8 +9,13 @@ unallocated in the destination.
 
 The server speaks the fixed-newstyle handshake with ``NBD_OPT_GO`` (and the older
 ``NBD_OPT_EXPORT_NAME``), structured replies, ``NBD_CMD_READ``, ``NBD_CMD_BLOCK_STATUS``
-and ``NBD_CMD_DISC``; anything else is refused (a write with EPERM). It listens on a
-Unix socket in a private directory of its own and serves its one export under any name.
+and ``NBD_CMD_DISC``; anything else is refused (a write with EPERM). It serves its one
+export under any name, on a Unix socket in a directory the caller gives (a restore: the
+job's scratch directory, which the job's end and any retry clear, so a killed worker
+leaves no socket behind). That directory's path may be longer than a socket address
+allows (108 bytes), so the socket is bound and reached through
+``/proc/self/fd/<fd of the directory>/``: ``qemu-img`` gets the same descriptor
+(``NbdDisk.fd``) and the same path.
 
 A chunk that cannot be read (missing, damaged, not what its id says) fails the read
 with EIO; the first such failure, naming the disk and offset, is kept in ``failure`` for
@@ -20,10 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
+import os
+import secrets
 import socket
 import struct
-import tempfile
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -32,6 +37,7 @@ from virtwarden.storage_backends.format2.index import DiskIndex
 from virtwarden.storage_backends.format2.objects import DamagedObject
 from virtwarden.storage_backends.format2.store import ChunkStore
 
+from virtwarden import faults
 from virtwarden.errors import ObjectNotFound
 
 log = logging.getLogger(__name__)
@@ -58,20 +64,32 @@ EPERM, EIO, EINVAL = 1, 5, 22
 BASE_ALLOCATION = b"base:allocation"
 CONTEXT_ID = 1
 REQUEST = struct.Struct(">IHHQQI")
+SERVING = "restore-serving"  # test fault point: a read was answered, qemu-img is writing the image
 IOV_MAX = 1024  # buffers per sendmsg (Linux)
 
 
 class ChunkExport:
-    """``with ChunkExport(store, index) as export:`` serves the disk at ``export.socket``
-    until the block ends. ``workers`` reads are answered at a time."""
+    """``with ChunkExport(store, index, directory) as export:`` serves the disk on a
+    socket in ``directory`` (mode 0600: this user's only) until the block ends; a
+    process given the descriptor ``export.fd`` reaches it at ``export.socket``.
+    ``workers`` reads are answered at a time."""
 
-    def __init__(self, store: ChunkStore, index: DiskIndex, *, workers: int = 4) -> None:
+    def __init__(self, store: ChunkStore, index: DiskIndex, directory: Path, *, workers: int = 4) -> None:
         self.store, self.index = store, index
         self.failure: DamagedObject | None = None
-        self._dir = Path(tempfile.mkdtemp(prefix="virtwarden-nbd-"))  # 0700: this user's only
-        self.socket = self._dir / "disk.sock"
+        self.name = f"nbd-{index.target}-{secrets.token_hex(4)}.sock"
+        self.fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.socket = f"/proc/self/fd/{self.fd}/{self.name}"
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(str(self.socket))
+        try:
+            self._listener.bind(self.socket)
+            # Whatever the umask: connecting needs write permission on the socket. (The
+            # scratch directory around it is private as well.)
+            os.chmod(self.name, 0o600, dir_fd=self.fd)
+        except OSError:
+            self._listener.close()
+            os.close(self.fd)
+            raise
         self._listener.listen(4)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"nbd-{index.target}")
         self._closing = threading.Event()
@@ -97,7 +115,9 @@ class ChunkExport:
                     conn.shutdown(socket.SHUT_RDWR)
         self._thread.join(10)
         self._pool.shutdown(wait=True, cancel_futures=True)
-        shutil.rmtree(self._dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.unlink(self.name, dir_fd=self.fd)
+        os.close(self.fd)
 
     # --- connections ------------------------------------------------------------------
     def _accept(self) -> None:
@@ -309,7 +329,8 @@ class _Session:
             else:
                 self._send(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, handle), *parts)
         except OSError:
-            pass  # the client went away
+            return  # the client went away
+        faults.pause_point(SERVING)
 
     def _status(self, handle: int, extents: list[tuple[int, int]]) -> None:
         body = struct.pack(">I", CONTEXT_ID) + b"".join(struct.pack(">II", n, f) for n, f in extents)

@@ -72,7 +72,7 @@ def restore_cli(args: argparse.Namespace) -> int:
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".restoring-", dir=out))
     try:
-        with served_disks(repo.chunks, indexes, args.point) as served:
+        with served_disks(repo.chunks, indexes, args.point, work) as served:
             for index in indexes:
                 qemu_img.flatten([served[index.target]], work / f"{index.target}.qcow2")
         (work / "domain.xml").write_text(manifest["domain"]["xml"])

@@ -43,6 +43,7 @@ from virtwarden.hypervisor.domxml import redact
 from virtwarden.storage_backends.base import Backend
 from virtwarden.storage_backends.format2.index import DiskIndex
 from virtwarden.storage_backends.format2.nbd import ChunkExport
+from virtwarden.storage_backends.format2.objects import DamagedObject
 from virtwarden.storage_backends.format2.repository import Format2Repository
 from virtwarden.storage_backends.format2.store import ChunkStore
 from virtwarden.storage_backends.repository import Repository
@@ -320,13 +321,20 @@ def served_disks(chunks: ChunkStore, indexes: list[DiskIndex], point_id: str, di
         try:
             yield {e.index.target: qemu_img.NbdDisk(e.socket, e.fd) for e in exports}
         except ToolFailed as e:
-            damaged = next((x.failure for x in exports if x.failure is not None), None)
-            if damaged is None:
-                raise
-            raise ChecksumMismatch(f"restore point {point_id}: {damaged}; nothing was written") from e
-        damaged = next((x.failure for x in exports if x.failure is not None), None)
-        if damaged is not None:  # qemu-img cannot succeed past a failed read; never publish if it did
-            raise ChecksumMismatch(f"restore point {point_id}: {damaged}; nothing was written")
+            _raise_failed_read(exports, point_id, e)
+            raise
+        _raise_failed_read(exports, point_id, None)  # qemu-img cannot succeed past a failed read; never publish
+
+
+def _raise_failed_read(exports: list[ChunkExport], point_id: str, cause: Exception | None) -> None:
+    """Raise what made an export's read fail (qemu-img only says "Input/output error"): a
+    damaged chunk as the ChecksumMismatch naming point, disk and offset; the storage's
+    own error as it is, so that an unreachable storage is retried like any other."""
+    failure = next((x.failure for x in exports if x.failure is not None), None)
+    if isinstance(failure, DamagedObject):
+        raise ChecksumMismatch(f"restore point {point_id}: {failure}; nothing was written") from cause
+    if failure is not None:
+        raise failure from cause
 
 
 def _check_scratch_space(ctx: JobContext, point_id: str, need: int) -> None:

@@ -17,7 +17,7 @@ from virtwarden.catalog import jobs as job_rows
 from tests.conftest import need
 from tests.faultproxy import FaultProxy, Rule, upload_part
 from tests.guests import images_equal
-from tests.harness import s3_storage_entry, wait_for
+from tests.harness import TEST_WORKER, s3_storage_entry, wait_for
 from tests.s3server import s3_client
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.cli_in_process]
@@ -218,3 +218,46 @@ def test_a_backup_that_fills_its_mounted_target_fails_clearly_and_leaves_nothing
     assert r.code == 0, r.err
     assert r.json()["result"]["level"] == "incremental"
     assert _restored_equal(vw, g, tmp_path, g.shadow_copy("vda", tmp_path / "now.raw"), "restored")
+
+
+# --- format 2: a restore read from the chunks while S3 answers 503 ------------------------------
+def _chunk_get(r) -> bool:
+    return r.method == "GET" and "/chunks/" in r.target
+
+
+def test_a_format2_restore_rides_out_a_few_slow_downs_and_fails_clearly_when_s3_keeps_refusing(
+        vw, guest_factory, s3_settings, s3_fault_proxy: FaultProxy, tmp_path, request):
+    """Chunks are read while qemu-img writes the image (an NBD export, one pass). A few
+    503 Slow Down answers are retried and the restore is bit for bit; an S3 that keeps
+    answering 503 fails the restore with S3's error, not qemu-img's "Input/output error",
+    and nothing is published."""
+    from tests.harness import FAST_KDF, add_format2_target
+
+    add_format2_target(vw, "vault", "s3", request, tmp_path)
+    vw.storage["vault"].update(endpoint_url=s3_fault_proxy.url, max_attempts=3)  # each GET tried 3 times
+    vw.extra["worker"] = {**TEST_WORKER, "max_attempts": 2}
+    assert vw.cli("key", "init", "vault", "--chunk-size-kib", "256", *FAST_KDF).code == 0
+    g = guest_factory(disks=1, size_mib=32)
+    g.write_random("vda", 0, 8 * MiB)
+    vw.start_worker()
+    r = _backup(vw, g.name, "--target", "vault")
+    assert r.code == 0, r.err
+    point_id = r.json()["result"]["point_id"]
+    expected = g.shadow_copy("vda", tmp_path / "vda.raw")
+
+    s3_fault_proxy.add(Rule(_chunk_get, "respond", times=2, status=503))
+    out = tmp_path / "out"
+    r = vw.cli("restore", g.name, "--point", point_id, "--to-dir", str(out), "--wait")
+    assert r.code == 0, r.err
+    assert len(s3_fault_proxy.handled("respond")) == 2
+    assert images_equal(out / "vda.qcow2", expected)
+
+    s3_fault_proxy.add(Rule(_chunk_get, "respond", times=100_000, status=503))
+    refused = tmp_path / "refused"
+    r = vw.cli("restore", g.name, "--point", point_id, "--to-dir", str(refused), "--wait")
+    assert r.code != 0, r.out
+    assert "SlowDown" in r.err and "Input/output error" not in r.err, r.err
+    [job] = [j for j in job_rows.recent(vw.catalog()) if j.kind == "restore" and j.state == "failed"]
+    assert job.attempts == 2  # storage unreachable: retried, like any backend
+    assert not refused.exists() or list(refused.iterdir()) == [], list(refused.iterdir())
+    assert not list(vw.scratch.glob("job-*"))

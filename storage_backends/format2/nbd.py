@@ -17,9 +17,10 @@ allows (108 bytes), so the socket is bound and reached through
 ``/proc/self/fd/<fd of the directory>/``: ``qemu-img`` gets the same descriptor
 (``NbdDisk.fd``) and the same path.
 
-A chunk that cannot be read (missing, damaged, not what its id says) fails the read
-with EIO; the first such failure, naming the disk and offset, is kept in ``failure`` for
-the caller to raise instead of qemu-img's "Input/output error".
+A chunk that cannot be read (missing, damaged, not what its id says, or the storage
+unreachable) fails the read with EIO; the first such failure (a damaged chunk's names
+the disk and offset) is kept in ``failure`` for the caller to raise instead of
+qemu-img's "Input/output error".
 """
 from __future__ import annotations
 
@@ -76,7 +77,9 @@ class ChunkExport:
 
     def __init__(self, store: ChunkStore, index: DiskIndex, directory: Path, *, workers: int = 4) -> None:
         self.store, self.index = store, index
-        self.failure: DamagedObject | None = None
+        # The first read that failed: a DamagedObject naming disk and offset, or what the
+        # storage raised (unreachable, refusing): the caller raises it, not qemu-img's EIO.
+        self.failure: Exception | None = None
         self.name = f"nbd-{index.target}-{secrets.token_hex(4)}.sock"
         self.fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.socket = f"/proc/self/fd/{self.fd}/{self.name}"
@@ -176,7 +179,7 @@ class ChunkExport:
                                              f"the index says {length}"))
         return data
 
-    def _failed(self, e: DamagedObject) -> DamagedObject:
+    def _failed(self, e: Exception) -> Exception:
         with self._lock:
             if self.failure is None:
                 self.failure = e
@@ -312,14 +315,18 @@ class _Session:
                 f.result()
 
     def _read(self, handle: int, offset: int, length: int) -> None:
+        if self.export.failure is not None:  # the restore fails anyway: fetch nothing more
+            self._error(handle, EIO)
+            return
         try:
             parts = self.export.read(offset, length)
-        except DamagedObject as e:
+        except DamagedObject as e:  # kept in failure by _chunk
             log.warning("restore read: %s", e)
             self._error(handle, EIO)
             return
-        except Exception:  # storage unreachable and the like: the read fails, qemu-img says so
-            log.exception("restore read of %s at %d failed", self.export.index.target, offset)
+        except Exception as e:  # noqa: BLE001 - storage unreachable or refusing: the caller raises it
+            log.warning("restore read of %s at offset %d failed: %s", self.export.index.target, offset, e)
+            self.export._failed(e)
             self._error(handle, EIO)
             return
         try:

@@ -165,8 +165,11 @@ def _make_point(ctx: JobContext, req: BackupRequest, dom: DomainInfo, plan: Leve
         outputs = sink.outputs(ctx, dom)
         # An unprivileged QEMU opens the targets libvirt creates by their path.
         permissions.let_qemu_through({o.path.parent for o in outputs.values()})
-        check_space(dom, plan, outputs)
-        ctx.report(0.0, f"{plan.level} backup: copying {len(outputs)} disk(s)")
+        # Format 2, shut off: the disks are read where they are (a read-only export), not copied.
+        in_place = None if checkpoint else sink.store_in_place(ctx, dom)
+        if in_place is None:
+            check_space(dom, plan, outputs)
+            ctx.report(0.0, f"{plan.level} backup: copying {len(outputs)} disk(s)")
         if checkpoint:
             # Push mode copies the disks as they are when backupBegin returns: the guest
             # is frozen for that call only, and thawed while QEMU copies.
@@ -177,10 +180,10 @@ def _make_point(ctx: JobContext, req: BackupRequest, dom: DomainInfo, plan: Leve
                                 bitmap_disks={d.target for d in dom.disks if d.has_bitmaps}, skip=set())
                 started = True
             _wait(ctx, dom.name, outputs)
-        else:
+        elif in_place is None:
             _copy_offline(ctx, dom, outputs)
         changed_only = {d.target for d in dom.disks if plan.level == "incremental" and d.has_bitmaps}
-        artifacts = sink.store(ctx, dom, outputs, changed_only)
+        artifacts = in_place if in_place is not None else sink.store(ctx, dom, outputs, changed_only)
         cp_xml = hv.checkpoint_xml(dom.name, checkpoint) if checkpoint else ""
         manifest = build_manifest(ctx, dom, point, plan, checkpoint, artifacts, cp_xml, consistency=consistency)
         digest = sink.publish(manifest, artifacts)

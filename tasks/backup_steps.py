@@ -21,10 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 from virtwarden.catalog import points
 from virtwarden.catalog.points import ArtifactView, PointView
 from virtwarden.hypervisor import qemu_img
+from virtwarden.hypervisor.nbd import ImageExport
 from virtwarden.hypervisor.types import DomainInfo
 from virtwarden.storage_backends.format2.index import DiskIndex
 from virtwarden.storage_backends.format2.repository import WRITER_STALE, Format2Repository, PointRef
@@ -34,7 +36,14 @@ from virtwarden.tasks import recovery
 from virtwarden.tasks.context import JobContext
 
 from virtwarden import faults
-from virtwarden.errors import DatabaseUnavailable, LeaseLost, NoSpace, VirtwardenError
+from virtwarden.errors import (
+    DatabaseUnavailable,
+    HypervisorError,
+    LeaseLost,
+    NoSpace,
+    ToolFailed,
+    VirtwardenError,
+)
 
 log = logging.getLogger(__name__)
 COMMIT_RECHECK_SECONDS = 120.0  # how long a lost commit answer is chased before giving up
@@ -228,6 +237,13 @@ class PointSink:
     def outputs(self, ctx: JobContext, dom: DomainInfo) -> dict[str, Output]:
         return plan_outputs(ctx, self.repo, self.prefix, dom, self.storage, scratch_only=self.repo2 is not None)
 
+    def store_in_place(self, ctx: JobContext, dom: DomainInfo) -> list[ArtifactView] | None:
+        """A shut-off domain's disks stored without a copy (format 2); None: copy them
+        into ``outputs`` first and ``store`` those (format 1 stores the images)."""
+        if self.repo2 is None:
+            return None
+        return store_chunks_in_place(ctx, self.repo2, self.ref, dom)
+
     def store(self, ctx: JobContext, dom: DomainInfo, outputs: dict[str, Output],
               incremental: set[str]) -> list[ArtifactView]:
         """The images stored; ``incremental``: the disks whose image holds only changes."""
@@ -293,18 +309,48 @@ def store_chunks(ctx: JobContext, repo2: Format2Repository, ref: PointRef, dom: 
     out = []
     for n, (target, o) in enumerate(outputs.items()):
         qemu_img.detach_backing(o.path)  # libvirt names the live disk as backing: never read through it
-        prev = previous.get(target)
-        ctx.report(0.6 + 0.39 * n / len(outputs), f"storing {target} as chunks")
         with qemu_img.ImageData(o.path) as img:
-            index, stats = write_disk(repo2.chunks, target, img.read, img.virtual_size, repo2.chunk_size,
-                                      previous=prev, changed=img.held() if prev else None)
-        faults.pause_point("storing")
-        sha = repo2.write_index(ref, index)
-        log.info("job %s: %s of %s: %d MiB read, %d chunk(s) stored (%d MiB), %d already stored, %d reused, "
-                 "%d zero", ctx.job_id, target, dom.name, stats.read_bytes >> 20, stats.stored_chunks,
-                 stats.stored_bytes >> 20, stats.known_chunks, stats.reused_chunks, stats.zero_chunks)
-        out.append(ArtifactView(target, ref.index_key(target), stats.stored_bytes, sha, index.virtual_size))
+            out.append(_store_disk(ctx, repo2, ref, dom, target, img, previous.get(target), n / len(outputs)))
     return out
+
+
+def store_chunks_in_place(ctx: JobContext, repo2: Format2Repository, ref: PointRef,
+                          dom: DomainInfo) -> list[ArtifactView]:
+    """Format 2, a shut-off domain: each disk read where it is, through a read-only
+    ``qemu-nbd`` export (hypervisor/nbd.py), never copied into scratch. qemu-nbd holds
+    the image as ``qemu-img convert`` would: the domain cannot start meanwhile."""
+    out = []
+    for n, d in enumerate(dom.disks):
+        try:
+            with ImageExport(Path(d.path), d.format, ctx.scratch) as img:
+                out.append(_store_disk(ctx, repo2, ref, dom, d.target, img, None, n / len(dom.disks)))
+        except ToolFailed as e:
+            if "lock" in str(e):
+                raise HypervisorError(f"disk {d.target} of {dom.name!r} is in use (was the domain started?): "
+                                      f"{e}; the next run backs it up online") from e
+            raise
+    return out
+
+
+class _DiskData(Protocol):
+    virtual_size: int
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+    def held(self) -> list[tuple[int, int]]: ...
+
+
+def _store_disk(ctx: JobContext, repo2: Format2Repository, ref: PointRef, dom: DomainInfo, target: str,
+                img: _DiskData, previous: DiskIndex | None, done: float) -> ArtifactView:
+    ctx.report(0.6 + 0.39 * done, f"storing {target} as chunks")
+    index, stats = write_disk(repo2.chunks, target, img.read, img.virtual_size, repo2.chunk_size,
+                              previous=previous, changed=img.held() if previous else None)
+    faults.pause_point("storing")
+    sha = repo2.write_index(ref, index)
+    log.info("job %s: %s of %s: %d MiB read, %d chunk(s) stored (%d MiB), %d already stored, %d reused, "
+             "%d zero", ctx.job_id, target, dom.name, stats.read_bytes >> 20, stats.stored_chunks,
+             stats.stored_bytes >> 20, stats.known_chunks, stats.reused_chunks, stats.zero_chunks)
+    return ArtifactView(target, ref.index_key(target), stats.stored_bytes, sha, index.virtual_size)
 
 
 def format2_manifest(manifest: dict, artifacts: list[ArtifactView]) -> dict:

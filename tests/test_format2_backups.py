@@ -259,6 +259,44 @@ def test_a_worker_killed_while_qemu_img_reads_from_the_chunks_leaves_nothing_and
     assert not list(vw.scratch.glob("job-*")), list(vw.scratch.iterdir())
 
 
+def test_a_shut_off_domain_is_read_in_place_its_disks_held_and_restores_bit_for_bit(
+        vault, guest_factory, tmp_path) -> None:
+    """A shut-off domain's disks are read through a read-only qemu-nbd export, not copied
+    into scratch; while the backup reads them the domain cannot start (the export holds
+    the images' locks); the point restores bit for bit."""
+    import libvirt
+    from virtwarden.catalog import jobs as job_rows
+
+    from tests.faults import pause_env, stopped_at
+
+    vw = vault
+    g = guest_factory(disks=2, size_mib=32)
+    g.write_random("vda", 0, 6 * MiB)
+    g.write("vdb", 9 * MiB, MiB, pattern=0x5D)
+    g.dom.destroy()  # QEMU writes everything out
+    expected = {t: g.shadow_copy(t, tmp_path / f"{t}.raw") for t in ("vda", "vdb")}
+    faults = tmp_path / "faults"
+    worker = vw.start_worker(env=pause_env("storing", faults))  # after the first disk, its export open
+    r = vw.cli("backup", g.name, "--target", "vault", "--json")
+    assert r.code == 0, r.err
+    job_id = r.json()["id"]
+    stopped_at("storing", faults)
+    held = [p for p in vw.scratch.rglob("*") if p.is_file() or p.is_socket()]
+    assert held and all(p.is_socket() for p in held), held  # the export's socket, no copy of a disk
+    with pytest.raises(libvirt.libvirtError, match="lock"):
+        g.dom.create()
+    worker.resume()
+    cat = vw.catalog()
+    done = wait_for(lambda: (j := job_rows.get(cat, job_id)).finished and j, 120, "the backup to finish")
+    assert done.state == "succeeded", done.error
+    assert (done.result["level"], done.result["consistency"]) == ("full", "offline"), done.result
+    assert not g.dom.isActive()
+    out = _restore(vw, g, done.result["point_id"], tmp_path / "out")
+    for t in ("vda", "vdb"):
+        assert images_equal(out / f"{t}.qcow2", expected[t]), t
+    assert not list(vw.scratch.glob("job-*"))
+
+
 def test_gc_killed_midway_leaves_every_point_restorable(vault, guest_factory, tmp_path) -> None:
     from tests.faults import kill_env
 

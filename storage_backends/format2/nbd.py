@@ -39,32 +39,12 @@ from virtwarden.storage_backends.format2.objects import DamagedObject
 from virtwarden.storage_backends.format2.store import ChunkStore
 
 from virtwarden import faults
+from virtwarden import nbd_protocol as P
 from virtwarden.errors import ObjectNotFound
 
 log = logging.getLogger(__name__)
 
-# The handshake (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md)
-NBDMAGIC = 0x4E42444D41474943
-IHAVEOPT = 0x49484156454F5054
-OPT_REPLY_MAGIC = 0x0003E889045565A9
-FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES = 1, 2
-OPT_EXPORT_NAME, OPT_ABORT, OPT_INFO, OPT_GO = 1, 2, 6, 7
-OPT_STRUCTURED_REPLY, OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT = 8, 9, 10
-REP_ACK, REP_INFO, REP_META_CONTEXT = 1, 3, 4
-REP_ERR_UNSUP, REP_ERR_INVALID = 2**31 + 1, 2**31 + 3
-INFO_EXPORT = 0
-# Transmission
-HAS_FLAGS, READ_ONLY, CAN_MULTI_CONN = 1, 2, 1 << 8
-REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC = 0x25609513, 0x67446698, 0x668E33EF
-CMD_READ, CMD_WRITE, CMD_DISC, CMD_BLOCK_STATUS = 0, 1, 2, 7
-CMD_FLAG_REQ_ONE = 1 << 3
-REPLY_FLAG_DONE = 1
-REPLY_OFFSET_DATA, REPLY_BLOCK_STATUS, REPLY_ERROR = 1, 5, 2**15 + 1
-STATE_HOLE, STATE_ZERO = 1, 2
-EPERM, EIO, EINVAL = 1, 5, 22
-BASE_ALLOCATION = b"base:allocation"
-CONTEXT_ID = 1
-REQUEST = struct.Struct(">IHHQQI")
+CONTEXT_ID = 1  # the one metadata context served: base:allocation
 SERVING = "restore-serving"  # test fault point: a read was answered, qemu-img is writing the image
 IOV_MAX = 1024  # buffers per sendmsg (Linux)
 
@@ -78,7 +58,7 @@ class ChunkExport:
     def __init__(self, store: ChunkStore, index: DiskIndex, directory: Path, *, workers: int = 4) -> None:
         self.store, self.index = store, index
         # The first read that failed: a DamagedObject naming disk and offset, or what the
-        # storage raised (unreachable, refusing): the caller raises it, not qemu-img's EIO.
+        # storage raised (unreachable, refusing): the caller raises it, not qemu-img's P.EIO.
         self.failure: Exception | None = None
         self.name = f"nbd-{index.target}-{secrets.token_hex(4)}.sock"
         self.fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -193,7 +173,7 @@ class ChunkExport:
         end = min(offset + length, self.index.virtual_size)
         while offset < end:
             i = offset // size
-            flags = STATE_HOLE | STATE_ZERO if self.index.chunks[i] is None else 0
+            flags = P.STATE_HOLE | P.STATE_ZERO if self.index.chunks[i] is None else 0
             take = min((i + 1) * size, end) - offset
             if out and out[-1][1] == flags and out[-1][0] + take < 2**32:
                 out[-1] = (out[-1][0] + take, flags)
@@ -241,115 +221,115 @@ class _Session:
     # --- handshake ------------------------------------------------------------------
     def handshake(self) -> bool:
         """Negotiate until the client picks the export (True) or aborts (False)."""
-        self._send(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
+        self._send(struct.pack(">QQH", P.NBDMAGIC, P.IHAVEOPT, P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES))
         (client_flags,) = struct.unpack(">I", self._recv(4))
-        if not client_flags & FLAG_FIXED_NEWSTYLE:
+        if not client_flags & P.FLAG_FIXED_NEWSTYLE:
             return False
-        self.no_zeroes = bool(client_flags & FLAG_NO_ZEROES)
+        self.no_zeroes = bool(client_flags & P.FLAG_NO_ZEROES)
         while True:
             magic, option, length = struct.unpack(">QII", self._recv(16))
-            if magic != IHAVEOPT or length > 65536:
+            if magic != P.IHAVEOPT or length > 65536:
                 return False
             data = self._recv(length)
-            if option == OPT_EXPORT_NAME:  # no reply but the export itself
+            if option == P.OPT_EXPORT_NAME:  # no reply but the export itself
                 self._send(struct.pack(">QH", self.export.index.virtual_size, self._flags()),
                            b"" if self.no_zeroes else bytes(124))
                 return True
-            if option == OPT_ABORT:
-                self._reply(option, REP_ACK)
+            if option == P.OPT_ABORT:
+                self._reply(option, P.REP_ACK)
                 return False
-            if option in (OPT_INFO, OPT_GO):
-                self._reply(option, REP_INFO, struct.pack(">HQH", INFO_EXPORT, self.export.index.virtual_size,
+            if option in (P.OPT_INFO, P.OPT_GO):
+                self._reply(option, P.REP_INFO, struct.pack(">HQH", P.INFO_EXPORT, self.export.index.virtual_size,
                                                           self._flags()))
-                self._reply(option, REP_ACK)
-                if option == OPT_GO:
+                self._reply(option, P.REP_ACK)
+                if option == P.OPT_GO:
                     return True
-            elif option == OPT_STRUCTURED_REPLY and not data:
+            elif option == P.OPT_STRUCTURED_REPLY and not data:
                 self.structured = True
-                self._reply(option, REP_ACK)
-            elif option in (OPT_SET_META_CONTEXT, OPT_LIST_META_CONTEXT) and self.structured:
+                self._reply(option, P.REP_ACK)
+            elif option in (P.OPT_SET_META_CONTEXT, P.OPT_LIST_META_CONTEXT) and self.structured:
                 queries = _meta_queries(data)
                 if queries is None:
-                    self._reply(option, REP_ERR_INVALID)
+                    self._reply(option, P.REP_ERR_INVALID)
                     continue
-                wanted = any(q in (BASE_ALLOCATION, b"base:") for q in queries) or \
-                    (option == OPT_LIST_META_CONTEXT and not queries)
+                wanted = any(q in (P.BASE_ALLOCATION, b"base:") for q in queries) or \
+                    (option == P.OPT_LIST_META_CONTEXT and not queries)
                 if wanted:
-                    self._reply(option, REP_META_CONTEXT, struct.pack(">I", CONTEXT_ID) + BASE_ALLOCATION)
-                if option == OPT_SET_META_CONTEXT:
+                    self._reply(option, P.REP_META_CONTEXT, struct.pack(">I", CONTEXT_ID) + P.BASE_ALLOCATION)
+                if option == P.OPT_SET_META_CONTEXT:
                     self.allocation = wanted
-                self._reply(option, REP_ACK)
+                self._reply(option, P.REP_ACK)
             else:
-                self._reply(option, REP_ERR_UNSUP)
+                self._reply(option, P.REP_ERR_UNSUP)
 
     def _flags(self) -> int:
-        return HAS_FLAGS | READ_ONLY | CAN_MULTI_CONN
+        return P.HAS_FLAGS | P.READ_ONLY | P.CAN_MULTI_CONN
 
     def _reply(self, option: int, kind: int, data: bytes = b"") -> None:
-        self._send(struct.pack(">QIII", OPT_REPLY_MAGIC, option, kind, len(data)), data)
+        self._send(struct.pack(">QIII", P.OPT_REPLY_MAGIC, option, kind, len(data)), data)
 
     # --- transmission ---------------------------------------------------------------
     def transmit(self) -> None:
         pending: list[Future[None]] = []
         try:
             while True:
-                magic, flags, kind, handle, offset, length = REQUEST.unpack(self._recv(REQUEST.size))
-                if magic != REQUEST_MAGIC:
+                magic, flags, kind, handle, offset, length = P.REQUEST.unpack(self._recv(P.REQUEST.size))
+                if magic != P.REQUEST_MAGIC:
                     return
-                if kind == CMD_DISC:
+                if kind == P.CMD_DISC:
                     return
-                if kind == CMD_WRITE:
+                if kind == P.CMD_WRITE:
                     self._recv(length)  # the payload comes with the request: read past it
-                    self._error(handle, EPERM)
-                elif kind == CMD_READ and offset + length <= self.export.index.virtual_size:
+                    self._error(handle, P.EPERM)
+                elif kind == P.CMD_READ and offset + length <= self.export.index.virtual_size:
                     pending = [f for f in pending if not f.done()]
                     pending.append(self.export._pool.submit(self._read, handle, offset, length))
-                elif kind == CMD_BLOCK_STATUS and self.allocation and length and \
+                elif kind == P.CMD_BLOCK_STATUS and self.allocation and length and \
                         offset + length <= self.export.index.virtual_size:
                     extents = self.export.extents(offset, length)
-                    self._status(handle, extents[:1] if flags & CMD_FLAG_REQ_ONE else extents)
+                    self._status(handle, extents[:1] if flags & P.CMD_FLAG_REQ_ONE else extents)
                 else:
-                    self._error(handle, EINVAL)
+                    self._error(handle, P.EINVAL)
         finally:
             for f in pending:  # answered before the connection closes
                 f.result()
 
     def _read(self, handle: int, offset: int, length: int) -> None:
         if self.export.failure is not None:  # the restore fails anyway: fetch nothing more
-            self._error(handle, EIO)
+            self._error(handle, P.EIO)
             return
         try:
             parts = self.export.read(offset, length)
         except DamagedObject as e:  # kept in failure by _chunk
             log.warning("restore read: %s", e)
-            self._error(handle, EIO)
+            self._error(handle, P.EIO)
             return
         except Exception as e:  # noqa: BLE001 - storage unreachable or refusing: the caller raises it
             log.warning("restore read of %s at offset %d failed: %s", self.export.index.target, offset, e)
             self.export._failed(e)
-            self._error(handle, EIO)
+            self._error(handle, P.EIO)
             return
         try:
             if self.structured:
-                self._send(struct.pack(">IHHQIQ", STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_OFFSET_DATA, handle,
-                                       8 + length, offset), *parts)
+                self._send(P.STRUCTURED.pack(P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE, P.REPLY_OFFSET_DATA, handle,
+                                             8 + length), struct.pack(">Q", offset), *parts)
             else:
-                self._send(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, handle), *parts)
+                self._send(struct.pack(">IIQ", P.SIMPLE_REPLY_MAGIC, 0, handle), *parts)
         except OSError:
             return  # the client went away
         faults.pause_point(SERVING)
 
     def _status(self, handle: int, extents: list[tuple[int, int]]) -> None:
         body = struct.pack(">I", CONTEXT_ID) + b"".join(struct.pack(">II", n, f) for n, f in extents)
-        self._send(struct.pack(">IHHQI", STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_BLOCK_STATUS, handle,
+        self._send(struct.pack(">IHHQI", P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE, P.REPLY_BLOCK_STATUS, handle,
                                len(body)), body)
 
     def _error(self, handle: int, errno: int) -> None:
         if self.structured:
-            self._send(struct.pack(">IHHQIIH", STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_ERROR, handle, 6,
+            self._send(struct.pack(">IHHQIIH", P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE, P.REPLY_ERROR, handle, 6,
                                    errno, 0))
         else:
-            self._send(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, errno, handle))
+            self._send(struct.pack(">IIQ", P.SIMPLE_REPLY_MAGIC, errno, handle))
 
 
 def _meta_queries(data: bytes) -> list[bytes] | None:

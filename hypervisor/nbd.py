@@ -1,0 +1,252 @@
+"""Reading a shut-off domain's disk in place: ``qemu-nbd`` exports the image read-only
+(any format, backing chain included) and an NBD client reads it, so a format-2 backup
+of a shut-off domain needs no copy of the disk in scratch space.
+
+``ImageExport`` runs ``qemu-nbd --read-only`` on one image for as long as its block
+runs. qemu-nbd holds the image as ``qemu-img convert`` does: a QEMU that starts the
+domain meanwhile cannot get its write lock and fails to start, so the disk cannot change
+under the backup. Its socket lives in a directory the caller gives (the job's scratch),
+bound and reached through ``/proc/self/fd/N/`` of a descriptor of that directory, so a
+long path does not matter.
+
+``NbdClient`` speaks the protocol's read side (virtwarden/nbd_protocol.py): the
+fixed-newstyle handshake with structured replies, ``NBD_CMD_READ`` and
+``NBD_CMD_BLOCK_STATUS`` on ``base:allocation``. One request at a time per connection;
+``ImageExport.read`` gives each thread a connection of its own (qemu-nbd ``--shared``).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import socket
+import struct
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from virtwarden import nbd_protocol as P
+from virtwarden.errors import HypervisorError, ToolFailed
+
+QEMU_NBD = "qemu-nbd"
+CONNECTIONS = 8  # qemu-nbd --shared: the readers' threads, with room
+START_SECONDS = 30.0
+
+
+class NbdError(HypervisorError):
+    """The export refused a request or broke the protocol."""
+
+
+class NbdClient:
+    """One connection to an NBD export: ``size``, ``read``, ``extents``."""
+
+    def __init__(self, path: str, export: str = "") -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.connect(path)
+            self._handshake(export.encode())
+        except BaseException:
+            self.sock.close()
+            raise
+        self._cookie = 0
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.sendall(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_DISC, 0, 0, 0))
+        self.sock.close()
+
+    def _recv(self, n: int) -> bytes:
+        buf = bytearray(n)
+        view, got = memoryview(buf), 0
+        while got < n:
+            k = self.sock.recv_into(view[got:], n - got)
+            if not k:
+                raise NbdError("the NBD export closed the connection")
+            got += k
+        return bytes(buf)
+
+    # --- handshake --------------------------------------------------------------------
+    def _option(self, option: int, data: bytes = b"") -> list[tuple[int, bytes]]:
+        """Send an option; its replies up to the final one (ACK or an error)."""
+        self.sock.sendall(struct.pack(">QII", P.IHAVEOPT, option, len(data)) + data)
+        replies = []
+        while True:
+            magic, opt, kind, length = struct.unpack(">QIII", self._recv(20))
+            if magic != P.OPT_REPLY_MAGIC or opt != option:
+                raise NbdError(f"bad option reply (magic {magic:#x}, option {opt})")
+            replies.append((kind, self._recv(length)))
+            if kind != P.REP_INFO and kind != P.REP_META_CONTEXT:
+                return replies
+
+    def _handshake(self, export: bytes) -> None:
+        magic, ihaveopt, flags = struct.unpack(">QQH", self._recv(18))
+        if magic != P.NBDMAGIC or ihaveopt != P.IHAVEOPT or not flags & P.FLAG_FIXED_NEWSTYLE:
+            raise NbdError("not an NBD server speaking the fixed-newstyle handshake")
+        self.sock.sendall(struct.pack(">I", P.FLAG_FIXED_NEWSTYLE | (flags & P.FLAG_NO_ZEROES)))
+        self.structured = self._option(P.OPT_STRUCTURED_REPLY)[-1][0] == P.REP_ACK
+        self.allocation: int | None = None
+        if self.structured:
+            query = struct.pack(">I", len(export)) + export + struct.pack(">II", 1, len(P.BASE_ALLOCATION)) \
+                + P.BASE_ALLOCATION
+            for kind, data in self._option(P.OPT_SET_META_CONTEXT, query):
+                if kind == P.REP_META_CONTEXT and data[4:] == P.BASE_ALLOCATION:
+                    self.allocation = struct.unpack(">I", data[:4])[0]
+        go = struct.pack(">I", len(export)) + export + struct.pack(">H", 0)
+        replies = self._option(P.OPT_GO, go)
+        if replies[-1][0] != P.REP_ACK:
+            raise NbdError(f"the export {export.decode()!r} was refused (reply {replies[-1][0]:#x})")
+        info = next((d for k, d in replies if k == P.REP_INFO and struct.unpack(">H", d[:2])[0] == P.INFO_EXPORT),
+                    None)
+        if info is None:
+            raise NbdError("the server did not say the export's size")
+        _, self.size, self.flags = struct.unpack(">HQH", info[:12])
+
+    # --- transmission -----------------------------------------------------------------
+    def _request(self, command: int, offset: int, length: int) -> int:
+        self._cookie += 1
+        self.sock.sendall(P.REQUEST.pack(P.REQUEST_MAGIC, 0, command, self._cookie, offset, length))
+        return self._cookie
+
+    def _chunks(self, cookie: int):
+        """The structured reply chunks of one request: (type, payload), until done."""
+        while True:
+            magic, flags, kind, got, length = P.STRUCTURED.unpack(self._recv(P.STRUCTURED.size))
+            if magic != P.STRUCTURED_REPLY_MAGIC or got != cookie:
+                raise NbdError(f"bad reply (magic {magic:#x}, cookie {got} for {cookie})")
+            payload = self._recv(length)
+            if kind in (P.REPLY_ERROR, P.REPLY_ERROR_OFFSET):
+                errno, msg_len = struct.unpack(">IH", payload[:6])
+                raise NbdError(f"the NBD export failed a request: {os.strerror(errno)} "
+                               f"{payload[6:6 + msg_len].decode(errors='replace')}".rstrip())
+            yield kind, payload
+            if flags & P.REPLY_FLAG_DONE:
+                return
+
+    def read(self, offset: int, length: int) -> bytes:
+        cookie = self._request(P.CMD_READ, offset, length)
+        if not self.structured:
+            magic, error, got = P.SIMPLE.unpack(self._recv(P.SIMPLE.size))
+            if magic != P.SIMPLE_REPLY_MAGIC or got != cookie:
+                raise NbdError(f"bad reply (magic {magic:#x}, cookie {got} for {cookie})")
+            if error:
+                raise NbdError(f"the NBD export failed a read at {offset}: {os.strerror(error)}")
+            return self._recv(length)
+        out = bytearray(length)  # a hole reads as the zeros already here
+        for kind, payload in self._chunks(cookie):
+            if kind == P.REPLY_OFFSET_DATA:
+                (at,) = struct.unpack(">Q", payload[:8])
+                out[at - offset:at - offset + len(payload) - 8] = payload[8:]
+        return bytes(out)
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """(offset, length, holds data) for ``offset`` onwards (at most ``length``); every
+        range holds data when the export does not say."""
+        if self.allocation is None:
+            return [(offset, length, True)]
+        cookie = self._request(P.CMD_BLOCK_STATUS, offset, length)
+        out, at = [], offset
+        for kind, payload in self._chunks(cookie):
+            if kind == P.REPLY_BLOCK_STATUS:
+                for i in range(4, len(payload), 8):
+                    n, flags = struct.unpack(">II", payload[i:i + 8])
+                    out.append((at, n, not flags & P.STATE_ZERO))
+                    at += n
+        return out
+
+
+class ImageExport:
+    """``with ImageExport(path, fmt, directory) as disk:`` qemu-nbd serves the image
+    read-only; ``disk.read(offset, length)`` from any thread, ``disk.virtual_size``,
+    ``disk.held()`` (the ranges that hold data)."""
+
+    def __init__(self, image: Path, fmt: str, directory: Path) -> None:
+        if shutil.which(QEMU_NBD) is None:
+            raise ToolFailed("qemu-nbd is not installed (Debian: apt-get install qemu-utils)")
+        if not fmt:
+            raise ToolFailed(f"qemu-nbd: the format of {image} is unknown; refusing to guess it")
+        self.image = image
+        self._dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._name = f"nbd-{image.name}-{secrets.token_hex(4)}.sock"
+        self.socket = f"/proc/self/fd/{self._dir_fd}/{self._name}"
+        self._local = threading.local()
+        self._clients: list[NbdClient] = []
+        self._lock = threading.Lock()
+        self._proc = subprocess.Popen(
+            [QEMU_NBD, "--read-only", f"--format={fmt}", f"--shared={CONNECTIONS}", "--persistent",
+             f"--socket={self.socket}", str(image)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, pass_fds=(self._dir_fd,))
+        try:
+            first = self._wait_listening()
+        except BaseException:
+            self.close()
+            raise
+        self.virtual_size = first.size
+        self._clients.append(first)
+        self._local.client = first
+
+    def _wait_listening(self) -> NbdClient:
+        deadline = time.monotonic() + START_SECONDS
+        while True:
+            if self._proc.poll() is not None:
+                err = self._proc.stderr.read().decode(errors="replace").strip() if self._proc.stderr else ""
+                raise ToolFailed(f"qemu-nbd could not export {self.image}: {err or f'exit {self._proc.returncode}'}")
+            try:
+                return NbdClient(self.socket)
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    raise ToolFailed(f"qemu-nbd did not start serving {self.image} within {START_SECONDS:g}s") from None
+                time.sleep(0.02)
+
+    def __enter__(self) -> ImageExport:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def _client(self) -> NbdClient:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = NbdClient(self.socket)
+            with self._lock:
+                self._clients.append(client)
+        return client
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self._client().read(offset, length)
+
+    def held(self) -> list[tuple[int, int]]:
+        """The ranges that hold data (not holes, not zeros), in order."""
+        client, at = self._client(), 0
+        out: list[tuple[int, int]] = []
+        while at < self.virtual_size:
+            extents = client.extents(at, min(self.virtual_size - at, 2**31))
+            if not extents:
+                raise NbdError(f"no block status for {self.image} at {at}")
+            for offset, length, data in extents:
+                if data:
+                    if out and out[-1][0] + out[-1][1] == offset:
+                        out[-1] = (out[-1][0], out[-1][1] + length)
+                    else:
+                        out.append((offset, length))
+                at = offset + length
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
+            client.close()
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(10)
+        if self._proc.stderr:
+            self._proc.stderr.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self._name, dir_fd=self._dir_fd)
+        os.close(self._dir_fd)

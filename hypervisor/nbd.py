@@ -61,7 +61,10 @@ class NbdClient:
         buf = bytearray(n)
         view, got = memoryview(buf), 0
         while got < n:
-            k = self.sock.recv_into(view[got:], n - got)
+            try:
+                k = self.sock.recv_into(view[got:], n - got)
+            except OSError as e:
+                raise NbdError(f"the NBD export closed the connection ({e.strerror})") from e
             if not k:
                 raise NbdError("the NBD export closed the connection")
             got += k
@@ -106,7 +109,10 @@ class NbdClient:
     # --- transmission -----------------------------------------------------------------
     def _request(self, command: int, offset: int, length: int) -> int:
         self._cookie += 1
-        self.sock.sendall(P.REQUEST.pack(P.REQUEST_MAGIC, 0, command, self._cookie, offset, length))
+        try:
+            self.sock.sendall(P.REQUEST.pack(P.REQUEST_MAGIC, 0, command, self._cookie, offset, length))
+        except OSError as e:
+            raise NbdError(f"the NBD export closed the connection ({e.strerror})") from e
         return self._cookie
 
     def _chunks(self, cookie: int):

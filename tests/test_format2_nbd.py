@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,45 @@ def test_the_export_is_read_only_and_its_socket_goes_with_it(store, tmp_path):
         assert sock.is_socket() and sock.stat().st_mode & 0o077 == 0  # this user's only
     assert list(deep.iterdir()) == []
     assert b"".join(store.get(cid) for cid in index.chunks if cid is not None) == disk.read_bytes()
+
+
+# --- the client, reading qemu-nbd's export of an image (a shut-off domain's disk) ------------
+def test_qemu_nbds_export_of_a_chain_reads_as_the_guest_sees_it_and_says_where_data_is(tmp_path):
+    from virtwarden.hypervisor.nbd import ImageExport
+
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -q -P 0x11 0 4M", "-c", "write -q -P 0x22 32M 1M",
+                    str(base)], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top)], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -q -P 0x33 1M 1M", str(top)], check=True)
+    deep = tmp_path / ("d" * 70) / ("e" * 70)  # longer than a socket address may be
+    deep.mkdir(parents=True)
+    with ImageExport(top, "qcow2", deep) as disk:
+        assert disk.virtual_size == 64 * MiB
+        assert disk.held() == [(0, 4 * MiB), (32 * MiB, MiB)]
+        data = b"".join(disk.read(offset, 4 * MiB) for offset in range(0, disk.virtual_size, 4 * MiB))
+    assert data == _raw(top, tmp_path / "top.raw")
+    assert list(deep.iterdir()) == []  # the socket went with the export
+
+
+def test_an_export_that_dies_fails_the_read_clearly_and_a_held_image_is_refused(tmp_path):
+    from virtwarden.hypervisor.nbd import ImageExport, NbdError
+
+    from virtwarden.errors import ToolFailed
+
+    image = tmp_path / "vda.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "8M"], check=True)
+    with ImageExport(image, "qcow2", tmp_path) as disk:
+        assert disk.read(0, 4096) == bytes(4096)
+        disk._proc.kill()  # qemu-nbd dies under the reader
+        disk._proc.wait()
+        with pytest.raises(NbdError, match="closed the connection"):
+            disk.read(0, 4096)
+    writer = subprocess.Popen(["qemu-io", "-f", "qcow2", str(image)], stdin=subprocess.PIPE, text=True)
+    try:  # a process holding the image for writing, as a running guest's QEMU does
+        time.sleep(0.5)
+        with pytest.raises(ToolFailed, match="lock"):
+            ImageExport(image, "qcow2", tmp_path)
+    finally:
+        writer.communicate("quit\n", timeout=10)

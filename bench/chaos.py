@@ -21,6 +21,10 @@ points verified restorable and unrestorable, and leftovers: points still ``writi
 stored files of no complete point, scratch files, libvirt jobs, checkpoints the catalog
 does not know, and overlays still on a guest's disks.
 
+``--format2`` makes the storage target a format-2 repository (chunks, compressed,
+encrypted; restores read over NBD, shut-off reads through qemu-nbd): after the run a gc
+must leave only complete points' manifests and indexes and the chunks they name.
+
 Needs root, the running test bed (``bash scripts/testhost.sh``) and its environment
 (``set -a; . .testhost/env; set +a``). Everything it made is removed at the end.
 """
@@ -51,7 +55,7 @@ from bench.run import _interrupted, _quietly, say
 from tests.faults import PrivateRedis
 from tests.fleet import HOST2_URI, restart_host2, stop_host2_libvirtd
 from tests.guests import Guest, GuestFactory, GuestIOError, images_equal
-from tests.harness import PG_URL, TEST_WORKER, Installation
+from tests.harness import FAST_KDF, PG_URL, TEST_WORKER, Installation
 
 MiB = 1 << 20
 HOST2_LOGS = Path("/var/lib/virtwarden-testhost/host2/log/qemu")
@@ -67,6 +71,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--keep-last", type=int, default=4, help="retention of the prune jobs")
     p.add_argument("--json", action="store_true", help="print the figures as JSON as well")
+    p.add_argument("--format2", action="store_true",
+                   help="the storage target in repository format 2 (chunks, encrypted), gc after every prune")
     return p.parse_args(argv)
 
 
@@ -105,6 +111,12 @@ class Chaos:
         self.vw = Installation(self.root / "vw")
         self.vw.root.mkdir()
         self.vw.storage["nfs"] = {"type": "nfs", "path": str(self.root / "repository"), "create": True}
+        if self.args.format2:
+            secret = self.root / "secrets"
+            secret.mkdir(mode=0o700)
+            (secret / "pass").write_text("chaos passphrase\n")
+            self.vw.storage["nfs"].update(format=2, key_file=str(secret / "nfs.key"),
+                                          passphrase_file=str(secret / "pass"))
         self.vw.hosts = {name: {"uri": uri, "group": "rack1", "shared_storage": True} for name, uri in URIS.items()}
         self.vw.extra.update(database_url=f"{PG_URL}{sep}options=-csearch_path%3D{schema}",
                              broker_url=self.redis.url, policy_dir=str(self.root / "policies"))
@@ -120,6 +132,10 @@ class Chaos:
             self.host_of[g.name] = "local"
         self._policies()
         self.vw.write_config()
+        if self.args.format2:
+            made = self.vw.cli("key", "init", "nfs", "--chunk-size-kib", "256", *FAST_KDF)
+            if made.code != 0:
+                raise SystemExit(f"virtwarden key init failed: {made.err}")
         self.stack.callback(_quietly("stop the workers", self.vw.close))
         self.workers = {h: [self.vw.start_worker([h]), self.vw.start_worker([h])] for h in URIS}
         first = next(iter(self.guest_of.values()))
@@ -363,6 +379,37 @@ class Chaos:
                 shutil.rmtree(dest, ignore_errors=True)
         return ok, bad
 
+    def _format2_leftovers(self, repo: Path, complete: dict) -> list[str]:
+        """Format 2: after a gc, every point directory is a complete point's, every chunk
+        is named by some index, and nothing else (temporary files, markers) is left."""
+        found = []
+        gc = self.vw.cli("storage", "gc", "nfs", "--json")
+        if gc.code != 0:
+            return [f"storage gc failed: {gc.err.strip()}"]
+        from virtwarden.storage_backends.format2.access import open_repository
+
+        opened = open_repository("nfs", self.cfg.storage_target("nfs"))
+        named: set[str] = set()
+        for manifest_path in repo.glob("points/*/*/manifest"):
+            point_id = manifest_path.parent.name
+            if point_id not in complete:
+                found.append(f"point {point_id} in storage is no complete point of the catalog")
+                continue
+            domain = complete[point_id].domain
+            for index in opened.indexes(opened.ref(domain, point_id)):
+                named |= index.referenced()
+        for path in repo.rglob("*"):
+            rel = path.relative_to(repo)
+            if not path.is_file() or str(rel) == "format2/config":
+                continue
+            if rel.parts[0] == "chunks" and path.name not in named:
+                found.append(f"chunk {path.name} that no index names (after gc)")
+            elif rel.parts[0] not in ("chunks", "points"):
+                found.append(f"stored file {rel} (a marker or temporary file)")
+            elif rel.parts[0] == "points" and rel.parts[2] not in complete:
+                found.append(f"stored file {rel} of no complete point")
+        return found
+
     def _leftovers(self) -> list[str]:
         from virtwarden.catalog import points
 
@@ -375,11 +422,14 @@ class Chaos:
                 if p.usable:
                     complete[p.id] = p
         repo = self.root / "repository"
-        for path in repo.rglob("*"):
-            if path.is_file():
-                rel = path.relative_to(repo).parts
-                if len(rel) != 4 or rel[2] not in complete:
-                    found.append(f"stored file {path.relative_to(repo)} of no complete point")
+        if self.args.format2:
+            found += self._format2_leftovers(repo, complete)
+        else:
+            for path in repo.rglob("*"):
+                if path.is_file():
+                    rel = path.relative_to(repo).parts
+                    if len(rel) != 4 or rel[2] not in complete:
+                        found.append(f"stored file {path.relative_to(repo)} of no complete point")
         scratch = self.vw.scratch
         for path in scratch.rglob("*") if scratch.exists() else []:
             if path.is_file():

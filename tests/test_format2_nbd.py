@@ -11,23 +11,16 @@ from pathlib import Path
 
 import pytest
 from virtwarden.hypervisor import qemu_img
-from virtwarden.storage_backends.format2.keys import RepositoryKey
 from virtwarden.storage_backends.format2.nbd import ChunkExport
-from virtwarden.storage_backends.format2.objects import Codec
-from virtwarden.storage_backends.format2.store import ChunkStore, write_disk
+from virtwarden.storage_backends.format2.store import write_disk
 from virtwarden.tasks.restore import served_disks
 
-from tests.test_format2_store import _disk, _reader
+from tests.test_format2_store import _disk, _reader, damaged_third_chunk, store  # noqa: F401 - store: a fixture
 from tests.test_storage_contract import backend  # noqa: F401 - the nfs and s3 backends, a fixture
 from virtwarden.errors import ChecksumMismatch
 
 MiB = 1024 * 1024
 CHUNK = MiB
-
-
-@pytest.fixture
-def store(backend):
-    return ChunkStore(backend, Codec(RepositoryKey.generate()))
 
 
 def _raw(image: Path, out: Path) -> bytes:
@@ -57,14 +50,7 @@ def test_a_disk_served_from_its_chunks_converts_bit_for_bit_leaving_its_zero_pie
 
 
 def test_a_damaged_or_missing_chunk_fails_the_restore_naming_the_point_disk_and_offset(store, tmp_path):
-    size = 4 * MiB
-    disk = _disk(tmp_path / "vda.raw", size, [(0, os.urandom(size))])
-    index, _ = write_disk(store, "vda", _reader(disk), size, CHUNK)
-    third = index.chunks[2]
-    assert third is not None
-    blob = bytearray(store.backend.get_bytes(store.key(third)))
-    blob[len(blob) // 2] ^= 0x40
-    store.backend.put_bytes(store.key(third), bytes(blob))
+    index, third = damaged_third_chunk(store, tmp_path)
     with pytest.raises(ChecksumMismatch, match=f"restore point p1: vda at offset {2 * MiB}: chunk {third}: "
                                                "authentication failed.*; nothing was written"), \
             served_disks(store, [index], "p1", tmp_path) as served:

@@ -110,7 +110,9 @@ def test_two_disks_cloned_from_one_template_share_their_chunks(store, tmp_path) 
     assert _restore(store, index_b, tmp_path / "b-out.raw").read_bytes() == b.read_bytes()
 
 
-def test_a_changed_or_missing_chunk_is_named_with_its_disk_and_offset(store, tmp_path) -> None:
+def damaged_third_chunk(store: ChunkStore, tmp_path: Path):
+    """A 4 MiB disk of random data stored, then one byte of its third chunk changed in
+    storage: the disk's index and that chunk's id."""
     size = 4 * MiB
     disk = _disk(tmp_path / "vda.raw", size, [(0, os.urandom(size))])
     index, _ = write_disk(store, "vda", _reader(disk), size, CHUNK)
@@ -119,6 +121,11 @@ def test_a_changed_or_missing_chunk_is_named_with_its_disk_and_offset(store, tmp
     blob = bytearray(store.backend.get_bytes(store.key(third)))
     blob[len(blob) // 2] ^= 0x40
     store.backend.put_bytes(store.key(third), bytes(blob))
+    return index, third
+
+
+def test_a_changed_or_missing_chunk_is_named_with_its_disk_and_offset(store, tmp_path) -> None:
+    index, third = damaged_third_chunk(store, tmp_path)
     with pytest.raises(DamagedObject, match=f"vda at offset {2 * MiB}: chunk {third}: authentication failed"):
         _restore(store, index, tmp_path / "out.raw")
     store.backend.delete(store.key(third))

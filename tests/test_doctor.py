@@ -13,6 +13,7 @@ def test_doctor_passes_on_a_prepared_host(vw, libvirt_uri):
     assert checks["libvirt on local"]["ok"] and "QEMU" in checks["libvirt on local"]["detail"]
     assert checks["backup API on local"]["ok"]
     assert checks["broker"]["ok"] and checks["catalog database"]["ok"] and checks["storage nfs"]["ok"]
+    assert checks["qemu-img"]["ok"] and checks["qemu-nbd"]["ok"] and "qemu-nbd" in checks["qemu-nbd"]["detail"]
 
 
 def test_doctor_names_what_is_missing(vw, libvirt_uri):

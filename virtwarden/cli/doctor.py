@@ -48,11 +48,19 @@ def _kvm(_cfg: Config) -> list[Check]:
     return [Check("hardware virtualization (KVM)", usable, detail, required=False)]
 
 
-def _qemu_img(_cfg: Config) -> list[Check]:
-    if not shutil.which("qemu-img"):
-        return [Check("qemu-img", False, "not installed (Debian: apt-get install qemu-utils)")]
-    out = subprocess.run(["qemu-img", "--version"], capture_output=True, text=True).stdout.splitlines()
-    return [Check("qemu-img", True, out[0] if out else "installed")]
+def _qemu_img(cfg: Config) -> list[Check]:
+    """qemu-img for every backup and restore; qemu-nbd where a target is of format 2 (a
+    shut-off domain's disks are read through its read-only export)."""
+    out = []
+    format2 = sorted(name for name, st in cfg.storage.items() if st.format == 2)
+    for tool, required in (("qemu-img", True), ("qemu-nbd", bool(format2))):
+        if not shutil.which(tool):
+            why = f"; format-2 targets ({', '.join(format2)}) read shut-off domains with it" if format2 else ""
+            out.append(Check(tool, False, f"not installed (Debian: apt-get install qemu-utils){why}", required))
+            continue
+        version = subprocess.run([tool, "--version"], capture_output=True, text=True).stdout.splitlines()
+        out.append(Check(tool, True, version[0] if version else "installed", required))
+    return out
 
 
 def _libvirt(cfg: Config) -> list[Check]:

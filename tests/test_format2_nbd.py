@@ -125,3 +125,34 @@ def test_an_export_that_dies_fails_the_read_clearly_and_a_held_image_is_refused(
             ImageExport(image, "qcow2", tmp_path)
     finally:
         writer.communicate("quit\n", timeout=10)
+
+
+def test_requests_outside_the_disk_or_too_large_are_refused_and_the_export_still_serves(store, tmp_path):
+    """A client that asks for what the export does not serve gets an error for that
+    request only; a write announcing more payload than any request may carry is hung up on."""
+    from virtwarden.hypervisor.nbd import NbdClient, NbdError
+
+    from virtwarden import nbd_protocol as P
+
+    size = 2 * MiB
+    disk = _disk(tmp_path / "vda.raw", size, [(0, b"\x5a" * size)])
+    index, _ = write_disk(store, "vda", _reader(disk), size, CHUNK)
+    with ChunkExport(store, index, tmp_path) as export:
+        client = NbdClient(export.socket)
+        assert client.size == size and client.flags & P.READ_ONLY
+        with pytest.raises(NbdError, match="Invalid argument"):
+            client.read(size - 4096, 8192)  # past the end
+        with pytest.raises(NbdError, match="Invalid argument"):
+            client.read(0, 64 << 20)  # more than a request may ask
+        assert client.read(0, 4096) == b"\x5a" * 4096  # the connection goes on
+        assert client.extents(0, size) == [(0, size, True)]
+        client.close()
+
+        raw = NbdClient(export.socket)
+        raw.sock.sendall(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_WRITE, 1, 0, 1 << 30))
+        raw.sock.settimeout(10)
+        assert raw.sock.recv(16) == b""  # hung up
+        raw.sock.close()
+        again = NbdClient(export.socket)
+        assert again.read(size - 4096, 4096) == b"\x5a" * 4096
+        again.close()

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 CONTEXT_ID = 1  # the one metadata context served: base:allocation
 SERVING = "restore-serving"  # test fault point: a read was answered, qemu-img is writing the image
 IOV_MAX = 1024  # buffers per sendmsg (Linux)
+MAX_REQUEST = 32 << 20  # the protocol's default largest request; QEMU asks for less
 
 
 class ChunkExport:
@@ -279,9 +280,11 @@ class _Session:
                 if kind == P.CMD_DISC:
                     return
                 if kind == P.CMD_WRITE:
-                    self._recv(length)  # the payload comes with the request: read past it
+                    if length > MAX_REQUEST:
+                        return  # its payload follows: no way to answer but to hang up
+                    self._recv(length)  # read past the payload that comes with the request
                     self._error(handle, P.EPERM)
-                elif kind == P.CMD_READ and offset + length <= self.export.index.virtual_size:
+                elif kind == P.CMD_READ and length <= MAX_REQUEST and offset + length <= self.export.index.virtual_size:
                     pending = [f for f in pending if not f.done()]
                     pending.append(self.export._pool.submit(self._read, handle, offset, length))
                 elif kind == P.CMD_BLOCK_STATUS and self.allocation and length and \

@@ -35,8 +35,10 @@ class JobRun:
 
 
 class Installation:
-    def __init__(self, root: Path, *, host: str, broker_url: str, s3: dict[str, Any]) -> None:
+    def __init__(self, root: Path, *, host: str, broker_url: str, s3: dict[str, Any],
+                 scratch: Path | None = None) -> None:
         self.root = root
+        self.scratch = scratch  # the host's scratch_dir (short: a pull-mode backup's NBD socket lives there)
         self.host = host
         self.broker_url = broker_url
         self.repository = root / "repository"
@@ -51,7 +53,8 @@ class Installation:
         doc = {
             "data_dir": str(self.root / "data"),
             "broker_url": self.broker_url,
-            "hosts": {self.host: {"uri": "qemu:///system"}},
+            "hosts": {self.host: {"uri": "qemu:///system",
+                                  **({"scratch_dir": str(self.scratch)} if self.scratch else {})}},
             "storage": {"nfs": {"type": "nfs", "path": str(self.repository)}, "s3": self.s3,
                         "vault": {"type": "nfs", "path": str(self.vault), "create": True, "format": 2,
                                   "key_file": str(self.root / "vault.key"),

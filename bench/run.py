@@ -129,7 +129,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             cleanup.callback(_quietly("deleting bucket " + s3.bucket, s3.delete_bucket))
             params["s3"] = (f"{args.s3_endpoint}, part {settings['part_size_mib']} MiB, "
                             f"concurrency {settings['max_concurrency']} (product defaults)")
-        inst = Installation(root / "install", host=f"bench-{token}", broker_url=args.redis_url, s3=settings)
+        # Scratch on a short path, as /var/lib/virtwarden/scratch is: a format-2 backup's
+        # NBD socket (pull mode) lives there and must fit a socket address.
+        scratch = Path(tempfile.mkdtemp(prefix="vwb-", dir=args.workdir))
+        cleanup.callback(_quietly("removing " + str(scratch), lambda: shutil.rmtree(scratch)))
+        inst = Installation(root / "install", host=f"bench-{token}", broker_url=args.redis_url, s3=settings,
+                            scratch=scratch)
         inst.write_config()
         cleanup.callback(_quietly("removing broker keys", inst.forget_queue))
         cleanup.callback(_quietly("stopping the worker", inst.stop_worker))

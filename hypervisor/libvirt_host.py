@@ -202,9 +202,17 @@ class LibvirtHost:
 
     # --- backup jobs ------------------------------------------------------------------
     def begin_backup(self, name: str, targets: dict[str, str], *, checkpoint: str,
-                     incremental_from: str | None, bitmap_disks: set[str], skip: set[str]) -> None:
+                     incremental_from: str | None, bitmap_disks: set[str], skip: set[str],
+                     pull_socket: str | None = None) -> None:
         """Start a push-mode backup of ``targets`` (disk -> new qcow2 file) that creates
         ``checkpoint`` atomically with it; disks without bitmaps are copied in full.
+
+        With ``pull_socket``, a pull-mode backup instead: QEMU serves each disk as it was
+        when the backup began over NBD on that Unix socket (export name: the disk's
+        target; an incremental's changes in the metadata context
+        ``qemu:dirty-bitmap:backup-<target>``), ``targets`` are the scratch images it
+        keeps the old data of blocks the guest overwrites meanwhile in, and the backup
+        runs until ``abort_job``.
 
         The target images are made here with qemu-img, the size and cluster size of the
         disk, and handed to libvirt as existing files (REUSE_EXTERNAL). Left to libvirt,
@@ -230,12 +238,15 @@ class LibvirtHost:
             qemu_img.create(Path(dest), size, cluster_size=cluster)
         inc = f"<incremental>{escape(incremental_from)}</incremental>" if incremental_from else ""
         disks = []
+        image = "scratch" if pull_socket else "target"
         for target, dest in targets.items():
             mode = "" if target in bitmap_disks or not incremental_from else " backupmode='full'"
             disks.append(f"<disk name='{target}' backup='yes' type='file'{mode}>"
-                         f"<driver type='qcow2'/><target file='{escape(dest)}'/></disk>")
+                         f"<driver type='qcow2'/><{image} file='{escape(dest)}'/></disk>")
         disks += [f"<disk name='{t}' backup='no'/>" for t in sorted(skip)]
-        backup_xml = f"<domainbackup mode='push'>{inc}<disks>{''.join(disks)}</disks></domainbackup>"
+        server = f"<server transport='unix' socket='{escape(pull_socket)}'/>" if pull_socket else ""
+        backup_xml = (f"<domainbackup mode='{'pull' if pull_socket else 'push'}'>{inc}{server}"
+                      f"<disks>{''.join(disks)}</disks></domainbackup>")
         cp_disks = "".join(
             f"<disk name='{t}' checkpoint='{'bitmap' if t in bitmap_disks else 'no'}'/>"
             for t in sorted(set(targets) | skip))

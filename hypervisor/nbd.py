@@ -25,6 +25,7 @@ import struct
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from virtwarden import nbd_protocol as P
@@ -42,11 +43,12 @@ class NbdError(HypervisorError):
 class NbdClient:
     """One connection to an NBD export: ``size``, ``read``, ``extents``."""
 
-    def __init__(self, path: str, export: str = "") -> None:
+    def __init__(self, path: str, export: str = "", contexts: tuple[bytes, ...] = (P.BASE_ALLOCATION,)) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.contexts: dict[bytes, int] = {}  # metadata context -> the id the server gave it
         try:
             self.sock.connect(path)
-            self._handshake(export.encode())
+            self._handshake(export.encode(), contexts)
         except BaseException:
             self.sock.close()
             raise
@@ -83,19 +85,18 @@ class NbdClient:
             if kind != P.REP_INFO and kind != P.REP_META_CONTEXT:
                 return replies
 
-    def _handshake(self, export: bytes) -> None:
+    def _handshake(self, export: bytes, contexts: tuple[bytes, ...]) -> None:
         magic, ihaveopt, flags = struct.unpack(">QQH", self._recv(18))
         if magic != P.NBDMAGIC or ihaveopt != P.IHAVEOPT or not flags & P.FLAG_FIXED_NEWSTYLE:
             raise NbdError("not an NBD server speaking the fixed-newstyle handshake")
         self.sock.sendall(struct.pack(">I", P.FLAG_FIXED_NEWSTYLE | (flags & P.FLAG_NO_ZEROES)))
         self.structured = self._option(P.OPT_STRUCTURED_REPLY)[-1][0] == P.REP_ACK
-        self.allocation: int | None = None
-        if self.structured:
-            query = struct.pack(">I", len(export)) + export + struct.pack(">II", 1, len(P.BASE_ALLOCATION)) \
-                + P.BASE_ALLOCATION
+        if self.structured and contexts:
+            query = struct.pack(">I", len(export)) + export + struct.pack(">I", len(contexts)) \
+                + b"".join(struct.pack(">I", len(c)) + c for c in contexts)
             for kind, data in self._option(P.OPT_SET_META_CONTEXT, query):
-                if kind == P.REP_META_CONTEXT and data[4:] == P.BASE_ALLOCATION:
-                    self.allocation = struct.unpack(">I", data[:4])[0]
+                if kind == P.REP_META_CONTEXT:
+                    self.contexts[data[4:]] = struct.unpack(">I", data[:4])[0]
         go = struct.pack(">I", len(export)) + export + struct.pack(">H", 0)
         replies = self._option(P.OPT_GO, go)
         if replies[-1][0] != P.REP_ACK:
@@ -146,20 +147,71 @@ class NbdClient:
                 out[at - offset:at - offset + len(payload) - 8] = payload[8:]
         return bytes(out)
 
-    def extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
-        """(offset, length, holds data) for ``offset`` onwards (at most ``length``); every
-        range holds data when the export does not say."""
-        if self.allocation is None:
-            return [(offset, length, True)]
+    def extents(self, offset: int, length: int, context: bytes = P.BASE_ALLOCATION) -> list[tuple[int, int, int]]:
+        """(offset, length, flags) of ``context`` from ``offset`` on (at most ``length``);
+        NbdError when the server did not agree to that context."""
+        wanted = self.contexts.get(context)
+        if wanted is None:
+            raise NbdError(f"the NBD export offers no metadata context {context.decode()!r}")
         cookie = self._request(P.CMD_BLOCK_STATUS, offset, length)
         out, at = [], offset
         for kind, payload in self._chunks(cookie):
-            if kind == P.REPLY_BLOCK_STATUS:
+            if kind == P.REPLY_BLOCK_STATUS and struct.unpack(">I", payload[:4])[0] == wanted:
                 for i in range(4, len(payload), 8):
                     n, flags = struct.unpack(">II", payload[i:i + 8])
-                    out.append((at, n, not flags & P.STATE_ZERO))
+                    out.append((at, n, flags))
                     at += n
         return out
+
+
+class NbdReader:
+    """One NBD export read from many threads, each with a connection of its own:
+    ``read(offset, length)``, ``virtual_size``, ``ranges(context, test)``."""
+
+    def __init__(self, path: str, export: str = "", contexts: tuple[bytes, ...] = (P.BASE_ALLOCATION,)) -> None:
+        self.path, self.export, self.contexts = path, export, contexts
+        self._local = threading.local()
+        self._clients: list[NbdClient] = []
+        self._lock = threading.Lock()
+        self.virtual_size = self._client().size
+
+    def _client(self) -> NbdClient:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = NbdClient(self.path, self.export, self.contexts)
+            with self._lock:
+                self._clients.append(client)
+        return client
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self._client().read(offset, length)
+
+    def ranges(self, context: bytes, test: Callable[[int], bool]) -> list[tuple[int, int]]:
+        """The ranges whose ``context`` flags pass ``test``, merged, in order."""
+        client, at = self._client(), 0
+        out: list[tuple[int, int]] = []
+        while at < self.virtual_size:
+            extents = client.extents(at, min(self.virtual_size - at, 2**31), context)
+            if not extents:
+                raise NbdError(f"no block status for {self.export or 'the export'} at {at}")
+            for offset, length, flags in extents:
+                if test(flags):
+                    if out and out[-1][0] + out[-1][1] == offset:
+                        out[-1] = (out[-1][0], out[-1][1] + length)
+                    else:
+                        out.append((offset, length))
+                at = offset + length
+        return out
+
+    def held(self) -> list[tuple[int, int]]:
+        """The ranges that hold data (neither holes nor zeros)."""
+        return self.ranges(P.BASE_ALLOCATION, lambda flags: not flags & P.STATE_ZERO)
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
+            client.close()
 
 
 class ImageExport:
@@ -176,30 +228,26 @@ class ImageExport:
         self._dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._name = f"nbd-{image.name}-{secrets.token_hex(4)}.sock"
         self.socket = f"/proc/self/fd/{self._dir_fd}/{self._name}"
-        self._local = threading.local()
-        self._clients: list[NbdClient] = []
-        self._lock = threading.Lock()
+        self._reader: NbdReader | None = None
         self._proc = subprocess.Popen(
             [QEMU_NBD, "--read-only", f"--format={fmt}", f"--shared={CONNECTIONS}", "--persistent",
              f"--socket={self.socket}", str(image)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, pass_fds=(self._dir_fd,))
         try:
-            first = self._wait_listening()
+            self._reader = self._wait_listening()
         except BaseException:
             self.close()
             raise
-        self.virtual_size = first.size
-        self._clients.append(first)
-        self._local.client = first
+        self.virtual_size = self._reader.virtual_size
 
-    def _wait_listening(self) -> NbdClient:
+    def _wait_listening(self) -> NbdReader:
         deadline = time.monotonic() + START_SECONDS
         while True:
             if self._proc.poll() is not None:
                 err = self._proc.stderr.read().decode(errors="replace").strip() if self._proc.stderr else ""
                 raise ToolFailed(f"qemu-nbd could not export {self.image}: {err or f'exit {self._proc.returncode}'}")
             try:
-                return NbdClient(self.socket)
+                return NbdReader(self.socket)
             except (FileNotFoundError, ConnectionRefusedError):
                 if time.monotonic() > deadline:
                     raise ToolFailed(f"qemu-nbd did not start serving {self.image} within {START_SECONDS:g}s") from None
@@ -211,39 +259,17 @@ class ImageExport:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
-    def _client(self) -> NbdClient:
-        client = getattr(self._local, "client", None)
-        if client is None:
-            client = self._local.client = NbdClient(self.socket)
-            with self._lock:
-                self._clients.append(client)
-        return client
-
     def read(self, offset: int, length: int) -> bytes:
-        return self._client().read(offset, length)
+        assert self._reader is not None
+        return self._reader.read(offset, length)
 
     def held(self) -> list[tuple[int, int]]:
-        """The ranges that hold data (not holes, not zeros), in order."""
-        client, at = self._client(), 0
-        out: list[tuple[int, int]] = []
-        while at < self.virtual_size:
-            extents = client.extents(at, min(self.virtual_size - at, 2**31))
-            if not extents:
-                raise NbdError(f"no block status for {self.image} at {at}")
-            for offset, length, data in extents:
-                if data:
-                    if out and out[-1][0] + out[-1][1] == offset:
-                        out[-1] = (out[-1][0], out[-1][1] + length)
-                    else:
-                        out.append((offset, length))
-                at = offset + length
-        return out
+        assert self._reader is not None
+        return self._reader.held()
 
     def close(self) -> None:
-        with self._lock:
-            clients, self._clients = self._clients, []
-        for client in clients:
-            client.close()
+        if self._reader is not None:
+            self._reader.close()
         if self._proc.poll() is None:
             self._proc.terminate()
             try:

@@ -165,25 +165,37 @@ def _make_point(ctx: JobContext, req: BackupRequest, dom: DomainInfo, plan: Leve
         outputs = sink.outputs(ctx, dom)
         # An unprivileged QEMU opens the targets libvirt creates by their path.
         permissions.let_qemu_through({o.path.parent for o in outputs.values()})
+        changed_only = {d.target for d in dom.disks if plan.level == "incremental" and d.has_bitmaps}
         # Format 2, shut off: the disks are read where they are (a read-only export), not copied.
         in_place = None if checkpoint else sink.store_in_place(ctx, dom)
-        if in_place is None:
+        # Format 2, running: read over NBD from a pull-mode backup, not copied (see _pull_socket).
+        pull = _pull_socket(ctx, dom.name) if checkpoint and sink.repo2 is not None else None
+        if in_place is None and pull is None:
             check_space(dom, plan, outputs)
             ctx.report(0.0, f"{plan.level} backup: copying {len(outputs)} disk(s)")
+        artifacts = in_place
         if checkpoint:
-            # Push mode copies the disks as they are when backupBegin returns: the guest
-            # is frozen for that call only, and thawed while QEMU copies.
+            # The disks are read (push: copied) as they are when backupBegin returns: the
+            # guest is frozen for that call only, and thawed while they are read.
             qlog = quiesce.job_log(dom.name, ctx.job_id)
             with quiesce.quiesced(hv, dom.name, req.quiesce, ctx.agent, log=qlog) as consistency:
                 hv.begin_backup(dom.name, {t: str(o.path) for t, o in outputs.items()}, checkpoint=checkpoint,
                                 incremental_from=parent.checkpoint if parent else None,
-                                bitmap_disks={d.target for d in dom.disks if d.has_bitmaps}, skip=set())
+                                bitmap_disks={d.target for d in dom.disks if d.has_bitmaps}, skip=set(),
+                                pull_socket=pull)
                 started = True
-            _wait(ctx, dom.name, outputs)
+            if pull is not None:
+                log.info("domain %s job %s: pull-mode backup: reading the disks over NBD, no copy", dom.name,
+                         ctx.job_id)
+                faults.pause_point(PULL_BEGUN)
+                artifacts = sink.store_pulled(ctx, dom, pull, changed_only)
+                hv.abort_job(dom.name)  # how a pull-mode backup ends; the checkpoint stays
+            else:
+                _wait(ctx, dom.name, outputs)
         elif in_place is None:
             _copy_offline(ctx, dom, outputs)
-        changed_only = {d.target for d in dom.disks if plan.level == "incremental" and d.has_bitmaps}
-        artifacts = in_place if in_place is not None else sink.store(ctx, dom, outputs, changed_only)
+        if artifacts is None:
+            artifacts = sink.store(ctx, dom, outputs, changed_only)
         cp_xml = hv.checkpoint_xml(dom.name, checkpoint) if checkpoint else ""
         manifest = build_manifest(ctx, dom, point, plan, checkpoint, artifacts, cp_xml, consistency=consistency)
         digest = sink.publish(manifest, artifacts)
@@ -201,6 +213,25 @@ def _make_point(ctx: JobContext, req: BackupRequest, dom: DomainInfo, plan: Leve
     return {"point_id": done.id, "level": done.level, "chain_id": done.chain_id,
             "size_bytes": done.size_bytes, "reason": plan.reason, "consistency": done.consistency,
             "disks": [a.target for a in artifacts], "checkpoint": checkpoint, "format": done.format}
+
+
+SOCKET_MAX = 107  # bytes of a Unix socket's path (sun_path, 108 with its NUL)
+PULL_BEGUN = "pull-begun"  # test fault point: a pull-mode backup runs, nothing read yet
+
+
+def _pull_socket(ctx: JobContext, domain: str) -> str | None:
+    """Where QEMU serves a pull-mode backup over NBD, or None for push mode. QEMU binds
+    that socket itself, so it must be a path (not a descriptor), short enough for a
+    socket address, in a directory QEMU may write: the job's scratch when QEMU runs as
+    root; an unprivileged QEMU may only pass through scratch, so it gets push mode."""
+    if permissions.current().qemu_passage:
+        return None
+    path = str(ctx.scratch / "nbd.sock")
+    if len(path.encode()) > SOCKET_MAX:
+        log.info("domain %s job %s: push-mode backup: the scratch path is too long for a socket (%s)", domain,
+                 ctx.job_id, path)
+        return None
+    return path
 
 
 def _copy_offline(ctx: JobContext, dom: DomainInfo, outputs: dict[str, Output]) -> None:

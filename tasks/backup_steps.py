@@ -26,7 +26,7 @@ from typing import Protocol
 from virtwarden.catalog import points
 from virtwarden.catalog.points import ArtifactView, PointView
 from virtwarden.hypervisor import qemu_img
-from virtwarden.hypervisor.nbd import ImageExport
+from virtwarden.hypervisor.nbd import ImageExport, NbdReader
 from virtwarden.hypervisor.types import DomainInfo
 from virtwarden.storage_backends.format2.index import DiskIndex
 from virtwarden.storage_backends.format2.repository import WRITER_STALE, Format2Repository, PointRef
@@ -44,6 +44,7 @@ from virtwarden.errors import (
     ToolFailed,
     VirtwardenError,
 )
+from virtwarden.nbd_protocol import BASE_ALLOCATION
 
 log = logging.getLogger(__name__)
 COMMIT_RECHECK_SECONDS = 120.0  # how long a lost commit answer is chased before giving up
@@ -244,6 +245,12 @@ class PointSink:
             return None
         return store_chunks_in_place(ctx, self.repo2, self.ref, dom)
 
+    def store_pulled(self, ctx: JobContext, dom: DomainInfo, socket: str, incremental: set[str]) -> list[ArtifactView]:
+        """Format 2 only: the disks read from a running pull-mode backup's NBD export."""
+        assert self.repo2 is not None
+        return store_chunks_pulled(ctx, self.repo2, self.ref, dom, socket,
+                                   {t: self.previous[t] for t in incremental if t in self.previous})
+
     def store(self, ctx: JobContext, dom: DomainInfo, outputs: dict[str, Output],
               incremental: set[str]) -> list[ArtifactView]:
         """The images stored; ``incremental``: the disks whose image holds only changes."""
@@ -330,6 +337,36 @@ def store_chunks_in_place(ctx: JobContext, repo2: Format2Repository, ref: PointR
                                       f"{e}; the next run backs it up online") from e
             raise
     return out
+
+
+def store_chunks_pulled(ctx: JobContext, repo2: Format2Repository, ref: PointRef, dom: DomainInfo, socket: str,
+                        previous: dict[str, DiskIndex]) -> list[ArtifactView]:
+    """Format 2, a pull-mode backup running: each disk read over QEMU's NBD export of it
+    (the disk as it was when the backup began), never copied into scratch. ``previous``
+    as for ``store_chunks``: for those disks only the ranges their dirty bitmap names
+    (the export's ``qemu:dirty-bitmap:backup-<disk>`` context) are read."""
+    out = []
+    for n, d in enumerate(dom.disks):
+        prev = previous.get(d.target)
+        dirty = f"qemu:dirty-bitmap:backup-{d.target}".encode()
+        reader = NbdReader(socket, d.target, (BASE_ALLOCATION, dirty) if prev else (BASE_ALLOCATION,))
+        try:
+            out.append(_store_disk(ctx, repo2, ref, dom, d.target, _Pulled(reader, dirty), prev, n / len(dom.disks)))
+        finally:
+            reader.close()
+    return out
+
+
+class _Pulled:
+    """A disk of a pull-mode backup: what ``_store_disk`` reads; ``held`` is what changed."""
+
+    def __init__(self, reader: NbdReader, dirty: bytes) -> None:
+        self.reader, self.dirty = reader, dirty
+        self.virtual_size = reader.virtual_size
+        self.read = reader.read
+
+    def held(self) -> list[tuple[int, int]]:
+        return self.reader.ranges(self.dirty, lambda flags: bool(flags & 1))  # 1: dirty
 
 
 class _DiskData(Protocol):

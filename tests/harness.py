@@ -197,7 +197,8 @@ class Installation:
 
     @property
     def scratch(self) -> Path:
-        return self.data_dir / "scratch"
+        """The local host's scratch root: its ``scratch_dir``, else the data directory's."""
+        return Path(self.hosts.get("local", {}).get("scratch_dir") or self.data_dir / "scratch")
 
     def write_config(self) -> Path:
         doc = {"data_dir": str(self.data_dir), "broker_url": REDIS_URL, "hosts": self.hosts,

@@ -6,6 +6,8 @@ by verify and refused by restore with the point, disk and offset named."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,8 +24,12 @@ MARKER = b"VW-F2-GUEST-MARKER-5c3e9a"
 @pytest.fixture(params=["nfs", "s3"])
 def vault(request, vw, tmp_path: Path):
     """A format-2 target ``vault`` with its key made, and a policy ``p`` backing up to it
-    (bitmap strategy; ``_keep_last`` gives it a retention)."""
+    (bitmap strategy; ``_keep_last`` gives it a retention). Scratch space on a short path,
+    as in production: QEMU's NBD socket of a pull-mode backup lives there."""
     add_format2_target(vw, "vault", request.param, request, tmp_path)
+    scratch = Path(tempfile.mkdtemp(prefix="vw-", dir="/tmp"))
+    request.addfinalizer(lambda: shutil.rmtree(scratch, ignore_errors=True))
+    vw.hosts["local"]["scratch_dir"] = str(scratch)
     pdir = tmp_path / "policies"
     pdir.mkdir()
     _keep_last(pdir, None)
@@ -291,6 +297,75 @@ def test_a_shut_off_domain_is_read_in_place_its_disks_held_and_restores_bit_for_
     assert done.state == "succeeded", done.error
     assert (done.result["level"], done.result["consistency"]) == ("full", "offline"), done.result
     assert not g.dom.isActive()
+    out = _restore(vw, g, done.result["point_id"], tmp_path / "out")
+    for t in ("vda", "vdb"):
+        assert images_equal(out / f"{t}.qcow2", expected[t]), t
+    assert not list(vw.scratch.glob("job-*"))
+
+
+def test_a_pull_mode_point_holds_the_disk_as_it_was_when_the_backup_began(vault, guest_factory, tmp_path) -> None:
+    """Running domains are read over NBD in pull mode, not copied: the guest writes while
+    the backup runs (its worker stopped right after backupBegin) and the point still holds
+    the disk as it was when the backup began (QEMU keeps the overwritten blocks in the
+    scratch image); the guest's writes are on its disk; the next incremental has them."""
+    from virtwarden.catalog import jobs as job_rows
+    from virtwarden.tasks.backup import PULL_BEGUN
+
+    from tests.faults import pause_env, stopped_at
+
+    vw = vault
+    g = guest_factory(disks=1, size_mib=32)
+    g.write_random("vda", 0, 8 * MiB)
+    faults = tmp_path / "faults"
+    worker = vw.start_worker(env=pause_env(PULL_BEGUN, faults))
+    before = g.shadow_copy("vda", tmp_path / "before.raw")
+    r = vw.cli("backup", g.name, "--target", "vault", "--json")
+    assert r.code == 0, r.err
+    job_id = r.json()["id"]
+    stopped_at(PULL_BEGUN, faults)
+    assert (vw.scratch / next(p.name for p in vw.scratch.iterdir()) / "nbd.sock").is_socket()
+    g.write("vda", 2 * MiB, 3 * MiB, pattern=0x6B)  # over data the backup has not read yet
+    g.write("vda", 20 * MiB, MiB, pattern=0x6C)  # and where there was none
+    worker.resume()
+    cat = vw.catalog()
+    done = wait_for(lambda: (j := job_rows.get(cat, job_id)).finished and j, 120, "the backup to finish")
+    assert done.state == "succeeded", done.error
+    out = _restore(vw, g, done.result["point_id"], tmp_path / "first")
+    assert images_equal(out / "vda.qcow2", before)
+    after = g.shadow_copy("vda", tmp_path / "after.raw")
+    second = _backup(vw, g)
+    assert second["level"] == "incremental"
+    assert images_equal(_restore(vw, g, second["point_id"], tmp_path / "second") / "vda.qcow2", after)
+
+
+def test_a_worker_killed_during_a_pull_mode_backup_leaves_no_job_and_the_retry_backs_up(
+        vault, guest_factory, tmp_path) -> None:
+    """SIGKILL while a pull-mode backup runs: libvirt's backup job (its NBD export) and
+    the new checkpoint outlive the worker. The retry's recovery aborts that job and
+    deletes the checkpoint, then backs up; nothing of the dead attempt is left."""
+    from virtwarden.catalog import jobs as job_rows
+    from virtwarden.tasks.backup import PULL_BEGUN
+
+    from tests.faults import kill_env
+
+    vw = vault
+    g = guest_factory(disks=2, size_mib=32)
+    g.write_random("vda", 0, 4 * MiB)
+    g.write_random("vdb", 8 * MiB, 2 * MiB)
+    dying = vw.start_worker(env=kill_env(PULL_BEGUN, tmp_path / "faults"))
+    r = vw.cli("backup", g.name, "--target", "vault", "--json")
+    assert r.code == 0, r.err
+    job_id = r.json()["id"]
+    wait_for(lambda: (tmp_path / "faults" / f"{PULL_BEGUN}.pid").exists(), 60, "the worker to die in the backup")
+    dying.kill()
+    assert g.dom.jobInfo()[0] != 0, "the dead attempt's backup job should still run"
+    vw.start_worker()
+    cat = vw.catalog()
+    done = wait_for(lambda: (j := job_rows.get(cat, job_id)).finished and j, 120, "the retry to finish")
+    assert (done.state, done.attempts) == ("succeeded", 2), done.error
+    assert g.dom.jobInfo()[0] == 0  # no libvirt job left
+    assert [c.getName() for c in g.dom.listAllCheckpoints()] == [done.result["checkpoint"]]
+    expected = {t: g.shadow_copy(t, tmp_path / f"{t}.raw") for t in ("vda", "vdb")}
     out = _restore(vw, g, done.result["point_id"], tmp_path / "out")
     for t in ("vda", "vdb"):
         assert images_equal(out / f"{t}.qcow2", expected[t]), t

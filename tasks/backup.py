@@ -170,9 +170,12 @@ def _make_point(ctx: JobContext, req: BackupRequest, dom: DomainInfo, plan: Leve
         in_place = None if checkpoint else sink.store_in_place(ctx, dom)
         # Format 2, running: read over NBD from a pull-mode backup, not copied (see _pull_socket).
         pull = _pull_socket(ctx, dom.name) if checkpoint and sink.repo2 is not None else None
-        if in_place is None and pull is None:
+        if in_place is None:
+            # Pull mode too: a guest that rewrites its disks while they are read puts the
+            # old data in scratch, and a copy-before-write that found no room would fail
+            # the guest's own write.
             check_space(dom, plan, outputs)
-            ctx.report(0.0, f"{plan.level} backup: copying {len(outputs)} disk(s)")
+            ctx.report(0.0, f"{plan.level} backup: {'reading' if pull else 'copying'} {len(outputs)} disk(s)")
         artifacts = in_place
         if checkpoint:
             # The disks are read (push: copied) as they are when backupBegin returns: the

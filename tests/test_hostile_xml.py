@@ -365,7 +365,7 @@ def test_backups_keep_no_graphics_password_and_a_restore_in_place_keeps_the_doma
     documented = (out / "domain.xml").read_text()
     assert "<graphics type='vnc'" in documented and "passwd" not in documented
 
-    r = vw.cli("restore", g.name, "--in-place", "--point", point, "--shutdown-timeout", "2", "--start", "--wait",
+    r = vw.cli("restore", g.name, "--in-place", "--point", point, "--shutdown-timeout", "1", "--start", "--wait",
                "--json")
     assert r.code == 0, r.err
     secure = g.conn.lookupByName(g.name).XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE | libvirt.VIR_DOMAIN_XML_INACTIVE)

@@ -51,7 +51,7 @@ def _prepared(vw, g, tmp_path: Path) -> tuple[str, dict[str, Path], dict[str, Pa
 
 
 def _restore_in_place(vw, g, point_id: str, *extra: str) -> str:
-    r = vw.cli("restore", g.name, "--in-place", "--point", point_id, "--shutdown-timeout", "2", "--json", *extra)
+    r = vw.cli("restore", g.name, "--in-place", "--point", point_id, "--shutdown-timeout", "1", "--json", *extra)
     assert r.code == 0, r.err
     return r.json()["id"]
 

@@ -391,7 +391,7 @@ def test_restore_in_place_then_boot(vw, guest_factory, tmp_path, strategy, disca
     # may write it again (the running QEMU keeps writing to the unlinked file).
     g.serial_path.unlink()
 
-    args = ["restore", g.name, "--in-place", "--point", point["point_id"], "--shutdown-timeout", "2",
+    args = ["restore", g.name, "--in-place", "--point", point["point_id"], "--shutdown-timeout", "1",
             "--wait", "--json"] + (["--discard-old"] if discard else []) + (["--start"] if start else [])
     r = vw.cli(*args)
     assert r.code == 0, r.err
@@ -621,7 +621,7 @@ def test_a_failed_restore_in_place_leaves_the_domain_as_it_was(vw, guest_factory
     with open(art, "r+b") as f:
         f.seek(art.stat().st_size // 2)
         f.write(b"\xff" * 16)
-    r = vw.cli("restore", g.name, "--in-place", "--wait", "--shutdown-timeout", "2")
+    r = vw.cli("restore", g.name, "--in-place", "--wait", "--shutdown-timeout", "1")
     assert r.code == 6 and "is corrupt: expected sha256" in r.err, r.err  # EXIT_STORAGE: ChecksumMismatch
     assert g.dom.isActive()
     g.dom.destroy()  # QEMU writes out what it cached, so the file can be compared

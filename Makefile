@@ -19,10 +19,10 @@ testhost:
 lint:
 	bash scripts/lint.sh
 
-# Three pytest workers on the 2-core machines: with two, a quarter to a third of the
-# CPU stood idle (tests wait out leases, agent timeouts and migrations), so the suite took
-# 431 s; with three, 317 s and 24% idle. Tests that use the second host run on one worker
-# (xdist_group "host2"). The 25 slowest tests are listed at the end: where the time goes.
+# Three pytest workers on the 2-core machines: with two, half of the CPU stands idle
+# (tests wait out leases, agent timeouts and migrations): the suite took 336 s with two
+# (PYTEST_WORKERS=2) and 263 s with three, from a fresh clone. Tests that use the second host run on one
+# worker (xdist_group "host2"). The 25 slowest tests are listed at the end: where the time goes.
 PYTEST_WORKERS ?= 3
 test: testhost
 	$(WITH_ENV) $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --durations=25 $(PYTEST_ARGS)

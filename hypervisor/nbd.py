@@ -186,6 +186,10 @@ class NbdReader:
     def read(self, offset: int, length: int) -> bytes:
         return self._client().read(offset, length)
 
+    def offers(self, context: bytes) -> bool:
+        """Whether the server agreed to the metadata context ``context``."""
+        return context in self._client().contexts
+
     def ranges(self, context: bytes, test: Callable[[int], bool]) -> list[tuple[int, int]]:
         """The ranges whose ``context`` flags pass ``test``, merged, in order."""
         client, at = self._client(), 0

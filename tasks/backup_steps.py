@@ -366,6 +366,10 @@ class _Pulled:
         self.read = reader.read
 
     def held(self) -> list[tuple[int, int]]:
+        if not self.reader.offers(self.dirty):  # no bitmap exported: read it all, store what changed
+            log.warning("the NBD export offers no %s: reading the whole disk (only changed chunks are stored)",
+                        self.dirty.decode())
+            return [(0, self.virtual_size)]
         return self.reader.ranges(self.dirty, lambda flags: bool(flags & 1))  # 1: dirty
 
 

@@ -156,3 +156,26 @@ def test_requests_outside_the_disk_or_too_large_are_refused_and_the_export_still
         again = NbdClient(export.socket)
         assert again.read(size - 4096, 4096) == b"\x5a" * 4096
         again.close()
+
+
+def test_a_pull_backup_whose_export_offers_no_dirty_bitmap_reads_the_whole_disk(store, tmp_path):
+    """An incremental asks the export for its disk's dirty bitmap; an export without it
+    (here our restore export, which serves base:allocation only) makes it read
+    everything: only changed chunks are stored anyway, nothing is missed."""
+    from virtwarden.hypervisor.nbd import NbdReader
+    from virtwarden.tasks.backup_steps import _Pulled
+
+    from virtwarden.nbd_protocol import BASE_ALLOCATION
+
+    size = 2 * MiB
+    disk = _disk(tmp_path / "vda.raw", size, [(0, b"\x5a" * MiB)])
+    index, _ = write_disk(store, "vda", _reader(disk), size, CHUNK)
+    dirty = b"qemu:dirty-bitmap:backup-vda"
+    with ChunkExport(store, index, tmp_path) as export:
+        reader = NbdReader(export.socket, "vda", (BASE_ALLOCATION, dirty))
+        try:
+            assert reader.offers(BASE_ALLOCATION) and not reader.offers(dirty)
+            assert _Pulled(reader, dirty).held() == [(0, size)]
+            assert reader.held() == [(0, MiB)]  # what base:allocation says holds data
+        finally:
+            reader.close()

@@ -245,6 +245,9 @@ class ImageExport:
         self.virtual_size = self._reader.virtual_size
 
     def _wait_listening(self) -> NbdReader:
+        """The first connection, once qemu-nbd serves. It listens before it opens the
+        image, so a connection can be cut by qemu-nbd exiting (the image is locked by a
+        running QEMU, say): what it said then is the error, not the cut connection."""
         deadline = time.monotonic() + START_SECONDS
         while True:
             if self._proc.poll() is not None:
@@ -252,10 +255,12 @@ class ImageExport:
                 raise ToolFailed(f"qemu-nbd could not export {self.image}: {err or f'exit {self._proc.returncode}'}")
             try:
                 return NbdReader(self.socket)
-            except (FileNotFoundError, ConnectionRefusedError):
+            except (OSError, NbdError) as e:
                 if time.monotonic() > deadline:
-                    raise ToolFailed(f"qemu-nbd did not start serving {self.image} within {START_SECONDS:g}s") from None
-                time.sleep(0.02)
+                    raise ToolFailed(f"qemu-nbd did not start serving {self.image} within {START_SECONDS:g}s: "
+                                     f"{e}") from None
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._proc.wait(0.05 if isinstance(e, NbdError) else 0.02)
 
     def __enter__(self) -> ImageExport:
         return self

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from virtwarden.storage_backends.format2.nbd import ChunkExport
 from virtwarden.storage_backends.format2.store import write_disk
 from virtwarden.tasks.restore import served_disks
 
+from tests.harness import wait_for
 from tests.test_format2_store import _disk, _reader, damaged_third_chunk, store  # noqa: F401 - store: a fixture
 from tests.test_storage_contract import backend  # noqa: F401 - the nfs and s3 backends, a fixture
 from virtwarden.errors import ChecksumMismatch
@@ -118,13 +118,17 @@ def test_an_export_that_dies_fails_the_read_clearly_and_a_held_image_is_refused(
         disk._proc.wait()
         with pytest.raises(NbdError, match="closed the connection"):
             disk.read(0, 4096)
-    writer = subprocess.Popen(["qemu-io", "-f", "qcow2", str(image)], stdin=subprocess.PIPE, text=True)
-    try:  # a process holding the image for writing, as a running guest's QEMU does
-        time.sleep(0.5)
+    # A process holding the image for writing, as a running guest's QEMU does: qemu-io,
+    # once it has the image open (its lock is taken then).
+    writer = subprocess.Popen(["qemu-io", "-f", "qcow2", "-c", "sleep 60000", str(image)])
+    try:
+        wait_for(lambda: any(os.path.realpath(f"/proc/{writer.pid}/fd/{fd}") == str(image)
+                             for fd in os.listdir(f"/proc/{writer.pid}/fd")), 30, "qemu-io to open the image")
         with pytest.raises(ToolFailed, match="lock"):
             ImageExport(image, "qcow2", tmp_path)
     finally:
-        writer.communicate("quit\n", timeout=10)
+        writer.kill()
+        writer.wait()
 
 
 def test_requests_outside_the_disk_or_too_large_are_refused_and_the_export_still_serves(store, tmp_path):

@@ -20,7 +20,7 @@ lint:
 	bash scripts/lint.sh
 
 # Three pytest workers on the 2-core machines: with two, half of the CPU stands idle
-# (tests wait out leases, agent timeouts and migrations): the suite took 336 s with two
+# (tests wait out leases, agent timeouts and migrations): the suite took 325 s with two
 # (PYTEST_WORKERS=2) and 263 s with three, from a fresh clone. Tests that use the second host run on one
 # worker (xdist_group "host2"). The 25 slowest tests are listed at the end: where the time goes.
 PYTEST_WORKERS ?= 3

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import shutil
 import socket
 import struct
@@ -229,14 +228,13 @@ class ImageExport:
         if not fmt:
             raise ToolFailed(f"qemu-nbd: the format of {image} is unknown; refusing to guess it")
         self.image = image
-        self._dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        self._name = f"nbd-{image.name}-{secrets.token_hex(4)}.sock"
-        self.socket = f"/proc/self/fd/{self._dir_fd}/{self._name}"
+        self._place = P.SocketPlace(directory, image.name)
+        self.socket = self._place.path
         self._reader: NbdReader | None = None
         self._proc = subprocess.Popen(
             [QEMU_NBD, "--read-only", f"--format={fmt}", f"--shared={CONNECTIONS}", "--persistent",
              f"--socket={self.socket}", str(image)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, pass_fds=(self._dir_fd,))
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, pass_fds=(self._place.fd,))
         try:
             self._reader = self._wait_listening()
         except BaseException:
@@ -288,6 +286,4 @@ class ImageExport:
                 self._proc.wait(10)
         if self._proc.stderr:
             self._proc.stderr.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self._name, dir_fd=self._dir_fd)
-        os.close(self._dir_fd)
+        self._place.remove()

@@ -83,15 +83,13 @@ def _fds(layers: list[Layer]) -> tuple[int, ...]:
 
 
 def _chain(layers: list[Layer]) -> str:
-    """A bottom layer served over NBD or named ``*.raw`` is read as raw; every other
-    layer is qcow2."""
+    """A bottom layer served over NBD is read as raw; every other layer is qcow2."""
     bottom = layers[0]
     if isinstance(bottom, NbdDisk):
         server = {"type": "unix", "path": bottom.socket}
         node: dict = {"driver": "raw", "file": {"driver": "nbd", "server": server}}
     else:
-        node = {"driver": "raw" if bottom.suffix == ".raw" else "qcow2",
-                "file": {"driver": "file", "filename": str(bottom)}}
+        node = {"driver": "qcow2", "file": {"driver": "file", "filename": str(bottom)}}
     for layer in layers[1:]:
         node = {"driver": "qcow2", "file": {"driver": "file", "filename": str(layer)}, "backing": node}
     return "json:" + json.dumps(node)

@@ -6,7 +6,11 @@ https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
 import struct
+from pathlib import Path
 
 # The handshake
 NBDMAGIC = 0x4E42444D41474943
@@ -32,3 +36,21 @@ BASE_ALLOCATION = b"base:allocation"
 REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
 STRUCTURED = struct.Struct(">IHHQI")  # magic, flags, type, cookie, payload length
 SIMPLE = struct.Struct(">IIQ")  # magic, error, cookie
+
+
+class SocketPlace:
+    """Where an NBD Unix socket lives: a new name in ``directory``, reached through
+    ``/proc/self/fd/<fd>/`` of a descriptor of that directory (``path``), so a directory
+    path longer than a socket address allows (108 bytes) does not matter. A process
+    given the descriptor (``fd``, same number) reaches it by the same ``path``."""
+
+    def __init__(self, directory: Path, stem: str) -> None:
+        self.fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.name = f"nbd-{stem}-{secrets.token_hex(4)}.sock"
+        self.path = f"/proc/self/fd/{self.fd}/{self.name}"
+
+    def remove(self) -> None:
+        """The socket file gone (if it was made), the descriptor closed."""
+        with contextlib.suppress(OSError):
+            os.unlink(self.name, dir_fd=self.fd)
+        os.close(self.fd)

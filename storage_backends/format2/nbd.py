@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import secrets
 import socket
 import struct
 import threading
@@ -61,18 +60,17 @@ class ChunkExport:
         # The first read that failed: a DamagedObject naming disk and offset, or what the
         # storage raised (unreachable, refusing): the caller raises it, not qemu-img's P.EIO.
         self.failure: Exception | None = None
-        self.name = f"nbd-{index.target}-{secrets.token_hex(4)}.sock"
-        self.fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        self.socket = f"/proc/self/fd/{self.fd}/{self.name}"
+        self._place = P.SocketPlace(directory, index.target)
+        self.fd, self.socket = self._place.fd, self._place.path
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._listener.bind(self.socket)
             # Whatever the umask: connecting needs write permission on the socket. (The
             # scratch directory around it is private as well.)
-            os.chmod(self.name, 0o600, dir_fd=self.fd)
+            os.chmod(self._place.name, 0o600, dir_fd=self.fd)
         except OSError:
             self._listener.close()
-            os.close(self.fd)
+            self._place.remove()
             raise
         self._listener.listen(4)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"nbd-{index.target}")
@@ -99,9 +97,7 @@ class ChunkExport:
                     conn.shutdown(socket.SHUT_RDWR)
         self._thread.join(10)
         self._pool.shutdown(wait=True, cancel_futures=True)
-        with contextlib.suppress(OSError):
-            os.unlink(self.name, dir_fd=self.fd)
-        os.close(self.fd)
+        self._place.remove()
 
     # --- connections ------------------------------------------------------------------
     def _accept(self) -> None:

@@ -159,7 +159,7 @@ def _make_point(ctx: JobContext, req: BackupRequest, dom: DomainInfo, plan: Leve
              req.storage, plan.reason)
     started = False
     try:
-        sink.begin(f"backup of {dom.name}, job {ctx.job_id}")
+        sink.begin(f"backup of {dom.name}, job {ctx.job_id}", lambda why: ctx.report(0.0, f"waiting: {why}"))
         ctx.clear_scratch()
         permissions.make_dirs(ctx.scratch)
         outputs = sink.outputs(ctx, dom)

@@ -29,7 +29,7 @@ from virtwarden.hypervisor import qemu_img
 from virtwarden.hypervisor.nbd import ImageExport, NbdReader
 from virtwarden.hypervisor.types import DomainInfo
 from virtwarden.storage_backends.format2.index import DiskIndex
-from virtwarden.storage_backends.format2.repository import WRITER_STALE, Format2Repository, PointRef
+from virtwarden.storage_backends.format2.repository import WRITER_STALE, Format2Repository, GcRunning, PointRef
 from virtwarden.storage_backends.format2.store import write_disk
 from virtwarden.storage_backends.repository import Repository
 from virtwarden.tasks import recovery
@@ -217,13 +217,14 @@ class PointSink:
         self.prefix, self.manifest_key = self.ref.prefix, self.ref.manifest_key
         self.lineage = {"chain_id": point_id, "parent_id": None, "seq": 0, "format": 2}
 
-    def begin(self, what: str) -> None:
+    def begin(self, what: str, waiting: Callable[[str], None] | None = None) -> None:
         """Before anything is stored: a format-2 repository's gc keeps off until ``close``
-        (the marker renewed every ``renew_seconds`` meanwhile, however long the backup)."""
+        (the marker renewed every ``renew_seconds`` meanwhile, however long the backup).
+        While a gc runs, the backup waits for it to end (``waiting`` is told why)."""
         if self.repo2 is None:
             return
         repo2 = self.repo2
-        key = self._writing = repo2.begin_writing(what)
+        key = self._writing = announce(repo2, what, waiting)
 
         def renew() -> None:
             while not self._done.wait(self.renew_seconds):
@@ -450,6 +451,29 @@ def complete_point(ctx: JobContext, point_id: str, artifacts: list[ArtifactView]
                 raise DatabaseUnavailable(f"point {point_id}: the catalog could not be reached to complete it "
                                           f"({first}; {e}); it stays unlisted") from e
             time.sleep(1.0)
+
+
+GC_PATIENCE = 1800.0  # seconds a backup waits for a running gc before this attempt gives up
+
+
+def announce(repo2: Format2Repository, what: str, waiting: Callable[[str], None] | None = None, *,
+             patience: float = GC_PATIENCE, every: float = 2.0) -> str:
+    """Announce a backup to the repository's gc (its marker's key). A gc that runs (gc
+    started automatically after a prune, a large repository: minutes) is waited for, up
+    to ``patience`` seconds, looking again every ``every``: failing the attempt at once
+    would spend the job's retries on a wait (three attempts, 30 and 60 s apart, fail a
+    backup that meets a five-minute gc). A gc that died leaves a marker that goes stale
+    within ten minutes. GcRunning once the patience is spent."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return repo2.begin_writing(what)
+        except GcRunning as e:
+            if time.monotonic() + every > deadline:
+                raise GcRunning(f"{e} (waited {patience:.0f} s); the backup tries again later") from e
+            if waiting is not None:
+                waiting(str(e))
+            time.sleep(every)
 
 
 def undo_point(ctx: JobContext, repo: Repository, domain: str, point_id: str, prefix: str,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,20 @@ def test_every_point_restores_bit_for_bit_and_any_older_point_can_go(vault, gues
         assert images_equal(out / f"{t}.qcow2", expected[2][t]), t
 
 
+def _unused_chunks(vw, g):
+    """Two points of ``g`` (a worker started), the older deleted from the repository as
+    prune does (catalog aside): its chunks that the newer does not share are unused.
+    The repository and the newer point's id."""
+    g.write_random("vda", 0, 8 * MiB)
+    vw.start_worker()
+    old = _backup(vw, g)["point_id"]
+    g.write_random("vda", 0, 4 * MiB)  # the old point's chunks there are now its alone
+    kept = _backup(vw, g)["point_id"]
+    repo = _repo(vw)
+    repo.delete_point(repo.ref(g.name, old))
+    return repo, kept
+
+
 def test_a_damaged_chunk_is_found_by_verify_and_refused_by_restore(vault, guest_factory, tmp_path) -> None:
     vw = vault
     g = guest_factory(disks=1, size_mib=16)
@@ -231,6 +246,56 @@ def test_gc_while_a_backup_writes_deletes_none_of_its_chunks(vault, guest_factor
     assert done.state == "succeeded", done.error
     gc = vw.cli("storage", "gc", "vault", "--json", in_process=False)
     assert gc.json()["deferred"] is None and gc.json()["deleted"] == 0
+    out = _restore(vw, g, done.result["point_id"], tmp_path / "out")
+    assert images_equal(out / "vda.qcow2", expected)
+
+
+@ONE_BACKEND
+def test_a_backup_that_meets_a_running_gc_waits_for_it_and_spends_no_attempt(vault, guest_factory, tmp_path) -> None:
+    """gc (another process, with unused chunks to delete) stopped in the middle of its
+    deletions, holding its marker, while a backup starts: the backup waits on its first
+    attempt, longer than its three attempts would have lasted (retries 1 s apart here),
+    and succeeds once gc ends; its point restores bit for bit. A second gc started
+    meanwhile defers (before, it ran, and its end removed the one marker they shared:
+    the backup went ahead while the first gc still deleted what it had found unused)."""
+    import signal
+    import threading
+
+    from virtwarden.catalog import jobs
+
+    from tests.faults import pause_env, stopped_at
+
+    vw = vault
+    g = guest_factory(disks=1, size_mib=32)
+    repo, _kept = _unused_chunks(vw, g)
+
+    faults = tmp_path / "faults"
+    ran: list = []
+    gc = threading.Thread(target=lambda: ran.append(vw.cli("storage", "gc", "vault", "--json", in_process=False,
+                                                           env=pause_env("gc-deleting", faults))))
+    gc.start()
+    gc_pid = stopped_at("gc-deleting", faults)
+    try:
+        g.write_random("vda", 16 * MiB, MiB)
+        r = vw.cli("backup", g.name, "--target", "vault", "--json")
+        assert r.code == 0, r.err
+        job_id = r.json()["id"]
+        waiting = wait_for(lambda: (j := jobs.get(vw.catalog(), job_id)).progress_text and "gc is running" in
+                           j.progress_text and j, 30, "the backup to wait for gc")
+        # a second gc meanwhile defers and leaves the first one's marker where it is
+        second = vw.cli("storage", "gc", "vault", "--json", in_process=False)
+        assert second.code == 0 and second.json()["deferred"].startswith("another gc is running"), second.out
+        time.sleep(5)  # three attempts 1 s apart would have failed by now
+        job = jobs.get(vw.catalog(), job_id)
+        assert (job.state, job.attempts) == ("running", 1), (job.state, job.attempts, job.error)
+        assert waiting.attempts == 1
+    finally:
+        os.kill(gc_pid, signal.SIGCONT)
+        gc.join(60)
+    assert ran and ran[0].code == 0 and ran[0].json()["deleted"] > 0, ran
+    done = wait_for(lambda: (j := jobs.get(vw.catalog(), job_id)).finished and j, 60, "the backup")
+    assert (done.state, done.attempts) == ("succeeded", 1), done.error
+    expected = g.shadow_copy("vda", tmp_path / "expected.raw")
     out = _restore(vw, g, done.result["point_id"], tmp_path / "out")
     assert images_equal(out / "vda.qcow2", expected)
 
@@ -386,24 +451,21 @@ def test_gc_killed_midway_leaves_every_point_restorable(vault, guest_factory, tm
 
     vw = vault
     g = guest_factory(disks=1, size_mib=32)
-    g.write_random("vda", 0, 8 * MiB)
-    vw.start_worker()
-    old = _backup(vw, g)["point_id"]
-    g.write_random("vda", 0, 4 * MiB)  # the old point's chunks there are now its alone
-    kept = _backup(vw, g)["point_id"]
+    repo, kept = _unused_chunks(vw, g)
     expected = g.shadow_copy("vda", tmp_path / "expected.raw")
-    repo = _repo(vw)
-    repo.delete_point(repo.ref(g.name, old))  # as prune does, catalog aside
 
     killed = vw.cli("storage", "gc", "vault", in_process=False,
                     env=kill_env("gc-deleting", tmp_path / "faults"))
     assert killed.code == -9
     out = _restore(vw, g, kept, tmp_path / "after-kill")
     assert images_equal(out / "vda.qcow2", expected)
-    with pytest.raises(Exception, match="gc is running"):  # its marker holds backups back...
-        repo.begin_writing("a backup")
-    again = vw.cli("storage", "gc", "vault", "--json", in_process=False)  # ...until gc runs again
+    # Its marker stays, but names a process of this machine that is gone: it holds
+    # neither a backup nor the next gc back, and that gc removes it.
+    assert [i.key for i in repo.backend.list("gc/")]
+    repo.end_writing(repo.begin_writing("a backup"))
+    again = vw.cli("storage", "gc", "vault", "--json", in_process=False)
     assert again.code == 0 and again.json()["deleted"] > 0, again.err
+    assert not list(repo.backend.list("gc/"))
     assert _backup(vw, g)["level"] == "incremental"
     out = _restore(vw, g, kept, tmp_path / "after-gc")
     assert images_equal(out / "vda.qcow2", expected)

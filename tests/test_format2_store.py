@@ -180,7 +180,7 @@ def test_any_point_can_be_deleted_and_gc_keeps_what_the_others_use(backend, tmp_
 
 
 def test_gc_defers_while_a_backup_is_under_way_and_a_backup_waits_for_gc(backend, tmp_path) -> None:
-    from virtwarden.storage_backends.format2.repository import GC_KEY, GcRunning
+    from virtwarden.storage_backends.format2.repository import GcRunning
 
     repo = _repo(backend)
     disk = _disk(tmp_path / "vda.raw", 2 * MiB, [(0, os.urandom(2 * MiB))])
@@ -192,12 +192,30 @@ def test_gc_defers_while_a_backup_is_under_way_and_a_backup_waits_for_gc(backend
     repo.end_writing(marker)
     assert repo.gc().deleted == 2
 
-    repo._mark(GC_KEY, "gc")  # a gc under way (as another process would leave it)
+    repo._mark("gc/other", "gc")  # a gc under way (as another process would leave it)
     with pytest.raises(GcRunning, match="gc is running"):
         repo.begin_writing("backup of web01")
     assert repo.writers() == []  # it took its marker back
-    repo._mark(GC_KEY, "gc")
+    report = repo.gc()  # nor do two gcs run at once: the second defers
+    assert report.deleted == 0 and report.deferred.startswith("another gc is running: gc on ")
+    assert [i.key for i in backend.list("gc/")] == ["gc/other"], "it removed its own marker, not the other's"
     assert repo.begin_writing("later", stale_after=0)  # a dead gc's marker holds nothing back
+
+
+def test_a_marker_of_a_process_of_this_machine_that_is_gone_holds_nothing_back(backend, monkeypatch) -> None:
+    import subprocess
+
+    repo = _repo(backend)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    with monkeypatch.context() as m:  # as a gc and a backup in that process left them (killed)
+        m.setattr(os, "getpid", lambda: gone.pid)
+        repo._mark("gc/dead", "gc")
+        repo._mark("pending/dead", "backup of web01")
+    repo.end_writing(repo.begin_writing("a backup"))  # not held back by the dead gc
+    report = repo.gc()
+    assert report.deferred is None, "nor is gc by the dead backup"
+    assert [i.key for i in backend.list("gc/")] == [], "and it removed the dead gc's marker"
 
 
 def test_a_manifest_or_index_changed_in_storage_is_refused(backend, tmp_path) -> None:

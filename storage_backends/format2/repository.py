@@ -20,10 +20,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
+import socket
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from virtwarden.storage_backends.base import Backend
 from virtwarden.storage_backends.format2.index import DiskIndex
@@ -35,7 +38,7 @@ from virtwarden.errors import ObjectNotFound, RestorePointNotFound, StorageError
 
 FORMAT = 2
 CONFIG_KEY = "format2/config"
-GC_KEY = "gc/running"
+GC_PREFIX = "gc/"  # each gc's marker: gc/<uuid>
 GC_STALE = 600.0  # a gc marker older than this is of a gc that died (a live one renews it)
 WRITER_STALE = 86400.0  # a backup marker older than this is of a backup that died
 DEFAULT_CHUNK_SIZE = 512 * 1024  # measured: docs/repository-format.md, "Chunk size"
@@ -176,16 +179,18 @@ class Format2Repository:
     # themselves with a marker object, and each looks for the other's after writing its
     # own: whichever writes second sees the first (storage that reads its own writes,
     # as a filesystem and S3 do), so they never run at once. A backup that finds gc
-    # running retries later; gc that finds a backup defers. Markers of processes that
-    # died are ignored once older than ``stale_after``.
+    # running waits (tasks/backup_steps.announce); gc that finds a backup, or another
+    # gc, defers. Every process has its own marker (one gc ending never removes
+    # another's). Markers of processes that died are ignored once older than
+    # ``stale_after``, or at once when they name this machine and a process that is gone.
     def begin_writing(self, what: str, *, stale_after: float = GC_STALE) -> str:
         """Announce a backup; its marker's key, for ``end_writing``. GcRunning (nothing
         written, the marker removed again) while gc runs."""
         key = f"pending/{uuid.uuid4()}"
         self._mark(key, what)
-        if self._fresh([GC_KEY], stale_after):
+        if self._fresh(self._gc_markers(), stale_after):
             self.backend.delete(key)
-            raise GcRunning(f"storage {self.backend.name}: gc is running; the backup tries again later")
+            raise GcRunning(f"storage {self.backend.name}: gc is running")
         return key
 
     def renew_writing(self, key: str, what: str) -> None:
@@ -217,8 +222,12 @@ class Format2Repository:
         """Delete the chunks no published point uses, unless a backup is under way (then
         nothing, said in the report). Killed midway it has deleted only unused chunks:
         every point stays restorable, and the next run finishes the work."""
-        self._mark(GC_KEY, "gc")
+        key = f"{GC_PREFIX}{uuid.uuid4()}"
+        self._mark(key, "gc")
         try:
+            others = self._fresh([k for k in self._gc_markers() if k != key], GC_STALE)
+            if others:
+                return GcReport(0, 0, 0, 0, "another gc is running: " + ", ".join(_who(o) for o in others))
             writers = self.writers(stale_writer)
             if writers:
                 return GcReport(0, 0, 0, 0, f"{len(writers)} backup(s) under way: "
@@ -238,25 +247,64 @@ class Format2Repository:
                     deleted_bytes += info.size
                     faults.pause_point("gc-deleting")
                 if time.monotonic() - marked > GC_STALE / 10:  # still alive: backups keep waiting
-                    self._mark(GC_KEY, "gc")
+                    self._mark(key, "gc")
                     marked = time.monotonic()
+            markers = self._gc_markers()
+            for dead in set(markers) - {key} - {m["key"] for m in self._fresh(markers, GC_STALE)}:
+                self.backend.delete(dead)  # of gcs that died
             return GcReport(stored, len(used), deleted, deleted_bytes, None)
         finally:
-            self.backend.delete(GC_KEY)
+            self.backend.delete(key)
+
+    def _gc_markers(self) -> list[str]:
+        return [info.key for info in self.backend.list(GC_PREFIX)]
 
     def _mark(self, key: str, what: str) -> None:
-        self.backend.put_bytes(key, self.codec.seal("marker", key, _json({"what": what, "at": time.time()})))
+        doc = {"what": what, "at": time.time(), "node": socket.gethostname(), "pid": os.getpid(),
+               "pid_space": _pid_space()}
+        self.backend.put_bytes(key, self.codec.seal("marker", key, _json(doc)))
 
     def _fresh(self, keys: list[str], stale_after: float) -> list[dict]:
+        """The markers among ``keys`` of processes that may be alive (each with its ``key``)."""
         out = []
         for key in keys:
             try:
                 doc = json.loads(self.codec.open("marker", key, self.backend.get_bytes(key)))
             except (ObjectNotFound, DamagedObject):
                 continue  # removed meanwhile, or not ours
-            if time.time() - float(doc["at"]) < stale_after:
-                out.append(doc)
+            if time.time() - float(doc["at"]) < stale_after and _may_live(doc):
+                out.append({**doc, "key": key})
         return out
+
+
+def _pid_space() -> str:
+    """This process's PID namespace on this boot: process ids mean the same process only
+    within one (a container with the host's name has its own)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return ""
+
+
+def _may_live(marker: dict) -> bool:
+    """False only for a marker of a process of this machine (same name, boot and PID
+    namespace) that is gone."""
+    same = marker.get("node") == socket.gethostname() and marker.get("pid_space") and \
+        marker.get("pid_space") == _pid_space()
+    if not same or not isinstance(marker.get("pid"), int):
+        return True
+    try:
+        os.kill(marker["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def _who(marker: dict) -> str:
+    return f"{marker.get('what')} on {marker.get('node', '?')} (pid {marker.get('pid', '?')})"
 
 
 def _json(doc: dict) -> bytes:

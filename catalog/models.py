@@ -378,6 +378,29 @@ class JobTotal(Base):
     bytes: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
+class RepositoryUsage(Base):
+    """A format-2 storage target's repository (catalog.repositories): whether restore
+    points left it since its last gc (a deleted or failed point's chunks stay stored
+    until gc removes them; ``garbage_since``: the first such change not yet collected),
+    and what that gc counted. One row per storage target, made by the first change."""
+
+    __tablename__ = "repository_usage"
+    storage: Mapped[str] = mapped_column(String(128), primary_key=True)
+    garbage_since: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    garbage_last: Mapped[datetime | None] = mapped_column(UtcDateTime)  # the latest such change
+    gc_started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    gc_finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    gc_deferred: Mapped[str | None] = mapped_column(Text)  # why the last gc deleted nothing
+    # As the last gc that ran found them (after its deletions):
+    points: Mapped[int | None] = mapped_column(Integer)
+    chunks: Mapped[int | None] = mapped_column(BigInteger)
+    stored_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    logical_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    # Running totals over every gc, for the metrics.
+    deleted_chunks: Mapped[int] = mapped_column(BigInteger, default=0)
+    deleted_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
 class Service(Base):
     """A running worker, scheduler or listener, as it last said so (catalog.services): one
     row per kind, machine and hosts served, so a process restarted in the same place

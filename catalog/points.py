@@ -18,7 +18,8 @@ from typing import Any
 
 from sqlalchemy import exists, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import aliased
+from sqlalchemy.orm import Session, aliased
+from virtwarden.catalog import repositories
 from virtwarden.catalog.clock import db_now
 from virtwarden.catalog.models import Artifact, Job, RestorePoint
 from virtwarden.catalog.store import Catalog
@@ -159,7 +160,7 @@ def fail(cat: Catalog, point_id: str, reason: str) -> bool:
     with cat.session() as s:
         done = s.execute(update(RestorePoint).where(RestorePoint.id == point_id, RestorePoint.status == WRITING)
                          .values(status=FAILED, reason=reason[:2000]))
-        return bool(getattr(done, "rowcount", 0))
+        return _went(s, point_id, done)
 
 
 def get(cat: Catalog, point_id: str) -> PointView:
@@ -253,7 +254,7 @@ def fail_unfinished(cat: Catalog, point_id: str, reason: str) -> bool:
                          .where(RestorePoint.id == point_id, RestorePoint.status == WRITING)
                          .where((RestorePoint.job_id.is_(None)) | RestorePoint.job_id.not_in(live))
                          .values(status=FAILED, reason=reason[:2000]))
-        return bool(getattr(done, "rowcount", 0))
+        return _went(s, point_id, done)
 
 
 def writing_for_job(cat: Catalog, job_id: str) -> list[PointView]:
@@ -274,7 +275,26 @@ def transition(cat: Catalog, point_id: str, frm: tuple[str, ...], to: str) -> bo
     with cat.session() as s:
         done = s.execute(update(RestorePoint).where(RestorePoint.id == point_id, RestorePoint.status.in_(frm))
                          .values(status=to))
-        return bool(getattr(done, "rowcount", 0))
+        return _went(s, point_id, done) if to == DELETED else bool(getattr(done, "rowcount", 0))
+
+
+def _went(s: Session, point_id: str, done: Any) -> bool:
+    """After a point was failed or deleted in this transaction (``done``: the update):
+    its chunks, if it is a format-2 point, may be unused now (catalog.repositories).
+    Whether the update changed the point."""
+    if not getattr(done, "rowcount", 0):
+        return False
+    row = s.execute(select(RestorePoint.storage, RestorePoint.format).where(RestorePoint.id == point_id)).one()
+    if row.format == 2:
+        repositories.note_garbage(s, row.storage)
+    return True
+
+
+def newest_host(cat: Catalog, storage: str) -> str | None:
+    """The host that made the newest point stored on ``storage`` (None: no point)."""
+    with cat.session() as s:
+        return s.scalars(select(RestorePoint.host).where(RestorePoint.storage == storage)
+                         .order_by(RestorePoint.created_at.desc()).limit(1)).first()
 
 
 def domains_with_points(cat: Catalog,

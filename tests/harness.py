@@ -309,6 +309,18 @@ def s3_storage_entry(settings) -> dict:
     return {k: v for k, v in settings.model_dump().items() if v is not None}
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def cat(request, tmp_path):
+    """A new, empty catalog: once on SQLite, once on PostgreSQL (its own schema)."""
+    from virtwarden.catalog.store import Catalog
+
+    url = f"sqlite:///{tmp_path / 'catalog.db'}" if request.param == "sqlite" else \
+        request.getfixturevalue("pg_schema_url")
+    c = Catalog(url)
+    yield c
+    c.close()
+
+
 @pytest.fixture
 def pg_schema_url():
     """The URL of a fresh PostgreSQL schema for one test (dropped afterwards)."""

@@ -11,18 +11,8 @@ from sqlalchemy import select, update
 from virtwarden.catalog import jobs, overlays, points
 from virtwarden.catalog.clock import db_later, db_now
 from virtwarden.catalog.models import Job
-from virtwarden.catalog.store import Catalog
 
 from virtwarden.errors import JobFailed, LeaseLost
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def cat(request, tmp_path):
-    url = f"sqlite:///{tmp_path / 'catalog.db'}" if request.param == "sqlite" else \
-        request.getfixturevalue("pg_schema_url")
-    c = Catalog(url)
-    yield c
-    c.close()
 
 
 def _point(cat, job_id, **over):

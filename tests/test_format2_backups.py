@@ -116,16 +116,20 @@ def test_every_point_restores_bit_for_bit_and_any_older_point_can_go(vault, gues
     assert r.code == 0, r.err + r.out
     (tmp_path / "policies" / "meta.yaml").unlink()
 
-    # keep_last 1: the two older points go (no chain holds them), gc reclaims their chunks
+    # keep_last 1: the two older points go (no chain holds them); nobody runs gc, the
+    # worker's sweep submits it and it reclaims their chunks
     before = sum(info.size for info in repo.backend.list("chunks/"))
     _keep_last(tmp_path / "policies", 1, strategy)
     r = vw.cli("prune", g.name, "--policy", "p", "--wait", "--json")
     assert r.code == 0, r.err + r.out
     listed = vw.cli("backups", g.name, "--json").json()
     assert [p["id"] for p in listed if p["status"] == "complete"] == [made[2]]
-    report = repo.gc()
-    assert report.deferred is None and report.deleted > 0
-    assert sum(info.size for info in repo.backend.list("chunks/")) < before
+    gc_job = _collected(vw)
+    assert gc_job["deferred"] is None and gc_job["deleted"] > 0 and gc_job["points"] == 1, gc_job
+    left = list(repo.backend.list("chunks/"))
+    assert sum(info.size for info in left) < before
+    assert gc_job["stored_bytes"] == sum(info.size for info in left)
+    assert repo.gc().deleted == 0, "the automatic gc left nothing unused"
     out = _restore(vw, g, made[2], tmp_path / "restored-after-gc")
     for t in ("vda", "vdb"):
         assert images_equal(out / f"{t}.qcow2", expected[2][t]), t
@@ -143,6 +147,34 @@ def _unused_chunks(vw, g):
     repo = _repo(vw)
     repo.delete_point(repo.ref(g.name, old))
     return repo, kept
+
+
+def _collected(vw) -> dict:
+    """The result of the gc job the worker's sweep submitted, once it succeeded, checked
+    against what /metrics says of the repository."""
+    from virtwarden.catalog import repositories
+
+    from virtwarden.api.metrics import CatalogCollector
+
+    cat = vw.catalog()
+    try:
+        def done():
+            found = [j for j in vw.cli("jobs", "--json").json() if j["kind"] == "gc" and j["state"] == "succeeded"]
+            return found[0] if found else None
+
+        job = wait_for(done, 60, "the gc job the sweep submits after a prune")
+        assert job["requested_by"] == "sweep"
+        assert repositories.due_for_gc(cat, 0.001) == [], "nothing left to collect"
+        series = {(s.name, s.labels.get("storage")): s.value for m in CatalogCollector(cat).collect()
+                  for s in m.samples}
+        result = job["result"]
+        assert series[("virtwarden_repository_stored_bytes", "vault")] == result["stored_bytes"]
+        assert series[("virtwarden_repository_points", "vault")] == 1
+        assert series[("virtwarden_repository_gc_deleted_bytes_total", "vault")] == result["deleted_bytes"]
+        assert series[("virtwarden_repository_garbage_age_seconds", "vault")] == 0
+        return result
+    finally:
+        cat.close()
 
 
 def test_a_damaged_chunk_is_found_by_verify_and_refused_by_restore(vault, guest_factory, tmp_path) -> None:

@@ -222,6 +222,10 @@ class WorkerConfig(_Strict):
     # Points left "writing" by a job that ended (their worker died on its last attempt)
     # are unlisted and their stored pieces removed this often, by every worker.
     sweep_seconds: float = Field(default=300.0, gt=0)
+    # After points of a format-2 target went (retention, prune, a failed backup), a
+    # worker's sweep submits a gc job that deletes the chunks no point uses any more:
+    # at most one per target this often. None: only `virtwarden storage gc` collects.
+    gc_seconds: float | None = Field(default=3600.0, gt=0)
 
 
 class AgentConfig(_Strict):

@@ -13,7 +13,10 @@ worker died holding a delayed retry). ``sweep`` then
    is marked sent that was not);
 3. now and then, unlists points left ``writing`` by jobs that ended (``tasks.sweep``);
 4. every ``catalog.prune_seconds``, deletes audit, event, alert and idempotency-key rows
-   older than the ``catalog`` section keeps them (``catalog.housekeeping``).
+   older than the ``catalog`` section keeps them (``catalog.housekeeping``);
+5. submits a gc job for each format-2 repository that has unused chunks and no gc
+   started within ``worker.gc_seconds`` (``catalog.repositories``; the job's dedup key
+   names the period, so several sweepers submit one).
 
 Sending twice is harmless: a worker's claim is a guarded update, so a duplicate finds
 the job claimed or finished and does nothing.
@@ -41,6 +44,7 @@ class SweepReport:
     unsent: int = 0  # overdue jobs left for the next sweep (the broker is down)
     points: list[str] = field(default_factory=list)  # unfinished points unlisted
     pruned: dict[str, int] = field(default_factory=dict)  # old catalog rows deleted, by kind
+    collecting: list[str] = field(default_factory=list)  # storage targets a gc job was submitted for
     problems: list[str] = field(default_factory=list)
 
 
@@ -63,6 +67,8 @@ class Sweeper:
                 self._sweep_points(report)
             if self._rows_pruned is None or time.monotonic() - self._rows_pruned >= self.cfg.catalog.prune_seconds:
                 self._prune_rows(report)
+            if self.cfg.worker.gc_seconds is not None:
+                self._collect_garbage(report, self.cfg.worker.gc_seconds)
         except VirtwardenError as e:  # the catalog is unreachable: the next sweep tries again
             log.warning("sweep: %s", e)
             report.problems.append(str(e))
@@ -113,3 +119,23 @@ class Sweeper:
         if any(report.pruned.values()):
             log.info("sweep: deleted old catalog rows: %s",
                      ", ".join(f"{n} {kind}" for kind, n in report.pruned.items() if n))
+
+    def _collect_garbage(self, report: SweepReport, every: float) -> None:
+        from virtwarden.catalog import repositories
+
+        from virtwarden import submit
+
+        for storage in repositories.due_for_gc(self.cat, every):
+            if storage not in self.cfg.storage or self.cfg.storage[storage].format != 2:
+                continue  # not configured here (any more): another configuration's worker may collect it
+            key = f"gc:{storage}:{int(time.time() // every)}"
+            if jobs.by_dedup_key(self.cat, key) is not None:
+                continue  # submitted this period already (by this sweeper or another)
+            try:
+                job = submit.submit(self.cfg, self.cat, "gc", storage, requested_by="sweep", dedup_key=key,
+                                    interactive=False)
+            except VirtwardenError as e:
+                log.warning("sweep: no gc of storage %s now: %s", storage, e)
+                continue
+            report.collecting.append(storage)
+            log.info("sweep: storage %s has unused chunks: gc job %s", storage, job.id)

@@ -106,6 +106,7 @@ KINDS: dict[str, JobKind] = {
     # one whose process died (the reaper requeued it), and fails it saying so.
     "runbook": JobKind("virtwarden.runbooks:orphaned", "virtwarden.runbooks:RunbookRequest", False),
     "evacuate": JobKind("virtwarden.tasks.evacuate:run_evacuate", "virtwarden.tasks.evacuate:EvacuateRequest", True),
+    "gc": JobKind("virtwarden.tasks.gc:run_gc", "virtwarden.tasks.gc:GcRequest", False),
 }
 
 

@@ -72,6 +72,12 @@ class GcReport:
     deleted: int
     deleted_bytes: int
     deferred: str | None  # why nothing was deleted this time
+    # What the repository holds after this gc (zero when deferred): its published
+    # points, the bytes of their disks' non-zero chunks (each point counted whole: what
+    # restoring every point would write), and the bytes its chunks take in storage.
+    points: int = 0
+    logical_bytes: int = 0
+    stored_bytes: int = 0
 
 
 class GcRunning(Transient):
@@ -208,15 +214,23 @@ class Format2Repository:
     # --- gc ---------------------------------------------------------------------------------
     def referenced(self) -> set[str]:
         """Every chunk a published point's index names."""
+        return self._census()[0]
+
+    def _census(self) -> tuple[set[str], int, int]:
+        """The chunks the published points' indexes name, how many points, and the bytes
+        of those points' non-zero pieces."""
         used: set[str] = set()
+        found = logical = 0
         for ref in self.points():
             try:
                 manifest = self.manifest(ref)
             except RestorePointNotFound:
                 continue  # pruned meanwhile
+            found += 1
             for index in self.indexes(ref, manifest):
                 used |= index.referenced()
-        return used
+                logical += sum(length for _offset, length, cid in index.pieces() if cid is not None)
+        return used, found, logical
 
     def gc(self, *, stale_writer: float = WRITER_STALE) -> GcReport:
         """Delete the chunks no published point uses, unless a backup is under way (then
@@ -235,11 +249,12 @@ class Format2Repository:
             # No backup runs (and none starts while the gc marker is fresh): the chunks
             # a killed one left under temporary names are garbage too.
             self.backend.cleanup_incomplete("chunks/")
-            used = self.referenced()
-            deleted = deleted_bytes = stored = 0
+            used, found, logical = self._census()
+            deleted = deleted_bytes = stored = stored_bytes = 0
             marked = time.monotonic()
             for info in list(self.backend.list("chunks/")):
                 stored += 1
+                stored_bytes += info.size
                 cid = info.key.rsplit("/", 1)[1]
                 if cid not in used:
                     self.backend.delete(info.key)
@@ -252,7 +267,8 @@ class Format2Repository:
             markers = self._gc_markers()
             for dead in set(markers) - {key} - {m["key"] for m in self._fresh(markers, GC_STALE)}:
                 self.backend.delete(dead)  # of gcs that died
-            return GcReport(stored, len(used), deleted, deleted_bytes, None)
+            return GcReport(stored, len(used), deleted, deleted_bytes, None, points=found, logical_bytes=logical,
+                            stored_bytes=stored_bytes - deleted_bytes)
         finally:
             self.backend.delete(key)
 

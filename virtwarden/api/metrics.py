@@ -44,6 +44,18 @@ API process reports the same fleet-wide numbers) plus this process's request cou
   target holds (complete or damaged: not yet pruned) and the bytes they stored: format
   1, the size of their images; format 2, the bytes each point stored anew (a chunk
   shared by several points is counted once, at the point that stored it, until gc).
+- ``virtwarden_repository_points{storage}``, ``virtwarden_repository_chunks{storage}``,
+  ``virtwarden_repository_stored_bytes{storage}`` and
+  ``virtwarden_repository_logical_bytes{storage}``: a format-2 repository as its last gc
+  found it (catalog.repositories): its points, its chunks and the bytes they take, and
+  the bytes of the points' disks (non-zero chunks, every point counted whole), so
+  ``logical / stored`` is what deduplication and compression save together.
+  ``virtwarden_repository_gc_last_timestamp_seconds{storage}``,
+  ``virtwarden_repository_gc_deleted_bytes_total{storage}`` (and ``_chunks_total``), and
+  ``virtwarden_repository_garbage_age_seconds{storage}``: how long chunks of deleted or
+  failed points have waited for a gc (0: none wait). An age well above
+  ``worker.gc_seconds`` means gc does not get to run (no worker, a backup always
+  writing, a gc that fails).
 - ``virtwarden_build_info{version}``: 1.
 - ``virtwarden_catalog_up``: 0 when the catalog could not be read for this scrape.
 - ``virtwarden_api_requests_total{route,method,status}``: requests this process served,
@@ -66,7 +78,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from sqlalchemy import func, select
 
 from virtwarden import __version__
-from virtwarden.catalog import points, slots
+from virtwarden.catalog import points, repositories, slots
 from virtwarden.catalog.jobs import DURATION_BUCKETS, QUEUED, RUNNING
 from virtwarden.catalog.models import Drill, Job, JobTotal, RestorePoint, ScheduleSlot, Service, SlotTotal, utcnow
 from virtwarden.catalog.store import Catalog
@@ -170,6 +182,7 @@ class CatalogCollector:
         yield from _total_families(totals)
         yield from _queue_families(queues, now)
         yield from _slot_families(skipped, deferred, now)
+        yield from _repository_families(repositories.usage(self.cat), now)
         held = GaugeMetricFamily("virtwarden_storage_points", "restore points the storage target holds",
                                  labels=["storage", "format"])
         size = GaugeMetricFamily("virtwarden_storage_stored_bytes", "bytes the storage target's points stored",
@@ -251,6 +264,37 @@ def _slot_families(skipped: Sequence[Any], deferred: Sequence[Any], now: datetim
         oldest.add_metric([job], max(0.0, (now - first).total_seconds()))
     yield waiting
     yield oldest
+
+
+def _repository_families(found: Sequence[repositories.Usage], now: datetime) -> Iterator[Metric]:
+    labels = ["storage"]
+    counts = {name: GaugeMetricFamily(f"virtwarden_repository_{name}", what, labels=labels) for name, what in (
+        ("points", "points the format-2 repository held at its last gc"),
+        ("chunks", "chunks the format-2 repository held after its last gc"),
+        ("stored_bytes", "bytes the format-2 repository's chunks took after its last gc"),
+        ("logical_bytes", "bytes of the non-zero chunks of every point's disks, at the last gc"))}
+    last = GaugeMetricFamily("virtwarden_repository_gc_last_timestamp_seconds",
+                             "when the last gc of the format-2 repository ended", labels=labels)
+    deleted = CounterMetricFamily("virtwarden_repository_gc_deleted_bytes", "bytes of unused chunks gc deleted",
+                                  labels=labels)
+    deleted_chunks = CounterMetricFamily("virtwarden_repository_gc_deleted_chunks", "unused chunks gc deleted",
+                                         labels=labels)
+    waiting = GaugeMetricFamily("virtwarden_repository_garbage_age_seconds",
+                                "how long chunks of deleted or failed points have waited for a gc (0: none)",
+                                labels=labels)
+    for u in found:
+        for name, value in (("points", u.points), ("chunks", u.chunks), ("stored_bytes", u.stored_bytes),
+                            ("logical_bytes", u.logical_bytes)):
+            if value is not None:
+                counts[name].add_metric([u.storage], value)
+        if u.gc_finished_at is not None:
+            last.add_metric([u.storage], u.gc_finished_at.timestamp())
+        deleted.add_metric([u.storage], u.deleted_bytes)
+        deleted_chunks.add_metric([u.storage], u.deleted_chunks)
+        since = u.garbage_since
+        waiting.add_metric([u.storage], max(0.0, (now - since).total_seconds()) if since else 0.0)
+    yield from counts.values()
+    yield from (last, deleted, deleted_chunks, waiting)
 
 
 def _queue_families(rows: Sequence[Any], now: datetime) -> Iterator[Metric]:

@@ -51,6 +51,7 @@ KINDS: dict[str, str] = {
     "verify": "virtwarden.submit.verify:plan_verify_job",
     "prune": "virtwarden.submit.prune:plan_prune",
     "evacuate": "virtwarden.submit.evacuate:plan_evacuate",
+    "gc": "virtwarden.submit.gc:plan_gc",
 }
 
 

@@ -1,0 +1,122 @@
+"""Format-2 repositories: which have chunks to collect, and what their last gc counted.
+
+A format-2 point's chunks may be shared with other points, so deleting the point (a
+prune) or failing it (a backup that did not finish) removes its manifest and indexes
+only; its chunks stay stored until gc finds that no published point names them
+(storage_backends/format2/repository.py). Whenever a format-2 point becomes ``deleted``
+or ``failed``, the same transaction notes that its repository has garbage
+(``note_garbage``: ``garbage_since`` keeps the first such change not yet collected,
+``garbage_last`` the latest). Every worker's sweep asks ``due_for_gc`` which
+repositories have some and no gc started within ``worker.gc_seconds``, and submits a gc
+job for each (tasks/gc.py); the job records what it found (``gc_finished``), which clears
+the mark unless points went after the gc began (gc may have listed their chunks as in
+use: the mark stays, dated from the latest). A gc that deferred (a backup was writing)
+or died leaves it as it is: the next one is due a period after this one started.
+(``virtwarden storage gc`` works without a catalog and records nothing: the next
+automatic gc finds nothing left and clears the mark.)
+
+The counts (points, chunks, stored and logical bytes) are what the metrics export:
+reading them from the repository at every scrape would mean reading every index.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from sqlalchemy import case, func, or_, select, update
+from sqlalchemy.orm import Session
+from virtwarden.catalog.clock import db_later, db_now
+from virtwarden.catalog.models import RepositoryUsage
+from virtwarden.catalog.store import Catalog, dialect_insert
+
+
+class GcReport(Protocol):
+    """What a gc found and did (storage_backends.format2.repository.GcReport)."""
+
+    @property
+    def chunks(self) -> int: ...
+    @property
+    def deleted(self) -> int: ...
+    @property
+    def deleted_bytes(self) -> int: ...
+    @property
+    def deferred(self) -> str | None: ...
+    @property
+    def points(self) -> int: ...
+    @property
+    def logical_bytes(self) -> int: ...
+    @property
+    def stored_bytes(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Usage:
+    storage: str
+    garbage_since: datetime | None
+    gc_started_at: datetime | None
+    gc_finished_at: datetime | None
+    gc_deferred: str | None
+    points: int | None
+    chunks: int | None
+    stored_bytes: int | None
+    logical_bytes: int | None
+    deleted_chunks: int
+    deleted_bytes: int
+
+
+def note_garbage(s: Session, storage: str) -> None:
+    """In the caller's transaction: a point of format-2 ``storage`` went (deleted or
+    failed), so chunks only it named may now be unused."""
+    stmt = dialect_insert(s, RepositoryUsage).values(storage=storage, garbage_since=db_now(), garbage_last=db_now(),
+                                                     deleted_chunks=0, deleted_bytes=0)
+    s.execute(stmt.on_conflict_do_update(
+        index_elements=["storage"],
+        set_={"garbage_since": func.coalesce(RepositoryUsage.garbage_since, stmt.excluded.garbage_since),
+              "garbage_last": stmt.excluded.garbage_last}))
+
+
+def due_for_gc(cat: Catalog, every_seconds: float) -> list[str]:
+    """The storage targets with garbage and no gc started in the last ``every_seconds``."""
+    with cat.session() as s:
+        q = (select(RepositoryUsage.storage)
+             .where(RepositoryUsage.garbage_since.is_not(None))
+             .where(or_(RepositoryUsage.gc_started_at.is_(None),
+                        RepositoryUsage.gc_started_at < db_later(-every_seconds)))
+             .order_by(RepositoryUsage.garbage_since))
+        return list(s.scalars(q))
+
+
+def gc_starting(cat: Catalog, storage: str) -> datetime:
+    """Record that a gc of ``storage`` begins; the database's time it did, for
+    ``gc_finished``."""
+    with cat.session() as s:
+        started = s.execute(select(db_now())).scalar_one()
+        stmt = dialect_insert(s, RepositoryUsage).values(storage=storage, gc_started_at=started, deleted_chunks=0,
+                                                         deleted_bytes=0)
+        s.execute(stmt.on_conflict_do_update(index_elements=["storage"],
+                                             set_={"gc_started_at": stmt.excluded.gc_started_at}))
+        return started  # type: ignore[no-any-return]
+
+
+def gc_finished(cat: Catalog, storage: str, started: datetime, report: GcReport) -> None:
+    """Record a gc's outcome. One that ran (not deferred) clears the garbage noted before
+    it started and replaces the counts."""
+    values: dict = {"gc_finished_at": db_now(), "gc_deferred": report.deferred}
+    if report.deferred is None:
+        after = RepositoryUsage.garbage_last > started  # points went while it ran: their chunks may remain
+        values.update(
+            garbage_since=case((after, RepositoryUsage.garbage_last), else_=None),
+            garbage_last=case((after, RepositoryUsage.garbage_last), else_=None),
+            points=report.points, chunks=report.chunks - report.deleted, stored_bytes=report.stored_bytes,
+            logical_bytes=report.logical_bytes, deleted_chunks=RepositoryUsage.deleted_chunks + report.deleted,
+            deleted_bytes=RepositoryUsage.deleted_bytes + report.deleted_bytes)
+    with cat.session() as s:
+        s.execute(update(RepositoryUsage).where(RepositoryUsage.storage == storage).values(**values))
+
+
+def usage(cat: Catalog) -> list[Usage]:
+    with cat.session() as s:
+        rows = s.scalars(select(RepositoryUsage).order_by(RepositoryUsage.storage))
+        return [Usage(r.storage, r.garbage_since, r.gc_started_at, r.gc_finished_at, r.gc_deferred, r.points,
+                      r.chunks, r.stored_bytes, r.logical_bytes, r.deleted_chunks, r.deleted_bytes) for r in rows]

@@ -1,0 +1,67 @@
+"""Unused chunks are collected without anyone asking: a format-2 point that goes
+(deleted by retention or failed) marks its repository for gc in the same transaction;
+the sweep submits one gc job per repository and period; a gc clears only what it could
+have collected. Catalog level on SQLite and PostgreSQL (the end-to-end run, with a real
+worker and storage, is in test_format2_backups)."""
+from __future__ import annotations
+
+import uuid
+
+from virtwarden.catalog import jobs, points, repositories
+from virtwarden.storage_backends.format2.repository import GcReport
+
+
+def _point(cat, storage="vault", fmt=2):
+    job = jobs.create(cat, kind="backup", domain="web01", host="h", params={})
+    return points.begin(cat, id=str(uuid.uuid4()), domain="web01", domain_uuid="u1", host="h", storage=storage,
+                        strategy="bitmap", chain_id=str(uuid.uuid4()), parent_id=None, seq=0, level="full",
+                        reason="first", checkpoint=None, manifest_key="k/manifest", job_id=job.id, format=fmt)
+
+
+def _deleted(cat, p):
+    points.complete(cat, p.id, [], consistency="crash")
+    assert points.transition(cat, p.id, (points.COMPLETE,), points.DELETING)
+    assert p.storage not in repositories.due_for_gc(cat, 3600), "nothing is unused before the data went"
+    assert points.transition(cat, p.id, (points.DELETING,), points.DELETED)
+
+
+def _ran(deleted=3):
+    return GcReport(chunks=10, referenced=7, deleted=deleted, deleted_bytes=deleted * 100, deferred=None, points=2,
+                    logical_bytes=5000, stored_bytes=700)
+
+
+def test_a_format2_point_that_goes_marks_its_repository_until_a_gc_that_began_after_it(cat):
+    _deleted(cat, _point(cat))
+    assert points.fail(cat, _point(cat, storage="other").id, "a failed backup leaves chunks too")
+    assert points.fail(cat, _point(cat, storage="old", fmt=1).id, "format 1 shares nothing")
+    assert sorted(repositories.due_for_gc(cat, 3600)) == ["other", "vault"]
+
+    started = repositories.gc_starting(cat, "vault")
+    assert repositories.due_for_gc(cat, 3600) == ["other"], "one gc per period"
+    assert sorted(repositories.due_for_gc(cat, 0.001)) == ["other", "vault"]
+    late = _point(cat)
+    _deleted(cat, late)  # while gc runs: it may have listed this point's chunks as used
+    repositories.gc_finished(cat, "vault", started, _ran())
+    (vault,) = [u for u in repositories.usage(cat) if u.storage == "vault"]
+    assert vault.garbage_since is not None, "a point that went during the gc is still to collect"
+    assert (vault.points, vault.chunks, vault.stored_bytes, vault.logical_bytes) == (2, 7, 700, 5000)
+    assert (vault.deleted_chunks, vault.deleted_bytes) == (3, 300)
+
+    again = repositories.gc_starting(cat, "vault")
+    repositories.gc_finished(cat, "vault", again, _ran(deleted=1))
+    (vault,) = [u for u in repositories.usage(cat) if u.storage == "vault"]
+    assert vault.garbage_since is None and vault.gc_deferred is None
+    assert (vault.deleted_chunks, vault.deleted_bytes) == (4, 400), "running totals"
+    assert repositories.due_for_gc(cat, 0.001) == ["other"]
+    assert "old" not in {u.storage for u in repositories.usage(cat)}
+
+
+def test_a_gc_that_deferred_changes_nothing_but_its_times(cat):
+    _deleted(cat, _point(cat))
+    started = repositories.gc_starting(cat, "vault")
+    repositories.gc_finished(cat, "vault", started, GcReport(0, 0, 0, 0, "1 backup(s) under way: backup of web01"))
+    (vault,) = repositories.usage(cat)
+    assert vault.garbage_since is not None and vault.gc_deferred.startswith("1 backup")
+    assert vault.points is None and vault.deleted_chunks == 0
+    assert repositories.due_for_gc(cat, 3600) == [], "due again a period after it started"
+    assert repositories.due_for_gc(cat, 0.001) == ["vault"]

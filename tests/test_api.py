@@ -685,7 +685,8 @@ def test_the_shipped_rules_pass_promtool_and_fire_on_a_real_scrape(vw, api, tmp_
     Prometheus scrapes this API with a read token and evaluates the same rules (their
     ``for:`` durations set to 0 s): a domain whose backups keep failing, one that was
     due 27 h ago without ever getting a point, a host whose job has waited 2 h for a
-    worker, and that worker, silent for 10 minutes, all alert. Every query of the shipped
+    worker, that worker, silent for 10 minutes, and a repository whose unused chunks
+    have waited 13 h for a gc, all alert. Every query of the shipped
     Grafana dashboard then runs on that Prometheus and shows them."""
     import re
     import shutil
@@ -693,7 +694,7 @@ def test_the_shipped_rules_pass_promtool_and_fire_on_a_real_scrape(vw, api, tmp_
     import urllib.request
     from datetime import datetime, timedelta
 
-    from virtwarden.catalog.models import Job, ScheduleSlot, Service
+    from virtwarden.catalog.models import Job, RepositoryUsage, ScheduleSlot, Service
 
     from tests.conftest import need
 
@@ -701,7 +702,7 @@ def test_the_shipped_rules_pass_promtool_and_fire_on_a_real_scrape(vw, api, tmp_
          "prometheus and promtool (scripts/testhost.sh installs Debian's prometheus)")
     rules = REPO / "deploy" / "prometheus" / "rules.yml"
     checked = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True, text=True)
-    assert checked.returncode == 0 and "SUCCESS: 9 rules found" in checked.stdout, checked.stdout + checked.stderr
+    assert checked.returncode == 0 and "SUCCESS: 10 rules found" in checked.stdout, checked.stdout + checked.stderr
 
     now = datetime.now(UTC)
     cat = vw.catalog()
@@ -716,6 +717,8 @@ def test_the_shipped_rules_pass_promtool_and_fire_on_a_real_scrape(vw, api, tmp_
                   created_at=now - timedelta(hours=2)))  # kvm09's worker is gone
         s.add(Service(id="worker:kvm09:kvm09", kind="worker", node="kvm09", hosts="kvm09", pid=4242, version="0.1.0",
                       started_at=now - timedelta(days=1), seen_at=now - timedelta(minutes=10)))  # ... since 10 min
+        s.add(RepositoryUsage(storage="vault", garbage_since=now - timedelta(hours=13), garbage_last=now,
+                              deleted_chunks=0, deleted_bytes=0))
     cat.close()
     server = api()
     (tmp_path / "rules.yml").write_text(re.sub(r"for: \d+m", "for: 0s", rules.read_text()))
@@ -740,9 +743,11 @@ def test_the_shipped_rules_pass_promtool_and_fire_on_a_real_scrape(vw, api, tmp_
             except OSError:
                 return None
             found = {(a["labels"]["alertname"], a["labels"].get("domain") or a["labels"].get("host")
-                      or a["labels"].get("node", "")) for a in alerts if a["state"] == "firing"}
+                      or a["labels"].get("storage") or a["labels"].get("node", "")) for a in alerts
+                     if a["state"] == "firing"}
             wanted = {("VirtwardenBackupFailing", "failing01"), ("VirtwardenBackupTooOld", "stale01"),
-                      ("VirtwardenJobsWaiting", "kvm09"), ("VirtwardenServiceSilent", "kvm09")}
+                      ("VirtwardenJobsWaiting", "kvm09"), ("VirtwardenServiceSilent", "kvm09"),
+                      ("VirtwardenRepositoryGarbageWaiting", "vault")}
             return found if wanted <= found else None
 
         found = wait_for(firing, 60, lambda: f"the rules to fire:\n{(tmp_path / 'prometheus.log').read_text()[-2000:]}")
@@ -768,6 +773,8 @@ def test_the_shipped_rules_pass_promtool_and_fire_on_a_real_scrape(vw, api, tmp_
         assert {r["metric"]["domain"] for r in failing} == {"failing01"}, failing
         waiting = values["Jobs waiting for a worker, per host"]
         assert [(r["metric"]["host"], r["value"][1]) for r in waiting] == [("kvm09", "1")], waiting
+        garbage = values["Unused chunks waiting for gc, per target"]
+        assert [r["metric"]["storage"] for r in garbage] == ["vault"] and float(garbage[0]["value"][1]) > 12 * 3600
     finally:
         prometheus.terminate()
         prometheus.wait(30)

@@ -123,9 +123,16 @@ class LibvirtHost:
                 backup = backup or (node is not None and node.get("supported") == "yes")
         return HostVersion(_ver(lib), _ver(hv), backup, tuple(t for t in types if t))
 
-    def qemu_user(self) -> tuple[int, int] | None:
+    def qemu_user(self, domain: str | None = None) -> tuple[int, int] | None:
         """The uid and gid QEMU runs as on this host (libvirt's DAC base label, from
-        qemu.conf's user and group), or None when libvirt does not say."""
+        qemu.conf's user and group), or None when libvirt does not say. With ``domain``
+        (running), that domain's QEMU: its own DAC label when its XML has one (a
+        per-domain ``<seclabel model='dac'>``), else the host's."""
+        if domain is not None:
+            with self.errors("reading domain XML", domain):
+                found = domain_qemu_user(ET.fromstring(self.lookup(domain).XMLDesc(0)))
+            if found is not None:
+                return found
         with self.errors("reading capabilities"):
             caps = ET.fromstring(self.conn.getCapabilities())
         return qemu_user_from(caps)
@@ -308,13 +315,31 @@ def qemu_user_from(caps: ET.Element) -> tuple[int, int] | None:
         if model.findtext("model") != "dac":
             continue
         labels = {b.get("type"): (b.text or "") for b in model.iterfind("baselabel")}
-        label = labels.get("kvm") or labels.get("qemu") or next(iter(labels.values()), "")
-        uid, _, gid = label.partition(":")
-        try:
-            return int(uid.lstrip("+")), int(gid.lstrip("+"))
-        except ValueError:
-            return None
+        return _dac_ids(labels.get("kvm") or labels.get("qemu") or next(iter(labels.values()), ""))
     return None
+
+
+def domain_qemu_user(domain: ET.Element) -> tuple[int, int] | None:
+    """A running domain's ``<seclabel model='dac'><label>+64055:+994</label>`` (libvirt
+    writes the label it runs QEMU with into the live XML); None without one."""
+    for seclabel in domain.iterfind("./seclabel"):
+        if seclabel.get("model") == "dac" and seclabel.findtext("label"):
+            return _dac_ids(seclabel.findtext("label") or "")
+    return None
+
+
+def _dac_ids(label: str) -> tuple[int, int] | None:
+    """``+64055:+994`` (ids) or ``libvirt-qemu:kvm`` (names, looked up here)."""
+    import grp
+    import pwd
+
+    user, _, group = label.partition(":")
+    try:
+        uid = int(user[1:]) if user.startswith("+") else pwd.getpwnam(user).pw_uid
+        gid = int(group[1:]) if group.startswith("+") else grp.getgrnam(group).gr_gid
+    except (KeyError, ValueError):
+        return None
+    return uid, gid
 
 
 def _disks(xml: str) -> list[Disk]:

@@ -26,6 +26,7 @@ tell whether its last commit went through, touches nothing (``undo_point``,
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from dataclasses import replace
@@ -163,13 +164,14 @@ def _make_point(ctx: JobContext, req: BackupRequest, dom: DomainInfo, plan: Leve
         ctx.clear_scratch()
         permissions.make_dirs(ctx.scratch)
         outputs = sink.outputs(ctx, dom)
+        qemu = hv.qemu_user(dom.name) if checkpoint else None
         # An unprivileged QEMU opens the targets libvirt creates by their path.
-        permissions.let_qemu_through({o.path.parent for o in outputs.values()})
+        permissions.let_qemu_through({o.path.parent for o in outputs.values()}, qemu[0] if qemu else None)
         changed_only = {d.target for d in dom.disks if plan.level == "incremental" and d.has_bitmaps}
         # Format 2, shut off: the disks are read where they are (a read-only export), not copied.
         in_place = None if checkpoint else sink.store_in_place(ctx, dom)
         # Format 2, running: read over NBD from a pull-mode backup, not copied (see _pull_socket).
-        pull = _pull_socket(ctx, dom.name) if checkpoint and sink.repo2 is not None else None
+        pull = _pull_socket(ctx, dom.name, qemu) if checkpoint and sink.repo2 is not None else None
         if in_place is None:
             # Pull mode too: a guest that rewrites its disks while they are read puts the
             # old data in scratch, and a copy-before-write that found no room would fail
@@ -182,10 +184,7 @@ def _make_point(ctx: JobContext, req: BackupRequest, dom: DomainInfo, plan: Leve
             # guest is frozen for that call only, and thawed while they are read.
             qlog = quiesce.job_log(dom.name, ctx.job_id)
             with quiesce.quiesced(hv, dom.name, req.quiesce, ctx.agent, log=qlog) as consistency:
-                hv.begin_backup(dom.name, {t: str(o.path) for t, o in outputs.items()}, checkpoint=checkpoint,
-                                incremental_from=parent.checkpoint if parent else None,
-                                bitmap_disks={d.target for d in dom.disks if d.has_bitmaps}, skip=set(),
-                                pull_socket=pull)
+                pull = _begin(ctx, dom, outputs, checkpoint, parent.checkpoint if parent else None, pull)
                 started = True
             if pull is not None:
                 log.info("domain %s job %s: pull-mode backup: reading the disks over NBD, no copy", dom.name,
@@ -220,21 +219,57 @@ def _make_point(ctx: JobContext, req: BackupRequest, dom: DomainInfo, plan: Leve
 
 SOCKET_MAX = 107  # bytes of a Unix socket's path (sun_path, 108 with its NUL)
 PULL_BEGUN = "pull-begun"  # test fault point: a pull-mode backup runs, nothing read yet
+PULL_SOCKET_MADE = "pull-socket-made"  # test fault point: an unprivileged QEMU's socket directory is made
 
 
-def _pull_socket(ctx: JobContext, domain: str) -> str | None:
+def _pull_socket(ctx: JobContext, domain: str, qemu: tuple[int, int] | None) -> str | None:
     """Where QEMU serves a pull-mode backup over NBD, or None for push mode. QEMU binds
     that socket itself, so it must be a path (not a descriptor), short enough for a
     socket address, in a directory QEMU may write: the job's scratch when QEMU runs as
-    root; an unprivileged QEMU may only pass through scratch, so it gets push mode."""
-    if permissions.current().qemu_passage:
+    root; for an unprivileged QEMU (``qemu``: its uid and gid, for this domain) a
+    directory in it that is QEMU's own (0700: the worker, root, connects all the same).
+    Push mode when QEMU's user is not known."""
+    if qemu is None:
+        log.info("domain %s job %s: push-mode backup: libvirt does not say which user QEMU runs as", domain,
+                 ctx.job_id)
         return None
-    path = str(ctx.scratch / "nbd.sock")
+    place = ctx.scratch
+    if qemu[0] != 0:
+        place = ctx.scratch / "nbd"
+        place.mkdir(mode=0o700)
+        os.chown(place, *qemu)
+        faults.pause_point(PULL_SOCKET_MADE)
+    path = str(place / "nbd.sock")
     if len(path.encode()) > SOCKET_MAX:
         log.info("domain %s job %s: push-mode backup: the scratch path is too long for a socket (%s)", domain,
                  ctx.job_id, path)
         return None
     return path
+
+
+def _begin(ctx: JobContext, dom: DomainInfo, outputs: dict[str, Output], checkpoint: str, since: str | None,
+           pull: str | None) -> str | None:
+    """Start libvirt's backup job (pull mode on ``pull``, else push) with its checkpoint;
+    the socket of the pull-mode backup it started, None for push. When QEMU could not
+    serve on the socket (a MAC policy such as AppArmor's keeps it from binding one
+    there), libvirt has created nothing (the NBD server starts before the checkpoint
+    and the block jobs): the same backup runs in push mode instead, saying why."""
+    hv = ctx.require_hypervisor()
+    targets = {t: str(o.path) for t, o in outputs.items()}
+    bitmaps = {d.target for d in dom.disks if d.has_bitmaps}
+    try:
+        hv.begin_backup(dom.name, targets, checkpoint=checkpoint, incremental_from=since, bitmap_disks=bitmaps,
+                        skip=set(), pull_socket=pull)
+        return pull
+    except HypervisorError as e:
+        if pull is None or "nbd-server-start" not in str(e):
+            raise
+        log.warning("domain %s job %s: QEMU could not serve the pull-mode backup on %s (%s); backing up in push "
+                    "mode (a copy into scratch). Under AppArmor, let QEMU write sockets in the scratch directory "
+                    "(/etc/apparmor.d/local/abstractions/libvirt-qemu)", dom.name, ctx.job_id, pull, e)
+    hv.begin_backup(dom.name, targets, checkpoint=checkpoint, incremental_from=since, bitmap_disks=bitmaps,
+                    skip=set(), pull_socket=None)
+    return None
 
 
 def _copy_offline(ctx: JobContext, dom: DomainInfo, outputs: dict[str, Output]) -> None:

@@ -294,7 +294,7 @@ class GuestFactory:
 
     def __call__(self, disks: int = 2, size_mib: int = 64, start: bool = True,
                  name: str | None = None, boot_marker: bytes | None = None,
-                 raw: tuple[str, ...] = ()) -> Guest:
+                 raw: tuple[str, ...] = (), qemu_user: tuple[int, int] | None = None) -> Guest:
         name = name or f"vwtest-{secrets.token_hex(4)}"
         workdir = self.root / name
         workdir.mkdir(parents=True)
@@ -312,12 +312,16 @@ class GuestFactory:
                 shutil.copyfile(guest.shadows[target], guest.disks[target])
             else:
                 _convert_to_qcow2(guest.shadows[target], guest.disks[target])
-        guest.dom = self.conn.defineXML(self._domain_xml(guest, halt_at_once=boot_marker is None))
+        if qemu_user is not None:  # QEMU runs as that user: it must reach the disks
+            for directory in [workdir, *workdir.parents]:
+                directory.chmod(directory.stat().st_mode | 0o001)
+        guest.dom = self.conn.defineXML(self._domain_xml(guest, halt_at_once=boot_marker is None,
+                                                         qemu_user=qemu_user))
         if start:
             guest.dom.create()
         return guest
 
-    def _domain_xml(self, guest: Guest, halt_at_once: bool) -> str:
+    def _domain_xml(self, guest: Guest, halt_at_once: bool, qemu_user: tuple[int, int] | None = None) -> str:
         disks = "".join(
             f"<disk type='file' device='disk'><driver name='qemu' type='{image_format(path)}'/>"
             f"<source file={_attr(path)}/><target dev='{target}' bus='virtio'/></disk>"
@@ -328,14 +332,15 @@ class GuestFactory:
         # A guest that boots its disk runs under TCG: SeaBIOS under KVM on these nested
         # machines costs about 2.8 s of a core in the host kernel's instruction emulation
         # per boot, under TCG 0.35 s (and 0.5 s to the marker instead of 3 s).
-        kind = domain_type(self.conn) if halt_at_once else "qemu"
+        # An unprivileged QEMU (``qemu_user``) runs under TCG too: /dev/kvm is root's here.
+        kind = domain_type(self.conn) if halt_at_once and qemu_user is None else "qemu"
         return (f"<domain type='{kind}'><name>{guest.name}</name>"
                 f"<memory unit='MiB'>64</memory><vcpu>1</vcpu>"
                 f"<os><type arch='x86_64' machine='pc'>hvm</type>{_minimal_firmware() if halt_at_once else ''}"
                 f"<boot dev='hd'/></os>"
                 f"<on_crash>destroy</on_crash><devices>{disks}{serial}"
                 f"<controller type='usb' model='none'/><memballoon model='none'/>"
-                f"</devices></domain>")
+                f"</devices>{_dac_label(qemu_user)}</domain>")
 
     def cleanup(self) -> None:
         errors = []
@@ -480,6 +485,14 @@ def pytest_runtest_makereport(item, call):
         with contextlib.suppress(Exception):
             state = "running" if guest.dom.isActive() else "not running"
         report.sections.append((f"guest {guest.name} ({state}): {log}", "\n".join(tail)))
+
+
+def _dac_label(user: tuple[int, int] | None) -> str:
+    """A domain's own DAC label: its QEMU runs as that uid and gid (libvirt hands the
+    disks to it), whoever qemu.conf's user is: an unprivileged QEMU on this test host."""
+    if user is None:
+        return ""
+    return f"<seclabel type='static' model='dac' relabel='yes'><label>+{user[0]}:+{user[1]}</label></seclabel>"
 
 
 @pytest.fixture

@@ -444,6 +444,56 @@ def test_a_pull_mode_point_holds_the_disk_as_it_was_when_the_backup_began(vault,
 
 
 @ONE_BACKEND
+def test_an_unprivileged_qemu_serves_pull_mode_from_its_own_socket_directory_else_push_mode(
+        vault, guest_factory, tmp_path) -> None:
+    """The guest's QEMU runs as libvirt-qemu (its own DAC label; qemu.conf's user is
+    root here): it may not bind a socket in scratch (root's, 0700), so the worker makes
+    it a directory of its own there. The first backup finds that directory taken from
+    QEMU (root's again, as a MAC policy would refuse it): QEMU really fails to bind, and
+    the backup runs in push mode, nothing left of the attempt. The next one is served
+    in pull mode by the unprivileged QEMU. Both restore bit for bit."""
+    import grp
+    import pwd
+
+    from virtwarden.catalog import jobs as job_rows
+    from virtwarden.tasks.backup import PULL_SOCKET_MADE
+
+    from tests.faults import pause_env, stopped_at
+
+    vw = vault
+    qemu = (pwd.getpwnam("libvirt-qemu").pw_uid, grp.getgrnam("kvm").gr_gid)
+    g = guest_factory(disks=1, size_mib=32, qemu_user=qemu)
+    pid = int(Path(f"/run/libvirt/qemu/{g.name}.pid").read_text())
+    assert os.stat(f"/proc/{pid}").st_uid == qemu[0], "the guest's QEMU is unprivileged"
+    g.write_random("vda", 0, 8 * MiB)
+    faults = tmp_path / "faults"
+    worker = vw.start_worker(env=pause_env(PULL_SOCKET_MADE, faults))
+    r = vw.cli("backup", g.name, "--target", "vault", "--json")
+    assert r.code == 0, r.err
+    job_id = r.json()["id"]
+    stopped_at(PULL_SOCKET_MADE, faults)
+    (place,) = vw.scratch.glob("job-*/nbd")
+    assert (place.stat().st_uid, place.stat().st_mode & 0o777) == (qemu[0], 0o700)
+    os.chown(place, 0, 0)  # QEMU may not bind its socket there now
+    expected = g.shadow_copy("vda", tmp_path / "first.raw")
+    worker.resume()
+    cat = vw.catalog()
+    done = wait_for(lambda: (j := job_rows.get(cat, job_id)).finished and j, 120, "the backup to finish")
+    assert (done.state, done.attempts, done.result["level"]) == ("succeeded", 1, "full"), done.error
+    said = worker.log.read_text()
+    assert "QEMU could not serve the pull-mode backup" in said and "nbd-server-start" in said
+    assert images_equal(_restore(vw, g, done.result["point_id"], tmp_path / "first") / "vda.qcow2", expected)
+
+    g.write_random("vda", 12 * MiB, 2 * MiB)
+    second = _backup(vw, g)
+    assert second["level"] == "incremental"
+    assert worker.log.read_text().count("pull-mode backup: reading the disks over NBD") == 1
+    expected = g.shadow_copy("vda", tmp_path / "second.raw")
+    assert images_equal(_restore(vw, g, second["point_id"], tmp_path / "second") / "vda.qcow2", expected)
+    assert not list(vw.scratch.iterdir()), "nothing left in scratch"
+
+
+@ONE_BACKEND
 def test_a_worker_killed_during_a_pull_mode_backup_leaves_no_job_and_the_retry_backs_up(
         vault, guest_factory, tmp_path) -> None:
     """SIGKILL while a pull-mode backup runs: libvirt's backup job (its NBD export) and

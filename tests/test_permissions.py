@@ -161,6 +161,20 @@ def test_qemu_user_comes_from_libvirts_dac_label():
     assert qemu_user_from(ET.fromstring("<capabilities><host/></capabilities>")) is None
 
 
+def test_a_domains_own_dac_label_says_which_user_its_qemu_runs_as():
+    from virtwarden.hypervisor.libvirt_host import domain_qemu_user
+
+    def live(label: str) -> ET.Element:
+        return ET.fromstring(f"<domain><name>d</name><seclabel type='dynamic' model='apparmor'><label>x</label>"
+                             f"</seclabel><seclabel type='static' model='dac' relabel='yes'><label>{label}</label>"
+                             "</seclabel></domain>")
+
+    assert domain_qemu_user(live("+64055:+994")) == (64055, 994)
+    assert domain_qemu_user(live("root:root")) == (0, 0)  # names are looked up
+    assert domain_qemu_user(live("no-such-user-here:root")) is None
+    assert domain_qemu_user(ET.fromstring("<domain><name>d</name></domain>")) is None  # the host's, then
+
+
 @pytest.mark.parametrize("file_mode, reason", [
     (0o600, None),
     (0o400, None),

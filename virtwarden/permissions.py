@@ -108,12 +108,14 @@ def allow_qemu_passage(qemu_uid: int | None) -> bool:
     return needed
 
 
-def let_qemu_through(paths) -> list[Path]:  # any iterable of paths
+def let_qemu_through(paths, qemu_uid: int | None = None) -> list[Path]:  # any iterable of paths
     """When QEMU is unprivileged, give each of ``paths`` and every directory above it
     the search bit for others (never read), so QEMU reaches the files libvirt hands it
     there; directories made before (while QEMU ran as root, or by hand) are fixed as a
-    backup needs them. A no-op when QEMU runs as root. Returns the directories changed."""
-    if not _policy.qemu_passage:
+    backup needs them. A no-op when QEMU runs as root: the host's (``allow_qemu_passage``)
+    and, when given, ``qemu_uid`` (a domain with its own DAC label). Returns the
+    directories changed."""
+    if not _policy.qemu_passage and not qemu_uid:
         return []
     changed = []
     seen: set[Path] = set()

@@ -202,6 +202,23 @@ def test_gc_defers_while_a_backup_is_under_way_and_a_backup_waits_for_gc(backend
     assert repo.begin_writing("later", stale_after=0)  # a dead gc's marker holds nothing back
 
 
+def test_gc_deletes_nothing_while_a_published_points_index_cannot_be_read(backend, tmp_path) -> None:
+    from virtwarden.errors import ObjectNotFound
+
+    repo = _repo(backend)
+    _backup(repo, "web01", "p0", {"vda": _disk(tmp_path / "a.raw", 2 * MiB, [(0, os.urandom(2 * MiB))])})
+    _backup(repo, "web01", "p1", {"vda": _disk(tmp_path / "b.raw", 2 * MiB, [(0, os.urandom(2 * MiB))])})
+    p0, p1 = repo.ref("web01", "p0"), repo.ref("web01", "p1")
+    chunks = sorted(i.key for i in backend.list("chunks/"))
+    backend.delete(p1.index_key("vda"))  # its manifest still names it: p1's chunks cannot be known
+    with pytest.raises(ObjectNotFound):
+        repo.gc()
+    assert sorted(i.key for i in backend.list("chunks/")) == chunks
+    backend.delete(p1.manifest_key)  # as prune leaves a point it is deleting: p1 is gone
+    report = repo.gc()
+    assert (report.points, report.deleted) == (1, 2) and report.referenced == len(repo.index(p0, "vda").referenced())
+
+
 def test_a_marker_of_a_process_of_this_machine_that_is_gone_holds_nothing_back(backend, monkeypatch) -> None:
     import subprocess
 

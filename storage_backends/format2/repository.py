@@ -226,8 +226,14 @@ class Format2Repository:
                 manifest = self.manifest(ref)
             except RestorePointNotFound:
                 continue  # pruned meanwhile
+            try:
+                indexes = self.indexes(ref, manifest)
+            except ObjectNotFound:
+                if not self.backend.exists(ref.manifest_key):
+                    continue  # pruned between the two reads: manifest first, then indexes
+                raise  # a point whose chunks cannot be known: nothing may be deleted
             found += 1
-            for index in self.indexes(ref, manifest):
+            for index in indexes:
                 used |= index.referenced()
                 logical += sum(length for _offset, length, cid in index.pieces() if cid is not None)
         return used, found, logical

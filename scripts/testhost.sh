@@ -35,7 +35,8 @@ APT_PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-sys
               docker-compose   # validates compose.yaml (`config` needs no Docker daemon)
               prometheus       # promtool checks deploy/prometheus/rules.yml; a test's own server fires them
               prometheus-alertmanager  # amtool checks, and a test's own Alertmanager runs, alertmanager.yml
-              virtnbdbackup)   # the peer bench/ measures against (make bench); brings python3-libnbd
+              virtnbdbackup    # the peer bench/ measures against (make bench); brings python3-libnbd
+              chromium)        # the dashboard's test drives it (Playwright, no browser download)
 
 say() { echo "testhost: $*"; }
 die() { echo "testhost: error: $*" >&2; exit 1; }

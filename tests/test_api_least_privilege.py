@@ -39,6 +39,12 @@ ENDPOINTS = [
     ("GET", "/v1/jobs/some-job", None, "read", "GET /v1/jobs/{job_id}"),
     ("GET", "/v1/domains/web01/restore-points", None, "read", "GET /v1/domains/{name}/restore-points"),
     ("GET", "/metrics", None, "read", "GET /metrics"),
+    ("GET", "/v1/overview", None, "read", "GET /v1/overview"),
+    ("GET", "/v1/jobs", None, "read", "GET /v1/jobs"),
+    ("GET", "/v1/drills", None, "read", "GET /v1/drills"),
+    ("POST", "/v1/drills", {"domain": "web01"}, "drill", "POST /v1/drills"),
+    ("POST", "/v1/drills?dry_run=true", {"domain": "web01"}, "drill", "POST /v1/drills"),
+    ("POST", "/v1/restores?dry_run=true", TO_DIR, "restore", "POST /v1/restores"),
 ]
 
 
@@ -125,6 +131,9 @@ def test_a_restore_that_would_run_starts_only_for_a_token_with_its_scope(vw, api
     bodies = {"restore": {"domain": g.name, "to_dir": str(out)},
               "restore-domain": {"domain": g.name, "as_domain": f"{g.name}-copy", "start": True},
               "restore-in-place": {"domain": g.name, "in_place": True, "discard_old": True, "start": True}}
+    planned = server.call("POST", "/v1/restores?dry_run=true", bodies["restore"], token=TOKEN)
+    assert planned.status == 200 and planned.json()["plan"]["to_dir"] == str(out), planned.body
+    assert planned.json()["kind"] == "restore" and [j.kind for j in _jobs(vw)] == ["backup"], "a plan starts nothing"
     for needed, body in bodies.items():
         for scope, token in ONLY.items():
             if scope not in (needed, "admin"):

@@ -1,8 +1,10 @@
 """``virtwarden api``: the HTTP API for webhooks and scripts (FastAPI under uvicorn).
 
-Routes: ``POST /v1/restores``, ``GET /v1/jobs/{job_id}``,
-``GET /v1/domains/{name}/restore-points``, ``POST /v1/alerts`` (Alertmanager),
-``GET /v1/alerts``, ``GET /healthz``, ``GET /metrics``; the OpenAPI schema is at
+Routes: ``POST /v1/restores``, ``GET /v1/jobs`` and ``/v1/jobs/{job_id}``,
+``GET /v1/domains/{name}/restore-points``, ``GET /v1/overview`` (the fleet),
+``GET|POST /v1/drills``, ``POST /v1/alerts`` (Alertmanager), ``GET /v1/alerts``,
+``GET /healthz``, ``GET /metrics``, and ``GET /ui`` (the on-call dashboard, a page that
+uses those endpoints: virtwarden/api/ui/); the OpenAPI schema is at
 ``/openapi.json`` and readable at ``/docs`` (rendered here: virtwarden/api/docs_page.py).
 Every /v1 request needs a bearer token (virtwarden/api/auth.py)
 whose scopes allow the endpoint (virtwarden/api/scopes.py); requests go through the same
@@ -34,8 +36,20 @@ from starlette.routing import Match
 
 from virtwarden.api.auth import ANONYMOUS, AuthMiddleware, Signatures, Tokens, env_token, read_key
 from virtwarden.api.metrics import ApiMetrics, RequestCounter
-from virtwarden.api.schemas import AlertmanagerPayload, AlertOut, Error, JobAccepted, JobOut, PointOut, RestoreIn
-from virtwarden.api.scopes import ALERTS, ANY_RESTORE, READ, ScopeMissing, needs, require, restore_scope
+from virtwarden.api.schemas import (
+    AlertmanagerPayload,
+    AlertOut,
+    DomainOverview,
+    DrillIn,
+    DrillOut,
+    Error,
+    JobAccepted,
+    JobOut,
+    PlanOut,
+    PointOut,
+    RestoreIn,
+)
+from virtwarden.api.scopes import ALERTS, ANY_RESTORE, DRILL, READ, ScopeMissing, needs, require, restore_scope
 from virtwarden.catalog import alerts as alert_rows
 from virtwarden.catalog import api as api_catalog
 from virtwarden.catalog import jobs, points
@@ -47,7 +61,7 @@ from virtwarden.redact import mask
 
 log = logging.getLogger(__name__)
 KEY_PATTERN = r"^[\x21-\x7e]{1,200}$"  # printable ASCII, no spaces: a UUID is a good key
-ACTIONS = {"/v1/restores": "api.restore", "/v1/alerts": "api.alerts"}
+ACTIONS = {"/v1/restores": "api.restore", "/v1/alerts": "api.alerts", "/v1/drills": "api.drill"}
 MAX_AUDITED_BODY = 16 * 1024  # a refused body larger than this is recorded by its size only
 DESCRIPTION = """\
 Restores by webhook, job status, restore points and Alertmanager alerts for virtwarden.
@@ -105,18 +119,26 @@ def caller(request: Request, _: Any = Depends(bearer_scheme)) -> str:
 
 
 def _routes(app: FastAPI) -> None:
-    @app.post("/v1/restores", status_code=202, response_model=JobAccepted, tags=["restores"],
-              responses={404: {"model": Error}, 409: {"model": Error}},
+    @app.post("/v1/restores", status_code=202, response_model=JobAccepted | PlanOut, tags=["restores"],
+              responses={200: {"model": PlanOut, "description": "with dry_run: what it would do"},
+                         404: {"model": Error}, 409: {"model": Error}},
               dependencies=[Depends(_restore_scope)])
-    def start_restore(req: RestoreIn, request: Request, response: Response, actor: str = Depends(caller),
-                      idempotency_key: str | None = Header(default=None, pattern=KEY_PATTERN)) -> JobAccepted:
+    def start_restore(req: RestoreIn, request: Request, response: Response, dry_run: bool = False,
+                      actor: str = Depends(caller),
+                      idempotency_key: str | None = Header(default=None, pattern=KEY_PATTERN)
+                      ) -> JobAccepted | PlanOut:
         """Start a restore; follow it with GET /v1/jobs/{job_id}. With an Idempotency-Key
-        header, a repeated request answers 200 with the job the first one started.
+        header, a repeated request answers 200 with the job the first one started. With
+        ``dry_run=true``, the plan only (point, host, destination): nothing starts.
         Scope: `restore` with `to_dir`, `restore-domain` with `as_domain`,
         `restore-in-place` with `in_place` (each covers its `start` and `discard_old`)."""
         api: Api = request.app.state.api
         scope, what = restore_scope(as_domain=req.as_domain is not None, in_place=req.in_place)
         require(request, (scope,), what)  # before anything is looked up, a replayed key included
+        if dry_run:
+            planned = _plan_restore(api, req)
+            response.status_code = 200
+            return PlanOut(kind=planned.kind, domain=planned.domain, host=planned.host, plan=planned.preview)
         target = req.domain
         if idempotency_key:
             used = api_catalog.key_use(api.cat, idempotency_key)
@@ -185,6 +207,74 @@ def _routes(app: FastAPI) -> None:
         each with what became of it: its outcome, why, and its job. Scope: `read`."""
         return [a.to_json() for a in alert_rows.recent(request.app.state.api.cat, limit=limit, host=host)]
 
+    @app.get("/v1/overview", response_model=list[DomainOverview], tags=["fleet"],
+             dependencies=[Depends(needs(READ, what="read the fleet overview"))])
+    def fleet(request: Request, _: str = Depends(caller)) -> list[dict[str, Any]]:
+        """Every domain the catalog knows: the policy that governs its backups and their
+        next slot, its newest good point and its age, its last backup and last drill.
+        Scope: `read`."""
+        from virtwarden.api import overview
+
+        api: Api = request.app.state.api
+        return overview.domains(api.cfg, api.cat, utcnow())
+
+    @app.get("/v1/jobs", response_model=list[JobOut], tags=["jobs"],
+             dependencies=[Depends(needs(READ, what="read jobs"))])
+    def list_jobs(request: Request, limit: int = Query(50, ge=1, le=500), domain: str | None = None,
+                  _: str = Depends(caller)) -> list[dict[str, Any]]:
+        """The newest jobs first (of ``domain`` if given), with their progress. Scope: `read`."""
+        return [j.to_json() for j in jobs.recent(request.app.state.api.cat, limit=limit, domain=domain)]
+
+    @app.get("/v1/drills", response_model=list[DrillOut], tags=["drills"],
+             dependencies=[Depends(needs(READ, what="read drills"))])
+    def list_drills(request: Request, limit: int = Query(50, ge=1, le=500), domain: str | None = None,
+                    _: str = Depends(caller)) -> list[dict[str, Any]]:
+        """The newest drills first (of ``domain`` if given), with their checks. Scope: `read`."""
+        from virtwarden.catalog import drills
+
+        return [d.to_json() for d in drills.recent(request.app.state.api.cat, domain=domain, limit=limit)]
+
+    @app.post("/v1/drills", status_code=202, response_model=JobAccepted | PlanOut, tags=["drills"],
+              responses={200: {"model": PlanOut, "description": "with dry_run: what it would do"},
+                         404: {"model": Error}},
+              dependencies=[Depends(needs(DRILL, what="start drills"))])
+    def start_drill(req: DrillIn, request: Request, response: Response, dry_run: bool = False,
+                    actor: str = Depends(caller)) -> JobAccepted | PlanOut:
+        """Start a restore drill; follow it with GET /v1/jobs/{job_id}. With
+        ``dry_run=true``, the plan only (the point, host and checks): nothing starts.
+        Scope: `drill`."""
+        from virtwarden import submit
+
+        api: Api = request.app.state.api
+        options: dict[str, Any] = {"point": req.point} if req.point else {}
+        if dry_run:
+            planned = submit.plan(api.cfg, api.cat, "drill", req.domain, **options)
+            response.status_code = 200
+            return PlanOut(kind=planned.kind, domain=planned.domain, host=planned.host, plan=planned.preview)
+        job = submit.submit(api.cfg, api.cat, "drill", req.domain, requested_by=actor, **options)
+        audit(api.cat, actor=actor, action="api.drill", target=req.domain, params=req.model_dump(mode="json"),
+              outcome="started", job_id=job.id)
+        response.headers["Location"] = f"/v1/jobs/{job.id}"
+        return JobAccepted(job_id=job.id, state=job.state, replayed=False)
+
+    @app.get("/ui", include_in_schema=False, response_class=HTMLResponse)
+    def dashboard() -> HTMLResponse:
+        """The on-call dashboard: one page, its script and style packaged with us (no CDN,
+        no build step); it reads and acts through the /v1 endpoints with the token typed
+        into it (virtwarden/api/ui/)."""
+        from virtwarden.api import ui
+
+        return HTMLResponse(ui.page(), headers=ui.HEADERS)
+
+    @app.get("/ui/{name}", include_in_schema=False)
+    def dashboard_asset(name: str) -> Response:
+        from virtwarden.api import ui
+
+        if name not in ui.ASSETS:
+            raise NotFound(f"no {name} in the dashboard")
+        content, media = ui.asset(name)
+        return Response(content, media_type=media, headers=ui.HEADERS)
+
     @app.get("/docs", include_in_schema=False, response_class=HTMLResponse)
     def docs(request: Request) -> HTMLResponse:
         """The reference, rendered here from the schema: nothing fetched from elsewhere."""
@@ -227,12 +317,21 @@ def _metrics_scope(request: Request, _: Any = Depends(bearer_scheme)) -> None:
         require(request, (READ,), "read metrics")
 
 
+def _restore_options(req: RestoreIn) -> dict[str, Any]:
+    return {"point": req.point or "latest", "at": req.at, "to_dir": req.to_dir, "as_domain": req.as_domain,
+            "in_place": req.in_place, "discard_old": req.discard_old, "start": req.start, "host": req.host}
+
+
+def _plan_restore(api: Api, req: RestoreIn) -> Any:  # a submit.Planned
+    from virtwarden import submit
+
+    return submit.plan(api.cfg, api.cat, "restore", req.domain, **_restore_options(req))
+
+
 def _submit_restore(api: Api, req: RestoreIn, actor: str, key: str | None) -> jobs.JobView:
     from virtwarden import submit
 
-    return submit.submit(api.cfg, api.cat, "restore", req.domain, point=req.point or "latest", at=req.at,
-                         to_dir=req.to_dir, as_domain=req.as_domain, in_place=req.in_place,
-                         discard_old=req.discard_old, start=req.start, host=req.host,
+    return submit.submit(api.cfg, api.cat, "restore", req.domain, **_restore_options(req),
                          requested_by=actor, dedup_key=f"api:{key}" if key else None)
 
 

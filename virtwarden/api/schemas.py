@@ -171,3 +171,62 @@ class AlertmanagerPayload(BaseModel):
 class Error(BaseModel):
     error: str
     fields: list[dict[str, str]] | None = None
+
+
+class DomainOverview(BaseModel):
+    """One domain as the dashboard's fleet page shows it (virtwarden/api/overview.py)."""
+
+    domain: str
+    host: str | None
+    state: str | None  # as the listener or scheduler last saw it
+    policy: str | None  # the policy that governs its backups, by name and host
+    policy_error: str | None
+    next_backup_at: str | None  # that policy's next scheduled slot
+    last_good_backup_at: str | None
+    last_good_backup_age_seconds: int | None
+    points: int  # complete restore points
+    stored_bytes: int  # what they stored
+    last_backup_state: str | None  # of its newest backup job
+    last_backup_error: str | None
+    last_backup_at: str | None
+    last_drill_state: str | None  # running, passed or failed
+    last_drill_at: str | None
+    last_drill_job: str | None
+
+
+class DrillIn(BaseModel):
+    """A restore drill of ``domain``: its point (an id, "latest" or "oldest"; by default
+    the policy's choice) restored and booted as a throwaway domain, then removed."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"domain": "web01"}]})
+
+    domain: str = Field(min_length=1, max_length=255, pattern=r"^[^\s/][^/]*$")
+    point: str | None = Field(default=None, min_length=1, max_length=64)
+
+
+class DrillOut(BaseModel):
+    """One drill and its checks (``virtwarden drills --json``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    job_id: str
+    domain: str
+    point_id: str | None
+    host: str
+    state: str
+    checks: list[dict[str, Any]]
+    restore_seconds: float | None
+    boot_seconds: float | None
+    error: str | None
+    started_at: str
+    finished_at: str | None
+
+
+class PlanOut(BaseModel):
+    """What a request would do (``?dry_run=true``): the job it would create; nothing was
+    created."""
+
+    kind: str
+    domain: str | None
+    host: str
+    plan: dict[str, Any]

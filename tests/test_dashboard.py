@@ -1,7 +1,8 @@
 """The on-call dashboard (/ui) in a real headless browser: Debian's chromium driven by
 Playwright, against a real API server, a real worker and a real guest. The engineer
 signs in, sees the fleet and a failed job, is refused an action the token's scopes do
-not allow, then starts a drill (its dry-run plan shown first) and follows it to success.
+not allow, then starts a drill (its dry-run plan shown first) and follows it to success,
+then restores one of the domain's points into a directory the same way.
 Nothing the page loads comes from anywhere but the API server."""
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 import yaml
 
 from tests.conftest import need, need_module
+from tests.guests import images_equal
 from tests.test_api import api  # noqa: F401 - the fixture
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.cli_in_process]
@@ -49,7 +51,8 @@ def test_the_on_call_engineer_sees_a_failed_job_and_follows_a_drill_to_success(
         at = datetime.now(UTC) - timedelta(hours=3)
         s.add(Job(id=failed_id, kind="backup", state="failed", domain="web09", host="local", params={},
                   created_at=at, finished_at=at, error="libvirt backup job of 'web09' failed: No space left on device"))
-    api.tokens.write_text(f"oncall:read,drill:{ONCALL}\nviewer:read:{VIEWER}\n")
+    api.tokens.write_text(f"oncall:read,drill,restore:{ONCALL}\nviewer:read:{VIEWER}\n")
+    out = vw.data_dir / "restores" / g.name  # where API restores may write by default
     server = api()
 
     seen: list[str] = []
@@ -101,8 +104,23 @@ def test_the_on_call_engineer_sees_a_failed_job_and_follows_a_drill_to_success(
         expect(page.locator(f"#drill-rows tr[data-job='{drill_id}']")).to_contain_text("passed")
         page.click("#tabs button[data-tab='fleet']")
         expect(page.locator(f"#fleet-rows tr[data-domain='{g.name}']")).to_contain_text("passed")
+
+        # The domain's points, and one restored into a directory (its plan first).
+        page.click(f"#fleet-rows tr[data-domain='{g.name}'] a[data-action='points']")
+        point_row = page.locator(f"#point-rows tr[data-point='{point}']")
+        expect(point_row).to_contain_text("complete")
+        point_row.locator("button[data-action='restore']").click()
+        page.fill("#restore-dir", str(out))
+        page.click("#ask-dir-go")
+        expect(page.locator("#confirm-plan")).to_contain_text(str(out))
+        expect(page.locator("#confirm-plan")).to_contain_text(point)
+        page.click("#confirm-go")
+        expect(banner).to_contain_text(f"restore of {g.name}")
+        expect(banner).to_have_attribute("data-state", "succeeded", timeout=120_000)
         browser.close()
 
     assert seen and all(url.startswith(server.url) for url in seen), [u for u in seen if not u.startswith(server.url)]
-    job = [j for j in vw.cli("jobs", "--json").json() if j["kind"] == "drill"]
-    assert [(j["state"], j["requested_by"]) for j in job] == [("succeeded", "api:oncall")]
+    started = [(j["kind"], j["state"], j["requested_by"]) for j in vw.cli("jobs", "--json").json()
+               if j["kind"] != "backup"]
+    assert started == [("restore", "succeeded", "api:oncall"), ("drill", "succeeded", "api:oncall")], started
+    assert images_equal(out / "vda.qcow2", g.shadow_copy("vda", tmp_path / "vda.raw"))

@@ -2,7 +2,9 @@
 // token typed in; every value is written as text, never as HTML.
 "use strict";
 
-const state = { token: sessionStorage.getItem("virtwarden-token"), tab: "fleet", following: null, timer: null };
+const state = {
+  token: sessionStorage.getItem("virtwarden-token"), tab: "fleet", domain: null, following: null, timer: null,
+};
 const $ = (id) => document.getElementById(id);
 
 class ApiError extends Error {
@@ -62,7 +64,13 @@ async function loadFleet() {
   for (const d of rows) {
     const tr = document.createElement("tr");
     tr.dataset.domain = d.domain;
-    cell(tr, d.domain, "name");
+    const name = cell(tr, "", "name");
+    const link = document.createElement("a");
+    link.href = "#";
+    link.textContent = d.domain;
+    link.dataset.action = "points";
+    link.addEventListener("click", (ev) => { ev.preventDefault(); state.domain = d.domain; show("points"); });
+    name.appendChild(link);
     cell(tr, d.host);
     cell(tr, d.policy || (d.policy_error ? `error: ${d.policy_error}` : "none"), d.policy_error ? "bad" : "");
     const old = d.last_good_backup_age_seconds === null || d.last_good_backup_age_seconds > 26 * 3600;
@@ -79,7 +87,8 @@ async function loadFleet() {
     const actions = cell(tr, "");
     if (d.points) {
       actions.append(button("Drill", "drill", () => drill(d.domain)), " ",
-        button("Restore…", "restore", () => restore(d.domain)));
+        button("Restore…", "restore", () => restore(d.domain)), " ",
+        button("Points", "points", () => { state.domain = d.domain; show("points"); }));
     }
     body.appendChild(tr);
   }
@@ -93,6 +102,30 @@ function button(text, action, handler) {
   b.dataset.action = action;
   b.addEventListener("click", handler);
   return b;
+}
+
+async function loadPoints() {
+  const rows = await api("GET", `/v1/domains/${encodeURIComponent(state.domain)}/restore-points`);
+  $("points-domain").textContent = state.domain;
+  const body = $("point-rows");
+  body.replaceChildren();
+  for (const p of rows.slice().reverse()) {
+    const tr = document.createElement("tr");
+    tr.dataset.point = p.id;
+    cell(tr, p.id.slice(0, 8), "mono").title = p.id;
+    cell(tr, when(p.created_at));
+    cell(tr, p.level);
+    cell(tr, p.status, p.status === "complete" ? "good" : p.status === "damaged" || p.status === "failed" ? "bad" : "");
+    cell(tr, p.consistency);
+    cell(tr, p.storage);
+    cell(tr, bytes(p.size_bytes));
+    const actions = cell(tr, "");
+    if (p.status === "complete") {
+      actions.append(button("Restore…", "restore", () => restore(state.domain, p.id)), " ",
+        button("Drill", "drill", () => drill(state.domain, p.id)));
+    }
+    body.appendChild(tr);
+  }
 }
 
 async function loadJobs() {
@@ -156,7 +189,7 @@ async function loadAlerts() {
   }
 }
 
-const pages = { fleet: loadFleet, jobs: loadJobs, drills: loadDrills, alerts: loadAlerts };
+const pages = { fleet: loadFleet, points: loadPoints, jobs: loadJobs, drills: loadDrills, alerts: loadAlerts };
 
 async function refresh() {
   try {
@@ -199,16 +232,16 @@ async function act(path, body, title, go) {
   }
 }
 
-function drill(domain) {
-  return act("/v1/drills", { domain }, `Drill ${domain}`, "Start the drill");
+function drill(domain, point) {
+  return act("/v1/drills", point ? { domain, point } : { domain }, `Drill ${domain}`, "Start the drill");
 }
 
-function restore(domain) {
+function restore(domain, point) {
   const dialog = $("ask-dir");
   dialog.addEventListener("close", () => {
     if (dialog.returnValue === "go" && $("restore-dir").value) {
-      act("/v1/restores", { domain, point: "latest", to_dir: $("restore-dir").value }, `Restore ${domain}`,
-        "Start the restore");
+      act("/v1/restores", { domain, point: point || "latest", to_dir: $("restore-dir").value },
+        `Restore ${domain}`, "Start the restore");
     }
   }, { once: true });
   dialog.showModal();

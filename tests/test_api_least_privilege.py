@@ -45,6 +45,9 @@ ENDPOINTS = [
     ("POST", "/v1/drills", {"domain": "web01"}, "drill", "POST /v1/drills"),
     ("POST", "/v1/drills?dry_run=true", {"domain": "web01"}, "drill", "POST /v1/drills"),
     ("POST", "/v1/restores?dry_run=true", TO_DIR, "restore", "POST /v1/restores"),
+    ("GET", "/v1/runbooks", None, "read", "GET /v1/runbooks"),
+    ("POST", "/v1/runbooks/verify-repository/runs?dry_run=true", {"params": {}}, "runbook",
+     "POST /v1/runbooks/{name}/runs"),
 ]
 
 
@@ -86,6 +89,25 @@ def test_every_endpoint_refuses_a_token_without_its_scope_with_403_and_starts_no
     for method, path, body, needed, _ in ENDPOINTS:
         for token in (ONLY[needed], ONLY["admin"]):
             assert server.call(method, path, body, token=token).status in (200, 404), (path, needed)
+
+
+def test_a_runbook_step_needs_its_own_scope_besides_runbook(vw, api):
+    """A runbook whose step drills (or restores in place) is refused to a token that may
+    run runbooks but not drill: a runbook is no way around a scope. Nothing starts."""
+    _scoped_tokens(api, f"ops:runbook,drill:{TOKEN}\n")
+    server = api()
+    body = {"params": {"domain": "web01"}}
+    r = server.call("POST", "/v1/runbooks/drill-now/runs?dry_run=true", body, token=ONLY["runbook"])
+    assert r.status == 403 and r.json()["missing_scope"] == "drill", r.body
+    assert "step 1 of runbook drill-now" in r.json()["error"]
+    in_place = {"params": {"domain": "web01", "in_place": "true"}}
+    r = server.call("POST", "/v1/runbooks/restore-latest/runs", in_place, token=TOKEN)
+    assert r.status == 403 and r.json()["missing_scope"] == "restore-in-place", r.body
+    r = server.call("POST", "/v1/runbooks/no-such-book/runs", body, token=TOKEN)
+    assert r.status == 404 and "no runbook named 'no-such-book'" in r.json()["error"]
+    r = server.call("POST", "/v1/runbooks/drill-now/runs", {"params": {"color": "red"}}, token=TOKEN)
+    assert r.status == 422 and "unknown parameter 'color'" in r.json()["error"], r.body
+    assert _jobs(vw) == []
 
 
 def test_an_alerts_only_token_posts_alerts_but_cannot_restore_or_read(vw, api):

@@ -2,7 +2,8 @@
 Playwright, against a real API server, a real worker and a real guest. The engineer
 signs in, sees the fleet and a failed job, is refused an action the token's scopes do
 not allow, then starts a drill (its dry-run plan shown first) and follows it to success,
-then restores one of the domain's points into a directory the same way.
+then restores one of the domain's points into a directory and runs a runbook the same
+way.
 Nothing the page loads comes from anywhere but the API server."""
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def test_the_on_call_engineer_sees_a_failed_job_and_follows_a_drill_to_success(
         at = datetime.now(UTC) - timedelta(hours=3)
         s.add(Job(id=failed_id, kind="backup", state="failed", domain="web09", host="local", params={},
                   created_at=at, finished_at=at, error="libvirt backup job of 'web09' failed: No space left on device"))
-    api.tokens.write_text(f"oncall:read,drill,restore:{ONCALL}\nviewer:read:{VIEWER}\n")
+    api.tokens.write_text(f"oncall:read,drill,restore,runbook:{ONCALL}\nviewer:read:{VIEWER}\n")
     out = vw.data_dir / "restores" / g.name  # where API restores may write by default
     server = api()
 
@@ -117,10 +118,21 @@ def test_the_on_call_engineer_sees_a_failed_job_and_follows_a_drill_to_success(
         page.click("#confirm-go")
         expect(banner).to_contain_text(f"restore of {g.name}")
         expect(banner).to_have_attribute("data-state", "succeeded", timeout=120_000)
+
+        # A runbook: its form, every step's plan, then the run followed to its end.
+        page.click("#tabs button[data-tab='runbooks']")
+        book = page.locator("form[data-runbook='verify-repository']")
+        book.locator("input[name='domain']").fill(g.name)
+        book.locator("button[data-action='run']").click()
+        expect(page.locator("#confirm-plan")).to_contain_text('"action": "verify"')
+        page.click("#confirm-go")
+        expect(banner).to_contain_text(f"runbook verify-repository of {g.name}")
+        expect(banner).to_have_attribute("data-state", "succeeded", timeout=120_000)
         browser.close()
 
     assert seen and all(url.startswith(server.url) for url in seen), [u for u in seen if not u.startswith(server.url)]
     started = [(j["kind"], j["state"], j["requested_by"]) for j in vw.cli("jobs", "--json").json()
                if j["kind"] != "backup"]
-    assert started == [("restore", "succeeded", "api:oncall"), ("drill", "succeeded", "api:oncall")], started
+    assert started == [("verify", "succeeded", "api:oncall"), ("runbook", "succeeded", "api:oncall"),
+                       ("restore", "succeeded", "api:oncall"), ("drill", "succeeded", "api:oncall")], started
     assert images_equal(out / "vda.qcow2", g.shadow_copy("vda", tmp_path / "vda.raw"))

@@ -115,31 +115,58 @@ def dry_run(cfg: Config, cat: Catalog, book: Runbook, given: dict[str, str], act
     return {"runbook": book.name, "dry_run": True, "steps": planned}
 
 
-def run(cfg: Config, cat: Catalog, book: Runbook, given: dict[str, str], actor: str, *,
-        timeout: float | None = None, on_step: Callable[[dict], None] | None = None) -> dict:
-    """Run every step in order, each as a job; returns the report. JobFailed when a
-    step failed (the report is in its ``report`` attribute)."""
+@dataclass
+class Started:
+    """A run whose job row exists and is leased to this process (``start``); ``drive``
+    runs its steps."""
+
+    book: Runbook
+    given: dict[str, str]
+    steps: list[Planned]
+    parent: jobs.JobView
+    record_id: int
+    fence: Any  # catalog.fencing.Fence
+    beat: Any  # worker.runner.Heartbeat
+
+
+def start(cfg: Config, cat: Catalog, book: Runbook, given: dict[str, str], actor: str) -> Started:
+    """Check the parameters and the broker, then create the run's job row (leased to
+    this process, kept fresh from now on) and its audit record."""
     from virtwarden.worker import celery_app
     from virtwarden.worker.runner import Heartbeat, owner_id
 
     steps = render(book, given)  # a bad parameter is an error before anything starts
     celery_app.check_broker(cfg)
-    owner = owner_id()
     parent = jobs.create(cat, kind="runbook", domain=_target(steps), host=next(iter(cfg.hosts)),
                          params={"runbook": book.name, "params": given,
                                  "steps": [{"action": s.action, "args": s.args} for s in steps]},
                          max_attempts=1, requested_by=actor)
     record = audit.record(cat, actor=actor, action=f"runbook:{book.name}", target=_target(steps), params=given,
                           job_id=parent.id)
-    claim = jobs.claim(cat, parent.id, owner, cfg.worker.lease_seconds, lock_domain=False)
+    claim = jobs.claim(cat, parent.id, owner_id(), cfg.worker.lease_seconds, lock_domain=False)
     assert claim.ok and claim.fence is not None, claim.why
     beat = Heartbeat(cat, claim.fence, cfg.worker.heartbeat_seconds)
     beat.start()
-    report: dict[str, Any] = {"runbook": book.name, "job_id": parent.id, "params": given, "steps": []}
+    return Started(book, given, steps, parent, record.id, claim.fence, beat)
+
+
+def run(cfg: Config, cat: Catalog, book: Runbook, given: dict[str, str], actor: str, *,
+        timeout: float | None = None, on_step: Callable[[dict], None] | None = None) -> dict:
+    """Run every step in order, each as a job; returns the report. JobFailed when a
+    step failed (the report is in its ``report`` attribute)."""
+    return drive(cfg, cat, start(cfg, cat, book, given, actor), actor, timeout=timeout, on_step=on_step)
+
+
+def drive(cfg: Config, cat: Catalog, started: Started, actor: str, *, timeout: float | None = None,
+          on_step: Callable[[dict], None] | None = None) -> dict:
+    """Run the steps of a started run in order, waiting for each; the report."""
+    book, steps, beat = started.book, started.steps, started.beat
+    report: dict[str, Any] = {"runbook": book.name, "job_id": started.parent.id, "params": started.given, "steps": []}
     failed: str | None = None
     try:
         for step in steps:
-            entry = _run_step(cfg, cat, step, actor, f"runbook:{parent.id}:{step.index}", timeout, beat, len(steps))
+            entry = _run_step(cfg, cat, step, actor, f"runbook:{started.parent.id}:{step.index}", timeout, beat,
+                              len(steps))
             report["steps"].append(entry)
             if on_step:
                 on_step(entry)
@@ -153,10 +180,10 @@ def run(cfg: Config, cat: Catalog, book: Runbook, given: dict[str, str], actor: 
         beat.stop()
     report["state"] = jobs.FAILED if failed else jobs.SUCCEEDED
     report["summary"] = failed or f"{len(steps)} step(s) succeeded"
-    jobs.finish(cat, claim.fence, ok=not failed, result=report, error=failed)
-    audit.finish(cat, record.id, audit.FAILED if failed else audit.SUCCEEDED, report["summary"])
+    jobs.finish(cat, started.fence, ok=not failed, result=report, error=failed)
+    audit.finish(cat, started.record_id, audit.FAILED if failed else audit.SUCCEEDED, report["summary"])
     if failed:
-        err = JobFailed(f"runbook {book.name} (job {parent.id}): {failed}")
+        err = JobFailed(f"runbook {book.name} (job {started.parent.id}): {failed}")
         err.report = report  # type: ignore[attr-defined]
         raise err
     return report

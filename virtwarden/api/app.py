@@ -2,7 +2,8 @@
 
 Routes: ``POST /v1/restores``, ``GET /v1/jobs`` and ``/v1/jobs/{job_id}``,
 ``GET /v1/domains/{name}/restore-points``, ``GET /v1/overview`` (the fleet),
-``GET|POST /v1/drills``, ``POST /v1/alerts`` (Alertmanager), ``GET /v1/alerts``,
+``GET|POST /v1/drills``, ``GET /v1/runbooks``, ``POST /v1/runbooks/{name}/runs``,
+``POST /v1/alerts`` (Alertmanager), ``GET /v1/alerts``,
 ``GET /healthz``, ``GET /metrics``, and ``GET /ui`` (the on-call dashboard, a page that
 uses those endpoints: virtwarden/api/ui/); the OpenAPI schema is at
 ``/openapi.json`` and readable at ``/docs`` (rendered here: virtwarden/api/docs_page.py).
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import threading
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -48,20 +50,40 @@ from virtwarden.api.schemas import (
     PlanOut,
     PointOut,
     RestoreIn,
+    RunbookIn,
 )
-from virtwarden.api.scopes import ALERTS, ANY_RESTORE, DRILL, READ, ScopeMissing, needs, require, restore_scope
+from virtwarden.api.scopes import (
+    ALERTS,
+    ANY_RESTORE,
+    DRILL,
+    READ,
+    RUNBOOK,
+    ScopeMissing,
+    needs,
+    require,
+    restore_scope,
+)
 from virtwarden.catalog import alerts as alert_rows
 from virtwarden.catalog import api as api_catalog
 from virtwarden.catalog import jobs, points
 from virtwarden.catalog.models import AuditRecord, utcnow
 from virtwarden.catalog.store import Catalog
 from virtwarden.config import Config, load_for_process
-from virtwarden.errors import ConfigError, DestinationRefused, NotFound, Transient, VirtwardenError
+from virtwarden.errors import (
+    ConfigError,
+    DestinationRefused,
+    NotFound,
+    PolicyError,
+    Transient,
+    UsageError,
+    VirtwardenError,
+)
 from virtwarden.redact import mask
 
 log = logging.getLogger(__name__)
 KEY_PATTERN = r"^[\x21-\x7e]{1,200}$"  # printable ASCII, no spaces: a UUID is a good key
 ACTIONS = {"/v1/restores": "api.restore", "/v1/alerts": "api.alerts", "/v1/drills": "api.drill"}
+# (POST /v1/runbooks/NAME/runs is audited by the run itself, as runbook:NAME)
 MAX_AUDITED_BODY = 16 * 1024  # a refused body larger than this is recorded by its size only
 DESCRIPTION = """\
 Restores by webhook, job status, restore points and Alertmanager alerts for virtwarden.
@@ -257,6 +279,48 @@ def _routes(app: FastAPI) -> None:
         response.headers["Location"] = f"/v1/jobs/{job.id}"
         return JobAccepted(job_id=job.id, state=job.state, replayed=False)
 
+    @app.get("/v1/runbooks", response_model=list[dict[str, Any]], tags=["runbooks"],
+             dependencies=[Depends(needs(READ, what="read runbooks"))])
+    def list_runbooks(request: Request, _: str = Depends(caller)) -> list[dict[str, Any]]:
+        """The built-in and the operators' runbooks: parameters and steps. Scope: `read`."""
+        from virtwarden.policies.loader import load_runbooks
+
+        return [b.summary() for b in load_runbooks(request.app.state.api.cfg.policies_path)]
+
+    @app.post("/v1/runbooks/{name}/runs", status_code=202, response_model=JobAccepted | PlanOut, tags=["runbooks"],
+              responses={200: {"model": PlanOut, "description": "with dry_run: every step's plan"},
+                         404: {"model": Error}},
+              dependencies=[Depends(needs(RUNBOOK, what="run runbooks"))])
+    def run_runbook(name: str, body: RunbookIn, request: Request, response: Response, dry_run: bool = False,
+                    actor: str = Depends(caller)) -> JobAccepted | PlanOut:
+        """Run a runbook: its steps in order, each as a job, driven by this API process
+        (follow the run's job with GET /v1/jobs/{job_id}; its result lists each step's
+        job). With ``dry_run=true``, every step's plan only. Scope: `runbook`, and the
+        scope of each step that has one (a restore's mode, a drill)."""
+        from virtwarden import runbooks
+        from virtwarden.policies.runbooks import render
+
+        api: Api = request.app.state.api
+        book = runbooks.find(api.cfg, name)
+        try:
+            steps = render(book, body.params)
+        except PolicyError as e:  # the request's parameters, not the server's configuration: 422
+            raise UsageError(str(e)) from None
+        for step in steps:
+            needed = _step_scope(step.action, step.args)
+            if needed is not None:
+                require(request, (needed[0],), f"{needed[1]} (step {step.index} of runbook {name})")
+        host = next(iter(api.cfg.hosts))
+        if dry_run:
+            report = runbooks.dry_run(api.cfg, api.cat, book, body.params, actor)
+            response.status_code = 200
+            return PlanOut(kind="runbook", domain=None, host=host, plan=report)
+        started = runbooks.start(api.cfg, api.cat, book, body.params, actor)
+        threading.Thread(target=_drive_runbook, args=(api, started, actor), name=f"runbook-{started.parent.id[:8]}",
+                         daemon=True).start()
+        response.headers["Location"] = f"/v1/jobs/{started.parent.id}"
+        return JobAccepted(job_id=started.parent.id, state=jobs.RUNNING, replayed=False)
+
     @app.get("/ui", include_in_schema=False, response_class=HTMLResponse)
     def dashboard() -> HTMLResponse:
         """The on-call dashboard: one page, its script and style packaged with us (no CDN,
@@ -315,6 +379,28 @@ def _restore_scope(request: Request) -> None:
 def _metrics_scope(request: Request, _: Any = Depends(bearer_scheme)) -> None:
     if request.app.state.api.cfg.api.metrics_require_token:
         require(request, (READ,), "read metrics")
+
+
+def _step_scope(action: str, args: dict[str, Any]) -> tuple[str, str] | None:
+    """The scope a runbook step needs besides ``runbook``: the restore's mode, a drill."""
+    if action == "restore":
+        return restore_scope(as_domain=bool(args.get("as_domain")), in_place=bool(args.get("in_place")))
+    if action == "drill":
+        return DRILL, "start drills"
+    return None
+
+
+def _drive_runbook(api: Api, started: Any, actor: str) -> None:
+    """A runbook run the API started, step after step, in its own thread. If this
+    process dies, the run's lease runs out and a worker fails its job, saying so."""
+    from virtwarden import runbooks
+
+    try:
+        runbooks.drive(api.cfg, api.cat, started, actor)
+    except VirtwardenError as e:
+        log.warning("%s", e)
+    except Exception:  # a bug: the run's job stays leased until its lease runs out
+        log.exception("runbook run %s: internal error", started.parent.id)
 
 
 def _restore_options(req: RestoreIn) -> dict[str, Any]:

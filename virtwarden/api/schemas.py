@@ -230,3 +230,11 @@ class PlanOut(BaseModel):
     domain: str | None
     host: str
     plan: dict[str, Any]
+
+
+class RunbookIn(BaseModel):
+    """A runbook run's parameters (``virtwarden runbook show NAME`` lists them)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"params": {"domain": "web01"}}]})
+
+    params: dict[str, str] = Field(default_factory=dict)

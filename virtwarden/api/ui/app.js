@@ -189,7 +189,48 @@ async function loadAlerts() {
   }
 }
 
-const pages = { fleet: loadFleet, points: loadPoints, jobs: loadJobs, drills: loadDrills, alerts: loadAlerts };
+async function loadRunbooks() {
+  const list = $("runbook-list");
+  if (list.dataset.loaded) return;  // its forms keep what was typed into them
+  const books = await api("GET", "/v1/runbooks");
+  list.replaceChildren();
+  for (const b of books) {
+    const box = document.createElement("form");
+    box.className = "runbook";
+    box.dataset.runbook = b.name;
+    const title = document.createElement("h3");
+    title.textContent = `${b.name}${b.builtin ? "" : ` (${b.source})`}`;
+    const about = document.createElement("p");
+    about.textContent = `${b.description} — ${b.steps.map((st) => st.action).join(", then ")}`;
+    box.append(title, about);
+    for (const [key, p] of Object.entries(b.params)) {
+      const label = document.createElement("label");
+      label.textContent = `${key}${p.required ? " *" : ""} `;
+      const input = document.createElement("input");
+      input.name = key;
+      input.value = p.default === null || p.default === undefined ? "" : String(p.default);
+      input.title = p.help || "";
+      input.placeholder = p.help || "";
+      label.appendChild(input);
+      box.appendChild(label);
+    }
+    const go = button("Run…", "run", () => {});
+    go.type = "submit";
+    box.appendChild(go);
+    box.addEventListener("submit", (ev) => {
+      ev.preventDefault();
+      const params = {};
+      for (const input of box.querySelectorAll("input")) if (input.value !== "") params[input.name] = input.value;
+      act(`/v1/runbooks/${encodeURIComponent(b.name)}/runs`, { params }, `Run ${b.name}`, "Run the runbook");
+    });
+    list.appendChild(box);
+  }
+  list.dataset.loaded = "yes";
+}
+
+const pages = {
+  fleet: loadFleet, points: loadPoints, jobs: loadJobs, drills: loadDrills, alerts: loadAlerts, runbooks: loadRunbooks,
+};
 
 async function refresh() {
   try {
@@ -253,7 +294,8 @@ async function follow() {
   banner.hidden = false;
   banner.dataset.state = j.state;
   const pct = Math.round((j.state === "succeeded" ? 1 : j.progress || 0) * 100);
-  banner.textContent = `${j.kind} of ${j.domain || j.host}, job ${j.id}: ${j.state} (${pct}%)` +
+  const what = j.kind === "runbook" ? `runbook ${j.params.runbook}` : j.kind;
+  banner.textContent = `${what} of ${j.domain || j.host}, job ${j.id}: ${j.state} (${pct}%)` +
     (j.error ? `: ${j.error}` : j.progress_text ? `: ${j.progress_text}` : "");
   banner.className = `banner ${j.state}`;
   if (j.state === "succeeded" || j.state === "failed") state.following = null;
@@ -285,6 +327,7 @@ function signOut() {
   clearInterval(state.timer);
   state.timer = null;
   for (const name of Object.keys(pages)) $(name).hidden = true;
+  delete $("runbook-list").dataset.loaded;
   $("tabs").hidden = true;
   $("logout").hidden = true;
   $("following").hidden = true;

@@ -453,6 +453,15 @@ def active(cat: Catalog, kind: str, host: str) -> list[JobView]:
         return [_view(r) for r in rows]
 
 
+def unfinished_by_key(cat: Catalog, prefix: str) -> list[JobView]:
+    """Queued or running jobs whose dedup key starts with ``prefix``, oldest first."""
+    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    with cat.session() as s:
+        rows = s.scalars(select(Job).where(Job.dedup_key.like(f"{escaped}%", escape="\\"),
+                                           Job.state.in_((QUEUED, RUNNING))).order_by(Job.created_at))
+        return [_view(r) for r in rows]
+
+
 def lock_domain(cat: Catalog, domain: str, job_id: str) -> str | None:
     """Take ``domain``'s lock for a running job that works on several domains in turn
     (an evacuation). The lock lives as long as the job's lease, and the heartbeat

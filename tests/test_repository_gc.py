@@ -65,3 +65,34 @@ def test_a_gc_that_deferred_changes_nothing_but_its_times(cat):
     assert vault.points is None and vault.deleted_chunks == 0
     assert repositories.due_for_gc(cat, 3600) == [], "due again a period after it started"
     assert repositories.due_for_gc(cat, 0.001) == ["vault"]
+
+
+def test_the_sweep_submits_one_gc_job_per_repository_and_never_piles_them_up(cat, tmp_path):
+    """A repository with unused chunks gets a gc job from the sweep; a gc job that still
+    waits for a worker (from an earlier period, its worker down) keeps the sweep from
+    adding another; once it ended, the next sweep submits again. The broker is away
+    here: the job is created all the same, for the outbox to send."""
+    from virtwarden.worker.outbox import Sweeper
+
+    from virtwarden import config as config_module
+
+    (tmp_path / "virtwarden.yaml").write_text(
+        f"data_dir: {tmp_path}\nbroker_url: redis://127.0.0.1:9/0\nhosts: {{h: {{uri: 'test:///default'}}}}\n"
+        f"storage: {{vault: {{type: nfs, path: {tmp_path / 'vault'}, format: 2, key_file: {tmp_path / 'k'}}},"
+        f" old: {{type: nfs, path: {tmp_path / 'old'}}}}}\n")
+    cfg = config_module.load(str(tmp_path / "virtwarden.yaml"), env={})
+    waiting = jobs.create(cat, kind="gc", domain=None, host="h", params={"storage": "vault"}, dedup_key="gc:vault:1")
+    _deleted(cat, _point(cat))
+
+    def gc_jobs():
+        return [j for j in jobs.recent(cat, limit=100) if j.kind == "gc"]
+
+    report = Sweeper(cfg, cat, lambda _job: None).sweep()
+    assert report.collecting == [] and [j.id for j in gc_jobs()] == [waiting.id], "no second job beside one waiting"
+    jobs.fail_queued(cat, waiting.id, "its worker never came")
+    report = Sweeper(cfg, cat, lambda _job: None).sweep()
+    assert report.collecting == ["vault"]
+    fresh = [j for j in gc_jobs() if j.id != waiting.id]
+    assert [(j.state, j.params, j.requested_by) for j in fresh] == [("queued", {"storage": "vault"}, "sweep")]
+    report = Sweeper(cfg, cat, lambda _job: None).sweep()
+    assert report.collecting == [] and len(gc_jobs()) == 2, "one per period"

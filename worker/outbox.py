@@ -131,6 +131,8 @@ class Sweeper:
             key = f"gc:{storage}:{int(time.time() // every)}"
             if jobs.by_dedup_key(self.cat, key) is not None:
                 continue  # submitted this period already (by this sweeper or another)
+            if jobs.unfinished_by_key(self.cat, f"gc:{storage}:"):
+                continue  # one of an earlier period still waits for a worker, or runs
             try:
                 job = submit.submit(self.cfg, self.cat, "gc", storage, requested_by="sweep", dedup_key=key,
                                     interactive=False)

@@ -219,6 +219,42 @@ def test_gc_deletes_nothing_while_a_published_points_index_cannot_be_read(backen
     assert (report.points, report.deleted) == (1, 2) and report.referenced == len(repo.index(p0, "vda").referenced())
 
 
+def test_gc_keeps_its_marker_fresh_while_it_reads_the_indexes(backend, tmp_path) -> None:
+    """Reading every index of a large repository can outlast a marker's freshness; gc
+    renews it from its own thread all along, so no backup starts in the middle."""
+    import threading
+    import time
+
+    from virtwarden.storage_backends.format2.repository import GC_PREFIX, GcRunning
+
+    repo = _repo(backend)
+    _backup(repo, "web01", "p0", {"vda": _disk(tmp_path / "a.raw", 2 * MiB, [(0, os.urandom(2 * MiB))])})
+    reading, go_on = threading.Event(), threading.Event()
+    listed = repo.points
+
+    def slow_points():  # the census, held in the middle as a slow listing would
+        reading.set()
+        go_on.wait(10)
+        return listed()
+
+    repo.points = slow_points
+    repo.gc_renew_seconds = 0.05
+    gc = threading.Thread(target=repo.gc)
+    gc.start()
+    try:
+        assert reading.wait(10)
+        (key,) = [i.key for i in backend.list(GC_PREFIX)]
+        first = repo._fresh([key], 3600)[0]["at"]
+        time.sleep(0.3)
+        assert repo._fresh([key], 3600)[0]["at"] > first, "renewed while the indexes are read"
+        with pytest.raises(GcRunning):
+            repo.begin_writing("a backup", stale_after=0.2)  # fresh by a short measure too
+    finally:
+        go_on.set()
+        gc.join(10)
+    assert not list(backend.list(GC_PREFIX))
+
+
 def test_a_marker_of_a_process_of_this_machine_that_is_gone_holds_nothing_back(backend, monkeypatch) -> None:
     import subprocess
 

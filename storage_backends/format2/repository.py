@@ -22,6 +22,7 @@ import hmac
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -244,6 +245,12 @@ class Format2Repository:
         every point stays restorable, and the next run finishes the work."""
         key = f"{GC_PREFIX}{uuid.uuid4()}"
         self._mark(key, "gc")
+        # Renewed from its own thread while gc runs, reading the indexes included (on a
+        # large repository that alone can outlast GC_STALE): a marker gone stale in the
+        # middle would let a backup name a chunk this gc is about to delete.
+        done = threading.Event()
+        renewer = threading.Thread(target=self._renew, args=(key, done), name="gc-marker", daemon=True)
+        renewer.start()
         try:
             others = self._fresh([k for k in self._gc_markers() if k != key], GC_STALE)
             if others:
@@ -257,7 +264,6 @@ class Format2Repository:
             self.backend.cleanup_incomplete("chunks/")
             used, found, logical = self._census()
             deleted = deleted_bytes = stored = stored_bytes = 0
-            marked = time.monotonic()
             for info in list(self.backend.list("chunks/")):
                 stored += 1
                 stored_bytes += info.size
@@ -267,16 +273,24 @@ class Format2Repository:
                     deleted += 1
                     deleted_bytes += info.size
                     faults.pause_point("gc-deleting")
-                if time.monotonic() - marked > GC_STALE / 10:  # still alive: backups keep waiting
-                    self._mark(key, "gc")
-                    marked = time.monotonic()
             markers = self._gc_markers()
             for dead in set(markers) - {key} - {m["key"] for m in self._fresh(markers, GC_STALE)}:
                 self.backend.delete(dead)  # of gcs that died
             return GcReport(stored, len(used), deleted, deleted_bytes, None, points=found, logical_bytes=logical,
                             stored_bytes=stored_bytes - deleted_bytes)
         finally:
+            done.set()
+            renewer.join()
             self.backend.delete(key)
+
+    gc_renew_seconds = GC_STALE / 10
+
+    def _renew(self, key: str, done: threading.Event) -> None:
+        while not done.wait(self.gc_renew_seconds):
+            try:
+                self._mark(key, "gc")
+            except StorageError:
+                continue  # tried again next time; the marker counts as fresh ten times as long
 
     def _gc_markers(self) -> list[str]:
         return [info.key for info in self.backend.list(GC_PREFIX)]

@@ -156,6 +156,7 @@ def test_a_restore_that_would_run_starts_only_for_a_token_with_its_scope(vw, api
     planned = server.call("POST", "/v1/restores?dry_run=true", bodies["restore"], token=TOKEN)
     assert planned.status == 200 and planned.json()["plan"]["to_dir"] == str(out), planned.body
     assert planned.json()["kind"] == "restore" and [j.kind for j in _jobs(vw)] == ["backup"], "a plan starts nothing"
+    assert [(a.actor, a.action, a.outcome) for a in _audit(vw)] == [("api:restorer", "api.restore", "dry-run")]
     for needed, body in bodies.items():
         for scope, token in ONLY.items():
             if scope not in (needed, "admin"):

@@ -159,6 +159,8 @@ def _routes(app: FastAPI) -> None:
         require(request, (scope,), what)  # before anything is looked up, a replayed key included
         if dry_run:
             planned = _plan_restore(api, req)
+            audit(api.cat, actor=actor, action="api.restore", target=req.domain, params=req.model_dump(mode="json"),
+                  outcome="dry-run")
             response.status_code = 200
             return PlanOut(kind=planned.kind, domain=planned.domain, host=planned.host, plan=planned.preview)
         target = req.domain
@@ -271,6 +273,8 @@ def _routes(app: FastAPI) -> None:
         options: dict[str, Any] = {"point": req.point} if req.point else {}
         if dry_run:
             planned = submit.plan(api.cfg, api.cat, "drill", req.domain, **options)
+            audit(api.cat, actor=actor, action="api.drill", target=req.domain, params=req.model_dump(mode="json"),
+                  outcome="dry-run")
             response.status_code = 200
             return PlanOut(kind=planned.kind, domain=planned.domain, host=planned.host, plan=planned.preview)
         job = submit.submit(api.cfg, api.cat, "drill", req.domain, requested_by=actor, **options)

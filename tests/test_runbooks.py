@@ -11,6 +11,7 @@ import pytest
 from virtwarden.policies.loader import load_runbooks, validate_paths
 from virtwarden.policies.runbooks import BUILTINS, render
 
+from tests.test_api import api  # noqa: F401 - the fixture
 from virtwarden.errors import PolicyError
 
 MiB = 1024 * 1024
@@ -175,3 +176,43 @@ def test_restore_at_runbook_restores_the_point_of_that_time(vw, guest_factory, t
     assert step["state"] == "succeeded"
     assert images_equal(out / "vda.qcow2", first)
     assert _audit(vw)[0].outcome == "succeeded"
+
+
+@pytest.mark.libvirt
+@pytest.mark.cli_in_process
+def test_an_api_killed_while_it_drives_a_runbook_leaves_its_run_failed_saying_so_and_its_step_running_on(
+        vw, api, guest_factory, tmp_path):
+    """SIGKILL of the API process whose thread drives a runbook (its drill step running):
+    the run's lease runs out, a worker fails the run saying the process that ran it
+    stopped, and the drill it had started runs on to success."""
+    import yaml
+    from virtwarden.catalog import jobs as job_rows
+
+    from tests.harness import wait_for
+    from tests.test_api import TOKEN
+
+    marker = "VW-RUNBOOK-KILL-BOOTED"
+    g = guest_factory(disks=1, size_mib=16, boot_marker=marker.encode())
+    pdir = tmp_path / "policies"
+    pdir.mkdir()
+    (pdir / "p.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "virtwarden/v1", "kind": "Policy", "metadata": {"name": "drilled"},
+        "spec": {"selector": {"domains": [g.name]}, "backup": {"target": "nfs"},
+                 "drill": {"run_for": "6s", "serial_marker": marker}}}))
+    vw.extra["policy_dir"] = str(pdir)
+    vw.start_worker()
+    assert vw.cli("backup", g.name, "--wait").code == 0
+    api.tokens.write_text(f"ops:read,runbook,drill:{TOKEN}\n")
+    server = api()
+    r = server.call("POST", "/v1/runbooks/drill-now/runs", {"params": {"domain": g.name}})
+    assert r.status == 202, r.body
+    run_id = r.json()["job_id"]
+    cat = vw.catalog()
+    drill = wait_for(lambda: next((j for j in job_rows.recent(cat, limit=20)
+                                   if j.kind == "drill" and j.state == "running"), None), 60, "the drill step to run")
+    server.stop(graceful=False)  # SIGKILL: its thread driving the run dies with it
+
+    run = wait_for(lambda: (j := job_rows.get(cat, run_id)).finished and j, 60, "the run to be failed")
+    assert run.state == "failed" and "the process running it stopped before it finished" in run.error, run.error
+    step = wait_for(lambda: (j := job_rows.get(cat, drill.id)).finished and j, 120, "the drill to end")
+    assert step.state == "succeeded", step.error

@@ -137,10 +137,13 @@ def start(cfg: Config, cat: Catalog, book: Runbook, given: dict[str, str], actor
 
     steps = render(book, given)  # a bad parameter is an error before anything starts
     celery_app.check_broker(cfg)
+    # Two attempts: this process's, and the one the reaper gives a worker when this
+    # process dies, which only fails the run saying why (``orphaned``). With one, the
+    # reaper failed it itself as a job its "worker" lost, which misleads.
     parent = jobs.create(cat, kind="runbook", domain=_target(steps), host=next(iter(cfg.hosts)),
                          params={"runbook": book.name, "params": given,
                                  "steps": [{"action": s.action, "args": s.args} for s in steps]},
-                         max_attempts=1, requested_by=actor)
+                         max_attempts=2, requested_by=actor)
     record = audit.record(cat, actor=actor, action=f"runbook:{book.name}", target=_target(steps), params=given,
                           job_id=parent.id)
     claim = jobs.claim(cat, parent.id, owner_id(), cfg.worker.lease_seconds, lock_domain=False)

@@ -317,7 +317,7 @@ def test_a_backup_that_meets_a_running_gc_waits_for_it_and_spends_no_attempt(vau
         # a second gc meanwhile defers and leaves the first one's marker where it is
         second = vw.cli("storage", "gc", "vault", "--json", in_process=False)
         assert second.code == 0 and second.json()["deferred"].startswith("another gc is running"), second.out
-        time.sleep(5)  # three attempts 1 s apart would have failed by now
+        time.sleep(3.5)  # three attempts (retries 1 s, then 2 s later) would have failed by now
         job = jobs.get(vw.catalog(), job_id)
         assert (job.state, job.attempts) == ("running", 1), (job.state, job.attempts, job.error)
         assert waiting.attempts == 1

@@ -112,15 +112,16 @@ class HostLister:
         self.cfg = cfg
         self.connections = KeptConnections(cfg)
 
-    def domains(self, only: list[str] | None = None) -> tuple[Domains, dict[str, str]]:
+    def domains(self, only: list[str] | None = None, *, metadata: bool = True) -> tuple[Domains, dict[str, str]]:
         """The domains of every configured host (``only``: of these), and why each host
-        that failed was left out."""
+        that failed was left out. Without ``metadata`` (no policy selects by it) only
+        their names are asked for: one call per host instead of several per domain."""
         names = list(self.cfg.hosts) if only is None else only
         found: Domains = {}
         failed: dict[str, str] = {}
         workers = max(1, min(self.cfg.scheduler.hosts_in_parallel, len(names)))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="list") as pool:
-            for name, facts, error in pool.map(self._one, names):
+            for name, facts, error in pool.map(lambda host: self._one(host, metadata), names):
                 if facts is not None:
                     found[name] = facts
                 else:
@@ -130,14 +131,22 @@ class HostLister:
     def close(self) -> None:
         self.connections.close()
 
-    def _one(self, name: str) -> tuple[str, list[DomainFacts] | None, str | None]:
+    def _one(self, name: str, metadata: bool) -> tuple[str, list[DomainFacts] | None, str | None]:
         try:
-            return name, self.connections.use(name, lambda hv: _domains_of(name, hv)), None
+            return name, self.connections.use(name, lambda hv: _domains_of(name, hv, metadata)), None
         except VirtwardenError as e:
             return name, None, str(e)
 
 
-def _domains_of(name: str, hv: Hypervisor) -> list[DomainFacts]:
+def _selects_by_metadata(policies: list[Policy]) -> bool:
+    """Whether some policy's selector reads domains' metadata (then listing a host reads
+    every domain's XML; otherwise the names are all a tick needs)."""
+    return any(p.spec.selector.metadata for p in policies)
+
+
+def _domains_of(name: str, hv: Hypervisor, metadata: bool = True) -> list[DomainFacts]:
+    if not metadata:
+        return [DomainFacts(domain, name) for domain in hv.domain_names()]
     for attempt in range(1, LIST_ATTEMPTS + 1):
         try:
             return [DomainFacts(d.name, name, parse_metadata(d.xml)) for d in hv.domains(sizes=False)]
@@ -228,7 +237,7 @@ class Scheduler:
             if not only:
                 report.resent = self.sweeper.sweep().resent
                 return report
-        domains, report.unreachable = self.hosts.domains(only)
+        domains, report.unreachable = self.hosts.domains(only, metadata=_selects_by_metadata(policies))
         for host, why in report.unreachable.items():
             log.warning("host %s left out of this tick: %s", host, why)
         self._finish_unsent(domains)

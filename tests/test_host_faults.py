@@ -167,3 +167,40 @@ def test_the_schedulers_kept_connection_to_a_restarted_libvirtd_is_replaced_with
         assert lister.connections.kept("host2") not in (None, kept)  # replaced by a new connection
     finally:
         lister.close()
+
+
+def test_a_hung_libvirtd_costs_the_listing_its_timeout_and_the_other_hosts_are_listed(fleet, guest_factory):
+    """host2's libvirtd stopped with SIGSTOP: its TCP port still accepts and libvirt waits
+    for an answer for ever. The scheduler's listing leaves host2 out after its timeout,
+    lists the main host on time, skips host2 at once while that call is still out, and
+    lists it again once libvirtd runs on."""
+    import os
+    import signal
+    import time
+
+    from tests.fleet import HOST2_PID
+    from virtwarden import config
+    from virtwarden.daemons.scheduler import HostLister
+
+    g = guest_factory(disks=1, size_mib=16)
+    fleet.vw.extra["scheduler"] = {"host_timeout_seconds": 2}
+    cfg = config.load(str(fleet.vw.write_config()), env={})
+    lister = HostLister(cfg)
+    pid = int(HOST2_PID.read_text().strip())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        found, failed = lister.domains()
+        took = time.monotonic() - start
+        assert g.name in [f.name for f in found["local"]] and set(failed) == {"host2"}, failed
+        assert "did not answer within 2 s" in failed["host2"] and took < 10, (took, failed)
+        start = time.monotonic()
+        found, failed = lister.domains()
+        assert "has not come back yet" in failed["host2"] and "local" in found and time.monotonic() - start < 2
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    try:
+        listed = wait_for(lambda: "host2" in (found := lister.domains()[0]) and found, 60, "host2 to be listed again")
+        assert "local" in listed
+    finally:
+        lister.close()

@@ -257,6 +257,9 @@ class SchedulerConfig(_Strict):
     tick_seconds: float = Field(default=30.0, gt=0)
     # How many hosts' domains it lists at once each tick (a fleet's round trips overlap).
     hosts_in_parallel: int = Field(default=16, ge=1)
+    # A host whose listing has not come back this long after the tick began (a hung
+    # libvirtd) is left out of the tick, so that it never holds up the others' slots.
+    host_timeout_seconds: float = Field(default=30.0, gt=0)
 
 
 class ListenerConfig(_Strict):

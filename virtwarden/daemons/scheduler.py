@@ -28,8 +28,8 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -111,21 +111,63 @@ class HostLister:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.connections = KeptConnections(cfg)
+        # Hosts whose listing has not come back (a hung libvirtd): since when. Their
+        # thread is left waiting; they are left out until it returns.
+        self._stuck: dict[str, float] = {}
+        self._stuck_guard = threading.Lock()
 
     def domains(self, only: list[str] | None = None, *, metadata: bool = True) -> tuple[Domains, dict[str, str]]:
         """The domains of every configured host (``only``: of these), and why each host
         that failed was left out. Without ``metadata`` (no policy selects by it) only
-        their names are asked for: one call per host instead of several per domain."""
+        their names are asked for: one call per host instead of several per domain.
+
+        A host gets ``scheduler.host_timeout_seconds`` from the start of the listing: one
+        that has not answered by then (libvirt has no timeout of its own: a stopped or
+        hung libvirtd keeps a call waiting for ever) is left out of the tick with the
+        reason, so the other hosts' slots start on time; its listing thread runs on in
+        the background, and the host is left out of later ticks until it returns."""
         names = list(self.cfg.hosts) if only is None else only
         found: Domains = {}
         failed: dict[str, str] = {}
-        workers = max(1, min(self.cfg.scheduler.hosts_in_parallel, len(names)))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="list") as pool:
-            for name, facts, error in pool.map(lambda host: self._one(host, metadata), names):
-                if facts is not None:
-                    found[name] = facts
-                else:
-                    failed[name] = error or "unknown error"
+        now = time.monotonic()
+        with self._stuck_guard:
+            stuck = dict(self._stuck)
+        for name in names:
+            if name in stuck:
+                failed[name] = (f"its listing of {now - stuck[name]:.0f} s ago has not come back yet (libvirtd "
+                                "hung?); left out until it does")
+        todo = [n for n in names if n not in stuck]
+        results: dict[str, tuple[list[DomainFacts] | None, str | None]] = {}
+        slots_free = threading.BoundedSemaphore(max(1, min(self.cfg.scheduler.hosts_in_parallel, len(todo) or 1)))
+        done = threading.Condition()
+
+        def list_one(name: str) -> None:
+            with slots_free:
+                _, facts, error = self._one(name, metadata)
+            with done:
+                results[name] = (facts, error)
+                done.notify_all()
+            with self._stuck_guard:
+                self._stuck.pop(name, None)
+
+        for name in todo:  # daemon threads: one stuck in libvirt never holds up a tick or the exit
+            threading.Thread(target=list_one, args=(name,), name=f"list-{name}", daemon=True).start()
+        timeout = self.cfg.scheduler.host_timeout_seconds
+        deadline = now + timeout
+        with done:
+            while len(results) < len(todo) and time.monotonic() < deadline:
+                done.wait(deadline - time.monotonic())
+            late = [n for n in todo if n not in results]
+            with self._stuck_guard:
+                self._stuck.update(dict.fromkeys(late, now))
+            answered = dict(results)
+        for name in late:
+            failed[name] = f"did not answer within {timeout:g} s (libvirtd hung?); left out of this tick"
+        for name, (facts, error) in answered.items():
+            if facts is not None:
+                found[name] = facts
+            else:
+                failed[name] = error or "unknown error"
         return found, failed
 
     def close(self) -> None:

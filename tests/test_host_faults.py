@@ -187,6 +187,7 @@ def test_a_hung_libvirtd_costs_the_listing_its_timeout_and_the_other_hosts_are_l
     cfg = config.load(str(fleet.vw.write_config()), env={})
     lister = HostLister(cfg)
     pid = int(HOST2_PID.read_text().strip())
+    single = None
     os.kill(pid, signal.SIGSTOP)
     try:
         start = time.monotonic()
@@ -197,6 +198,14 @@ def test_a_hung_libvirtd_costs_the_listing_its_timeout_and_the_other_hosts_are_l
         start = time.monotonic()
         found, failed = lister.domains()
         assert "has not come back yet" in failed["host2"] and "local" in found and time.monotonic() - start < 2
+        # One listing thread, host2 first: it waits on host2; the main host, never
+        # started, is said so, and is not held back by later ticks.
+        fleet.vw.extra["scheduler"] = {"host_timeout_seconds": 2, "hosts_in_parallel": 1}
+        single = HostLister(config.load(str(fleet.vw.write_config()), env={}))
+        found, failed = single.domains(["host2", "local"])
+        assert not found and "every listing thread was waiting" in failed["local"], failed
+        found, failed = single.domains(["host2", "local"])
+        assert "local" in found and "has not come back yet" in failed["host2"], failed
     finally:
         os.kill(pid, signal.SIGCONT)
     try:
@@ -204,3 +213,5 @@ def test_a_hung_libvirtd_costs_the_listing_its_timeout_and_the_other_hosts_are_l
         assert "local" in listed
     finally:
         lister.close()
+        if single is not None:
+            single.close()

@@ -138,31 +138,42 @@ class HostLister:
                                 "hung?); left out until it does")
         todo = [n for n in names if n not in stuck]
         results: dict[str, tuple[list[DomainFacts] | None, str | None]] = {}
-        slots_free = threading.BoundedSemaphore(max(1, min(self.cfg.scheduler.hosts_in_parallel, len(todo) or 1)))
+        queue = list(reversed(todo))  # taken from the end: in the configured order
         done = threading.Condition()
 
-        def list_one(name: str) -> None:
-            with slots_free:
+        def lister() -> None:
+            while True:
+                with done:
+                    if not queue:
+                        return
+                    name = queue.pop()
                 _, facts, error = self._one(name, metadata)
-            with done:
-                results[name] = (facts, error)
-                done.notify_all()
-            with self._stuck_guard:
-                self._stuck.pop(name, None)
+                with done:
+                    results[name] = (facts, error)
+                    done.notify_all()
+                with self._stuck_guard:
+                    self._stuck.pop(name, None)
 
-        for name in todo:  # daemon threads: one stuck in libvirt never holds up a tick or the exit
-            threading.Thread(target=list_one, args=(name,), name=f"list-{name}", daemon=True).start()
+        # Daemon threads: one stuck in libvirt never holds up a tick or the exit; the
+        # others take the rest of the hosts.
+        for i in range(max(1, min(self.cfg.scheduler.hosts_in_parallel, len(todo)))):
+            threading.Thread(target=lister, name=f"list-{i}", daemon=True).start()
         timeout = self.cfg.scheduler.host_timeout_seconds
         deadline = now + timeout
         with done:
             while len(results) < len(todo) and time.monotonic() < deadline:
                 done.wait(deadline - time.monotonic())
-            late = [n for n in todo if n not in results]
+            unstarted = set(queue)  # every thread was held by a host that does not answer
+            queue.clear()
+            late = [n for n in todo if n not in results and n not in unstarted]
             with self._stuck_guard:
                 self._stuck.update(dict.fromkeys(late, now))
             answered = dict(results)
         for name in late:
             failed[name] = f"did not answer within {timeout:g} s (libvirtd hung?); left out of this tick"
+        for name in unstarted:
+            failed[name] = (f"not listed within {timeout:g} s: every listing thread was waiting for a host that "
+                            "does not answer")
         for name, (facts, error) in answered.items():
             if facts is not None:
                 found[name] = facts

@@ -17,6 +17,7 @@ operator sees neither names nor content.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -313,6 +314,7 @@ class Format2Repository:
         return out
 
 
+@functools.cache
 def _pid_space() -> str:
     """This process's PID namespace on this boot: process ids mean the same process only
     within one (a container with the host's name has its own)."""

@@ -147,7 +147,7 @@ class HostLister:
                     if not queue:
                         return
                     name = queue.pop()
-                _, facts, error = self._one(name, metadata)
+                facts, error = self._one(name, metadata)
                 with done:
                     results[name] = (facts, error)
                     done.notify_all()
@@ -184,11 +184,11 @@ class HostLister:
     def close(self) -> None:
         self.connections.close()
 
-    def _one(self, name: str, metadata: bool) -> tuple[str, list[DomainFacts] | None, str | None]:
+    def _one(self, name: str, metadata: bool) -> tuple[list[DomainFacts] | None, str | None]:
         try:
-            return name, self.connections.use(name, lambda hv: _domains_of(name, hv, metadata)), None
+            return self.connections.use(name, lambda hv: _domains_of(name, hv, metadata)), None
         except VirtwardenError as e:
-            return name, None, str(e)
+            return None, str(e)
 
 
 def _selects_by_metadata(policies: list[Policy]) -> bool:

@@ -40,11 +40,17 @@ def domains(cfg: Config, cat: Catalog, now: datetime) -> list[dict[str, Any]]:
     with cat.session() as s:
         seen = {name: (host, state) for name, host, state in
                 s.execute(select(Domain.name, Domain.host, Domain.state).order_by(Domain.last_seen_at))}
-        good: dict[str, tuple[datetime, int, int, str]] = {
-            d: (at, size, n, host) for d, at, size, n, host in s.execute(
+        good: dict[str, tuple[datetime, int, int]] = {
+            d: (at, size, n) for d, at, size, n in s.execute(
                 select(RestorePoint.domain, func.max(RestorePoint.created_at), func.sum(RestorePoint.size_bytes),
-                       func.count(), func.max(RestorePoint.host))
+                       func.count())
                 .where(RestorePoint.status == points.COMPLETE).group_by(RestorePoint.domain))}
+        newest_good = (select(RestorePoint.domain, func.max(RestorePoint.created_at).label("at"))
+                       .where(RestorePoint.status == points.COMPLETE).group_by(RestorePoint.domain).subquery())
+        made_on = {d: host for d, host in s.execute(  # the host of each domain's newest good point
+            select(RestorePoint.domain, RestorePoint.host).where(RestorePoint.status == points.COMPLETE)
+            .join(newest_good, (RestorePoint.domain == newest_good.c.domain)
+                  & (RestorePoint.created_at == newest_good.c.at)))}
         last_backup: dict[str, tuple[str, str | None, datetime]] = {
             str(d): (state, error, at) for d, state, error, at in s.execute(
                 select(Job.domain, Job.state, Job.error, Job.created_at).where(Job.kind == "backup")
@@ -54,7 +60,7 @@ def domains(cfg: Config, cat: Catalog, now: datetime) -> list[dict[str, Any]]:
     names = sorted({*seen, *good, *last_backup})
     rows = []
     for name in names:
-        host = seen.get(name, (None, None))[0] or (good[name][3] if name in good else None)
+        host = seen.get(name, (None, None))[0] or made_on.get(name)
         row: dict[str, Any] = {"domain": name, "host": host, "state": seen.get(name, (None, None))[1],
                                "policy": None, "policy_error": policy_error, "next_backup_at": None}
         try:
@@ -67,7 +73,7 @@ def domains(cfg: Config, cat: Catalog, now: datetime) -> list[dict[str, Any]]:
         if backup is not None and backup.schedule:
             at = next_slot(backup.schedule, backup.timezone, now)
             row["next_backup_at"] = at.isoformat() if at else None
-        at, size, count = good[name][:3] if name in good else (None, 0, 0)
+        at, size, count = good.get(name, (None, 0, 0))
         row.update(last_good_backup_at=at.isoformat() if at else None,
                    last_good_backup_age_seconds=round((now - at).total_seconds()) if at else None,
                    points=count, stored_bytes=int(size or 0))

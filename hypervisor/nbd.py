@@ -60,7 +60,12 @@ class NbdClient:
 
     def _recv(self, n: int) -> bytes:
         buf = bytearray(n)
-        view, got = memoryview(buf), 0
+        self._recv_into(memoryview(buf))
+        return bytes(buf)
+
+    def _recv_into(self, view: memoryview) -> None:
+        """Exactly ``len(view)`` bytes received into ``view``."""
+        got, n = 0, len(view)
         while got < n:
             try:
                 k = self.sock.recv_into(view[got:], n - got)
@@ -69,7 +74,6 @@ class NbdClient:
             if not k:
                 raise NbdError("the NBD export closed the connection")
             got += k
-        return bytes(buf)
 
     # --- handshake --------------------------------------------------------------------
     def _option(self, option: int, data: bytes = b"") -> list[tuple[int, bytes]]:
@@ -115,13 +119,26 @@ class NbdClient:
             raise NbdError(f"the NBD export closed the connection ({e.strerror})") from e
         return self._cookie
 
-    def _chunks(self, cookie: int):
-        """The structured reply chunks of one request: (type, payload), until done."""
+    def _chunks(self, cookie: int, into: tuple[int, memoryview] | None = None):
+        """The structured reply chunks of one request: (type, payload), until done.
+        ``into``: (the request's offset, a buffer of its length): the data of each
+        OFFSET_DATA chunk is received straight into its place there (no copy of the
+        bytes under the GIL) and that chunk is yielded with its 8-byte offset only."""
         while True:
             magic, flags, kind, got, length = P.STRUCTURED.unpack(self._recv(P.STRUCTURED.size))
             if magic != P.STRUCTURED_REPLY_MAGIC or got != cookie:
                 raise NbdError(f"bad reply (magic {magic:#x}, cookie {got} for {cookie})")
-            payload = self._recv(length)
+            if into is not None and kind == P.REPLY_OFFSET_DATA and length >= 8:
+                head = self._recv(8)
+                (at,) = struct.unpack(">Q", head)
+                start, view = at - into[0], into[1]
+                if start < 0 or start + length - 8 > len(view):
+                    raise NbdError(f"a reply of {length - 8} bytes at {at} lies outside the request "
+                                   f"({into[0]}, {len(view)} bytes)")
+                self._recv_into(view[start:start + length - 8])
+                payload = head
+            else:
+                payload = self._recv(length)
             if kind in (P.REPLY_ERROR, P.REPLY_ERROR_OFFSET):
                 errno, msg_len = struct.unpack(">IH", payload[:6])
                 raise NbdError(f"the NBD export failed a request: {os.strerror(errno)} "
@@ -130,7 +147,8 @@ class NbdClient:
             if flags & P.REPLY_FLAG_DONE:
                 return
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> bytearray:
+        """``length`` bytes from ``offset``, received into one new buffer."""
         cookie = self._request(P.CMD_READ, offset, length)
         if not self.structured:
             magic, error, got = P.SIMPLE.unpack(self._recv(P.SIMPLE.size))
@@ -138,13 +156,13 @@ class NbdClient:
                 raise NbdError(f"bad reply (magic {magic:#x}, cookie {got} for {cookie})")
             if error:
                 raise NbdError(f"the NBD export failed a read at {offset}: {os.strerror(error)}")
-            return self._recv(length)
+            data = bytearray(length)
+            self._recv_into(memoryview(data))
+            return data
         out = bytearray(length)  # a hole reads as the zeros already here
-        for kind, payload in self._chunks(cookie):
-            if kind == P.REPLY_OFFSET_DATA:
-                (at,) = struct.unpack(">Q", payload[:8])
-                out[at - offset:at - offset + len(payload) - 8] = payload[8:]
-        return bytes(out)
+        for _kind, _payload in self._chunks(cookie, (offset, memoryview(out))):
+            pass  # data lands in ``out``; holes stay zeros
+        return out
 
     def extents(self, offset: int, length: int, context: bytes = P.BASE_ALLOCATION) -> list[tuple[int, int, int]]:
         """(offset, length, flags) of ``context`` from ``offset`` on (at most ``length``);
@@ -182,7 +200,7 @@ class NbdReader:
                 self._clients.append(client)
         return client
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> bytearray:
         return self._client().read(offset, length)
 
     def offers(self, context: bytes) -> bool:
@@ -266,7 +284,7 @@ class ImageExport:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> bytearray:
         assert self._reader is not None
         return self._reader.read(offset, length)
 

@@ -108,7 +108,7 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
-def write_temp(dest: Path, data: bytes) -> Path:
+def write_temp(dest: Path, data: bytes | bytearray) -> Path:
     """``data`` in a new private file beside ``dest`` under a temporary name, not synced
     and not renamed (``NfsBackend``'s batches do both, for many files at once)."""
     tmp = dest.with_name(temp_name(dest.name))

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from virtwarden.errors import InvalidName
 
+Blob = bytes | bytearray  # an object's bytes as they are handed to a backend
+
 # Called with the number of bytes moved so far.
 Progress = Callable[[int], None]
 
@@ -63,7 +65,7 @@ class Backend(ABC):
         """Stream ``source`` to ``key``; the object appears whole or not at all."""
 
     @abstractmethod
-    def put_bytes(self, key: str, data: bytes) -> StoredObject:
+    def put_bytes(self, key: str, data: Blob) -> StoredObject:
         """Store a small object (a manifest) atomically."""
 
     @abstractmethod
@@ -150,7 +152,7 @@ class Batch:
     def __exit__(self, kind, error, tb) -> None:
         return None
 
-    def put_bytes(self, key: str, data: bytes) -> None:
+    def put_bytes(self, key: str, data: Blob) -> None:
         self.backend.put_bytes(key, data)
 
     def exists(self, key: str) -> bool:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import BinaryIO, TypeVar
 
 from virtwarden.storage_backends import _stream as s
-from virtwarden.storage_backends.base import CHUNK, Backend, Batch, ObjectInfo, Progress, StoredObject
+from virtwarden.storage_backends.base import CHUNK, Backend, Batch, Blob, ObjectInfo, Progress, StoredObject
 
 from virtwarden import faults, permissions
 from virtwarden.config import NfsStorage
@@ -63,7 +63,7 @@ class NfsBackend(Backend):
         with self._errors(path), open(source, "rb") as f:
             return self._write(key, path, s.file_chunks(f, CHUNK), progress)
 
-    def put_bytes(self, key: str, data: bytes) -> StoredObject:
+    def put_bytes(self, key: str, data: Blob) -> StoredObject:
         path = self._path(s.check_data_key(key))
         with self._errors(path):
             return self._write(key, path, [data], None)
@@ -286,7 +286,7 @@ class _SyncedTogether(Batch):
         for tmp in pending.values():
             tmp.unlink(missing_ok=True)
 
-    def put_bytes(self, key: str, data: bytes) -> None:
+    def put_bytes(self, key: str, data: Blob) -> None:
         path = self.nfs._path(s.check_data_key(key))
         with self.nfs._errors(path):
             if path.parent not in self._dirs:

@@ -61,7 +61,7 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as EndpointDown
 from virtwarden.storage_backends import _stream as s
-from virtwarden.storage_backends.base import CHUNK, Backend, ObjectInfo, Progress, StoredObject
+from virtwarden.storage_backends.base import CHUNK, Backend, Blob, ObjectInfo, Progress, StoredObject
 
 from virtwarden.config import S3Storage
 from virtwarden.errors import (
@@ -142,7 +142,7 @@ class S3Backend(Backend):
             client.delete_object(Bucket=self.bucket, Key=probe)
 
     # --- objects -----------------------------------------------------------------
-    def put_bytes(self, key: str, data: bytes) -> StoredObject:
+    def put_bytes(self, key: str, data: Blob) -> StoredObject:
         full = self._full(s.check_data_key(key))
         digest = sha256(data)
         with self._errors("upload", key):

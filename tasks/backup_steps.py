@@ -318,7 +318,8 @@ def store_chunks(ctx: JobContext, repo2: Format2Repository, ref: PointRef, dom: 
     for n, (target, o) in enumerate(outputs.items()):
         qemu_img.detach_backing(o.path)  # libvirt names the live disk as backing: never read through it
         with qemu_img.ImageData(o.path) as img:
-            out.append(_store_disk(ctx, repo2, ref, dom, target, img, previous.get(target), n / len(outputs)))
+            out.append(_store_disk(ctx, repo2, ref, dom, target, img, previous.get(target), n / len(outputs),
+                                   whole=False))
     return out
 
 
@@ -331,7 +332,7 @@ def store_chunks_in_place(ctx: JobContext, repo2: Format2Repository, ref: PointR
     for n, d in enumerate(dom.disks):
         try:
             with ImageExport(Path(d.path), d.format, ctx.scratch) as img:
-                out.append(_store_disk(ctx, repo2, ref, dom, d.target, img, None, n / len(dom.disks)))
+                out.append(_store_disk(ctx, repo2, ref, dom, d.target, img, None, n / len(dom.disks), whole=True))
         except ToolFailed as e:
             if "lock" in str(e):
                 raise HypervisorError(f"disk {d.target} of {dom.name!r} is in use (was the domain started?): "
@@ -352,21 +353,26 @@ def store_chunks_pulled(ctx: JobContext, repo2: Format2Repository, ref: PointRef
         dirty = f"qemu:dirty-bitmap:backup-{d.target}".encode()
         reader = NbdReader(socket, d.target, (BASE_ALLOCATION, dirty) if prev else (BASE_ALLOCATION,))
         try:
-            out.append(_store_disk(ctx, repo2, ref, dom, d.target, _Pulled(reader, dirty), prev, n / len(dom.disks)))
+            out.append(_store_disk(ctx, repo2, ref, dom, d.target, _Pulled(reader, dirty if prev else None), prev,
+                                   n / len(dom.disks), whole=True))
         finally:
             reader.close()
     return out
 
 
 class _Pulled:
-    """A disk of a pull-mode backup: what ``_store_disk`` reads; ``held`` is what changed."""
+    """A disk of a pull-mode backup: what ``_store_disk`` reads. ``held``: for an
+    incremental (``dirty``, the bitmap's context) what changed, for a full what holds
+    data (holes and zeros are neither read nor stored)."""
 
-    def __init__(self, reader: NbdReader, dirty: bytes) -> None:
+    def __init__(self, reader: NbdReader, dirty: bytes | None) -> None:
         self.reader, self.dirty = reader, dirty
         self.virtual_size = reader.virtual_size
         self.read = reader.read
 
     def held(self) -> list[tuple[int, int]]:
+        if self.dirty is None:
+            return self.reader.held()
         if not self.reader.offers(self.dirty):  # no bitmap exported: read it all, store what changed
             log.warning("the NBD export offers no %s: reading the whole disk (only changed chunks are stored)",
                         self.dirty.decode())
@@ -377,16 +383,20 @@ class _Pulled:
 class _DiskData(Protocol):
     virtual_size: int
 
-    def read(self, offset: int, length: int) -> bytes: ...
+    def read(self, offset: int, length: int) -> bytes | bytearray: ...
 
     def held(self) -> list[tuple[int, int]]: ...
 
 
 def _store_disk(ctx: JobContext, repo2: Format2Repository, ref: PointRef, dom: DomainInfo, target: str,
-                img: _DiskData, previous: DiskIndex | None, done: float) -> ArtifactView:
+                img: _DiskData, previous: DiskIndex | None, done: float, *, whole: bool) -> ArtifactView:
+    """One disk into chunks and an index. ``img.held()``: with ``previous``, the ranges
+    changed since it; without, the ranges that hold data (the rest is zeros). ``whole``:
+    ``img`` reads as the whole disk, so a chunk a change touches is read from it whole
+    rather than laid over the previous point's chunk."""
     ctx.report(0.6 + 0.39 * done, f"storing {target} as chunks")
     index, stats = write_disk(repo2.chunks, target, img.read, img.virtual_size, repo2.chunk_size,
-                              previous=previous, changed=img.held() if previous else None)
+                              previous=previous, changed=img.held(), whole=whole)
     faults.pause_point("storing")
     sha = repo2.write_index(ref, index)
     log.info("job %s: %s of %s: %d MiB read, %d chunk(s) stored (%d MiB), %d already stored, %d reused, "

@@ -88,6 +88,40 @@ def test_an_incremental_reads_only_the_changed_chunks_and_both_points_restore(st
     assert _restore(store, second, tmp_path / "second.raw").read_bytes() == disk.read_bytes()
 
 
+def test_a_full_reads_only_the_chunks_that_hold_data(store, tmp_path) -> None:
+    """Without a previous index, ``changed`` names where the data is (the image's
+    allocation): chunks outside it are zeros, neither read nor stored."""
+    size = 8 * MiB
+    data = [(MiB + 10, os.urandom(100)), (6 * MiB, os.urandom(MiB + 5))]  # chunks 1, 6 and 7
+    disk = _disk(tmp_path / "vda.raw", size, data)
+    reads: list[tuple[int, int]] = []
+    index, stats = write_disk(store, "vda", _reader(disk, reads), size, CHUNK,
+                              changed=[(offset, len(d)) for offset, d in data])
+    assert reads == [(MiB, CHUNK), (6 * MiB, CHUNK), (7 * MiB, CHUNK)]  # each chunk whole
+    assert (stats.stored_chunks, stats.zero_chunks) == (3, 5)
+    assert _restore(store, index, tmp_path / "out.raw").read_bytes() == disk.read_bytes()
+
+
+def test_an_incremental_from_a_whole_disk_reads_touched_chunks_whole(store, tmp_path) -> None:
+    """``whole``: the reader serves the whole disk (an NBD export), so a chunk a small
+    change touches is read from it, not rebuilt from the previous chunk."""
+    size = 8 * MiB
+    disk = _disk(tmp_path / "vda.raw", size, [(0, os.urandom(size))])
+    first, _ = write_disk(store, "vda", _reader(disk), size, CHUNK)
+    with open(disk, "r+b") as f:
+        f.seek(3 * MiB + 5)
+        f.write(b"changed")
+    reads: list[tuple[int, int]] = []
+    fetched: list[str] = []
+    get = store.get
+    store.get = lambda cid: fetched.append(cid) or get(cid)  # type: ignore[method-assign]
+    second, stats = write_disk(store, "vda", _reader(disk, reads), size, CHUNK, previous=first,
+                               changed=[(3 * MiB + 5, 7)], whole=True)
+    assert (reads, fetched) == ([(3 * MiB, CHUNK)], [])
+    assert (stats.stored_chunks, stats.reused_chunks, stats.read_bytes) == (1, 7, CHUNK)
+    assert _restore(store, second, tmp_path / "second.raw").read_bytes() == disk.read_bytes()
+
+
 def test_a_full_read_of_unchanged_data_stores_nothing_again(store, tmp_path) -> None:
     """A lost bitmap: everything is read, nothing new is stored."""
     size = 8 * MiB

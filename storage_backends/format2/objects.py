@@ -62,13 +62,13 @@ class Codec:
     def encrypted(self) -> bool:
         return self.key is not None
 
-    def chunk_id(self, data: bytes) -> str:
+    def chunk_id(self, data: bytes | bytearray) -> str:
         """The id of a chunk holding ``data``: keyed, so it says nothing of ``data``."""
         if self.key is None:
             return hashlib.sha256(data).hexdigest()
         return hmac.new(self.key.ids, data, hashlib.sha256).hexdigest()
 
-    def seal(self, kind: str, name: str, data: bytes, *, compress: bool = True) -> bytes:
+    def seal(self, kind: str, name: str, data: bytes | bytearray, *, compress: bool = True) -> bytes | bytearray:
         packed = self._compressor().compress(data) if compress else data
         payload = (bytes([ZSTD]) + packed) if compress and len(packed) < len(data) else (bytes([RAW]) + data)
         if self._aead is None:
@@ -76,7 +76,14 @@ class Codec:
             return header + payload + _digest(header, kind, name, payload)
         nonce = os.urandom(NONCE)
         header = MAGIC + bytes([VERSION, AES_GCM]) + nonce
-        return header + self._aead.encrypt(nonce, payload, _associated(header, kind, name))
+        encrypt_into = getattr(self._aead, "encrypt_into", None)  # cryptography 45 and later
+        if encrypt_into is None:
+            return header + self._aead.encrypt(nonce, payload, _associated(header, kind, name))
+        # Sealed straight after the header: a chunk's bytes are not copied once more.
+        out = bytearray(len(header) + len(payload) + TAG)
+        out[:len(header)] = header
+        encrypt_into(nonce, payload, _associated(header, kind, name), memoryview(out)[len(header):])
+        return out
 
     def open(self, kind: str, name: str, blob: bytes) -> bytes:
         """The data sealed in ``blob``; DamagedObject saying what is wrong with it."""

@@ -11,6 +11,7 @@ Both streams run ``workers`` chunks at a time and never hold more than about
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -23,7 +24,7 @@ from virtwarden.storage_backends.format2.objects import Codec, DamagedObject
 
 from virtwarden.errors import ObjectNotFound
 
-ReadAt = Callable[[int, int], bytes]  # (offset, length) -> exactly length bytes
+ReadAt = Callable[[int, int], bytes | bytearray]  # (offset, length) -> exactly length bytes
 WriteAt = Callable[[int, bytes], object]  # what it returns is ignored
 Range = tuple[int, int]  # (offset, length)
 
@@ -51,12 +52,13 @@ class ChunkStore:
     def __init__(self, backend: Backend, codec: Codec) -> None:
         self.backend = backend
         self.codec = codec
+        keep_chunk_buffers()
 
     @staticmethod
     def key(cid: str) -> str:
         return f"chunks/{cid[:2]}/{cid}"
 
-    def put(self, data: bytes, into: Batch | None = None) -> tuple[str, int]:
+    def put(self, data: bytes | bytearray, into: Batch | None = None) -> tuple[str, int]:
         """Store a chunk unless it is stored already; its id and the bytes stored (0 when
         it was there). ``into``: a batch of the backend's (``Backend.batch``)."""
         writer = into or self.backend
@@ -78,7 +80,7 @@ class ChunkStore:
 
 
 def write_disk(store: ChunkStore, target: str, read_at: ReadAt, virtual_size: int, chunk_size: int, *,
-               previous: DiskIndex | None = None, changed: Iterable[Range] | None = None,
+               previous: DiskIndex | None = None, changed: Iterable[Range] | None = None, whole: bool = False,
                workers: int = 4) -> tuple[DiskIndex, WriteStats]:
     """The index of a disk whose content ``read_at`` gives, storing the chunks that are
     not stored yet. Without ``changed`` every chunk is read (identical ones are still
@@ -87,7 +89,12 @@ def write_disk(store: ChunkStore, target: str, read_at: ReadAt, virtual_size: in
     bytes only: a chunk they do not touch keeps the previous index's id, and one they
     touch in part is the previous chunk (fetched from the repository) with the changed
     bytes laid over it. So ``read_at`` may read from an image that holds only the
-    changes (an incremental backup target). The chunks are written as one batch of the
+    changes (an incremental backup target). ``whole``: ``read_at`` serves every byte of
+    the disk (an NBD export of it), so a chunk a change touches is read whole instead,
+    which costs less than fetching, opening and checking the previous chunk. Without
+    ``previous``, ``changed`` names the ranges that hold data (the image's allocation):
+    a chunk they do not touch reads as zeros and is neither read nor stored.
+    The chunks are written as one batch of the
     backend's: all of them are stored durably when this returns, none is visible under
     its name before its bytes are durable."""
     n = count(virtual_size, chunk_size)
@@ -95,8 +102,8 @@ def write_disk(store: ChunkStore, target: str, read_at: ReadAt, virtual_size: in
     dirty: dict[int, list[Range]] | None = None
     if changed is not None:
         if previous is None:
-            raise ValueError(f"{target}: changed ranges need the previous index")
-        if (previous.virtual_size, previous.chunk_size) != (virtual_size, chunk_size):
+            whole = True  # a full: every chunk that holds data is read whole
+        elif (previous.virtual_size, previous.chunk_size) != (virtual_size, chunk_size):
             raise ValueError(f"{target}: the previous index is of another size or chunk size")
         dirty = _touched(changed, chunk_size, virtual_size)
     ids: list[str | None] = [None] * n
@@ -105,7 +112,7 @@ def write_disk(store: ChunkStore, target: str, read_at: ReadAt, virtual_size: in
         offset = i * chunk_size
         length = min(chunk_size, virtual_size - offset)
         parts = None if dirty is None else dirty[i]
-        if parts is None or parts == [(offset, length)]:
+        if parts is None or whole or parts == [(offset, length)]:
             data = read_at(offset, length)
             stats.add(read_bytes=length)
         else:
@@ -128,6 +135,8 @@ def write_disk(store: ChunkStore, target: str, read_at: ReadAt, virtual_size: in
             if i not in dirty:
                 ids[i] = cid
         stats.add(reused_chunks=n - len(dirty))
+    elif dirty is not None:
+        stats.add(zero_chunks=n - len(dirty))
     with store.backend.batch() as batch:
         _bounded(one, range(n) if dirty is None else sorted(dirty), workers)
     return DiskIndex(target, virtual_size, chunk_size, tuple(ids)), stats
@@ -161,7 +170,29 @@ def read_disk(store: ChunkStore, index: DiskIndex, write_at: WriteAt, *, workers
     return written
 
 
-def _zeros(data: bytes) -> bool:
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+@functools.cache
+def keep_chunk_buffers() -> bool:
+    """Let this process reuse the memory of freed chunk-sized buffers (once per process;
+    False where the C library is not glibc). glibc serves each allocation of 128 KiB and
+    more with a fresh ``mmap`` and unmaps it when freed (its adaptive threshold never
+    rises above a size allocated over and over), so every copy of a 512 KiB chunk (read,
+    compressed, sealed) cost 128 page faults of zeroed memory: measured, sealing ran at
+    280 MB/s instead of 535. Buffers up to 32 MiB now come from the heap, and up to
+    256 MiB freed at its top stays with the process; memory still follows what is in use
+    (a bounded number of chunks per stream)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 256 << 20))
+
+
+def _zeros(data: bytes | bytearray) -> bool:
     """All zero bytes? Compared with zeros of the same length (memcmp, which stops at the
     first byte that is not: at once for most data), 20x faster than counting them."""
     return data == _zero_bytes(len(data))

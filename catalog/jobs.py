@@ -87,6 +87,14 @@ def _view(row: Job) -> JobView:
     return JobView(**{k: getattr(row, k) for k in JobView.__dataclass_fields__})
 
 
+def _views_by_id(s: Session, ids: list[str]) -> dict[str, JobView]:
+    """The jobs ``ids`` as views, read as plain rows: a batch of 500 built no ORM objects
+    (half of what reading them back cost the scheduler's midnight tick)."""
+    table = cast(Table, Job.__table__)
+    columns = [table.c[k] for k in JobView.__dataclass_fields__]
+    return {row.id: JobView(**row._mapping) for row in s.execute(select(*columns).where(table.c.id.in_(ids)))}
+
+
 def create(
     cat: Catalog,
     *,
@@ -161,16 +169,16 @@ def insert_once(s: Session, values: list[dict[str, Any]], *, resend_after: float
         new.append(v)
     if new:  # one INSERT, the times from the database's clock
         s.connection().execute(insert(cast(Table, Job.__table__)).values(**times(resend_after)), new)
-    made = {j.id: j for j in s.scalars(select(Job).where(Job.id.in_([v["id"] for v in new])))} if new else {}
+    made = _views_by_id(s, [v["id"] for v in new]) if new else {}
     result: list[tuple[JobView, bool]] = []
     for v in values:
         key = v["dedup_key"]
         if key in known:
             result.append((_view(known[key]), False))
         elif v["id"] in made:
-            result.append((_view(made[v["id"]]), True))
+            result.append((made[v["id"]], True))
         else:  # a repeated key in this call: its first job
-            result.append((_view(made[first[key]]), False))
+            result.append((made[first[key]], False))
     return result
 
 

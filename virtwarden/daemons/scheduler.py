@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import queue
 import signal
 import sys
 import threading
@@ -33,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from virtwarden.catalog import slots
+from virtwarden.catalog import jobs, slots
 from virtwarden.catalog.services import Presence
 from virtwarden.catalog.store import Catalog
 from virtwarden.config import Config, load_for_process
@@ -385,8 +386,13 @@ class Scheduler:
         # A broker outage delays jobs, it never drops them: the slots start and their
         # jobs stay queued until the sweeper can send them (worker/outbox.py).
         send = self._broker_problem() is None if plan.start else True
-        for i in range(0, len(plan.start), BATCH):
-            self._start_batch([(candidates[s.key][0], s) for s in plan.start[i:i + BATCH]], report, send=send)
+        sends = _Sends(self.cfg, self.cat) if send and plan.start else None
+        try:
+            for i in range(0, len(plan.start), BATCH):
+                self._start_batch([(candidates[s.key][0], s) for s in plan.start[i:i + BATCH]], report, sends=sends)
+        finally:
+            if sends is not None:
+                sends.close()
         for d in plan.skip:
             row = candidates[d.slot.key][0]
             # A new row whose window closed already was missed (no scheduler ran, or its
@@ -420,15 +426,15 @@ class Scheduler:
         return None
 
     # --- starting --------------------------------------------------------------------------
-    def _start_batch(self, batch: list[tuple[slots.SlotRow, Slot]], report: TickReport, *, send: bool) -> None:
+    def _start_batch(self, batch: list[tuple[slots.SlotRow, Slot]], report: TickReport, *,
+                     sends: _Sends | None) -> None:
         """Start a batch of deferred slots: their jobs' parameters settled first (a slot
         whose policy cannot say them now waits, or is skipped when it never will), then
         every slot moved to started, its job created and recorded in one transaction (a
-        slot another scheduler started first is left to it), then the messages sent over
-        one connection and the sends recorded in one more. A send that fails leaves its
-        job and the rest queued and due: the sweeper sends them when the broker is back."""
-        from virtwarden import submit
-
+        slot another scheduler started first is left to it), then the messages handed to
+        ``sends`` (None: the broker is down, the jobs wait for the outbox). A send that
+        fails leaves its job and the rest queued and due: the sweeper sends them when the
+        broker is back."""
         starts: list[slots.Start] = []
         for row, slot in batch:
             assert slot.host is not None
@@ -444,14 +450,13 @@ class Scheduler:
             starts.append(slots.Start(row.id, slot.job, slot.domain, slot.host, params, slot.key))
         started = slots.start_many(self.cat, starts, max_attempts=self.cfg.worker.max_attempts,
                                    requested_by="scheduler",
-                                   resend_after=self.cfg.worker.resend_seconds if send else 0)
+                                   resend_after=self.cfg.worker.resend_seconds if sends is not None else 0)
         for st, job, _ in started:
             log.info("slot %s: job %s queued (%s of %s on host %s)", st.dedup_key, job.id, job.kind, job.domain,
                      job.host)
             report.started.append((st.dedup_key, job.id))
-        if not send:
-            return
-        submit.send_created(self.cfg, self.cat, [job for _, job, created in started if created])
+        if sends is not None:
+            sends.put([job for _, job, created in started if created])
 
     def _finish_unsent(self, domains: Domains) -> None:
         """Create the jobs of started rows whose scheduler stopped before doing so."""
@@ -499,6 +504,44 @@ class Scheduler:
 
         return submit.plan(self.cfg, self.cat, slot.job, slot.domain, policy=slot.policy, host=slot.host,
                            known_on_host=True).params
+
+
+class _Sends:
+    """The messages of a tick's started batches, sent from a thread of its own while the
+    next batch's transaction runs: building and publishing messages (Celery, Python) and
+    the catalog's round trips overlap instead of taking turns. A batch is handed over only
+    once its transaction committed, so a job is never sent before its row exists; at most
+    two batches wait. ``close()`` returns once every batch was sent and recorded, and
+    raises what stopped the sends (the batches not sent then stay queued and due: the
+    sweeper sends them, as after a crash between creating and sending)."""
+
+    def __init__(self, cfg: Config, cat: Catalog) -> None:
+        self.cfg, self.cat = cfg, cat
+        self._queue: queue.Queue[list[jobs.JobView] | None] = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="scheduler-sends", daemon=True)
+        self._thread.start()
+
+    def put(self, made: list[jobs.JobView]) -> None:
+        if made:
+            self._queue.put(made)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        from virtwarden import submit
+
+        while (made := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # left queued for the sweeper
+            try:
+                submit.send_created(self.cfg, self.cat, made)
+            except BaseException as e:  # noqa: BLE001 - raised again by close(), in the tick's thread
+                self._error = e
 
 
 # --- commands -----------------------------------------------------------------------------

@@ -88,8 +88,8 @@ def _view(row: Job) -> JobView:
 
 
 def _views_by_id(s: Session, ids: list[str]) -> dict[str, JobView]:
-    """The jobs ``ids`` as views, read as plain rows: a batch of 500 built no ORM objects
-    (half of what reading them back cost the scheduler's midnight tick)."""
+    """The jobs ``ids`` as views, read as plain rows: a batch of 500 new jobs (the
+    scheduler's midnight tick) builds no ORM objects only to copy them into views."""
     table = cast(Table, Job.__table__)
     columns = [table.c[k] for k in JobView.__dataclass_fields__]
     return {row.id: JobView(**row._mapping) for row in s.execute(select(*columns).where(table.c.id.in_(ids)))}

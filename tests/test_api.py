@@ -834,7 +834,13 @@ def test_the_shipped_alertmanager_receiver_delivers_host_alerts_with_an_alerts_o
                 return False
 
         wait_for(posted, 30, lambda: f"Alertmanager to take alerts:\n{(tmp_path / 'alertmanager.log').read_text()}")
-        received = wait_for(lambda: server.call("GET", "/v1/alerts").json() or None, 60,
+        def handled() -> list | None:
+            """Every alert listed, once each has its outcome (an alert is listed from the
+            moment it is recorded, its outcome once it was handled)."""
+            listed = server.call("GET", "/v1/alerts").json()
+            return listed if listed and all(a["outcome"] for a in listed) else None
+
+        received = wait_for(handled, 60,
                             lambda: f"the alert to arrive:\n{(tmp_path / 'alertmanager.log').read_text()[-2000:]}")
         assert [(a["name"], a["host"], a["outcome"]) for a in received] == [
             ("HostDiskFailing", "local", "unmatched")], received

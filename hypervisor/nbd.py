@@ -33,6 +33,10 @@ from virtwarden.errors import HypervisorError, ToolFailed
 QEMU_NBD = "qemu-nbd"
 CONNECTIONS = 8  # qemu-nbd --shared: the readers' threads, with room
 START_SECONDS = 30.0
+# The longest the server may stay silent: in the handshake, or answering one request (at
+# most a chunk). Longer, it is wedged (a hung QEMU), and the read fails instead of holding
+# the job, and the guest's backup job with it, for ever.
+IO_SECONDS = 300.0
 
 
 class NbdError(HypervisorError):
@@ -44,10 +48,14 @@ class NbdClient:
 
     def __init__(self, path: str, export: str = "", contexts: tuple[bytes, ...] = (P.BASE_ALLOCATION,)) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(IO_SECONDS)
         self.contexts: dict[bytes, int] = {}  # metadata context -> the id the server gave it
         try:
             self.sock.connect(path)
             self._handshake(export.encode(), contexts)
+        except TimeoutError:
+            self.sock.close()
+            raise NbdError(f"the NBD export at {path} did not answer within {IO_SECONDS:g}s") from None
         except BaseException:
             self.sock.close()
             raise
@@ -69,6 +77,8 @@ class NbdClient:
         while got < n:
             try:
                 k = self.sock.recv_into(view[got:], n - got)
+            except TimeoutError:
+                raise NbdError(f"the NBD export did not answer within {IO_SECONDS:g}s") from None
             except OSError as e:
                 raise NbdError(f"the NBD export closed the connection ({e.strerror})") from e
             if not k:
@@ -115,6 +125,8 @@ class NbdClient:
         self._cookie += 1
         try:
             self.sock.sendall(P.REQUEST.pack(P.REQUEST_MAGIC, 0, command, self._cookie, offset, length))
+        except TimeoutError:
+            raise NbdError(f"the NBD export took no request within {IO_SECONDS:g}s") from None
         except OSError as e:
             raise NbdError(f"the NBD export closed the connection ({e.strerror})") from e
         return self._cookie

@@ -131,6 +131,40 @@ def test_an_export_that_dies_fails_the_read_clearly_and_a_held_image_is_refused(
         writer.wait()
 
 
+def test_a_wedged_export_fails_the_read_and_a_silent_server_the_handshake(tmp_path, monkeypatch):
+    """A server that stops answering (qemu-nbd SIGSTOPped under the reader, as a hung QEMU
+    would be) fails the read within the client's timeout instead of holding the job for
+    ever; so does one that accepts and never speaks."""
+    import signal
+    import socket
+    import time
+
+    from virtwarden.hypervisor import nbd
+    from virtwarden.hypervisor.nbd import ImageExport, NbdClient, NbdError
+
+    monkeypatch.setattr(nbd, "IO_SECONDS", 1.0)
+    image = tmp_path / "vda.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "8M"], check=True)
+    with ImageExport(image, "qcow2", tmp_path) as disk:
+        assert disk.read(0, 4096) == bytes(4096)
+        os.kill(disk._proc.pid, signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            with pytest.raises(NbdError, match="did not answer within 1s"):
+                disk.read(0, 4096)
+            assert time.monotonic() - start < 10
+        finally:
+            os.kill(disk._proc.pid, signal.SIGCONT)
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        silent.bind(str(tmp_path / "silent.sock"))
+        silent.listen(1)
+        with pytest.raises(NbdError, match="did not answer within 1s"):  # in its handshake
+            NbdClient(str(tmp_path / "silent.sock"))
+    finally:
+        silent.close()
+
+
 def test_requests_outside_the_disk_or_too_large_are_refused_and_the_export_still_serves(store, tmp_path):
     """A client that asks for what the export does not serve gets an error for that
     request only; a write announcing more payload than any request may carry is hung up on."""

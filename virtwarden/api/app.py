@@ -158,11 +158,7 @@ def _routes(app: FastAPI) -> None:
         scope, what = restore_scope(as_domain=req.as_domain is not None, in_place=req.in_place)
         require(request, (scope,), what)  # before anything is looked up, a replayed key included
         if dry_run:
-            planned = _plan_restore(api, req)
-            audit(api.cat, actor=actor, action="api.restore", target=req.domain, params=req.model_dump(mode="json"),
-                  outcome="dry-run")
-            response.status_code = 200
-            return PlanOut(kind=planned.kind, domain=planned.domain, host=planned.host, plan=planned.preview)
+            return _dry_run(api, actor, "api.restore", req, _plan_restore(api, req), response)
         target = req.domain
         if idempotency_key:
             used = api_catalog.key_use(api.cat, idempotency_key)
@@ -273,10 +269,7 @@ def _routes(app: FastAPI) -> None:
         options: dict[str, Any] = {"point": req.point} if req.point else {}
         if dry_run:
             planned = submit.plan(api.cfg, api.cat, "drill", req.domain, **options)
-            audit(api.cat, actor=actor, action="api.drill", target=req.domain, params=req.model_dump(mode="json"),
-                  outcome="dry-run")
-            response.status_code = 200
-            return PlanOut(kind=planned.kind, domain=planned.domain, host=planned.host, plan=planned.preview)
+            return _dry_run(api, actor, "api.drill", req, planned, response)
         job = submit.submit(api.cfg, api.cat, "drill", req.domain, requested_by=actor, **options)
         audit(api.cat, actor=actor, action="api.drill", target=req.domain, params=req.model_dump(mode="json"),
               outcome="started", job_id=job.id)
@@ -405,6 +398,15 @@ def _drive_runbook(api: Api, started: Any, actor: str) -> None:
         log.warning("%s", e)
     except Exception:  # a bug: the run's job stays leased until its lease runs out
         log.exception("runbook run %s: internal error", started.parent.id)
+
+
+def _dry_run(api: Api, actor: str, action: str, req: RestoreIn | DrillIn, planned: Any,
+             response: Response) -> PlanOut:
+    """A dry run's answer: the plan (a submit.Planned), audited, with 200 (nothing started)."""
+    audit(api.cat, actor=actor, action=action, target=req.domain, params=req.model_dump(mode="json"),
+          outcome="dry-run")
+    response.status_code = 200
+    return PlanOut(kind=planned.kind, domain=planned.domain, host=planned.host, plan=planned.preview)
 
 
 def _restore_options(req: RestoreIn) -> dict[str, Any]:

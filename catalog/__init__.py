@@ -1,4 +1,2 @@
-"""The catalog: what exists, what ran, what can be restored (SQLAlchemy + Alembic)."""
-from virtwarden.catalog.store import Catalog
-
-__all__ = ["Catalog"]
+"""The catalog: what exists, what ran, what can be restored (SQLAlchemy + Alembic).
+``catalog.store.Catalog`` opens it; ``catalog.reader`` lists from it without SQLAlchemy."""

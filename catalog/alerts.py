@@ -7,37 +7,13 @@ fired again).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from virtwarden.catalog.models import Alert, utcnow
 from virtwarden.catalog.store import Catalog
-
-
-@dataclass(frozen=True)
-class AlertView:
-    id: int
-    fingerprint: str
-    name: str
-    status: str
-    labels: dict[str, Any]
-    host: str | None
-    action: str | None
-    job_id: str | None
-    starts_at: datetime
-    received_at: datetime
-    resolved_at: datetime | None
-    outcome: str | None
-    detail: str | None
-
-    def to_json(self) -> dict[str, Any]:
-        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        for k in ("starts_at", "received_at", "resolved_at"):
-            out[k] = out[k].isoformat() if out[k] else None
-        return out
+from virtwarden.catalog.views import AlertView
 
 
 def _view(row: Alert) -> AlertView:

@@ -34,48 +34,13 @@ from virtwarden.catalog.clock import db_later, db_now
 from virtwarden.catalog.fencing import Fence
 from virtwarden.catalog.models import DomainLock, Job, JobTotal
 from virtwarden.catalog.store import Catalog, upsert
+from virtwarden.catalog.views import FAILED, FINISHED, QUEUED, RUNNING, SUCCEEDED, JobView
 
 from virtwarden.errors import JobNotFound
 
-QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
-FINISHED = (SUCCEEDED, FAILED)
 # Upper bounds (seconds) of the duration buckets the metrics' histogram reports.
 DURATION_BUCKETS = (10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 28800)
 DEFAULT_RESEND_AFTER = 60.0  # seconds a queued job's message may take to reach a worker
-
-
-@dataclass(frozen=True)
-class JobView:
-    id: str
-    kind: str
-    state: str
-    domain: str | None
-    host: str | None
-    params: dict[str, Any]
-    result: dict[str, Any] | None
-    error: str | None
-    progress: float
-    progress_text: str | None
-    attempts: int
-    max_attempts: int
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    requested_by: str | None
-    fence: int = 0
-    sends: int = 0
-    give_up: str | None = None
-    lease_owner: str | None = None  # host:pid:thread of the attempt running it
-
-    @property
-    def finished(self) -> bool:
-        return self.state in FINISHED
-
-    def to_json(self) -> dict[str, Any]:
-        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        for k in ("created_at", "started_at", "finished_at"):
-            out[k] = out[k].isoformat() if out[k] else None
-        return out
 
 
 def _count(result: Any) -> int:

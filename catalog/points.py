@@ -12,8 +12,6 @@ them (tasks/prune.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import exists, select, update
@@ -23,83 +21,9 @@ from virtwarden.catalog import repositories
 from virtwarden.catalog.clock import db_now
 from virtwarden.catalog.models import Artifact, Job, RestorePoint
 from virtwarden.catalog.store import Catalog
+from virtwarden.catalog.views import COMPLETE, DAMAGED, DELETED, DELETING, FAILED, WRITING, ArtifactView, PointView
 
 from virtwarden.errors import JobFailed, RestorePointNotFound
-
-WRITING, COMPLETE, FAILED, DELETED = "writing", "complete", "failed", "deleted"
-DAMAGED = "damaged"
-
-
-@dataclass(frozen=True)
-class ArtifactView:
-    target: str
-    key: str
-    size_bytes: int
-    sha256: str
-    virtual_size: int
-
-
-@dataclass(frozen=True)
-class PointView:
-    id: str
-    domain: str
-    domain_uuid: str
-    host: str
-    storage: str
-    strategy: str
-    chain_id: str
-    parent_id: str | None
-    seq: int
-    level: str
-    status: str
-    reason: str | None
-    consistency: str
-    checkpoint: str | None
-    manifest_key: str
-    size_bytes: int
-    job_id: str | None
-    created_at: datetime
-    completed_at: datetime | None
-    artifacts: tuple[ArtifactView, ...] = field(default=())
-    manifest_sha256: str | None = None
-    verified_at: datetime | None = None
-    damage: str | None = None
-    format: int = 1  # the repository format: 1 (a qcow2 per disk) or 2 (chunks)
-
-    @property
-    def usable(self) -> bool:
-        return self.status == COMPLETE
-
-    @property
-    def note(self) -> str:
-        """What a listing says about the point: what was found damaged, else its reason
-        (why a full, why it failed)."""
-        return self.damage or self.reason or ""
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "created_at": self.created_at.isoformat(),
-            "completed_at": self.completed_at.isoformat() if self.completed_at else None,
-            "level": self.level,
-            "chain_id": self.chain_id,
-            "parent_id": self.parent_id,
-            "size_bytes": self.size_bytes,
-            "status": self.status,
-            "storage": self.storage,
-            "strategy": self.strategy,
-            "consistency": self.consistency,
-            "reason": self.reason,
-            "damage": self.damage,
-            "verified_at": self.verified_at.isoformat() if self.verified_at else None,
-            "manifest_sha256": self.manifest_sha256,
-            "format": self.format,
-            "disks": [
-                {"target": a.target, "size_bytes": a.size_bytes, "sha256": a.sha256,
-                 "virtual_size": a.virtual_size}
-                for a in self.artifacts
-            ],
-        }
 
 
 def _view(row: RestorePoint) -> PointView:
@@ -266,7 +190,6 @@ def writing_for_job(cat: Catalog, job_id: str) -> list[PointView]:
 
 # A prune is removing the point: set before its manifest goes, so that a point whose
 # storage may be half gone is never listed as complete; the next prune finishes it.
-DELETING = "deleting"
 
 
 def transition(cat: Catalog, point_id: str, frm: tuple[str, ...], to: str) -> bool:

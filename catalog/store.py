@@ -8,19 +8,18 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
-import functools
 import logging
 import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
+from virtwarden.catalog.reader import MIGRATIONS, newest_revision
 
 from virtwarden import permissions
 from virtwarden.errors import ConfigError, DatabaseUnavailable
@@ -31,16 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO lines drown ours
-MIGRATIONS = Path(__file__).with_name("migrations")
 _upgrade_lock = threading.Lock()
-
-
-@functools.cache
-def newest_revision() -> str:
-    """The schema revision the newest migration makes, from the migration files' names
-    (``NNNN_what.py``, revision ``NNNN``: tests/test_catalog.py checks that Alembic agrees),
-    so that opening a current catalog needs no Alembic at all."""
-    return max(p.name.split("_", 1)[0] for p in (MIGRATIONS / "versions").glob("[0-9][0-9][0-9][0-9]_*.py"))
 
 
 class Catalog:
@@ -115,7 +105,8 @@ class Catalog:
 
         cfg = AlembicConfig()
         cfg.set_main_option("script_location", str(MIGRATIONS))
-        head = ScriptDirectory.from_config(cfg).get_current_head()
+        script = ScriptDirectory.from_config(cfg)
+        head = script.get_current_head()
 
         try:
             # Several processes may open a new catalog at once (a fleet's first start):
@@ -123,8 +114,13 @@ class Catalog:
             with _upgrade_lock, self._exclusive(), self.engine.begin() as conn:
                 if self.engine.dialect.name == "postgresql":
                     conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7423001)")
-                if MigrationContext.configure(conn).get_current_revision() == head:
+                current = MigrationContext.configure(conn).get_current_revision()
+                if current == head:
                     return
+                if current is not None and current not in {s.revision for s in script.walk_revisions()}:
+                    raise ConfigError(f"catalog {mask(self.url)} is at schema revision {current}, which this"
+                                      f" virtwarden does not know (its newest is {head}): a newer release"
+                                      " wrote it; run that release, or a catalog from before it")
                 cfg.attributes["connection"] = conn
                 log.info("upgrading catalog %s to schema %s", mask(self.url), head)
                 command.upgrade(cfg, "head")

@@ -7,12 +7,16 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from virtwarden.catalog import jobs, points
-from virtwarden.catalog.store import Catalog
+from virtwarden.catalog import reader
+from virtwarden.catalog.views import DAMAGED, FAILED, JobView, PointView
 from virtwarden.cli.output import emit_json, load_config, table
 from virtwarden.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, JobFailed
 from virtwarden.sizes import human_size
+
+if TYPE_CHECKING:  # imported where a handler opens the catalog: SQLAlchemy costs a read-only command 0.2 s
+    from virtwarden.catalog.store import Catalog
 
 
 def policy_validate(args: argparse.Namespace) -> int:
@@ -62,6 +66,7 @@ def policy_list(args: argparse.Namespace) -> int:
 
 def backup(args: argparse.Namespace) -> int:
     from virtwarden import submit
+    from virtwarden.catalog.store import Catalog
 
     cfg = load_config(args)
     cat = Catalog(cfg.catalog_url)
@@ -77,6 +82,7 @@ def restore(args: argparse.Namespace) -> int:
     import os
 
     from virtwarden import submit
+    from virtwarden.catalog.store import Catalog
     from virtwarden.submit.restore import plan_restore, restore_confined
 
     cfg = load_config(args)
@@ -106,7 +112,7 @@ def _configure_celery(cfg) -> None:
     celery_app.configure(cfg)
 
 
-def queued(args: argparse.Namespace, job: jobs.JobView, what: str | None = None) -> int:
+def queued(args: argparse.Namespace, job: JobView, what: str | None = None) -> int:
     """Without --wait: say what was queued (or print the job as JSON)."""
     if args.json:
         emit_json(job.to_json())
@@ -115,11 +121,12 @@ def queued(args: argparse.Namespace, job: jobs.JobView, what: str | None = None)
     return EXIT_OK
 
 
-def follow(args: argparse.Namespace, cat: Catalog, job: jobs.JobView) -> tuple[jobs.JobView, JobFailed | None]:
+def follow(args: argparse.Namespace, cat: Catalog, job: JobView) -> tuple[JobView, JobFailed | None]:
     """With --wait: follow the job (a progress line on a terminal) until it finished or
     --timeout ran out. Returns the job as it is then, and the failure if it failed or
     the wait gave up (the job is then not finished)."""
     from virtwarden import submit
+    from virtwarden.catalog import jobs
 
     progress = _Progress() if sys.stderr.isatty() and not args.json else None
     failure = None
@@ -133,7 +140,7 @@ def follow(args: argparse.Namespace, cat: Catalog, job: jobs.JobView) -> tuple[j
     return jobs.get(cat, job.id), failure
 
 
-def _after_submit(args: argparse.Namespace, cat: Catalog, job: jobs.JobView) -> int:
+def _after_submit(args: argparse.Namespace, cat: Catalog, job: JobView) -> int:
     if not args.wait:
         return queued(args, job)
     done, failure = follow(args, cat, job)
@@ -146,7 +153,7 @@ def _after_submit(args: argparse.Namespace, cat: Catalog, job: jobs.JobView) -> 
     return EXIT_OK
 
 
-def _summary(job: jobs.JobView) -> str:
+def _summary(job: JobView) -> str:
     r = job.result or {}
     if job.kind == "backup":
         return f"{r.get('level')} backup, point {r.get('point_id')}, {r.get('size_bytes', 0)} bytes ({r.get('reason')})"
@@ -181,7 +188,7 @@ def _restore_summary(kind: str, r: dict) -> str:
 class _Progress:
     """One line on a terminal, rewritten in place."""
 
-    def __call__(self, job: jobs.JobView) -> None:
+    def __call__(self, job: JobView) -> None:
         text = job.progress_text or job.state
         sys.stderr.write(f"\r\x1b[K[{job.progress * 100:5.1f}%] {job.state}: {text}"[:200])
         sys.stderr.flush()
@@ -192,7 +199,7 @@ class _Progress:
 
 def backups(args: argparse.Namespace) -> int:
     cfg = load_config(args)
-    found = points.for_domain(Catalog(cfg.catalog_url), args.domain)
+    found = reader.domain_points(cfg.catalog_url, args.domain)
     if args.json:
         emit_json([p.to_json() for p in found])
         return EXIT_OK
@@ -202,19 +209,19 @@ def backups(args: argparse.Namespace) -> int:
     rows = [[p.id, p.created_at.strftime("%Y-%m-%d %H:%M:%S"), p.level, p.chain_id[:8], human_size(p.size_bytes),
              p.storage, p.status, _verified(p)] for p in found]
     print(table(rows, ["ID", "CREATED (UTC)", "LEVEL", "CHAIN", "SIZE", "STORAGE", "STATUS", "VERIFIED (UTC)"]))
-    unusable = [p for p in found if p.status in (points.DAMAGED, points.FAILED)]
+    unusable = [p for p in found if p.status in (DAMAGED, FAILED)]
     for p in unusable:  # the whole reason, not cut to a column
         print(f"{p.id} {p.status}: {p.note}")
     return EXIT_OK
 
 
-def _verified(p: points.PointView) -> str:
+def _verified(p: PointView) -> str:
     return p.verified_at.strftime("%Y-%m-%d %H:%M") if p.verified_at else "-"
 
 
 def jobs_list(args: argparse.Namespace) -> int:
     cfg = load_config(args)
-    found = jobs.recent(Catalog(cfg.catalog_url), limit=args.limit, domain=args.domain)
+    found = reader.recent_jobs(cfg.catalog_url, limit=args.limit, domain=args.domain)
     if args.json:
         emit_json([j.to_json() for j in found])
         return EXIT_OK
@@ -233,6 +240,7 @@ def slots_list(args: argparse.Namespace) -> int:
 
     from virtwarden.catalog import slots
     from virtwarden.catalog.models import utcnow
+    from virtwarden.catalog.store import Catalog
 
     if not args.hours > 0:
         print("virtwarden: error: --hours must be more than 0", file=sys.stderr)
@@ -251,10 +259,8 @@ def slots_list(args: argparse.Namespace) -> int:
 
 
 def alerts_list(args: argparse.Namespace) -> int:
-    from virtwarden.catalog import alerts as alert_rows
-
     cfg = load_config(args)
-    found = alert_rows.recent(Catalog(cfg.catalog_url), limit=args.limit, host=args.host)
+    found = reader.recent_alerts(cfg.catalog_url, limit=args.limit, host=args.host)
     if args.json:
         emit_json([a.to_json() for a in found])
         return EXIT_OK
@@ -270,6 +276,7 @@ def services_list(args: argparse.Namespace) -> int:
     SILENT: killed, hung, or cut off from the catalog (a clean stop removes the row)."""
     from virtwarden.catalog import services
     from virtwarden.catalog.models import utcnow
+    from virtwarden.catalog.store import Catalog
 
     cfg = load_config(args)
     now = utcnow()
@@ -291,6 +298,9 @@ def services_list(args: argparse.Namespace) -> int:
 
 
 def job_show(args: argparse.Namespace) -> int:
+    from virtwarden.catalog import jobs
+    from virtwarden.catalog.store import Catalog
+
     cfg = load_config(args)
     job = jobs.get(Catalog(cfg.catalog_url), args.job_id)
     if args.json:
@@ -300,7 +310,7 @@ def job_show(args: argparse.Namespace) -> int:
             if isinstance(v, dict | list):  # params, result: as data, not Python's repr
                 v = json.dumps(v, indent=2, default=str).replace("\n", "\n" + " " * 15) if v else "-"
             print(f"{k:14} {'-' if v is None else v}")
-    return EXIT_OK if job.state != jobs.FAILED else EXIT_FAILED
+    return EXIT_OK if job.state != FAILED else EXIT_FAILED
 
 
 def doctor(args: argparse.Namespace) -> int:
@@ -320,6 +330,7 @@ def doctor(args: argparse.Namespace) -> int:
 
 
 def worker(args: argparse.Namespace) -> int:
+    from virtwarden.catalog.store import Catalog
     from virtwarden.worker import celery_app
 
     cfg = load_config(args)

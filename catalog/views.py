@@ -1,0 +1,145 @@
+"""What the catalog's reads return: small frozen views of its rows, and the states and
+statuses they are judged by. No SQLAlchemy here, so that a command that only reads
+(catalog.reader: the CLI's listings) can have them without importing it; catalog.jobs,
+catalog.points and catalog.alerts build the same views from their models.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+# A job's states (catalog.jobs).
+QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
+FINISHED = (SUCCEEDED, FAILED)
+# A restore point's statuses (catalog.points); a failed point is FAILED too.
+WRITING, COMPLETE, DELETING, DELETED, DAMAGED = "writing", "complete", "deleting", "deleted", "damaged"
+
+
+@dataclass(frozen=True)
+class JobView:
+    id: str
+    kind: str
+    state: str
+    domain: str | None
+    host: str | None
+    params: dict[str, Any]
+    result: dict[str, Any] | None
+    error: str | None
+    progress: float
+    progress_text: str | None
+    attempts: int
+    max_attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    requested_by: str | None
+    fence: int = 0
+    sends: int = 0
+    give_up: str | None = None
+    lease_owner: str | None = None  # host:pid:thread of the attempt running it
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED
+
+    def to_json(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        for k in ("created_at", "started_at", "finished_at"):
+            out[k] = out[k].isoformat() if out[k] else None
+        return out
+
+
+@dataclass(frozen=True)
+class ArtifactView:
+    target: str
+    key: str
+    size_bytes: int
+    sha256: str
+    virtual_size: int
+
+
+@dataclass(frozen=True)
+class PointView:
+    id: str
+    domain: str
+    domain_uuid: str
+    host: str
+    storage: str
+    strategy: str
+    chain_id: str
+    parent_id: str | None
+    seq: int
+    level: str
+    status: str
+    reason: str | None
+    consistency: str
+    checkpoint: str | None
+    manifest_key: str
+    size_bytes: int
+    job_id: str | None
+    created_at: datetime
+    completed_at: datetime | None
+    artifacts: tuple[ArtifactView, ...] = field(default=())
+    manifest_sha256: str | None = None
+    verified_at: datetime | None = None
+    damage: str | None = None
+    format: int = 1  # the repository format: 1 (a qcow2 per disk) or 2 (chunks)
+
+    @property
+    def usable(self) -> bool:
+        return self.status == COMPLETE
+
+    @property
+    def note(self) -> str:
+        """What a listing says about the point: what was found damaged, else its reason
+        (why a full, why it failed)."""
+        return self.damage or self.reason or ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "created_at": self.created_at.isoformat(),
+            "completed_at": self.completed_at.isoformat() if self.completed_at else None,
+            "level": self.level,
+            "chain_id": self.chain_id,
+            "parent_id": self.parent_id,
+            "size_bytes": self.size_bytes,
+            "status": self.status,
+            "storage": self.storage,
+            "strategy": self.strategy,
+            "consistency": self.consistency,
+            "reason": self.reason,
+            "damage": self.damage,
+            "verified_at": self.verified_at.isoformat() if self.verified_at else None,
+            "manifest_sha256": self.manifest_sha256,
+            "format": self.format,
+            "disks": [
+                {"target": a.target, "size_bytes": a.size_bytes, "sha256": a.sha256,
+                 "virtual_size": a.virtual_size}
+                for a in self.artifacts
+            ],
+        }
+
+
+@dataclass(frozen=True)
+class AlertView:
+    id: int
+    fingerprint: str
+    name: str
+    status: str
+    labels: dict[str, Any]
+    host: str | None
+    action: str | None
+    job_id: str | None
+    starts_at: datetime
+    received_at: datetime
+    resolved_at: datetime | None
+    outcome: str | None
+    detail: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        for k in ("starts_at", "received_at", "resolved_at"):
+            out[k] = out[k].isoformat() if out[k] else None
+        return out

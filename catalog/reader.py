@@ -1,5 +1,5 @@
 """The catalog's listings for commands that must answer at once (``virtwarden jobs``,
-``backups``, ``alerts``): plain SQL through the DB-API driver the catalog URL names
+``job ID``, ``backups``, ``alerts``): plain SQL through the DB-API driver the catalog URL names
 (``sqlite3``, ``psycopg2``), without SQLAlchemy, whose import alone takes about 0.2 s,
 most of a read-only command's start-up.
 
@@ -28,6 +28,7 @@ from typing import Any
 from virtwarden.catalog.views import AlertView, ArtifactView, JobView, PointView
 
 from virtwarden import permissions
+from virtwarden.errors import JobNotFound
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -52,6 +53,20 @@ def recent_jobs(url: str, *, limit: int = 50, domain: str | None = None) -> list
         rows = db.rows(f"SELECT {_columns(JobView)} FROM jobs {where} ORDER BY created_at DESC LIMIT ?",
                        [*args, limit])
         return [JobView(**db.decode(r, JSON_JOB, TIMES_JOB)) for r in rows]
+
+
+def job(url: str, job_id: str) -> JobView:
+    """``catalog.jobs.get``: one job; JobNotFound when there is none of that id."""
+    with _opened(url) as db:
+        if db is None:
+            from virtwarden.catalog import jobs
+            from virtwarden.catalog.store import Catalog
+
+            return jobs.get(Catalog(url), job_id)
+        rows = db.rows(f"SELECT {_columns(JobView)} FROM jobs WHERE id = ?", [job_id])
+        if not rows:
+            raise JobNotFound(f"no job {job_id!r}")
+        return JobView(**db.decode(rows[0], JSON_JOB, TIMES_JOB))
 
 
 def domain_points(url: str, domain: str) -> list[PointView]:

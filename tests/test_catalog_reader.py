@@ -14,7 +14,7 @@ import pytest
 from virtwarden.catalog import alerts, jobs, points, reader
 from virtwarden.catalog.store import Catalog
 
-from virtwarden.errors import ConfigError
+from virtwarden.errors import ConfigError, JobNotFound
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -73,6 +73,10 @@ def test_the_reader_answers_what_the_catalog_answers(cat):
         for limit in (50, 2):
             assert reader.recent_jobs(cat.url, limit=limit, domain=domain) == \
                 jobs.recent(cat, limit=limit, domain=domain)
+    for j in jobs.recent(cat):
+        assert reader.job(cat.url, j.id) == jobs.get(cat, j.id)
+    with pytest.raises(JobNotFound, match="no job 'nope'"):
+        reader.job(cat.url, "nope")
     for domain in ("web01", "db01", "nobody"):
         assert reader.domain_points(cat.url, domain) == points.for_domain(cat, domain)
     for host in (None, "kvm01", "kvm02"):
@@ -122,7 +126,7 @@ def test_reading_changes_nothing_and_leaves_the_catalog_files_private(tmp_path):
 
 
 def test_listing_commands_do_not_import_sqlalchemy(tmp_path):
-    """``virtwarden jobs``, ``backups`` and ``alerts`` answer from an existing catalog
+    """``virtwarden jobs``, ``job``, ``backups`` and ``alerts`` answer from an existing catalog
     without importing SQLAlchemy (0.2 s of their start-up; bench/cli_startup.py measures)."""
     config = tmp_path / "virtwarden.yaml"
     config.write_text(f"data_dir: {tmp_path}/data\n")
@@ -132,7 +136,8 @@ def test_listing_commands_do_not_import_sqlalchemy(tmp_path):
              "print('SQLALCHEMY' if 'sqlalchemy' in sys.modules else 'NONE', code)")
     first = subprocess.run([sys.executable, "-c", probe, "jobs"], env=env, cwd=REPO, capture_output=True, text=True)
     assert first.stdout.split()[-2:] == ["SQLALCHEMY", "0"], first.stderr  # it created the catalog
-    for command in (["jobs"], ["jobs", "--json"], ["backups", "web01"], ["alerts", "--json"]):
+    for command in (["jobs"], ["jobs", "--json"], ["backups", "web01"], ["alerts", "--json"], ["job", "nope"]):
         done = subprocess.run([sys.executable, "-c", probe, *command], env=env, cwd=REPO, capture_output=True,
                               text=True)
-        assert done.stdout.split()[-2:] == ["NONE", "0"], (command, done.stdout, done.stderr)
+        expected = ["NONE", "0"] if command[0] != "job" else ["NONE", "4"]  # not found: its own exit code
+        assert done.stdout.split()[-2:] == expected, (command, done.stdout, done.stderr)

@@ -298,11 +298,8 @@ def services_list(args: argparse.Namespace) -> int:
 
 
 def job_show(args: argparse.Namespace) -> int:
-    from virtwarden.catalog import jobs
-    from virtwarden.catalog.store import Catalog
-
     cfg = load_config(args)
-    job = jobs.get(Catalog(cfg.catalog_url), args.job_id)
+    job = reader.job(cfg.catalog_url, args.job_id)
     if args.json:
         emit_json(job.to_json())
     else:

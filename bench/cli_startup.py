@@ -27,6 +27,8 @@ COMMANDS: list[tuple[str, list[str]]] = [
     ("jobs --json", ["jobs", "--json"]),
     ("backups web01 --json", ["backups", "web01", "--json"]),
     ("alerts --json", ["alerts", "--json"]),
+    ("services", ["services"]),
+    ("schedule slots", ["schedule", "slots"]),
     ("policy validate (examples)", ["policy", "validate", str(POLICY)]),
 ]
 

@@ -11,46 +11,15 @@ so an attempt that lost its job to another worker can never overwrite the new on
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select, update
 from virtwarden.catalog.clock import db_now
 from virtwarden.catalog.models import Drill, Job, utcnow
 from virtwarden.catalog.store import Catalog
+from virtwarden.catalog.views import FAILED, PASSED, RUNNING, DrillView
 
 from virtwarden.errors import NotFound
-
-RUNNING, PASSED, FAILED = "running", "passed", "failed"
-
-
-@dataclass(frozen=True)
-class DrillView:
-    id: str
-    domain: str
-    point_id: str | None
-    host: str
-    state: str
-    throwaway: str | None
-    checks: list[dict[str, Any]] = field(default_factory=list)
-    restore_seconds: float | None = None
-    boot_seconds: float | None = None
-    error: str | None = None
-    cleaned_up: bool = False
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-
-    @property
-    def passed(self) -> bool:
-        return self.state == PASSED
-
-    def to_json(self) -> dict[str, Any]:
-        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        out["job_id"] = self.id
-        for k in ("started_at", "finished_at"):
-            out[k] = out[k].isoformat() if out[k] else None
-        return out
 
 
 def _view(row: Drill) -> DrillView:

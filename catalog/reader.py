@@ -1,5 +1,6 @@
 """The catalog's listings for commands that must answer at once (``virtwarden jobs``,
-``job ID``, ``backups``, ``alerts``): plain SQL through the DB-API driver the catalog URL names
+``job ID``, ``backups``, ``alerts``, ``services``, ``snapshots``, ``drills``,
+``schedule slots``): plain SQL through the DB-API driver the catalog URL names
 (``sqlite3``, ``psycopg2``), without SQLAlchemy, whose import alone takes about 0.2 s,
 most of a read-only command's start-up.
 
@@ -19,13 +20,25 @@ from __future__ import annotations
 import functools
 import json
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
+from dataclasses import fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from virtwarden.catalog.views import AlertView, ArtifactView, JobView, PointView
+from virtwarden.catalog.views import (
+    CREATING,
+    PRESENT,
+    AlertView,
+    ArtifactView,
+    DrillView,
+    JobView,
+    PointView,
+    ServiceView,
+    SlotRow,
+    SnapshotView,
+)
 
 from virtwarden import permissions
 from virtwarden.errors import JobNotFound
@@ -46,13 +59,9 @@ def recent_jobs(url: str, *, limit: int = 50, domain: str | None = None) -> list
     with _opened(url) as db:
         if db is None:
             from virtwarden.catalog import jobs
-            from virtwarden.catalog.store import Catalog
 
-            return jobs.recent(Catalog(url), limit=limit, domain=domain)
-        where, args = ("WHERE domain = ?", [domain]) if domain else ("", [])
-        rows = db.rows(f"SELECT {_columns(JobView)} FROM jobs {where} ORDER BY created_at DESC LIMIT ?",
-                       [*args, limit])
-        return [JobView(**db.decode(r, JSON_JOB, TIMES_JOB)) for r in rows]
+            return jobs.recent(_full(url), limit=limit, domain=domain)
+        return db.views(JobView, "jobs", _where(domain=domain), "created_at DESC", limit)
 
 
 def job(url: str, job_id: str) -> JobView:
@@ -60,13 +69,12 @@ def job(url: str, job_id: str) -> JobView:
     with _opened(url) as db:
         if db is None:
             from virtwarden.catalog import jobs
-            from virtwarden.catalog.store import Catalog
 
-            return jobs.get(Catalog(url), job_id)
-        rows = db.rows(f"SELECT {_columns(JobView)} FROM jobs WHERE id = ?", [job_id])
-        if not rows:
+            return jobs.get(_full(url), job_id)
+        found = db.views(JobView, "jobs", ("id = ?", [job_id]))
+        if not found:
             raise JobNotFound(f"no job {job_id!r}")
-        return JobView(**db.decode(rows[0], JSON_JOB, TIMES_JOB))
+        return found[0]
 
 
 def domain_points(url: str, domain: str) -> list[PointView]:
@@ -74,17 +82,15 @@ def domain_points(url: str, domain: str) -> list[PointView]:
     with _opened(url) as db:
         if db is None:
             from virtwarden.catalog import points
-            from virtwarden.catalog.store import Catalog
 
-            return points.for_domain(Catalog(url), domain)
-        rows = db.rows(f"SELECT {_columns(PointView, skip='artifacts')} FROM restore_points WHERE domain = ?"
-                       " ORDER BY created_at, seq", [domain])
+            return points.for_domain(_full(url), domain)
         arts: dict[str, list[ArtifactView]] = {}
-        for a in db.rows(f"SELECT point_id, {_columns(ArtifactView)} FROM artifacts WHERE point_id IN"
-                         " (SELECT id FROM restore_points WHERE domain = ?) ORDER BY target", [domain]):
-            arts.setdefault(a.pop("point_id"), []).append(ArtifactView(**a))
-        return [PointView(**db.decode(r, (), TIMES_POINT), artifacts=tuple(arts.get(r["id"], ())))
-                for r in rows]
+        for point_id, art in db.views(ArtifactView, "artifacts", ("point_id IN (SELECT id FROM restore_points"
+                                                                   " WHERE domain = ?)", [domain]),
+                                      "target", extra="point_id"):
+            arts.setdefault(point_id, []).append(art)
+        return [replace(p, artifacts=tuple(arts.get(p.id, ()))) for p in
+                db.views(PointView, "restore_points", _where(domain=domain), "created_at, seq")]
 
 
 def recent_alerts(url: str, *, limit: int = 100, host: str | None = None) -> list[AlertView]:
@@ -93,56 +99,133 @@ def recent_alerts(url: str, *, limit: int = 100, host: str | None = None) -> lis
     with _opened(url) as db:
         if db is None:
             from virtwarden.catalog import alerts
-            from virtwarden.catalog.store import Catalog
 
-            return alerts.recent(Catalog(url), limit=limit, host=host)
-        where, args = ("WHERE host = ?", [host]) if host is not None else ("", [])
-        rows = db.rows(f"SELECT {_columns(AlertView)} FROM alerts {where} ORDER BY id DESC LIMIT ?", [*args, limit])
-        return [AlertView(**db.decode(r, ("labels",), TIMES_ALERT)) for r in reversed(rows)]
+            return alerts.recent(_full(url), limit=limit, host=host)
+        where = ("host = ?", [host]) if host is not None else ("", [])
+        return db.views(AlertView, "alerts", where, "id DESC", limit)[::-1]
 
 
-JSON_JOB = ("params", "result")
-TIMES_JOB = ("created_at", "started_at", "finished_at")
-TIMES_POINT = ("created_at", "completed_at", "verified_at")
-TIMES_ALERT = ("starts_at", "received_at", "resolved_at")
+def services(url: str) -> list[ServiceView]:
+    """``catalog.services.listed``: each daemon's row."""
+    with _opened(url) as db:
+        if db is None:
+            from virtwarden.catalog import services as rows
+
+            return rows.listed(_full(url))
+        return db.views(ServiceView, "services", ("", []), "kind, node, hosts")
 
 
-def _columns(view: type, skip: str = "") -> str:
-    """The view's fields, which are its table's column names."""
-    return ", ".join(f for f in view.__dataclass_fields__ if f != skip)  # type: ignore[attr-defined]
+def domain_snapshots(url: str, domain: str, *, include_deleted: bool = False) -> list[SnapshotView]:
+    """``catalog.snapshots.for_domain``: the snapshots of a domain, oldest first."""
+    with _opened(url) as db:
+        if db is None:
+            from virtwarden.catalog import snapshots
+
+            return snapshots.for_domain(_full(url), domain, include_deleted=include_deleted)
+        where = ("domain = ?", [domain]) if include_deleted else \
+            ("domain = ? AND state IN (?, ?)", [domain, CREATING, PRESENT])
+        return db.views(SnapshotView, "snapshots", where, "created_at, id")
+
+
+def recent_drills(url: str, *, domain: str | None = None, limit: int = 50) -> list[DrillView]:
+    """``catalog.drills.recent``: the newest drills (of ``domain``) first."""
+    with _opened(url) as db:
+        if db is None:
+            from virtwarden.catalog import drills
+
+            return drills.recent(_full(url), domain=domain, limit=limit)
+        return db.views(DrillView, "drills", _where(domain=domain), "started_at DESC", limit)
+
+
+def recent_slots(url: str, *, since: datetime, state: str | None = None, domain: str | None = None,
+                 limit: int = 1000) -> list[SlotRow]:
+    """``catalog.slots.recent``: slots at ``since`` or later, newest first."""
+    with _opened(url) as db:
+        if db is None:
+            from virtwarden.catalog import slots
+
+            return slots.recent(_full(url), since=since, state=state, domain=domain, limit=limit)
+        where, args = _where(state=state, domain=domain)
+        return db.views(SlotRow, "schedule_slots", (" AND ".join(filter(None, ["slot_at >= ?", where])),
+                                                     [db.time(since), *args]), "slot_at DESC, id DESC", limit)
+
+
+def _full(url: str) -> Any:
+    """The full catalog, for what the reader leaves to it."""
+    from virtwarden.catalog.store import Catalog
+
+    return Catalog(url)
+
+
+def _where(**equal: str | None) -> tuple[str, list[Any]]:
+    """``column = ?`` for each value given (None or empty: not a condition, as in the
+    catalog modules)."""
+    given = {k: v for k, v in equal.items() if v}
+    return " AND ".join(f"{k} = ?" for k in given), list(given.values())
 
 
 class _Db:
-    """One DB-API connection: ``?`` placeholders, rows as dicts, values decoded as the
-    catalog's column types do (JSON text on SQLite; UTC-aware times on both)."""
+    """One DB-API connection: ``?`` placeholders, and rows made into views whose fields
+    are their table's column names, each value decoded as the catalog's column type does
+    (``_decoders``)."""
 
-    def __init__(self, conn: Any, paramstyle: str) -> None:
+    def __init__(self, conn: Any, paramstyle: str, sqlite: bool) -> None:
         self.conn = conn
         self.percent = paramstyle == "pyformat"
+        self.sqlite = sqlite
 
-    def rows(self, sql: str, args: Sequence[Any]) -> list[dict[str, Any]]:
+    def rows(self, sql: str, args: Sequence[Any]) -> list[tuple]:
         with closing(self.conn.cursor()) as cur:
             cur.execute(sql.replace("?", "%s") if self.percent else sql, list(args))
-            names = [d[0] for d in cur.description]
-            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+            return list(cur.fetchall())
 
-    @staticmethod
-    def decode(row: dict[str, Any], json_columns: Sequence[str], time_columns: Sequence[str]) -> dict[str, Any]:
-        for k in json_columns:
-            if isinstance(row[k], str):  # SQLite's JSON is text; psycopg2 decodes json itself
-                row[k] = json.loads(row[k])
-        for k in time_columns:
-            row[k] = _utc(row[k])
-        return row
+    def views(self, view: type, table: str, where: tuple[str, list[Any]], order: str = "",
+              limit: int | None = None, *, extra: str = "") -> list[Any]:
+        """``SELECT`` the view's columns (and ``extra``'s: then (extra, view) pairs)."""
+        names, decoders = _decoders(view)
+        sql = f"SELECT {', '.join(([extra] if extra else []) + names)} FROM {table}"
+        sql += f" WHERE {where[0]}" if where[0] else ""
+        sql += f" ORDER BY {order}" if order else ""
+        sql += " LIMIT ?" if limit is not None else ""
+        found = []
+        for row in self.rows(sql, [*where[1], *([limit] if limit is not None else [])]):
+            values = row[1:] if extra else row
+            made = view(**{n: d(v) if d and v is not None else v for n, d, v in zip(names, decoders, values,
+                                                                                   strict=True)})
+            found.append((row[0], made) if extra else made)
+        return found
+
+    def time(self, when: datetime) -> Any:
+        """A time as the catalog stores it (``models.UtcDateTime``), for a comparison."""
+        utc = when.astimezone(UTC)
+        return utc.replace(tzinfo=None).isoformat(" ", "microseconds") if self.sqlite else utc
 
 
-def _utc(value: datetime | str | None) -> datetime | None:
-    """A stored time as an aware UTC datetime (``models.UtcDateTime``): naive UTC text
-    with six fractional digits on SQLite, timestamptz on PostgreSQL."""
-    if value is None:
-        return None
+@functools.cache
+def _decoders(view: type) -> tuple[list[str], list[Callable[[Any], Any] | None]]:
+    """The view's columns (every field but ``artifacts``, which is a table of its own)
+    and how each value is read, from the field's annotation: times are naive UTC text on
+    SQLite and timestamptz on PostgreSQL (both become aware UTC datetimes), JSON is text
+    on SQLite (psycopg2 decodes json itself), booleans are integers on SQLite."""
+    names: list[str] = []
+    decoders: list[Callable[[Any], Any] | None] = []
+    for f in fields(view):
+        if f.name == "artifacts":
+            continue
+        kind = str(f.type)
+        names.append(f.name)
+        decoders.append(_utc if "datetime" in kind else _json if kind.startswith(("dict", "list")) else
+                        bool if kind == "bool" else None)
+    return names, decoders
+
+
+def _utc(value: datetime | str) -> datetime:
     when = datetime.fromisoformat(value) if isinstance(value, str) else value
     return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+def _json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
 
 
 @contextmanager
@@ -154,12 +237,12 @@ def _opened(url: str) -> Iterator[_Db | None]:
         yield None
         return
     try:
-        db = _Db(conn, paramstyle)
+        db = _Db(conn, paramstyle, sqlite=url.startswith("sqlite"))
         try:
             current = db.rows("SELECT version_num FROM alembic_version", [])
         except Exception:  # noqa: BLE001 - no such table, or unreadable: the full catalog decides and says
             current = []
-        yield db if [r["version_num"] for r in current] == [newest_revision()] else None
+        yield db if [r[0] for r in current] == [newest_revision()] else None
     finally:
         conn.close()
 

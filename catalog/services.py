@@ -20,34 +20,19 @@ import os
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, select
 from virtwarden.catalog.clock import db_later, db_now
 from virtwarden.catalog.models import Service, utcnow
 from virtwarden.catalog.store import Catalog, upsert
+from virtwarden.catalog.views import BEAT_SECONDS, ServiceView
 
 from virtwarden import __version__
 from virtwarden.errors import VirtwardenError
 
 log = logging.getLogger(__name__)
-BEAT_SECONDS = 30.0
 FORGET_AFTER = 7 * 24 * 3600.0
-
-
-@dataclass(frozen=True)
-class ServiceView:
-    kind: str
-    node: str
-    hosts: str
-    pid: int
-    version: str
-    started_at: datetime
-    seen_at: datetime
-    backlog: int | None = None
-    lag_seconds: float | None = None
 
 
 def service_id(kind: str, node: str, hosts: list[str]) -> str:

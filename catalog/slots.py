@@ -25,29 +25,7 @@ from sqlalchemy import ColumnElement, Table, case, func, select, update
 from virtwarden.catalog.jobs import QUEUED, RUNNING, JobView
 from virtwarden.catalog.models import Job, ScheduleSlot, SlotTotal
 from virtwarden.catalog.store import Catalog, dialect_insert, upsert
-
-STARTED, SKIPPED, DEFERRED = "started", "skipped", "deferred"
-NEW = "new: claimed, not decided yet"
-
-
-@dataclass(frozen=True)
-class SlotRow:
-    id: int
-    policy: str
-    job: str
-    domain: str
-    slot_at: datetime
-    window_end: datetime
-    state: str
-    reason: str | None
-    job_id: str | None
-    created_at: datetime
-
-    def to_json(self) -> dict:
-        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        for k in ("slot_at", "window_end", "created_at"):
-            out[k] = out[k].isoformat()
-        return out
+from virtwarden.catalog.views import DEFERRED, NEW, SKIPPED, STARTED, SlotRow
 
 
 def _count(result: Any) -> int:

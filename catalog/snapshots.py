@@ -16,34 +16,11 @@ States::
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from datetime import datetime
-
 from sqlalchemy import select
 from virtwarden.catalog.clock import db_now
 from virtwarden.catalog.models import Snapshot, utcnow
 from virtwarden.catalog.store import Catalog
-
-CREATING, PRESENT, DELETED, MISSING = "creating", "present", "deleted", "missing"
-
-
-@dataclass(frozen=True)
-class SnapshotView:
-    id: int
-    domain: str
-    domain_uuid: str
-    host: str
-    name: str
-    policy: str | None
-    kind: str  # internal | external
-    consistency: str  # crash | quiesced | system | offline ("" while creating)
-    state: str
-    job_id: str | None
-    created_at: datetime
-    deleted_at: datetime | None
-
-    def to_json(self) -> dict:
-        return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in asdict(self).items()}
+from virtwarden.catalog.views import CREATING, DELETED, MISSING, PRESENT, SnapshotView
 
 
 def _view(row: Snapshot) -> SnapshotView:

@@ -5,7 +5,7 @@ catalog.points and catalog.alerts build the same views from their models.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -14,6 +14,15 @@ QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
 FINISHED = (SUCCEEDED, FAILED)
 # A restore point's statuses (catalog.points); a failed point is FAILED too.
 WRITING, COMPLETE, DELETING, DELETED, DAMAGED = "writing", "complete", "deleting", "deleted", "damaged"
+# A snapshot's states (catalog.snapshots): also DELETED.
+CREATING, PRESENT, MISSING = "creating", "present", "missing"
+# A drill's states (catalog.drills): RUNNING, PASSED or FAILED.
+PASSED = "passed"
+# What the scheduler decided about a slot (catalog.slots), and the reason of one not decided yet.
+STARTED, SKIPPED, DEFERRED = "started", "skipped", "deferred"
+NEW = "new: claimed, not decided yet"
+# Seconds between a daemon's reports of itself (catalog.services); three missed: silent.
+BEAT_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -143,3 +152,83 @@ class AlertView:
         for k in ("starts_at", "received_at", "resolved_at"):
             out[k] = out[k].isoformat() if out[k] else None
         return out
+
+
+@dataclass(frozen=True)
+class SnapshotView:
+    id: int
+    domain: str
+    domain_uuid: str
+    host: str
+    name: str
+    policy: str | None
+    kind: str  # internal | external
+    consistency: str  # crash | quiesced | system | offline ("" while creating)
+    state: str
+    job_id: str | None
+    created_at: datetime
+    deleted_at: datetime | None
+
+    def to_json(self) -> dict:
+        return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class DrillView:
+    id: str
+    domain: str
+    point_id: str | None
+    host: str
+    state: str
+    throwaway: str | None
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    restore_seconds: float | None = None
+    boot_seconds: float | None = None
+    error: str | None = None
+    cleaned_up: bool = False
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.state == PASSED
+
+    def to_json(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out["job_id"] = self.id
+        for k in ("started_at", "finished_at"):
+            out[k] = out[k].isoformat() if out[k] else None
+        return out
+
+
+@dataclass(frozen=True)
+class SlotRow:
+    id: int
+    policy: str
+    job: str
+    domain: str
+    slot_at: datetime
+    window_end: datetime
+    state: str
+    reason: str | None
+    job_id: str | None
+    created_at: datetime
+
+    def to_json(self) -> dict:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        for k in ("slot_at", "window_end", "created_at"):
+            out[k] = out[k].isoformat()
+        return out
+
+
+@dataclass(frozen=True)
+class ServiceView:
+    kind: str
+    node: str
+    hosts: str
+    pid: int
+    version: str
+    started_at: datetime
+    seen_at: datetime
+    backlog: int | None = None
+    lag_seconds: float | None = None

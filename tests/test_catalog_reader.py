@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from virtwarden.catalog import alerts, jobs, points, reader
+from virtwarden.catalog import alerts, drills, jobs, points, reader, services, slots, snapshots
 from virtwarden.catalog.store import Catalog
 
 from virtwarden.errors import ConfigError, JobNotFound
@@ -58,6 +58,32 @@ def _fill(cat: Catalog) -> None:
         if i == 1:
             alerts.set_outcome(cat, row.id, "refused", "host kvm02 is in no policy")
 
+    services.Presence(cat, "worker", ["kvm01", "kvm02"]).beat()
+    services.Presence(cat, "listener", ["kvm01"], backlog=lambda: (3, 0.25)).beat()
+    for i, name in enumerate(["nightly-1", "nightly-2", "gone"]):
+        snap = snapshots.begin(cat, domain="web01", domain_uuid="u1", host="kvm01", name=name, policy="nightly",
+                               kind="external" if i else "internal", job_id=made[0].id)
+        if i:
+            snapshots.taken(cat, snap.id, "quiesced")
+        if name == "gone":
+            snapshots.deleted(cat, snap.id)
+    for i, domain in enumerate(["web01", "db01"]):
+        drill = drills.begin(cat, drill_id=made[i].id, domain=domain, host="kvm01", point_id=full.id,
+                             throwaway=f"virtwarden-drill-{i}")
+        drills.record(cat, drill, checks=[{"name": "boots", "ok": True, "detail": "running"},
+                                          {"name": "agent", "ok": i == 0, "detail": "answered"}],
+                      restore_seconds=2.5, boot_seconds=0.4 + i)
+        drills.finish(cat, drill, passed=i == 0, error=None if i == 0 else "check agent failed")
+        if i == 0:
+            drills.cleaned(cat, drill, True)
+    new = [slots.NewSlot("nightly", "backup", d, start - timedelta(hours=h), start - timedelta(hours=h - 1))
+           for h in (1, 30) for d in ("web01", "db01")]
+    slots.claim_many(cat, new, start)
+    for row in slots.recent(cat, since=start - timedelta(days=3)):
+        if row.domain == "db01":
+            slots.move(cat, row.id, from_state="deferred", to_state="skipped", reason="missed: no scheduler",
+                       cause="missed")
+
 
 def _point(cat: Catalog, **over):
     fields = dict(id=str(uuid.uuid4()), domain="web01", domain_uuid="u1", host="kvm01", storage="nfs",
@@ -82,6 +108,17 @@ def test_the_reader_answers_what_the_catalog_answers(cat):
     for host in (None, "kvm01", "kvm02"):
         for limit in (100, 1):
             assert reader.recent_alerts(cat.url, limit=limit, host=host) == alerts.recent(cat, limit=limit, host=host)
+    assert reader.services(cat.url) == services.listed(cat)
+    for include_deleted in (False, True):
+        assert reader.domain_snapshots(cat.url, "web01", include_deleted=include_deleted) == \
+            snapshots.for_domain(cat, "web01", include_deleted=include_deleted)
+    for domain in (None, "web01", "nobody"):
+        assert reader.recent_drills(cat.url, domain=domain) == drills.recent(cat, domain=domain)
+    since = datetime(2026, 12, 7, 3, 0, 0, 123456, tzinfo=UTC) - timedelta(hours=2)
+    for when in (since, since - timedelta(days=3), since + timedelta(hours=1, microseconds=1)):
+        for state, domain in ((None, None), ("skipped", None), (None, "web01"), ("deferred", "web01")):
+            assert reader.recent_slots(cat.url, since=when, state=state, domain=domain) == \
+                slots.recent(cat, since=when, state=state, domain=domain)
     # What was compared holds what the listings show: not two empty answers.
     listed = reader.recent_jobs(cat.url)
     assert [j.state for j in listed].count("running") == 1 and listed[-1].params["nested"] == {"full": True}
@@ -91,6 +128,14 @@ def test_the_reader_answers_what_the_catalog_answers(cat):
     assert [a.target for a in web[0].artifacts] == ["vda", "vdb"] and web[0].verified_at is not None
     assert all(p.created_at.tzinfo is UTC for p in web)
     assert reader.recent_alerts(cat.url, host="kvm02")[0].outcome == "refused"
+    assert sorted(s.kind for s in reader.services(cat.url)) == ["listener", "worker"]
+    assert [s.state for s in reader.domain_snapshots(cat.url, "web01", include_deleted=True)] == \
+        ["creating", "present", "deleted"]
+    tried = reader.recent_drills(cat.url)
+    assert {d.cleaned_up for d in tried} == {True, False} and tried[0].checks[0]["name"] == "boots"
+    assert {type(d.cleaned_up) for d in tried} == {bool}  # 1 == True: equality alone would not tell
+    assert len(reader.recent_slots(cat.url, since=since)) == 2
+    assert len(reader.recent_slots(cat.url, since=since - timedelta(days=3), state="skipped")) == 2
 
 
 def test_a_catalog_not_yet_created_is_created_by_the_full_catalog(tmp_path):
@@ -126,7 +171,8 @@ def test_reading_changes_nothing_and_leaves_the_catalog_files_private(tmp_path):
 
 
 def test_listing_commands_do_not_import_sqlalchemy(tmp_path):
-    """``virtwarden jobs``, ``job``, ``backups`` and ``alerts`` answer from an existing catalog
+    """The catalog's listings (``virtwarden jobs``, ``job``, ``backups``, ``alerts``,
+    ``services``, ``snapshots``, ``drills``, ``schedule slots``) answer from an existing catalog
     without importing SQLAlchemy (0.2 s of their start-up; bench/cli_startup.py measures)."""
     config = tmp_path / "virtwarden.yaml"
     config.write_text(f"data_dir: {tmp_path}/data\n")
@@ -136,7 +182,8 @@ def test_listing_commands_do_not_import_sqlalchemy(tmp_path):
              "print('SQLALCHEMY' if 'sqlalchemy' in sys.modules else 'NONE', code)")
     first = subprocess.run([sys.executable, "-c", probe, "jobs"], env=env, cwd=REPO, capture_output=True, text=True)
     assert first.stdout.split()[-2:] == ["SQLALCHEMY", "0"], first.stderr  # it created the catalog
-    for command in (["jobs"], ["jobs", "--json"], ["backups", "web01"], ["alerts", "--json"], ["job", "nope"]):
+    for command in (["jobs"], ["jobs", "--json"], ["backups", "web01"], ["alerts", "--json"], ["job", "nope"],
+                    ["services"], ["snapshots", "web01"], ["drills", "--json"], ["schedule", "slots"]):
         done = subprocess.run([sys.executable, "-c", probe, *command], env=env, cwd=REPO, capture_output=True,
                               text=True)
         expected = ["NONE", "0"] if command[0] != "job" else ["NONE", "4"]  # not found: its own exit code

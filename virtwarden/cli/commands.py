@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from virtwarden.catalog import reader
-from virtwarden.catalog.views import DAMAGED, FAILED, JobView, PointView
+from virtwarden.catalog.views import BEAT_SECONDS, DAMAGED, FAILED, NEW, JobView, PointView
 from virtwarden.cli.output import emit_json, load_config, table
 from virtwarden.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, JobFailed
 from virtwarden.sizes import human_size
@@ -236,23 +236,19 @@ def slots_list(args: argparse.Namespace) -> int:
     """``virtwarden schedule slots``: what the scheduler decided, newest slot first; a
     skipped slot says why (missed, waited in vain for a limit, or its job failed to be
     created), a deferred one what it waits for."""
-    from datetime import timedelta
-
-    from virtwarden.catalog import slots
-    from virtwarden.catalog.models import utcnow
-    from virtwarden.catalog.store import Catalog
+    from datetime import UTC, datetime, timedelta
 
     if not args.hours > 0:
         print("virtwarden: error: --hours must be more than 0", file=sys.stderr)
         return EXIT_USAGE
     cfg = load_config(args)
-    found = slots.recent(Catalog(cfg.catalog_url), since=utcnow() - timedelta(hours=args.hours),
-                         state=args.state, domain=args.domain)
+    found = reader.recent_slots(cfg.catalog_url, since=datetime.now(UTC) - timedelta(hours=args.hours),
+                                state=args.state, domain=args.domain)
     if args.json:
         emit_json([r.to_json() for r in found])
         return EXIT_OK
     rows = [[r.slot_at.strftime("%Y-%m-%d %H:%M"), r.policy, r.job, r.domain, r.state, r.job_id or "-",
-             "" if r.reason == slots.NEW else (r.reason or "")[:80]] for r in found]
+             "" if r.reason == NEW else (r.reason or "")[:80]] for r in found]
     print(table(rows, ["SLOT (UTC)", "POLICY", "JOB", "DOMAIN", "STATE", "JOB ID", "WHY"]) if rows
           else f"no slots in the last {args.hours:g} hours")
     return EXIT_OK
@@ -274,15 +270,13 @@ def alerts_list(args: argparse.Namespace) -> int:
 def services_list(args: argparse.Namespace) -> int:
     """Each daemon's row (catalog.services); one that has not reported for three beats is
     SILENT: killed, hung, or cut off from the catalog (a clean stop removes the row)."""
-    from virtwarden.catalog import services
-    from virtwarden.catalog.models import utcnow
-    from virtwarden.catalog.store import Catalog
+    from datetime import UTC, datetime
 
     cfg = load_config(args)
-    now = utcnow()
-    found = services.listed(Catalog(cfg.catalog_url))
+    now = datetime.now(UTC)
+    found = reader.services(cfg.catalog_url)
     ages = [max(0.0, (now - r.seen_at).total_seconds()) for r in found]
-    silent = [age > 3 * services.BEAT_SECONDS for age in ages]
+    silent = [age > 3 * BEAT_SECONDS for age in ages]
     if args.json:
         emit_json([{"kind": r.kind, "node": r.node, "hosts": r.hosts.split(",") if r.hosts else [], "pid": r.pid,
                     "version": r.version, "started_at": r.started_at.isoformat(), "seen_at": r.seen_at.isoformat(),

@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from virtwarden.catalog import drills
-from virtwarden.catalog.store import Catalog
+from virtwarden.catalog import reader
+from virtwarden.catalog.views import DrillView
 from virtwarden.cli.output import emit_json, load_config, table
 from virtwarden.errors import EXIT_FAILED, EXIT_OK
 
@@ -16,6 +16,8 @@ from virtwarden.errors import EXIT_FAILED, EXIT_OK
 
 def cli(args: argparse.Namespace) -> int:
     from virtwarden import submit
+    from virtwarden.catalog import drills
+    from virtwarden.catalog.store import Catalog
     from virtwarden.cli.commands import _configure_celery, follow, queued
 
     cfg = load_config(args)
@@ -42,7 +44,7 @@ def cli(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def print_drill(d: drills.DrillView) -> None:
+def print_drill(d: DrillView) -> None:
     print(f"drill {d.id} of {d.domain}: point {d.point_id} on host {d.host}, throwaway domain {d.throwaway}")
     rows = [[c["name"], "ok" if c["ok"] else "FAILED", c["detail"]] for c in d.checks]
     print(table(rows, ["CHECK", "RESULT", "DETAIL"]) if rows else "no check ran")
@@ -55,7 +57,7 @@ def print_drill(d: drills.DrillView) -> None:
 
 def list_cli(args: argparse.Namespace) -> int:
     cfg = load_config(args)
-    found = drills.recent(Catalog(cfg.catalog_url), domain=args.domain)
+    found = reader.recent_drills(cfg.catalog_url, domain=args.domain)
     if args.json:
         emit_json([d.to_json() for d in found])
         return EXIT_OK
@@ -70,7 +72,7 @@ def list_cli(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _checks(d: drills.DrillView) -> str:
+def _checks(d: DrillView) -> str:
     failed = [c["name"] for c in d.checks if not c["ok"]]
     return f"failed: {', '.join(failed)}" if failed else f"{len(d.checks)} ok"
 

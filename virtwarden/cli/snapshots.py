@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import argparse
 
-from virtwarden.catalog import snapshots
-from virtwarden.catalog.store import Catalog
+from virtwarden.catalog import reader
 from virtwarden.cli.output import emit_json, load_config, table
 from virtwarden.errors import EXIT_OK
 
 
 def cli(args: argparse.Namespace) -> int:
     from virtwarden import submit
+    from virtwarden.catalog.store import Catalog
     from virtwarden.cli.commands import _after_submit, _configure_celery
 
     cfg = load_config(args)
@@ -25,7 +25,7 @@ def cli(args: argparse.Namespace) -> int:
 
 def list_cli(args: argparse.Namespace) -> int:
     cfg = load_config(args)
-    found = snapshots.for_domain(Catalog(cfg.catalog_url), args.domain)
+    found = reader.domain_snapshots(cfg.catalog_url, args.domain)
     if args.json:
         emit_json([s.to_json() for s in found])
         return EXIT_OK

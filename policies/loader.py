@@ -36,9 +36,11 @@ def load_file(path: str | Path) -> list[Policy]:
     return reader.result()
 
 
-def load_dir(directory: str | Path) -> list[Policy]:
+def load_dir(directory: str | Path, *, missing_ok: bool = False) -> list[Policy]:
     """The policies of every ``*.yaml``/``*.yml`` file of ``directory`` (not its subdirectories),
-    read in name order; PolicyError listing every error when any is wrong.
+    read in name order; PolicyError listing every error when any is wrong. ``missing_ok``:
+    a directory that does not exist holds no policies (the configured directory), instead
+    of being an error (a path given to ``policy validate``).
 
     Read once per process and again only when the files change: the scheduler settles
     thousands of slots a tick, the listener every event, each asking for the policies.
@@ -61,6 +63,8 @@ def load_dir(directory: str | Path) -> list[Policy]:
         cached = _cache.get(path)
     if signature is not None and cached is not None and cached[0] == signature:
         found = list(cached[1])
+    elif signature is None and missing_ok and not path.is_dir():
+        found = []
     else:
         reader = _Reader()
         reader.path(path)

@@ -43,8 +43,7 @@ class BackupSettings:
 
 def load_policies(cfg: Config) -> list[Policy]:
     """The policies of the configured policy directory; none when it does not exist."""
-    path = cfg.policies_path
-    return load_dir(path) if path.is_dir() else []
+    return load_dir(cfg.policies_path, missing_ok=True)  # within loader.held(): no stat at all
 
 
 def resolve_backup(cfg: Config, domain: str, *, policy: str | None = None, target: str | None = None,

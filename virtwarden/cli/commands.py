@@ -53,7 +53,7 @@ def policy_list(args: argparse.Namespace) -> int:
     from virtwarden.policies import load_dir
 
     cfg = load_config(args)
-    found = load_dir(cfg.policies_path) if cfg.policies_path.is_dir() else []
+    found = load_dir(cfg.policies_path, missing_ok=True)
     if args.json:
         emit_json([p.summary() for p in found])
         return EXIT_OK

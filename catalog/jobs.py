@@ -52,12 +52,17 @@ def _view(row: Job) -> JobView:
     return JobView(**{k: getattr(row, k) for k in JobView.__dataclass_fields__})
 
 
-def _views_by_id(s: Session, ids: list[str]) -> dict[str, JobView]:
-    """The jobs ``ids`` as views, read as plain rows: a batch of 500 new jobs (the
-    scheduler's midnight tick) builds no ORM objects only to copy them into views."""
+def _inserted(s: Session, new: list[dict[str, Any]], resend_after: float) -> dict[str, JobView]:
+    """Insert new queued jobs (``new_values`` each) with one INSERT, their times from the
+    database's clock, and their views: built from the values given and the times the
+    INSERT returned, so that a batch of 1,000 new jobs (the scheduler's midnight tick)
+    is not read back (nor its parameters decoded again)."""
     table = cast(Table, Job.__table__)
-    columns = [table.c[k] for k in JobView.__dataclass_fields__]
-    return {row.id: JobView(**row._mapping) for row in s.execute(select(*columns).where(table.c.id.in_(ids)))}
+    stmt = insert(table).values(**times(resend_after)).returning(table.c.id, table.c.created_at)
+    created = {row[0]: row[1] for row in s.connection().execute(stmt, new)}
+    unset = {k: None for k in JobView.__dataclass_fields__}
+    return {v["id"]: JobView(**{**unset, **{k: v[k] for k in unset if k in v}, "created_at": created[v["id"]]})
+            for v in new}
 
 
 def create(
@@ -132,9 +137,7 @@ def insert_once(s: Session, values: list[dict[str, Any]], *, resend_after: float
         if key:
             first[key] = v["id"]
         new.append(v)
-    if new:  # one INSERT, the times from the database's clock
-        s.connection().execute(insert(cast(Table, Job.__table__)).values(**times(resend_after)), new)
-    made = _views_by_id(s, [v["id"] for v in new]) if new else {}
+    made = _inserted(s, new, resend_after) if new else {}
     result: list[tuple[JobView, bool]] = []
     for v in values:
         key = v["dedup_key"]

@@ -130,6 +130,21 @@ def test_dedup_key_returns_the_existing_job(cat):
     assert a.id == b.id
 
 
+def test_jobs_created_in_a_batch_are_what_the_catalog_then_reads(cat):
+    """create_many builds its views from the values it inserted and the times the INSERT
+    returned (nothing is read back): they must be what a read of the rows gives."""
+    first = jobs.create(cat, kind="backup", domain="d0", host="h", params={}, dedup_key="slot-0")
+    values = [jobs.new_values(kind="backup", domain=f"d{i}", host="h", max_attempts=2, requested_by="scheduler",
+                              params={"domain": f"d{i}", "retention": {"daily": 7}, "policy": None},
+                              dedup_key=f"slot-{i % 3}") for i in range(5)]
+    made = jobs.create_many(cat, values, resend_after=30)
+    assert [new for _, new in made] == [False, True, True, False, False]  # slot-0 known, slot-1/2 repeated
+    assert made[0][0] == first and made[3][0] == made[0][0] and made[4][0] == made[1][0]
+    for view, _ in made:
+        assert view == jobs.get(cat, view.id)
+        assert view.created_at.tzinfo is not None
+
+
 def _point(cat, **over):
     fields = dict(id=str(uuid.uuid4()), domain="web01", domain_uuid="u1", host="h", storage="nfs",
                   strategy="bitmap", chain_id="c1", parent_id=None, seq=0, level="full", reason="first",

@@ -165,11 +165,14 @@ def send_many(queued: list[jobs.JobView]) -> tuple[list[jobs.JobView], BrokerUna
                         # (Celery's default); later ones skip kombu's per-message bind of a
                         # copy of the queue, a tenth of a millisecond each.
                         # argsrepr/kwargsrepr given: Celery's saferepr of them cost a
-                        # tenth of each message's time.
+                        # tenth of each message's time. No retry: a publish inside the batch
+                        # writes nothing (the block's end writes the batch, and a failure
+                        # there is handled below), so kombu's retry wrapper around each
+                        # publish only cost time (7% of 20,000 sends).
                         app.send_task(TASK, args=[job.id], queue=queue, producer=producer,
                                       argsrepr=repr([job.id]), kwargsrepr="{}",
                                       declare=[] if queue in declared else None,
-                                      retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2})
+                                      retry=False)
                         declared.add(queue)
                 sent.extend(batch)
     except (KombuOperationalError, BatchPublishError, OSError) as e:  # BatchPublishError: "delivery is uncertain"

@@ -222,6 +222,25 @@ def test_a_held_reading_sees_the_policies_of_its_first_look_and_stats_no_file_af
     assert len(looks) == 2
 
 
+def test_a_missing_policy_directory_holds_no_policies_only_when_allowed_and_is_looked_at_once_held(
+        tmp_path: Path, monkeypatch) -> None:
+    """The configured directory may not exist (no policies yet); a path given to
+    ``policy validate`` must. Within ``held()`` a missing directory, too, is looked at
+    once, not once per slot of a tick."""
+    from virtwarden.policies import loader
+
+    missing = tmp_path / "nowhere"
+    with pytest.raises(PolicyError, match="nowhere"):
+        load_dir(missing)
+    looks: list[Path] = []
+    is_dir = Path.is_dir
+    monkeypatch.setattr(Path, "is_dir", lambda self: (looks.append(self), is_dir(self))[1])
+    with loader.held():
+        for _ in range(3):
+            assert load_dir(missing, missing_ok=True) == []
+    assert looks == [missing]
+
+
 def test_load_dir_reads_the_files_again_only_when_they_change(tmp_path: Path, monkeypatch) -> None:
     """Every process asks for the policies often (a scheduler tick, each listener event):
     an unchanged directory is not read again; any change is seen on the next call; a

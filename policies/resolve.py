@@ -7,14 +7,17 @@ request is settled (or refused with a clear message) before any job is created.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from virtwarden.policies.loader import load_dir
 from virtwarden.policies.model import Backup, Policy, Snapshots
 from virtwarden.policies.select import DomainFacts, by_name, governing
 
-from virtwarden.config import Config
 from virtwarden.errors import PolicyError
 from virtwarden.validation import suggest
+
+if TYPE_CHECKING:  # only annotations here: ``policy validate`` need not build the configuration's models
+    from virtwarden.config import Config
 
 # Used when no policy selects the domain (a one-off backup of an unmanaged domain).
 DEFAULT_STRATEGY = "bitmap"

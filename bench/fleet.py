@@ -130,6 +130,7 @@ def one_run(root: Path, args: argparse.Namespace, hosts: dict, due_hosts: dict
     start = time.perf_counter()
     report = sched.tick()
     midnight = time.perf_counter() - start
+    sched.close()
     cat.close()
     flush(args.broker)
     return quiet, listing, listing_xml, midnight, len(report.started)

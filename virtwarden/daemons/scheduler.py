@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from virtwarden.catalog import jobs, slots
 from virtwarden.catalog.services import Presence
@@ -54,6 +55,9 @@ from virtwarden.policies.schedule import (
     schedule_of,
     split,
 )
+
+if TYPE_CHECKING:
+    from virtwarden.worker import celery_app
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +262,7 @@ class Scheduler:
         self._policies: list[Policy] = []
         self._policies_current = False  # False while the policy files do not load
         self._problems: set[str] = set()
+        self._sender: celery_app.Publisher | None = None
 
     def run(self, stop: threading.Event, every: float) -> None:
         while True:
@@ -268,8 +273,22 @@ class Scheduler:
             except Exception:  # the daemon outlives a bug in one tick
                 log.exception("scheduler tick failed with an unexpected error (a bug)")
             if stop.wait(every):
-                self.hosts.close()
+                self.close()
                 return
+
+    def close(self) -> None:
+        self.hosts.close()
+        if self._sender is not None:
+            self._sender.close()
+
+    def _publisher(self) -> celery_app.Publisher:
+        """The process that sends a tick's messages when it has more than a batch of them
+        (``celery_app.Publisher``): started by the first such tick, kept for the next."""
+        from virtwarden.worker import celery_app
+
+        if self._sender is None:
+            self._sender = celery_app.Publisher(self.cfg)
+        return self._sender
 
     def tick(self) -> TickReport:
         with held():  # one reading of the policy files for the whole tick
@@ -386,7 +405,8 @@ class Scheduler:
         # A broker outage delays jobs, it never drops them: the slots start and their
         # jobs stay queued until the sweeper can send them (worker/outbox.py).
         send = self._broker_problem() is None if plan.start else True
-        sends = _Sends(self.cfg, self.cat) if send and plan.start else None
+        sends = _Sends(self.cfg, self.cat, self._publisher() if len(plan.start) > BATCH else None) \
+            if send and plan.start else None
         try:
             for i in range(0, len(plan.start), BATCH):
                 self._start_batch([(candidates[s.key][0], s) for s in plan.start[i:i + BATCH]], report, sends=sends)
@@ -515,8 +535,10 @@ class _Sends:
     raises what stopped the sends (the batches not sent then stay queued and due: the
     sweeper sends them, as after a crash between creating and sending)."""
 
-    def __init__(self, cfg: Config, cat: Catalog) -> None:
-        self.cfg, self.cat = cfg, cat
+    def __init__(self, cfg: Config, cat: Catalog, publisher: celery_app.Publisher | None = None) -> None:
+        """``publisher``: the process that sends, for a tick of many batches; else this
+        thread sends."""
+        self.cfg, self.cat, self.publisher = cfg, cat, publisher
         self._queue: queue.Queue[list[jobs.JobView] | None] = queue.Queue(maxsize=2)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="scheduler-sends", daemon=True)
@@ -539,7 +561,8 @@ class _Sends:
             if self._error is not None:
                 continue  # left queued for the sweeper
             try:
-                submit.send_created(self.cfg, self.cat, made)
+                submit.send_created(self.cfg, self.cat, made,
+                                    send_many=self.publisher.send_many if self.publisher else None)
             except BaseException as e:  # noqa: BLE001 - raised again by close(), in the tick's thread
                 self._error = e
 

@@ -185,13 +185,16 @@ def enqueue_many(cfg: Config, cat: Catalog, requests: list[Request]) -> list[job
     return [job for job, _ in created]
 
 
-def send_created(cfg: Config, cat: Catalog, made: list[jobs.JobView]) -> None:
+def send_created(cfg: Config, cat: Catalog, made: list[jobs.JobView], *,
+                 send_many: Callable[[list[jobs.JobView]], tuple[list[jobs.JobView], Exception | None]]
+                 | None = None) -> None:
     """Send jobs just created for requests nobody waits for (the scheduler's slots, the
     listener's triggers) and record the sends; the jobs whose message did not go stay
-    queued and due, and the sweeper sends them when the broker is back."""
+    queued and due, and the sweeper sends them when the broker is back. ``send_many``:
+    ``celery_app.send_many`` unless given (a ``celery_app.Publisher``'s)."""
     from virtwarden.worker import celery_app
 
-    sent, error = celery_app.send_many(made)
+    sent, error = (send_many or celery_app.send_many)(made)
     if error is not None:
         went = {job.id for job in sent}
         unsent = [job for job in made if job.id not in went]

@@ -253,7 +253,11 @@ class Publisher:
 
 
 def _publisher(conn: Any, cfg: Config) -> None:
-    """The body of ``Publisher``'s process."""
+    """The body of ``Publisher``'s process. Ctrl-C in a terminal reaches the whole
+    process group: the scheduler ends its tick and closes the pipe, which ends this."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure(cfg)
     while True:
         try:

@@ -578,7 +578,10 @@ def cli(args: argparse.Namespace) -> int:
     celery_app.configure(cfg)
     scheduler = Scheduler(cfg, cat, clock=clock_from_env())
     if args.once:
-        report = scheduler.tick()
+        try:
+            report = scheduler.tick()
+        finally:
+            scheduler.close()
         print(report.summary())
         return EXIT_OK if report.ok else EXIT_FAILED
     stop = threading.Event()

@@ -41,7 +41,8 @@ from virtwarden.catalog.views import (
 )
 
 from virtwarden import permissions
-from virtwarden.errors import JobNotFound
+from virtwarden.errors import DatabaseUnavailable, JobNotFound
+from virtwarden.redact import mask
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -266,6 +267,9 @@ def _connect(url: str) -> tuple[Any, str]:
             conn = psycopg2.connect("postgresql://" + url.split("://", 1)[1])
             conn.set_session(readonly=True, autocommit=True)  # these are reads: nothing here can change the catalog
             return conn, psycopg2.paramstyle
+        except psycopg2.OperationalError as e:  # said now: the full catalog would wait for it once more
+            reason = str(e).strip()
+            raise DatabaseUnavailable(mask(f"catalog {url} unreachable or not upgradable: {reason}")) from None
         except psycopg2.Error:
-            return None, ""  # unreachable, or a parameter libpq does not know: the full catalog says
+            return None, ""  # a parameter libpq does not know (one of SQLAlchemy's): the full catalog decides
     return None, ""

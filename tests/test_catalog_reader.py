@@ -14,7 +14,7 @@ import pytest
 from virtwarden.catalog import alerts, drills, jobs, points, reader, services, slots, snapshots
 from virtwarden.catalog.store import Catalog
 
-from virtwarden.errors import ConfigError, JobNotFound
+from virtwarden.errors import ConfigError, DatabaseUnavailable, JobNotFound
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -153,6 +153,17 @@ def test_a_schema_of_another_revision_is_not_read_by_the_reader(cat):
         conn.exec_driver_sql("UPDATE alembic_version SET version_num = 'ffff'")
     with pytest.raises(ConfigError, match="at schema revision ffff, which this virtwarden does not know"):
         reader.recent_jobs(cat.url)
+
+
+def test_an_unreachable_postgresql_catalog_is_the_same_clear_error_and_is_waited_for_once(monkeypatch):
+    """Said by the reader, with the password masked, instead of being tried again by the
+    full catalog (a host that drops packets would make the command wait twice)."""
+    import virtwarden.catalog.store as store
+
+    monkeypatch.setattr(store, "Catalog", lambda *a, **k: pytest.fail("the full catalog was tried as well"))
+    with pytest.raises(DatabaseUnavailable, match="unreachable") as caught:
+        reader.recent_jobs("postgresql+psycopg2://nobody:secret@127.0.0.1:1/x")
+    assert "secret" not in str(caught.value)
 
 
 def test_reading_changes_nothing_and_leaves_the_catalog_files_private(tmp_path):

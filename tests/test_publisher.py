@@ -96,6 +96,69 @@ def test_a_publisher_whose_process_dies_during_a_request_reports_its_jobs_unsent
         publisher.close()
 
 
+def test_a_wedged_publisher_is_killed_and_its_request_reported_unsent(broker, tmp_path, monkeypatch):
+    """A process that stops answering (SIGSTOP, as a hang would) does not hold the tick:
+    after PUBLISHER_SECONDS it is killed, the request's jobs come back unsent, and the
+    next request starts a new process."""
+    from virtwarden.worker import celery_app
+
+    monkeypatch.setattr(celery_app, "PUBLISHER_SECONDS", 2.0)
+    cfg = config_module.load(None, env={"VIRTWARDEN_BROKER_URL": broker, "VIRTWARDEN_DATA_DIR": str(tmp_path)})
+    publisher = celery_app.Publisher(cfg).start()
+    try:
+        assert publisher.send_many(_jobs(1))[1] is None
+        stopped = publisher._proc
+        os.kill(stopped.pid, signal.SIGSTOP)
+        start = time.monotonic()
+        sent, error = publisher.send_many(_jobs(3))
+        assert time.monotonic() - start < 10
+        assert sent == [] and isinstance(error, BrokerUnavailable) and "no answer within 2s" in str(error)
+        assert not stopped.is_alive()
+        made = _jobs(2)
+        assert publisher.send_many(made) == (made, None)
+    finally:
+        publisher.close()
+
+
+def test_a_broker_that_stops_answering_fails_a_send_instead_of_holding_it(tmp_path, monkeypatch):
+    """A Redis SIGSTOPped (it accepts connections and never answers) used to hold a send
+    for ever, and with it the scheduler's tick: every later slot of the fleet waited. The
+    broker's sockets now time out: the send fails, its jobs stay due for the sweeper, and
+    once the broker answers again the next send goes."""
+    from virtwarden.worker import celery_app
+
+    from tests.faults import PrivateRedis
+
+    monkeypatch.setattr(celery_app, "BROKER_IO_SECONDS", 2.0)
+    before = celery_app._config
+    redis_server = PrivateRedis(tmp_path / "redis")
+    redis_server.start()
+    try:
+        cfg = config_module.load(None, env={"VIRTWARDEN_BROKER_URL": redis_server.url,
+                                            "VIRTWARDEN_DATA_DIR": str(tmp_path)})
+        celery_app.configure(cfg)
+        first = _jobs(2)
+        assert celery_app.send_many(first) == (first, None)
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)
+        result: list = []
+        import threading
+
+        sending = threading.Thread(target=lambda: result.append(celery_app.send_many(_jobs(5))), daemon=True)
+        sending.start()
+        sending.join(20)  # the old code is still waiting here
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+        assert not sending.is_alive(), "the send still waits for a broker that does not answer"
+        sent, error = result[0]
+        assert sent == [] and isinstance(error, BrokerUnavailable) and "unreachable" in str(error)
+        again = _jobs(3)
+        assert celery_app.send_many(again) == (again, None)
+    finally:
+        redis_server.stop()
+        monkeypatch.undo()
+        if before is not None:  # this process's app as the tests before this one left it
+            celery_app.configure(before)
+
+
 def test_a_publisher_reports_a_dead_broker(tmp_path):
     from virtwarden.worker import celery_app
 

@@ -8,6 +8,8 @@ Why these settings (see docs/architecture.md, "Jobs survive workers"):
   message is harmless anyway: the job row's lease lets only one worker run it.
 - ``worker_prefetch_multiplier = 1``: a worker busy with a long backup does not hoard
   messages other workers could take.
+- Socket timeouts on the broker's connections (``BROKER_IO_SECONDS``): a broker that
+  stops answering fails a send instead of holding the sender for ever.
 - Results live in the catalog, not in a result backend.
 - The sweeper thread in each worker (worker/outbox.py, sending through ``send``) requeues jobs whose worker
   died (lease expired) without waiting for the broker to redeliver their message, and
@@ -32,6 +34,15 @@ from virtwarden.errors import BrokerUnavailable
 
 log = logging.getLogger(__name__)
 TASK = "virtwarden.run_job"
+# A broker that accepts connections but stops answering (a Redis stopped, wedged or
+# swapping) fails a send after this long instead of holding it for ever: the sender (a
+# scheduler tick, the listener, a CLI command, the sweeper) reports it and the job stays
+# queued and due. Far above a worker's wait for messages (kombu's BRPOP, 1 s).
+BROKER_IO_SECONDS = 30.0
+BROKER_CONNECT_SECONDS = 10.0
+# The longest a Publisher's process may take to answer one request (a batch's sends,
+# themselves bounded by the timeouts above): past it the process is killed.
+PUBLISHER_SECONDS = 120.0
 BUSY_RETRY_SECONDS = 15
 
 app = Celery("virtwarden")
@@ -61,7 +72,9 @@ def configure(cfg: Config) -> Celery:
     app.conf.update(
         broker_url=cfg.broker_url,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": cfg.worker.visibility_timeout_seconds},
+        broker_transport_options={"visibility_timeout": cfg.worker.visibility_timeout_seconds,
+                                  "socket_timeout": BROKER_IO_SECONDS,
+                                  "socket_connect_timeout": BROKER_CONNECT_SECONDS},
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_ignore_result=True,
@@ -215,6 +228,9 @@ class Publisher:
             conn = self._started()
             try:
                 conn.send([(job.id, job.host) for job in queued])
+                if not conn.poll(PUBLISHER_SECONDS):
+                    self._proc.kill()  # wedged: the sweeper sends its jobs
+                    raise TimeoutError(f"no answer within {PUBLISHER_SECONDS:g}s")
                 count, error, bug = conn.recv()
             except (EOFError, OSError) as e:
                 self._stop()

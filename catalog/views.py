@@ -5,7 +5,7 @@ catalog.points and catalog.alerts build the same views from their models.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -53,10 +53,7 @@ class JobView:
         return self.state in FINISHED
 
     def to_json(self) -> dict[str, Any]:
-        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        for k in ("created_at", "started_at", "finished_at"):
-            out[k] = out[k].isoformat() if out[k] else None
-        return out
+        return _as_json(self)
 
 
 @dataclass(frozen=True)
@@ -148,10 +145,7 @@ class AlertView:
     detail: str | None
 
     def to_json(self) -> dict[str, Any]:
-        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        for k in ("starts_at", "received_at", "resolved_at"):
-            out[k] = out[k].isoformat() if out[k] else None
-        return out
+        return _as_json(self)
 
 
 @dataclass(frozen=True)
@@ -169,8 +163,8 @@ class SnapshotView:
     created_at: datetime
     deleted_at: datetime | None
 
-    def to_json(self) -> dict:
-        return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in asdict(self).items()}
+    def to_json(self) -> dict[str, Any]:
+        return _as_json(self)
 
 
 @dataclass(frozen=True)
@@ -194,11 +188,7 @@ class DrillView:
         return self.state == PASSED
 
     def to_json(self) -> dict[str, Any]:
-        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        out["job_id"] = self.id
-        for k in ("started_at", "finished_at"):
-            out[k] = out[k].isoformat() if out[k] else None
-        return out
+        return {**_as_json(self), "job_id": self.id}
 
 
 @dataclass(frozen=True)
@@ -214,11 +204,8 @@ class SlotRow:
     job_id: str | None
     created_at: datetime
 
-    def to_json(self) -> dict:
-        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        for k in ("slot_at", "window_end", "created_at"):
-            out[k] = out[k].isoformat()
-        return out
+    def to_json(self) -> dict[str, Any]:
+        return _as_json(self)
 
 
 @dataclass(frozen=True)
@@ -232,3 +219,9 @@ class ServiceView:
     seen_at: datetime
     backlog: int | None = None
     lag_seconds: float | None = None
+
+
+def _as_json(view: Any) -> dict[str, Any]:
+    """A view's fields as JSON-ready data: times in ISO 8601, the rest as they are."""
+    return {k: (v.isoformat() if isinstance(v, datetime) else v)
+            for k in view.__dataclass_fields__ for v in (getattr(view, k),)}

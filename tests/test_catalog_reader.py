@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 from virtwarden.catalog import alerts, drills, jobs, points, reader, services, slots, snapshots
 from virtwarden.catalog.store import Catalog
 
+from tests.test_catalog import _point
 from virtwarden.errors import ConfigError, DatabaseUnavailable, JobNotFound
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,14 +83,6 @@ def _fill(cat: Catalog) -> None:
         if row.domain == "db01":
             slots.move(cat, row.id, from_state="deferred", to_state="skipped", reason="missed: no scheduler",
                        cause="missed")
-
-
-def _point(cat: Catalog, **over):
-    fields = dict(id=str(uuid.uuid4()), domain="web01", domain_uuid="u1", host="kvm01", storage="nfs",
-                  strategy="bitmap", chain_id="c1", parent_id=None, seq=0, level="full", reason="first",
-                  checkpoint="virtwarden-1", manifest_key="k/manifest.json", job_id="j")
-    fields.update(over)
-    return points.begin(cat, **fields)
 
 
 def test_the_reader_answers_what_the_catalog_answers(cat):

@@ -1,7 +1,5 @@
 """``python -m virtwarden.cli``: the ``virtwarden`` command."""
-import sys
-
-from virtwarden.cli.main import main
+from virtwarden.cli.main import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -9,12 +9,15 @@ clear line on stderr.
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
 import logging
 import os
 import select
 import sys
+import threading
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from virtwarden import __version__, permissions
 from virtwarden.errors import EXIT_BUG, EXIT_USAGE, VirtwardenError
@@ -56,6 +59,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception:  # the one place a bug becomes an exit code
         log.exception("unexpected error (a bug: please report it with this traceback)")
         return EXIT_BUG
+
+
+def run() -> NoReturn:
+    """The ``virtwarden`` executable (and ``python -m virtwarden.cli``): ``main()``, then
+    ``leave`` with its exit code."""
+    leave(main())
+
+
+def leave(code: int) -> NoReturn:
+    """End the process with ``code`` once everything is said, without the interpreter's
+    teardown. Measured: freeing every module and object of SQLAlchemy, pydantic, Celery
+    and kombu one by one took 0.25-0.3 s at the end of each command that submits a job,
+    after its output was complete. The exit handlers still run (logging's flush, a
+    multiprocessing child's join) and the standard streams are flushed; while a thread
+    other than a daemon still runs, or a stream cannot be flushed (its reader went
+    away), the interpreter's own exit is taken instead, which waits for the thread and
+    reports as it always did."""
+    main_thread = threading.main_thread()
+    if any(t is not main_thread and t.is_alive() and not t.daemon for t in threading.enumerate()):
+        sys.exit(code)
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        atexit._run_exitfuncs()  # they run once: the interpreter's exit would find none left
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        sys.exit(code)
+    os._exit(code)
 
 
 def _stdout_closed() -> bool:

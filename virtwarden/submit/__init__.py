@@ -215,11 +215,14 @@ def job_failed(job: jobs.JobView) -> JobFailed:
 
 
 def wait(cat: Catalog, job_id: str, *, on_progress: Callable[[jobs.JobView], None] | None = None,
-         poll: float = 0.05, poll_max: float = 0.2, timeout: float | None = None) -> jobs.JobView:
+         poll: float = 0.05, poll_max: float = 0.2, steady: float = 10.0, timeout: float | None = None
+         ) -> jobs.JobView:
     """Block until the job finished; JobFailed when it failed. The catalog is read every
-    ``poll`` seconds at first, then less often (up to ``poll_max``): a job's end is seen
-    within 0.2 s, at the cost of reading one row five times a second while it runs (a
-    primary-key lookup: nothing for SQLite or PostgreSQL)."""
+    ``poll`` seconds for the first ``steady`` seconds (most jobs a person waits for end
+    by then: their end is seen within 0.05 s), then less often, up to every
+    ``poll_max``: a long job's end is seen within 0.2 s, at the cost of reading one row
+    five times a second while it runs (a primary-key lookup: nothing for SQLite or
+    PostgreSQL)."""
     start = time.monotonic()
     while True:
         job = jobs.get(cat, job_id)
@@ -232,4 +235,5 @@ def wait(cat: Catalog, job_id: str, *, on_progress: Callable[[jobs.JobView], Non
         if timeout is not None and time.monotonic() - start > timeout:
             raise JobFailed(f"job {job.id} still {job.state} after {timeout:.0f}s")
         time.sleep(poll)
-        poll = min(poll * 1.25, poll_max)
+        if time.monotonic() - start > steady:
+            poll = min(poll * 1.25, poll_max)

@@ -54,3 +54,13 @@ def test_the_command_ends_with_its_exit_code(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "virtwarden.cli", "--version"], cwd=REPO, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.startswith("virtwarden ")
+
+
+def test_a_profiled_command_still_writes_its_profile(tmp_path: Path) -> None:
+    """``python -m cProfile -o FILE -m virtwarden.cli ...`` writes the profile after the
+    command returns: under a profiler the interpreter's own exit is taken."""
+    out = tmp_path / "cli.prof"
+    r = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(out), "-m", "virtwarden.cli", "--version"],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert out.stat().st_size > 0

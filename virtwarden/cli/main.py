@@ -75,9 +75,11 @@ def leave(code: int) -> NoReturn:
     multiprocessing child's join) and the standard streams are flushed; while a thread
     other than a daemon still runs, or a stream cannot be flushed (its reader went
     away), the interpreter's own exit is taken instead, which waits for the thread and
-    reports as it always did."""
+    reports as it always did; so it is under a profiler or a tracer (cProfile writes its
+    profile after the command returns)."""
     main_thread = threading.main_thread()
-    if any(t is not main_thread and t.is_alive() and not t.daemon for t in threading.enumerate()):
+    if sys.getprofile() is not None or sys.gettrace() is not None or \
+            any(t is not main_thread and t.is_alive() and not t.daemon for t in threading.enumerate()):
         sys.exit(code)
     try:
         sys.stdout.flush()

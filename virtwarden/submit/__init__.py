@@ -21,11 +21,16 @@ from typing import Any
 from virtwarden.catalog import jobs
 from virtwarden.catalog.store import Catalog
 from virtwarden.config import Config
-from virtwarden.errors import JobFailed, UsageError, VirtwardenError
+from virtwarden.errors import DatabaseUnavailable, JobFailed, UsageError, VirtwardenError
 from virtwarden.policies.model import Policy
 from virtwarden.policies.select import DomainFacts
 
 log = logging.getLogger(__name__)
+
+# How long a waiter reads an unreachable catalog again before it gives up (a PostgreSQL
+# restart or failover takes seconds to a minute), and how often meanwhile.
+OUTAGE_SECONDS = 120.0
+OUTAGE_POLL = 0.5
 
 
 @dataclass(frozen=True)
@@ -215,17 +220,42 @@ def job_failed(job: jobs.JobView) -> JobFailed:
 
 
 def wait(cat: Catalog, job_id: str, *, on_progress: Callable[[jobs.JobView], None] | None = None,
-         poll: float = 0.05, poll_max: float = 0.2, steady: float = 10.0, timeout: float | None = None
-         ) -> jobs.JobView:
+         poll: float = 0.05, poll_max: float = 0.2, steady: float = 10.0, timeout: float | None = None,
+         outage: float = OUTAGE_SECONDS) -> jobs.JobView:
     """Block until the job finished; JobFailed when it failed. The catalog is read every
     ``poll`` seconds for the first ``steady`` seconds (most jobs a person waits for end
     by then: their end is seen within 0.05 s), then less often, up to every
     ``poll_max``: a long job's end is seen within 0.2 s, at the cost of reading one row
     five times a second while it runs (a primary-key lookup: nothing for SQLite or
-    PostgreSQL)."""
+    PostgreSQL).
+
+    A catalog that cannot be read (a PostgreSQL restarting or failing over) is read
+    again every ``OUTAGE_POLL`` seconds for up to ``outage`` seconds before
+    DatabaseUnavailable is raised. The job does not need the waiter: it goes on, and a
+    waiter that gave up at the first failed read would report a failure (and stop a
+    runbook) for a job that then succeeds."""
     start = time.monotonic()
+    unreachable_since: float | None = None
     while True:
-        job = jobs.get(cat, job_id)
+        try:
+            job = jobs.get(cat, job_id)
+        except DatabaseUnavailable as e:
+            now = time.monotonic()
+            if unreachable_since is None:
+                unreachable_since = now
+                log.warning("job %s: the catalog cannot be read (%s); reading it again for up to %.0f s",
+                            job_id, e, outage)
+            if now - unreachable_since >= outage or (timeout is not None and now - start > timeout):
+                raise DatabaseUnavailable(f"job {job_id}: the catalog could not be read for "
+                                          f"{now - unreachable_since:.0f} s, so its end is not known; the job "
+                                          f"goes on without this wait (virtwarden job {job_id} says how it "
+                                          f"ended): {e}") from e
+            time.sleep(OUTAGE_POLL)
+            continue
+        if unreachable_since is not None:
+            log.warning("job %s: the catalog can be read again after %.1f s", job_id,
+                        time.monotonic() - unreachable_since)
+            unreachable_since = None
         if on_progress:
             on_progress(job)
         if job.finished:

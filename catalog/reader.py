@@ -20,12 +20,13 @@ from __future__ import annotations
 import functools
 import json
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from virtwarden.catalog.views import (
     CREATING,
@@ -248,6 +249,25 @@ def _opened(url: str) -> Iterator[_Db | None]:
         conn.close()
 
 
+# libpq settings for every connection to a PostgreSQL catalog (the reader's and the full
+# catalog's), each unless the URL sets it: a server that stops answering fails the call
+# instead of holding it (and the worker's lease renewals, the scheduler's tick, an
+# operator's command) for ever. Without them, a server that accepted the connection and
+# never answered held a command for as long as it was left; a host that vanished held a
+# query until the kernel gave up retransmitting (about 15 minutes).
+PG_CONNECT_SECONDS = 10  # the whole connection set-up, handshake and authentication
+PG_UNACKED_SECONDS = 30  # sent data left unacknowledged (tcp_user_timeout, libpq 12+)
+PG_KEEPALIVE = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+
+
+def pg_connect_args(given: Iterable[str], libpq_version: int) -> dict[str, Any]:
+    """The libpq settings above that are not among ``given`` (the URL's own parameters)."""
+    wanted: dict[str, Any] = {"connect_timeout": PG_CONNECT_SECONDS, **PG_KEEPALIVE}
+    if libpq_version >= 120000:
+        wanted["tcp_user_timeout"] = PG_UNACKED_SECONDS * 1000
+    return {k: v for k, v in wanted.items() if k not in set(given)}
+
+
 def _connect(url: str) -> tuple[Any, str]:
     if url.startswith("sqlite:///"):
         path = url.split("///", 1)[1]
@@ -264,7 +284,9 @@ def _connect(url: str) -> tuple[Any, str]:
         except ImportError:
             return None, ""  # the full catalog says what to install
         try:  # libpq takes the URL itself, once the SQLAlchemy driver name is gone
-            conn = psycopg2.connect("postgresql://" + url.split("://", 1)[1])
+            dsn = "postgresql://" + url.split("://", 1)[1]
+            given = parse_qs(urlsplit(dsn).query)
+            conn = psycopg2.connect(dsn, **pg_connect_args(given, psycopg2.extensions.libpq_version()))
             conn.set_session(readonly=True, autocommit=True)  # these are reads: nothing here can change the catalog
             return conn, psycopg2.paramstyle
         except psycopg2.OperationalError as e:  # said now: the full catalog would wait for it once more

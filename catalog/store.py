@@ -15,11 +15,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, make_url
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
-from virtwarden.catalog.reader import MIGRATIONS, newest_revision
+from virtwarden.catalog.reader import MIGRATIONS, newest_revision, pg_connect_args
 
 from virtwarden import permissions
 from virtwarden.errors import ConfigError, DatabaseUnavailable
@@ -186,7 +186,17 @@ def upsert(s: Session, table: Any, key: dict[str, Any], values: dict[str, Any], 
 
 def _engine(url: str) -> Engine:
     try:
-        return _sqlite_engine(url) if url.startswith("sqlite") else create_engine(url, pool_pre_ping=True)
+        if url.startswith("sqlite"):
+            return _sqlite_engine(url)
+        parsed = make_url(url)
+        args: dict[str, Any] = {}
+        if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() == "psycopg2":
+            # A server that stops answering fails the call instead of holding it for ever
+            # (catalog/reader.py: pg_connect_args); the URL's own settings win.
+            from psycopg2.extensions import libpq_version
+
+            args = pg_connect_args(parsed.query, libpq_version())
+        return create_engine(url, pool_pre_ping=True, connect_args=args)
     except ImportError as e:  # SQLAlchemy imports the URL's driver when it makes the engine
         raise ConfigError(_missing_driver(url, e)) from e
 

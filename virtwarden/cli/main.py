@@ -75,7 +75,7 @@ def leave(code: int) -> NoReturn:
     multiprocessing child's join) and the standard streams are flushed; while a thread
     other than a daemon still runs, or a stream cannot be flushed (its reader went
     away), the interpreter's own exit is taken instead, which waits for the thread and
-    reports as it always did; so it is under a profiler or a tracer (cProfile writes its
+    reports as it always did; the same under a profiler or a tracer (cProfile writes its
     profile after the command returns)."""
     main_thread = threading.main_thread()
     if sys.getprofile() is not None or sys.gettrace() is not None or \

@@ -104,7 +104,9 @@ def gc_finished(cat: Catalog, storage: str, started: datetime, report: GcReport)
     it started and replaces the counts."""
     values: dict = {"gc_finished_at": db_now(), "gc_deferred": report.deferred}
     if report.deferred is None:
-        after = RepositoryUsage.garbage_last > started  # points went while it ran: their chunks may remain
+        # Points went while it ran (or in the same tick of the database's clock as its start,
+        # which cannot tell which came first): their chunks may remain.
+        after = RepositoryUsage.garbage_last >= started
         values.update(
             garbage_since=case((after, RepositoryUsage.garbage_last), else_=None),
             garbage_last=case((after, RepositoryUsage.garbage_last), else_=None),

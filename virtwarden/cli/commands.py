@@ -129,15 +129,13 @@ def follow(args: argparse.Namespace, cat: Catalog, job: JobView) -> tuple[JobVie
     from virtwarden.catalog import jobs
 
     progress = _Progress() if sys.stderr.isatty() and not args.json else None
-    failure = None
     try:
-        submit.wait(cat, job.id, on_progress=progress, timeout=args.timeout)
+        return submit.wait(cat, job.id, on_progress=progress, timeout=args.timeout), None
     except JobFailed as e:
-        failure = e
+        return jobs.get(cat, job.id), e  # the job as it is now: failed, or still running
     finally:
         if progress:
             progress.close()
-    return jobs.get(cat, job.id), failure
 
 
 def _after_submit(args: argparse.Namespace, cat: Catalog, job: JobView) -> int:

@@ -273,7 +273,7 @@ def fetched(ctx: JobContext, backend: Backend, chain: Chain, *, share: float = 0
 
     Format 2: nothing is copied. Each disk is served from its chunks over NBD
     (``served_disks``) and the rebuild reads it from there in one pass; every chunk is
-    authenticated and its id checked as it is read."""
+    authenticated as it is read (its tag binds it to its id)."""
     if chain.repo2 is None:
         yield _copy_format1(ctx, backend, chain, share)
         return

@@ -114,7 +114,7 @@ def test_an_incremental_from_a_whole_disk_reads_touched_chunks_whole(store, tmp_
     reads: list[tuple[int, int]] = []
     fetched: list[str] = []
     get = store.get
-    store.get = lambda cid: fetched.append(cid) or get(cid)  # type: ignore[method-assign]
+    store.get = lambda cid, **kw: fetched.append(cid) or get(cid, **kw)  # type: ignore[method-assign]
     second, stats = write_disk(store, "vda", _reader(disk, reads), size, CHUNK, previous=first,
                                changed=[(3 * MiB + 5, 7)], whole=True)
     assert (reads, fetched) == ([(3 * MiB, CHUNK)], [])

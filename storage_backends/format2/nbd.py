@@ -2,8 +2,8 @@
 
 A restore hands the export to ``qemu-img convert`` as its source, so the destination
 image is written in one pass: no copy of the disk in scratch space first. Each read is
-answered from the chunks it covers (fetched, authenticated and their ids checked by the
-``ChunkStore``, several requests at a time); zero pieces are reported as holes through
+answered from the chunks it covers (fetched and authenticated by the ``ChunkStore``,
+several requests at a time; their ids are not computed again, see objects.py); zero pieces are reported as holes through
 the ``base:allocation`` metadata context, so QEMU never reads them and leaves them
 unallocated in the destination.
 
@@ -17,7 +17,7 @@ allows (108 bytes), so the socket is bound and reached through
 ``/proc/self/fd/<fd of the directory>/``: ``qemu-img`` gets the same descriptor
 (``NbdDisk.fd``) and the same path.
 
-A chunk that cannot be read (missing, damaged, not what its id says, or the storage
+A chunk that cannot be read (missing, damaged, sealed under another id, or the storage
 unreachable) fails the read with EIO; the first such failure (a damaged chunk's names
 the disk and offset) is kept in ``failure`` for the caller to raise instead of
 qemu-img's "Input/output error".
@@ -146,7 +146,7 @@ class ChunkExport:
     def _chunk(self, offset: int, cid: str, length: int) -> bytes:
         target = self.index.target
         try:
-            data = self.store.get(cid)
+            data = self.store.get(cid, check_id=False)  # authenticated: the tag binds it to its id
         except DamagedObject as e:
             raise self._failed(DamagedObject(f"{target} at offset {offset}: {e}")) from e
         except ObjectNotFound as e:

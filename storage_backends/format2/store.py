@@ -70,8 +70,10 @@ class ChunkStore:
         writer.put_bytes(key, blob)
         return cid, len(blob)
 
-    def get(self, cid: str) -> bytes:
-        return self.codec.open("chunk", cid, self.backend.get_bytes(self.key(cid)))
+    def get(self, cid: str, *, check_id: bool = True) -> bytes:
+        """The chunk's data, authenticated; ``check_id``: its id computed again too
+        (``Codec.open``)."""
+        return self.codec.open("chunk", cid, self.backend.get_bytes(self.key(cid)), check_id=check_id)
 
     def ids(self) -> Iterator[str]:
         """The id of every stored chunk (for gc and verify)."""
@@ -154,7 +156,7 @@ def read_disk(store: ChunkStore, index: DiskIndex, write_at: WriteAt, *, workers
         offset, length, cid = piece
         assert cid is not None
         try:
-            data = store.get(cid)
+            data = store.get(cid, check_id=False)  # authenticated: the tag binds it to its id
         except DamagedObject as e:
             raise DamagedObject(f"{index.target} at offset {offset}: {e}") from e
         except ObjectNotFound as e:

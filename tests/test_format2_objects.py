@@ -48,6 +48,31 @@ def test_incompressible_data_is_stored_raw(key) -> None:
     assert len(blob) == len(data) + 1 + objects.HEADER + objects.NONCE + objects.TAG
 
 
+def _compressed(codec: Codec, data: bytes) -> bool:
+    return len(codec.seal("chunk", codec.chunk_id(data), data)) < len(data)
+
+
+def test_whether_a_chunk_is_compressed_is_judged_from_samples_spread_over_it(key) -> None:
+    """Random data is stored raw without a whole attempt; a chunk compresses when any
+    part of it the samples land in does: zeros in one half, text, a repeated pattern."""
+    codec = Codec(key)
+    half = 256 * 1024
+    assert not _compressed(codec, os.urandom(2 * half))
+    assert _compressed(codec, os.urandom(half) + bytes(half))
+    assert _compressed(codec, bytes(half) + os.urandom(half))
+    assert _compressed(codec, (b"virtwarden " * 50_000)[:2 * half])
+    assert _compressed(codec, os.urandom(4096) * 128)
+    # Small objects (indexes, manifests) are always tried: the samples would be all of them.
+    small = b"x" * (objects.SAMPLES * objects.SAMPLE)
+    assert _compressed(codec, small)
+    # What the samples do not see is not compressed: random where all eight land.
+    mixed = bytearray(os.urandom(2 * half))
+    step = len(mixed) // objects.SAMPLES
+    for i in range(objects.SAMPLES):
+        mixed[i * step + objects.SAMPLE:(i + 1) * step] = bytes(step - objects.SAMPLE)
+    assert not _compressed(codec, bytes(mixed))
+
+
 @pytest.mark.parametrize("where", [0, 5, 10, 100, -1])
 def test_any_changed_byte_is_found(key, where: int) -> None:
     codec = Codec(key)

@@ -46,6 +46,10 @@ TAG = 16
 DIGEST = 32
 HEADER = len(MAGIC) + 2
 ZSTD_LEVEL = 3  # see docs/repository-format.md, "Compression": level 3 keeps up with the disks here
+# Before compressing an object larger than SAMPLES * SAMPLE bytes, that many pieces spread
+# over it are compressed at level 1; unless they shrink below SAMPLE_RATIO of their size,
+# the object is stored raw (docs/repository-format.md, "Objects").
+SAMPLES, SAMPLE, SAMPLE_RATIO = 8, 4096, 0.98
 
 
 class DamagedObject(ChecksumMismatch):
@@ -56,9 +60,10 @@ class DamagedObject(ChecksumMismatch):
 class Codec:
     """Seals and opens objects with one repository key (``None``: no encryption)."""
 
-    def __init__(self, key: RepositoryKey | None, *, level: int = ZSTD_LEVEL) -> None:
+    def __init__(self, key: RepositoryKey | None, *, level: int = ZSTD_LEVEL, sampling: bool = True) -> None:
         self.key = key
         self.level = level
+        self.sampling = sampling  # False: every object is compressed whole (bench.compression compares)
         self._aead = AESGCM(key.encryption) if key else None
         self._local = threading.local()  # zstd contexts are not shared between threads
 
@@ -73,6 +78,7 @@ class Codec:
         return hmac.new(self.key.ids, data, hashlib.sha256).hexdigest()
 
     def seal(self, kind: str, name: str, data: bytes | bytearray, *, compress: bool = True) -> bytes | bytearray:
+        compress = compress and self._worth_compressing(data)
         packed = self._compressor().compress(data) if compress else data
         payload = (bytes([ZSTD]) + packed) if compress and len(packed) < len(data) else (bytes([RAW]) + data)
         if self._aead is None:
@@ -134,6 +140,22 @@ class Codec:
             except zstandard.ZstdError as e:
                 raise DamagedObject(f"{what}: does not decompress: {e}") from e
         raise DamagedObject(f"{what}: unknown compression {payload[0]}")
+
+    def _worth_compressing(self, data: bytes | bytearray) -> bool:
+        """Whether compressing ``data`` may make it smaller, judged from samples spread
+        over it (``SAMPLES`` pieces of ``SAMPLE`` bytes, compressed at zstd's fastest
+        level): data that does not compress at all (random, encrypted or already
+        compressed) is stored raw without paying for a whole attempt. Objects of up to
+        ``SAMPLES * SAMPLE`` bytes are always tried."""
+        n = len(data)
+        if not self.sampling or n <= SAMPLES * SAMPLE:
+            return True
+        view, step = memoryview(data), n // SAMPLES
+        sample = b"".join(view[i * step:i * step + SAMPLE] for i in range(SAMPLES))
+        s = getattr(self._local, "sampler", None)
+        if s is None:
+            s = self._local.sampler = zstandard.ZstdCompressor(level=1, write_content_size=False)
+        return len(s.compress(sample)) < len(sample) * SAMPLE_RATIO
 
     def _compressor(self) -> zstandard.ZstdCompressor:
         c = getattr(self._local, "compressor", None)

@@ -1,8 +1,10 @@
 """The bare operations each job is compared with: the plain tools on the same bytes."""
 from __future__ import annotations
 
+import os
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import quoteattr
@@ -73,6 +75,7 @@ class BareS3:
         ).client("s3", endpoint_url=settings["endpoint_url"],
                  config=Config(s3={"addressing_style": "path"},
                                max_pool_connections=settings["max_concurrency"] + 4))
+        self.concurrency: int = settings["max_concurrency"]
         part = settings["part_size_mib"] * MiB
         self.transfer = TransferConfig(multipart_threshold=part, multipart_chunksize=part,
                                        max_concurrency=settings["max_concurrency"],
@@ -102,6 +105,26 @@ class BareS3:
             else:
                 self.get_streamed(key, dest)
         rebuild(local[0], local[1], out)
+
+    def download_parallel(self, objects: list[tuple[int, str]], out: Path) -> None:
+        """GET every (offset, key) object on ``max_concurrency`` threads, each written at
+        its offset in ``out`` as it arrives (a sealed chunk is a few bytes longer than its
+        piece: the next one overwrites them), then fsync."""
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            def one(item: tuple[int, str]) -> None:
+                offset, key = item
+                body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+                for piece in body.iter_chunks(MiB):
+                    os.pwrite(fd, piece, offset)
+                    offset += len(piece)
+
+            with ThreadPoolExecutor(self.concurrency) as pool:
+                for _ in pool.map(one, objects):
+                    pass
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def delete_prefix(self, prefix: str = "") -> None:
         """Remove every object (and unfinished upload) under ``prefix``."""

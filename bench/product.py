@@ -21,6 +21,7 @@ from bench.memory import PeakRss
 
 REPO = Path(__file__).resolve().parent.parent
 READY = b" ready."
+VAULT_S3_PREFIX = "vault"  # target vault-s3: format 2 in the s3 target's bucket, under this prefix
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,11 @@ class Installation:
             "storage": {"nfs": {"type": "nfs", "path": str(self.repository)}, "s3": self.s3,
                         "vault": {"type": "nfs", "path": str(self.vault), "create": True, "format": 2,
                                   "key_file": str(self.root / "vault.key"),
-                                  "passphrase_file": str(self.root / "vault.pass")}},
+                                  "passphrase_file": str(self.root / "vault.pass")},
+                        # format 2 on S3: the same bucket as s3, its own prefix and key
+                        "vault-s3": {**self.s3, "prefix": VAULT_S3_PREFIX, "format": 2,
+                                     "key_file": str(self.root / "vault-s3.key"),
+                                     "passphrase_file": str(self.root / "vault.pass")}},
             "worker": {"concurrency": 1},
         }
         self.config_path.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -67,23 +72,27 @@ class Installation:
             passphrase.write_text(secrets.token_hex(16) + "\n")
             passphrase.chmod(0o600)
 
-    def init_vault(self) -> None:
-        """Create the format-2 repository of target ``vault`` and its key (``key init``)."""
-        self.cli("key", "init", "vault")
+    def init_vault(self, target: str = "vault") -> None:
+        """Create the format-2 repository of ``target`` and its key (``key init``)."""
+        self.cli("key", "init", target)
 
-    def empty_vault(self) -> None:
-        """Delete every point of ``vault`` and gc its chunks: the next full starts from an
-        empty repository, as the other targets' new chains do."""
+    def open_vault(self, target: str = "vault") -> Any:
+        """The format-2 repository of ``target``, opened as the product opens it."""
         from virtwarden.storage_backends.format2.access import open_repository
 
         from virtwarden import config
 
-        repo = open_repository("vault", config.load(str(self.config_path), env={}).storage_target("vault"))
+        return open_repository(target, config.load(str(self.config_path), env={}).storage_target(target))
+
+    def empty_vault(self, target: str = "vault") -> None:
+        """Delete every point of ``target`` (a format-2 target) and gc its chunks: the next
+        full starts from an empty repository, as the other targets' new chains do."""
+        repo = self.open_vault(target)
         for ref in list(repo.points()):
             repo.delete_point(ref)
         report = repo.gc()
         if report.deferred:
-            raise RuntimeError(f"gc of the bench's vault deferred: {report.deferred}")
+            raise RuntimeError(f"gc of the bench's {target} deferred: {report.deferred}")
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items()

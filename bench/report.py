@@ -5,11 +5,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.scenario import Results
+from bench.scenario import VAULTS, Results
 from bench.stats import Series, human_bytes, ratio, spread
 
 GOAL = 1.10  # within 10% of the bare operation
-# Format 2 (target vault) cuts, compresses and encrypts what it stores: its own goals.
+# Format 2 (targets vault and vault-s3) cuts, compresses and encrypts what it stores: its own goals.
 VAULT_FULL = 1.25  # a full at >= 0.8x the throughput of cp + fsync
 VAULT_AGAIN = 0.01  # a second full of unchanged data stores < 1% of the first
 VAULT_STORED = 1.5  # an incremental stores <= 1.5x the bytes dirtied
@@ -37,22 +37,24 @@ def rows(res: Results, targets: list[str]) -> list[list[str]]:
     none = Series("s")
     image = s.get("image.actual_size", Series("B"))
     bare_name = {"full.nfs": "cp --sparse + fsync", "full.s3": "boto3 upload_file",
-                 "full.vault": "cp --sparse + fsync",
+                 "full.vault": "cp --sparse + fsync", "full.vault-s3": "boto3 upload_file of the image",
                  "restore.nfs": "cp x2 + rebase + convert + fsync",
                  "restore.s3": "download_file x2 + rebase + convert + fsync",
-                 "restore.vault": "qemu-img convert of the same data + fsync"}
+                 "restore.vault": "qemu-img convert of the same data + fsync",
+                 "restore.vault-s3": "parallel GET of the same chunks + fsync"}
+    full_bare = {"vault": "full.nfs.bare", "vault-s3": "full.s3.bare"}
     out = []
     for t in targets:
-        goal = VAULT_FULL if t == "vault" else GOAL
+        goal = VAULT_FULL if t in VAULTS else GOAL
         ours = s.get(f"full.{t}", none)
-        base = s.get("full.nfs.bare" if t == "vault" else f"full.{t}.bare", none)
+        base = s.get(full_bare.get(t, f"full.{t}.bare"), none)
         out.append([f"full backup -> {t} (submit to succeeded)", spread(ours), _rate(image, ours),
                     f"{bare_name[f'full.{t}']}: {spread(base)}", _rate(image, base),
                     _verdict(ratio(ours, base), goal)])
         cli = s.get(f"full.{t}.cli", none)
         out.append(["  same, whole CLI command", spread(cli), "", "", "", _verdict(ratio(cli, base), goal)])
-        if t == "vault":
-            first, again = s.get("full.vault.stored", Series("B")), s.get("full2.vault.stored", Series("B"))
+        if t in VAULTS:
+            first, again = s.get(f"full.{t}.stored", Series("B")), s.get(f"full2.{t}.stored", Series("B"))
             out.append(["  bytes stored by the first full", spread(first), "", f"image: {human_bytes(image.median)}",
                         "", ""])
             out.append(["  second full, data unchanged: stored", spread(again), "",
@@ -70,7 +72,7 @@ def rows(res: Results, targets: list[str]) -> list[list[str]]:
         out.append([f"incremental -> {t} (submit to succeeded)", spread(ours), _rate(dirtied, ours), "", "", ""])
         out.append(["  bytes stored vs bytes dirtied", spread(stored), "",
                     f"dirtied: {human_bytes(dirtied.median)} ({human_bytes(clusters.median)} in whole clusters)",
-                    "", _verdict(ratio(stored, dirtied), VAULT_STORED if t == "vault" else GOAL)])
+                    "", _verdict(ratio(stored, dirtied), VAULT_STORED if t in VAULTS else GOAL)])
     for t in targets:
         ours, base = s.get(f"restore.{t}", none), s.get(f"restore.{t}.bare", none)
         out.append([f"restore latest <- {t} (full + incr.)", spread(ours), "",
@@ -141,8 +143,9 @@ def render(res: Results, targets: list[str], machine: dict[str, str], params: di
     if load is not None:
         lines.append(f"  {'load (1 min) per repeat':24} {spread(load)} (other work on the machine shows here)")
     lines += ["", "Times in seconds, median [min-max]; ratio = virtwarden / bare (goal <= 1.10; the format-2 "
-              f"target vault: full <= {VAULT_FULL}, second full stored <= {VAULT_AGAIN}, incremental stored "
-              f"<= {VAULT_STORED} x dirtied, restore <= {GOAL}; against the peer virtnbdbackup: full and "
+              f"targets vault and vault-s3: full <= {VAULT_FULL}, second full stored <= {VAULT_AGAIN}, "
+              f"incremental stored <= {VAULT_STORED} x dirtied, restore <= {GOAL}; against the peer virtnbdbackup: "
+              "full and "
               f"restore <= {PEER_FASTER:.2f}, incremental <= {PEER_INCREMENTAL}).", ""]
     lines.append(table(rows(res, targets), ["measurement", "virtwarden", "rate", "bare", "rate", "ratio"]))
     lines += ["", "Peak resident memory of the worker process tree (main + pool child + tools it runs):", ""]
@@ -157,16 +160,17 @@ def ratios(res: Results) -> dict[str, float]:
     pairs = {f"{job}.{t}{cli}": (f"{job}.{t}{cli}", f"{job}.{t}.bare")
              for job in ("full", "restore") for t in ("nfs", "s3") for cli in ("", ".cli")}
     pairs |= {f"full.vault{cli}": (f"full.vault{cli}", "full.nfs.bare") for cli in ("", ".cli")}
-    pairs |= {f"restore.vault{cli}": (f"restore.vault{cli}", "restore.vault.bare") for cli in ("", ".cli")}
-    pairs |= {"full2.vault.stored_vs_first": ("full2.vault.stored", "full.vault.stored")}
+    pairs |= {f"full.vault-s3{cli}": (f"full.vault-s3{cli}", "full.s3.bare") for cli in ("", ".cli")}
+    pairs |= {f"restore.{t}{cli}": (f"restore.{t}{cli}", f"restore.{t}.bare") for cli in ("", ".cli") for t in VAULTS}
+    pairs |= {f"full2.{t}.stored_vs_first": (f"full2.{t}.stored", f"full.{t}.stored") for t in VAULTS}
     pairs |= {f"{job}.{t}.cli_vs_peer": (f"{job}.{t}.cli", f"{job}.peer")
-              for job in ("full", "incremental", "restore") for t in ("nfs", "s3", "vault")}
+              for job in ("full", "incremental", "restore") for t in ("nfs", "s3", *VAULTS)}
     pairs |= {"full.nfs.vs_push": ("full.nfs", "full.push.bare"),
               "restore.s3.vs_get": ("restore.s3", "restore.s3.bare_get")}
     pairs |= {f"incremental.{t}.stored_vs_dirtied": (f"incremental.{t}.stored", "dirtied")
-              for t in ("nfs", "s3", "vault")}
+              for t in ("nfs", "s3", *VAULTS)}
     pairs |= {f"incremental.{t}.stored_vs_clusters": (f"incremental.{t}.stored", "dirtied.clusters")
-              for t in ("nfs", "s3", "vault")}
+              for t in ("nfs", "s3", *VAULTS)}
     pairs |= {f"memcheck.{k.split('.', 1)[1].rsplit('.', 1)[0]}.rss": (k, f"full.{k.split('.')[-2]}.rss")
               for k in res.series if k.startswith("memcheck.") and k.endswith(".rss")}
     s = res.series

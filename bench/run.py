@@ -37,15 +37,18 @@ from virtwarden.config import S3Storage
 URI = "qemu:///system"
 
 
+TARGETS = ("nfs", "s3", "vault", "vault-s3")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--disk-gib", type=float, default=3.0, help="guest disk size (default 3)")
     p.add_argument("--data-gib", type=float, default=2.0, help="random data written into it (default 2)")
     p.add_argument("--dirty-mib", type=int, default=256, help="random data rewritten before each incremental")
     p.add_argument("--repeat", type=int, default=3, help="runs of each measurement; medians are reported")
-    p.add_argument("--targets", default="nfs,s3,vault",
+    p.add_argument("--targets", default="nfs,s3,vault,vault-s3",
                    help="storage targets to measure: nfs, s3 (format 1), vault (format 2 in a local "
-                        "directory); default all three")
+                        "directory), vault-s3 (format 2 on the S3 endpoint); default all four")
     p.add_argument("--memory-check", action="store_true",
                    help="also back up a second guest holding --memory-check-gib of data, to compare peak memory")
     p.add_argument("--memory-check-gib", type=float, help="data in that second guest (default 2 x --data-gib)")
@@ -61,8 +64,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="leave out virtnbdbackup (run by default on the same guest, when installed)")
     args = p.parse_args(argv)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    if not args.targets or set(args.targets) - {"nfs", "s3", "vault"}:
-        p.error("--targets takes a comma-separated list of nfs, s3 and vault")
+    if not args.targets or set(args.targets) - set(TARGETS):
+        p.error("--targets takes a comma-separated list of " + ", ".join(TARGETS))
     if args.data_gib > args.disk_gib or args.repeat < 1 or args.dirty_mib < 1:
         p.error("need --data-gib <= --disk-gib, --repeat >= 1 and --dirty-mib >= 1")
     if args.memory_check_gib is None:
@@ -123,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         s3 = None
         settings = s3_settings(args.s3_endpoint, f"vw-bench-{token}")
-        if "s3" in args.targets:
+        if {"s3", "vault-s3"} & set(args.targets):
             s3 = BareS3(settings)
             s3.create_bucket()
             cleanup.callback(_quietly("deleting bucket " + s3.bucket, s3.delete_bucket))
@@ -138,8 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         inst.write_config()
         cleanup.callback(_quietly("removing broker keys", inst.forget_queue))
         cleanup.callback(_quietly("stopping the worker", inst.stop_worker))
-        if "vault" in args.targets:
-            inst.init_vault()
+        for target in ("vault", "vault-s3"):
+            if target in args.targets:
+                inst.init_vault(target)
         say("starting the worker")
         inst.start_worker()
 

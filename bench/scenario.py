@@ -2,15 +2,18 @@
 
 Each repeat starts a new chain on every target, so repeats are alike:
 
-    bare cp+fsync | bare push-mode backup | full -> nfs | bare upload | full -> s3 |
+    bare cp+fsync | bare push-mode backup | bare upload | full -> nfs | full -> s3 |
     dirty the guest | incremental -> nfs | restore latest (nfs) | bare restore (nfs) |
     incremental -> s3 | restore latest (s3) | bare restores (s3: ranged, single GET)
 
-The format-2 target ``vault`` (a local directory, chunked, compressed, encrypted) gets a
-second full right after its first (data unchanged: what a lost bitmap costs), and its
-restore is compared with a bare ``qemu-img convert`` of the guest's live image, which
-holds the same data at that moment. Its points are deleted and its chunks collected at
-the end of each repeat.
+The format-2 targets ``vault`` (a local directory) and ``vault-s3`` (the S3 endpoint,
+prefix ``vault``), chunked, compressed and encrypted, get a second full right after their
+first (data unchanged: what a lost bitmap costs). The restore of ``vault`` is compared
+with a bare ``qemu-img convert`` of the guest's live image, which holds the same data at
+that moment; the restore of ``vault-s3`` with a bare parallel download of the same bytes
+(every chunk object the point uses, GET by as many threads as the target's
+``max_concurrency``, each written at its place in a file, then fsync). Their points are
+deleted and their chunks collected at the end of each repeat.
 
 With virtnbdbackup installed (``bench/peer.py``), each repeat also runs its full of a
 twin guest (same size, data layout and dirtied pieces) right after virtwarden's fulls,
@@ -38,11 +41,12 @@ from bench import bare, host
 from bench.bare import BareS3
 from bench.guest import BenchGuest, Dirtied
 from bench.peer import Peer
-from bench.product import Installation, JobRun
+from bench.product import VAULT_S3_PREFIX, Installation, JobRun
 from bench.stats import Series, timed
 from virtwarden.config import NfsStorage
 
 DISK = "vda"
+VAULTS = ("vault", "vault-s3")  # the format-2 targets
 Point = dict[str, Any]  # a restore point as ``virtwarden backups --json`` lists it
 
 
@@ -123,13 +127,12 @@ class Bench:
         self.timed_bare("full.nfs.bare", partial(bare.copy_fsync, self.guest.image, image_copy))
         self._push_then_publish()
         fulls: dict[str, Point] = {}
+        if self.s3 is not None:  # the bare side of both S3 targets' fulls
+            self.timed_bare("full.s3.bare", partial(self.s3.upload, image_copy, "bare/image-copy.qcow2"))
+            self.s3.delete_prefix("bare/")
         for target in self.targets:
-            if target == "s3":
-                assert self.s3 is not None
-                self.timed_bare("full.s3.bare", partial(self.s3.upload, image_copy, "bare/image-copy.qcow2"))
-                self.s3.delete_prefix("bare/")
             fulls[target] = self._backup(target, "full")
-            if target == "vault":  # again, nothing changed: only what is new is stored
+            if target in VAULTS:  # again, nothing changed: only what is new is stored
                 self._backup(target, "full", name="full2")
         image_copy.unlink()
         return fulls
@@ -175,6 +178,10 @@ class Bench:
         steps: dict[str, Callable[[], object]] = {}
         if target == "vault":  # the live image holds the latest point's data until the guest writes again
             steps["restore.vault.bare"] = partial(bare.convert_live, self.guest.image, bare_out)
+        elif target == "vault-s3":
+            assert self.s3 is not None
+            chunks = self._chunk_objects(target, inc)  # read before the clock starts, as a restore plans
+            steps["restore.vault-s3.bare"] = partial(self.s3.download_parallel, chunks, bare_out)
         elif target == "nfs":
             full_path, inc_path = (self.inst.repository / k for k in keys)
             steps["restore.nfs.bare"] = partial(bare.restore_from_dir, full_path, inc_path, work, bare_out)
@@ -189,14 +196,23 @@ class Bench:
             bare_out.unlink()
             shutil.rmtree(work, ignore_errors=True)
 
+    def _chunk_objects(self, target: str, point: Point) -> list[tuple[int, str]]:
+        """(offset in the disk, object key) of every chunk the point's disk uses."""
+        repo = self.inst.open_vault(target)
+        ref = repo.ref(self.guest.name, point["id"])
+        index = next(i for i in repo.indexes(ref) if i.target == DISK)
+        return [(offset, f"{VAULT_S3_PREFIX}/{repo.chunks.key(cid)}") for offset, _length, cid in index.pieces()
+                if cid is not None]
+
     def _forget_stored(self) -> None:
         """Drop this repeat's chains from storage (the next repeat starts new ones), so the
         repository and the S3 endpoint do not grow with --repeat."""
         shutil.rmtree(self.inst.repository / self.guest.name, ignore_errors=True)
         if self.s3 is not None:
             self.s3.delete_prefix(f"{self.inst.s3['prefix']}/")
-        if "vault" in self.targets:
-            self.inst.empty_vault()
+        for target in VAULTS:
+            if target in self.targets:
+                self.inst.empty_vault(target)
         if self.peer is not None:
             self.peer.forget()
 
@@ -211,5 +227,6 @@ class Bench:
         shutil.rmtree(self.inst.repository / guest.name, ignore_errors=True)
         if self.s3 is not None:
             self.s3.delete_prefix(f"{self.inst.s3['prefix']}/")
-        if "vault" in self.targets:
-            self.inst.empty_vault()
+        for target in VAULTS:
+            if target in self.targets:
+                self.inst.empty_vault(target)

@@ -199,12 +199,18 @@ class NfsBackend(Backend):
         """Remove ``.tmp-*`` files under ``prefix``. A write in progress also has one:
         call this only while no writer is active there."""
         removed = 0
-        for key, _ in self._scan(s.check_prefix(prefix)):
-            if key.rpartition("/")[2].startswith(s.TMP_PREFIX):
-                with self._errors(self.root / key):
+        prefix = s.check_prefix(prefix)
+        folder = prefix.rpartition("/")[0]
+        top = self.root / folder
+        with self._errors(top):
+            self._require_root()
+            # Walked, not listed: a format-2 gc cleans every chunk folder (millions of
+            # files) and holds one folder's entries at a time.
+            for key, _entry in _files(top, folder + "/" if folder else "", prefix):
+                if key.rpartition("/")[2].startswith(s.TMP_PREFIX):
                     (self.root / key).unlink(missing_ok=True)
-                log.info("%s: removed interrupted write %s", self.who, key)
-                removed += 1
+                    log.info("%s: removed interrupted write %s", self.who, key)
+                    removed += 1
         return removed
 
     # --- helpers -----------------------------------------------------------------
@@ -329,19 +335,25 @@ class _SyncedTogether(Batch):
 
 
 def _walk(directory: Path, rel: str, prefix: str, found: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    found.extend((key, entry.stat().st_size) for key, entry in _files(directory, rel, prefix))
+    return found
+
+
+def _files(directory: Path, rel: str, prefix: str) -> Iterator[tuple[str, os.DirEntry]]:
+    """(key, entry) of every file under ``directory`` whose key starts with ``prefix``, one
+    folder's entries in memory at a time, in no particular order."""
     try:
         entries = list(os.scandir(directory))
     except (FileNotFoundError, NotADirectoryError):
-        return found
+        return
     for entry in entries:
         key = rel + entry.name
         if entry.is_dir(follow_symlinks=False):
             below = key + "/"
             if below.startswith(prefix) or prefix.startswith(below):  # skip folders that cannot match
-                _walk(Path(entry.path), below, prefix, found)
+                yield from _files(Path(entry.path), below, prefix)
         elif key.startswith(prefix) and entry.is_file():
-            found.append((key, entry.stat().st_size))
-    return found
+            yield key, entry
 
 
 def _retry_stale(fn: Callable[[], T]) -> T:

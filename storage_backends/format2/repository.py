@@ -214,14 +214,11 @@ class Format2Repository:
         return self._fresh([info.key for info in self.backend.list("pending/")], stale_after)
 
     # --- gc ---------------------------------------------------------------------------------
-    def referenced(self) -> set[str]:
-        """Every chunk a published point's index names."""
-        return self._census()[0]
-
-    def _census(self) -> tuple[set[str], int, int]:
-        """The chunks the published points' indexes name, how many points, and the bytes
-        of those points' non-zero pieces."""
-        used: set[str] = set()
+    def _census(self) -> tuple[set[bytes], int, int]:
+        """The chunks the published points' indexes name (each id as its 32 bytes: a set
+        of hex names took twice the memory), how many points, and the bytes of those
+        points' non-zero pieces."""
+        used: set[bytes] = set()
         found = logical = 0
         for ref in self.points():
             try:
@@ -236,7 +233,7 @@ class Format2Repository:
                 raise  # a point whose chunks cannot be known: nothing may be deleted
             found += 1
             for index in indexes:
-                used |= index.referenced()
+                used.update(bytes.fromhex(cid) for cid in index.referenced())
                 logical += sum(length for _offset, length, cid in index.pieces() if cid is not None)
         return used, found, logical
 
@@ -265,11 +262,10 @@ class Format2Repository:
             self.backend.cleanup_incomplete("chunks/")
             used, found, logical = self._census()
             deleted = deleted_bytes = stored = stored_bytes = 0
-            for info in list(self.backend.list("chunks/")):
+            for info in self.chunks.stored():  # a folder's listing at a time: memory is the census's
                 stored += 1
                 stored_bytes += info.size
-                cid = info.key.rsplit("/", 1)[1]
-                if cid not in used:
+                if _chunk_id(info.key) not in used:
                     self.backend.delete(info.key)
                     deleted += 1
                     deleted_bytes += info.size
@@ -347,3 +343,12 @@ def _who(marker: dict) -> str:
 
 def _json(doc: dict) -> bytes:
     return json.dumps(doc, sort_keys=True).encode()
+
+
+def _chunk_id(key: str) -> bytes | None:
+    """The 32-byte id a chunk object's name spells; None for a name that is not one."""
+    try:
+        cid = bytes.fromhex(key.rsplit("/", 1)[1])
+    except ValueError:
+        return None
+    return cid if len(cid) == 32 else None

@@ -18,12 +18,13 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from virtwarden.storage_backends.base import Backend, Batch
+from virtwarden.storage_backends.base import Backend, Batch, ObjectInfo
 from virtwarden.storage_backends.format2.index import DiskIndex, count
 from virtwarden.storage_backends.format2.objects import Codec, DamagedObject
 
 from virtwarden.errors import ObjectNotFound
 
+FOLDERS = tuple(f"{i:02x}" for i in range(256))  # chunks/<first two hex digits of the id>/
 ReadAt = Callable[[int, int], bytes | bytearray]  # (offset, length) -> exactly length bytes
 WriteAt = Callable[[int, bytes], object]  # what it returns is ignored
 Range = tuple[int, int]  # (offset, length)
@@ -77,8 +78,14 @@ class ChunkStore:
 
     def ids(self) -> Iterator[str]:
         """The id of every stored chunk (for gc and verify)."""
-        for info in self.backend.list("chunks/"):
+        for info in self.stored():
             yield info.key.rsplit("/", 1)[1]
+
+    def stored(self) -> Iterator[ObjectInfo]:
+        """Every stored chunk object, one of the 256 folders at a time: what is held in
+        memory at once is a folder's listing (1/256 of the chunks), not the whole of it."""
+        for folder in FOLDERS:
+            yield from list(self.backend.list(f"chunks/{folder}/"))
 
 
 def write_disk(store: ChunkStore, target: str, read_at: ReadAt, virtual_size: int, chunk_size: int, *,

@@ -34,7 +34,14 @@ from virtwarden.storage_backends.format2.repository import Format2Repository
 from virtwarden.storage_backends.repository import Repository
 from virtwarden.tasks.context import JobContext
 
-from virtwarden.errors import ChecksumMismatch, ObjectNotFound, StorageError, Transient, VerificationFailed
+from virtwarden.errors import (
+    ChecksumMismatch,
+    ObjectNotFound,
+    RestorePointNotFound,
+    StorageError,
+    Transient,
+    VerificationFailed,
+)
 
 log = logging.getLogger(__name__)
 SHOWN = 10  # problems named in the error line; the log and the result have all of them
@@ -75,6 +82,7 @@ class _Run:
     findings: list[Finding] = field(default_factory=list)
     verified: list[str] = field(default_factory=list)
     unlisted: set[str] = field(default_factory=set)  # marked damaged (or gone) during this run
+    lost_chunks: dict[str, set[str]] = field(default_factory=dict)  # format 2: storage -> chunks damaged or missing
     artifacts: int = 0
     bytes_read: int = 0
 
@@ -124,6 +132,10 @@ def run_verify(ctx: JobContext, req: VerifyRequest) -> dict:
         if intact and p.id in sampled and _check_artifacts(ctx, run, repo, p, total):
             points.record_verified(ctx.catalog, [p.id])
             run.verified.append(p.id)
+    for storage, lost in run.lost_chunks.items():
+        repo2 = ctx.repository(storage)
+        if repo2 is not None:
+            _mark_sharing(ctx, run, repo2, storage, lost)
     result = _report(req, run)
     if run.findings:
         raise VerificationFailed(_failure_text(run), result)
@@ -158,7 +170,8 @@ def _check_format2(ctx: JobContext, run: _Run, repo2: Format2Repository, p: Poin
     """A format-2 point: its manifest (the catalog's SHA-256) and indexes (the manifest's)
     always; when ``reread``, every chunk it uses, each authenticated and its id checked.
     A damaged chunk is deleted: the next backup that produces its data stores it again,
-    which repairs every point that names it."""
+    which repairs every point that names it. A chunk damaged or missing is remembered
+    in ``run.lost_chunks`` (``_mark_sharing``)."""
     ref = repo2.ref(p.domain, p.id)
     key = p.manifest_key
     try:
@@ -178,6 +191,10 @@ def _check_format2(ctx: JobContext, run: _Run, repo2: Format2Repository, p: Poin
                     run.bytes_read += len(repo2.chunks.get(cid))
                 except DamagedObject:
                     repo2.backend.delete(key)  # unreadable anyway; the next backup of this data rewrites it
+                    run.lost_chunks.setdefault(p.storage, set()).add(cid)
+                    raise
+                except ObjectNotFound:
+                    run.lost_chunks.setdefault(p.storage, set()).add(cid)
                     raise
                 run.artifacts += 1
             ctx.report(0.99, f"verified {p.domain} {index.target}")
@@ -190,6 +207,34 @@ def _check_format2(ctx: JobContext, run: _Run, repo2: Format2Repository, p: Poin
         _found(ctx, run, p, key, str(e), damage=False)
         return False
     return True
+
+
+def _mark_sharing(ctx: JobContext, run: _Run, repo2: Format2Repository, storage: str, lost: set[str]) -> None:
+    """Every complete point of the repository whose index names a chunk found damaged or
+    missing is damaged too, whatever its domain and whether this verification's scope
+    or sample held it: chunks are shared between points, disks and domains. Otherwise
+    the next incremental backup of its domain would take the chunk's id from it without
+    reading the data, and publish a point that cannot be restored. A damaged point is
+    never built on: its domain's next backup reads everything and stores the chunk
+    again, which repairs every point that names it."""
+    for ref in repo2.points():
+        if ref.point_id in run.unlisted:
+            continue
+        try:
+            indexes = repo2.indexes(ref)
+        except (ChecksumMismatch, ObjectNotFound):
+            continue  # pruned meanwhile, or damaged itself: its own verification says so
+        hit = next((cid for index in indexes for cid in sorted(lost & index.referenced())), None)
+        if hit is None:
+            continue
+        try:
+            p = points.get(ctx.catalog, ref.point_id)
+        except RestorePointNotFound:
+            continue  # in storage, not in the catalog (being published, or pruned meanwhile)
+        if p.status != points.COMPLETE or p.storage != storage:
+            continue
+        _found(ctx, run, p, repo2.chunks.key(hit), f"uses chunk {hit}, found damaged or missing by this "
+               "verification", damage=True)
 
 
 def _check_artifacts(ctx: JobContext, run: _Run, repo: Repository, p: PointView, total: int) -> bool:

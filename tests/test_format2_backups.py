@@ -208,6 +208,47 @@ def test_a_damaged_chunk_is_found_by_verify_and_refused_by_restore(vault, guest_
     assert repo.backend.exists(key)
 
 
+@ONE_BACKEND
+def test_a_chunk_found_damaged_takes_every_point_that_uses_it_out_of_service(vault, guest_factory, tmp_path) -> None:
+    """Two domains cloned from one template share their chunks. Verifying one of them
+    finds a shared chunk damaged and deletes it: the other domain's point names it too,
+    so it is damaged with it, and that domain's next backup is a full, which stores the
+    chunk again. (An incremental would have taken the chunk's id from the point without
+    reading its data, and published a point that cannot be restored.)"""
+    vw = vault
+    template = tmp_path / "template.bin"
+    template.write_bytes(os.urandom(4 * MiB))
+    a, b = guest_factory(disks=1, size_mib=16), guest_factory(disks=1, size_mib=16)
+    for g in (a, b):
+        g.write("vda", 0, 4 * MiB, data_file=template)
+    vw.start_worker()
+    point_a, point_b = _backup(vw, a)["point_id"], _backup(vw, b)["point_id"]
+    repo = _repo(vw)
+    cid = repo.indexes(repo.ref(a.name, point_a))[0].chunks[0]  # the template's first piece
+    assert cid in repo.indexes(repo.ref(b.name, point_b))[0].referenced()
+    key = repo.chunks.key(cid)
+    blob = bytearray(repo.backend.get_bytes(key))
+    blob[len(blob) // 2] ^= 0x20
+    repo.backend.put_bytes(key, bytes(blob))
+
+    r = vw.cli("verify", a.name, "--wait", "--json")  # b is not in its scope
+    assert r.code != 0
+    assert not repo.backend.exists(key)
+    for g in (a, b):
+        assert [p["status"] for p in vw.cli("backups", g.name, "--json").json()] == ["damaged"], g.name
+    assert f"uses chunk {cid}" in r.err + r.out
+
+    b.write_random("vda", 8 * MiB, 64 * 1024)
+    again = _backup(vw, b)
+    assert again["level"] == "full"
+    out = _restore(vw, b, again["point_id"], tmp_path / "b")
+    assert images_equal(out / "vda.qcow2", b.shadow_copy("vda", tmp_path / "b.raw"))
+    assert repo.backend.exists(key)  # stored again: a's point, damaged in the catalog, reads whole again
+    r = vw.cli("storage", "restore", "vault", point_a, "--to-dir", str(tmp_path / "a"), in_process=False)
+    assert r.code == 0, r.err
+    assert images_equal(tmp_path / "a" / "vda.qcow2", a.shadow_copy("vda", tmp_path / "a.raw"))
+
+
 def test_a_point_restores_with_the_catalog_deleted_then_rebuilt_and_clones_share_their_chunks(vault, guest_factory,
                                                                                  tmp_path) -> None:
     vw = vault

@@ -72,6 +72,9 @@ class LevelPlan:
     level: str  # full | incremental
     reason: str
     parent: PointView | None = None
+    # Format 2: look up every chunk in storage (an operator's --full, a full_every full),
+    # not only those the last point does not name (PointSink._stored_ids).
+    recheck: bool = False
 
 
 def plan_level(req: BackupRequest, dom: DomainInfo, head: PointView | None, checkpoints: set[str],
@@ -81,7 +84,7 @@ def plan_level(req: BackupRequest, dom: DomainInfo, head: PointView | None, chec
     restore in place since the head, if they were, and ``damaged``: a point of the
     head's chain (or after it) that a verification found damaged, if any."""
     if req.force_full:
-        return LevelPlan("full", "full backup requested")
+        return LevelPlan("full", "full backup requested", recheck=True)
     if damaged is not None:
         return LevelPlan("full", f"restore point {damaged.id} of the last chain is damaged ({damaged.damage}); "
                                  "starting a new chain")
@@ -90,7 +93,7 @@ def plan_level(req: BackupRequest, dom: DomainInfo, head: PointView | None, chec
     if restored:
         return LevelPlan("full", restored)
     if head.seq >= req.full_every:
-        return LevelPlan("full", f"chain reached full_every={req.full_every} incrementals")
+        return LevelPlan("full", f"chain reached full_every={req.full_every} incrementals", recheck=True)
     if not head.checkpoint:
         return LevelPlan("full", "the last backup was made while the domain was shut off (no checkpoint to "
                                  "continue from); starting a new chain")
@@ -197,6 +200,9 @@ class PointSink:
         self.repo2 = ctx.repository(storage)
         self.storage = storage
         self.previous: dict[str, DiskIndex] = {}
+        # Format 2: ids of chunks certainly stored, not looked up again (set by begin()).
+        self.known: frozenset[str] = frozenset()
+        self._catalog, self._domain = ctx.catalog, dom.name
         self.plan = plan
         self._writing: str | None = None
         self._done = threading.Event()
@@ -225,6 +231,7 @@ class PointSink:
             return
         repo2 = self.repo2
         key = self._writing = announce(repo2, what, waiting)
+        self.known = self._stored_ids(repo2)
 
         def renew() -> None:
             while not self._done.wait(self.renew_seconds):
@@ -236,6 +243,31 @@ class PointSink:
         self._renewer = threading.Thread(target=renew, name="gc-marker", daemon=True)
         self._renewer.start()
 
+    def _stored_ids(self, repo2: Format2Repository) -> frozenset[str]:
+        """The chunks of the domain's last complete point in this repository (an
+        incremental's parent, whose indexes it builds on anyway; for a full, the last
+        point, read now): certainly stored, since this backup's marker keeps gc off and a
+        point whose indexes can be read keeps its chunks (verify marks every point that
+        names a chunk it lost). A full that reads everything again (a lost bitmap, a
+        damaged point, a new chain) then looks up only what changed in storage, instead of
+        every chunk: on S3 a HEAD request each. A full the operator asked for
+        (``--full``) or one of ``full_every`` (``LevelPlan.recheck``) looks up every
+        chunk: it stores again whatever storage lost without anyone noticing yet."""
+        if self.previous:
+            return frozenset(cid for index in self.previous.values() for cid in index.referenced())
+        if self.plan.recheck:
+            return frozenset()
+        done = points.for_domain(self._catalog, self._domain, storage=self.storage, statuses=(points.COMPLETE,))
+        last = next((p for p in reversed(done) if p.format == 2), None)
+        if last is None:
+            return frozenset()
+        try:
+            indexes = repo2.indexes(repo2.ref(last.domain, last.id))
+        except VirtwardenError as e:  # pruned meanwhile, or unreadable: every chunk is looked up
+            log.info("%s: the chunks of point %s are looked up one by one (%s)", self._domain, last.id, e)
+            return frozenset()
+        return frozenset(cid for index in indexes for cid in index.referenced())
+
     def outputs(self, ctx: JobContext, dom: DomainInfo) -> dict[str, Output]:
         return plan_outputs(ctx, self.repo, self.prefix, dom, self.storage, scratch_only=self.repo2 is not None)
 
@@ -244,13 +276,13 @@ class PointSink:
         into ``outputs`` first and ``store`` those (format 1 stores the images)."""
         if self.repo2 is None:
             return None
-        return store_chunks_in_place(ctx, self.repo2, self.ref, dom)
+        return store_chunks_in_place(ctx, self.repo2, self.ref, dom, self.known)
 
     def store_pulled(self, ctx: JobContext, dom: DomainInfo, socket: str, incremental: set[str]) -> list[ArtifactView]:
         """Format 2 only: the disks read from a running pull-mode backup's NBD export."""
         assert self.repo2 is not None
         return store_chunks_pulled(ctx, self.repo2, self.ref, dom, socket,
-                                   {t: self.previous[t] for t in incremental if t in self.previous})
+                                   {t: self.previous[t] for t in incremental if t in self.previous}, self.known)
 
     def store(self, ctx: JobContext, dom: DomainInfo, outputs: dict[str, Output],
               incremental: set[str]) -> list[ArtifactView]:
@@ -258,7 +290,7 @@ class PointSink:
         if self.repo2 is None:
             return store_images(ctx, self.repo, outputs)
         return store_chunks(ctx, self.repo2, self.ref, dom, outputs, {t: self.previous[t] for t in incremental
-                                                                       if t in self.previous})
+                                                                       if t in self.previous}, self.known)
 
     def publish(self, manifest: dict, artifacts: list[ArtifactView]) -> str:
         """The manifest, last; its SHA-256 as stored."""
@@ -308,7 +340,8 @@ def _format2_plan(repo2: Format2Repository, plan: LevelPlan) -> tuple[LevelPlan,
 
 
 def store_chunks(ctx: JobContext, repo2: Format2Repository, ref: PointRef, dom: DomainInfo,
-                 outputs: dict[str, Output], previous: dict[str, DiskIndex]) -> list[ArtifactView]:
+                 outputs: dict[str, Output], previous: dict[str, DiskIndex],
+                 known: frozenset[str] = frozenset()) -> list[ArtifactView]:
     """Format 2: each disk's image into chunks and an index. ``previous``: for each disk
     whose image holds only what changed (a push-mode incremental target, a blockcommit
     overlay), the last point's index of that disk; only the image's ranges are read
@@ -319,12 +352,12 @@ def store_chunks(ctx: JobContext, repo2: Format2Repository, ref: PointRef, dom: 
         qemu_img.detach_backing(o.path)  # libvirt names the live disk as backing: never read through it
         with qemu_img.ImageData(o.path) as img:
             out.append(_store_disk(ctx, repo2, ref, dom, target, img, previous.get(target), n / len(outputs),
-                                   whole=False))
+                                   whole=False, known=known))
     return out
 
 
 def store_chunks_in_place(ctx: JobContext, repo2: Format2Repository, ref: PointRef,
-                          dom: DomainInfo) -> list[ArtifactView]:
+                          dom: DomainInfo, known: frozenset[str] = frozenset()) -> list[ArtifactView]:
     """Format 2, a shut-off domain: each disk read where it is, through a read-only
     ``qemu-nbd`` export (hypervisor/nbd.py), never copied into scratch. qemu-nbd holds
     the image as ``qemu-img convert`` would: the domain cannot start meanwhile."""
@@ -332,7 +365,8 @@ def store_chunks_in_place(ctx: JobContext, repo2: Format2Repository, ref: PointR
     for n, d in enumerate(dom.disks):
         try:
             with ImageExport(Path(d.path), d.format, ctx.scratch) as img:
-                out.append(_store_disk(ctx, repo2, ref, dom, d.target, img, None, n / len(dom.disks), whole=True))
+                out.append(_store_disk(ctx, repo2, ref, dom, d.target, img, None, n / len(dom.disks), whole=True,
+                                       known=known))
         except ToolFailed as e:
             if "lock" in str(e):
                 raise HypervisorError(f"disk {d.target} of {dom.name!r} is in use (was the domain started?): "
@@ -342,7 +376,7 @@ def store_chunks_in_place(ctx: JobContext, repo2: Format2Repository, ref: PointR
 
 
 def store_chunks_pulled(ctx: JobContext, repo2: Format2Repository, ref: PointRef, dom: DomainInfo, socket: str,
-                        previous: dict[str, DiskIndex]) -> list[ArtifactView]:
+                        previous: dict[str, DiskIndex], known: frozenset[str] = frozenset()) -> list[ArtifactView]:
     """Format 2, a pull-mode backup running: each disk read over QEMU's NBD export of it
     (the disk as it was when the backup began), never copied into scratch. ``previous``
     as for ``store_chunks``: for those disks only the ranges their dirty bitmap names
@@ -354,7 +388,7 @@ def store_chunks_pulled(ctx: JobContext, repo2: Format2Repository, ref: PointRef
         reader = NbdReader(socket, d.target, (BASE_ALLOCATION, dirty) if prev else (BASE_ALLOCATION,))
         try:
             out.append(_store_disk(ctx, repo2, ref, dom, d.target, _Pulled(reader, dirty if prev else None), prev,
-                                   n / len(dom.disks), whole=True))
+                                   n / len(dom.disks), whole=True, known=known))
         finally:
             reader.close()
     return out
@@ -389,14 +423,15 @@ class _DiskData(Protocol):
 
 
 def _store_disk(ctx: JobContext, repo2: Format2Repository, ref: PointRef, dom: DomainInfo, target: str,
-                img: _DiskData, previous: DiskIndex | None, done: float, *, whole: bool) -> ArtifactView:
+                img: _DiskData, previous: DiskIndex | None, done: float, *, whole: bool,
+                known: frozenset[str] = frozenset()) -> ArtifactView:
     """One disk into chunks and an index. ``img.held()``: with ``previous``, the ranges
     changed since it; without, the ranges that hold data (the rest is zeros). ``whole``:
     ``img`` reads as the whole disk, so a chunk a change touches is read from it whole
-    rather than laid over the previous point's chunk."""
+    rather than laid over the previous point's chunk. ``known``: ``PointSink.known``."""
     ctx.report(0.6 + 0.39 * done, f"storing {target} as chunks")
     index, stats = write_disk(repo2.chunks, target, img.read, img.virtual_size, repo2.chunk_size,
-                              previous=previous, changed=img.held(), whole=whole)
+                              previous=previous, changed=img.held(), whole=whole, known=known)
     faults.pause_point("storing")
     sha = repo2.write_index(ref, index)
     log.info("job %s: %s of %s: %d MiB read, %d chunk(s) stored (%d MiB), %d already stored, %d reused, "

@@ -209,6 +209,35 @@ def test_a_damaged_chunk_is_found_by_verify_and_refused_by_restore(vault, guest_
 
 
 @ONE_BACKEND
+def test_a_full_after_a_lost_checkpoint_trusts_the_last_point_and_an_asked_for_full_stores_what_was_lost(
+        vault, guest_factory, tmp_path) -> None:
+    """A full the planner chose (the checkpoint went) takes the chunks the last point
+    names as stored, as an incremental does, and looks up only the others (on S3 a HEAD
+    request each); a full the operator asks for looks every chunk up, so it stores again
+    what storage lost without anyone noticing yet."""
+    vw = vault
+    g = guest_factory(disks=1, size_mib=16)
+    g.write_random("vda", 0, 4 * MiB)
+    vw.start_worker()
+    first = _backup(vw, g)["point_id"]
+    repo = _repo(vw)
+    key = repo.chunks.key(repo.indexes(repo.ref(g.name, first))[0].chunks[1])
+    repo.backend.delete(key)  # lost by the storage; no verify has run
+    for checkpoint in g.dom.listAllCheckpoints():
+        checkpoint.delete()
+
+    second = _backup(vw, g)
+    assert second["level"] == "full"
+    assert not repo.backend.exists(key)
+    r = vw.cli("backup", g.name, "--target", "vault", "--full", "--wait", "--json")
+    assert r.code == 0, r.err
+    assert r.json()["result"]["level"] == "full"
+    assert repo.backend.exists(key)  # stored again: every point that names it restores again
+    out = _restore(vw, g, first, tmp_path / "first")
+    assert images_equal(out / "vda.qcow2", g.shadow_copy("vda", tmp_path / "now.raw"))
+
+
+@ONE_BACKEND
 def test_a_chunk_found_damaged_takes_every_point_that_uses_it_out_of_service(vault, guest_factory, tmp_path) -> None:
     """Two domains cloned from one template share their chunks. Verifying one of them
     finds a shared chunk damaged and deletes it: the other domain's point names it too,

@@ -122,6 +122,24 @@ def test_an_incremental_from_a_whole_disk_reads_touched_chunks_whole(store, tmp_
     assert _restore(store, second, tmp_path / "second.raw").read_bytes() == disk.read_bytes()
 
 
+def test_chunks_a_published_point_names_are_not_looked_up_again(store, tmp_path, monkeypatch) -> None:
+    """A full after a lost bitmap is given the last point's ids as ``known``: of what it
+    reads, only a chunk that changed is looked up in storage (on S3 a HEAD request)."""
+    size = 8 * MiB
+    disk = _disk(tmp_path / "vda.raw", size, [(0, os.urandom(size))])
+    first, _ = write_disk(store, "vda", _reader(disk), size, CHUNK)
+    with open(disk, "r+b") as f:
+        f.seek(5 * MiB + 100)
+        f.write(os.urandom(100))
+    looked: list[str] = []
+    exists = store.backend.exists
+    monkeypatch.setattr(store.backend, "exists", lambda key: looked.append(key) or exists(key))
+    again, stats = write_disk(store, "vda", _reader(disk), size, CHUNK, known=first.referenced())
+    assert looked == [store.key(again.chunks[5])]
+    assert (stats.read_bytes, stats.stored_chunks, stats.known_chunks) == (size, 1, 7)
+    assert _restore(store, again, tmp_path / "again.raw").read_bytes() == disk.read_bytes()
+
+
 def test_a_full_read_of_unchanged_data_stores_nothing_again(store, tmp_path) -> None:
     """A lost bitmap: everything is read, nothing new is stored."""
     size = 8 * MiB
@@ -390,6 +408,13 @@ def test_image_data_reads_a_qcow2_file_as_the_guest_sees_it(tmp_path) -> None:
         assert img.read(3 * MiB + 4000, 300) == bytes(raw[3 * MiB + 4000:3 * MiB + 4300])
 
 
+def _empty_catalog(tmp_path: Path):
+    """A catalog with no points: a full's ``PointSink`` looks for the domain's last one."""
+    from virtwarden.catalog.store import Catalog
+
+    return Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+
+
 def test_a_backup_that_ends_while_its_marker_is_being_renewed_leaves_no_marker(backend, tmp_path) -> None:
     """The renewal runs in a thread of its own; a renewal in flight when the backup ends
     must not write the marker again after it was removed (gc would then keep off for a
@@ -400,8 +425,8 @@ def test_a_backup_that_ends_while_its_marker_is_being_renewed_leaves_no_marker(b
     from virtwarden.tasks.context import JobContext
 
     repo = _repo(backend)
-    ctx = JobContext("job-1", catalog=None, hypervisor=None, storage=lambda _name: backend,  # type: ignore[arg-type]
-                     scratch_root=tmp_path, repository=lambda _name: repo)
+    ctx = JobContext("job-1", catalog=_empty_catalog(tmp_path), hypervisor=None,  # type: ignore[arg-type]
+                     storage=lambda _name: backend, scratch_root=tmp_path, repository=lambda _name: repo)
     for n in range(15):
         sink = PointSink(ctx, "vault", SimpleNamespace(name="web01"), f"p{n}", LevelPlan("full", "a test"))  # type: ignore[arg-type]
         sink.renew_seconds = 0.0005
@@ -421,8 +446,8 @@ def test_a_long_backup_keeps_its_gc_marker_fresh_until_it_ends(backend, tmp_path
     from virtwarden.tasks.context import JobContext
 
     repo = _repo(backend)
-    ctx = JobContext("job-1", catalog=None, hypervisor=None, storage=lambda _name: backend,  # type: ignore[arg-type]
-                     scratch_root=tmp_path, repository=lambda _name: repo)
+    ctx = JobContext("job-1", catalog=_empty_catalog(tmp_path), hypervisor=None,  # type: ignore[arg-type]
+                     storage=lambda _name: backend, scratch_root=tmp_path, repository=lambda _name: repo)
     sink = PointSink(ctx, "vault", SimpleNamespace(name="web01"), "p1", LevelPlan("full", "a test"))  # type: ignore[arg-type]
     sink.renew_seconds = 0.2
     sink.begin("backup of web01")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -59,11 +59,15 @@ class ChunkStore:
     def key(cid: str) -> str:
         return f"chunks/{cid[:2]}/{cid}"
 
-    def put(self, data: bytes | bytearray, into: Batch | None = None) -> tuple[str, int]:
+    def put(self, data: bytes | bytearray, into: Batch | None = None, *,
+            known: Container[str] = frozenset()) -> tuple[str, int]:
         """Store a chunk unless it is stored already; its id and the bytes stored (0 when
-        it was there). ``into``: a batch of the backend's (``Backend.batch``)."""
+        it was there). ``into``: a batch of the backend's (``Backend.batch``). ``known``:
+        ids of chunks certainly stored (``write_disk``): not looked up in storage again."""
         writer = into or self.backend
         cid = self.codec.chunk_id(data)
+        if cid in known:
+            return cid, 0
         key = self.key(cid)
         if writer.exists(key):
             return cid, 0
@@ -90,7 +94,7 @@ class ChunkStore:
 
 def write_disk(store: ChunkStore, target: str, read_at: ReadAt, virtual_size: int, chunk_size: int, *,
                previous: DiskIndex | None = None, changed: Iterable[Range] | None = None, whole: bool = False,
-               workers: int = 4) -> tuple[DiskIndex, WriteStats]:
+               known: Container[str] = frozenset(), workers: int = 4) -> tuple[DiskIndex, WriteStats]:
     """The index of a disk whose content ``read_at`` gives, storing the chunks that are
     not stored yet. Without ``changed`` every chunk is read (identical ones are still
     stored once). With ``previous`` (the last index of this disk: same size and chunk
@@ -103,7 +107,9 @@ def write_disk(store: ChunkStore, target: str, read_at: ReadAt, virtual_size: in
     which costs less than fetching, opening and checking the previous chunk. Without
     ``previous``, ``changed`` names the ranges that hold data (the image's allocation):
     a chunk they do not touch reads as zeros and is neither read nor stored.
-    The chunks are written as one batch of the
+    ``known``: ids of chunks certainly stored (a published point's, read while this
+    backup's marker keeps gc off): a chunk with one of them is not looked up in storage
+    (on S3, a HEAD request each). The chunks are written as one batch of the
     backend's: all of them are stored durably when this returns, none is visible under
     its name before its bytes are durable."""
     n = count(virtual_size, chunk_size)
@@ -133,7 +139,7 @@ def write_disk(store: ChunkStore, target: str, read_at: ReadAt, virtual_size: in
                 stats.add(read_bytes=size)
             data = bytes(chunk)
         if not _zeros(data):  # zero pieces are not stored
-            cid, stored = store.put(data, batch)
+            cid, stored = store.put(data, batch, known=known)
             ids[i] = cid
             stats.add(stored_chunks=1 if stored else 0, stored_bytes=stored, known_chunks=0 if stored else 1)
         else:

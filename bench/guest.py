@@ -80,6 +80,12 @@ class BenchGuest:
                 "<controller type='usb' model='none'/><memballoon model='none'/></devices></domain>")
 
     # --- writes ------------------------------------------------------------------
+    def lose_checkpoint(self, name: str) -> None:
+        """Delete checkpoint ``name`` with its bitmaps (a domain redefined, bitmaps lost):
+        the next backup of the point that made it cannot be an incremental."""
+        assert self.dom is not None
+        self.dom.checkpointLookupByName(name).delete()
+
     def fill(self, length: int, chunk: int = 64 * MiB) -> None:
         """``length`` bytes of fresh random data from offset 0, ``chunk`` at a time."""
         for offset in range(0, length, chunk):

@@ -42,6 +42,7 @@ from virtwarden.errors import (
     LeaseLost,
     NoSpace,
     ToolFailed,
+    Transient,
     VirtwardenError,
 )
 from virtwarden.nbd_protocol import BASE_ALLOCATION
@@ -65,6 +66,11 @@ class BackupRequest:
     # Freeze the guest's filesystems for the copy's instant: auto | always | never
     # (tasks.quiesce).
     quiesce: str = "auto"
+
+
+class ParentGone(Transient):
+    """The point a format-2 incremental builds on went between planning and the backup's
+    gc marker: the attempt fails before anything is stored, the next one plans again."""
 
 
 @dataclass(frozen=True)
@@ -231,6 +237,13 @@ class PointSink:
             return
         repo2 = self.repo2
         key = self._writing = announce(repo2, what, waiting)
+        parent = self.plan.parent
+        if self.previous and parent is not None and not repo2.backend.exists(repo2.ref(parent.domain,
+                                                                                     parent.id).manifest_key):
+            # Its indexes were read before the marker: a prune and a gc in between may
+            # have collected chunks this incremental would name without reading them.
+            raise ParentGone(f"point {parent.id}, which this incremental builds on, was deleted as the backup "
+                             "began; tried again")
         self.known = self._stored_ids(repo2)
 
         def renew() -> None:

@@ -547,3 +547,29 @@ def test_nfs_a_backup_killed_before_its_chunks_are_synced_leaves_only_what_gc_re
     assert [f for f in _files(repo.backend.root) if f.startswith("chunks/")] == []
     _backup(repo, "web01", "p0", {"vda": disk})
     assert _restored(repo, "web01", "p0", tmp_path) == {"vda": disk.read_bytes()}
+
+
+def test_an_incremental_whose_parent_went_before_its_marker_stores_nothing(backend, tmp_path) -> None:
+    """The parent's indexes are read when the backup is planned, before its gc marker
+    exists: a prune (and a gc) in between may take the chunks it would name unread. The
+    attempt fails as transient before storing anything, and leaves no marker."""
+    from types import SimpleNamespace
+
+    from virtwarden.tasks.backup_steps import LevelPlan, ParentGone, PointSink
+    from virtwarden.tasks.context import JobContext
+
+    repo = _repo(backend)
+    _backup(repo, "web01", "p0", {"vda": _disk(tmp_path / "vda.raw", 2 * MiB, [(0, os.urandom(MiB))])})
+    ctx = JobContext("job-1", catalog=_empty_catalog(tmp_path), hypervisor=None,  # type: ignore[arg-type]
+                     storage=lambda _name: backend, scratch_root=tmp_path, repository=lambda _name: repo)
+    parent = SimpleNamespace(format=2, domain="web01", id="p0")
+    sink = PointSink(ctx, "vault", SimpleNamespace(name="web01"), "p1",  # type: ignore[arg-type]
+                     LevelPlan("incremental", "a test", parent))  # type: ignore[arg-type]
+    assert list(sink.previous) == ["vda"]
+    repo.delete_point(repo.ref("web01", "p0"))
+    try:
+        with pytest.raises(ParentGone, match="point p0, which this incremental builds on, was deleted"):
+            sink.begin("backup of web01")
+    finally:
+        sink.close()
+    assert repo.writers() == []

@@ -3,9 +3,9 @@
 A restore hands the export to ``qemu-img convert`` as its source, so the destination
 image is written in one pass: no copy of the disk in scratch space first. Each read is
 answered from the chunks it covers (fetched and authenticated by the ``ChunkStore``,
-several requests at a time; their ids are not computed again, see objects.py); zero pieces are reported as holes through
-the ``base:allocation`` metadata context, so QEMU never reads them and leaves them
-unallocated in the destination.
+several requests at a time; their ids are not computed again, see objects.py); zero
+pieces are reported as holes through the ``base:allocation`` metadata context, so QEMU
+never reads them and leaves them unallocated in the destination.
 
 The server speaks the fixed-newstyle handshake with ``NBD_OPT_GO`` (and the older
 ``NBD_OPT_EXPORT_NAME``), structured replies, ``NBD_CMD_READ``, ``NBD_CMD_BLOCK_STATUS``

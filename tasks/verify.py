@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,6 +32,7 @@ from virtwarden.catalog import points
 from virtwarden.catalog.points import PointView
 from virtwarden.storage_backends.format2.objects import DamagedObject
 from virtwarden.storage_backends.format2.repository import Format2Repository
+from virtwarden.storage_backends.format2.store import bounded
 from virtwarden.storage_backends.repository import Repository
 from virtwarden.tasks.context import JobContext
 
@@ -45,6 +47,7 @@ from virtwarden.errors import (
 
 log = logging.getLogger(__name__)
 SHOWN = 10  # problems named in the error line; the log and the result have all of them
+REREAD_WORKERS = 4  # format-2 chunks read at a time (as a restore reads them)
 _NEVER = datetime.min.replace(tzinfo=UTC)
 
 
@@ -83,6 +86,8 @@ class _Run:
     verified: list[str] = field(default_factory=list)
     unlisted: set[str] = field(default_factory=set)  # marked damaged (or gone) during this run
     lost_chunks: dict[str, set[str]] = field(default_factory=dict)  # format 2: storage -> chunks damaged or missing
+    intact_chunks: dict[str, set[bytes]] = field(default_factory=dict)  # format 2: storage -> chunks read intact
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     artifacts: int = 0
     bytes_read: int = 0
 
@@ -171,7 +176,9 @@ def _check_format2(ctx: JobContext, run: _Run, repo2: Format2Repository, p: Poin
     always; when ``reread``, every chunk it uses, each authenticated and its id checked.
     A damaged chunk is deleted: the next backup that produces its data stores it again,
     which repairs every point that names it. A chunk damaged or missing is remembered
-    in ``run.lost_chunks`` (``_mark_sharing``)."""
+    in ``run.lost_chunks`` (``_mark_sharing``). Chunks are read ``REREAD_WORKERS`` at a
+    time, and a chunk read intact earlier in the run (points share most of theirs) is
+    not read again."""
     ref = repo2.ref(p.domain, p.id)
     key = p.manifest_key
     try:
@@ -184,20 +191,14 @@ def _check_format2(ctx: JobContext, run: _Run, repo2: Format2Repository, p: Poin
                                    "index checksums differ)")
         if not reread:
             return True
+        intact = run.intact_chunks.setdefault(p.storage, set())
         for index in indexes:
-            for cid in sorted(index.referenced()):
-                key = repo2.chunks.key(cid)
-                try:
-                    run.bytes_read += len(repo2.chunks.get(cid))
-                except DamagedObject:
-                    repo2.backend.delete(key)  # unreadable anyway; the next backup of this data rewrites it
-                    run.lost_chunks.setdefault(p.storage, set()).add(cid)
-                    raise
-                except ObjectNotFound:
-                    run.lost_chunks.setdefault(p.storage, set()).add(cid)
-                    raise
-                run.artifacts += 1
+            todo = [cid for cid in sorted(index.referenced()) if bytes.fromhex(cid) not in intact]
+            bounded(lambda cid: _reread_chunk(run, repo2, p.storage, cid), todo, REREAD_WORKERS)
             ctx.report(0.99, f"verified {p.domain} {index.target}")
+    except _ChunkFailed as e:
+        _found(ctx, run, p, e.key, str(e.error), damage=isinstance(e.error, (ChecksumMismatch, ObjectNotFound)))
+        return False
     except Transient:
         raise
     except (ChecksumMismatch, ObjectNotFound) as e:
@@ -207,6 +208,40 @@ def _check_format2(ctx: JobContext, run: _Run, repo2: Format2Repository, p: Poin
         _found(ctx, run, p, key, str(e), damage=False)
         return False
     return True
+
+
+class _ChunkFailed(Exception):
+    """A chunk that did not read intact: its key and what its read raised."""
+
+    def __init__(self, key: str, error: StorageError) -> None:
+        super().__init__(str(error))
+        self.key, self.error = key, error
+
+
+def _reread_chunk(run: _Run, repo2: Format2Repository, storage: str, cid: str) -> None:
+    """Read one chunk and check it (its tag, and its id computed again); a damaged one is
+    deleted, a damaged or missing one remembered in ``run.lost_chunks``; _ChunkFailed
+    for any that is not intact (a storage that is unreachable: as it is, transient)."""
+    key = repo2.chunks.key(cid)
+    try:
+        data = repo2.chunks.get(cid)
+    except Transient:
+        raise
+    except DamagedObject as e:
+        repo2.backend.delete(key)  # unreadable anyway; the next backup of this data rewrites it
+        with run.lock:
+            run.lost_chunks.setdefault(storage, set()).add(cid)
+        raise _ChunkFailed(key, e) from e
+    except ObjectNotFound as e:
+        with run.lock:
+            run.lost_chunks.setdefault(storage, set()).add(cid)
+        raise _ChunkFailed(key, e) from e
+    except StorageError as e:  # e.g. permission denied: reported, not proof of damage
+        raise _ChunkFailed(key, e) from e
+    with run.lock:
+        run.bytes_read += len(data)
+        run.artifacts += 1
+        run.intact_chunks[storage].add(bytes.fromhex(cid))
 
 
 def _mark_sharing(ctx: JobContext, run: _Run, repo2: Format2Repository, storage: str, lost: set[str]) -> None:

@@ -238,6 +238,27 @@ def test_a_full_after_a_lost_checkpoint_trusts_the_last_point_and_an_asked_for_f
 
 
 @ONE_BACKEND
+def test_verify_reads_each_chunk_points_share_once(vault, guest_factory, tmp_path) -> None:
+    """Points share most of their chunks: a verification of all of them reads and checks
+    each chunk once, not once per point that names it."""
+    vw = vault
+    g = guest_factory(disks=1, size_mib=16)
+    g.write_random("vda", 0, 4 * MiB)
+    vw.start_worker()
+    first = _backup(vw, g)["point_id"]
+    g.write_random("vda", 8 * MiB, 64 * 1024)
+    second = _backup(vw, g)["point_id"]
+    repo = _repo(vw)
+    pieces = {cid: length for point in (first, second) for index in repo.indexes(repo.ref(g.name, point))
+              for _offset, length, cid in index.pieces() if cid is not None}
+    r = vw.cli("verify", g.name, "--wait", "--json")
+    assert r.code == 0, r.err
+    result = r.json()["result"]
+    assert sorted(result["verified"]) == sorted([first, second])
+    assert (result["artifacts"], result["bytes_read"]) == (len(pieces), sum(pieces.values()))
+
+
+@ONE_BACKEND
 def test_a_chunk_found_damaged_takes_every_point_that_uses_it_out_of_service(vault, guest_factory, tmp_path) -> None:
     """Two domains cloned from one template share their chunks. Verifying one of them
     finds a shared chunk damaged and deletes it: the other domain's point names it too,

@@ -153,7 +153,7 @@ def write_disk(store: ChunkStore, target: str, read_at: ReadAt, virtual_size: in
     elif dirty is not None:
         stats.add(zero_chunks=n - len(dirty))
     with store.backend.batch() as batch:
-        _bounded(one, range(n) if dirty is None else sorted(dirty), workers)
+        bounded(one, range(n) if dirty is None else sorted(dirty), workers)
     return DiskIndex(target, virtual_size, chunk_size, tuple(ids)), stats
 
 
@@ -181,7 +181,7 @@ def read_disk(store: ChunkStore, index: DiskIndex, write_at: WriteAt, *, workers
         with lock:
             written += length
 
-    _bounded(one, pieces, workers)
+    bounded(one, pieces, workers)
     return written
 
 
@@ -241,7 +241,7 @@ def _touched(changed: Iterable[Range], chunk_size: int, virtual_size: int) -> di
     return out
 
 
-def _bounded(fn: Callable, items: Iterable, workers: int) -> None:
+def bounded(fn: Callable, items: Iterable, workers: int) -> None:
     """``fn(item)`` for each item on ``workers`` threads, at most ``2 * workers`` started
     and not finished (memory stays bounded); after an error no new item starts, and the
     first error is raised once the running ones have ended."""

@@ -257,7 +257,7 @@ def _mark_sharing(ctx: JobContext, run: _Run, repo2: Format2Repository, storage:
             continue
         try:
             indexes = repo2.indexes(ref)
-        except (ChecksumMismatch, ObjectNotFound):
+        except (ChecksumMismatch, ObjectNotFound, RestorePointNotFound):
             continue  # pruned meanwhile, or damaged itself: its own verification says so
         hit = next((cid for index in indexes for cid in sorted(lost & index.referenced())), None)
         if hit is None:

@@ -63,6 +63,13 @@ def _stored_bytes(repo) -> list[bytes]:
     return [repo.backend.get_bytes(info.key) for info in repo.backend.list("")]
 
 
+def _flip_a_bit(repo, key: str) -> None:
+    """Damage a stored object in place, as bit rot on the storage would."""
+    blob = bytearray(repo.backend.get_bytes(key))
+    blob[len(blob) // 2] ^= 0x20
+    repo.backend.put_bytes(key, bytes(blob))
+
+
 def _backup(vw, g) -> dict:
     r = vw.cli("backup", g.name, "--target", "vault", "--wait", "--json")
     assert r.code == 0, r.err + r.out
@@ -187,9 +194,7 @@ def test_a_damaged_chunk_is_found_by_verify_and_refused_by_restore(vault, guest_
     [index] = repo.indexes(repo.ref(g.name, point_id))
     offset, _, cid = next(piece for piece in index.pieces() if piece[2] is not None)
     key = repo.chunks.key(cid)
-    blob = bytearray(repo.backend.get_bytes(key))
-    blob[len(blob) // 2] ^= 0x20
-    repo.backend.put_bytes(key, bytes(blob))
+    _flip_a_bit(repo, key)
 
     r = vw.cli("restore", g.name, "--point", point_id, "--to-dir", str(tmp_path / "out"), "--wait")
     assert r.code != 0
@@ -277,9 +282,7 @@ def test_a_chunk_found_damaged_takes_every_point_that_uses_it_out_of_service(vau
     cid = repo.indexes(repo.ref(a.name, point_a))[0].chunks[0]  # the template's first piece
     assert cid in repo.indexes(repo.ref(b.name, point_b))[0].referenced()
     key = repo.chunks.key(cid)
-    blob = bytearray(repo.backend.get_bytes(key))
-    blob[len(blob) // 2] ^= 0x20
-    repo.backend.put_bytes(key, bytes(blob))
+    _flip_a_bit(repo, key)
 
     r = vw.cli("verify", a.name, "--wait", "--json")  # b is not in its scope
     assert r.code != 0

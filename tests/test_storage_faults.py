@@ -261,3 +261,57 @@ def test_a_format2_restore_rides_out_a_slow_down_and_fails_clearly_when_s3_keeps
     assert job.attempts == 2  # storage unreachable: retried, like any backend
     assert not refused.exists() or list(refused.iterdir()) == [], list(refused.iterdir())
     assert not list(vw.scratch.glob("job-*"))
+
+
+# --- format 2: a repository on a mounted target that fills up -----------------------------
+def test_a_format2_backup_that_fills_its_mounted_target_fails_clearly_and_leaves_nothing_listed(
+        vw, guest_factory, small_filesystem: Path, tmp_path):
+    """Chunks are written under temporary names and renamed once synced; the index and
+    the manifest come after them. A target that fills up midway fails the backup as
+    NoSpace with no temporary file left, no index or manifest of the failed point, and
+    nothing listed as restorable beyond the point before. Once there is room, the next
+    backup is an incremental of that point that restores bit for bit, and gc reclaims
+    whatever the failed attempt had stored."""
+    from virtwarden.storage_backends.format2.access import open_repository
+
+    from tests.harness import FAST_KDF
+    from virtwarden import config
+
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir(mode=0o700)
+    (secrets_dir / "pass").write_text("correct horse battery\n")
+    share = small_filesystem
+    vw.storage["vault"] = {"type": "nfs", "path": str(share), "format": 2, "key_file": str(secrets_dir / "vault.key"),
+                           "passphrase_file": str(secrets_dir / "pass")}
+    assert vw.cli("key", "init", "vault", "--chunk-size-kib", "256", *FAST_KDF).code == 0
+    g = guest_factory(disks=1, size_mib=128)
+    g.write_random("vda", 0, 4 * MiB)
+    vw.start_worker()
+    r = _backup(vw, g.name, "--target", "vault")
+    assert r.code == 0, r.err
+    first = r.json()["result"]["point_id"]
+
+    filler = _fill(share, leave=24 * MiB)
+    g.write_random("vda", 16 * MiB, 48 * MiB)  # twice the room left, in chunks none of them stored yet
+    r = _backup(vw, g.name, "--target", "vault")
+    assert r.code == 6, r.err  # NoSpace: not retried, the target will not empty itself
+    assert "storage 'vault': no space left" in r.err and "bytes free" in r.err, r.err
+    listed = vw.cli("backups", g.name, "--json").json()
+    assert [(p["id"], p["status"]) for p in listed] == [(first, "complete"), (listed[1]["id"], "failed")]
+    failed = listed[1]["id"]
+    assert [p for p in share.rglob("*") if p.name.startswith(".tmp-")] == []
+    assert not [p for p in share.rglob("*") if failed in p.name], "an index or manifest of the failed point"
+    repo = open_repository("vault", config.load(str(vw.write_config()), env={}).storage_target("vault"))
+    assert [ref.point_id for ref in repo.points()] == [first]
+
+    filler.unlink()
+    expected = g.shadow_copy("vda", tmp_path / "now.raw")
+    r = _backup(vw, g.name, "--target", "vault")
+    assert r.code == 0, r.err
+    assert r.json()["result"]["level"] == "incremental"
+    assert _restored_equal(vw, g, tmp_path, expected, "restored")
+    gc = vw.cli("storage", "gc", "vault", "--json")
+    assert gc.code == 0, gc.err
+    assert gc.json()["deferred"] is None, gc.json()
+    assert repo.gc().deleted == 0, "gc left chunks no point uses"
+    assert sorted(ref.point_id for ref in repo.points()) == sorted([first, r.json()["result"]["point_id"]])

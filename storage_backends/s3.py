@@ -17,8 +17,16 @@ in, every request that carries data also carries a checksum the endpoint can che
   This catches endpoints that accept a checksum header without checking it (moto, the
   test suite's endpoint, is one); such an object is deleted and ``ChecksumMismatch``
   raised. Endpoints that report no checksum are checked by length only;
-- objects below one part (manifests) are sent with their SHA-256 as
-  ``x-amz-checksum-sha256`` and in the metadata key ``sha256``, checked on every read.
+- objects below one part (manifests, format-2 chunks and indexes) are sent with their
+  SHA-256 as ``x-amz-checksum-sha256`` and in the metadata key ``sha256``, checked on
+  every read. An endpoint that checked the header echoes it in its answer; one that
+  answers without it did not look at it (moto), and then its ETag, for a plain upload
+  the MD5 of the bytes it stored, is compared with the MD5 of what was sent: a mismatch
+  is sent again like a BadDigest, and the object is deleted when the last attempt
+  still arrives damaged (unless another writer replaced it meanwhile). So no damaged
+  object is left under a name (a later backup would take a format-2 chunk that is there
+  as stored). ETags that are not an MD5
+  (SSE-KMS, SSE-C, endpoints that encrypt) are not compared;
 
 Downloads ask for the endpoint's checksum (``ChecksumMode=ENABLED``): botocore checks a
 whole-object checksum while the body streams; a composite one cannot be checked without
@@ -33,8 +41,10 @@ aborts what a killed process left behind.
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import os
+import re
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -85,6 +95,16 @@ _MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
 _STREAM_BROKE = (ReadTimeoutError, ResponseStreamingError, IncompleteReadError)
 # The endpoint received other bytes than were sent (checksum or signed payload hash).
 _DAMAGED = frozenset({"BadDigest", "XAmzContentSHA256Mismatch"})
+_MD5_ETAG = re.compile(r'"?([0-9a-f]{32})"?')  # a plain PUT's ETag; a multipart one ends in -N
+
+
+class _StoredDamaged(Exception):
+    """The endpoint accepted a PUT but says it stored other bytes than were sent; ``etag``:
+    what it answered for them."""
+
+    def __init__(self, message: str, etag: str = "") -> None:
+        super().__init__(message)
+        self.etag = etag
 
 _loader: Any = None
 _loader_guard = threading.Lock()
@@ -145,12 +165,47 @@ class S3Backend(Backend):
     def put_bytes(self, key: str, data: Blob) -> StoredObject:
         full = self._full(s.check_data_key(key))
         digest = sha256(data)
+        checksum = _b64(digest.digest())
         with self._errors("upload", key):
-            self._resend_damaged(full, lambda: self._client().put_object(
-                Bucket=self.bucket, Key=full, Body=data, ChecksumSHA256=_b64(digest.digest()),
-                Metadata={"sha256": digest.hexdigest()}, **self._sse(),
-            ))
+            try:
+                self._resend_damaged(full, lambda: self._check_put(full, data, checksum, self._client().put_object(
+                    Bucket=self.bucket, Key=full, Body=data, ChecksumSHA256=checksum,
+                    Metadata={"sha256": digest.hexdigest()}, **self._sse(),
+                )))
+            except _StoredDamaged as e:
+                self._delete_if_unchanged(full, e.etag)
+                raise ChecksumMismatch(f"{self.who}: {e}: damaged in transit and the endpoint did not refuse it; "
+                                       f"the object was removed") from None
         return StoredObject(key, len(data), digest.hexdigest())
+
+    def _delete_if_unchanged(self, full: str, etag: str) -> None:
+        """Delete the damaged object, unless another writer has replaced it meanwhile (a
+        format-2 chunk another backup stored under the same name, whole)."""
+        try:
+            head = self._client().head_object(Bucket=self.bucket, Key=full)
+        except (ClientError, BotoCoreError) as e:
+            log.warning("%s: could not look at %s to remove it: %s", self.who, full, e)
+            return
+        if str(head.get("ETag", "")).strip('"') == etag:
+            self._delete_quietly(full)
+
+    def _check_put(self, full: str, data: Blob, checksum: str, reply: dict) -> dict:
+        """``reply`` of a PUT of ``data``, once it shows the endpoint stored those bytes
+        (see the module's docstring); _StoredDamaged when it shows other bytes."""
+        theirs = reply.get("ChecksumSHA256")
+        if theirs:  # the endpoint took the checksum: it refuses (BadDigest) what does not match
+            if theirs != checksum:
+                raise _StoredDamaged(f"the endpoint's checksum of {self._where_full(full)} is {theirs}, what was "
+                                     f"sent gives {checksum}", str(reply.get("ETag", "")).strip('"'))
+            return reply
+        etag = _MD5_ETAG.fullmatch(str(reply.get("ETag", "")))
+        if etag is None or self.settings.sse == "aws:kms":
+            return reply  # no MD5 to compare with
+        sent = hashlib.md5(data, usedforsecurity=False).hexdigest()
+        if etag.group(1) != sent:
+            raise _StoredDamaged(f"the endpoint stored {self._where_full(full)} with ETag {etag.group(1)}, the MD5 "
+                                 f"of what was sent is {sent}", etag.group(1))
+        return reply
 
     def put_file(self, key: str, source: Path, *, progress: Progress | None = None) -> StoredObject:
         full = self._full(s.check_data_key(key))
@@ -256,6 +311,11 @@ class S3Backend(Backend):
         for attempt in range(1, self.settings.max_attempts + 1):
             try:
                 return send()
+            except _StoredDamaged as e:
+                if attempt == self.settings.max_attempts:
+                    raise
+                log.warning("%s: %s: %s (damaged in transit); sending it again (attempt %d of %d)",
+                            self.who, self.endpoint, e, attempt + 1, self.settings.max_attempts)
             except ClientError as e:
                 if _code(e) not in _DAMAGED or attempt == self.settings.max_attempts:
                     raise

@@ -11,7 +11,9 @@ file. From there the child is the command, as ``python -m virtwarden.cli ARGS`` 
 its own pid, its own Celery pool children, signals, exit code.
 
 What the fork skips is only the interpreter's start and the imports: tests/test_install.py
-and tests/test_deploy.py still start the installed ``virtwarden`` command itself.
+and tests/test_deploy.py still start the installed ``virtwarden`` command itself. A command
+whose environment preloads a library (libfaketime's ``LD_PRELOAD``) execs a new
+interpreter from the fork instead: a preloaded library takes effect only at exec.
 
 ``spawn()`` returns a ``Forked`` with the part of ``subprocess.Popen`` the harness uses
 (``pid``, ``poll()``, ``wait(timeout)``, ``returncode``). The server forks only while it
@@ -177,6 +179,8 @@ def _child(req: dict, channel: list) -> None:
             os.dup2(target, fd)
             os.close(target)
         os.chdir(req["cwd"])
+        if "LD_PRELOAD" in req["env"]:  # a library preloaded (libfaketime) works only from exec on
+            os.execve(sys.executable, [sys.executable, "-m", "virtwarden.cli", *args], req["env"])
         os.environ.clear()
         os.environ.update(req["env"])
         sys.argv = ["virtwarden", *args]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from virtwarden.errors import InvalidName
@@ -35,6 +35,10 @@ class StoredObject:
 class ObjectInfo:
     key: str
     size: int
+    # When the storage last wrote the object, by the storage's own clock (seconds since
+    # the epoch; None where a backend cannot say): ages that compare writers on
+    # machines whose clocks differ (format 2's markers).
+    modified: float | None = field(default=None, compare=False)
 
 
 def check_key(key: str) -> str:

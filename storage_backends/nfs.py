@@ -168,7 +168,7 @@ class NfsBackend(Backend):
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         found = self._scan(s.check_prefix(prefix))
-        return iter([ObjectInfo(k, size) for k, size in found if not s.is_hidden(k)])
+        return iter([ObjectInfo(k, size, modified) for k, size, modified in found if not s.is_hidden(k)])
 
     def delete(self, key: str) -> None:
         path = self._path(s.check_key(key))
@@ -237,8 +237,8 @@ class NfsBackend(Backend):
         with f:
             yield f
 
-    def _scan(self, prefix: str) -> Sequence[tuple[str, int]]:
-        """All (key, size) under ``prefix``, sorted; a full sort because a walk's order
+    def _scan(self, prefix: str) -> Sequence[tuple[str, int, float]]:
+        """All (key, size, mtime) under ``prefix``, sorted; a full sort because a walk's order
         ('a' before 'a.b', but 'a.b' < 'a/x') is not key order."""
         folder = prefix.rpartition("/")[0]
         top = self.root / folder
@@ -334,8 +334,11 @@ class _SyncedTogether(Batch):
             raise
 
 
-def _walk(directory: Path, rel: str, prefix: str, found: list[tuple[str, int]]) -> list[tuple[str, int]]:
-    found.extend((key, entry.stat().st_size) for key, entry in _files(directory, rel, prefix))
+def _walk(directory: Path, rel: str, prefix: str,
+          found: list[tuple[str, int, float]]) -> list[tuple[str, int, float]]:
+    for key, entry in _files(directory, rel, prefix):
+        st = entry.stat()
+        found.append((key, st.st_size, st.st_mtime))  # mtime: set by the file server on NFS
     return found
 
 

@@ -452,7 +452,8 @@ class S3Backend(Backend):
                 for item in page.get("Contents", []):
                     key = item["Key"][skip:]
                     if not s.is_hidden(key):
-                        yield ObjectInfo(key, item["Size"])
+                        modified = item.get("LastModified")  # the endpoint's clock
+                        yield ObjectInfo(key, item["Size"], modified.timestamp() if modified else None)
 
     def delete(self, key: str) -> None:
         full = self._full(s.check_key(key))

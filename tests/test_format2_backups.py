@@ -426,6 +426,54 @@ def test_a_backup_that_meets_a_running_gc_waits_for_it_and_spends_no_attempt(vau
     assert images_equal(out / "vda.qcow2", expected)
 
 
+def test_a_gc_on_a_machine_whose_clock_runs_20_minutes_behind_still_keeps_backups_off(vault, guest_factory,
+                                                                                     tmp_path) -> None:
+    """A gc marker's age was judged by the clock of the machine that wrote it: from a gc
+    host 20 minutes behind (more than the 10 minutes after which a marker counts as
+    dead), a live gc's marker looked dead and a backup went ahead, free to name chunks
+    that gc was deleting. Now the storage's own time of the marker counts too: the
+    backup waits for that gc (libfaketime on a real gc process) and restores bit for
+    bit once it has ended."""
+    import json
+    import signal
+    import threading
+
+    from virtwarden.catalog import jobs
+
+    from tests.faults import faketime_env, pause_env, stopped_at
+
+    vw = vault
+    g = guest_factory(disks=1, size_mib=32)
+    repo, _kept = _unused_chunks(vw, g)
+    faults = tmp_path / "faults"
+    ran: list = []
+    behind = {**pause_env("gc-deleting", faults), **faketime_env("-20m")}
+    gc = threading.Thread(target=lambda: ran.append(vw.cli("storage", "gc", "vault", "--json", in_process=False,
+                                                           env=behind)))
+    gc.start()
+    gc_pid = stopped_at("gc-deleting", faults)
+    try:
+        [marker] = [i.key for i in repo.backend.list("gc/")]
+        written = json.loads(repo.codec.open("marker", marker, repo.backend.get_bytes(marker)))["at"]
+        assert time.time() - written > 19 * 60, "the gc's clock is not behind: libfaketime did not take"
+        g.write_random("vda", 16 * MiB, MiB)
+        r = vw.cli("backup", g.name, "--target", "vault", "--json")
+        assert r.code == 0, r.err
+        job_id = r.json()["id"]
+        wait_for(lambda: (j := jobs.get(vw.catalog(), job_id)).progress_text and "gc is running" in
+                 j.progress_text and j, 30, "the backup to wait for gc")
+        assert not jobs.get(vw.catalog(), job_id).finished
+    finally:
+        os.kill(gc_pid, signal.SIGCONT)
+        gc.join(60)
+    assert ran and ran[0].code == 0 and ran[0].json()["deleted"] > 0, ran
+    done = wait_for(lambda: (j := jobs.get(vw.catalog(), job_id)).finished and j, 60, "the backup")
+    assert (done.state, done.attempts) == ("succeeded", 1), done.error
+    expected = g.shadow_copy("vda", tmp_path / "expected.raw")
+    out = _restore(vw, g, done.result["point_id"], tmp_path / "out")
+    assert images_equal(out / "vda.qcow2", expected)
+
+
 @ONE_BACKEND
 def test_a_worker_killed_while_qemu_img_reads_from_the_chunks_leaves_nothing_and_the_retry_restores(
         vault, guest_factory, tmp_path) -> None:

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from virtwarden.storage_backends.base import Backend
+from virtwarden.storage_backends.base import Backend, ObjectInfo
 from virtwarden.storage_backends.format2.index import DiskIndex
 from virtwarden.storage_backends.format2.objects import Codec, DamagedObject
 from virtwarden.storage_backends.format2.store import ChunkStore
@@ -190,13 +190,14 @@ class Format2Repository:
     # running waits (tasks/backup_steps.announce); gc that finds a backup, or another
     # gc, defers. Every process has its own marker (one gc ending never removes
     # another's). Markers of processes that died are ignored once older than
-    # ``stale_after``, or at once when they name this machine and a process that is gone.
+    # ``stale_after`` by both their writer's clock and the storage's (``_fresh``), or at
+    # once when they name this machine and a process that is gone.
     def begin_writing(self, what: str, *, stale_after: float = GC_STALE) -> str:
         """Announce a backup; its marker's key, for ``end_writing``. GcRunning (nothing
         written, the marker removed again) while gc runs."""
         key = f"pending/{uuid.uuid4()}"
         self._mark(key, what)
-        if self._fresh(self._gc_markers(), stale_after):
+        if self._fresh(self._gc_markers(), stale_after, self._storage_now(key)):
             self.backend.delete(key)
             raise GcRunning(f"storage {self.backend.name}: gc is running")
         return key
@@ -209,9 +210,10 @@ class Format2Repository:
     def end_writing(self, key: str) -> None:
         self.backend.delete(key)
 
-    def writers(self, stale_after: float = WRITER_STALE) -> list[dict]:
-        """Backups under way (their markers younger than ``stale_after`` seconds)."""
-        return self._fresh([info.key for info in self.backend.list("pending/")], stale_after)
+    def writers(self, stale_after: float = WRITER_STALE, now: float | None = None) -> list[dict]:
+        """Backups under way (their markers younger than ``stale_after`` seconds; ``now``:
+        see ``_fresh``)."""
+        return self._fresh(list(self.backend.list("pending/")), stale_after, now)
 
     # --- gc ---------------------------------------------------------------------------------
     def _census(self) -> tuple[set[bytes], int, int]:
@@ -250,10 +252,11 @@ class Format2Repository:
         renewer = threading.Thread(target=self._renew, args=(key, done), name="gc-marker", daemon=True)
         renewer.start()
         try:
-            others = self._fresh([k for k in self._gc_markers() if k != key], GC_STALE)
+            now = self._storage_now(key)
+            others = self._fresh([m for m in self._gc_markers() if m.key != key], GC_STALE, now)
             if others:
                 return GcReport(0, 0, 0, 0, "another gc is running: " + ", ".join(_who(o) for o in others))
-            writers = self.writers(stale_writer)
+            writers = self.writers(stale_writer, now)
             if writers:
                 return GcReport(0, 0, 0, 0, f"{len(writers)} backup(s) under way: "
                                 f"{', '.join(sorted(w['what'] for w in writers))}")
@@ -271,7 +274,8 @@ class Format2Repository:
                     deleted_bytes += info.size
                     faults.pause_point("gc-deleting")
             markers = self._gc_markers()
-            for dead in set(markers) - {key} - {m["key"] for m in self._fresh(markers, GC_STALE)}:
+            fresh = {m["key"] for m in self._fresh(markers, GC_STALE, self._storage_now(key))}
+            for dead in {m.key for m in markers} - {key} - fresh:
                 self.backend.delete(dead)  # of gcs that died
             return GcReport(stored, len(used), deleted, deleted_bytes, None, points=found, logical_bytes=logical,
                             stored_bytes=stored_bytes - deleted_bytes)
@@ -289,24 +293,40 @@ class Format2Repository:
             except StorageError:
                 continue  # tried again next time; the marker counts as fresh ten times as long
 
-    def _gc_markers(self) -> list[str]:
-        return [info.key for info in self.backend.list(GC_PREFIX)]
+    def _gc_markers(self) -> list[ObjectInfo]:
+        return list(self.backend.list(GC_PREFIX))
+
+    def _storage_now(self, key: str) -> float | None:
+        """The storage's own time of the marker ``key`` this process has just written:
+        "now" by the storage's clock, to which other markers' ages are compared."""
+        return next((info.modified for info in self.backend.list(key) if info.key == key), None)
 
     def _mark(self, key: str, what: str) -> None:
         doc = {"what": what, "at": time.time(), "node": socket.gethostname(), "pid": os.getpid(),
                "pid_space": _pid_space()}
         self.backend.put_bytes(key, self.codec.seal("marker", key, _json(doc)))
 
-    def _fresh(self, keys: list[str], stale_after: float) -> list[dict]:
-        """The markers among ``keys`` of processes that may be alive (each with its ``key``)."""
+    def _fresh(self, markers: list[ObjectInfo] | list[str], stale_after: float,
+               now: float | None = None) -> list[dict]:
+        """The markers (listed, or keys) of processes that may be alive, each with its
+        ``key``. A marker is fresh when younger than ``stale_after`` by its writer's clock
+        (the time in it, against this machine's) or by the storage's (when it was last
+        written, against ``now``: the storage's time of a marker this process has just
+        written). Either suffices, so a writer whose clock runs behind ours by more than
+        ``stale_after`` is not taken for dead while it renews its marker (a gc on such a
+        host would otherwise delete chunks a backup here has just found stored)."""
         out = []
-        for key in keys:
+        for marker in markers:
+            info = marker if isinstance(marker, ObjectInfo) else ObjectInfo(marker, 0)
             try:
-                doc = json.loads(self.codec.open("marker", key, self.backend.get_bytes(key)))
+                doc = json.loads(self.codec.open("marker", info.key, self.backend.get_bytes(info.key)))
             except (ObjectNotFound, DamagedObject):
                 continue  # removed meanwhile, or not ours
-            if time.time() - float(doc["at"]) < stale_after and _may_live(doc):
-                out.append({**doc, "key": key})
+            young = time.time() - float(doc["at"]) < stale_after
+            if not young and now is not None and info.modified is not None:
+                young = now - info.modified < stale_after
+            if young and _may_live(doc):
+                out.append({**doc, "key": info.key})
         return out
 
 

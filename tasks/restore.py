@@ -49,6 +49,7 @@ from virtwarden.storage_backends.format2.store import ChunkStore
 from virtwarden.storage_backends.repository import Repository
 from virtwarden.tasks.confine import PRIVATE_DIR, NewDir, check_target, confine
 from virtwarden.tasks.context import JobContext
+from virtwarden.tasks.verify import take_out_of_service
 
 from virtwarden import faults
 from virtwarden.errors import (
@@ -58,6 +59,7 @@ from virtwarden.errors import (
     RestorePointNotFound,
     RestoreRefused,
     StorageError,
+    StorageUnavailable,
     ToolFailed,
 )
 
@@ -284,8 +286,17 @@ def fetched(ctx: JobContext, backend: Backend, chain: Chain, *, share: float = 0
         indexes = [chain.repo2.index(ref, d["target"], d["sha256"]) for d in disks]
     except ChecksumMismatch as e:
         raise ChecksumMismatch(f"restore point {point.id}: {e}; nothing was written") from e
-    with served_disks(chain.repo2.chunks, indexes, point.id, ctx.scratch) as served:
-        yield {d["key"]: served[d["target"]] for d in disks}
+    try:
+        with served_disks(chain.repo2.chunks, indexes, point.id, ctx.scratch) as served:
+            yield {d["key"]: served[d["target"]] for d in disks}
+    except UnreadableChunks as e:
+        # As a verification would: the points using a chunk damaged at rest are never
+        # restored or built on again, and the domain's next backup stores it again. A
+        # chunk that reads intact the second time was damaged on its way: try again.
+        if not take_out_of_service(ctx, chain.repo2, point.storage, e.chunks, f"restore job {ctx.job_id}"):
+            raise StorageUnavailable(f"{e}; but every such chunk read intact the second time (damaged on its "
+                                     f"way from the storage): trying again") from e
+        raise
 
 
 def _copy_format1(ctx: JobContext, backend: Backend, chain: Chain, share: float) -> dict[str, qemu_img.Layer]:
@@ -326,13 +337,23 @@ def served_disks(chunks: ChunkStore, indexes: list[DiskIndex], point_id: str, di
         _raise_failed_read(exports, point_id, None)  # qemu-img cannot succeed past a failed read; never publish
 
 
+class UnreadableChunks(ChecksumMismatch):
+    """A restore met chunks damaged or missing: ``chunks``, their ids."""
+
+    def __init__(self, message: str, chunks: set[str]) -> None:
+        super().__init__(message)
+        self.chunks = chunks
+
+
 def _raise_failed_read(exports: list[ChunkExport], point_id: str, cause: Exception | None) -> None:
     """Raise what made an export's read fail (qemu-img only says "Input/output error"): a
-    damaged chunk as the ChecksumMismatch naming point, disk and offset; the storage's
-    own error as it is, so that an unreachable storage is retried like any other."""
+    damaged chunk as the ChecksumMismatch naming point, disk and offset (UnreadableChunks,
+    with the ids); the storage's own error as it is, so that an unreachable storage is
+    retried like any other."""
     failure = next((x.failure for x in exports if x.failure is not None), None)
     if isinstance(failure, DamagedObject):
-        raise ChecksumMismatch(f"restore point {point_id}: {failure}; nothing was written") from cause
+        raise UnreadableChunks(f"restore point {point_id}: {failure}; nothing was written",
+                               set().union(*(x.unreadable for x in exports))) from cause
     if failure is not None:
         raise failure from cause
 

@@ -24,7 +24,7 @@ import logging
 import math
 import random
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -224,7 +224,12 @@ def _reread_chunk(run: _Run, repo2: Format2Repository, storage: str, cid: str) -
     for any that is not intact (a storage that is unreachable: as it is, transient)."""
     key = repo2.chunks.key(cid)
     try:
-        data = repo2.chunks.get(cid)
+        try:
+            data = repo2.chunks.get(cid)
+        except DamagedObject as e:  # at rest, or on its way here? a second read tells
+            log.warning("verify: %s: %s; reading it again", key, e)
+            data = repo2.chunks.get(cid)
+            log.warning("verify: %s read intact the second time: it was damaged on its way, not in storage", key)
     except Transient:
         raise
     except DamagedObject as e:
@@ -252,24 +257,54 @@ def _mark_sharing(ctx: JobContext, run: _Run, repo2: Format2Repository, storage:
     reading the data, and publish a point that cannot be restored. A damaged point is
     never built on: its domain's next backup reads everything and stores the chunk
     again, which repairs every point that names it."""
-    for ref in repo2.points():
-        if ref.point_id in run.unlisted:
-            continue
-        try:
-            indexes = repo2.indexes(ref)
-        except (ChecksumMismatch, ObjectNotFound, RestorePointNotFound):
-            continue  # pruned meanwhile, or damaged itself: its own verification says so
-        hit = next((cid for index in indexes for cid in sorted(lost & index.referenced())), None)
-        if hit is None:
-            continue
+    for p, hit in _complete_naming(ctx, repo2, storage, lost):
+        if p.id not in run.unlisted:
+            _found(ctx, run, p, repo2.chunks.key(hit), f"uses chunk {hit}, found damaged or missing by this "
+                   "verification", damage=True)
+
+
+def _complete_naming(ctx: JobContext, repo2: Format2Repository, storage: str,
+                     lost: set[str]) -> Iterator[tuple[PointView, str]]:
+    """The complete points of ``storage`` in the catalog whose indexes name a chunk of
+    ``lost`` (points that cannot be read are left to their own verification)."""
+    for ref, hit in repo2.points_naming(lost):
         try:
             p = points.get(ctx.catalog, ref.point_id)
         except RestorePointNotFound:
             continue  # in storage, not in the catalog (being published, or pruned meanwhile)
-        if p.status != points.COMPLETE or p.storage != storage:
-            continue
-        _found(ctx, run, p, repo2.chunks.key(hit), f"uses chunk {hit}, found damaged or missing by this "
-               "verification", damage=True)
+        if p.status == points.COMPLETE and p.storage == storage:
+            yield p, hit
+
+
+def take_out_of_service(ctx: JobContext, repo2: Format2Repository, storage: str, suspects: set[str],
+                        by: str) -> set[str]:
+    """What verify does with chunks it finds damaged or missing, for chunks another job
+    (a restore, ``by``) could not read: each is read again, and one that reads intact was
+    damaged on its way, not in storage (nothing is marked for it). One still damaged is
+    deleted, if this job may (the next backup of its data stores it again); then every
+    complete point naming a chunk read damaged or missing twice is marked damaged, as
+    ``_mark_sharing`` does. The chunks found damaged or missing the second time."""
+    lost: set[str] = set()
+    for cid in sorted(suspects):
+        key = repo2.chunks.key(cid)
+        try:
+            repo2.chunks.get(cid)
+        except DamagedObject:
+            lost.add(cid)
+            try:
+                repo2.backend.delete(key)
+            except StorageError as e:  # credentials that only read, say: a verification deletes it later
+                log.warning("job %s: could not delete the damaged chunk %s: %s", ctx.job_id, key, e)
+        except ObjectNotFound:
+            lost.add(cid)
+        else:
+            log.warning("job %s: %s read intact the second time: it was damaged on its way, not in storage",
+                        ctx.job_id, key)
+    for p, hit in _complete_naming(ctx, repo2, storage, lost):
+        problem = f"{repo2.chunks.key(hit)}: uses chunk {hit}, found damaged or missing by {by}"
+        if points.mark_damaged(ctx.catalog, p.id, problem):
+            log.error("domain %s job %s: point %s damaged (%s)", p.domain, ctx.job_id, p.id, problem)
+    return lost
 
 
 def _check_artifacts(ctx: JobContext, run: _Run, repo: Repository, p: PointView, total: int) -> bool:

@@ -3,8 +3,9 @@
 Clients (the test itself, or worker processes it starts) talk to ``proxy.url`` instead
 of the endpoint. Requests pass through unchanged unless a rule matches them; a rule
 either answers in the endpoint's place (``respond``: e.g. 503 Slow Down, the request
-never reaches the endpoint) or flips one byte of the request body on its way
-(``corrupt``). Each rule applies to its first ``times`` matching requests. Every
+never reaches the endpoint), flips one byte of the request body on its way
+(``corrupt``) or of the endpoint's answer (``corrupt-reply``: a body with a
+Content-Length). Each rule applies to its first ``times`` matching requests. Every
 request is recorded with what was done to it and the status the endpoint answered, so
 a test can tell who refused what.
 
@@ -40,18 +41,18 @@ class Request:
 @dataclass
 class Rule:
     match: Callable[[Request], bool]
-    action: str  # "respond" | "corrupt"
+    action: str  # "respond" | "corrupt" | "corrupt-reply"
     times: int = 1
     status: int = 503
     body: bytes = SLOW_DOWN
-    offset: float = 0.5  # where in the body "corrupt" flips a byte (fraction of its length)
+    offset: float = 0.5  # where in the body "corrupt" and "corrupt-reply" flip a byte (fraction of its length)
     used: int = 0
 
 
 @dataclass
 class Seen:
     request: Request
-    action: str  # "pass", "respond" or "corrupt"
+    action: str  # "pass", "respond", "corrupt" or "corrupt-reply"
     status: int = 0  # the endpoint's answer (0 when the proxy answered instead)
     reply: bytes = b""  # the start of the endpoint's answer body
 
@@ -176,7 +177,8 @@ class FaultProxy:
                 forwarded = [ln for ln in lines if not ln.lower().startswith(b"expect:")]
                 upstream[1].write(b"\r\n".join(forwarded) + b"\r\n\r\n" + body)
                 await upstream[1].drain()
-                status, reply, keep = await _relay(upstream[0], writer, request.method)
+                flip = rule.offset if action == "corrupt-reply" and rule else None
+                status, reply, keep = await _relay(upstream[0], writer, request.method, flip)
                 pending = False
                 self._record(Seen(request, action, status, reply))
                 if not keep:
@@ -208,9 +210,11 @@ def _response(status: int, body: bytes) -> bytes:
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
 
 
-async def _relay(up: asyncio.StreamReader, down: asyncio.StreamWriter, method: str) -> tuple[int, bytes, bool]:
+async def _relay(up: asyncio.StreamReader, down: asyncio.StreamWriter, method: str,
+                 flip: float | None = None) -> tuple[int, bytes, bool]:
     """Copy one response; returns its status, the start of its body, and whether the
-    connection may carry another request."""
+    connection may carry another request. ``flip``: flip one byte of a body with a
+    Content-Length, at that fraction of its length."""
     head = await up.readuntil(b"\r\n\r\n")
     down.write(head)
     lines = head[:-4].split(b"\r\n")
@@ -221,12 +225,17 @@ async def _relay(up: asyncio.StreamReader, down: asyncio.StreamWriter, method: s
         headers[name.strip().lower()] = value.strip()
     keep = headers.get("connection", "").lower() != "close"
     first = bytearray()
+    at = -1  # the body's byte to flip, counted down as the body passes
 
     async def copy(n: int) -> None:
+        nonlocal at
         while n > 0:
             chunk = await up.read(min(n, READ))
             if not chunk:
                 raise ConnectionError("endpoint closed mid-response")
+            if 0 <= at < len(chunk):
+                chunk = chunk[:at] + bytes([chunk[at] ^ 0x01]) + chunk[at + 1:]
+            at -= len(chunk)
             if len(first) < 4096:
                 first.extend(chunk[:4096])
             down.write(chunk)
@@ -236,7 +245,10 @@ async def _relay(up: asyncio.StreamReader, down: asyncio.StreamWriter, method: s
     if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
         pass
     elif "content-length" in headers:
-        await copy(int(headers["content-length"]))
+        length = int(headers["content-length"])
+        if flip is not None and length:
+            at = min(length - 1, int(length * flip))
+        await copy(length)
     elif "chunked" in headers.get("transfer-encoding", ""):
         while True:
             size_line = await up.readuntil(b"\r\n")

@@ -184,7 +184,14 @@ def _collected(vw) -> dict:
         cat.close()
 
 
-def test_a_damaged_chunk_is_found_by_verify_and_refused_by_restore(vault, guest_factory, tmp_path) -> None:
+def test_a_damaged_chunk_is_found_by_verify_or_by_restore_and_the_next_backup_repairs_it(vault, guest_factory,
+                                                                                          tmp_path) -> None:
+    """A chunk damaged in storage (bit rot). Verify finds it, deletes it and takes the
+    point out of service; the next backup, a full, stores the chunk again. A restore that
+    meets such a chunk before any verification refuses, naming point, disk and offset,
+    and then does what verify does: the point is damaged, the chunk deleted, and the next
+    backup repairs it (before, the point stayed complete and the domain's incrementals
+    went on naming the damaged chunk)."""
     vw = vault
     g = guest_factory(disks=1, size_mib=16)
     g.write_random("vda", 0, 2 * MiB)
@@ -192,14 +199,9 @@ def test_a_damaged_chunk_is_found_by_verify_and_refused_by_restore(vault, guest_
     point_id = _backup(vw, g)["point_id"]
     repo = _repo(vw)
     [index] = repo.indexes(repo.ref(g.name, point_id))
-    offset, _, cid = next(piece for piece in index.pieces() if piece[2] is not None)
+    _offset, _, cid = next(piece for piece in index.pieces() if piece[2] is not None)
     key = repo.chunks.key(cid)
     _flip_a_bit(repo, key)
-
-    r = vw.cli("restore", g.name, "--point", point_id, "--to-dir", str(tmp_path / "out"), "--wait")
-    assert r.code != 0
-    assert f"restore point {point_id}: vda at offset {offset}: chunk {cid}: authentication failed" in r.err
-    assert not (tmp_path / "out" / "vda.qcow2").exists()
 
     r = vw.cli("verify", g.name, "--wait", "--json")
     assert r.code != 0
@@ -210,6 +212,26 @@ def test_a_damaged_chunk_is_found_by_verify_and_refused_by_restore(vault, guest_
     assert again["level"] == "full"  # a damaged point is never continued from
     out = _restore(vw, g, again["point_id"], tmp_path / "repaired")
     assert images_equal(out / "vda.qcow2", g.shadow_copy("vda", tmp_path / "now.raw"))
+    assert repo.backend.exists(key)
+
+    # now found by a restore
+    [index] = repo.indexes(repo.ref(g.name, again["point_id"]))
+    offset, _, cid = [piece for piece in index.pieces() if piece[2] is not None][-1]
+    key = repo.chunks.key(cid)
+    _flip_a_bit(repo, key)
+    r = vw.cli("restore", g.name, "--point", again["point_id"], "--to-dir", str(tmp_path / "out"), "--wait")
+    assert r.code != 0
+    assert f"restore point {again['point_id']}: vda at offset {offset}: chunk {cid}: authentication failed" in r.err
+    assert not (tmp_path / "out" / "vda.qcow2").exists()
+    listed = vw.cli("backups", g.name, "--json").json()
+    assert [p["status"] for p in listed] == ["damaged", "damaged"]
+    assert "found damaged or missing by restore job" in listed[1]["damage"], listed[1]
+    assert not repo.backend.exists(key)
+    g.write_random("vda", 8 * MiB, 64 * 1024)
+    third = _backup(vw, g)
+    assert third["level"] == "full"
+    out = _restore(vw, g, third["point_id"], tmp_path / "repaired-2")
+    assert images_equal(out / "vda.qcow2", g.shadow_copy("vda", tmp_path / "now-2.raw"))
     assert repo.backend.exists(key)
 
 

@@ -370,3 +370,42 @@ def test_a_format2_chunk_damaged_on_its_way_to_s3_is_sent_again_or_fails_the_bac
     r = _backup(vw, g.name, "--target", "vault")
     assert r.code == 0, r.err
     assert _restored_equal(vw, g, tmp_path, g.shadow_copy("vda", tmp_path / "now.raw"), "restored-2")
+
+
+def test_a_format2_chunk_damaged_on_its_way_from_s3_is_read_again_not_taken_for_damage_in_storage(
+        vw, guest_factory, s3_settings, s3_fault_proxy: FaultProxy, tmp_path, request):
+    """One byte of a chunk flipped on its way back from S3 (the endpoint sends no
+    checksum the client checks; the object's own sha256 no longer matches). That is no
+    proof the chunk is damaged in storage: verify reads it again, finds it intact and
+    deletes nothing; a restore fails its attempt as the storage's trouble, and the retry
+    restores bit for bit. Nothing is marked damaged."""
+    from virtwarden.catalog import jobs as job_rows
+
+    from tests.harness import FAST_KDF, add_format2_target
+
+    add_format2_target(vw, "vault", "s3", request, tmp_path)
+    vw.storage["vault"].update(endpoint_url=s3_fault_proxy.url)
+    vw.extra["worker"] = {**TEST_WORKER, "max_attempts": 2}
+    assert vw.cli("key", "init", "vault", "--chunk-size-kib", "256", *FAST_KDF).code == 0
+    g = guest_factory(disks=1, size_mib=32)
+    g.write_random("vda", 0, 4 * MiB)
+    vw.start_worker()
+    r = _backup(vw, g.name, "--target", "vault")
+    assert r.code == 0, r.err
+    expected = g.shadow_copy("vda", tmp_path / "vda.raw")
+    chunks = s3_client(s3_settings.endpoint_url).list_objects_v2(Bucket=s3_settings.bucket)["KeyCount"]
+
+    s3_fault_proxy.add(Rule(_chunk_get, "corrupt-reply", times=1))
+    r = vw.cli("verify", g.name, "--wait", "--json")
+    assert r.code == 0, r.err + r.out
+    assert len(s3_fault_proxy.handled("corrupt-reply")) == 1
+    assert s3_client(s3_settings.endpoint_url).list_objects_v2(Bucket=s3_settings.bucket)["KeyCount"] == chunks
+
+    s3_fault_proxy.add(Rule(_chunk_get, "corrupt-reply", times=1))
+    r = vw.cli("restore", g.name, "--point", "latest", "--to-dir", str(tmp_path / "out"), "--wait")
+    assert r.code == 0, r.err
+    assert len(s3_fault_proxy.handled("corrupt-reply")) == 2
+    assert images_equal(tmp_path / "out" / "vda.qcow2", expected)
+    [job] = [j for j in job_rows.recent(vw.catalog()) if j.kind == "restore"]
+    assert job.attempts == 2
+    assert [p["status"] for p in vw.cli("backups", g.name, "--json").json()] == ["complete"]

@@ -20,7 +20,8 @@ allows (108 bytes), so the socket is bound and reached through
 A chunk that cannot be read (missing, damaged, sealed under another id, or the storage
 unreachable) fails the read with EIO; the first such failure (a damaged chunk's names
 the disk and offset) is kept in ``failure`` for the caller to raise instead of
-qemu-img's "Input/output error".
+qemu-img's "Input/output error", and the ids of damaged or missing chunks in
+``unreadable`` (the restore takes the points that use them out of service).
 """
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ class ChunkExport:
         # The first read that failed: a DamagedObject naming disk and offset, or what the
         # storage raised (unreachable, refusing): the caller raises it, not qemu-img's P.EIO.
         self.failure: Exception | None = None
+        self.unreadable: set[str] = set()  # ids of the chunks found damaged or missing
         self._place = P.SocketPlace(directory, index.target)
         self.fd, self.socket = self._place.fd, self._place.path
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -148,18 +150,20 @@ class ChunkExport:
         try:
             data = self.store.get(cid, check_id=False)  # authenticated: the tag binds it to its id
         except DamagedObject as e:
-            raise self._failed(DamagedObject(f"{target} at offset {offset}: {e}")) from e
+            raise self._failed(DamagedObject(f"{target} at offset {offset}: {e}"), cid) from e
         except ObjectNotFound as e:
-            raise self._failed(DamagedObject(f"{target} at offset {offset}: chunk {cid} is missing")) from e
+            raise self._failed(DamagedObject(f"{target} at offset {offset}: chunk {cid} is missing"), cid) from e
         if len(data) != length:
             raise self._failed(DamagedObject(f"{target} at offset {offset}: chunk {cid} holds {len(data)} bytes, "
                                              f"the index says {length}"))
         return data
 
-    def _failed(self, e: Exception) -> Exception:
+    def _failed(self, e: Exception, cid: str | None = None) -> Exception:
         with self._lock:
             if self.failure is None:
                 self.failure = e
+            if cid is not None:
+                self.unreadable.add(cid)
         return e
 
     def extents(self, offset: int, length: int) -> list[tuple[int, int]]:

@@ -36,7 +36,7 @@ from virtwarden.storage_backends.format2.objects import Codec, DamagedObject
 from virtwarden.storage_backends.format2.store import ChunkStore
 
 from virtwarden import faults
-from virtwarden.errors import ObjectNotFound, RestorePointNotFound, StorageError, Transient
+from virtwarden.errors import ChecksumMismatch, ObjectNotFound, RestorePointNotFound, StorageError, Transient
 
 FORMAT = 2
 CONFIG_KEY = "format2/config"
@@ -174,6 +174,19 @@ class Format2Repository:
             parts = info.key.split("/")
             if len(parts) == 4 and parts[3] == "manifest":
                 yield PointRef(parts[1], parts[2])
+
+    def points_naming(self, chunks: set[str]) -> Iterator[tuple[PointRef, str]]:
+        """(point, one of ``chunks`` its indexes name) for every published point naming
+        any of them, whatever its domain: chunks are shared. A point that cannot be read
+        (pruned meanwhile, or its manifest or an index damaged) is left out."""
+        for ref in self.points():
+            try:
+                indexes = self.indexes(ref)
+            except (ChecksumMismatch, ObjectNotFound, RestorePointNotFound):
+                continue
+            hit = next((cid for index in indexes for cid in sorted(chunks & index.referenced())), None)
+            if hit is not None:
+                yield ref, hit
 
     def delete_point(self, ref: PointRef) -> None:
         """Unpublish first (the manifest), then the indexes; chunks are gc's."""

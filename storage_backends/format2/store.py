@@ -22,7 +22,7 @@ from virtwarden.storage_backends.base import Backend, Batch, ObjectInfo
 from virtwarden.storage_backends.format2.index import DiskIndex, count
 from virtwarden.storage_backends.format2.objects import Codec, DamagedObject
 
-from virtwarden.errors import ObjectNotFound
+from virtwarden.errors import ChecksumMismatch, ObjectNotFound
 
 FOLDERS = tuple(f"{i:02x}" for i in range(256))  # chunks/<first two hex digits of the id>/
 ReadAt = Callable[[int, int], bytes | bytearray]  # (offset, length) -> exactly length bytes
@@ -77,8 +77,15 @@ class ChunkStore:
 
     def get(self, cid: str, *, check_id: bool = True) -> bytes:
         """The chunk's data, authenticated; ``check_id``: its id computed again too
-        (``Codec.open``)."""
-        return self.codec.open("chunk", cid, self.backend.get_bytes(self.key(cid)), check_id=check_id)
+        (``Codec.open``). DamagedObject also when the storage's own checksum of the
+        object fails: either way its bytes are not the ones stored."""
+        try:
+            blob = self.backend.get_bytes(self.key(cid))
+        except DamagedObject:
+            raise
+        except ChecksumMismatch as e:  # the storage's own checksum of the object (S3: its sha256 metadata)
+            raise DamagedObject(f"chunk {cid}: {e}") from e
+        return self.codec.open("chunk", cid, blob, check_id=check_id)
 
     def ids(self) -> Iterator[str]:
         """The id of every stored chunk (for gc and verify)."""

@@ -56,6 +56,7 @@ from virtwarden.errors import (
     EXIT_USAGE,
     ChecksumMismatch,
     NoSpace,
+    ObjectNotFound,
     RestorePointNotFound,
     RestoreRefused,
     StorageError,
@@ -301,6 +302,7 @@ def fetched(ctx: JobContext, backend: Backend, chain: Chain, *, share: float = 0
 
 def _copy_format1(ctx: JobContext, backend: Backend, chain: Chain, share: float) -> dict[str, qemu_img.Layer]:
     needed = {d["key"]: d for t in targets_of(chain) for d in layers_for(chain.manifests, t)}
+    owner = {d["key"]: p for p, m in zip(chain.points, chain.manifests, strict=True) for d in m["disks"]}
     total = sum(d["size_bytes"] for d in needed.values())
     _check_scratch_space(ctx, chain.point.id, total)
     done = 0
@@ -312,10 +314,34 @@ def _copy_format1(ctx: JobContext, backend: Backend, chain: Chain, share: float)
             ctx.report(share * (base + n) / (total or 1), f"reading and verifying: {(base + n) >> 20} MiB")
 
         path = ctx.scratch / f"{i:04d}-{d['target']}.qcow2"
-        backend.get_file(d["key"], path, expected_sha256=d["sha256"], progress=moved, durable=False)
+        try:
+            backend.get_file(d["key"], path, expected_sha256=d["sha256"], progress=moved, durable=False)
+        except (ChecksumMismatch, ObjectNotFound) as e:
+            _artifact_out_of_service(ctx, backend, owner[d["key"]], d, e)
+            raise
         local[d["key"]] = path
         done += d["size_bytes"]
     return local
+
+
+def _artifact_out_of_service(ctx: JobContext, backend: Backend, point: PointView, disk: dict,
+                             error: StorageError) -> None:
+    """What verify does with an artifact it finds damaged or missing, for one a restore
+    could not copy: read through again, and when it fails again its point is marked
+    damaged with every point built on it, so the domain's next backup starts a new chain
+    instead of building on one that cannot be restored. An artifact that reads intact the
+    second time was damaged on its way: StorageUnavailable, and the job is tried again."""
+    try:
+        backend.verify(disk["key"], disk["sha256"])
+    except (ChecksumMismatch, ObjectNotFound) as again:
+        marked = points.mark_damaged(ctx.catalog, point.id, f"{disk['key']}: {again} (found by restore job "
+                                     f"{ctx.job_id})")
+        if marked:
+            log.error("domain %s job %s: point %s damaged (%s: %s)%s", point.domain, ctx.job_id, point.id, disk["key"],
+                      again, f"; with it the points built on it: {', '.join(marked[1:])}" if marked[1:] else "")
+        return
+    raise StorageUnavailable(f"{error}; but it read intact the second time (damaged on its way from the "
+                             f"storage): trying again") from error
 
 
 @contextmanager

@@ -315,7 +315,13 @@ def _check_artifacts(ctx: JobContext, run: _Run, repo: Repository, p: PointView,
             ctx.report(min(0.99, (base + n) / total), f"verifying {p.domain} {target}: {(base + n) >> 20} MiB")
 
         try:
-            repo.backend.verify(a.key, a.sha256, progress=moved)
+            try:
+                repo.backend.verify(a.key, a.sha256, progress=moved)
+            except ChecksumMismatch as e:  # in storage, or on its way here? a second read tells
+                log.warning("verify: %s; reading it again", e)
+                repo.backend.verify(a.key, a.sha256)
+                log.warning("verify: %s read intact the second time: it was damaged on its way, not in storage",
+                            a.key)
         except Transient:
             raise
         except (ChecksumMismatch, ObjectNotFound) as e:

@@ -154,6 +154,34 @@ def test_verify_rereads_a_sample_least_recently_verified_first(vw, guest_factory
     assert "VERIFIED (UTC)" in text.out and " - " not in text.out.split("\n", 1)[1]
 
 
+def test_a_restore_that_meets_a_damaged_artifact_takes_its_point_and_the_chain_on_it_out_of_service(
+        vw, guest_factory, tmp_path):
+    """Bit rot in an incremental's artifact, met by a restore before any verification:
+    the restore refuses, and (after a second read agrees) marks that point damaged with
+    the points built on it, as verify would. Before, the chain stayed complete and the
+    next backups went on extending a chain that could no longer be restored."""
+    g = guest_factory(disks=1, size_mib=16)
+    vw.start_worker()
+    results, expected = _made(vw, g, tmp_path, 3)
+    full, first, second = _points(vw, g.name)
+    _flip_bytes(_stored(vw, g.name, first, "vda.qcow2"))
+
+    refused = vw.cli("restore", g.name, "--point", "latest", "--to-dir", str(tmp_path / "no"), "--wait")
+    assert refused.code == EXIT_STORAGE, refused.err  # ChecksumMismatch: not retried
+    assert f"{g.name}/" in refused.err and "vda.qcow2" in refused.err, refused.err
+    assert not (tmp_path / "no" / "vda.qcow2").exists()
+    listed = {p["id"]: p for p in _points(vw, g.name)}
+    assert [listed[p["id"]]["status"] for p in (full, first, second)] == ["complete", "damaged", "damaged"]
+    assert "found by restore job" in listed[first["id"]]["damage"]
+
+    _restores_bit_for_bit(vw, g.name, "latest", expected[0], tmp_path / "latest")
+    g.write("vda", 12 * MiB, MiB, pattern=0x77)
+    after = _backup(vw, g.name)
+    assert after["level"] == "full" and after["chain_id"] != full["chain_id"]
+    _restores_bit_for_bit(vw, g.name, after["point_id"], {"vda": g.shadow_copy("vda", tmp_path / "now.raw")},
+                          tmp_path / "after")
+
+
 def test_a_damaged_point_is_unlisted_with_every_point_built_on_it_and_the_next_backup_starts_a_new_chain(
         vw, guest_factory, tmp_path):
     g = guest_factory(disks=1, size_mib=16)

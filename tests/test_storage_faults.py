@@ -409,3 +409,31 @@ def test_a_format2_chunk_damaged_on_its_way_from_s3_is_read_again_not_taken_for_
     [job] = [j for j in job_rows.recent(vw.catalog()) if j.kind == "restore"]
     assert job.attempts == 2
     assert [p["status"] for p in vw.cli("backups", g.name, "--json").json()] == ["complete"]
+
+
+def test_an_s3_artifact_damaged_on_its_way_is_read_again_by_verify_and_retried_by_restore(
+        vw, guest_factory, s3_settings, s3_fault_proxy: FaultProxy, tmp_path):
+    """One byte of a format-1 artifact flipped on its way back from S3: its SHA-256 does
+    not match, a second read's does; so the storage is not blamed for damage (the point
+    stays complete): verify passes, and the restore is tried again and is bit for bit."""
+    vw.storage["s3"] = s3_storage_entry(s3_settings.model_copy(update={"endpoint_url": s3_fault_proxy.url}))
+    vw.extra["worker"] = {**TEST_WORKER, "max_attempts": 2}
+    g = guest_factory(disks=1, size_mib=32)
+    g.write_random("vda", 0, 4 * MiB)
+    vw.start_worker()
+    r = _backup(vw, g.name, "--target", "s3")
+    assert r.code == 0, r.err
+    expected = g.shadow_copy("vda", tmp_path / "vda.raw")
+
+    def artifact_get(q) -> bool:
+        return q.method == "GET" and q.target.split("?")[0].endswith("/vda.qcow2")
+
+    s3_fault_proxy.add(Rule(artifact_get, "corrupt-reply", times=1))
+    r = vw.cli("verify", g.name, "--wait", "--json")  # read again: intact, nothing marked
+    assert r.code == 0, r.err + r.out
+    s3_fault_proxy.add(Rule(artifact_get, "corrupt-reply", times=1))
+    assert _restored_equal(vw, g, tmp_path, expected, "restored")
+    assert len(s3_fault_proxy.handled("corrupt-reply")) == 2
+    [job] = [j for j in job_rows.recent(vw.catalog()) if j.kind == "restore"]
+    assert job.attempts == 2
+    assert [p["status"] for p in vw.cli("backups", g.name, "--json").json()] == ["complete"]

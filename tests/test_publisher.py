@@ -114,6 +114,9 @@ def test_a_wedged_publisher_is_killed_and_its_request_reported_unsent(broker, tm
         assert time.monotonic() - start < 10
         assert sent == [] and isinstance(error, BrokerUnavailable) and "no answer within 2s" in str(error)
         assert not stopped.is_alive()
+        # The next request starts a new process, whose imports count against the same
+        # budget: 2 s is too little for them on a loaded 2-core machine.
+        monkeypatch.setattr(celery_app, "PUBLISHER_SECONDS", 60.0)
         made = _jobs(2)
         assert publisher.send_many(made) == (made, None)
     finally:

@@ -30,10 +30,11 @@ from virtwarden.hypervisor.nbd import ImageExport, NbdReader
 from virtwarden.hypervisor.types import DomainInfo
 from virtwarden.storage_backends.format2.index import DiskIndex
 from virtwarden.storage_backends.format2.repository import WRITER_STALE, Format2Repository, GcRunning, PointRef
-from virtwarden.storage_backends.format2.store import write_disk
+from virtwarden.storage_backends.format2.store import LostChunk, write_disk
 from virtwarden.storage_backends.repository import Repository
 from virtwarden.tasks import recovery
 from virtwarden.tasks.context import JobContext
+from virtwarden.tasks.verify import take_out_of_service
 
 from virtwarden import faults
 from virtwarden.errors import (
@@ -66,6 +67,11 @@ class BackupRequest:
     # Freeze the guest's filesystems for the copy's instant: auto | always | never
     # (tasks.quiesce).
     quiesce: str = "auto"
+
+
+class ParentDamaged(Transient):
+    """A format-2 incremental met a chunk of the point it builds on damaged or missing:
+    the attempt fails, and the next one, its parent out of service, is a full."""
 
 
 class ParentGone(Transient):
@@ -302,8 +308,16 @@ class PointSink:
         """The images stored; ``incremental``: the disks whose image holds only changes."""
         if self.repo2 is None:
             return store_images(ctx, self.repo, outputs)
-        return store_chunks(ctx, self.repo2, self.ref, dom, outputs, {t: self.previous[t] for t in incremental
-                                                                       if t in self.previous}, self.known)
+        try:
+            return store_chunks(ctx, self.repo2, self.ref, dom, outputs, {t: self.previous[t] for t in incremental
+                                                                           if t in self.previous}, self.known)
+        except LostChunk as e:
+            # The last point cannot be restored either: out of service with every point
+            # naming the chunk (as verify would), and the next attempt plans a full.
+            if take_out_of_service(ctx, self.repo2, self.storage, {e.chunk}, f"backup job {ctx.job_id}"):
+                raise ParentDamaged(f"{e}; the points using it are taken out of service, the next attempt reads "
+                                    "every disk whole") from e
+            raise ParentDamaged(f"{e}; it read intact the second time (damaged on its way): trying again") from e
 
     def publish(self, manifest: dict, artifacts: list[ArtifactView]) -> str:
         """The manifest, last; its SHA-256 as stored."""

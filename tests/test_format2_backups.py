@@ -236,6 +236,43 @@ def test_a_damaged_chunk_is_found_by_verify_or_by_restore_and_the_next_backup_re
 
 
 @ONE_BACKEND
+def test_an_incremental_that_meets_its_parents_chunk_damaged_takes_it_out_of_service_and_retries_as_a_full(
+        vault, guest_factory, tmp_path) -> None:
+    """A blockcommit incremental lays a partial change over the previous point's chunk,
+    which it must read. Damaged in storage, that chunk failed every attempt and every
+    later backup the same way until someone verified. Now the attempt marks the points
+    using it damaged (as verify would), deletes the chunk and fails as transient; the
+    retry, its parent out of service, is a full."""
+    from virtwarden.catalog import jobs
+
+    vw = vault
+    _keep_last(tmp_path / "policies", None, "blockcommit")
+    g = guest_factory(disks=1, size_mib=16)
+    g.write_random("vda", 0, 4 * MiB)
+    vw.start_worker()
+    first = _backup(vw, g)
+    assert first["level"] == "full"
+    repo = _repo(vw)
+    [index] = repo.indexes(repo.ref(g.name, first["point_id"]))
+    cid = index.chunks[MiB // index.chunk_size]
+    assert cid is not None
+    _flip_a_bit(repo, repo.chunks.key(cid))
+
+    g.write_random("vda", MiB + 8192, 4096)  # a piece of that chunk: the rest comes from the stored one
+    r = vw.cli("backup", g.name, "--target", "vault", "--wait", "--json")
+    assert r.code == 0, r.err + r.out
+    job = jobs.get(vw.catalog(), r.json()["id"])
+    second = r.json()["result"]
+    assert (second["level"], job.attempts) == ("full", 2), (second, job.attempts)
+    listed = {p["id"]: p for p in vw.cli("backups", g.name, "--json").json()}
+    assert listed[first["point_id"]]["status"] == "damaged"
+    assert "found damaged or missing by backup job" in listed[first["point_id"]]["damage"]
+    assert not repo.backend.exists(repo.chunks.key(cid))  # deleted; the guest no longer holds that data
+    out = _restore(vw, g, second["point_id"], tmp_path / "second")
+    assert images_equal(out / "vda.qcow2", g.shadow_copy("vda", tmp_path / "now.raw"))
+
+
+@ONE_BACKEND
 def test_a_full_after_a_lost_checkpoint_trusts_the_last_point_and_an_asked_for_full_stores_what_was_lost(
         vault, guest_factory, tmp_path) -> None:
     """A full the planner chose (the checkpoint went) takes the chunks the last point

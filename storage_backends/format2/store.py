@@ -49,6 +49,15 @@ class WriteStats:
                 setattr(self, name, getattr(self, name) + n)
 
 
+class LostChunk(DamagedObject):
+    """A chunk of the previous index that a partial change had to be laid over could not
+    be read (damaged or missing): ``chunk``, its id."""
+
+    def __init__(self, message: str, chunk: str) -> None:
+        super().__init__(message)
+        self.chunk = chunk
+
+
 class ChunkStore:
     def __init__(self, backend: Backend, codec: Codec) -> None:
         self.backend = backend
@@ -140,7 +149,12 @@ def write_disk(store: ChunkStore, target: str, read_at: ReadAt, virtual_size: in
         else:
             assert previous is not None
             base_id = previous.chunks[i]
-            chunk = bytearray(store.get(base_id) if base_id else bytes(length))
+            try:
+                chunk = bytearray(store.get(base_id) if base_id else bytes(length))
+            except (DamagedObject, ObjectNotFound) as e:
+                assert base_id is not None
+                raise LostChunk(f"{target} at offset {offset}: the previous point's chunk {base_id} cannot be read "
+                                f"({e})", base_id) from e
             for at, size in parts:
                 chunk[at - offset:at - offset + size] = read_at(at, size)
                 stats.add(read_bytes=size)

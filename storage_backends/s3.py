@@ -25,8 +25,7 @@ in, every request that carries data also carries a checksum the endpoint can che
   is sent again like a BadDigest, and the object is deleted when the last attempt
   still arrives damaged (unless another writer replaced it meanwhile). So no damaged
   object is left under a name (a later backup would take a format-2 chunk that is there
-  as stored). ETags that are not an MD5
-  (SSE-KMS, SSE-C, endpoints that encrypt) are not compared;
+  as stored). ETags that are not an MD5 (SSE-KMS, SSE-C) are not compared;
 
 Downloads ask for the endpoint's checksum (``ChecksumMode=ENABLED``): botocore checks a
 whole-object checksum while the body streams; a composite one cannot be checked without

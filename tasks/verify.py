@@ -279,11 +279,12 @@ def _complete_naming(ctx: JobContext, repo2: Format2Repository, storage: str,
 def take_out_of_service(ctx: JobContext, repo2: Format2Repository, storage: str, suspects: set[str],
                         by: str) -> set[str]:
     """What verify does with chunks it finds damaged or missing, for chunks another job
-    (a restore, ``by``) could not read: each is read again, and one that reads intact was
-    damaged on its way, not in storage (nothing is marked for it). One still damaged is
-    deleted, if this job may (the next backup of its data stores it again); then every
-    complete point naming a chunk read damaged or missing twice is marked damaged, as
-    ``_mark_sharing`` does. The chunks found damaged or missing the second time."""
+    (a restore, a backup: ``by``) could not read: each is read again, and one that reads
+    intact was damaged on its way, not in storage (nothing is marked for it). One still
+    damaged is deleted, if this job may (the next backup of its data stores it again);
+    then every complete point naming a chunk read damaged or missing twice is marked
+    damaged, as ``_mark_sharing`` does. The chunks found damaged or missing the second
+    time."""
     lost: set[str] = set()
     for cid in sorted(suspects):
         key = repo2.chunks.key(cid)

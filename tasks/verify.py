@@ -20,13 +20,15 @@ unreachable storage is transient (the job is tried again) and marks nothing.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from virtwarden.catalog import points
 from virtwarden.catalog.points import PointView
@@ -154,9 +156,23 @@ def _scope(ctx: JobContext, req: VerifyRequest) -> list[PointView]:
             for p in points.for_domain(ctx.catalog, d, storage=req.storage, statuses=(points.COMPLETE,))]
 
 
+T = TypeVar("T")
+
+
+def _twice(read: Callable[[], T]) -> T:
+    """``read()``, and when what it read fails its check (ChecksumMismatch), once more:
+    damage in storage shows twice, a transfer damaged on its way (an S3 endpoint that
+    sends no checksum the client checks) once. Only the second read's verdict counts."""
+    try:
+        return read()
+    except ChecksumMismatch as e:
+        log.warning("verify: %s; reading it again", e)
+        return read()
+
+
 def _check_manifest(ctx: JobContext, run: _Run, repo: Repository, p: PointView) -> bool:
     try:
-        manifest = repo.read_manifest(p.manifest_key, expected_sha256=p.manifest_sha256)
+        manifest = _twice(lambda: repo.read_manifest(p.manifest_key, expected_sha256=p.manifest_sha256))
         want = {a.key: a.sha256 for a in p.artifacts}
         disks = manifest.get("disks")
         have = {d.get("key"): d.get("sha256") for d in disks if isinstance(d, dict)} if isinstance(disks, list) else {}
@@ -182,8 +198,8 @@ def _check_format2(ctx: JobContext, run: _Run, repo2: Format2Repository, p: Poin
     ref = repo2.ref(p.domain, p.id)
     key = p.manifest_key
     try:
-        manifest = repo2.manifest(ref, expected_sha256=p.manifest_sha256)
-        indexes = repo2.indexes(ref, manifest)
+        manifest = _twice(lambda: repo2.manifest(ref, expected_sha256=p.manifest_sha256))
+        indexes = _twice(lambda: repo2.indexes(ref, manifest))
         want = {a.key: a.sha256 for a in p.artifacts}
         if manifest.get("point_id") != p.id or want != {ref.index_key(d["target"]): d["index_sha256"]
                                                         for d in manifest["disks"]}:
@@ -224,12 +240,7 @@ def _reread_chunk(run: _Run, repo2: Format2Repository, storage: str, cid: str) -
     for any that is not intact (a storage that is unreachable: as it is, transient)."""
     key = repo2.chunks.key(cid)
     try:
-        try:
-            data = repo2.chunks.get(cid)
-        except DamagedObject as e:  # at rest, or on its way here? a second read tells
-            log.warning("verify: %s: %s; reading it again", key, e)
-            data = repo2.chunks.get(cid)
-            log.warning("verify: %s read intact the second time: it was damaged on its way, not in storage", key)
+        data = _twice(lambda: repo2.chunks.get(cid))
     except Transient:
         raise
     except DamagedObject as e:
@@ -316,13 +327,7 @@ def _check_artifacts(ctx: JobContext, run: _Run, repo: Repository, p: PointView,
             ctx.report(min(0.99, (base + n) / total), f"verifying {p.domain} {target}: {(base + n) >> 20} MiB")
 
         try:
-            try:
-                repo.backend.verify(a.key, a.sha256, progress=moved)
-            except ChecksumMismatch as e:  # in storage, or on its way here? a second read tells
-                log.warning("verify: %s; reading it again", e)
-                repo.backend.verify(a.key, a.sha256)
-                log.warning("verify: %s read intact the second time: it was damaged on its way, not in storage",
-                            a.key)
+            _twice(functools.partial(repo.backend.verify, a.key, a.sha256, progress=moved))
         except Transient:
             raise
         except (ChecksumMismatch, ObjectNotFound) as e:

@@ -429,11 +429,14 @@ def test_an_s3_artifact_damaged_on_its_way_is_read_again_by_verify_and_retried_b
         return q.method == "GET" and q.target.split("?")[0].endswith("/vda.qcow2")
 
     s3_fault_proxy.add(Rule(artifact_get, "corrupt-reply", times=1))
-    r = vw.cli("verify", g.name, "--wait", "--json")  # read again: intact, nothing marked
+    s3_fault_proxy.add(Rule(lambda q: q.method == "GET" and q.target.split("?")[0].endswith("/manifest.json"),
+                            "corrupt-reply", times=1))
+    r = vw.cli("verify", g.name, "--wait", "--json")  # each read again: intact, nothing marked
     assert r.code == 0, r.err + r.out
+    assert len(s3_fault_proxy.handled("corrupt-reply")) == 2
     s3_fault_proxy.add(Rule(artifact_get, "corrupt-reply", times=1))
     assert _restored_equal(vw, g, tmp_path, expected, "restored")
-    assert len(s3_fault_proxy.handled("corrupt-reply")) == 2
+    assert len(s3_fault_proxy.handled("corrupt-reply")) == 3
     [job] = [j for j in job_rows.recent(vw.catalog()) if j.kind == "restore"]
     assert job.attempts == 2
     assert [p["status"] for p in vw.cli("backups", g.name, "--json").json()] == ["complete"]

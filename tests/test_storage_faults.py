@@ -270,8 +270,8 @@ def test_a_format2_backup_that_fills_its_mounted_target_fails_clearly_and_leaves
     the manifest come after them. A target that fills up midway fails the backup as
     NoSpace with no temporary file left, no index or manifest of the failed point, and
     nothing listed as restorable beyond the point before. Once there is room, the next
-    backup is an incremental of that point that restores bit for bit, and gc reclaims
-    whatever the failed attempt had stored."""
+    backup is an incremental of that point that restores bit for bit, and after a gc no
+    chunk is left that no point uses."""
     from virtwarden.storage_backends.format2.access import open_repository
 
     from tests.harness import FAST_KDF

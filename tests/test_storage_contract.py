@@ -335,6 +335,28 @@ def test_s3_unreachable_endpoint_fails_fast(monkeypatch: pytest.MonkeyPatch) -> 
     assert time.monotonic() - started < 10
 
 
+@pytest.mark.parametrize(("reply", "sse", "damaged"), [
+    ({"ChecksumSHA256": "SENT", "ETag": '"00000000000000000000000000000000"'}, None, False),  # took the checksum
+    ({"ChecksumSHA256": "b3RoZXI=", "ETag": '"x"'}, None, True),  # took it, and says it stored other bytes
+    ({"ETag": '"MD5"'}, None, False),  # ignored the checksum: the ETag is the MD5 of what was sent
+    ({"ETag": '"00000000000000000000000000000000"'}, None, True),  # ... of other bytes
+    ({"ETag": '"00000000000000000000000000000000"'}, "aws:kms", False),  # not an MD5 under SSE-KMS
+    ({"ETag": '"3858f62230ac3c915f300c664312c63f-2"'}, None, False),  # a multipart ETag: not compared
+])
+def test_s3_a_puts_answer_shows_whether_the_endpoint_stored_what_was_sent(reply, sse, damaged) -> None:
+    """The check of a PutObject's answer (put_bytes sends again, then removes, what it
+    finds damaged; the proxy test in test_storage_faults.py does that end to end)."""
+    data = b"a chunk"
+    sent = base64.b64encode(hashlib.sha256(data).digest()).decode()
+    reply = {k: v.replace("SENT", sent).replace("MD5", hashlib.md5(data).hexdigest()) for k, v in reply.items()}
+    backend = S3Backend("offsite", S3Storage(type="s3", bucket="backups", sse=sse))
+    if damaged:
+        with pytest.raises(s3._StoredDamaged, match="s3://backups/k"):
+            backend._check_put("k", data, sent, reply)
+    else:
+        assert backend._check_put("k", data, sent, reply) is reply
+
+
 def test_s3_missing_bucket_is_unavailable(s3_settings: S3Storage) -> None:
     backend = S3Backend("offsite", s3_settings.model_copy(update={"bucket": "vw-no-such-bucket"}))
     for call in (backend.check, lambda: backend.get_bytes("x"), lambda: list(backend.list())):

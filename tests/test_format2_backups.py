@@ -9,6 +9,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -435,6 +437,48 @@ def test_gc_while_a_backup_writes_deletes_none_of_its_chunks(vault, guest_factor
     assert images_equal(out / "vda.qcow2", expected)
 
 
+@contextmanager
+def _gc_stopped_midway(vw, tmp_path: Path, env: dict[str, str] | None = None) -> Iterator[None]:
+    """A real ``storage gc`` process (``env`` added to its environment) stopped in the
+    middle of its deletions while the block runs, holding its marker; continued at the
+    end, and it must have deleted something."""
+    import signal
+    import threading
+
+    from tests.faults import pause_env, stopped_at
+
+    faults = tmp_path / "faults"
+    ran: list = []
+    gc = threading.Thread(target=lambda: ran.append(vw.cli("storage", "gc", "vault", "--json", in_process=False,
+                                                           env={**pause_env("gc-deleting", faults), **(env or {})})))
+    gc.start()
+    gc_pid = stopped_at("gc-deleting", faults)
+    try:
+        yield
+    finally:
+        os.kill(gc_pid, signal.SIGCONT)
+        gc.join(60)
+    assert ran and ran[0].code == 0 and ran[0].json()["deleted"] > 0, ran
+
+
+def _waits_for_gc(vw, job_id: str):
+    """The backup job ``job_id`` once it says it waits for gc."""
+    from virtwarden.catalog import jobs
+
+    return wait_for(lambda: (j := jobs.get(vw.catalog(), job_id)).progress_text and "gc is running" in
+                    j.progress_text and j, 30, "the backup to wait for gc")
+
+
+def _succeeds_first_time_and_restores(vw, g, job_id: str, tmp_path: Path) -> None:
+    from virtwarden.catalog import jobs
+
+    done = wait_for(lambda: (j := jobs.get(vw.catalog(), job_id)).finished and j, 60, "the backup")
+    assert (done.state, done.attempts) == ("succeeded", 1), done.error
+    expected = g.shadow_copy("vda", tmp_path / "expected.raw")
+    out = _restore(vw, g, done.result["point_id"], tmp_path / "out")
+    assert images_equal(out / "vda.qcow2", expected)
+
+
 @ONE_BACKEND
 def test_a_backup_that_meets_a_running_gc_waits_for_it_and_spends_no_attempt(vault, guest_factory, tmp_path) -> None:
     """gc (another process, with unused chunks to delete) stopped in the middle of its
@@ -443,30 +487,17 @@ def test_a_backup_that_meets_a_running_gc_waits_for_it_and_spends_no_attempt(vau
     and succeeds once gc ends; its point restores bit for bit. A second gc started
     meanwhile defers (before, it ran, and its end removed the one marker they shared:
     the backup went ahead while the first gc still deleted what it had found unused)."""
-    import signal
-    import threading
-
     from virtwarden.catalog import jobs
-
-    from tests.faults import pause_env, stopped_at
 
     vw = vault
     g = guest_factory(disks=1, size_mib=32)
-    repo, _kept = _unused_chunks(vw, g)
-
-    faults = tmp_path / "faults"
-    ran: list = []
-    gc = threading.Thread(target=lambda: ran.append(vw.cli("storage", "gc", "vault", "--json", in_process=False,
-                                                           env=pause_env("gc-deleting", faults))))
-    gc.start()
-    gc_pid = stopped_at("gc-deleting", faults)
-    try:
+    _unused_chunks(vw, g)
+    with _gc_stopped_midway(vw, tmp_path):
         g.write_random("vda", 16 * MiB, MiB)
         r = vw.cli("backup", g.name, "--target", "vault", "--json")
         assert r.code == 0, r.err
         job_id = r.json()["id"]
-        waiting = wait_for(lambda: (j := jobs.get(vw.catalog(), job_id)).progress_text and "gc is running" in
-                           j.progress_text and j, 30, "the backup to wait for gc")
+        waiting = _waits_for_gc(vw, job_id)
         # a second gc meanwhile defers and leaves the first one's marker where it is
         second = vw.cli("storage", "gc", "vault", "--json", in_process=False)
         assert second.code == 0 and second.json()["deferred"].startswith("another gc is running"), second.out
@@ -474,15 +505,7 @@ def test_a_backup_that_meets_a_running_gc_waits_for_it_and_spends_no_attempt(vau
         job = jobs.get(vw.catalog(), job_id)
         assert (job.state, job.attempts) == ("running", 1), (job.state, job.attempts, job.error)
         assert waiting.attempts == 1
-    finally:
-        os.kill(gc_pid, signal.SIGCONT)
-        gc.join(60)
-    assert ran and ran[0].code == 0 and ran[0].json()["deleted"] > 0, ran
-    done = wait_for(lambda: (j := jobs.get(vw.catalog(), job_id)).finished and j, 60, "the backup")
-    assert (done.state, done.attempts) == ("succeeded", 1), done.error
-    expected = g.shadow_copy("vda", tmp_path / "expected.raw")
-    out = _restore(vw, g, done.result["point_id"], tmp_path / "out")
-    assert images_equal(out / "vda.qcow2", expected)
+    _succeeds_first_time_and_restores(vw, g, job_id, tmp_path)
 
 
 def test_a_gc_on_a_machine_whose_clock_runs_20_minutes_behind_still_keeps_backups_off(vault, guest_factory,
@@ -494,24 +517,15 @@ def test_a_gc_on_a_machine_whose_clock_runs_20_minutes_behind_still_keeps_backup
     backup waits for that gc (libfaketime on a real gc process) and restores bit for
     bit once it has ended."""
     import json
-    import signal
-    import threading
 
     from virtwarden.catalog import jobs
 
-    from tests.faults import faketime_env, pause_env, stopped_at
+    from tests.faults import faketime_env
 
     vw = vault
     g = guest_factory(disks=1, size_mib=32)
     repo, _kept = _unused_chunks(vw, g)
-    faults = tmp_path / "faults"
-    ran: list = []
-    behind = {**pause_env("gc-deleting", faults), **faketime_env("-20m")}
-    gc = threading.Thread(target=lambda: ran.append(vw.cli("storage", "gc", "vault", "--json", in_process=False,
-                                                           env=behind)))
-    gc.start()
-    gc_pid = stopped_at("gc-deleting", faults)
-    try:
+    with _gc_stopped_midway(vw, tmp_path, faketime_env("-20m")):
         [marker] = [i.key for i in repo.backend.list("gc/")]
         written = json.loads(repo.codec.open("marker", marker, repo.backend.get_bytes(marker)))["at"]
         assert time.time() - written > 19 * 60, "the gc's clock is not behind: libfaketime did not take"
@@ -519,18 +533,9 @@ def test_a_gc_on_a_machine_whose_clock_runs_20_minutes_behind_still_keeps_backup
         r = vw.cli("backup", g.name, "--target", "vault", "--json")
         assert r.code == 0, r.err
         job_id = r.json()["id"]
-        wait_for(lambda: (j := jobs.get(vw.catalog(), job_id)).progress_text and "gc is running" in
-                 j.progress_text and j, 30, "the backup to wait for gc")
+        _waits_for_gc(vw, job_id)
         assert not jobs.get(vw.catalog(), job_id).finished
-    finally:
-        os.kill(gc_pid, signal.SIGCONT)
-        gc.join(60)
-    assert ran and ran[0].code == 0 and ran[0].json()["deleted"] > 0, ran
-    done = wait_for(lambda: (j := jobs.get(vw.catalog(), job_id)).finished and j, 60, "the backup")
-    assert (done.state, done.attempts) == ("succeeded", 1), done.error
-    expected = g.shadow_copy("vda", tmp_path / "expected.raw")
-    out = _restore(vw, g, done.result["point_id"], tmp_path / "out")
-    assert images_equal(out / "vda.qcow2", expected)
+    _succeeds_first_time_and_restores(vw, g, job_id, tmp_path)
 
 
 @ONE_BACKEND

@@ -225,18 +225,24 @@ def _chunk_get(r) -> bool:
     return r.method == "GET" and "/chunks/" in r.target
 
 
+def _vault_behind(proxy: FaultProxy, vw, request, tmp_path: Path, **settings) -> None:
+    """A format-2 target ``vault`` in the test bucket, reached through ``proxy``
+    (``settings`` added to its entry), its key made."""
+    from tests.harness import FAST_KDF, add_format2_target
+
+    add_format2_target(vw, "vault", "s3", request, tmp_path)
+    vw.storage["vault"].update(endpoint_url=proxy.url, **settings)
+    assert vw.cli("key", "init", "vault", "--chunk-size-kib", "256", *FAST_KDF).code == 0
+
+
 def test_a_format2_restore_rides_out_a_slow_down_and_fails_clearly_when_s3_keeps_refusing(
         vw, guest_factory, s3_settings, s3_fault_proxy: FaultProxy, tmp_path, request):
     """Chunks are read while qemu-img writes the image (an NBD export, one pass). A 503
     Slow Down answer is retried and the restore is bit for bit; an S3 that keeps
     answering 503 fails the restore with S3's error, not qemu-img's "Input/output error",
     and nothing is published."""
-    from tests.harness import FAST_KDF, add_format2_target
-
-    add_format2_target(vw, "vault", "s3", request, tmp_path)
-    vw.storage["vault"].update(endpoint_url=s3_fault_proxy.url, max_attempts=2)  # each GET tried twice
+    _vault_behind(s3_fault_proxy, vw, request, tmp_path, max_attempts=2)  # each GET tried twice
     vw.extra["worker"] = {**TEST_WORKER, "max_attempts": 2}
-    assert vw.cli("key", "init", "vault", "--chunk-size-kib", "256", *FAST_KDF).code == 0
     g = guest_factory(disks=1, size_mib=32)
     g.write_random("vda", 0, 8 * MiB)
     vw.start_worker()
@@ -265,7 +271,7 @@ def test_a_format2_restore_rides_out_a_slow_down_and_fails_clearly_when_s3_keeps
 
 # --- format 2: a repository on a mounted target that fills up -----------------------------
 def test_a_format2_backup_that_fills_its_mounted_target_fails_clearly_and_leaves_nothing_listed(
-        vw, guest_factory, small_filesystem: Path, tmp_path):
+        vw, guest_factory, small_filesystem: Path, tmp_path, request):
     """Chunks are written under temporary names and renamed once synced; the index and
     the manifest come after them. A target that fills up midway fails the backup as
     NoSpace with no temporary file left, no index or manifest of the failed point, and
@@ -274,15 +280,12 @@ def test_a_format2_backup_that_fills_its_mounted_target_fails_clearly_and_leaves
     chunk is left that no point uses."""
     from virtwarden.storage_backends.format2.access import open_repository
 
-    from tests.harness import FAST_KDF
+    from tests.harness import FAST_KDF, add_format2_target
     from virtwarden import config
 
-    secrets_dir = tmp_path / "secrets"
-    secrets_dir.mkdir(mode=0o700)
-    (secrets_dir / "pass").write_text("correct horse battery\n")
     share = small_filesystem
-    vw.storage["vault"] = {"type": "nfs", "path": str(share), "format": 2, "key_file": str(secrets_dir / "vault.key"),
-                           "passphrase_file": str(secrets_dir / "pass")}
+    add_format2_target(vw, "vault", "nfs", request, tmp_path)
+    vw.storage["vault"].update(path=str(share), create=False)
     assert vw.cli("key", "init", "vault", "--chunk-size-kib", "256", *FAST_KDF).code == 0
     g = guest_factory(disks=1, size_mib=128)
     g.write_random("vda", 0, 4 * MiB)
@@ -330,11 +333,7 @@ def test_a_format2_chunk_damaged_on_its_way_to_s3_is_sent_again_or_fails_the_bac
     for bit. When every attempt arrives damaged, the backup fails as ChecksumMismatch,
     lists nothing restorable and leaves no damaged object under the chunk's name (the
     next backup would take a chunk that is there as stored)."""
-    from tests.harness import FAST_KDF, add_format2_target
-
-    add_format2_target(vw, "vault", "s3", request, tmp_path)
-    vw.storage["vault"].update(endpoint_url=s3_fault_proxy.url, max_attempts=2)
-    assert vw.cli("key", "init", "vault", "--chunk-size-kib", "256", *FAST_KDF).code == 0
+    _vault_behind(s3_fault_proxy, vw, request, tmp_path, max_attempts=2)
     g = guest_factory(disks=1, size_mib=32)
     g.write_random("vda", 0, 8 * MiB)
     at_backup = g.shadow_copy("vda", tmp_path / "at-backup.raw")
@@ -381,12 +380,8 @@ def test_a_format2_chunk_damaged_on_its_way_from_s3_is_read_again_not_taken_for_
     restores bit for bit. Nothing is marked damaged."""
     from virtwarden.catalog import jobs as job_rows
 
-    from tests.harness import FAST_KDF, add_format2_target
-
-    add_format2_target(vw, "vault", "s3", request, tmp_path)
-    vw.storage["vault"].update(endpoint_url=s3_fault_proxy.url)
+    _vault_behind(s3_fault_proxy, vw, request, tmp_path)
     vw.extra["worker"] = {**TEST_WORKER, "max_attempts": 2}
-    assert vw.cli("key", "init", "vault", "--chunk-size-kib", "256", *FAST_KDF).code == 0
     g = guest_factory(disks=1, size_mib=32)
     g.write_random("vda", 0, 4 * MiB)
     vw.start_worker()

@@ -5,7 +5,9 @@ Rules that libvirt imposes (see /work/shared/PITFALLS.md, "libvirt events"):
 
 - ``start_loop()`` registers libvirt's default event implementation and must run before
   any connection is opened in the process, or keepalive does not work on connections
-  opened earlier. ``virtwarden listen`` calls it first thing.
+  opened earlier. ``virtwarden listen`` calls it first thing; ``LibvirtHost.open`` calls
+  it before every connection it opens (the first call starts the loop). It never runs
+  in a process forked from one where it ran.
 - Callbacks run on the loop thread. They copy plain values (host, domain name, UUID,
   event kind, detail, time) into a ``queue.Queue`` and return: no database, no broker,
   no libvirt RPC (``virDomain.name()`` and ``UUIDString()`` are local), no logging.
@@ -47,6 +49,7 @@ domain jobs ``job.completed`` (detail ``backup ok``), guest agents
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import threading
 import time
@@ -67,6 +70,18 @@ KEEPALIVE_COUNT = 3  # ... and unanswered probes before libvirt closes the conne
 
 _loop_lock = threading.Lock()
 _loop_started = False
+# Set in a child forked after the loop started: the registration came along, the thread
+# running it did not, and a second registration or a new thread on the inherited state
+# is not safe (the loop's lock may have been held at the fork).
+_loop_inherited = False
+
+
+def _forked() -> None:
+    global _loop_inherited
+    _loop_inherited = _loop_inherited or _loop_started
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 @dataclass(frozen=True)
@@ -81,18 +96,23 @@ class HostEvent:
     at: float
 
 
-def start_loop() -> None:
+def start_loop() -> bool:
     """Register libvirt's default event implementation and run it in a daemon thread.
 
     Call before opening any libvirt connection in this process; later calls do nothing.
+    False when the loop cannot run here: this process was forked from one where it ran
+    (a Celery pool child of a parent that had started it). Without the loop, keepalive
+    probes are never sent.
     """
     global _loop_started
     with _loop_lock:
-        if _loop_started:
-            return
-        libvirt.virEventRegisterDefaultImpl()
-        threading.Thread(target=_run_loop, name="libvirt-events", daemon=True).start()
-        _loop_started = True
+        if _loop_inherited:
+            return False
+        if not _loop_started:
+            libvirt.virEventRegisterDefaultImpl()
+            threading.Thread(target=_run_loop, name="libvirt-events", daemon=True).start()
+            _loop_started = True
+        return True
 
 
 def _run_loop() -> None:

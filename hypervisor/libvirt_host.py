@@ -7,6 +7,7 @@ product error whose message says what failed and on which domain and host.
 from __future__ import annotations
 
 import logging
+import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -14,7 +15,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 import libvirt
-from virtwarden.hypervisor import qemu_img
+from virtwarden.hypervisor import events, liveness, qemu_img
 from virtwarden.hypervisor.types import Checkpoint, Disk, DomainInfo, HostVersion, JobState
 
 from virtwarden.errors import (
@@ -49,21 +50,46 @@ _CHECKPOINT_GONE = (
 
 
 class LibvirtHost:
-    """One libvirt connection. Open per job (connections must not cross a fork)."""
+    """One libvirt connection. Open per job (connections must not cross a fork).
 
-    def __init__(self, name: str, uri: str) -> None:
+    libvirt waits for ever on a libvirtd that stopped answering (SIGSTOPped, hung, or
+    behind a dropped network path: its socket still accepts). So opening gives up after
+    the process's ``Liveness.open_timeout``, and an open connection has keepalive on:
+    libvirt's event loop (hypervisor.events) probes a silent libvirtd and closes the
+    connection after ``keepalive_count`` unanswered probes, failing the call that waits
+    on it as ``HypervisorUnavailable`` (transient: a job is retried). ``keepalive=False``
+    is for a process that forks after using the connection (the worker before its pool
+    starts): the loop must not run in it."""
+
+    def __init__(self, name: str, uri: str, *, keepalive: bool = True) -> None:
         self.name, self.uri = name, uri
         self.shown_uri = mask(uri)  # for messages: a URI may carry a password
+        self.keepalive = keepalive
         self._conn: libvirt.virConnect | None = None
 
     # --- connection ---------------------------------------------------------------
     def open(self) -> LibvirtHost:
+        wanted = liveness()
+        loop = self.keepalive and events.start_loop()  # before the connection, or keepalive cannot start
+        if self.keepalive and not loop:
+            _warn_once(log, "libvirt's event loop started in this process's parent before it forked: connections "
+                            "opened here have no keepalive, and a hung libvirtd holds a call until it answers")
         try:
-            self._conn = libvirt.open(self.uri)
+            conn = _open_within(self.uri, wanted.open_timeout)
+        except TimeoutError:
+            raise HypervisorUnavailable(
+                f"host {self.name}: libvirt at {self.shown_uri} did not answer within {wanted.open_timeout:g} s "
+                "(libvirtd stopped, hung or unreachable?)") from None
         except libvirt.libvirtError as e:
             raise HypervisorUnavailable(
                 f"host {self.name}: cannot connect to libvirt at {self.shown_uri}: {e.get_error_message()}"
             ) from e
+        if loop:
+            try:
+                conn.setKeepAlive(wanted.keepalive_interval, wanted.keepalive_count)
+            except libvirt.libvirtError as e:  # a driver without keepalive (test:///): nothing to probe
+                log.debug("host %s: no keepalive on %s: %s", self.name, self.shown_uri, e.get_error_message())
+        self._conn = conn
         return self
 
     def close(self) -> None:
@@ -370,6 +396,50 @@ def _checkpoint(xml: str) -> Checkpoint:
     parent = root.findtext("./parent/name")
     disks = tuple(d.get("name", "") for d in root.findall("./disks/disk") if d.get("checkpoint") == "bitmap")
     return Checkpoint(root.findtext("name") or "", parent, int(root.findtext("creationTime") or 0), disks, xml)
+
+
+def _open_within(uri: str, seconds: float) -> libvirt.virConnect:
+    """``libvirt.open(uri)``, given up after ``seconds`` (TimeoutError). The attempt runs
+    on in a daemon thread, which closes the connection if it opens after all."""
+    got: list[libvirt.virConnect] = []
+    failed: list[libvirt.libvirtError] = []
+    guard = threading.Lock()
+    abandoned = threading.Event()
+    done = threading.Event()
+
+    def attempt() -> None:
+        try:
+            conn = libvirt.open(uri)
+        except libvirt.libvirtError as e:
+            failed.append(e)
+        else:
+            with guard:
+                if not abandoned.is_set():
+                    got.append(conn)
+            if abandoned.is_set():
+                with suppress(libvirt.libvirtError):
+                    conn.close()
+        finally:
+            done.set()
+
+    threading.Thread(target=attempt, name="libvirt-open", daemon=True).start()
+    finished = done.wait(seconds)
+    with guard:
+        if not finished and not got and not failed:
+            abandoned.set()
+            raise TimeoutError(uri)
+    if failed:
+        raise failed[0]
+    return got[0]
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(logger: logging.Logger, message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning("%s", message)
 
 
 def _ver(n: int) -> str:

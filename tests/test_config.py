@@ -62,12 +62,14 @@ def test_api_limits_and_catalog_keep_periods_default_to_what_an_operator_expects
 
 
 
-def test_agent_drill_scheduler_and_listener_timings_default_to_todays_values(tmp_path):
+def test_agent_drill_scheduler_listener_and_libvirt_timings_default_to_todays_values(tmp_path):
     cfg = config.load(env={"VIRTWARDEN_DATA_DIR": str(tmp_path)})
     assert (cfg.agent.call_timeout_seconds, cfg.agent.thaw_grace_seconds, cfg.agent.thaw_retry_seconds) == (10, 120, 1)
     assert (cfg.drill.poll_seconds, cfg.drill.agent_ping_seconds) == (0.5, 2)
     assert cfg.scheduler.tick_seconds == 30
     assert (cfg.listener.backoff_min_seconds, cfg.listener.backoff_max_seconds) == (1, 60)
+    assert (cfg.libvirt.open_timeout_seconds, cfg.libvirt.keepalive_interval_seconds,
+            cfg.libvirt.keepalive_count) == (30, 5, 5)
     f = tmp_path / "c.yaml"
     f.write_text("agent:\n  thaw_grace_seconds: 5\nscheduler:\n  tick_seconds: 0.5\n")
     cfg = config.load(str(f), env={})
@@ -86,6 +88,8 @@ def test_agent_drill_scheduler_and_listener_timings_default_to_todays_values(tmp
      "c.yaml:2: agent.call_timeout_seconds: Input should be greater than or equal to 1"),
     ("listener:\n  backof_min_seconds: 2\n",
      "c.yaml:2: listener.backof_min_seconds: unknown key (did you mean 'backoff_min_seconds'?)"),
+    ("libvirt:\n  keepalive_count: 0\n",
+     "c.yaml:2: libvirt.keepalive_count: Input should be greater than or equal to 1"),
     ("- a\n- b\n", "c.yaml:1: the configuration file must hold one YAML mapping"),
     ("hosts: {a: [}\n", "c.yaml:1: YAML syntax"),
 ])

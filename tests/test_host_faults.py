@@ -1,7 +1,7 @@
 """Faults of the hosts themselves, with two real libvirt hosts and a PostgreSQL catalog:
 a worker whose clock runs ahead (libfaketime) takes over no live job; a point made on a
-host whose clock runs behind is still the newest; libvirtd restarted in the middle of a
-push backup leaves nothing the retry trips over."""
+host whose clock runs behind is still the newest; libvirtd restarted, or stopped, in the
+middle of a push backup leaves nothing the retry trips over."""
 from __future__ import annotations
 
 import pytest
@@ -138,6 +138,66 @@ def test_a_libvirtd_restart_during_a_push_backup_is_recovered_by_the_retry(fleet
     assert vw.cli("restore", g.name, "--point", complete[0].id, "--to-dir", str(out), "--wait").code == 0
     assert images_equal(out / "vda.qcow2", g.shadow_copy("vda", tmp_path / "expected.raw"))
     assert dom.isActive()  # the guest ran on throughout
+
+
+def test_a_libvirtd_that_stops_answering_fails_the_attempt_and_the_retry_backs_up(fleet, vw, guest_factory,
+                                                                                    tmp_path):
+    """host2's libvirtd stopped (SIGSTOP) in the middle of a push backup: its socket still
+    accepts and libvirt would wait for ever. Keepalive closes the job's connection, the
+    attempt fails as transient while libvirtd is still stopped; the next attempt gives up
+    opening a connection after its timeout. Once libvirtd runs again, a retry settles the
+    backup job the first attempt left and makes a point that restores bit for bit."""
+    import os
+    import signal
+
+    import libvirt
+
+    from tests.fleet import HOST2_PID
+
+    g = guest_factory(disks=1, size_mib=576)
+    g.write_random("vda", 0, 512 * MiB)
+    fleet.move(g.name, "local", "host2")
+    vw.extra["worker"] = {**TEST_WORKER, "max_attempts": 20, "retry_delay_seconds": 2}
+    vw.extra["libvirt"] = {"keepalive_interval_seconds": 1, "keepalive_count": 3, "open_timeout_seconds": 5}
+    cat = fleet.cat
+    vw.start_worker(["host2"])
+    conn = libvirt.open(HOST2_URI)
+    dom = conn.lookupByName(g.name)
+
+    r = vw.cli("backup", g.name, "--target", "nfs", "--json")
+    assert r.code == 0, r.err
+    job_id = r.json()["id"]
+    _slow_down_backup(dom)  # 4 MiB/s: the copy runs on for minutes
+    conn.close()
+    pid = int(HOST2_PID.read_text().strip())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        lost = wait_for(lambda: "keepalive" in ((j := job_rows.get(cat, job_id)).progress_text or "") and j, 60,
+                        "the attempt on the stopped libvirtd to fail")
+        assert lost.state == "queued" and lost.attempts == 1, (lost.state, lost.attempts, lost.progress_text)
+        assert "attempt 1 failed" in lost.progress_text and "connection to" in lost.progress_text
+        unanswered = wait_for(lambda: "did not answer within 5 s" in ((j := job_rows.get(cat, job_id)).progress_text
+                                                                      or "") and j, 60, "the next attempt to give up")
+        assert unanswered.state == "queued" and unanswered.attempts >= 2, unanswered.progress_text
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+    done = wait_for(lambda: (j := job_rows.get(cat, job_id)).finished and j, 300, "the retried backup")
+    assert done.state == "succeeded", done.error
+    log = b"".join(w.log.read_bytes() for w in vw.workers)
+    assert b"aborting the backup job an unfinished attempt left" in log, log.decode()[-6000:]
+    conn = libvirt.open(HOST2_URI)
+    dom = conn.lookupByName(g.name)
+    listed = points.for_domain(cat, g.name)
+    complete = [p for p in listed if p.status == "complete"]
+    assert len(complete) == 1 and all(p.status == "failed" for p in listed if p is not complete[0])
+    assert dom.jobStats(0).get("type", 0) == libvirt.VIR_DOMAIN_JOB_NONE
+    assert [c.getName() for c in dom.listAllCheckpoints()] == [complete[0].checkpoint]
+    out = tmp_path / "restored"
+    assert vw.cli("restore", g.name, "--point", complete[0].id, "--to-dir", str(out), "--wait").code == 0
+    assert images_equal(out / "vda.qcow2", g.shadow_copy("vda", tmp_path / "expected.raw"))
+    assert dom.isActive()
+    conn.close()
 
 
 def test_the_schedulers_kept_connection_to_a_restarted_libvirtd_is_replaced_within_the_tick(fleet, guest_factory):

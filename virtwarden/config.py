@@ -262,6 +262,19 @@ class SchedulerConfig(_Strict):
     host_timeout_seconds: float = Field(default=30.0, gt=0)
 
 
+class LibvirtConfig(_Strict):
+    """Every connection to a host's libvirtd (jobs, commands, scheduler): libvirt has no
+    timeout of its own, so a stopped or hung libvirtd would hold a call for ever."""
+
+    # Opening a connection that has not completed by then fails (the host is unavailable).
+    open_timeout_seconds: float = Field(default=30.0, gt=0)
+    # A keepalive probe after this many seconds of silence; after keepalive_count probes
+    # without an answer libvirt closes the connection and the call waiting on it fails
+    # (about interval x (count + 1) seconds). libvirtd's own defaults: 5 and 5.
+    keepalive_interval_seconds: int = Field(default=5, ge=1)
+    keepalive_count: int = Field(default=5, ge=1)
+
+
 class ListenerConfig(_Strict):
     """``virtwarden listen``: reconnecting to a host whose libvirt connection was lost."""
 
@@ -286,6 +299,7 @@ class Config(_Strict):
     drill: DrillConfig = Field(default_factory=DrillConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     listener: ListenerConfig = Field(default_factory=ListenerConfig)
+    libvirt: LibvirtConfig = Field(default_factory=LibvirtConfig)
     source: str = Field(default="<embedded defaults>", exclude=True)
     # The secrets the configuration file itself holds (names of settings, never values).
     file_secrets: tuple[str, ...] = Field(default=(), exclude=True)
@@ -411,10 +425,12 @@ def load_for_process(path: str | None = None) -> Config:
     the configuration file holds secrets that other users can read (as for the API's
     token file: the warning says how to close it, and the file is used). Every command
     and daemon loads its configuration this way."""
-    from virtwarden import permissions
+    from virtwarden import hypervisor, permissions
 
     cfg = load(path)
     permissions.configure(cfg.security.read_group, cfg.security.service_group)
+    hypervisor.configure(hypervisor.Liveness(cfg.libvirt.keepalive_interval_seconds, cfg.libvirt.keepalive_count,
+                                             cfg.libvirt.open_timeout_seconds))
     if cfg.file_secrets:
         permissions.warn_if_exposed(cfg.source, ", ".join(cfg.file_secrets))
     return cfg

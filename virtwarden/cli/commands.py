@@ -363,7 +363,9 @@ def _qemu_passage(cfg, hosts: list[str]) -> None:
     uids = []
     for h in hosts:
         try:
-            with connect(h, cfg.host(h).uri) as hv:
+            # No keepalive: its event loop would have to run in this process, which
+            # forks the pool next (each pool process starts its own at its first job).
+            with connect(h, cfg.host(h).uri, keepalive=False) as hv:
                 user = hv.qemu_user()
         except VirtwardenError as e:
             log.warning("host %s: cannot ask libvirt which user QEMU runs as (%s); assuming an "

@@ -108,17 +108,36 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
-def write_temp(dest: Path, data: bytes | bytearray) -> Path:
+def write_temp(dest: Path, data: bytes | bytearray, *, writeback: bool = False) -> Path:
     """``data`` in a new private file beside ``dest`` under a temporary name, not synced
-    and not renamed (``NfsBackend``'s batches do both, for many files at once)."""
+    and not renamed (``NfsBackend``'s batches do both, for many files at once).
+    ``writeback``: start writing the file's pages to storage now, without waiting
+    (``start_writeback``)."""
     tmp = dest.with_name(temp_name(dest.name))
     try:
         with os.fdopen(permissions.create_file(tmp), "wb") as f:
             f.write(data)
+            if writeback:
+                f.flush()
+                start_writeback(f.fileno())
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return tmp
+
+
+_SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h
+
+
+def start_writeback(fd: int) -> None:
+    """Ask the kernel to start writing the file's dirty pages to storage and return at
+    once (``sync_file_range(SYNC_FILE_RANGE_WRITE)``): a hint that durability is coming,
+    so the disk writes while the caller goes on, and the sync that makes the file durable
+    later finds its bytes written or on their way instead of writing them all itself.
+    Nothing is promised: a filesystem or libc without it is left to that sync."""
+    sync_file_range = getattr(_libc(), "sync_file_range", None)
+    if sync_file_range is not None:
+        sync_file_range(fd, ctypes.c_longlong(0), ctypes.c_longlong(0), ctypes.c_uint(_SYNC_FILE_RANGE_WRITE))
 
 
 def make_dirs(path: Path, *, fsync: bool) -> None:

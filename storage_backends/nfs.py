@@ -262,14 +262,22 @@ class NfsBackend(Backend):
 class _SyncedTogether(Batch):
     """Many small objects (a disk's chunks) made durable with two filesystem syncs per
     ``LIMIT`` objects instead of two fsyncs each. Each object is written under a temporary
-    name and not synced; every ``LIMIT`` objects and at the end, one syncfs makes all
-    their bytes durable, then they are renamed into place, and a second syncfs makes the
-    names durable. A crash leaves temporary files (hidden from ``list()``, removed by
-    ``cleanup_incomplete()``), never a named object whose bytes could be lost; an error
-    inside the block removes the temporary files not renamed yet. At most ``LIMIT``
-    names are held in memory."""
+    name and not synced, and its writeback is started at once (``start_writeback``); every
+    ``LIMIT`` objects and at the end, one syncfs makes all their bytes durable, then they
+    are renamed into place, and a second syncfs makes the names durable. A crash leaves
+    temporary files (hidden from ``list()``, removed by ``cleanup_incomplete()``), never a
+    named object whose bytes could be lost; an error inside the block removes the
+    temporary files not renamed yet. At most ``LIMIT`` names are held in memory (a few
+    MB).
 
-    LIMIT = 1024
+    Why so rarely and why the early writeback (measured on ext4, 4,096 chunks of 512 KiB
+    from four threads): a syncfs stalls every writer of the filesystem while its journal
+    commits, so syncs every 1,024 objects made the disk and the writers take turns (9.0
+    to 9.5 s); one sync at the end with each file's writeback started as it was written
+    kept the disk busy throughout (6.3 s, what ``cp`` + fsync of the same 2 GiB takes
+    there), the final syncs then waiting 0.3 to 0.5 s."""
+
+    LIMIT = 16384  # 8 GiB of 512 KiB chunks
 
     def __init__(self, backend: NfsBackend) -> None:
         super().__init__(backend)
@@ -298,7 +306,7 @@ class _SyncedTogether(Batch):
             if path.parent not in self._dirs:
                 s.make_dirs(path.parent, fsync=False)  # made durable by the sync after the renames
                 self._dirs.add(path.parent)
-            tmp = s.write_temp(path, data)
+            tmp = s.write_temp(path, data, writeback=self.nfs.fsync)
         with self._lock:
             if path in self._pending:  # another thread wrote the same object meanwhile
                 tmp.unlink()

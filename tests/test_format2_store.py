@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from virtwarden.storage_backends._stream import TMP_PREFIX
 from virtwarden.storage_backends.format2.keys import RepositoryKey
 from virtwarden.storage_backends.format2.objects import Codec, DamagedObject
 from virtwarden.storage_backends.format2.store import ChunkStore, read_disk, write_disk
@@ -478,12 +479,17 @@ def _files(root: Path) -> list[str]:
 def test_nfs_chunks_get_their_names_only_after_one_sync_of_all_their_bytes(tmp_path, monkeypatch) -> None:
     """Chunks are written under temporary names without a sync each, and renamed into
     place only after a sync of the filesystem: a crash can leave temporary files, never a
-    named chunk whose bytes were not on disk. Every ``LIMIT`` chunks and at the end."""
+    named chunk whose bytes were not on disk. Every ``LIMIT`` chunks and at the end. Each
+    chunk's writeback is started as soon as it is written, so the syncs find its bytes
+    written or on their way."""
     from virtwarden.storage_backends.nfs import _SyncedTogether
 
     backend = _nfs(tmp_path)
     syncs = []
+    started = []
     monkeypatch.setattr("virtwarden.storage_backends._stream.sync_filesystem", syncs.append)
+    monkeypatch.setattr("virtwarden.storage_backends._stream.start_writeback",
+                        lambda fd: started.append(os.readlink(f"/proc/self/fd/{fd}")))
     monkeypatch.setattr(_SyncedTogether, "LIMIT", 3)
     with backend.batch() as batch:
         for n in range(4):
@@ -494,6 +500,9 @@ def test_nfs_chunks_get_their_names_only_after_one_sync_of_all_their_bytes(tmp_p
         assert [i.key for i in backend.list("chunks/")] == ["chunks/ab/c0", "chunks/ab/c1", "chunks/ab/c2"]
         assert not backend.exists("chunks/ab/c3")  # written, not synced: not there yet
     assert syncs == [backend.root] * 4
+    # each chunk's temporary file, once
+    assert len(started) == 4 and all(
+        Path(p).name.startswith(TMP_PREFIX) and Path(p).parent == backend.root / "chunks/ab" for p in started), started
     assert backend.get_bytes("chunks/ab/c3") == b"xxx"
     assert _files(backend.root) == ["chunks/ab/c0", "chunks/ab/c1", "chunks/ab/c2", "chunks/ab/c3"]
 

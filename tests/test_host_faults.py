@@ -200,6 +200,33 @@ def test_a_libvirtd_that_stops_answering_fails_the_attempt_and_the_retry_backs_u
     conn.close()
 
 
+def test_hosts_reports_a_hung_libvirtd_as_down_after_the_open_timeout(fleet, vw):
+    """On call, `virtwarden hosts` while host2's libvirtd is stopped: the command ends,
+    host2 down with the reason, the main host up (before, it waited for ever)."""
+    import os
+    import signal
+    import time
+
+    from tests.fleet import HOST2_PID
+
+    vw.extra["libvirt"] = {"open_timeout_seconds": 2}
+    pid = int(HOST2_PID.read_text().strip())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        r = vw.cli("hosts", "--json", in_process=False, timeout=60)
+        took = time.monotonic() - start
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert r.code == 0, r.err
+    states = {h["name"]: h for h in r.json()}
+    assert states["local"]["state"] == "up" and states["host2"]["state"] == "down", states
+    assert "did not answer within 2 s" in states["host2"]["error"], states["host2"]
+    assert took < 30, took
+    r = vw.cli("hosts", "--json", in_process=False, timeout=60)
+    assert {h["name"]: h["state"] for h in r.json()} == {"local": "up", "host2": "up"}
+
+
 def test_the_schedulers_kept_connection_to_a_restarted_libvirtd_is_replaced_within_the_tick(fleet, guest_factory):
     """The scheduler keeps a connection per host between ticks. host2's libvirtd restarts
     between two ticks: the next listing finds the kept connection dead, opens a new one

@@ -593,7 +593,20 @@ def test_a_real_backup_is_in_the_duration_histogram_and_a_job_without_worker_in_
     assert samples[("virtwarden_queued_jobs", (("host", "local"),))] == 1
     assert 0 <= samples[("virtwarden_oldest_queued_job_age_seconds", (("host", "local"),))] < 60
     assert ("virtwarden_running_jobs", (("host", "local"),)) not in samples
+    assert ("virtwarden_longest_running_job_seconds", (("host", "local"),)) not in samples
     assert samples[("virtwarden_build_info", (("version", __version__),))] == 1
+
+    # A worker takes the waiting job and does not come back from it (as one waiting on a
+    # guest that does not answer): how long its attempt has run.
+    from virtwarden.catalog import jobs
+
+    cat = _catalog(vw)
+    waiting = [j for j in jobs.recent(cat, limit=5) if j.state == "queued"]
+    assert len(waiting) == 1
+    assert jobs.claim(cat, waiting[0].id, "a-stuck-worker", 3600, lock_domain=True).ok
+    samples = _samples(server.call("GET", "/metrics").body.decode())
+    assert samples[("virtwarden_running_jobs", (("host", "local"),))] == 1
+    assert 0 <= samples[("virtwarden_longest_running_job_seconds", (("host", "local"),))] < 60
 
 
 def _samples(text: str) -> dict:
@@ -685,7 +698,7 @@ def test_the_shipped_rules_pass_promtool_and_fire_on_a_real_scrape(vw, api, tmp_
     Prometheus scrapes this API with a read token and evaluates the same rules (their
     ``for:`` durations set to 0 s): a domain whose backups keep failing, one that was
     due 27 h ago without ever getting a point, a host whose job has waited 2 h for a
-    worker, that worker, silent for 10 minutes, and a repository whose unused chunks
+    worker, that worker, silent for 10 minutes, a host whose job has run for 7 h, and a repository whose unused chunks
     have waited 13 h for a gc, all alert. Every query of the shipped
     Grafana dashboard then runs on that Prometheus and shows them."""
     import re
@@ -702,7 +715,7 @@ def test_the_shipped_rules_pass_promtool_and_fire_on_a_real_scrape(vw, api, tmp_
          "prometheus and promtool (scripts/testhost.sh installs Debian's prometheus)")
     rules = REPO / "deploy" / "prometheus" / "rules.yml"
     checked = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True, text=True)
-    assert checked.returncode == 0 and "SUCCESS: 10 rules found" in checked.stdout, checked.stdout + checked.stderr
+    assert checked.returncode == 0 and "SUCCESS: 11 rules found" in checked.stdout, checked.stdout + checked.stderr
 
     now = datetime.now(UTC)
     cat = vw.catalog()
@@ -715,6 +728,8 @@ def test_the_shipped_rules_pass_promtool_and_fire_on_a_real_scrape(vw, api, tmp_
                       finished_at=at))
         s.add(Job(id="q1", kind="backup", state="queued", domain="waiting01", host="kvm09", params={},
                   created_at=now - timedelta(hours=2)))  # kvm09's worker is gone
+        s.add(Job(id="r1", kind="backup", state="running", domain="stuck01", host="kvm10", params={},
+                  created_at=now - timedelta(hours=7), started_at=now - timedelta(hours=7)))  # waits on its guest
         s.add(Service(id="worker:kvm09:kvm09", kind="worker", node="kvm09", hosts="kvm09", pid=4242, version="0.1.0",
                       started_at=now - timedelta(days=1), seen_at=now - timedelta(minutes=10)))  # ... since 10 min
         s.add(RepositoryUsage(storage="vault", garbage_since=now - timedelta(hours=13), garbage_last=now,
@@ -747,6 +762,7 @@ def test_the_shipped_rules_pass_promtool_and_fire_on_a_real_scrape(vw, api, tmp_
                      if a["state"] == "firing"}
             wanted = {("VirtwardenBackupFailing", "failing01"), ("VirtwardenBackupTooOld", "stale01"),
                       ("VirtwardenJobsWaiting", "kvm09"), ("VirtwardenServiceSilent", "kvm09"),
+                      ("VirtwardenJobRunningLong", "kvm10"),
                       ("VirtwardenRepositoryGarbageWaiting", "vault")}
             return found if wanted <= found else None
 

@@ -23,7 +23,10 @@ API process reports the same fleet-wide numbers) plus this process's request cou
 - ``virtwarden_queued_jobs{host}``, ``virtwarden_running_jobs{host}`` and
   ``virtwarden_oldest_queued_job_age_seconds{host}``: the queue of each host (``host=""``
   for jobs not bound to one yet). A queue that grows, or an old queued job, means the
-  host's worker is down or overloaded.
+  host's worker is down or overloaded. ``virtwarden_longest_running_job_seconds{host}``:
+  how long the current attempt of the job running longest has run. A job whose worker
+  is alive but waits on a guest that does not answer (its QEMU stopped or stuck on its
+  storage) renews its lease and holds the domain's lock for as long: only its age shows.
 - ``virtwarden_service_last_seen_age_seconds{kind,node,hosts}``: how long ago each
   running worker, scheduler and listener last reported itself (catalog.services: every
   30 s; a clean stop removes its series, a dead or hung daemon's keeps growing).
@@ -139,7 +142,8 @@ class CatalogCollector:
                                       JobTotal.seconds, JobTotal.bytes)).all()
             services = s.execute(select(Service.kind, Service.node, Service.hosts, Service.seen_at,
                                         Service.backlog, Service.lag_seconds)).all()
-            queues = s.execute(select(Job.host, Job.state, func.count(), func.min(Job.created_at))
+            queues = s.execute(select(Job.host, Job.state, func.count(), func.min(Job.created_at),
+                                      func.min(Job.started_at))
                                .where(Job.state.in_((QUEUED, RUNNING)))
                                .group_by(Job.host, Job.state)).all()
             skipped = s.execute(select(SlotTotal.job, SlotTotal.cause, SlotTotal.slots)).all()
@@ -302,15 +306,20 @@ def _queue_families(rows: Sequence[Any], now: datetime) -> Iterator[Metric]:
     running = GaugeMetricFamily("virtwarden_running_jobs", "jobs a worker is running, by host", labels=["host"])
     oldest = GaugeMetricFamily("virtwarden_oldest_queued_job_age_seconds",
                                "how long the oldest job waiting for a worker has waited, by host", labels=["host"])
-    for host, state, n, first in sorted(rows, key=lambda r: (r[0] or "", r[1])):
+    longest = GaugeMetricFamily("virtwarden_longest_running_job_seconds",
+                                "how long the attempt of the job running longest has run, by host", labels=["host"])
+    for host, state, n, first, started in sorted(rows, key=lambda r: (r[0] or "", r[1])):
         if state == QUEUED:
             queued.add_metric([host or ""], n)
             oldest.add_metric([host or ""], max(0.0, (now - first).total_seconds()))
         else:
             running.add_metric([host or ""], n)
+            if started is not None:
+                longest.add_metric([host or ""], max(0.0, (now - started).total_seconds()))
     yield queued
     yield running
     yield oldest
+    yield longest
 
 
 def _drill_families(drills: Sequence[Drill]) -> Iterator[Metric]:

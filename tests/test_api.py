@@ -789,6 +789,8 @@ def test_the_shipped_rules_pass_promtool_and_fire_on_a_real_scrape(vw, api, tmp_
         assert {r["metric"]["domain"] for r in failing} == {"failing01"}, failing
         waiting = values["Jobs waiting for a worker, per host"]
         assert [(r["metric"]["host"], r["value"][1]) for r in waiting] == [("kvm09", "1")], waiting
+        running = values["Longest-running job, per host"]
+        assert [r["metric"]["host"] for r in running] == ["kvm10"] and float(running[0]["value"][1]) > 6 * 3600
         garbage = values["Unused chunks waiting for gc, per target"]
         assert [r["metric"]["storage"] for r in garbage] == ["vault"] and float(garbage[0]["value"][1]) > 12 * 3600
     finally:

@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import os
 
-import pytest
-
+from tests.conftest import need_module
 from virtwarden import config, hypervisor
-
-pytest.importorskip("libvirt")
 
 
 def test_a_process_takes_its_liveness_from_the_configuration(tmp_path):
@@ -30,6 +27,7 @@ def test_the_event_loop_does_not_run_in_a_child_forked_after_it_started():
     """A child forked after the loop started has libvirt's registration but not the
     thread running it: starting it again there is refused (so connections opened there
     go without keepalive and say so), never a second registration."""
+    need_module("libvirt")
     from virtwarden.hypervisor import events
 
     assert events.start_loop()

@@ -68,7 +68,9 @@ def test_a_worker_stopped_past_its_lease_changes_nothing_after_a_takeover(vw, gu
     stopped_at("storing", faults)  # mid-upload, past its lease: the other worker takes the job over
     stale = _owner_worker(vw, cat, job_id)
     expected = {t: g.shadow_copy(t, tmp_path / f"expected-{t}.raw") for t in ("vda", "vdb")}
-    done = wait_for(lambda: (j := job_rows.get(cat, job_id)).finished and j, 240, "the takeover to finish")
+    done = wait_for(lambda: (j := job_rows.get(cat, job_id)).finished and j, 240,
+                    lambda: f"the takeover to finish; job {job_rows.get(cat, job_id)}; the workers' logs:\n"
+                            + "\n".join(w.log.read_bytes().decode(errors="replace")[-4000:] for w in vw.workers))
     assert (done.state, done.attempts) == ("succeeded", 2), done.error
     before = {p.id: (p.status, p.manifest_sha256) for p in points.for_domain(cat, g.name)}
     keys_before = sorted(_stored_keys(vw, s3_settings))

@@ -31,6 +31,7 @@ from virtwarden.storage_backends import open_backend
 from virtwarden.storage_backends.format2.access import repositories
 from virtwarden.tasks.context import JobContext
 
+from virtwarden import faults
 from virtwarden.config import Config
 from virtwarden.errors import LeaseLost, Transient, VirtwardenError
 from virtwarden.redact import mask
@@ -176,8 +177,9 @@ class Heartbeat:
         progress = self._progress
         started = time.monotonic()
         try:
-            ok = jobs.heartbeat(self.cat, self.fence, progress=progress[0] if progress else None,
-                                text=progress[1] if progress else None)
+            with faults.background_write():
+                ok = jobs.heartbeat(self.cat, self.fence, progress=progress[0] if progress else None,
+                                    text=progress[1] if progress else None)
         except VirtwardenError as e:  # database briefly unreachable: try again next beat
             log.warning("job %s: heartbeat failed: %s", self.fence.job_id, e)
             return

@@ -36,11 +36,13 @@ from virtwarden.catalog.models import DomainLock, Job, JobTotal
 from virtwarden.catalog.store import Catalog, upsert
 from virtwarden.catalog.views import FAILED, FINISHED, QUEUED, RUNNING, SUCCEEDED, JobView
 
+from virtwarden import faults
 from virtwarden.errors import JobNotFound
 
 # Upper bounds (seconds) of the duration buckets the metrics' histogram reports.
 DURATION_BUCKETS = (10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 28800)
 DEFAULT_RESEND_AFTER = 60.0  # seconds a queued job's message may take to reach a worker
+HEARTBEAT_WRITING = "heartbeat-writing"  # test fault point: inside the heartbeat's transaction
 
 
 def _count(result: Any) -> int:
@@ -291,6 +293,7 @@ def heartbeat(
         if n:
             s.execute(update(DomainLock).where(DomainLock.job_id == fence.job_id)
                       .values(expires_at=db_later(fence.lease_seconds)))
+        faults.pause_point(HEARTBEAT_WRITING)
         return n == 1
 
 

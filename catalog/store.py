@@ -196,6 +196,9 @@ def _engine(url: str) -> Engine:
             from psycopg2.extensions import libpq_version
 
             args = pg_connect_args(parsed.query, libpq_version())
+            engine = create_engine(url, pool_pre_ping=True, connect_args=args)
+            event.listen(engine, "connect", _end_idle_transactions)
+            return engine
         return create_engine(url, pool_pre_ping=True, connect_args=args)
     except ImportError as e:  # SQLAlchemy imports the URL's driver when it makes the engine
         raise ConfigError(_missing_driver(url, e)) from e
@@ -213,6 +216,29 @@ def _missing_driver(url: str, error: ImportError) -> str:
     if name == "psycopg2":
         return f"{what}; {extra}"
     return f"{what}; install it, or name psycopg2 in the URL (postgresql+psycopg2://...) and {extra}"
+
+
+PG_IDLE_IN_TRANSACTION_SECONDS = 300
+
+
+def _end_idle_transactions(dbapi_conn, _record) -> None:
+    """Have the server end this session when it sits idle inside a transaction for
+    ``PG_IDLE_IN_TRANSACTION_SECONDS`` (unless the server, the role or the URL set a
+    limit already). A process stopped in the middle of a transaction (SIGSTOP, a paused
+    VM: its kernel still answers TCP keepalives) would otherwise hold the rows it
+    updated for as long as it is stopped, its job's row among them: no other worker
+    could take the job over, and every reaper would wait on that row. The catalog's
+    transactions are meant to hold rows for their statements only: 300 s is far beyond
+    any of them."""
+    cur = dbapi_conn.cursor()
+    try:
+        cur.execute("SHOW idle_in_transaction_session_timeout")
+        (current,) = cur.fetchone()
+        if str(current) in ("0", "0ms"):
+            cur.execute(f"SET idle_in_transaction_session_timeout = {PG_IDLE_IN_TRANSACTION_SECONDS * 1000}")
+        dbapi_conn.commit()
+    finally:
+        cur.close()
 
 
 def _sqlite_engine(url: str) -> Engine:

@@ -118,3 +118,22 @@ def test_the_url_s_own_settings_win_and_an_old_libpq_gets_what_it_knows() -> Non
                        "keepalives_count": 3, "tcp_user_timeout": 30000}
     assert "connect_timeout" not in pg_connect_args(["connect_timeout", "sslmode"], 170000)
     assert "tcp_user_timeout" not in pg_connect_args([], 110000)  # libpq 11 does not know it
+
+
+def test_a_session_idle_in_its_transaction_is_ended_by_the_server(pg_schema_url):
+    """The catalog's PostgreSQL sessions carry idle_in_transaction_session_timeout (300 s),
+    unless the URL, the role or the server set one: a process stopped in the middle of a
+    transaction does not hold its rows for ever (the fault itself is in test_takeover.py)."""
+    from virtwarden.catalog.store import PG_IDLE_IN_TRANSACTION_SECONDS, Catalog
+
+    def limit(url: str) -> str:
+        cat = Catalog(url)
+        try:
+            with cat.engine.connect() as conn:
+                return conn.exec_driver_sql("SHOW idle_in_transaction_session_timeout").scalar()
+        finally:
+            cat.close()
+
+    assert PG_IDLE_IN_TRANSACTION_SECONDS == 300
+    assert limit(pg_schema_url) == "5min"
+    assert limit(pg_schema_url + "%20-cidle_in_transaction_session_timeout%3D3000") == "3s"

@@ -229,3 +229,37 @@ def test_the_sweep_unlists_a_point_left_writing_by_an_ended_job_and_removes_its_
     assert sweep_unfinished_points(cat, lambda name: open_backend(name, cfg.storage_target(name))) == [point.id]
     assert points.get(cat, point.id).status == "failed"
     assert list(backend.list(prefix)) == []
+
+
+def test_a_worker_stopped_inside_its_heartbeats_transaction_on_postgresql_is_taken_over(vw, guest_factory,
+                                                                                      pg_schema_url, tmp_path):
+    """A PostgreSQL catalog. The worker running a backup stops (SIGSTOP) inside its
+    heartbeat's transaction, holding its job's row; its kernel keeps the connection up.
+    The server ends the session once it has sat idle in its transaction for
+    idle_in_transaction_session_timeout (3 s here through the URL, 300 s as shipped),
+    the row's lock goes with it, and the other worker takes the job over and finishes
+    it: a point that restores bit for bit. Without that limit the reaper waited on the
+    row for as long as the worker was stopped."""
+    vw.extra["database_url"] = pg_schema_url + "%20-cidle_in_transaction_session_timeout%3D3000"
+    g = guest_factory(disks=1, size_mib=320)
+    g.write_random("vda", 0, 300 * MiB)  # a backup that lasts past the first heartbeat
+    faults = tmp_path / "faults"
+    vw.start_worker(env=pause_env(job_rows.HEARTBEAT_WRITING, faults))
+    vw.start_worker(env=pause_env(job_rows.HEARTBEAT_WRITING, faults))
+    cat = vw.catalog()
+
+    r = vw.cli("backup", g.name, "--target", "nfs", "--json")
+    assert r.code == 0, r.err
+    job_id = r.json()["id"]
+    stopped_pid = stopped_at(job_rows.HEARTBEAT_WRITING, faults)
+    try:
+        done = wait_for(lambda: (j := job_rows.get(cat, job_id)).finished and j, 120,
+                        lambda: f"the takeover to finish; job {job_rows.get(cat, job_id)}; the workers' logs:\n"
+                                + "\n".join(w.log.read_bytes().decode(errors="replace")[-3000:] for w in vw.workers))
+        assert (done.state, done.attempts) == ("succeeded", 2), done.error
+    finally:
+        os.kill(stopped_pid, signal.SIGKILL)
+    out = tmp_path / "restored"
+    assert done.result is not None
+    _restore(vw, g, done.result["point_id"], out)
+    assert images_equal(out / "vda.qcow2", g.shadow_copy("vda", tmp_path / "expected.raw"))

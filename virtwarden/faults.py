@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-_background = threading.Lock()
+_background = threading.RLock()  # a fault point inside the write itself takes it again
 
 
 @contextmanager

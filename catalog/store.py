@@ -224,9 +224,10 @@ PG_IDLE_IN_TRANSACTION_SECONDS = 300
 def _end_idle_transactions(dbapi_conn, _record) -> None:
     """Have the server end this session when it sits idle inside a transaction for
     ``PG_IDLE_IN_TRANSACTION_SECONDS`` (unless the server, the role or the URL set a
-    limit already). A process stopped in the middle of a transaction (SIGSTOP, a paused
-    VM: its kernel still answers TCP keepalives) would otherwise hold the rows it
-    updated for as long as it is stopped, its job's row among them: no other worker
+    limit already). A process stopped in the middle of a transaction (SIGSTOP: its
+    kernel still answers TCP keepalives; a paused VM: the server's keepalives give up
+    after hours by default) would otherwise hold the rows it updated for as long as it
+    is stopped, its job's row among them: no other worker
     could take the job over, and every reaper would wait on that row. The catalog's
     transactions are meant to hold rows for their statements only: 300 s is far beyond
     any of them."""

@@ -43,6 +43,7 @@ _STATES = {
     libvirt.VIR_DOMAIN_CRASHED: "crashed",
     libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
 }
+_said_no_loop: list[bool] = []  # the warning that keepalive is off here was logged
 _CHECKPOINT_GONE = (
     libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT,
     getattr(libvirt, "VIR_ERR_CHECKPOINT_INCONSISTENT", -1),
@@ -71,9 +72,10 @@ class LibvirtHost:
     def open(self) -> LibvirtHost:
         wanted = liveness()
         loop = self.keepalive and events.start_loop()  # before the connection, or keepalive cannot start
-        if self.keepalive and not loop:
-            _warn_once(log, "libvirt's event loop started in this process's parent before it forked: connections "
-                            "opened here have no keepalive, and a hung libvirtd holds a call until it answers")
+        if self.keepalive and not loop and not _said_no_loop:
+            _said_no_loop.append(True)  # once per process
+            log.warning("libvirt's event loop started in this process's parent before it forked: connections "
+                        "opened here have no keepalive, and a hung libvirtd holds a call until it answers")
         try:
             conn = _open_within(self.uri, wanted.open_timeout)
         except TimeoutError:
@@ -414,9 +416,10 @@ def _open_within(uri: str, seconds: float) -> libvirt.virConnect:
             failed.append(e)
         else:
             with guard:
-                if not abandoned.is_set():
+                late = abandoned.is_set()
+                if not late:
                     got.append(conn)
-            if abandoned.is_set():
+            if late:
                 with suppress(libvirt.libvirtError):
                     conn.close()
         finally:
@@ -431,15 +434,6 @@ def _open_within(uri: str, seconds: float) -> libvirt.virConnect:
     if failed:
         raise failed[0]
     return got[0]
-
-
-_warned: set[str] = set()
-
-
-def _warn_once(logger: logging.Logger, message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        logger.warning("%s", message)
 
 
 def _ver(n: int) -> str:

@@ -58,15 +58,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import libvirt
+from virtwarden.hypervisor import liveness
 
 from virtwarden.errors import HypervisorUnavailable
 from virtwarden.redact import mask
 
 # libvirt prints every error to stderr by default; we report them ourselves.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-
-KEEPALIVE_INTERVAL = 5  # seconds between keepalive probes ...
-KEEPALIVE_COUNT = 3  # ... and unanswered probes before libvirt closes the connection
 
 _loop_lock = threading.Lock()
 _loop_started = False
@@ -188,6 +186,56 @@ def job_completed_detail(params: dict[str, Any]) -> str:
     return f"{name} {'ok' if ok else 'failed'}"
 
 
+def connect_within(host: str, uri: str, seconds: float, *, read_only: bool = False) -> libvirt.virConnect:
+    """``open_within``, its failures as HypervisorUnavailable naming ``host``."""
+    try:
+        return open_within(uri, seconds, read_only=read_only)
+    except TimeoutError:
+        raise HypervisorUnavailable(f"host {host}: libvirt at {mask(uri)} did not answer within {seconds:g} s "
+                                    "(libvirtd stopped, hung or unreachable?)") from None
+    except libvirt.libvirtError as e:
+        raise HypervisorUnavailable(f"host {host}: cannot connect to libvirt at {mask(uri)}:"
+                                    f" {e.get_error_message()}") from e
+
+
+def open_within(uri: str, seconds: float, *, read_only: bool = False) -> libvirt.virConnect:
+    """``libvirt.open(uri)`` (``openReadOnly`` with ``read_only``), given up after
+    ``seconds`` (TimeoutError): libvirt itself waits for ever on a libvirtd whose socket
+    accepts but that does not answer. The attempt runs on in a daemon thread, which
+    closes the connection if it opens after all."""
+    got: list[libvirt.virConnect] = []
+    failed: list[libvirt.libvirtError] = []
+    guard = threading.Lock()
+    abandoned = threading.Event()
+    done = threading.Event()
+
+    def attempt() -> None:
+        try:
+            conn = libvirt.openReadOnly(uri) if read_only else libvirt.open(uri)
+        except libvirt.libvirtError as e:
+            failed.append(e)
+        else:
+            with guard:
+                late = abandoned.is_set()
+                if not late:
+                    got.append(conn)
+            if late:
+                with contextlib.suppress(libvirt.libvirtError):
+                    conn.close()
+        finally:
+            done.set()
+
+    threading.Thread(target=attempt, name="libvirt-open", daemon=True).start()
+    finished = done.wait(seconds)
+    with guard:
+        if not finished and not got and not failed:
+            abandoned.set()
+            raise TimeoutError(uri)
+    if failed:
+        raise failed[0]
+    return got[0]
+
+
 # --- one host's event connection -----------------------------------------------------------
 class EventConnection:
     """A read-only connection that feeds ``sink`` with this host's domain events.
@@ -205,18 +253,16 @@ class EventConnection:
 
     def open(self) -> None:
         """Connect, turn keepalive on, watch for closing and subscribe to the events.
+        Opening and keepalive follow the process's ``hypervisor.Liveness`` (the
+        configuration's ``libvirt`` section), as every other connection does.
 
-        HypervisorUnavailable when the host does not answer."""
+        HypervisorUnavailable when the host does not answer, or not within the open timeout."""
         self.lost.clear()
         self.close_reason = ""
+        wanted = liveness()
+        conn = self._conn = connect_within(self.host, self.uri, wanted.open_timeout, read_only=True)
         try:
-            conn = libvirt.openReadOnly(self.uri)
-        except libvirt.libvirtError as e:
-            raise HypervisorUnavailable(f"host {self.host}: cannot connect to libvirt at {mask(self.uri)}:"
-                                        f" {e.get_error_message()}") from e
-        self._conn = conn
-        try:
-            conn.setKeepAlive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
+            conn.setKeepAlive(wanted.keepalive_interval, wanted.keepalive_count)
             conn.registerCloseCallback(self._on_close, None)
             subscriptions: list[tuple[int, Callable[..., None]]] = [
                 (libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle),

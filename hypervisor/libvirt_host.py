@@ -7,7 +7,6 @@ product error whose message says what failed and on which domain and host.
 from __future__ import annotations
 
 import logging
-import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -76,16 +75,7 @@ class LibvirtHost:
             _said_no_loop.append(True)  # once per process
             log.warning("libvirt's event loop started in this process's parent before it forked: connections "
                         "opened here have no keepalive, and a hung libvirtd holds a call until it answers")
-        try:
-            conn = _open_within(self.uri, wanted.open_timeout)
-        except TimeoutError:
-            raise HypervisorUnavailable(
-                f"host {self.name}: libvirt at {self.shown_uri} did not answer within {wanted.open_timeout:g} s "
-                "(libvirtd stopped, hung or unreachable?)") from None
-        except libvirt.libvirtError as e:
-            raise HypervisorUnavailable(
-                f"host {self.name}: cannot connect to libvirt at {self.shown_uri}: {e.get_error_message()}"
-            ) from e
+        conn = events.connect_within(self.name, self.uri, wanted.open_timeout)
         if loop:
             try:
                 conn.setKeepAlive(wanted.keepalive_interval, wanted.keepalive_count)
@@ -398,42 +388,6 @@ def _checkpoint(xml: str) -> Checkpoint:
     parent = root.findtext("./parent/name")
     disks = tuple(d.get("name", "") for d in root.findall("./disks/disk") if d.get("checkpoint") == "bitmap")
     return Checkpoint(root.findtext("name") or "", parent, int(root.findtext("creationTime") or 0), disks, xml)
-
-
-def _open_within(uri: str, seconds: float) -> libvirt.virConnect:
-    """``libvirt.open(uri)``, given up after ``seconds`` (TimeoutError). The attempt runs
-    on in a daemon thread, which closes the connection if it opens after all."""
-    got: list[libvirt.virConnect] = []
-    failed: list[libvirt.libvirtError] = []
-    guard = threading.Lock()
-    abandoned = threading.Event()
-    done = threading.Event()
-
-    def attempt() -> None:
-        try:
-            conn = libvirt.open(uri)
-        except libvirt.libvirtError as e:
-            failed.append(e)
-        else:
-            with guard:
-                late = abandoned.is_set()
-                if not late:
-                    got.append(conn)
-            if late:
-                with suppress(libvirt.libvirtError):
-                    conn.close()
-        finally:
-            done.set()
-
-    threading.Thread(target=attempt, name="libvirt-open", daemon=True).start()
-    finished = done.wait(seconds)
-    with guard:
-        if not finished and not got and not failed:
-            abandoned.set()
-            raise TimeoutError(uri)
-    if failed:
-        raise failed[0]
-    return got[0]
 
 
 def _ver(n: int) -> str:

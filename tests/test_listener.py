@@ -7,6 +7,7 @@ against real libvirtd hosts, and nothing but libvirt itself starts the backups.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -644,6 +645,52 @@ def test_a_libvirtd_restart_is_survived_and_what_it_hid_is_handled(installation,
         assert recorded[:2] == [("domain.defined", True), ("domain.started", True)], recorded
         assert [(j["kind"], j["requested_by"]) for j in _event_jobs(vw, name)] == [("backup", "event")]
     finally:
+        listener.stop()
+        if conn is not None:
+            _remove_domain(conn, name)
+            conn.close()
+
+
+@pytest.mark.libvirt
+@pytest.mark.celery
+def test_a_hung_libvirtd_is_given_up_on_and_its_events_heard_again_once_it_answers(installation, tmp_path) -> None:
+    """host2's libvirtd stopped (SIGSTOP: its socket still accepts, nothing answers) under
+    the listener: keepalive closes the event connection and every reconnect gives up after
+    the open timeout (before, the watcher waited inside libvirt's open for as long as
+    libvirtd was stopped); once libvirtd answers, the watcher subscribes again and a
+    domain started there is backed up."""
+    libvirt = need_module("libvirt")
+    from tests.guests import _remove_domain
+
+    uri2 = os.environ.get("VIRTWARDEN_TEST_HOST2_URI")
+    need(bool(uri2) and HOST2_PID.exists(), "the second test host (VIRTWARDEN_TEST_HOST2_URI) is not set up")
+    vw, name = installation
+    vw.hosts = {"h2": {"uri": uri2}}
+    vw.extra["libvirt"] = {"open_timeout_seconds": 2, "keepalive_interval_seconds": 1, "keepalive_count": 2}
+    vw.start_worker(["h2"])
+    listener = ListenerProcess(vw)
+    conn = None
+    pid = int(HOST2_PID.read_text().strip())
+    try:
+        pos = listener.wait_for("host h2: reconciled (first contact)")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            pos = listener.wait_for("host h2: connection to", after=pos, timeout=30)
+            assert "keepalive timeout" in listener.text(pos)[:200], listener.text(pos)[:200]
+            pos = listener.wait_for("did not answer within 2 s", after=pos, timeout=30)
+            pos = listener.wait_for("did not answer within 2 s", after=pos, timeout=30)  # and again: it goes on trying
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        pos = listener.wait_for("host h2: connected to", after=pos, timeout=90)
+        pos = listener.wait_for("host h2: reconciled", after=pos)
+        conn = libvirt.open(uri2)
+        _define_tiny_domain(conn, tmp_path / name, name).create()
+        point = _wait_for_point(vw, name, timeout=240)
+        assert point["level"] == "full"
+        assert [(j["kind"], j["requested_by"]) for j in _event_jobs(vw, name)] == [("backup", "event")]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
         listener.stop()
         if conn is not None:
             _remove_domain(conn, name)

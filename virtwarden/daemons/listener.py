@@ -3,11 +3,12 @@
 Threads, and why:
 - libvirt's event loop (hypervisor.events.start_loop, registered before any connection
   is opened) runs the callbacks, which only put plain values on one queue;
-- one watcher per host holds that host's event connection (keepalive 5 s x 3, a close
-  callback) and reconnects with exponential backoff (``listener.backoff_min_seconds``
-  in the configuration, 1 by default, doubling up to ``backoff_max_seconds``, 60) when
-  libvirt closes it or keepalive fails;
-  after every (re)connect it queues a reconciliation pass for its host;
+- one watcher per host holds that host's event connection (opened within the
+  ``libvirt`` section's open timeout, with its keepalive and a close callback) and
+  reconnects with exponential backoff (``listener.backoff_min_seconds`` in the
+  configuration, 1 by default, doubling up to ``backoff_max_seconds``, 60) when libvirt
+  closes it, keepalive fails or opening times out; after every (re)connect it queues a
+  reconciliation pass for its host;
 - the dispatcher (the main thread) takes items off the queue in order: it records each
   event in the catalog (catalog.events), which keeps the domains table current, maps it
   to the policies' ``on:`` triggers (policies.triggers) and creates the jobs

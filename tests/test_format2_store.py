@@ -12,6 +12,7 @@ import pytest
 from virtwarden.storage_backends._stream import TMP_PREFIX
 from virtwarden.storage_backends.format2.keys import RepositoryKey
 from virtwarden.storage_backends.format2.objects import Codec, DamagedObject
+from virtwarden.storage_backends.format2.repository import DomainUsage
 from virtwarden.storage_backends.format2.store import ChunkStore, read_disk, write_disk
 
 from tests.test_storage_contract import backend  # noqa: F401 - the nfs and s3 backends, a fixture
@@ -202,7 +203,7 @@ def _backup(repo, domain: str, point_id: str, disks: dict[str, Path], previous: 
         size = path.stat().st_size
         index, _ = write_disk(repo.chunks, target, _reader(path), size, repo.chunk_size)
         entries.append({"target": target, "virtual_size": size, "index_sha256": repo.write_index(ref, index)})
-    manifest = {"format": 2, "point_id": point_id, "domain": domain, "disks": entries}
+    manifest = {"format": 2, "point_id": point_id, "domain": {"name": domain}, "disks": entries}
     repo.write_manifest(ref, manifest)
     return manifest
 
@@ -230,6 +231,36 @@ def test_any_point_can_be_deleted_and_gc_keeps_what_the_others_use(backend, tmp_
     assert sorted(r.point_id for r in repo.points()) == ["p0", "p2"]
     for point_id in ("p0", "p2"):
         assert _restored(repo, "web01", point_id, tmp_path) == {"vda": expected[point_id]}
+
+
+def test_usage_counts_each_domains_chunks_and_what_they_take_and_the_unused_ones(backend, tmp_path) -> None:
+    """``storage stats``: a chunk two domains share counts for each of them and once in
+    the total; one no point names any more is unused."""
+    repo = _repo(backend)
+    shared, mine, theirs, gone = (os.urandom(MiB) for _ in range(4))
+    web = _disk(tmp_path / "web.raw", 4 * MiB, [(0, shared), (MiB, mine)])
+    _backup(repo, "web01", "w1", {"vda": web})
+    _backup(repo, "web01", "w2", {"vda": web})  # the same chunks again
+    db = _disk(tmp_path / "db.raw", 4 * MiB, [(0, shared), (2 * MiB, theirs), (3 * MiB, gone)])
+    _backup(repo, "db01", "d1", {"vda": db})
+    with open(db, "r+b") as f:
+        f.seek(3 * MiB)
+        f.write(bytes(MiB))  # a zero piece now
+    _backup(repo, "db01", "d2", {"vda": db})
+    repo.delete_point(repo.ref("db01", "d1"))  # ``gone`` is named by no point
+
+    usage = repo.usage()
+    sizes = {cid: info.size for info in repo.chunks.stored() for cid in [info.key.rsplit("/", 1)[1]]}
+    ids = {name: repo.codec.chunk_id(data) for name, data in
+           (("shared", shared), ("mine", mine), ("theirs", theirs), ("gone", gone))}
+    assert (usage.chunks_stored, usage.chunks_unused, usage.stored_bytes) == (4, 1, sum(sizes.values()))
+    assert usage.domains["web01"] == DomainUsage(points=2, logical_bytes=4 * MiB, chunks=2,
+                                                 stored_bytes=sizes[ids["shared"]] + sizes[ids["mine"]])
+    assert usage.domains["db01"] == DomainUsage(points=1, logical_bytes=2 * MiB, chunks=2,
+                                                stored_bytes=sizes[ids["shared"]] + sizes[ids["theirs"]])
+    assert usage.total == DomainUsage(points=3, logical_bytes=6 * MiB, chunks=3,
+                                      stored_bytes=sum(sizes[ids[n]] for n in ("shared", "mine", "theirs")))
+    assert list(usage.domains) == ["db01", "web01"]
 
 
 def test_gc_defers_while_a_backup_is_under_way_and_a_backup_waits_for_gc(backend, tmp_path) -> None:

@@ -82,6 +82,30 @@ class GcReport:
     stored_bytes: int = 0
 
 
+@dataclass(frozen=True)
+class DomainUsage:
+    """What some points take: how many, the bytes of their disks' non-zero chunks (each
+    point counted whole), the distinct chunks they name, and what those take stored."""
+
+    points: int
+    logical_bytes: int
+    chunks: int
+    stored_bytes: int
+
+
+@dataclass(frozen=True)
+class Usage:
+    """A repository's ``usage()``: its stored chunks (``unused``: named by no point, gc's
+    to delete), every point together (``total``), and each domain's points."""
+
+    chunk_size: int
+    chunks_stored: int
+    chunks_unused: int
+    stored_bytes: int
+    total: DomainUsage
+    domains: dict[str, DomainUsage]
+
+
 class GcRunning(Transient):
     """gc runs on this storage: a backup waits for it (tried again later)."""
 
@@ -229,12 +253,10 @@ class Format2Repository:
         return self._fresh(list(self.backend.list("pending/")), stale_after, now)
 
     # --- gc ---------------------------------------------------------------------------------
-    def _census(self) -> tuple[set[bytes], int, int]:
-        """The chunks the published points' indexes name (each id as its 32 bytes: a set
-        of hex names took twice the memory), how many points, and the bytes of those
-        points' non-zero pieces."""
-        used: set[bytes] = set()
-        found = logical = 0
+    def published(self) -> Iterator[tuple[PointRef, dict, list[DiskIndex]]]:
+        """Every published point with its manifest and indexes, one at a time. A point
+        pruned while it is read is left out; one whose index is missing while its
+        manifest is there raises ObjectNotFound (its chunks cannot be known)."""
         for ref in self.points():
             try:
                 manifest = self.manifest(ref)
@@ -245,12 +267,74 @@ class Format2Repository:
             except ObjectNotFound:
                 if not self.backend.exists(ref.manifest_key):
                     continue  # pruned between the two reads: manifest first, then indexes
-                raise  # a point whose chunks cannot be known: nothing may be deleted
+                raise
+            yield ref, manifest, indexes
+
+    def _census(self) -> tuple[set[bytes], int, int]:
+        """The chunks the published points' indexes name (each id as its 32 bytes: a set
+        of hex names took twice the memory), how many points, and the bytes of those
+        points' non-zero pieces."""
+        used: set[bytes] = set()
+        found = logical = 0
+        for _ref, _manifest, indexes in self.published():  # a point whose chunks cannot be known: nothing deleted
             found += 1
             for index in indexes:
                 used.update(bytes.fromhex(cid) for cid in index.referenced())
                 logical += sum(length for _offset, length, cid in index.pieces() if cid is not None)
         return used, found, logical
+
+    def usage(self) -> Usage:
+        """What the points of each domain take (``virtwarden storage stats``). Memory: one
+        entry per chunk the points name (its 32-byte id and the number of the group of
+        domains that use it), as gc's census; the stored chunks are listed a folder at a
+        time."""
+        domains: dict[str, int] = {}  # name -> number
+        points: list[int] = []
+        logical: list[int] = []
+        groups: list[tuple[int, ...]] = []  # group number -> the domains' numbers, sorted
+        numbered: dict[tuple[int, ...], int] = {}
+        owner: dict[bytes, int] = {}  # chunk id -> group number
+        for _ref, manifest, indexes in self.published():
+            d = domains.setdefault(manifest["domain"]["name"], len(domains))
+            if d == len(points):
+                points.append(0)
+                logical.append(0)
+            points[d] += 1
+            alone = numbered.setdefault((d,), len(numbered))
+            if alone == len(groups):
+                groups.append((d,))
+            for index in indexes:
+                for _offset, length, cid in index.pieces():
+                    if cid is None:
+                        continue
+                    logical[d] += length
+                    cid_bytes = bytes.fromhex(cid)
+                    g = owner.setdefault(cid_bytes, alone)
+                    if d not in groups[g]:
+                        joined = tuple(sorted((*groups[g], d)))
+                        owner[cid_bytes] = numbered.setdefault(joined, len(numbered))
+                        if owner[cid_bytes] == len(groups):
+                            groups.append(joined)
+        chunks_of = [0] * len(groups)
+        for g in owner.values():
+            chunks_of[g] += 1
+        kept_of = [0] * len(groups)
+        stored = unused = stored_bytes = 0
+        for info in self.chunks.stored():
+            stored += 1
+            stored_bytes += info.size
+            group = owner.get(_chunk_id(info.key) or b"")
+            if group is None:
+                unused += 1
+            else:
+                kept_of[group] += info.size
+        per_domain = {}
+        for name, d in domains.items():
+            mine = [g for g, members in enumerate(groups) if d in members]
+            per_domain[name] = DomainUsage(points[d], logical[d], sum(chunks_of[g] for g in mine),
+                                           sum(kept_of[g] for g in mine))
+        total = DomainUsage(sum(points), sum(logical), len(owner), sum(kept_of))
+        return Usage(self.chunk_size, stored, unused, stored_bytes, total, dict(sorted(per_domain.items())))
 
     def gc(self, *, stale_writer: float = WRITER_STALE) -> GcReport:
         """Delete the chunks no published point uses, unless a backup is under way (then

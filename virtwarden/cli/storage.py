@@ -20,7 +20,7 @@ from virtwarden.cli.output import emit_json, load_config, table
 from virtwarden.errors import EXIT_OK, RestorePointNotFound, RestoreRefused
 from virtwarden.hypervisor import qemu_img
 from virtwarden.storage_backends.format2.access import open_repository
-from virtwarden.storage_backends.format2.repository import Format2Repository, PointRef
+from virtwarden.storage_backends.format2.repository import DomainUsage, Format2Repository, PointRef
 from virtwarden.tasks.confine import check_target
 
 
@@ -92,33 +92,18 @@ def restore_cli(args: argparse.Namespace) -> int:
 
 def stats_cli(args: argparse.Namespace) -> int:
     repo = _open(args)
-    stored = {info.key.rsplit("/", 1)[1]: info.size for info in repo.backend.list("chunks/")}
-    per_domain: dict[str, dict] = {}
-    everywhere: set[str] = set()
-    for ref, manifest in _manifests(repo):
-        d = per_domain.setdefault(manifest["domain"]["name"], {"points": 0, "logical_bytes": 0, "chunks": set()})
-        d["points"] += 1
-        for index in repo.indexes(ref, manifest):
-            for _offset, length, cid in index.pieces():
-                if cid is not None:
-                    d["logical_bytes"] += length
-                    d["chunks"].add(cid)
-        everywhere |= d["chunks"]
-    chunk = repo.chunk_size
+    usage = repo.usage()
 
-    def figures(logical: int, chunks: set[str]) -> dict:
-        unique = len(chunks) * chunk  # an upper bound: a disk's last chunk may be shorter
-        kept = sum(stored.get(c, 0) for c in chunks)
-        return {"logical_bytes": logical, "unique_bytes": unique, "stored_bytes": kept,
-                "dedup_ratio": round(logical / unique, 2) if unique else None,
-                "compression_ratio": round(unique / kept, 2) if kept else None}
+    def figures(u: DomainUsage) -> dict:
+        unique = u.chunks * usage.chunk_size  # an upper bound: a disk's last chunk may be shorter
+        return {"logical_bytes": u.logical_bytes, "unique_bytes": unique, "stored_bytes": u.stored_bytes,
+                "dedup_ratio": round(u.logical_bytes / unique, 2) if unique else None,
+                "compression_ratio": round(unique / u.stored_bytes, 2) if u.stored_bytes else None}
 
-    result = {"storage": args.storage, "repository": repo.config["repository"], "chunk_size": chunk,
-              "chunks_stored": len(stored), "chunks_unused": len(set(stored) - everywhere),
-              **figures(sum(d["logical_bytes"] for d in per_domain.values()), everywhere),
-              "stored_bytes_all": sum(stored.values()),
-              "domains": {name: {"points": d["points"], **figures(d["logical_bytes"], d["chunks"])}
-                          for name, d in sorted(per_domain.items())}}
+    result = {"storage": args.storage, "repository": repo.config["repository"], "chunk_size": usage.chunk_size,
+              "chunks_stored": usage.chunks_stored, "chunks_unused": usage.chunks_unused,
+              **figures(usage.total), "stored_bytes_all": usage.stored_bytes,
+              "domains": {name: {"points": u.points, **figures(u)} for name, u in usage.domains.items()}}
     if args.json:
         emit_json(result)
         return EXIT_OK
@@ -126,7 +111,7 @@ def stats_cli(args: argparse.Namespace) -> int:
                   _ratio(d["dedup_ratio"]), _ratio(d["compression_ratio"])] for name, d in result["domains"].items()],
                 ["DOMAIN", "POINTS", "LOGICAL", "STORED", "DEDUP", "COMPRESSION"]))
     print(f"\nrepository {result['repository']}: {_mib(result['logical_bytes'])} in its points, "
-          f"{_mib(result['stored_bytes_all'])} stored in {len(stored)} chunks "
+          f"{_mib(result['stored_bytes_all'])} stored in {usage.chunks_stored} chunks "
           f"({result['chunks_unused']} unused: virtwarden storage gc {args.storage}); "
           f"dedup {_ratio(result['dedup_ratio'])}, compression {_ratio(result['compression_ratio'])}")
     return EXIT_OK

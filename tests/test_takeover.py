@@ -240,9 +240,14 @@ def test_a_worker_stopped_inside_its_heartbeats_transaction_on_postgresql_is_tak
     the row's lock goes with it, and the other worker takes the job over and finishes
     it: a point that restores bit for bit. Without that limit the reaper waited on the
     row for as long as the worker was stopped."""
+    from tests.harness import TEST_WORKER
+
     vw.extra["database_url"] = pg_schema_url + "%20-cidle_in_transaction_session_timeout%3D3000"
+    # A heartbeat every 0.2 s: the backup below lasts several, even on a fast machine
+    # (300 MiB took 0.8 s on one, less than the suite's usual 1 s between heartbeats).
+    vw.extra["worker"] = {**TEST_WORKER, "heartbeat_seconds": 0.2}
     g = guest_factory(disks=1, size_mib=320)
-    g.write_random("vda", 0, 300 * MiB)  # a backup that lasts past the first heartbeat
+    g.write_random("vda", 0, 300 * MiB)
     faults = tmp_path / "faults"
     vw.start_worker(env=pause_env(job_rows.HEARTBEAT_WRITING, faults))
     vw.start_worker(env=pause_env(job_rows.HEARTBEAT_WRITING, faults))

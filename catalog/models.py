@@ -401,6 +401,20 @@ class RepositoryUsage(Base):
     deleted_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
+class DamagedChunk(Base):
+    """A format-2 chunk a job found damaged in storage and could not delete (credentials
+    that only read, say): storage goes on saying it is there, so a backup would name it
+    without storing it again. Every format-2 backup of the storage stores the chunks
+    listed here again whenever it produces their data, whatever storage says, and then
+    removes their rows (catalog.repositories)."""
+
+    __tablename__ = "damaged_chunks"
+    storage: Mapped[str] = mapped_column(String(128), primary_key=True)
+    chunk: Mapped[str] = mapped_column(String(64), primary_key=True)  # its id (hex)
+    found_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    found_by: Mapped[str] = mapped_column(Text)  # e.g. "restore job <id>"
+
+
 class Service(Base):
     """A running worker, scheduler or listener, as it last said so (catalog.services): one
     row per kind, machine and hosts served, so a process restarted in the same place

@@ -17,6 +17,13 @@ automatic gc finds nothing left and clears the mark.)
 
 The counts (points, chunks, stored and logical bytes) are what the metrics export:
 reading them from the repository at every scrape would mean reading every index.
+
+A chunk a job found damaged but could not delete (``note_damaged_chunks``: a restore
+or a verification whose credentials only read) stays in storage, which goes on saying
+it is there: the next backup would name it without storing it. Every format-2 backup
+of the storage reads ``damaged_chunks`` before it writes, stores those chunks again
+whenever it produces their data, and removes their rows once they are
+(``repaired_chunks``).
 """
 from __future__ import annotations
 
@@ -24,10 +31,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from sqlalchemy import case, func, or_, select, update
+from sqlalchemy import case, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 from virtwarden.catalog.clock import db_later, db_now
-from virtwarden.catalog.models import RepositoryUsage
+from virtwarden.catalog.models import DamagedChunk, RepositoryUsage
 from virtwarden.catalog.store import Catalog, dialect_insert
 
 
@@ -122,3 +129,28 @@ def usage(cat: Catalog) -> list[Usage]:
         rows = s.scalars(select(RepositoryUsage).order_by(RepositoryUsage.storage))
         return [Usage(r.storage, r.garbage_since, r.gc_started_at, r.gc_finished_at, r.gc_deferred, r.points,
                       r.chunks, r.stored_bytes, r.logical_bytes, r.deleted_chunks, r.deleted_bytes) for r in rows]
+
+
+def note_damaged_chunks(cat: Catalog, storage: str, chunks: set[str], by: str) -> None:
+    """``chunks`` of ``storage`` were found damaged and left in storage (``by`` could not
+    delete them)."""
+    if not chunks:
+        return
+    with cat.session() as s:
+        s.execute(dialect_insert(s, DamagedChunk).values(
+            [{"storage": storage, "chunk": c, "found_at": db_now(), "found_by": by[:500]} for c in sorted(chunks)]
+        ).on_conflict_do_nothing())
+
+
+def damaged_chunks(cat: Catalog, storage: str) -> frozenset[str]:
+    """The ids of ``storage``'s chunks found damaged and still in storage."""
+    with cat.session() as s:
+        return frozenset(s.scalars(select(DamagedChunk.chunk).where(DamagedChunk.storage == storage)))
+
+
+def repaired_chunks(cat: Catalog, storage: str, chunks: set[str]) -> None:
+    """``chunks`` were stored again, intact and durably: no longer damaged."""
+    if not chunks:
+        return
+    with cat.session() as s:
+        s.execute(delete(DamagedChunk).where(DamagedChunk.storage == storage, DamagedChunk.chunk.in_(sorted(chunks))))

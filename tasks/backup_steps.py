@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
-from virtwarden.catalog import points
+from virtwarden.catalog import points, repositories
 from virtwarden.catalog.points import ArtifactView, PointView
 from virtwarden.hypervisor import qemu_img
 from virtwarden.hypervisor.nbd import ImageExport, NbdReader
@@ -212,8 +212,10 @@ class PointSink:
         self.repo2 = ctx.repository(storage)
         self.storage = storage
         self.previous: dict[str, DiskIndex] = {}
-        # Format 2: ids of chunks certainly stored, not looked up again (set by begin()).
+        # Format 2 (set by begin()): ids of chunks certainly stored, not looked up again,
+        # and of chunks found damaged and left in storage, stored again when produced.
         self.known: frozenset[str] = frozenset()
+        self.damaged: frozenset[str] = frozenset()
         self._catalog, self._domain = ctx.catalog, dom.name
         self.plan = plan
         self._writing: str | None = None
@@ -251,6 +253,7 @@ class PointSink:
             raise ParentGone(f"point {parent.id}, which this incremental builds on, was deleted as the backup "
                              "began; tried again")
         self.known = self._stored_ids(repo2)
+        self.damaged = repositories.damaged_chunks(self._catalog, self.storage)
 
         def renew() -> None:
             while not self._done.wait(self.renew_seconds):
@@ -295,13 +298,14 @@ class PointSink:
         into ``outputs`` first and ``store`` those (format 1 stores the images)."""
         if self.repo2 is None:
             return None
-        return store_chunks_in_place(ctx, self.repo2, self.ref, dom, self.known)
+        return store_chunks_in_place(ctx, self.repo2, self.ref, dom, self.known, self.damaged)
 
     def store_pulled(self, ctx: JobContext, dom: DomainInfo, socket: str, incremental: set[str]) -> list[ArtifactView]:
         """Format 2 only: the disks read from a running pull-mode backup's NBD export."""
         assert self.repo2 is not None
         return store_chunks_pulled(ctx, self.repo2, self.ref, dom, socket,
-                                   {t: self.previous[t] for t in incremental if t in self.previous}, self.known)
+                                   {t: self.previous[t] for t in incremental if t in self.previous}, self.known,
+                                   self.damaged)
 
     def store(self, ctx: JobContext, dom: DomainInfo, outputs: dict[str, Output],
               incremental: set[str]) -> list[ArtifactView]:
@@ -310,7 +314,8 @@ class PointSink:
             return store_images(ctx, self.repo, outputs)
         try:
             return store_chunks(ctx, self.repo2, self.ref, dom, outputs, {t: self.previous[t] for t in incremental
-                                                                           if t in self.previous}, self.known)
+                                                                           if t in self.previous}, self.known,
+                                self.damaged)
         except LostChunk as e:
             # The last point cannot be restored either: out of service with every point
             # naming the chunk (as verify would), and the next attempt plans a full.
@@ -368,7 +373,7 @@ def _format2_plan(repo2: Format2Repository, plan: LevelPlan) -> tuple[LevelPlan,
 
 def store_chunks(ctx: JobContext, repo2: Format2Repository, ref: PointRef, dom: DomainInfo,
                  outputs: dict[str, Output], previous: dict[str, DiskIndex],
-                 known: frozenset[str] = frozenset()) -> list[ArtifactView]:
+                 known: frozenset[str] = frozenset(), damaged: frozenset[str] = frozenset()) -> list[ArtifactView]:
     """Format 2: each disk's image into chunks and an index. ``previous``: for each disk
     whose image holds only what changed (a push-mode incremental target, a blockcommit
     overlay), the last point's index of that disk; only the image's ranges are read
@@ -379,12 +384,13 @@ def store_chunks(ctx: JobContext, repo2: Format2Repository, ref: PointRef, dom: 
         qemu_img.detach_backing(o.path)  # libvirt names the live disk as backing: never read through it
         with qemu_img.ImageData(o.path) as img:
             out.append(_store_disk(ctx, repo2, ref, dom, target, img, previous.get(target), n / len(outputs),
-                                   whole=False, known=known))
+                                   whole=False, known=known, damaged=damaged))
     return out
 
 
 def store_chunks_in_place(ctx: JobContext, repo2: Format2Repository, ref: PointRef,
-                          dom: DomainInfo, known: frozenset[str] = frozenset()) -> list[ArtifactView]:
+                          dom: DomainInfo, known: frozenset[str] = frozenset(),
+                          damaged: frozenset[str] = frozenset()) -> list[ArtifactView]:
     """Format 2, a shut-off domain: each disk read where it is, through a read-only
     ``qemu-nbd`` export (hypervisor/nbd.py), never copied into scratch. qemu-nbd holds
     the image as ``qemu-img convert`` would: the domain cannot start meanwhile."""
@@ -393,7 +399,7 @@ def store_chunks_in_place(ctx: JobContext, repo2: Format2Repository, ref: PointR
         try:
             with ImageExport(Path(d.path), d.format, ctx.scratch) as img:
                 out.append(_store_disk(ctx, repo2, ref, dom, d.target, img, None, n / len(dom.disks), whole=True,
-                                       known=known))
+                                       known=known, damaged=damaged))
         except ToolFailed as e:
             if "lock" in str(e):
                 raise HypervisorError(f"disk {d.target} of {dom.name!r} is in use (was the domain started?): "
@@ -403,7 +409,8 @@ def store_chunks_in_place(ctx: JobContext, repo2: Format2Repository, ref: PointR
 
 
 def store_chunks_pulled(ctx: JobContext, repo2: Format2Repository, ref: PointRef, dom: DomainInfo, socket: str,
-                        previous: dict[str, DiskIndex], known: frozenset[str] = frozenset()) -> list[ArtifactView]:
+                        previous: dict[str, DiskIndex], known: frozenset[str] = frozenset(),
+                        damaged: frozenset[str] = frozenset()) -> list[ArtifactView]:
     """Format 2, a pull-mode backup running: each disk read over QEMU's NBD export of it
     (the disk as it was when the backup began), never copied into scratch. ``previous``
     as for ``store_chunks``: for those disks only the ranges their dirty bitmap names
@@ -415,7 +422,7 @@ def store_chunks_pulled(ctx: JobContext, repo2: Format2Repository, ref: PointRef
         reader = NbdReader(socket, d.target, (BASE_ALLOCATION, dirty) if prev else (BASE_ALLOCATION,))
         try:
             out.append(_store_disk(ctx, repo2, ref, dom, d.target, _Pulled(reader, dirty if prev else None), prev,
-                                   n / len(dom.disks), whole=True, known=known))
+                                   n / len(dom.disks), whole=True, known=known, damaged=damaged))
         finally:
             reader.close()
     return out
@@ -451,14 +458,20 @@ class _DiskData(Protocol):
 
 def _store_disk(ctx: JobContext, repo2: Format2Repository, ref: PointRef, dom: DomainInfo, target: str,
                 img: _DiskData, previous: DiskIndex | None, done: float, *, whole: bool,
-                known: frozenset[str] = frozenset()) -> ArtifactView:
+                known: frozenset[str] = frozenset(), damaged: frozenset[str] = frozenset()) -> ArtifactView:
     """One disk into chunks and an index. ``img.held()``: with ``previous``, the ranges
     changed since it; without, the ranges that hold data (the rest is zeros). ``whole``:
     ``img`` reads as the whole disk, so a chunk a change touches is read from it whole
-    rather than laid over the previous point's chunk. ``known``: ``PointSink.known``."""
+    rather than laid over the previous point's chunk. ``known`` and ``damaged``:
+    ``PointSink``'s. A damaged chunk stored again is durable and intact when
+    ``write_disk`` returns, whatever becomes of this backup: its row goes then."""
     ctx.report(0.6 + 0.39 * done, f"storing {target} as chunks")
     index, stats = write_disk(repo2.chunks, target, img.read, img.virtual_size, repo2.chunk_size,
-                              previous=previous, changed=img.held(), whole=whole, known=known)
+                              previous=previous, changed=img.held(), whole=whole, known=known, damaged=damaged)
+    if stats.repaired:
+        repositories.repaired_chunks(ctx.catalog, repo2.backend.name, stats.repaired)
+        log.warning("job %s: %s of %s: %d chunk(s) found damaged earlier stored again: %s", ctx.job_id, target,
+                    dom.name, len(stats.repaired), ", ".join(sorted(stats.repaired)))
     faults.pause_point("storing")
     sha = repo2.write_index(ref, index)
     log.info("job %s: %s of %s: %d MiB read, %d chunk(s) stored (%d MiB), %d already stored, %d reused, "

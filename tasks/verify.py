@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypeVar
 
-from virtwarden.catalog import points
+from virtwarden.catalog import points, repositories
 from virtwarden.catalog.points import PointView
 from virtwarden.storage_backends.format2.objects import DamagedObject
 from virtwarden.storage_backends.format2.repository import Format2Repository
@@ -210,7 +210,7 @@ def _check_format2(ctx: JobContext, run: _Run, repo2: Format2Repository, p: Poin
         intact = run.intact_chunks.setdefault(p.storage, set())
         for index in indexes:
             todo = [cid for cid in sorted(index.referenced()) if bytes.fromhex(cid) not in intact]
-            bounded(lambda cid: _reread_chunk(run, repo2, p.storage, cid), todo, REREAD_WORKERS)
+            bounded(lambda cid: _reread_chunk(ctx, run, repo2, p.storage, cid), todo, REREAD_WORKERS)
             ctx.report(0.99, f"verified {p.domain} {index.target}")
     except _ChunkFailed as e:
         _found(ctx, run, p, e.key, str(e.error), damage=isinstance(e.error, (ChecksumMismatch, ObjectNotFound)))
@@ -234,7 +234,7 @@ class _ChunkFailed(Exception):
         self.key, self.error = key, error
 
 
-def _reread_chunk(run: _Run, repo2: Format2Repository, storage: str, cid: str) -> None:
+def _reread_chunk(ctx: JobContext, run: _Run, repo2: Format2Repository, storage: str, cid: str) -> None:
     """Read one chunk and check it (its tag, and its id computed again); a damaged one is
     deleted, a damaged or missing one remembered in ``run.lost_chunks``; _ChunkFailed
     for any that is not intact (a storage that is unreachable: as it is, transient)."""
@@ -244,7 +244,7 @@ def _reread_chunk(run: _Run, repo2: Format2Repository, storage: str, cid: str) -
     except Transient:
         raise
     except DamagedObject as e:
-        repo2.backend.delete(key)  # unreadable anyway; the next backup of this data rewrites it
+        delete_damaged(ctx, repo2, storage, cid, f"verify job {ctx.job_id}")
         with run.lock:
             run.lost_chunks.setdefault(storage, set()).add(cid)
         raise _ChunkFailed(key, e) from e
@@ -287,12 +287,27 @@ def _complete_naming(ctx: JobContext, repo2: Format2Repository, storage: str,
             yield p, hit
 
 
+def delete_damaged(ctx: JobContext, repo2: Format2Repository, storage: str, cid: str, by: str) -> None:
+    """Delete a chunk found damaged in storage: unreadable anyway, and the next backup
+    that produces its data stores it again, which repairs every point naming it. When
+    this job may not delete (credentials that only read, say), storage goes on saying the
+    chunk is there, so the catalog remembers it (catalog.repositories): the next backup
+    that produces its data stores it again over the damaged one."""
+    key = repo2.chunks.key(cid)
+    try:
+        repo2.backend.delete(key)
+    except StorageError as e:
+        log.warning("job %s: could not delete the damaged chunk %s (%s): the next backup that produces its data "
+                    "stores it again over it", ctx.job_id, key, e)
+        repositories.note_damaged_chunks(ctx.catalog, storage, {cid}, by)
+
+
 def take_out_of_service(ctx: JobContext, repo2: Format2Repository, storage: str, suspects: set[str],
                         by: str) -> set[str]:
     """What verify does with chunks it finds damaged or missing, for chunks another job
     (a restore, a backup: ``by``) could not read: each is read again, and one that reads
     intact was damaged on its way, not in storage (nothing is marked for it). One still
-    damaged is deleted, if this job may (the next backup of its data stores it again);
+    damaged is deleted (``delete_damaged``: the next backup of its data stores it again);
     then every complete point naming a chunk read damaged or missing twice is marked
     damaged, as ``_mark_sharing`` does. The chunks found damaged or missing the second
     time."""
@@ -303,10 +318,7 @@ def take_out_of_service(ctx: JobContext, repo2: Format2Repository, storage: str,
             repo2.chunks.get(cid)
         except DamagedObject:
             lost.add(cid)
-            try:
-                repo2.backend.delete(key)
-            except StorageError as e:  # credentials that only read, say: a verification deletes it later
-                log.warning("job %s: could not delete the damaged chunk %s: %s", ctx.job_id, key, e)
+            delete_damaged(ctx, repo2, storage, cid, by)
         except ObjectNotFound:
             lost.add(cid)
         else:

@@ -238,6 +238,52 @@ def test_a_damaged_chunk_is_found_by_verify_or_by_restore_and_the_next_backup_re
 
 
 @ONE_BACKEND
+def test_a_damaged_chunk_a_restore_cannot_delete_is_stored_again_by_the_next_backup(vault, guest_factory,
+                                                                                    tmp_path) -> None:
+    """A restore meets a damaged chunk and may not delete it (as with credentials that
+    only read; here its folder is immutable, ``chattr +i``, which root cannot get round):
+    storage goes on saying the chunk is there. Before, the next backup took its word,
+    named the damaged chunk without storing it, and published a complete point that did
+    not restore. Now the catalog remembers the chunk and the next backup stores it again."""
+    import subprocess
+
+    from virtwarden.catalog import repositories
+
+    from tests.conftest import need
+
+    need(shutil.which("chattr") is not None, "chattr is not installed (e2fsprogs)")
+    vw = vault
+    g = guest_factory(disks=1, size_mib=16)
+    g.write_random("vda", 0, 2 * MiB)
+    vw.start_worker()
+    point_id = _backup(vw, g)["point_id"]
+    repo = _repo(vw)
+    [index] = repo.indexes(repo.ref(g.name, point_id))
+    offset, _, cid = next(piece for piece in index.pieces() if piece[2] is not None)
+    key = repo.chunks.key(cid)
+    _flip_a_bit(repo, key)
+    folder = repo.backend._path(key).parent
+    subprocess.run(["chattr", "+i", str(folder)], check=True)
+    try:
+        r = vw.cli("restore", g.name, "--point", point_id, "--to-dir", str(tmp_path / "out"), "--wait")
+        assert r.code != 0
+        assert f"vda at offset {offset}: chunk {cid}: authentication failed" in r.err
+        assert repo.backend.exists(key)  # still there, still damaged
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    assert [p["status"] for p in vw.cli("backups", g.name, "--json").json()] == ["damaged"]
+    cat = vw.catalog()
+    assert repositories.damaged_chunks(cat, "vault") == {cid}
+
+    again = _backup(vw, g)
+    assert again["level"] == "full"
+    out = _restore(vw, g, again["point_id"], tmp_path / "repaired")
+    assert images_equal(out / "vda.qcow2", g.shadow_copy("vda", tmp_path / "now.raw"))
+    assert repositories.damaged_chunks(cat, "vault") == frozenset()
+    assert repo.chunks.get(cid)  # intact now
+
+
+@ONE_BACKEND
 def test_an_incremental_that_meets_its_parents_chunk_damaged_takes_it_out_of_service_and_retries_as_a_full(
         vault, guest_factory, tmp_path) -> None:
     """A blockcommit incremental lays a partial change over the previous point's chunk,

@@ -41,6 +41,7 @@ class WriteStats:
     known_chunks: int = 0
     zero_chunks: int = 0
     reused_chunks: int = 0  # taken from the previous index without reading
+    repaired: set[str] = field(default_factory=set)  # damaged chunks stored again
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **counts: int) -> None:
@@ -69,16 +70,16 @@ class ChunkStore:
         return f"chunks/{cid[:2]}/{cid}"
 
     def put(self, data: bytes | bytearray, into: Batch | None = None, *,
-            known: Container[str] = frozenset()) -> tuple[str, int]:
+            known: Container[str] = frozenset(), damaged: Container[str] = frozenset()) -> tuple[str, int]:
         """Store a chunk unless it is stored already; its id and the bytes stored (0 when
         it was there). ``into``: a batch of the backend's (``Backend.batch``). ``known``:
-        ids of chunks certainly stored (``write_disk``): not looked up in storage again."""
+        ids of chunks certainly stored (``write_disk``): not looked up in storage again.
+        ``damaged``: ids of chunks found damaged and left in storage: stored again over
+        what is there, whatever storage says."""
         writer = into or self.backend
         cid = self.codec.chunk_id(data)
-        if cid in known:
-            return cid, 0
         key = self.key(cid)
-        if writer.exists(key):
+        if cid not in damaged and (cid in known or writer.exists(key)):
             return cid, 0
         blob = self.codec.seal("chunk", cid, data)
         writer.put_bytes(key, blob)
@@ -110,7 +111,8 @@ class ChunkStore:
 
 def write_disk(store: ChunkStore, target: str, read_at: ReadAt, virtual_size: int, chunk_size: int, *,
                previous: DiskIndex | None = None, changed: Iterable[Range] | None = None, whole: bool = False,
-               known: Container[str] = frozenset(), workers: int = 4) -> tuple[DiskIndex, WriteStats]:
+               known: Container[str] = frozenset(), damaged: Container[str] = frozenset(),
+               workers: int = 4) -> tuple[DiskIndex, WriteStats]:
     """The index of a disk whose content ``read_at`` gives, storing the chunks that are
     not stored yet. Without ``changed`` every chunk is read (identical ones are still
     stored once). With ``previous`` (the last index of this disk: same size and chunk
@@ -125,9 +127,10 @@ def write_disk(store: ChunkStore, target: str, read_at: ReadAt, virtual_size: in
     a chunk they do not touch reads as zeros and is neither read nor stored.
     ``known``: ids of chunks certainly stored (a published point's, read while this
     backup's marker keeps gc off): a chunk with one of them is not looked up in storage
-    (on S3, a HEAD request each). The chunks are written as one batch of the
-    backend's: all of them are stored durably when this returns, none is visible under
-    its name before its bytes are durable."""
+    (on S3, a HEAD request each). ``damaged``: ids of chunks found damaged and left in
+    storage: one of them produced here is stored again (``stats.repaired``). The chunks
+    are written as one batch of the backend's: all of them are stored durably when this
+    returns, none is visible under its name before its bytes are durable."""
     n = count(virtual_size, chunk_size)
     stats = WriteStats()
     dirty: dict[int, list[Range]] | None = None
@@ -160,8 +163,10 @@ def write_disk(store: ChunkStore, target: str, read_at: ReadAt, virtual_size: in
                 stats.add(read_bytes=size)
             data = bytes(chunk)
         if not _zeros(data):  # zero pieces are not stored
-            cid, stored = store.put(data, batch, known=known)
+            cid, stored = store.put(data, batch, known=known, damaged=damaged)
             ids[i] = cid
+            if cid in damaged:
+                stats.repaired.add(cid)  # a set's add holds the GIL: one thread at a time
             stats.add(stored_chunks=1 if stored else 0, stored_bytes=stored, known_chunks=0 if stored else 1)
         else:
             stats.add(zero_chunks=1)

@@ -282,6 +282,24 @@ def test_a_damaged_chunk_a_restore_cannot_delete_is_stored_again_by_the_next_bac
     assert repositories.damaged_chunks(cat, "vault") == frozenset()
     assert repo.chunks.get(cid)  # intact now
 
+    # Found by a verification this time: the same (before, the refused delete came out
+    # as a storage error, and the point was not marked damaged).
+    _flip_a_bit(repo, key)
+    subprocess.run(["chattr", "+i", str(folder)], check=True)
+    try:
+        assert vw.cli("verify", g.name, "--wait").code != 0
+        assert repo.backend.exists(key)
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    listed = vw.cli("backups", g.name, "--json").json()
+    assert [p["status"] for p in listed] == ["damaged", "damaged"]
+    assert "authentication failed" in listed[1]["damage"], listed[1]
+    assert repositories.damaged_chunks(cat, "vault") == {cid}
+    third = _backup(vw, g)
+    out = _restore(vw, g, third["point_id"], tmp_path / "repaired-2")
+    assert images_equal(out / "vda.qcow2", g.shadow_copy("vda", tmp_path / "now-2.raw"))
+    assert repositories.damaged_chunks(cat, "vault") == frozenset()
+
 
 @ONE_BACKEND
 def test_an_incremental_that_meets_its_parents_chunk_damaged_takes_it_out_of_service_and_retries_as_a_full(

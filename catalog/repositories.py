@@ -148,6 +148,13 @@ def damaged_chunks(cat: Catalog, storage: str) -> frozenset[str]:
         return frozenset(s.scalars(select(DamagedChunk.chunk).where(DamagedChunk.storage == storage)))
 
 
+def damaged_chunk_counts(cat: Catalog) -> dict[str, int]:
+    """Per storage, how many chunks found damaged wait for a backup to store them again."""
+    with cat.session() as s:
+        rows = s.execute(select(DamagedChunk.storage, func.count()).group_by(DamagedChunk.storage))
+        return {storage: n for storage, n in rows}
+
+
 def repaired_chunks(cat: Catalog, storage: str, chunks: set[str]) -> None:
     """``chunks`` were stored again, intact and durably: no longer damaged."""
     if not chunks:

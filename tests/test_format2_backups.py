@@ -250,6 +250,7 @@ def test_a_damaged_chunk_a_restore_cannot_delete_is_stored_again_by_the_next_bac
     from virtwarden.catalog import repositories
 
     from tests.conftest import need
+    from virtwarden.api.metrics import CatalogCollector
 
     need(shutil.which("chattr") is not None, "chattr is not installed (e2fsprogs)")
     vw = vault
@@ -274,6 +275,8 @@ def test_a_damaged_chunk_a_restore_cannot_delete_is_stored_again_by_the_next_bac
     assert [p["status"] for p in vw.cli("backups", g.name, "--json").json()] == ["damaged"]
     cat = vw.catalog()
     assert repositories.damaged_chunks(cat, "vault") == {cid}
+    series = {(s.name, s.labels.get("storage")): s.value for m in CatalogCollector(cat).collect() for s in m.samples}
+    assert series[("virtwarden_repository_damaged_chunks", "vault")] == 1
 
     again = _backup(vw, g)
     assert again["level"] == "full"
@@ -281,6 +284,8 @@ def test_a_damaged_chunk_a_restore_cannot_delete_is_stored_again_by_the_next_bac
     assert images_equal(out / "vda.qcow2", g.shadow_copy("vda", tmp_path / "now.raw"))
     assert repositories.damaged_chunks(cat, "vault") == frozenset()
     assert repo.chunks.get(cid)  # intact now
+    assert not [s for m in CatalogCollector(cat).collect() for s in m.samples
+                if s.name == "virtwarden_repository_damaged_chunks"]
 
     # Found by a verification this time: the same (before, the refused delete came out
     # as a storage error, and the point was not marked damaged).

@@ -59,6 +59,9 @@ API process reports the same fleet-wide numbers) plus this process's request cou
   failed points have waited for a gc (0: none wait). An age well above
   ``worker.gc_seconds`` means gc does not get to run (no worker, a backup always
   writing, a gc that fails).
+  ``virtwarden_repository_damaged_chunks{storage}``: chunks a restore or verification
+  found damaged and could not delete (credentials that only read), waiting for a
+  backup that produces their data to store them again (no series: none wait).
 - ``virtwarden_build_info{version}``: 1.
 - ``virtwarden_catalog_up``: 0 when the catalog could not be read for this scrape.
 - ``virtwarden_api_requests_total{route,method,status}``: requests this process served,
@@ -187,6 +190,12 @@ class CatalogCollector:
         yield from _queue_families(queues, now)
         yield from _slot_families(skipped, deferred, now)
         yield from _repository_families(repositories.usage(self.cat), now)
+        damaged = GaugeMetricFamily("virtwarden_repository_damaged_chunks",
+                                    "chunks found damaged that could not be deleted, waiting for a backup to "
+                                    "store them again", labels=["storage"])
+        for storage, n in sorted(repositories.damaged_chunk_counts(self.cat).items()):
+            damaged.add_metric([storage], n)
+        yield damaged
         held = GaugeMetricFamily("virtwarden_storage_points", "restore points the storage target holds",
                                  labels=["storage", "format"])
         size = GaugeMetricFamily("virtwarden_storage_stored_bytes", "bytes the storage target's points stored",

@@ -23,7 +23,7 @@ or a verification whose credentials only read) stays in storage, which goes on s
 it is there: the next backup would name it without storing it. Every format-2 backup
 of the storage reads ``damaged_chunks`` before it writes, stores those chunks again
 whenever it produces their data, and removes their rows once they are
-(``repaired_chunks``).
+(``clear_damaged_chunks``).
 """
 from __future__ import annotations
 
@@ -155,8 +155,10 @@ def damaged_chunk_counts(cat: Catalog) -> dict[str, int]:
         return {storage: n for storage, n in rows}
 
 
-def repaired_chunks(cat: Catalog, storage: str, chunks: set[str]) -> None:
-    """``chunks`` were stored again, intact and durably: no longer damaged."""
+def clear_damaged_chunks(cat: Catalog, storage: str, chunks: set[str]) -> None:
+    """``chunks`` are no longer damaged in storage: stored again, intact and durably, or
+    gone (a gc deleted them once no point named them: the next backup that produces
+    their data finds them missing and stores them)."""
     if not chunks:
         return
     with cat.session() as s:

@@ -469,7 +469,7 @@ def _store_disk(ctx: JobContext, repo2: Format2Repository, ref: PointRef, dom: D
     index, stats = write_disk(repo2.chunks, target, img.read, img.virtual_size, repo2.chunk_size,
                               previous=previous, changed=img.held(), whole=whole, known=known, damaged=damaged)
     if stats.repaired:
-        repositories.repaired_chunks(ctx.catalog, repo2.backend.name, stats.repaired)
+        repositories.clear_damaged_chunks(ctx.catalog, repo2.backend.name, stats.repaired)
         log.warning("job %s: %s of %s: %d chunk(s) found damaged earlier stored again: %s", ctx.job_id, target,
                     dom.name, len(stats.repaired), ", ".join(sorted(stats.repaired)))
     faults.pause_point("storing")

@@ -41,6 +41,11 @@ def run_gc(ctx: JobContext, req: GcRequest) -> dict[str, Any]:
     else:
         log.info("job %s: gc of storage %s deleted %d unused chunk(s) (%d bytes); %d point(s) use %d", ctx.job_id,
                  req.storage, report.deleted, report.deleted_bytes, report.points, report.referenced)
+        # Damaged chunks no job could delete (catalog.repositories) that are gone now,
+        # deleted by this gc once no point named them: nothing is left to store again.
+        gone = {cid for cid in repositories.damaged_chunks(ctx.catalog, req.storage)
+                if not repo.backend.exists(repo.chunks.key(cid))}
+        repositories.clear_damaged_chunks(ctx.catalog, req.storage, gone)
     ctx.report(1.0, "done")
     return {"storage": req.storage, "chunks": report.chunks, "referenced": report.referenced,
             "deleted": report.deleted, "deleted_bytes": report.deleted_bytes, "deferred": report.deferred,

@@ -5,6 +5,7 @@ have collected. Catalog level on SQLite and PostgreSQL (the end-to-end run, with
 worker and storage, is in test_format2_backups)."""
 from __future__ import annotations
 
+import os
 import time
 import uuid
 
@@ -115,3 +116,59 @@ def test_the_sweep_submits_one_gc_job_per_repository_and_never_piles_them_up(cat
     assert [(j.state, j.params, j.requested_by) for j in fresh] == [("queued", {"storage": "vault"}, "sweep")]
     report = Sweeper(cfg, cat, lambda _job: None).sweep()
     assert report.collecting == [] and len(gc_jobs()) == 2, "one per period"
+
+
+def test_damaged_chunks_are_noted_once_per_storage_listed_counted_and_cleared(cat):
+    repositories.note_damaged_chunks(cat, "vault", {"aa", "bb"}, "restore job 1")
+    repositories.note_damaged_chunks(cat, "vault", {"bb", "cc"}, "verify job 2")  # bb again: still one row
+    repositories.note_damaged_chunks(cat, "other", {"aa"}, "verify job 3")
+    repositories.note_damaged_chunks(cat, "other", set(), "nothing")
+    assert repositories.damaged_chunks(cat, "vault") == {"aa", "bb", "cc"}
+    assert repositories.damaged_chunk_counts(cat) == {"vault": 3, "other": 1}
+    repositories.clear_damaged_chunks(cat, "vault", {"aa", "zz"})
+    assert repositories.damaged_chunks(cat, "vault") == {"bb", "cc"}
+    assert repositories.damaged_chunks(cat, "other") == {"aa"}
+
+
+def test_a_gc_forgets_the_damaged_chunks_it_deleted_and_keeps_the_others(cat, tmp_path):
+    """A damaged chunk no job could delete, which no point names any more: the gc job
+    deletes it, and with it goes its row (nothing is left to store again). One a point
+    still names stays noted, and stored."""
+    from virtwarden.storage_backends.format2.keys import RepositoryKey
+    from virtwarden.storage_backends.format2.objects import Codec
+    from virtwarden.storage_backends.format2.repository import Format2Repository
+    from virtwarden.storage_backends.format2.store import write_disk
+    from virtwarden.storage_backends.nfs import NfsBackend
+    from virtwarden.tasks.gc import GcRequest, run_gc
+
+    from virtwarden.config import NfsStorage
+
+    repo = Format2Repository.init(NfsBackend("vault", NfsStorage(type="nfs", path=str(tmp_path / "repo"), create=True)),
+                                  Codec(RepositoryKey.generate()), chunk_size=4096)
+    refs, ids = [], []
+    for n in range(2):
+        index, _ = write_disk(repo.chunks, "vda", lambda _offset, length: os.urandom(length), 4096, 4096)
+        ref = repo.ref("web01", f"p{n}")
+        sha = repo.write_index(ref, index)
+        repo.write_manifest(ref, {"format": 2, "domain": {"name": "web01"},
+                                  "disks": [{"target": "vda", "index_sha256": sha}]})
+        refs.append(ref)
+        ids.append(index.chunks[0])
+    repositories.note_damaged_chunks(cat, "vault", set(ids), "restore job 1")
+    repo.delete_point(refs[0])
+
+    class Job:  # what run_gc uses of a JobContext
+        catalog, job_id = cat, "gc-1"
+
+        @staticmethod
+        def repository(_storage):
+            return repo
+
+        @staticmethod
+        def report(_share, _text):
+            pass
+
+    result = run_gc(Job(), GcRequest("vault"))  # type: ignore[arg-type]
+    assert result["deleted"] == 1
+    assert repositories.damaged_chunks(cat, "vault") == {ids[1]}
+    assert repo.backend.exists(repo.chunks.key(ids[1]))

@@ -305,6 +305,19 @@ def test_a_damaged_chunk_a_restore_cannot_delete_is_stored_again_by_the_next_bac
     assert images_equal(out / "vda.qcow2", g.shadow_copy("vda", tmp_path / "now-2.raw"))
     assert repositories.damaged_chunks(cat, "vault") == frozenset()
 
+    # Storage that refuses the chunk written again as well: the backup fails, and no
+    # point naming the damaged chunk is listed complete.
+    _flip_a_bit(repo, key)
+    subprocess.run(["chattr", "+i", str(folder)], check=True)
+    try:
+        assert vw.cli("verify", g.name, "--wait").code != 0
+        r = vw.cli("backup", g.name, "--target", "vault", "--wait")
+        assert r.code != 0 and "Operation not permitted" in r.err, r.err
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    assert "complete" not in [p["status"] for p in vw.cli("backups", g.name, "--json").json()]
+    assert repositories.damaged_chunks(cat, "vault") == {cid}
+
 
 @ONE_BACKEND
 def test_an_incremental_that_meets_its_parents_chunk_damaged_takes_it_out_of_service_and_retries_as_a_full(

@@ -186,6 +186,21 @@ def _collected(vw) -> dict:
         cat.close()
 
 
+def _a_point_with_a_damaged_chunk(vw, guest_factory):
+    """A guest with 2 MiB of data, a worker, one full point, and its first chunk
+    damaged in storage (a bit flipped): (guest, point id, repository, the chunk's offset
+    in the disk, its id)."""
+    g = guest_factory(disks=1, size_mib=16)
+    g.write_random("vda", 0, 2 * MiB)
+    vw.start_worker()
+    point_id = _backup(vw, g)["point_id"]
+    repo = _repo(vw)
+    [index] = repo.indexes(repo.ref(g.name, point_id))
+    offset, _, cid = next(piece for piece in index.pieces() if piece[2] is not None)
+    _flip_a_bit(repo, repo.chunks.key(cid))
+    return g, point_id, repo, offset, cid
+
+
 def test_a_damaged_chunk_is_found_by_verify_or_by_restore_and_the_next_backup_repairs_it(vault, guest_factory,
                                                                                           tmp_path) -> None:
     """A chunk damaged in storage (bit rot). Verify finds it, deletes it and takes the
@@ -195,15 +210,8 @@ def test_a_damaged_chunk_is_found_by_verify_or_by_restore_and_the_next_backup_re
     backup repairs it (before, the point stayed complete and the domain's incrementals
     went on naming the damaged chunk)."""
     vw = vault
-    g = guest_factory(disks=1, size_mib=16)
-    g.write_random("vda", 0, 2 * MiB)
-    vw.start_worker()
-    point_id = _backup(vw, g)["point_id"]
-    repo = _repo(vw)
-    [index] = repo.indexes(repo.ref(g.name, point_id))
-    _offset, _, cid = next(piece for piece in index.pieces() if piece[2] is not None)
+    g, point_id, repo, _offset, cid = _a_point_with_a_damaged_chunk(vw, guest_factory)
     key = repo.chunks.key(cid)
-    _flip_a_bit(repo, key)
 
     r = vw.cli("verify", g.name, "--wait", "--json")
     assert r.code != 0
@@ -254,15 +262,8 @@ def test_a_damaged_chunk_a_restore_cannot_delete_is_stored_again_by_the_next_bac
 
     need(shutil.which("chattr") is not None, "chattr is not installed (e2fsprogs)")
     vw = vault
-    g = guest_factory(disks=1, size_mib=16)
-    g.write_random("vda", 0, 2 * MiB)
-    vw.start_worker()
-    point_id = _backup(vw, g)["point_id"]
-    repo = _repo(vw)
-    [index] = repo.indexes(repo.ref(g.name, point_id))
-    offset, _, cid = next(piece for piece in index.pieces() if piece[2] is not None)
+    g, point_id, repo, offset, cid = _a_point_with_a_damaged_chunk(vw, guest_factory)
     key = repo.chunks.key(cid)
-    _flip_a_bit(repo, key)
     folder = repo.backend._path(key).parent
     subprocess.run(["chattr", "+i", str(folder)], check=True)
     try:

@@ -153,25 +153,6 @@ def test_a_full_read_of_unchanged_data_stores_nothing_again(store, tmp_path) -> 
     assert stats1.stored_bytes > size
 
 
-def test_a_chunk_known_damaged_is_stored_again_over_the_damaged_object(store, tmp_path) -> None:
-    """Storage says the chunk is there (it is: damaged); named in ``damaged``, it is
-    written again all the same, and reads intact afterwards. The others are not."""
-    size = 4 * MiB
-    disk = _disk(tmp_path / "vda.raw", size, [(0, os.urandom(size))])
-    first, _ = write_disk(store, "vda", _reader(disk), size, CHUNK)
-    cid = first.chunks[1]
-    assert cid is not None
-    blob = bytearray(store.backend.get_bytes(store.key(cid)))
-    blob[len(blob) // 2] ^= 0x01
-    store.backend.put_bytes(store.key(cid), bytes(blob))
-    with pytest.raises(DamagedObject):
-        store.get(cid)
-    again, stats = write_disk(store, "vda", _reader(disk), size, CHUNK, damaged={cid})
-    assert again == first
-    assert stats.repaired == {cid} and stats.stored_chunks == 1 and stats.known_chunks == 3
-    assert _restore(store, again, tmp_path / "out.raw").read_bytes() == disk.read_bytes()
-
-
 def test_two_disks_cloned_from_one_template_share_their_chunks(store, tmp_path) -> None:
     size = 16 * MiB
     template = os.urandom(size)
@@ -195,6 +176,19 @@ def damaged_third_chunk(store: ChunkStore, tmp_path: Path):
     blob[len(blob) // 2] ^= 0x40
     store.backend.put_bytes(store.key(third), bytes(blob))
     return index, third
+
+
+def test_a_chunk_known_damaged_is_stored_again_over_the_damaged_object(store, tmp_path) -> None:
+    """Storage says the chunk is there (it is: damaged); named in ``damaged``, it is
+    written again all the same, and reads intact afterwards. The others are not."""
+    first, cid = damaged_third_chunk(store, tmp_path)
+    disk = tmp_path / "vda.raw"
+    with pytest.raises(DamagedObject):
+        store.get(cid)
+    again, stats = write_disk(store, "vda", _reader(disk), first.virtual_size, CHUNK, damaged={cid})
+    assert again == first
+    assert stats.repaired == {cid} and stats.stored_chunks == 1 and stats.known_chunks == 3
+    assert _restore(store, again, tmp_path / "out.raw").read_bytes() == disk.read_bytes()
 
 
 def test_a_changed_or_missing_chunk_is_named_with_its_disk_and_offset(store, tmp_path) -> None:

@@ -119,6 +119,13 @@ class FaultProxy:
             self._loop.run_forever()
         finally:
             server.close()
+            # Connections still open end here, on this loop (their writers closed), not
+            # later when the garbage collector closes their coroutines on a dead loop.
+            open_ones = asyncio.all_tasks(self._loop)
+            for task in open_ones:
+                task.cancel()
+            self._loop.run_until_complete(asyncio.gather(*open_ones, return_exceptions=True))
+            self._loop.close()
 
     def _take(self, request: Request) -> tuple[str, Rule | None]:
         with self._lock:

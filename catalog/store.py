@@ -189,17 +189,18 @@ def _engine(url: str) -> Engine:
         if url.startswith("sqlite"):
             return _sqlite_engine(url)
         parsed = make_url(url)
+        psycopg2 = parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() == "psycopg2"
         args: dict[str, Any] = {}
-        if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() == "psycopg2":
+        if psycopg2:
             # A server that stops answering fails the call instead of holding it for ever
             # (catalog/reader.py: pg_connect_args); the URL's own settings win.
             from psycopg2.extensions import libpq_version
 
             args = pg_connect_args(parsed.query, libpq_version())
-            engine = create_engine(url, pool_pre_ping=True, connect_args=args)
+        engine = create_engine(url, pool_pre_ping=True, connect_args=args)
+        if psycopg2:
             event.listen(engine, "connect", _end_idle_transactions)
-            return engine
-        return create_engine(url, pool_pre_ping=True, connect_args=args)
+        return engine
     except ImportError as e:  # SQLAlchemy imports the URL's driver when it makes the engine
         raise ConfigError(_missing_driver(url, e)) from e
 

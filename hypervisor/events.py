@@ -187,9 +187,9 @@ def job_completed_detail(params: dict[str, Any]) -> str:
 
 
 def connect_within(host: str, uri: str, seconds: float, *, read_only: bool = False) -> libvirt.virConnect:
-    """``open_within``, its failures as HypervisorUnavailable naming ``host``."""
+    """``_open_within``, its failures as HypervisorUnavailable naming ``host``."""
     try:
-        return open_within(uri, seconds, read_only=read_only)
+        return _open_within(uri, seconds, read_only=read_only)
     except TimeoutError:
         raise HypervisorUnavailable(f"host {host}: libvirt at {mask(uri)} did not answer within {seconds:g} s "
                                     "(libvirtd stopped, hung or unreachable?)") from None
@@ -198,7 +198,7 @@ def connect_within(host: str, uri: str, seconds: float, *, read_only: bool = Fal
                                     f" {e.get_error_message()}") from e
 
 
-def open_within(uri: str, seconds: float, *, read_only: bool = False) -> libvirt.virConnect:
+def _open_within(uri: str, seconds: float, *, read_only: bool = False) -> libvirt.virConnect:
     """``libvirt.open(uri)`` (``openReadOnly`` with ``read_only``), given up after
     ``seconds`` (TimeoutError): libvirt itself waits for ever on a libvirtd whose socket
     accepts but that does not answer. The attempt runs on in a daemon thread, which

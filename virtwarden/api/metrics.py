@@ -189,13 +189,8 @@ class CatalogCollector:
         yield from _total_families(totals)
         yield from _queue_families(queues, now)
         yield from _slot_families(skipped, deferred, now)
-        yield from _repository_families(repositories.usage(self.cat), now)
-        damaged = GaugeMetricFamily("virtwarden_repository_damaged_chunks",
-                                    "chunks found damaged that could not be deleted, waiting for a backup to "
-                                    "store them again", labels=["storage"])
-        for storage, n in sorted(repositories.damaged_chunk_counts(self.cat).items()):
-            damaged.add_metric([storage], n)
-        yield damaged
+        yield from _repository_families(repositories.usage(self.cat), repositories.damaged_chunk_counts(self.cat),
+                                        now)
         held = GaugeMetricFamily("virtwarden_storage_points", "restore points the storage target holds",
                                  labels=["storage", "format"])
         size = GaugeMetricFamily("virtwarden_storage_stored_bytes", "bytes the storage target's points stored",
@@ -279,7 +274,8 @@ def _slot_families(skipped: Sequence[Any], deferred: Sequence[Any], now: datetim
     yield oldest
 
 
-def _repository_families(found: Sequence[repositories.Usage], now: datetime) -> Iterator[Metric]:
+def _repository_families(found: Sequence[repositories.Usage], damaged_chunks: dict[str, int],
+                         now: datetime) -> Iterator[Metric]:
     labels = ["storage"]
     counts = {name: GaugeMetricFamily(f"virtwarden_repository_{name}", what, labels=labels) for name, what in (
         ("points", "points the format-2 repository held at its last gc"),
@@ -306,8 +302,13 @@ def _repository_families(found: Sequence[repositories.Usage], now: datetime) -> 
         deleted_chunks.add_metric([u.storage], u.deleted_chunks)
         since = u.garbage_since
         waiting.add_metric([u.storage], max(0.0, (now - since).total_seconds()) if since else 0.0)
+    damaged = GaugeMetricFamily("virtwarden_repository_damaged_chunks",
+                                "chunks found damaged that could not be deleted, waiting for a backup to store "
+                                "them again", labels=labels)
+    for storage, n in sorted(damaged_chunks.items()):
+        damaged.add_metric([storage], n)
     yield from counts.values()
-    yield from (last, deleted, deleted_chunks, waiting)
+    yield from (last, deleted, deleted_chunks, waiting, damaged)
 
 
 def _queue_families(rows: Sequence[Any], now: datetime) -> Iterator[Metric]:

@@ -169,8 +169,18 @@ class LibvirtHost:
             return self._info(dom, sizes=sizes)
 
     def domains(self, *, sizes: bool = True) -> list[DomainInfo]:
+        """Every domain of the host. libvirt lists them, then each is read: one undefined
+        in between (a drill's guest, a transient domain that stopped, another tool's) is
+        left out, as it is no longer there, instead of failing the whole listing."""
+        found = []
         with self.errors("listing domains"):
-            return [self._info(d, sizes=sizes) for d in self.conn.listAllDomains()]
+            for dom in self.conn.listAllDomains():
+                try:
+                    found.append(self._info(dom, sizes=sizes))
+                except libvirt.libvirtError as e:
+                    if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                        raise
+        return found
 
     def domain_names(self) -> list[str]:
         """The names of every domain: one call (``domains`` makes several per domain)."""

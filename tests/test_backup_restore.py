@@ -317,6 +317,28 @@ def test_a_push_backups_start_survives_block_info_read_beside_it(guest_factory, 
     assert len(reads) > 20 and set(reads) == {4}
 
 
+def test_a_domain_undefined_while_the_host_is_listed_is_left_out(guest_factory, libvirt_uri):
+    """libvirt lists the domains, then each is read. One undefined in between (here right
+    after the real listing returns; in the suite it was another test's guest going away)
+    failed the whole listing as "no domain None", and with it the scheduler's tick for
+    the host, the listener's reconciliation and `virtwarden hosts`."""
+    from virtwarden.hypervisor.libvirt_host import LibvirtHost
+
+    kept = guest_factory(disks=1, size_mib=16)
+    gone = guest_factory(disks=1, size_mib=16, start=False)
+    with LibvirtHost("local", libvirt_uri) as hv:
+        listing = hv.conn.listAllDomains
+
+        def listed_then_one_undefined(*args):
+            found = listing(*args)
+            gone.dom.undefine()
+            return found
+
+        hv.conn.listAllDomains = listed_then_one_undefined
+        names = [d.name for d in hv.domains(sizes=False)]
+    assert kept.name in names and gone.name not in names
+
+
 def test_domain_information_asks_for_disk_sizes_only_when_wanted(guest_factory, libvirt_uri):
     """The scheduler's listing, the listener and host lookups want names and XML only: a
     disk's size is a query of QEMU's block nodes (virDomainGetBlockInfo) per disk."""

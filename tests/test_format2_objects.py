@@ -30,15 +30,35 @@ def test_a_sealed_chunk_opens_to_its_data_and_reveals_none_of_it(key) -> None:
 
 
 def test_a_chunk_id_is_keyed(key) -> None:
-    """The same data under two repository keys has two unrelated ids; without a key the
-    id is its plain SHA-256 (an unencrypted repository)."""
+    """The same data under two repository keys has two unrelated ids, by either function
+    a repository names its chunks with (keyed BLAKE3, HMAC-SHA256 in repositories created
+    before it); without a key the id is the function's plain hash (an unencrypted
+    repository)."""
     import hashlib
+    import hmac
+
+    import blake3
 
     data = os.urandom(4096)
     other = Codec(keys.RepositoryKey.generate())
     assert Codec(key).chunk_id(data) != other.chunk_id(data)
-    assert Codec(key).chunk_id(data) != hashlib.sha256(data).hexdigest()
-    assert Codec(None).chunk_id(data) == hashlib.sha256(data).hexdigest()
+    assert Codec(key).chunk_id(data) == blake3.blake3(data, key=key.ids).hexdigest()
+    assert Codec(key, ids=objects.HMAC_SHA256).chunk_id(data) == hmac.new(key.ids, data, hashlib.sha256).hexdigest()
+    assert Codec(None).chunk_id(data) == blake3.blake3(data).hexdigest()
+    assert Codec(None, ids=objects.HMAC_SHA256).chunk_id(data) == hashlib.sha256(data).hexdigest()
+    with pytest.raises(ValueError, match="chunk ids 'md5': this virtwarden names chunks by blake3, hmac-sha256"):
+        Codec(key, ids="md5")
+
+
+def test_only_a_config_may_be_sealed_as_version_2(key) -> None:
+    """Version 2 marks the config of a repository that records how its chunks are named
+    (code reading version 1 only refuses it); any other object of version 2 is refused."""
+    codec = Codec(key)
+    config = codec.seal("config", "format2/config", b"{}", version=objects.CONFIG_VERSION)
+    assert codec.open("config", "format2/config", config) == b"{}"
+    index = codec.seal("index", "points/a/b/index.vda", b"{}", version=objects.CONFIG_VERSION)
+    with pytest.raises(DamagedObject, match="object version 2, this virtwarden reads 1"):
+        codec.open("index", "points/a/b/index.vda", index)
 
 
 def test_incompressible_data_is_stored_raw(key) -> None:

@@ -399,6 +399,43 @@ def test_a_wrong_key_is_a_clear_error_and_names_leak_nothing(backend, tmp_path) 
         _ = other.chunk_size
 
 
+def test_a_repository_created_before_chunk_ids_were_recorded_keeps_naming_chunks_by_hmac(backend, tmp_path) -> None:
+    """A repository whose config has no ``chunk_ids`` (created before keyed BLAKE3) has
+    chunks named by HMAC-SHA256: opened with today's code its next backup of the same
+    data finds them (nothing stored again) and verify's id check passes; a new
+    repository records BLAKE3; a config naming a function this code does not know is a
+    clear error, not chunks named another way."""
+    import json
+
+    from virtwarden.storage_backends.format2 import objects
+    from virtwarden.storage_backends.format2.repository import CONFIG_KEY, Format2Repository, NotAFormat2Repository
+
+    key = RepositoryKey.generate()
+    assert Format2Repository.init(backend, Codec(key), chunk_size=CHUNK).config["chunk_ids"] == "blake3"
+    # Sealed as version 2: code that reads version 1 only (that before chunk_ids) refuses it
+    # rather than naming chunks by HMAC-SHA256 in it.
+    assert backend.get_bytes(CONFIG_KEY)[len(objects.MAGIC)] == objects.CONFIG_VERSION == 2
+    backend.delete(CONFIG_KEY)
+    old = Codec(key, ids=objects.HMAC_SHA256)
+    config = {"format": 2, "repository": key.repository, "chunk_size": CHUNK, "encryption": "aes-256-gcm",
+              "created_at": time.time()}  # what the code before wrote
+    backend.put_bytes(CONFIG_KEY, old.seal("config", CONFIG_KEY, json.dumps(config).encode()))
+    disk = _disk(tmp_path / "vda.raw", 4 * MiB, [(0, os.urandom(3 * MiB))])
+    first, stats = write_disk(ChunkStore(backend, old), "vda", _reader(disk), 4 * MiB, CHUNK)
+    assert stats.stored_chunks == 3 * MiB // CHUNK
+
+    repo = Format2Repository(backend, Codec(key))  # today's default is BLAKE3
+    again, stats = write_disk(repo.chunks, "vda", _reader(disk), 4 * MiB, repo.chunk_size)
+    assert (stats.stored_chunks, stats.known_chunks) == (0, 3 * MiB // CHUNK)
+    assert again.chunks == first.chunks and repo.codec.ids == objects.HMAC_SHA256
+    for cid in filter(None, again.chunks):
+        repo.chunks.get(cid, check_id=True)
+
+    backend.put_bytes(CONFIG_KEY, old.seal("config", CONFIG_KEY, json.dumps({**config, "chunk_ids": "sha3"}).encode()))
+    with pytest.raises(NotAFormat2Repository, match="its chunks are named by 'sha3', which this virtwarden does not"):
+        Format2Repository(backend, Codec(key)).chunks.ids()
+
+
 def test_an_incremental_from_an_image_of_the_changes_only_lays_them_over_the_previous_chunks(store, tmp_path) -> None:
     """``read_at`` knows only the changed bytes (as an incremental backup target holds
     only what changed): chunks touched in part are the previous chunk with the change

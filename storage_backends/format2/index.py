@@ -8,7 +8,7 @@ Encoding (before it is sealed as an ``index`` object, docs/repository-format.md)
     K ids of 32 bytes each, in address order
 
 K is ceil(N / C). An id of 32 zero bytes means the piece reads as zeros and no chunk
-is stored for it (an HMAC-SHA256 of all zeros cannot occur in practice).
+is stored for it (a keyed hash of all zeros cannot occur in practice).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The repository key of a format-2 repository, and the key file that holds it.
 
 A repository key is two random 256-bit secrets: ``encryption`` (AES-256-GCM for every
-object) and ``ids`` (HMAC-SHA256 that names chunks, so a chunk's name reveals nothing
+object) and ``ids`` (the key of the hash that names chunks, so a chunk's name reveals nothing
 about its content). The key file holds both, encrypted with a key derived from a
 passphrase by scrypt; without the passphrase the key file is useless, and without the
 key file the repository is.
@@ -53,7 +53,7 @@ class KeyFileError(ConfigError):
 class RepositoryKey:
     repository: str  # the repository's id (a UUID), also written in its config object
     encryption: bytes  # 32 bytes: AES-256-GCM
-    ids: bytes  # 32 bytes: HMAC-SHA256 of a chunk's plaintext is its id
+    ids: bytes  # 32 bytes: the key of the keyed hash (BLAKE3 or HMAC-SHA256) naming chunks
 
     @classmethod
     def generate(cls) -> RepositoryKey:

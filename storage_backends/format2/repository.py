@@ -3,7 +3,7 @@ manifest and one index per disk) and their chunks (``store.ChunkStore``).
 
 Layout (docs/repository-format.md)::
 
-    format2/config                           sealed "config": format, repository id, chunk size
+    format2/config                           sealed "config": format, repository id, chunk size, chunk ids
     chunks/<2 hex>/<chunk id>                sealed "chunk"
     points/<domain tag>/<point id>/index.<disk>   sealed "index"
     points/<domain tag>/<point id>/manifest       sealed "manifest": written last
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from virtwarden.storage_backends.base import Backend, ObjectInfo
 from virtwarden.storage_backends.format2.index import DiskIndex
-from virtwarden.storage_backends.format2.objects import Codec, DamagedObject
+from virtwarden.storage_backends.format2.objects import CHUNK_IDS, CONFIG_VERSION, HMAC_SHA256, Codec, DamagedObject
 from virtwarden.storage_backends.format2.store import ChunkStore
 
 from virtwarden import faults
@@ -114,8 +114,14 @@ class Format2Repository:
     def __init__(self, backend: Backend, codec: Codec) -> None:
         self.backend = backend
         self.codec = codec
-        self.chunks = ChunkStore(backend, codec)
         self._config: dict | None = None
+
+    @functools.cached_property
+    def chunks(self) -> ChunkStore:
+        """The repository's chunks, named by the function its config says: the config is
+        read first, so no chunk is ever named (or checked) by another."""
+        self.config  # noqa: B018 - sets self.codec.ids
+        return ChunkStore(self.backend, self.codec)
 
     # --- the repository ------------------------------------------------------------------
     @classmethod
@@ -124,9 +130,9 @@ class Format2Repository:
         if backend.exists(CONFIG_KEY):
             raise StorageError(f"storage {backend.name} already holds a format-2 repository")
         repo_id = codec.key.repository if codec.key else str(uuid.uuid4())
-        doc = {"format": FORMAT, "repository": repo_id, "chunk_size": chunk_size,
+        doc = {"format": FORMAT, "repository": repo_id, "chunk_size": chunk_size, "chunk_ids": codec.ids,
                "encryption": "aes-256-gcm" if codec.encrypted else "none", "created_at": time.time()}
-        backend.put_bytes(CONFIG_KEY, codec.seal("config", CONFIG_KEY, _json(doc)))
+        backend.put_bytes(CONFIG_KEY, codec.seal("config", CONFIG_KEY, _json(doc), version=CONFIG_VERSION))
         return cls(backend, codec)
 
     @property
@@ -137,10 +143,16 @@ class Format2Repository:
             except ObjectNotFound:
                 raise NotAFormat2Repository(f"storage {self.backend.name} holds no format-2 repository") from None
             try:
-                self._config = json.loads(self.codec.open("config", CONFIG_KEY, blob))
+                config = json.loads(self.codec.open("config", CONFIG_KEY, blob))
             except DamagedObject as e:
                 raise NotAFormat2Repository(f"storage {self.backend.name}: the repository does not open with "
                                             f"this key ({e})") from e
+            ids = config.get("chunk_ids", HMAC_SHA256)  # created before chunk_ids was recorded
+            if ids not in CHUNK_IDS:
+                raise NotAFormat2Repository(f"storage {self.backend.name}: its chunks are named by {ids!r}, which "
+                                            f"this virtwarden does not know (it knows {', '.join(CHUNK_IDS)})")
+            self.codec.ids = ids
+            self._config = config
         return self._config
 
     @property

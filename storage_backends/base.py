@@ -52,6 +52,8 @@ class Backend(ABC):
     """Lifecycle: construct (cheap, no I/O), ``check()`` to prove it works, use, ``close()``."""
 
     kind: str = "?"
+    # Format-2 chunks read or written at a time (the target's ``chunk_concurrency``).
+    chunk_concurrency: int = 4
 
     def __init__(self, name: str) -> None:
         self.name = name

@@ -38,6 +38,7 @@ class NfsBackend(Backend):
     def __init__(self, name: str, settings: NfsStorage) -> None:
         super().__init__(name)
         self.root = Path(settings.path)
+        self.chunk_concurrency = settings.chunk_concurrency
         self.fsync = settings.fsync
         self.create = settings.create
         self.who = f"storage '{name}'"

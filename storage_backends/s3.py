@@ -137,6 +137,7 @@ class S3Backend(Backend):
         region = settings.region or DEFAULT_REGION
         self.endpoint = _mask(settings.endpoint_url) if settings.endpoint_url else f"AWS {region}"
         self.part_size = settings.part_size_mib * MIB
+        self.chunk_concurrency = settings.chunk_concurrency
         self._s3: Any = None
         self._guard = threading.Lock()
 
@@ -502,7 +503,9 @@ class S3Backend(Backend):
                     retries={"max_attempts": st.max_attempts, "mode": "standard"},
                     connect_timeout=st.connect_timeout,
                     read_timeout=st.read_timeout,
-                    max_pool_connections=st.max_concurrency + 4,
+                    # Every request in flight keeps a connection: multipart uploads' parts,
+                    # format-2 chunks.
+                    max_pool_connections=max(st.max_concurrency, st.chunk_concurrency) + 4,
                     # S3-compatible endpoints rarely serve bucket-named virtual hosts.
                     s3={"addressing_style": "path"} if st.endpoint_url else None,
                 )

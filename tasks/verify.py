@@ -49,7 +49,6 @@ from virtwarden.errors import (
 
 log = logging.getLogger(__name__)
 SHOWN = 10  # problems named in the error line; the log and the result have all of them
-REREAD_WORKERS = 4  # format-2 chunks read at a time (as a restore reads them)
 _NEVER = datetime.min.replace(tzinfo=UTC)
 
 
@@ -192,8 +191,8 @@ def _check_format2(ctx: JobContext, run: _Run, repo2: Format2Repository, p: Poin
     always; when ``reread``, every chunk it uses, each authenticated and its id checked.
     A damaged chunk is deleted: the next backup that produces its data stores it again,
     which repairs every point that names it. A chunk damaged or missing is remembered
-    in ``run.lost_chunks`` (``_mark_sharing``). Chunks are read ``REREAD_WORKERS`` at a
-    time, and a chunk read intact earlier in the run (points share most of theirs) is
+    in ``run.lost_chunks`` (``_mark_sharing``). Chunks are read the storage target's
+    ``chunk_concurrency`` at a time, and a chunk read intact earlier in the run (points share most of theirs) is
     not read again."""
     ref = repo2.ref(p.domain, p.id)
     key = p.manifest_key
@@ -210,7 +209,7 @@ def _check_format2(ctx: JobContext, run: _Run, repo2: Format2Repository, p: Poin
         intact = run.intact_chunks.setdefault(p.storage, set())
         for index in indexes:
             todo = [cid for cid in sorted(index.referenced()) if bytes.fromhex(cid) not in intact]
-            bounded(lambda cid: _reread_chunk(ctx, run, repo2, p.storage, cid), todo, REREAD_WORKERS)
+            bounded(lambda cid: _reread_chunk(ctx, run, repo2, p.storage, cid), todo, repo2.chunks.workers)
             ctx.report(0.99, f"verified {p.domain} {index.target}")
     except _ChunkFailed as e:
         _found(ctx, run, p, e.key, str(e.error), damage=isinstance(e.error, (ChecksumMismatch, ObjectNotFound)))

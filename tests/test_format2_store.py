@@ -543,14 +543,55 @@ def test_a_long_backup_keeps_its_gc_marker_fresh_until_it_ends(backend, tmp_path
 
 
 # --- NFS: a disk's chunks synced together ----------------------------------------------------
-def _nfs(tmp_path: Path):
+def _nfs(tmp_path: Path, **settings):
     from virtwarden.storage_backends.nfs import NfsBackend
 
     from virtwarden.config import NfsStorage
 
     root = tmp_path / "repository"
     root.mkdir()
-    return NfsBackend("test", NfsStorage(type="nfs", path=str(root)))
+    return NfsBackend("test", NfsStorage(type="nfs", path=str(root), **settings))
+
+
+class Concurrency:
+    """The most calls of ``around`` under way at once, each made to take ``seconds``
+    (what a round trip to storage does)."""
+
+    def __init__(self, seconds: float = 0.02) -> None:
+        import threading
+
+        self.seconds, self.now, self.most = seconds, 0, 0
+        self._lock = threading.Lock()
+
+    def around(self, fn):
+        def wrapped(*args, **kwargs):
+            with self._lock:
+                self.now += 1
+                self.most = max(self.most, self.now)
+            try:
+                time.sleep(self.seconds)
+                return fn(*args, **kwargs)
+            finally:
+                with self._lock:
+                    self.now -= 1
+        return wrapped
+
+
+def test_a_disk_is_stored_and_read_back_as_many_chunks_at_a_time_as_its_storage_says(tmp_path) -> None:
+    """``chunk_concurrency``: 4 by default on a directory, 16 on S3 (each chunk there
+    waits a round trip); both streams keep that many chunks under way, no more."""
+    from virtwarden.config import NfsStorage, S3Storage
+
+    assert NfsStorage(type="nfs", path="/x").chunk_concurrency == 4
+    assert S3Storage(type="s3", bucket="b").chunk_concurrency == 16
+    store = ChunkStore(_nfs(tmp_path, chunk_concurrency=6), Codec(RepositoryKey.generate()))
+    disk = _disk(tmp_path / "vda.raw", 24 * MiB, [(0, os.urandom(24 * MiB))])
+    reads = Concurrency()
+    index, _ = write_disk(store, "vda", reads.around(_reader(disk)), 24 * MiB, CHUNK)
+    gets = Concurrency()
+    store.backend.get_bytes = gets.around(store.backend.get_bytes)  # type: ignore[method-assign]
+    assert _restore(store, index, tmp_path / "out.raw").read_bytes() == disk.read_bytes()
+    assert (reads.most, gets.most) == (6, 6)
 
 
 def _files(root: Path) -> list[str]:

@@ -54,9 +54,10 @@ class ChunkExport:
     """``with ChunkExport(store, index, directory) as export:`` serves the disk on a
     socket in ``directory`` (mode 0600: this user's only) until the block ends; a
     process given the descriptor ``export.fd`` reaches it at ``export.socket``.
-    ``workers`` reads are answered at a time."""
+    ``workers`` reads are answered at a time (by default the storage target's
+    ``chunk_concurrency``)."""
 
-    def __init__(self, store: ChunkStore, index: DiskIndex, directory: Path, *, workers: int = 4) -> None:
+    def __init__(self, store: ChunkStore, index: DiskIndex, directory: Path, *, workers: int | None = None) -> None:
         self.store, self.index = store, index
         # The first read that failed: a DamagedObject naming disk and offset, or what the
         # storage raised (unreachable, refusing): the caller raises it, not qemu-img's P.EIO.
@@ -75,7 +76,7 @@ class ChunkExport:
             self._place.remove()
             raise
         self._listener.listen(4)
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"nbd-{index.target}")
+        self._pool = ThreadPoolExecutor(workers or store.workers, thread_name_prefix=f"nbd-{index.target}")
         self._closing = threading.Event()
         self._connections: list[socket.socket] = []
         self._lock = threading.Lock()

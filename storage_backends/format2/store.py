@@ -6,8 +6,9 @@ Layout (docs/repository-format.md)::
 
     chunks/<first two hex digits of the id>/<id>     one sealed chunk
 
-Both streams run ``workers`` chunks at a time and never hold more than about
-``2 * workers`` chunks in memory, whatever the size of the disk.
+Both streams run ``workers`` chunks at a time (by default the storage target's
+``chunk_concurrency``) and never hold more than about ``2 * workers`` chunks in memory,
+whatever the size of the disk.
 """
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ class ChunkStore:
     def __init__(self, backend: Backend, codec: Codec) -> None:
         self.backend = backend
         self.codec = codec
+        self.workers = backend.chunk_concurrency  # chunks read or written at a time
         keep_chunk_buffers()
 
     @staticmethod
@@ -112,7 +114,7 @@ class ChunkStore:
 def write_disk(store: ChunkStore, target: str, read_at: ReadAt, virtual_size: int, chunk_size: int, *,
                previous: DiskIndex | None = None, changed: Iterable[Range] | None = None, whole: bool = False,
                known: Container[str] = frozenset(), damaged: Container[str] = frozenset(),
-               workers: int = 4) -> tuple[DiskIndex, WriteStats]:
+               workers: int | None = None) -> tuple[DiskIndex, WriteStats]:
     """The index of a disk whose content ``read_at`` gives, storing the chunks that are
     not stored yet. Without ``changed`` every chunk is read (identical ones are still
     stored once). With ``previous`` (the last index of this disk: same size and chunk
@@ -179,11 +181,11 @@ def write_disk(store: ChunkStore, target: str, read_at: ReadAt, virtual_size: in
     elif dirty is not None:
         stats.add(zero_chunks=n - len(dirty))
     with store.backend.batch() as batch:
-        bounded(one, range(n) if dirty is None else sorted(dirty), workers)
+        bounded(one, range(n) if dirty is None else sorted(dirty), workers or store.workers)
     return DiskIndex(target, virtual_size, chunk_size, tuple(ids)), stats
 
 
-def read_disk(store: ChunkStore, index: DiskIndex, write_at: WriteAt, *, workers: int = 4) -> int:
+def read_disk(store: ChunkStore, index: DiskIndex, write_at: WriteAt, *, workers: int | None = None) -> int:
     """Write every stored piece of ``index`` through ``write_at`` (zero pieces are left
     alone: the destination reads as zeros there); the bytes written."""
     written = 0
@@ -207,7 +209,7 @@ def read_disk(store: ChunkStore, index: DiskIndex, write_at: WriteAt, *, workers
         with lock:
             written += length
 
-    bounded(one, pieces, workers)
+    bounded(one, pieces, workers or store.workers)
     return written
 
 

@@ -408,6 +408,55 @@ def test_verify_reads_each_chunk_points_share_once(vault, guest_factory, tmp_pat
 
 
 @ONE_BACKEND
+def test_a_repository_whose_chunks_are_named_by_hmac_keeps_that_through_backups_verify_and_restores(
+        vault, guest_factory, tmp_path) -> None:
+    """A repository created before chunk ids were recorded (its config as that code
+    wrote it: no ``chunk_ids``, sealed as version 1) names its chunks by HMAC-SHA256 for
+    life. Today's worker backs it up (a second full of unchanged data stores nothing: it
+    finds the chunks by their HMAC names), verify checks every chunk's id and finds all
+    intact, and every point restores bit for bit."""
+    import hashlib
+    import hmac
+    import json
+
+    from virtwarden.storage_backends.format2.objects import HMAC_SHA256, Codec
+    from virtwarden.storage_backends.format2.repository import CONFIG_KEY
+
+    vw = vault
+    repo = _repo(vw)
+    config = {k: v for k, v in repo.config.items() if k != "chunk_ids"}
+    old = Codec(repo.codec.key, ids=HMAC_SHA256)
+    repo.backend.put_bytes(CONFIG_KEY, old.seal("config", CONFIG_KEY, json.dumps(config).encode()))
+    g = guest_factory(disks=1, size_mib=16)
+    g.write_random("vda", 0, 4 * MiB)
+    vw.start_worker()
+    made, expected = [], []
+    for n, writes in enumerate([[], [(8 * MiB, 64 * 1024)]]):
+        for offset, length in writes:
+            g.write_random("vda", offset, length)
+        made.append(_backup(vw, g)["point_id"])
+        expected.append(g.shadow_copy("vda", tmp_path / f"expected-{n}.raw"))
+    again = vw.cli("backup", g.name, "--target", "vault", "--full", "--wait", "--json")
+    assert again.code == 0, again.err
+    made.append(again.json()["result"]["point_id"])
+    expected.append(expected[-1])
+
+    assert next(p for p in vw.cli("backups", g.name, "--json").json() if p["id"] == made[2])["size_bytes"] < MiB
+    repo = _repo(vw)  # read afresh, as a new process would
+    first = repo.indexes(repo.ref(g.name, made[0]))[0]
+    cid = next(c for c in first.chunks if c)
+    data = repo.chunks.get(cid, check_id=False)
+    assert cid == hmac.new(repo.codec.key.ids, data, hashlib.sha256).hexdigest()
+    r = vw.cli("verify", g.name, "--wait", "--json")
+    assert r.code == 0, r.err
+    assert sorted(r.json()["result"]["verified"]) == sorted(made) and not r.json()["result"].get("damaged")
+    assert "chunk_ids" not in repo.config and repo.codec.ids == HMAC_SHA256  # set once the config is read
+    for n, point_id in enumerate(made):
+        out = _restore(vw, g, point_id, tmp_path / f"restored-{n}")
+        assert images_equal(out / "vda.qcow2", expected[n]), n
+
+
+@ONE_BACKEND
 def test_a_chunk_found_damaged_takes_every_point_that_uses_it_out_of_service(vault, guest_factory, tmp_path) -> None:
     """Two domains cloned from one template share their chunks. Verifying one of them
     finds a shared chunk damaged and deletes it: the other domain's point names it too,

@@ -511,6 +511,7 @@ def test_a_point_restores_with_the_catalog_deleted_then_rebuilt_and_clones_share
     both = vw.cli("storage", "stats", "vault", "--json").json()
     assert both["stored_bytes_all"] - first["stored_bytes_all"] <= 0.05 * first["stored_bytes_all"]
     assert both["domains"][b.name]["logical_bytes"] == 16 * MiB and both["dedup_ratio"] >= 1.9
+    assert both["chunk_ids"] == "blake3"
 
     # No catalog, no worker: the storage and the key. The database goes with its WAL and
     # shared-memory files (a lost disk loses all three; a new catalog.db beside the old

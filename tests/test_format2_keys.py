@@ -33,7 +33,7 @@ def test_init_makes_a_private_key_file_and_a_repository_that_opens_with_it(vault
     said = r.json()
     key_file = Path(said["key_file"])
     assert key_file.stat().st_mode & 0o777 == 0o600
-    assert (said["encryption"], said["chunk_size"]) == ("aes-256-gcm", 512 * 1024)
+    assert (said["encryption"], said["chunk_size"], said["chunk_ids"]) == ("aes-256-gcm", 512 * 1024, "blake3")
     repo = open_repository("vault", _target(vault))
     assert repo.config["repository"] == said["repository"] == json.loads(key_file.read_bytes())["repository"]
     assert json.loads(key_file.read_bytes())["kdf"]["n"] == 2**17  # 128 MiB unless asked otherwise

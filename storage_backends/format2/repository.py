@@ -159,6 +159,12 @@ class Format2Repository:
     def chunk_size(self) -> int:
         return int(self.config["chunk_size"])
 
+    @property
+    def chunk_ids(self) -> str:
+        """How the repository names its chunks (objects.CHUNK_IDS), from its config."""
+        self.config  # noqa: B018 - sets self.codec.ids
+        return self.codec.ids
+
     def domain_tag(self, domain: str) -> str:
         """The folder name of a domain's points: keyed, so it does not reveal the name."""
         secret = self.codec.key.ids if self.codec.key else b"virtwarden-unencrypted"

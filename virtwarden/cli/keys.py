@@ -66,10 +66,11 @@ def _said(args: argparse.Namespace, repo: Format2Repository, path: Path | None, 
     cfg = repo.config
     if args.json:
         emit_json({"storage": args.storage, "repository": cfg["repository"], "chunk_size": cfg["chunk_size"],
-                   "encryption": cfg["encryption"], "key_file": str(path) if path else None})
+                   "chunk_ids": repo.chunk_ids, "encryption": cfg["encryption"],
+                   "key_file": str(path) if path else None})
         return EXIT_OK
     print(f"storage {args.storage}: format-2 repository {cfg['repository']} created ({how}, chunks of "
-          f"{cfg['chunk_size'] // 1024} KiB)")
+          f"{cfg['chunk_size'] // 1024} KiB named by {repo.chunk_ids})")
     if path:
         print(f"key file: {path}. Keep a copy of it and of its passphrase away from this storage "
               f"(virtwarden key export {args.storage}): without both, nothing in it can be read.")

@@ -101,6 +101,7 @@ def stats_cli(args: argparse.Namespace) -> int:
                 "compression_ratio": round(unique / u.stored_bytes, 2) if u.stored_bytes else None}
 
     result = {"storage": args.storage, "repository": repo.config["repository"], "chunk_size": usage.chunk_size,
+              "chunk_ids": repo.chunk_ids,
               "chunks_stored": usage.chunks_stored, "chunks_unused": usage.chunks_unused,
               **figures(usage.total), "stored_bytes_all": usage.stored_bytes,
               "domains": {name: {"points": u.points, **figures(u)} for name, u in usage.domains.items()}}

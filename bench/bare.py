@@ -74,8 +74,10 @@ class BareS3:
             region_name=settings["region"],
         ).client("s3", endpoint_url=settings["endpoint_url"],
                  config=Config(s3={"addressing_style": "path"},
-                               max_pool_connections=settings["max_concurrency"] + 4))
+                               max_pool_connections=max(settings["max_concurrency"],
+                                                        settings["chunk_concurrency"]) + 4))
         self.concurrency: int = settings["max_concurrency"]
+        self.chunk_concurrency: int = settings["chunk_concurrency"]
         part = settings["part_size_mib"] * MiB
         self.transfer = TransferConfig(multipart_threshold=part, multipart_chunksize=part,
                                        max_concurrency=settings["max_concurrency"],
@@ -107,7 +109,7 @@ class BareS3:
         rebuild(local[0], local[1], out)
 
     def download_parallel(self, objects: list[tuple[int, str]], out: Path) -> None:
-        """GET every (offset, key) object on ``max_concurrency`` threads, each written at
+        """GET every (offset, key) object on ``chunk_concurrency`` threads, each written at
         its offset in ``out`` as it arrives (a sealed chunk is a few bytes longer than its
         piece: the next one overwrites them), then fsync."""
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -119,7 +121,7 @@ class BareS3:
                     os.pwrite(fd, piece, offset)
                     offset += len(piece)
 
-            with ThreadPoolExecutor(self.concurrency) as pool:
+            with ThreadPoolExecutor(self.chunk_concurrency) as pool:
                 for _ in pool.map(one, objects):
                     pass
             os.fsync(fd)

@@ -98,7 +98,8 @@ def s3_settings(endpoint: str, bucket: str) -> dict[str, Any]:
     fields = S3Storage.model_fields
     return {"type": "s3", "bucket": bucket, "prefix": "backups", "endpoint_url": endpoint, "region": "us-east-1",
             "access_key_id": "testing", "secret_access_key": "testing",
-            "part_size_mib": fields["part_size_mib"].default, "max_concurrency": fields["max_concurrency"].default}
+            "part_size_mib": fields["part_size_mib"].default, "max_concurrency": fields["max_concurrency"].default,
+            "chunk_concurrency": fields["chunk_concurrency"].default}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -131,7 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             s3.create_bucket()
             cleanup.callback(_quietly("deleting bucket " + s3.bucket, s3.delete_bucket))
             params["s3"] = (f"{args.s3_endpoint}, part {settings['part_size_mib']} MiB, "
-                            f"concurrency {settings['max_concurrency']} (product defaults)")
+                            f"concurrency {settings['max_concurrency']}, format-2 chunks "
+                            f"{settings['chunk_concurrency']} at a time (product defaults)")
         # Scratch on a short path, as /var/lib/virtwarden/scratch is: a format-2 backup's
         # NBD socket (pull mode) lives there and must fit a socket address.
         scratch = Path(tempfile.mkdtemp(prefix="vwb-", dir=args.workdir))

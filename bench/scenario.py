@@ -14,7 +14,7 @@ lost bitmap costs). The restore of ``vault`` is compared
 with a bare ``qemu-img convert`` of the guest's live image, which holds the same data at
 that moment; the restore of ``vault-s3`` with a bare parallel download of the same bytes
 (every chunk object the point uses, GET by as many threads as the target's
-``max_concurrency``, each written at its place in a file, then fsync). Their points are
+``chunk_concurrency``, each written at its place in a file, then fsync). Their points are
 deleted and their chunks collected at the end of each repeat.
 
 With virtnbdbackup installed (``bench/peer.py``), each repeat also runs its full of a

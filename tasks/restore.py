@@ -400,13 +400,28 @@ def rebuild(local: dict[str, qemu_img.Layer], layers: list[dict], out: Path, *, 
     partial = partial or out.with_name(f".{out.name}.partial")
     partial.unlink(missing_ok=True)
     try:
-        qemu_img.flatten([local[d["key"]] for d in layers], partial, fmt=fmt)
-        with open(partial, "rb+") as f:
-            os.fsync(f.fileno())
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # qemu-img's own mode
+        try:
+            _write_image([local[d["key"]] for d in layers], fd, fmt, out.name, out.parent)
+        finally:
+            os.close(fd)
         (publish or os.replace)(partial, out)
     finally:
         partial.unlink(missing_ok=True)
     return out
+
+
+def _write_image(layers: list[qemu_img.Layer], fd: int, fmt: str, name: str, where: Path | str) -> None:
+    """``layers`` flattened into the empty file open as ``fd`` (past the page cache where
+    its filesystem allows: ``qemu_img.direct_writes``), then fsynced. NoSpace names the
+    image, the directory and the room left there."""
+    try:
+        qemu_img.flatten_into(layers, fd, fmt=fmt)
+        os.fsync(fd)
+    except NoSpace as e:
+        free = os.fstatvfs(fd)
+        raise NoSpace(f"restoring {name} into {where}: {e}; {free.f_bavail * free.f_frsize} bytes free "
+                      f"there") from e
 
 
 def fsync_dir(path: Path) -> None:
@@ -424,8 +439,7 @@ def rebuild_new(local: dict[str, qemu_img.Layer], layers: list[dict], into: NewD
     0600, written through its descriptor, fsynced); it gets its name at ``into.publish``."""
     fd = into.create(name)
     try:
-        qemu_img.flatten_into([local[d["key"]] for d in layers], fd, fmt=fmt)
-        os.fsync(fd)
+        _write_image([local[d["key"]] for d in layers], fd, fmt, name, into.path)
     finally:
         os.close(fd)
 

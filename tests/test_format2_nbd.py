@@ -239,3 +239,15 @@ def test_a_restore_from_chunks_keeps_as_many_reads_under_way_as_its_storage_says
         qemu_img.flatten([served["vda"]], tmp_path / "vda.qcow2")
     assert _raw(tmp_path / "vda.qcow2", tmp_path / "back.raw") == disk.read_bytes()
     assert 12 <= gets.most <= 16
+
+
+def test_images_are_written_past_the_page_cache_where_their_filesystem_allows(tmp_path):
+    """``-t none`` for a file that opens with O_DIRECT, nothing for one that does not (a
+    socket here; a filesystem without O_DIRECT the same way): qemu-img then writes
+    through the page cache as it always did."""
+    import socket
+
+    with open(tmp_path / "image", "wb") as f:
+        assert qemu_img.direct_writes(f.fileno()) == ("-t", "none")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        assert qemu_img.direct_writes(s.fileno()) == ()

@@ -435,3 +435,39 @@ def test_an_s3_artifact_damaged_on_its_way_is_read_again_by_verify_and_retried_b
     [job] = [j for j in job_rows.recent(vw.catalog()) if j.kind == "restore"]
     assert job.attempts == 2
     assert [p["status"] for p in vw.cli("backups", g.name, "--json").json()] == ["complete"]
+
+
+def test_a_format2_restore_that_fills_its_directory_fails_clearly_and_leaves_nothing_there(
+        vw, guest_factory, small_filesystem: Path, tmp_path, request):
+    """A restore writes its images past the page cache where their filesystem allows
+    (qemu-img ``-t none``). One into a directory whose filesystem fills up midway fails
+    as NoSpace naming it, not retried, with no image, partial file or directory left
+    there; once there is room the same restore succeeds bit for bit."""
+    from tests.harness import FAST_KDF, add_format2_target
+
+    add_format2_target(vw, "vault", "nfs", request, tmp_path)
+    assert vw.cli("key", "init", "vault", *FAST_KDF).code == 0
+    g = guest_factory(disks=1, size_mib=128)
+    g.write_random("vda", 0, 48 * MiB)
+    vw.start_worker()
+    r = _backup(vw, g.name, "--target", "vault")
+    assert r.code == 0, r.err
+    expected = g.shadow_copy("vda", tmp_path / "expected.raw")
+
+    filler = _fill(small_filesystem, leave=16 * MiB)
+    out = small_filesystem / "restored"
+    r = vw.cli("restore", g.name, "--point", "latest", "--to-dir", str(out), "--wait")
+    assert r.code == 6, r.err + r.out  # NoSpace: not retried, the directory will not empty itself
+    assert f"restoring vda.qcow2 into {out}: qemu-img convert: no space left" in r.err, r.err
+    assert "bytes free there" in r.err, r.err
+    assert not out.exists() or list(out.rglob("*")) == [], list(out.rglob("*"))
+    assert [p for p in small_filesystem.iterdir() if p.name not in ("filler", "lost+found", "restored")] == []
+
+    filler.unlink()
+    r = vw.cli("restore", g.name, "--point", "latest", "--to-dir", str(small_filesystem / "again"), "--wait")
+    assert r.code == 0, r.err
+    image = small_filesystem / "again" / "vda.qcow2"
+    cached = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(image)],
+                            capture_output=True, text=True, check=True).stdout
+    assert int(cached) < 4 * MiB, cached  # of the 48 MiB written: past the page cache
+    assert images_equal(image, expected)

@@ -68,8 +68,13 @@ def flatten(layers: list[Layer], dest: Path, *, fmt: str = "qcow2") -> None:
     """Write a chain of qcow2 layers (bottom first: a full, then incrementals holding
     only changed clusters) as one standalone image. The chain is described to QEMU on
     the command line, so the layers are read in place and never modified (they may be
-    the repository's own files)."""
-    _run("convert", *_parallel(layers), "-O", fmt, _chain(layers), str(dest), pass_fds=_fds(layers))
+    the repository's own files). ``dest`` is created (or emptied) with qemu-img's own
+    mode and written as ``flatten_into`` writes."""
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        flatten_into(layers, fd, fmt=fmt)
+    finally:
+        os.close(fd)
 
 
 def flatten_into(layers: list[Layer], fd: int, *, fmt: str = "qcow2") -> None:

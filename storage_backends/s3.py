@@ -418,10 +418,23 @@ class S3Backend(Backend):
         return size
 
     def get_bytes(self, key: str) -> bytes:
+        """The object's bytes. A body whose transfer broke (the connection dropped or
+        stalled after the answer began, which botocore does not retry) is read again, up
+        to ``max_attempts`` times in all: a format-2 restore reads thousands of these, and
+        one dropped connection should not fail it."""
         full = self._full(s.check_key(key))
-        with self._errors("read", key):
-            reply = self._client().get_object(Bucket=self.bucket, Key=full, ChecksumMode="ENABLED")
-            data = reply["Body"].read()
+        attempt = 1
+        while True:
+            with self._errors("read", key):
+                reply = self._client().get_object(Bucket=self.bucket, Key=full, ChecksumMode="ENABLED")
+                try:
+                    data = reply["Body"].read()
+                    break
+                except _STREAM_BROKE as e:
+                    if attempt >= self.settings.max_attempts:
+                        raise
+                    attempt += 1
+                    log.warning("%s: reading %s broke (%s); reading it again", self.who, full, e)
         expected = reply.get("Metadata", {}).get("sha256")
         if expected and sha256(data).hexdigest() != expected:
             raise s.checksum_error(self.who, key, expected, sha256(data).hexdigest())

@@ -5,9 +5,10 @@ of the endpoint. Requests pass through unchanged unless a rule matches them; a r
 either answers in the endpoint's place (``respond``: e.g. 503 Slow Down, the request
 never reaches the endpoint), flips one byte of the request body on its way
 (``corrupt``) or of the endpoint's answer (``corrupt-reply``: a body with a
-Content-Length). Each rule applies to its first ``times`` matching requests. Every
-request is recorded with what was done to it and the status the endpoint answered, so
-a test can tell who refused what.
+Content-Length), or passes the answer's head and the start of its body and then drops
+the connection (``cut-reply``: a network that fails mid-transfer). Each rule applies
+to its first ``times`` matching requests. Every request is recorded with what was done
+to it and the status the endpoint answered, so a test can tell who refused what.
 
 HTTP/1.1 with keep-alive, request bodies with Content-Length (what botocore sends over
 plain HTTP), ``Expect: 100-continue`` answered by the proxy itself, responses with
@@ -41,18 +42,19 @@ class Request:
 @dataclass
 class Rule:
     match: Callable[[Request], bool]
-    action: str  # "respond" | "corrupt" | "corrupt-reply"
+    action: str  # "respond" | "corrupt" | "corrupt-reply" | "cut-reply"
     times: int = 1
     status: int = 503
     body: bytes = SLOW_DOWN
-    offset: float = 0.5  # where in the body "corrupt" and "corrupt-reply" flip a byte (fraction of its length)
+    offset: float = 0.5  # where in the body "corrupt" and "corrupt-reply" flip a byte, "cut-reply" cuts
+    #                      (a fraction of its length)
     used: int = 0
 
 
 @dataclass
 class Seen:
     request: Request
-    action: str  # "pass", "respond", "corrupt" or "corrupt-reply"
+    action: str  # "pass", "respond", "corrupt", "corrupt-reply" or "cut-reply"
     status: int = 0  # the endpoint's answer (0 when the proxy answered instead)
     reply: bytes = b""  # the start of the endpoint's answer body
 
@@ -185,7 +187,13 @@ class FaultProxy:
                 upstream[1].write(b"\r\n".join(forwarded) + b"\r\n\r\n" + body)
                 await upstream[1].drain()
                 flip = rule.offset if action == "corrupt-reply" and rule else None
-                status, reply, keep = await _relay(upstream[0], writer, request.method, flip)
+                cut = rule.offset if action == "cut-reply" and rule else None
+                try:
+                    status, reply, keep = await _relay(upstream[0], writer, request.method, flip, cut)
+                except _Cut as c:
+                    pending = False
+                    self._record(Seen(request, action, c.status, c.reply))
+                    return  # both connections closed, mid-body
                 pending = False
                 self._record(Seen(request, action, status, reply))
                 if not keep:
@@ -217,11 +225,19 @@ def _response(status: int, body: bytes) -> bytes:
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
 
 
+class _Cut(Exception):  # noqa: N818 - not an error: the proxy dropped the connection as told
+    def __init__(self, status: int, reply: bytes) -> None:
+        super().__init__("cut")
+        self.status, self.reply = status, reply
+
+
 async def _relay(up: asyncio.StreamReader, down: asyncio.StreamWriter, method: str,
-                 flip: float | None = None) -> tuple[int, bytes, bool]:
+                 flip: float | None = None, cut: float | None = None) -> tuple[int, bytes, bool]:
     """Copy one response; returns its status, the start of its body, and whether the
     connection may carry another request. ``flip``: flip one byte of a body with a
-    Content-Length, at that fraction of its length."""
+    Content-Length, at that fraction of its length. ``cut``: pass the body with a
+    Content-Length only up to that fraction of it, then raise _Cut (the caller drops
+    both connections)."""
     head = await up.readuntil(b"\r\n\r\n")
     down.write(head)
     lines = head[:-4].split(b"\r\n")
@@ -255,6 +271,10 @@ async def _relay(up: asyncio.StreamReader, down: asyncio.StreamWriter, method: s
         length = int(headers["content-length"])
         if flip is not None and length:
             at = min(length - 1, int(length * flip))
+        if cut is not None and length:
+            await copy(int(length * cut))
+            await down.drain()
+            raise _Cut(status, bytes(first))
         await copy(length)
     elif "chunked" in headers.get("transfer-encoding", ""):
         while True:

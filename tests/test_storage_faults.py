@@ -406,6 +406,42 @@ def test_a_format2_chunk_damaged_on_its_way_from_s3_is_read_again_not_taken_for_
     assert [p["status"] for p in vw.cli("backups", g.name, "--json").json()] == ["complete"]
 
 
+def test_a_format2_chunk_whose_transfer_from_s3_is_cut_is_not_taken_for_damage(
+        vw, guest_factory, s3_settings, s3_fault_proxy: FaultProxy, tmp_path, request):
+    """The connection dropped halfway through a chunk's body on its way back from S3 (a
+    network failing mid-transfer, not a damaged object): the chunk is read again where
+    it broke. Verify deletes and marks nothing; a restore succeeds bit for bit in its
+    first attempt (before: the attempt failed and the whole restore started again); every
+    point stays listed complete."""
+    from virtwarden.catalog import jobs as job_rows
+
+    _vault_behind(s3_fault_proxy, vw, request, tmp_path)
+    vw.extra["worker"] = {**TEST_WORKER, "max_attempts": 2}
+    g = guest_factory(disks=1, size_mib=32)
+    g.write_random("vda", 0, 4 * MiB)
+    vw.start_worker()
+    r = _backup(vw, g.name, "--target", "vault")
+    assert r.code == 0, r.err
+    expected = g.shadow_copy("vda", tmp_path / "vda.raw")
+    chunks = s3_client(s3_settings.endpoint_url).list_objects_v2(Bucket=s3_settings.bucket)["KeyCount"]
+
+    s3_fault_proxy.add(Rule(_chunk_get, "cut-reply", times=2))
+    r = vw.cli("verify", g.name, "--wait", "--json")
+    assert r.code == 0, r.err + r.out
+    assert len(s3_fault_proxy.handled("cut-reply")) == 2
+    assert s3_client(s3_settings.endpoint_url).list_objects_v2(Bucket=s3_settings.bucket)["KeyCount"] == chunks
+    assert not r.json()["result"].get("damaged"), r.out
+
+    s3_fault_proxy.add(Rule(_chunk_get, "cut-reply", times=2))
+    r = vw.cli("restore", g.name, "--point", "latest", "--to-dir", str(tmp_path / "out"), "--wait")
+    assert r.code == 0, r.err
+    assert len(s3_fault_proxy.handled("cut-reply")) == 4
+    assert images_equal(tmp_path / "out" / "vda.qcow2", expected)
+    assert [j.attempts for j in job_rows.recent(vw.catalog()) if j.kind == "restore"] == [1]  # read again in place
+    assert [p["status"] for p in vw.cli("backups", g.name, "--json").json()] == ["complete"]
+    assert s3_client(s3_settings.endpoint_url).list_objects_v2(Bucket=s3_settings.bucket)["KeyCount"] == chunks
+
+
 def test_an_s3_artifact_damaged_on_its_way_is_read_again_by_verify_and_retried_by_restore(
         vw, guest_factory, s3_settings, s3_fault_proxy: FaultProxy, tmp_path):
     """One byte of a format-1 artifact flipped on its way back from S3: its SHA-256 does

@@ -225,7 +225,9 @@ def _response(status: int, body: bytes) -> bytes:
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
 
 
-class _Cut(Exception):  # noqa: N818 - not an error: the proxy dropped the connection as told
+class _Cut(Exception):
+    """Not an error: the proxy dropped the connection as its rule said."""
+
     def __init__(self, status: int, reply: bytes) -> None:
         super().__init__("cut")
         self.status, self.reply = status, reply

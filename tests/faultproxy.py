@@ -5,8 +5,9 @@ of the endpoint. Requests pass through unchanged unless a rule matches them; a r
 either answers in the endpoint's place (``respond``: e.g. 503 Slow Down, the request
 never reaches the endpoint), flips one byte of the request body on its way
 (``corrupt``) or of the endpoint's answer (``corrupt-reply``: a body with a
-Content-Length), or passes the answer's head and the start of its body and then drops
-the connection (``cut-reply``: a network that fails mid-transfer). Each rule applies
+Content-Length), or drops the connection halfway through the request's body, which
+never reaches the endpoint (``cut``), or after the answer's head and the start of its
+body (``cut-reply``): a network that fails mid-transfer. Each rule applies
 to its first ``times`` matching requests. Every request is recorded with what was done
 to it and the status the endpoint answered, so a test can tell who refused what.
 
@@ -42,11 +43,11 @@ class Request:
 @dataclass
 class Rule:
     match: Callable[[Request], bool]
-    action: str  # "respond" | "corrupt" | "corrupt-reply" | "cut-reply"
+    action: str  # "respond" | "corrupt" | "corrupt-reply" | "cut" | "cut-reply"
     times: int = 1
     status: int = 503
     body: bytes = SLOW_DOWN
-    offset: float = 0.5  # where in the body "corrupt" and "corrupt-reply" flip a byte, "cut-reply" cuts
+    offset: float = 0.5  # where in the body "corrupt" and "corrupt-reply" flip a byte, "cut" and "cut-reply" cut
     #                      (a fraction of its length)
     used: int = 0
 
@@ -54,7 +55,7 @@ class Rule:
 @dataclass
 class Seen:
     request: Request
-    action: str  # "pass", "respond", "corrupt", "corrupt-reply" or "cut-reply"
+    action: str  # "pass", "respond", "corrupt", "corrupt-reply", "cut" or "cut-reply"
     status: int = 0  # the endpoint's answer (0 when the proxy answered instead)
     reply: bytes = b""  # the start of the endpoint's answer body
 
@@ -177,6 +178,11 @@ class FaultProxy:
                 if expects:
                     writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                     await writer.drain()
+                if action == "cut" and rule:
+                    await reader.readexactly(int(length * rule.offset))
+                    pending = False
+                    self._record(Seen(request, action))
+                    return  # dropped with half the body read; the endpoint saw nothing
                 body = await reader.readexactly(length)
                 if action == "corrupt" and rule and body:
                     at = min(len(body) - 1, int(len(body) * rule.offset))

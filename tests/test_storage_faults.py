@@ -324,6 +324,30 @@ def _chunk_put(r) -> bool:
     return r.method == "PUT" and "/chunks/" in r.target
 
 
+def test_a_format2_chunk_whose_upload_is_cut_is_sent_again_and_the_backup_restores(
+        vw, guest_factory, s3_settings, s3_fault_proxy: FaultProxy, tmp_path, request):
+    """The connection dropped halfway through a chunk's PUT (the endpoint received nothing
+    of it): the chunk is sent again within the backup's first attempt, nothing partial is
+    stored under its name, and the point restores bit for bit."""
+    from virtwarden.catalog import jobs as job_rows
+
+    _vault_behind(s3_fault_proxy, vw, request, tmp_path)
+    g = guest_factory(disks=1, size_mib=32)
+    g.write_random("vda", 0, 8 * MiB)
+    at_backup = g.shadow_copy("vda", tmp_path / "at-backup.raw")
+    s3_fault_proxy.add(Rule(_chunk_put, "cut", times=2))
+    vw.start_worker()
+    r = _backup(vw, g.name, "--target", "vault")
+    assert r.code == 0, r.err
+    cut = s3_fault_proxy.handled("cut")
+    assert len(cut) == 2
+    for seen in cut:
+        again = [s.action for s in s3_fault_proxy.requests(_chunk_put) if s.request.target == seen.request.target]
+        assert again[-1] == "pass", again
+    assert [j.attempts for j in job_rows.recent(vw.catalog()) if j.kind == "backup"] == [1]
+    assert _restored_equal(vw, g, tmp_path, at_backup, "restored")
+
+
 def test_a_format2_chunk_damaged_on_its_way_to_s3_is_sent_again_or_fails_the_backup_and_is_removed(
         vw, guest_factory, s3_settings, s3_fault_proxy: FaultProxy, tmp_path, request):
     """One byte of a chunk flipped on its way to S3. An endpoint that checks the

@@ -54,6 +54,9 @@ class Backend(ABC):
     kind: str = "?"
     # Format-2 chunks read or written at a time (the target's ``chunk_concurrency``).
     chunk_concurrency: int = 4
+    # Whether ``exists`` is a request to a server (S3: a HEAD), not a local lookup: a
+    # format-2 backup then stops asking about every new chunk (store.Lookups).
+    costly_lookups: bool = False
 
     def __init__(self, name: str) -> None:
         self.name = name

@@ -126,6 +126,7 @@ def _botocore_session() -> botocore.session.Session:
 
 class S3Backend(Backend):
     kind = "s3"
+    costly_lookups = True  # every exists() is a HEAD request
 
     def __init__(self, name: str, settings: S3Storage) -> None:
         super().__init__(name)

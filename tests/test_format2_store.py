@@ -704,3 +704,31 @@ def test_an_incremental_whose_parent_went_before_its_marker_stores_nothing(backe
     finally:
         sink.close()
     assert repo.writers() == []
+
+
+def test_new_data_stops_being_looked_up_one_chunk_at_a_time_where_a_lookup_is_a_request(backend, tmp_path) -> None:
+    """On S3 each lookup is a HEAD request before the PUT: after 64 new chunks in a row
+    only every 8th is asked about. A clone of that data (a second domain from one
+    template) is found from its first chunk and stays looked up chunk by chunk: nothing
+    of it is stored again. On a directory every chunk is looked up (a stat)."""
+    from virtwarden.storage_backends.format2.store import Lookups
+
+    store = ChunkStore(backend, Codec(RepositoryKey.generate()))
+    size, chunk = 96 * MiB, 512 * 1024
+    n = size // chunk
+    disk = _disk(tmp_path / "template.raw", size, [(0, os.urandom(size))])
+    asked: list[str] = []
+    exists = store.backend.exists
+    store.backend.exists = lambda key: asked.append(key) or exists(key)  # type: ignore[method-assign]
+    first, stats = write_disk(store, "vda", _reader(disk), size, chunk)
+    assert stats.stored_chunks == n
+    costly = backend.kind == "s3"
+    if costly:  # chunks under way when the 64th miss is seen are asked about too
+        assert Lookups.MISSES <= len(asked) <= Lookups.MISSES + 2 * store.workers + n // Lookups.SAMPLE < n
+    else:
+        assert len(asked) == n
+    asked.clear()
+    clone, stats = write_disk(store, "vdb", _reader(disk), size, chunk)
+    assert (stats.stored_chunks, stats.known_chunks, len(asked)) == (0, n, n)
+    assert clone.chunks == first.chunks
+    assert _restore(store, clone, tmp_path / "out.raw").read_bytes() == disk.read_bytes()

@@ -99,6 +99,16 @@ class Backend(ABC):
     @abstractmethod
     def exists(self, key: str) -> bool: ...
 
+    def put_new_bytes(self, key: str, data: Blob) -> bool:
+        """Store a small object unless one is under ``key`` already, which is then left
+        as it is; whether it was stored. This default looks first (two steps: another
+        writer may store the key in between, which for a format-2 chunk stores the same
+        data twice); S3 asks the endpoint to refuse the PUT instead (``If-None-Match``)."""
+        if self.exists(key):
+            return False
+        self.put_bytes(key, data)
+        return True
+
     @abstractmethod
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         """Objects whose key starts with ``prefix`` (a folder when it ends in '/'), sorted."""
@@ -166,3 +176,12 @@ class Batch:
 
     def exists(self, key: str) -> bool:
         return self.backend.exists(key)
+
+    def put_new_bytes(self, key: str, data: Blob) -> bool:
+        """``Backend.put_new_bytes`` within the batch."""
+        if type(self) is Batch:  # writes through: the backend's own (S3: one conditional PUT)
+            return self.backend.put_new_bytes(key, data)
+        if self.exists(key):
+            return False
+        self.put_bytes(key, data)
+        return True

@@ -91,6 +91,8 @@ MAX_PARTS = 10_000  # S3's limit per multipart upload
 _DENIED = frozenset({"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden",
                      "ExpiredToken", "InvalidToken", "AllAccessDisabled"})
 _MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
+_THERE = frozenset({"PreconditionFailed", "412"})  # a PUT with If-None-Match: * met an object
+_RACED = frozenset({"ConditionalRequestConflict", "409"})  # ... met a conditional write under way
 _STREAM_BROKE = (ReadTimeoutError, ResponseStreamingError, IncompleteReadError)
 # The endpoint received other bytes than were sent (checksum or signed payload hash).
 _DAMAGED = frozenset({"BadDigest", "XAmzContentSHA256Mismatch"})
@@ -178,6 +180,43 @@ class S3Backend(Backend):
                 raise ChecksumMismatch(f"{self.who}: {e}: damaged in transit and the endpoint did not refuse it; "
                                        f"the object was removed") from None
         return StoredObject(key, len(data), digest.hexdigest())
+
+    def put_new_bytes(self, key: str, data: Blob) -> bool:
+        """One PUT with ``If-None-Match: *``: the endpoint stores the object unless one is
+        there (412, False), so an object already stored is never replaced, not even by
+        bytes damaged on their way. When the endpoint stored the bytes damaged (it
+        does not check checksums: moto), what is there is this PUT's own object, and the
+        next attempts replace it unconditionally; the last one damaged too removes it, as
+        ``put_bytes`` does. An endpoint that ignores the condition (older S3-compatible
+        servers) replaces the object: for a format-2 chunk, with the same data."""
+        full = self._full(s.check_data_key(key))
+        digest = sha256(data)
+        checksum = _b64(digest.digest())
+        condition: dict[str, str] = {"IfNoneMatch": "*"}
+
+        def send() -> dict:
+            try:
+                return self._check_put(full, data, checksum, self._client().put_object(
+                    Bucket=self.bucket, Key=full, Body=data, ChecksumSHA256=checksum,
+                    Metadata={"sha256": digest.hexdigest()}, **condition, **self._sse()))
+            except _StoredDamaged:
+                condition.clear()  # the object there is this PUT's own, damaged: replace it
+                raise
+
+        with self._errors("upload", key):
+            try:
+                self._resend_damaged(full, send)
+            except ClientError as e:
+                if _code(e) in _THERE:
+                    return False
+                if _code(e) in _RACED:  # another writer's conditional PUT of this key is under way
+                    return super().put_new_bytes(key, data)
+                raise
+            except _StoredDamaged as e:
+                self._delete_if_unchanged(full, e.etag)
+                raise ChecksumMismatch(f"{self.who}: {e}: damaged in transit and the endpoint did not refuse it; "
+                                       f"the object was removed") from None
+        return True
 
     def _delete_if_unchanged(self, full: str, etag: str) -> None:
         """Delete the damaged object, unless another writer has replaced it meanwhile (a

@@ -732,3 +732,37 @@ def test_new_data_stops_being_looked_up_one_chunk_at_a_time_where_a_lookup_is_a_
     assert (stats.stored_chunks, stats.known_chunks, len(asked)) == (0, n, n)
     assert clone.chunks == first.chunks
     assert _restore(store, clone, tmp_path / "out.raw").read_bytes() == disk.read_bytes()
+
+
+def test_a_chunk_stored_without_a_lookup_never_replaces_one_that_is_there(backend, tmp_path, monkeypatch) -> None:
+    """In a run of new data on S3 most chunks are stored without asking first: with a PUT
+    the endpoint refuses when an object is there (``If-None-Match: *``). A chunk stored
+    before met that way is left as it was (a replaced one would have another ETag: it is
+    sealed with a fresh nonce), counted as already stored, and brings back a lookup of
+    every chunk. (On a directory the same write looks first, then stores: forced here.)"""
+    from virtwarden.storage_backends.base import Batch
+    from virtwarden.storage_backends.format2.store import Lookups
+
+    monkeypatch.setattr(Lookups, "SAMPLE", 10**9)  # no lookups at all once the run is long
+    backend.costly_lookups = True
+    store = ChunkStore(backend, Codec(RepositoryKey.generate()))
+    chunk, n = 512 * 1024, 160
+    old = os.urandom(4 * chunk)
+    first, _ = write_disk(store, "vda", _reader(_disk(tmp_path / "old.raw", 4 * chunk, [(0, old)])), 4 * chunk, chunk)
+    before = {info.key: (info.size, backend.get_bytes(info.key)) for info in backend.list("chunks/")}
+    size = n * chunk
+    disk = _disk(tmp_path / "new.raw", size, [(0, os.urandom(size)), (120 * chunk, old)])  # 4 old chunks late
+    answers: list[bool] = []
+    put_new = Batch.put_new_bytes
+
+    def recorded(batch, key, data):
+        answers.append(put_new(batch, key, data))
+        return answers[-1]
+
+    monkeypatch.setattr(Batch, "put_new_bytes", recorded)
+    index, stats = write_disk(store, "vda", _reader(disk), size, chunk)
+    assert False in answers  # an old chunk met without a lookup, refused by storage
+    assert (stats.stored_chunks, stats.known_chunks) == (n - 4, 4)
+    assert index.chunks[120:124] == first.chunks
+    assert all(backend.get_bytes(key) == blob for key, (_, blob) in before.items())  # none replaced
+    assert _restore(store, index, tmp_path / "out.raw").read_bytes() == disk.read_bytes()

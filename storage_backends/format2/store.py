@@ -83,6 +83,7 @@ class ChunkStore:
         writer = into or self.backend
         cid = self.codec.chunk_id(data)
         key = self.key(cid)
+        blind = False  # stored without asking first: only if no object is there
         if cid not in damaged:
             if cid in known:
                 return cid, 0
@@ -92,8 +93,16 @@ class ChunkStore:
                     lookups.saw(found)
                 if found:
                     return cid, 0
+            else:
+                blind = True
         blob = self.codec.seal("chunk", cid, data)
-        writer.put_bytes(key, blob)
+        if blind:
+            if not writer.put_new_bytes(key, blob):
+                assert lookups is not None
+                lookups.saw(True)  # data stored before: ask about every chunk again
+                return cid, 0
+        else:
+            writer.put_bytes(key, blob)
         return cid, len(blob)
 
     def get(self, cid: str, *, check_id: bool = True) -> bytes:
@@ -124,19 +133,18 @@ class Lookups:
     """Whether ``ChunkStore.put`` asks storage if a chunk is there before storing it, for
     one disk's write. Asking costs a request on S3 (a HEAD before each new chunk's PUT:
     35% of storing new data against the test bed's endpoint, and a round trip per chunk
-    against a distant one); not asking costs the upload of a chunk that was there
-    (bandwidth: the object is replaced by the same data, sealed again). So where a
-    lookup is a request (``Backend.costly_lookups``), after ``MISSES`` chunks in a row
-    that were not there (new data: a first full, fresh writes) only every
-    ``SAMPLE``-th chunk is asked about, and one found there (data stored before: a
-    clone of a template, a disk copied) has every chunk asked about again. On a
-    directory every chunk is looked up (a stat), as a wrong guess would write a file."""
+    against a distant one). So where a lookup is a request (``Backend.costly_lookups``),
+    after ``MISSES`` chunks in a row that were not there (new data: a first full, fresh
+    writes) only every ``SAMPLE``-th chunk is asked about; the others are stored with
+    ``put_new_bytes`` (S3: a PUT the endpoint refuses when the object is there, which is
+    then left as it is). One found there (data stored before: a clone of a template, a
+    disk copied) has every chunk asked about again, so its bytes are not sent for
+    nothing. On a directory every chunk is looked up (a stat)."""
 
     MISSES, SAMPLE = 64, 8
 
     def __init__(self, costly: bool) -> None:
         self.costly = costly
-        self.asked = 0
         self._misses = 0
         self._seen = 0
         self._lock = threading.Lock()
@@ -144,9 +152,7 @@ class Lookups:
     def wanted(self) -> bool:
         with self._lock:
             self._seen += 1
-            ask = not self.costly or self._misses < self.MISSES or self._seen % self.SAMPLE == 0
-            self.asked += ask
-            return ask
+            return not self.costly or self._misses < self.MISSES or self._seen % self.SAMPLE == 0
 
     def saw(self, found: bool) -> None:
         with self._lock:

@@ -398,6 +398,23 @@ def test_a_format2_chunk_damaged_on_its_way_to_s3_is_sent_again_or_fails_the_bac
     assert _restored_equal(vw, g, tmp_path, g.shadow_copy("vda", tmp_path / "now.raw"), "restored-2")
 
 
+def _point_behind_proxy(vw, guest_factory, proxy: FaultProxy, request, tmp_path: Path):
+    """A format-2 target on S3 through ``proxy``, a worker that tries a job twice, and
+    one point of a guest with 4 MiB written; the guest and a copy of its disk then."""
+    _vault_behind(proxy, vw, request, tmp_path)
+    vw.extra["worker"] = {**TEST_WORKER, "max_attempts": 2}
+    g = guest_factory(disks=1, size_mib=32)
+    g.write_random("vda", 0, 4 * MiB)
+    vw.start_worker()
+    r = _backup(vw, g.name, "--target", "vault")
+    assert r.code == 0, r.err
+    return g, g.shadow_copy("vda", tmp_path / "vda.raw")
+
+
+def _objects(settings) -> int:
+    return s3_client(settings.endpoint_url).list_objects_v2(Bucket=settings.bucket)["KeyCount"]
+
+
 def test_a_format2_chunk_damaged_on_its_way_from_s3_is_read_again_not_taken_for_damage_in_storage(
         vw, guest_factory, s3_settings, s3_fault_proxy: FaultProxy, tmp_path, request):
     """One byte of a chunk flipped on its way back from S3 (the endpoint sends no
@@ -407,21 +424,14 @@ def test_a_format2_chunk_damaged_on_its_way_from_s3_is_read_again_not_taken_for_
     restores bit for bit. Nothing is marked damaged."""
     from virtwarden.catalog import jobs as job_rows
 
-    _vault_behind(s3_fault_proxy, vw, request, tmp_path)
-    vw.extra["worker"] = {**TEST_WORKER, "max_attempts": 2}
-    g = guest_factory(disks=1, size_mib=32)
-    g.write_random("vda", 0, 4 * MiB)
-    vw.start_worker()
-    r = _backup(vw, g.name, "--target", "vault")
-    assert r.code == 0, r.err
-    expected = g.shadow_copy("vda", tmp_path / "vda.raw")
-    chunks = s3_client(s3_settings.endpoint_url).list_objects_v2(Bucket=s3_settings.bucket)["KeyCount"]
+    g, expected = _point_behind_proxy(vw, guest_factory, s3_fault_proxy, request, tmp_path)
+    chunks = _objects(s3_settings)
 
     s3_fault_proxy.add(Rule(_chunk_get, "corrupt-reply", times=1))
     r = vw.cli("verify", g.name, "--wait", "--json")
     assert r.code == 0, r.err + r.out
     assert len(s3_fault_proxy.handled("corrupt-reply")) == 1
-    assert s3_client(s3_settings.endpoint_url).list_objects_v2(Bucket=s3_settings.bucket)["KeyCount"] == chunks
+    assert _objects(s3_settings) == chunks
 
     s3_fault_proxy.add(Rule(_chunk_get, "corrupt-reply", times=1))
     r = vw.cli("restore", g.name, "--point", "latest", "--to-dir", str(tmp_path / "out"), "--wait")
@@ -442,21 +452,14 @@ def test_a_format2_chunk_whose_transfer_from_s3_is_cut_is_not_taken_for_damage(
     point stays listed complete."""
     from virtwarden.catalog import jobs as job_rows
 
-    _vault_behind(s3_fault_proxy, vw, request, tmp_path)
-    vw.extra["worker"] = {**TEST_WORKER, "max_attempts": 2}
-    g = guest_factory(disks=1, size_mib=32)
-    g.write_random("vda", 0, 4 * MiB)
-    vw.start_worker()
-    r = _backup(vw, g.name, "--target", "vault")
-    assert r.code == 0, r.err
-    expected = g.shadow_copy("vda", tmp_path / "vda.raw")
-    chunks = s3_client(s3_settings.endpoint_url).list_objects_v2(Bucket=s3_settings.bucket)["KeyCount"]
+    g, expected = _point_behind_proxy(vw, guest_factory, s3_fault_proxy, request, tmp_path)
+    chunks = _objects(s3_settings)
 
     s3_fault_proxy.add(Rule(_chunk_get, "cut-reply", times=2))
     r = vw.cli("verify", g.name, "--wait", "--json")
     assert r.code == 0, r.err + r.out
     assert len(s3_fault_proxy.handled("cut-reply")) == 2
-    assert s3_client(s3_settings.endpoint_url).list_objects_v2(Bucket=s3_settings.bucket)["KeyCount"] == chunks
+    assert _objects(s3_settings) == chunks
     assert not r.json()["result"].get("damaged"), r.out
 
     s3_fault_proxy.add(Rule(_chunk_get, "cut-reply", times=2))
@@ -466,7 +469,7 @@ def test_a_format2_chunk_whose_transfer_from_s3_is_cut_is_not_taken_for_damage(
     assert images_equal(tmp_path / "out" / "vda.qcow2", expected)
     assert [j.attempts for j in job_rows.recent(vw.catalog()) if j.kind == "restore"] == [1]  # read again in place
     assert [p["status"] for p in vw.cli("backups", g.name, "--json").json()] == ["complete"]
-    assert s3_client(s3_settings.endpoint_url).list_objects_v2(Bucket=s3_settings.bucket)["KeyCount"] == chunks
+    assert _objects(s3_settings) == chunks
 
 
 def test_an_s3_artifact_damaged_on_its_way_is_read_again_by_verify_and_retried_by_restore(

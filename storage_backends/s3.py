@@ -93,6 +93,7 @@ _DENIED = frozenset({"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatc
 _MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
 _THERE = frozenset({"PreconditionFailed", "412"})  # a PUT with If-None-Match: * met an object
 _RACED = frozenset({"ConditionalRequestConflict", "409"})  # ... met a conditional write under way
+_NO_CONDITION = frozenset({"NotImplemented", "501", "InvalidArgument", "InvalidRequest"})  # ... is not understood
 _STREAM_BROKE = (ReadTimeoutError, ResponseStreamingError, IncompleteReadError)
 # The endpoint received other bytes than were sent (checksum or signed payload hash).
 _DAMAGED = frozenset({"BadDigest", "XAmzContentSHA256Mismatch"})
@@ -141,6 +142,7 @@ class S3Backend(Backend):
         self.endpoint = _mask(settings.endpoint_url) if settings.endpoint_url else f"AWS {region}"
         self.part_size = settings.part_size_mib * MIB
         self.chunk_concurrency = settings.chunk_concurrency
+        self._conditional = True  # False once the endpoint has refused a conditional PUT as such
         self._s3: Any = None
         self._guard = threading.Lock()
 
@@ -188,7 +190,11 @@ class S3Backend(Backend):
         does not check checksums: moto), what is there is this PUT's own object, and the
         next attempts replace it unconditionally; the last one damaged too removes it, as
         ``put_bytes`` does. An endpoint that ignores the condition (older S3-compatible
-        servers) replaces the object: for a format-2 chunk, with the same data."""
+        servers) replaces the object: for a format-2 chunk, with the same data; one that
+        refuses it (501 NotImplemented, 400 InvalidArgument) gets a lookup, then a PUT,
+        from then on."""
+        if not self._conditional:
+            return super().put_new_bytes(key, data)
         full = self._full(s.check_data_key(key))
         digest = sha256(data)
         checksum = _b64(digest.digest())
@@ -210,6 +216,11 @@ class S3Backend(Backend):
                 if _code(e) in _THERE:
                     return False
                 if _code(e) in _RACED:  # another writer's conditional PUT of this key is under way
+                    return super().put_new_bytes(key, data)
+                if _code(e) in _NO_CONDITION and condition:  # an endpoint without conditional writes
+                    self._conditional = False
+                    log.warning("%s: %s refused a conditional PUT (%s): looking each chunk up before storing it "
+                                "instead", self.who, self.endpoint, _code(e))
                     return super().put_new_bytes(key, data)
                 raise
             except _StoredDamaged as e:

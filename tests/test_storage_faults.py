@@ -570,3 +570,39 @@ def test_a_chunk_stored_without_a_lookup_and_damaged_on_its_way_is_replaced_by_i
 
     read_disk(store, index, write_at)
     assert out == data
+
+
+NOT_IMPLEMENTED = (b"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>NotImplemented</Code>"
+                   b"<Message>A header you provided implies functionality that is not implemented</Message></Error>")
+
+
+def test_an_endpoint_without_conditional_writes_gets_a_lookup_then_a_put_for_each_new_chunk(
+        s3_settings, s3_fault_proxy: FaultProxy, tmp_path):
+    """An S3-compatible endpoint that refuses ``If-None-Match`` on a PUT (501
+    NotImplemented) is not asked again: the chunks the run of new data would have stored
+    without a lookup are looked up, then stored, and the disk reads back bit for bit."""
+    from virtwarden.storage_backends.format2.keys import RepositoryKey
+    from virtwarden.storage_backends.format2.objects import Codec
+    from virtwarden.storage_backends.format2.store import ChunkStore, read_disk, write_disk
+    from virtwarden.storage_backends.s3 import S3Backend
+
+    settings = s3_settings.model_copy(update={"endpoint_url": s3_fault_proxy.url})
+    backend = S3Backend("vault", settings)
+    store = ChunkStore(backend, Codec(RepositoryKey.generate()))
+    s3_fault_proxy.add(Rule(lambda r: _chunk_put(r) and "if-none-match" in r.headers, "respond", times=10**6,
+                            status=501, body=NOT_IMPLEMENTED))
+    size, chunk = 96 * MiB, 512 * 1024
+    data = os.urandom(size)
+    index, stats = write_disk(store, "vda", lambda offset, length: data[offset:offset + length], size, chunk)
+    assert stats.stored_chunks == size // chunk
+    refused = s3_fault_proxy.handled("respond")
+    assert 1 <= len(refused) <= 2 * store.workers  # those under way when the first refusal came back
+    heads = [s for s in s3_fault_proxy.recorded() if s.request.method == "HEAD"]
+    assert len(heads) > size // chunk - len(refused) - 70  # the first 64 and every chunk after the refusal
+    out = bytearray(size)
+
+    def write_at(offset: int, piece: bytes) -> None:
+        out[offset:offset + len(piece)] = piece
+
+    read_disk(store, index, write_at)
+    assert out == data

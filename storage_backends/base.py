@@ -104,10 +104,7 @@ class Backend(ABC):
         as it is; whether it was stored. This default looks first (two steps: another
         writer may store the key in between, which for a format-2 chunk stores the same
         data twice); S3 asks the endpoint to refuse the PUT instead (``If-None-Match``)."""
-        if self.exists(key):
-            return False
-        self.put_bytes(key, data)
-        return True
+        return look_then_put(self, key, data)
 
     @abstractmethod
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
@@ -178,10 +175,15 @@ class Batch:
         return self.backend.exists(key)
 
     def put_new_bytes(self, key: str, data: Blob) -> bool:
-        """``Backend.put_new_bytes`` within the batch."""
-        if type(self) is Batch:  # writes through: the backend's own (S3: one conditional PUT)
-            return self.backend.put_new_bytes(key, data)
-        if self.exists(key):
-            return False
-        self.put_bytes(key, data)
-        return True
+        """``Backend.put_new_bytes`` within the batch: this one writes through, so the
+        backend's own (S3: one conditional PUT); a batch that holds objects back looks
+        in itself first (``look_then_put``)."""
+        return self.backend.put_new_bytes(key, data)
+
+
+def look_then_put(writer: Backend | Batch, key: str, data: Blob) -> bool:
+    """``put_new_bytes`` in two steps: look, then store when nothing is there."""
+    if writer.exists(key):
+        return False
+    writer.put_bytes(key, data)
+    return True

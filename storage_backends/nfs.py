@@ -19,7 +19,16 @@ from pathlib import Path
 from typing import BinaryIO, TypeVar
 
 from virtwarden.storage_backends import _stream as s
-from virtwarden.storage_backends.base import CHUNK, Backend, Batch, Blob, ObjectInfo, Progress, StoredObject
+from virtwarden.storage_backends.base import (
+    CHUNK,
+    Backend,
+    Batch,
+    Blob,
+    ObjectInfo,
+    Progress,
+    StoredObject,
+    look_then_put,
+)
 
 from virtwarden import faults, permissions
 from virtwarden.config import NfsStorage
@@ -322,6 +331,9 @@ class _SyncedTogether(Batch):
             if self.nfs._path(s.check_key(key)) in self._pending:
                 return True
         return self.nfs.exists(key)
+
+    def put_new_bytes(self, key: str, data: Blob) -> bool:
+        return look_then_put(self, key, data)  # the objects this batch holds back count
 
     def _flush(self) -> None:
         with self._lock:

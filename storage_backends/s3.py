@@ -168,37 +168,31 @@ class S3Backend(Backend):
 
     # --- objects -----------------------------------------------------------------
     def put_bytes(self, key: str, data: Blob) -> StoredObject:
-        full = self._full(s.check_data_key(key))
-        digest = sha256(data)
-        checksum = _b64(digest.digest())
-        with self._errors("upload", key):
-            try:
-                self._resend_damaged(full, lambda: self._check_put(full, data, checksum, self._client().put_object(
-                    Bucket=self.bucket, Key=full, Body=data, ChecksumSHA256=checksum,
-                    Metadata={"sha256": digest.hexdigest()}, **self._sse(),
-                )))
-            except _StoredDamaged as e:
-                self._delete_if_unchanged(full, e.etag)
-                raise ChecksumMismatch(f"{self.who}: {e}: damaged in transit and the endpoint did not refuse it; "
-                                       f"the object was removed") from None
-        return StoredObject(key, len(data), digest.hexdigest())
+        digest = self._put_small(key, data, conditional=False)
+        assert digest is not None
+        return StoredObject(key, len(data), digest)
 
     def put_new_bytes(self, key: str, data: Blob) -> bool:
         """One PUT with ``If-None-Match: *``: the endpoint stores the object unless one is
         there (412, False), so an object already stored is never replaced, not even by
-        bytes damaged on their way. When the endpoint stored the bytes damaged (it
-        does not check checksums: moto), what is there is this PUT's own object, and the
-        next attempts replace it unconditionally; the last one damaged too removes it, as
-        ``put_bytes`` does. An endpoint that ignores the condition (older S3-compatible
-        servers) replaces the object: for a format-2 chunk, with the same data; one that
-        refuses it (501 NotImplemented, 400 InvalidArgument) gets a lookup, then a PUT,
-        from then on."""
+        bytes damaged on their way. An endpoint that ignores the condition (older
+        S3-compatible servers) replaces the object: for a format-2 chunk, with the same
+        data; one that refuses it (501 NotImplemented, 400 InvalidArgument) gets a
+        lookup, then a PUT, from then on."""
         if not self._conditional:
             return super().put_new_bytes(key, data)
+        return self._put_small(key, data, conditional=True) is not None
+
+    def _put_small(self, key: str, data: Blob, *, conditional: bool) -> str | None:
+        """Store ``data`` in one PUT, checked (``_check_put``) and sent again while it
+        arrives damaged; its SHA-256, or None when ``conditional`` and an object was there.
+        When the endpoint stored a conditional PUT's bytes damaged (it does not check
+        checksums: moto), what is there is that PUT's own object, and the next attempts
+        replace it unconditionally. The last attempt damaged too removes the object."""
         full = self._full(s.check_data_key(key))
         digest = sha256(data)
         checksum = _b64(digest.digest())
-        condition: dict[str, str] = {"IfNoneMatch": "*"}
+        condition: dict[str, str] = {"IfNoneMatch": "*"} if conditional else {}
 
         def send() -> dict:
             try:
@@ -213,21 +207,23 @@ class S3Backend(Backend):
             try:
                 self._resend_damaged(full, send)
             except ClientError as e:
+                if not conditional:
+                    raise
                 if _code(e) in _THERE:
-                    return False
+                    return None
                 if _code(e) in _RACED:  # another writer's conditional PUT of this key is under way
-                    return super().put_new_bytes(key, data)
+                    return digest.hexdigest() if super().put_new_bytes(key, data) else None
                 if _code(e) in _NO_CONDITION and condition:  # an endpoint without conditional writes
                     self._conditional = False
                     log.warning("%s: %s refused a conditional PUT (%s): looking each chunk up before storing it "
                                 "instead", self.who, self.endpoint, _code(e))
-                    return super().put_new_bytes(key, data)
+                    return digest.hexdigest() if super().put_new_bytes(key, data) else None
                 raise
             except _StoredDamaged as e:
                 self._delete_if_unchanged(full, e.etag)
                 raise ChecksumMismatch(f"{self.who}: {e}: damaged in transit and the endpoint did not refuse it; "
                                        f"the object was removed") from None
-        return True
+        return digest.hexdigest()
 
     def _delete_if_unchanged(self, full: str, etag: str) -> None:
         """Delete the damaged object, unless another writer has replaced it meanwhile (a

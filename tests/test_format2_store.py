@@ -740,7 +740,6 @@ def test_a_chunk_stored_without_a_lookup_never_replaces_one_that_is_there(backen
     before met that way is left as it was (a replaced one would have another ETag: it is
     sealed with a fresh nonce), counted as already stored, and brings back a lookup of
     every chunk. (On a directory the same write looks first, then stores: forced here.)"""
-    from virtwarden.storage_backends.base import Batch
     from virtwarden.storage_backends.format2.store import Lookups
 
     monkeypatch.setattr(Lookups, "SAMPLE", 10**9)  # no lookups at all once the run is long
@@ -753,13 +752,14 @@ def test_a_chunk_stored_without_a_lookup_never_replaces_one_that_is_there(backen
     size = n * chunk
     disk = _disk(tmp_path / "new.raw", size, [(0, os.urandom(size)), (120 * chunk, old)])  # 4 old chunks late
     answers: list[bool] = []
-    put_new = Batch.put_new_bytes
+    batch_type = type(backend.batch())  # the backend's batch (a directory's holds objects back)
+    put_new = batch_type.put_new_bytes
 
     def recorded(batch, key, data):
         answers.append(put_new(batch, key, data))
         return answers[-1]
 
-    monkeypatch.setattr(Batch, "put_new_bytes", recorded)
+    monkeypatch.setattr(batch_type, "put_new_bytes", recorded)
     index, stats = write_disk(store, "vda", _reader(disk), size, chunk)
     assert False in answers  # an old chunk met without a lookup, refused by storage
     assert (stats.stored_chunks, stats.known_chunks) == (n - 4, 4)
